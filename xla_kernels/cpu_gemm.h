@@ -1,0 +1,41 @@
+// CPU implementation of the batched approximate GEMM behind the
+// `approx_jax_gemm` FFI target (independent of XLA so it can be unit-tested
+// and benchmarked on its own).
+#ifndef APPROX_JAX_XLA_KERNELS_CPU_GEMM_H_
+#define APPROX_JAX_XLA_KERNELS_CPU_GEMM_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace approx_jax {
+
+// out[d, b, i, j] = sum_k P(a[d, b, i, k], w[d, b, k, j]) with P the SPEC
+// product under lut[d]. Operands broadcast over the design axis d and the
+// batch axis b through zero strides. All strides are in elements; rows are
+// contiguous (a: [M, K] row-major, b: [K, N] row-major, out: [M, N]).
+struct GemmProblem {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  const uint32_t* lut = nullptr;  // kernel format, see approx_math.h
+  float* out = nullptr;
+  int64_t designs = 1, batch = 1, m = 0, k = 0, n = 0;
+  int64_t a_design_stride = 0, a_batch_stride = 0;
+  int64_t b_design_stride = 0, b_batch_stride = 0;
+  int64_t lut_design_stride = 0;
+  int mbits = 7;
+};
+
+// Runs fn(0) ... fn(num_tasks - 1), possibly concurrently; returns when all
+// have finished. Tasks must write disjoint memory.
+using ParallelFor =
+    std::function<void(int64_t num_tasks, const std::function<void(int64_t)>& fn)>;
+
+// Returns an empty string on success, else an error message (for example when
+// a scratch allocation fails). Summation order is fixed by the shapes alone,
+// so results do not depend on the number of threads.
+std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for);
+
+}  // namespace approx_jax
+
+#endif  // APPROX_JAX_XLA_KERNELS_CPU_GEMM_H_

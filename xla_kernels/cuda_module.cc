@@ -1,0 +1,1 @@
+// Placeholder until the CUDA handlers land (see cuda_kernels.cu).
