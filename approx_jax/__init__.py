@@ -1,0 +1,1 @@
+"""approx_jax: bit-exact simulation of approximate multipliers in JAX."""
