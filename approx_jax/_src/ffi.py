@@ -1,0 +1,110 @@
+"""Loads the native kernel modules and registers their XLA FFI targets.
+
+The native modules expose only ``registrations()`` (a dict of target name to
+handler capsule); this is the one place that registers them with JAX, for the
+CPU module always and for the CUDA module when it was built.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GEMM_TARGET = "approx_jax_gemm"
+MULTIPLY_TARGET = "approx_jax_multiply"
+
+_load_error: Exception | None = None
+_registered_platforms: list[str] = []
+
+
+def _register_all() -> None:
+    global _load_error
+    try:
+        cpu = importlib.import_module("approx_jax._cpu_kernels")
+    except ImportError as err:  # source checkout without a build
+        _load_error = err
+        return
+    for name, capsule in cpu.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    _registered_platforms.append("cpu")
+    try:
+        cuda = importlib.import_module("approx_jax._cuda_kernels")
+    except ImportError:
+        return  # built without nvcc: CPU only
+    for name, capsule in cuda.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _registered_platforms.append("cuda")
+
+
+_register_all()
+
+
+def registered_platforms() -> tuple[str, ...]:
+    """Returns the platforms whose approx_jax kernels are registered.
+
+    Returns:
+      A tuple such as ``("cpu",)`` or ``("cpu", "cuda")``.
+    """
+    return tuple(_registered_platforms)
+
+
+def _require_kernels() -> None:
+    if _load_error is not None:
+        raise RuntimeError(
+            "approx_jax's native kernels are not built or failed to load "
+            f"({_load_error}). Install the package with `pip install .`."
+        )
+
+
+def _result_type(shape, like) -> jax.ShapeDtypeStruct:
+    # Inside shard_map the operand types carry manual mesh axes; the result
+    # type must carry the same ones or the custom_vjp backward pass rejects it.
+    try:
+        sharding = jax.typeof(like).sharding
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    except Exception:  # noqa: BLE001 - older jax or concrete arrays
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
+    """Calls the ``approx_jax_gemm`` custom call (canonical rank-4 layout).
+
+    Args:
+      a: float32 ``[Ga, Ba, M, K]``.
+      b: float32 ``[Gb, Bb, K, N]``.
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
+      mbits: mantissa width M.
+
+    Returns:
+      float32 ``[D, B, M, N]`` with ``D = max(Ga, Gb, Gl)``, ``B = max(Ba, Bb)``.
+    """
+    _require_kernels()
+    designs = max(a.shape[0], b.shape[0], klut.shape[0])
+    batch = max(a.shape[1], b.shape[1])
+    shape = (designs, batch, a.shape[2], b.shape[3])
+    return jax.ffi.ffi_call(GEMM_TARGET, _result_type(shape, a))(
+        a, b, klut, mbits=np.int32(mbits)
+    )
+
+
+def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
+    """Calls the ``approx_jax_multiply`` custom call.
+
+    Args:
+      a: float32 ``[Ga, n]``.
+      b: float32 ``[Gb, n]``.
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
+      mbits: mantissa width M.
+
+    Returns:
+      float32 ``[D, n]`` with ``D = max(Ga, Gb, Gl)``.
+    """
+    _require_kernels()
+    designs = max(a.shape[0], b.shape[0], klut.shape[0])
+    shape = (designs, a.shape[1])
+    return jax.ffi.ffi_call(MULTIPLY_TARGET, _result_type(shape, a))(
+        a, b, klut, mbits=np.int32(mbits)
+    )

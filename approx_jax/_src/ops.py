@@ -1,0 +1,331 @@
+"""Approximate matrix products and elementwise products (SPEC sections 2 and 5).
+
+Layering, from the inside out:
+
+* ``_gemm_raw(mbits)`` / ``_multiply_raw(mbits)``: the FFI custom call wrapped
+  in ``jax.custom_batching.custom_vmap``. Its batching rule folds a vmapped
+  axis into the kernel's *design* axis (every operand, the LUT included, has a
+  leading design axis of size 1 or D that the kernel broadcasts), so
+  ``vmap`` over a stack of multipliers is one custom call, never a loop of
+  calls and never a copy of unbatched activations.
+* ``_gemm`` / ``_multiply``: ``custom_vjp`` around those, implementing SPEC
+  section 5's backward products (``backward="approx"`` or ``"exact"``).
+  Because the backward pass calls the custom_vmap functions again,
+  ``vmap(grad)``, ``grad(vmap)`` and nested vmaps all stay single calls.
+* ``approx_dot`` / ``approx_matmul`` / ``multiply``: public entry points that
+  validate, cast to float32 and reshape into the canonical rank-4 layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from approx_jax._src import ffi
+from approx_jax._src import lut as lut_lib
+from approx_jax._src import multipliers as mult_lib
+
+BACKWARD_MODES = ("approx", "exact")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------
+# Validation helpers shared by every op.
+
+
+def resolve_multiplier(multiplier: Any) -> mult_lib.Multiplier:
+    """Returns a ``Multiplier`` for a multiplier object or a name like "mbm7"."""
+    if isinstance(multiplier, mult_lib.Multiplier):
+        return multiplier
+    if isinstance(multiplier, str):
+        return mult_lib.get(multiplier)
+    raise TypeError(
+        f"multiplier must be an approx_jax Multiplier or a name such as 'mbm7', "
+        f"got {type(multiplier).__name__}"
+    )
+
+
+def check_backward(backward: str) -> None:
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+
+
+def check_float(name: str, x: Any) -> jax.Array:
+    """Returns ``x`` as a JAX array, raising TypeError unless it is floating point."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    return x
+
+
+def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array:
+    """Kernel-format LUT ``u32[G, 4**M]`` of a (possibly stacked) multiplier."""
+    klut = lut_lib.kernel_lut(jnp.asarray(m.lut), m.mbits)
+    return klut.reshape(-1, klut.shape[-1])
+
+
+# --------------------------------------------------------------------------
+# custom_vmap layer: design-axis folding.
+
+
+def _fold_design_axis(x, batched: bool, axis_size: int, designs: int):
+    """Merges a vmapped axis into the leading design axis of ``x``.
+
+    ``x`` is ``[axis_size, G, ...]`` when batched, else ``[G, ...]``, with G in
+    {1, designs}. Returns ``[axis_size * designs, ...]`` or ``[1, ...]`` (the
+    latter only for unbatched operands that broadcast over every design).
+    """
+    if batched:
+        if x.shape[1] != designs:  # G == 1 < designs: nested vmap, tile it
+            x = jnp.broadcast_to(x, (axis_size, designs) + x.shape[2:])
+        return x.reshape((axis_size * designs,) + x.shape[2:])
+    if x.shape[0] == 1:
+        return x
+    x = jnp.broadcast_to(x[None], (axis_size,) + x.shape)
+    return x.reshape((axis_size * x.shape[1],) + x.shape[2:])
+
+
+def _design_count(args, in_batched) -> int:
+    return max(x.shape[1] if b else x.shape[0] for x, b in zip(args, in_batched, strict=True))
+
+
+def _make_design_batched(call):
+    """Wraps ``call(*operands)`` (leading design axis on every operand) in custom_vmap."""
+
+    @jax.custom_batching.custom_vmap
+    def raw(*operands):
+        return call(*operands)
+
+    @raw.def_vmap
+    def _rule(axis_size, in_batched, *operands):
+        designs = _design_count(operands, in_batched)
+        folded = [
+            _fold_design_axis(x, b, axis_size, designs)
+            for x, b in zip(operands, in_batched, strict=True)
+        ]
+        out = raw(*folded)
+        return out.reshape((axis_size, designs) + out.shape[1:]), True
+
+    return raw
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_raw(mbits: int):
+    return _make_design_batched(lambda a, b, k: ffi.gemm_call(a, b, k, mbits))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiply_raw(mbits: int):
+    return _make_design_batched(lambda a, b, k: ffi.multiply_call(a, b, k, mbits))
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums the broadcast (size-1 in ``shape``) axes of ``x`` back to ``shape``."""
+    axes = tuple(i for i, (s, t) in enumerate(zip(shape, x.shape, strict=True)) if s == 1 and t != 1)
+    if axes:
+        x = jnp.sum(x, axis=axes, keepdims=True)
+    return x
+
+
+def _lut_zero_cotangent(klut):
+    return np.zeros(klut.shape, dtype=jax.dtypes.float0)
+
+
+# --------------------------------------------------------------------------
+# custom_vjp layer.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gemm(a, b, klut, mbits: int, backward: str):
+    return _gemm_raw(mbits)(a, b, klut)
+
+
+def _gemm_fwd(a, b, klut, mbits, backward):
+    return _gemm_raw(mbits)(a, b, klut), (a, b, klut)
+
+
+def _gemm_bwd(mbits, backward, residuals, g):
+    a, b, klut = residuals
+    a_t = jnp.swapaxes(a, -1, -2)
+    b_t = jnp.swapaxes(b, -1, -2)
+    if backward == "approx":
+        # SPEC 5: dx = approx(dy, w^T) (a = dy, b = w); dw = approx(x^T, dy).
+        da = _gemm_raw(mbits)(g, b_t, klut)
+        db = _gemm_raw(mbits)(a_t, g, klut)
+    else:
+        da = jnp.matmul(g, b_t, precision=_HIGHEST)
+        db = jnp.matmul(a_t, g, precision=_HIGHEST)
+    return _sum_to_shape(da, a.shape), _sum_to_shape(db, b.shape), _lut_zero_cotangent(klut)
+
+
+_gemm.defvjp(_gemm_fwd, _gemm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _multiply(a, b, klut, mbits: int, backward: str):
+    return _multiply_raw(mbits)(a, b, klut)
+
+
+def _multiply_fwd(a, b, klut, mbits, backward):
+    return _multiply_raw(mbits)(a, b, klut), (a, b, klut)
+
+
+def _multiply_bwd(mbits, backward, residuals, g):
+    a, b, klut = residuals
+    if backward == "approx":
+        da = _multiply_raw(mbits)(g, b, klut)  # d(a*b)/da = b: a = g, b = b
+        db = _multiply_raw(mbits)(a, g, klut)  # d(a*b)/db = a: a = a, b = g
+    else:
+        da, db = g * b, a * g
+    return _sum_to_shape(da, a.shape), _sum_to_shape(db, b.shape), _lut_zero_cotangent(klut)
+
+
+_multiply.defvjp(_multiply_fwd, _multiply_bwd)
+
+
+# --------------------------------------------------------------------------
+# Public ops.
+
+
+def _over_stack(fn, m: mult_lib.Multiplier):
+    """Maps ``fn(single_multiplier)`` over a stacked multiplier's designs (one call)."""
+    return jax.vmap(lambda lut: fn(dataclasses.replace(m, lut=lut)))(jnp.asarray(m.lut))
+
+
+def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> jax.Array:
+    """Matrix product ``x @ w`` with every product simulated (SPEC section 5).
+
+    ``x`` is operand ``a`` and ``w`` operand ``b`` of each product; the sum
+    over K is float32 in a fixed, deterministic order.
+
+    Args:
+      x: floating array ``[..., K]`` (activations).
+      w: floating array ``[K, N]`` (weights).
+      multiplier: a ``Multiplier`` or a name such as ``"mbm7"``. A stacked
+        multiplier of D designs gives a result with a leading axis of size D
+        (computed in one custom call).
+      backward: ``"approx"`` (backward products use the same multiplier, as
+        ApproxTrain) or ``"exact"`` (straight-through float32 backward).
+      precision: precision of the native op when the multiplier is exact.
+
+    Returns:
+      ``[..., N]`` (``[D, ..., N]`` for a stack) in the promoted input dtype.
+
+    Example:
+      >>> y = approx_dot(x, w, approx_jax.multipliers.mbm(7))
+    """
+    m = resolve_multiplier(multiplier)
+    check_backward(backward)
+    x = check_float("x", x)
+    w = check_float("w", w)
+    if x.ndim < 1:
+        raise ValueError(f"x must have rank >= 1 ([..., K]), got shape {x.shape}")
+    if w.ndim != 2:
+        raise ValueError(f"w must have rank 2 ([K, N]), got shape {w.shape}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"contracting dimensions differ: x has K={x.shape[-1]} (shape {x.shape}), "
+            f"w has K={w.shape[0]} (shape {w.shape})"
+        )
+    out_dtype = jnp.result_type(x.dtype, w.dtype)
+    if m.is_exact:
+        return jnp.dot(x, w, precision=precision if precision is not None else _HIGHEST)
+    if m.is_stack:
+        return _over_stack(lambda one: approx_dot(x, w, one, backward), m)
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+    a4 = x.astype(jnp.float32).reshape(1, 1, -1, k)
+    b4 = w.astype(jnp.float32).reshape(1, 1, k, w.shape[1])
+    out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
+    return out.reshape(lead + (w.shape[1],)).astype(out_dtype)
+
+
+def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+    """``[..., R, C]`` -> ``[1, B or 1, R, C]`` broadcasting to ``batch_shape``."""
+    own = x.shape[:-2]
+    if all(s == 1 for s in own):
+        return x.reshape(1, 1, *x.shape[-2:])
+    x = jnp.broadcast_to(x, batch_shape + x.shape[-2:])
+    return x.reshape(1, -1, *x.shape[-2:])
+
+
+def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) -> jax.Array:
+    """Batched matrix product ``a @ b`` with simulated products (attention case).
+
+    Broadcasts leading batch dimensions like ``jnp.matmul``; ``a`` supplies
+    operand ``a`` of every product.
+
+    Args:
+      a: floating array ``[..., M, K]``.
+      b: floating array ``[..., K, N]``.
+      multiplier: a ``Multiplier`` or a name such as ``"mbm7"`` (a stack gives a
+        leading design axis).
+      backward: ``"approx"`` or ``"exact"`` (see ``approx_dot``).
+      precision: precision of the native op when the multiplier is exact.
+
+    Returns:
+      ``[..., M, N]`` in the promoted input dtype.
+    """
+    m = resolve_multiplier(multiplier)
+    check_backward(backward)
+    a = check_float("a", a)
+    b = check_float("b", b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(
+            f"approx_matmul needs rank >= 2 operands, got shapes {a.shape} and {b.shape}"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "
+            f"b {b.shape} has K={b.shape[-2]}"
+        )
+    try:
+        batch_shape = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    except ValueError as err:
+        raise ValueError(f"batch dimensions of {a.shape} and {b.shape} do not broadcast") from err
+    out_dtype = jnp.result_type(a.dtype, b.dtype)
+    if m.is_exact:
+        return jnp.matmul(a, b, precision=precision if precision is not None else _HIGHEST)
+    if m.is_stack:
+        return _over_stack(lambda one: approx_matmul(a, b, one, backward), m)
+    a4 = _flatten_batch(a.astype(jnp.float32), batch_shape)
+    b4 = _flatten_batch(b.astype(jnp.float32), batch_shape)
+    out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
+    return out.reshape(batch_shape + (a.shape[-2], b.shape[-1])).astype(out_dtype)
+
+
+def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
+    """Elementwise simulated product ``a * b`` with NumPy broadcasting.
+
+    Args:
+      a: floating array (operand ``a``, the LUT's high address half).
+      b: floating array (operand ``b``), broadcast-compatible with ``a``.
+      multiplier: a ``Multiplier`` or a name such as ``"mitchell5"`` (a stack
+        gives a leading design axis).
+      backward: ``"approx"`` or ``"exact"`` for the gradient products.
+
+    Returns:
+      The broadcast product in the promoted input dtype.
+    """
+    m = resolve_multiplier(multiplier)
+    check_backward(backward)
+    a = check_float("a", a)
+    b = check_float("b", b)
+    try:
+        shape = tuple(np.broadcast_shapes(a.shape, b.shape))
+    except ValueError as err:
+        raise ValueError(f"shapes {a.shape} and {b.shape} do not broadcast") from err
+    out_dtype = jnp.result_type(a.dtype, b.dtype)
+    if m.is_exact:
+        return a * b
+    if m.is_stack:
+        return _over_stack(lambda one: multiply(a, b, one, backward), m)
+    a2 = jnp.broadcast_to(a.astype(jnp.float32), shape).reshape(1, -1)
+    b2 = jnp.broadcast_to(b.astype(jnp.float32), shape).reshape(1, -1)
+    out = _multiply(a2, b2, kernel_lut_of(m), m.mbits, backward)
+    return out.reshape(shape).astype(out_dtype)
