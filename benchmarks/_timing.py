@@ -1,0 +1,43 @@
+"""Shared timing helpers for the benchmark scripts (not part of the package)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+
+
+def block(tree):
+    return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def alternating_medians(fns: dict, reps: int = 7, warmup: int = 1) -> dict:
+    """Median wall time of each zero-argument function, measured alternately.
+
+    Alternating the candidates inside one loop exposes them to the same
+    machine noise, so their *ratio* is meaningful even on a busy VM.
+
+    Args:
+      fns: name -> callable returning JAX arrays.
+      reps: timed repetitions per function.
+      warmup: untimed calls per function (compilation happens here).
+
+    Returns:
+      name -> median seconds.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            block(fn())
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def thread_note() -> str:
+    return f"{os.cpu_count()} CPU cores visible; XLA intra-op pool uses all of them"

@@ -1,0 +1,139 @@
+"""CPU speed of approximate GEMM, conv and a LeNet-5 train step vs native XLA.
+
+Prints, for each case, the median time of the approximate op and of the native
+op measured alternately in the same run, and their ratio (native / approx is
+the relative throughput; approx / native the slowdown).
+
+Usage:
+  python benchmarks/bench_cpu.py            # full table
+  python benchmarks/bench_cpu.py --quick    # smaller shapes, fewer reps
+  python benchmarks/bench_cpu.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import alternating_medians, thread_note  # noqa: E402
+
+import approx_jax  # noqa: E402
+from approx_jax import multipliers  # noqa: E402
+
+
+def gemm_cases(quick: bool):
+    if quick:
+        return [(256, 256, 256), (512, 512, 512)]
+    return [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (8192, 576, 64)]
+
+
+def bench_gemm(rows, mbits_list, shapes, reps):
+    rng = np.random.default_rng(0)
+    native = jax.jit(lambda x, w: jnp.dot(x, w))
+    for m, k, n in shapes:
+        x = jnp.asarray(rng.standard_normal((m, k), np.float32))
+        w = jnp.asarray(rng.standard_normal((k, n), np.float32))
+        for mbits in mbits_list:
+            mult = multipliers.mbm(mbits)
+            approx = jax.jit(lambda x, w, mult=mult: approx_jax.approx_dot(x, w, mult))
+            t = alternating_medians({"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps)
+            rows.append((f"GEMM {m}x{k}x{n}", f"mbm{mbits}", t["approx"], t["native"]))
+
+
+def bench_conv(rows, mbits_list, quick, reps):
+    rng = np.random.default_rng(1)
+    batch = 8 if quick else 32
+    x = jnp.asarray(rng.standard_normal((batch, 32, 32, 64), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 64, 64), np.float32) * 0.05)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def native_loss(x, w):
+        return jnp.sum(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2)
+
+    native = jax.jit(jax.grad(native_loss, argnums=(0, 1)))
+    for mbits in mbits_list:
+        mult = multipliers.mbm(mbits)
+
+        def approx_loss(x, w, mult=mult):
+            y = approx_jax.approx_conv(x, w, mult, window_strides=(1, 1), padding="SAME", dimension_numbers=dn)
+            return jnp.sum(y**2)
+
+        approx = jax.jit(jax.grad(approx_loss, argnums=(0, 1)))
+        t = alternating_medians({"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps)
+        rows.append((f"conv3x3 {batch}x32x32x64->64 fwd+bwd", f"mbm{mbits}", t["approx"], t["native"]))
+
+
+def bench_lenet5(rows, mbits_list, reps):
+    import optax
+
+    from approx_jax import models
+
+    model = models.create("lenet5")
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.random((64, 28, 28, 1), np.float32))
+    y = jnp.asarray(rng.integers(0, 10, 64))
+    params = model.init(jax.random.PRNGKey(0), x)
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+
+    def make_step(mult):
+        def loss_fn(p):
+            logits = model.apply(p, x, mult)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        @jax.jit
+        def step(p, s):
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s, loss
+
+        return step
+
+    native = make_step(multipliers.exact())
+    for mbits in mbits_list:
+        approx = make_step(multipliers.mbm(mbits))
+        t = alternating_medians(
+            {"approx": lambda: approx(params, state), "native": lambda: native(params, state)}, reps
+        )
+        rows.append(("LeNet-5 train step (batch 64)", f"mbm{mbits}", t["approx"], t["native"]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mbits", default="3,7,11")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--only", default="gemm,conv,lenet5")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    mbits_list = [int(v) for v in args.mbits.split(",")]
+    only = set(args.only.split(","))
+    rows = []
+    if "gemm" in only:
+        bench_gemm(rows, mbits_list, gemm_cases(args.quick), args.reps)
+    if "conv" in only:
+        bench_conv(rows, [m for m in mbits_list if m <= 7] or mbits_list, args.quick, args.reps)
+    if "lenet5" in only:
+        bench_lenet5(rows, [7], args.reps)
+    table = Table(title=f"approx_jax CPU benchmark ({thread_note()}, jax {jax.__version__})")
+    for col in ("case", "multiplier", "approx ms", "native ms", "throughput vs native", "slowdown"):
+        table.add_column(col)
+    for case, mult, ta, tn in rows:
+        table.add_row(case, mult, f"{ta * 1e3:.2f}", f"{tn * 1e3:.2f}", f"{tn / ta:.3f}x", f"{ta / tn:.2f}x")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(case=c, multiplier=m, approx_s=a, native_s=n) for c, m, a, n in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
