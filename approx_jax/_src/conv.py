@@ -1,0 +1,424 @@
+"""Approximate convolution lowered onto the canonical gemm (SPEC section 5).
+
+``approx_conv`` has the semantics of ``jax.lax.conv_general_dilated`` with
+every product replaced by the simulated product ``P(input, weight)`` of SPEC
+section 2 (``a`` = input activation, ``b`` = kernel weight).
+
+Lowering (``_conv_core``):
+
+1. The input is brought to channels-last ``[N, *spatial, C]`` and the kernel
+   to ``[*window, I, O]`` (HWIO-like).
+2. Feature groups are moved in front of the batch: ``[G, N, *spatial, Cg]``.
+3. The input is padded (``lax.pad``; interior padding realises the lhs
+   dilation) and one strided ``lax.slice`` per kernel tap extracts the
+   patches, stacked as ``[G, N, *out, taps, Cg]``. Slicing (rather than
+   ``conv_general_dilated_patches``, whose one-hot convolution multiplies
+   every value by 0 and 1 and so turns an Inf into NaNs across its window,
+   and which on GPU runs at TF32 unless told otherwise) copies values
+   bit-exactly; its transpose (pad + add) is exact too.
+4. ``ops._gemm`` computes ``[1, G, N*P, taps*Cg] @ [1, G, taps*Cg, Og]`` in
+   one custom call, with the group axis as the canonical batch axis ``B``.
+
+Gradients come from JAX autodiff: the patch extraction is linear and exact
+and ``ops._gemm``'s custom VJP computes ``d_patches = approx(dy, W^T)``
+(``a = dy``, ``b = kernel``) and ``dW = approx(patches^T, dy)`` (``a = input``,
+``b = dy``), which is SPEC section 5's convolution backward pass; the
+transpose of the patch extraction then sums each input position's
+contributions (ordinary float32 additions).
+
+Memory: the patch matrix is ``prod(window)`` times the (strided) input. When
+it would exceed ``PATCH_CHUNK_BYTES`` the batch is processed in chunks with
+``lax.map`` over a ``jax.checkpoint``-ed body, so at most one chunk's patches
+(and its backward temporaries) are alive at a time and the saved residuals are
+just the input chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from approx_jax._src import ops
+
+# Largest patch matrix (bytes, float32) built in one piece; above it the batch
+# is processed in chunks. Module-level so that users (and tests) can tune it.
+PATCH_CHUNK_BYTES = 64 * 1024 * 1024
+
+_PADDING_STRINGS = ("SAME", "VALID", "SAME_LOWER")
+
+
+# --------------------------------------------------------------------------
+# Argument handling.
+
+
+def _default_dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
+    """Flax-style channels-last numbers: NHWC input/output, HWIO kernel."""
+    spatial = tuple(range(1, nd + 1))
+    return lax.ConvDimensionNumbers(
+        lhs_spec=(0, nd + 1) + spatial,
+        rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+        out_spec=(0, nd + 1) + spatial,
+    )
+
+
+def _as_int_tuple(name: str, value, nd: int, default: int = 1) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * nd
+    if isinstance(value, int | np.integer):
+        return (int(value),) * nd
+    try:
+        out = tuple(int(v) for v in value)
+    except TypeError as err:
+        raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}") from err
+    if len(out) != nd:
+        raise ValueError(
+            f"{name} must have one entry per spatial dimension ({nd}), got {value!r}"
+        )
+    if any(v < 1 for v in out):
+        raise ValueError(f"{name} entries must be >= 1, got {value!r}")
+    return out
+
+
+def _dimension_numbers(dimension_numbers, lhs_shape, rhs_shape) -> lax.ConvDimensionNumbers:
+    nd = len(lhs_shape) - 2
+    if dimension_numbers is None:
+        return _default_dimension_numbers(nd)
+    try:
+        dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"invalid dimension_numbers {dimension_numbers!r} for input shape {lhs_shape} "
+            f"and kernel shape {rhs_shape}: {err}"
+        ) from err
+    if len(dn.lhs_spec) != len(lhs_shape) or len(dn.rhs_spec) != len(rhs_shape):
+        raise ValueError(
+            f"dimension_numbers {dimension_numbers!r} do not match the rank of the input "
+            f"({len(lhs_shape)}) and kernel ({len(rhs_shape)})"
+        )
+    return dn
+
+
+def _explicit_padding(padding, in_spatial, window, window_strides, rhs_dilation):
+    """Resolves a padding spec to explicit ``(lo, hi)`` pairs as lax does."""
+    nd = len(in_spatial)
+    if isinstance(padding, str):
+        key = padding.upper()
+        if key not in _PADDING_STRINGS:
+            raise ValueError(
+                f"padding must be one of {_PADDING_STRINGS} or a sequence of {nd} (low, high) "
+                f"pairs, got {padding!r}"
+            )
+        # Same computation as lax.conv_general_dilated: the undilated input
+        # extent against the dilated window.
+        eff_window = [(k - 1) * d + 1 for k, d in zip(window, rhs_dilation, strict=True)]
+        return tuple(
+            tuple(int(p) for p in pair)
+            for pair in lax.padtype_to_pads(in_spatial, eff_window, window_strides, key)
+        )
+    try:
+        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"padding must be one of {_PADDING_STRINGS} or a sequence of {nd} (low, high) "
+            f"pairs, got {padding!r}"
+        ) from err
+    if len(pairs) != nd:
+        raise ValueError(
+            f"padding must have one (low, high) pair per spatial dimension ({nd}), "
+            f"got {padding!r}"
+        )
+    return pairs
+
+
+# --------------------------------------------------------------------------
+# Lowering.
+
+
+def _patches(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    """``[G, N, *S, Cg]`` -> ``[G, N, *out, taps, Cg]`` by pad + strided slices.
+
+    Tap order is row-major over the window, matching a ``[*window, Cg, ...]``
+    kernel reshaped to ``[taps * Cg, ...]``.
+    """
+    zero = jnp.zeros((), xg.dtype)
+    config = [(0, 0, 0), (0, 0, 0)]
+    config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation, strict=True)]
+    config += [(0, 0, 0)]
+    xp = lax.pad(xg, zero, config)
+    slices = []
+    for tap in np.ndindex(*window):
+        start = [0, 0] + [t * d for t, d in zip(tap, rhs_dilation, strict=True)] + [0]
+        limit = (
+            list(xp.shape[:2])
+            + [s + (o - 1) * st + 1 for s, o, st in zip(start[2:-1], out_spatial, strides, strict=True)]
+            + [xp.shape[-1]]
+        )
+        step = [1, 1] + list(strides) + [1]
+        slices.append(lax.slice(xp, start, limit, step))
+    return jnp.stack(slices, axis=-2)
+
+
+def _conv_core(xg, w4, klut, mbits, backward, geometry):
+    """Approximate conv of grouped channels-last input on the canonical gemm.
+
+    Args:
+      xg: float32 ``[G, N, *S, Cg]``.
+      w4: float32 ``[1, G, taps * Cg, Og]``.
+      klut: kernel-format LUT ``[1, 4**mbits]``.
+      mbits: mantissa width.
+      backward: backward mode.
+      geometry: ``(window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)``.
+
+    Returns:
+      float32 ``[G, N, *out, Og]``.
+    """
+    window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
+    g, n = xg.shape[:2]
+    cg = xg.shape[-1]
+    taps = math.prod(window)
+    patches = _patches(xg, window, strides, pads, lhs_dil, rhs_dil, out_spatial)
+    a4 = patches.reshape(1, g, n * math.prod(out_spatial), taps * cg)
+    out = ops._gemm(a4, w4, klut, mbits, backward)
+    return out.reshape((g, n) + tuple(out_spatial) + (w4.shape[-1],))
+
+
+def _chunk_size(n: int, per_sample_bytes: int, limit: int) -> int:
+    """Largest batch chunk whose patch matrix fits in ``limit`` bytes (>= 1)."""
+    if n * per_sample_bytes <= limit:
+        return n
+    return max(1, min(n, limit // max(per_sample_bytes, 1)))
+
+
+def _conv_chunked(xg, w4, klut, mbits, backward, geometry, chunk: int):
+    """``_conv_core`` over batch chunks with a rematerialised body."""
+    g, n = xg.shape[:2]
+    num = -(-n // chunk)
+    pad = num * chunk - n
+    if pad:
+        xg = jnp.pad(xg, [(0, 0), (0, pad)] + [(0, 0)] * (xg.ndim - 2))
+    # [G, num*chunk, ...] -> [num, G, chunk, ...]
+    xs = jnp.moveaxis(xg.reshape((g, num, chunk) + xg.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(x_chunk):
+        return _conv_core(x_chunk, w4, klut, mbits, backward, geometry)
+
+    ys = lax.map(body, xs)  # [num, G, chunk, *out, Og]
+    ys = jnp.moveaxis(ys, 0, 1)
+    ys = ys.reshape((g, num * chunk) + ys.shape[3:])
+    return ys[:, :n] if pad else ys
+
+
+# --------------------------------------------------------------------------
+# Public op.
+
+
+def approx_conv(
+    lhs,
+    rhs,
+    multiplier,
+    *,
+    window_strides: Sequence[int] | int | None = None,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    lhs_dilation: Sequence[int] | int | None = None,
+    rhs_dilation: Sequence[int] | int | None = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    dimension_numbers: Any = None,
+    backward: str = "approx",
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """N-d convolution with every product simulated (SPEC sections 2 and 5).
+
+    Semantics of ``jax.lax.conv_general_dilated`` (cross-correlation, no
+    kernel flip) where each product is ``P(input, weight)`` under
+    ``multiplier`` (input = operand ``a``, kernel weight = operand ``b``); the
+    sums are float32 in a fixed order. 1-D, 2-D and 3-D (any N-d) convolutions,
+    strides, SAME/VALID/explicit padding, input and kernel dilation and
+    feature groups (including depthwise) are supported.
+
+    Gradients follow SPEC section 5: with ``backward="approx"`` the input
+    gradient uses products ``P(dy, weight)`` and the kernel gradient
+    ``P(input, dy)``; ``backward="exact"`` uses float32 products
+    (straight-through). No gradient flows into the LUT.
+
+    The exact multiplier (``"fp32"``) calls ``lax.conv_general_dilated``.
+    Otherwise the convolution is lowered onto the approximate gemm kernel via
+    patch extraction, which needs ``prod(window)`` times the input memory for
+    the patches; batches whose patch matrix exceeds ``PATCH_CHUNK_BYTES``
+    (64 MiB) are processed in rematerialised chunks. Measured with
+    ``benchmarks/bench_conv_memory.py`` (batch 32, 32x32x64 -> 64, 3x3, SAME,
+    forward + backward, XLA:CPU): about 2.8x the peak memory of the native
+    convolution (8.5x without chunking).
+
+    Args:
+      lhs: Input, floating point. Layout per ``dimension_numbers``; with the
+        default ``None`` channels-last (``NWC``/``NHWC``/``NDHWC``).
+      rhs: Kernel, floating point; default layout ``WIO``/``HWIO``/``DHWIO``
+        with ``I = C / feature_group_count``.
+      multiplier: a ``Multiplier`` or a name such as ``"mbm7"``. A stack of D
+        designs gives a result with a leading design axis of size D (one
+        custom call).
+      window_strides: Strides, an int or one per spatial dimension (default 1).
+      padding: ``"SAME"`` (default), ``"VALID"``, ``"SAME_LOWER"`` or one
+        ``(low, high)`` pair per spatial dimension.
+      lhs_dilation: Input (base) dilation (default 1).
+      rhs_dilation: Kernel (window, atrous) dilation (default 1).
+      feature_group_count: Number of feature groups (``C`` for depthwise).
+      batch_group_count: Must be 1 (batch groups are not supported).
+      dimension_numbers: As accepted by ``lax.conv_general_dilated`` (e.g.
+        ``("NCHW", "OIHW", "NCHW")``); ``None`` means channels-last
+        ``("NHWC", "HWIO", "NHWC")`` like Flax (not lax's NCHW default).
+      backward: ``"approx"`` (default) or ``"exact"``.
+      precision: Precision of the native convolution for the exact multiplier
+        (default ``HIGHEST``, i.e. true float32 also on GPU); ignored
+        otherwise (simulated products are exact by construction).
+      preferred_element_type: Output dtype (default: promoted input dtype).
+
+    Returns:
+      The convolution output in the ``dimension_numbers`` output layout
+      (``[D, ...]`` for a stack of multipliers).
+
+    Raises:
+      TypeError: For non-floating inputs or an invalid multiplier.
+      ValueError: For inconsistent ranks, shapes, feature counts or padding.
+      NotImplementedError: For ``batch_group_count != 1``.
+
+    Example:
+      >>> x = jnp.ones((8, 28, 28, 1))
+      >>> w = jnp.ones((5, 5, 1, 32)) * 0.1
+      >>> y = approx_conv(x, w, "mbm7", padding="SAME")  # [8, 28, 28, 32]
+    """
+    m = ops.resolve_multiplier(multiplier)
+    ops.check_backward(backward)
+    lhs = ops.check_float("lhs", lhs)
+    rhs = ops.check_float("rhs", rhs)
+    if batch_group_count != 1:
+        raise NotImplementedError(
+            f"approx_conv supports only batch_group_count=1, got {batch_group_count}"
+        )
+    if lhs.ndim < 3:
+        raise ValueError(
+            f"lhs must have rank >= 3 (batch, spatial..., feature), got shape {lhs.shape}"
+        )
+    if rhs.ndim != lhs.ndim:
+        raise ValueError(
+            f"lhs and rhs must have the same rank, got lhs shape {lhs.shape} (rank {lhs.ndim}) "
+            f"and rhs shape {rhs.shape} (rank {rhs.ndim})"
+        )
+    if isinstance(feature_group_count, bool) or not isinstance(feature_group_count, int | np.integer):
+        raise TypeError(f"feature_group_count must be an int, got {feature_group_count!r}")
+    groups = int(feature_group_count)
+    if groups < 1:
+        raise ValueError(f"feature_group_count must be >= 1, got {groups}")
+    nd = lhs.ndim - 2
+    dn = _dimension_numbers(dimension_numbers, lhs.shape, rhs.shape)
+    strides = _as_int_tuple("window_strides", window_strides, nd)
+    lhs_dil = _as_int_tuple("lhs_dilation", lhs_dilation, nd)
+    rhs_dil = _as_int_tuple("rhs_dilation", rhs_dilation, nd)
+
+    lhs_perm = tuple(dn.lhs_spec)  # (batch, feature, spatial...)
+    rhs_perm = tuple(dn.rhs_spec)  # (out feature, in feature, spatial...)
+    out_spec = tuple(dn.out_spec)
+    c_in = lhs.shape[lhs_perm[1]]
+    c_out = rhs.shape[rhs_perm[0]]
+    i_kernel = rhs.shape[rhs_perm[1]]
+    in_spatial = tuple(lhs.shape[d] for d in lhs_perm[2:])
+    window = tuple(rhs.shape[d] for d in rhs_perm[2:])
+    if c_in % groups:
+        raise ValueError(
+            f"lhs feature dimension ({c_in}) must be divisible by feature_group_count ({groups})"
+        )
+    if c_in // groups != i_kernel:
+        raise ValueError(
+            f"rhs input-feature dimension ({i_kernel}) must equal lhs features ({c_in}) / "
+            f"feature_group_count ({groups}) = {c_in // groups}; lhs shape {lhs.shape}, "
+            f"rhs shape {rhs.shape}"
+        )
+    if c_out % groups:
+        raise ValueError(
+            f"rhs output-feature dimension ({c_out}) must be divisible by "
+            f"feature_group_count ({groups})"
+        )
+    pads = _explicit_padding(padding, in_spatial, window, strides, rhs_dil)
+    out_dtype = (
+        jnp.dtype(preferred_element_type)
+        if preferred_element_type is not None
+        else jnp.result_type(lhs.dtype, rhs.dtype)
+    )
+
+    if m.is_exact:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            strides,
+            pads,
+            lhs_dilation=lhs_dil,
+            rhs_dilation=rhs_dil,
+            dimension_numbers=dn,
+            feature_group_count=groups,
+            precision=precision if precision is not None else lax.Precision.HIGHEST,
+            preferred_element_type=preferred_element_type,
+        )
+    if m.is_stack:
+        return ops._over_stack(
+            lambda one: approx_conv(
+                lhs, rhs, one, window_strides=strides, padding=pads, lhs_dilation=lhs_dil,
+                rhs_dilation=rhs_dil, feature_group_count=groups, dimension_numbers=dn,
+                backward=backward, preferred_element_type=preferred_element_type,
+            ),
+            m,
+        )
+
+    out_spatial = []
+    for size, k, st, (lo, hi), ld, rd in zip(in_spatial, window, strides, pads, lhs_dil, rhs_dil, strict=True):
+        extent = (size - 1) * ld + 1 + lo + hi if size > 0 else lo + hi
+        eff_k = (k - 1) * rd + 1
+        out_spatial.append(max(0, (extent - eff_k) // st + 1) if extent >= eff_k else 0)
+    out_spatial = tuple(out_spatial)
+    n = lhs.shape[lhs_perm[0]]
+    cg, og = c_in // groups, c_out // groups
+
+    out_canon_shape = (n,) + out_spatial + (c_out,)
+    if n == 0 or c_out == 0 or any(o == 0 for o in out_spatial) or cg == 0 or math.prod(window) == 0:
+        zeros = jnp.zeros(out_canon_shape, out_dtype)
+        return _from_channels_last(zeros, out_spec)
+
+    # Input -> [G, N, *S, Cg]; kernel -> [1, G, taps * Cg, Og].
+    x = jnp.transpose(lhs.astype(jnp.float32), (lhs_perm[0],) + lhs_perm[2:] + (lhs_perm[1],))
+    xg = jnp.moveaxis(x.reshape(x.shape[:-1] + (groups, cg)), -2, 0)
+    w = jnp.transpose(rhs.astype(jnp.float32), rhs_perm[2:] + (rhs_perm[1], rhs_perm[0]))
+    w = w.reshape(window + (cg, groups, og))
+    w = jnp.moveaxis(w, -2, 0).reshape(1, groups, math.prod(window) * cg, og)
+
+    klut = ops.kernel_lut_of(m)
+    geometry = (window, strides, pads, lhs_dil, rhs_dil, out_spatial)
+    per_sample = 4 * math.prod(out_spatial) * math.prod(window) * c_in
+    chunk = _chunk_size(n, per_sample, PATCH_CHUNK_BYTES)
+    if chunk >= n:
+        y = _conv_core(xg, w, klut, m.mbits, backward, geometry)
+    else:
+        y = _conv_chunked(xg, w, klut, m.mbits, backward, geometry, chunk)
+    # [G, N, *out, Og] -> [N, *out, G * Og]
+    y = jnp.moveaxis(y, 0, -2).reshape(out_canon_shape)
+    return _from_channels_last(y.astype(out_dtype), out_spec)
+
+
+def _from_channels_last(y, out_spec):
+    """``[N, *spatial, C]`` -> the layout described by ``out_spec``."""
+    nd = y.ndim - 2
+    # Canonical position of every output dimension: batch 0, feature nd+1, spatial 1..nd.
+    canon_of = {out_spec[0]: 0, out_spec[1]: nd + 1}
+    for i, d in enumerate(out_spec[2:]):
+        canon_of[d] = 1 + i
+    return jnp.transpose(y, tuple(canon_of[d] for d in range(y.ndim)))
+
+
+__all__ = ["approx_conv", "PATCH_CHUNK_BYTES"]
