@@ -1,0 +1,216 @@
+"""Error metrics of a multiplier (SPEC section 6).
+
+Products are computed with the NumPy reference (:mod:`reference`), so the
+metrics describe exactly the arithmetic every kernel implements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from approx_jax._src import multipliers as multipliers_lib
+from approx_jax._src import reference
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ErrorMetrics:
+    """SPEC section 6 metrics of one design.
+
+    Relative errors are ``(O' - O) / |O|`` with ``O`` the exact float64 product
+    and ``O'`` the simulated one.
+
+    Attributes:
+      name: Design name.
+      mbits: Mantissa width M (23 for the exact multiplier).
+      mode: ``"uniform"`` (every mantissa pair) or ``"samples"``.
+      count: Number of operand pairs the metrics average over.
+      bias: Mean relative error.
+      mred: Mean relative error distance, ``mean(|O' - O| / |O|)``.
+      worst_case: Maximum relative error distance.
+      rms: Root mean square of the relative error.
+      error_probability: Fraction of pairs with ``O' != O``.
+      heatmap: ``[2**M, 2**M]`` mean relative error per mantissa pair
+        ``(i, j)`` (``i`` = first operand's truncated mantissa; NaN where a
+        sample set has no pair), or ``None`` for the exact multiplier.
+      skipped: Sample pairs left out because the exact product was zero or not
+        finite, or the simulated product was not finite.
+    """
+
+    name: str
+    mbits: int
+    mode: str
+    count: int
+    bias: float
+    mred: float
+    worst_case: float
+    rms: float
+    error_probability: float
+    heatmap: np.ndarray | None
+    skipped: int = 0
+
+    def as_dict(self) -> dict:
+        """Scalar metrics as a dict (no heat map).
+
+        Returns:
+          ``{"name", "mbits", "mode", "count", "bias", "mred", "worst_case",
+          "rms", "error_probability", "skipped"}``.
+        """
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name != "heatmap"
+        }
+
+
+def _metrics(name, mbits, mode, simulated, exact_values, heatmap, skipped) -> ErrorMetrics:
+    relative = (simulated - exact_values) / np.abs(exact_values)
+    distance = np.abs(relative)
+    empty = relative.size == 0
+    return ErrorMetrics(
+        name=name,
+        mbits=mbits,
+        mode=mode,
+        count=int(relative.size),
+        bias=float("nan") if empty else float(relative.mean()),
+        mred=float("nan") if empty else float(distance.mean()),
+        worst_case=float("nan") if empty else float(distance.max()),
+        rms=float("nan") if empty else float(np.sqrt(np.mean(relative**2))),
+        error_probability=float("nan") if empty else float(np.mean(simulated != exact_values)),
+        heatmap=heatmap,
+        skipped=int(skipped),
+    )
+
+
+def _characterize_one(multiplier, samples) -> ErrorMetrics:
+    M = multiplier.mbits
+    name = str(multiplier.name)
+    if samples is None:
+        if multiplier.is_exact:
+            # Products of mantissas with <= 11 bits are exact in float32.
+            return ErrorMetrics(name, M, "uniform", 0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
+        a, b = reference.mantissa_grid(M)
+        exact_values = a.astype(np.float64) * b.astype(np.float64)
+        simulated = reference.product(a, b, multiplier.lut, M).astype(np.float64)
+        result = _metrics(name, M, "uniform", simulated, exact_values, None, 0)
+        heatmap = ((simulated - exact_values) / exact_values).reshape(1 << M, 1 << M)
+        return dataclasses.replace(result, heatmap=heatmap)
+
+    a, b = samples
+    # The multiplier sees float32 operands (SPEC section 1); O is their exact
+    # product (float64 holds a 24x24-bit product exactly).
+    a32, b32 = np.broadcast_arrays(
+        np.asarray(a, np.float32).reshape(-1), np.asarray(b, np.float32).reshape(-1)
+    )
+    exact_values = a32.astype(np.float64) * b32.astype(np.float64)
+    if multiplier.is_exact:
+        with np.errstate(over="ignore", under="ignore"):
+            simulated = (a32 * b32).astype(np.float64)
+    else:
+        simulated = reference.product(a32, b32, multiplier.lut, M).astype(np.float64)
+    keep = np.isfinite(exact_values) & (exact_values != 0) & np.isfinite(simulated)
+    simulated_kept, exact_kept = simulated[keep], exact_values[keep]
+    heatmap = None
+    if not multiplier.is_exact:
+        shift = 23 - M
+        ia = (a32.view(np.uint32)[keep] & 0x7FFFFF) >> shift
+        ib = (b32.view(np.uint32)[keep] & 0x7FFFFF) >> shift
+        cell = (ia.astype(np.int64) << M) | ib
+        relative = (simulated_kept - exact_kept) / np.abs(exact_kept)
+        sums = np.bincount(cell, weights=relative, minlength=1 << (2 * M))
+        counts = np.bincount(cell, minlength=1 << (2 * M))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            heatmap = (sums / counts).reshape(1 << M, 1 << M)
+    return _metrics(
+        name, M, "samples", simulated_kept, exact_kept, heatmap, np.count_nonzero(~keep)
+    )
+
+
+def characterize(multiplier, samples=None):
+    """Computes SPEC section 6 error metrics.
+
+    Args:
+      multiplier: A Multiplier (or a name accepted by ``get``); a stack gives
+        one result per design.
+      samples: ``None`` for every mantissa pair (operands ``1 + i/2^M``,
+        ``1 + j/2^M``, compared with their exact product), or ``(a, b)``
+        arrays of operand pairs (cast to float32, compared with the exact
+        float64 product of those float32 values; pairs whose exact product is
+        zero or not finite, or whose simulated product is not finite, are
+        skipped and counted in ``skipped``).
+
+    Returns:
+      An :class:`ErrorMetrics`, or a list of them for a stack.
+    """
+    multiplier = multipliers_lib.get(multiplier)
+    if multiplier.is_stack:
+        return [_characterize_one(m, samples) for m in multipliers_lib.unstack(multiplier)]
+    return _characterize_one(multiplier, samples)
+
+
+def characterize_table(multipliers, samples=None) -> list[dict]:
+    """Metrics of several designs as table rows.
+
+    Args:
+      multipliers: Iterable of Multipliers or names (stacks are expanded).
+      samples: As for :func:`characterize`.
+
+    Returns:
+      List of :meth:`ErrorMetrics.as_dict` rows, one per design.
+    """
+    rows = []
+    for m in multipliers:
+        result = characterize(m, samples)
+        for r in result if isinstance(result, list) else [result]:
+            rows.append(r.as_dict())
+    return rows
+
+
+def plot_heatmaps(results, path, *, columns: int = 4) -> pathlib.Path:
+    """Writes the relative-error heat maps of several designs to a PNG.
+
+    Args:
+      results: An :class:`ErrorMetrics` or a list of them (designs without a
+        heat map, i.e. exact, are skipped).
+      path: Output file (``.png``).
+      columns: Maximum subplots per row.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: If no result has a heat map.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if isinstance(results, ErrorMetrics):
+        results = [results]
+    results = [r for r in results if r.heatmap is not None]
+    if not results:
+        raise ValueError("no heat maps to plot (the exact multiplier has none)")
+    cols = min(columns, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, result in zip(axes.flat, results):
+        finite = np.abs(result.heatmap[np.isfinite(result.heatmap)])
+        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = ax.imshow(
+            result.heatmap, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower",
+            extent=(0, 1, 0, 1),
+        )
+        ax.set_title(f"{result.name} (M={result.mbits})\nMRED {result.mred:.3g}", fontsize=9)
+        ax.set_xlabel("b mantissa (j / 2^M)")
+        ax.set_ylabel("a mantissa (i / 2^M)")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="relative error")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

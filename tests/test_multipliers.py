@@ -1,0 +1,523 @@
+"""Tests of the Multiplier pytree, its constructors, LUT formats and C models."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from approx_jax._src import cmodel, reference
+from approx_jax._src import lut as lut_lib
+from approx_jax._src import multipliers as mm
+
+FAMILIES = {"truncate": mm.truncate, "mitchell": mm.mitchell, "mbm": mm.mbm}
+APPROXTRAIN_FILES = [
+    ("ACC_7.bin", "truncate", 7),
+    *((f"MBM_{M}.bin", "mbm", M) for M in (1, 3, 5, 7)),
+    *((f"MIT_{M}.bin", "mitchell", M) for M in (1, 3, 5, 7)),
+]
+
+# A user-style model: Mitchell with the antilog's linear error partly corrected.
+CUSTOM_C = """
+float tweak_mul(float a, float b) {
+  double t = (a - 1.0) + (b - 1.0);
+  double p = (t < 1.0) ? 1.0 + t + t * (1.0 - t) / 8.0 : 2.0 * t;
+  return (float)p;
+}
+"""
+
+
+def tweak_py(a, b):
+    t = (a.astype(np.float64) - 1.0) + (b.astype(np.float64) - 1.0)
+    return np.where(t < 1.0, 1.0 + t + t * (1.0 - t) / 8.0, 2.0 * t).astype(np.float32)
+
+
+def random_normal_floats(rng, n):
+    """float32 values with random signs, mantissas and moderate exponents."""
+    bits = (
+        (rng.integers(0, 2, n, dtype=np.uint32) << 31)
+        | (rng.integers(100, 155, n, dtype=np.uint32) << 23)
+        | rng.integers(0, 1 << 23, n, dtype=np.uint32)
+    )
+    return bits.view(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Built-in families
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("file_name", "family", "M"), APPROXTRAIN_FILES)
+def test_builtin_equals_approxtrain_file(reference_lut_dir, file_name, family, M):
+    expected = np.fromfile(reference_lut_dir / file_name, dtype=np.uint8)
+    got = FAMILIES[family](M).lut
+    assert got.dtype == np.uint8
+    assert got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(("file_name", "family", "M"), APPROXTRAIN_FILES)
+def test_numpy_reference_equals_approxtrain_file(reference_lut_dir, file_name, family, M):
+    expected = np.fromfile(reference_lut_dir / file_name, dtype=np.uint8)
+    assert reference.REFERENCE_LUTS[family](M).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("M", range(1, 12))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_c_model_equals_numpy_reference(family, M):
+    multiplier = FAMILIES[family](M)
+    assert multiplier.mbits == M
+    assert multiplier.name == f"{family}{M}"
+    assert multiplier.lut.shape == (4**M,)
+    assert multiplier.lut.dtype == lut_lib.stored_dtype(M)
+    np.testing.assert_array_equal(multiplier.lut, reference.REFERENCE_LUTS[family](M))
+
+
+def test_builtins_are_cached_and_read_only():
+    assert mm.mbm(5).lut is mm.mbm(5).lut
+    with pytest.raises(ValueError):
+        mm.mbm(5).lut[0] = 1
+
+
+def test_truncate11_is_near_exact():
+    # truncate(M) products never exceed the exact product and are within 2^-M relative.
+    a, b = reference.mantissa_grid(11)
+    p = reference.product(a, b, mm.truncate(11).lut, 11).astype(np.float64)
+    exact = a.astype(np.float64) * b
+    assert np.all(p <= exact)
+    assert np.all((exact - p) / exact < 2.0**-11)
+
+
+def test_builtin_falls_back_to_numpy_without_compiler(monkeypatch):
+    monkeypatch.setattr(cmodel, "find_compiler", lambda *args, **kwargs: None)
+    mm._builtin_lut.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="NumPy reference"):
+            fallback = mm.mitchell(4)
+        np.testing.assert_array_equal(fallback.lut, reference.mitchell_lut(4))
+    finally:
+        mm._builtin_lut.cache_clear()
+
+
+@pytest.mark.parametrize("bad", [0, 12, -1, 7.0, "7", True, None])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_builtin_rejects_bad_width(family, bad):
+    with pytest.raises(ValueError, match="M"):
+        FAMILIES[family](bad)
+
+
+def test_exact():
+    e = mm.exact()
+    assert e.is_exact and not e.is_stack
+    assert e.lut is None and e.name == "fp32" and e.mbits == mm.EXACT_MBITS
+    assert e.num_designs == 1 and e.names == ("fp32",)
+    assert "fp32" in repr(e)
+    with pytest.raises(ValueError, match="no LUT"):
+        e.kernel_lut()
+
+
+# ---------------------------------------------------------------------------
+# LUT format helpers
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 5, 7, 8, 11])
+def test_encode_decode_round_trip(M):
+    rng = np.random.default_rng(M)
+    c = rng.integers(0, 2, 1000)
+    r = rng.integers(0, 1 << M, 1000)
+    stored = lut_lib.encode(c, r, M)
+    assert stored.dtype == (np.uint8 if M <= 7 else np.uint16)
+    top = 7 if M <= 7 else 15
+    np.testing.assert_array_equal(stored, (c << top) | r)
+    c2, r2 = lut_lib.decode(stored, M)
+    np.testing.assert_array_equal(c2, c)
+    np.testing.assert_array_equal(r2, r)
+
+
+@pytest.mark.parametrize("M", [3, 7, 8, 11])
+def test_kernel_lut_format_under_jit(M):
+    stored = np.stack([mm.mbm(M).lut, mm.mitchell(M).lut])  # leading dims work
+    got = jax.jit(lambda s: lut_lib.kernel_lut(s, M))(stored)
+    assert got.dtype == jnp.uint32 and got.shape == stored.shape
+    c, r = lut_lib.decode(stored, M)
+    np.testing.assert_array_equal(np.asarray(got), (c << 23) | (r << (23 - M)))
+    np.testing.assert_array_equal(np.asarray(got), lut_lib.kernel_lut_numpy(stored, M))
+
+
+@pytest.mark.parametrize(("m", "M_new"), [(1, 1), (1, 4), (3, 7), (5, 9), (7, 11)])
+def test_expand_lut_preserves_products(m, M_new):
+    rng = np.random.default_rng(m * 100 + M_new)
+    narrow = mm.mbm(m).lut
+    wide = lut_lib.expand_lut(narrow, m, M_new)
+    assert wide.shape == (4**M_new,) and wide.dtype == lut_lib.stored_dtype(M_new)
+    a = random_normal_floats(rng, 20000)
+    b = random_normal_floats(rng, 20000)
+    np.testing.assert_array_equal(
+        reference.product_bits(a, b, narrow, m), reference.product_bits(a, b, wide, M_new)
+    )
+    np.testing.assert_array_equal(lut_lib.shrink_lut(wide, M_new, m), narrow)
+
+
+def test_expand_lut_entry_rule():
+    m, M_new = 2, 4
+    narrow = mm.mitchell(m).lut
+    wide = lut_lib.expand_lut(narrow, m, M_new)
+    c_n, r_n = lut_lib.decode(narrow, m)
+    c_w, r_w = lut_lib.decode(wide, M_new)
+    for i in range(1 << M_new):
+        for j in range(1 << M_new):
+            k_w = (i << M_new) | j
+            k_n = ((i >> 2) << m) | (j >> 2)
+            assert c_w[k_w] == c_n[k_n] and r_w[k_w] == r_n[k_n] << 2
+
+
+def test_expand_lut_rejects_narrowing():
+    with pytest.raises(ValueError, match="widen"):
+        lut_lib.expand_lut(mm.mbm(5).lut, 5, 3)
+
+
+def test_shrink_lut_rejects_non_expansion():
+    with pytest.raises(ValueError, match="widening"):
+        lut_lib.shrink_lut(mm.mbm(5).lut, 5, 3)
+
+
+def test_validate_lut_errors():
+    with pytest.raises(ValueError, match=r"4\*\*M = 64"):
+        lut_lib.validate_lut(np.zeros(63, np.uint8), 3)
+    with pytest.raises(TypeError, match="integer dtype"):
+        lut_lib.validate_lut(np.zeros(64, np.float32), 3)
+    with pytest.raises(TypeError, match="integer dtype"):
+        lut_lib.validate_lut(np.zeros(64, bool), 3)
+    bad = np.zeros(64, np.int32)
+    bad[5] = 8  # r needs 4 bits at M=3
+    with pytest.raises(ValueError, match="out of range"):
+        lut_lib.validate_lut(bad, 3)
+    bad[5] = -1
+    with pytest.raises(ValueError, match="out of range"):
+        lut_lib.validate_lut(bad, 3)
+    ok = np.full(64, 0x87, np.int64)  # carry and r = 7: valid, dtype normalised
+    assert lut_lib.validate_lut(ok, 3).dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------
+# from_lut / from_approxtrain / to_approxtrain
+# ---------------------------------------------------------------------------
+
+
+def test_from_lut_stored_and_inferred_width():
+    lut = np.asarray(mm.mbm(6).lut, np.int32)
+    m = mm.from_lut(lut, name="mine")
+    assert m.mbits == 6 and m.name == "mine" and m.lut.dtype == np.uint8
+    np.testing.assert_array_equal(m.lut, mm.mbm(6).lut)
+    wide = mm.from_lut(mm.mbm(9).lut)
+    assert wide.mbits == 9 and wide.lut.dtype == np.uint16
+
+
+def test_from_lut_accepts_jax_arrays():
+    m = mm.from_lut(jnp.asarray(mm.mitchell(4).lut))
+    np.testing.assert_array_equal(m.lut, mm.mitchell(4).lut)
+
+
+def test_from_lut_products():
+    M = 5
+    a, b = reference.mantissa_grid(M)
+    products = (a.astype(np.float64) * b).reshape(1 << M, 1 << M)
+    m = mm.from_lut(products)
+    assert m.mbits == M
+    np.testing.assert_array_equal(m.lut, mm.truncate(M).lut)
+
+
+def test_from_lut_stack():
+    stacked = mm.from_lut(np.stack([mm.mbm(3).lut, mm.mitchell(3).lut]), name="x")
+    assert stacked.is_stack and stacked.num_designs == 2 and stacked.names == ("x[0]", "x[1]")
+
+
+def test_from_lut_errors():
+    with pytest.raises(ValueError, match=r"4\*\*M"):
+        mm.from_lut(np.zeros(100, np.uint8))
+    with pytest.raises(ValueError, match=r"4\*\*M = 256"):
+        mm.from_lut(np.zeros(64, np.uint8), M=4)
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        mm.from_lut(np.full(16, 4.5))
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        mm.from_lut(np.full(16, np.nan))
+    with pytest.raises(TypeError):
+        mm.from_lut(np.zeros(16, complex))
+    with pytest.raises(ValueError, match="M"):
+        mm.from_lut(np.zeros(16, np.uint8), M=0)
+
+
+@pytest.mark.parametrize(("file_name", "family", "M"), APPROXTRAIN_FILES)
+def test_from_approxtrain_round_trip(reference_lut_dir, tmp_path, file_name, family, M):
+    loaded = mm.from_approxtrain(reference_lut_dir / file_name)
+    assert loaded.mbits == M and loaded.name == file_name[:-4]
+    np.testing.assert_array_equal(loaded.lut, FAMILIES[family](M).lut)
+    out = mm.to_approxtrain(loaded, tmp_path / file_name)
+    assert out.read_bytes() == (reference_lut_dir / file_name).read_bytes()
+    via_get = mm.get(str(reference_lut_dir / file_name))
+    np.testing.assert_array_equal(via_get.lut, loaded.lut)
+
+
+def test_from_approxtrain_errors(tmp_path):
+    (tmp_path / "X_3.bin").write_bytes(bytes(63))
+    with pytest.raises(ValueError, match=r"4\*\*M = 64"):
+        mm.from_approxtrain(tmp_path / "X_3.bin")
+    (tmp_path / "noname.bin").write_bytes(bytes(16))
+    with pytest.raises(ValueError, match="cannot infer M"):
+        mm.from_approxtrain(tmp_path / "noname.bin")
+    assert mm.from_approxtrain(tmp_path / "noname.bin", M=2).mbits == 2
+    with pytest.raises(ValueError, match="M <= 7"):
+        mm.from_approxtrain(tmp_path / "noname.bin", M=8)
+    with pytest.raises(ValueError, match="M <= 7"):
+        mm.to_approxtrain(mm.mbm(8), tmp_path / "Y_8.bin")
+    with pytest.raises(ValueError, match="no LUT"):
+        mm.to_approxtrain(mm.exact(), tmp_path / "Z_7.bin")
+
+
+# ---------------------------------------------------------------------------
+# from_python / from_c
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 4, 7, 8, 11])
+def test_from_python_equals_from_c(require_c_compiler, M):
+    from_py = mm.from_python(tweak_py, M)
+    from_c = mm.from_c(CUSTOM_C, "tweak_mul", M)
+    assert from_py.name == "tweak_py" and from_c.name == "tweak_mul"
+    np.testing.assert_array_equal(from_py.lut, from_c.lut)
+
+
+@pytest.mark.parametrize("M", [2, 7, 10])
+def test_from_python_builtin_formulas(M):
+    exact_product = mm.from_python(lambda a, b: a.astype(np.float64) * b, M)
+    np.testing.assert_array_equal(exact_product.lut, mm.truncate(M).lut)
+
+
+def test_from_python_rejects_out_of_range():
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        mm.from_python(lambda a, b: a * b * 2, 3)
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        mm.from_python(lambda a, b: a - b, 3)
+    with pytest.raises(ValueError, match="M"):
+        mm.from_python(lambda a, b: a * b, 12)
+
+
+def test_from_c_file_and_cpp(require_c_compiler, tmp_path):
+    src = tmp_path / "model.c"
+    src.write_text(CUSTOM_C)
+    from_file = mm.from_c(src, "tweak_mul", 6)
+    np.testing.assert_array_equal(from_file.lut, mm.from_python(tweak_py, 6).lut)
+    cpp_src = tmp_path / "model.cpp"
+    cpp_src.write_text(
+        "#include <cmath>\n"
+        "template <typename T> T exact_mul(T a, T b) { return a * b; }\n"
+        "float trunc_cpp(float a, float b) { return exact_mul<double>(a, b); }\n"
+    )
+    np.testing.assert_array_equal(mm.from_c(cpp_src, "trunc_cpp", 6).lut, mm.truncate(6).lut)
+
+
+def test_from_c_sees_mbits_macro(require_c_compiler):
+    src = "float m_mul(float a, float b) { return 1.0f + APPROX_MBITS / 16.0f; }"
+    for M in (3, 5):
+        m = mm.from_c(src, "m_mul", M)
+        c, r = lut_lib.decode(m.lut, M)
+        assert np.all(c == 0) and np.all(r == (M << M) // 16)
+
+
+def test_from_c_compile_error_shows_compiler_output(require_c_compiler, isolated_cache):
+    with pytest.raises(cmodel.CModelError, match="this_is_not_c") as info:
+        mm.from_c("float bad(float a, float b) { this_is_not_c; }", "bad", 3)
+    assert isinstance(info.value, ValueError)
+    assert "error" in str(info.value)
+
+
+def test_from_c_missing_function(require_c_compiler, isolated_cache):
+    with pytest.raises(ValueError, match="'missing_fn' is not defined"):
+        mm.from_c(CUSTOM_C, "missing_fn", 3)
+    with pytest.raises(ValueError, match="identifier"):
+        mm.from_c(CUSTOM_C, "not a name", 3)
+
+
+def test_from_c_out_of_range_product(require_c_compiler, isolated_cache):
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        mm.from_c("float big(float a, float b) { return 4.0f * a; }", "big", 2)
+
+
+def test_from_c_missing_file():
+    with pytest.raises(FileNotFoundError):
+        mm.from_c("/nonexistent/model.c", "f", 3)
+
+
+def test_from_c_cache_hit(require_c_compiler, isolated_cache, monkeypatch):
+    first = mm.from_c(CUSTOM_C, "tweak_mul", 5)
+    libraries = list((isolated_cache / "lib").glob("*.so"))
+    products = list((isolated_cache / "lib").glob("*.products.npy"))
+    assert len(libraries) == 1 and len(products) == 1
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiler invoked on a cache hit")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    second = mm.from_c(CUSTOM_C, "tweak_mul", 5)
+    np.testing.assert_array_equal(first.lut, second.lut)
+    # A different M, flag set or source is a different cache entry.
+    with pytest.raises(AssertionError, match="cache hit"):
+        mm.from_c(CUSTOM_C, "tweak_mul", 6)
+    with pytest.raises(AssertionError, match="cache hit"):
+        mm.from_c(CUSTOM_C, "tweak_mul", 5, flags=["-O1"])
+
+
+def test_builtin_model_path():
+    path = cmodel.builtin_model_path("mbm")
+    assert path.name == "mbm.c" and "mbm_mul" in path.read_text()
+    assert cmodel.builtin_model_path("truncate.c").is_file()
+    with pytest.raises(FileNotFoundError):
+        cmodel.builtin_model_path("nope")
+
+
+# ---------------------------------------------------------------------------
+# Name resolution
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "M"),
+    [
+        ("mbm7", "mbm", 7),
+        ("MBM3", "mbm", 3),
+        ("mitchell5", "mitchell", 5),
+        ("mit7", "mitchell", 7),
+        ("Mitchell_2", "mitchell", 2),
+        ("truncate7", "truncate", 7),
+        ("trunc11", "truncate", 11),
+        ("bf16", "truncate", 7),
+        ("BF16", "truncate", 7),
+    ],
+)
+def test_get_names(name, family, M):
+    got = mm.get(name)
+    assert got.mbits == M
+    np.testing.assert_array_equal(got.lut, FAMILIES[family](M).lut)
+
+
+@pytest.mark.parametrize("name", ["fp32", "exact", "FP32", " Exact "])
+def test_get_exact(name):
+    assert mm.get(name).is_exact
+
+
+def test_get_passthrough_and_errors():
+    m = mm.mbm(4)
+    assert mm.get(m) is m
+    with pytest.raises(ValueError, match="valid forms") as info:
+        mm.get("bogus9")
+    assert "mbmM" in str(info.value) and ".bin" in str(info.value)
+    with pytest.raises(ValueError, match="1..11"):
+        mm.get("mbm12")
+    with pytest.raises(TypeError):
+        mm.get(7)
+
+
+def test_get_c_model_spec(require_c_compiler):
+    spec = f"{cmodel.builtin_model_path('mitchell')}:mitchell_mul@6"
+    np.testing.assert_array_equal(mm.get(spec).lut, mm.mitchell(6).lut)
+
+
+# ---------------------------------------------------------------------------
+# Stacks
+# ---------------------------------------------------------------------------
+
+
+def test_stack_unstack():
+    designs = [mm.mbm(3), mm.mitchell(7), mm.truncate(5)]
+    stacked = mm.stack(designs)
+    assert stacked.is_stack and stacked.num_designs == 3 and stacked.mbits == 7
+    assert stacked.names == ("mbm3", "mitchell7", "truncate5")
+    assert stacked.lut.shape == (3, 4**7)
+    assert "stack of 3" in repr(stacked)
+    np.testing.assert_array_equal(stacked.lut[0], lut_lib.expand_lut(mm.mbm(3).lut, 3, 7))
+    for original, restored in zip(designs, mm.unstack(stacked)):
+        assert restored.name == original.name and restored.mbits == original.mbits
+        assert restored.metadata == original.metadata
+        np.testing.assert_array_equal(restored.lut, original.lut)
+    # Stacks flatten; names resolve; a single design unstacks to itself.
+    nested = mm.stack([stacked, "mbm9"])
+    assert nested.num_designs == 4 and nested.mbits == 9 and nested.lut.dtype == np.uint16
+    assert mm.unstack(mm.mbm(2))[0].name == "mbm2"
+
+
+def test_stack_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        mm.stack([])
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        mm.stack([mm.mbm(7), mm.exact()])
+
+
+# ---------------------------------------------------------------------------
+# Pytree behaviour
+# ---------------------------------------------------------------------------
+
+
+def test_pytree_flatten_unflatten():
+    m = mm.mbm(5)
+    leaves, treedef = jax.tree_util.tree_flatten(m)
+    assert len(leaves) == 1 and leaves[0] is m.lut
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt.name == m.name and rebuilt.mbits == 5 and rebuilt.metadata == m.metadata
+    assert jax.tree_util.tree_leaves(mm.exact()) == []
+    doubled = jax.tree_util.tree_map(lambda x: x, m)
+    assert isinstance(doubled, mm.Multiplier)
+
+
+def test_metadata_is_hashable():
+    m = mm.from_lut(mm.mbm(3).lut, metadata={"area": 1.5, "tags": ["a", "b"]})
+    hash(m.metadata)
+    assert m.info["area"] == 1.5 and m.info["tags"] == ("a", "b")
+
+
+def test_jit_does_not_retrace_for_designs_of_same_width():
+    traces = []
+
+    @jax.jit
+    def first_entries(x, multiplier):
+        traces.append(multiplier.mbits)
+        return x + multiplier.kernel_lut()[..., :4].astype(jnp.float32)
+
+    first_entries(1.0, mm.mbm(7))
+    first_entries(1.0, mm.mitchell(7))
+    first_entries(1.0, mm.from_lut(np.asarray(mm.truncate(7).lut), name="custom"))
+    assert len(traces) == 1
+    first_entries(1.0, mm.mbm(5))  # a different width is a different program
+    assert len(traces) == 2
+    out = jax.jit(lambda m: m)(mm.mbm(3))
+    assert isinstance(out, mm.Multiplier) and out.mbits == 3
+
+
+def test_vmap_over_stack():
+    stacked = mm.stack([mm.mbm(4), mm.mitchell(4), mm.truncate(4)])
+    got = jax.vmap(lambda m: m.kernel_lut()[7])(stacked)
+    expected = lut_lib.kernel_lut_numpy(stacked.lut, 4)[:, 7]
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_invalid_direct_construction():
+    with pytest.raises(ValueError, match="mbits"):
+        mm.Multiplier(np.zeros(16, np.uint8), "x", 0)
+    with pytest.raises(ValueError, match="exact"):
+        mm.Multiplier(None, "x", 7)
+
+
+def test_no_warnings_building_builtins():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mm.truncate(3)
+
+
+def test_source_files_present():
+    for name in ("truncate", "mitchell", "mbm"):
+        text = pathlib.Path(cmodel.builtin_model_path(name)).read_text()
+        assert "APPROX_MBITS" in text
