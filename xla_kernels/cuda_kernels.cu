@@ -1,0 +1,463 @@
+// CUDA kernels behind the `approx_jax_gemm` and `approx_jax_multiply` targets.
+//
+// Numerics: every product equals ApproxMulBits (approx_math.h, SPEC section 2)
+// bit for bit, and out[d, b, i, j] = (((+0 + P_0) + P_1) + ... + P_{K-1}) with
+// k ascending, one float32 round-to-nearest addition per term -- the same
+// order as the reference loop, fixed per output element (no atomics, no
+// split-K), so results are deterministic.
+//
+// GEMM design (SIMT, profile-free):
+// * Block tile 128x128, k-chunks of 8, 256 threads, 8x8 outputs per thread
+//   (rows ty*4+{0..3} and 64+ty*4+{0..3}, likewise columns), shared-memory
+//   tiles double-buffered so there is one barrier per k-chunk.
+// * Operands are decomposed once, when a chunk is stored into shared memory:
+//   per element a "scale" v = sign * 2^(e-127) (a float with zero mantissa;
+//   +-0 for zero or subnormal operands) and the element's part of the LUT
+//   address (its truncated mantissa, pre-shifted).
+// * The LUT is staged in shared memory as floats L = 2^c * (1 + r/2^M), i.e.
+//   kernel entry + 0x3f800000. The inner loop per multiply-accumulate is
+//       addr = aoff_i + boff_j            (one integer add)
+//       L    = lut_smem[addr]             (one LDS)
+//       x    = v_a * v_b                  (mul.rn.ftz: exact power of two,
+//                                          flushed to +-0 exactly when
+//                                          e0 = ea + eb - 127 <= 0)
+//       acc  = fma(x, L, acc)
+//   For normal operands with 1 <= e0 <= 253, x * L = s * 2^(e0+c-127) *
+//   (1 + r/2^M) is exactly representable and equals the SPEC product, so
+//   fma(x, L, acc) == fadd(acc, P) bit for bit (the fma rounds once, the
+//   exact x*L needs no rounding). Zero/subnormal operands and underflow give
+//   x = +-0 with the SPEC sign, hence the same sum. Overflow, Inf and NaN can
+//   only occur when some operand has a biased exponent >= 191 (|x| >= 2^64);
+//   a chunk containing such an operand is flagged (one __syncthreads_or) and
+//   computed by the exact scalar path (ApproxMulBits + __fadd_rn) from global
+//   memory instead.
+// * Bank conflicts: a random LUT access per lane would conflict ~3.5-way.
+//   The staged LUT is replicated C times (C a power of two <= 32): copy g
+//   lives only in banks [g*W, (g+1)*W), W = 32/C, and lane l reads copy
+//   l/W, so at most W lanes compete for W banks (conflict-free for C = 32,
+//   which fits for M <= 5: 4^5 * 4 B * 32 = 128 KB). The address of entry
+//   (ia << M) | ib in that layout is
+//       (ia << (M - lw + 5)) + ((ib >> lw) << 5 | (ib & (W-1))) + (l & ~(W-1))
+//   words, lw = log2(W): a sum of a per-A, a per-B and a per-lane term, all
+//   precomputed. C is the largest that fits the device's opt-in shared
+//   memory and a cap (default 128 KB, env APPROX_JAX_CUDA_LUT_SMEM_KB).
+// * When the LUT does not fit in shared memory (M >= 8, 256 KB .. 16 MB) the
+//   same kernel reads it from global memory / L2 through __ldg.
+#include "cuda_kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "approx_math.h"
+
+namespace approx_jax {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBM = 128;
+constexpr int kBN = 128;
+constexpr int kBK = 8;
+constexpr int kAStride = kBM + 4;  // padded so the transposed A store is conflict-free
+constexpr int kBStride = kBN;
+constexpr int kAWords = kBK * kAStride;                   // one A array of one stage
+constexpr int kBWords = kBK * kBStride;                   // one B array of one stage
+constexpr int kStageWords = 2 * kAWords + 2 * kBWords;    // values + offsets
+constexpr int kTileBytes = 2 * kStageWords * 4;           // double-buffered
+constexpr uint32_t kOneBits = 0x3f800000u;                // 1.0f
+// A chunk is computed exactly (scalar path) when any operand has a biased
+// exponent >= this: covers Inf/NaN and every possible overflow, since two
+// exponents <= 190 give e0 = ea + eb - 127 <= 253.
+constexpr uint32_t kSlowExponent = 191;
+
+static_assert(kTileBytes % 16 == 0, "tile area must keep the LUT 16-byte aligned");
+static_assert(kAWords % 4 == 0 && kBWords % 4 == 0, "float4 alignment");
+
+struct GemmParams {
+  const float* a;
+  const float* b;
+  const uint32_t* lut;
+  float* out;
+  int64_t designs, batch, m, k, n;
+  int64_t a_ds, a_bs, b_ds, b_bs, lut_ds;
+  int mbits;
+  int lw;              // log2(banks per LUT copy), shared-LUT mode only
+  uint32_t lut_words;  // words staged in shared memory (copies * 4^M)
+  int vec_a, vec_b, vec_out;
+};
+
+__device__ __forceinline__ float MulFtz(float x, float y) {
+  float r;
+  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(x), "f"(y));
+  return r;
+}
+
+// sign * 2^(e-127) for a normal operand, +-0 for zero/subnormal ones.
+__device__ __forceinline__ float ScaleOf(uint32_t bits) {
+  const uint32_t e = (bits >> 23) & 0xffu;
+  return __uint_as_float(bits & (e == 0 ? kSignMask : 0xff800000u));
+}
+
+template <bool kShared>
+__device__ __forceinline__ uint32_t OffsetA(uint32_t bits, int mbits, int lw) {
+  const uint32_t i = (bits & kMantMask) >> (23 - mbits);
+  return kShared ? (i << (mbits - lw + 7)) : (i << mbits);  // bytes / entries
+}
+
+template <bool kShared>
+__device__ __forceinline__ uint32_t OffsetB(uint32_t bits, int mbits, int lw) {
+  const uint32_t i = (bits & kMantMask) >> (23 - mbits);
+  if (!kShared) return i;
+  return (((i >> lw) << 5) | (i & ((1u << lw) - 1u))) << 2;  // bytes
+}
+
+__device__ __forceinline__ int RowOf(int t, int i) {  // t = ty or tx, i in [0, 8)
+  return (i < 4) ? (t * 4 + i) : (64 + t * 4 + (i - 4));
+}
+
+template <bool kShared>
+__global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* const tiles = reinterpret_cast<float*>(smem);
+  unsigned char* const lut_s = smem + kTileBytes;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  // A warp covers 4 thread-rows x 8 thread-columns: its fragment reads touch
+  // at most 128 contiguous bytes per instruction (one wavefront).
+  const int ty = (warp >> 1) * 4 + (lane >> 3);
+  const int tx = (warp & 1) * 8 + (lane & 7);
+  const int mb = p.mbits;
+  const int lw = p.lw;
+  const uint32_t goff = kShared ? (static_cast<uint32_t>(lane & ~((1 << lw) - 1)) << 2) : 0u;
+
+  const int64_t M = p.m, N = p.n, K = p.k;
+  const int64_t db_total = p.designs * p.batch;
+  const int64_t n_tiles = (N + kBN - 1) / kBN;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int nchunks = static_cast<int>((K + kBK - 1) / kBK);
+
+  // Global -> shared mapping. A: thread loads 4 consecutive k of one row.
+  const int a_row = tid >> 1;
+  const int a_kk = (tid & 1) * 4;
+  // B: thread loads 4 consecutive columns of one k-row.
+  const int b_kk = tid >> 5;
+  const int b_col = (tid & 31) * 4;
+
+  int64_t staged_design = -1;
+  for (int64_t z = blockIdx.z; z < db_total; z += gridDim.z) {
+    const int64_t d = z / p.batch;
+    const int64_t bi = z - d * p.batch;
+    const float* __restrict__ A = p.a + d * p.a_ds + bi * p.a_bs;
+    const float* __restrict__ B = p.b + d * p.b_ds + bi * p.b_bs;
+    const uint32_t* __restrict__ glut = p.lut + d * p.lut_ds;
+    float* __restrict__ O = p.out + z * M * N;
+
+    if (kShared && d != staged_design) {
+      __syncthreads();  // nobody still reads the previous design's LUT
+      uint32_t* ls = reinterpret_cast<uint32_t*>(lut_s);
+      const uint32_t wmask = (1u << lw) - 1u;
+      for (uint32_t w = tid; w < p.lut_words; w += kThreads) {
+        const uint32_t e = ((w >> 5) << lw) + (w & wmask);
+        ls[w] = __ldg(glut + e) + kOneBits;
+      }
+      staged_design = d;  // made visible by the barrier before the first chunk
+    }
+
+    for (int64_t nt = blockIdx.y; nt < n_tiles; nt += gridDim.y) {
+      const int64_t col0 = nt * kBN;
+      __syncthreads();  // previous tile no longer reads the stage buffers
+
+      float acc[8][8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+      uint32_t ra[4], rb[4];
+      auto load_chunk = [&](int64_t k0) {
+        const int64_t row = row0 + a_row;
+        const int64_t ka = k0 + a_kk;
+        if (p.vec_a) {
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (row < M && ka < K) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
+          ra[0] = __float_as_uint(v.x);
+          ra[1] = __float_as_uint(v.y);
+          ra[2] = __float_as_uint(v.z);
+          ra[3] = __float_as_uint(v.w);
+        } else {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            ra[c] = (row < M && ka + c < K) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
+          }
+        }
+        const int64_t kb = k0 + b_kk;
+        const int64_t col = col0 + b_col;
+        if (p.vec_b) {
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (kb < K && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
+          rb[0] = __float_as_uint(v.x);
+          rb[1] = __float_as_uint(v.y);
+          rb[2] = __float_as_uint(v.z);
+          rb[3] = __float_as_uint(v.w);
+        } else {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            rb[c] = (kb < K && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
+          }
+        }
+      };
+      // Decomposes the registers into stage `s`; returns this thread's slow flag.
+      auto store_chunk = [&](int s) -> int {
+        float* av = tiles + s * kStageWords;
+        uint32_t* ao = reinterpret_cast<uint32_t*>(av + kAWords);
+        float* bv = av + 2 * kAWords;
+        uint32_t* bo = reinterpret_cast<uint32_t*>(bv + kBWords);
+        uint32_t emax = 0;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int idx = (a_kk + c) * kAStride + a_row;
+          av[idx] = ScaleOf(ra[c]);
+          ao[idx] = OffsetA<kShared>(ra[c], mb, lw);
+          emax = max(emax, (ra[c] >> 23) & 0xffu);
+        }
+        float4 v;
+        uint4 o;
+        v.x = ScaleOf(rb[0]);
+        v.y = ScaleOf(rb[1]);
+        v.z = ScaleOf(rb[2]);
+        v.w = ScaleOf(rb[3]);
+        o.x = OffsetB<kShared>(rb[0], mb, lw);
+        o.y = OffsetB<kShared>(rb[1], mb, lw);
+        o.z = OffsetB<kShared>(rb[2], mb, lw);
+        o.w = OffsetB<kShared>(rb[3], mb, lw);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) emax = max(emax, (rb[c] >> 23) & 0xffu);
+        *reinterpret_cast<float4*>(bv + b_kk * kBStride + b_col) = v;
+        *reinterpret_cast<uint4*>(bo + b_kk * kBStride + b_col) = o;
+        return emax >= kSlowExponent ? 1 : 0;
+      };
+
+      load_chunk(0);
+      int slow = __syncthreads_or(store_chunk(0));
+      for (int t = 0; t < nchunks; ++t) {
+        const int64_t k0 = static_cast<int64_t>(t) * kBK;
+        const bool has_next = t + 1 < nchunks;
+        if (has_next) load_chunk(k0 + kBK);  // in flight during the compute
+        if (!slow) {
+          const float* av = tiles + (t & 1) * kStageWords;
+          const uint32_t* ao = reinterpret_cast<const uint32_t*>(av + kAWords);
+          const float* bv = av + 2 * kAWords;
+          const uint32_t* bo = reinterpret_cast<const uint32_t*>(bv + kBWords);
+#pragma unroll
+          for (int kk = 0; kk < kBK; ++kk) {
+            const float4 a0 = *reinterpret_cast<const float4*>(av + kk * kAStride + ty * 4);
+            const float4 a1 = *reinterpret_cast<const float4*>(av + kk * kAStride + 64 + ty * 4);
+            const uint4 ao0 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + ty * 4);
+            const uint4 ao1 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + 64 + ty * 4);
+            const float4 b0 = *reinterpret_cast<const float4*>(bv + kk * kBStride + tx * 4);
+            const float4 b1 = *reinterpret_cast<const float4*>(bv + kk * kBStride + 64 + tx * 4);
+            const uint4 bo0 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + tx * 4);
+            const uint4 bo1 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + 64 + tx * 4);
+            const float fa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const uint32_t oa[8] = {ao0.x + goff, ao0.y + goff, ao0.z + goff, ao0.w + goff,
+                                    ao1.x + goff, ao1.y + goff, ao1.z + goff, ao1.w + goff};
+            const float fb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            const uint32_t ob[8] = {bo0.x, bo0.y, bo0.z, bo0.w, bo1.x, bo1.y, bo1.z, bo1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                float l;
+                if (kShared) {
+                  l = *reinterpret_cast<const float*>(lut_s + (oa[i] + ob[j]));
+                } else {
+                  l = __uint_as_float(__ldg(glut + (oa[i] + ob[j])) + kOneBits);
+                }
+                acc[i][j] = __fmaf_rn(MulFtz(fa[i], fb[j]), l, acc[i][j]);
+              }
+            }
+          }
+        } else {
+          // Exact scalar path for chunks holding Inf/NaN or huge operands.
+          const int64_t krem = K - k0;
+          const int kn = krem < kBK ? static_cast<int>(krem) : kBK;
+#pragma unroll 1
+          for (int kk = 0; kk < kn; ++kk) {
+            const int64_t k = k0 + kk;
+            uint32_t xa[8], xb[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const int64_t row = row0 + RowOf(ty, i);
+              xa[i] = row < M ? __float_as_uint(__ldg(A + row * K + k)) : 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              const int64_t col = col0 + RowOf(tx, j);
+              xb[j] = col < N ? __float_as_uint(__ldg(B + k * N + col)) : 0u;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+              for (int j = 0; j < 8; ++j)
+                acc[i][j] = __fadd_rn(acc[i][j],
+                                      __uint_as_float(ApproxMulBits(xa[i], xb[j], glut, mb)));
+          }
+        }
+        if (has_next) slow = __syncthreads_or(store_chunk((t + 1) & 1));
+      }
+
+      // Epilogue.
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int64_t row = row0 + RowOf(ty, i);
+        if (row >= M) continue;
+        float* orow = O + row * N;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t col = col0 + h * 64 + tx * 4;
+          if (p.vec_out && col + 3 < N) {
+            *reinterpret_cast<float4*>(orow + col) =
+                make_float4(acc[i][h * 4], acc[i][h * 4 + 1], acc[i][h * 4 + 2], acc[i][h * 4 + 3]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              if (col + c < N) orow[col + c] = acc[i][h * 4 + c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(256)
+    ApproxMultiplyKernel(const float* __restrict__ a, const float* __restrict__ b,
+                         const uint32_t* __restrict__ lut, float* __restrict__ out,
+                         int64_t designs, int64_t n, int64_t sa, int64_t sb, int64_t sl,
+                         int mbits) {
+  for (int64_t d = blockIdx.y; d < designs; d += gridDim.y) {
+    const float* da = a + d * sa;
+    const float* db = b + d * sb;
+    const uint32_t* dl = lut + d * sl;
+    float* dout = out + d * n;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      dout[i] = __uint_as_float(
+          ApproxMulBits(__float_as_uint(__ldg(da + i)), __float_as_uint(__ldg(db + i)), dl, mbits));
+    }
+  }
+}
+
+std::string CudaErr(const char* what, cudaError_t e) {
+  return std::string(what) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
+}
+
+int64_t LutSmemCapBytes() {
+  int64_t kb = 128;
+  if (const char* s = std::getenv("APPROX_JAX_CUDA_LUT_SMEM_KB")) {
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    if (end != s && v >= 0) kb = v;
+  }
+  return kb * 1024;
+}
+
+bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+std::string LaunchApproxGemm(const CudaGemmProblem& p, cudaStream_t stream) {
+  const int64_t db = p.designs * p.batch;
+  if (db == 0 || p.m == 0 || p.n == 0) return {};
+  if (p.k == 0) {  // XLA does not zero outputs
+    const cudaError_t e =
+        cudaMemsetAsync(p.out, 0, static_cast<size_t>(db * p.m * p.n) * sizeof(float), stream);
+    return e == cudaSuccess ? std::string() : CudaErr("cudaMemsetAsync", e);
+  }
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
+  int optin = 0;
+  e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
+
+  GemmParams gp;
+  gp.a = p.a;
+  gp.b = p.b;
+  gp.lut = p.lut;
+  gp.out = p.out;
+  gp.designs = p.designs;
+  gp.batch = p.batch;
+  gp.m = p.m;
+  gp.k = p.k;
+  gp.n = p.n;
+  gp.a_ds = p.a_design_stride;
+  gp.a_bs = p.a_batch_stride;
+  gp.b_ds = p.b_design_stride;
+  gp.b_bs = p.b_batch_stride;
+  gp.lut_ds = p.lut_design_stride;
+  gp.mbits = p.mbits;
+  gp.vec_a = (p.k % 4 == 0 && Aligned16(p.a) && gp.a_ds % 4 == 0 && gp.a_bs % 4 == 0) ? 1 : 0;
+  gp.vec_b = (p.n % 4 == 0 && Aligned16(p.b) && gp.b_ds % 4 == 0 && gp.b_bs % 4 == 0) ? 1 : 0;
+  gp.vec_out = (p.n % 4 == 0 && Aligned16(p.out)) ? 1 : 0;
+
+  // Largest replication that fits (see the file comment).
+  const int64_t entries = int64_t{1} << (2 * p.mbits);
+  const int64_t cap = LutSmemCapBytes();
+  int copies = 0;
+  for (int c = 32; c >= 1; c /= 2) {
+    const int w = 32 / c;
+    if (w > (1 << p.mbits)) break;  // layout needs W <= 2^M
+    const int64_t bytes = c * entries * 4;
+    if (bytes <= cap && kTileBytes + bytes <= optin) {
+      copies = c;
+      break;
+    }
+  }
+  const bool shared_lut = copies > 0;
+  size_t smem = kTileBytes;
+  if (shared_lut) {
+    int w = 32 / copies, lw = 0;
+    while ((1 << lw) < w) ++lw;
+    gp.lw = lw;
+    gp.lut_words = static_cast<uint32_t>(copies * entries);
+    smem += static_cast<size_t>(gp.lut_words) * 4;
+  } else {
+    gp.lw = 0;
+    gp.lut_words = 0;
+  }
+
+  const int64_t m_tiles = (p.m + kBM - 1) / kBM;
+  const int64_t n_tiles = (p.n + kBN - 1) / kBN;
+  if (m_tiles > 0x7fffffff) return "approx_jax_gemm: too many rows for one launch";
+  dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
+            static_cast<unsigned>(std::min<int64_t>(db, 65535)));
+  if (shared_lut) {
+    e = cudaFuncSetAttribute(ApproxGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);
+    ApproxGemmKernel<true><<<grid, kThreads, smem, stream>>>(gp);
+  } else {
+    ApproxGemmKernel<false><<<grid, kThreads, smem, stream>>>(gp);
+  }
+  e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm launch", e);
+}
+
+std::string LaunchApproxMultiply(const CudaMultiplyProblem& p, cudaStream_t stream) {
+  if (p.designs == 0 || p.n == 0) return {};
+  constexpr int kBlock = 256;
+  const int64_t blocks = std::min<int64_t>((p.n + kBlock - 1) / kBlock, 8192);
+  dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(p.designs, 65535)));
+  ApproxMultiplyKernel<<<grid, kBlock, 0, stream>>>(p.a, p.b, p.lut, p.out, p.designs, p.n,
+                                                    p.a_design_stride, p.b_design_stride,
+                                                    p.lut_design_stride, p.mbits);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : CudaErr("approx_jax_multiply launch", e);
+}
+
+}  // namespace approx_jax
