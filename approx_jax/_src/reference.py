@@ -27,7 +27,9 @@ MANTISSA_MASK = np.uint32(0x007FFFFF)
 
 def _as_float32_bits(x) -> np.ndarray:
     """float32 bit patterns of ``x`` (cast to float32 first, SPEC section 1)."""
-    return np.ascontiguousarray(np.asarray(x, dtype=np.float32)).view(np.uint32)
+    # np.array copies into a contiguous buffer (0-d stays 0-d, unlike
+    # np.ascontiguousarray), so the uint32 view is always valid.
+    return np.array(x, dtype=np.float32).view(np.uint32)
 
 
 def product_bits(a, b, stored_lut, M: int) -> np.ndarray:

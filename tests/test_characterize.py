@@ -1,0 +1,125 @@
+"""Tests of the SPEC section 6 error metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from approx_jax._src import characterize as ch
+from approx_jax._src import multipliers as mm
+
+
+def independent_truncate_products(a, b, M):
+    """truncate(M) products of normal operands, computed with frexp/floor."""
+    ma, ea = np.frexp(np.abs(a).astype(np.float64))
+    mb, eb = np.frexp(np.abs(b).astype(np.float64))
+    p = np.floor(ma * 2**(M + 1)) / 2**M * (np.floor(mb * 2**(M + 1)) / 2**M)
+    scale = np.where(p >= 2, 2.0, 1.0)
+    p = np.floor(p / scale * 2**M) / 2**M * scale
+    return np.sign(a) * np.sign(b) * np.ldexp(p, ea + eb - 2)
+
+
+def independent_metrics(approx, exact):
+    rel = (approx - exact) / np.abs(exact)
+    return dict(
+        bias=rel.mean(),
+        mred=np.abs(rel).mean(),
+        worst_case=np.abs(rel).max(),
+        rms=np.sqrt((rel**2).mean()),
+        error_probability=(approx != exact).mean(),
+    )
+
+
+@pytest.mark.parametrize("M", [1, 3, 7])
+def test_uniform_metrics_truncate(M):
+    i, j = np.meshgrid(np.arange(2**M), np.arange(2**M), indexing="ij")
+    a, b = 1 + i / 2**M, 1 + j / 2**M
+    exact = a * b
+    approx = independent_truncate_products(a, b, M)
+    expected = independent_metrics(approx, exact)
+    result = ch.characterize(mm.truncate(M))
+    assert result.mode == "uniform" and result.count == 4**M and result.mbits == M
+    for key, value in expected.items():
+        assert getattr(result, key) == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert result.heatmap.shape == (2**M, 2**M)
+    np.testing.assert_allclose(result.heatmap, (approx - exact) / exact, rtol=1e-12, atol=1e-15)
+    assert result.bias <= 0  # truncation never rounds up
+
+
+def test_uniform_metrics_mitchell_known_values():
+    # Mitchell's multiplier underestimates: worst case ~ -11.1% at x = y = 0.5.
+    result = ch.characterize(mm.mitchell(7))
+    assert result.bias < 0
+    assert result.worst_case == pytest.approx(1 - 2 / 2.25, rel=1e-9)
+    assert result.heatmap[64, 64] == pytest.approx(2 / 2.25 - 1, rel=1e-9)
+
+
+def test_mbm_is_less_biased_than_mitchell():
+    mit = ch.characterize("mit7")
+    mbm = ch.characterize("mbm7")
+    assert abs(mbm.bias) < abs(mit.bias)
+    assert mbm.mred < mit.mred
+
+
+def test_sample_metrics_against_independent_computation():
+    rng = np.random.default_rng(0)
+    n = 5000
+    a = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-10, 10, n) * rng.choice([-1, 1], n))
+    b = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-10, 10, n))
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    M = 5
+    exact = a.astype(np.float64) * b.astype(np.float64)
+    approx = independent_truncate_products(a, b, M)
+    expected = independent_metrics(approx, exact)
+    result = ch.characterize(mm.truncate(M), samples=(a, b))
+    assert result.mode == "samples" and result.count == n and result.skipped == 0
+    for key, value in expected.items():
+        assert getattr(result, key) == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    # Heat map: mean relative error per (ia, ib) cell.
+    ia = (a.view(np.uint32) & 0x7FFFFF) >> (23 - M)
+    ib = (b.view(np.uint32) & 0x7FFFFF) >> (23 - M)
+    rel = (approx - exact) / np.abs(exact)
+    cell = (ia == 3) & (ib == 17)
+    if cell.any():
+        assert result.heatmap[3, 17] == pytest.approx(rel[cell].mean(), rel=1e-12)
+
+
+def test_samples_skip_zero_and_non_finite():
+    a = np.array([0.0, np.inf, np.nan, 1.5, 3e38, 1e-30], np.float32)
+    b = np.array([2.0, 2.0, 1.0, 1.5, 3e38, 1e-30], np.float32)
+    result = ch.characterize(mm.mbm(4), samples=(a, b))
+    # Skipped: zero exact, inf exact, nan exact, overflow (exact finite, simulated inf).
+    # 1e-30 * 1e-30 underflows to zero: a real error, kept (relative error -1).
+    assert result.count == 2 and result.skipped == 4
+    assert result.worst_case == pytest.approx(1.0)
+
+
+def test_exact_multiplier():
+    uniform = ch.characterize("fp32")
+    assert uniform.mred == 0 and uniform.error_probability == 0 and uniform.heatmap is None
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=1000).astype(np.float32)
+    b = rng.normal(size=1000).astype(np.float32)
+    sampled = ch.characterize(mm.exact(), samples=(a, b))
+    # float32 rounding of each product: relative error below 2^-24.
+    assert 0 < sampled.worst_case <= 2.0**-24
+    assert sampled.error_probability > 0.5
+
+
+def test_stack_and_table():
+    stacked = mm.stack([mm.mbm(3), mm.mitchell(5)])
+    results = ch.characterize(stacked)
+    assert [r.name for r in results] == ["mbm3", "mitchell5"]
+    assert results[0].heatmap.shape == (8, 8)  # original width restored
+    assert results[1].mred == pytest.approx(ch.characterize(mm.mitchell(5)).mred)
+    rows = ch.characterize_table(["fp32", stacked, "trunc7"])
+    assert [r["name"] for r in rows] == ["fp32", "mbm3", "mitchell5", "truncate7"]
+    assert set(rows[1]) >= {"bias", "mred", "worst_case", "rms", "error_probability", "mbits"}
+
+
+def test_plot_heatmaps(tmp_path):
+    results = ch.characterize(mm.stack(["mbm4", "mit4", "trunc4"])) + [ch.characterize("fp32")]
+    path = ch.plot_heatmaps(results, tmp_path / "heat.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no heat maps"):
+        ch.plot_heatmaps([ch.characterize("fp32")], tmp_path / "none.png")
