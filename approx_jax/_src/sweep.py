@@ -1,0 +1,223 @@
+"""Design sweeps: train one model per approximate multiplier in a single vmapped step.
+
+All LUT designs are stacked with ``multipliers.stack`` (narrower designs are
+widened exactly to the common M) and the train step is
+``jit(vmap(step, in_axes=(0, 0, None, None, 0)))`` over
+``(params, opt_state, x, y, multiplier)``: parameters and optimizer state
+carry a leading design axis, the minibatch is shared, and the approximate
+matmuls fold the design axis into one custom call per layer.
+
+Every design starts from the *same* initial parameters (``model.init`` with
+``seed``) and sees the *same* batches in the same order (``numpy`` generator
+seeded with ``seed``), exactly as ``train.train(model, design, seed=seed)``
+would; differences between designs are due to the multiplier only.
+
+The exact ``fp32`` multiplier is not a LUT, so it cannot join the stack; it is
+trained separately with the native op (same init, same batches).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from approx_jax._src import data as data_lib
+from approx_jax._src import train as train_lib
+
+
+def stack_params(params, num_designs: int):
+    """Copies a parameter pytree ``num_designs`` times along a new leading axis."""
+    return jax.tree_util.tree_map(
+        lambda p: jnp.broadcast_to(p, (num_designs,) + jnp.shape(p)).copy(), params
+    )
+
+
+def make_vmapped_step(model, optimizer, backward: str = "approx"):
+    """``jit(vmap(step))`` over (params, opt_state, multiplier); the batch is shared."""
+    step = train_lib.make_train_step(model, optimizer, backward)
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0)), donate_argnums=(0, 1))
+
+
+def make_vmapped_predict(model):
+    predict = train_lib.make_predict(model)
+    return jax.jit(jax.vmap(predict, in_axes=(0, None, 0)))
+
+
+def mred_of(multiplier) -> float | None:
+    """MRED of a design from ``characterize`` (None if characterisation is unavailable)."""
+    try:
+        from approx_jax._src import characterize as char_lib
+    except ImportError:
+        return None
+    result = char_lib.characterize(multiplier)
+    return float(result["mred"] if isinstance(result, dict) else result.mred)
+
+
+def train_stacked(
+    model,
+    stacked,
+    data,
+    *,
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    backward: str = "approx",
+    progress: bool = True,
+    eval_batch_size: int = 500,
+    params=None,
+):
+    """Trains one copy of ``model`` per design of a stacked multiplier, all at once.
+
+    Returns:
+      ``(stacked_params, history)``; history lists are per epoch, each entry a
+      list with one value per design.
+    """
+    model = train_lib.resolve_model(model)
+    x_train, y_train, x_test, y_test = data
+    D = stacked.num_designs
+    opt = train_lib.make_optimizer(optimizer, lr)
+    if params is None:
+        params = train_lib.init_params(model, seed, x_train)
+    params = stack_params(params, D)
+    opt_state = jax.vmap(opt.init)(params)
+    vstep = make_vmapped_step(model, opt, backward)
+    vpredict = make_vmapped_predict(model)
+    rng = np.random.default_rng(seed)
+    n_steps = data_lib.num_batches(len(x_train), batch_size)
+    history: dict[str, Any] = {
+        "designs": list(stacked.names),
+        "epoch": [],
+        "train_loss": [],
+        "train_acc": [],
+        "test_acc": [],
+        "epoch_time": [],
+    }
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.perf_counter()
+        losses, accs = [], []
+        desc = f"sweep x{D} epoch {epoch}/{epochs}"
+        with train_lib._progress(n_steps, desc, progress) as bar:
+            for i, (xb, yb) in enumerate(data_lib.batches(x_train, y_train, batch_size, rng)):
+                params, opt_state, loss, acc = vstep(params, opt_state, xb, yb, stacked)
+                losses.append(loss)
+                accs.append(acc)
+                bar.update(1)
+                if progress and (i % 10 == 0 or i == n_steps - 1):
+                    recent = np.mean(np.stack(losses[-10:]), axis=0)
+                    bar.set_postfix(loss="[" + " ".join(f"{v:.3f}" for v in recent) + "]")
+            train_loss = np.mean(np.stack(losses), axis=0)
+            train_acc = np.mean(np.stack(accs), axis=0)
+            test_acc = np.asarray(
+                train_lib.accuracy(vpredict, params, stacked, x_test, y_test, eval_batch_size)
+            )
+            bar.set_postfix(test_acc="[" + " ".join(f"{v:.3f}" for v in test_acc) + "]")
+        history["epoch"].append(epoch)
+        history["train_loss"].append([float(v) for v in train_loss])
+        history["train_acc"].append([float(v) for v in train_acc])
+        history["test_acc"].append([float(v) for v in test_acc])
+        history["epoch_time"].append(time.perf_counter() - t_epoch)
+    return params, history
+
+
+def sweep(
+    model,
+    designs,
+    data,
+    *,
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    backward: str = "approx",
+    progress: bool = True,
+    eval_batch_size: int = 500,
+    characterize: bool = True,
+) -> dict:
+    """Trains ``model`` under every design and reports accuracy against MRED.
+
+    Args:
+      model: a model object or name.
+      designs: multiplier names or Multipliers; LUT designs are trained
+        together in one vmapped step, ``fp32`` separately with the native op.
+      data: ``(x_train, y_train, x_test, y_test)``.
+      characterize: compute each design's MRED (SPEC section 6).
+
+    Returns:
+      A dict with ``results`` (one entry per design in the given order:
+      ``name``, ``mbits``, ``mred``, ``test_acc``, ``final_train_loss``,
+      ``history`` (per-epoch lists for that design), ``vmapped``), the stacked
+      ``history``, and timing.
+    """
+    model = train_lib.resolve_model(model)
+    from approx_jax._src import multipliers as mult_lib
+
+    resolved = [mult_lib.get(d) for d in designs]
+    order = []  # (kind, index) to restore the given order
+    exact, luts = [], []
+    for m in resolved:
+        if m.is_exact:
+            order.append(("exact", len(exact)))
+            exact.append(m)
+        else:
+            order.append(("lut", len(luts)))
+            luts.append(m)
+    common = dict(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        backward=backward,
+        progress=progress,
+        eval_batch_size=eval_batch_size,
+    )
+    init = train_lib.init_params(model, seed, data[0])
+    out: dict[str, Any] = {"results": [], "stack_mbits": None, "timing": {}}
+    lut_entries = []
+    if luts:
+        stacked = mult_lib.stack(luts)
+        out["stack_mbits"] = stacked.mbits
+        t0 = time.perf_counter()
+        _, hist = train_stacked(model, stacked, data, params=init, **common)
+        out["timing"]["stacked_seconds"] = time.perf_counter() - t0
+        out["history"] = hist
+        for d, m in enumerate(luts):
+            per = {k: [v[d] for v in hist[k]] for k in ("train_loss", "train_acc", "test_acc")}
+            per["epoch"] = list(hist["epoch"])
+            lut_entries.append(
+                {
+                    "name": str(m.name),
+                    "mbits": int(m.mbits),
+                    "mred": mred_of(m) if characterize else None,
+                    "test_acc": per["test_acc"][-1] if per["test_acc"] else None,
+                    "final_train_loss": per["train_loss"][-1] if per["train_loss"] else None,
+                    "history": per,
+                    "vmapped": True,
+                }
+            )
+    exact_entries = []
+    for m in exact:
+        t0 = time.perf_counter()
+        _, hist = train_lib.train(model, m, data, params=init, desc="fp32 (native)", **common)
+        out["timing"]["fp32_seconds"] = time.perf_counter() - t0
+        exact_entries.append(
+            {
+                "name": "fp32",
+                "mbits": 23,
+                "mred": 0.0,
+                "test_acc": hist["final_test_acc"],
+                "final_train_loss": hist["final_train_loss"],
+                "history": {k: hist[k] for k in ("epoch", "train_loss", "train_acc", "test_acc")},
+                "vmapped": False,
+            }
+        )
+    for kind, i in order:
+        out["results"].append(exact_entries[i] if kind == "exact" else lut_entries[i])
+    return out

@@ -1,0 +1,326 @@
+"""Training loop for approximate-multiplier models (used by the CLI, sweeps and examples).
+
+The train step is a pure function of ``(params, opt_state, x, y, multiplier)``
+so it can be jit-compiled once per model and reused for every multiplier of
+the same width (the LUT is a traced argument, not a constant), and vmapped
+over a stack of designs (see ``approx_jax._src.sweep``).
+
+Reproducibility: ``seed`` fixes both the parameter initialisation
+(``jax.random.PRNGKey(seed)``) and the minibatch order
+(``numpy.random.default_rng(seed)``, reshuffled every epoch), so two runs with
+the same seed, data and multiplier produce the same bits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from approx_jax._src import data as data_lib
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+
+
+# --------------------------------------------------------------------------
+# Building blocks.
+
+
+def resolve_model(model: Any, num_classes: int = 10):
+    """Returns a model object for a model or a name such as ``"lenet5"``."""
+    if isinstance(model, str):
+        from approx_jax import models
+
+        return models.create(model, num_classes=num_classes)
+    return model
+
+
+def resolve_multiplier_spec(spec: Any):
+    """Turns a multiplier spec into what ``Model.apply`` takes.
+
+    Accepts a ``Multiplier``; a name (``"mbm7"``, ``"fp32"``, ``"X_7.bin"``,
+    ``"model.c:fn@5"``); a per-layer string ``"conv=mitchell7,dense=mbm7"``
+    (layer kinds not named use exact fp32); or a mapping of layer kind to any
+    of the above.
+    """
+    from approx_jax._src import multipliers as mult_lib
+
+    if isinstance(spec, Mapping):
+        out = {k: mult_lib.get("fp32") for k in LAYER_KINDS}
+        for k, v in spec.items():
+            if k not in LAYER_KINDS:
+                raise ValueError(f"unknown layer kind {k!r} in multiplier spec; use {LAYER_KINDS}")
+            out[k] = resolve_multiplier_spec(v)
+        return out
+    if isinstance(spec, str):
+        if "=" in spec:
+            parts = {}
+            for item in spec.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                if "=" not in item:
+                    raise ValueError(
+                        f"per-layer multiplier spec {spec!r}: item {item!r} is not KIND=NAME "
+                        f"(KIND one of {LAYER_KINDS})"
+                    )
+                k, v = item.split("=", 1)
+                parts[k.strip()] = v.strip()
+            return resolve_multiplier_spec(parts)
+        return mult_lib.get(spec)
+    return spec
+
+
+LAYER_KINDS = ("conv", "dense", "attention")
+
+
+def multiplier_label(multiplier: Any) -> str:
+    """Short human-readable name of a multiplier or per-layer dict."""
+    if isinstance(multiplier, Mapping):
+        return ",".join(f"{k}={multiplier_label(v)}" for k, v in multiplier.items())
+    return str(getattr(multiplier, "name", multiplier))
+
+
+def is_exact(multiplier: Any) -> bool:
+    if isinstance(multiplier, Mapping):
+        return all(is_exact(v) for v in multiplier.values())
+    return bool(getattr(multiplier, "is_exact", False))
+
+
+def make_optimizer(name: str = "adam", lr: float = 1e-3) -> optax.GradientTransformation:
+    """An optax optimizer by name: adam (default), adamw, sgd, momentum (0.9)."""
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "adamw":
+        return optax.adamw(lr)
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, backward: str = "approx"):
+    """Returns the un-jitted train step.
+
+    ``step(params, opt_state, x, y, multiplier) -> (params, opt_state, loss, acc)``
+    is pure and vmappable over ``(params, opt_state, multiplier)``.
+    """
+
+    def loss_fn(params, x, y, multiplier):
+        logits = model.apply(params, x, multiplier, backward=backward, train=True)
+        loss = cross_entropy(logits, y)
+        acc = jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
+        return loss, acc
+
+    def step(params, opt_state, x, y, multiplier):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, multiplier)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, acc
+
+    return step
+
+
+def make_predict(model):
+    """Returns ``(params, x, multiplier) -> predicted class`` (un-jitted, vmappable)."""
+
+    def predict(params, x, multiplier):
+        return jnp.argmax(model.apply(params, x, multiplier, train=False), axis=-1)
+
+    return predict
+
+
+def _padded_chunks(x: np.ndarray, batch_size: int):
+    """Yields ``(chunk, n_valid)`` with every chunk exactly batch_size long (zero padded)."""
+    n = len(x)
+    for start in range(0, n, batch_size):
+        chunk = x[start : start + batch_size]
+        valid = len(chunk)
+        if valid < batch_size:
+            pad = np.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        yield chunk, valid
+
+
+def accuracy(predict_fn: Callable, params, multiplier, x, y, batch_size: int = 500) -> Any:
+    """Accuracy of a jitted ``predict_fn(params, x, multiplier)`` over (x, y).
+
+    The last chunk is zero padded so every call has the same shape (one
+    compilation). Works for vmapped predictors too: predictions with a leading
+    design axis give one accuracy per design (a NumPy array).
+    """
+    batch_size = min(batch_size, len(x))
+    correct = 0
+    start = 0
+    for chunk, valid in _padded_chunks(x, batch_size):
+        pred = np.asarray(predict_fn(params, chunk, multiplier))[..., :valid]
+        correct = correct + (pred == y[start : start + valid]).sum(-1)
+        start += valid
+    return correct / len(x)
+
+
+def init_params(model, seed: int, sample_x: np.ndarray):
+    return model.init(jax.random.PRNGKey(seed), jnp.asarray(sample_x[:1]))
+
+
+# --------------------------------------------------------------------------
+# Training.
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
+
+
+def train(
+    model,
+    multiplier,
+    data,
+    *,
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    backward: str = "approx",
+    progress: bool = True,
+    time_steps: bool = False,
+    eval_batch_size: int = 500,
+    desc: str | None = None,
+    params=None,
+):
+    """Trains ``model`` under ``multiplier`` and evaluates it after each epoch.
+
+    Args:
+      model: a model object (``init``/``apply``) or a name such as ``"lenet5"``.
+      multiplier: a ``Multiplier``, a name, a per-layer string
+        ``"conv=mitchell7,dense=mbm7"`` or a dict of layer kind to multiplier.
+        Used in training and in the test evaluation.
+      data: ``(x_train, y_train, x_test, y_test)`` as from ``load_mnist``.
+      epochs, batch_size, lr, optimizer: the usual.
+      seed: fixes the initialisation and the batch order.
+      backward: ``"approx"`` (ApproxTrain) or ``"exact"`` (straight-through).
+      progress: show a tqdm bar per epoch with the running loss and accuracy.
+      time_steps: block after every step and record its wall time.
+      params: optional initial parameters (else ``model.init`` with ``seed``).
+
+    Returns:
+      ``(params, history)``; ``history`` holds per-epoch lists ``train_loss``,
+      ``train_acc``, ``test_acc``, ``epoch_time`` and, with ``time_steps``,
+      ``step_times`` (seconds, first step = compile + run) and
+      ``mean_step_time`` (excluding the first step of the run).
+    """
+    model = resolve_model(model)
+    multiplier = resolve_multiplier_spec(multiplier)
+    x_train, y_train, x_test, y_test = data
+    if len(x_train) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
+    opt = make_optimizer(optimizer, lr)
+    if params is None:
+        params = init_params(model, seed, x_train)
+    opt_state = opt.init(params)
+    step = jax.jit(make_train_step(model, opt, backward))
+    predict = jax.jit(make_predict(model))
+    rng = np.random.default_rng(seed)
+    n_steps = data_lib.num_batches(len(x_train), batch_size)
+    label = desc or multiplier_label(multiplier)
+    history: dict[str, Any] = {
+        "multiplier": multiplier_label(multiplier),
+        "epoch": [],
+        "train_loss": [],
+        "train_acc": [],
+        "test_acc": [],
+        "epoch_time": [],
+    }
+    if time_steps:
+        history["step_times"] = []
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.perf_counter()
+        losses, accs = [], []
+        with _progress(n_steps, f"{label} epoch {epoch}/{epochs}", progress) as bar:
+            for i, (xb, yb) in enumerate(data_lib.batches(x_train, y_train, batch_size, rng)):
+                t0 = time.perf_counter()
+                params, opt_state, loss, acc = step(params, opt_state, xb, yb, multiplier)
+                if time_steps:
+                    jax.block_until_ready(loss)
+                    history["step_times"].append(time.perf_counter() - t0)
+                losses.append(loss)
+                accs.append(acc)
+                bar.update(1)
+                if progress and (i % 10 == 0 or i == n_steps - 1):
+                    bar.set_postfix(
+                        loss=f"{float(np.mean(losses[-10:])):.4f}",
+                        acc=f"{float(np.mean(accs[-10:])):.3f}",
+                    )
+            train_loss = float(np.mean(np.asarray(losses)))
+            train_acc = float(np.mean(np.asarray(accs)))
+            test_acc = float(accuracy(predict, params, multiplier, x_test, y_test, eval_batch_size))
+            bar.set_postfix(
+                loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", test_acc=f"{test_acc:.3f}"
+            )
+        history["epoch"].append(epoch)
+        history["train_loss"].append(train_loss)
+        history["train_acc"].append(train_acc)
+        history["test_acc"].append(test_acc)
+        history["epoch_time"].append(time.perf_counter() - t_epoch)
+    if time_steps and len(history["step_times"]) > 1:
+        history["mean_step_time"] = float(np.mean(history["step_times"][1:]))
+    history["final_test_acc"] = history["test_acc"][-1] if history["test_acc"] else None
+    history["final_train_loss"] = history["train_loss"][-1] if history["train_loss"] else None
+    return params, history
+
+
+def measure_step_time(
+    model,
+    multiplier,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 64,
+    steps: int = 10,
+    warmup: int = 2,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    backward: str = "approx",
+    seed: int = 0,
+) -> float:
+    """Mean wall time (seconds) of one jit-compiled train step, compile excluded.
+
+    Runs ``warmup`` untimed steps (the first compiles), then ``steps`` timed
+    steps on consecutive batches, blocking once at the end. Comparing this for
+    an approximate multiplier and for ``"fp32"`` gives the simulation overhead.
+    """
+    model = resolve_model(model)
+    multiplier = resolve_multiplier_spec(multiplier)
+    opt = make_optimizer(optimizer, lr)
+    params = init_params(model, seed, x)
+    opt_state = opt.init(params)
+    step = jax.jit(make_train_step(model, opt, backward))
+    batch_size = min(batch_size, len(x))
+    n = len(x) // batch_size
+    xs = [jnp.asarray(x[i * batch_size : (i + 1) * batch_size]) for i in range(min(n, 8))]
+    ys = [jnp.asarray(y[i * batch_size : (i + 1) * batch_size]) for i in range(min(n, 8))]
+    for i in range(max(warmup, 1)):
+        params, opt_state, loss, _ = step(
+            params, opt_state, xs[i % len(xs)], ys[i % len(ys)], multiplier
+        )
+    jax.block_until_ready((params, loss))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, opt_state, loss, _ = step(
+            params, opt_state, xs[i % len(xs)], ys[i % len(ys)], multiplier
+        )
+    jax.block_until_ready((params, loss))
+    return (time.perf_counter() - t0) / steps
