@@ -1,0 +1,315 @@
+"""Reference models with a functional interface (used by the CLI and sweeps).
+
+``create(name)`` returns a :class:`Model` whose ``init``/``apply`` are pure
+functions of a params pytree, so they compose with ``jax.jit``, ``jax.grad``
+and ``jax.vmap`` over ``(params, multiplier)`` (one model per design, trained
+in one vmapped step). The linen module is built inside ``apply`` from the
+multiplier passed in, so a LUT that is a tracer (under ``vmap``) is fine.
+
+Every model is normalisation-free (no batch statistics to carry): residual
+branches are scaled by a learned scalar initialised to zero (SkipInit, De &
+Smith 2020), which keeps plain conv-ReLU ResNets trainable. Only the
+products of convolutions and dense layers (and attention) are simulated;
+pooling, bias additions and the residual scalar are ordinary float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import ops
+from approx_jax._src.nn import linen_layers as aln
+
+KINDS = ("conv", "dense", "attention")
+
+
+# --------------------------------------------------------------------------
+# Multiplier assignment.
+
+
+def resolve_kinds(multiplier) -> dict[str, mult_lib.Multiplier]:
+    """Maps every layer kind to a ``Multiplier``.
+
+    Args:
+      multiplier: a ``Multiplier`` or name (used for every kind), or a dict
+        from kind (``"conv"``, ``"dense"``, ``"attention"``) to a Multiplier
+        or name; missing kinds get ``"fp32"``.
+
+    Returns:
+      Dict with exactly the keys of ``KINDS``.
+
+    Raises:
+      ValueError: For an unknown kind.
+      TypeError: For an invalid multiplier.
+    """
+    if isinstance(multiplier, Mapping):
+        unknown = set(multiplier) - set(KINDS)
+        if unknown:
+            raise ValueError(
+                f"unknown layer kind(s) {sorted(unknown)} in multiplier dict; valid kinds: {KINDS}"
+            )
+        return {k: ops.resolve_multiplier(multiplier.get(k, "fp32")) for k in KINDS}
+    m = ops.resolve_multiplier(multiplier)
+    return {k: m for k in KINDS}
+
+
+# --------------------------------------------------------------------------
+# Modules.
+
+
+class _Net(nn.Module):
+    """Base: holds per-kind multipliers and the backward mode."""
+
+    mults: Any  # dict kind -> Multiplier
+    backward: str = "approx"
+    num_classes: int = 10
+
+    def conv(self, features, kernel_size, strides=1, padding="SAME", name=None):
+        return aln.Conv(
+            features, kernel_size, strides=strides, padding=padding,
+            multiplier=self.mults["conv"], backward=self.backward, name=name,
+        )
+
+    def dense(self, features, name=None):
+        return aln.Dense(
+            features, multiplier=self.mults["dense"], backward=self.backward, name=name
+        )
+
+
+class LeNet300(_Net):
+    """LeNet-300-100: flatten -> 300 ReLU -> 100 ReLU -> classes."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(self.dense(300)(x))
+        x = nn.relu(self.dense(100)(x))
+        return self.dense(self.num_classes)(x)
+
+
+class LeNet5(_Net):
+    """ApproxTrain's MNIST CNN: 2 x (conv5x5x32 SAME ReLU, maxpool 2) -> 1024 -> classes."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(self.conv(32, (5, 5))(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = nn.relu(self.conv(32, (5, 5))(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(self.dense(1024)(x))
+        return self.dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+    """Normalisation-free residual block: relu(shortcut + s * conv(relu(conv(x))))."""
+
+    features: int
+    strides: int
+    mults: Any
+    backward: str = "approx"
+
+    def conv(self, features, kernel_size, strides, name):
+        return aln.Conv(
+            features, kernel_size, strides=strides, padding="SAME",
+            multiplier=self.mults["conv"], backward=self.backward, name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(self.conv(self.features, (3, 3), self.strides, "conv1")(x))
+        y = self.conv(self.features, (3, 3), 1, "conv2")(y)
+        scale = self.param("skip_scale", nn.initializers.zeros, (), jnp.float32)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = self.conv(self.features, (1, 1), self.strides, "shortcut")(x)
+        return nn.relu(x + scale * y)
+
+
+class ResNet(_Net):
+    """Normalisation-free ResNet (SkipInit residual scaling)."""
+
+    stem_features: int = 16
+    stem_kernel: Sequence[int] = (3, 3)
+    stem_strides: int = 1
+    stem_pool: bool = False
+    stages: Sequence[tuple[int, int, int]] = ((16, 1, 1), (32, 1, 2), (64, 1, 2))
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(self.conv(self.stem_features, tuple(self.stem_kernel), self.stem_strides,
+                              name="stem")(x))
+        if self.stem_pool:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for s, (features, blocks, strides) in enumerate(self.stages):
+            for b in range(blocks):
+                x = BasicBlock(
+                    features, strides if b == 0 else 1, self.mults, self.backward,
+                    name=f"stage{s}_block{b}",
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return self.dense(self.num_classes, name="head")(x)
+
+
+def _lenet300(mults, backward, num_classes):
+    return LeNet300(mults, backward, num_classes)
+
+
+def _lenet5(mults, backward, num_classes):
+    return LeNet5(mults, backward, num_classes)
+
+
+def _resnet8(mults, backward, num_classes):
+    # stem + 3 blocks x 2 convs + head = 8 layers with weights (plus 1x1 shortcuts).
+    return ResNet(mults, backward, num_classes)
+
+
+def _resnet18(mults, backward, num_classes):
+    return ResNet(
+        mults, backward, num_classes, stem_features=64, stem_kernel=(7, 7), stem_strides=2,
+        stem_pool=True, stages=((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)),
+    )
+
+
+_REGISTRY: dict[str, tuple[Callable, tuple[int, ...], tuple[str, ...]]] = {
+    # name: (module builder, default sample shape, kinds used)
+    "lenet300": (_lenet300, (28, 28, 1), ("dense",)),
+    "lenet5": (_lenet5, (28, 28, 1), ("conv", "dense")),
+    "resnet8": (_resnet8, (28, 28, 1), ("conv", "dense")),
+    "resnet18": (_resnet18, (224, 224, 3), ("conv", "dense")),
+}
+
+
+# --------------------------------------------------------------------------
+# Functional interface.
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model as a pair of pure functions ``init`` / ``apply``.
+
+    Attributes:
+      name: registry name (``"lenet300"``, ``"lenet5"``, ``"resnet8"``, ``"resnet18"``).
+      num_classes: number of output logits.
+      input_shape: default per-example input shape (NHWC without the batch).
+      kinds: the layer kinds whose products the model simulates.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    kinds: tuple[str, ...]
+    _builder: Callable = dataclasses.field(repr=False, compare=False, default=None)
+
+    def module(self, multiplier="fp32", backward: str = "approx") -> nn.Module:
+        """The linen module for a given multiplier assignment.
+
+        Args:
+          multiplier: Multiplier, name, or dict kind -> Multiplier/name.
+          backward: ``"approx"`` or ``"exact"``.
+
+        Returns:
+          A linen module (call ``.apply({"params": params}, x)``).
+        """
+        ops.check_backward(backward)
+        return self._builder(resolve_kinds(multiplier), backward, self.num_classes)
+
+    def init(self, rng, sample_x) -> Any:
+        """Initialises parameters.
+
+        Args:
+          rng: a PRNG key.
+          sample_x: an input batch ``[B, *input_shape]`` (only its shape and
+            dtype matter).
+
+        Returns:
+          The params pytree (a dict; independent of the multiplier).
+        """
+        sample_x = jnp.asarray(sample_x)
+        return self.module("fp32").init(rng, sample_x)["params"]
+
+    def apply(self, params, x, multiplier="fp32", backward: str = "approx", train: bool = False):
+        """Computes logits with every conv/dense product simulated.
+
+        Args:
+          params: params pytree from :meth:`init` (under ``jax.vmap`` one
+            slice of a stack).
+          x: input batch, NHWC float (``[B, 28, 28, 1]`` for the MNIST models).
+          multiplier: a ``Multiplier`` (its LUT may be a tracer, e.g. under
+            ``jax.vmap`` over a stack), a name, or a dict mapping layer kind
+            (``"conv"``, ``"dense"``, ``"attention"``) to a Multiplier or
+            name; missing kinds use ``"fp32"``. A *stacked* multiplier
+            evaluates every design with the same params and returns
+            ``[D, B, num_classes]``.
+          backward: ``"approx"`` (default) or ``"exact"`` gradient products.
+          train: training mode (these models have no dropout or batch
+            statistics, so it does not change the result; kept for the API).
+
+        Returns:
+          Logits ``[B, num_classes]`` (``[D, B, num_classes]`` for a stack).
+        """
+        del train
+        mults = resolve_kinds(multiplier)
+        stacked = {k: m for k, m in mults.items() if m.is_stack}
+        if stacked:
+            sizes = {m.num_designs for m in stacked.values()}
+            if len(sizes) != 1:
+                raise ValueError(f"stacked multipliers have different design counts: {sizes}")
+            luts = {k: m.lut for k, m in stacked.items()}
+
+            def one(lut_slices):
+                per = dict(mults)
+                for k, lut in lut_slices.items():
+                    per[k] = _with_lut(stacked[k], lut)
+                return self.apply(params, x, per, backward)
+
+            return jax.vmap(one)(jax.tree.map(jnp.asarray, luts))
+        module = self._builder(mults, backward, self.num_classes)
+        return module.apply({"params": params}, jnp.asarray(x))
+
+
+def _with_lut(m: mult_lib.Multiplier, lut) -> mult_lib.Multiplier:
+    leaves, treedef = jax.tree.flatten(m)
+    del leaves
+    return jax.tree.unflatten(treedef, [lut])
+
+
+def names() -> tuple[str, ...]:
+    """Names accepted by :func:`create`."""
+    return tuple(_REGISTRY)
+
+
+def create(name: str, num_classes: int = 10) -> Model:
+    """Creates a model by name.
+
+    Args:
+      name: ``"lenet300"`` (LeNet-300-100 on flattened 28x28 input),
+        ``"lenet5"`` (ApproxTrain's MNIST CNN), ``"resnet8"`` (small
+        normalisation-free ResNet for 28x28x1) or ``"resnet18"``
+        (ImageNet-style ResNet-18, any HxWx3 input).
+      num_classes: number of logits.
+
+    Returns:
+      A :class:`Model`.
+
+    Raises:
+      ValueError: For an unknown name or a non-positive ``num_classes``.
+
+    Example:
+      >>> model = create("lenet5")
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+      >>> logits = model.apply(params, x, approx_jax.multipliers.mbm(7))
+    """
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {names()}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    builder, shape, kinds = _REGISTRY[key]
+    return Model(key, num_classes, shape, kinds, builder)

@@ -1,0 +1,268 @@
+"""Dot-product attention with simulated products in QK^T and weights x V."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen
+from flax import nnx
+
+from approx_jax._src import ops
+
+
+def _attention_core(
+    query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+    deterministic, dtype, multiplier, backward, is_causal=False, sow=None,
+    force_fp32_for_softmax=False,
+):
+    """Flax's dot-product attention with both matrix products approximated."""
+    query = ops.check_float("query", query)
+    key = ops.check_float("key", key)
+    value = ops.check_float("value", value)
+    if dtype is None:
+        dtype = jnp.result_type(query.dtype, key.dtype, value.dtype)
+    query, key, value = (jnp.asarray(t, dtype) for t in (query, key, value))
+    if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
+        raise ValueError(
+            "query, key and value must have the same rank >= 3 ([batch..., length, heads, "
+            f"depth]), got shapes {query.shape}, {key.shape}, {value.shape}"
+        )
+    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        raise ValueError(
+            f"query, key, value batch dims must match, got {query.shape}, {key.shape}, "
+            f"{value.shape}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"q, k depths must match, but got {query.shape[-1]} and {key.shape[-1]}."
+        )
+    if key.shape[-3] != value.shape[-3]:
+        raise ValueError(
+            f"k, v lengths must match, but got {key.shape[-3]} and {value.shape[-3]}."
+        )
+    q_heads = query.shape[-2]
+    for name, t in (("key", key), ("value", value)):
+        if q_heads % t.shape[-2]:
+            raise ValueError(
+                f"query heads ({q_heads}) must be a multiple of {name} heads ({t.shape[-2]})"
+            )
+    # Grouped-query attention: query head h uses kv head h // n_rep, as in Flax.
+    if key.shape[-2] != q_heads:
+        key = jnp.repeat(key, q_heads // key.shape[-2], axis=-2)
+    if value.shape[-2] != q_heads:
+        value = jnp.repeat(value, q_heads // value.shape[-2], axis=-2)
+
+    depth = query.shape[-1]
+    query = query / jnp.sqrt(depth).astype(dtype)
+    # [..., q, h, d] @ [..., k, h, d]^T -> [..., h, q, k]; a = query, b = key.
+    qh = jnp.swapaxes(query, -3, -2)
+    kh = jnp.moveaxis(key, -3, -1)
+    attn_weights = ops.approx_matmul(qh, kh, multiplier, backward)
+
+    if bias is not None:
+        attn_weights = attn_weights + bias
+    if mask is not None or is_causal:
+        big_neg = jnp.finfo(dtype).min
+        masks = [mask] if mask is not None else []
+        if is_causal:
+            t_len, s_len = attn_weights.shape[-2:]
+            causal = jnp.tril(jnp.ones((t_len, s_len), dtype=dtype))
+            target = mask.shape if mask is not None else attn_weights.shape
+            masks.append(jnp.broadcast_to(causal, target))
+        combined = nnx.combine_masks(*masks, dtype=dtype)
+        attn_weights = jnp.where(combined, attn_weights, big_neg)
+    if force_fp32_for_softmax and dtype != jnp.float32:
+        attn_weights = jax.nn.softmax(attn_weights.astype(jnp.float32))
+    else:
+        attn_weights = jax.nn.softmax(attn_weights).astype(dtype)
+    if sow is not None:
+        sow(attn_weights)
+    if not deterministic and dropout_rate > 0.0:
+        keep_prob = 1.0 - dropout_rate
+        if broadcast_dropout:
+            dropout_shape = (1,) * (key.ndim - 2) + attn_weights.shape[-2:]
+        else:
+            dropout_shape = attn_weights.shape
+        keep = jax.random.bernoulli(dropout_rng, keep_prob, dropout_shape)
+        attn_weights = attn_weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype))
+    # [..., h, q, k] @ [..., h, k, d] -> [..., h, q, d]; a = weights, b = value.
+    out = ops.approx_matmul(attn_weights, jnp.swapaxes(value, -3, -2), multiplier, backward)
+    return jnp.swapaxes(out, -3, -2).astype(dtype)
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout: bool = True,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype=None,
+    precision: Any = None,
+    module=None,
+    promote_dtype=None,
+    is_causal: bool = False,
+    *,
+    multiplier="fp32",
+    backward: str = "approx",
+):
+    """Dot-product attention with simulated products (``nnx.dot_product_attention``).
+
+    Both matrix products are simulated: the logits ``(query / sqrt(depth)) @
+    key^T`` (operand ``a`` = scaled query, ``b`` = key) and the output
+    ``weights @ value`` (``a`` = attention weight, ``b`` = value). Masking,
+    bias, softmax and dropout are Flax's. Grouped-query attention (fewer key /
+    value heads) is supported. With the exact multiplier the call is forwarded
+    to ``flax.nnx.dot_product_attention`` unchanged (bit-identical results).
+
+    Args:
+      query: ``[batch..., q_length, num_heads, depth]``.
+      key: ``[batch..., kv_length, num_kv_heads, depth]``.
+      value: ``[batch..., kv_length, num_kv_heads, v_depth]``.
+      bias: optional bias broadcastable to ``[batch..., heads, q_length, kv_length]``.
+      mask: optional boolean mask of that shape (False = masked out).
+      broadcast_dropout: broadcast dropout over batch and heads.
+      dropout_rng: PRNG key for dropout.
+      dropout_rate: dropout rate.
+      deterministic: disable dropout.
+      dtype: computation dtype (default: promoted input dtype).
+      precision: forwarded for the exact multiplier only.
+      module: an nnx Module to sow the attention weights into
+        (``nnx.Intermediate``, name ``attention_weights``).
+      promote_dtype: forwarded for the exact multiplier only.
+      is_causal: apply a causal mask.
+      multiplier: a ``Multiplier`` or a name (default ``"fp32"``).
+      backward: ``"approx"`` (default) or ``"exact"`` gradient products.
+
+    Returns:
+      ``[batch..., q_length, num_heads, v_depth]``.
+
+    Example:
+      >>> out = approx_jax.nn.dot_product_attention(q, k, v, multiplier="mbm7")
+    """
+    m = ops.resolve_multiplier(multiplier)
+    ops.check_backward(backward)
+    if m.is_exact:
+        kwargs = {} if promote_dtype is None else {"promote_dtype": promote_dtype}
+        return nnx.dot_product_attention(
+            query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+            deterministic, dtype, precision, module, is_causal=is_causal, **kwargs,
+        )
+    sow = None
+    if module is not None:
+        def sow(w):
+            module.sow(nnx.Intermediate, "attention_weights", w)
+    return _attention_core(
+        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+        deterministic, dtype, m, backward, is_causal=is_causal, sow=sow,
+    )
+
+
+def linen_dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout: bool = True,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype=None,
+    precision: Any = None,
+    module=None,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general=None,
+    qk_attn_weights_einsum=None,
+    attn_weights_value_einsum=None,
+    *,
+    multiplier="fp32",
+    backward: str = "approx",
+):
+    """Linen flavour of :func:`dot_product_attention` (``linen.dot_product_attention``).
+
+    Same products as :func:`dot_product_attention`; attention weights are sown
+    into linen's ``intermediates`` collection when ``module`` is given. With
+    the exact multiplier the call goes to ``flax.linen.dot_product_attention``.
+
+    Args:
+      query: ``[batch..., q_length, num_heads, depth]``.
+      key: ``[batch..., kv_length, num_heads, depth]``.
+      value: ``[batch..., kv_length, num_heads, v_depth]``.
+      bias: optional attention bias.
+      mask: optional boolean mask.
+      broadcast_dropout: broadcast dropout over batch and heads.
+      dropout_rng: PRNG key for dropout.
+      dropout_rate: dropout rate.
+      deterministic: disable dropout.
+      dtype: computation dtype.
+      precision: forwarded for the exact multiplier only.
+      module: linen Module to sow the weights into.
+      force_fp32_for_softmax: compute the softmax in float32.
+      einsum_dot_general: exact multiplier only (as Flax).
+      qk_attn_weights_einsum: exact multiplier only (as Flax).
+      attn_weights_value_einsum: exact multiplier only (as Flax).
+      multiplier: a ``Multiplier`` or a name (default ``"fp32"``).
+      backward: ``"approx"`` (default) or ``"exact"``.
+
+    Returns:
+      ``[batch..., q_length, num_heads, v_depth]``.
+
+    Example:
+      >>> out = linen_dot_product_attention(q, k, v, multiplier="mitchell5")
+    """
+    m = ops.resolve_multiplier(multiplier)
+    ops.check_backward(backward)
+    if m.is_exact:
+        return linen.dot_product_attention(
+            query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+            deterministic, dtype, precision, module,
+            force_fp32_for_softmax=force_fp32_for_softmax,
+            einsum_dot_general=einsum_dot_general,
+            qk_attn_weights_einsum=qk_attn_weights_einsum,
+            attn_weights_value_einsum=attn_weights_value_einsum,
+        )
+    sow = None
+    if module is not None:
+        def sow(w):
+            module.sow("intermediates", "attention_weights", w)
+    return _attention_core(
+        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+        deterministic, dtype, m, backward, sow=sow,
+        force_fp32_for_softmax=force_fp32_for_softmax,
+    )
+
+
+class AttentionFn:
+    """An attention function with a fixed multiplier (a static Flax hook).
+
+    Calls :func:`dot_product_attention` (``flavor="nnx"``) or
+    :func:`linen_dot_product_attention` (``flavor="linen"``). Its
+    ``__signature__`` is that of the underlying function minus the keyword-only
+    multiplier arguments, because linen filters keyword arguments by signature.
+    """
+
+    def __init__(self, multiplier="fp32", backward: str = "approx", flavor: str = "nnx"):
+        import inspect
+
+        self.multiplier = ops.resolve_multiplier(multiplier)
+        ops.check_backward(backward)
+        self.backward = backward
+        if flavor not in ("nnx", "linen"):
+            raise ValueError(f"flavor must be 'nnx' or 'linen', got {flavor!r}")
+        self._fn = dot_product_attention if flavor == "nnx" else linen_dot_product_attention
+        sig = inspect.signature(self._fn)
+        self.__signature__ = sig.replace(
+            parameters=[p for p in sig.parameters.values() if p.kind != p.KEYWORD_ONLY]
+        )
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, multiplier=self.multiplier, backward=self.backward, **kwargs)
+
+    def __repr__(self):
+        return f"AttentionFn({self.multiplier!r}, backward={self.backward!r})"

@@ -1,0 +1,16 @@
+"""Reference models with a functional ``init`` / ``apply`` interface.
+
+Example:
+  >>> import approx_jax.models as models
+  >>> model = models.create("lenet5")
+  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  >>> logits = model.apply(params, x, "mbm7")
+"""
+
+from approx_jax._src.models import KINDS
+from approx_jax._src.models import Model
+from approx_jax._src.models import create
+from approx_jax._src.models import names
+from approx_jax._src.models import resolve_kinds
+
+__all__ = ["KINDS", "Model", "create", "names", "resolve_kinds"]
