@@ -13,7 +13,7 @@ def independent_truncate_products(a, b, M):
     """truncate(M) products of normal operands, computed with frexp/floor."""
     ma, ea = np.frexp(np.abs(a).astype(np.float64))
     mb, eb = np.frexp(np.abs(b).astype(np.float64))
-    p = np.floor(ma * 2**(M + 1)) / 2**M * (np.floor(mb * 2**(M + 1)) / 2**M)
+    p = np.floor(ma * 2 ** (M + 1)) / 2**M * (np.floor(mb * 2 ** (M + 1)) / 2**M)
     scale = np.where(p >= 2, 2.0, 1.0)
     p = np.floor(p / scale * 2**M) / 2**M * scale
     return np.sign(a) * np.sign(b) * np.ldexp(p, ea + eb - 2)
@@ -64,8 +64,8 @@ def test_mbm_is_less_biased_than_mitchell():
 def test_sample_metrics_against_independent_computation():
     rng = np.random.default_rng(0)
     n = 5000
-    a = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-10, 10, n) * rng.choice([-1, 1], n))
-    b = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-10, 10, n))
+    a = rng.uniform(1, 2, n) * 2.0 ** rng.integers(-10, 10, n) * rng.choice([-1, 1], n)
+    b = rng.uniform(1, 2, n) * 2.0 ** rng.integers(-10, 10, n)
     a, b = a.astype(np.float32), b.astype(np.float32)
     M = 5
     exact = a.astype(np.float64) * b.astype(np.float64)

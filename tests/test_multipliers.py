@@ -348,6 +348,18 @@ def test_from_c_out_of_range_product(require_c_compiler, isolated_cache):
         mm.from_c("float big(float a, float b) { return 4.0f * a; }", "big", 2)
 
 
+def test_from_c_explicit_compiler(require_c_compiler, isolated_cache, monkeypatch):
+    compiler = cmodel.find_compiler()
+    m = mm.from_c(CUSTOM_C, "tweak_mul", 4, compiler=compiler)
+    np.testing.assert_array_equal(m.lut, mm.from_python(tweak_py, 4).lut)
+    assert m.info["function"] == "tweak_mul" and m.info["path"] == "<source>"
+    with pytest.raises(cmodel.CModelError, match="could not run compiler"):
+        mm.from_c(CUSTOM_C, "tweak_mul", 4, compiler="/nonexistent/cc")
+    monkeypatch.setenv("CC", "/nonexistent/cc-from-env")
+    with pytest.raises(cmodel.CModelError, match="cc-from-env"):
+        mm.from_c(CUSTOM_C, "tweak_mul", 3)
+
+
 def test_from_c_missing_file():
     with pytest.raises(FileNotFoundError):
         mm.from_c("/nonexistent/model.c", "f", 3)
@@ -440,7 +452,7 @@ def test_stack_unstack():
     assert stacked.lut.shape == (3, 4**7)
     assert "stack of 3" in repr(stacked)
     np.testing.assert_array_equal(stacked.lut[0], lut_lib.expand_lut(mm.mbm(3).lut, 3, 7))
-    for original, restored in zip(designs, mm.unstack(stacked)):
+    for original, restored in zip(designs, mm.unstack(stacked), strict=True):
         assert restored.name == original.name and restored.mbits == original.mbits
         assert restored.metadata == original.metadata
         np.testing.assert_array_equal(restored.lut, original.lut)

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from approx_jax._src import reference
 from approx_jax._src import lut as lut_lib
+from approx_jax._src import reference
 
 jax.config.update("jax_enable_x64", False)
 
@@ -222,7 +222,9 @@ def test_dot_matches_loops():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 5)).astype(np.float32)
     w = rng.normal(size=(5, 4)).astype(np.float32)
-    np.testing.assert_allclose(reference.dot(x, w, MIT3, 3), _loop_matmul(x, w, MIT3, 3), rtol=1e-13)
+    np.testing.assert_allclose(
+        reference.dot(x, w, MIT3, 3), _loop_matmul(x, w, MIT3, 3), rtol=1e-13
+    )
     ref, abs_sum = reference.dot_with_bound(x[0], w, MIT3, 3)
     assert ref.shape == (4,) and np.all(abs_sum >= np.abs(ref))
     batched = reference.matmul(np.stack([x, 2 * x]), np.stack([w, w]), MIT3, 3)
@@ -281,15 +283,38 @@ CONV_CASES = [
     ((2, 3, 7), (4, 3, 3), (1,), "VALID", None, None, 1, None),
     ((2, 7, 3), (3, 3, 4), (2,), "SAME", None, (2,), 1, ("NWC", "WIO", "NWC")),
     ((1, 2, 6, 5), (4, 2, 3, 2), (1, 2), "SAME", None, None, 1, None),
-    ((2, 6, 5, 4), (3, 3, 2, 6), (2, 1), [(1, 2), (0, 1)], None, (1, 2), 2,
-     ("NHWC", "HWIO", "NHWC")),
-    ((1, 5, 5, 2), (2, 2, 2, 3), (1, 1), [(1, 1), (2, 0)], (2, 1), None, 1,
-     ("NHWC", "HWIO", "NCHW")),
+    (
+        (2, 6, 5, 4),
+        (3, 3, 2, 6),
+        (2, 1),
+        [(1, 2), (0, 1)],
+        None,
+        (1, 2),
+        2,
+        ("NHWC", "HWIO", "NHWC"),
+    ),
+    (
+        (1, 5, 5, 2),
+        (2, 2, 2, 3),
+        (1, 1),
+        [(1, 1), (2, 0)],
+        (2, 1),
+        None,
+        1,
+        ("NHWC", "HWIO", "NCHW"),
+    ),
     ((1, 4, 4, 6), (3, 3, 1, 6), (1, 1), "SAME", None, None, 6, ("NHWC", "HWIO", "NHWC")),
-    ((1, 2, 4, 3, 5), (2, 2, 2, 2, 3), (1, 1, 2), [(0, 1), (1, 0), (1, 1)], None, None, 1,
-     None),
-    ((1, 5, 5, 2), (3, 3, 2, 2), (1, 1), [(-1, 1), (0, 0)], None, None, 1,
-     ("NHWC", "HWIO", "NHWC")),
+    ((1, 2, 4, 3, 5), (2, 2, 2, 2, 3), (1, 1, 2), [(0, 1), (1, 0), (1, 1)], None, None, 1, None),
+    (
+        (1, 5, 5, 2),
+        (3, 3, 2, 2),
+        (1, 1),
+        [(-1, 1), (0, 0)],
+        None,
+        None,
+        1,
+        ("NHWC", "HWIO", "NHWC"),
+    ),
 ]
 
 
@@ -348,8 +373,12 @@ def test_exact_conv_vjp_matches_jacobian(case):
     dy = _random(conv(lhs, rhs).shape, 4).astype(np.float64)
     out_axes = "".join(chr(ord("a") + i) for i in range(dy.ndim))
     in_axes = "".join(chr(ord("m") + i) for i in range(lhs.ndim))
-    expected_dx = np.einsum(f"{out_axes},{out_axes}{in_axes}->{in_axes}", dy, np.asarray(jac_x, np.float64))
-    expected_dw = np.einsum(f"{out_axes},{out_axes}{in_axes}->{in_axes}", dy, np.asarray(jac_w, np.float64))
+    expected_dx = np.einsum(
+        f"{out_axes},{out_axes}{in_axes}->{in_axes}", dy, np.asarray(jac_x, np.float64)
+    )
+    expected_dw = np.einsum(
+        f"{out_axes},{out_axes}{in_axes}->{in_axes}", dy, np.asarray(jac_w, np.float64)
+    )
     dx, dw = reference.conv_vjp(lhs, rhs, dy, None, None, "exact", **kwargs)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dw, expected_dw, rtol=1e-9, atol=1e-9)
@@ -383,13 +412,13 @@ def test_exact_conv_vjp_matches_lax(case):
 def _loop_conv2d_nchw(x, w, lut, M, stride, pad):
     """Direct 2-D NCHW/OIHW convolution with explicit loops."""
     N, C, H, W = x.shape
-    O, _, KH, KW = w.shape
+    n_out, _, KH, KW = w.shape
     (plo_h, phi_h), (plo_w, phi_w) = pad
     OH = (H + plo_h + phi_h - KH) // stride[0] + 1
     OW = (W + plo_w + phi_w - KW) // stride[1] + 1
-    out = np.zeros((N, O, OH, OW))
+    out = np.zeros((N, n_out, OH, OW))
     for n, o, oh, ow, c, kh, kw in itertools.product(
-        range(N), range(O), range(OH), range(OW), range(C), range(KH), range(KW)
+        range(N), range(n_out), range(OH), range(OW), range(C), range(KH), range(KW)
     ):
         h = oh * stride[0] + kh - plo_h
         v = ow * stride[1] + kw - plo_w
@@ -409,9 +438,9 @@ def test_approx_conv_matches_loops_and_vjp_operand_order():
     dx, dw = reference.conv_vjp(x, w, dy, MIT3, 3, "approx", (2, 1), pad)
     expected_dx = np.zeros(x.shape)
     expected_dw = np.zeros(w.shape)
-    _, O, OH, OW = dy.shape
+    _, n_out, OH, OW = dy.shape
     for o, oh, ow, c, kh, kw in itertools.product(
-        range(O), range(OH), range(OW), range(2), range(2), range(3)
+        range(n_out), range(OH), range(OW), range(2), range(2), range(3)
     ):
         h, v = oh * 2 + kh - 1, ow + kw - 1
         if 0 <= h < 5 and 0 <= v < 4:

@@ -196,13 +196,17 @@ def plot_heatmaps(results, path, *, columns: int = 4) -> pathlib.Path:
     cols = min(columns, len(results))
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(results):]:
+    for ax in axes.flat[len(results) :]:
         ax.axis("off")
-    for ax, result in zip(axes.flat, results):
+    for ax, result in zip(axes.flat, results, strict=False):
         finite = np.abs(result.heatmap[np.isfinite(result.heatmap)])
         limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(
-            result.heatmap, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower",
+            result.heatmap,
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+            origin="lower",
             extent=(0, 1, 0, 1),
         )
         ax.set_title(f"{result.name} (M={result.mbits})\nMRED {result.mred:.3g}", fontsize=9)

@@ -127,20 +127,35 @@ def find_compiler(compiler: str | None = None, *, cpp: bool = False) -> str | No
     return None
 
 
-def _read_source(source_or_path) -> tuple[str, pathlib.Path | None]:
-    """Returns ``(source text, path or None)``; a str is a path if it names a file."""
+def source_path(source_or_path) -> pathlib.Path | None:
+    """Tells a source file path from source text.
+
+    Args:
+      source_or_path: A path (``os.PathLike`` or str) or C/C++ source text.
+
+    Returns:
+      The path, or ``None`` if the argument is source text.
+
+    Raises:
+      TypeError: If the argument is neither a str nor a path.
+    """
     if isinstance(source_or_path, os.PathLike):
-        path = pathlib.Path(source_or_path)
-        return path.read_text(), path
+        return pathlib.Path(source_or_path)
     if isinstance(source_or_path, str):
-        # Source code always contains a newline or a parenthesis; a path need not
-        # exist (typo) but then we want a FileNotFoundError, not a compile error.
+        # Source code always contains a newline or a parenthesis; a str without
+        # either is a path (a missing one should raise FileNotFoundError, not a
+        # baffling compile error).
         looks_like_code = "\n" in source_or_path or "(" in source_or_path
-        if not looks_like_code:
-            path = pathlib.Path(source_or_path)
-            return path.read_text(), path
-        return source_or_path, None
+        return None if looks_like_code else pathlib.Path(source_or_path)
     raise TypeError(f"expected C/C++ source text or a path, got {type(source_or_path).__name__}")
+
+
+def _read_source(source_or_path) -> tuple[str, pathlib.Path | None]:
+    """Returns ``(source text, path or None)``."""
+    path = source_path(source_or_path)
+    if path is None:
+        return source_or_path, None
+    return path.read_text(), path
 
 
 def _is_cpp(path: pathlib.Path | None, language: str | None, cpp: bool | None) -> bool:
@@ -222,9 +237,7 @@ def compile_model(
     _check_function_name(function)
     # The user's source and the wrapper form one translation unit, so the
     # model may be `static`, inline, or (in C++) overloaded or a template.
-    wrapper = _WRAPPER_TEMPLATE.format(
-        extern_c='extern "C"' if is_cpp else "", function=function
-    )
+    wrapper = _WRAPPER_TEMPLATE.format(extern_c='extern "C"' if is_cpp else "", function=function)
     suffix = ".cpp" if is_cpp else ".c"
     with tempfile.TemporaryDirectory(dir=lib_dir) as tmp:
         tmp_src = pathlib.Path(tmp) / f"model{suffix}"

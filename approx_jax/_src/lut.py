@@ -260,7 +260,9 @@ def expand_lut(stored, m: int, M_new: int) -> np.ndarray:
         raise ValueError(f"expand_lut can only widen: M_new={M_new} < m={m}")
     arr = np.asarray(stored)
     if arr.shape[-1:] != (num_entries(m),):
-        raise ValueError(f"expected 4**m = {num_entries(m)} entries on the last axis, got {arr.shape}")
+        raise ValueError(
+            f"expected 4**m = {num_entries(m)} entries on the last axis, got {arr.shape}"
+        )
     shift = M_new - m
     idx = np.arange(1 << M_new) >> shift
     # Narrow index of every wide (i', j') pair, i'-major.

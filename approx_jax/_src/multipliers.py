@@ -24,9 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from approx_jax._src import cmodel
+from approx_jax._src import cmodel, reference
 from approx_jax._src import lut as lut_lib
-from approx_jax._src import reference
 
 # Width reported by the exact (native float32) multiplier: it sees every one of
 # float32's 23 mantissa bits. It is never used to index a LUT (exact has none).
@@ -218,7 +217,7 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builtin_lut(family: str, M: int) -> np.ndarray:
     """Builds (and caches) a built-in family's LUT via its C model."""
     file_name, function, numpy_fallback = _BUILTIN_FAMILIES[family]
@@ -345,7 +344,9 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
             raise ValueError(f"got {len(name)} names for a stack of {stored.shape[0]} LUTs")
     elif not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    return Multiplier(_readonly(stored), name, int(M), (("source", "lut"), *_freeze_metadata(metadata)))
+    return Multiplier(
+        _readonly(stored), name, int(M), (("source", "lut"), *_freeze_metadata(metadata))
+    )
 
 
 _APPROXTRAIN_NAME = re.compile(r"_(\d+)\.bin$", re.IGNORECASE)
@@ -474,13 +475,16 @@ def from_c(
     """
     M = lut_lib.check_mbits(M)
     stored = cmodel.build_lut(
-        source_or_path, function, M, compiler=compiler, flags=tuple(flags), language=language,
+        source_or_path,
+        function,
+        M,
+        compiler=compiler,
+        flags=tuple(flags),
+        language=language,
         cpp=cpp,
     )
-    is_path = isinstance(source_or_path, os.PathLike) or (
-        isinstance(source_or_path, str) and "\n" not in source_or_path and "(" not in source_or_path
-    )
-    origin = os.fspath(source_or_path) if is_path else "<source>"
+    path = cmodel.source_path(source_or_path)
+    origin = str(path) if path is not None else "<source>"
     metadata = (("source", "c"), ("path", origin), ("function", function))
     return Multiplier(_readonly(stored), name or function, M, metadata)
 
@@ -490,7 +494,9 @@ def from_c(
 # ---------------------------------------------------------------------------
 
 _FAMILY_PATTERN = re.compile(r"^([a-z]+)[_\-]?(\d+)$")
-_C_MODEL_PATTERN = re.compile(r"^(?P<path>.+\.(?:c|cc|cpp|cxx|c\+\+)):(?P<fn>[A-Za-z_]\w*)@(?P<m>\d+)$")
+_C_MODEL_PATTERN = re.compile(
+    r"^(?P<path>.+\.(?:c|cc|cpp|cxx|c\+\+)):(?P<fn>[A-Za-z_]\w*)@(?P<m>\d+)$"
+)
 
 VALID_NAME_FORMS = (
     "'fp32' or 'exact'",
@@ -523,9 +529,7 @@ def get(name_or_multiplier) -> Multiplier:
     if isinstance(name_or_multiplier, os.PathLike):
         name_or_multiplier = os.fspath(name_or_multiplier)
     if not isinstance(name_or_multiplier, str):
-        raise TypeError(
-            f"expected a Multiplier or a name, got {type(name_or_multiplier).__name__}"
-        )
+        raise TypeError(f"expected a Multiplier or a name, got {type(name_or_multiplier).__name__}")
     spec = name_or_multiplier.strip()
     c_model = _C_MODEL_PATTERN.match(spec)
     if c_model:
@@ -543,9 +547,7 @@ def get(name_or_multiplier) -> Multiplier:
         if not lut_lib.MIN_MBITS <= M <= lut_lib.MAX_MBITS:
             raise ValueError(f"{spec!r}: M must be in 1..11, got {M}")
         return _builtin(_FAMILY_ALIASES[match[1]], M)
-    raise ValueError(
-        f"unknown multiplier {spec!r}; valid forms: " + ", ".join(VALID_NAME_FORMS)
-    )
+    raise ValueError(f"unknown multiplier {spec!r}; valid forms: " + ", ".join(VALID_NAME_FORMS))
 
 
 # ---------------------------------------------------------------------------

@@ -450,13 +450,20 @@ class _ConvGeometry:
         if isinstance(padding, str):
             if any(d != 1 for d in self.lhs_dilation):
                 raise ValueError("string padding with lhs_dilation is not supported (as in lax)")
-            dilated_k = [(k - 1) * d + 1 for k, d in zip(self.k_spatial, self.rhs_dilation)]
+            dilated_k = [
+                (k - 1) * d + 1 for k, d in zip(self.k_spatial, self.rhs_dilation, strict=True)
+            ]
             padding = jax.lax.padtype_to_pads(self.in_spatial, dilated_k, self.strides, padding)
         self.padding = [(int(lo), int(hi)) for lo, hi in padding]
         self.out_spatial = []
         for size, k, s, (lo, hi), ld, rd in zip(
-            self.in_spatial, self.k_spatial, self.strides, self.padding, self.lhs_dilation,
+            self.in_spatial,
+            self.k_spatial,
+            self.strides,
+            self.padding,
+            self.lhs_dilation,
             self.rhs_dilation,
+            strict=True,
         ):
             dilated_in = (size - 1) * ld + 1 if size > 0 else 0
             dilated_k = (k - 1) * rd + 1
@@ -542,8 +549,14 @@ def conv_general_dilated_with_bound(
       of ``|P|`` and the number of products per output (``Cg * prod(kernel)``).
     """
     geo = _ConvGeometry(
-        np.shape(lhs), np.shape(rhs), window_strides, padding, lhs_dilation, rhs_dilation,
-        feature_group_count, dimension_numbers,
+        np.shape(lhs),
+        np.shape(rhs),
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        dimension_numbers,
     )
     x = _to_canonical(lhs, geo.lhs_perm)
     w = _to_canonical(rhs, geo.rhs_perm)
@@ -593,8 +606,16 @@ def conv_general_dilated(
       float64 output in the output layout.
     """
     return conv_general_dilated_with_bound(
-        lhs, rhs, stored_lut, M, window_strides, padding, lhs_dilation, rhs_dilation,
-        feature_group_count, dimension_numbers,
+        lhs,
+        rhs,
+        stored_lut,
+        M,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        dimension_numbers,
     )[0]
 
 
@@ -644,8 +665,14 @@ def conv_vjp(
         raise ValueError(f"backward must be 'approx' or 'exact', got {backward!r}")
     exact = backward == "exact"
     geo = _ConvGeometry(
-        np.shape(lhs), np.shape(rhs), window_strides, padding, lhs_dilation, rhs_dilation,
-        feature_group_count, dimension_numbers,
+        np.shape(lhs),
+        np.shape(rhs),
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        dimension_numbers,
     )
     x = _to_canonical(lhs, geo.lhs_perm)
     w = _to_canonical(rhs, geo.rhs_perm)
@@ -665,9 +692,7 @@ def conv_vjp(
             # Input gradient: a = dy, b = kernel; scattered back to the input position.
             weight = w[(slice(None), c, *tap)].reshape((1, -1) + (1,) * nd)
             q = np.where(mask, _products64(g, weight, stored_lut, M, exact), 0.0)
-            full_index = np.ix_(
-                np.arange(geo.batch), channel, *(idx for idx in indices)
-            )
+            full_index = np.ix_(np.arange(geo.batch), channel, *(idx for idx in indices))
             np.add.at(dx, full_index, q)
             np.add.at(dx_abs, full_index, np.abs(q))
     d_lhs = (_from_canonical(dx, geo.lhs_perm), _from_canonical(dx_abs, geo.lhs_perm))
