@@ -318,14 +318,9 @@ def build_products(
         source_or_path, function, M, compiler=compiler, flags=flags, language=language, cpp=cpp
     )
     products_path = lib_path.with_suffix(".products.npy")
-    if products_path.is_file():
-        try:
-            products = np.load(products_path)
-            if products.shape == (lut_lib.num_entries(M),) and products.dtype == np.float32:
-                products.setflags(write=False)
-                return products
-        except (OSError, ValueError):
-            pass  # Corrupt cache entry: rebuild it below.
+    cached = _load_cached(products_path, (lut_lib.num_entries(M),), np.dtype(np.float32))
+    if cached is not None:
+        return cached
     try:
         library = ctypes.CDLL(str(lib_path))
         build = library.approx_jax_build_lut
@@ -366,5 +361,31 @@ def build_lut(source_or_path, function: str, M: int, **kwargs) -> np.ndarray:
       CModelError: If compilation fails.
       ValueError: If a product is not finite or not in ``[1, 4)``.
     """
+    M = lut_lib.check_mbits(M)
+    _check_function_name(function)
+    lib_path = compile_model(source_or_path, function, M, **kwargs)
+    lut_path = lib_path.with_suffix(".lut.npy")
+    cached = _load_cached(lut_path, (lut_lib.num_entries(M),), lut_lib.stored_dtype(M))
+    if cached is not None:
+        return cached
     products = build_products(source_or_path, function, M, **kwargs)
-    return lut_lib.encode_products(products, M, what=f"C model {function!r}")
+    stored = lut_lib.encode_products(products, M, what=f"C model {function!r}")
+    # Only valid LUTs are cached: a model whose products are out of range
+    # raises again on the next call.
+    _atomic_write_bytes(lut_path, _npy_bytes(stored))
+    stored.setflags(write=False)
+    return stored
+
+
+def _load_cached(path: pathlib.Path, shape, dtype) -> np.ndarray | None:
+    """Loads a cached array, or returns None if it is missing or malformed."""
+    if not path.is_file():
+        return None
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # Corrupt cache entry: the caller rebuilds it.
+    if array.shape != tuple(shape) or array.dtype != dtype:
+        return None
+    array.setflags(write=False)
+    return array
