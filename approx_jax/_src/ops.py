@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from approx_jax._src import ffi
 from approx_jax._src import lut as lut_lib
 from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import partitioning
 
 BACKWARD_MODES = ("approx", "exact")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -116,12 +116,12 @@ def _make_design_batched(call):
 
 @functools.lru_cache(maxsize=None)
 def _gemm_raw(mbits: int):
-    return _make_design_batched(lambda a, b, k: ffi.gemm_call(a, b, k, mbits))
+    return _make_design_batched(lambda a, b, k: partitioning.gemm_call(a, b, k, mbits))
 
 
 @functools.lru_cache(maxsize=None)
 def _multiply_raw(mbits: int):
-    return _make_design_batched(lambda a, b, k: ffi.multiply_call(a, b, k, mbits))
+    return _make_design_batched(lambda a, b, k: partitioning.multiply_call(a, b, k, mbits))
 
 
 def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:

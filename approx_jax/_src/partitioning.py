@@ -1,0 +1,415 @@
+"""SPMD partitioning of the approx_jax FFI custom calls.
+
+An ``ffi_call`` is opaque to XLA's partitioner: under plain ``jax.jit`` with a
+batch-sharded operand XLA all-gathers every operand and runs the custom call
+replicated. This module wraps ``ffi.gemm_call`` / ``ffi.multiply_call`` in
+``jax.experimental.custom_partitioning`` so that the sharded dimensions stay
+sharded and each device runs the kernel on its own shard.
+
+Canonical gemm (docs/DESIGN.md): ``a f32[Ga, Ba, M, K]``, ``b f32[Gb, Bb, K,
+N]``, ``lut u32[Gl, L]`` -> ``out f32[D, B, M, N]``. Its factors are
+
+* ``d`` (design axis), ``t`` (batch axis), ``m`` (rows), ``n`` (columns):
+  pass-through; a shard of the output needs the matching shards only;
+* ``k`` (contraction): a *reduction* factor; when it is sharded every device
+  computes a partial product over its slice of ``k`` and the partial results
+  are summed with ``psum`` (the data-parallel weight-gradient all-reduce);
+* ``l`` (LUT entries): never split (need-replication factor);
+* size-1 broadcast axes (``Ga == 1 < D`` etc.) get their own factor so that
+  they do not tie a size-1 axis to a size-D one.
+
+The elementwise multiply ``a f32[Ga, n]``, ``b f32[Gb, n]``, ``lut u32[Gl,
+L]`` -> ``f32[D, n]`` has pass-through factors ``d`` and ``n``.
+
+Whatever sharding the partitioner proposes, ``partition`` keeps the sharding
+of each factor that is consistent (same mesh axes on every operand that has
+the factor, each mesh axis used by one factor only, dimension divisible by
+the number of shards) and replicates every other factor, so unsupported
+layouts fall back to an all-gather: correct but slower.
+
+Summation order: with ``k`` unsharded each output element is produced by one
+kernel invocation over the full ``k`` range, so results are bit-identical to
+the single-device run. A sharded ``k`` (weight gradients in data-parallel
+training) sums per-shard partial sums, which changes float32 rounding.
+
+Inside ``shard_map`` (all mesh axes manual) ``custom_partitioning`` lowers
+the wrapped call directly, so the kernel runs on the per-device blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from approx_jax._src import ffi
+
+# Factor names per canonical operand dimension (see module docstring).
+_GEMM_DIMS = (("d", "t", "m", "k"), ("d", "t", "k", "n"), ("d", "l"))
+_GEMM_OUT = ("d", "t", "m", "n")
+_MUL_DIMS = (("d", "n"), ("d", "n"), ("d", "l"))
+_MUL_OUT = ("d", "n")
+# Operand dimensions that may be size-1 broadcasts of a larger output axis.
+_BROADCASTABLE = ("d", "t")
+
+
+def _shape_of(t) -> tuple[int, ...]:
+    """Shape of an MLIR ranked tensor type or of an object with ``.shape``."""
+    if hasattr(t, "shape"):
+        return tuple(t.shape)
+    from jax._src.lib.mlir import ir  # noqa: PLC0415 - only for rule callbacks
+
+    return tuple(ir.RankedTensorType(t).shape)
+
+
+def _factor_names(dims, out_dims, shapes, out_shape):
+    """Per-operand factor names, renaming size-1 broadcast axes.
+
+    Returns:
+      ``(operand_factor_lists, extra_replicated_factors)``.
+    """
+    out_size = dict(zip(out_dims, out_shape, strict=True))
+    names = []
+    extra = []
+    for i, (fdims, shape) in enumerate(zip(dims, shapes, strict=True)):
+        row = []
+        for f, size in zip(fdims, shape, strict=True):
+            if f in _BROADCASTABLE and size == 1 and out_size[f] != 1:
+                f = f"{f}bcast{i}"
+                extra.append(f)
+            row.append(f)
+        names.append(row)
+    return names, extra
+
+
+def _rule(dims, out_dims, reduction):
+    """Builds the Shardy ``sharding_rule`` callback for one op."""
+
+    def rule(mesh, operand_types, result_types):
+        del mesh
+        shapes = [_shape_of(t) for t in operand_types]
+        out_shape = _shape_of(result_types[0])
+        names, extra = _factor_names(dims, out_dims, shapes, out_shape)
+        text = ", ".join(" ".join(r) for r in names) + " -> " + " ".join(out_dims)
+        # Shardy wants special factors in order of first appearance.
+        order = list(dict.fromkeys(f for row in names for f in row))
+        replicated = tuple(sorted({"l", *extra}, key=order.index))
+        return text, {
+            "reduction_factors": reduction,
+            "need_replication_factors": replicated,
+        }
+
+    return rule
+
+
+def _spec_axes(sharding, ndim: int) -> list[tuple[str, ...]]:
+    """Mesh axes per dimension of a NamedSharding (``()`` when unsharded)."""
+    spec = tuple(getattr(sharding, "spec", ())) if sharding is not None else ()
+    spec = spec + (None,) * (ndim - len(spec))
+    out = []
+    for entry in spec[:ndim]:
+        if entry is None:
+            out.append(())
+        elif isinstance(entry, str):
+            out.append((entry,))
+        else:
+            out.append(tuple(entry))
+    return out
+
+
+def _assign_factors(mesh, dims, out_dims, reduction, arg_shapes):
+    """Chooses one consistent set of mesh axes per factor.
+
+    Operands are scanned in order (``a`` first); a factor keeps the axes of the
+    first operand that shards it when those axes are free and divide every
+    dimension carrying the factor, and is replicated otherwise. ``l`` is never
+    sharded.
+
+    Returns:
+      A dict factor -> tuple of mesh axis names.
+    """
+    shapes = [tuple(s.shape) for s in arg_shapes]
+    out_shape = _out_shape(dims, out_dims, shapes)
+    names, _ = _factor_names(dims, out_dims, shapes, out_shape)
+    sizes: dict[str, set[int]] = {}
+    for row, shape in zip(names, shapes, strict=True):
+        for f, size in zip(row, shape, strict=True):
+            sizes.setdefault(f, set()).add(size)
+    axis_size = dict(mesh.shape)
+    used: set[str] = set()
+    chosen: dict[str, tuple[str, ...]] = {}
+    for row, s in zip(names, arg_shapes, strict=True):
+        for f, axes in zip(row, _spec_axes(s.sharding, len(row)), strict=True):
+            if f in chosen or not axes or (f not in out_dims and f not in reduction):
+                continue
+            if any(a in used or a not in axis_size for a in axes):
+                continue
+            shards = math.prod(axis_size[a] for a in axes)
+            if any(size % shards for size in sizes[f]):
+                continue
+            chosen[f] = axes
+            used.update(axes)
+    return chosen, names
+
+
+def _out_shape(dims, out_dims, shapes):
+    size: dict[str, int] = {}
+    for fdims, shape in zip(dims, shapes, strict=True):
+        for f, s in zip(fdims, shape, strict=True):
+            size[f] = max(size.get(f, 1), s)
+    return tuple(size[f] for f in out_dims)
+
+
+def _named_spec(factors, chosen) -> P:
+    spec = []
+    for f in factors:
+        axes = chosen.get(f, ())
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def _named(mesh, factors, chosen) -> NamedSharding:
+    return NamedSharding(mesh, _named_spec(factors, chosen))
+
+
+def _result_type(dims, out_dims, reduction, operands) -> jax.ShapeDtypeStruct:
+    """Result type of the op for the given (traced) operands.
+
+    * Under ``jit`` with Explicit mesh axes operand types carry their
+      sharding; the result type describes where the partitioned op leaves the
+      result (see ``_assign_factors``); copying ``a``'s sharding would be wrong
+      whenever ``a`` and the result are laid out differently (weight
+      gradients: ``a = x^T`` is sharded on its last axis, the result is not).
+    * Inside ``shard_map`` (Manual axes) the result varies over the union of
+      the axes its operands vary over, else the custom_vjp backward pass
+      rejects the cotangent types ("manual axis types do not match").
+    * With Auto axes the specs are empty and the result spec is empty too.
+    """
+    shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in operands])
+    try:
+        types = [jax.typeof(x) for x in operands]
+        sharding = types[0].sharding
+        mesh = sharding.mesh
+    except Exception:  # noqa: BLE001 - concrete arrays without a mesh type
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+    if mesh.empty:
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, types)
+    sharding = sharding.update(spec=_named_spec(out_dims, chosen))
+    varying = frozenset().union(*(_varying(t) for t in types))
+    mat = jax.sharding.ManualAxisType(varying=varying) if varying else None
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding, manual_axis_type=mat)
+
+
+def _varying(aval) -> frozenset:
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def _ffi(target: str, result: jax.ShapeDtypeStruct, mbits: int, a, b, lut) -> jax.Array:
+    ffi._require_kernels()  # noqa: SLF001 - same package
+    return jax.ffi.ffi_call(target, result)(a, b, lut, mbits=np.int32(mbits))
+
+
+def _make_partitioned(target, dims, out_dims, reduction, mbits: int):
+    """custom_partitioning wrapper of the FFI target with the given factors."""
+
+    def call(a, b, lut):
+        result = _result_type(dims, out_dims, reduction, (a, b, lut))
+        return _ffi(target, result, mbits, a, b, lut)
+
+    @custom_partitioning
+    def op(a, b, lut):
+        return call(a, b, lut)
+
+    def infer(mesh, arg_shapes, result_shape):
+        del result_shape
+        chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, arg_shapes)
+        return _named(mesh, out_dims, chosen)
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        chosen, names = _assign_factors(mesh, dims, out_dims, reduction, arg_shapes)
+        arg_shardings = tuple(_named(mesh, row, chosen) for row in names)
+        out_sharding = _named(mesh, out_dims, chosen)
+        reduce_axes = tuple(a for f in reduction for a in chosen.get(f, ()))
+
+        def lower(a, b, lut):
+            out = call(a, b, lut)
+            if reduce_axes:
+                out = jax.lax.psum(out, reduce_axes)
+            return out
+
+        return mesh, lower, out_sharding, arg_shardings
+
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=_rule(dims, out_dims, reduction),
+    )
+    return op
+
+
+@functools.cache
+def _gemm_op(mbits: int):
+    return _make_partitioned(ffi.GEMM_TARGET, _GEMM_DIMS, _GEMM_OUT, ("k",), mbits)
+
+
+@functools.cache
+def _multiply_op(mbits: int):
+    return _make_partitioned(ffi.MULTIPLY_TARGET, _MUL_DIMS, _MUL_OUT, (), mbits)
+
+
+def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
+    """``ffi.gemm_call`` with SPMD partitioning rules (same contract).
+
+    Args:
+      a: float32 ``[Ga, Ba, M, K]``.
+      b: float32 ``[Gb, Bb, K, N]``.
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]`` (always replicated).
+      mbits: mantissa width M.
+
+    Returns:
+      float32 ``[D, B, M, N]``.
+    """
+    return _gemm_op(int(mbits))(a, b, klut)
+
+
+def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
+    """``ffi.multiply_call`` with SPMD partitioning rules (same contract).
+
+    Args:
+      a: float32 ``[Ga, n]``.
+      b: float32 ``[Gb, n]``.
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]`` (always replicated).
+      mbits: mantissa width M.
+
+    Returns:
+      float32 ``[D, n]``.
+    """
+    return _multiply_op(int(mbits))(a, b, klut)
+
+
+def match_vma(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Gives a cotangent the manual-axes type of its primal (``shard_map``).
+
+    Inside ``shard_map`` a ``custom_vjp`` backward rule must return each
+    cotangent with exactly its primal input's varying mesh axes. When a
+    replicated (invariant) weight multiplies sharded (varying) activations,
+    the per-device weight cotangent varies; the gradient of the invariant
+    weight is its sum over those axes (what JAX's own ``pvary`` transposes
+    to), so this ``psum``s the extra axes, and ``pcast``s to varying over axes
+    the primal varies over but the cotangent does not. Outside ``shard_map``
+    this is the identity.
+
+    Args:
+      cotangent: The cotangent computed by a backward rule.
+      primal: The primal input it belongs to (a residual).
+
+    Returns:
+      ``cotangent`` with ``primal``'s varying manual axes.
+    """
+    try:
+        have = _varying(jax.typeof(cotangent))
+        want = _varying(jax.typeof(primal))
+    except Exception:  # noqa: BLE001 - no manual-axes type information
+        return cotangent
+    extra = tuple(sorted(have - want))
+    if extra:
+        cotangent = jax.lax.psum(cotangent, extra)
+    missing = tuple(sorted(want - have))
+    if missing:
+        cotangent = jax.lax.pcast(cotangent, missing, to="varying")
+    return cotangent
+
+
+def _reshape_groups(in_shape, out_shape):
+    """Pairs minimal runs of input and output dims with equal element counts."""
+    groups = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        gi, gj, pi, pj = [], [], 1, 1
+        if i < len(in_shape):
+            gi.append(i)
+            pi *= in_shape[i]
+            i += 1
+        if j < len(out_shape):
+            gj.append(j)
+            pj *= out_shape[j]
+            j += 1
+        while pi != pj:
+            if pi < pj and i < len(in_shape):
+                gi.append(i)
+                pi *= in_shape[i]
+                i += 1
+            elif j < len(out_shape):
+                gj.append(j)
+                pj *= out_shape[j]
+                j += 1
+            else:  # pragma: no cover - sizes always match for a valid reshape
+                raise ValueError(f"cannot reshape {in_shape} into {out_shape}")
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape(x: jax.Array, shape) -> jax.Array:
+    """``jnp.reshape`` that keeps Explicit-axis shardings when it can.
+
+    With Explicit mesh axes ``jnp.reshape`` refuses to merge or split a
+    sharded dimension ("This reshape is not supported"). This helper works
+    out the result sharding when the sharded input dimension is the major
+    (first non-unit) dimension of the run of dimensions being merged or split,
+    which covers flattening a batch-sharded ``[B, T, K]`` into ``[1, 1, B*T,
+    K]`` and back; any other sharded run is first made replicated (correct,
+    but it all-gathers). Without Explicit axes this is ``x.reshape(shape)``.
+
+    Args:
+      x: Array to reshape.
+      shape: New shape; may contain one ``-1``.
+
+    Returns:
+      ``x`` reshaped to ``shape``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape = tuple(x.size // max(known, 1) if s == -1 else s for s in shape)
+    try:
+        sharding = jax.typeof(x).sharding
+        spec_axes = _spec_axes(sharding, x.ndim)
+    except Exception:  # noqa: BLE001 - concrete array or no mesh
+        return x.reshape(shape)
+    if sharding.mesh.empty or not any(spec_axes) or 0 in x.shape:
+        return x.reshape(shape)
+    axis_size = dict(sharding.mesh.shape)
+    out_spec: list[Any] = [None] * len(shape)
+    drop = []
+    for gi, gj in _reshape_groups(tuple(x.shape), shape):
+        sharded = [d for d in gi if spec_axes[d]]
+        if not sharded:
+            continue
+        major_in = next((d for d in gi if x.shape[d] != 1), None)
+        major_out = next((d for d in gj if shape[d] != 1), None)
+        axes = spec_axes[sharded[0]]
+        shards = math.prod(axis_size[a] for a in axes)
+        if sharded == [major_in] and major_out is not None and shape[major_out] % shards == 0:
+            out_spec[major_out] = axes[0] if len(axes) == 1 else axes
+        else:
+            drop.extend(sharded)
+    if drop:
+        in_spec = [
+            None if (d in drop or not a) else (a[0] if len(a) == 1 else a)
+            for d, a in enumerate(spec_axes)
+        ]
+        x = jax.sharding.reshard(x, P(*in_spec))
+    return jax.lax.reshape(x, shape, out_sharding=P(*out_spec))
+
+
+__all__: list[Any] = ["gemm_call", "match_vma", "multiply_call", "reshape"]
