@@ -1,1 +1,42 @@
-"""approx_jax: bit-exact simulation of approximate multipliers in JAX."""
+"""approx_jax: bit-exact simulation of approximate hardware multipliers in JAX.
+
+Every product inside the simulated ops follows SPEC section 2 (truncated
+mantissas index a LUT of result mantissa and carry); sums are float32.
+
+Example:
+  >>> import approx_jax
+  >>> from approx_jax import multipliers
+  >>> y = approx_jax.approx_dot(x, w, multipliers.mbm(7))
+"""
+
+from approx_jax import models
+from approx_jax import multipliers
+from approx_jax import nn
+from approx_jax._src.characterize import ErrorMetrics
+from approx_jax._src.characterize import characterize
+from approx_jax._src.characterize import characterize_table
+from approx_jax._src.characterize import plot_heatmaps
+from approx_jax._src.conv import approx_conv
+from approx_jax._src.ffi import registered_platforms
+from approx_jax._src.multipliers import Multiplier
+from approx_jax._src.ops import approx_dot
+from approx_jax._src.ops import approx_matmul
+from approx_jax._src.ops import multiply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ErrorMetrics",
+    "Multiplier",
+    "approx_conv",
+    "approx_dot",
+    "approx_matmul",
+    "characterize",
+    "characterize_table",
+    "models",
+    "multipliers",
+    "multiply",
+    "nn",
+    "plot_heatmaps",
+    "registered_platforms",
+]

@@ -239,6 +239,8 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
         return _over_stack(lambda one: approx_dot(x, w, one, backward), m)
     lead = x.shape[:-1]
     k = x.shape[-1]
+    if x.size == 0 or w.size == 0:  # empty sum (K = 0) or empty result: no kernel call
+        return jnp.zeros(lead + (w.shape[1],), out_dtype)
     a4 = x.astype(jnp.float32).reshape(1, 1, -1, k)
     b4 = w.astype(jnp.float32).reshape(1, 1, k, w.shape[1])
     out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
@@ -293,6 +295,8 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
         return jnp.matmul(a, b, precision=precision if precision is not None else _HIGHEST)
     if m.is_stack:
         return _over_stack(lambda one: approx_matmul(a, b, one, backward), m)
+    if a.size == 0 or b.size == 0:
+        return jnp.zeros(batch_shape + (a.shape[-2], b.shape[-1]), out_dtype)
     a4 = _flatten_batch(a.astype(jnp.float32), batch_shape)
     b4 = _flatten_batch(b.astype(jnp.float32), batch_shape)
     out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
@@ -325,6 +329,8 @@ def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
         return a * b
     if m.is_stack:
         return _over_stack(lambda one: multiply(a, b, one, backward), m)
+    if int(np.prod(shape)) == 0:
+        return jnp.zeros(shape, out_dtype)
     a2 = jnp.broadcast_to(a.astype(jnp.float32), shape).reshape(1, -1)
     b2 = jnp.broadcast_to(b.astype(jnp.float32), shape).reshape(1, -1)
     out = _multiply(a2, b2, kernel_lut_of(m), m.mbits, backward)

@@ -1,0 +1,328 @@
+"""approx_dot / approx_matmul / multiply vs the NumPy reference of SPEC."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import approx_jax
+from approx_jax import multipliers
+from approx_jax._src import reference
+
+MULTIPLIERS = {
+    "mbm7": lambda: multipliers.mbm(7),
+    "mitchell5": lambda: multipliers.mitchell(5),
+    "truncate3": lambda: multipliers.truncate(3),
+    "mbm11": lambda: multipliers.mbm(11),
+    "random8": lambda: _random_multiplier(8, seed=3),
+    "random1": lambda: _random_multiplier(1, seed=4),
+}
+
+DOT_SHAPES = [
+    ((1, 1), (1, 1)),
+    ((5, 1), (1, 7)),
+    ((3, 17), (17, 33)),
+    ((2, 4, 65), (65, 9)),
+    ((0, 8), (8, 5)),
+    ((4, 8), (8, 0)),
+    ((4, 0), (0, 6)),
+    ((9,), (9, 4)),
+]
+
+
+def _random_multiplier(M: int, seed: int) -> multipliers.Multiplier:
+    rng = np.random.default_rng(seed)
+    dtype = np.uint8 if M <= 7 else np.uint16
+    top = 7 if M <= 7 else 15
+    r = rng.integers(0, 1 << M, size=4**M)
+    c = rng.integers(0, 2, size=4**M)
+    return multipliers.from_lut(((c << top) | r).astype(dtype), M, name=f"random{M}")
+
+
+def _values(rng, shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _special_values() -> np.ndarray:
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    return np.array(
+        [0.0, -0.0, 1.0, -1.5, tiny, -tiny, tiny / 8, -tiny / 4, np.inf, -np.inf, np.nan,
+         3e38, -2e38, 1e-20, -3e-25, 1e20, 7.0, -0.1],
+        dtype=np.float32,
+    )
+
+
+def _assert_bits_equal(got, want):
+    got = np.asarray(got, np.float32)
+    want = np.asarray(want, np.float32)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _assert_within_bound(got, ref, abs_sum, K):
+    ok = reference.bound_ok(np.asarray(got), ref, abs_sum, K)
+    assert ok.all(), f"{(~ok).sum()} entries outside the SPEC bound"
+
+
+@pytest.fixture(params=sorted(MULTIPLIERS), scope="module")
+def mult(request):
+    return MULTIPLIERS[request.param]()
+
+
+# --------------------------------------------------------------------------
+# Elementwise products: bit-exact.
+
+
+def test_multiply_random_pairs_bit_exact(mult):
+    rng = np.random.default_rng(0)
+    a = _values(rng, (100_000,), 10.0)
+    b = _values(rng, (100_000,), 0.1)
+    got = approx_jax.multiply(a, b, mult)
+    _assert_bits_equal(got, reference.product(a, b, mult.lut, mult.mbits))
+
+
+def test_multiply_every_mantissa_pair_bit_exact(mult):
+    M = mult.mbits
+    grid = (1.0 + np.arange(1 << M, dtype=np.float64) / (1 << M)).astype(np.float32)
+    # Random low (ignored) mantissa bits and exponents exercise truncation.
+    rng = np.random.default_rng(1)
+    low = rng.integers(0, 1 << (23 - M), size=grid.shape, dtype=np.uint32)
+    a = (grid.view(np.uint32) | low).view(np.float32)[:, None] * np.float32(4.0)
+    b = -grid[None, :] * np.float32(0.25)
+    got = approx_jax.multiply(a, b, mult)
+    _assert_bits_equal(got, reference.product(np.broadcast_to(a, got.shape), np.broadcast_to(b, got.shape), mult.lut, M))
+
+
+def test_multiply_special_values_bit_exact(mult):
+    s = _special_values()
+    a, b = np.meshgrid(s, s, indexing="ij")
+    got = approx_jax.multiply(a, b, mult)
+    want = reference.product(a, b, mult.lut, mult.mbits)
+    _assert_bits_equal(got, want)
+    # Spot checks of SPEC section 2 itself.
+    got = np.asarray(got)
+    assert np.isnan(got[s == np.inf][:, s == 0.0]).all()  # Inf * 0
+    assert np.isnan(got[s == np.inf][:, (np.abs(s) < np.finfo(np.float32).tiny) & (s != 0)]).all()
+    assert (got[s == 1e-20][:, s == -3e-25] == 0).all()  # underflow flushed
+    assert np.signbit(got[s == 1e-20][:, s == -3e-25]).all()
+    assert np.isposinf(got[s == 3e38][:, s == 1e20]).all()  # overflow
+
+
+def test_multiply_broadcasting_and_dtypes():
+    m = multipliers.mbm(7)
+    rng = np.random.default_rng(2)
+    a = _values(rng, (3, 1, 5))
+    b = _values(rng, (4, 1))
+    got = approx_jax.multiply(a, b, m)
+    assert got.shape == (3, 4, 5)
+    want = reference.product(*np.broadcast_arrays(a, b), m.lut, 7)
+    _assert_bits_equal(got, want)
+    got16 = approx_jax.multiply(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), m)
+    assert got16.dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------
+# Dot / matmul: sums within the SPEC bound.
+
+
+@pytest.mark.parametrize("x_shape,w_shape", DOT_SHAPES)
+def test_approx_dot_matches_reference(mult, x_shape, w_shape):
+    rng = np.random.default_rng(5)
+    x = _values(rng, x_shape)
+    w = _values(rng, w_shape)
+    got = approx_jax.approx_dot(x, w, mult)
+    assert got.shape == x_shape[:-1] + w_shape[1:]
+    assert got.dtype == jnp.float32
+    ref, abs_sum = reference.dot_with_bound(x.reshape(int(np.prod(x_shape[:-1])), x_shape[-1]), w, mult.lut, mult.mbits)
+    _assert_within_bound(np.asarray(got).reshape(ref.shape), ref, abs_sum, x_shape[-1])
+
+
+def test_approx_dot_k1_is_bit_exact(mult):
+    rng = np.random.default_rng(6)
+    x = _values(rng, (7, 1))
+    w = _values(rng, (1, 5))
+    got = approx_jax.approx_dot(x, w, mult)
+    _assert_bits_equal(got, reference.product(x, w, mult.lut, mult.mbits))
+
+
+def test_approx_dot_special_values(mult):
+    s = _special_values()
+    x = np.stack([s, s[::-1], np.roll(s, 3)])
+    w = np.stack([s, np.ones_like(s), np.roll(s, 5), -s], axis=1)
+    got = approx_jax.approx_dot(x, w, mult)
+    ref, abs_sum = reference.dot_with_bound(x, w, mult.lut, mult.mbits)
+    _assert_within_bound(got, ref, abs_sum, s.size)
+
+
+@pytest.mark.parametrize(
+    "a_shape,b_shape",
+    [((2, 3, 5, 6), (3, 6, 4)), ((4, 7, 9), (4, 9, 2)), ((1, 5, 3), (6, 3, 8)), ((5, 6), (2, 6, 3))],
+)
+def test_approx_matmul_matches_reference(a_shape, b_shape):
+    m = multipliers.mitchell(7)
+    rng = np.random.default_rng(7)
+    a = _values(rng, a_shape)
+    b = _values(rng, b_shape)
+    got = approx_jax.approx_matmul(a, b, m)
+    ref, abs_sum = reference.matmul_with_bound(a, b, m.lut, 7)
+    assert got.shape == ref.shape
+    _assert_within_bound(got, ref, abs_sum, a_shape[-1])
+
+
+def test_operand_order_matters():
+    m = multipliers.mitchell(3)
+    # Asymmetric random LUT: swapping operands changes the products.
+    r = _random_multiplier(3, seed=11)
+    a = np.float32([1.25, 1.625])
+    b = np.float32([1.875, 1.125])
+    assert not np.array_equal(np.asarray(approx_jax.multiply(a, b, r)), np.asarray(approx_jax.multiply(b, a, r)))
+    x = a[None, :]
+    w = b[:, None]
+    _assert_bits_equal(
+        approx_jax.approx_dot(x[:, :1], w[:1], m), reference.product(x[:, :1], w[:1], m.lut, 3)
+    )
+
+
+# --------------------------------------------------------------------------
+# Gradients vs the reference VJP.
+
+
+@pytest.mark.parametrize("backward", ["approx", "exact"])
+def test_approx_dot_gradients(mult, backward):
+    rng = np.random.default_rng(8)
+    x = _values(rng, (2, 3, 11))
+    w = _values(rng, (11, 6))
+    dy = _values(rng, (2, 3, 6))
+
+    def f(x, w):
+        return approx_jax.approx_dot(x, w, mult, backward=backward)
+
+    _, vjp = jax.vjp(f, x, w)
+    dx, dw = vjp(dy)
+    (rdx, dx_abs), (rdw, dw_abs) = reference.dot_vjp(x, w, dy, mult.lut, mult.mbits, backward, with_bound=True)
+    _assert_within_bound(dx, rdx, dx_abs, 6)
+    _assert_within_bound(dw, rdw, dw_abs, 6)
+
+
+def test_jit_grad_acceptance():
+    m = multipliers.mbm(7)
+    rng = np.random.default_rng(9)
+    x = _values(rng, (16, 32))
+    w = _values(rng, (32, 8))
+    g = jax.jit(jax.grad(lambda w: approx_jax.approx_dot(x, w, m).sum()))(w)
+    _, (rdw, dw_abs) = reference.dot_vjp(x, w, np.ones((16, 8), np.float32), m.lut, 7, with_bound=True)
+    _assert_within_bound(g, rdw, dw_abs, 16)
+
+
+@pytest.mark.parametrize("backward", ["approx", "exact"])
+def test_matmul_and_multiply_gradients(backward):
+    m = multipliers.mbm(5)
+    rng = np.random.default_rng(10)
+    a = _values(rng, (2, 4, 5))
+    b = _values(rng, (5, 3))
+    dy = _values(rng, (2, 4, 3))
+    _, vjp = jax.vjp(lambda a, b: approx_jax.approx_matmul(a, b, m, backward=backward), a, b)
+    da, db = vjp(dy)
+    (rda, da_abs), (rdb, db_abs) = reference.dot_vjp(a, b, dy, m.lut, 5, backward, with_bound=True)
+    _assert_within_bound(da, rda, da_abs, 3)
+    _assert_within_bound(db, rdb, db_abs, 8)
+
+    x = _values(rng, (4, 1))
+    y = _values(rng, (1, 3))
+    g = _values(rng, (4, 3))
+    _, vjp = jax.vjp(lambda x, y: approx_jax.multiply(x, y, m, backward=backward), x, y)
+    dx, dy_ = vjp(g)
+    xb, yb = np.broadcast_arrays(x, y)
+    if backward == "approx":
+        want_dx = reference.product(g, yb, m.lut, 5).astype(np.float64).sum(1, keepdims=True)
+        want_dy = reference.product(xb, g, m.lut, 5).astype(np.float64).sum(0, keepdims=True)
+    else:
+        want_dx = (g.astype(np.float64) * yb).sum(1, keepdims=True)
+        want_dy = (xb.astype(np.float64) * g).sum(0, keepdims=True)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dy_, want_dy, rtol=1e-6, atol=1e-6)
+
+
+def test_no_gradient_flows_into_lut():
+    m = multipliers.mbm(7)
+    x = np.ones((2, 3), np.float32)
+    w = np.ones((3, 2), np.float32)
+    grads = jax.grad(lambda m, w: approx_jax.approx_dot(x, w, m).sum(), argnums=(0, 1), allow_int=True)(m, w)
+    assert grads[0].lut.dtype == jax.dtypes.float0
+
+
+# --------------------------------------------------------------------------
+# jit, exact dispatch, determinism.
+
+
+def test_jit_and_eager_identical_bits(mult):
+    rng = np.random.default_rng(12)
+    x = _values(rng, (33, 70))
+    w = _values(rng, (70, 19))
+    eager = approx_jax.approx_dot(x, w, mult)
+    jitted = jax.jit(lambda x, w, m: approx_jax.approx_dot(x, w, m))(x, w, mult)
+    again = jax.jit(lambda x, w, m: approx_jax.approx_dot(x, w, m))(x, w, mult)
+    _assert_bits_equal(eager, jitted)
+    _assert_bits_equal(jitted, again)
+
+
+def test_designs_of_same_width_share_one_compilation():
+    traces = []
+
+    @jax.jit
+    def f(x, w, m):
+        traces.append(1)
+        return approx_jax.approx_dot(x, w, m)
+
+    x = np.ones((2, 3), np.float32)
+    w = np.ones((3, 2), np.float32)
+    f(x, w, multipliers.mbm(7))
+    f(x, w, multipliers.mitchell(7))
+    assert len(traces) == 1
+
+
+def test_exact_dispatches_to_native():
+    rng = np.random.default_rng(13)
+    x = _values(rng, (4, 9))
+    w = _values(rng, (9, 3))
+    got = approx_jax.approx_dot(x, w, multipliers.exact())
+    _assert_bits_equal(got, jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST))
+    hlo = jax.jit(lambda x, w: approx_jax.approx_dot(x, w, "fp32")).lower(x, w).as_text()
+    assert "custom_call" not in hlo
+    assert "approx_jax_gemm" in jax.jit(lambda x, w: approx_jax.approx_dot(x, w, "mbm7")).lower(x, w).as_text()
+
+
+def test_names_resolve():
+    rng = np.random.default_rng(14)
+    x = _values(rng, (3, 5))
+    w = _values(rng, (5, 2))
+    _assert_bits_equal(approx_jax.approx_dot(x, w, "mbm7"), approx_jax.approx_dot(x, w, multipliers.mbm(7)))
+
+
+# --------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = multipliers.mbm(7)
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="x"):
+        approx_jax.approx_dot(np.ones((2, 3), np.int32), np.ones((3, 2), np.float32), m)
+    with pytest.raises(ValueError, match="contracting"):
+        approx_jax.approx_dot(x, np.ones((4, 2), np.float32), m)
+    with pytest.raises(ValueError, match="w"):
+        approx_jax.approx_dot(x, np.ones((3,), np.float32), m)
+    with pytest.raises(ValueError, match="backward"):
+        approx_jax.approx_dot(x, np.ones((3, 2), np.float32), m, backward="nope")
+    with pytest.raises(TypeError, match="multiplier"):
+        approx_jax.approx_dot(x, np.ones((3, 2), np.float32), 7)
+    with pytest.raises(ValueError):
+        approx_jax.approx_dot(x, np.ones((3, 2), np.float32), "mbm12")
+    with pytest.raises(ValueError, match="broadcast"):
+        approx_jax.multiply(np.ones(3, np.float32), np.ones(4, np.float32), m)
+    with pytest.raises(ValueError, match="batch"):
+        approx_jax.approx_matmul(np.ones((2, 3, 4), np.float32), np.ones((5, 4, 2), np.float32), m)
+    with pytest.raises(TypeError):
+        approx_jax.multiply(np.ones(3, bool), np.ones(3, np.float32), m)

@@ -1,0 +1,115 @@
+"""vmap over stacks of multiplier designs: one custom call, same bits."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import approx_jax
+from approx_jax import multipliers
+
+DESIGNS = [multipliers.mbm(7), multipliers.mitchell(7), multipliers.truncate(5), multipliers.mbm(3)]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return multipliers.stack(DESIGNS)
+
+
+def _bits(x):
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+def _singles(stack):
+    return multipliers.unstack(stack)
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((6, 13)).astype(np.float32)
+    w = rng.standard_normal((13, 5)).astype(np.float32)
+    return x, w
+
+
+OPS = {
+    "dot": lambda x, w, m: approx_jax.approx_dot(x, w, m),
+    "matmul": lambda x, w, m: approx_jax.approx_matmul(x[None], w[None], m),
+    "multiply": lambda x, w, m: approx_jax.multiply(x[:, :5], w[:6], m),
+    "conv": lambda x, w, m: approx_jax.approx_conv(
+        x.reshape(1, 6, 13, 1), w[:9].reshape(3, 3, 1, 5), m, window_strides=(1, 1), padding="SAME"
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_vmapped_equals_per_design(stack, op):
+    x, w = _data()
+    fn = OPS[op]
+    batched = jax.jit(jax.vmap(fn, in_axes=(None, None, 0)))(x, w, stack)
+    for d, single in enumerate(_singles(stack)):
+        np.testing.assert_array_equal(_bits(batched[d]), _bits(fn(x, w, single)))
+    # A stacked multiplier passed directly gives the same leading design axis.
+    np.testing.assert_array_equal(_bits(fn(x, w, stack)), _bits(batched))
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_vmapped_op_is_one_custom_call_without_loop(stack, op):
+    x, w = _data()
+    text = _hlo(jax.vmap(OPS[op], in_axes=(None, None, 0)), x, w, stack)
+    assert text.count("stablehlo.custom_call") == 1, text
+    assert "stablehlo.while" not in text
+    # The shared activations are not copied per design (no f32 broadcast to
+    # a leading design axis of size 4).
+    assert not re.search(r"broadcast_in_dim.*-> tensor<4x[0-9x]*xf32>", text), text
+
+
+def test_vmap_grad_and_grad_vmap(stack):
+    x, w = _data(1)
+
+    def loss(w, m):
+        return jnp.sum(approx_jax.approx_dot(x, w, m) ** 2)
+
+    per_design = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, stack)
+    for d, single in enumerate(_singles(stack)):
+        np.testing.assert_array_equal(_bits(per_design[d]), _bits(jax.grad(loss)(w, single)))
+    text = _hlo(jax.vmap(jax.grad(loss), in_axes=(None, 0)), w, stack)
+    assert "stablehlo.while" not in text
+    assert text.count("stablehlo.custom_call") == 2  # forward and dw (x is a constant)
+
+    total = jax.grad(lambda w: jax.vmap(loss, in_axes=(None, 0))(w, stack).sum())(w)
+    want = sum(np.asarray(jax.grad(loss)(w, s), np.float64) for s in _singles(stack))
+    np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batching_parameters_per_design(stack):
+    # One set of weights per design (the sweep case) and nested vmaps.
+    x, w = _data(2)
+    ws = jnp.stack([w * (d + 1) for d in range(len(DESIGNS))])
+    out = jax.jit(jax.vmap(lambda w, m: approx_jax.approx_dot(x, w, m)))(ws, stack)
+    for d, single in enumerate(_singles(stack)):
+        np.testing.assert_array_equal(_bits(out[d]), _bits(approx_jax.approx_dot(x, ws[d], single)))
+    xs = jnp.stack([x, -x, 2 * x])
+    nested = jax.vmap(lambda m: jax.vmap(lambda x: approx_jax.approx_dot(x, w, m))(xs))(stack)
+    assert nested.shape == (len(DESIGNS), 3, 6, 5)
+    for d, single in enumerate(_singles(stack)):
+        for i in range(3):
+            np.testing.assert_array_equal(_bits(nested[d, i]), _bits(approx_jax.approx_dot(xs[i], w, single)))
+    nested_t = jax.vmap(lambda x: jax.vmap(lambda m: approx_jax.approx_dot(x, w, m))(stack))(xs)
+    np.testing.assert_array_equal(_bits(nested_t), _bits(jnp.swapaxes(nested, 0, 1)))
+
+
+def test_stack_pads_to_common_width(stack):
+    assert stack.mbits == 7
+    x, w = _data(3)
+    np.testing.assert_array_equal(
+        _bits(jax.vmap(lambda m: approx_jax.approx_dot(x, w, m))(stack)[3]),
+        _bits(approx_jax.approx_dot(x, w, multipliers.mbm(3))),
+    )
