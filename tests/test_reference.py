@@ -8,6 +8,8 @@ import itertools
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from approx_jax._src import lut as lut_lib
 from approx_jax._src import reference
@@ -512,3 +514,57 @@ def test_conv_group_mismatch_raises():
         reference.conv_general_dilated(
             _random((1, 4, 5), 0), _random((3, 2, 3), 1), TRUNC7, 7, feature_group_count=2
         )
+
+
+# ---------------------------------------------------------------------------
+# Property test: vectorised reference == scalar transcription of SPEC section 2
+# ---------------------------------------------------------------------------
+
+
+def spec_scalar(a_bits: int, b_bits: int, stored, M: int) -> int:
+    """SPEC section 2, one scalar at a time, in plain Python integers."""
+    s = ((a_bits ^ b_bits) >> 31) << 31
+    ea, eb = (a_bits >> 23) & 0xFF, (b_bits >> 23) & 0xFF
+    fa, fb = a_bits & 0x7FFFFF, b_bits & 0x7FFFFF
+    if (ea == 255 and fa) or (eb == 255 and fb):
+        return NAN
+    if ea == 255 or eb == 255:
+        return NAN if (ea == 0 or eb == 0) else s | INF
+    if ea == 0 or eb == 0:
+        return s
+    entry = int(stored[((fa >> (23 - M)) << M) | (fb >> (23 - M))])
+    top = 7 if M <= 7 else 15
+    c, r = entry >> top, entry & ((1 << M) - 1)
+    if ea + eb - 127 <= 0:
+        return s
+    e = ea + eb - 127 + c
+    if e >= 255:
+        return s | INF
+    return s | (e << 23) | (r << (23 - M))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    M=st.integers(1, 11),
+    seed=st.integers(0, 2**32 - 1),
+    a_bits=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=40),
+    b_bits=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=40),
+)
+def test_product_bits_matches_scalar_spec(M, seed, a_bits, b_bits):
+    rng = np.random.default_rng(seed)
+    stored = lut_lib.encode(rng.integers(0, 2, 4**M), rng.integers(0, 1 << M, 4**M), M)
+    n = min(len(a_bits), len(b_bits))
+    # Bias the exponents towards the interesting edges (0, 1, 126..128, 254, 255).
+    edges = np.array([0, 1, 63, 64, 126, 127, 128, 190, 191, 254, 255], np.uint32)
+    a = np.array(a_bits[:n], np.uint32)
+    b = np.array(b_bits[:n], np.uint32)
+    a = np.where(
+        rng.random(n) < 0.5, (a & ~np.uint32(0x7F800000)) | (rng.choice(edges, n) << 23), a
+    )
+    b = np.where(
+        rng.random(n) < 0.5, (b & ~np.uint32(0x7F800000)) | (rng.choice(edges, n) << 23), b
+    )
+    a, b = a.astype(np.uint32), b.astype(np.uint32)
+    got = reference.product_bits(a.view(np.float32), b.view(np.float32), stored, M)
+    expected = [spec_scalar(int(x), int(y), stored, M) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_array_equal(got, np.array(expected, np.uint32))
