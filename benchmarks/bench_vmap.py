@@ -1,0 +1,92 @@
+"""A sweep of 8 multiplier designs: one vmapped step vs 8 separate steps.
+
+Measures, in the same run and alternately, (a) an approximate GEMM and (b) a
+LeNet-5 train step (params and optimizer state stacked along the design axis)
+for 8 designs in one jit-compiled vmapped call, against 8 calls of the
+single-design jitted function. Prints the time ratio.
+
+Usage:
+  python benchmarks/bench_vmap.py [--reps 5] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import alternating_medians, thread_note  # noqa: E402
+
+import approx_jax  # noqa: E402
+from approx_jax import models, multipliers  # noqa: E402
+
+DESIGNS = ["mbm7", "mitchell7", "truncate7", "mbm5", "mitchell5", "truncate5", "mbm3", "mitchell3"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    singles = [multipliers.get(n) for n in DESIGNS]
+    stack = multipliers.stack(singles)
+    padded = multipliers.unstack(stack)  # same M for all: one compilation for the loop
+    rows = []
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((512, 512), np.float32))
+    w = jnp.asarray(rng.standard_normal((512, 512), np.float32))
+    one = jax.jit(lambda x, w, m: approx_jax.approx_dot(x, w, m))
+    many = jax.jit(jax.vmap(lambda x, w, m: approx_jax.approx_dot(x, w, m), in_axes=(None, None, 0)))
+    t = alternating_medians(
+        {"vmapped": lambda: many(x, w, stack), "loop": lambda: [one(x, w, m) for m in padded]}, args.reps
+    )
+    rows.append(("GEMM 512^3", t["vmapped"], t["loop"]))
+
+    model = models.create("lenet5")
+    xb = jnp.asarray(rng.random((args.batch, 28, 28, 1), np.float32))
+    yb = jnp.asarray(rng.integers(0, 10, args.batch))
+    opt = optax.adam(1e-3)
+    params = model.init(jax.random.PRNGKey(0), xb)
+    state = opt.init(params)
+
+    def step(p, s, m):
+        def loss_fn(p):
+            logits = model.apply(p, xb, m)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    stacked = lambda tree: jax.tree_util.tree_map(lambda v: jnp.stack([v] * len(DESIGNS)), tree)  # noqa: E731
+    params_d, state_d = stacked(params), stacked(state)
+    one_step = jax.jit(step)
+    many_step = jax.jit(jax.vmap(step))
+    t = alternating_medians(
+        {
+            "vmapped": lambda: many_step(params_d, state_d, stack),
+            "loop": lambda: [one_step(params, state, m) for m in padded],
+        },
+        args.reps,
+    )
+    rows.append((f"LeNet-5 train step (batch {args.batch})", t["vmapped"], t["loop"]))
+
+    table = Table(title=f"8 designs: one vmapped call vs 8 calls ({thread_note()})")
+    for col in ("case", "vmapped ms", "8 calls ms", "vmapped / 8 calls"):
+        table.add_column(col)
+    for case, tv, tl in rows:
+        table.add_row(case, f"{tv * 1e3:.1f}", f"{tl * 1e3:.1f}", f"{tv / tl:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
