@@ -77,7 +77,9 @@ class _Label:
     compiled program for all designs of the same width: a design sweep costs
     one compilation, not one per design. The consequence is that code traced
     under jit must not branch on a Multiplier's name (the kernels use only
-    ``mbits`` and the LUT, which is all that defines the arithmetic).
+    ``mbits`` and the LUT, which is all that defines the arithmetic), and a
+    Multiplier *returned* from a cached jitted function carries the name of the
+    design it was first traced with.
     """
 
     __slots__ = ("name", "metadata")
