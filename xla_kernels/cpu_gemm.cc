@@ -1,14 +1,86 @@
-// Straightforward reference-speed kernel: one SPEC product per
-// multiply-accumulate, k summed in ascending order.
+// CPU approximate GEMM: dispatches to the vectorised kernels (AVX-512 or AVX2,
+// chosen at run time; see cpu_gemm_simd_impl.h) and keeps a portable scalar
+// kernel for other CPUs and for LUTs the fast paths decline.
+//
+// Every path sums each output element sequentially over k in ascending order
+// starting from +0 (the naive kernel's order), and every product is exactly
+// ApproxMulBits: results are bit-identical across paths, blockings and thread
+// counts.
 #include "cpu_gemm.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+#include <thread>
+#include <unistd.h>
+
 #include "approx_math.h"
+#include "cpu_gemm_simd.h"
 
 namespace approx_jax {
+namespace gemm_internal {
 
-std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for) {
+int g_force_strategy = 0;
+int g_force_isa = 0;
+
+namespace {
+
+struct ScratchSet {
+  void* ptr[kScratchSlots] = {};
+  size_t size[kScratchSlots] = {};
+  ~ScratchSet() {
+    for (void* p : ptr) std::free(p);
+  }
+};
+
+thread_local ScratchSet t_scratch;
+
+}  // namespace
+
+void* ThreadScratch(int slot, size_t bytes) {
+  ScratchSet& s = t_scratch;
+  if (bytes == 0) bytes = 64;
+  if (s.size[slot] >= bytes) return s.ptr[slot];
+  std::free(s.ptr[slot]);
+  s.ptr[slot] = nullptr;
+  s.size[slot] = 0;
+  // Round up (aligned_alloc wants a multiple of the alignment) and leave room
+  // for vector over-reads of padded buffers.
+  const size_t rounded = (bytes + 64 + 4095) & ~static_cast<size_t>(4095);
+  void* p = std::aligned_alloc(64, rounded);
+  if (p == nullptr) return nullptr;
+  s.ptr[slot] = p;
+  s.size[slot] = rounded - 64;
+  return p;
+}
+
+int HardwareThreads() {
+  static const int n = [] {
+    const unsigned h = std::thread::hardware_concurrency();
+    return h == 0 ? 1 : static_cast<int>(std::min(h, 256u));
+  }();
+  return n;
+}
+
+size_t L2CacheBytes() {
+  static const size_t n = [] {
+    long v = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (v < (64 << 10) || v > (64 << 20)) v = 1 << 20;
+    return static_cast<size_t>(v);
+  }();
+  return n;
+}
+
+}  // namespace gemm_internal
+
+namespace {
+
+// Portable kernel: per output row, k ascending, row of accumulators.
+void ScalarGemm(const GemmProblem& p, const ParallelFor& parallel_for) {
   const int64_t rows = p.designs * p.batch * p.m;
-  if (rows == 0 || p.n == 0) return {};
   constexpr int64_t kRowsPerTask = 8;
   const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
   parallel_for(tasks, [&](int64_t task) {
@@ -18,19 +90,72 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
       const int64_t db = row / p.m;
       const int64_t bi = db % p.batch;
       const int64_t d = db / p.batch;
-      const float* a_row = p.a + d * p.a_design_stride + bi * p.a_batch_stride + i * p.k;
-      const float* b_mat = p.b + d * p.b_design_stride + bi * p.b_batch_stride;
+      const uint32_t* a_row = reinterpret_cast<const uint32_t*>(
+          p.a + d * p.a_design_stride + bi * p.a_batch_stride + i * p.k);
+      const uint32_t* b_mat =
+          reinterpret_cast<const uint32_t*>(p.b + d * p.b_design_stride + bi * p.b_batch_stride);
       const uint32_t* lut = p.lut + d * p.lut_design_stride;
       float* out_row = p.out + row * p.n;
-      for (int64_t j = 0; j < p.n; ++j) {
-        float acc = 0.0f;
-        for (int64_t kk = 0; kk < p.k; ++kk) {
-          acc += ApproxMul(a_row[kk], b_mat[kk * p.n + j], lut, p.mbits);
+      std::fill(out_row, out_row + p.n, 0.0f);
+      for (int64_t kk = 0; kk < p.k; ++kk) {
+        const uint32_t av = a_row[kk];
+        const uint32_t* b_row = b_mat + kk * p.n;
+        for (int64_t j = 0; j < p.n; ++j) {
+          out_row[j] += BitsFloat(ApproxMulBits(av, b_row[j], lut, p.mbits));
         }
-        out_row[j] = acc;
       }
     }
   });
+}
+
+struct RunnerCtx {
+  const ParallelFor* pf;
+};
+
+void RunViaParallelFor(void* ctx, int64_t num_tasks, gemm_internal::TaskFn fn, void* arg) {
+  const ParallelFor& pf = *static_cast<RunnerCtx*>(ctx)->pf;
+  pf(num_tasks, [fn, arg](int64_t t) { fn(arg, t); });
+}
+
+int BestIsa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const int isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      return 3;
+    if (__builtin_cpu_supports("avx2")) return 2;
+    return 1;
+  }();
+  return isa;
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for) {
+  const int64_t rows = p.designs * p.batch * p.m;
+  if (rows == 0 || p.n == 0) return {};
+  try {
+    int isa = BestIsa();
+    if (gemm_internal::g_force_isa > 0) isa = std::min(isa, gemm_internal::g_force_isa);
+    RunnerCtx rctx{&parallel_for};
+    const gemm_internal::Runner runner{&rctx, &RunViaParallelFor};
+    int status = gemm_internal::kSimdDeclined;
+    if (isa >= 3) {
+      status = gemm_internal::GemmAvx512(p, runner);
+    } else if (isa == 2) {
+      status = gemm_internal::GemmAvx2(p, runner);
+    }
+    if (status == gemm_internal::kSimdNoMemory) {
+      return "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
+    }
+    if (status == gemm_internal::kSimdDeclined) ScalarGemm(p, parallel_for);
+  } catch (const std::bad_alloc&) {
+    return "approx_jax_gemm: out of memory";
+  }
   return {};
 }
 

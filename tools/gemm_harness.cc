@@ -1,0 +1,443 @@
+// Standalone test and benchmark harness for the CPU approximate GEMM.
+//
+//   g++ -O3 -std=c++17 -ffp-contract=off -Ixla_kernels tools/gemm_harness.cc \
+//       xla_kernels/cpu_gemm*.cc -lpthread -o /tmp/gemm_harness
+//   /tmp/gemm_harness test          # correctness (exits 1 on any mismatch)
+//   /tmp/gemm_harness bench [reps]  # GFLOP/s at the benchmark shapes
+//
+// Correctness: every output is compared bit for bit with the naive kernel
+// (one ApproxMulBits product per term, k ascending from +0: the new kernel
+// keeps exactly that order), and independently against a float64 sum of the
+// SPEC products with the bound |got - ref| <= K * 2^-24 * sum |P_k| and with
+// NaN/Inf positions as float accumulation gives them.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "approx_math.h"
+#include "cpu_gemm.h"
+#include "cpu_gemm_simd.h"
+
+using namespace approx_jax;
+
+namespace {
+
+// ---------------------------------------------------------------- threading
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int w = 0; w < workers; ++w) threads_.emplace_back([this] { Loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  // Tasks handed out dynamically (like XLA's pool), caller participates.
+  void Run(int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n <= 0) return;
+    std::atomic<int64_t> next{0}, done{0};
+    auto drain = [&] {
+      for (int64_t t; (t = next.fetch_add(1)) < n;) {
+        fn(t);
+        done.fetch_add(1);
+      }
+    };
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      job_ = drain;
+      ++gen_;
+    }
+    cv_.notify_all();
+    drain();
+    while (done.load() < n) std::this_thread::yield();
+    std::unique_lock<std::mutex> l(mu_);
+    job_ = nullptr;
+    done_cv_.wait(l, [&] { return busy_ == 0; });
+  }
+
+ private:
+  void Loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      cv_.wait(l, [&] { return stop_ || (gen_ != seen && job_); });
+      if (stop_) return;
+      seen = gen_;
+      auto job = job_;
+      ++busy_;
+      l.unlock();
+      job();
+      l.lock();
+      --busy_;
+      done_cv_.notify_all();
+    }
+  }
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::function<void()> job_;
+  uint64_t gen_ = 0;
+  int busy_ = 0;
+  bool stop_ = false;
+};
+
+ParallelFor SerialFor() {
+  return [](int64_t n, const std::function<void(int64_t)>& fn) {
+    for (int64_t t = 0; t < n; ++t) fn(t);
+  };
+}
+ParallelFor ReverseFor() {
+  return [](int64_t n, const std::function<void(int64_t)>& fn) {
+    for (int64_t t = n - 1; t >= 0; --t) fn(t);
+  };
+}
+ParallelFor PoolFor(Pool* pool) {
+  return [pool](int64_t n, const std::function<void(int64_t)>& fn) { pool->Run(n, fn); };
+}
+
+// ---------------------------------------------------------------- reference
+void NaiveGemm(const GemmProblem& p) {
+  for (int64_t d = 0; d < p.designs; ++d)
+    for (int64_t bi = 0; bi < p.batch; ++bi) {
+      const float* a = p.a + d * p.a_design_stride + bi * p.a_batch_stride;
+      const float* b = p.b + d * p.b_design_stride + bi * p.b_batch_stride;
+      const uint32_t* lut = p.lut + d * p.lut_design_stride;
+      float* out = p.out + (d * p.batch + bi) * p.m * p.n;
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int64_t j = 0; j < p.n; ++j) {
+          float acc = 0.0f;
+          for (int64_t k = 0; k < p.k; ++k) acc += ApproxMul(a[i * p.k + k], b[k * p.n + j], lut, p.mbits);
+          out[i * p.n + j] = acc;
+        }
+    }
+}
+
+// Independent check against float64 sums of the SPEC products.
+int64_t CheckBound(const GemmProblem& p, const float* got) {
+  int64_t bad = 0;
+  for (int64_t d = 0; d < p.designs; ++d)
+    for (int64_t bi = 0; bi < p.batch; ++bi) {
+      const float* a = p.a + d * p.a_design_stride + bi * p.a_batch_stride;
+      const float* b = p.b + d * p.b_design_stride + bi * p.b_batch_stride;
+      const uint32_t* lut = p.lut + d * p.lut_design_stride;
+      const float* out = got + (d * p.batch + bi) * p.m * p.n;
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int64_t j = 0; j < p.n; ++j) {
+          double sum = 0, mag = 0;
+          bool nan = false, pinf = false, ninf = false;
+          for (int64_t k = 0; k < p.k; ++k) {
+            const float pr = ApproxMul(a[i * p.k + k], b[k * p.n + j], lut, p.mbits);
+            if (std::isnan(pr)) nan = true;
+            else if (std::isinf(pr)) (pr > 0 ? pinf : ninf) = true;
+            else { sum += pr; mag += std::fabs(pr); }
+          }
+          const float g = out[i * p.n + j];
+          bool ok;
+          if (nan || (pinf && ninf)) ok = std::isnan(g);
+          else if (mag >= 3.0e38) ok = true;  // partial sums may overflow: Inf or Inf-Inf
+          else if (pinf) ok = std::isnan(g) ? false : (std::isinf(g) && g > 0);
+          else if (ninf) ok = std::isinf(g) && g < 0;
+          else if (std::isnan(g)) ok = false;
+          else if (std::isinf(g)) ok = std::fabs(sum) > 3.0e38;  // float overflow of the sum
+          else ok = std::fabs(g - sum) <= p.k * std::ldexp(1.0, -24) * mag + 1e-300;
+          // Canonical NaN: products are 0x7fc00000; sums of them keep it, and
+          // Inf - Inf gives the x86 default NaN; accept either quiet NaN.
+          if (!ok) {
+            if (bad < 5)
+              std::printf("    bound fail d=%lld b=%lld i=%lld j=%lld got=%g ref=%g mag=%g\n",
+                          (long long)d, (long long)bi, (long long)i, (long long)j, g, sum, mag);
+            ++bad;
+          }
+        }
+    }
+  return bad;
+}
+
+// ---------------------------------------------------------------- data
+std::vector<uint32_t> MakeLut(int m, int kind, std::mt19937& rng) {
+  const int n = 1 << m;
+  std::vector<uint32_t> lut(static_cast<size_t>(n) * n);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      uint32_t c, r;
+      if (kind == 0) {  // random r and carry
+        c = rng() & 1u;
+        r = rng() & (n - 1);
+      } else if (kind == 1) {  // all carries set, max mantissa (worst for overflow)
+        c = 1;
+        r = n - 1;
+      } else {  // truncate(M): (1+x)(1+y) truncated to M bits
+        const double p = (1.0 + double(i) / n) * (1.0 + double(j) / n);
+        c = p >= 2.0 ? 1 : 0;
+        const double f = c ? p / 2.0 : p;
+        r = static_cast<uint32_t>(std::floor((f - 1.0) * n));
+      }
+      lut[(size_t(i) << m) | j] = (c << 23) | (r << (23 - m));
+    }
+  return lut;
+}
+
+// special: probability of a special operand (zero/-0/subnormal/Inf/NaN/huge/tiny).
+float RandomValue(std::mt19937& rng, double special, int exp_lo, int exp_hi) {
+  std::uniform_real_distribution<double> U(0, 1);
+  const uint32_t sign = (rng() & 1u) << 31;
+  const uint32_t mant = rng() & kMantMask;
+  if (U(rng) < special) {
+    switch (rng() % 9) {
+      case 0: return 0.0f;
+      case 1: return -0.0f;
+      case 2: return BitsFloat(sign | (mant | 1u));  // subnormal
+      case 3: return BitsFloat(sign | kInfBits);
+      case 4: return BitsFloat(0x7f800000u | (mant | 1u) | sign);  // NaN with payload
+      case 5: return BitsFloat(sign | (static_cast<uint32_t>(250 + rng() % 5) << 23) | mant);  // huge
+      case 6: return BitsFloat(sign | (static_cast<uint32_t>(1 + rng() % 6) << 23) | mant);  // tiny
+      case 7: return BitsFloat(sign | (127u << 23) | mant);
+      default: return BitsFloat(sign | (static_cast<uint32_t>(60 + rng() % 20) << 23) | mant);  // smallish
+    }
+  }
+  const uint32_t e = static_cast<uint32_t>(exp_lo + rng() % (exp_hi - exp_lo + 1));
+  return BitsFloat(sign | (e << 23) | mant);
+}
+
+struct Case {
+  int64_t designs, batch, m, k, n;
+  bool a_bcast_d, b_bcast_d, a_bcast_b, b_bcast_b, lut_bcast;
+  int mbits;
+  double special;
+  int exp_lo, exp_hi;
+  int lut_kind;
+};
+
+int g_failures = 0;
+
+void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
+  const int64_t ga = c.a_bcast_d ? 1 : c.designs, ba = c.a_bcast_b ? 1 : c.batch;
+  const int64_t gb = c.b_bcast_d ? 1 : c.designs, bb = c.b_bcast_b ? 1 : c.batch;
+  const int64_t gl = c.lut_bcast ? 1 : c.designs;
+  std::vector<float> a(ga * ba * c.m * c.k), b(gb * bb * c.k * c.n);
+  for (auto& x : a) x = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
+  for (auto& x : b) x = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
+  std::vector<uint32_t> lut;
+  for (int64_t d = 0; d < gl; ++d) {
+    auto l = MakeLut(c.mbits, (c.lut_kind + d) % 3, rng);
+    lut.insert(lut.end(), l.begin(), l.end());
+  }
+  GemmProblem p;
+  p.a = a.data();
+  p.b = b.data();
+  p.lut = lut.data();
+  p.designs = c.designs;
+  p.batch = c.batch;
+  p.m = c.m;
+  p.k = c.k;
+  p.n = c.n;
+  p.a_batch_stride = c.a_bcast_b ? 0 : c.m * c.k;
+  p.a_design_stride = c.a_bcast_d ? 0 : ba * c.m * c.k;
+  p.b_batch_stride = c.b_bcast_b ? 0 : c.k * c.n;
+  p.b_design_stride = c.b_bcast_d ? 0 : bb * c.k * c.n;
+  p.lut_design_stride = c.lut_bcast ? 0 : (int64_t{1} << (2 * c.mbits));
+  p.mbits = c.mbits;
+  const size_t out_size = c.designs * c.batch * c.m * c.n;
+  std::vector<float> ref(out_size);
+  p.out = ref.data();
+  NaiveGemm(p);
+  const int64_t bound_bad = CheckBound(p, ref.data());
+  char desc[200];
+  std::snprintf(desc, sizeof desc, "D=%lld B=%lld %lldx%lldx%lld M=%d sp=%.3f e=[%d,%d] lut=%d",
+                (long long)c.designs, (long long)c.batch, (long long)c.m, (long long)c.k,
+                (long long)c.n, c.mbits, c.special, c.exp_lo, c.exp_hi, c.lut_kind);
+  if (bound_bad) {
+    std::printf("FAIL naive bound %s: %lld\n", desc, (long long)bound_bad);
+    ++g_failures;
+  }
+  const ParallelFor fors[3] = {SerialFor(), ReverseFor(), PoolFor(pool)};
+  for (int isa = 1; isa <= 3; ++isa)
+    for (int strat = 0; strat <= 2; ++strat) {
+      if (isa == 1 && strat > 0) continue;
+      for (int f = 0; f < 3; ++f) {
+        gemm_internal::g_force_isa = isa;
+        gemm_internal::g_force_strategy = strat;
+        std::vector<float> out(out_size, std::nanf("1"));
+        p.out = out.data();
+        const std::string err = ApproxGemmCpu(p, fors[f]);
+        gemm_internal::g_force_isa = 0;
+        gemm_internal::g_force_strategy = 0;
+        int64_t diff = 0, first = -1;
+        for (size_t i = 0; i < out_size; ++i) {
+          // NaN sign/payload of a sum is not meaningful: x86 keeps the first
+          // operand's NaN and compilers commute additions freely.
+          const bool same = FloatBits(out[i]) == FloatBits(ref[i]) ||
+                            (std::isnan(out[i]) && std::isnan(ref[i]));
+          if (!same) {
+            if (first < 0) first = i;
+            ++diff;
+          }
+        }
+        if (!err.empty() || diff) {
+          std::printf("FAIL %s isa=%d strat=%d for=%d err='%s' diffs=%lld", desc, isa, strat, f,
+                      err.c_str(), (long long)diff);
+          if (first >= 0)
+            std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(out[first]),
+                        FloatBits(ref[first]));
+          std::printf("\n");
+          ++g_failures;
+        }
+      }
+    }
+}
+
+int Test() {
+  std::mt19937 rng(12345);
+  Pool pool(1);  // + caller = 2 threads
+  const int ms[] = {1, 3, 5, 7, 8, 11};
+  const int64_t shapes[][3] = {{1, 1, 1},   {3, 5, 7},    {17, 33, 65}, {6, 16, 64},
+                               {13, 40, 130}, {64, 70, 96}, {200, 37, 3}, {130, 300, 70},
+                               {1, 64, 200}, {300, 20, 17}};
+  int cases = 0;
+  for (int m : ms)
+    for (auto& s : shapes) {
+      for (int variant = 0; variant < 4; ++variant) {
+        Case c{};
+        c.designs = 1;
+        c.batch = 1;
+        c.m = s[0];
+        c.k = s[1];
+        c.n = s[2];
+        c.mbits = m;
+        c.lut_kind = variant % 3;
+        c.exp_lo = 110;
+        c.exp_hi = 140;
+        if (variant == 0) c.special = 0.0;
+        if (variant == 1) c.special = 0.02;
+        if (variant == 2) {  // wide exponents: overflow/underflow inside products
+          c.special = 0.002;
+          c.exp_lo = 1;
+          c.exp_hi = 254;
+        }
+        if (variant == 3) {  // near the fast-path boundaries
+          c.special = 0.3;
+          c.exp_lo = 60;
+          c.exp_hi = 196;
+        }
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+    }
+  // Broadcast strides over designs and batch.
+  for (int m : {3, 7, 11}) {
+    for (int bc = 0; bc < 8; ++bc) {
+      Case c{};
+      c.designs = 2;
+      c.batch = 3;
+      c.m = 19;
+      c.k = 45;
+      c.n = 70;
+      c.a_bcast_d = bc & 1;
+      c.b_bcast_d = bc & 2;
+      c.a_bcast_b = bc & 4;
+      c.b_bcast_b = !(bc & 4) && (bc & 1);
+      c.lut_bcast = bc & 2;
+      c.mbits = m;
+      c.special = bc == 7 ? 0.05 : 0.0;
+      c.exp_lo = 100;
+      c.exp_hi = 150;
+      c.lut_kind = bc % 3;
+      RunCase(c, rng, &pool);
+      ++cases;
+    }
+  }
+  // Bigger ones (multiple k blocks, row/column chunks).
+  for (int m : {3, 7, 8, 11}) {
+    Case c{};
+    c.designs = 1;
+    c.batch = 1;
+    c.m = 260;
+    c.k = 600;
+    c.n = 150;
+    c.mbits = m;
+    c.special = 0.0005;
+    c.exp_lo = 100;
+    c.exp_hi = 150;
+    RunCase(c, rng, &pool);
+    ++cases;
+  }
+  // Out-of-format LUT (carry field > 1) must still match (scalar path).
+  std::printf("%d cases, %d failures\n", cases, g_failures);
+  return g_failures ? 1 : 0;
+}
+
+// ---------------------------------------------------------------- bench
+double TimeIt(const std::function<void()>& f, int reps) {
+  std::vector<double> ts;
+  f();
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    f();
+    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+int Bench(int reps, int argc, char** argv) {
+  std::mt19937 rng(7);
+  Pool pool(1);
+  ParallelFor pf = PoolFor(&pool);
+  std::vector<std::array<int64_t, 3>> shapes = {{1024, 1024, 1024}, {8192, 576, 64}, {256, 256, 256}, {512, 512, 512}};
+  std::vector<int> ms = {3, 7, 11};
+  if (const char* e = std::getenv("GEMM_STRATEGY")) gemm_internal::g_force_strategy = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_ISA")) gemm_internal::g_force_isa = std::atoi(e);
+  if (argc > 0) {
+    ms.clear();
+    for (int i = 0; i < argc; ++i) ms.push_back(std::atoi(argv[i]));
+  }
+  for (auto& s : shapes) {
+    std::vector<float> a(s[0] * s[1]), b(s[1] * s[2]), out(s[0] * s[2]);
+    std::normal_distribution<float> N(0, 1);
+    for (auto& x : a) x = N(rng);
+    for (auto& x : b) x = N(rng);
+    for (int m : ms) {
+      auto lut = MakeLut(m, 2, rng);
+      GemmProblem p;
+      p.a = a.data();
+      p.b = b.data();
+      p.lut = lut.data();
+      p.out = out.data();
+      p.m = s[0];
+      p.k = s[1];
+      p.n = s[2];
+      p.mbits = m;
+      const double t = TimeIt([&] { ApproxGemmCpu(p, pf); }, reps);
+      std::printf("%5lldx%5lldx%5lld M=%2d  %8.3f ms  %7.2f GFLOP/s\n", (long long)s[0],
+                  (long long)s[1], (long long)s[2], m, t * 1e3, 2.0 * s[0] * s[1] * s[2] / t / 1e9);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "test";
+  if (mode == "test") return Test();
+  if (mode == "bench") return Bench(argc > 2 ? std::atoi(argv[2]) : 7, argc > 3 ? argc - 3 : 0, argv + 3);
+  std::fprintf(stderr, "usage: %s test|bench [reps [M...]]\n", argv[0]);
+  return 2;
+}

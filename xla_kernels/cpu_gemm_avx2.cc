@@ -1,0 +1,98 @@
+// AVX2 instantiation of the vectorised approximate GEMM
+// (cpu_gemm_simd_impl.h). Every header is included before the target pragma
+// so that no inline library function is compiled for AVX2 here.
+#include "cpu_gemm_simd.h"
+
+#include "approx_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,bmi,bmi2,popcnt")
+
+namespace approx_jax {
+namespace gemm_internal {
+namespace avx2 {
+
+constexpr int kVL = 8;
+constexpr int kNV = 4;   // 32 columns per tile block
+constexpr int kNB = kVL * kNV;
+constexpr int kMR = 3;   // 12 accumulators
+constexpr int kMRG = 2;  // gather kernel rows
+
+using VF = __m256;
+using VI = __m256i;
+
+inline VF LoadF(const float* p) { return _mm256_loadu_ps(p); }
+inline void StoreF(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF MulF(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF AddF(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF Set1F(float x) { return _mm256_set1_ps(x); }
+inline VF CastF(VI x) { return _mm256_castsi256_ps(x); }
+inline VI LoadI(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void StoreI(int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline VI Set1I(int32_t x) { return _mm256_set1_epi32(x); }
+inline VI AddI(VI a, VI b) { return _mm256_add_epi32(a, b); }
+inline VI MulLoI(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
+inline VI AndI(VI a, VI b) { return _mm256_and_si256(a, b); }
+inline VI OrI(VI a, VI b) { return _mm256_or_si256(a, b); }
+inline VI AndNotI(VI a, VI b) { return _mm256_andnot_si256(a, b); }
+inline VI SrlI(VI a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+inline VI SllI(VI a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+inline VI CmpEqI(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
+inline VI CmpGtI(VI a, VI b) { return _mm256_cmpgt_epi32(a, b); }
+inline VI BlendI(VI a, VI b, VI m) { return _mm256_blendv_epi8(a, b, m); }
+inline bool AllOnesI(VI v) {
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi32(v, Set1I(-1))) == -1;
+}
+inline VI LaneIota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline VI GatherI(const uint32_t* base, VI idx) {
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);
+}
+
+// tiles[u << ushift + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
+void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv,
+                float* tiles, int ushift) {
+  const VI one_exp = Set1I(127 << 23);
+  const int n = kb * kNB;
+  for (int u = 0; u < (1 << mbits); ++u) {
+    const uint32_t* row = lut + (u << mbits);
+    float* out = tiles + (static_cast<int64_t>(u) << ushift);
+    if (mbits <= 3) {
+      alignas(32) int32_t tab[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int q = 0; q < (1 << mbits); ++q) tab[q] = static_cast<int32_t>(row[q]);
+      const VI t = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab));
+      for (int x = 0; x < n; x += kVL) {
+        const VI v = _mm256_permutevar8x32_epi32(t, LoadI(ibv + x));
+        StoreF(out + x, MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x)));
+      }
+    } else {
+      for (int x = 0; x < n; x += kVL) {
+        const VI v = GatherI(row, LoadI(ibv + x));
+        StoreF(out + x, MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x)));
+      }
+    }
+  }
+}
+
+#include "cpu_gemm_simd_impl.h"
+
+}  // namespace avx2
+
+int GemmAvx2(const GemmProblem& p, const Runner& runner) { return avx2::RunGemm(p, runner); }
+
+}  // namespace gemm_internal
+}  // namespace approx_jax
+
+#pragma GCC pop_options
+
+#else  // not x86-64 GCC/Clang
+
+namespace approx_jax {
+namespace gemm_internal {
+int GemmAvx2(const GemmProblem&, const Runner&) { return kSimdDeclined; }
+}  // namespace gemm_internal
+}  // namespace approx_jax
+
+#endif

@@ -1,0 +1,133 @@
+// AVX-512 instantiation of the vectorised approximate GEMM
+// (cpu_gemm_simd_impl.h). Every header is included before the target pragma
+// so that no inline library function is compiled for AVX-512 here.
+#include "cpu_gemm_simd.h"
+
+#include "approx_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+// GCC 12 warns falsely about the intrinsics' internal undefined vectors.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi,bmi2,popcnt")
+
+namespace approx_jax {
+namespace gemm_internal {
+namespace avx512 {
+
+constexpr int kVL = 16;
+constexpr int kNV = 4;   // 64 columns per tile block
+constexpr int kNB = kVL * kNV;
+constexpr int kMR = 6;   // 24 accumulators
+constexpr int kMRG = 4;  // gather kernel rows
+
+using VF = __m512;
+using VI = __m512i;
+
+inline VF LoadF(const float* p) { return _mm512_loadu_ps(p); }
+inline void StoreF(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF MulF(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF AddF(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF Set1F(float x) { return _mm512_set1_ps(x); }
+inline VF CastF(VI x) { return _mm512_castsi512_ps(x); }
+inline VI LoadI(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline void StoreI(int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
+inline VI Set1I(int32_t x) { return _mm512_set1_epi32(x); }
+inline VI AddI(VI a, VI b) { return _mm512_add_epi32(a, b); }
+inline VI MulLoI(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+inline VI AndI(VI a, VI b) { return _mm512_and_si512(a, b); }
+inline VI OrI(VI a, VI b) { return _mm512_or_si512(a, b); }
+inline VI AndNotI(VI a, VI b) { return _mm512_andnot_si512(a, b); }
+inline VI SrlI(VI a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+inline VI SllI(VI a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+inline VI CmpEqI(VI a, VI b) { return _mm512_movm_epi32(_mm512_cmpeq_epi32_mask(a, b)); }
+inline VI CmpGtI(VI a, VI b) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(a, b)); }
+// Lanes of m that are all ones take b, else a.
+inline VI BlendI(VI a, VI b, VI m) {
+  return _mm512_mask_blend_epi32(_mm512_movepi32_mask(m), a, b);
+}
+inline bool AllOnesI(VI v) { return _mm512_cmpneq_epi32_mask(v, Set1I(-1)) == 0; }
+inline VI LaneIota() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline VI GatherI(const uint32_t* base, VI idx) {
+  return _mm512_i32gather_epi32(idx, static_cast<const void*>(base), 4);
+}
+
+// tiles[u << ushift + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
+// The LUT row of u is held in registers and looked up with permutes.
+template <int MB>
+void BuildTilesM(const uint32_t* lut, int kb, const int32_t* ibv, const float* sbv,
+                 float* tiles, int ushift) {
+  constexpr int kRowRegs = MB <= 4 ? 1 : (1 << (MB - 4));
+  const VI one_exp = Set1I(127 << 23);
+  const __mmask16 row_mask = MB >= 4 ? 0xffff : static_cast<__mmask16>((1u << (1 << MB)) - 1u);
+  const int n = kb * kNB;
+  for (int u = 0; u < (1 << MB); ++u) {
+    const uint32_t* row = lut + (u << MB);
+    VI t[kRowRegs];
+    for (int q = 0; q < kRowRegs; ++q) t[q] = _mm512_maskz_loadu_epi32(row_mask, row + 16 * q);
+    float* out = tiles + (static_cast<int64_t>(u) << ushift);
+    for (int x = 0; x < n; x += kVL) {
+      const VI ib = LoadI(ibv + x);
+      VI v;
+      if constexpr (MB <= 4) {
+        v = _mm512_permutexvar_epi32(ib, t[0]);
+      } else if constexpr (MB == 5) {
+        v = _mm512_permutex2var_epi32(t[0], ib, t[1]);
+      } else if constexpr (MB == 6) {
+        const __mmask16 m5 = _mm512_test_epi32_mask(ib, Set1I(32));
+        v = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(t[0], ib, t[1]),
+                                    _mm512_permutex2var_epi32(t[2], ib, t[3]));
+      } else {
+        const __mmask16 m5 = _mm512_test_epi32_mask(ib, Set1I(32));
+        const __mmask16 m6 = _mm512_test_epi32_mask(ib, Set1I(64));
+        const VI lo = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(t[0], ib, t[1]),
+                                              _mm512_permutex2var_epi32(t[2], ib, t[3]));
+        const VI hi = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(t[4], ib, t[5]),
+                                              _mm512_permutex2var_epi32(t[6], ib, t[7]));
+        v = _mm512_mask_blend_epi32(m6, lo, hi);
+      }
+      const VF lf = CastF(AddI(v, one_exp));
+      StoreF(out + x, MulF(lf, LoadF(sbv + x)));
+    }
+  }
+}
+
+void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv,
+                float* tiles, int ushift) {
+  switch (mbits) {
+    case 1: BuildTilesM<1>(lut, kb, ibv, sbv, tiles, ushift); break;
+    case 2: BuildTilesM<2>(lut, kb, ibv, sbv, tiles, ushift); break;
+    case 3: BuildTilesM<3>(lut, kb, ibv, sbv, tiles, ushift); break;
+    case 4: BuildTilesM<4>(lut, kb, ibv, sbv, tiles, ushift); break;
+    case 5: BuildTilesM<5>(lut, kb, ibv, sbv, tiles, ushift); break;
+    case 6: BuildTilesM<6>(lut, kb, ibv, sbv, tiles, ushift); break;
+    default: BuildTilesM<7>(lut, kb, ibv, sbv, tiles, ushift); break;
+  }
+}
+
+#include "cpu_gemm_simd_impl.h"
+
+}  // namespace avx512
+
+int GemmAvx512(const GemmProblem& p, const Runner& runner) { return avx512::RunGemm(p, runner); }
+
+}  // namespace gemm_internal
+}  // namespace approx_jax
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#else  // not x86-64 GCC/Clang
+
+namespace approx_jax {
+namespace gemm_internal {
+int GemmAvx512(const GemmProblem&, const Runner&) { return kSimdDeclined; }
+}  // namespace gemm_internal
+}  // namespace approx_jax
+
+#endif

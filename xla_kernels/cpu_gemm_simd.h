@@ -1,0 +1,51 @@
+// Internal interface between the CPU GEMM dispatcher (cpu_gemm.cc) and the
+// per-ISA kernels (cpu_gemm_avx512.cc, cpu_gemm_avx2.cc, both built from
+// cpu_gemm_simd_impl.h). Only plain C types cross it: the ISA translation
+// units are compiled with `#pragma GCC target`, so they must not instantiate
+// inline library code that the linker could share with generic code.
+#ifndef APPROX_JAX_XLA_KERNELS_CPU_GEMM_SIMD_H_
+#define APPROX_JAX_XLA_KERNELS_CPU_GEMM_SIMD_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu_gemm.h"
+
+namespace approx_jax {
+namespace gemm_internal {
+
+using TaskFn = void (*)(void* arg, int64_t task);
+
+// Runs fn(arg, 0 .. num_tasks-1), possibly concurrently (wraps ParallelFor).
+struct Runner {
+  void* ctx;
+  void (*run)(void* ctx, int64_t num_tasks, TaskFn fn, void* arg);
+};
+
+// Per-thread, 64-byte aligned scratch buffer `slot` (0..kScratchSlots-1) of at
+// least `bytes` bytes, kept between calls; nullptr when allocation fails.
+constexpr int kScratchSlots = 8;
+void* ThreadScratch(int slot, size_t bytes);
+
+// Tuning facts about the machine (cached).
+int HardwareThreads();
+size_t L2CacheBytes();
+
+// Strategy override for the harness: 0 = automatic, 1 = expanded tiles,
+// 2 = LUT gathers.
+extern int g_force_strategy;
+// ISA override for the harness: 0 = best available, 1 = scalar, 2 = AVX2,
+// 3 = AVX-512 (an unsupported choice falls back to the best available below it).
+extern int g_force_isa;
+
+enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };
+
+// Return kSimdDeclined when they do not handle the problem (the caller then
+// runs the scalar kernel), kSimdNoMemory when scratch allocation failed.
+int GemmAvx512(const GemmProblem& p, const Runner& runner);
+int GemmAvx2(const GemmProblem& p, const Runner& runner);
+
+}  // namespace gemm_internal
+}  // namespace approx_jax
+
+#endif  // APPROX_JAX_XLA_KERNELS_CPU_GEMM_SIMD_H_

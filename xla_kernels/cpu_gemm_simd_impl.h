@@ -1,0 +1,402 @@
+// Vectorised approximate GEMM, shared by the AVX-512 and AVX2 translation
+// units. Included (once per ISA) after the including file has defined, inside
+// namespace approx_jax::gemm_internal::APPROX_GEMM_ISA_NS:
+//   kVL (lanes), kNB = kVL * kNV (columns per block), kMR/kNV (tile micro-kernel rows/vectors), kMRG (gather
+//   micro-kernel rows), types VF/VI and the primitives used below, plus
+//   BuildTiles(...) and GatherI(...).
+//
+// Exactness argument (see benchmarks/bench_cpu_gemm_kernel.md):
+// every operand is split into a power-of-two scale s = +-2^(e-127) (or a
+// signed zero for zero/subnormal operands) and a mantissa index. With
+// Lf[u][v] = float with bits (127 << 23) + lut[(u << M) | v] (= 1.r * 2^c),
+// Bu[k][j] = Lf[u][ib[k][j]] * sb[k][j] and product = sa[i][k] * Bu[k][j].
+// Both multiplications are by powers of two, hence exact, as long as every
+// result is a normal float; then the product's bits are exactly
+// sign | ((ea + eb - 127 + c) << 23) | (r << (23-M)), i.e. ApproxMulBits.
+// A zero scale gives a signed zero with the XOR sign, as SPEC wants. The fast
+// paths are only used for (panel, k-block) pairs where, for every k, all
+// nonzero exponents satisfy 1 <= ea + eb - 127 <= 253, eb <= 253, and no
+// operand is Inf/NaN; everything else runs the scalar ApproxMulBits loop.
+// Each output element is summed sequentially over k in ascending order,
+// starting from +0, exactly as the naive kernel does: results are bit-identical
+// to it, whatever the path, blocking or thread count.
+
+namespace {
+
+inline int64_t MinI(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t MaxI(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
+
+// Per-k acceptance ranges of a's exponent given the b values of a column range.
+// lo/hi: normal a is fast-path safe iff lo <= ea <= hi; ok0: all-ones if a
+// zero/subnormal a is (no Inf/NaN/huge b at this k).
+void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t c1,
+            int32_t* lo, int32_t* hi, int32_t* ok0) {
+  for (int kk = 0; kk < kb; ++kk) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(b + (k0 + kk) * ldb);
+    int32_t mn = 255, mx = 0;
+    for (int64_t j = c0; j < c1; ++j) {
+      const int32_t e = static_cast<int32_t>((row[j] >> 23) & 0xffu);
+      // Zeros (e == 0) must not narrow the range: map them to neutral values.
+      const int32_t emn = e == 0 ? 255 : e;
+      mn = emn < mn ? emn : mn;
+      mx = e > mx ? e : mx;
+    }
+    if (mx >= 254) {  // Inf/NaN or a huge b: no fast path at this k at all
+      lo[kk] = 256;
+      hi[kk] = 0;
+      ok0[kk] = 0;
+    } else {
+      lo[kk] = static_cast<int32_t>(MaxI(1, 128 - mn));
+      hi[kk] = static_cast<int32_t>(MinI(254, 380 - mx));
+      ok0[kk] = -1;
+    }
+  }
+  // Padding up to a whole vector: accept anything (the pads are never read).
+  for (int kk = kb; kk < RoundUp(kb, kVL); ++kk) {
+    lo[kk] = 0;
+    hi[kk] = 255;
+    ok0[kk] = -1;
+  }
+}
+
+// Packs a panel of `rows` (<= mr) rows of a[:, k0:k0+kb] into per-(r, kk)
+// offsets off = (u << ushift) + kk * kkmul and scales. Returns whether every
+// element is fast-path safe.
+bool PackPanel(const float* a, int64_t lda, int rows, int mr, int64_t k0, int kb,
+               int64_t kstride, int mbits, int ushift, int kkmul, const int32_t* lo,
+               const int32_t* hi, const int32_t* ok0, int32_t* offs, float* scales) {
+  const int mshift = 23 - mbits;
+  const uint32_t umask = (1u << mbits) - 1u;
+  const VI vumask = Set1I(static_cast<int32_t>(umask));
+  const VI vff = Set1I(0xff);
+  const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
+  const VI vsign = Set1I(static_cast<int32_t>(0x80000000u));
+  const VI vzero = Set1I(0);
+  VI lane_kk = LaneIota();
+  VI all_ok = Set1I(-1);
+  bool ok = true;
+  for (int r = 0; r < mr; ++r) {
+    int32_t* o = offs + r * kstride;
+    float* s = scales + r * kstride;
+    if (r >= rows) {
+      for (int kk = 0; kk < kb; ++kk) {
+        o[kk] = 0;
+        s[kk] = 0.0f;
+      }
+      continue;
+    }
+    const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0);
+    int kk = 0;
+    VI vkk = MulLoI(lane_kk, Set1I(kkmul));
+    const VI vstep = Set1I(kVL * kkmul);
+    for (; kk + kVL <= kb; kk += kVL) {
+      const VI x = LoadI(reinterpret_cast<const int32_t*>(arow + kk));
+      const VI e = AndI(SrlI(x, 23), vff);
+      const VI u = AndI(SrlI(x, mshift), vumask);
+      StoreI(o + kk, AddI(SllI(u, ushift), vkk));
+      const VI z = CmpEqI(e, vzero);
+      const VI sc = BlendI(AndI(x, vsignexp), AndI(x, vsign), z);
+      StoreI(reinterpret_cast<int32_t*>(s + kk), sc);
+      const VI out = OrI(CmpGtI(LoadI(lo + kk), e), CmpGtI(e, LoadI(hi + kk)));
+      const VI valid = BlendI(AndNotI(out, Set1I(-1)), LoadI(ok0 + kk), z);
+      all_ok = AndI(all_ok, valid);
+      vkk = AddI(vkk, vstep);
+    }
+    for (; kk < kb; ++kk) {
+      const uint32_t x = arow[kk];
+      const int32_t e = static_cast<int32_t>((x >> 23) & 0xffu);
+      const uint32_t u = (x >> mshift) & umask;
+      o[kk] = static_cast<int32_t>((u << ushift) + static_cast<uint32_t>(kk * kkmul));
+      const uint32_t sc = e == 0 ? (x & 0x80000000u) : (x & 0xff800000u);
+      s[kk] = BitsFloat(sc);
+      const bool valid = e == 0 ? (ok0[kk] != 0) : (e >= lo[kk] && e <= hi[kk]);
+      ok = ok && valid;
+    }
+  }
+  return ok && AllOnesI(all_ok);
+}
+
+// Decomposes b[k0:k0+kb, j0:j0+cols] into mantissa indices and signed
+// power-of-two scales, padded with zeros to kNB columns.
+void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int cols,
+                int mbits, int32_t* ibv, float* sbv) {
+  const int mshift = 23 - mbits;
+  const uint32_t umask = (1u << mbits) - 1u;
+  for (int kk = 0; kk < kb; ++kk) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(b + (k0 + kk) * ldb + j0);
+    int32_t* ib = ibv + kk * kNB;
+    float* sb = sbv + kk * kNB;
+    for (int j = 0; j < cols; ++j) {
+      const uint32_t x = row[j];
+      const uint32_t e = (x >> 23) & 0xffu;
+      ib[j] = static_cast<int32_t>((x >> mshift) & umask);
+      sb[j] = BitsFloat(e == 0 ? (x & 0x80000000u) : (x & 0xff800000u));
+    }
+    for (int j = cols; j < kNB; ++j) {
+      ib[j] = 0;
+      sb[j] = 0.0f;
+    }
+  }
+}
+
+// Exact scalar path for one panel x column block x k block, continuing the
+// sequential sums held in c.
+void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int rows,
+                int cols, int64_t k0, int kb, const uint32_t* lut, int mbits, float* c,
+                int64_t ldc) {
+  for (int i = 0; i < rows; ++i) {
+    const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + i * lda + k0);
+    for (int j = 0; j < cols; ++j) {
+      const uint32_t* bcol = reinterpret_cast<const uint32_t*>(b + k0 * ldb + j);
+      float acc = c[i * ldc + j];
+      for (int kk = 0; kk < kb; ++kk) {
+        acc += BitsFloat(ApproxMulBits(arow[kk], bcol[kk * ldb], lut, mbits));
+      }
+      c[i * ldc + j] = acc;
+    }
+  }
+}
+
+// Tile micro-kernel: c[r][0:kNB] += sum_kk scale[r][kk] * tiles[off[r][kk] + 0:kNB].
+template <int MR>
+inline void MicroTile(const int32_t* offs, const float* scales, int64_t kstride, int kb,
+                      const float* tiles, float* c, int64_t ldc) {
+  VF acc[MR][kNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+  for (int kk = 0; kk < kb; ++kk) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const VF s = Set1F(scales[r * kstride + kk]);
+      const float* bp = tiles + offs[r * kstride + kk];
+#pragma GCC unroll 16
+      for (int v = 0; v < kNV; ++v) {
+        // Separate multiply and add (no FMA): the product is exact anyway.
+        acc[r][v] = AddF(acc[r][v], MulF(s, LoadF(bp + v * kVL)));
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+}
+
+// Gather micro-kernel: the LUT value is gathered per product.
+template <int MR>
+inline void MicroGather(const int32_t* offs, const float* scales, int64_t kstride, int kb,
+                        const uint32_t* lut, const int32_t* ibv, const float* sbv, float* c,
+                        int64_t ldc) {
+  VF acc[MR][kNV];
+  const VI one_exp = Set1I(127 << 23);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+  for (int kk = 0; kk < kb; ++kk) {
+    VI ib[kNV];
+    VF sb[kNV];
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) {
+      ib[v] = LoadI(ibv + kk * kNB + v * kVL);
+      sb[v] = LoadF(sbv + kk * kNB + v * kVL);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const VF s = Set1F(scales[r * kstride + kk]);
+      const VI o = Set1I(offs[r * kstride + kk]);
+#pragma GCC unroll 16
+      for (int v = 0; v < kNV; ++v) {
+        const VI g = GatherI(lut, AddI(o, ib[v]));
+        const VF lf = CastF(AddI(g, one_exp));
+        acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+}
+
+enum Strategy { kTiles = 1, kGather = 2 };
+
+struct Plan {
+  const GemmProblem* p;
+  int strategy;
+  int mr;            // rows per micro-kernel panel
+  int kb_max;        // k block
+  int ushift;        // log2 of the tile stride of one mantissa value (tiles)
+  int64_t nrc, ncc;  // row / column chunks per problem
+  int64_t rows_per, cols_per;
+  int failed;  // set with __atomic builtins
+};
+
+// Scratch slots.
+enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4 };
+
+void RunTask(void* arg, int64_t task) {
+  Plan& pl = *static_cast<Plan*>(arg);
+  const GemmProblem& p = *pl.p;
+  const int64_t per_problem = pl.nrc * pl.ncc;
+  const int64_t prob = task / per_problem;
+  const int64_t rc = (task % per_problem) / pl.ncc;
+  const int64_t cc = task % pl.ncc;
+  const int64_t d = prob / p.batch, bi = prob % p.batch;
+  const float* A = p.a + d * p.a_design_stride + bi * p.a_batch_stride;
+  const float* B = p.b + d * p.b_design_stride + bi * p.b_batch_stride;
+  const uint32_t* lut = p.lut + d * p.lut_design_stride;
+  float* C = p.out + prob * p.m * p.n;
+  const int64_t K = p.k, N = p.n, lda = p.k, ldb = p.n, ldc = p.n;
+  const int mbits = p.mbits;
+  const int64_t r0 = rc * pl.rows_per, r1 = MinI(p.m, r0 + pl.rows_per);
+  const int64_t c0 = cc * pl.cols_per, c1 = MinI(N, c0 + pl.cols_per);
+  if (r0 >= r1 || c0 >= c1) return;
+  const int mr = pl.mr;
+  const int KB = pl.kb_max;
+  const int64_t kstride = RoundUp(KB, kVL);
+  const int64_t npanels = CeilDiv(r1 - r0, mr);
+
+  const size_t tiles_bytes =
+      pl.strategy == kTiles ? (sizeof(float) << (mbits + pl.ushift)) : 64;
+  float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
+  char* pack = static_cast<char*>(
+      ThreadScratch(kSlotPack, static_cast<size_t>(npanels * mr * kstride * 8 + npanels)));
+  int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, kstride * 3 * 4));
+  char* bdec = static_cast<char*>(ThreadScratch(kSlotB, kstride * kNB * 8));
+  float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
+  if (!tiles || !pack || !stats || !bdec || !ctmp) {
+    __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  int32_t* offs_all = reinterpret_cast<int32_t*>(pack);
+  float* scales_all = reinterpret_cast<float*>(pack + npanels * mr * kstride * 4);
+  char* panel_ok = pack + npanels * mr * kstride * 8;
+  int32_t* lo = stats;
+  int32_t* hi = stats + kstride;
+  int32_t* ok0 = stats + 2 * kstride;
+  int32_t* ibv = reinterpret_cast<int32_t*>(bdec);
+  float* sbv = reinterpret_cast<float*>(bdec + kstride * kNB * 4);
+
+  for (int64_t i = r0; i < r1; ++i) {
+    for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] = 0.0f;
+  }
+  const int ushift = pl.strategy == kTiles ? pl.ushift : mbits;
+  const int kkmul = pl.strategy == kTiles ? kNB : 0;
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int kb = static_cast<int>(MinI(KB, K - k0));
+    BStats(B, ldb, k0, kb, c0, c1, lo, hi, ok0);
+    for (int64_t pi = 0; pi < npanels; ++pi) {
+      const int64_t i0 = r0 + pi * mr;
+      const int rows = static_cast<int>(MinI(mr, r1 - i0));
+      panel_ok[pi] = PackPanel(A + i0 * lda, lda, rows, mr, k0, kb, kstride, mbits, ushift,
+                               kkmul, lo, hi, ok0, offs_all + pi * mr * kstride,
+                               scales_all + pi * mr * kstride);
+    }
+    for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
+      const int cols = static_cast<int>(MinI(kNB, c1 - j0));
+      DecomposeB(B, ldb, k0, kb, j0, cols, mbits, ibv, sbv);
+      if (pl.strategy == kTiles) BuildTiles(lut, mbits, kb, ibv, sbv, tiles, pl.ushift);
+      for (int64_t pi = 0; pi < npanels; ++pi) {
+        const int64_t i0 = r0 + pi * mr;
+        const int rows = static_cast<int>(MinI(mr, r1 - i0));
+        float* cblk = C + i0 * ldc + j0;
+        if (!panel_ok[pi]) {
+          ExactBlock(A + i0 * lda, lda, B + j0, ldb, rows, cols, k0, kb, lut, mbits, cblk, ldc);
+          continue;
+        }
+        const bool full = rows == mr && cols == kNB;
+        float* ct = cblk;
+        int64_t ldt = ldc;
+        if (!full) {
+          ct = ctmp;
+          ldt = kNB;
+          for (int r = 0; r < mr; ++r)
+            for (int j = 0; j < kNB; ++j)
+              ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
+        }
+        const int32_t* po = offs_all + pi * mr * kstride;
+        const float* ps = scales_all + pi * mr * kstride;
+        if (pl.strategy == kTiles) {
+          MicroTile<kMR>(po, ps, kstride, kb, tiles, ct, ldt);
+        } else {
+          MicroGather<kMRG>(po, ps, kstride, kb, lut, ibv, sbv, ct, ldt);
+        }
+        if (!full) {
+          for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = ctmp[r * kNB + j];
+        }
+      }
+    }
+  }
+}
+
+int RunGemm(const GemmProblem& p, const Runner& runner) {
+  if (p.mbits < kMinMantissaBits || p.mbits > kMaxMantissaBits) return kSimdDeclined;
+  const int64_t problems = p.designs * p.batch;
+  if (problems == 0 || p.m == 0 || p.n == 0) return kSimdOk;
+  if (p.k == 0) {
+    for (int64_t i = 0; i < problems * p.m * p.n; ++i) p.out[i] = 0.0f;
+    return kSimdOk;
+  }
+  // The fast paths assume kernel-format LUT entries (c <= 1): decline otherwise.
+  {
+    const int64_t entries = int64_t{1} << (2 * p.mbits);
+    const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+    for (int64_t d = 0; d < luts; ++d) {
+      const uint32_t* l = p.lut + d * p.lut_design_stride;
+      uint32_t acc = 0;
+      for (int64_t e = 0; e < entries; ++e) acc |= l[e];
+      if (acc >> 24) return kSimdDeclined;
+    }
+  }
+  Plan pl{};
+  pl.p = &p;
+  const int64_t usize = int64_t{1} << p.mbits;
+  const size_t l2 = L2CacheBytes();
+  // Expanded tiles pay 2^M tile entries per b element, amortised over the rows
+  // of a task: worth it when M is small and there are enough rows.
+  int strategy = (p.mbits <= 7 && p.m >= usize) ? kTiles : kGather;
+  if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
+  if (p.mbits > 7) strategy = kGather;  // tile builders cover M <= 7
+  pl.strategy = strategy;
+  if (strategy == kTiles) {
+    pl.mr = kMR;
+    // 2^M * KB * kNB floats in about half of L2.
+    int64_t kb = 16;
+    while (kb < 256 && (usize * kb * 2 * kNB * 4) <= static_cast<int64_t>(l2 / 2) &&
+           kb < RoundUp(p.k, 16))
+      kb *= 2;
+    pl.kb_max = static_cast<int>(kb);
+    int sh = 0;
+    while ((int64_t{1} << sh) < kb * kNB) ++sh;
+    pl.ushift = sh;
+  } else {
+    pl.mr = kMRG;
+    pl.kb_max = 256;
+    pl.ushift = p.mbits;
+  }
+  // Task split: the summation order never depends on it (each output element
+  // is always summed sequentially over k), only the speed does.
+  const int64_t target = MaxI(2, 2 * static_cast<int64_t>(HardwareThreads()));
+  const int64_t split = CeilDiv(target, problems);
+  const int64_t nbk = CeilDiv(p.n, kNB);
+  int64_t ncc = MinI(split, nbk);
+  pl.cols_per = CeilDiv(nbk, ncc) * kNB;
+  ncc = CeilDiv(p.n, pl.cols_per);
+  const int64_t min_rows = strategy == kTiles ? MaxI(pl.mr, usize * 2) : pl.mr * 4;
+  int64_t nrc = MinI(CeilDiv(split, ncc), MaxI(1, p.m / min_rows));
+  pl.rows_per = RoundUp(CeilDiv(p.m, nrc), pl.mr);
+  nrc = CeilDiv(p.m, pl.rows_per);
+  pl.nrc = nrc;
+  pl.ncc = ncc;
+  pl.failed = 0;
+  runner.run(runner.ctx, problems * nrc * ncc, &RunTask, &pl);
+  return __atomic_load_n(&pl.failed, __ATOMIC_RELAXED) ? kSimdNoMemory : kSimdOk;
+}
+
+}  // namespace
