@@ -35,6 +35,7 @@ just the input chunks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -104,7 +105,7 @@ def _dimension_numbers(dimension_numbers, lhs_shape, rhs_shape) -> lax.ConvDimen
     return dn
 
 
-def _explicit_padding(padding, in_spatial, window, window_strides, rhs_dilation):
+def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation, rhs_dilation):
     """Resolves a padding spec to explicit ``(lo, hi)`` pairs as lax does."""
     nd = len(in_spatial)
     if isinstance(padding, str):
@@ -113,6 +114,12 @@ def _explicit_padding(padding, in_spatial, window, window_strides, rhs_dilation)
             raise ValueError(
                 f"padding must be one of {_PADDING_STRINGS} or a sequence of {nd} (low, high) "
                 f"pairs, got {padding!r}"
+            )
+        if any(d != 1 for d in lhs_dilation):
+            raise ValueError(
+                f"string padding ({padding!r}) is not supported with lhs_dilation "
+                f"{tuple(lhs_dilation)} (as in lax.conv_general_dilated); give explicit "
+                "(low, high) pairs"
             )
         # Same computation as lax.conv_general_dilated: the undilated input
         # extent against the dilated window.
@@ -268,7 +275,8 @@ def approx_conv(
         custom call).
       window_strides: Strides, an int or one per spatial dimension (default 1).
       padding: ``"SAME"`` (default), ``"VALID"``, ``"SAME_LOWER"`` or one
-        ``(low, high)`` pair per spatial dimension.
+        ``(low, high)`` pair per spatial dimension (explicit pairs are needed
+        with ``lhs_dilation``, as in lax).
       lhs_dilation: Input (base) dilation (default 1).
       rhs_dilation: Kernel (window, atrous) dilation (default 1).
       feature_group_count: Number of feature groups (``C`` for depthwise).
@@ -347,7 +355,7 @@ def approx_conv(
             f"rhs output-feature dimension ({c_out}) must be divisible by "
             f"feature_group_count ({groups})"
         )
-    pads = _explicit_padding(padding, in_spatial, window, strides, rhs_dil)
+    pads = _explicit_padding(padding, in_spatial, window, strides, lhs_dil, rhs_dil)
     out_dtype = (
         jnp.dtype(preferred_element_type)
         if preferred_element_type is not None
@@ -384,30 +392,51 @@ def approx_conv(
         out_spatial.append(max(0, (extent - eff_k) // st + 1) if extent >= eff_k else 0)
     out_spatial = tuple(out_spatial)
     n = lhs.shape[lhs_perm[0]]
-    cg, og = c_in // groups, c_out // groups
+    cg = c_in // groups
 
     out_canon_shape = (n,) + out_spatial + (c_out,)
     if n == 0 or c_out == 0 or any(o == 0 for o in out_spatial) or cg == 0 or math.prod(window) == 0:
         zeros = jnp.zeros(out_canon_shape, out_dtype)
         return _from_channels_last(zeros, out_spec)
 
+    per_sample = 4 * math.prod(out_spatial) * math.prod(window) * c_in
+    chunk = _chunk_size(n, per_sample, PATCH_CHUNK_BYTES)
+    return _lowered(
+        lhs, rhs, ops.kernel_lut_of(m), mbits=m.mbits, backward=backward,
+        perms=(lhs_perm, rhs_perm, out_spec), groups=groups,
+        geometry=(window, strides, pads, lhs_dil, rhs_dil, out_spatial), chunk=chunk,
+        out_dtype=jnp.dtype(out_dtype),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mbits", "backward", "perms", "groups", "geometry", "chunk", "out_dtype"),
+)
+def _lowered(lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk, out_dtype):
+    """The layout changes and gemm of ``approx_conv`` as one jitted program.
+
+    Jitting keeps eager calls to one compiled program per configuration
+    (instead of one per small op); under an outer jit it is inlined.
+    """
+    lhs_perm, rhs_perm, out_spec = perms
+    window, _, _, _, _, out_spatial = geometry
+    n = lhs.shape[lhs_perm[0]]
+    c_in = lhs.shape[lhs_perm[1]]
+    c_out = rhs.shape[rhs_perm[0]]
+    cg, og = c_in // groups, c_out // groups
     # Input -> [G, N, *S, Cg]; kernel -> [1, G, taps * Cg, Og].
     x = jnp.transpose(lhs.astype(jnp.float32), (lhs_perm[0],) + lhs_perm[2:] + (lhs_perm[1],))
     xg = jnp.moveaxis(x.reshape(x.shape[:-1] + (groups, cg)), -2, 0)
     w = jnp.transpose(rhs.astype(jnp.float32), rhs_perm[2:] + (rhs_perm[1], rhs_perm[0]))
     w = w.reshape(window + (cg, groups, og))
     w = jnp.moveaxis(w, -2, 0).reshape(1, groups, math.prod(window) * cg, og)
-
-    klut = ops.kernel_lut_of(m)
-    geometry = (window, strides, pads, lhs_dil, rhs_dil, out_spatial)
-    per_sample = 4 * math.prod(out_spatial) * math.prod(window) * c_in
-    chunk = _chunk_size(n, per_sample, PATCH_CHUNK_BYTES)
     if chunk >= n:
-        y = _conv_core(xg, w, klut, m.mbits, backward, geometry)
+        y = _conv_core(xg, w, klut, mbits, backward, geometry)
     else:
-        y = _conv_chunked(xg, w, klut, m.mbits, backward, geometry, chunk)
+        y = _conv_chunked(xg, w, klut, mbits, backward, geometry, chunk)
     # [G, N, *out, Og] -> [N, *out, G * Og]
-    y = jnp.moveaxis(y, 0, -2).reshape(out_canon_shape)
+    y = jnp.moveaxis(y, 0, -2).reshape((n,) + tuple(out_spatial) + (c_out,))
     return _from_channels_last(y.astype(out_dtype), out_spec)
 
 

@@ -1,0 +1,287 @@
+"""approx_conv vs the NumPy reference convolution (SPEC sections 2 and 5)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from approx_jax._src import conv as conv_lib
+from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import reference
+from approx_jax._src.conv import approx_conv
+
+
+def _random_multiplier(M: int, seed: int) -> mult_lib.Multiplier:
+    rng = np.random.default_rng(seed)
+    r = rng.integers(0, 1 << M, size=4**M)
+    c = rng.integers(0, 2, size=4**M)
+    return mult_lib.from_lut(((c << 7) | r).astype(np.uint8), M, name=f"random{M}")
+
+
+MULTIPLIERS = {
+    "mbm7": lambda: mult_lib.mbm(7),
+    "mitchell5": lambda: mult_lib.mitchell(5),
+    "truncate3": lambda: mult_lib.truncate(3),
+    "random4": lambda: _random_multiplier(4, seed=11),
+}
+MULT_NAMES = list(MULTIPLIERS)
+
+CHANNELS_LAST = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def _data(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    # A few exact zeros and wide magnitudes exercise SPEC's special cases.
+    x.reshape(-1)[:: 7] = 0.0
+    return x * np.float32(2.0) ** rng.integers(-3, 4, size=shape).astype(np.float32)
+
+
+def _check(got, ref, abs_sum, K):
+    ok = reference.bound_ok(np.asarray(got), ref, abs_sum, K)
+    assert ok.all(), (
+        f"{(~ok).sum()} of {ok.size} outside the SPEC bound; max err "
+        f"{np.max(np.abs(np.asarray(got, np.float64) - ref))}"
+    )
+
+
+def _case(nd, strides, padding, lhs_dil, rhs_dil, groups_kind, mult_name, seed=0, batch=2):
+    c_in = {1: 2, 2: 4, "depthwise": 4}[groups_kind] if groups_kind != 1 else 3
+    groups = {1: 1, 2: 2, "depthwise": c_in}[groups_kind]
+    c_out = {1: 4, 2: 4, "depthwise": 8}[groups_kind]
+    spatial = {1: (9,), 2: (7, 6), 3: (5, 4, 4)}[nd]
+    window = {1: (3,), 2: (3, 2), 3: (2, 3, 2)}[nd]
+    x = _data((batch, *spatial, c_in), seed)
+    w = _data((*window, c_in // groups, c_out), seed + 1)
+    if isinstance(padding, tuple):
+        padding = padding[:nd]
+    elif lhs_dil != 1:  # lax (and SPEC's reference) need explicit pads with lhs dilation
+        padding = ((1, 2), (2, 0), (0, 1))[:nd] if padding == "SAME" else ((0, 0),) * nd
+    kwargs = dict(
+        window_strides=(strides,) * nd,
+        padding=padding,
+        lhs_dilation=(lhs_dil,) * nd,
+        rhs_dilation=(rhs_dil,) * nd,
+        feature_group_count=groups,
+    )
+    return x, w, kwargs, MULTIPLIERS[mult_name]()
+
+
+def _reference(x, w, m, kwargs, nd):
+    return reference.conv_general_dilated_with_bound(
+        x, w, m.lut, m.mbits, kwargs["window_strides"], kwargs["padding"],
+        kwargs["lhs_dilation"], kwargs["rhs_dilation"], kwargs["feature_group_count"],
+        CHANNELS_LAST[nd],
+    )
+
+
+EXPLICIT = ((1, 0), (2, 1), (0, 1))
+PADDINGS = ["SAME", "VALID", EXPLICIT]
+GROUPS = [1, 2, "depthwise"]
+
+# 2-D: every (stride, padding, rhs dilation) combination, cycling the other axes.
+GRID_2D = [
+    (s, p, ld, rd, GROUPS[i % 3], MULT_NAMES[i % 4])
+    for i, (s, p, rd, ld) in enumerate(itertools.product([1, 2], PADDINGS, [1, 2], [1, 2]))
+]
+GRID_1D = [
+    (s, p, ld, rd, GROUPS[i % 3], MULT_NAMES[(i + 1) % 4])
+    for i, (s, p, ld, rd) in enumerate(
+        [(1, "SAME", 1, 1), (2, "VALID", 1, 2), (1, EXPLICIT, 2, 1), (2, "SAME", 2, 2),
+         (1, "VALID", 1, 1), (2, EXPLICIT, 1, 2)]
+    )
+]
+
+
+@pytest.mark.parametrize("strides,padding,lhs_dil,rhs_dil,groups,mult", GRID_2D)
+def test_conv2d_matches_reference(strides, padding, lhs_dil, rhs_dil, groups, mult):
+    x, w, kwargs, m = _case(2, strides, padding, lhs_dil, rhs_dil, groups, mult)
+    got = approx_conv(x, w, m, **kwargs)
+    ref, abs_sum, K = _reference(x, w, m, kwargs, 2)
+    assert got.shape == ref.shape
+    assert got.dtype == jnp.float32
+    _check(got, ref, abs_sum, K)
+
+
+@pytest.mark.parametrize("strides,padding,lhs_dil,rhs_dil,groups,mult", GRID_1D)
+def test_conv1d_matches_reference(strides, padding, lhs_dil, rhs_dil, groups, mult):
+    x, w, kwargs, m = _case(1, strides, padding, lhs_dil, rhs_dil, groups, mult)
+    got = approx_conv(x, w, m, **kwargs)
+    ref, abs_sum, K = _reference(x, w, m, kwargs, 1)
+    assert got.shape == ref.shape
+    _check(got, ref, abs_sum, K)
+
+
+def test_conv3d_matches_reference():
+    x, w, kwargs, m = _case(3, 2, EXPLICIT, 1, 2, 2, "mbm7", batch=1)
+    kwargs["window_strides"] = (1, 2, 1)
+    got = approx_conv(x, w, m, **kwargs)
+    ref, abs_sum, K = _reference(x, w, m, kwargs, 3)
+    assert got.shape == ref.shape
+    _check(got, ref, abs_sum, K)
+
+
+def test_lhs_dilation_and_padding_geometry_equal_lax():
+    """Exact products through the lowering reproduce lax's geometry bit for bit."""
+    # truncate(11) is not exact, so check geometry with small integers, whose
+    # products and sums are exact under any of these multipliers: 1 * k.
+    x = np.ones((2, 6, 5, 3), np.float32)
+    w = np.arange(1, 1 + 3 * 3 * 3 * 4, dtype=np.float32).reshape(3, 3, 3, 4)
+    kwargs = dict(window_strides=(2, 1), padding=((2, 1), (0, 2)), lhs_dilation=(2, 3),
+                  rhs_dilation=(1, 2))
+    got = approx_conv(x, w, mult_lib.truncate(11), **kwargs)
+    want = lax.conv_general_dilated(
+        x, w, dimension_numbers=CHANNELS_LAST[2], precision=lax.Precision.HIGHEST, **kwargs
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_fp32_equals_lax_exactly():
+    x = _data((2, 8, 8, 4), 3)
+    w = _data((3, 3, 2, 6), 4)
+    kwargs = dict(window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2),
+                  feature_group_count=2)
+    got = approx_conv(x, w, "fp32", **kwargs)
+    want = lax.conv_general_dilated(
+        x, w, dimension_numbers=CHANNELS_LAST[2], precision=lax.Precision.HIGHEST, **kwargs
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_nchw_oihw_dimension_numbers():
+    m = mult_lib.mitchell(5)
+    x = _data((2, 4, 7, 6), 5)  # NCHW
+    w = _data((6, 2, 3, 3), 6)  # OIHW, 2 groups
+    dn = ("NCHW", "OIHW", "NCHW")
+    got = approx_conv(x, w, m, window_strides=(1, 2), padding=EXPLICIT[:2],
+                      feature_group_count=2, dimension_numbers=dn)
+    ref, abs_sum, K = reference.conv_general_dilated_with_bound(
+        x, w, m.lut, m.mbits, (1, 2), EXPLICIT[:2], None, None, 2, dn
+    )
+    assert got.shape == ref.shape
+    _check(got, ref, abs_sum, K)
+    # The same convolution in channels-last layout gives the same bits.
+    got_nhwc = approx_conv(
+        x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0), m, window_strides=(1, 2),
+        padding=EXPLICIT[:2], feature_group_count=2,
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(got_nhwc).transpose(0, 3, 1, 2))
+
+
+GRAD_CASES = [
+    # nd, strides, padding, lhs_dil, rhs_dil, groups, mult
+    (2, 2, EXPLICIT, 1, 1, 2, "mbm7"),
+    (2, 1, "SAME", 1, 2, "depthwise", "mitchell5"),
+    (2, 2, "VALID", 2, 1, 1, "random4"),
+    (1, 2, "SAME", 1, 2, 2, "truncate3"),
+]
+
+
+@pytest.mark.parametrize("backward", ["approx", "exact"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c[0]}d-{c[5]}-{c[6]}")
+def test_gradients_match_reference_conv_vjp(case, backward):
+    nd, strides, padding, lhs_dil, rhs_dil, groups, mult = case
+    x, w, kwargs, m = _case(nd, strides, padding, lhs_dil, rhs_dil, groups, mult, seed=7)
+    y, vjp = jax.vjp(lambda x, w: approx_conv(x, w, m, backward=backward, **kwargs), x, w)
+    dy = _data(y.shape, 9)
+    dx, dw = vjp(jnp.asarray(dy))
+    (rx, ax), (rw, aw) = reference.conv_vjp(
+        x, w, dy, m.lut, m.mbits, backward, kwargs["window_strides"], kwargs["padding"],
+        kwargs["lhs_dilation"], kwargs["rhs_dilation"], kwargs["feature_group_count"],
+        CHANNELS_LAST[nd], with_bound=True,
+    )
+    # Terms per input-gradient entry <= taps * Og; per kernel-gradient entry = N * P.
+    k_dx = int(np.prod(w.shape[:-2])) * w.shape[-1]
+    k_dw = int(np.prod(y.shape[:-1]))
+    _check(dx, rx, ax, k_dx)
+    _check(dw, rw, aw, k_dw)
+
+
+def test_gradient_of_exact_multiplier_matches_lax():
+    x = _data((2, 6, 6, 2), 1)
+    w = _data((3, 3, 2, 3), 2)
+    f = lambda x, w: approx_conv(x, w, "fp32", window_strides=2).sum()
+    g = lambda x, w: lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=CHANNELS_LAST[2],
+        precision=lax.Precision.HIGHEST).sum()
+    for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stack_gives_design_axis_in_one_call():
+    x = _data((2, 6, 5, 3), 1)
+    w = _data((3, 3, 3, 4), 2)
+    designs = [mult_lib.mbm(7), mult_lib.mitchell(5)]
+    stacked = mult_lib.stack(designs)
+    got = jax.jit(lambda x, w, m: approx_conv(x, w, m, window_strides=2))(x, w, stacked)
+    assert got.shape == (2, 2, 3, 3, 4)
+    for d, m in enumerate(designs):
+        np.testing.assert_array_equal(np.asarray(got[d]), np.asarray(approx_conv(x, w, m, window_strides=2)))
+    # One custom call for both designs.
+    hlo = jax.jit(lambda x, w, m: approx_conv(x, w, m)).lower(x, w, stacked).as_text()
+    assert hlo.count("approx_jax_gemm") == 1
+    # vmap over the stack's LUTs is the same thing.
+    got_vmap = jax.vmap(lambda m: approx_conv(x, w, m, window_strides=2))(stacked)
+    np.testing.assert_array_equal(np.asarray(got_vmap), np.asarray(got))
+
+
+def test_chunked_batch_matches_unchunked(monkeypatch):
+    m = mult_lib.mbm(7)
+    x = _data((5, 6, 6, 3), 1)
+    w = _data((3, 3, 3, 4), 2)
+    f = lambda x, w: approx_conv(x, w, m, padding="SAME")
+    y_full, vjp_full = jax.vjp(f, x, w)
+    dy = jnp.asarray(_data(y_full.shape, 3))
+    dx_full, dw_full = vjp_full(dy)
+    # Two samples per chunk (5 = 2 + 2 + 1 padded): forces lax.map + checkpoint.
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 2 * 4 * 36 * 27)
+    y, vjp = jax.vjp(f, x, w)
+    dx, dw = vjp(dy)
+    jaxpr = str(jax.make_jaxpr(f)(x, w))
+    assert "scan" in jaxpr or "while" in jaxpr
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_full))
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_full))
+    # Kernel gradient sums partial sums per chunk: a different float32 order.
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_full), rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_and_preferred_element_type():
+    x = _data((1, 5, 5, 2), 1).astype(jnp.bfloat16)
+    w = _data((3, 3, 2, 2), 2).astype(jnp.bfloat16)
+    assert approx_conv(x, w, "mbm7").dtype == jnp.bfloat16
+    assert approx_conv(x, w, "mbm7", preferred_element_type=jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        (((1, 5, 5, 2), (3, 3, 2)), {}, ValueError, "same rank"),
+        (((5, 2), (3, 2)), {}, ValueError, "rank >= 3"),
+        (((1, 5, 5, 3), (3, 3, 2, 4)), {}, ValueError, "rhs input-feature dimension"),
+        (((1, 5, 5, 4), (3, 3, 2, 3)), {"feature_group_count": 2}, ValueError, "output-feature"),
+        (((1, 5, 5, 3), (3, 3, 1, 3)), {"feature_group_count": 2}, ValueError, "divisible"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"padding": "FULL"}, ValueError, "padding"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"padding": ((1, 1),)}, ValueError, "padding"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"window_strides": (1, 2, 3)}, ValueError, "window_strides"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"lhs_dilation": 2}, ValueError, "explicit"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"batch_group_count": 2}, NotImplementedError, "batch_group"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"backward": "fast"}, ValueError, "backward"),
+    ],
+)
+def test_validation_errors(args, kwargs, exc, match):
+    x = np.ones(args[0], np.float32)
+    w = np.ones(args[1], np.float32)
+    with pytest.raises(exc, match=match):
+        approx_conv(x, w, "mbm7", **kwargs)
+
+
+def test_non_float_inputs_raise_type_error():
+    with pytest.raises(TypeError, match="lhs"):
+        approx_conv(np.ones((1, 5, 5, 2), np.int32), np.ones((3, 3, 2, 4), np.float32), "mbm7")
+    with pytest.raises(TypeError, match="rhs"):
+        approx_conv(np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 4), np.int8), "mbm7")
