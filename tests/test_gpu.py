@@ -1,0 +1,435 @@
+"""CUDA kernels against the CPU kernels and the NumPy reference (needs a GPU).
+
+Skipped unless JAX has a GPU backend and approx_jax's CUDA module is built.
+
+What is checked:
+* ``multiply``: GPU products equal CPU products and the reference bit for bit.
+* GEMM: the GPU sums k in ascending order from +0 (one float32 addition per
+  term), so it must equal a NumPy float32 sequential sum of reference products
+  bit for bit (NaN compared as NaN). Against the CPU kernel (whose summation
+  order may be blocked) results must both be within SPEC's bound of the
+  float64 reference, and bit-identical for K = 1 and for inputs whose every
+  partial sum is exact.
+* Broadcasting of the design/batch axes, stacked (vmapped) multipliers,
+  gradients, K = 0 and empty outputs, and error reporting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+
+def _gpu_devices():
+    # Debug hook for the test logic itself: run the "GPU" side on the CPU.
+    import os
+
+    if os.environ.get("APPROX_JAX_GPU_TEST_ON_CPU") == "1":
+        return jax.devices("cpu")
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+GPU_DEVICES = _gpu_devices()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not GPU_DEVICES, reason="JAX has no GPU backend"),
+]
+
+import approx_jax  # noqa: E402
+from approx_jax._src import ffi as ffi_lib  # noqa: E402
+from approx_jax._src import lut as lut_lib  # noqa: E402
+from approx_jax._src import reference  # noqa: E402
+
+if (
+    GPU_DEVICES
+    and GPU_DEVICES[0].platform != "cpu"
+    and "cuda" not in ffi_lib.registered_platforms()
+):
+    pytestmark.append(pytest.mark.skip(reason="approx_jax was built without its CUDA module"))
+
+
+def _api(name):
+    """Public op (``approx_jax.NAME``), falling back to the internal module."""
+    fn = getattr(approx_jax, name, None)
+    if fn is not None:
+        return fn
+    if name == "approx_conv":
+        from approx_jax._src import conv
+
+        return conv.approx_conv
+    from approx_jax._src import ops
+
+    return getattr(ops, name)
+
+
+def _multipliers():
+    mod = getattr(approx_jax, "multipliers", None)
+    if mod is not None and hasattr(mod, "mbm"):
+        return mod
+    from approx_jax._src import multipliers
+
+    return multipliers
+
+
+MB = _multipliers()
+MBITS = (3, 5, 7, 8, 11)
+CPU = jax.devices("cpu")[0]
+GPU = GPU_DEVICES[0] if GPU_DEVICES else None
+
+
+def run_on(device, fn, *args):
+    """Runs ``jit(fn)`` with every array argument committed to ``device``."""
+    placed = [jax.device_put(np.asarray(a), device) for a in args]
+    out = jax.jit(fn)(*placed)
+    return jax.tree_util.tree_map(np.asarray, out)
+
+
+def bits(x) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+def random_lut(M: int, rng: np.random.Generator) -> np.ndarray:
+    """Random stored-format LUT (carry and mantissa bits uniform)."""
+    n = 4**M
+    return lut_lib.encode(rng.integers(0, 2, n), rng.integers(0, 2**M, n), M)
+
+
+def multiplier_cases(M: int, rng):
+    yield "mbm", MB.mbm(M)
+    yield "random", MB.from_lut(random_lut(M, rng), M)
+    if M <= 7:
+        yield "mitchell", MB.mitchell(M)
+        yield "truncate", MB.truncate(M)
+
+
+SPECIALS = np.array(
+    [
+        0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 2.0**-126, 2.0**-70, -(2.0**-64),
+        2.0**70, -(2.0**100), 3.4e38, -3.4e38, 1.0, -1.5, 1.9999999, 2.0**64,
+    ],
+    np.float32,
+)
+
+
+def random_operands(shape, rng, specials: float = 0.0, exp_range: int = 8) -> np.ndarray:
+    """Normals with mixed exponents, a fraction of them replaced by specials."""
+    mant = rng.uniform(1.0, 2.0, shape)
+    exps = rng.integers(-exp_range, exp_range + 1, shape)
+    sign = rng.choice([-1.0, 1.0], shape)
+    x = (sign * mant * np.exp2(exps)).astype(np.float32)
+    zeros = rng.random(shape) < 0.05
+    x[zeros] = 0.0
+    if specials:
+        mask = rng.random(shape) < specials
+        x[mask] = rng.choice(SPECIALS, int(mask.sum()))
+    return x
+
+
+def sequential_gemm(a, b, stored, M) -> np.ndarray:
+    """float32 sum over k in ascending order from +0 of reference products."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    rows, K = a.shape
+    N = b.shape[1]
+    acc = np.zeros((rows, N), np.float32)
+    step = max(1, (1 << 22) // max(1, rows * N))  # bound the product block's memory
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k0 in range(0, K, step):
+            k1 = min(K, k0 + step)
+            p = reference.product_bits(a[:, k0:k1, None], b[None, k0:k1, :], stored, M)
+            p = p.view(np.float32)
+            for k in range(k1 - k0):
+                acc = (acc + p[:, k, :]).astype(np.float32)
+    return acc
+
+
+def assert_bits_equal(got, want, what=""):
+    got = np.asarray(got, np.float32)
+    want = np.asarray(want, np.float32)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    nan_got, nan_want = np.isnan(got), np.isnan(want)
+    np.testing.assert_array_equal(nan_got, nan_want, err_msg=f"{what}: NaN positions")
+    ok = nan_got | (bits(got) == bits(want))
+    if not ok.all():
+        idx = np.argwhere(~ok)[:5]
+        details = [(tuple(i), got[tuple(i)], want[tuple(i)]) for i in idx]
+        raise AssertionError(f"{what}: {int((~ok).sum())} elements differ, e.g. {details}")
+
+
+def assert_within_bound(got, a, b, stored, M, what=""):
+    ref, abs_sum = reference.dot_with_bound(a, b, stored, M)
+    ok = reference.bound_ok(got, ref, abs_sum, a.shape[-1])
+    assert ok.all(), f"{what}: {int((~ok).sum())} elements outside the SPEC bound"
+
+
+# --------------------------------------------------------------------------
+# multiply
+
+
+@pytest.mark.parametrize("M", MBITS)
+def test_multiply_bits_match_cpu_and_reference(M):
+    rng = np.random.default_rng(100 + M)
+    n = 20011
+    a = random_operands(n, rng, specials=0.05, exp_range=70)
+    b = random_operands(n, rng, specials=0.05, exp_range=70)
+    multiply = _api("multiply")
+    for name, m in multiplier_cases(M, rng):
+        fn = lambda x, y, m=m: multiply(x, y, m)  # noqa: E731
+        got_gpu = run_on(GPU, fn, a, b)
+        got_cpu = run_on(CPU, fn, a, b)
+        want = reference.product_bits(a, b, np.asarray(m.lut), M)
+        np.testing.assert_array_equal(bits(got_gpu), want, err_msg=f"{name}{M} GPU vs reference")
+        np.testing.assert_array_equal(bits(got_gpu), bits(got_cpu), err_msg=f"{name}{M} GPU vs CPU")
+
+
+def test_multiply_stacked_designs():
+    rng = np.random.default_rng(7)
+    stacked = MB.stack([MB.mbm(5), MB.mitchell(5), MB.from_lut(random_lut(5, rng), 5)])
+    a = random_operands((33, 17), rng, specials=0.05)
+    b = random_operands((17,), rng, specials=0.05)
+    multiply = _api("multiply")
+    got = run_on(GPU, lambda x, y: multiply(x, y, stacked), a, b)
+    assert got.shape == (3, 33, 17)
+    for d in range(3):
+        want = reference.product_bits(a, b, np.asarray(stacked.lut)[d], stacked.mbits)
+        np.testing.assert_array_equal(bits(got[d]), want)
+
+
+# --------------------------------------------------------------------------
+# GEMM: bit-exact order, bounds, CPU agreement
+
+GEMM_SHAPES = [(1, 1, 1), (17, 33, 65), (128, 256, 64), (131, 40, 260), (5, 1003, 7)]
+
+
+@pytest.mark.parametrize("M", MBITS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_sequential_bits_and_bound(M, shape):
+    rows, K, N = shape
+    rng = np.random.default_rng(rows * 7 + K * 3 + N + M)
+    a = random_operands((rows, K), rng)
+    b = random_operands((K, N), rng)
+    approx_dot = _api("approx_dot")
+    for name, m in multiplier_cases(M, rng):
+        if name in ("truncate", "mitchell") and shape != (17, 33, 65):
+            continue  # keep the runtime down: two LUTs per shape are enough
+        stored = np.asarray(m.lut)
+        fn = lambda x, w, m=m: approx_dot(x, w, m)  # noqa: E731
+        got_gpu = run_on(GPU, fn, a, b)
+        got_cpu = run_on(CPU, fn, a, b)
+        assert_bits_equal(got_gpu, sequential_gemm(a, b, stored, M), f"{name}{M} GPU order")
+        assert_within_bound(got_gpu, a, b, stored, M, f"{name}{M} GPU")
+        assert_within_bound(got_cpu, a, b, stored, M, f"{name}{M} CPU")
+        if K == 1:
+            assert_bits_equal(got_gpu, got_cpu, f"{name}{M} K=1 GPU vs CPU")
+
+
+@pytest.mark.parametrize("M", MBITS)
+def test_gemm_special_values_take_the_exact_path(M):
+    # Inf/NaN/huge operands force the scalar path for their k-chunk; other
+    # chunks of the same tile stay on the fast path. Both must give the
+    # sequential sum's bits.
+    rng = np.random.default_rng(300 + M)
+    rows, K, N = 70, 90, 150
+    a = random_operands((rows, K), rng, specials=0.01, exp_range=60)
+    b = random_operands((K, N), rng, specials=0.01, exp_range=60)
+    m = MB.from_lut(random_lut(M, rng), M)
+    got = run_on(GPU, lambda x, w: _api("approx_dot")(x, w, m), a, b)
+    assert_bits_equal(got, sequential_gemm(a, b, np.asarray(m.lut), M), f"specials M={M}")
+
+
+@pytest.mark.parametrize("M", MBITS)
+def test_gemm_underflow_and_subnormals(M):
+    # Exponent sums around the underflow threshold (e0 = ea + eb - 127 <= 0)
+    # and subnormal operands, all on the fast path.
+    rng = np.random.default_rng(400 + M)
+    rows, K, N = 40, 24, 36
+    a = (rng.uniform(1, 2, (rows, K)) * np.exp2(rng.integers(-70, -55, (rows, K)))).astype(np.float32)
+    b = (rng.uniform(1, 2, (K, N)) * np.exp2(rng.integers(-72, -56, (K, N)))).astype(np.float32)
+    a[rng.random(a.shape) < 0.1] = np.float32(1e-40)
+    b[rng.random(b.shape) < 0.1] = np.float32(1e-41)
+    # Same-sign products: partial sums never become subnormal (XLA:CPU flushes
+    # subnormal sums, the GPU kernel keeps them; only the products are tested).
+    m = MB.mbm(M)
+    got = run_on(GPU, lambda x, w: _api("approx_dot")(x, w, m), a, b)
+    assert_bits_equal(got, sequential_gemm(a, b, np.asarray(m.lut), M), f"underflow M={M}")
+
+
+@pytest.mark.parametrize("M", MBITS)
+def test_gemm_exact_partial_sums_match_cpu_bits(M):
+    # Small integers: every product has <= M + 1 significant bits and a small
+    # exponent, every partial sum is exact, so any summation order gives the
+    # same bits on every backend.
+    rng = np.random.default_rng(500 + M)
+    rows, K, N = 37, 16, 45
+    a = rng.integers(-7, 8, (rows, K)).astype(np.float32)
+    b = rng.integers(-7, 8, (K, N)).astype(np.float32)
+    for name, m in multiplier_cases(M, rng):
+        fn = lambda x, w, m=m: _api("approx_dot")(x, w, m)  # noqa: E731
+        got_gpu = run_on(GPU, fn, a, b)
+        got_cpu = run_on(CPU, fn, a, b)
+        assert_bits_equal(got_gpu, got_cpu, f"{name}{M} exact sums GPU vs CPU")
+        ref = reference.dot(a, b, np.asarray(m.lut), M)
+        np.testing.assert_array_equal(got_gpu.astype(np.float64), ref)
+
+
+def test_gemm_deterministic():
+    rng = np.random.default_rng(9)
+    a = random_operands((300, 515), rng)
+    b = random_operands((515, 200), rng)
+    m = MB.mbm(7)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    first = run_on(GPU, fn, a, b)
+    for _ in range(2):
+        np.testing.assert_array_equal(bits(run_on(GPU, fn, a, b)), bits(first))
+
+
+# --------------------------------------------------------------------------
+# Broadcasting, batching, stacked designs (the FFI contract directly too)
+
+
+@pytest.mark.parametrize("M", (5, 8))
+def test_ffi_gemm_broadcast_axes(M):
+    rng = np.random.default_rng(600 + M)
+    rows, K, N, D, B = 19, 21, 23, 2, 3
+    stored = np.stack([random_lut(M, rng) for _ in range(D)])
+    klut = lut_lib.kernel_lut_numpy(stored, M)
+    a = random_operands((D, 1, rows, K), rng, specials=0.01)
+    b = random_operands((1, B, K, N), rng, specials=0.01)
+
+    def fn(x, w, lut):
+        return ffi_lib.gemm_call(x, w, lut, M)
+
+    got = run_on(GPU, fn, a, b, klut)
+    assert got.shape == (D, B, rows, N)
+    for d in range(D):
+        for bi in range(B):
+            want = sequential_gemm(a[d, 0], b[0, bi], stored[d], M)
+            assert_bits_equal(got[d, bi], want, f"d={d} b={bi}")
+    # A single LUT broadcast over designs of a.
+    got1 = run_on(GPU, fn, a, b, klut[:1])
+    for d in range(D):
+        assert_bits_equal(got1[d, 1], sequential_gemm(a[d, 0], b[0, 1], stored[0], M))
+
+
+def test_ffi_gemm_k0_and_empty():
+    M = 5
+    klut = lut_lib.kernel_lut_numpy(MB.mbm(M).lut, M)[None]
+
+    def fn(x, w, lut):
+        return ffi_lib.gemm_call(x, w, lut, M)
+
+    a = np.zeros((1, 2, 7, 0), np.float32)
+    b = np.zeros((1, 1, 0, 9), np.float32)
+    got = run_on(GPU, fn, a, b, klut)
+    assert got.shape == (1, 2, 7, 9)
+    np.testing.assert_array_equal(bits(got), 0)
+    got = run_on(GPU, fn, np.zeros((1, 1, 0, 4), np.float32), np.ones((1, 1, 4, 3), np.float32), klut)
+    assert got.shape == (1, 1, 0, 3)
+    got = run_on(GPU, lambda x, y, l: ffi_lib.multiply_call(x, y, l, M),
+                 np.zeros((1, 0), np.float32), np.zeros((1, 0), np.float32), klut)
+    assert got.shape == (1, 0)
+
+
+def test_ffi_errors_are_reported():
+    M = 3
+    klut = lut_lib.kernel_lut_numpy(MB.mbm(M).lut, M)[None]
+    a = np.ones((1, 1, 4, 4), np.float32)
+    with pytest.raises(Exception, match="4\\^mbits|entries"):
+        run_on(GPU, lambda x, l: ffi_lib.gemm_call(x, x, l, 4), a, klut)  # wrong mbits
+    with pytest.raises(Exception, match="uint32"):
+        run_on(GPU, lambda x, l: ffi_lib.gemm_call(x, x, l, M), a, klut.astype(np.int32))
+
+
+def test_approx_matmul_batched_broadcast():
+    rng = np.random.default_rng(11)
+    M = 7
+    m = MB.mbm(M)
+    a = random_operands((33, 20), rng)  # broadcast (stride 0) over the batch
+    b = random_operands((4, 20, 18), rng)
+    got = run_on(GPU, lambda x, y: _api("approx_matmul")(x, y, m), a, b)
+    assert got.shape == (4, 33, 18)
+    for i in range(4):
+        assert_bits_equal(got[i], sequential_gemm(a, b[i], np.asarray(m.lut), M), f"batch {i}")
+
+
+def test_stacked_multiplier_and_vmap_match_single_designs():
+    rng = np.random.default_rng(12)
+    designs = [MB.mbm(5), MB.mitchell(5), MB.from_lut(random_lut(5, rng), 5)]
+    stacked = MB.stack(designs)
+    x = random_operands((2, 9, 40), rng)
+    w = random_operands((40, 30), rng)
+    approx_dot = _api("approx_dot")
+    got = run_on(GPU, lambda a, b: approx_dot(a, b, stacked), x, w)
+    assert got.shape == (3, 2, 9, 30)
+
+    def by_lut(a, b, lut):
+        import dataclasses
+
+        return approx_dot(a, b, dataclasses.replace(designs[0], lut=lut))
+
+    luts = np.stack([np.asarray(d.lut) for d in designs])
+    got_vmap = run_on(GPU, jax.vmap(by_lut, in_axes=(None, None, 0)), x, w, luts)
+    for d, m in enumerate(designs):
+        single = run_on(GPU, lambda a, b, m=m: approx_dot(a, b, m), x, w)
+        assert_bits_equal(got[d], single, f"stack design {d}")
+        assert_bits_equal(got_vmap[d], single, f"vmap design {d}")
+        want = sequential_gemm(x.reshape(-1, 40), w, np.asarray(m.lut), 5).reshape(2, 9, 30)
+        assert_bits_equal(single, want, f"design {d} order")
+
+
+# --------------------------------------------------------------------------
+# Gradients and convolution
+
+
+@pytest.mark.parametrize("backward", ["approx", "exact"])
+def test_gradients_on_gpu(backward):
+    rng = np.random.default_rng(13)
+    M = 7
+    m = MB.mbm(M)
+    x = random_operands((24, 31), rng)
+    w = random_operands((31, 17), rng)
+    dy = random_operands((24, 17), rng)
+    approx_dot = _api("approx_dot")
+
+    def loss(a, b, g):
+        return jnp.sum(approx_dot(a, b, m, backward=backward) * g)
+
+    grad_fn = jax.grad(loss, argnums=(0, 1))
+    dx_gpu, dw_gpu = run_on(GPU, grad_fn, x, w, dy)
+    dx_cpu, dw_cpu = run_on(CPU, grad_fn, x, w, dy)
+    (dx_ref, dx_abs), (dw_ref, dw_abs) = reference.dot_vjp(
+        x, w, dy, np.asarray(m.lut), M, backward, with_bound=True
+    )
+    for got, ref, abs_sum, k, what in [
+        (dx_gpu, dx_ref, dx_abs, 17, "dx gpu"),
+        (dx_cpu, dx_ref, dx_abs, 17, "dx cpu"),
+        (dw_gpu, dw_ref, dw_abs, 24, "dw gpu"),
+        (dw_cpu, dw_ref, dw_abs, 24, "dw cpu"),
+    ]:
+        ok = reference.bound_ok(got, ref, abs_sum, k)
+        assert ok.all(), f"{backward} {what}: {int((~ok).sum())} outside bound"
+
+
+def test_conv_gpu_matches_reference_bound():
+    rng = np.random.default_rng(14)
+    M = 5
+    m = MB.mbm(M)
+    x = random_operands((2, 9, 9, 3), rng)  # NHWC
+    k = random_operands((3, 3, 3, 4), rng)  # HWIO
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = _api("approx_conv")
+    fn = lambda a, b: conv(a, b, m, padding="SAME", dimension_numbers=dn)  # noqa: E731
+    got_gpu = run_on(GPU, fn, x, k)
+    got_cpu = run_on(CPU, fn, x, k)
+    ref, abs_sum, terms = reference.conv_general_dilated_with_bound(
+        x, k, np.asarray(m.lut), M, (1, 1), "SAME", dimension_numbers=dn
+    )
+    for got, what in [(got_gpu, "gpu"), (got_cpu, "cpu")]:
+        ok = reference.bound_ok(got, ref, abs_sum, terms)
+        assert ok.all(), f"conv {what}: {int((~ok).sum())} outside bound"
