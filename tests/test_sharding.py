@@ -61,8 +61,9 @@ _PRELUDE = textwrap.dedent(
 )
 
 
-def _run(body: str, timeout: int = 240) -> dict:
+def _run(body: str, timeout: int = 240, extra_env: dict | None = None) -> dict:
     env = dict(os.environ)
+    env.update(extra_env or {})
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -92,10 +93,17 @@ def _kernels_built():
         pytest.skip("native kernels not built")
 
 
-def test_partitioned_custom_calls_stay_local():
-    """Cases (1)-(4), (6) on the raw partitioned calls, plus the fallback."""
+@pytest.mark.parametrize("partitioner", ["shardy", "gspmd"])
+def test_partitioned_custom_calls_stay_local(partitioner):
+    """Cases (1)-(4), (6) on the raw partitioned calls, plus the fallback.
+
+    Shardy (jax's default) uses the sharding rule; the legacy GSPMD
+    partitioner uses ``infer_sharding_from_operands``.
+    """
+    shardy = "true" if partitioner == "shardy" else "false"
     r = _run(
-        """
+        extra_env={"JAX_USE_SHARDY_PARTITIONER": shardy},
+        body="""
         mesh = mesh_of("auto")
         rows = NamedSharding(mesh, P(None, None, "data", None))
         last = NamedSharding(mesh, P(None, None, None, "data"))
@@ -126,13 +134,13 @@ def test_partitioned_custom_calls_stay_local():
              [NamedSharding(mesh, P(None, "data"))] * 2, ffi.multiply_call(u, v, KLUT, 7))
         # Conflicting layout (m and n on the same mesh axis): falls back.
         case("conflict", gemm, [a, b], [rows, last], ffi.gemm_call(a, b, KLUT, 7))
-        """
+        """,
     )
     for name in ("dense_fwd", "input_grad", "batched", "batched_bcast", "multiply"):
         assert r[name]["colls"] == [], (name, r[name])
         assert r[name]["same"], (name, r[name])
     assert r["dense_fwd"]["shapes"] == ["f32[1,1,8,8]"]
-    assert r["dense_fwd"]["spec"] == "PartitionSpec(None, None, 'data', None)"
+    assert r["dense_fwd"]["spec"] == "P(None, None, 'data', None)"
     assert r["input_grad"]["shapes"] == ["f32[1,1,8,16]"]
     assert r["batched"]["shapes"] == ["f32[1,2,4,4]"]
     assert r["batched_bcast"]["shapes"] == ["f32[1,2,4,4]"]
@@ -177,11 +185,12 @@ def test_dense_jit_batch_sharded_no_allgather(kind):
     assert "data" in r["y_spec"]
 
 
-def test_matmul_and_multiply_batch_sharded():
-    """Attention-style batched matmul and elementwise multiply (Auto axes)."""
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_matmul_and_multiply_batch_sharded(kind):
+    """Attention-style batched matmul and elementwise multiply."""
     r = _run(
-        """
-        mesh = mesh_of("auto")
+        f"""
+        mesh = mesh_of({kind!r})
         A, B = randn(8, 2, 4, 16), randn(8, 2, 16, 4)
         u, v = randn(64, 3), randn(64, 3)
 
@@ -197,12 +206,22 @@ def test_matmul_and_multiply_batch_sharded():
             ref = jax.jit(fn)(*args)
             with jax.set_mesh(mesh):
                 sh = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in args]
-                c, txt = compiled(fn, *sh)
+                try:
+                    c, txt = compiled(fn, *sh)
+                except Exception as e:
+                    R[name] = dict(err=str(e)[:300])
+                    continue
                 out = c(*sh)
             R[name] = dict(colls=collectives(txt), same=all(
                 same(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))))
         """
     )
+    errs = [r[n]["err"] for n in ("matmul", "multiply") if "err" in r[n]]
+    if kind == "explicit" and errs and all("reshape is not supported" in e for e in errs):
+        # ops flattens operands with x.reshape, which Explicit axes refuse to
+        # do on a sharded axis; ops must use partitioning.reshape.
+        pytest.xfail("ops reshapes need partitioning.reshape under Explicit axes: " + errs[0])
+    assert not errs, errs
     for name in ("matmul", "multiply"):
         assert r[name]["colls"] == [], r
         assert r[name]["same"], r
@@ -297,7 +316,7 @@ def test_vmap_over_designs_with_sharded_stack(kind):
     assert r["shapes"] == ["f32[1,1,16,8]", "f32[1,1,32,16]", "f32[1,1,32,8]"], r
     assert r["y"] and r["dx"] and r["vmap"], r
     assert r["dw"] < 1e-4, r
-    assert r["spec"].startswith("PartitionSpec('data'"), r
+    assert r["spec"].startswith("P('data'"), r
 
 
 def test_reshape_keeps_explicit_sharding():
@@ -319,12 +338,12 @@ def test_reshape_keeps_explicit_sharding():
     )
     got = r["cases"]
     assert all(ok for ok, _ in got), got
-    assert got[0][1] == "PartitionSpec(None, 'data', None, None)"
-    assert got[1][1] == "PartitionSpec(None, 'data')"
-    assert got[2][1] == "PartitionSpec('data', None)"
-    assert got[3][1] == "PartitionSpec(None, None, 'data', None)"
-    assert got[4][1] == "PartitionSpec(None, None)"  # not expressible: replicated
-    assert got[5][1] == "PartitionSpec(None, None, 'data')"
+    assert got[0][1] == "P(None, 'data', None, None)"
+    assert got[1][1] == "P(None, 'data')"
+    assert got[2][1] == "P('data', None)"
+    assert got[3][1] == "P(None, None, 'data', None)"
+    assert got[4][1] == "P(None, None)"  # not expressible: replicated
+    assert got[5][1] == "P(None, None, 'data')"
 
 
 def test_parallel_helpers():
@@ -353,7 +372,7 @@ def test_parallel_helpers():
         """
     )
     assert r["axes"][0] == ["data"] and r["axes"][1] == [4] and "Auto" in r["axes"][2]
-    assert r["batch"][0] == "PartitionSpec('data',)" and r["batch"][2] == [8, 3]
+    assert r["batch"][0] == "P('data',)" and r["batch"][2] == [8, 3]
     assert r["rep"][1] and r["rep"][2]
     assert r["two"] == [["dp"], 2]
     assert all(e is not None for e in r["errs"]), r["errs"]
@@ -369,9 +388,9 @@ def test_data_parallel_example_matches_single_device():
             sys.executable,
             str(ROOT / "examples" / "data_parallel.py"),
             "--steps",
-            "3",
+            "2",
             "--batch-size",
-            "32",
+            "16",
             "--devices",
             "4",
         ],
