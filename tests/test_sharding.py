@@ -217,10 +217,6 @@ def test_matmul_and_multiply_batch_sharded(kind):
         """
     )
     errs = [r[n]["err"] for n in ("matmul", "multiply") if "err" in r[n]]
-    if kind == "explicit" and errs and all("reshape is not supported" in e for e in errs):
-        # ops flattens operands with x.reshape, which Explicit axes refuse to
-        # do on a sharded axis; ops must use partitioning.reshape.
-        pytest.xfail("ops reshapes need partitioning.reshape under Explicit axes: " + errs[0])
     assert not errs, errs
     for name in ("matmul", "multiply"):
         assert r[name]["colls"] == [], r
@@ -271,10 +267,7 @@ def test_shard_map_forward_and_grad(kind):
     assert r["y"] and r["dx"], r
     assert r["dw"] < 1e-4, r
     assert r["colls"] == ["all-reduce"], r
-    if not r["inv_ok"]:
-        # ops._gemm_bwd must give cotangents their primal's manual-axes type
-        # (partitioning.match_vma); see the report of the sharding work.
-        pytest.xfail("invariant weights in shard_map need ops to call match_vma: " + r["inv_err"])
+    assert r["inv_ok"], r.get("inv_err")
     assert r["inv_dx"] and r["inv_dw"] < 1e-4, r
 
 

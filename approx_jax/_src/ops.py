@@ -160,7 +160,10 @@ def _gemm_bwd(mbits, backward, residuals, g):
     else:
         da = jnp.matmul(g, b_t, precision=_HIGHEST)
         db = jnp.matmul(a_t, g, precision=_HIGHEST)
-    return _sum_to_shape(da, a.shape), _sum_to_shape(db, b.shape), _lut_zero_cotangent(klut)
+    # Inside shard_map a cotangent must carry its primal's varying mesh axes.
+    da = partitioning.match_vma(_sum_to_shape(da, a.shape), a)
+    db = partitioning.match_vma(_sum_to_shape(db, b.shape), b)
+    return da, db, _lut_zero_cotangent(klut)
 
 
 _gemm.defvjp(_gemm_fwd, _gemm_bwd)
@@ -182,7 +185,10 @@ def _multiply_bwd(mbits, backward, residuals, g):
         db = _multiply_raw(mbits)(a, g, klut)  # d(a*b)/db = a: a = a, b = g
     else:
         da, db = g * b, a * g
-    return _sum_to_shape(da, a.shape), _sum_to_shape(db, b.shape), _lut_zero_cotangent(klut)
+    # Inside shard_map a cotangent must carry its primal's varying mesh axes.
+    da = partitioning.match_vma(_sum_to_shape(da, a.shape), a)
+    db = partitioning.match_vma(_sum_to_shape(db, b.shape), b)
+    return da, db, _lut_zero_cotangent(klut)
 
 
 _multiply.defvjp(_multiply_fwd, _multiply_bwd)
@@ -241,19 +247,19 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
     k = x.shape[-1]
     if x.size == 0 or w.size == 0:  # empty sum (K = 0) or empty result: no kernel call
         return jnp.zeros(lead + (w.shape[1],), out_dtype)
-    a4 = x.astype(jnp.float32).reshape(1, 1, -1, k)
-    b4 = w.astype(jnp.float32).reshape(1, 1, k, w.shape[1])
+    a4 = partitioning.reshape(x.astype(jnp.float32), (1, 1, -1, k))
+    b4 = partitioning.reshape(w.astype(jnp.float32), (1, 1, k, w.shape[1]))
     out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
-    return out.reshape(lead + (w.shape[1],)).astype(out_dtype)
+    return partitioning.reshape(out, lead + (w.shape[1],)).astype(out_dtype)
 
 
 def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
     """``[..., R, C]`` -> ``[1, B or 1, R, C]`` broadcasting to ``batch_shape``."""
     own = x.shape[:-2]
     if all(s == 1 for s in own):
-        return x.reshape(1, 1, *x.shape[-2:])
+        return partitioning.reshape(x, (1, 1, *x.shape[-2:]))
     x = jnp.broadcast_to(x, batch_shape + x.shape[-2:])
-    return x.reshape(1, -1, *x.shape[-2:])
+    return partitioning.reshape(x, (1, -1, *x.shape[-2:]))
 
 
 def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) -> jax.Array:
@@ -300,7 +306,8 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
     a4 = _flatten_batch(a.astype(jnp.float32), batch_shape)
     b4 = _flatten_batch(b.astype(jnp.float32), batch_shape)
     out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
-    return out.reshape(batch_shape + (a.shape[-2], b.shape[-1])).astype(out_dtype)
+    out = partitioning.reshape(out, batch_shape + (a.shape[-2], b.shape[-1]))
+    return out.astype(out_dtype)
 
 
 def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
@@ -331,7 +338,7 @@ def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
         return _over_stack(lambda one: multiply(a, b, one, backward), m)
     if int(np.prod(shape)) == 0:
         return jnp.zeros(shape, out_dtype)
-    a2 = jnp.broadcast_to(a.astype(jnp.float32), shape).reshape(1, -1)
-    b2 = jnp.broadcast_to(b.astype(jnp.float32), shape).reshape(1, -1)
+    a2 = partitioning.reshape(jnp.broadcast_to(a.astype(jnp.float32), shape), (1, -1))
+    b2 = partitioning.reshape(jnp.broadcast_to(b.astype(jnp.float32), shape), (1, -1))
     out = _multiply(a2, b2, kernel_lut_of(m), m.mbits, backward)
-    return out.reshape(shape).astype(out_dtype)
+    return partitioning.reshape(out, shape).astype(out_dtype)
