@@ -58,12 +58,16 @@ def _out_dir(args, command: str) -> Path:
     return out
 
 
-def _load_data(args):
+def _load_data(args, model=None):
     from approx_jax._src import data as data_lib
 
     x_train, y_train, x_test, y_test = data_lib.load_mnist(
         args.data_dir, split_seed=args.split_seed
     )
+    shape = getattr(model, "input_shape", None)
+    if shape and len(shape) == 3 and shape[-1] != x_train.shape[-1]:
+        x_train = data_lib.match_channels(x_train, shape[-1])
+        x_test = data_lib.match_channels(x_test, shape[-1])
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
@@ -175,10 +179,11 @@ def cmd_train(args) -> int:
 
     console = _console()
     out = _out_dir(args, "train")
-    data = _load_data(args)
     model = train_lib.resolve_model(args.model)
+    data = _load_data(args, model)
     multiplier = train_lib.resolve_multiplier_spec(args.multiplier)
-    specs = [(train_lib.multiplier_label(multiplier), multiplier)]
+    label = args.multiplier if isinstance(args.multiplier, str) else None
+    specs = [(label or train_lib.multiplier_label(multiplier), multiplier)]
     if args.baseline and not train_lib.is_exact(multiplier):
         specs.append(("fp32", train_lib.resolve_multiplier_spec("fp32")))
     console.print(
@@ -190,6 +195,7 @@ def cmd_train(args) -> int:
     timing = dict(
         batch_size=args.batch_size,
         steps=args.timing_steps,
+        max_seconds=args.timing_seconds,
         optimizer=args.optimizer,
         lr=args.lr,
         backward=args.backward,
@@ -308,8 +314,8 @@ def cmd_sweep(args) -> int:
     if not designs:
         raise SystemExit("error: --multipliers is empty")
     out = _out_dir(args, "sweep")
-    data = _load_data(args)
     model = train_lib.resolve_model(args.model)
+    data = _load_data(args, model)
     console.print(
         f"[bold]approx-jax sweep[/bold]: model={args.model} designs={designs} "
         f"train={len(data[0])} test={len(data[2])} epochs={args.epochs} seed={args.seed}"
@@ -504,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=10,
         help="timed steps for the step-time column (0: skip timing)",
+    )
+    p.add_argument(
+        "--timing-seconds",
+        type=float,
+        default=20.0,
+        help="stop timing a multiplier after this many seconds (at least one step)",
     )
     _add_common(p)
     p.set_defaults(func=cmd_train)

@@ -283,5 +283,14 @@ def batches(
         yield x[idx], y[idx]
 
 
+def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """Repeats single-channel NHWC images to ``channels`` (e.g. grey MNIST for RGB models)."""
+    if x.shape[-1] == channels:
+        return x
+    if x.shape[-1] != 1:
+        raise ValueError(f"cannot convert {x.shape[-1]}-channel images to {channels} channels")
+    return np.repeat(x, channels, axis=-1)
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)

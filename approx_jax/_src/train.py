@@ -290,17 +290,20 @@ def measure_step_time(
     *,
     batch_size: int = 64,
     steps: int = 10,
-    warmup: int = 2,
+    warmup: int = 1,
     optimizer: str = "adam",
     lr: float = 1e-3,
     backward: str = "approx",
     seed: int = 0,
+    max_seconds: float | None = 20.0,
 ) -> float:
     """Mean wall time (seconds) of one jit-compiled train step, compile excluded.
 
-    Runs ``warmup`` untimed steps (the first compiles), then ``steps`` timed
-    steps on consecutive batches, blocking once at the end. Comparing this for
-    an approximate multiplier and for ``"fp32"`` gives the simulation overhead.
+    Runs ``warmup`` untimed steps (the first compiles), then up to ``steps``
+    timed steps on consecutive batches, each blocked on, stopping early once
+    ``max_seconds`` have been spent timing (at least one step always runs).
+    Comparing this for an approximate multiplier and for ``"fp32"`` gives the
+    simulation overhead.
     """
     model = resolve_model(model)
     multiplier = resolve_multiplier_spec(multiplier)
@@ -318,9 +321,13 @@ def measure_step_time(
         )
     jax.block_until_ready((params, loss))
     t0 = time.perf_counter()
-    for i in range(steps):
+    done = 0
+    for i in range(max(steps, 1)):
         params, opt_state, loss, _ = step(
             params, opt_state, xs[i % len(xs)], ys[i % len(ys)], multiplier
         )
-    jax.block_until_ready((params, loss))
-    return (time.perf_counter() - t0) / steps
+        jax.block_until_ready((params, loss))
+        done += 1
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
+    return (time.perf_counter() - t0) / done

