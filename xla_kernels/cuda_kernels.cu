@@ -57,23 +57,37 @@ namespace approx_jax {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBM = 128;
-constexpr int kBN = 128;
 constexpr int kBK = 8;
-constexpr int kAStride = kBM + 4;  // padded so the transposed A store is conflict-free
-constexpr int kBStride = kBN;
-constexpr int kAWords = kBK * kAStride;                   // one A array of one stage
-constexpr int kBWords = kBK * kBStride;                   // one B array of one stage
-constexpr int kStageWords = 2 * kAWords + 2 * kBWords;    // values + offsets
-constexpr int kTileBytes = 2 * kStageWords * 4;           // double-buffered
+
+// Block tile of kBM x kBN outputs, 8 x 8 per thread (256 threads).
+template <int kBM_, int kBN_>
+struct Tile {
+  static constexpr int kBM = kBM_;
+  static constexpr int kBN = kBN_;
+  static constexpr int kTY = kBM / 8;  // thread rows
+  static constexpr int kTX = kBN / 8;  // thread columns
+  static constexpr int kAStride = kBM + 4;  // padded: transposed A store is conflict-free
+  static constexpr int kBStride = kBN;
+  static constexpr int kAWords = kBK * kAStride;                 // one A array of one stage
+  static constexpr int kBWords = kBK * kBStride;                 // one B array of one stage
+  static constexpr int kStageWords = 2 * kAWords + 2 * kBWords;  // values + offsets
+  static constexpr int kTileBytes = 2 * kStageWords * 4;         // double-buffered
+  static_assert(kTY * kTX == kThreads, "8x8 outputs per thread");
+  static_assert(kTX % 8 == 0 && kTY % 4 == 0, "a warp covers 4 x 8 threads");
+  static_assert(kBM % 128 == 0, "A loads: two threads per row, 128 rows per pass");
+  static_assert(2 * kBN <= kThreads, "B loads: one float4 per thread at most");
+  static_assert(kTileBytes % 16 == 0, "tile area must keep the LUT 16-byte aligned");
+  static_assert(kAWords % 4 == 0 && kBWords % 4 == 0 && kAStride % 32 == 4, "layout");
+};
+using WideTile = Tile<128, 128>;
+using TallTile = Tile<256, 64>;  // N <= 64 (e.g. conv layers with 64 channels)
+
 constexpr uint32_t kOneBits = 0x3f800000u;                // 1.0f
 // A chunk is computed exactly (scalar path) when any operand has a biased
 // exponent >= this: covers Inf/NaN and every possible overflow, since two
 // exponents <= 190 give e0 = ea + eb - 127 <= 253.
 constexpr uint32_t kSlowExponent = 191;
 
-static_assert(kTileBytes % 16 == 0, "tile area must keep the LUT 16-byte aligned");
-static_assert(kAWords % 4 == 0 && kBWords % 4 == 0, "float4 alignment");
 
 struct GemmParams {
   const float* a;
@@ -113,12 +127,21 @@ __device__ __forceinline__ uint32_t OffsetB(uint32_t bits, int mbits, int lw) {
   return (((i >> lw) << 5) | (i & ((1u << lw) - 1u))) << 2;  // bytes
 }
 
-__device__ __forceinline__ int RowOf(int t, int i) {  // t = ty or tx, i in [0, 8)
-  return (i < 4) ? (t * 4 + i) : (64 + t * 4 + (i - 4));
+// Row (column) within the tile of a thread's i-th row (column): t*4 + i for
+// i < 4, half + t*4 + (i-4) otherwise, half = kBM/2 (kBN/2).
+template <int kHalf>
+__device__ __forceinline__ int RowOf(int t, int i) {
+  return (i < 4) ? (t * 4 + i) : (kHalf + t * 4 + (i - 4));
 }
 
-template <bool kShared>
+template <bool kShared, class T>
 __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p) {
+  constexpr int kBM = T::kBM, kBN = T::kBN;
+  constexpr int kAStride = T::kAStride, kBStride = T::kBStride;
+  constexpr int kAWords = T::kAWords, kBWords = T::kBWords;
+  constexpr int kStageWords = T::kStageWords, kTileBytes = T::kTileBytes;
+  constexpr int kHalfM = kBM / 2, kHalfN = kBN / 2;
+  constexpr int kWarpCols = T::kTX / 8;  // warps across the tile's columns
   extern __shared__ __align__(16) unsigned char smem[];
   float* const tiles = reinterpret_cast<float*>(smem);
   unsigned char* const lut_s = smem + kTileBytes;
@@ -128,8 +151,8 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
   const int warp = tid >> 5;
   // A warp covers 4 thread-rows x 8 thread-columns: its fragment reads touch
   // at most 128 contiguous bytes per instruction (one wavefront).
-  const int ty = (warp >> 1) * 4 + (lane >> 3);
-  const int tx = (warp & 1) * 8 + (lane & 7);
+  const int ty = (warp / kWarpCols) * 4 + (lane >> 3);
+  const int tx = (warp % kWarpCols) * 8 + (lane & 7);
   const int mb = p.mbits;
   const int lw = p.lw;
   const uint32_t goff = kShared ? (static_cast<uint32_t>(lane & ~((1 << lw) - 1)) << 2) : 0u;
@@ -140,12 +163,15 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int nchunks = static_cast<int>((K + kBK - 1) / kBK);
 
-  // Global -> shared mapping. A: thread loads 4 consecutive k of one row.
+  // Global -> shared mapping. A: thread loads 4 consecutive k of rows
+  // a_row + 128 * q. B: threads tid < 2 * kBN load 4 consecutive columns of
+  // one k-row.
+  constexpr int kAPasses = kBM / 128;
   const int a_row = tid >> 1;
   const int a_kk = (tid & 1) * 4;
-  // B: thread loads 4 consecutive columns of one k-row.
-  const int b_kk = tid >> 5;
-  const int b_col = (tid & 31) * 4;
+  const bool b_loader = tid < 2 * kBN;
+  const int b_kk = tid / (kBN / 4);
+  const int b_col = (tid % (kBN / 4)) * 4;
 
   int64_t staged_design = -1;
   for (int64_t z = blockIdx.z; z < db_total; z += gridDim.z) {
@@ -177,26 +203,33 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
-      uint32_t ra[4], rb[4];
+      uint32_t ra[kAPasses][4], rb[4];
       auto load_chunk = [&](int64_t k0) {
-        const int64_t row = row0 + a_row;
         const int64_t ka = k0 + a_kk;
-        if (p.vec_a) {
-          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (row < M && ka < K) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
-          ra[0] = __float_as_uint(v.x);
-          ra[1] = __float_as_uint(v.y);
-          ra[2] = __float_as_uint(v.z);
-          ra[3] = __float_as_uint(v.w);
-        } else {
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            ra[c] = (row < M && ka + c < K) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
+        for (int q = 0; q < kAPasses; ++q) {
+          const int64_t row = row0 + a_row + 128 * q;
+          if (p.vec_a) {
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (row < M && ka < K) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
+            ra[q][0] = __float_as_uint(v.x);
+            ra[q][1] = __float_as_uint(v.y);
+            ra[q][2] = __float_as_uint(v.z);
+            ra[q][3] = __float_as_uint(v.w);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              ra[q][c] =
+                  (row < M && ka + c < K) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
+            }
           }
         }
         const int64_t kb = k0 + b_kk;
         const int64_t col = col0 + b_col;
-        if (p.vec_b) {
+        if (!b_loader) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) rb[c] = 0u;
+        } else if (p.vec_b) {
           float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
           if (kb < K && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
           rb[0] = __float_as_uint(v.x);
@@ -218,11 +251,14 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
         uint32_t* bo = reinterpret_cast<uint32_t*>(bv + kBWords);
         uint32_t emax = 0;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int idx = (a_kk + c) * kAStride + a_row;
-          av[idx] = ScaleOf(ra[c]);
-          ao[idx] = OffsetA<kShared>(ra[c], mb, lw);
-          emax = max(emax, (ra[c] >> 23) & 0xffu);
+        for (int q = 0; q < kAPasses; ++q) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int idx = (a_kk + c) * kAStride + a_row + 128 * q;
+            av[idx] = ScaleOf(ra[q][c]);
+            ao[idx] = OffsetA<kShared>(ra[q][c], mb, lw);
+            emax = max(emax, (ra[q][c] >> 23) & 0xffu);
+          }
         }
         float4 v;
         uint4 o;
@@ -236,8 +272,10 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
         o.w = OffsetB<kShared>(rb[3], mb, lw);
 #pragma unroll
         for (int c = 0; c < 4; ++c) emax = max(emax, (rb[c] >> 23) & 0xffu);
-        *reinterpret_cast<float4*>(bv + b_kk * kBStride + b_col) = v;
-        *reinterpret_cast<uint4*>(bo + b_kk * kBStride + b_col) = o;
+        if (b_loader) {
+          *reinterpret_cast<float4*>(bv + b_kk * kBStride + b_col) = v;
+          *reinterpret_cast<uint4*>(bo + b_kk * kBStride + b_col) = o;
+        }
         return emax >= kSlowExponent ? 1 : 0;
       };
 
@@ -255,13 +293,13 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
 #pragma unroll
           for (int kk = 0; kk < kBK; ++kk) {
             const float4 a0 = *reinterpret_cast<const float4*>(av + kk * kAStride + ty * 4);
-            const float4 a1 = *reinterpret_cast<const float4*>(av + kk * kAStride + 64 + ty * 4);
+            const float4 a1 = *reinterpret_cast<const float4*>(av + kk * kAStride + kHalfM + ty * 4);
             const uint4 ao0 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + ty * 4);
-            const uint4 ao1 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + 64 + ty * 4);
+            const uint4 ao1 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + kHalfM + ty * 4);
             const float4 b0 = *reinterpret_cast<const float4*>(bv + kk * kBStride + tx * 4);
-            const float4 b1 = *reinterpret_cast<const float4*>(bv + kk * kBStride + 64 + tx * 4);
+            const float4 b1 = *reinterpret_cast<const float4*>(bv + kk * kBStride + kHalfN + tx * 4);
             const uint4 bo0 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + tx * 4);
-            const uint4 bo1 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + 64 + tx * 4);
+            const uint4 bo1 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + kHalfN + tx * 4);
             const float fa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
             const uint32_t oa[8] = {ao0.x + goff, ao0.y + goff, ao0.z + goff, ao0.w + goff,
                                     ao1.x + goff, ao1.y + goff, ao1.z + goff, ao1.w + goff};
@@ -291,12 +329,12 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
             uint32_t xa[8], xb[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-              const int64_t row = row0 + RowOf(ty, i);
+              const int64_t row = row0 + RowOf<kHalfM>(ty, i);
               xa[i] = row < M ? __float_as_uint(__ldg(A + row * K + k)) : 0u;
             }
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-              const int64_t col = col0 + RowOf(tx, j);
+              const int64_t col = col0 + RowOf<kHalfN>(tx, j);
               xb[j] = col < N ? __float_as_uint(__ldg(B + k * N + col)) : 0u;
             }
 #pragma unroll
@@ -313,12 +351,12 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
       // Epilogue.
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int64_t row = row0 + RowOf(ty, i);
+        const int64_t row = row0 + RowOf<kHalfM>(ty, i);
         if (row >= M) continue;
         float* orow = O + row * N;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t col = col0 + h * 64 + tx * 4;
+          const int64_t col = col0 + h * kHalfN + tx * 4;
           if (p.vec_out && col + 3 < N) {
             *reinterpret_cast<float4*>(orow + col) =
                 make_float4(acc[i][h * 4], acc[i][h * 4 + 1], acc[i][h * 4 + 2], acc[i][h * 4 + 3]);
@@ -368,6 +406,57 @@ int64_t LutSmemCapBytes() {
 
 bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+
+template <class T>
+std::string LaunchGemmTiled(GemmParams gp, int optin, cudaStream_t stream) {
+  // Largest LUT replication that fits (see the file comment).
+  const int64_t entries = int64_t{1} << (2 * gp.mbits);
+  const int64_t cap = LutSmemCapBytes();
+  int copies = 0;
+  for (int c = 32; c >= 1; c /= 2) {
+    const int w = 32 / c;
+    if (w > (1 << gp.mbits)) break;  // layout needs W <= 2^M
+    const int64_t bytes = c * entries * 4;
+    if (bytes <= cap && T::kTileBytes + bytes <= optin) {
+      copies = c;
+      break;
+    }
+  }
+  const bool shared_lut = copies > 0;
+  size_t smem = T::kTileBytes;
+  gp.lw = 0;
+  gp.lut_words = 0;
+  if (shared_lut) {
+    const int w = 32 / copies;
+    while ((1 << gp.lw) < w) ++gp.lw;
+    gp.lut_words = static_cast<uint32_t>(copies * entries);
+    smem += static_cast<size_t>(gp.lut_words) * 4;
+  }
+  const int64_t db = gp.designs * gp.batch;
+  const int64_t m_tiles = (gp.m + T::kBM - 1) / T::kBM;
+  const int64_t n_tiles = (gp.n + T::kBN - 1) / T::kBN;
+  if (m_tiles > 0x7fffffff) return "approx_jax_gemm: too many rows for one launch";
+  const dim3 grid(static_cast<unsigned>(m_tiles),
+                  static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(db, 65535)));
+  cudaError_t e;
+  if (shared_lut) {
+    e = cudaFuncSetAttribute(ApproxGemmKernel<true, T>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);
+    ApproxGemmKernel<true, T><<<grid, kThreads, smem, stream>>>(gp);
+  } else {
+    if (smem > 48 * 1024) {
+      e = cudaFuncSetAttribute(ApproxGemmKernel<false, T>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);
+    }
+    ApproxGemmKernel<false, T><<<grid, kThreads, smem, stream>>>(gp);
+  }
+  e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm launch", e);
+}
+
 }  // namespace
 
 std::string LaunchApproxGemm(const CudaGemmProblem& p, cudaStream_t stream) {
@@ -404,48 +493,10 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, cudaStream_t stream) {
   gp.vec_a = (p.k % 4 == 0 && Aligned16(p.a) && gp.a_ds % 4 == 0 && gp.a_bs % 4 == 0) ? 1 : 0;
   gp.vec_b = (p.n % 4 == 0 && Aligned16(p.b) && gp.b_ds % 4 == 0 && gp.b_bs % 4 == 0) ? 1 : 0;
   gp.vec_out = (p.n % 4 == 0 && Aligned16(p.out)) ? 1 : 0;
-
-  // Largest replication that fits (see the file comment).
-  const int64_t entries = int64_t{1} << (2 * p.mbits);
-  const int64_t cap = LutSmemCapBytes();
-  int copies = 0;
-  for (int c = 32; c >= 1; c /= 2) {
-    const int w = 32 / c;
-    if (w > (1 << p.mbits)) break;  // layout needs W <= 2^M
-    const int64_t bytes = c * entries * 4;
-    if (bytes <= cap && kTileBytes + bytes <= optin) {
-      copies = c;
-      break;
-    }
-  }
-  const bool shared_lut = copies > 0;
-  size_t smem = kTileBytes;
-  if (shared_lut) {
-    int w = 32 / copies, lw = 0;
-    while ((1 << lw) < w) ++lw;
-    gp.lw = lw;
-    gp.lut_words = static_cast<uint32_t>(copies * entries);
-    smem += static_cast<size_t>(gp.lut_words) * 4;
-  } else {
-    gp.lw = 0;
-    gp.lut_words = 0;
-  }
-
-  const int64_t m_tiles = (p.m + kBM - 1) / kBM;
-  const int64_t n_tiles = (p.n + kBN - 1) / kBN;
-  if (m_tiles > 0x7fffffff) return "approx_jax_gemm: too many rows for one launch";
-  dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
-            static_cast<unsigned>(std::min<int64_t>(db, 65535)));
-  if (shared_lut) {
-    e = cudaFuncSetAttribute(ApproxGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-    if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);
-    ApproxGemmKernel<true><<<grid, kThreads, smem, stream>>>(gp);
-  } else {
-    ApproxGemmKernel<false><<<grid, kThreads, smem, stream>>>(gp);
-  }
-  e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm launch", e);
+  // Narrow outputs (N <= 64, e.g. 64-channel conv layers) would waste half of
+  // a 128-wide tile: use 256 x 64 tiles there.
+  if (p.n <= TallTile::kBN) return LaunchGemmTiled<TallTile>(gp, optin, stream);
+  return LaunchGemmTiled<WideTile>(gp, optin, stream);
 }
 
 std::string LaunchApproxMultiply(const CudaMultiplyProblem& p, cudaStream_t stream) {
