@@ -403,6 +403,19 @@ int Bench(int reps, int argc, char** argv) {
   std::vector<int> ms = {3, 7, 11};
   if (const char* e = std::getenv("GEMM_STRATEGY")) gemm_internal::g_force_strategy = std::atoi(e);
   if (const char* e = std::getenv("GEMM_ISA")) gemm_internal::g_force_isa = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_TILE_BYTES")) gemm_internal::g_tile_budget = std::atoll(e);
+  if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
+    shapes.clear();
+    std::string str = e;
+    for (size_t pos = 0; pos < str.size();) {
+      size_t end = str.find(';', pos);
+      if (end == std::string::npos) end = str.size();
+      long long x, y, z;
+      if (std::sscanf(str.substr(pos, end - pos).c_str(), "%lld,%lld,%lld", &x, &y, &z) == 3)
+        shapes.push_back({x, y, z});
+      pos = end + 1;
+    }
+  }
   if (argc > 0) {
     ms.clear();
     for (int i = 0; i < argc; ++i) ms.push_back(std::atoi(argv[i]));

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <new>
 #include <thread>
+#include <sched.h>
 #include <unistd.h>
 
 #include "approx_math.h"
@@ -22,6 +23,7 @@ namespace gemm_internal {
 
 int g_force_strategy = 0;
 int g_force_isa = 0;
+int64_t g_tile_budget = 0;
 
 namespace {
 
@@ -56,7 +58,12 @@ void* ThreadScratch(int slot, size_t bytes) {
 
 int HardwareThreads() {
   static const int n = [] {
-    const unsigned h = std::thread::hardware_concurrency();
+    unsigned h = std::thread::hardware_concurrency();
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+      h = static_cast<unsigned>(CPU_COUNT(&set));  // respects taskset/cgroups cpusets
+#endif
     return h == 0 ? 1 : static_cast<int>(std::min(h, 256u));
   }();
   return n;

@@ -51,20 +51,27 @@ inline VI GatherI(const uint32_t* base, VI idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);
 }
 
-// tiles[u << ushift + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
+// tiles[u * ustride + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
 void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv,
-                float* tiles, int ushift) {
+                float* tiles, int ustride) {
   const VI one_exp = Set1I(127 << 23);
   const int n = kb * kNB;
   for (int u = 0; u < (1 << mbits); ++u) {
-    const uint32_t* row = lut + (u << mbits);
-    float* out = tiles + (static_cast<int64_t>(u) << ushift);
+    const uint32_t* row = lut + (static_cast<int64_t>(u) << mbits);
+    float* out = tiles + static_cast<int64_t>(u) * ustride;
     if (mbits <= 3) {
       alignas(32) int32_t tab[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int q = 0; q < (1 << mbits); ++q) tab[q] = static_cast<int32_t>(row[q]);
       const VI t = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab));
       for (int x = 0; x < n; x += kVL) {
         const VI v = _mm256_permutevar8x32_epi32(t, LoadI(ibv + x));
+        StoreF(out + x, MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x)));
+      }
+    } else if (mbits >= 8) {
+      alignas(32) int32_t tmp[kVL];
+      for (int x = 0; x < n; x += kVL) {
+        for (int l = 0; l < kVL; ++l) tmp[l] = static_cast<int32_t>(row[ibv[x + l]]);
+        const VI v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
         StoreF(out + x, MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x)));
       }
     } else {

@@ -57,11 +57,11 @@ inline VI GatherI(const uint32_t* base, VI idx) {
   return _mm512_i32gather_epi32(idx, static_cast<const void*>(base), 4);
 }
 
-// tiles[u << ushift + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
+// tiles[u * ustride + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
 // The LUT row of u is held in registers and looked up with permutes.
 template <int MB>
 void BuildTilesM(const uint32_t* lut, int kb, const int32_t* ibv, const float* sbv,
-                 float* tiles, int ushift) {
+                 float* tiles, int ustride) {
   constexpr int kRowRegs = MB <= 4 ? 1 : (1 << (MB - 4));
   const VI one_exp = Set1I(127 << 23);
   const __mmask16 row_mask = MB >= 4 ? 0xffff : static_cast<__mmask16>((1u << (1 << MB)) - 1u);
@@ -70,7 +70,7 @@ void BuildTilesM(const uint32_t* lut, int kb, const int32_t* ibv, const float* s
     const uint32_t* row = lut + (u << MB);
     VI t[kRowRegs];
     for (int q = 0; q < kRowRegs; ++q) t[q] = _mm512_maskz_loadu_epi32(row_mask, row + 16 * q);
-    float* out = tiles + (static_cast<int64_t>(u) << ushift);
+    float* out = tiles + static_cast<int64_t>(u) * ustride;
     for (int x = 0; x < n; x += kVL) {
       const VI ib = LoadI(ibv + x);
       VI v;
@@ -97,16 +97,36 @@ void BuildTilesM(const uint32_t* lut, int kb, const int32_t* ibv, const float* s
   }
 }
 
+// Wide LUTs (M >= 8): row u (2^M entries) stays in L1/L2 while it is read
+// with scalar loads (gathers are slow on CPUs with the GDS mitigation).
+__attribute__((optimize("no-tree-vectorize"))) void BuildTilesWide(
+    const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv, float* tiles,
+    int ustride) {
+  const VI one_exp = Set1I(127 << 23);
+  const int n = kb * kNB;
+  alignas(64) int32_t tmp[kVL];
+  for (int u = 0; u < (1 << mbits); ++u) {
+    const uint32_t* row = lut + (static_cast<int64_t>(u) << mbits);
+    float* out = tiles + static_cast<int64_t>(u) * ustride;
+    for (int x = 0; x < n; x += kVL) {
+      for (int l = 0; l < kVL; ++l) tmp[l] = static_cast<int32_t>(row[ibv[x + l]]);
+      const VF lf = CastF(AddI(_mm512_load_si512(tmp), one_exp));
+      StoreF(out + x, MulF(lf, LoadF(sbv + x)));
+    }
+  }
+}
+
 void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv,
-                float* tiles, int ushift) {
+                float* tiles, int ustride) {
+  if (mbits >= 8) return BuildTilesWide(lut, mbits, kb, ibv, sbv, tiles, ustride);
   switch (mbits) {
-    case 1: BuildTilesM<1>(lut, kb, ibv, sbv, tiles, ushift); break;
-    case 2: BuildTilesM<2>(lut, kb, ibv, sbv, tiles, ushift); break;
-    case 3: BuildTilesM<3>(lut, kb, ibv, sbv, tiles, ushift); break;
-    case 4: BuildTilesM<4>(lut, kb, ibv, sbv, tiles, ushift); break;
-    case 5: BuildTilesM<5>(lut, kb, ibv, sbv, tiles, ushift); break;
-    case 6: BuildTilesM<6>(lut, kb, ibv, sbv, tiles, ushift); break;
-    default: BuildTilesM<7>(lut, kb, ibv, sbv, tiles, ushift); break;
+    case 1: BuildTilesM<1>(lut, kb, ibv, sbv, tiles, ustride); break;
+    case 2: BuildTilesM<2>(lut, kb, ibv, sbv, tiles, ustride); break;
+    case 3: BuildTilesM<3>(lut, kb, ibv, sbv, tiles, ustride); break;
+    case 4: BuildTilesM<4>(lut, kb, ibv, sbv, tiles, ustride); break;
+    case 5: BuildTilesM<5>(lut, kb, ibv, sbv, tiles, ustride); break;
+    case 6: BuildTilesM<6>(lut, kb, ibv, sbv, tiles, ustride); break;
+    default: BuildTilesM<7>(lut, kb, ibv, sbv, tiles, ustride); break;
   }
 }
 

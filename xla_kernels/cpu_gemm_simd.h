@@ -37,6 +37,8 @@ extern int g_force_strategy;
 // ISA override for the harness: 0 = best available, 1 = scalar, 2 = AVX2,
 // 3 = AVX-512 (an unsupported choice falls back to the best available below it).
 extern int g_force_isa;
+// Tile-size budget override in bytes for tuning (0 = automatic).
+extern int64_t g_tile_budget;
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };
 

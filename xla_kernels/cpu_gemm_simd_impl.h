@@ -62,10 +62,10 @@ void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t
 }
 
 // Packs a panel of `rows` (<= mr) rows of a[:, k0:k0+kb] into per-(r, kk)
-// offsets off = (u << ushift) + kk * kkmul and scales. Returns whether every
+// offsets off = u * ustride + kk * kkmul and scales. Returns whether every
 // element is fast-path safe.
 bool PackPanel(const float* a, int64_t lda, int rows, int mr, int64_t k0, int kb,
-               int64_t kstride, int mbits, int ushift, int kkmul, const int32_t* lo,
+               int64_t kstride, int mbits, int ustride, int kkmul, const int32_t* lo,
                const int32_t* hi, const int32_t* ok0, int32_t* offs, float* scales) {
   const int mshift = 23 - mbits;
   const uint32_t umask = (1u << mbits) - 1u;
@@ -95,7 +95,7 @@ bool PackPanel(const float* a, int64_t lda, int rows, int mr, int64_t k0, int kb
       const VI x = LoadI(reinterpret_cast<const int32_t*>(arow + kk));
       const VI e = AndI(SrlI(x, 23), vff);
       const VI u = AndI(SrlI(x, mshift), vumask);
-      StoreI(o + kk, AddI(SllI(u, ushift), vkk));
+      StoreI(o + kk, AddI(MulLoI(u, Set1I(ustride)), vkk));
       const VI z = CmpEqI(e, vzero);
       const VI sc = BlendI(AndI(x, vsignexp), AndI(x, vsign), z);
       StoreI(reinterpret_cast<int32_t*>(s + kk), sc);
@@ -108,7 +108,7 @@ bool PackPanel(const float* a, int64_t lda, int rows, int mr, int64_t k0, int kb
       const uint32_t x = arow[kk];
       const int32_t e = static_cast<int32_t>((x >> 23) & 0xffu);
       const uint32_t u = (x >> mshift) & umask;
-      o[kk] = static_cast<int32_t>((u << ushift) + static_cast<uint32_t>(kk * kkmul));
+      o[kk] = static_cast<int32_t>(u * static_cast<uint32_t>(ustride) + static_cast<uint32_t>(kk * kkmul));
       const uint32_t sc = e == 0 ? (x & 0x80000000u) : (x & 0xff800000u);
       s[kk] = BitsFloat(sc);
       const bool valid = e == 0 ? (ok0[kk] != 0) : (e >= lo[kk] && e <= hi[kk]);
@@ -230,7 +230,7 @@ struct Plan {
   int strategy;
   int mr;            // rows per micro-kernel panel
   int kb_max;        // k block
-  int ushift;        // log2 of the tile stride of one mantissa value (tiles)
+  int ustride;       // floats between the tiles of consecutive mantissa values
   int64_t nrc, ncc;  // row / column chunks per problem
   int64_t rows_per, cols_per;
   int failed;  // set with __atomic builtins
@@ -262,7 +262,7 @@ void RunTask(void* arg, int64_t task) {
   const int64_t npanels = CeilDiv(r1 - r0, mr);
 
   const size_t tiles_bytes =
-      pl.strategy == kTiles ? (sizeof(float) << (mbits + pl.ushift)) : 64;
+      pl.strategy == kTiles ? (sizeof(float) << mbits) * static_cast<size_t>(pl.ustride) : 64;
   float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
   char* pack = static_cast<char*>(
       ThreadScratch(kSlotPack, static_cast<size_t>(npanels * mr * kstride * 8 + npanels)));
@@ -285,7 +285,7 @@ void RunTask(void* arg, int64_t task) {
   for (int64_t i = r0; i < r1; ++i) {
     for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] = 0.0f;
   }
-  const int ushift = pl.strategy == kTiles ? pl.ushift : mbits;
+  const int ustride = pl.strategy == kTiles ? pl.ustride : (1 << mbits);
   const int kkmul = pl.strategy == kTiles ? kNB : 0;
   for (int64_t k0 = 0; k0 < K; k0 += KB) {
     const int kb = static_cast<int>(MinI(KB, K - k0));
@@ -293,14 +293,14 @@ void RunTask(void* arg, int64_t task) {
     for (int64_t pi = 0; pi < npanels; ++pi) {
       const int64_t i0 = r0 + pi * mr;
       const int rows = static_cast<int>(MinI(mr, r1 - i0));
-      panel_ok[pi] = PackPanel(A + i0 * lda, lda, rows, mr, k0, kb, kstride, mbits, ushift,
+      panel_ok[pi] = PackPanel(A + i0 * lda, lda, rows, mr, k0, kb, kstride, mbits, ustride,
                                kkmul, lo, hi, ok0, offs_all + pi * mr * kstride,
                                scales_all + pi * mr * kstride);
     }
     for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
       const int cols = static_cast<int>(MinI(kNB, c1 - j0));
       DecomposeB(B, ldb, k0, kb, j0, cols, mbits, ibv, sbv);
-      if (pl.strategy == kTiles) BuildTiles(lut, mbits, kb, ibv, sbv, tiles, pl.ushift);
+      if (pl.strategy == kTiles) BuildTiles(lut, mbits, kb, ibv, sbv, tiles, pl.ustride);
       for (int64_t pi = 0; pi < npanels; ++pi) {
         const int64_t i0 = r0 + pi * mr;
         const int rows = static_cast<int>(MinI(mr, r1 - i0));
@@ -360,25 +360,29 @@ int RunGemm(const GemmProblem& p, const Runner& runner) {
   const size_t l2 = L2CacheBytes();
   // Expanded tiles pay 2^M tile entries per b element, amortised over the rows
   // of a task: worth it when M is small and there are enough rows.
-  int strategy = (p.mbits <= 7 && p.m >= usize) ? kTiles : kGather;
+  // (Gathers are slow on current x86 cores with the GDS mitigation, so tiles
+  // win unless the rows are very few.)
+  int strategy = p.m >= MaxI(2, usize / 4) ? kTiles : kGather;
+  // M >= 8: expanding 2^M tiles re-reads the whole LUT per tile block (measured
+  // slower than gathers); the wide tile builder is kept for forced testing.
+  if (p.mbits > 7) strategy = kGather;
   if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
-  if (p.mbits > 7) strategy = kGather;  // tile builders cover M <= 7
   pl.strategy = strategy;
   if (strategy == kTiles) {
     pl.mr = kMR;
-    // 2^M * KB * kNB floats in about half of L2.
-    int64_t kb = 16;
-    while (kb < 256 && (usize * kb * 2 * kNB * 4) <= static_cast<int64_t>(l2 / 2) &&
+    // 2^M * KB * kNB floats in about a quarter of L2 (measured best).
+    int64_t kb = 2;
+    const int64_t budget = g_tile_budget > 0 ? g_tile_budget : static_cast<int64_t>(l2 / 4);
+    while (kb < 256 && (usize * kb * 2 * kNB * 4) <= budget &&
            kb < RoundUp(p.k, 16))
       kb *= 2;
     pl.kb_max = static_cast<int>(kb);
-    int sh = 0;
-    while ((int64_t{1} << sh) < kb * kNB) ++sh;
-    pl.ushift = sh;
+    // Unpadded stride (padding by a cache line measured 10-15% slower).
+    pl.ustride = static_cast<int>(kb * kNB);
   } else {
     pl.mr = kMRG;
     pl.kb_max = 256;
-    pl.ushift = p.mbits;
+    pl.ustride = 1 << p.mbits;
   }
   // Task split: the summation order never depends on it (each output element
   // is always summed sequentially over k), only the speed does.
