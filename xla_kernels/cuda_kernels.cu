@@ -7,9 +7,10 @@
 // split-K), so results are deterministic.
 //
 // GEMM design (SIMT, profile-free):
-// * Block tile 128x128, k-chunks of 8, 256 threads, 8x8 outputs per thread
-//   (rows ty*4+{0..3} and 64+ty*4+{0..3}, likewise columns), shared-memory
-//   tiles double-buffered so there is one barrier per k-chunk.
+// * Block tile 128x128 (256x64 when N <= 64), k-chunks of 8, 256 threads,
+//   8x8 outputs per thread (rows ty*4+{0..3} and BM/2+ty*4+{0..3}, likewise
+//   columns), shared-memory tiles double-buffered so there is one barrier per
+//   k-chunk.
 // * Operands are decomposed once, when a chunk is stored into shared memory:
 //   per element a "scale" v = sign * 2^(e-127) (a float with zero mantissa;
 //   +-0 for zero or subnormal operands) and the element's part of the LUT
