@@ -230,6 +230,21 @@ def test_stack_gives_design_axis_in_one_call():
     np.testing.assert_array_equal(np.asarray(got_vmap), np.asarray(got))
 
 
+def test_vmap_over_designs_with_batched_inputs_and_kernels():
+    """The sweep case: per-design activations and kernels and LUTs, one vmap."""
+    designs = [mult_lib.mbm(7), mult_lib.truncate(3)]
+    stacked = mult_lib.stack(designs)
+    xs = np.stack([_data((2, 5, 5, 2), 1), _data((2, 5, 5, 2), 2)])
+    ws = np.stack([_data((3, 3, 2, 3), 3), _data((3, 3, 2, 3), 4)])
+    loss = lambda x, w, m: jnp.sum(approx_conv(x, w, m, window_strides=2) ** 2)
+    vals, (dxs, dws) = jax.jit(jax.vmap(jax.value_and_grad(loss, (0, 1))))(xs, ws, stacked)
+    for d, m in enumerate(designs):
+        val, (dx, dw) = jax.value_and_grad(loss, (0, 1))(xs[d], ws[d], m)
+        np.testing.assert_allclose(vals[d], val, rtol=1e-6)
+        np.testing.assert_allclose(dxs[d], dx, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dws[d], dw, rtol=1e-6, atol=1e-6)
+
+
 def test_chunked_batch_matches_unchunked(monkeypatch):
     m = mult_lib.mbm(7)
     x = _data((5, 6, 6, 3), 1)

@@ -1,0 +1,179 @@
+"""approx_jax.models: functional init/apply, jit/grad/vmap, a short training run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import approx_jax.models as models
+from approx_jax._src import multipliers as mult_lib
+
+
+def _mnist_like(n, seed=0):
+    x = jax.random.uniform(jax.random.key(seed), (n, 28, 28, 1), jnp.float32)
+    y = jax.random.randint(jax.random.key(seed + 1), (n,), 0, 10)
+    return x, y
+
+
+def test_registry_and_errors():
+    assert set(models.names()) >= {"lenet300", "lenet5", "resnet8", "resnet18"}
+    with pytest.raises(ValueError, match="unknown model"):
+        models.create("vgg99")
+    with pytest.raises(ValueError, match="num_classes"):
+        models.create("lenet5", num_classes=0)
+    with pytest.raises(ValueError, match="unknown layer kind"):
+        models.resolve_kinds({"convolution": "mbm7"})
+    kinds = models.resolve_kinds({"dense": "mbm7"})
+    assert kinds["conv"].is_exact and kinds["attention"].is_exact
+    assert kinds["dense"].name == "mbm7"
+
+
+LENET300 = 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+LENET5 = 5 * 5 * 32 + 32 + 5 * 5 * 32 * 32 + 32 + 7 * 7 * 32 * 1024 + 1024 + 1024 * 10 + 10
+
+
+@pytest.mark.parametrize(
+    "name,shape,n_params",
+    [
+        ("lenet300", (3, 28, 28, 1), LENET300),
+        ("lenet5", (3, 28, 28, 1), LENET5),
+        ("resnet8", (3, 28, 28, 1), None),
+        ("resnet18", (2, 64, 64, 3), None),
+    ],
+)
+def test_init_and_apply_shapes(name, shape, n_params):
+    model = models.create(name)
+    x = jnp.zeros(shape)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    if n_params is not None:
+        assert count == n_params
+    if name == "resnet18":
+        assert 11_000_000 < count < 11_300_000  # ResNet-18 (no BN) ~11.2M weights
+    out = jax.eval_shape(lambda p, x: model.apply(p, x, "mbm7"), params, x)
+    assert out.shape == (shape[0], 10)
+    assert out.dtype == jnp.float32
+    model7 = models.create(name, num_classes=7)
+    out7 = jax.eval_shape(lambda x: model7.apply(model7.init(jax.random.key(0), x), x), x)
+    assert out7.shape == (shape[0], 7)
+
+
+def test_fp32_apply_equals_plain_flax_lenet5():
+    from flax import linen as nn
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(32, (5, 5))(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = nn.relu(nn.Conv(32, (5, 5))(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = x.reshape(x.shape[0], -1)
+            x = nn.relu(nn.Dense(1024)(x))
+            return nn.Dense(10)(x)
+
+    model = models.create("lenet5")
+    x, _ = _mnist_like(2)
+    params = model.init(jax.random.key(0), x)
+    plain = Plain().init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, plain)
+    np.testing.assert_array_equal(
+        model.apply(params, x, "fp32"), Plain().apply({"params": params}, x)
+    )
+
+
+def test_jit_grad_and_kind_dict():
+    model = models.create("lenet5")
+    x, y = _mnist_like(4)
+    params = model.init(jax.random.key(0), x)
+    m = mult_lib.mitchell(5)
+
+    def loss(p, mult):
+        logits = model.apply(p, x, mult, backward="approx", train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grads = jax.jit(jax.grad(loss))(params, {"conv": m, "dense": m})
+    assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    # Only the dense layers approximate: conv outputs are native.
+    only_dense = model.apply(params, x, {"dense": m})
+    everything = model.apply(params, x, m)
+    exact = model.apply(params, x, "fp32")
+    assert not np.array_equal(only_dense, exact)
+    assert not np.array_equal(only_dense, everything)
+
+
+def test_vmap_over_stacked_params_and_multipliers():
+    model = models.create("lenet300")
+    x, y = _mnist_like(8)
+    designs = [mult_lib.mbm(7), mult_lib.mitchell(5)]
+    stacked = mult_lib.stack(designs)
+    params = jax.vmap(lambda k: model.init(k, x))(jax.random.split(jax.random.key(0), 2))
+
+    def loss(p, mult):
+        logits = model.apply(p, x, mult)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    losses, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(params, stacked)
+    assert losses.shape == (2,)
+    single = jax.jit(jax.value_and_grad(loss))
+    for d, m in enumerate(designs):
+        p_d = jax.tree.map(lambda a, d=d: a[d], params)
+        l_d, g_d = single(p_d, m)
+        np.testing.assert_allclose(losses[d], l_d, rtol=1e-6)
+        jax.tree.map(
+            lambda a, b, d=d: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-7),
+            grads, g_d,
+        )
+    # A stacked multiplier with shared params gives a leading design axis.
+    p0 = jax.tree.map(lambda a: a[0], params)
+    out = model.apply(p0, x, stacked)
+    assert out.shape == (2, 8, 10)
+    np.testing.assert_array_equal(out[1], model.apply(p0, x, designs[1]))
+
+
+def test_resnet8_vmap_grad_traces():
+    model = models.create("resnet8")
+    x, y = _mnist_like(2)
+    stacked = mult_lib.stack(["mbm7", "truncate3"])
+    keys = jax.random.split(jax.random.key(0), 2)
+    params = jax.eval_shape(jax.vmap(lambda k: model.init(k, x)), keys)
+
+    def loss(p, mult):
+        logits = model.apply(p, x, {"conv": mult, "dense": mult})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    # Tracing only (compiling 9 convolutions' forward and backward takes ~10 s
+    # on CPU); the batched-conv path itself runs in tests/test_conv.py and
+    # lenet5's convolutions run in test_jit_grad_and_kind_dict.
+    grads = jax.eval_shape(jax.vmap(jax.grad(loss)), params, stacked)
+    assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
+
+
+def test_short_training_run_decreases_loss():
+    model = models.create("lenet300")
+    x, y = _mnist_like(200, seed=3)
+    params = model.init(jax.random.key(0), x)
+    m = mult_lib.mbm(7)
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+
+    def loss(p):
+        logits = model.apply(p, x, m, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    losses = []
+    for _ in range(15):
+        params, opt_state, value = step(params, opt_state)
+        losses.append(float(value))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses

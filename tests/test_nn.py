@@ -1,0 +1,273 @@
+"""Flax hooks and layers (approx_jax.nn, approx_jax.nn.linen)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+
+import approx_jax.nn as ann
+from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import ops
+from approx_jax._src import reference
+
+
+def _x(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _shapes(tree):
+    return jax.tree.map(jnp.shape, tree)
+
+
+def _assert_bound(got, ref, abs_sum, K):
+    ok = reference.bound_ok(np.asarray(got), ref, abs_sum, K)
+    assert ok.all(), f"{(~ok).sum()} entries outside the SPEC bound"
+
+
+# --------------------------------------------------------------------------
+# Hooks.
+
+
+@pytest.mark.parametrize(
+    "lhs_shape,rhs_shape,dn",
+    [
+        ((5, 4), (4, 3), (((1,), (0,)), ((), ()))),  # Dense
+        ((2, 3, 4), (4, 6), (((2,), (0,)), ((), ()))),  # Dense over a batch
+        ((4, 5), (4, 3), (((0,), (0,)), ((), ()))),  # contract a leading axis
+        ((2, 3, 5, 4), (2, 4, 6), (((3,), (1,)), ((0,), (0,)))),  # batched
+        ((2, 7, 3, 4), (3, 4, 5), (((2, 3), (0, 1)), ((), ()))),  # LinearGeneral out proj
+        ((3, 2, 4, 5), (5, 3, 6), (((3,), (0,)), ((0,), (1,)))),  # batch dims not leading in rhs
+    ],
+)
+def test_dot_general_hook_matches_reference(lhs_shape, rhs_shape, dn):
+    m = mult_lib.mbm(7)
+    lhs = np.asarray(_x(lhs_shape, 1))
+    rhs = np.asarray(_x(rhs_shape, 2))
+    got = ann.dot_general(m)(lhs, rhs, dn, precision=None, out_sharding=None)
+    want_shape = jax.lax.dot_general(lhs, rhs, dn).shape
+    assert got.shape == want_shape
+    # Reference: the same layout transformation in NumPy, products by reference.
+    (lc, rc), (lb, rb) = dn
+    lf = [d for d in range(lhs.ndim) if d not in lc + lb]
+    rf = [d for d in range(rhs.ndim) if d not in rc + rb]
+    bsz = int(np.prod([lhs.shape[d] for d in lb]))
+    k = int(np.prod([lhs.shape[d] for d in lc]))
+    a3 = lhs.transpose(list(lb) + lf + list(lc)).reshape(bsz, -1, k)
+    b3 = rhs.transpose(list(rb) + list(rc) + rf).reshape(bsz, k, -1)
+    ref, abs_sum = reference.matmul_with_bound(a3, b3, m.lut, m.mbits)
+    _assert_bound(np.asarray(got).reshape(ref.shape), ref, abs_sum, k)
+
+
+def test_dot_general_hook_fp32_is_lax_and_preferred_type():
+    lhs, rhs = _x((3, 4), 1), _x((4, 2), 2)
+    dn = (((1,), (0,)), ((), ()))
+    np.testing.assert_array_equal(
+        ann.dot_general("fp32")(lhs, rhs, dn), jax.lax.dot_general(lhs, rhs, dn)
+    )
+    out = ann.dot_general("mbm7")(
+        lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dn,
+        preferred_element_type=jnp.float32,
+    )
+    assert out.dtype == jnp.float32
+
+
+def test_conv_hook_none_dimension_numbers_means_lax_nchw():
+    x = _x((2, 3, 6, 6), 1)  # NCHW
+    w = _x((4, 3, 3, 3), 2)  # OIHW
+    hook = ann.conv_general_dilated("mitchell5")
+    got = hook(x, w, (1, 1), "SAME")
+    want = ann.conv_general_dilated("fp32")(x, w, (1, 1), "SAME")
+    assert got.shape == want.shape == (2, 4, 6, 6)
+    np.testing.assert_allclose(got, want, rtol=0.2, atol=0.5)
+
+
+def test_hooks_reject_a_stack():
+    stacked = mult_lib.stack(["mbm7", "mitchell5"])
+    with pytest.raises(ValueError, match="vmap"):
+        ann.dot_general(stacked)(_x((2, 3)), _x((3, 4)), (((1,), (0,)), ((), ())))
+
+
+# --------------------------------------------------------------------------
+# nnx layers.
+
+
+def test_nnx_fp32_layers_equal_flax_exactly():
+    x = _x((4, 10))
+    ours, theirs = ann.Linear(10, 5, rngs=nnx.Rngs(0)), nnx.Linear(10, 5, rngs=nnx.Rngs(0))
+    assert _shapes(nnx.state(ours)) == _shapes(nnx.state(theirs))
+    np.testing.assert_array_equal(ours(x), theirs(x))
+    assert ann.Dense is ann.Linear
+
+    xi = _x((2, 9, 9, 4))
+    kwargs = dict(strides=2, padding="VALID", kernel_dilation=2, feature_group_count=2)
+    ours = ann.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    theirs = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    assert _shapes(nnx.state(ours)) == _shapes(nnx.state(theirs))
+    np.testing.assert_array_equal(ours(xi), theirs(xi))
+
+    xs = _x((2, 7, 16))
+    ours = ann.MultiHeadAttention(4, 16, decode=False, rngs=nnx.Rngs(0))
+    theirs = nnx.MultiHeadAttention(4, 16, decode=False, rngs=nnx.Rngs(0))
+    assert _shapes(nnx.state(ours, nnx.Param)) == _shapes(nnx.state(theirs, nnx.Param))
+    np.testing.assert_array_equal(ours(xs), theirs(xs))
+
+
+def test_nnx_linear_approx_equals_approx_dot_and_loads_flax_params():
+    x = _x((4, 10))
+    flax_layer = nnx.Linear(10, 5, rngs=nnx.Rngs(1))
+    ours = ann.Linear(10, 5, multiplier="mbm7", rngs=nnx.Rngs(0))
+    nnx.update(ours, nnx.state(flax_layer, nnx.Param))  # Flax checkpoint -> approx layer
+    want = ops.approx_dot(x, flax_layer.kernel[...], "mbm7") + flax_layer.bias[...]
+    np.testing.assert_array_equal(ours(x), want)
+    assert ours.multiplier.name == "mbm7" and ours.backward == "approx"
+    # ... and back: approx layer params into a Flax layer.
+    back = nnx.Linear(10, 5, rngs=nnx.Rngs(2))
+    nnx.update(back, nnx.state(ours, nnx.Param))
+    np.testing.assert_array_equal(back(x), flax_layer(x))
+
+
+def test_nnx_conv_approx_matches_reference_and_trains():
+    m = mult_lib.mitchell(5)
+    layer = ann.Conv(3, 4, (3, 3), strides=1, padding="SAME", multiplier=m, rngs=nnx.Rngs(0))
+    x = _x((2, 6, 6, 3))
+    got = layer(x)
+    ref, abs_sum, K = reference.conv_general_dilated_with_bound(
+        np.asarray(x), np.asarray(layer.kernel[...]), m.lut, m.mbits, (1, 1), "SAME",
+        None, None, 1, ("NHWC", "HWIO", "NHWC"),
+    )
+    _assert_bound(np.asarray(got - layer.bias[...]), ref, abs_sum, K)
+
+    grads = nnx.grad(lambda mod: jnp.sum(mod(x) ** 2))(layer)
+    assert grads.kernel[...].shape == (3, 3, 3, 4)
+    assert np.all(np.isfinite(grads.kernel[...]))
+
+
+def test_nnx_layers_under_nnx_jit():
+    layer = ann.Linear(6, 3, multiplier="truncate3", backward="exact", rngs=nnx.Rngs(0))
+    x = _x((2, 6))
+    np.testing.assert_array_equal(nnx.jit(lambda mod, x: mod(x))(layer, x), layer(x))
+
+
+# --------------------------------------------------------------------------
+# Attention.
+
+
+def _attention_reference(q, k, v, m):
+    """Stage-wise reference: logits from reference products, float32 softmax."""
+    depth = q.shape[-1]
+    qs = np.asarray(q / jnp.sqrt(depth).astype(jnp.float32))
+    logits, labs = reference.matmul_with_bound(
+        qs.transpose(0, 2, 1, 3), np.asarray(k).transpose(0, 2, 3, 1), m.lut, m.mbits
+    )
+    return logits, labs
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
+def test_dot_product_attention_matches_reference():
+    m = mult_lib.mbm(5)
+    q, k, v = _x((2, 5, 3, 4), 1), _x((2, 6, 3, 4), 2), _x((2, 6, 3, 4), 3)
+
+    class Holder(nnx.Module):
+        pass
+
+    holder = Holder()
+    out = ann.dot_product_attention(q, k, v, module=holder, multiplier=m)
+    assert out.shape == (2, 5, 3, 4)
+    weights = np.asarray(holder.attention_weights.value[0])  # [b, h, q, k]
+    logits, _ = _attention_reference(q, k, v, m)
+    np.testing.assert_allclose(weights, jax.nn.softmax(logits.astype(np.float32)), rtol=1e-5,
+                               atol=1e-6)
+    # Second product: a = attention weight, b = value.
+    ref, abs_sum = reference.matmul_with_bound(weights, np.asarray(v).transpose(0, 2, 1, 3),
+                                               m.lut, m.mbits)
+    _assert_bound(np.asarray(out).transpose(0, 2, 1, 3), ref, abs_sum, 6)
+    # It really is approximate.
+    exact = ann.dot_product_attention(q, k, v)
+    assert np.max(np.abs(np.asarray(out) - np.asarray(exact))) > 1e-4
+
+
+def test_dot_product_attention_mask_gqa_and_fp32_identity():
+    q, k, v = _x((2, 4, 4, 8), 1), _x((2, 4, 2, 8), 2), _x((2, 4, 2, 8), 3)
+    np.testing.assert_array_equal(
+        ann.dot_product_attention(q, k, v), nnx.dot_product_attention(q, k, v)
+    )
+    got = ann.dot_product_attention(q, k, v, is_causal=True, multiplier="mbm7")
+    want = nnx.dot_product_attention(q, k, v, is_causal=True)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0.1, atol=0.1)
+    # The first query position attends only to the first key (weight exactly 1,
+    # all others exactly 0): output = P(1, value[0]) under the multiplier.
+    m = mult_lib.mbm(7)
+    want0 = reference.product(np.float32(1.0), np.repeat(np.asarray(v)[:, 0], 2, axis=-2),
+                              m.lut, m.mbits)
+    np.testing.assert_array_equal(np.asarray(got[:, 0]), want0)
+
+
+def test_mha_approx_gradients_and_backward_modes():
+    xs = _x((2, 5, 8))
+    outs = {}
+    for backward in ("approx", "exact"):
+        mha = ann.MultiHeadAttention(2, 8, multiplier="mbm7", backward=backward, decode=False,
+                                     rngs=nnx.Rngs(0))
+        grads = nnx.grad(lambda mod: jnp.sum(mod(xs) ** 2))(mha)
+        outs[backward] = grads.query.kernel[...]
+        assert np.all(np.isfinite(outs[backward]))
+    assert not np.array_equal(outs["approx"], outs["exact"])
+
+
+# --------------------------------------------------------------------------
+# linen layers.
+
+
+@pytest.mark.parametrize("mult", ["fp32", "mbm7"])
+def test_linen_layers_params_and_fp32_identity(mult):
+    key = jax.random.key(0)
+    x, xi, xs = _x((4, 10)), _x((2, 9, 9, 4)), _x((2, 7, 16))
+    cases = [
+        (ann.linen.Dense(5, multiplier=mult), linen.Dense(5), x),
+        (ann.linen.Conv(6, (3, 3), strides=2, multiplier=mult), linen.Conv(6, (3, 3), strides=2), xi),
+        (ann.linen.MultiHeadDotProductAttention(4, multiplier=mult),
+         linen.MultiHeadDotProductAttention(4), xs),
+    ]
+    for ours, theirs, inp in cases:
+        p_ours, p_theirs = ours.init(key, inp), theirs.init(key, inp)
+        assert _shapes(p_ours) == _shapes(p_theirs)
+        y_ours, y_theirs = ours.apply(p_theirs, inp), theirs.apply(p_theirs, inp)
+        if mult == "fp32":
+            np.testing.assert_array_equal(y_ours, y_theirs)
+            jax.tree.map(np.testing.assert_array_equal, p_ours, p_theirs)
+        else:
+            assert y_ours.shape == y_theirs.shape
+            assert np.max(np.abs(np.asarray(y_ours) - np.asarray(y_theirs))) > 1e-4
+
+
+def test_linen_dense_inside_compact_module_keeps_flax_names():
+    class Net(linen.Module):
+        approx: bool
+
+        @linen.compact
+        def __call__(self, x):
+            dense = ann.linen.Dense if self.approx else linen.Dense
+            return dense(3)(linen.relu(dense(8)(x)))
+
+    x = _x((2, 4))
+    p_flax = Net(False).init(jax.random.key(0), x)
+    p_ours = Net(True).init(jax.random.key(0), x)
+    assert _shapes(p_flax) == _shapes(p_ours)
+    assert set(p_ours["params"]) == {"Dense_0", "Dense_1"}
+    np.testing.assert_array_equal(Net(True).apply(p_flax, x), Net(False).apply(p_flax, x))
+
+
+def test_linen_attention_matches_nnx_function():
+    m = mult_lib.mitchell(5)
+    q, k, v = _x((2, 5, 3, 4), 1), _x((2, 6, 3, 4), 2), _x((2, 6, 3, 4), 3)
+    np.testing.assert_array_equal(
+        ann.linen.dot_product_attention(q, k, v, multiplier=m),
+        ann.dot_product_attention(q, k, v, multiplier=m),
+    )
+    np.testing.assert_array_equal(
+        ann.linen.dot_product_attention(q, k, v), linen.dot_product_attention(q, k, v)
+    )
