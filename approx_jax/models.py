@@ -7,10 +7,6 @@ Example:
   >>> logits = model.apply(params, x, "mbm7")
 """
 
-from approx_jax._src.models import KINDS
-from approx_jax._src.models import Model
-from approx_jax._src.models import create
-from approx_jax._src.models import names
-from approx_jax._src.models import resolve_kinds
+from approx_jax._src.models import KINDS, Model, create, names, resolve_kinds
 
 __all__ = ["KINDS", "Model", "create", "names", "resolve_kinds"]

@@ -31,14 +31,18 @@ MULTIPLIERS = {
 }
 MULT_NAMES = list(MULTIPLIERS)
 
-CHANNELS_LAST = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+CHANNELS_LAST = {
+    1: ("NWC", "WIO", "NWC"),
+    2: ("NHWC", "HWIO", "NHWC"),
+    3: ("NDHWC", "DHWIO", "NDHWC"),
+}
 
 
 def _data(shape, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
     # A few exact zeros and wide magnitudes exercise SPEC's special cases.
-    x.reshape(-1)[:: 7] = 0.0
+    x.reshape(-1)[::7] = 0.0
     return x * np.float32(2.0) ** rng.integers(-3, 4, size=shape).astype(np.float32)
 
 
@@ -74,8 +78,15 @@ def _case(nd, strides, padding, lhs_dil, rhs_dil, groups_kind, mult_name, seed=0
 
 def _reference(x, w, m, kwargs, nd):
     return reference.conv_general_dilated_with_bound(
-        x, w, m.lut, m.mbits, kwargs["window_strides"], kwargs["padding"],
-        kwargs["lhs_dilation"], kwargs["rhs_dilation"], kwargs["feature_group_count"],
+        x,
+        w,
+        m.lut,
+        m.mbits,
+        kwargs["window_strides"],
+        kwargs["padding"],
+        kwargs["lhs_dilation"],
+        kwargs["rhs_dilation"],
+        kwargs["feature_group_count"],
         CHANNELS_LAST[nd],
     )
 
@@ -92,8 +103,14 @@ GRID_2D = [
 GRID_1D = [
     (s, p, ld, rd, GROUPS[i % 3], MULT_NAMES[(i + 1) % 4])
     for i, (s, p, ld, rd) in enumerate(
-        [(1, "SAME", 1, 1), (2, "VALID", 1, 2), (1, EXPLICIT, 2, 1), (2, "SAME", 2, 2),
-         (1, "VALID", 1, 1), (2, EXPLICIT, 1, 2)]
+        [
+            (1, "SAME", 1, 1),
+            (2, "VALID", 1, 2),
+            (1, EXPLICIT, 2, 1),
+            (2, "SAME", 2, 2),
+            (1, "VALID", 1, 1),
+            (2, EXPLICIT, 1, 2),
+        ]
     )
 ]
 
@@ -132,8 +149,9 @@ def test_lhs_dilation_and_padding_geometry_equal_lax():
     # products and sums are exact under any of these multipliers: 1 * k.
     x = np.ones((2, 6, 5, 3), np.float32)
     w = np.arange(1, 1 + 3 * 3 * 3 * 4, dtype=np.float32).reshape(3, 3, 3, 4)
-    kwargs = dict(window_strides=(2, 1), padding=((2, 1), (0, 2)), lhs_dilation=(2, 3),
-                  rhs_dilation=(1, 2))
+    kwargs = dict(
+        window_strides=(2, 1), padding=((2, 1), (0, 2)), lhs_dilation=(2, 3), rhs_dilation=(1, 2)
+    )
     got = approx_conv(x, w, mult_lib.truncate(11), **kwargs)
     want = lax.conv_general_dilated(
         x, w, dimension_numbers=CHANNELS_LAST[2], precision=lax.Precision.HIGHEST, **kwargs
@@ -144,8 +162,7 @@ def test_lhs_dilation_and_padding_geometry_equal_lax():
 def test_fp32_equals_lax_exactly():
     x = _data((2, 8, 8, 4), 3)
     w = _data((3, 3, 2, 6), 4)
-    kwargs = dict(window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2),
-                  feature_group_count=2)
+    kwargs = dict(window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2), feature_group_count=2)
     got = approx_conv(x, w, "fp32", **kwargs)
     want = lax.conv_general_dilated(
         x, w, dimension_numbers=CHANNELS_LAST[2], precision=lax.Precision.HIGHEST, **kwargs
@@ -158,8 +175,15 @@ def test_nchw_oihw_dimension_numbers():
     x = _data((2, 4, 7, 6), 5)  # NCHW
     w = _data((6, 2, 3, 3), 6)  # OIHW, 2 groups
     dn = ("NCHW", "OIHW", "NCHW")
-    got = approx_conv(x, w, m, window_strides=(1, 2), padding=EXPLICIT[:2],
-                      feature_group_count=2, dimension_numbers=dn)
+    got = approx_conv(
+        x,
+        w,
+        m,
+        window_strides=(1, 2),
+        padding=EXPLICIT[:2],
+        feature_group_count=2,
+        dimension_numbers=dn,
+    )
     ref, abs_sum, K = reference.conv_general_dilated_with_bound(
         x, w, m.lut, m.mbits, (1, 2), EXPLICIT[:2], None, None, 2, dn
     )
@@ -167,8 +191,12 @@ def test_nchw_oihw_dimension_numbers():
     _check(got, ref, abs_sum, K)
     # The same convolution in channels-last layout gives the same bits.
     got_nhwc = approx_conv(
-        x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0), m, window_strides=(1, 2),
-        padding=EXPLICIT[:2], feature_group_count=2,
+        x.transpose(0, 2, 3, 1),
+        w.transpose(2, 3, 1, 0),
+        m,
+        window_strides=(1, 2),
+        padding=EXPLICIT[:2],
+        feature_group_count=2,
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(got_nhwc).transpose(0, 3, 1, 2))
 
@@ -191,9 +219,19 @@ def test_gradients_match_reference_conv_vjp(case, backward):
     dy = _data(y.shape, 9)
     dx, dw = vjp(jnp.asarray(dy))
     (rx, ax), (rw, aw) = reference.conv_vjp(
-        x, w, dy, m.lut, m.mbits, backward, kwargs["window_strides"], kwargs["padding"],
-        kwargs["lhs_dilation"], kwargs["rhs_dilation"], kwargs["feature_group_count"],
-        CHANNELS_LAST[nd], with_bound=True,
+        x,
+        w,
+        dy,
+        m.lut,
+        m.mbits,
+        backward,
+        kwargs["window_strides"],
+        kwargs["padding"],
+        kwargs["lhs_dilation"],
+        kwargs["rhs_dilation"],
+        kwargs["feature_group_count"],
+        CHANNELS_LAST[nd],
+        with_bound=True,
     )
     # Terms per input-gradient entry <= taps * Og; per kernel-gradient entry = N * P.
     k_dx = int(np.prod(w.shape[:-2])) * w.shape[-1]
@@ -207,8 +245,8 @@ def test_gradient_of_exact_multiplier_matches_lax():
     w = _data((3, 3, 2, 3), 2)
     f = lambda x, w: approx_conv(x, w, "fp32", window_strides=2).sum()
     g = lambda x, w: lax.conv_general_dilated(
-        x, w, (2, 2), "SAME", dimension_numbers=CHANNELS_LAST[2],
-        precision=lax.Precision.HIGHEST).sum()
+        x, w, (2, 2), "SAME", dimension_numbers=CHANNELS_LAST[2], precision=lax.Precision.HIGHEST
+    ).sum()
     for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -221,7 +259,9 @@ def test_stack_gives_design_axis_in_one_call():
     got = jax.jit(lambda x, w, m: approx_conv(x, w, m, window_strides=2))(x, w, stacked)
     assert got.shape == (2, 2, 3, 3, 4)
     for d, m in enumerate(designs):
-        np.testing.assert_array_equal(np.asarray(got[d]), np.asarray(approx_conv(x, w, m, window_strides=2)))
+        np.testing.assert_array_equal(
+            np.asarray(got[d]), np.asarray(approx_conv(x, w, m, window_strides=2))
+        )
     # One custom call for both designs.
     hlo = jax.jit(lambda x, w, m: approx_conv(x, w, m)).lower(x, w, stacked).as_text()
     assert hlo.count("approx_jax_gemm") == 1
@@ -284,7 +324,12 @@ def test_dtype_and_preferred_element_type():
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"padding": ((1, 1),)}, ValueError, "padding"),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"window_strides": (1, 2, 3)}, ValueError, "window_strides"),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"lhs_dilation": 2}, ValueError, "explicit"),
-        (((1, 5, 5, 2), (3, 3, 2, 4)), {"batch_group_count": 2}, NotImplementedError, "batch_group"),
+        (
+            ((1, 5, 5, 2), (3, 3, 2, 4)),
+            {"batch_group_count": 2},
+            NotImplementedError,
+            "batch_group",
+        ),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"backward": "fast"}, ValueError, "backward"),
     ],
 )

@@ -126,7 +126,8 @@ def test_vmap_over_stacked_params_and_multipliers():
         np.testing.assert_allclose(losses[d], l_d, rtol=1e-6)
         jax.tree.map(
             lambda a, b, d=d: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-7),
-            grads, g_d,
+            grads,
+            g_d,
         )
     # A stacked multiplier with shared params gives a leading design axis.
     p0 = jax.tree.map(lambda a: a[0], params)

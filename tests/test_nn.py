@@ -10,8 +10,7 @@ from flax import linen, nnx
 
 import approx_jax.nn as ann
 from approx_jax._src import multipliers as mult_lib
-from approx_jax._src import ops
-from approx_jax._src import reference
+from approx_jax._src import ops, reference
 
 
 def _x(shape, seed=0):
@@ -68,7 +67,9 @@ def test_dot_general_hook_fp32_is_lax_and_preferred_type():
         ann.dot_general("fp32")(lhs, rhs, dn), jax.lax.dot_general(lhs, rhs, dn)
     )
     out = ann.dot_general("mbm7")(
-        lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dn,
+        lhs.astype(jnp.bfloat16),
+        rhs.astype(jnp.bfloat16),
+        dn,
         preferred_element_type=jnp.float32,
     )
     assert out.dtype == jnp.float32
@@ -135,8 +136,16 @@ def test_nnx_conv_approx_matches_reference_and_trains():
     x = _x((2, 6, 6, 3))
     got = layer(x)
     ref, abs_sum, K = reference.conv_general_dilated_with_bound(
-        np.asarray(x), np.asarray(layer.kernel[...]), m.lut, m.mbits, (1, 1), "SAME",
-        None, None, 1, ("NHWC", "HWIO", "NHWC"),
+        np.asarray(x),
+        np.asarray(layer.kernel[...]),
+        m.lut,
+        m.mbits,
+        (1, 1),
+        "SAME",
+        None,
+        None,
+        1,
+        ("NHWC", "HWIO", "NHWC"),
     )
     _assert_bound(np.asarray(got - layer.bias[...]), ref, abs_sum, K)
 
@@ -176,13 +185,15 @@ def test_dot_product_attention_matches_reference():
     holder = Holder()
     out = ann.dot_product_attention(q, k, v, module=holder, multiplier=m)
     assert out.shape == (2, 5, 3, 4)
-    weights = np.asarray(holder.attention_weights.value[0])  # [b, h, q, k]
+    weights = np.asarray(holder.attention_weights.get_value()[0])  # [b, h, q, k]
     logits, _ = _attention_reference(q, k, v, m)
-    np.testing.assert_allclose(weights, jax.nn.softmax(logits.astype(np.float32)), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        weights, jax.nn.softmax(logits.astype(np.float32)), rtol=1e-5, atol=1e-6
+    )
     # Second product: a = attention weight, b = value.
-    ref, abs_sum = reference.matmul_with_bound(weights, np.asarray(v).transpose(0, 2, 1, 3),
-                                               m.lut, m.mbits)
+    ref, abs_sum = reference.matmul_with_bound(
+        weights, np.asarray(v).transpose(0, 2, 1, 3), m.lut, m.mbits
+    )
     _assert_bound(np.asarray(out).transpose(0, 2, 1, 3), ref, abs_sum, 6)
     # It really is approximate.
     exact = ann.dot_product_attention(q, k, v)
@@ -201,8 +212,9 @@ def test_dot_product_attention_mask_gqa_and_fp32_identity():
     # The first query position attends only to the first key (weight exactly 1,
     # all others exactly 0): output = P(1, value[0]) under the multiplier.
     m = mult_lib.mbm(7)
-    want0 = reference.product(np.float32(1.0), np.repeat(np.asarray(v)[:, 0], 2, axis=-2),
-                              m.lut, m.mbits)
+    want0 = reference.product(
+        np.float32(1.0), np.repeat(np.asarray(v)[:, 0], 2, axis=-2), m.lut, m.mbits
+    )
     np.testing.assert_array_equal(np.asarray(got[:, 0]), want0)
 
 
@@ -210,8 +222,9 @@ def test_mha_approx_gradients_and_backward_modes():
     xs = _x((2, 5, 8))
     outs = {}
     for backward in ("approx", "exact"):
-        mha = ann.MultiHeadAttention(2, 8, multiplier="mbm7", backward=backward, decode=False,
-                                     rngs=nnx.Rngs(0))
+        mha = ann.MultiHeadAttention(
+            2, 8, multiplier="mbm7", backward=backward, decode=False, rngs=nnx.Rngs(0)
+        )
         grads = nnx.grad(lambda mod: jnp.sum(mod(xs) ** 2))(mha)
         outs[backward] = grads.query.kernel[...]
         assert np.all(np.isfinite(outs[backward]))
@@ -228,9 +241,16 @@ def test_linen_layers_params_and_fp32_identity(mult):
     x, xi, xs = _x((4, 10)), _x((2, 9, 9, 4)), _x((2, 7, 16))
     cases = [
         (ann.linen.Dense(5, multiplier=mult), linen.Dense(5), x),
-        (ann.linen.Conv(6, (3, 3), strides=2, multiplier=mult), linen.Conv(6, (3, 3), strides=2), xi),
-        (ann.linen.MultiHeadDotProductAttention(4, multiplier=mult),
-         linen.MultiHeadDotProductAttention(4), xs),
+        (
+            ann.linen.Conv(6, (3, 3), strides=2, multiplier=mult),
+            linen.Conv(6, (3, 3), strides=2),
+            xi,
+        ),
+        (
+            ann.linen.MultiHeadDotProductAttention(4, multiplier=mult),
+            linen.MultiHeadDotProductAttention(4),
+            xs,
+        ),
     ]
     for ours, theirs, inp in cases:
         p_ours, p_theirs = ours.init(key, inp), theirs.init(key, inp)

@@ -73,8 +73,13 @@ class _Net(nn.Module):
 
     def conv(self, features, kernel_size, strides=1, padding="SAME", name=None):
         return aln.Conv(
-            features, kernel_size, strides=strides, padding=padding,
-            multiplier=self.mults["conv"], backward=self.backward, name=name,
+            features,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            multiplier=self.mults["conv"],
+            backward=self.backward,
+            name=name,
         )
 
     def dense(self, features, name=None):
@@ -118,8 +123,13 @@ class BasicBlock(nn.Module):
 
     def conv(self, features, kernel_size, strides, name):
         return aln.Conv(
-            features, kernel_size, strides=strides, padding="SAME",
-            multiplier=self.mults["conv"], backward=self.backward, name=name,
+            features,
+            kernel_size,
+            strides=strides,
+            padding="SAME",
+            multiplier=self.mults["conv"],
+            backward=self.backward,
+            name=name,
         )
 
     @nn.compact
@@ -143,14 +153,20 @@ class ResNet(_Net):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(self.conv(self.stem_features, tuple(self.stem_kernel), self.stem_strides,
-                              name="stem")(x))
+        x = nn.relu(
+            self.conv(self.stem_features, tuple(self.stem_kernel), self.stem_strides, name="stem")(
+                x
+            )
+        )
         if self.stem_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for s, (features, blocks, strides) in enumerate(self.stages):
             for b in range(blocks):
                 x = BasicBlock(
-                    features, strides if b == 0 else 1, self.mults, self.backward,
+                    features,
+                    strides if b == 0 else 1,
+                    self.mults,
+                    self.backward,
                     name=f"stage{s}_block{b}",
                 )(x)
         x = jnp.mean(x, axis=(1, 2))
@@ -172,8 +188,14 @@ def _resnet8(mults, backward, num_classes):
 
 def _resnet18(mults, backward, num_classes):
     return ResNet(
-        mults, backward, num_classes, stem_features=64, stem_kernel=(7, 7), stem_strides=2,
-        stem_pool=True, stages=((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)),
+        mults,
+        backward,
+        num_classes,
+        stem_features=64,
+        stem_kernel=(7, 7),
+        stem_strides=2,
+        stem_pool=True,
+        stages=((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)),
     )
 
 

@@ -14,17 +14,19 @@ Example:
   >>> layer = ann.Linear(784, 300, multiplier="mbm7", rngs=nnx.Rngs(0))
 """
 
-from approx_jax._src.nn import AttentionFn
-from approx_jax._src.nn import Conv
-from approx_jax._src.nn import ConvGeneralDilated
-from approx_jax._src.nn import Dense
-from approx_jax._src.nn import DotGeneral
-from approx_jax._src.nn import Linear
-from approx_jax._src.nn import MultiHeadAttention
-from approx_jax._src.nn import approx_dot_general
-from approx_jax._src.nn import conv_general_dilated
-from approx_jax._src.nn import dot_general
-from approx_jax._src.nn import dot_product_attention
+from approx_jax._src.nn import (
+    AttentionFn,
+    Conv,
+    ConvGeneralDilated,
+    Dense,
+    DotGeneral,
+    Linear,
+    MultiHeadAttention,
+    approx_dot_general,
+    conv_general_dilated,
+    dot_general,
+    dot_product_attention,
+)
 from approx_jax.nn import linen
 
 __all__ = [

@@ -10,11 +10,8 @@ Example:
 """
 
 from approx_jax._src.nn.attention import linen_dot_product_attention as dot_product_attention
-from approx_jax._src.nn.hooks import conv_general_dilated
-from approx_jax._src.nn.hooks import dot_general
-from approx_jax._src.nn.linen_layers import Conv
-from approx_jax._src.nn.linen_layers import Dense
-from approx_jax._src.nn.linen_layers import MultiHeadDotProductAttention
+from approx_jax._src.nn.hooks import conv_general_dilated, dot_general
+from approx_jax._src.nn.linen_layers import Conv, Dense, MultiHeadDotProductAttention
 
 __all__ = [
     "Conv",

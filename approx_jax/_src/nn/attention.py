@@ -6,15 +6,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen
-from flax import nnx
+from flax import linen, nnx
 
 from approx_jax._src import ops
 
 
 def _attention_core(
-    query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-    deterministic, dtype, multiplier, backward, is_causal=False, sow=None,
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    broadcast_dropout,
+    dropout_rng,
+    dropout_rate,
+    deterministic,
+    dtype,
+    multiplier,
+    backward,
+    is_causal=False,
+    sow=None,
     force_fp32_for_softmax=False,
 ):
     """Flax's dot-product attention with both matrix products approximated."""
@@ -35,13 +46,9 @@ def _attention_core(
             f"{value.shape}"
         )
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(
-            f"q, k depths must match, but got {query.shape[-1]} and {key.shape[-1]}."
-        )
+        raise ValueError(f"q, k depths must match, but got {query.shape[-1]} and {key.shape[-1]}.")
     if key.shape[-3] != value.shape[-3]:
-        raise ValueError(
-            f"k, v lengths must match, but got {key.shape[-3]} and {value.shape[-3]}."
-        )
+        raise ValueError(f"k, v lengths must match, but got {key.shape[-3]} and {value.shape[-3]}.")
     q_heads = query.shape[-2]
     for name, t in (("key", key), ("value", value)):
         if q_heads % t.shape[-2]:
@@ -150,16 +157,42 @@ def dot_product_attention(
     if m.is_exact:
         kwargs = {} if promote_dtype is None else {"promote_dtype": promote_dtype}
         return nnx.dot_product_attention(
-            query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-            deterministic, dtype, precision, module, is_causal=is_causal, **kwargs,
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            broadcast_dropout,
+            dropout_rng,
+            dropout_rate,
+            deterministic,
+            dtype,
+            precision,
+            module,
+            is_causal=is_causal,
+            **kwargs,
         )
     sow = None
     if module is not None:
+
         def sow(w):
             module.sow(nnx.Intermediate, "attention_weights", w)
+
     return _attention_core(
-        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-        deterministic, dtype, m, backward, is_causal=is_causal, sow=sow,
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        broadcast_dropout,
+        dropout_rng,
+        dropout_rate,
+        deterministic,
+        dtype,
+        m,
+        backward,
+        is_causal=is_causal,
+        sow=sow,
     )
 
 
@@ -220,8 +253,18 @@ def linen_dot_product_attention(
     ops.check_backward(backward)
     if m.is_exact:
         return linen.dot_product_attention(
-            query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-            deterministic, dtype, precision, module,
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            broadcast_dropout,
+            dropout_rng,
+            dropout_rate,
+            deterministic,
+            dtype,
+            precision,
+            module,
             force_fp32_for_softmax=force_fp32_for_softmax,
             einsum_dot_general=einsum_dot_general,
             qk_attn_weights_einsum=qk_attn_weights_einsum,
@@ -229,11 +272,24 @@ def linen_dot_product_attention(
         )
     sow = None
     if module is not None:
+
         def sow(w):
             module.sow("intermediates", "attention_weights", w)
+
     return _attention_core(
-        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-        deterministic, dtype, m, backward, sow=sow,
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        broadcast_dropout,
+        dropout_rng,
+        dropout_rate,
+        deterministic,
+        dtype,
+        m,
+        backward,
+        sow=sow,
         force_fp32_for_softmax=force_fp32_for_softmax,
     )
 

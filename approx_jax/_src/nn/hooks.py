@@ -68,13 +68,20 @@ def approx_dot_general(
     rhs = ops.check_float("rhs", rhs)
     if m.is_exact:
         return lax.dot_general(
-            lhs, rhs, dimension_numbers, precision=precision,
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision=precision,
             preferred_element_type=preferred_element_type,
         )
     if m.is_stack:
         return ops._over_stack(
             lambda one: approx_dot_general(
-                lhs, rhs, dimension_numbers, one, backward,
+                lhs,
+                rhs,
+                dimension_numbers,
+                one,
+                backward,
                 preferred_element_type=preferred_element_type,
             ),
             m,
@@ -142,12 +149,20 @@ class DotGeneral:
         if self.multiplier.is_exact:
             # Exactly the call Flax makes by default (bit-identical results).
             return lax.dot_general(
-                lhs, rhs, dimension_numbers, precision=precision,
-                preferred_element_type=preferred_element_type, **kwargs,
+                lhs,
+                rhs,
+                dimension_numbers,
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                **kwargs,
             )
         _check_not_stack(self.multiplier)
         return approx_dot_general(
-            lhs, rhs, dimension_numbers, self.multiplier, self.backward,
+            lhs,
+            rhs,
+            dimension_numbers,
+            self.multiplier,
+            self.backward,
             preferred_element_type=preferred_element_type,
         )
 
@@ -189,19 +204,34 @@ class ConvGeneralDilated:
     ):
         if self.multiplier.is_exact:
             return lax.conv_general_dilated(
-                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                precision=precision, preferred_element_type=preferred_element_type, **kwargs,
+                lhs,
+                rhs,
+                window_strides,
+                padding,
+                lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count,
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                **kwargs,
             )
         _check_not_stack(self.multiplier)
         if dimension_numbers is None:  # lax's default, not approx_conv's
             dimension_numbers = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), None)
         return conv_lib.approx_conv(
-            lhs, rhs, self.multiplier, window_strides=window_strides, padding=padding,
-            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-            dimension_numbers=dimension_numbers, backward=self.backward,
+            lhs,
+            rhs,
+            self.multiplier,
+            window_strides=window_strides,
+            padding=padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            dimension_numbers=dimension_numbers,
+            backward=self.backward,
             preferred_element_type=preferred_element_type,
         )
 

@@ -39,7 +39,9 @@ class Dense(linen.Dense):
 
     def __post_init__(self):
         if self.dot_general is None and self.dot_general_cls is None:
-            object.__setattr__(self, "dot_general", hooks.dot_general(self.multiplier, self.backward))
+            object.__setattr__(
+                self, "dot_general", hooks.dot_general(self.multiplier, self.backward)
+            )
         super().__post_init__()
 
 
@@ -66,7 +68,8 @@ class Conv(linen.Conv):
     def __post_init__(self):
         if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
             object.__setattr__(
-                self, "conv_general_dilated",
+                self,
+                "conv_general_dilated",
                 hooks.conv_general_dilated(self.multiplier, self.backward),
             )
         super().__post_init__()
@@ -97,7 +100,8 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
     def __post_init__(self):
         if self.attention_fn is linen.dot_product_attention:
             object.__setattr__(
-                self, "attention_fn",
+                self,
+                "attention_fn",
                 attention_lib.AttentionFn(self.multiplier, self.backward, flavor="linen"),
             )
         if self.qkv_dot_general is None and self.qkv_dot_general_cls is None:

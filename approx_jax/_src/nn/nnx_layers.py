@@ -54,7 +54,9 @@ class Linear(_ApproxMixin, nnx.Linear):
       >>> y = layer(jnp.ones((8, 784)))  # (8, 300)
     """
 
-    def __init__(self, in_features, out_features, *, multiplier="fp32", backward="approx", **kwargs):
+    def __init__(
+        self, in_features, out_features, *, multiplier="fp32", backward="approx", **kwargs
+    ):
         _reject(kwargs, "dot_general", "dot_general_cls")
         super().__init__(
             in_features, out_features, dot_general=hooks.dot_general(multiplier, backward), **kwargs
@@ -91,13 +93,24 @@ class Conv(_ApproxMixin, nnx.Conv):
     _hook_attr = "conv_general_dilated"
 
     def __init__(
-        self, in_features, out_features, kernel_size, strides=1, *, multiplier="fp32",
-        backward="approx", **kwargs,
+        self,
+        in_features,
+        out_features,
+        kernel_size,
+        strides=1,
+        *,
+        multiplier="fp32",
+        backward="approx",
+        **kwargs,
     ):
         _reject(kwargs, "conv_general_dilated")
         super().__init__(
-            in_features, out_features, kernel_size, strides,
-            conv_general_dilated=hooks.conv_general_dilated(multiplier, backward), **kwargs,
+            in_features,
+            out_features,
+            kernel_size,
+            strides,
+            conv_general_dilated=hooks.conv_general_dilated(multiplier, backward),
+            **kwargs,
         )
 
 
@@ -131,14 +144,22 @@ class MultiHeadAttention(_ApproxMixin, nnx.MultiHeadAttention):
 
     _hook_attr = "out_dot_general"
 
-    def __init__(self, num_heads, in_features, *args, multiplier="fp32", backward="approx", **kwargs):
+    def __init__(
+        self, num_heads, in_features, *args, multiplier="fp32", backward="approx", **kwargs
+    ):
         _reject(
-            kwargs, "attention_fn", "qkv_dot_general", "out_dot_general",
-            "qkv_dot_general_cls", "out_dot_general_cls",
+            kwargs,
+            "attention_fn",
+            "qkv_dot_general",
+            "out_dot_general",
+            "qkv_dot_general_cls",
+            "out_dot_general_cls",
         )
         m = ops.resolve_multiplier(multiplier)
         super().__init__(
-            num_heads, in_features, *args,
+            num_heads,
+            in_features,
+            *args,
             attention_fn=attention_lib.AttentionFn(m, backward, flavor="nnx"),
             qkv_dot_general=hooks.dot_general(m, backward),
             out_dot_general=hooks.dot_general(m, backward),
