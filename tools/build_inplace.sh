@@ -9,6 +9,10 @@ cuda=${2:-OFF}
 cmake -S . -B "$build_dir" -G Ninja -DAPPROX_JAX_CUDA="$cuda" \
   -Dpybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" >/dev/null
 cmake --build "$build_dir"
-cp "$build_dir"/_cpu_kernels*.so approx_jax/
-ls "$build_dir"/_cuda_kernels*.so >/dev/null 2>&1 && cp "$build_dir"/_cuda_kernels*.so approx_jax/ || true
+# Copy then rename: a running Python that has the old module mapped keeps its
+# inode instead of crashing on a file rewritten in place.
+for so in "$build_dir"/_cpu_kernels*.so "$build_dir"/_cuda_kernels*.so; do
+  [ -f "$so" ] || continue
+  cp "$so" "approx_jax/.$(basename "$so").tmp" && mv -f "approx_jax/.$(basename "$so").tmp" "approx_jax/$(basename "$so")"
+done
 echo "built into approx_jax/"
