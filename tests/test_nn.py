@@ -85,10 +85,20 @@ def test_conv_hook_none_dimension_numbers_means_lax_nchw():
     np.testing.assert_allclose(got, want, rtol=0.2, atol=0.5)
 
 
-def test_hooks_reject_a_stack():
+def test_hooks_and_layers_reject_a_stack_but_attention_maps_it():
     stacked = mult_lib.stack(["mbm7", "mitchell5"])
     with pytest.raises(ValueError, match="vmap"):
-        ann.dot_general(stacked)(_x((2, 3)), _x((3, 4)), (((1,), (0,)), ((), ())))
+        ann.dot_general(stacked)
+    with pytest.raises(ValueError, match="vmap"):
+        ann.Conv(2, 3, (3, 3), multiplier=stacked, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vmap"):
+        ann.linen.Dense(3, multiplier=stacked).init(jax.random.key(0), _x((2, 4)))
+    q = _x((2, 5, 2, 4))
+    out = ann.dot_product_attention(q, q, q, multiplier=stacked)
+    assert out.shape == (2, 2, 5, 2, 4)
+    np.testing.assert_array_equal(
+        out[1], ann.dot_product_attention(q, q, q, multiplier="mitchell5")
+    )
 
 
 # --------------------------------------------------------------------------

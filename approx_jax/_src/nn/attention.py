@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from approx_jax._src import ops
+from approx_jax._src.nn import hooks
 
 
 def _attention_core(
@@ -29,6 +30,28 @@ def _attention_core(
     force_fp32_for_softmax=False,
 ):
     """Flax's dot-product attention with both matrix products approximated."""
+    if multiplier.is_stack:  # one evaluation per design, one custom call each
+        if sow is not None:
+            raise ValueError("cannot sow attention weights for a stack of multipliers")
+        return ops._over_stack(
+            lambda one: _attention_core(
+                query,
+                key,
+                value,
+                bias,
+                mask,
+                broadcast_dropout,
+                dropout_rng,
+                dropout_rate,
+                deterministic,
+                dtype,
+                one,
+                backward,
+                is_causal=is_causal,
+                force_fp32_for_softmax=force_fp32_for_softmax,
+            ),
+            multiplier,
+        )
     query = ops.check_float("query", query)
     key = ops.check_float("key", key)
     value = ops.check_float("value", value)
@@ -143,11 +166,12 @@ def dot_product_attention(
         (``nnx.Intermediate``, name ``attention_weights``).
       promote_dtype: forwarded for the exact multiplier only.
       is_causal: apply a causal mask.
-      multiplier: a ``Multiplier`` or a name (default ``"fp32"``).
+      multiplier: a ``Multiplier`` or a name (default ``"fp32"``); a stack of
+        D designs gives a leading design axis.
       backward: ``"approx"`` (default) or ``"exact"`` gradient products.
 
     Returns:
-      ``[batch..., q_length, num_heads, v_depth]``.
+      ``[batch..., q_length, num_heads, v_depth]`` (``[D, ...]`` for a stack).
 
     Example:
       >>> out = approx_jax.nn.dot_product_attention(q, k, v, multiplier="mbm7")
@@ -308,6 +332,7 @@ class AttentionFn:
 
         self.multiplier = ops.resolve_multiplier(multiplier)
         ops.check_backward(backward)
+        hooks._check_not_stack(self.multiplier)
         self.backward = backward
         if flavor not in ("nnx", "linen"):
             raise ValueError(f"flavor must be 'nnx' or 'linen', got {flavor!r}")

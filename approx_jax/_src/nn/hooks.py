@@ -141,6 +141,7 @@ class DotGeneral:
     def __init__(self, multiplier="fp32", backward: str = "approx"):
         self.multiplier = ops.resolve_multiplier(multiplier)
         ops.check_backward(backward)
+        _check_not_stack(self.multiplier)
         self.backward = backward
 
     def __call__(
@@ -185,6 +186,7 @@ class ConvGeneralDilated:
     def __init__(self, multiplier="fp32", backward: str = "approx"):
         self.multiplier = ops.resolve_multiplier(multiplier)
         ops.check_backward(backward)
+        _check_not_stack(self.multiplier)
         self.backward = backward
 
     def __call__(
