@@ -24,7 +24,10 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
+
+#include <time.h>
 
 #include "approx_math.h"
 #include "cpu_gemm.h"
@@ -383,21 +386,35 @@ int Test() {
 }
 
 // ---------------------------------------------------------------- bench
-double TimeIt(const std::function<void()>& f, int reps) {
-  std::vector<double> ts;
+double CpuNow() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// Median wall time and median process CPU time per call. On a shared machine
+// the CPU time is the steadier figure (time spent descheduled is not counted);
+// with GEMM_THREADS=1 it is the single thread's time.
+std::pair<double, double> TimeIt(const std::function<void()>& f, int reps) {
+  std::vector<double> ts, cs;
   f();
   for (int r = 0; r < reps; ++r) {
+    const double c0 = CpuNow();
     auto t0 = std::chrono::steady_clock::now();
     f();
     ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    cs.push_back(CpuNow() - c0);
   }
   std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
+  std::sort(cs.begin(), cs.end());
+  return {ts[ts.size() / 2], cs[cs.size() / 2]};
 }
 
 int Bench(int reps, int argc, char** argv) {
   std::mt19937 rng(7);
-  Pool pool(1);
+  // GEMM_THREADS: threads running the kernel (default 2: the caller and one worker).
+  const int threads = std::getenv("GEMM_THREADS") ? std::max(1, std::atoi(std::getenv("GEMM_THREADS"))) : 2;
+  Pool pool(threads - 1);
   ParallelFor pf = PoolFor(&pool);
   std::vector<std::array<int64_t, 3>> shapes = {{1024, 1024, 1024}, {8192, 576, 64}, {256, 256, 256}, {512, 512, 512}};
   std::vector<int> ms = {3, 7, 11};
@@ -436,9 +453,12 @@ int Bench(int reps, int argc, char** argv) {
       p.k = s[1];
       p.n = s[2];
       p.mbits = m;
-      const double t = TimeIt([&] { ApproxGemmCpu(p, pf); }, reps);
-      std::printf("%5lldx%5lldx%5lld M=%2d  %8.3f ms  %7.2f GFLOP/s\n", (long long)s[0],
-                  (long long)s[1], (long long)s[2], m, t * 1e3, 2.0 * s[0] * s[1] * s[2] / t / 1e9);
+      const auto [t, cpu] = TimeIt([&] { ApproxGemmCpu(p, pf); }, reps);
+      const double flop = 2.0 * s[0] * s[1] * s[2];
+      // cpu-GFLOP/s: flop per CPU-second of all threads.
+      std::printf("%5lldx%5lldx%5lld M=%2d  %8.3f ms  %7.2f GFLOP/s  %7.2f cpu-GFLOP/s\n",
+                  (long long)s[0], (long long)s[1], (long long)s[2], m, t * 1e3, flop / t / 1e9,
+                  flop / cpu / 1e9);
       std::fflush(stdout);
     }
   }

@@ -28,6 +28,9 @@ inline VF LoadF(const float* p) { return _mm256_loadu_ps(p); }
 inline void StoreF(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline VF MulF(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF AddF(VF a, VF b) { return _mm256_add_ps(a, b); }
+// The AVX2 unit does not assume FMA hardware: multiply then add (the
+// product is exact where this is used, so the bits are those of an FMA).
+inline VF FmaF(VF a, VF b, VF c) { return AddF(MulF(a, b), c); }
 inline VF Set1F(float x) { return _mm256_set1_ps(x); }
 inline VF CastF(VI x) { return _mm256_castsi256_ps(x); }
 inline VI LoadI(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }

@@ -31,6 +31,8 @@ inline VF LoadF(const float* p) { return _mm512_loadu_ps(p); }
 inline void StoreF(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VF MulF(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF AddF(VF a, VF b) { return _mm512_add_ps(a, b); }
+// a * b + c rounded once; only used where a * b is exact (see MicroTile).
+inline VF FmaF(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VF Set1F(float x) { return _mm512_set1_ps(x); }
 inline VF CastF(VI x) { return _mm512_castsi512_ps(x); }
 inline VI LoadI(const int32_t* p) { return _mm512_loadu_si512(p); }

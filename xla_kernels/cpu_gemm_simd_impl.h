@@ -159,25 +159,52 @@ void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int ro
   }
 }
 
+// Interleaved panel pack: for each kk one 64-byte record of kPackW int32
+// words: tile/LUT offsets of rows 0..7 in words 0..7, the bits of their float
+// scales in words 8..15 (rows >= the panel's row count hold 0 / +0.0f).
+constexpr int kPackW = 16;
+
+// Moves the row-major PackPanel output (offs/scales, row stride kstride) into
+// the interleaved layout.
+void Interleave(const int32_t* offs, const float* scales, int64_t kstride, int mr, int kb,
+                int32_t* pk) {
+  const int32_t* sc = reinterpret_cast<const int32_t*>(scales);
+  for (int kk = 0; kk < kb; ++kk) {
+    int32_t* q = pk + kk * kPackW;
+    for (int r = 0; r < 8; ++r) {
+      q[r] = r < mr ? offs[r * kstride + kk] : 0;
+      q[8 + r] = r < mr ? sc[r * kstride + kk] : 0;
+    }
+  }
+}
+
 // Tile micro-kernel: c[r][0:kNB] += sum_kk scale[r][kk] * tiles[off[r][kk] + 0:kNB].
+//
+// FMA is exact here: the fast path is only used where every product
+// scale * tile value is an exactly representable normal float32 (the scale is
+// +-2^e and the tile value 1.r * 2^(c + eb - 127) with r of M <= 11 bits, and
+// the exponent of the product, ea + eb - 127 + c, was proven to lie in
+// [1, 254]; a zero scale gives an exact signed zero). fma(s, t, acc) rounds
+// s * t + acc once; since s * t is exact that equals round(acc + s * t), i.e.
+// exactly what a separate multiply (exact, no rounding) then add computes.
+// (The sign of an exact zero sum is the same as well: s * t == -0 and
+// acc == -0 gives -0 both ways.) Never use FMA where a product may be inexact.
 template <int MR>
-inline void MicroTile(const int32_t* offs, const float* scales, int64_t kstride, int kb,
-                      const float* tiles, float* c, int64_t ldc) {
+inline void MicroTile(const int32_t* pk, int kb, const float* tiles, float* c, int64_t ldc) {
   VF acc[MR][kNV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
   for (int kk = 0; kk < kb; ++kk) {
+    const int32_t* q = pk + kk * kPackW;
+    const float* qs = reinterpret_cast<const float*>(q + 8);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(scales[r * kstride + kk]);
-      const float* bp = tiles + offs[r * kstride + kk];
+      const VF s = Set1F(qs[r]);
+      const float* bp = tiles + static_cast<uint32_t>(q[r]);
 #pragma GCC unroll 16
-      for (int v = 0; v < kNV; ++v) {
-        // Separate multiply and add (no FMA): the product is exact anyway.
-        acc[r][v] = AddF(acc[r][v], MulF(s, LoadF(bp + v * kVL)));
-      }
+      for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
     }
   }
 #pragma GCC unroll 16
@@ -188,9 +215,8 @@ inline void MicroTile(const int32_t* offs, const float* scales, int64_t kstride,
 
 // Gather micro-kernel: the LUT value is gathered per product.
 template <int MR>
-inline void MicroGather(const int32_t* offs, const float* scales, int64_t kstride, int kb,
-                        const uint32_t* lut, const int32_t* ibv, const float* sbv, float* c,
-                        int64_t ldc) {
+inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const int32_t* ibv,
+                        const float* sbv, float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const VI one_exp = Set1I(127 << 23);
 #pragma GCC unroll 16
@@ -198,6 +224,8 @@ inline void MicroGather(const int32_t* offs, const float* scales, int64_t kstrid
 #pragma GCC unroll 16
     for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
   for (int kk = 0; kk < kb; ++kk) {
+    const int32_t* q = pk + kk * kPackW;
+    const float* qs = reinterpret_cast<const float*>(q + 8);
     VI ib[kNV];
     VF sb[kNV];
 #pragma GCC unroll 16
@@ -207,8 +235,8 @@ inline void MicroGather(const int32_t* offs, const float* scales, int64_t kstrid
     }
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(scales[r * kstride + kk]);
-      const VI o = Set1I(offs[r * kstride + kk]);
+      const VF s = Set1F(qs[r]);
+      const VI o = Set1I(q[r]);
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) {
         const VI g = GatherI(lut, AddI(o, ib[v]));
@@ -237,7 +265,7 @@ struct Plan {
 };
 
 // Scratch slots.
-enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4 };
+enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4, kSlotPackTmp = 5 };
 
 void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
@@ -265,17 +293,19 @@ void RunTask(void* arg, int64_t task) {
       pl.strategy == kTiles ? (sizeof(float) << mbits) * static_cast<size_t>(pl.ustride) : 64;
   float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
   char* pack = static_cast<char*>(
-      ThreadScratch(kSlotPack, static_cast<size_t>(npanels * mr * kstride * 8 + npanels)));
+      ThreadScratch(kSlotPack, static_cast<size_t>(npanels * kstride * kPackW * 4 + npanels)));
+  char* ptmp = static_cast<char*>(ThreadScratch(kSlotPackTmp, static_cast<size_t>(mr * kstride * 8)));
   int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, kstride * 3 * 4));
   char* bdec = static_cast<char*>(ThreadScratch(kSlotB, kstride * kNB * 8));
   float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
-  if (!tiles || !pack || !stats || !bdec || !ctmp) {
+  if (!tiles || !pack || !ptmp || !stats || !bdec || !ctmp) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }
-  int32_t* offs_all = reinterpret_cast<int32_t*>(pack);
-  float* scales_all = reinterpret_cast<float*>(pack + npanels * mr * kstride * 4);
-  char* panel_ok = pack + npanels * mr * kstride * 8;
+  int32_t* pk_all = reinterpret_cast<int32_t*>(pack);
+  char* panel_ok = pack + npanels * kstride * kPackW * 4;
+  int32_t* offs_tmp = reinterpret_cast<int32_t*>(ptmp);
+  float* scales_tmp = reinterpret_cast<float*>(ptmp + mr * kstride * 4);
   int32_t* lo = stats;
   int32_t* hi = stats + kstride;
   int32_t* ok0 = stats + 2 * kstride;
@@ -294,8 +324,8 @@ void RunTask(void* arg, int64_t task) {
       const int64_t i0 = r0 + pi * mr;
       const int rows = static_cast<int>(MinI(mr, r1 - i0));
       panel_ok[pi] = PackPanel(A + i0 * lda, lda, rows, mr, k0, kb, kstride, mbits, ustride,
-                               kkmul, lo, hi, ok0, offs_all + pi * mr * kstride,
-                               scales_all + pi * mr * kstride);
+                               kkmul, lo, hi, ok0, offs_tmp, scales_tmp);
+      Interleave(offs_tmp, scales_tmp, kstride, mr, kb, pk_all + pi * kstride * kPackW);
     }
     for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
       const int cols = static_cast<int>(MinI(kNB, c1 - j0));
@@ -319,12 +349,11 @@ void RunTask(void* arg, int64_t task) {
             for (int j = 0; j < kNB; ++j)
               ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
         }
-        const int32_t* po = offs_all + pi * mr * kstride;
-        const float* ps = scales_all + pi * mr * kstride;
+        const int32_t* pk = pk_all + pi * kstride * kPackW;
         if (pl.strategy == kTiles) {
-          MicroTile<kMR>(po, ps, kstride, kb, tiles, ct, ldt);
+          MicroTile<kMR>(pk, kb, tiles, ct, ldt);
         } else {
-          MicroGather<kMRG>(po, ps, kstride, kb, lut, ibv, sbv, ct, ldt);
+          MicroGather<kMRG>(pk, kb, lut, ibv, sbv, ct, ldt);
         }
         if (!full) {
           for (int r = 0; r < rows; ++r)
