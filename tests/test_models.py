@@ -19,7 +19,7 @@ def _mnist_like(n, seed=0):
 
 
 def test_registry_and_errors():
-    assert set(models.names()) >= {"lenet300", "lenet5", "resnet8", "resnet18"}
+    assert set(models.names()) >= {"lenet300", "lenet5", "resnet8", "resnet18", "vit_tiny"}
     with pytest.raises(ValueError, match="unknown model"):
         models.create("vgg99")
     with pytest.raises(ValueError, match="num_classes"):
@@ -42,6 +42,7 @@ LENET5 = 5 * 5 * 32 + 32 + 5 * 5 * 32 * 32 + 32 + 7 * 7 * 32 * 1024 + 1024 + 102
         ("lenet5", (3, 28, 28, 1), LENET5),
         ("resnet8", (3, 28, 28, 1), None),
         ("resnet18", (2, 64, 64, 3), None),
+        ("vit_tiny", (3, 28, 28, 1), None),
     ],
 )
 def test_init_and_apply_shapes(name, shape, n_params):
@@ -178,3 +179,15 @@ def test_short_training_run_decreases_loss():
         losses.append(float(value))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_vit_attention_kind_is_used():
+    model = models.create("vit_tiny")
+    assert "attention" in model.kinds
+    x, _ = _mnist_like(2)
+    params = model.init(jax.random.key(0), x)
+    apply = jax.jit(model.apply)
+    only_attention = apply(params, x, {"attention": mult_lib.mbm(7)})
+    exact = model.apply(params, x, "fp32")
+    assert only_attention.shape == (2, 10)
+    assert 0 < np.max(np.abs(np.asarray(only_attention) - np.asarray(exact))) < 1.0

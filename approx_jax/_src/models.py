@@ -6,11 +6,12 @@ and ``jax.vmap`` over ``(params, multiplier)`` (one model per design, trained
 in one vmapped step). The linen module is built inside ``apply`` from the
 multiplier passed in, so a LUT that is a tracer (under ``vmap``) is fine.
 
-Every model is normalisation-free (no batch statistics to carry): residual
-branches are scaled by a learned scalar initialised to zero (SkipInit, De &
-Smith 2020), which keeps plain conv-ReLU ResNets trainable. Only the
-products of convolutions and dense layers (and attention) are simulated;
-pooling, bias additions and the residual scalar are ordinary float32.
+No model carries batch statistics: the ResNets are normalisation-free, with
+residual branches scaled by a learned scalar initialised to zero (SkipInit,
+De & Smith 2020), which keeps plain conv-ReLU ResNets trainable; the ViT uses
+LayerNorm (per-example). Only the products of convolutions, dense layers and
+attention are simulated; pooling, normalisation, bias additions and the
+residual scalar are ordinary float32.
 """
 
 from __future__ import annotations
@@ -173,6 +174,44 @@ class ResNet(_Net):
         return self.dense(self.num_classes, name="head")(x)
 
 
+class ViT(_Net):
+    """A small Vision Transformer (pre-LayerNorm, mean-pooled tokens).
+
+    Patch embedding is a strided convolution (``"conv"`` multiplier); the
+    attention blocks (query/key/value/output projections, ``QK^T`` and
+    ``weights @ V``) use the ``"attention"`` multiplier; the MLPs and the head
+    the ``"dense"`` multiplier. LayerNorm, GELU and softmax are float32.
+    """
+
+    patch: int = 7
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 128
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = self.conv(self.dim, (self.patch, self.patch), self.patch, "VALID", name="embed")(x)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w, c))
+        x = x + pos
+        for i in range(self.depth):
+            y = nn.LayerNorm(name=f"block{i}_ln1")(x)
+            y = aln.MultiHeadDotProductAttention(
+                self.heads,
+                multiplier=self.mults["attention"],
+                backward=self.backward,
+                name=f"block{i}_attention",
+            )(y)
+            x = x + y
+            y = nn.LayerNorm(name=f"block{i}_ln2")(x)
+            y = nn.gelu(self.dense(self.mlp_dim, name=f"block{i}_mlp1")(y))
+            x = x + self.dense(self.dim, name=f"block{i}_mlp2")(y)
+        x = nn.LayerNorm(name="final_ln")(jnp.mean(x, axis=1))
+        return self.dense(self.num_classes, name="head")(x)
+
+
 def _lenet300(mults, backward, num_classes):
     return LeNet300(mults, backward, num_classes)
 
@@ -199,12 +238,17 @@ def _resnet18(mults, backward, num_classes):
     )
 
 
+def _vit_tiny(mults, backward, num_classes):
+    return ViT(mults, backward, num_classes)
+
+
 _REGISTRY: dict[str, tuple[Callable, tuple[int, ...], tuple[str, ...]]] = {
     # name: (module builder, default sample shape, kinds used)
     "lenet300": (_lenet300, (28, 28, 1), ("dense",)),
     "lenet5": (_lenet5, (28, 28, 1), ("conv", "dense")),
     "resnet8": (_resnet8, (28, 28, 1), ("conv", "dense")),
     "resnet18": (_resnet18, (224, 224, 3), ("conv", "dense")),
+    "vit_tiny": (_vit_tiny, (28, 28, 1), ("conv", "dense", "attention")),
 }
 
 
@@ -217,7 +261,8 @@ class Model:
     """A model as a pair of pure functions ``init`` / ``apply``.
 
     Attributes:
-      name: registry name (``"lenet300"``, ``"lenet5"``, ``"resnet8"``, ``"resnet18"``).
+      name: registry name (``"lenet300"``, ``"lenet5"``, ``"resnet8"``,
+        ``"resnet18"``, ``"vit_tiny"``).
       num_classes: number of output logits.
       input_shape: default per-example input shape (NHWC without the batch).
       kinds: the layer kinds whose products the model simulates.
@@ -313,8 +358,10 @@ def create(name: str, num_classes: int = 10) -> Model:
     Args:
       name: ``"lenet300"`` (LeNet-300-100 on flattened 28x28 input),
         ``"lenet5"`` (ApproxTrain's MNIST CNN), ``"resnet8"`` (small
-        normalisation-free ResNet for 28x28x1) or ``"resnet18"``
-        (ImageNet-style ResNet-18, any HxWx3 input).
+        normalisation-free ResNet for 28x28x1), ``"resnet18"``
+        (ImageNet-style ResNet-18, any HxWx3 input) or ``"vit_tiny"`` (a
+        2-block Vision Transformer with 7x7 patches for 28x28 input; the
+        only model using the ``"attention"`` multiplier kind).
       num_classes: number of logits.
 
     Returns:
