@@ -61,61 +61,53 @@ void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t
   }
 }
 
-// Packs a panel of `rows` (<= mr) rows of a[:, k0:k0+kb] into per-(r, kk)
-// offsets off = u * ustride + kk * kkmul and scales. Returns whether every
-// element is fast-path safe.
-bool PackPanel(const float* a, int64_t lda, int rows, int mr, int64_t k0, int kb,
-               int64_t kstride, int mbits, int ustride, int kkmul, const int32_t* lo,
-               const int32_t* hi, const int32_t* ok0, int32_t* offs, float* scales) {
+// Interleaved panel pack: for each kk one 64-byte record of kPackW int32
+// words: tile/LUT offsets of rows 0..7 in words 0..7, the bits of their float
+// scales in words 8..15 (rows >= the panel's row count hold 0 / +0.0f).
+constexpr int kPackW = 16;
+
+// PackPanel straight into the interleaved layout (kPackW words per kk):
+// offsets u * ustride + kk * kkmul and scales of `rows` (<= 8) rows of
+// a[:, k0:k0+kb]. Returns whether every element is fast-path safe.
+bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits,
+                 int ustride, int kkmul, const int32_t* lo, const int32_t* hi,
+                 const int32_t* ok0, int32_t* pk) {
   const int mshift = 23 - mbits;
-  const uint32_t umask = (1u << mbits) - 1u;
-  const VI vumask = Set1I(static_cast<int32_t>(umask));
+  const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
   const VI vff = Set1I(0xff);
   const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
   const VI vsign = Set1I(static_cast<int32_t>(0x80000000u));
   const VI vzero = Set1I(0);
-  VI lane_kk = LaneIota();
+  const VI vus = Set1I(ustride);
   VI all_ok = Set1I(-1);
-  bool ok = true;
-  for (int r = 0; r < mr; ++r) {
-    int32_t* o = offs + r * kstride;
-    float* s = scales + r * kstride;
-    if (r >= rows) {
-      for (int kk = 0; kk < kb; ++kk) {
-        o[kk] = 0;
-        s[kk] = 0.0f;
+  VI vkk = MulLoI(LaneIota(), Set1I(kkmul));
+  const VI vstep = Set1I(kVL * kkmul);
+  for (int kk = 0; kk < kb; kk += kVL) {
+    const int n = static_cast<int>(MinI(kVL, kb - kk));
+    // Lanes kk >= kb load zeros (and the padded lo/hi/ok0 accept them).
+    const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
+    VI o[8], s[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      if (r >= rows) {
+        o[r] = vzero;
+        s[r] = vzero;
+        continue;
       }
-      continue;
-    }
-    const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0);
-    int kk = 0;
-    VI vkk = MulLoI(lane_kk, Set1I(kkmul));
-    const VI vstep = Set1I(kVL * kkmul);
-    for (; kk + kVL <= kb; kk += kVL) {
-      const VI x = LoadI(reinterpret_cast<const int32_t*>(arow + kk));
+      const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
+      const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
       const VI e = AndI(SrlI(x, 23), vff);
       const VI u = AndI(SrlI(x, mshift), vumask);
-      StoreI(o + kk, AddI(MulLoI(u, Set1I(ustride)), vkk));
+      o[r] = AddI(MulLoI(u, vus), vkk);
       const VI z = CmpEqI(e, vzero);
-      const VI sc = BlendI(AndI(x, vsignexp), AndI(x, vsign), z);
-      StoreI(reinterpret_cast<int32_t*>(s + kk), sc);
-      const VI out = OrI(CmpGtI(LoadI(lo + kk), e), CmpGtI(e, LoadI(hi + kk)));
-      const VI valid = BlendI(AndNotI(out, Set1I(-1)), LoadI(ok0 + kk), z);
-      all_ok = AndI(all_ok, valid);
-      vkk = AddI(vkk, vstep);
+      s[r] = BlendI(AndI(x, vsignexp), AndI(x, vsign), z);
+      const VI out = OrI(CmpGtI(vlo, e), CmpGtI(e, vhi));
+      all_ok = AndI(all_ok, BlendI(AndNotI(out, Set1I(-1)), vok0, z));
     }
-    for (; kk < kb; ++kk) {
-      const uint32_t x = arow[kk];
-      const int32_t e = static_cast<int32_t>((x >> 23) & 0xffu);
-      const uint32_t u = (x >> mshift) & umask;
-      o[kk] = static_cast<int32_t>(u * static_cast<uint32_t>(ustride) + static_cast<uint32_t>(kk * kkmul));
-      const uint32_t sc = e == 0 ? (x & 0x80000000u) : (x & 0xff800000u);
-      s[kk] = BitsFloat(sc);
-      const bool valid = e == 0 ? (ok0[kk] != 0) : (e >= lo[kk] && e <= hi[kk]);
-      ok = ok && valid;
-    }
+    StoreInterleaved(o, s, pk + kk * kPackW, n);
+    vkk = AddI(vkk, vstep);
   }
-  return ok && AllOnesI(all_ok);
+  return AllOnesI(all_ok);
 }
 
 // Decomposes b[k0:k0+kb, j0:j0+cols] into mantissa indices and signed
@@ -155,25 +147,6 @@ void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int ro
         acc += BitsFloat(ApproxMulBits(arow[kk], bcol[kk * ldb], lut, mbits));
       }
       c[i * ldc + j] = acc;
-    }
-  }
-}
-
-// Interleaved panel pack: for each kk one 64-byte record of kPackW int32
-// words: tile/LUT offsets of rows 0..7 in words 0..7, the bits of their float
-// scales in words 8..15 (rows >= the panel's row count hold 0 / +0.0f).
-constexpr int kPackW = 16;
-
-// Moves the row-major PackPanel output (offs/scales, row stride kstride) into
-// the interleaved layout.
-void Interleave(const int32_t* offs, const float* scales, int64_t kstride, int mr, int kb,
-                int32_t* pk) {
-  const int32_t* sc = reinterpret_cast<const int32_t*>(scales);
-  for (int kk = 0; kk < kb; ++kk) {
-    int32_t* q = pk + kk * kPackW;
-    for (int r = 0; r < 8; ++r) {
-      q[r] = r < mr ? offs[r * kstride + kk] : 0;
-      q[8 + r] = r < mr ? sc[r * kstride + kk] : 0;
     }
   }
 }
@@ -251,6 +224,9 @@ inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const in
     for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
 }
 
+// Panels ahead whose a strips are prefetched while packing.
+constexpr int kPackAhead = 8;
+
 enum Strategy { kTiles = 1, kGather = 2 };
 
 struct Plan {
@@ -265,7 +241,7 @@ struct Plan {
 };
 
 // Scratch slots.
-enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4, kSlotPackTmp = 5 };
+enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4 };
 
 void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
@@ -294,18 +270,15 @@ void RunTask(void* arg, int64_t task) {
   float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
   char* pack = static_cast<char*>(
       ThreadScratch(kSlotPack, static_cast<size_t>(npanels * kstride * kPackW * 4 + npanels)));
-  char* ptmp = static_cast<char*>(ThreadScratch(kSlotPackTmp, static_cast<size_t>(mr * kstride * 8)));
   int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, kstride * 3 * 4));
   char* bdec = static_cast<char*>(ThreadScratch(kSlotB, kstride * kNB * 8));
   float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
-  if (!tiles || !pack || !ptmp || !stats || !bdec || !ctmp) {
+  if (!tiles || !pack || !stats || !bdec || !ctmp) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }
   int32_t* pk_all = reinterpret_cast<int32_t*>(pack);
   char* panel_ok = pack + npanels * kstride * kPackW * 4;
-  int32_t* offs_tmp = reinterpret_cast<int32_t*>(ptmp);
-  float* scales_tmp = reinterpret_cast<float*>(ptmp + mr * kstride * 4);
   int32_t* lo = stats;
   int32_t* hi = stats + kstride;
   int32_t* ok0 = stats + 2 * kstride;
@@ -323,9 +296,16 @@ void RunTask(void* arg, int64_t task) {
     for (int64_t pi = 0; pi < npanels; ++pi) {
       const int64_t i0 = r0 + pi * mr;
       const int rows = static_cast<int>(MinI(mr, r1 - i0));
-      panel_ok[pi] = PackPanel(A + i0 * lda, lda, rows, mr, k0, kb, kstride, mbits, ustride,
-                               kkmul, lo, hi, ok0, offs_tmp, scales_tmp);
-      Interleave(offs_tmp, scales_tmp, kstride, mr, kb, pk_all + pi * kstride * kPackW);
+      // The k block of a row is a short strip (KB floats) of a long row: the
+      // hardware prefetchers do not follow this pattern, so fetch ahead.
+      if (pi + kPackAhead < npanels) {
+        const float* pa = A + (i0 + kPackAhead * mr) * lda + k0;
+        const int prow = static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr)));
+        for (int r = 0; r < prow; ++r)
+          for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
+      }
+      panel_ok[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mbits, ustride, kkmul, lo, hi,
+                                 ok0, pk_all + pi * kstride * kPackW);
     }
     for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
       const int cols = static_cast<int>(MinI(kNB, c1 - j0));
