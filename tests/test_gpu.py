@@ -10,6 +10,14 @@ What is checked:
   order may be blocked) results must both be within SPEC's bound of the
   float64 reference, and bit-identical for K = 1 and for inputs whose every
   partial sum is exact.
+* Split-K (few output tiles, large K): each contiguous k-chunk is summed in
+  ascending order from +0 and the chunk partials are added in ascending
+  order. With the chunk count forced (env APPROX_JAX_CUDA_SPLIT_K) the result
+  must equal that chunked NumPy sum bit for bit (fast and special-value
+  paths, batched/broadcast operands); the automatic choice must stay within
+  SPEC's bound, be run-to-run deterministic, and, when JAX reports the SM
+  count, equal the chunked sum of the documented rule. The bit-exact
+  sequential tests use K < 1024, where the automatic rule never splits.
 * Broadcasting of the design/batch axes, stacked (vmapped) multipliers,
   gradients, K = 0 and empty outputs, and error reporting.
 """
@@ -149,6 +157,44 @@ def sequential_gemm(a, b, stored, M) -> np.ndarray:
     return acc
 
 
+# Mirrors cuda_kernels.cu (SplitKChunks, PlanApproxGemm).
+SPLIT_K_MIN_CHUNK = 512
+SPLIT_K_TILES_PER_SM = 2
+SPLIT_K_MAX = 1024
+
+
+def split_k_chunks(K: int, want: int):
+    """[(k0, k1)] chunks for ``want`` requested chunks (kspan a multiple of 8)."""
+    want = max(int(want), 1)
+    per = -(-K // want)
+    kspan = max(8, -(-per // 8) * 8)
+    return [(k0, min(K, k0 + kspan)) for k0 in range(0, K, kspan)]
+
+
+def auto_split_want(designs_batch: int, rows: int, K: int, N: int, sms: int) -> int:
+    bm, bn = (256, 64) if N <= 64 else (128, 128)
+    tiles = designs_batch * -(-rows // bm) * -(-N // bn)
+    target = SPLIT_K_TILES_PER_SM * max(sms, 1)
+    want = 1
+    if tiles < target:
+        want = min(-(-target // tiles), K // SPLIT_K_MIN_CHUNK)
+    want = min(want, SPLIT_K_MAX, max(1, (64 << 20) // (designs_batch * rows * N)))
+    return want
+
+
+def chunked_gemm(a, b, stored, M, want: int) -> np.ndarray:
+    """Split-K order: per chunk an ascending sum from +0, partials added in order."""
+    K = a.shape[1]
+    if want < 2 or len(split_k_chunks(K, want)) < 2:
+        return sequential_gemm(a, b, stored, M)
+    acc = None
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k0, k1 in split_k_chunks(K, want):
+            part = sequential_gemm(a[:, k0:k1], b[k0:k1], stored, M)
+            acc = part if acc is None else (acc + part).astype(np.float32)
+    return acc
+
+
 def assert_bits_equal(got, want, what=""):
     got = np.asarray(got, np.float32)
     want = np.asarray(want, np.float32)
@@ -163,7 +209,14 @@ def assert_bits_equal(got, want, what=""):
 
 
 def assert_within_bound(got, a, b, stored, M, what=""):
-    ref, abs_sum = reference.dot_with_bound(a, b, stored, M)
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    rows, K = a.shape[-2:]
+    step = max(1, (1 << 22) // max(1, rows * b.shape[-1]))  # bound the products' memory
+    ref = abs_sum = 0.0
+    for k0 in range(0, K, step):
+        r, s = reference.dot_with_bound(a[..., k0:k0 + step], b[k0:k0 + step], stored, M)
+        ref, abs_sum = ref + r, abs_sum + s
     ok = reference.bound_ok(got, ref, abs_sum, a.shape[-1])
     assert ok.all(), f"{what}: {int((~ok).sum())} elements outside the SPEC bound"
 
@@ -433,3 +486,93 @@ def test_conv_gpu_matches_reference_bound():
     for got, what in [(got_gpu, "gpu"), (got_cpu, "cpu")]:
         ok = reference.bound_ok(got, ref, abs_sum, terms)
         assert ok.all(), f"conv {what}: {int((~ok).sum())} outside bound"
+
+
+# --------------------------------------------------------------------------
+# Split-K (deterministic chunked summation for few output tiles, large K)
+
+needs_real_gpu = pytest.mark.skipif(
+    GPU is None or GPU.platform == "cpu", reason="split-K is a CUDA kernel feature"
+)
+
+
+@needs_real_gpu
+@pytest.mark.parametrize("M", (3, 7, 11))
+@pytest.mark.parametrize(
+    "shape,want",
+    [((17, 1000, 33), 3), ((5, 203, 7), 4), ((300, 77, 70), 2), ((9, 1030, 130), 5)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_gemm_split_k_forced_matches_chunked_sum(M, shape, want, monkeypatch):
+    monkeypatch.setenv("APPROX_JAX_CUDA_SPLIT_K", str(want))
+    rows, K, N = shape
+    rng = np.random.default_rng(700 + M + K)
+    a = random_operands((rows, K), rng)
+    b = random_operands((K, N), rng)
+    m = MB.from_lut(random_lut(M, rng), M)
+    stored = np.asarray(m.lut)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    got = run_on(GPU, fn, a, b)
+    assert_bits_equal(got, chunked_gemm(a, b, stored, M, want), f"split {want} M={M}")
+    assert_within_bound(got, a, b, stored, M, f"split {want} M={M}")
+    # Special values: the exact scalar path runs per k-chunk inside a split.
+    a = random_operands((rows, K), rng, specials=0.003, exp_range=60)
+    b = random_operands((K, N), rng, specials=0.003, exp_range=60)
+    got = run_on(GPU, fn, a, b)
+    assert_bits_equal(got, chunked_gemm(a, b, stored, M, want), f"split {want} specials M={M}")
+
+
+@needs_real_gpu
+def test_gemm_split_k_forced_batched_broadcast(monkeypatch):
+    monkeypatch.setenv("APPROX_JAX_CUDA_SPLIT_K", "3")
+    M = 5
+    rng = np.random.default_rng(710)
+    rows, K, N, D, B = 11, 300, 20, 2, 3
+    stored = np.stack([random_lut(M, rng) for _ in range(D)])
+    klut = lut_lib.kernel_lut_numpy(stored, M)
+    a = random_operands((D, 1, rows, K), rng, specials=0.002)
+    b = random_operands((1, B, K, N), rng, specials=0.002)
+    got = run_on(GPU, lambda x, w, lut: ffi_lib.gemm_call(x, w, lut, M), a, b, klut)
+    assert got.shape == (D, B, rows, N)
+    for d in range(D):
+        for bi in range(B):
+            want = chunked_gemm(a[d, 0], b[0, bi], stored[d], M, 3)
+            assert_bits_equal(got[d, bi], want, f"d={d} b={bi}")
+
+
+@needs_real_gpu
+def test_gemm_split_k_forced_one_disables(monkeypatch):
+    monkeypatch.setenv("APPROX_JAX_CUDA_SPLIT_K", "1")
+    rng = np.random.default_rng(720)
+    a = random_operands((7, 4000), rng)
+    b = random_operands((4000, 9), rng)
+    m = MB.mbm(7)
+    got = run_on(GPU, lambda x, w: _api("approx_dot")(x, w, m), a, b)
+    assert_bits_equal(got, sequential_gemm(a, b, np.asarray(m.lut), 7), "no split")
+
+
+@needs_real_gpu
+@pytest.mark.parametrize(
+    "M,shape",
+    [(5, (25, 6144, 32)), (7, (260, 1024, 20)), (8, (130, 1024, 72)), (11, (20, 4096, 24))],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"M{v}",
+)
+def test_gemm_split_k_auto_bound_and_determinism(M, shape, monkeypatch):
+    # Weight-gradient-like shapes: tiny output, huge K (automatic split-K).
+    monkeypatch.delenv("APPROX_JAX_CUDA_SPLIT_K", raising=False)
+    rows, K, N = shape
+    rng = np.random.default_rng(800 + M + rows)
+    a = random_operands((rows, K), rng)
+    b = random_operands((K, N), rng)
+    m = MB.mbm(M)
+    stored = np.asarray(m.lut)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    got = run_on(GPU, fn, a, b)
+    assert_within_bound(got, a, b, stored, M, f"auto split M={M}")
+    for _ in range(2):
+        assert_bits_equal(run_on(GPU, fn, a, b), got, "auto split run-to-run")
+    sms = getattr(GPU, "core_count", None)
+    if isinstance(sms, int) and sms > 0:
+        want = auto_split_want(1, rows, K, N, sms)
+        assert want >= 2, "this shape should split"
+        assert_bits_equal(got, chunked_gemm(a, b, stored, M, want), f"auto split rule, {sms} SMs")

@@ -3,8 +3,17 @@
 // Numerics: every product equals ApproxMulBits (approx_math.h, SPEC section 2)
 // bit for bit, and out[d, b, i, j] = (((+0 + P_0) + P_1) + ... + P_{K-1}) with
 // k ascending, one float32 round-to-nearest addition per term -- the same
-// order as the reference loop, fixed per output element (no atomics, no
-// split-K), so results are deterministic.
+// order as the reference loop, fixed per output element (no atomics), so
+// results are deterministic.
+//
+// Split-K (weight gradients: tiny output, K = batch * H * W): when the output
+// has fewer than 2 * SMs block tiles and K >= 1024, K is cut into S
+// contiguous chunks (kspan a multiple of 8, >= 512; S from the shapes and the
+// SM count only, see PlanApproxGemm). Block (m_tile, split s) runs the same
+// tiled loop over its chunk into partial s (scratch [S][D*B][M][N]), and a
+// second kernel adds the partials in ascending s. Per element the order is
+// still fixed: ((sum_{chunk 0}) + (sum_{chunk 1})) + ..., each chunk sum
+// ascending from +0.
 //
 // GEMM design (SIMT, profile-free):
 // * Block tile 128x128 (256x64 when N <= 64), k-chunks of 8, 256 threads,
@@ -97,6 +106,8 @@ struct GemmParams {
   float* out;
   int64_t designs, batch, m, k, n;
   int64_t a_ds, a_bs, b_ds, b_bs, lut_ds;
+  int64_t m_tiles;  // blockIdx.x = m_tile + m_tiles * split
+  int64_t kspan;    // k per split-K chunk (>= k when not split)
   int mbits;
   int lw;              // log2(banks per LUT copy), shared-LUT mode only
   uint32_t lut_words;  // words staged in shared memory (copies * 4^M)
@@ -161,8 +172,13 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
   const int64_t M = p.m, N = p.n, K = p.k;
   const int64_t db_total = p.designs * p.batch;
   const int64_t n_tiles = (N + kBN - 1) / kBN;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int nchunks = static_cast<int>((K + kBK - 1) / kBK);
+  // Split-K: this block sums k in [kbeg, kend) (ascending, from +0) into
+  // partial `split` (out is then the scratch area [splits][db][M][N]).
+  const int64_t split = static_cast<int64_t>(blockIdx.x) / p.m_tiles;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - split * p.m_tiles) * kBM;
+  const int64_t kbeg = split * p.kspan;
+  const int64_t kend = min(K, kbeg + p.kspan);
+  const int nchunks = static_cast<int>((kend - kbeg + kBK - 1) / kBK);
 
   // Global -> shared mapping. A: thread loads 4 consecutive k of rows
   // a_row + 128 * q. B: threads tid < 2 * kBN load 4 consecutive columns of
@@ -181,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
     const float* __restrict__ A = p.a + d * p.a_ds + bi * p.a_bs;
     const float* __restrict__ B = p.b + d * p.b_ds + bi * p.b_bs;
     const uint32_t* __restrict__ glut = p.lut + d * p.lut_ds;
-    float* __restrict__ O = p.out + z * M * N;
+    float* __restrict__ O = p.out + (split * db_total + z) * M * N;
 
     if (kShared && d != staged_design) {
       __syncthreads();  // nobody still reads the previous design's LUT
@@ -212,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
           const int64_t row = row0 + a_row + 128 * q;
           if (p.vec_a) {
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (row < M && ka < K) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
+            if (row < M && ka < kend) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
             ra[q][0] = __float_as_uint(v.x);
             ra[q][1] = __float_as_uint(v.y);
             ra[q][2] = __float_as_uint(v.z);
@@ -221,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
               ra[q][c] =
-                  (row < M && ka + c < K) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
+                  (row < M && ka + c < kend) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
             }
           }
         }
@@ -232,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
           for (int c = 0; c < 4; ++c) rb[c] = 0u;
         } else if (p.vec_b) {
           float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (kb < K && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
+          if (kb < kend && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
           rb[0] = __float_as_uint(v.x);
           rb[1] = __float_as_uint(v.y);
           rb[2] = __float_as_uint(v.z);
@@ -240,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
         } else {
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            rb[c] = (kb < K && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
+            rb[c] = (kb < kend && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
           }
         }
       };
@@ -280,10 +296,10 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
         return emax >= kSlowExponent ? 1 : 0;
       };
 
-      load_chunk(0);
+      load_chunk(kbeg);
       int slow = __syncthreads_or(store_chunk(0));
       for (int t = 0; t < nchunks; ++t) {
-        const int64_t k0 = static_cast<int64_t>(t) * kBK;
+        const int64_t k0 = kbeg + static_cast<int64_t>(t) * kBK;
         const bool has_next = t + 1 < nchunks;
         if (has_next) load_chunk(k0 + kBK);  // in flight during the compute
         if (!slow) {
@@ -322,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
           }
         } else {
           // Exact scalar path for chunks holding Inf/NaN or huge operands.
-          const int64_t krem = K - k0;
+          const int64_t krem = kend - k0;
           const int kn = krem < kBK ? static_cast<int>(krem) : kBK;
 #pragma unroll 1
           for (int kk = 0; kk < kn; ++kk) {
@@ -373,6 +389,20 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
   }
 }
 
+// Split-K reduction: out[i] = ((part[0][i] + part[1][i]) + ...) +
+// part[splits-1][i], ascending s, one float32 round-to-nearest addition each
+// (part[0] is itself a sum from +0, never -0, so +0 + part[0] == part[0]).
+__global__ void __launch_bounds__(256)
+    SplitKReduceKernel(const float* __restrict__ part, float* __restrict__ out, int64_t total,
+                       int64_t splits) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = part[i];
+    for (int64_t s = 1; s < splits; ++s) acc = __fadd_rn(acc, part[s * total + i]);
+    out[i] = acc;
+  }
+}
+
 __global__ void __launch_bounds__(256)
     ApproxMultiplyKernel(const float* __restrict__ a, const float* __restrict__ b,
                          const uint32_t* __restrict__ lut, float* __restrict__ out,
@@ -409,7 +439,7 @@ bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 
 
 template <class T>
-std::string LaunchGemmTiled(GemmParams gp, int optin, cudaStream_t stream) {
+std::string LaunchGemmTiled(GemmParams gp, int64_t splits, int optin, cudaStream_t stream) {
   // Largest LUT replication that fits (see the file comment).
   const int64_t entries = int64_t{1} << (2 * gp.mbits);
   const int64_t cap = LutSmemCapBytes();
@@ -436,8 +466,9 @@ std::string LaunchGemmTiled(GemmParams gp, int optin, cudaStream_t stream) {
   const int64_t db = gp.designs * gp.batch;
   const int64_t m_tiles = (gp.m + T::kBM - 1) / T::kBM;
   const int64_t n_tiles = (gp.n + T::kBN - 1) / T::kBN;
-  if (m_tiles > 0x7fffffff) return "approx_jax_gemm: too many rows for one launch";
-  const dim3 grid(static_cast<unsigned>(m_tiles),
+  if (m_tiles * splits > 0x7fffffff) return "approx_jax_gemm: too many rows for one launch";
+  gp.m_tiles = m_tiles;
+  const dim3 grid(static_cast<unsigned>(m_tiles * splits),
                   static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(db, 65535)));
   cudaError_t e;
@@ -458,9 +489,72 @@ std::string LaunchGemmTiled(GemmParams gp, int optin, cudaStream_t stream) {
   return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm launch", e);
 }
 
+// Split-K policy (see CudaGemmPlan): split only when the output has fewer
+// than kSplitTilesPerSm * SMs block tiles, aim for about that many blocks,
+// keep every chunk >= kMinSplitK k and the partials <= kMaxScratchFloats.
+constexpr int64_t kSplitTilesPerSm = 2;
+constexpr int64_t kMinSplitK = 512;
+constexpr int64_t kMaxSplits = 1024;
+constexpr int64_t kMaxScratchFloats = int64_t{64} << 20;  // 256 MiB
+
+// -1: automatic; else the requested number of chunks (1 = never split).
+int64_t SplitKOverride() {
+  if (const char* s = std::getenv("APPROX_JAX_CUDA_SPLIT_K")) {
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    if (end != s && v >= 1) return v;
+  }
+  return -1;
+}
+
 }  // namespace
 
-std::string LaunchApproxGemm(const CudaGemmProblem& p, cudaStream_t stream) {
+void SplitKChunks(int64_t k, int64_t want, int64_t* splits, int64_t* kspan) {
+  want = std::max<int64_t>(want, 1);
+  const int64_t per = (k + want - 1) / want;
+  *kspan = std::max<int64_t>(kBK, (per + kBK - 1) / kBK * kBK);
+  *splits = (k + *kspan - 1) / *kspan;
+}
+
+std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
+  *plan = CudaGemmPlan();
+  plan->kspan = p.k;
+  const int64_t db = p.designs * p.batch;
+  if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
+  const int64_t outputs = db * p.m * p.n;
+  int64_t want = SplitKOverride();
+  if (want < 0) {
+    want = 1;
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
+    int sms = 0;
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
+    const bool tall = p.n <= TallTile::kBN;  // same choice as LaunchApproxGemm
+    const int64_t bm = tall ? TallTile::kBM : WideTile::kBM;
+    const int64_t bn = tall ? TallTile::kBN : WideTile::kBN;
+    const int64_t tiles = db * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
+    const int64_t target = kSplitTilesPerSm * std::max(sms, 1);
+    if (tiles < target) {
+      want = (target + tiles - 1) / tiles;
+      want = std::min(want, p.k / kMinSplitK);
+    }
+  }
+  want = std::min(want, kMaxSplits);
+  want = std::min(want, std::max<int64_t>(1, kMaxScratchFloats / outputs));
+  int64_t splits = 1, kspan = p.k;
+  if (want >= 2) SplitKChunks(p.k, want, &splits, &kspan);
+  if (splits >= 2) {
+    plan->splits = splits;
+    plan->kspan = kspan;
+    plan->scratch_bytes = static_cast<size_t>(splits * outputs) * sizeof(float);
+  }
+  return {};
+}
+
+std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan, float* scratch,
+                             cudaStream_t stream) {
   const int64_t db = p.designs * p.batch;
   if (db == 0 || p.m == 0 || p.n == 0) return {};
   if (p.k == 0) {  // XLA does not zero outputs
@@ -479,7 +573,15 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, cudaStream_t stream) {
   gp.a = p.a;
   gp.b = p.b;
   gp.lut = p.lut;
-  gp.out = p.out;
+  const bool split = plan.splits > 1;
+  if (split) {
+    if (scratch == nullptr || !Aligned16(scratch) || plan.kspan <= 0 || plan.kspan % kBK != 0 ||
+        plan.kspan * (plan.splits - 1) >= p.k || plan.kspan * plan.splits < p.k) {
+      return "approx_jax_gemm: bad split-K plan or scratch";
+    }
+  }
+  gp.out = split ? scratch : p.out;
+  gp.kspan = split ? plan.kspan : p.k;
   gp.designs = p.designs;
   gp.batch = p.batch;
   gp.m = p.m;
@@ -493,11 +595,20 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, cudaStream_t stream) {
   gp.mbits = p.mbits;
   gp.vec_a = (p.k % 4 == 0 && Aligned16(p.a) && gp.a_ds % 4 == 0 && gp.a_bs % 4 == 0) ? 1 : 0;
   gp.vec_b = (p.n % 4 == 0 && Aligned16(p.b) && gp.b_ds % 4 == 0 && gp.b_bs % 4 == 0) ? 1 : 0;
-  gp.vec_out = (p.n % 4 == 0 && Aligned16(p.out)) ? 1 : 0;
+  gp.vec_out = (p.n % 4 == 0 && Aligned16(gp.out)) ? 1 : 0;
+  const int64_t splits = split ? plan.splits : 1;
   // Narrow outputs (N <= 64, e.g. 64-channel conv layers) would waste half of
-  // a 128-wide tile: use 256 x 64 tiles there.
-  if (p.n <= TallTile::kBN) return LaunchGemmTiled<TallTile>(gp, optin, stream);
-  return LaunchGemmTiled<WideTile>(gp, optin, stream);
+  // a 128-wide tile: use 256 x 64 tiles there (PlanApproxGemm assumes this).
+  std::string err = (p.n <= TallTile::kBN) ? LaunchGemmTiled<TallTile>(gp, splits, optin, stream)
+                                           : LaunchGemmTiled<WideTile>(gp, splits, optin, stream);
+  if (!err.empty() || !split) return err;
+  const int64_t total = db * p.m * p.n;
+  constexpr int kBlock = 256;
+  const int64_t blocks = std::min<int64_t>((total + kBlock - 1) / kBlock, 65535);
+  SplitKReduceKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(scratch, p.out, total,
+                                                                          splits);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm split-K reduce launch", e);
 }
 
 std::string LaunchApproxMultiply(const CudaMultiplyProblem& p, cudaStream_t stream) {

@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "approx_math.h"
@@ -54,8 +55,11 @@ bool BroadcastStride(int64_t size, int64_t full, int64_t stride, int64_t* out) {
 
 // a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
 // out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
-ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                    ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out, int32_t mbits) {
+// Split-K partial sums (PlanApproxGemm) live in XLA scratch memory, released
+// by the allocator when the handler returns (stream-ordered for XLA).
+ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer a,
+                    ffi::AnyBuffer b, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
+                    int32_t mbits) {
   if (a.element_type() != ffi::DataType::F32 || b.element_type() != ffi::DataType::F32 ||
       out->element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("approx_jax_gemm supports float32 operands only");
@@ -90,7 +94,20 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
   p.b = b.typed_data<float>();
   p.lut = lut.typed_data<uint32_t>();
   p.out = out->typed_data<float>();
-  std::string err = LaunchApproxGemm(p, stream);
+  CudaGemmPlan plan;
+  std::string err = PlanApproxGemm(p, &plan);
+  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, err);
+  float* partials = nullptr;
+  if (plan.scratch_bytes > 0) {
+    std::optional<void*> mem = scratch.Allocate(plan.scratch_bytes, 16);
+    if (!mem.has_value() || *mem == nullptr) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "approx_jax_gemm: could not allocate " +
+                            std::to_string(plan.scratch_bytes) + " bytes of split-K scratch");
+    }
+    partials = static_cast<float*>(*mem);
+  }
+  err = LaunchApproxGemm(p, plan, partials, stream);
   if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, err);
   return ffi::Error::Success();
 }
@@ -132,6 +149,7 @@ ffi::Error MultiplyImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemmCuda, GemmImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
