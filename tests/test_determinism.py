@@ -181,7 +181,8 @@ SUBPROCESS_MAIN = textwrap.dedent(
         num_threads = int(jax.ffi.ffi_call(
             "approx_jax_test_num_threads", jax.ShapeDtypeStruct((1,), jnp.int32))()[0])
     res = workload()
-    out = {k: hashlib.sha256(v.view("uint32").tobytes()).hexdigest() for k, v in sorted(res.items())}
+    out = {k: hashlib.sha256(v.view("uint32").tobytes()).hexdigest()
+           for k, v in sorted(res.items())}
     print("RESULT " + json.dumps({"num_threads": num_threads, "digests": out}))
     """
 )
@@ -197,8 +198,19 @@ def thread_probe(tmp_path_factory):
     src = out / "probe.cc"
     src.write_text(PROBE_SOURCE)
     lib = out / "probe.so"
-    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir(),
-           str(src), "-o", str(lib)]
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-w",
+        "-I",
+        jax.ffi.include_dir(),
+        str(src),
+        "-o",
+        str(lib),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
@@ -216,11 +228,16 @@ def run_workload(prefix: list[str], extra_env: dict[str, str], probe) -> dict:
     code = WORKLOAD + SUBPROCESS_MAIN
     result = subprocess.run(
         prefix + [sys.executable, "-c", code],
-        capture_output=True, text=True, env=env, timeout=600, check=False, cwd=package_root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+        cwd=package_root,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _cpus() -> int:

@@ -173,7 +173,11 @@ def check_sums(got, products, axes, what: str) -> None:
         np.where(
             pos_inf,
             (g == np.inf) | (may_overflow & np.isnan(g)),
-            np.where(neg_inf, (g == -np.inf) | (may_overflow & np.isnan(g)), close | (may_overflow & nonfinite)),
+            np.where(
+                neg_inf,
+                (g == -np.inf) | (may_overflow & np.isnan(g)),
+                close | (may_overflow & nonfinite),
+            ),
         ),
     )
     if not ok.all():
@@ -201,18 +205,50 @@ def reduce_axes_for(operand_batch: tuple[int, ...], full_batch: tuple[int, ...])
 # Value strategies.
 
 SPECIAL_BITS = (
-    0x00000000, 0x80000000,  # +-0
-    0x7F800000, 0xFF800000,  # +-Inf
-    0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFBFFFFF, 0x7FFFFFFF,  # NaNs (quiet, signalling, payloads)
-    0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00400000,  # subnormals
-    0x00800000, 0x80800000, 0x00FFFFFF,  # smallest normals
-    0x7F7FFFFF, 0xFF7FFFFF, 0x7F000000, 0x7EFFFFFF,  # largest finite
-    0x3F800000, 0xBF800000, 0x3FFFFFFF, 0x3F7FFFFF, 0x40000000,  # around 1 and 2
-    0x5F800000, 0x1F800000, 0x5F7FFFFF, 0x20000000,  # 2^64, 2^-64 (products at the edges)
+    0x00000000,
+    0x80000000,  # +-0
+    0x7F800000,
+    0xFF800000,  # +-Inf
+    0x7FC00000,
+    0xFFC00000,
+    0x7F800001,
+    0xFFBFFFFF,
+    0x7FFFFFFF,  # NaNs (quiet, signalling, payloads)
+    0x00000001,
+    0x80000001,
+    0x007FFFFF,
+    0x807FFFFF,
+    0x00400000,  # subnormals
+    0x00800000,
+    0x80800000,
+    0x00FFFFFF,  # smallest normals
+    0x7F7FFFFF,
+    0xFF7FFFFF,
+    0x7F000000,
+    0x7EFFFFFF,  # largest finite
+    0x3F800000,
+    0xBF800000,
+    0x3FFFFFFF,
+    0x3F7FFFFF,
+    0x40000000,  # around 1 and 2
+    0x5F800000,
+    0x1F800000,
+    0x5F7FFFFF,
+    0x20000000,  # 2^64, 2^-64 (products at the edges)
 )
 MODERATE_SPECIAL_BITS = (
-    0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000,
-    0x00000001, 0x807FFFFF, 0x00800000, 0x3F800000, 0xBF800000, 0x3FFFFFFF,
+    0x00000000,
+    0x80000000,
+    0x7F800000,
+    0xFF800000,
+    0x7FC00000,
+    0xFFC00000,
+    0x00000001,
+    0x807FFFFF,
+    0x00800000,
+    0x3F800000,
+    0xBF800000,
+    0x3FFFFFFF,
 )
 MODERATE_MAX = 2.0**40  # products <= 2^81: float32 sums of them cannot overflow
 
@@ -237,7 +273,7 @@ MODERATE_ELEMENTS = st.one_of(
     st.sampled_from(MODERATE_SPECIAL_BITS).map(f32),
     st.floats(-8, 8, width=32),
     st.floats(-MODERATE_MAX, MODERATE_MAX, width=32),
-    st.floats(-2.0**-100, 2.0**-100, width=32),  # tiny: products underflow
+    st.floats(-(2.0**-100), 2.0**-100, width=32),  # tiny: products underflow
 )
 
 REGIMES = ("unit", "wide_exponent", "raw_bits", "extreme", "mixed")
@@ -297,7 +333,7 @@ FAMILIES = {"mbm": mult.mbm, "mitchell": mult.mitchell, "truncate": mult.truncat
 LUT_KINDS = ("random", "saturating", "zero", "carry_only")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def builtin(family: str, M: int):
     return FAMILIES[family](M)
 
@@ -380,7 +416,9 @@ TAIL_SIDES = (1, 7, 17, 33, 65)
 @st.composite
 def broadcast_pair(draw, max_dims=3):
     shapes = draw(
-        hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=max_dims, min_side=0, max_side=5)
+        hnp.mutually_broadcastable_shapes(
+            num_shapes=2, min_dims=0, max_dims=max_dims, min_side=0, max_side=5
+        )
     )
     return shapes.input_shapes
 
@@ -408,9 +446,13 @@ def test_multiply_bit_exact(data, m, dtype):
         raw = np.asarray(got, np.float32).view(np.uint32)
         assert np.all(raw[np.isnan(got)] == QNAN), "kernel NaN is not the canonical 0x7fc00000"
     assert_bits_equal(
-        got.astype(np.float32), expected.astype(np.float32), f"multiply {describe(m)} {dtype}",
-        context={"a": np.broadcast_to(a_in.astype(np.float32), got.shape),
-                 "b": np.broadcast_to(b_in.astype(np.float32), got.shape)},
+        got.astype(np.float32),
+        expected.astype(np.float32),
+        f"multiply {describe(m)} {dtype}",
+        context={
+            "a": np.broadcast_to(a_in.astype(np.float32), got.shape),
+            "b": np.broadcast_to(b_in.astype(np.float32), got.shape),
+        },
     )
 
 
@@ -484,11 +526,11 @@ def test_dot(data, m):
     data=st.data(),
     m=multipliers(),
     K=st.integers(300, 2000),
-    I=st.sampled_from((1, 2, 3)),
+    rows=st.sampled_from((1, 2, 3)),
     N=st.sampled_from((1, 2, 7)),
 )
-def test_dot_large_k(data, m, K, I, N):
-    x = data.draw(f32_arrays((I, K)), label="x")
+def test_dot_large_k(data, m, K, rows, N):
+    x = data.draw(f32_arrays((rows, K)), label="x")
     w = data.draw(f32_arrays((K, N)), label="w")
     got = np.asarray(approx_dot(x, w, m))
     P = approx_products(x[:, :, None], w, m)
@@ -519,9 +561,7 @@ def test_dot_grad(data, m, backward):
         # Cross-check against the reference VJP where everything is finite.
         (rdx, rdx_abs), (rdw, rdw_abs) = ref.dot_vjp(x, w, g, stored(m), m.mbits, with_bound=True)
         fin = np.isfinite(rdx) & (rdx_abs * (1 + N * 2.0**-22) < FLT_MAX)
-        assert np.all(
-            np.abs(dx[fin] - rdx[fin]) <= N * 2.0**-24 * rdx_abs[fin] + N * MIN_NORMAL
-        )
+        assert np.all(np.abs(dx[fin] - rdx[fin]) <= N * 2.0**-24 * rdx_abs[fin] + N * MIN_NORMAL)
 
 
 # --------------------------------------------------------------------------
@@ -531,7 +571,9 @@ def test_dot_grad(data, m, backward):
 @st.composite
 def matmul_shapes(draw):
     batch_a, batch_b = draw(
-        hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=2, min_side=0, max_side=3)
+        hnp.mutually_broadcastable_shapes(
+            num_shapes=2, min_dims=0, max_dims=2, min_side=0, max_side=3
+        )
     ).input_shapes
     M = draw(st.sampled_from(SIDES))
     K = draw(st.sampled_from(K_SIDES))
@@ -643,10 +685,14 @@ def test_stack_grad_and_vmap_grad(data, s, backward):
     # grad of the stacked op: cotangents of all designs summed (float32).
     _, vjp = jax.vjp(lambda x, y: approx_matmul(x, y, s, backward=backward), a, b)
     da, db = (np.asarray(t) for t in vjp(jnp.asarray(g)))
-    P_da = np.stack([products(g[d][..., :, None, :], b_full[..., None, :, :], s, backward, d) for d in range(D)])
+    P_da = np.stack(
+        [products(g[d][..., :, None, :], b_full[..., None, :, :], s, backward, d) for d in range(D)]
+    )
     axes = [0] + [1 + i for i in reduce_axes_for(sa[:-2], batch)] + [1 + nb + 2]
     check_sums(da, P_da, axes, f"stacked da {backward} {s!r}")
-    P_db = np.stack([products(a_full[..., :, :, None], g[d][..., :, None, :], s, backward, d) for d in range(D)])
+    P_db = np.stack(
+        [products(a_full[..., :, :, None], g[d][..., :, None, :], s, backward, d) for d in range(D)]
+    )
     axes = [0] + [1 + i for i in reduce_axes_for(sb[:-2], batch)] + [1 + nb]
     check_sums(db, P_db, axes, f"stacked db {backward} {s!r}")
 
@@ -696,16 +742,22 @@ def conv_problems(draw):
     lhs_shape = (n,) + spatial + (cg * groups,)
     rhs_shape = window + (cg, og * groups)
     params = dict(
-        window_strides=strides, padding=padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-        feature_group_count=groups, dimension_numbers=dn,
+        window_strides=strides,
+        padding=padding,
+        lhs_dilation=lhs_dil,
+        rhs_dilation=rhs_dil,
+        feature_group_count=groups,
+        dimension_numbers=dn,
     )
     return lhs_shape, rhs_shape, params
 
 
 def _ref_conv_params(params):
     return dict(
-        window_strides=params["window_strides"], padding=params["padding"],
-        lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
+        window_strides=params["window_strides"],
+        padding=params["padding"],
+        lhs_dilation=params["lhs_dilation"],
+        rhs_dilation=params["rhs_dilation"],
         feature_group_count=params["feature_group_count"],
         dimension_numbers=params["dimension_numbers"],
     )
@@ -734,7 +786,9 @@ def check_against_bound(got, expected, abs_sum, K: int, what: str) -> None:
             f"  at {tuple(i)}: got {got[tuple(i)]!r}, expected {expected[tuple(i)]!r}"
             for i in bad[:8]
         ]
-        raise AssertionError(f"{what}: {len(bad)} of {ok.size} outputs wrong (K={K})\n" + "\n".join(lines))
+        raise AssertionError(
+            f"{what}: {len(bad)} of {ok.size} outputs wrong (K={K})\n" + "\n".join(lines)
+        )
 
 
 def has_padded_products(params) -> bool:
@@ -790,8 +844,12 @@ def test_conv_grad(data, m, backward):
     c_out = rhs_shape[-1]
     k_dx = c_out * window  # products per input position (upper bound)
     k_dw = max(1, lhs_shape[0] * math.prod(y.shape[1:-1]))  # products per kernel entry
-    check_against_bound(dx, rdx, rdx_abs, k_dx, f"approx_conv d_lhs {backward} {describe(m)} {params}")
-    check_against_bound(dw, rdw, rdw_abs, k_dw, f"approx_conv d_rhs {backward} {describe(m)} {params}")
+    check_against_bound(
+        dx, rdx, rdx_abs, k_dx, f"approx_conv d_lhs {backward} {describe(m)} {params}"
+    )
+    check_against_bound(
+        dw, rdw, rdw_abs, k_dw, f"approx_conv d_rhs {backward} {describe(m)} {params}"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -818,7 +876,9 @@ def test_matmul_kernel_tails(data, m, M, K, N, B):
 
 
 @needs_conv
-@pytest.mark.parametrize("case", ("same_padding_forward", "lhs_dilation_forward", "same_padding_dw"))
+@pytest.mark.parametrize(
+    "case", ("same_padding_forward", "lhs_dilation_forward", "same_padding_dw")
+)
 def test_conv_padding_contributes_no_product(case):
     """Positions in padding or in lhs-dilation holes contribute *no* product
     (reference.py, as XLA's HLO evaluator), so a non-finite kernel weight (or
@@ -845,3 +905,64 @@ def test_conv_padding_contributes_no_product(case):
     got = np.asarray(got, np.float64)
     assert np.array_equal(np.isnan(got), np.isnan(expected)), (got.ravel(), expected.ravel())
     assert np.array_equal(np.isinf(got), np.isinf(expected)), (got.ravel(), expected.ravel())
+
+
+# --------------------------------------------------------------------------
+# Zero-size dimensions, spelled out (the property tests above also draw them).
+
+ZERO_SIZE_CASES = {
+    "multiply-empty": (lambda m: multiply(np.ones(0, np.float32), np.ones(0, np.float32), m), (0,)),
+    "multiply-bcast-empty": (
+        lambda m: multiply(np.ones((2, 0), np.float32), np.ones((1, 0), np.float32), m),
+        (2, 0),
+    ),
+    "dot-M0": (
+        lambda m: approx_dot(np.ones((0, 3), np.float32), np.ones((3, 4), np.float32), m),
+        (0, 4),
+    ),
+    "dot-K0": (
+        lambda m: approx_dot(np.ones((2, 0), np.float32), np.ones((0, 4), np.float32), m),
+        (2, 4),
+    ),
+    "dot-N0": (
+        lambda m: approx_dot(np.ones((2, 3), np.float32), np.ones((3, 0), np.float32), m),
+        (2, 0),
+    ),
+    "matmul-B0": (
+        lambda m: approx_matmul(np.ones((0, 2, 3), np.float32), np.ones((3, 4), np.float32), m),
+        (0, 2, 4),
+    ),
+    "dot-K0-grad": (
+        lambda m: jax.grad(lambda x: approx_dot(x, np.ones((0, 4), np.float32), m).sum())(
+            np.ones((2, 0), np.float32)
+        ),
+        (2, 0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZERO_SIZE_CASES))
+def test_zero_size_dims(case):
+    fn, shape = ZERO_SIZE_CASES[case]
+    got = np.asarray(fn(builtin("mbm", 4)))
+    assert got.shape == shape
+    assert np.all(got == 0)  # empty, or K = 0 sums (exact zeros)
+
+
+@pytest.mark.parametrize("which", ("gemm_M0", "gemm_N0", "multiply_n0"))
+def test_zero_size_canonical_calls(which):
+    """The canonical (partitioned) custom-call wrappers keep zero-size dimensions:
+    the result type must be [D, B, M, N] even when M, N or n is 0."""
+    from approx_jax._src import partitioning
+
+    m = builtin("mbm", 3)
+    klut = _ops.kernel_lut_of(m)
+    if which == "gemm_M0":
+        out = partitioning.gemm_call(jnp.ones((1, 1, 0, 3)), jnp.ones((1, 1, 3, 2)), klut, 3)
+        assert out.shape == (1, 1, 0, 2)
+    elif which == "gemm_N0":
+        out = partitioning.gemm_call(jnp.ones((1, 1, 2, 3)), jnp.ones((1, 1, 3, 0)), klut, 3)
+        assert out.shape == (1, 1, 2, 0)
+    else:
+        out = partitioning.multiply_call(jnp.ones((1, 0)), jnp.ones((1, 0)), klut, 3)
+        assert out.shape == (1, 0)

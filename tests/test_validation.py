@@ -164,9 +164,14 @@ def test_from_lut_bad_width(M):
 @pytest.mark.parametrize("name", ("foo", "mbm12", "mbm0", "mbm", "mitchell_12", "", "mbm7x"))
 @pytest.mark.parametrize("op", ("multiply", "approx_dot", "approx_matmul"))
 def test_unknown_multiplier_name(op, name):
-    fn = {"multiply": lambda m: multiply(F, F, m), "approx_dot": lambda m: approx_dot(F, W, m),
-          "approx_matmul": lambda m: approx_matmul(F, W, m)}[op]
-    with pytest.raises(ValueError, match=re.escape(repr(name.strip())) if name.strip() else "multiplier"):
+    fn = {
+        "multiply": lambda m: multiply(F, F, m),
+        "approx_dot": lambda m: approx_dot(F, W, m),
+        "approx_matmul": lambda m: approx_matmul(F, W, m),
+    }[op]
+    with pytest.raises(
+        ValueError, match=re.escape(repr(name.strip())) if name.strip() else "multiplier"
+    ):
         fn(name)
 
 
@@ -182,11 +187,18 @@ def test_bad_backward(op, backward):
     if op == "approx_conv":
         if approx_conv is None:
             pytest.skip("approx_conv not available")
-        call = lambda: approx_conv(np.ones((1, 4, 4, 2), np.float32), np.ones((3, 3, 2, 1), np.float32), M3, backward=backward)  # noqa: E731,E501
+        call = lambda: approx_conv(
+            np.ones((1, 4, 4, 2), np.float32),
+            np.ones((3, 3, 2, 1), np.float32),
+            M3,
+            backward=backward,
+        )  # noqa: E731,E501
     else:
-        call = {"multiply": lambda: multiply(F, F, M3, backward=backward),
-                "approx_dot": lambda: approx_dot(F, W, M3, backward=backward),
-                "approx_matmul": lambda: approx_matmul(F, W, M3, backward=backward)}[op]
+        call = {
+            "multiply": lambda: multiply(F, F, M3, backward=backward),
+            "approx_dot": lambda: approx_dot(F, W, M3, backward=backward),
+            "approx_matmul": lambda: approx_matmul(F, W, M3, backward=backward),
+        }[op]
     with pytest.raises(ValueError, match="backward"):
         call()
 
@@ -323,7 +335,13 @@ K4 = np.ones((3, 3, 4, 2), np.float32)
         ({"feature_group_count": 0}, X4, K4, ValueError, "feature_group_count"),
         ({"feature_group_count": 3}, X4, K4, ValueError, "feature_group_count"),
         ({"feature_group_count": 2.0}, X4, K4, TypeError, "feature_group_count"),
-        ({"feature_group_count": 2}, X4, np.ones((3, 3, 2, 3), np.float32), ValueError, "feature_group_count"),
+        (
+            {"feature_group_count": 2},
+            X4,
+            np.ones((3, 3, 2, 3), np.float32),
+            ValueError,
+            "feature_group_count",
+        ),
         ({"padding": "FOO"}, X4, K4, ValueError, "padding"),
         ({"padding": [(1, 1)]}, X4, K4, ValueError, "padding"),
         ({"padding": [(1, 1, 1), (1, 1, 1)]}, X4, K4, ValueError, "padding"),
@@ -335,7 +353,13 @@ K4 = np.ones((3, 3, 4, 2), np.float32)
         ({"rhs_dilation": (1, 0)}, X4, K4, ValueError, "rhs_dilation"),
         ({"rhs_dilation": (1, 1, 1)}, X4, K4, ValueError, "rhs_dilation"),
         ({"dimension_numbers": ("NCHW", "OIHW")}, X4, K4, (TypeError, ValueError), r"dimension"),
-        ({"dimension_numbers": ("NXYC", "HWIO", "NHWC")}, X4, K4, (TypeError, ValueError), r"dimension|NXYC"),
+        (
+            {"dimension_numbers": ("NXYC", "HWIO", "NHWC")},
+            X4,
+            K4,
+            (TypeError, ValueError),
+            r"dimension|NXYC",
+        ),
         ({"batch_group_count": 2}, X4, K4, NotImplementedError, "batch_group_count"),
     ],
 )
@@ -365,18 +389,39 @@ GEMM_BAD = {
     "lut-too-small": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), _klut(2)[:, :15], 2), "entries"),
     "lut-too-big": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), _klut(3), 2), "entries"),
     "lut-float": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), _f32(1, 16), 2), "uint32"),
-    "lut-uint16": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint16), 2), "uint32"),
+    "lut-uint16": (
+        lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint16), 2),
+        "uint32",
+    ),
     "lut-rank1": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), _klut(2)[0], 2), "rank"),
-    "mbits-0": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 1), jnp.uint32), 0), "mbits"),
-    "mbits-12": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint32), 12), "mbits"),
-    "mbits-neg": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint32), -3), "mbits"),
-    "mbits-huge": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint32), 40), "mbits"),
+    "mbits-0": (
+        lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 1), jnp.uint32), 0),
+        "mbits",
+    ),
+    "mbits-12": (
+        lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint32), 12),
+        "mbits",
+    ),
+    "mbits-neg": (
+        lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint32), -3),
+        "mbits",
+    ),
+    "mbits-huge": (
+        lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 3, 4), jnp.zeros((1, 16), jnp.uint32), 40),
+        "mbits",
+    ),
     "k-mismatch": (lambda: (_f32(1, 1, 2, 3), _f32(1, 1, 4, 4), _klut(2), 2), "M/K/N|inconsistent"),
     "designs-mismatch": (lambda: (_f32(2, 1, 2, 3), _f32(3, 1, 3, 4), _klut(2), 2), "design|axes"),
-    "lut-designs-mismatch": (lambda: (_f32(2, 1, 2, 3), _f32(1, 1, 3, 4), _klut(2, 3), 2), "design|axes"),
+    "lut-designs-mismatch": (
+        lambda: (_f32(2, 1, 2, 3), _f32(1, 1, 3, 4), _klut(2, 3), 2),
+        "design|axes",
+    ),
     "batch-mismatch": (lambda: (_f32(1, 2, 2, 3), _f32(1, 3, 3, 4), _klut(2), 2), "batch|axes"),
     "rank3-operands": (lambda: (_f32(1, 2, 3), _f32(1, 3, 4), _klut(2), 2), "rank"),
-    "int-operands": (lambda: (jnp.ones((1, 1, 2, 3), jnp.int32), _f32(1, 1, 3, 4), _klut(2), 2), "float32"),
+    "int-operands": (
+        lambda: (jnp.ones((1, 1, 2, 3), jnp.int32), _f32(1, 1, 3, 4), _klut(2), 2),
+        "float32",
+    ),
 }
 
 
@@ -396,7 +441,7 @@ def _raw_gemm(a, b, klut, mbits):
 def test_gemm_handler_rejects_invalid_operands(case, jit):
     make, pattern = GEMM_BAD[case]
     a, b, klut, mbits = make()
-    fn = (lambda a, b, k: _raw_gemm(a, b, k, mbits))
+    fn = lambda a, b, k: _raw_gemm(a, b, k, mbits)
     if jit:
         fn = jax.jit(fn)
     with pytest.raises(Exception, match=pattern) as info:
