@@ -379,9 +379,13 @@ int RunGemm(const GemmProblem& p, const Runner& runner) {
   pl.strategy = strategy;
   if (strategy == kTiles) {
     pl.mr = kMR;
-    // 2^M * KB * kNB floats in about a quarter of L2 (measured best).
+    // 2^M * KB * kNB floats within the budget.
     int64_t kb = 2;
-    const int64_t budget = g_tile_budget > 0 ? g_tile_budget : static_cast<int64_t>(l2 / 4);
+    // Measured with the FMA kernel (2 MB L2): M = 7 best at L2/2 (longer k
+    // blocks: fewer C reloads, longer a strips), M = 3 at L2/8..L2/4.
+    const int64_t auto_budget = static_cast<int64_t>(
+        p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
+    const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     while (kb < 256 && (usize * kb * 2 * kNB * 4) <= budget &&
            kb < RoundUp(p.k, 16))
       kb *= 2;
