@@ -127,6 +127,40 @@ def bench_gemm(device, sizes, mbits_list, reps):
                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x")
 
 
+@guarded("GEMM dW")
+def bench_gemm_weight_grad(device, mbits_list, reps):
+    """Weight-gradient-shaped GEMMs (tiny output, huge K): split-K on vs off."""
+    approx_dot = _op("approx_dot")
+    mb = _multipliers()
+    rng = np.random.default_rng(2)
+    # conv3x3 64->64 on 32x56x56 (dW = patches^T @ dy) and LeNet-5 conv1 (batch 256).
+    for rows, k, n in [(576, 32 * 56 * 56, 64), (25, 256 * 28 * 28, 32)]:
+        x = jax.device_put(rng.standard_normal((rows, k), np.float32), device)
+        w = jax.device_put(rng.standard_normal((k, n), np.float32), device)
+        native = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
+        t_native = median_time(lambda: native(x, w), reps)
+        case = f"GEMM dW {rows}x{k}x{n}"
+        for mbits in [m for m in mbits_list if m <= 7] or [7]:
+            m = mb.mbm(mbits)
+            approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
+            t = median_time(lambda: approx(x, w), reps)
+            record(case, f"mbm{mbits}", t, t_native, "f32 HIGHEST", "split-K auto")
+        if mbits_list:
+            # Same op with split-K disabled (env read at each launch).
+            m = mb.mbm(7)
+            approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
+            old = os.environ.get("APPROX_JAX_CUDA_SPLIT_K")
+            os.environ["APPROX_JAX_CUDA_SPLIT_K"] = "1"
+            try:
+                t = median_time(lambda: approx(x, w), 2, budget_s=5.0)
+            finally:
+                if old is None:
+                    os.environ.pop("APPROX_JAX_CUDA_SPLIT_K", None)
+                else:
+                    os.environ["APPROX_JAX_CUDA_SPLIT_K"] = old
+            record(case, "mbm7", t, t_native, "f32 HIGHEST", "split-K off")
+
+
 @guarded("conv")
 def bench_conv(device, batch, mbits_list, reps):
     approx_conv = _op("approx_conv")
@@ -240,6 +274,7 @@ def main(argv=None):
     print(f"{'case':44s} {'mult':8s} {'approx':>12s}  {'baseline':14s} {'native':>12s}  ratio")
     if "gemm" in only:
         bench_gemm(device, [1024] if args.quick else [1024, 4096], mbits_list, args.reps)
+        bench_gemm_weight_grad(device, mbits_list, args.reps)
     if "conv" in only:
         bench_conv(device, 8 if args.quick else 32, [m for m in mbits_list if m <= 7] or [7],
                    args.reps)
