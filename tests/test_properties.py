@@ -876,6 +876,11 @@ def test_matmul_kernel_tails(data, m, M, K, N, B):
 
 
 @needs_conv
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented approx_conv semantics: padding and lhs-dilation holes are zero-valued "
+    "inputs that go through the multiplier (as ApproxTrain's im2col), so P(0, inf) = NaN there",
+)
 @pytest.mark.parametrize(
     "case", ("same_padding_forward", "lhs_dilation_forward", "same_padding_dw")
 )

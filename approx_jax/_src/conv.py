@@ -89,9 +89,12 @@ def _as_int_tuple(name: str, value, nd: int, default: int = 1) -> tuple[int, ...
     if isinstance(value, int | np.integer):
         return (int(value),) * nd
     try:
-        out = tuple(int(v) for v in value)
+        items = tuple(value)
     except TypeError as err:
         raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}") from err
+    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
+    out = tuple(int(v) for v in items)
     if len(out) != nd:
         raise ValueError(f"{name} must have one entry per spatial dimension ({nd}), got {value!r}")
     if any(v < 1 for v in out):
@@ -287,6 +290,10 @@ def approx_conv(
     XLA:CPU), relative to the native convolution: 1.4x with the CPU default
     (8 MiB chunks), 1.0x with 4 MiB chunks, 3.6x with 64 MiB chunks and 4.2x
     without chunking.
+
+    Padding and ``lhs_dilation`` holes are zero-valued inputs that go through
+    the multiplier like any other operand (as ApproxTrain's im2col does): they
+    contribute ``P(0, w) = +-0``, or NaN where the kernel weight is Inf/NaN.
 
     Args:
       lhs: Input, floating point. Layout per ``dimension_numbers``; with the

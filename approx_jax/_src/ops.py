@@ -64,7 +64,25 @@ def check_float(name: str, x: Any) -> jax.Array:
 
 
 def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array:
-    """Kernel-format LUT ``u32[G, 4**M]`` of a (possibly stacked) multiplier."""
+    """Kernel-format LUT ``u32[G, 4**M]`` of a (possibly stacked) multiplier.
+
+    Checks the LUT against ``mbits`` here, at trace time, because a
+    ``Multiplier`` built by hand (or rebuilt from a pytree) skips the
+    constructors' validation, and a bad LUT must never reach the kernel.
+    """
+    lut = m.lut
+    dtype = jnp.result_type(lut)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"multiplier.lut must hold integers (stored format), got dtype {dtype}")
+    if np.ndim(lut) not in (1, 2):
+        raise ValueError(
+            f"multiplier.lut must have shape [4**M] or [D, 4**M], got {np.shape(lut)}"
+        )
+    if np.shape(lut)[-1] != lut_lib.num_entries(m.mbits):
+        raise ValueError(
+            f"multiplier.lut has {np.shape(lut)[-1]} entries per design, expected "
+            f"4**M = {lut_lib.num_entries(m.mbits)} for M={m.mbits}"
+        )
     klut = lut_lib.kernel_lut(jnp.asarray(m.lut), m.mbits)
     return klut.reshape(-1, klut.shape[-1])
 
@@ -283,10 +301,11 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
     check_backward(backward)
     a = check_float("a", a)
     b = check_float("b", b)
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(
-            f"approx_matmul needs rank >= 2 operands, got shapes {a.shape} and {b.shape}"
-        )
+    for name, operand in (("a", a), ("b", b)):
+        if operand.ndim < 2:
+            raise ValueError(
+                f"{name} must have rank >= 2 for approx_matmul, got shape {operand.shape}"
+            )
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(
             f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "

@@ -163,7 +163,8 @@ def _out_shape(dims, out_dims, shapes):
     size: dict[str, int] = {}
     for fdims, shape in zip(dims, shapes, strict=True):
         for f, s in zip(fdims, shape, strict=True):
-            size[f] = max(size.get(f, 1), s)
+            if s != 1 or f not in size:  # size-1 axes broadcast; 0 stays 0
+                size[f] = s
     return tuple(size[f] for f in out_dims)
 
 
