@@ -9,19 +9,17 @@ Example:
   >>> y = approx_jax.approx_dot(x, w, multipliers.mbm(7))
 """
 
-from approx_jax import models
-from approx_jax import multipliers
-from approx_jax import nn
-from approx_jax._src.characterize import ErrorMetrics
-from approx_jax._src.characterize import characterize
-from approx_jax._src.characterize import characterize_table
-from approx_jax._src.characterize import plot_heatmaps
+from approx_jax import models, multipliers, nn
+from approx_jax._src.characterize import (
+    ErrorMetrics,
+    characterize,
+    characterize_table,
+    plot_heatmaps,
+)
 from approx_jax._src.conv import approx_conv
 from approx_jax._src.ffi import registered_platforms
 from approx_jax._src.multipliers import Multiplier
-from approx_jax._src.ops import approx_dot
-from approx_jax._src.ops import approx_matmul
-from approx_jax._src.ops import multiply
+from approx_jax._src.ops import approx_dot, approx_matmul, multiply
 
 __version__ = "0.1.0"
 

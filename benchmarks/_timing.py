@@ -10,7 +10,9 @@ import jax
 
 
 def block(tree):
-    return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+    return jax.tree_util.tree_map(
+        lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree
+    )
 
 
 def alternating_medians(fns: dict, reps: int = 7, warmup: int = 1) -> dict:

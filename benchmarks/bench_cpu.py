@@ -45,7 +45,9 @@ def bench_gemm(rows, mbits_list, shapes, reps):
         for mbits in mbits_list:
             mult = multipliers.mbm(mbits)
             approx = jax.jit(lambda x, w, mult=mult: approx_jax.approx_dot(x, w, mult))
-            t = alternating_medians({"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps)
+            t = alternating_medians(
+                {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps
+            )
             rows.append((f"GEMM {m}x{k}x{n}", f"mbm{mbits}", t["approx"], t["native"]))
 
 
@@ -57,19 +59,27 @@ def bench_conv(rows, mbits_list, quick, reps):
     dn = ("NHWC", "HWIO", "NHWC")
 
     def native_loss(x, w):
-        return jnp.sum(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2)
+        return jnp.sum(
+            jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2
+        )
 
     native = jax.jit(jax.grad(native_loss, argnums=(0, 1)))
     for mbits in mbits_list:
         mult = multipliers.mbm(mbits)
 
         def approx_loss(x, w, mult=mult):
-            y = approx_jax.approx_conv(x, w, mult, window_strides=(1, 1), padding="SAME", dimension_numbers=dn)
+            y = approx_jax.approx_conv(
+                x, w, mult, window_strides=(1, 1), padding="SAME", dimension_numbers=dn
+            )
             return jnp.sum(y**2)
 
         approx = jax.jit(jax.grad(approx_loss, argnums=(0, 1)))
-        t = alternating_medians({"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps)
-        rows.append((f"conv3x3 {batch}x32x32x64->64 fwd+bwd", f"mbm{mbits}", t["approx"], t["native"]))
+        t = alternating_medians(
+            {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps
+        )
+        rows.append(
+            (f"conv3x3 {batch}x32x32x64->64 fwd+bwd", f"mbm{mbits}", t["approx"], t["native"])
+        )
 
 
 def bench_lenet5(rows, mbits_list, reps):
@@ -108,7 +118,9 @@ def bench_lenet5(rows, mbits_list, reps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mbits", default="3,7,11")
     parser.add_argument("--reps", type=int, default=7)
@@ -128,11 +140,17 @@ def main(argv=None):
     for col in ("case", "multiplier", "approx ms", "native ms", "throughput vs native", "slowdown"):
         table.add_column(col)
     for case, mult, ta, tn in rows:
-        table.add_row(case, mult, f"{ta * 1e3:.2f}", f"{tn * 1e3:.2f}", f"{tn / ta:.3f}x", f"{ta / tn:.2f}x")
+        table.add_row(
+            case, mult, f"{ta * 1e3:.2f}", f"{tn * 1e3:.2f}", f"{tn / ta:.3f}x", f"{ta / tn:.2f}x"
+        )
     Console().print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dict(case=c, multiplier=m, approx_s=a, native_s=n) for c, m, a, n in rows], f, indent=1)
+            json.dump(
+                [dict(case=c, multiplier=m, approx_s=a, native_s=n) for c, m, a, n in rows],
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ DESIGNS = ["mbm7", "mitchell7", "truncate7", "mbm5", "mitchell5", "truncate5", "
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
@@ -45,9 +47,12 @@ def main(argv=None):
     x = jnp.asarray(rng.standard_normal((512, 512), np.float32))
     w = jnp.asarray(rng.standard_normal((512, 512), np.float32))
     one = jax.jit(lambda x, w, m: approx_jax.approx_dot(x, w, m))
-    many = jax.jit(jax.vmap(lambda x, w, m: approx_jax.approx_dot(x, w, m), in_axes=(None, None, 0)))
+    many = jax.jit(
+        jax.vmap(lambda x, w, m: approx_jax.approx_dot(x, w, m), in_axes=(None, None, 0))
+    )
     t = alternating_medians(
-        {"vmapped": lambda: many(x, w, stack), "loop": lambda: [one(x, w, m) for m in padded]}, args.reps
+        {"vmapped": lambda: many(x, w, stack), "loop": lambda: [one(x, w, m) for m in padded]},
+        args.reps,
     )
     rows.append(("GEMM 512^3", t["vmapped"], t["loop"]))
 

@@ -48,8 +48,26 @@ def _values(rng, shape, scale=1.0):
 def _special_values() -> np.ndarray:
     tiny = np.float32(np.finfo(np.float32).tiny)
     return np.array(
-        [0.0, -0.0, 1.0, -1.5, tiny, -tiny, tiny / 8, -tiny / 4, np.inf, -np.inf, np.nan,
-         3e38, -2e38, 1e-20, -3e-25, 1e20, 7.0, -0.1],
+        [
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            tiny,
+            -tiny,
+            tiny / 8,
+            -tiny / 4,
+            np.inf,
+            -np.inf,
+            np.nan,
+            3e38,
+            -2e38,
+            1e-20,
+            -3e-25,
+            1e20,
+            7.0,
+            -0.1,
+        ],
         dtype=np.float32,
     )
 
@@ -92,7 +110,12 @@ def test_multiply_every_mantissa_pair_bit_exact(mult):
     a = (grid.view(np.uint32) | low).view(np.float32)[:, None] * np.float32(4.0)
     b = -grid[None, :] * np.float32(0.25)
     got = approx_jax.multiply(a, b, mult)
-    _assert_bits_equal(got, reference.product(np.broadcast_to(a, got.shape), np.broadcast_to(b, got.shape), mult.lut, M))
+    _assert_bits_equal(
+        got,
+        reference.product(
+            np.broadcast_to(a, got.shape), np.broadcast_to(b, got.shape), mult.lut, M
+        ),
+    )
 
 
 def test_multiply_special_values_bit_exact(mult):
@@ -135,7 +158,9 @@ def test_approx_dot_matches_reference(mult, x_shape, w_shape):
     got = approx_jax.approx_dot(x, w, mult)
     assert got.shape == x_shape[:-1] + w_shape[1:]
     assert got.dtype == jnp.float32
-    ref, abs_sum = reference.dot_with_bound(x.reshape(int(np.prod(x_shape[:-1])), x_shape[-1]), w, mult.lut, mult.mbits)
+    ref, abs_sum = reference.dot_with_bound(
+        x.reshape(int(np.prod(x_shape[:-1])), x_shape[-1]), w, mult.lut, mult.mbits
+    )
     _assert_within_bound(np.asarray(got).reshape(ref.shape), ref, abs_sum, x_shape[-1])
 
 
@@ -158,7 +183,12 @@ def test_approx_dot_special_values(mult):
 
 @pytest.mark.parametrize(
     "a_shape,b_shape",
-    [((2, 3, 5, 6), (3, 6, 4)), ((4, 7, 9), (4, 9, 2)), ((1, 5, 3), (6, 3, 8)), ((5, 6), (2, 6, 3))],
+    [
+        ((2, 3, 5, 6), (3, 6, 4)),
+        ((4, 7, 9), (4, 9, 2)),
+        ((1, 5, 3), (6, 3, 8)),
+        ((5, 6), (2, 6, 3)),
+    ],
 )
 def test_approx_matmul_matches_reference(a_shape, b_shape):
     m = multipliers.mitchell(7)
@@ -177,7 +207,9 @@ def test_operand_order_matters():
     r = _random_multiplier(3, seed=11)
     a = np.float32([1.25, 1.625])
     b = np.float32([1.875, 1.125])
-    assert not np.array_equal(np.asarray(approx_jax.multiply(a, b, r)), np.asarray(approx_jax.multiply(b, a, r)))
+    assert not np.array_equal(
+        np.asarray(approx_jax.multiply(a, b, r)), np.asarray(approx_jax.multiply(b, a, r))
+    )
     x = a[None, :]
     w = b[:, None]
     _assert_bits_equal(
@@ -201,7 +233,9 @@ def test_approx_dot_gradients(mult, backward):
 
     _, vjp = jax.vjp(f, x, w)
     dx, dw = vjp(dy)
-    (rdx, dx_abs), (rdw, dw_abs) = reference.dot_vjp(x, w, dy, mult.lut, mult.mbits, backward, with_bound=True)
+    (rdx, dx_abs), (rdw, dw_abs) = reference.dot_vjp(
+        x, w, dy, mult.lut, mult.mbits, backward, with_bound=True
+    )
     _assert_within_bound(dx, rdx, dx_abs, 6)
     _assert_within_bound(dw, rdw, dw_abs, 6)
 
@@ -212,7 +246,9 @@ def test_jit_grad_acceptance():
     x = _values(rng, (16, 32))
     w = _values(rng, (32, 8))
     g = jax.jit(jax.grad(lambda w: approx_jax.approx_dot(x, w, m).sum()))(w)
-    _, (rdw, dw_abs) = reference.dot_vjp(x, w, np.ones((16, 8), np.float32), m.lut, 7, with_bound=True)
+    _, (rdw, dw_abs) = reference.dot_vjp(
+        x, w, np.ones((16, 8), np.float32), m.lut, 7, with_bound=True
+    )
     _assert_within_bound(g, rdw, dw_abs, 16)
 
 
@@ -249,7 +285,9 @@ def test_no_gradient_flows_into_lut():
     m = multipliers.mbm(7)
     x = np.ones((2, 3), np.float32)
     w = np.ones((3, 2), np.float32)
-    grads = jax.grad(lambda m, w: approx_jax.approx_dot(x, w, m).sum(), argnums=(0, 1), allow_int=True)(m, w)
+    grads = jax.grad(
+        lambda m, w: approx_jax.approx_dot(x, w, m).sum(), argnums=(0, 1), allow_int=True
+    )(m, w)
     assert grads[0].lut.dtype == jax.dtypes.float0
 
 
@@ -291,14 +329,19 @@ def test_exact_dispatches_to_native():
     _assert_bits_equal(got, jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST))
     hlo = jax.jit(lambda x, w: approx_jax.approx_dot(x, w, "fp32")).lower(x, w).as_text()
     assert "custom_call" not in hlo
-    assert "approx_jax_gemm" in jax.jit(lambda x, w: approx_jax.approx_dot(x, w, "mbm7")).lower(x, w).as_text()
+    assert (
+        "approx_jax_gemm"
+        in jax.jit(lambda x, w: approx_jax.approx_dot(x, w, "mbm7")).lower(x, w).as_text()
+    )
 
 
 def test_names_resolve():
     rng = np.random.default_rng(14)
     x = _values(rng, (3, 5))
     w = _values(rng, (5, 2))
-    _assert_bits_equal(approx_jax.approx_dot(x, w, "mbm7"), approx_jax.approx_dot(x, w, multipliers.mbm(7)))
+    _assert_bits_equal(
+        approx_jax.approx_dot(x, w, "mbm7"), approx_jax.approx_dot(x, w, multipliers.mbm(7))
+    )
 
 
 # --------------------------------------------------------------------------

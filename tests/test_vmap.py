@@ -101,7 +101,9 @@ def test_mixed_batching_parameters_per_design(stack):
     assert nested.shape == (len(DESIGNS), 3, 6, 5)
     for d, single in enumerate(_singles(stack)):
         for i in range(3):
-            np.testing.assert_array_equal(_bits(nested[d, i]), _bits(approx_jax.approx_dot(xs[i], w, single)))
+            np.testing.assert_array_equal(
+                _bits(nested[d, i]), _bits(approx_jax.approx_dot(xs[i], w, single))
+            )
     nested_t = jax.vmap(lambda x: jax.vmap(lambda m: approx_jax.approx_dot(x, w, m))(stack))(xs)
     np.testing.assert_array_equal(_bits(nested_t), _bits(jnp.swapaxes(nested, 0, 1)))
 

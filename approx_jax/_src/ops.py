@@ -75,9 +75,7 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array:
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"multiplier.lut must hold integers (stored format), got dtype {dtype}")
     if np.ndim(lut) not in (1, 2):
-        raise ValueError(
-            f"multiplier.lut must have shape [4**M] or [D, 4**M], got {np.shape(lut)}"
-        )
+        raise ValueError(f"multiplier.lut must have shape [4**M] or [D, 4**M], got {np.shape(lut)}")
     if np.shape(lut)[-1] != lut_lib.num_entries(m.mbits):
         raise ValueError(
             f"multiplier.lut has {np.shape(lut)[-1]} entries per design, expected "
@@ -132,19 +130,21 @@ def _make_design_batched(call):
     return raw
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gemm_raw(mbits: int):
     return _make_design_batched(lambda a, b, k: partitioning.gemm_call(a, b, k, mbits))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiply_raw(mbits: int):
     return _make_design_batched(lambda a, b, k: partitioning.multiply_call(a, b, k, mbits))
 
 
 def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Sums the broadcast (size-1 in ``shape``) axes of ``x`` back to ``shape``."""
-    axes = tuple(i for i, (s, t) in enumerate(zip(shape, x.shape, strict=True)) if s == 1 and t != 1)
+    axes = tuple(
+        i for i, (s, t) in enumerate(zip(shape, x.shape, strict=True)) if s == 1 and t != 1
+    )
     if axes:
         x = jnp.sum(x, axis=axes, keepdims=True)
     return x
