@@ -10,14 +10,16 @@ What is checked:
   order may be blocked) results must both be within SPEC's bound of the
   float64 reference, and bit-identical for K = 1 and for inputs whose every
   partial sum is exact.
-* Split-K (few output tiles, large K): each contiguous k-chunk is summed in
-  ascending order from +0 and the chunk partials are added in ascending
-  order. With the chunk count forced (env APPROX_JAX_CUDA_SPLIT_K) the result
-  must equal that chunked NumPy sum bit for bit (fast and special-value
-  paths, batched/broadcast operands); the automatic choice must stay within
-  SPEC's bound, be run-to-run deterministic, and, when JAX reports the SM
-  count, equal the chunked sum of the documented rule. The bit-exact
-  sequential tests use K < 1024, where the automatic rule never splits.
+* Split-K (K >= 1024): each contiguous k-chunk (size from K only) is summed
+  in ascending order from +0 and the chunk sums are added in ascending
+  order, whether the kernel runs chunks in parallel (few output tiles:
+  partials + reduction) or folds them in one block (many tiles). Both must
+  equal the chunked NumPy sum bit for bit (built-in rule, and chunk counts
+  forced by env APPROX_JAX_CUDA_SPLIT_K; fast and special-value paths,
+  batched/broadcast operands), stay within SPEC's bound and be run-to-run
+  deterministic; a batched call (folding mode) must give the bits of single
+  calls (parallel mode). The sequential bit-exact tests use K < 1024 (one
+  chunk).
 * Broadcasting of the design/batch axes, stacked (vmapped) multipliers,
   gradients, K = 0 and empty outputs, and error reporting.
 """
@@ -157,39 +159,34 @@ def sequential_gemm(a, b, stored, M) -> np.ndarray:
     return acc
 
 
-# Mirrors cuda_kernels.cu (SplitKChunks, PlanApproxGemm).
+# Mirrors cuda_kernels.cu (SplitKChunks): the order depends on K only.
+SPLIT_K_MIN_K = 1024
 SPLIT_K_MIN_CHUNK = 512
-SPLIT_K_TILES_PER_SM = 2
-SPLIT_K_MAX = 1024
+SPLIT_K_MAX_CHUNKS = 256
 
 
-def split_k_chunks(K: int, want: int):
-    """[(k0, k1)] chunks for ``want`` requested chunks (kspan a multiple of 8)."""
-    want = max(int(want), 1)
-    per = -(-K // want)
-    kspan = max(8, -(-per // 8) * 8)
+def split_k_chunks(K: int, want: int = 0):
+    """[(k0, k1)] k-chunks: built-in rule for ``want <= 0``, else ~``want`` chunks."""
+    if want <= 0:
+        if K < SPLIT_K_MIN_K:
+            return [(0, K)]
+        per = -(-K // SPLIT_K_MAX_CHUNKS)
+        kspan = max(SPLIT_K_MIN_CHUNK, -(-per // 8) * 8)
+    else:
+        per = -(-K // want)
+        kspan = -(-per // 8) * 8
     return [(k0, min(K, k0 + kspan)) for k0 in range(0, K, kspan)]
 
 
-def auto_split_want(designs_batch: int, rows: int, K: int, N: int, sms: int) -> int:
-    bm, bn = (256, 64) if N <= 64 else (128, 128)
-    tiles = designs_batch * -(-rows // bm) * -(-N // bn)
-    target = SPLIT_K_TILES_PER_SM * max(sms, 1)
-    want = 1
-    if tiles < target:
-        want = min(-(-target // tiles), K // SPLIT_K_MIN_CHUNK)
-    want = min(want, SPLIT_K_MAX, max(1, (64 << 20) // (designs_batch * rows * N)))
-    return want
-
-
-def chunked_gemm(a, b, stored, M, want: int) -> np.ndarray:
+def chunked_gemm(a, b, stored, M, want: int = 0) -> np.ndarray:
     """Split-K order: per chunk an ascending sum from +0, partials added in order."""
     K = a.shape[1]
-    if want < 2 or len(split_k_chunks(K, want)) < 2:
+    chunks = split_k_chunks(K, want)
+    if len(chunks) < 2:
         return sequential_gemm(a, b, stored, M)
     acc = None
     with np.errstate(invalid="ignore", over="ignore"):
-        for k0, k1 in split_k_chunks(K, want):
+        for k0, k1 in chunks:
             part = sequential_gemm(a[:, k0:k1], b[k0:k1], stored, M)
             acc = part if acc is None else (acc + part).astype(np.float32)
     return acc
@@ -554,11 +551,11 @@ def test_gemm_split_k_forced_one_disables(monkeypatch):
 @needs_real_gpu
 @pytest.mark.parametrize(
     "M,shape",
-    [(5, (25, 6144, 32)), (7, (260, 1024, 20)), (8, (130, 1024, 72)), (11, (20, 4096, 24))],
+    [(5, (25, 6144, 32)), (7, (260, 1024, 20)), (8, (130, 1100, 72)), (11, (20, 4096, 24))],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"M{v}",
 )
-def test_gemm_split_k_auto_bound_and_determinism(M, shape, monkeypatch):
-    # Weight-gradient-like shapes: tiny output, huge K (automatic split-K).
+def test_gemm_split_k_builtin_rule(M, shape, monkeypatch):
+    # Weight-gradient-like shapes: tiny output, large K (parallel split-K).
     monkeypatch.delenv("APPROX_JAX_CUDA_SPLIT_K", raising=False)
     rows, K, N = shape
     rng = np.random.default_rng(800 + M + rows)
@@ -568,11 +565,35 @@ def test_gemm_split_k_auto_bound_and_determinism(M, shape, monkeypatch):
     stored = np.asarray(m.lut)
     fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
     got = run_on(GPU, fn, a, b)
-    assert_within_bound(got, a, b, stored, M, f"auto split M={M}")
+    assert len(split_k_chunks(K)) >= 2
+    assert_bits_equal(got, chunked_gemm(a, b, stored, M), f"built-in split rule M={M}")
+    assert_within_bound(got, a, b, stored, M, f"split M={M}")
     for _ in range(2):
-        assert_bits_equal(run_on(GPU, fn, a, b), got, "auto split run-to-run")
-    sms = getattr(GPU, "core_count", None)
-    if isinstance(sms, int) and sms > 0:
-        want = auto_split_want(1, rows, K, N, sms)
-        assert want >= 2, "this shape should split"
-        assert_bits_equal(got, chunked_gemm(a, b, stored, M, want), f"auto split rule, {sms} SMs")
+        assert_bits_equal(run_on(GPU, fn, a, b), got, "split run-to-run")
+
+
+@needs_real_gpu
+@pytest.mark.parametrize("want", [0, 5], ids=["builtin", "forced5"])
+def test_gemm_split_k_batched_folding_matches_single(want, monkeypatch):
+    # 400 one-tile matrices: enough tiles that every block folds its chunks
+    # in-block; a single matrix runs its chunks in parallel. Same bits.
+    if want:
+        monkeypatch.setenv("APPROX_JAX_CUDA_SPLIT_K", str(want))
+    else:
+        monkeypatch.delenv("APPROX_JAX_CUDA_SPLIT_K", raising=False)
+    rng = np.random.default_rng(900 + want)
+    M = 7
+    m = MB.mbm(M)
+    stored = np.asarray(m.lut)
+    batch, rows, K, N = 400, 12, 1200, 8
+    a = random_operands((batch, rows, K), rng, specials=0.0005)
+    b = random_operands((batch, K, N), rng)  # batched b: a true batch axis
+    assert len(split_k_chunks(K, want)) >= 2
+    matmul = _api("approx_matmul")
+    got = run_on(GPU, lambda x, w: matmul(x, w, m), a, b)
+    assert got.shape == (batch, rows, N)
+    for i in (0, 1, 199, batch - 1):
+        want_bits = chunked_gemm(a[i], b[i], stored, M, want)
+        assert_bits_equal(got[i], want_bits, f"batched element {i}")
+        single = run_on(GPU, lambda x, w: _api("approx_dot")(x, w, m), a[i], b[i])
+        assert_bits_equal(single, got[i], f"single vs batched element {i}")

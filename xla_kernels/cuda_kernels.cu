@@ -6,14 +6,15 @@
 // order as the reference loop, fixed per output element (no atomics), so
 // results are deterministic.
 //
-// Split-K (weight gradients: tiny output, K = batch * H * W): when the output
-// has fewer than 2 * SMs block tiles and K >= 1024, K is cut into S
-// contiguous chunks (kspan a multiple of 8, >= 512; S from the shapes and the
-// SM count only, see PlanApproxGemm). Block (m_tile, split s) runs the same
-// tiled loop over its chunk into partial s (scratch [S][D*B][M][N]), and a
-// second kernel adds the partials in ascending s. Per element the order is
-// still fixed: ((sum_{chunk 0}) + (sum_{chunk 1})) + ..., each chunk sum
-// ascending from +0.
+// Split-K (weight gradients: tiny output, K = batch * H * W): K >= 1024 is
+// summed in contiguous chunks whose size depends on K only (CudaGemmPlan,
+// SplitKChunks): out = ((P_0 + P_1) + ...) + P_{S-1}, each P_s an ascending
+// sum from +0 over its chunk. The order is the same for every M, N, batch,
+// design count and device, so vmapped/stacked calls give the bits of single
+// calls. When the output has fewer than 2 * SMs block tiles, block
+// (m_tile, s) computes P_s into scratch [S][D*B][M][N] and a second kernel
+// adds the partials in ascending s (parallel split-K); otherwise each block
+// folds P_0, P_1, ... into its output tile in that order.
 //
 // GEMM design (SIMT, profile-free):
 // * Block tile 128x128 (256x64 when N <= 64), k-chunks of 8, 256 threads,
@@ -106,8 +107,12 @@ struct GemmParams {
   float* out;
   int64_t designs, batch, m, k, n;
   int64_t a_ds, a_bs, b_ds, b_bs, lut_ds;
-  int64_t m_tiles;  // blockIdx.x = m_tile + m_tiles * split
-  int64_t kspan;    // k per split-K chunk (>= k when not split)
+  int64_t m_tiles;  // parallel split-K: blockIdx.x = m_tile + m_tiles * chunk
+  int64_t kspan;    // k per chunk (== k when not chunked)
+  int64_t splits;   // number of k-chunks (1 when not chunked)
+  int parallel;     // 1: one chunk per block, partials to out = scratch
+                    // [splits][db][M][N]; 0: each block folds all chunks
+                    // into out in ascending order
   int mbits;
   int lw;              // log2(banks per LUT copy), shared-LUT mode only
   uint32_t lut_words;  // words staged in shared memory (copies * 4^M)
@@ -172,13 +177,13 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
   const int64_t M = p.m, N = p.n, K = p.k;
   const int64_t db_total = p.designs * p.batch;
   const int64_t n_tiles = (N + kBN - 1) / kBN;
-  // Split-K: this block sums k in [kbeg, kend) (ascending, from +0) into
-  // partial `split` (out is then the scratch area [splits][db][M][N]).
-  const int64_t split = static_cast<int64_t>(blockIdx.x) / p.m_tiles;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - split * p.m_tiles) * kBM;
-  const int64_t kbeg = split * p.kspan;
-  const int64_t kend = min(K, kbeg + p.kspan);
-  const int nchunks = static_cast<int>((kend - kbeg + kBK - 1) / kBK);
+  // K is summed in chunks [s * kspan, min(K, (s + 1) * kspan)), each from +0
+  // in ascending k. Parallel mode: this block does chunk s_lo only and
+  // writes it to partial s_lo. Otherwise it does every chunk in ascending s
+  // and folds them into out: out = P_0, then out = out + P_s.
+  const int64_t s_lo = p.parallel ? static_cast<int64_t>(blockIdx.x) / p.m_tiles : 0;
+  const int64_t s_hi = p.parallel ? s_lo + 1 : p.splits;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - (p.parallel ? s_lo * p.m_tiles : 0)) * kBM;
 
   // Global -> shared mapping. A: thread loads 4 consecutive k of rows
   // a_row + 128 * q. B: threads tid < 2 * kBN load 4 consecutive columns of
@@ -197,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
     const float* __restrict__ A = p.a + d * p.a_ds + bi * p.a_bs;
     const float* __restrict__ B = p.b + d * p.b_ds + bi * p.b_bs;
     const uint32_t* __restrict__ glut = p.lut + d * p.lut_ds;
-    float* __restrict__ O = p.out + (split * db_total + z) * M * N;
+    float* __restrict__ O = p.out + ((p.parallel ? s_lo * db_total : 0) + z) * M * N;
 
     if (kShared && d != staged_design) {
       __syncthreads();  // nobody still reads the previous design's LUT
@@ -211,8 +216,14 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
     }
 
     for (int64_t nt = blockIdx.y; nt < n_tiles; nt += gridDim.y) {
+     for (int64_t sc = s_lo; sc < s_hi; ++sc) {
       const int64_t col0 = nt * kBN;
-      __syncthreads();  // previous tile no longer reads the stage buffers
+      const int64_t kbeg = sc * p.kspan;
+      const int64_t kend = min(K, kbeg + p.kspan);
+      const int nchunks = static_cast<int>((kend - kbeg + kBK - 1) / kBK);
+      // Fold this chunk's sum into out (which holds chunks < sc).
+      const bool fold = !p.parallel && sc > 0;
+      __syncthreads();  // previous tile/chunk no longer reads the stage buffers
 
       float acc[8][8];
 #pragma unroll
@@ -374,17 +385,30 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t col = col0 + h * kHalfN + tx * 4;
+          // (A fold re-reads what this same thread stored for chunk sc - 1.)
           if (p.vec_out && col + 3 < N) {
-            *reinterpret_cast<float4*>(orow + col) =
+            float4 v =
                 make_float4(acc[i][h * 4], acc[i][h * 4 + 1], acc[i][h * 4 + 2], acc[i][h * 4 + 3]);
+            if (fold) {
+              const float4 prev = *reinterpret_cast<const float4*>(orow + col);
+              v.x = __fadd_rn(prev.x, v.x);
+              v.y = __fadd_rn(prev.y, v.y);
+              v.z = __fadd_rn(prev.z, v.z);
+              v.w = __fadd_rn(prev.w, v.w);
+            }
+            *reinterpret_cast<float4*>(orow + col) = v;
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-              if (col + c < N) orow[col + c] = acc[i][h * 4 + c];
+              if (col + c < N) {
+                orow[col + c] =
+                    fold ? __fadd_rn(orow[col + c], acc[i][h * 4 + c]) : acc[i][h * 4 + c];
+              }
             }
           }
         }
       }
+     }
     }
   }
 }
@@ -489,31 +513,51 @@ std::string LaunchGemmTiled(GemmParams gp, int64_t splits, int optin, cudaStream
   return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm launch", e);
 }
 
-// Split-K policy (see CudaGemmPlan): split only when the output has fewer
-// than kSplitTilesPerSm * SMs block tiles, aim for about that many blocks,
-// keep every chunk >= kMinSplitK k and the partials <= kMaxScratchFloats.
+// Chunking rule (CudaGemmPlan): K < kChunkMinK is one chunk; otherwise
+// kspan = max(kMinChunk, round_up(ceil(K / kMaxChunks), 8)).
+constexpr int64_t kChunkMinK = 1024;
+constexpr int64_t kMinChunk = 512;
+constexpr int64_t kMaxChunks = 256;
+// Parallel split-K only when the output has fewer than kSplitTilesPerSm *
+// SMs block tiles and the partials fit in kMaxScratchFloats.
 constexpr int64_t kSplitTilesPerSm = 2;
-constexpr int64_t kMinSplitK = 512;
-constexpr int64_t kMaxSplits = 1024;
 constexpr int64_t kMaxScratchFloats = int64_t{64} << 20;  // 256 MiB
 
-// -1: automatic; else the requested number of chunks (1 = never split).
+// 0: the built-in rule; else the requested number of chunks (1 = none).
 int64_t SplitKOverride() {
   if (const char* s = std::getenv("APPROX_JAX_CUDA_SPLIT_K")) {
     char* end = nullptr;
     const long v = std::strtol(s, &end, 10);
     if (end != s && v >= 1) return v;
   }
-  return -1;
+  return 0;
 }
 
 }  // namespace
 
 void SplitKChunks(int64_t k, int64_t want, int64_t* splits, int64_t* kspan) {
-  want = std::max<int64_t>(want, 1);
-  const int64_t per = (k + want - 1) / want;
-  *kspan = std::max<int64_t>(kBK, (per + kBK - 1) / kBK * kBK);
+  if (k <= 0) {
+    *splits = 1;
+    *kspan = k;
+    return;
+  }
+  if (want <= 0) {  // built-in rule
+    if (k < kChunkMinK) {
+      *splits = 1;
+      *kspan = k;
+      return;
+    }
+    const int64_t per = (k + kMaxChunks - 1) / kMaxChunks;
+    *kspan = std::max<int64_t>(kMinChunk, (per + kBK - 1) / kBK * kBK);
+  } else {
+    const int64_t per = (k + want - 1) / want;
+    *kspan = (per + kBK - 1) / kBK * kBK;
+  }
   *splits = (k + *kspan - 1) / *kspan;
+  if (*splits <= 1) {
+    *splits = 1;
+    *kspan = k;
+  }
 }
 
 std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
@@ -521,34 +565,24 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   plan->kspan = p.k;
   const int64_t db = p.designs * p.batch;
   if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
+  SplitKChunks(p.k, SplitKOverride(), &plan->splits, &plan->kspan);
+  if (plan->splits < 2) return {};
+  // The summation order is now fixed; only the execution mode remains.
   const int64_t outputs = db * p.m * p.n;
-  int64_t want = SplitKOverride();
-  if (want < 0) {
-    want = 1;
-    int device = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
-    int sms = 0;
-    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
-    const bool tall = p.n <= TallTile::kBN;  // same choice as LaunchApproxGemm
-    const int64_t bm = tall ? TallTile::kBM : WideTile::kBM;
-    const int64_t bn = tall ? TallTile::kBN : WideTile::kBN;
-    const int64_t tiles = db * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
-    const int64_t target = kSplitTilesPerSm * std::max(sms, 1);
-    if (tiles < target) {
-      want = (target + tiles - 1) / tiles;
-      want = std::min(want, p.k / kMinSplitK);
-    }
-  }
-  want = std::min(want, kMaxSplits);
-  want = std::min(want, std::max<int64_t>(1, kMaxScratchFloats / outputs));
-  int64_t splits = 1, kspan = p.k;
-  if (want >= 2) SplitKChunks(p.k, want, &splits, &kspan);
-  if (splits >= 2) {
-    plan->splits = splits;
-    plan->kspan = kspan;
-    plan->scratch_bytes = static_cast<size_t>(splits * outputs) * sizeof(float);
+  if (plan->splits > kMaxScratchFloats / outputs) return {};  // fold in-block
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
+  int sms = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
+  const bool tall = p.n <= TallTile::kBN;  // same choice as LaunchApproxGemm
+  const int64_t bm = tall ? TallTile::kBM : WideTile::kBM;
+  const int64_t bn = tall ? TallTile::kBN : WideTile::kBN;
+  const int64_t tiles = db * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
+  if (tiles < kSplitTilesPerSm * std::max(sms, 1)) {
+    plan->parallel = true;
+    plan->scratch_bytes = static_cast<size_t>(plan->splits * outputs) * sizeof(float);
   }
   return {};
 }
@@ -573,15 +607,19 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   gp.a = p.a;
   gp.b = p.b;
   gp.lut = p.lut;
-  const bool split = plan.splits > 1;
-  if (split) {
-    if (scratch == nullptr || !Aligned16(scratch) || plan.kspan <= 0 || plan.kspan % kBK != 0 ||
-        plan.kspan * (plan.splits - 1) >= p.k || plan.kspan * plan.splits < p.k) {
-      return "approx_jax_gemm: bad split-K plan or scratch";
-    }
+  const bool chunked = plan.splits > 1;
+  const bool parallel = chunked && plan.parallel;
+  if (chunked && (plan.kspan <= 0 || plan.kspan % kBK != 0 ||
+                  plan.kspan * (plan.splits - 1) >= p.k || plan.kspan * plan.splits < p.k)) {
+    return "approx_jax_gemm: bad split-K plan";
   }
-  gp.out = split ? scratch : p.out;
-  gp.kspan = split ? plan.kspan : p.k;
+  if (parallel && (scratch == nullptr || !Aligned16(scratch))) {
+    return "approx_jax_gemm: split-K scratch missing or misaligned";
+  }
+  gp.out = parallel ? scratch : p.out;
+  gp.kspan = chunked ? plan.kspan : p.k;
+  gp.splits = chunked ? plan.splits : 1;
+  gp.parallel = parallel ? 1 : 0;
   gp.designs = p.designs;
   gp.batch = p.batch;
   gp.m = p.m;
@@ -596,17 +634,18 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   gp.vec_a = (p.k % 4 == 0 && Aligned16(p.a) && gp.a_ds % 4 == 0 && gp.a_bs % 4 == 0) ? 1 : 0;
   gp.vec_b = (p.n % 4 == 0 && Aligned16(p.b) && gp.b_ds % 4 == 0 && gp.b_bs % 4 == 0) ? 1 : 0;
   gp.vec_out = (p.n % 4 == 0 && Aligned16(gp.out)) ? 1 : 0;
-  const int64_t splits = split ? plan.splits : 1;
+  const int64_t grid_splits = parallel ? plan.splits : 1;
   // Narrow outputs (N <= 64, e.g. 64-channel conv layers) would waste half of
   // a 128-wide tile: use 256 x 64 tiles there (PlanApproxGemm assumes this).
-  std::string err = (p.n <= TallTile::kBN) ? LaunchGemmTiled<TallTile>(gp, splits, optin, stream)
-                                           : LaunchGemmTiled<WideTile>(gp, splits, optin, stream);
-  if (!err.empty() || !split) return err;
+  std::string err = (p.n <= TallTile::kBN)
+                        ? LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream)
+                        : LaunchGemmTiled<WideTile>(gp, grid_splits, optin, stream);
+  if (!err.empty() || !parallel) return err;
   const int64_t total = db * p.m * p.n;
   constexpr int kBlock = 256;
   const int64_t blocks = std::min<int64_t>((total + kBlock - 1) / kBlock, 65535);
   SplitKReduceKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(scratch, p.out, total,
-                                                                          splits);
+                                                                          plan.splits);
   e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm split-K reduce launch", e);
 }

@@ -28,24 +28,31 @@ struct CudaGemmProblem {
   int mbits = 7;
 };
 
-// Deterministic split-K plan. When the output has few block tiles for the
-// device (tiles < 2 * SMs) and K is large, K is cut into `splits` contiguous
-// chunks [s * kspan, min(K, (s + 1) * kspan)), kspan a multiple of 8; chunk s
-// is summed in ascending k from +0.0f into a partial in scratch memory, and
-// out = ((P_0 + P_1) + ...) + P_{splits-1}, partials added in ascending s.
-// The plan depends only on the shapes, the device's SM count and the env
-// knob APPROX_JAX_CUDA_SPLIT_K (unset: automatic; 1: never split; n >= 2:
-// aim for n chunks whenever K > 8, a testing aid), never on timing, so
-// results are deterministic. splits == 1 (no scratch) is the plain
-// ascending-k sum.
+// Split-K plan. The summation order depends on K only (and the env knob
+// APPROX_JAX_CUDA_SPLIT_K: unset = the built-in rule, 1 = never chunk,
+// n >= 2 = aim for n chunks, a testing aid), never on M, N, the batch or
+// design count, the device or timing: results are deterministic, and a
+// stacked/vmapped/batched GEMM gives the bits of its single-matrix parts.
+// K >= 1024 is cut into `splits` contiguous chunks
+// [s * kspan, min(K, (s + 1) * kspan)), kspan a multiple of 8 (>= 512, at
+// most 256 chunks); chunk s is summed in ascending k from +0.0f into P_s and
+// out = ((P_0 + P_1) + ...) + P_{splits-1}, ascending s. K < 1024 (or
+// splits == 1) is the plain ascending-k sum from +0.0f.
+// Execution (bit-identical either way): `parallel` (when the output has
+// few block tiles for the device's SM count) runs one block per (tile,
+// chunk) writing partials to scratch, then a reduction kernel; otherwise
+// each block folds its chunks into out in ascending order.
 struct CudaGemmPlan {
   int64_t splits = 1;
   int64_t kspan = 0;          // k per chunk (all but the last are full)
-  size_t scratch_bytes = 0;   // splits * designs * batch * m * n floats
+  bool parallel = false;
+  size_t scratch_bytes = 0;   // parallel: splits * designs * batch * m * n floats
 };
 
-// Chunking rule (pure): `want` = requested number of chunks (>= 1).
-// kspan = round_up(ceil(K / want), 8), splits = ceil(K / kspan).
+// Chunking rule (pure). want <= 0: the built-in rule (K < 1024: one chunk;
+// else kspan = max(512, round_up(ceil(K / 256), 8))); want >= 1: kspan =
+// round_up(ceil(K / want), 8). splits = ceil(K / kspan); splits == 1 gives
+// kspan = K.
 void SplitKChunks(int64_t k, int64_t want, int64_t* splits, int64_t* kspan);
 
 // Fills `plan` for `p` on the current device. Returns "" or an error.
@@ -53,10 +60,8 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan);
 
 // Enqueues the GEMM on `stream` following `plan` (from PlanApproxGemm for
 // the same problem). `scratch` (device memory, 16-byte aligned, at least
-// plan.scratch_bytes) is needed only when plan.scratch_bytes > 0. Without
-// split-K, k is summed in ascending order starting from +0.0f (the same
-// order as the reference loop). Returns an empty string on success, else an
-// error message.
+// plan.scratch_bytes) is needed only when plan.scratch_bytes > 0. Returns an
+// empty string on success, else an error message.
 std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
                              float* scratch, cudaStream_t stream);
 
