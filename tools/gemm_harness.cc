@@ -6,8 +6,9 @@
 //   /tmp/gemm_harness bench [reps]  # GFLOP/s at the benchmark shapes
 //
 // Correctness: every output is compared bit for bit with the naive kernel
-// (one ApproxMulBits product per term, k ascending from +0: the new kernel
-// keeps exactly that order), and independently against a float64 sum of the
+// (one ApproxMulBits product per term, k ascending from +0; for the shapes
+// SplitKChunk (cpu_gemm_split.h) splits, per k-chunk sums from +0 added in
+// ascending chunk order: the kernel keeps exactly that order), and independently against a float64 sum of the
 // SPEC products with the bound |got - ref| <= K * 2^-24 * sum |P_k| and with
 // NaN/Inf positions as float accumulation gives them.
 #include <algorithm>
@@ -32,6 +33,7 @@
 #include "approx_math.h"
 #include "cpu_gemm.h"
 #include "cpu_gemm_simd.h"
+#include "cpu_gemm_split.h"
 
 using namespace approx_jax;
 
@@ -124,8 +126,16 @@ void NaiveGemm(const GemmProblem& p) {
       float* out = p.out + (d * p.batch + bi) * p.m * p.n;
       for (int64_t i = 0; i < p.m; ++i)
         for (int64_t j = 0; j < p.n; ++j) {
+          // Split-K order: ((P_0 + P_1) + ...) + P_{S-1}, each P_s summed
+          // over its chunk ascending from +0 (one chunk: the plain sum).
+          const int64_t chunk = std::max<int64_t>(1, SplitKChunk(p));
           float acc = 0.0f;
-          for (int64_t k = 0; k < p.k; ++k) acc += ApproxMul(a[i * p.k + k], b[k * p.n + j], lut, p.mbits);
+          for (int64_t k0 = 0; k0 < p.k; k0 += chunk) {
+            float part = 0.0f;
+            for (int64_t k = k0; k < std::min(p.k, k0 + chunk); ++k)
+              part += ApproxMul(a[i * p.k + k], b[k * p.n + j], lut, p.mbits);
+            acc = k0 == 0 ? part : acc + part;
+          }
           out[i * p.n + j] = acc;
         }
     }
@@ -379,6 +389,44 @@ int Test() {
     c.exp_hi = 150;
     RunCase(c, rng, &pool);
     ++cases;
+  }
+  // Split-K shapes (small output, K >= kSplitKMinK): chunked order, special
+  // values inside chunks, partial last chunk, batch/design broadcasting.
+  {
+    const int64_t split_shapes[][3] = {{25, 5000, 32}, {3, 4096, 5}, {70, 9000, 64}, {1, 20000, 1}};
+    for (int m : {3, 7, 11}) {
+      int v = 0;
+      for (auto& s : split_shapes) {
+        Case c{};
+        c.designs = 1;
+        c.batch = 1;
+        c.m = s[0];
+        c.k = s[1];
+        c.n = s[2];
+        c.mbits = m;
+        c.special = (v % 2) ? 0.001 : 0.0;
+        c.exp_lo = 100;
+        c.exp_hi = 150;
+        c.lut_kind = v % 3;
+        ++v;
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+      Case c{};
+      c.designs = 2;
+      c.batch = 2;
+      c.m = 9;
+      c.k = 5000;
+      c.n = 20;
+      c.a_bcast_d = true;
+      c.b_bcast_b = true;
+      c.mbits = m;
+      c.special = 0.0005;
+      c.exp_lo = 100;
+      c.exp_hi = 150;
+      RunCase(c, rng, &pool);
+      ++cases;
+    }
   }
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);

@@ -12,11 +12,13 @@
 #include <cstdlib>
 #include <new>
 #include <thread>
+#include <vector>
 #include <sched.h>
 #include <unistd.h>
 
 #include "approx_math.h"
 #include "cpu_gemm_simd.h"
+#include "cpu_gemm_split.h"
 
 namespace approx_jax {
 namespace gemm_internal {
@@ -85,16 +87,22 @@ size_t L2CacheBytes() {
 
 namespace {
 
-// Portable kernel: per output row, k ascending, row of accumulators.
-void ScalarGemm(const GemmProblem& p, const ParallelFor& parallel_for) {
-  const int64_t rows = p.designs * p.batch * p.m;
+// Portable kernel: per output row, k ascending, row of accumulators; rows of
+// problems [ks.prob_begin, +ks.probs), k chunk by k chunk (see KSplit).
+void ScalarGemm(const GemmProblem& p, const gemm_internal::KSplit& ks,
+                const ParallelFor& parallel_for) {
+  const int64_t rows = ks.probs * p.m;
   constexpr int64_t kRowsPerTask = 8;
-  const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(tasks, [&](int64_t task) {
-    const int64_t row_end = std::min(rows, (task + 1) * kRowsPerTask);
-    for (int64_t row = task * kRowsPerTask; row < row_end; ++row) {
+  const int64_t row_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(row_tasks * ks.chunks, [&](int64_t task) {
+    const int64_t chunk = task / row_tasks;
+    const int64_t rt = task % row_tasks;
+    const int64_t kbeg = chunk * ks.chunk;
+    const int64_t kend = std::min(p.k, kbeg + ks.chunk);
+    const int64_t row_end = std::min(rows, (rt + 1) * kRowsPerTask);
+    for (int64_t row = rt * kRowsPerTask; row < row_end; ++row) {
       const int64_t i = row % p.m;
-      const int64_t db = row / p.m;
+      const int64_t db = ks.prob_begin + row / p.m;
       const int64_t bi = db % p.batch;
       const int64_t d = db / p.batch;
       const uint32_t* a_row = reinterpret_cast<const uint32_t*>(
@@ -102,9 +110,10 @@ void ScalarGemm(const GemmProblem& p, const ParallelFor& parallel_for) {
       const uint32_t* b_mat =
           reinterpret_cast<const uint32_t*>(p.b + d * p.b_design_stride + bi * p.b_batch_stride);
       const uint32_t* lut = p.lut + d * p.lut_design_stride;
-      float* out_row = p.out + row * p.n;
+      float* out_row = ks.part == nullptr ? p.out + (db * p.m + i) * p.n
+                                          : ks.part + (chunk * rows + row) * p.n;
       std::fill(out_row, out_row + p.n, 0.0f);
-      for (int64_t kk = 0; kk < p.k; ++kk) {
+      for (int64_t kk = kbeg; kk < kend; ++kk) {
         const uint32_t av = a_row[kk];
         const uint32_t* b_row = b_mat + kk * p.n;
         for (int64_t j = 0; j < p.n; ++j) {
@@ -140,26 +149,67 @@ int BestIsa() {
 #endif
 }
 
+// Runs the best kernel on the part of the problem `ks` names.
+int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks, const ParallelFor& parallel_for) {
+  int isa = BestIsa();
+  if (gemm_internal::g_force_isa > 0) isa = std::min(isa, gemm_internal::g_force_isa);
+  RunnerCtx rctx{&parallel_for};
+  const gemm_internal::Runner runner{&rctx, &RunViaParallelFor};
+  int status = gemm_internal::kSimdDeclined;
+  if (isa >= 3) {
+    status = gemm_internal::GemmAvx512(p, ks, runner);
+  } else if (isa == 2) {
+    status = gemm_internal::GemmAvx2(p, ks, runner);
+  }
+  if (status == gemm_internal::kSimdDeclined) {
+    ScalarGemm(p, ks, parallel_for);
+    status = gemm_internal::kSimdOk;
+  }
+  return status;
+}
+
+// Split-K partials of one group of problems live in one buffer of at most
+// this many floats (problems are processed in groups; never changes bits).
+constexpr int64_t kSplitScratchFloats = int64_t{16} << 20;  // 64 MiB
+
 }  // namespace
 
 std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for) {
-  const int64_t rows = p.designs * p.batch * p.m;
+  const int64_t problems = p.designs * p.batch;
+  const int64_t rows = problems * p.m;
   if (rows == 0 || p.n == 0) return {};
+  const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
   try {
-    int isa = BestIsa();
-    if (gemm_internal::g_force_isa > 0) isa = std::min(isa, gemm_internal::g_force_isa);
-    RunnerCtx rctx{&parallel_for};
-    const gemm_internal::Runner runner{&rctx, &RunViaParallelFor};
-    int status = gemm_internal::kSimdDeclined;
-    if (isa >= 3) {
-      status = gemm_internal::GemmAvx512(p, runner);
-    } else if (isa == 2) {
-      status = gemm_internal::GemmAvx2(p, runner);
+    const int64_t chunk = SplitKChunk(p);
+    if (chunk >= p.k) {
+      const gemm_internal::KSplit ks{std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr};
+      if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
+      return {};
     }
-    if (status == gemm_internal::kSimdNoMemory) {
-      return "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
+    // Split-K (cpu_gemm_split.h): chunk partials, then an ordered reduction.
+    const int64_t chunks = (p.k + chunk - 1) / chunk;
+    const int64_t mn = p.m * p.n;
+    const int64_t group =
+        std::max<int64_t>(1, std::min(problems, kSplitScratchFloats / (chunks * mn)));
+    std::vector<float> part(static_cast<size_t>(group * chunks * mn));
+    for (int64_t p0 = 0; p0 < problems; p0 += group) {
+      const int64_t g = std::min(group, problems - p0);
+      const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data()};
+      if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
+      // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
+      const int64_t total = g * mn;
+      constexpr int64_t kReduceBlock = 4096;
+      float* out = p.out + p0 * mn;
+      const float* src = part.data();
+      parallel_for((total + kReduceBlock - 1) / kReduceBlock, [&](int64_t t) {
+        const int64_t e0 = t * kReduceBlock, e1 = std::min(total, e0 + kReduceBlock);
+        for (int64_t e = e0; e < e1; ++e) out[e] = src[e];
+        for (int64_t s = 1; s < chunks; ++s) {
+          const float* ps = src + s * total;
+          for (int64_t e = e0; e < e1; ++e) out[e] += ps[e];
+        }
+      });
     }
-    if (status == gemm_internal::kSimdDeclined) ScalarGemm(p, parallel_for);
   } catch (const std::bad_alloc&) {
     return "approx_jax_gemm: out of memory";
   }

@@ -108,7 +108,9 @@ void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, cons
 
 }  // namespace avx2
 
-int GemmAvx2(const GemmProblem& p, const Runner& runner) { return avx2::RunGemm(p, runner); }
+int GemmAvx2(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
+  return avx2::RunGemm(p, ks, runner);
+}
 
 }  // namespace gemm_internal
 }  // namespace approx_jax
@@ -119,7 +121,7 @@ int GemmAvx2(const GemmProblem& p, const Runner& runner) { return avx2::RunGemm(
 
 namespace approx_jax {
 namespace gemm_internal {
-int GemmAvx2(const GemmProblem&, const Runner&) { return kSimdDeclined; }
+int GemmAvx2(const GemmProblem&, const KSplit&, const Runner&) { return kSimdDeclined; }
 }  // namespace gemm_internal
 }  // namespace approx_jax
 

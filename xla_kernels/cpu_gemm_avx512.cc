@@ -174,7 +174,9 @@ void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, cons
 
 }  // namespace avx512
 
-int GemmAvx512(const GemmProblem& p, const Runner& runner) { return avx512::RunGemm(p, runner); }
+int GemmAvx512(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
+  return avx512::RunGemm(p, ks, runner);
+}
 
 }  // namespace gemm_internal
 }  // namespace approx_jax
@@ -186,7 +188,7 @@ int GemmAvx512(const GemmProblem& p, const Runner& runner) { return avx512::RunG
 
 namespace approx_jax {
 namespace gemm_internal {
-int GemmAvx512(const GemmProblem&, const Runner&) { return kSimdDeclined; }
+int GemmAvx512(const GemmProblem&, const KSplit&, const Runner&) { return kSimdDeclined; }
 }  // namespace gemm_internal
 }  // namespace approx_jax
 

@@ -40,12 +40,25 @@ extern int g_force_isa;
 // Tile-size budget override in bytes for tuning (0 = automatic).
 extern int64_t g_tile_budget;
 
+// Which part of the problem one kernel call computes (see cpu_gemm_split.h):
+// problems [prob_begin, prob_begin + probs) of the design x batch grid, k in
+// chunks of `chunk` terms (`chunks` of them). With part == nullptr (chunks ==
+// 1, chunk >= k) the sums go to p.out; else chunk s of problem prob_begin + q
+// is written to part + (s * probs + q) * m * n, each summed from +0.
+struct KSplit {
+  int64_t chunk;
+  int64_t chunks;
+  int64_t prob_begin;
+  int64_t probs;
+  float* part;
+};
+
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };
 
 // Return kSimdDeclined when they do not handle the problem (the caller then
 // runs the scalar kernel), kSimdNoMemory when scratch allocation failed.
-int GemmAvx512(const GemmProblem& p, const Runner& runner);
-int GemmAvx2(const GemmProblem& p, const Runner& runner);
+int GemmAvx512(const GemmProblem& p, const KSplit& ks, const Runner& runner);
+int GemmAvx2(const GemmProblem& p, const KSplit& ks, const Runner& runner);
 
 }  // namespace gemm_internal
 }  // namespace approx_jax

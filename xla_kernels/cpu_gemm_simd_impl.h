@@ -231,6 +231,7 @@ enum Strategy { kTiles = 1, kGather = 2 };
 
 struct Plan {
   const GemmProblem* p;
+  const KSplit* ks;
   int strategy;
   int mr;            // rows per micro-kernel panel
   int kb_max;        // k block
@@ -246,16 +247,23 @@ enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4 };
 void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
   const GemmProblem& p = *pl.p;
+  const KSplit& ks = *pl.ks;
   const int64_t per_problem = pl.nrc * pl.ncc;
-  const int64_t prob = task / per_problem;
+  const int64_t per_chunk = per_problem * ks.probs;
+  const int64_t chunk = task / per_chunk;
+  const int64_t q = (task % per_chunk) / per_problem;
+  const int64_t prob = ks.prob_begin + q;
   const int64_t rc = (task % per_problem) / pl.ncc;
   const int64_t cc = task % pl.ncc;
   const int64_t d = prob / p.batch, bi = prob % p.batch;
   const float* A = p.a + d * p.a_design_stride + bi * p.a_batch_stride;
   const float* B = p.b + d * p.b_design_stride + bi * p.b_batch_stride;
   const uint32_t* lut = p.lut + d * p.lut_design_stride;
-  float* C = p.out + prob * p.m * p.n;
-  const int64_t K = p.k, N = p.n, lda = p.k, ldb = p.n, ldc = p.n;
+  // Chunk `chunk` of k (the whole of k without split-K), summed from +0.
+  float* C = ks.part == nullptr ? p.out + prob * p.m * p.n
+                                : ks.part + (chunk * ks.probs + q) * p.m * p.n;
+  const int64_t kbeg = chunk * ks.chunk;
+  const int64_t K = MinI(p.k, kbeg + ks.chunk), N = p.n, lda = p.k, ldb = p.n, ldc = p.n;
   const int mbits = p.mbits;
   const int64_t r0 = rc * pl.rows_per, r1 = MinI(p.m, r0 + pl.rows_per);
   const int64_t c0 = cc * pl.cols_per, c1 = MinI(N, c0 + pl.cols_per);
@@ -290,7 +298,7 @@ void RunTask(void* arg, int64_t task) {
   }
   const int ustride = pl.strategy == kTiles ? pl.ustride : (1 << mbits);
   const int kkmul = pl.strategy == kTiles ? kNB : 0;
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+  for (int64_t k0 = kbeg; k0 < K; k0 += KB) {
     const int kb = static_cast<int>(MinI(KB, K - k0));
     BStats(B, ldb, k0, kb, c0, c1, lo, hi, ok0);
     for (int64_t pi = 0; pi < npanels; ++pi) {
@@ -344,12 +352,15 @@ void RunTask(void* arg, int64_t task) {
   }
 }
 
-int RunGemm(const GemmProblem& p, const Runner& runner) {
+int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   if (p.mbits < kMinMantissaBits || p.mbits > kMaxMantissaBits) return kSimdDeclined;
-  const int64_t problems = p.designs * p.batch;
+  const int64_t problems = ks.probs;
   if (problems == 0 || p.m == 0 || p.n == 0) return kSimdOk;
   if (p.k == 0) {
-    for (int64_t i = 0; i < problems * p.m * p.n; ++i) p.out[i] = 0.0f;
+    if (ks.part == nullptr)
+      for (int64_t i = 0; i < problems * p.m * p.n; ++i) p.out[ks.prob_begin * p.m * p.n + i] = 0.0f;
+    else
+      for (int64_t i = 0; i < ks.chunks * problems * p.m * p.n; ++i) ks.part[i] = 0.0f;
     return kSimdOk;
   }
   // The fast paths assume kernel-format LUT entries (c <= 1): decline otherwise.
@@ -365,6 +376,7 @@ int RunGemm(const GemmProblem& p, const Runner& runner) {
   }
   Plan pl{};
   pl.p = &p;
+  pl.ks = &ks;
   const int64_t usize = int64_t{1} << p.mbits;
   const size_t l2 = L2CacheBytes();
   // Expanded tiles pay 2^M tile entries per b element, amortised over the rows
@@ -386,8 +398,9 @@ int RunGemm(const GemmProblem& p, const Runner& runner) {
     const int64_t auto_budget = static_cast<int64_t>(
         p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
+    const int64_t klen = MinI(p.k, ks.chunk);
     while (kb < 256 && (usize * kb * 2 * kNB * 4) <= budget &&
-           kb < RoundUp(p.k, 16))
+           kb < RoundUp(klen, 16))
       kb *= 2;
     pl.kb_max = static_cast<int>(kb);
     // Unpadded stride (padding by a cache line measured 10-15% slower).
@@ -400,7 +413,7 @@ int RunGemm(const GemmProblem& p, const Runner& runner) {
   // Task split: the summation order never depends on it (each output element
   // is always summed sequentially over k), only the speed does.
   const int64_t target = MaxI(2, 2 * static_cast<int64_t>(HardwareThreads()));
-  const int64_t split = CeilDiv(target, problems);
+  const int64_t split = CeilDiv(target, problems * ks.chunks);
   const int64_t nbk = CeilDiv(p.n, kNB);
   int64_t ncc = MinI(split, nbk);
   pl.cols_per = CeilDiv(nbk, ncc) * kNB;
@@ -412,7 +425,7 @@ int RunGemm(const GemmProblem& p, const Runner& runner) {
   pl.nrc = nrc;
   pl.ncc = ncc;
   pl.failed = 0;
-  runner.run(runner.ctx, problems * nrc * ncc, &RunTask, &pl);
+  runner.run(runner.ctx, ks.chunks * problems * nrc * ncc, &RunTask, &pl);
   return __atomic_load_n(&pl.failed, __ATOMIC_RELAXED) ? kSimdNoMemory : kSimdOk;
 }
 
