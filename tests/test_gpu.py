@@ -10,7 +10,7 @@ What is checked:
   order may be blocked) results must both be within SPEC's bound of the
   float64 reference, and bit-identical for K = 1 and for inputs whose every
   partial sum is exact.
-* Split-K (K >= 1024): each contiguous k-chunk (size from K only) is summed
+* Split-K (rule of xla_kernels/split_k.h, shared with the CPU): each contiguous k-chunk is summed
   in ascending order from +0 and the chunk sums are added in ascending
   order, whether the kernel runs chunks in parallel (few output tiles:
   partials + reduction) or folds them in one block (many tiles). Both must
@@ -159,19 +159,24 @@ def sequential_gemm(a, b, stored, M) -> np.ndarray:
     return acc
 
 
-# Mirrors cuda_kernels.cu (SplitKChunks): the order depends on K only.
-SPLIT_K_MIN_K = 1024
-SPLIT_K_MIN_CHUNK = 512
-SPLIT_K_MAX_CHUNKS = 256
+# Mirrors xla_kernels/split_k.h (SplitKChunkLength), shared by CPU and CUDA:
+# the order depends on one product's M, N and K only.
+SPLIT_K_MIN_K = 4096
+SPLIT_K_MAX_OUTPUTS = 1 << 16
+SPLIT_K_MIN_CHUNK = 1024
+SPLIT_K_MAX_CHUNKS = 64
+SPLIT_K_ALIGN = 256
 
 
-def split_k_chunks(K: int, want: int = 0):
+def split_k_chunks(K: int, want: int = 0, rows: int = 1, cols: int = 1):
     """[(k0, k1)] k-chunks: built-in rule for ``want <= 0``, else ~``want`` chunks."""
     if want <= 0:
-        if K < SPLIT_K_MIN_K:
+        if K < SPLIT_K_MIN_K or rows * cols > SPLIT_K_MAX_OUTPUTS:
             return [(0, K)]
         per = -(-K // SPLIT_K_MAX_CHUNKS)
-        kspan = max(SPLIT_K_MIN_CHUNK, -(-per // 8) * 8)
+        kspan = max(SPLIT_K_MIN_CHUNK, -(-per // SPLIT_K_ALIGN) * SPLIT_K_ALIGN)
+        if kspan >= K:
+            return [(0, K)]
     else:
         per = -(-K // want)
         kspan = -(-per // 8) * 8
@@ -181,7 +186,7 @@ def split_k_chunks(K: int, want: int = 0):
 def chunked_gemm(a, b, stored, M, want: int = 0) -> np.ndarray:
     """Split-K order: per chunk an ascending sum from +0, partials added in order."""
     K = a.shape[1]
-    chunks = split_k_chunks(K, want)
+    chunks = split_k_chunks(K, want, a.shape[0], b.shape[1])
     if len(chunks) < 2:
         return sequential_gemm(a, b, stored, M)
     acc = None
@@ -551,7 +556,7 @@ def test_gemm_split_k_forced_one_disables(monkeypatch):
 @needs_real_gpu
 @pytest.mark.parametrize(
     "M,shape",
-    [(5, (25, 6144, 32)), (7, (260, 1024, 20)), (8, (130, 1100, 72)), (11, (20, 4096, 24))],
+    [(5, (25, 6144, 32)), (7, (260, 4608, 20)), (8, (130, 4400, 72)), (11, (20, 4096, 24))],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"M{v}",
 )
 def test_gemm_split_k_builtin_rule(M, shape, monkeypatch):
@@ -565,7 +570,7 @@ def test_gemm_split_k_builtin_rule(M, shape, monkeypatch):
     stored = np.asarray(m.lut)
     fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
     got = run_on(GPU, fn, a, b)
-    assert len(split_k_chunks(K)) >= 2
+    assert len(split_k_chunks(K, 0, rows, N)) >= 2
     assert_bits_equal(got, chunked_gemm(a, b, stored, M), f"built-in split rule M={M}")
     assert_within_bound(got, a, b, stored, M, f"split M={M}")
     for _ in range(2):
@@ -585,10 +590,10 @@ def test_gemm_split_k_batched_folding_matches_single(want, monkeypatch):
     M = 7
     m = MB.mbm(M)
     stored = np.asarray(m.lut)
-    batch, rows, K, N = 400, 12, 1200, 8
+    batch, rows, K, N = 400, 12, 4200, 8
     a = random_operands((batch, rows, K), rng, specials=0.0005)
     b = random_operands((batch, K, N), rng)  # batched b: a true batch axis
-    assert len(split_k_chunks(K, want)) >= 2
+    assert len(split_k_chunks(K, want, rows, N)) >= 2
     matmul = _api("approx_matmul")
     got = run_on(GPU, lambda x, w: matmul(x, w, m), a, b)
     assert got.shape == (batch, rows, N)
@@ -597,3 +602,22 @@ def test_gemm_split_k_batched_folding_matches_single(want, monkeypatch):
         assert_bits_equal(got[i], want_bits, f"batched element {i}")
         single = run_on(GPU, lambda x, w: _api("approx_dot")(x, w, m), a[i], b[i])
         assert_bits_equal(single, got[i], f"single vs batched element {i}")
+
+
+@pytest.mark.parametrize(
+    "M,shape",
+    [(7, (64, 300, 48)), (3, (25, 6144, 32)), (7, (130, 4400, 72)), (11, (20, 4096, 24))],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"M{v}",
+)
+def test_gemm_cpu_and_gpu_bit_identical(M, shape, monkeypatch):
+    # CPU and CUDA share the scalar product (approx_math.h) and the split-K
+    # rule (split_k.h), so with normal operands (no subnormal partial sums,
+    # which XLA:CPU flushes) their GEMM sums agree bit for bit.
+    monkeypatch.delenv("APPROX_JAX_CUDA_SPLIT_K", raising=False)
+    rows, K, N = shape
+    rng = np.random.default_rng(1000 + M + K)
+    a = random_operands((rows, K), rng)
+    b = random_operands((K, N), rng)
+    m = MB.mbm(M)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    assert_bits_equal(run_on(GPU, fn, a, b), run_on(CPU, fn, a, b), f"CPU vs GPU M={M} {shape}")

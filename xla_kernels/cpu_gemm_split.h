@@ -19,28 +19,12 @@
 #include <cstdint>
 
 #include "cpu_gemm.h"
+#include "split_k.h"
 
 namespace approx_jax {
 
-// Split only when K >= kSplitKMinK and the output of one problem has at most
-// kSplitKMaxOutputs elements; chunks are multiples of kSplitKAlign (a multiple
-// of every k block of the kernels), at least kSplitKMinChunk long, and there are
-// at most kSplitKMaxChunks of them.
-constexpr int64_t kSplitKMinK = 4096;
-constexpr int64_t kSplitKMaxOutputs = int64_t{1} << 16;
-constexpr int64_t kSplitKMinChunk = 1024;
-constexpr int64_t kSplitKMaxChunks = 64;
-constexpr int64_t kSplitKAlign = 256;
-
-// Chunk length L (>= p.k: no split).
-inline int64_t SplitKChunk(const GemmProblem& p) {
-  if (p.k < kSplitKMinK || p.m <= 0 || p.n <= 0) return p.k;
-  if (p.m > kSplitKMaxOutputs / p.n) return p.k;  // m * n > kSplitKMaxOutputs
-  const int64_t per = (p.k + kSplitKMaxChunks - 1) / kSplitKMaxChunks;
-  int64_t chunk = (per + kSplitKAlign - 1) / kSplitKAlign * kSplitKAlign;
-  if (chunk < kSplitKMinChunk) chunk = kSplitKMinChunk;
-  return chunk >= p.k ? p.k : chunk;
-}
+// Chunk length L (>= p.k: no split): the rule shared with the CUDA GEMM.
+inline int64_t SplitKChunk(const GemmProblem& p) { return SplitKChunkLength(p.m, p.n, p.k); }
 
 }  // namespace approx_jax
 

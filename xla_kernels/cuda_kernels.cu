@@ -6,12 +6,12 @@
 // order as the reference loop, fixed per output element (no atomics), so
 // results are deterministic.
 //
-// Split-K (weight gradients: tiny output, K = batch * H * W): K >= 1024 is
-// summed in contiguous chunks whose size depends on K only (CudaGemmPlan,
-// SplitKChunks): out = ((P_0 + P_1) + ...) + P_{S-1}, each P_s an ascending
-// sum from +0 over its chunk. The order is the same for every M, N, batch,
-// design count and device, so vmapped/stacked calls give the bits of single
-// calls. When the output has fewer than 2 * SMs block tiles, block
+// Split-K (weight gradients: tiny output, K = batch * H * W): K is summed in
+// contiguous chunks by the rule of split_k.h, shared with the CPU GEMM
+// (SplitKChunks): out = ((P_0 + P_1) + ...) + P_{S-1}, each P_s an ascending
+// sum from +0 over its chunk. The order depends on one product's m, n, k only
+// (not on batch, design count or device), so vmapped/stacked calls give the
+// bits of single calls, and CPU and GPU agree. When the output has fewer than 2 * SMs block tiles, block
 // (m_tile, s) computes P_s into scratch [S][D*B][M][N] and a second kernel
 // adds the partials in ascending s (parallel split-K); otherwise each block
 // folds P_0, P_1, ... into its output tile in that order.
@@ -63,6 +63,7 @@
 #include <string>
 
 #include "approx_math.h"
+#include "split_k.h"
 
 namespace approx_jax {
 namespace {
@@ -513,11 +514,8 @@ std::string LaunchGemmTiled(GemmParams gp, int64_t splits, int optin, cudaStream
   return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm launch", e);
 }
 
-// Chunking rule (CudaGemmPlan): K < kChunkMinK is one chunk; otherwise
-// kspan = max(kMinChunk, round_up(ceil(K / kMaxChunks), 8)).
-constexpr int64_t kChunkMinK = 1024;
-constexpr int64_t kMinChunk = 512;
-constexpr int64_t kMaxChunks = 256;
+// Chunking rule: SplitKChunkLength (split_k.h), shared with the CPU GEMM so
+// CPU and GPU sums are bit-identical; the env override forces ~want chunks.
 // Parallel split-K only when the output has fewer than kSplitTilesPerSm *
 // SMs block tiles and the partials fit in kMaxScratchFloats.
 constexpr int64_t kSplitTilesPerSm = 2;
@@ -535,20 +533,16 @@ int64_t SplitKOverride() {
 
 }  // namespace
 
-void SplitKChunks(int64_t k, int64_t want, int64_t* splits, int64_t* kspan) {
+void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits,
+                  int64_t* kspan) {
   if (k <= 0) {
     *splits = 1;
     *kspan = k;
     return;
   }
-  if (want <= 0) {  // built-in rule
-    if (k < kChunkMinK) {
-      *splits = 1;
-      *kspan = k;
-      return;
-    }
-    const int64_t per = (k + kMaxChunks - 1) / kMaxChunks;
-    *kspan = std::max<int64_t>(kMinChunk, (per + kBK - 1) / kBK * kBK);
+  if (want <= 0) {  // built-in rule (a multiple of kSplitKAlign, hence of kBK)
+    static_assert(kSplitKAlign % kBK == 0, "split-K chunks must be whole k-chunks");
+    *kspan = SplitKChunkLength(m, n, k);
   } else {
     const int64_t per = (k + want - 1) / want;
     *kspan = (per + kBK - 1) / kBK * kBK;
@@ -565,7 +559,7 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   plan->kspan = p.k;
   const int64_t db = p.designs * p.batch;
   if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
-  SplitKChunks(p.k, SplitKOverride(), &plan->splits, &plan->kspan);
+  SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &plan->splits, &plan->kspan);
   if (plan->splits < 2) return {};
   // The summation order is now fixed; only the execution mode remains.
   const int64_t outputs = db * p.m * p.n;

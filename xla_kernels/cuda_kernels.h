@@ -49,11 +49,12 @@ struct CudaGemmPlan {
   size_t scratch_bytes = 0;   // parallel: splits * designs * batch * m * n floats
 };
 
-// Chunking rule (pure). want <= 0: the built-in rule (K < 1024: one chunk;
-// else kspan = max(512, round_up(ceil(K / 256), 8))); want >= 1: kspan =
+// Chunking rule (pure). want <= 0: the built-in rule shared with the CPU GEMM
+// (SplitKChunkLength in split_k.h); want >= 1 (testing override): kspan =
 // round_up(ceil(K / want), 8). splits = ceil(K / kspan); splits == 1 gives
 // kspan = K.
-void SplitKChunks(int64_t k, int64_t want, int64_t* splits, int64_t* kspan);
+void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits,
+                  int64_t* kspan);
 
 // Fills `plan` for `p` on the current device. Returns "" or an error.
 std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan);
