@@ -13,11 +13,18 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
+import approx_jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Subprocesses import the approx_jax this test imported (the installed package
+# in CI, the source tree in a developer build), and run outside the checkout so
+# `python -c` (which puts the working directory first) cannot shadow it.
+PACKAGE_PARENT = str(pathlib.Path(approx_jax.__file__).resolve().parents[1])
 
 _PRELUDE = textwrap.dedent(
     """
@@ -65,7 +72,7 @@ def _run(body: str, timeout: int = 240, extra_env: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(extra_env or {})
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
     code = _PRELUDE + textwrap.dedent(body) + "\nprint('RESULT ' + json.dumps(R))\n"
     proc = subprocess.run(
@@ -74,7 +81,7 @@ def _run(body: str, timeout: int = 240, extra_env: dict | None = None) -> dict:
         text=True,
         timeout=timeout,
         env=env,
-        cwd=ROOT,
+        cwd=tempfile.gettempdir(),
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -373,7 +380,7 @@ def test_parallel_helpers():
 
 def test_data_parallel_example_matches_single_device():
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.pop("XLA_FLAGS", None)  # the example sets the device count itself
     proc = subprocess.run(
@@ -391,7 +398,7 @@ def test_data_parallel_example_matches_single_device():
         text=True,
         timeout=240,
         env=env,
-        cwd=ROOT,
+        cwd=tempfile.gettempdir(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "MATCH" in proc.stdout, proc.stdout

@@ -227,22 +227,28 @@ def _chunk_size(n: int, per_sample_bytes: int, limit: int) -> int:
 
 
 def _conv_chunked(xg, w4, klut, mbits, backward, geometry, chunk: int):
-    """``_conv_core`` over batch chunks with a rematerialised body."""
+    """``_conv_core`` over batch chunks with a rematerialised body.
+
+    Chunks interleave the batch (chunk ``j`` holds samples ``i * num + j``) so
+    that a batch axis sharded across devices stays sharded on the chunk's own
+    batch axis; contiguous chunks would put the sharding on the scanned axis,
+    which XLA's partitioner cannot keep local.
+    """
     g, n = xg.shape[:2]
     num = -(-n // chunk)
     pad = num * chunk - n
     if pad:
         xg = jnp.pad(xg, [(0, 0), (0, pad)] + [(0, 0)] * (xg.ndim - 2))
-    # [G, num*chunk, ...] -> [num, G, chunk, ...]
-    xs = jnp.moveaxis(xg.reshape((g, num, chunk) + xg.shape[2:]), 1, 0)
+    # [G, chunk*num, ...] -> [num, G, chunk, ...]
+    xs = jnp.moveaxis(xg.reshape((g, chunk, num) + xg.shape[2:]), 2, 0)
 
     @jax.checkpoint
     def body(x_chunk):
         return _conv_core(x_chunk, w4, klut, mbits, backward, geometry)
 
     ys = lax.map(body, xs)  # [num, G, chunk, *out, Og]
-    ys = jnp.moveaxis(ys, 0, 1)
-    ys = ys.reshape((g, num * chunk) + ys.shape[3:])
+    ys = jnp.moveaxis(ys, 0, 2)  # [G, chunk, num, *out, Og]
+    ys = ys.reshape((g, chunk * num) + ys.shape[3:])
     return ys[:, :n] if pad else ys
 
 
