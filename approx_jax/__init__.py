@@ -9,7 +9,7 @@ Example:
   >>> y = approx_jax.approx_dot(x, w, multipliers.mbm(7))
 """
 
-from approx_jax import models, multipliers, nn
+from approx_jax import data, models, multipliers, nn, parallel
 from approx_jax._src.characterize import (
     ErrorMetrics,
     characterize,
@@ -31,10 +31,12 @@ __all__ = [
     "approx_matmul",
     "characterize",
     "characterize_table",
+    "data",
     "models",
     "multipliers",
     "multiply",
     "nn",
+    "parallel",
     "plot_heatmaps",
     "registered_platforms",
 ]
