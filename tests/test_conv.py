@@ -317,7 +317,7 @@ def test_dtype_and_preferred_element_type():
     [
         (((1, 5, 5, 2), (3, 3, 2)), {}, ValueError, "same rank"),
         (((5, 2), (3, 2)), {}, ValueError, "rank >= 3"),
-        (((1, 5, 5, 3), (3, 3, 2, 4)), {}, ValueError, "rhs input-feature dimension"),
+        (((1, 5, 5, 3), (3, 3, 2, 4)), {}, ValueError, "kernel input-feature dimension"),
         (((1, 5, 5, 4), (3, 3, 2, 3)), {"feature_group_count": 2}, ValueError, "output-feature"),
         (((1, 5, 5, 3), (3, 3, 1, 3)), {"feature_group_count": 2}, ValueError, "divisible"),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"padding": "FULL"}, ValueError, "padding"),
@@ -341,7 +341,7 @@ def test_validation_errors(args, kwargs, exc, match):
 
 
 def test_non_float_inputs_raise_type_error():
-    with pytest.raises(TypeError, match="lhs"):
+    with pytest.raises(TypeError, match="x"):
         approx_conv(np.ones((1, 5, 5, 2), np.int32), np.ones((3, 3, 2, 4), np.float32), "mbm7")
-    with pytest.raises(TypeError, match="rhs"):
+    with pytest.raises(TypeError, match="kernel"):
         approx_conv(np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 4), np.int8), "mbm7")

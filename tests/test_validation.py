@@ -85,11 +85,11 @@ def test_non_float_dtype_rejected(op, arg, call, dtype):
 
 @needs_conv
 @pytest.mark.parametrize("dtype", (np.int32, np.bool_), ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("arg", ("lhs", "rhs"))
+@pytest.mark.parametrize("arg", ("x", "kernel"))
 def test_conv_non_float_dtype_rejected(arg, dtype):
     x = np.ones((1, 4, 4, 2), np.float32)
     w = np.ones((3, 3, 2, 1), np.float32)
-    if arg == "lhs":
+    if arg == "x":
         x = x.astype(dtype)
     else:
         w = w.astype(dtype)
@@ -329,9 +329,9 @@ K4 = np.ones((3, 3, 4, 2), np.float32)
 @pytest.mark.parametrize(
     "kwargs, lhs, rhs, exc, pattern",
     [
-        ({}, np.ones((5, 4), np.float32), np.ones((3, 4), np.float32), ValueError, "lhs"),
-        ({}, X4, np.ones((3, 4, 2), np.float32), ValueError, "rhs"),
-        ({}, X4, np.ones((3, 3, 3, 2), np.float32), ValueError, r"rhs|feature"),
+        ({}, np.ones((5, 4), np.float32), np.ones((3, 4), np.float32), ValueError, r"\bx\b"),
+        ({}, X4, np.ones((3, 4, 2), np.float32), ValueError, "kernel"),
+        ({}, X4, np.ones((3, 3, 3, 2), np.float32), ValueError, r"kernel|feature"),
         ({"feature_group_count": 0}, X4, K4, ValueError, "feature_group_count"),
         ({"feature_group_count": 3}, X4, K4, ValueError, "feature_group_count"),
         ({"feature_group_count": 2.0}, X4, K4, TypeError, "feature_group_count"),

@@ -257,8 +257,8 @@ def _conv_chunked(xg, w4, klut, mbits, backward, geometry, chunk: int):
 
 
 def approx_conv(
-    lhs,
-    rhs,
+    x,
+    kernel,
     multiplier,
     *,
     window_strides: Sequence[int] | int | None = None,
@@ -302,9 +302,9 @@ def approx_conv(
     contribute ``P(0, w) = +-0``, or NaN where the kernel weight is Inf/NaN.
 
     Args:
-      lhs: Input, floating point. Layout per ``dimension_numbers``; with the
+      x: Input (``lhs`` of lax), floating point. Layout per ``dimension_numbers``; with the
         default ``None`` channels-last (``NWC``/``NHWC``/``NDHWC``).
-      rhs: Kernel, floating point; default layout ``WIO``/``HWIO``/``DHWIO``
+      kernel: Kernel (``rhs`` of lax), floating point; default layout ``WIO``/``HWIO``/``DHWIO``
         with ``I = C / feature_group_count``.
       multiplier: a ``Multiplier`` or a name such as ``"mbm7"``. A stack of D
         designs gives a result with a leading design axis of size D (one
@@ -340,22 +340,23 @@ def approx_conv(
       >>> w = jnp.ones((5, 5, 1, 32)) * 0.1
       >>> y = approx_conv(x, w, "mbm7", padding="SAME")  # [8, 28, 28, 32]
     """
+    lhs, rhs = x, kernel
     m = ops.resolve_multiplier(multiplier)
     ops.check_backward(backward)
-    lhs = ops.check_float("lhs", lhs)
-    rhs = ops.check_float("rhs", rhs)
+    lhs = ops.check_float("x", lhs)
+    rhs = ops.check_float("kernel", rhs)
     if batch_group_count != 1:
         raise NotImplementedError(
             f"approx_conv supports only batch_group_count=1, got {batch_group_count}"
         )
     if lhs.ndim < 3:
         raise ValueError(
-            f"lhs must have rank >= 3 (batch, spatial..., feature), got shape {lhs.shape}"
+            f"x must have rank >= 3 (batch, spatial..., feature), got shape {lhs.shape}"
         )
     if rhs.ndim != lhs.ndim:
         raise ValueError(
-            f"lhs and rhs must have the same rank, got lhs shape {lhs.shape} (rank {lhs.ndim}) "
-            f"and rhs shape {rhs.shape} (rank {rhs.ndim})"
+            f"x and kernel must have the same rank, got x shape {lhs.shape} (rank {lhs.ndim}) "
+            f"and kernel shape {rhs.shape} (rank {rhs.ndim})"
         )
     if isinstance(feature_group_count, bool) or not isinstance(
         feature_group_count, int | np.integer
@@ -380,17 +381,17 @@ def approx_conv(
     window = tuple(rhs.shape[d] for d in rhs_perm[2:])
     if c_in % groups:
         raise ValueError(
-            f"lhs feature dimension ({c_in}) must be divisible by feature_group_count ({groups})"
+            f"x feature dimension ({c_in}) must be divisible by feature_group_count ({groups})"
         )
     if c_in // groups != i_kernel:
         raise ValueError(
-            f"rhs input-feature dimension ({i_kernel}) must equal lhs features ({c_in}) / "
+            f"kernel input-feature dimension ({i_kernel}) must equal x features ({c_in}) / "
             f"feature_group_count ({groups}) = {c_in // groups}; lhs shape {lhs.shape}, "
-            f"rhs shape {rhs.shape}"
+            f"kernel shape {rhs.shape}"
         )
     if c_out % groups:
         raise ValueError(
-            f"rhs output-feature dimension ({c_out}) must be divisible by "
+            f"kernel output-feature dimension ({c_out}) must be divisible by "
             f"feature_group_count ({groups})"
         )
     pads = _explicit_padding(padding, in_spatial, window, strides, lhs_dil, rhs_dil)
