@@ -428,6 +428,54 @@ int Test() {
       ++cases;
     }
   }
+  // Several designs sharing a and/or b (vmap over designs): the kernel packs a
+  // shared operand once per task and loops over the designs inside; bits must
+  // not change. Designs 4..8, shared a / shared b / both / neither, with and
+  // without batch broadcasting, and a split-K shape.
+  {
+    int v = 0;
+    for (int m : {3, 7, 11}) {
+      for (int share = 0; share < 4; ++share) {
+        for (int bb = 0; bb < 2; ++bb) {
+          Case c{};
+          c.designs = 4 + (v % 5);
+          c.batch = bb ? 3 : 1;
+          const int64_t shapes3[][3] = {{37, 70, 140}, {130, 300, 70}, {20, 45, 33}};
+          c.m = shapes3[v % 3][0];
+          c.k = shapes3[v % 3][1];
+          c.n = shapes3[v % 3][2];
+          c.a_bcast_d = share & 1;
+          c.b_bcast_d = share & 2;
+          c.a_bcast_b = bb && (v & 1);
+          c.b_bcast_b = bb && !(v & 1);
+          c.lut_bcast = v % 7 == 3;
+          c.mbits = m;
+          c.special = (v % 3 == 1) ? 0.01 : ((v % 3 == 2) ? 0.3 : 0.0);
+          c.exp_lo = (v % 3 == 2) ? 60 : 100;
+          c.exp_hi = (v % 3 == 2) ? 196 : 150;
+          c.lut_kind = v % 3;
+          ++v;
+          RunCase(c, rng, &pool);
+          ++cases;
+        }
+      }
+      Case c{};
+      c.designs = 5;
+      c.batch = 2;
+      c.m = 9;
+      c.k = 5000;
+      c.n = 20;
+      c.a_bcast_d = m != 7;
+      c.b_bcast_d = m != 3;
+      c.b_bcast_b = true;
+      c.mbits = m;
+      c.special = 0.0005;
+      c.exp_lo = 100;
+      c.exp_hi = 150;
+      RunCase(c, rng, &pool);
+      ++cases;
+    }
+  }
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);
   return g_failures ? 1 : 0;
@@ -469,6 +517,7 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_STRATEGY")) gemm_internal::g_force_strategy = std::atoi(e);
   if (const char* e = std::getenv("GEMM_ISA")) gemm_internal::g_force_isa = std::atoi(e);
   if (const char* e = std::getenv("GEMM_TILE_BYTES")) gemm_internal::g_tile_budget = std::atoll(e);
+  if (const char* e = std::getenv("GEMM_NO_SHARING")) gemm_internal::g_no_design_sharing = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
     shapes.clear();
     std::string str = e;
@@ -501,6 +550,49 @@ int Bench(int reps, int argc, char** argv) {
       p.k = s[1];
       p.n = s[2];
       p.mbits = m;
+      // GEMM_DESIGNS=D: also time one call over D designs (a and b shared, as
+      // jax.vmap over a design stack gives; GEMM_SHARE=a|b|ab|none) against D
+      // single-design calls.
+      const int64_t nd = std::getenv("GEMM_DESIGNS") ? std::atoll(std::getenv("GEMM_DESIGNS")) : 0;
+      if (nd > 1) {
+        const std::string share = std::getenv("GEMM_SHARE") ? std::getenv("GEMM_SHARE") : "ab";
+        const bool sa = share.find('a') != std::string::npos, sb = share.find('b') != std::string::npos;
+        std::vector<uint32_t> luts;
+        for (int64_t d = 0; d < nd; ++d) {
+          auto l = MakeLut(m, static_cast<int>(d % 3), rng);
+          luts.insert(luts.end(), l.begin(), l.end());
+        }
+        std::vector<float> ad(sa ? 0 : nd * a.size()), bd(sb ? 0 : nd * b.size());
+        for (int64_t d = 0; d < (sa ? 0 : nd); ++d) std::copy(a.begin(), a.end(), ad.begin() + d * a.size());
+        for (int64_t d = 0; d < (sb ? 0 : nd); ++d) std::copy(b.begin(), b.end(), bd.begin() + d * b.size());
+        std::vector<float> outd(nd * out.size());
+        GemmProblem q = p;
+        q.designs = nd;
+        q.a = sa ? a.data() : ad.data();
+        q.b = sb ? b.data() : bd.data();
+        q.a_design_stride = sa ? 0 : static_cast<int64_t>(a.size());
+        q.b_design_stride = sb ? 0 : static_cast<int64_t>(b.size());
+        q.lut = luts.data();
+        q.lut_design_stride = int64_t{1} << (2 * m);
+        q.out = outd.data();
+        const auto [tv, cv] = TimeIt([&] { ApproxGemmCpu(q, pf); }, reps);
+        const auto [tl, cl] = TimeIt([&] {
+          for (int64_t d = 0; d < nd; ++d) {
+            GemmProblem r = q;
+            r.designs = 1;
+            r.a = q.a + d * q.a_design_stride;
+            r.b = q.b + d * q.b_design_stride;
+            r.lut = q.lut + d * q.lut_design_stride;
+            r.out = outd.data() + d * out.size();
+            ApproxGemmCpu(r, pf);
+          }
+        }, reps);
+        std::printf("%5lldx%5lldx%5lld M=%2d D=%lld share=%s  one call %8.3f ms (cpu %8.3f)  %lld calls %8.3f ms (cpu %8.3f)  ratio %.3f (cpu %.3f)\n",
+                    (long long)s[0], (long long)s[1], (long long)s[2], m, (long long)nd, share.c_str(),
+                    tv * 1e3, cv * 1e3, (long long)nd, tl * 1e3, cl * 1e3, tv / tl, cv / cl);
+        std::fflush(stdout);
+        continue;
+      }
       const auto [t, cpu] = TimeIt([&] { ApproxGemmCpu(p, pf); }, reps);
       const double flop = 2.0 * s[0] * s[1] * s[2];
       // cpu-GFLOP/s: flop per CPU-second of all threads.

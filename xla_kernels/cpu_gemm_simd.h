@@ -39,6 +39,9 @@ extern int g_force_strategy;
 extern int g_force_isa;
 // Tile-size budget override in bytes for tuning (0 = automatic).
 extern int64_t g_tile_budget;
+// Harness override: 1 = treat every design as an independent problem (no
+// reuse of a/b work shared across designs); for benchmarking only.
+extern int g_no_design_sharing;
 
 // Which part of the problem one kernel call computes (see cpu_gemm_split.h):
 // problems [prob_begin, prob_begin + probs) of the design x batch grid, k in

@@ -110,6 +110,28 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
   return AllOnesI(all_ok);
 }
 
+// The acceptance test of PackPanelIL alone (no pack written): used when a
+// panel packed once for a shared a meets another design's b.
+bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const int32_t* lo,
+             const int32_t* hi, const int32_t* ok0) {
+  const VI vff = Set1I(0xff);
+  const VI vzero = Set1I(0);
+  VI all_ok = Set1I(-1);
+  for (int kk = 0; kk < kb; kk += kVL) {
+    const int n = static_cast<int>(MinI(kVL, kb - kk));
+    const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
+    for (int r = 0; r < rows; ++r) {
+      const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
+      const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
+      const VI e = AndI(SrlI(x, 23), vff);
+      const VI z = CmpEqI(e, vzero);
+      const VI out = OrI(CmpGtI(vlo, e), CmpGtI(e, vhi));
+      all_ok = AndI(all_ok, BlendI(AndNotI(out, Set1I(-1)), vok0, z));
+    }
+  }
+  return AllOnesI(all_ok);
+}
+
 // Decomposes b[k0:k0+kb, j0:j0+cols] into mantissa indices and signed
 // power-of-two scales, padded with zeros to kNB columns.
 void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int cols,
@@ -238,6 +260,12 @@ struct Plan {
   int ustride;       // floats between the tiles of consecutive mantissa values
   int64_t nrc, ncc;  // row / column chunks per problem
   int64_t rows_per, cols_per;
+  // Design grouping: with dg > 1 a task computes its (row chunk, column chunk)
+  // block for dg designs of one batch index (ks covers every problem then),
+  // packing a once when it is shared by the designs (a_design_stride == 0)
+  // and reading b's statistics / decomposition once when b is shared.
+  int64_t dg, ngroups;
+  bool share_a, share_b, share_tiles;
   int failed;  // set with __atomic builtins
 };
 
@@ -248,20 +276,28 @@ void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
   const GemmProblem& p = *pl.p;
   const KSplit& ks = *pl.ks;
-  const int64_t per_problem = pl.nrc * pl.ncc;
-  const int64_t per_chunk = per_problem * ks.probs;
+  const int64_t per_unit = pl.nrc * pl.ncc;
+  const int64_t units = pl.dg > 1 ? p.batch * pl.ngroups : ks.probs;
+  const int64_t per_chunk = per_unit * units;
   const int64_t chunk = task / per_chunk;
-  const int64_t q = (task % per_chunk) / per_problem;
-  const int64_t prob = ks.prob_begin + q;
-  const int64_t rc = (task % per_problem) / pl.ncc;
+  const int64_t unit = (task % per_chunk) / per_unit;
+  const int64_t rc = (task % per_unit) / pl.ncc;
   const int64_t cc = task % pl.ncc;
-  const int64_t d = prob / p.batch, bi = prob % p.batch;
-  const float* A = p.a + d * p.a_design_stride + bi * p.a_batch_stride;
-  const float* B = p.b + d * p.b_design_stride + bi * p.b_batch_stride;
-  const uint32_t* lut = p.lut + d * p.lut_design_stride;
-  // Chunk `chunk` of k (the whole of k without split-K), summed from +0.
-  float* C = ks.part == nullptr ? p.out + prob * p.m * p.n
-                                : ks.part + (chunk * ks.probs + q) * p.m * p.n;
+  // The problems of this task: designs d0 .. d0 + nd - 1 at batch index bi.
+  int64_t d0, bi, nd;
+  if (pl.dg > 1) {
+    bi = unit % p.batch;
+    d0 = (unit / p.batch) * pl.dg;
+    nd = MinI(pl.dg, p.designs - d0);
+  } else {
+    const int64_t prob = ks.prob_begin + unit;
+    d0 = prob / p.batch;
+    bi = prob % p.batch;
+    nd = 1;
+  }
+  if (nd <= 0) return;
+  const bool share_a = pl.share_a && nd > 1, share_b = pl.share_b && nd > 1;
+  const bool share_tiles = pl.share_tiles && nd > 1;
   const int64_t kbeg = chunk * ks.chunk;
   const int64_t K = MinI(p.k, kbeg + ks.chunk), N = p.n, lda = p.k, ldb = p.n, ldc = p.n;
   const int mbits = p.mbits;
@@ -272,80 +308,130 @@ void RunTask(void* arg, int64_t task) {
   const int KB = pl.kb_max;
   const int64_t kstride = RoundUp(KB, kVL);
   const int64_t npanels = CeilDiv(r1 - r0, mr);
+  const int64_t npacks = share_a ? 1 : nd;  // packs of a held at once
+  const int64_t nstats = share_b ? 1 : nd;  // b statistics held at once
+  const int64_t pack_words = npanels * kstride * kPackW;
 
   const size_t tiles_bytes =
       pl.strategy == kTiles ? (sizeof(float) << mbits) * static_cast<size_t>(pl.ustride) : 64;
   float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
   char* pack = static_cast<char*>(
-      ThreadScratch(kSlotPack, static_cast<size_t>(npanels * kstride * kPackW * 4 + npanels)));
-  int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, kstride * 3 * 4));
+      ThreadScratch(kSlotPack, static_cast<size_t>(npacks * pack_words * 4 + nd * npanels)));
+  int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, nstats * kstride * 3 * 4));
   char* bdec = static_cast<char*>(ThreadScratch(kSlotB, kstride * kNB * 8));
   float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
   if (!tiles || !pack || !stats || !bdec || !ctmp) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }
-  int32_t* pk_all = reinterpret_cast<int32_t*>(pack);
-  char* panel_ok = pack + npanels * kstride * kPackW * 4;
-  int32_t* lo = stats;
-  int32_t* hi = stats + kstride;
-  int32_t* ok0 = stats + 2 * kstride;
+  int32_t* pk_base = reinterpret_cast<int32_t*>(pack);
+  char* panel_ok = pack + npacks * pack_words * 4;  // [nd][npanels]
   int32_t* ibv = reinterpret_cast<int32_t*>(bdec);
   float* sbv = reinterpret_cast<float*>(bdec + kstride * kNB * 4);
 
-  for (int64_t i = r0; i < r1; ++i) {
-    for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] = 0.0f;
+  auto a_of = [&](int64_t dd) {
+    return p.a + (d0 + dd) * p.a_design_stride + bi * p.a_batch_stride;
+  };
+  auto b_of = [&](int64_t dd) {
+    return p.b + (d0 + dd) * p.b_design_stride + bi * p.b_batch_stride;
+  };
+  auto c_of = [&](int64_t dd) {
+    const int64_t prob = (d0 + dd) * p.batch + bi;
+    // Chunk `chunk` of k (the whole of k without split-K), summed from +0.
+    return ks.part == nullptr
+               ? p.out + prob * p.m * p.n
+               : ks.part + (chunk * ks.probs + (prob - ks.prob_begin)) * p.m * p.n;
+  };
+
+  for (int64_t dd = 0; dd < nd; ++dd) {
+    float* C = c_of(dd);
+    for (int64_t i = r0; i < r1; ++i) {
+      for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] = 0.0f;
+    }
   }
   const int ustride = pl.strategy == kTiles ? pl.ustride : (1 << mbits);
   const int kkmul = pl.strategy == kTiles ? kNB : 0;
   for (int64_t k0 = kbeg; k0 < K; k0 += KB) {
     const int kb = static_cast<int>(MinI(KB, K - k0));
-    BStats(B, ldb, k0, kb, c0, c1, lo, hi, ok0);
-    for (int64_t pi = 0; pi < npanels; ++pi) {
-      const int64_t i0 = r0 + pi * mr;
-      const int rows = static_cast<int>(MinI(mr, r1 - i0));
-      // The k block of a row is a short strip (KB floats) of a long row: the
-      // hardware prefetchers do not follow this pattern, so fetch ahead.
-      if (pi + kPackAhead < npanels) {
-        const float* pa = A + (i0 + kPackAhead * mr) * lda + k0;
-        const int prow = static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr)));
-        for (int r = 0; r < prow; ++r)
-          for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
+    // Design-independent work once per shared operand: b statistics, the a
+    // pack; the acceptance of each (design, panel) pair.
+    for (int64_t dd = 0; dd < nd; ++dd) {
+      const float* A = a_of(dd);
+      int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
+      int32_t* lo = st;
+      int32_t* hi = st + kstride;
+      int32_t* ok0 = st + 2 * kstride;
+      if (dd == 0 || !share_b) BStats(b_of(dd), ldb, k0, kb, c0, c1, lo, hi, ok0);
+      char* okd = panel_ok + dd * npanels;
+      if (dd > 0 && share_a) {
+        if (share_b) {
+          for (int64_t pi = 0; pi < npanels; ++pi) okd[pi] = panel_ok[pi];
+        } else {
+          for (int64_t pi = 0; pi < npanels; ++pi) {
+            const int64_t i0 = r0 + pi * mr;
+            const int rows = static_cast<int>(MinI(mr, r1 - i0));
+            okd[pi] = PanelOk(A + i0 * lda, lda, rows, k0, kb, lo, hi, ok0);
+          }
+        }
+        continue;
       }
-      panel_ok[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mbits, ustride, kkmul, lo, hi,
-                                 ok0, pk_all + pi * kstride * kPackW);
-    }
-    for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
-      const int cols = static_cast<int>(MinI(kNB, c1 - j0));
-      DecomposeB(B, ldb, k0, kb, j0, cols, mbits, ibv, sbv);
-      if (pl.strategy == kTiles) BuildTiles(lut, mbits, kb, ibv, sbv, tiles, pl.ustride);
+      int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
       for (int64_t pi = 0; pi < npanels; ++pi) {
         const int64_t i0 = r0 + pi * mr;
         const int rows = static_cast<int>(MinI(mr, r1 - i0));
-        float* cblk = C + i0 * ldc + j0;
-        if (!panel_ok[pi]) {
-          ExactBlock(A + i0 * lda, lda, B + j0, ldb, rows, cols, k0, kb, lut, mbits, cblk, ldc);
-          continue;
+        // The k block of a row is a short strip (KB floats) of a long row: the
+        // hardware prefetchers do not follow this pattern, so fetch ahead.
+        if (pi + kPackAhead < npanels) {
+          const float* pa = A + (i0 + kPackAhead * mr) * lda + k0;
+          const int prow = static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr)));
+          for (int r = 0; r < prow; ++r)
+            for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
         }
-        const bool full = rows == mr && cols == kNB;
-        float* ct = cblk;
-        int64_t ldt = ldc;
-        if (!full) {
-          ct = ctmp;
-          ldt = kNB;
-          for (int r = 0; r < mr; ++r)
-            for (int j = 0; j < kNB; ++j)
-              ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
-        }
-        const int32_t* pk = pk_all + pi * kstride * kPackW;
-        if (pl.strategy == kTiles) {
-          MicroTile<kMR>(pk, kb, tiles, ct, ldt);
-        } else {
-          MicroGather<kMRG>(pk, kb, lut, ibv, sbv, ct, ldt);
-        }
-        if (!full) {
-          for (int r = 0; r < rows; ++r)
-            for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = ctmp[r * kNB + j];
+        okd[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mbits, ustride, kkmul, lo, hi,
+                              ok0, pkd + pi * kstride * kPackW);
+      }
+    }
+    for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
+      const int cols = static_cast<int>(MinI(kNB, c1 - j0));
+      // Designs innermost: the shared pack / b decomposition stay in cache.
+      for (int64_t dd = 0; dd < nd; ++dd) {
+        const float* A = a_of(dd);
+        const float* B = b_of(dd);
+        const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
+        float* C = c_of(dd);
+        if (dd == 0 || !share_b) DecomposeB(B, ldb, k0, kb, j0, cols, mbits, ibv, sbv);
+        if (pl.strategy == kTiles && (dd == 0 || !share_tiles))
+          BuildTiles(lut, mbits, kb, ibv, sbv, tiles, pl.ustride);
+        const char* okd = panel_ok + dd * npanels;
+        const int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
+        for (int64_t pi = 0; pi < npanels; ++pi) {
+          const int64_t i0 = r0 + pi * mr;
+          const int rows = static_cast<int>(MinI(mr, r1 - i0));
+          float* cblk = C + i0 * ldc + j0;
+          if (!okd[pi]) {
+            ExactBlock(A + i0 * lda, lda, B + j0, ldb, rows, cols, k0, kb, lut, mbits, cblk, ldc);
+            continue;
+          }
+          const bool full = rows == mr && cols == kNB;
+          float* ct = cblk;
+          int64_t ldt = ldc;
+          if (!full) {
+            ct = ctmp;
+            ldt = kNB;
+            for (int r = 0; r < mr; ++r)
+              for (int j = 0; j < kNB; ++j)
+                ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
+          }
+          const int32_t* pk = pkd + pi * kstride * kPackW;
+          if (pl.strategy == kTiles) {
+            MicroTile<kMR>(pk, kb, tiles, ct, ldt);
+          } else {
+            MicroGather<kMRG>(pk, kb, lut, ibv, sbv, ct, ldt);
+          }
+          if (!full) {
+            for (int r = 0; r < rows; ++r)
+              for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = ctmp[r * kNB + j];
+          }
         }
       }
     }
@@ -412,8 +498,18 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   }
   // Task split: the summation order never depends on it (each output element
   // is always summed sequentially over k), only the speed does.
+  // Designs that share a or b are grouped into one task (the shared work is
+  // done once per task); the (row, column) split is then chosen as for one
+  // design, and the designs are split into groups only when that leaves too
+  // few tasks for the threads.
   const int64_t target = MaxI(2, 2 * static_cast<int64_t>(HardwareThreads()));
-  const int64_t split = CeilDiv(target, problems * ks.chunks);
+  pl.share_a = p.a_design_stride == 0;
+  pl.share_b = p.b_design_stride == 0;
+  pl.share_tiles = pl.share_b && p.lut_design_stride == 0;
+  const bool group = g_no_design_sharing == 0 && p.designs > 1 && (pl.share_a || pl.share_b) &&
+                     ks.prob_begin == 0 && ks.probs == p.designs * p.batch;
+  const int64_t units0 = group ? p.batch : problems;
+  const int64_t split = CeilDiv(target, units0 * ks.chunks);
   const int64_t nbk = CeilDiv(p.n, kNB);
   int64_t ncc = MinI(split, nbk);
   pl.cols_per = CeilDiv(nbk, ncc) * kNB;
@@ -424,8 +520,18 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   nrc = CeilDiv(p.m, pl.rows_per);
   pl.nrc = nrc;
   pl.ncc = ncc;
+  pl.dg = 1;
+  pl.ngroups = 1;
+  int64_t units = problems;
+  if (group) {
+    const int64_t tasks1 = ks.chunks * p.batch * nrc * ncc;
+    int64_t ng = MinI(p.designs, MaxI(1, CeilDiv(target, tasks1)));
+    pl.dg = CeilDiv(p.designs, ng);
+    pl.ngroups = CeilDiv(p.designs, pl.dg);
+    units = p.batch * pl.ngroups;
+  }
   pl.failed = 0;
-  runner.run(runner.ctx, ks.chunks * problems * nrc * ncc, &RunTask, &pl);
+  runner.run(runner.ctx, ks.chunks * units * nrc * ncc, &RunTask, &pl);
   return __atomic_load_n(&pl.failed, __ATOMIC_RELAXED) ? kSimdNoMemory : kSimdOk;
 }
 
