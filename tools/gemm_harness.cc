@@ -184,6 +184,17 @@ int64_t CheckBound(const GemmProblem& p, const float* got) {
 
 // ---------------------------------------------------------------- data
 std::vector<uint32_t> MakeLut(int m, int kind, std::mt19937& rng) {
+  if (kind == 3 && m >= 2) {  // random LUT of width m' < m, widened exactly to m
+    const int mn = 1 + static_cast<int>(rng() % static_cast<unsigned>(m - 1));
+    const int sh = m - mn;
+    const auto narrow = MakeLut(mn, rng() % 2 ? 0 : 2, rng);
+    std::vector<uint32_t> lut(size_t{1} << (2 * m));
+    for (uint32_t i = 0; i < (1u << m); ++i)
+      for (uint32_t j = 0; j < (1u << m); ++j)
+        lut[(size_t(i) << m) | j] = narrow[(size_t(i >> sh) << mn) | (j >> sh)];
+    return lut;
+  }
+  if (kind == 3) kind = 0;
   const int n = 1 << m;
   std::vector<uint32_t> lut(static_cast<size_t>(n) * n);
   for (int i = 0; i < n; ++i)
@@ -235,6 +246,7 @@ struct Case {
   double special;
   int exp_lo, exp_hi;
   int lut_kind;
+  bool widened;  // designs' LUT kinds also include kind 3 (widened narrow LUTs)
 };
 
 int g_failures = 0;
@@ -248,7 +260,7 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
   for (auto& x : b) x = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
   std::vector<uint32_t> lut;
   for (int64_t d = 0; d < gl; ++d) {
-    auto l = MakeLut(c.mbits, (c.lut_kind + d) % 3, rng);
+    auto l = MakeLut(c.mbits, (c.lut_kind + d) % (c.widened ? 4 : 3), rng);
     lut.insert(lut.end(), l.begin(), l.end());
   }
   GemmProblem p;
@@ -454,6 +466,7 @@ int Test() {
           c.exp_lo = (v % 3 == 2) ? 60 : 100;
           c.exp_hi = (v % 3 == 2) ? 196 : 150;
           c.lut_kind = v % 3;
+          c.widened = true;
           ++v;
           RunCase(c, rng, &pool);
           ++cases;
@@ -472,6 +485,24 @@ int Test() {
       c.special = 0.0005;
       c.exp_lo = 100;
       c.exp_hi = 150;
+      c.widened = true;
+      RunCase(c, rng, &pool);
+      ++cases;
+    }
+    // Single designs with widened LUTs (a narrower design at a stack's width).
+    for (int m : {2, 5, 7}) {
+      Case c{};
+      c.designs = 1;
+      c.batch = 1;
+      c.m = 70;
+      c.k = 130;
+      c.n = 90;
+      c.mbits = m;
+      c.special = 0.01;
+      c.exp_lo = 100;
+      c.exp_hi = 150;
+      c.lut_kind = 3;
+      c.widened = true;
       RunCase(c, rng, &pool);
       ++cases;
     }

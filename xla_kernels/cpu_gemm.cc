@@ -173,6 +173,58 @@ int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks, const Paralle
 // this many floats (problems are processed in groups; never changes bits).
 constexpr int64_t kSplitScratchFloats = int64_t{16} << 20;  // 64 MiB
 
+// Effective widths (see KSplit::eff_bits): per design the smallest M' whose
+// widening is the LUT, and the narrow LUT. Only for the tile path (M <= 7).
+struct EffectiveWidths {
+  std::vector<int> bits;
+  std::vector<const uint32_t*> luts;
+  std::vector<std::vector<uint32_t>> storage;
+};
+
+// Whether every entry of the width-m LUT depends only on the top m - s bits of
+// both indices.
+bool WidenedBy(const uint32_t* lut, int m, int s) {
+  const uint32_t low = (1u << s) - 1u;
+  const uint32_t keep = ~((low << m) | low);
+  const uint32_t entries = 1u << (2 * m);
+  for (uint32_t idx = 0; idx < entries; ++idx)
+    if (lut[idx] != lut[idx & keep]) return false;
+  return true;
+}
+
+bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
+  if (p.mbits > 7 || p.mbits < 2 || p.k == 0) return false;
+  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+  std::vector<int> bits(luts);
+  bool any = false;
+  for (int64_t d = 0; d < luts; ++d) {
+    const uint32_t* l = p.lut + d * p.lut_design_stride;
+    int s = 0;
+    while (p.mbits - (s + 1) >= kMinMantissaBits && WidenedBy(l, p.mbits, s + 1)) ++s;
+    bits[d] = p.mbits - s;
+    any = any || s > 0;
+  }
+  if (!any) return false;
+  ew->bits.resize(p.designs);
+  ew->luts.resize(p.designs);
+  ew->storage.resize(luts);
+  for (int64_t d = 0; d < luts; ++d) {
+    const uint32_t* l = p.lut + d * p.lut_design_stride;
+    const int mb = bits[d], s = p.mbits - bits[d];
+    std::vector<uint32_t>& narrow = ew->storage[d];
+    narrow.resize(size_t{1} << (2 * mb));
+    for (uint32_t u = 0; u < (1u << mb); ++u)
+      for (uint32_t v = 0; v < (1u << mb); ++v)
+        narrow[(u << mb) | v] = l[((u << s) << p.mbits) | (v << s)];
+  }
+  for (int64_t d = 0; d < p.designs; ++d) {
+    const int64_t src = p.lut_design_stride == 0 ? 0 : d;
+    ew->bits[d] = bits[src];
+    ew->luts[d] = ew->storage[src].data();
+  }
+  return true;
+}
+
 }  // namespace
 
 std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for) {
@@ -181,9 +233,14 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
   if (rows == 0 || p.n == 0) return {};
   const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
   try {
+    EffectiveWidths ew;
+    const bool narrow = gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
+    const int* eff_bits = narrow ? ew.bits.data() : nullptr;
+    const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
     const int64_t chunk = SplitKChunk(p);
     if (chunk >= p.k) {
-      const gemm_internal::KSplit ks{std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr};
+      const gemm_internal::KSplit ks{std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr,
+                                     eff_bits, eff_lut};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       return {};
     }
@@ -195,7 +252,7 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
     std::vector<float> part(static_cast<size_t>(group * chunks * mn));
     for (int64_t p0 = 0; p0 < problems; p0 += group) {
       const int64_t g = std::min(group, problems - p0);
-      const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data()};
+      const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
       const int64_t total = g * mn;

@@ -48,12 +48,20 @@ extern int g_no_design_sharing;
 // chunks of `chunk` terms (`chunks` of them). With part == nullptr (chunks ==
 // 1, chunk >= k) the sums go to p.out; else chunk s of problem prob_begin + q
 // is written to part + (s * probs + q) * m * n, each summed from +0.
+//
+// eff_bits / eff_lut (optional, one entry per design): a design whose width-M
+// LUT is the exact widening of a width-M' LUT (every entry depends only on the
+// top M' bits of both mantissa indices, as multipliers.stack() produces for
+// narrower designs in a stack) gives bit-identical products with M' and the
+// narrow LUT; the tile path then builds 2^M' tiles instead of 2^M.
 struct KSplit {
   int64_t chunk;
   int64_t chunks;
   int64_t prob_begin;
   int64_t probs;
   float* part;
+  const int* eff_bits = nullptr;
+  const uint32_t* const* eff_lut = nullptr;
 };
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };

@@ -308,7 +308,18 @@ void RunTask(void* arg, int64_t task) {
   const int KB = pl.kb_max;
   const int64_t kstride = RoundUp(KB, kVL);
   const int64_t npanels = CeilDiv(r1 - r0, mr);
-  const int64_t npacks = share_a ? 1 : nd;  // packs of a held at once
+  // Per-design width of the tile path (KSplit::eff_bits) and the LUT it uses.
+  const bool narrow = pl.strategy == kTiles && ks.eff_bits != nullptr;
+  auto bits_of = [&](int64_t dd) { return narrow ? ks.eff_bits[d0 + dd] : mbits; };
+  // A shared a is packed once per distinct width (slot_of[width]).
+  int slot_of[kMaxMantissaBits + 1];
+  int64_t nwidths = 0;
+  for (int w = 0; w <= kMaxMantissaBits; ++w) slot_of[w] = -1;
+  for (int64_t dd = 0; dd < nd; ++dd) {
+    const int w = bits_of(dd);
+    if (slot_of[w] < 0) slot_of[w] = static_cast<int>(nwidths++);
+  }
+  const int64_t npacks = share_a ? nwidths : nd;  // packs of a held at once
   const int64_t nstats = share_b ? 1 : nd;  // b statistics held at once
   const int64_t pack_words = npanels * kstride * kPackW;
 
@@ -354,8 +365,10 @@ void RunTask(void* arg, int64_t task) {
   for (int64_t k0 = kbeg; k0 < K; k0 += KB) {
     const int kb = static_cast<int>(MinI(KB, K - k0));
     // Design-independent work once per shared operand: b statistics, the a
-    // pack; the acceptance of each (design, panel) pair.
+    // pack (once per width); the acceptance of each (design, panel) pair.
+    bool packed[kMaxMantissaBits + 1] = {};
     for (int64_t dd = 0; dd < nd; ++dd) {
+      const int mb = bits_of(dd);
       const float* A = a_of(dd);
       int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
       int32_t* lo = st;
@@ -363,7 +376,7 @@ void RunTask(void* arg, int64_t task) {
       int32_t* ok0 = st + 2 * kstride;
       if (dd == 0 || !share_b) BStats(b_of(dd), ldb, k0, kb, c0, c1, lo, hi, ok0);
       char* okd = panel_ok + dd * npanels;
-      if (dd > 0 && share_a) {
+      if (share_a && packed[slot_of[mb]]) {
         if (share_b) {
           for (int64_t pi = 0; pi < npanels; ++pi) okd[pi] = panel_ok[pi];
         } else {
@@ -375,7 +388,8 @@ void RunTask(void* arg, int64_t task) {
         }
         continue;
       }
-      int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
+      int32_t* pkd = pk_base + (share_a ? slot_of[mb] : dd) * pack_words;
+      if (share_a) packed[slot_of[mb]] = true;
       for (int64_t pi = 0; pi < npanels; ++pi) {
         const int64_t i0 = r0 + pi * mr;
         const int rows = static_cast<int>(MinI(mr, r1 - i0));
@@ -387,23 +401,27 @@ void RunTask(void* arg, int64_t task) {
           for (int r = 0; r < prow; ++r)
             for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
         }
-        okd[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mbits, ustride, kkmul, lo, hi,
+        okd[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mb, ustride, kkmul, lo, hi,
                               ok0, pkd + pi * kstride * kPackW);
       }
     }
     for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
       const int cols = static_cast<int>(MinI(kNB, c1 - j0));
       // Designs innermost: the shared pack / b decomposition stay in cache.
+      int dec_bits = -1;
       for (int64_t dd = 0; dd < nd; ++dd) {
+        const int mb = bits_of(dd);
         const float* A = a_of(dd);
         const float* B = b_of(dd);
         const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
         float* C = c_of(dd);
-        if (dd == 0 || !share_b) DecomposeB(B, ldb, k0, kb, j0, cols, mbits, ibv, sbv);
-        if (pl.strategy == kTiles && (dd == 0 || !share_tiles))
-          BuildTiles(lut, mbits, kb, ibv, sbv, tiles, pl.ustride);
+        if (dd == 0 || !share_b || mb != dec_bits)
+          DecomposeB(B, ldb, k0, kb, j0, cols, mb, ibv, sbv);
+        if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits))
+          BuildTiles(narrow ? ks.eff_lut[d0 + dd] : lut, mb, kb, ibv, sbv, tiles, pl.ustride);
+        dec_bits = mb;
         const char* okd = panel_ok + dd * npanels;
-        const int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
+        const int32_t* pkd = pk_base + (share_a ? slot_of[mb] : dd) * pack_words;
         for (int64_t pi = 0; pi < npanels; ++pi) {
           const int64_t i0 = r0 + pi * mr;
           const int rows = static_cast<int>(MinI(mr, r1 - i0));
