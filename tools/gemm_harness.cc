@@ -295,14 +295,22 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
   for (int isa = 1; isa <= 3; ++isa)
     for (int strat = 0; strat <= 2; ++strat) {
       if (isa == 1 && strat > 0) continue;
+      // AVX-512: also every column-block width (16 / 32 / 64) forced, for
+      // narrow outputs (the automatic choice is tested with width 0).
+      const int widths[4] = {0, 16, 32, 64};
+      const int nwidths = (isa == 3 && c.n <= 64) ? 4 : 1;
+      for (int wi = 0; wi < nwidths; ++wi)
       for (int f = 0; f < 3; ++f) {
+        if (wi > 0 && f == 1) continue;
         gemm_internal::g_force_isa = isa;
         gemm_internal::g_force_strategy = strat;
+        gemm_internal::g_force_width = widths[wi];
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();
         const std::string err = ApproxGemmCpu(p, fors[f]);
         gemm_internal::g_force_isa = 0;
         gemm_internal::g_force_strategy = 0;
+        gemm_internal::g_force_width = 0;
         int64_t diff = 0, first = -1;
         for (size_t i = 0; i < out_size; ++i) {
           // NaN sign/payload of a sum is not meaningful: x86 keeps the first
@@ -315,8 +323,8 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
           }
         }
         if (!err.empty() || diff) {
-          std::printf("FAIL %s isa=%d strat=%d for=%d err='%s' diffs=%lld", desc, isa, strat, f,
-                      err.c_str(), (long long)diff);
+          std::printf("FAIL %s isa=%d strat=%d width=%d for=%d err='%s' diffs=%lld", desc, isa,
+                      strat, widths[wi], f, err.c_str(), (long long)diff);
           if (first >= 0)
             std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(out[first]),
                         FloatBits(ref[first]));
@@ -364,6 +372,32 @@ int Test() {
         ++cases;
       }
     }
+  // Narrow outputs (n <= 33: the 16- and 32-column AVX-512 kernels), odd m
+  // and k, row counts on both sides of the tile/gather switch, several k
+  // blocks and row chunks.
+  {
+    const int64_t narrow_mk[][2] = {{33, 25}, {101, 301}, {7, 77}, {1001, 27}};
+    int v = 0;
+    for (int m : {3, 5, 7, 11})
+      for (int64_t n : {1, 10, 16, 31, 32, 33})
+        for (auto& mk : narrow_mk) {
+          if (mk[0] == 1001 && m != 7 && m != 3) continue;
+          Case c{};
+          c.designs = 1;
+          c.batch = 1;
+          c.m = mk[0];
+          c.k = mk[1];
+          c.n = n;
+          c.mbits = m;
+          c.lut_kind = v % 3;
+          c.special = (v % 3 == 1) ? 0.02 : 0.0;
+          c.exp_lo = (v % 3 == 2) ? 60 : 110;
+          c.exp_hi = (v % 3 == 2) ? 196 : 140;
+          ++v;
+          RunCase(c, rng, &pool);
+          ++cases;
+        }
+  }
   // Broadcast strides over designs and batch.
   for (int m : {3, 7, 11}) {
     for (int bc = 0; bc < 8; ++bc) {

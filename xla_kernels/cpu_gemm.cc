@@ -27,6 +27,7 @@ int g_force_strategy = 0;
 int g_force_isa = 0;
 int64_t g_tile_budget = 0;
 int g_no_design_sharing = 0;
+int g_force_width = 0;
 
 namespace {
 

@@ -73,10 +73,10 @@ inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
 }
 
 // tiles[u * ustride + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
-void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv,
+// n = kb * kNB floats per u.
+void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
                 float* tiles, int ustride) {
   const VI one_exp = Set1I(127 << 23);
-  const int n = kb * kNB;
   for (int u = 0; u < (1 << mbits); ++u) {
     const uint32_t* row = lut + (static_cast<int64_t>(u) << mbits);
     float* out = tiles + static_cast<int64_t>(u) * ustride;

@@ -19,10 +19,6 @@ namespace gemm_internal {
 namespace avx512 {
 
 constexpr int kVL = 16;
-constexpr int kNV = 4;   // 64 columns per tile block
-constexpr int kNB = kVL * kNV;
-constexpr int kMR = 6;   // 24 accumulators
-constexpr int kMRG = 4;  // gather kernel rows
 
 using VF = __m512;
 using VI = __m512i;
@@ -97,15 +93,15 @@ inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
   }
 }
 
-// tiles[u * ustride + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
+// tiles[u * ustride + x] = Lf[u][ibv[x]] * sbv[x] for x < n (n = kb * kNB of
+// the calling width) and all u.
 // The LUT row of u is held in registers and looked up with permutes.
 template <int MB>
-void BuildTilesM(const uint32_t* lut, int kb, const int32_t* ibv, const float* sbv,
+void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sbv,
                  float* tiles, int ustride) {
   constexpr int kRowRegs = MB <= 4 ? 1 : (1 << (MB - 4));
   const VI one_exp = Set1I(127 << 23);
   const __mmask16 row_mask = MB >= 4 ? 0xffff : static_cast<__mmask16>((1u << (1 << MB)) - 1u);
-  const int n = kb * kNB;
   for (int u = 0; u < (1 << MB); ++u) {
     const uint32_t* row = lut + (u << MB);
     VI t[kRowRegs];
@@ -140,10 +136,9 @@ void BuildTilesM(const uint32_t* lut, int kb, const int32_t* ibv, const float* s
 // Wide LUTs (M >= 8): row u (2^M entries) stays in L1/L2 while it is read
 // with scalar loads (gathers are slow on CPUs with the GDS mitigation).
 __attribute__((optimize("no-tree-vectorize"))) void BuildTilesWide(
-    const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv, float* tiles,
+    const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv, float* tiles,
     int ustride) {
   const VI one_exp = Set1I(127 << 23);
-  const int n = kb * kNB;
   alignas(64) int32_t tmp[kVL];
   for (int u = 0; u < (1 << mbits); ++u) {
     const uint32_t* row = lut + (static_cast<int64_t>(u) << mbits);
@@ -156,26 +151,58 @@ __attribute__((optimize("no-tree-vectorize"))) void BuildTilesWide(
   }
 }
 
-void BuildTiles(const uint32_t* lut, int mbits, int kb, const int32_t* ibv, const float* sbv,
+void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
                 float* tiles, int ustride) {
-  if (mbits >= 8) return BuildTilesWide(lut, mbits, kb, ibv, sbv, tiles, ustride);
+  if (mbits >= 8) return BuildTilesWide(lut, mbits, n, ibv, sbv, tiles, ustride);
   switch (mbits) {
-    case 1: BuildTilesM<1>(lut, kb, ibv, sbv, tiles, ustride); break;
-    case 2: BuildTilesM<2>(lut, kb, ibv, sbv, tiles, ustride); break;
-    case 3: BuildTilesM<3>(lut, kb, ibv, sbv, tiles, ustride); break;
-    case 4: BuildTilesM<4>(lut, kb, ibv, sbv, tiles, ustride); break;
-    case 5: BuildTilesM<5>(lut, kb, ibv, sbv, tiles, ustride); break;
-    case 6: BuildTilesM<6>(lut, kb, ibv, sbv, tiles, ustride); break;
-    default: BuildTilesM<7>(lut, kb, ibv, sbv, tiles, ustride); break;
+    case 1: BuildTilesM<1>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 2: BuildTilesM<2>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 3: BuildTilesM<3>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 4: BuildTilesM<4>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 5: BuildTilesM<5>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 6: BuildTilesM<6>(lut, n, ibv, sbv, tiles, ustride); break;
+    default: BuildTilesM<7>(lut, n, ibv, sbv, tiles, ustride); break;
   }
 }
 
+// The kernels, instantiated for three column-block widths. Narrow outputs
+// (every LeNet conv has 32 channels, its last dense layer 10) would leave half
+// or more of a 64-column block as zero padding: wasted micro-kernel FMAs and
+// tile builds. The width only changes blocking, never the summation order
+// (each output element is still summed over k ascending from +0, split-K by
+// split_k.h), so all three give the same bits.
+namespace w64 {
+constexpr int kNV = 4;   // 64 columns per tile block
+constexpr int kNB = kVL * kNV;
+constexpr int kMR = 6;   // 24 accumulators
+constexpr int kMRG = 4;  // gather kernel rows
 #include "cpu_gemm_simd_impl.h"
+}  // namespace w64
+
+namespace w32 {
+constexpr int kNV = 2;   // 32 columns per tile block (17 <= n <= 32)
+constexpr int kNB = kVL * kNV;
+constexpr int kMR = 8;   // 16 accumulators (8 = the rows of one pack record)
+constexpr int kMRG = 8;
+#include "cpu_gemm_simd_impl.h"
+}  // namespace w32
+
+namespace w16 {
+constexpr int kNV = 1;   // 16 columns per tile block (n <= 16)
+constexpr int kNB = kVL * kNV;
+constexpr int kMR = 8;   // 8 accumulators
+constexpr int kMRG = 8;
+#include "cpu_gemm_simd_impl.h"
+}  // namespace w16
 
 }  // namespace avx512
 
 int GemmAvx512(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
-  return avx512::RunGemm(p, ks, runner);
+  int width = p.n <= 16 ? 16 : (p.n <= 32 ? 32 : 64);
+  if (g_force_width == 16 || g_force_width == 32 || g_force_width == 64) width = g_force_width;
+  if (width == 16) return avx512::w16::RunGemm(p, ks, runner);
+  if (width == 32) return avx512::w32::RunGemm(p, ks, runner);
+  return avx512::w64::RunGemm(p, ks, runner);
 }
 
 }  // namespace gemm_internal

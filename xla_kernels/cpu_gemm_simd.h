@@ -42,6 +42,9 @@ extern int64_t g_tile_budget;
 // Harness override: 1 = treat every design as an independent problem (no
 // reuse of a/b work shared across designs); for benchmarking only.
 extern int g_no_design_sharing;
+// Harness override of the AVX-512 column-block width: 0 = chosen by n
+// (16 for n <= 16, 32 for n <= 32, else 64), or 16 / 32 / 64.
+extern int g_force_width;
 
 // Which part of the problem one kernel call computes (see cpu_gemm_split.h):
 // problems [prob_begin, prob_begin + probs) of the design x batch grid, k in

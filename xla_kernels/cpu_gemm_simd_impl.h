@@ -3,7 +3,8 @@
 // namespace approx_jax::gemm_internal::APPROX_GEMM_ISA_NS:
 //   kVL (lanes), kNB = kVL * kNV (columns per block), kMR/kNV (tile micro-kernel rows/vectors), kMRG (gather
 //   micro-kernel rows), types VF/VI and the primitives used below, plus
-//   BuildTiles(...) and GatherI(...).
+//   BuildTiles(lut, mbits, count, ...) (count = kb * kNB tile floats per u)
+//   and GatherI(...).
 //
 // Exactness argument (see benchmarks/bench_cpu_gemm_kernel.md):
 // every operand is split into a power-of-two scale s = +-2^(e-127) (or a
@@ -418,7 +419,8 @@ void RunTask(void* arg, int64_t task) {
         if (dd == 0 || !share_b || mb != dec_bits)
           DecomposeB(B, ldb, k0, kb, j0, cols, mb, ibv, sbv);
         if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits))
-          BuildTiles(narrow ? ks.eff_lut[d0 + dd] : lut, mb, kb, ibv, sbv, tiles, pl.ustride);
+          BuildTiles(narrow ? ks.eff_lut[d0 + dd] : lut, mb, kb * kNB, ibv, sbv, tiles,
+                     pl.ustride);
         dec_bits = mb;
         const char* okd = panel_ok + dd * npanels;
         const int32_t* pkd = pk_base + (share_a ? slot_of[mb] : dd) * pack_words;
