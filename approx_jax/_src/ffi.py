@@ -69,6 +69,31 @@ def _result_type(shape, like) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+def call_target(
+    target: str,
+    result: jax.ShapeDtypeStruct,
+    a: jax.Array,
+    b: jax.Array,
+    klut: jax.Array,
+    mbits: int,
+) -> jax.Array:
+    """Calls one of the approx_jax FFI targets (the only place that does).
+
+    Args:
+      target: ``GEMM_TARGET`` or ``MULTIPLY_TARGET``.
+      result: Result type (shape, float32, and sharding where it matters).
+      a: First operands (float32, canonical layout of the target).
+      b: Second operands.
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
+      mbits: Mantissa width M.
+
+    Returns:
+      The custom call's result.
+    """
+    _require_kernels()
+    return jax.ffi.ffi_call(target, result)(a, b, klut, mbits=np.int32(mbits))
+
+
 def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
     """Calls the ``approx_jax_gemm`` custom call (canonical rank-4 layout).
 
@@ -81,13 +106,10 @@ def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Ar
     Returns:
       float32 ``[D, B, M, N]`` with ``D = max(Ga, Gb, Gl)``, ``B = max(Ba, Bb)``.
     """
-    _require_kernels()
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     batch = max(a.shape[1], b.shape[1])
     shape = (designs, batch, a.shape[2], b.shape[3])
-    return jax.ffi.ffi_call(GEMM_TARGET, _result_type(shape, a))(
-        a, b, klut, mbits=np.int32(mbits)
-    )
+    return call_target(GEMM_TARGET, _result_type(shape, a), a, b, klut, mbits)
 
 
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
@@ -102,9 +124,6 @@ def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> ja
     Returns:
       float32 ``[D, n]`` with ``D = max(Ga, Gb, Gl)``.
     """
-    _require_kernels()
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     shape = (designs, a.shape[1])
-    return jax.ffi.ffi_call(MULTIPLY_TARGET, _result_type(shape, a))(
-        a, b, klut, mbits=np.int32(mbits)
-    )
+    return call_target(MULTIPLY_TARGET, _result_type(shape, a), a, b, klut, mbits)

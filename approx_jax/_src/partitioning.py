@@ -44,7 +44,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -214,17 +213,12 @@ def _varying(aval) -> frozenset:
     return frozenset(getattr(mat, "varying", ()) or ())
 
 
-def _ffi(target: str, result: jax.ShapeDtypeStruct, mbits: int, a, b, lut) -> jax.Array:
-    ffi._require_kernels()  # noqa: SLF001 - same package
-    return jax.ffi.ffi_call(target, result)(a, b, lut, mbits=np.int32(mbits))
-
-
 def _make_partitioned(target, dims, out_dims, reduction, mbits: int):
     """custom_partitioning wrapper of the FFI target with the given factors."""
 
     def call(a, b, lut):
         result = _result_type(dims, out_dims, reduction, (a, b, lut))
-        return _ffi(target, result, mbits, a, b, lut)
+        return ffi.call_target(target, result, a, b, lut, mbits)
 
     @custom_partitioning
     def op(a, b, lut):
