@@ -81,7 +81,7 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array:
             f"multiplier.lut has {np.shape(lut)[-1]} entries per design, expected "
             f"4**M = {lut_lib.num_entries(m.mbits)} for M={m.mbits}"
         )
-    klut = lut_lib.kernel_lut(jnp.asarray(m.lut), m.mbits)
+    klut = m.kernel_lut()
     return klut.reshape(-1, klut.shape[-1])
 
 
