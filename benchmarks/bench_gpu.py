@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -101,6 +102,20 @@ def _op(name):
     return fn
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Sets an environment knob the CUDA launcher reads at each launch."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 @guarded("GEMM")
 def bench_gemm(device, sizes, mbits_list, reps):
     approx_dot = _op("approx_dot")
@@ -125,6 +140,13 @@ def bench_gemm(device, sizes, mbits_list, reps):
             t = median_time(lambda: approx(x, w), reps if mbits <= 7 else max(2, reps // 2))
             record(f"GEMM {n}^3", f"mbm{mbits}", t, t_native, "f32 HIGHEST",
                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x")
+            if mbits in (3, 7) and n >= 4096:
+                # The LUT kernel on the same problem (M <= 7 defaults to the
+                # expanded-operand kernel; same bits).
+                with _env("APPROX_JAX_CUDA_EXPANDED", "0"):
+                    t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
+                record(f"GEMM {n}^3 LUT kernel", f"mbm{mbits}", t, t_native, "f32 HIGHEST",
+                       f"{flops / t / 1e12:.2f} TFLOP/s-equiv")
 
 
 @guarded("GEMM dW")
@@ -149,15 +171,8 @@ def bench_gemm_weight_grad(device, mbits_list, reps):
             # Same op with split-K disabled (env read at each launch).
             m = mb.mbm(7)
             approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
-            old = os.environ.get("APPROX_JAX_CUDA_SPLIT_K")
-            os.environ["APPROX_JAX_CUDA_SPLIT_K"] = "1"
-            try:
+            with _env("APPROX_JAX_CUDA_SPLIT_K", "1"):
                 t = median_time(lambda: approx(x, w), 2, budget_s=5.0)
-            finally:
-                if old is None:
-                    os.environ.pop("APPROX_JAX_CUDA_SPLIT_K", None)
-                else:
-                    os.environ["APPROX_JAX_CUDA_SPLIT_K"] = old
             record(case, "mbm7", t, t_native, "f32 HIGHEST", "split-K off")
 
 

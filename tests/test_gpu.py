@@ -621,3 +621,75 @@ def test_gemm_cpu_and_gpu_bit_identical(M, shape, monkeypatch):
     m = MB.mbm(M)
     fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
     assert_bits_equal(run_on(GPU, fn, a, b), run_on(CPU, fn, a, b), f"CPU vs GPU M={M} {shape}")
+
+
+# --------------------------------------------------------------------------
+# Expanded-operand kernel (M <= 7, the default there) vs the LUT kernel
+# (APPROX_JAX_CUDA_EXPANDED=0): both must give the sequential sum's bits.
+
+EXPANDED_SHAPES = [(300, 70, 130), (257, 41, 64), (33, 19, 200), (9, 300, 7)]
+
+
+@pytest.mark.parametrize("M", (1, 2, 3, 4, 5, 6, 7))
+@pytest.mark.parametrize("shape", EXPANDED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_expanded_kernel_all_widths(M, shape, monkeypatch):
+    rows, K, N = shape
+    rng = np.random.default_rng(2000 + 17 * M + rows + K + N)
+    # exp_range 40 keeps every operand on the fast path except the zeros.
+    a = random_operands((rows, K), rng, exp_range=40)
+    b = random_operands((K, N), rng, exp_range=40)
+    m = MB.from_lut(random_lut(M, rng), M)
+    stored = np.asarray(m.lut)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    got = run_on(GPU, fn, a, b)
+    assert_bits_equal(got, sequential_gemm(a, b, stored, M), f"expanded M={M} {shape}")
+    monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED", "0")
+    got_lut = run_on(GPU, fn, a, b)
+    assert_bits_equal(got_lut, got, f"LUT kernel vs expanded M={M} {shape}")
+
+
+@pytest.mark.parametrize("M", (2, 5, 6, 7))
+def test_gemm_expanded_kernel_exponent_edges(M, monkeypatch):
+    # Biased exponents at the fast path's edges: 64 and 190 stay fast, 63 and
+    # 191 send their k-chunk to the scalar path; products near the underflow
+    # and overflow thresholds, subnormals, Inf/NaN in some chunks.
+    rng = np.random.default_rng(3000 + M)
+    rows, K, N = 260, 96, 72
+    edge = np.exp2(np.array([64 - 127, 63 - 127, 190 - 127, 191 - 127, 0.0], np.float64))
+    a = random_operands((rows, K), rng)
+    b = random_operands((K, N), rng)
+    for x in (a, b):
+        mask = rng.random(x.shape) < 0.03
+        x[mask] = (rng.choice(edge, int(mask.sum())) * rng.uniform(1, 2, int(mask.sum()))).astype(
+            np.float32
+        ) * rng.choice([-1, 1], int(mask.sum()))
+    a[:, 40:48] = np.float32(2.0**-63) * rng.uniform(1, 2, (rows, 8)).astype(np.float32)
+    b[40:48, :] = np.float32(2.0**-63) * rng.uniform(1, 2, (8, N)).astype(np.float32)
+    a[:, 80:88][rng.random((rows, 8)) < 0.01] = np.inf
+    b[8:16][rng.random((8, N)) < 0.01] = np.float32(1e-41)
+    m = MB.from_lut(random_lut(M, rng), M)
+    stored = np.asarray(m.lut)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    want = sequential_gemm(a, b, stored, M)
+    assert_bits_equal(run_on(GPU, fn, a, b), want, f"edges M={M}")
+    monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED", "0")
+    assert_bits_equal(run_on(GPU, fn, a, b), want, f"edges M={M} LUT kernel")
+
+
+def test_gemm_expanded_kernel_stacked_and_split_k(monkeypatch):
+    # Stacked designs (Lt restaged per design), batched operands and a forced
+    # split-K in both execution modes.
+    rng = np.random.default_rng(4000)
+    stacked = MB.stack([MB.mbm(7), MB.from_lut(random_lut(7, rng), 7), MB.mitchell(5)])
+    a = random_operands((3, 70, 600), rng)
+    b = random_operands((600, 90), rng)
+    stored = np.asarray(stacked.lut)
+    matmul = _api("approx_matmul")
+    for want_chunks in ("1", "3"):
+        monkeypatch.setenv("APPROX_JAX_CUDA_SPLIT_K", want_chunks)
+        got = run_on(GPU, lambda x, w: matmul(x, w, stacked), a, b)
+        assert got.shape == (3, 3, 70, 90)
+        for d in range(3):
+            for i in (0, 2):
+                want = chunked_gemm(a[i], b, stored[d], stacked.mbits, int(want_chunks))
+                assert_bits_equal(got[d, i], want, f"design {d} batch {i} split {want_chunks}")

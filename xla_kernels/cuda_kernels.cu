@@ -63,12 +63,24 @@
 #include <string>
 
 #include "approx_math.h"
+#include "cuda_gemm_internal.h"
 #include "split_k.h"
 
 namespace approx_jax {
+namespace cuda_gemm {
+
+std::string CudaErr(const char* what, cudaError_t e) {
+  return std::string(what) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
+}
+
+}  // namespace cuda_gemm
+
 namespace {
 
-constexpr int kThreads = 256;
+using cuda_gemm::CudaErr;
+using cuda_gemm::GemmParams;
+using cuda_gemm::kSlowExponent;
+using cuda_gemm::kThreads;
 constexpr int kBK = 8;
 
 // Block tile of kBM x kBN outputs, 8 x 8 per thread (256 threads).
@@ -95,30 +107,6 @@ using WideTile = Tile<128, 128>;
 using TallTile = Tile<256, 64>;  // N <= 64 (e.g. conv layers with 64 channels)
 
 constexpr uint32_t kOneBits = 0x3f800000u;                // 1.0f
-// A chunk is computed exactly (scalar path) when any operand has a biased
-// exponent >= this: covers Inf/NaN and every possible overflow, since two
-// exponents <= 190 give e0 = ea + eb - 127 <= 253.
-constexpr uint32_t kSlowExponent = 191;
-
-
-struct GemmParams {
-  const float* a;
-  const float* b;
-  const uint32_t* lut;
-  float* out;
-  int64_t designs, batch, m, k, n;
-  int64_t a_ds, a_bs, b_ds, b_bs, lut_ds;
-  int64_t m_tiles;  // parallel split-K: blockIdx.x = m_tile + m_tiles * chunk
-  int64_t kspan;    // k per chunk (== k when not chunked)
-  int64_t splits;   // number of k-chunks (1 when not chunked)
-  int parallel;     // 1: one chunk per block, partials to out = scratch
-                    // [splits][db][M][N]; 0: each block folds all chunks
-                    // into out in ascending order
-  int mbits;
-  int lw;              // log2(banks per LUT copy), shared-LUT mode only
-  uint32_t lut_words;  // words staged in shared memory (copies * 4^M)
-  int vec_a, vec_b, vec_out;
-};
 
 __device__ __forceinline__ float MulFtz(float x, float y) {
   float r;
@@ -446,10 +434,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-std::string CudaErr(const char* what, cudaError_t e) {
-  return std::string(what) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
-}
-
 int64_t LutSmemCapBytes() {
   int64_t kb = 128;
   if (const char* s = std::getenv("APPROX_JAX_CUDA_LUT_SMEM_KB")) {
@@ -531,6 +515,34 @@ int64_t SplitKOverride() {
   return 0;
 }
 
+// Whether the expanded-operand kernel runs this problem (M <= 7, its shared
+// memory fits the device, not disabled by APPROX_JAX_CUDA_EXPANDED=0), and
+// the block tile of the kernel that does (PlanApproxGemm's split-K mode
+// decision must see the tile that LaunchApproxGemm will use).
+bool UseExpanded(const CudaGemmProblem& p, int optin, int64_t* bm, int64_t* bn) {
+  if (!cuda_gemm::ExpandedTile(p.mbits, p.n, bm, bn)) return false;
+  return cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= optin;
+}
+
+int SmemOptin() {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess) {
+    return 0;
+  }
+  return optin;
+}
+
+void BlockTile(const CudaGemmProblem& p, int64_t* bm, int64_t* bn) {
+  if (UseExpanded(p, SmemOptin(), bm, bn)) return;
+  // Narrow outputs (N <= 64, e.g. 64-channel conv layers) would waste half of
+  // a 128-wide tile: 256 x 64 tiles there.
+  const bool tall = p.n <= TallTile::kBN;
+  *bm = tall ? TallTile::kBM : WideTile::kBM;
+  *bn = tall ? TallTile::kBN : WideTile::kBN;
+}
+
 }  // namespace
 
 void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits,
@@ -570,9 +582,8 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   int sms = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
-  const bool tall = p.n <= TallTile::kBN;  // same choice as LaunchApproxGemm
-  const int64_t bm = tall ? TallTile::kBM : WideTile::kBM;
-  const int64_t bn = tall ? TallTile::kBN : WideTile::kBN;
+  int64_t bm = 0, bn = 0;
+  BlockTile(p, &bm, &bn);
   const int64_t tiles = db * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
   if (tiles < kSplitTilesPerSm * std::max(sms, 1)) {
     plan->parallel = true;
@@ -629,11 +640,16 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   gp.vec_b = (p.n % 4 == 0 && Aligned16(p.b) && gp.b_ds % 4 == 0 && gp.b_bs % 4 == 0) ? 1 : 0;
   gp.vec_out = (p.n % 4 == 0 && Aligned16(gp.out)) ? 1 : 0;
   const int64_t grid_splits = parallel ? plan.splits : 1;
-  // Narrow outputs (N <= 64, e.g. 64-channel conv layers) would waste half of
-  // a 128-wide tile: use 256 x 64 tiles there (PlanApproxGemm assumes this).
-  std::string err = (p.n <= TallTile::kBN)
-                        ? LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream)
-                        : LaunchGemmTiled<WideTile>(gp, grid_splits, optin, stream);
+  // Same kernel and tile choice as BlockTile (PlanApproxGemm assumes it).
+  int64_t bm = 0, bn = 0;
+  std::string err;
+  if (UseExpanded(p, optin, &bm, &bn)) {
+    err = cuda_gemm::LaunchExpandedGemm(gp, grid_splits, stream);
+  } else if (p.n <= TallTile::kBN) {
+    err = LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream);
+  } else {
+    err = LaunchGemmTiled<WideTile>(gp, grid_splits, optin, stream);
+  }
   if (!err.empty() || !parallel) return err;
   const int64_t total = db * p.m * p.n;
   constexpr int kBlock = 256;
