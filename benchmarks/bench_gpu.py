@@ -176,6 +176,33 @@ def bench_gemm_weight_grad(device, mbits_list, reps):
             record(case, "mbm7", t, t_native, "f32 HIGHEST", "split-K off")
 
 
+@guarded("ResNet-18 GEMMs")
+def bench_resnet_gemms(device, reps):
+    """The im2col GEMMs of a ResNet-18 train step (batch 32, mbm7): where time goes."""
+    approx_dot = _op("approx_dot")
+    m = _multipliers().mbm(7)
+    rng = np.random.default_rng(3)
+    shapes = [
+        ("conv1 fwd", 32 * 112 * 112, 147, 64),
+        ("layer1 fwd/dX", 32 * 56 * 56, 576, 64),
+        ("layer2 fwd/dX", 32 * 28 * 28, 1152, 128),
+        ("layer2 dW", 1152, 32 * 28 * 28, 128),
+        ("layer3 fwd/dX", 32 * 14 * 14, 2304, 256),
+        ("layer3 dW", 2304, 32 * 14 * 14, 256),
+        ("layer4 fwd/dX", 32 * 7 * 7, 4608, 512),
+        ("layer4 dW", 4608, 32 * 7 * 7, 512),
+    ]
+    native = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
+    approx = jax.jit(lambda a, b: approx_dot(a, b, m))
+    for name, rows, k, n in shapes:
+        x = jax.device_put(rng.standard_normal((rows, k), np.float32), device)
+        w = jax.device_put(rng.standard_normal((k, n), np.float32), device)
+        t_native = median_time(lambda: native(x, w), reps)
+        t = median_time(lambda: approx(x, w), reps)
+        record(f"R18 {name} {rows}x{k}x{n}", "mbm7", t, t_native, "f32 HIGHEST",
+               f"{2.0 * rows * k * n / t / 1e12:.2f} TFLOP/s-equiv")
+
+
 @guarded("conv")
 def bench_conv(device, batch, mbits_list, reps):
     approx_conv = _op("approx_conv")
@@ -290,6 +317,7 @@ def main(argv=None):
     if "gemm" in only:
         bench_gemm(device, [1024] if args.quick else [1024, 4096], mbits_list, args.reps)
         bench_gemm_weight_grad(device, mbits_list, args.reps)
+        bench_resnet_gemms(device, args.reps)
     if "conv" in only:
         bench_conv(device, 8 if args.quick else 32, [m for m in mbits_list if m <= 7] or [7],
                    args.reps)

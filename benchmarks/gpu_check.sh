@@ -98,7 +98,7 @@ rm -rf "$TESTDIR"
   echo "---- pytest-gpu tail:"; tail -5 "$OUT/pytest_gpu.txt" 2>/dev/null
   echo "---- pytest-core-cuda tail:"; tail -5 "$OUT/pytest_core_cuda.txt" 2>/dev/null
   echo "---- benchmark (ratios approx/native):"
-  grep -E "^(GEMM|conv|LeNet|ResNet|target)" "$LOG" | tail -30
+  grep -E "^(GEMM|R18|conv|LeNet|ResNet|target)" "$LOG" | tail -40
 } >> "$SUMMARY"
 cat "$SUMMARY"
 exit 0

@@ -162,7 +162,7 @@ def sequential_gemm(a, b, stored, M) -> np.ndarray:
 # Mirrors xla_kernels/split_k.h (SplitKChunkLength), shared by CPU and CUDA:
 # the order depends on one product's M, N and K only.
 SPLIT_K_MIN_K = 4096
-SPLIT_K_MAX_OUTPUTS = 1 << 16
+SPLIT_K_MAX_PARTIALS = 1 << 24
 SPLIT_K_MIN_CHUNK = 1024
 SPLIT_K_MAX_CHUNKS = 64
 SPLIT_K_ALIGN = 256
@@ -171,11 +171,11 @@ SPLIT_K_ALIGN = 256
 def split_k_chunks(K: int, want: int = 0, rows: int = 1, cols: int = 1):
     """[(k0, k1)] k-chunks: built-in rule for ``want <= 0``, else ~``want`` chunks."""
     if want <= 0:
-        if K < SPLIT_K_MIN_K or rows * cols > SPLIT_K_MAX_OUTPUTS:
+        if K < SPLIT_K_MIN_K:
             return [(0, K)]
         per = -(-K // SPLIT_K_MAX_CHUNKS)
         kspan = max(SPLIT_K_MIN_CHUNK, -(-per // SPLIT_K_ALIGN) * SPLIT_K_ALIGN)
-        if kspan >= K:
+        if kspan >= K or -(-K // kspan) * rows * cols > SPLIT_K_MAX_PARTIALS:
             return [(0, K)]
     else:
         per = -(-K // want)
@@ -606,7 +606,8 @@ def test_gemm_split_k_batched_folding_matches_single(want, monkeypatch):
 
 @pytest.mark.parametrize(
     "M,shape",
-    [(7, (64, 300, 48)), (3, (25, 6144, 32)), (7, (130, 4400, 72)), (11, (20, 4096, 24))],
+    [(7, (64, 300, 48)), (3, (25, 6144, 32)), (7, (130, 4400, 72)), (11, (20, 4096, 24)),
+     (7, (280, 4224, 256)), (5, (300, 5000, 130))],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"M{v}",
 )
 def test_gemm_cpu_and_gpu_bit_identical(M, shape, monkeypatch):

@@ -162,10 +162,11 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
     if (d != staged_design) {
       __syncthreads();  // nobody still reads the previous design's Lt
       uint16_t* lt16 = reinterpret_cast<uint16_t*>(lt);
-      // Coalesced reads of glut[(u << M) | v]; scattered 2-byte stores.
+      // Lanes take consecutive u: conflict-free 2-byte stores; the strided
+      // reads hit L2 (the LUT is at most 64 KB).
       for (uint32_t w = tid; w < planes * planes; w += kThreads) {
-        const uint32_t u = w >> mb, v = w & (planes - 1u);
-        lt16[v * planes + u] = static_cast<uint16_t>(__ldg(glut + w) >> 16);
+        const uint32_t v = w >> mb, u = w & (planes - 1u);
+        lt16[w] = static_cast<uint16_t>(__ldg(glut + ((u << mb) | v)) >> 16);
       }
       for (uint32_t u = tid; u < planes; u += kThreads) lt16[planes * planes + u] = 0;
       staged_design = d;  // visible after the barrier before the first expansion

@@ -17,12 +17,15 @@
 
 namespace approx_jax {
 
-// Split only when K >= kSplitKMinK and one product has at most
-// kSplitKMaxOutputs outputs; chunks are multiples of kSplitKAlign (a multiple
-// of every CPU and CUDA k block), at least kSplitKMinChunk long, and there are
-// at most kSplitKMaxChunks of them.
+// Split only when K >= kSplitKMinK and the partial sums (chunks * m * n
+// floats) fit in kSplitKMaxPartials; chunks are multiples of kSplitKAlign (a
+// multiple of every CPU and CUDA k block), at least kSplitKMinChunk long, and
+// there are at most kSplitKMaxChunks of them. (Outputs up to ~1M elements with
+// a long K split: a GPU needs hundreds of blocks, which the output tiles of
+// e.g. a ResNet weight gradient, 1152 x 128, cannot give; the CPU keeps the
+// partials in at most 64 MiB.)
 constexpr int64_t kSplitKMinK = 4096;
-constexpr int64_t kSplitKMaxOutputs = int64_t{1} << 16;
+constexpr int64_t kSplitKMaxPartials = int64_t{1} << 24;
 constexpr int64_t kSplitKMinChunk = 1024;
 constexpr int64_t kSplitKMaxChunks = 64;
 constexpr int64_t kSplitKAlign = 256;
@@ -30,11 +33,13 @@ constexpr int64_t kSplitKAlign = 256;
 // Chunk length L for an [m, k] x [k, n] product; L >= k means no split.
 inline int64_t SplitKChunkLength(int64_t m, int64_t n, int64_t k) {
   if (k < kSplitKMinK || m <= 0 || n <= 0) return k;
-  if (m > kSplitKMaxOutputs / n) return k;  // m * n > kSplitKMaxOutputs
   const int64_t per = (k + kSplitKMaxChunks - 1) / kSplitKMaxChunks;
   int64_t chunk = (per + kSplitKAlign - 1) / kSplitKAlign * kSplitKAlign;
   if (chunk < kSplitKMinChunk) chunk = kSplitKMinChunk;
-  return chunk >= k ? k : chunk;
+  if (chunk >= k) return k;
+  const int64_t chunks = (k + chunk - 1) / chunk;
+  if (m > kSplitKMaxPartials / chunks / n) return k;  // chunks * m * n > kSplitKMaxPartials
+  return chunk;
 }
 
 }  // namespace approx_jax
