@@ -87,7 +87,7 @@ ELAPSED=$(( $(date +%s) - T0 ))
 BENCH_LIMIT=$(( ${GPU_CHECK_BUDGET_S:-420} - ELAPSED ))
 [ "$BENCH_LIMIT" -gt 230 ] && BENCH_LIMIT=230
 if [ "$BENCH_LIMIT" -gt 30 ]; then
-  step bench-gpu "$BENCH_LIMIT" bash -c "cd /tmp && OUT='$OUT' '$PY' '$REPO/benchmarks/bench_gpu.py'"
+  step bench-gpu "$BENCH_LIMIT" bash -c "cd /tmp && OUT='$OUT' '$PY' '$REPO/benchmarks/bench_gpu.py' ${BENCH_GPU_ARGS:-}"
 else
   printf '%-28s %-12s\n' bench-gpu "SKIPPED(no time)" | tee -a "$SUMMARY"
 fi

@@ -29,12 +29,11 @@
 // __fadd_rn from global memory) instead.
 //
 // Layout (shared memory, per block):
-// * A words, 3 stages [kBK][kBM + 4]: a' bits (sign and exponent, zero
+// * A words, 2 stages [kBK][kBM + 4]: a' bits (sign and exponent, zero
 //   mantissa) OR the byte offset of plane u, u * kPlaneBytes (a multiple of
 //   128), OR swizzle(u) << 4 in bits 4..6 (zero/subnormal: just the sign).
-// * B words, 2 stages [kBK][kBN]: the byte offset of row v of the transposed LUT (row
-//   2^M is all zeros: zero/subnormal operands), and B scales (2 stages,
-//   [kBK][kBN / 2]):
+// * B words [kBK][kBN]: the byte offset of row v of the transposed LUT (row
+//   2^M is all zeros: zero/subnormal operands), and B scales [kBK][kBN / 2]:
 //   bfloat16 sign+exponent of two adjacent columns per word.
 // * E, 2 stages [2^M planes][kBK][kBN] bfloat16; 16-byte vector q of a plane
 //   u lives at position q ^ swizzle(u), swizzle(u) = (u >> 1) & 7, so both
@@ -81,10 +80,9 @@ struct ExpTile {
   // Byte offsets of the fixed-size areas; E and Lt follow (their size
   // depends on M).
   static constexpr int kAOff = 0;
-  // A: 3 stages, B words and scales: 2 stages each (see the pipeline).
-  static constexpr int kBOff = kAOff + 3 * kAStageWords * 4;
-  static constexpr int kSOff = kBOff + 2 * kBWords * 4;
-  static constexpr int kEOff = (kSOff + 2 * kSWords * 4 + 127) / 128 * 128;
+  static constexpr int kBOff = kAOff + 2 * kAStageWords * 4;
+  static constexpr int kSOff = kBOff + kBWords * 4;
+  static constexpr int kEOff = (kSOff + kSWords * 4 + 127) / 128 * 128;
   static_assert(kPlaneBytes % 128 == 0, "plane offsets must keep bits 4..6 free");
   static_assert(kBK % 4 == 0 && kBN % 64 == 0, "tile shape");
   static_assert(kTR % 4 == 0, "rows per thread: whole 16-byte A loads");
@@ -229,12 +227,10 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
             }
           }
         };
-        // Decomposes the registers into A stage `s` and B stage `sb`; returns
+        // Decomposes the registers into A stage `s` and the B words; returns
         // this thread's slow flag.
-        auto store_chunk = [&](int s, int sb) -> int {
+        auto store_chunk = [&](int s) -> int {
           uint32_t* aw = a_words + s * T::kAStageWords;
-          uint32_t* bw = b_rows + sb * T::kBWords;
-          uint32_t* bsc = b_scales + sb * T::kSWords;
           int slow = 0;
 #pragma unroll
           for (int q = 0; q < kAPasses; ++q) {
@@ -261,19 +257,17 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
               sc16[c] = (x >> 16) & ((e == 0) ? 0x8000u : 0xff80u);
               slow |= SlowExponent(x) ? 1 : 0;
             }
-            *reinterpret_cast<uint4*>(bw + b_kk * kBN + b_col) =
+            *reinterpret_cast<uint4*>(b_rows + b_kk * kBN + b_col) =
                 make_uint4(rows[0], rows[1], rows[2], rows[3]);
-            *reinterpret_cast<uint2*>(bsc + b_kk * (kBN / 2) + b_col / 2) =
+            *reinterpret_cast<uint2*>(b_scales + b_kk * (kBN / 2) + b_col / 2) =
                 make_uint2(sc16[0] | (sc16[1] << 16), sc16[2] | (sc16[3] << 16));
           }
           return slow;
         };
-        // Builds E stage `s` from B stage `s`: each work item is one 16-byte
+        // Builds E stage `s` from the B words: each work item is one 16-byte
         // vector (8 columns) of the two planes u0 = 2 * up and u0 + 1.
         auto expand = [&](int s) {
           unsigned char* es = e_area + s * stage_bytes;
-          const uint32_t* bw = b_rows + s * T::kBWords;
-          const uint32_t* bsc = b_scales + s * T::kSWords;
           const uint32_t pairs = planes >> 1;  // M >= 1
           const uint32_t items = pairs * kBK * kVecPerK;
           for (uint32_t w = tid; w < items; w += kThreads) {
@@ -282,9 +276,9 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
             const uint32_t gv = rest % kVecPerK;
             const uint32_t kk = rest / kVecPerK;
             const uint32_t u0 = 2 * up;
-            const uint4 r0 = *reinterpret_cast<const uint4*>(bw + kk * kBN + gv * 8);
-            const uint4 r1 = *reinterpret_cast<const uint4*>(bw + kk * kBN + gv * 8 + 4);
-            const uint4 sv = *reinterpret_cast<const uint4*>(bsc + kk * (kBN / 2) + gv * 4);
+            const uint4 r0 = *reinterpret_cast<const uint4*>(b_rows + kk * kBN + gv * 8);
+            const uint4 r1 = *reinterpret_cast<const uint4*>(b_rows + kk * kBN + gv * 8 + 4);
+            const uint4 sv = *reinterpret_cast<const uint4*>(b_scales + kk * (kBN / 2) + gv * 4);
             const uint32_t rows[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
             const uint32_t scl[4] = {sv.x, sv.y, sv.z, sv.w};
             const unsigned char* ltu = lt + 2 * u0;
@@ -306,9 +300,9 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
                 make_uint4(hi[0], hi[1], hi[2], hi[3]);
           }
         };
-        auto compute = [&](int s, int se) {
+        auto compute = [&](int s) {
           const uint32_t* aw = a_words + s * T::kAStageWords;
-          const unsigned char* es = e_area + se * stage_bytes;
+          const unsigned char* es = e_area + s * stage_bytes;
 #pragma unroll
           for (int kk = 0; kk < kBK; ++kk) {
             uint32_t wa[kTR];
@@ -365,32 +359,29 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
           }
         };
 
-        // Pipeline, one barrier per chunk. Chunk t lives in A stage t % 3,
-        // B stage t % 2 and E stage t % 2. Between barriers t-1 and t, warps
-        // expand chunk t + 1 (B -> E), compute chunk t and store chunk t + 2
-        // (registers -> A, B), while chunk t + 3 loads into the registers:
-        // expansion and FMAs of different warps overlap. Each stage written in
-        // a phase was last read in an earlier phase (A (t+2)%3 by compute(t-1),
-        // B t%2 by expand(t), E (t+1)%2 by compute(t-1)).
+        // Pipeline: registers hold chunk t + 1 while chunk t is computed; two
+        // barriers per chunk (B words -> E, E -> compute).
         load_chunk(kbeg);
-        int slow_t = __syncthreads_or(store_chunk(0, 0));
+        int slow_cur = __syncthreads_or(store_chunk(0));
+        if (!slow_cur) expand(0);
+        __syncthreads();
         if (nchunks > 1) load_chunk(kbeg + kBK);
-        if (!slow_t) expand(0);
-        int slow_t1 = __syncthreads_or(nchunks > 1 ? store_chunk(1, 1) : 0);
-        if (nchunks > 2) load_chunk(kbeg + 2 * kBK);
         for (int t = 0; t < nchunks; ++t) {
           const int64_t k0 = kbeg + static_cast<int64_t>(t) * kBK;
-          if (t + 1 < nchunks && !slow_t1) expand((t + 1) & 1);
-          if (!slow_t) {
-            compute(t % 3, t & 1);
+          const bool has_next = t + 1 < nchunks;
+          // A stage (t+1)&1 was last read by compute(t-1) and the B words by
+          // expand(t), both before the last barrier.
+          const int flag_next = has_next ? store_chunk((t + 1) & 1) : 0;
+          if (t + 2 < nchunks) load_chunk(k0 + 2 * kBK);  // in flight during the compute
+          if (!slow_cur) {
+            compute(t & 1);
           } else {
             compute_slow(k0);
           }
-          const int flag = (t + 2 < nchunks) ? store_chunk((t + 2) % 3, t & 1) : 0;
-          if (t + 3 < nchunks) load_chunk(k0 + 3 * kBK);
-          const int slow_t2 = __syncthreads_or(flag);
-          slow_t = slow_t1;
-          slow_t1 = slow_t2;
+          const int slow_next = __syncthreads_or(flag_next);
+          if (has_next && !slow_next) expand((t + 1) & 1);  // E stage last read by compute(t-1)
+          __syncthreads();
+          slow_cur = slow_next;
         }
 
         // Epilogue: 8 consecutive columns per row and column group.
