@@ -369,3 +369,46 @@ def test_bad_inputs_raise_clear_errors():
         approx_jax.approx_matmul(np.ones((2, 3, 4), np.float32), np.ones((5, 4, 2), np.float32), m)
     with pytest.raises(TypeError):
         approx_jax.multiply(np.ones(3, bool), np.ones(3, np.float32), m)
+
+
+# --------------------------------------------------------------------------
+# CPU closed-form path (xla_kernels/lut_family.h): for built-in families the
+# gather kernel may compute LUT entries instead of loading them, only after
+# checking the LUT entry by entry; results must be the gathers' bits.
+
+
+def _sequential_dot(x, w, mult):
+    """float32 sum over k ascending from +0 of reference products (the CPU order)."""
+    p = reference.product(x[:, :, None], w[None, :, :], mult.lut, mult.mbits).astype(np.float32)
+    acc = np.zeros((x.shape[0], w.shape[1]), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k in range(x.shape[1]):
+            acc = (acc + p[:, k, :]).astype(np.float32)
+    return acc
+
+
+@pytest.mark.parametrize(
+    "family,M",
+    [("mitchell", 3), ("truncate", 5), ("mbm", 7), ("mitchell", 8), ("truncate", 9),
+     ("mbm", 10), ("mitchell", 11), ("truncate", 11), ("mbm", 11)],
+)
+@pytest.mark.parametrize("shape", [(3, 50, 10), (5, 300, 100), (2, 64, 33), (40, 70, 17)])
+def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
+    rows, K, N = shape
+    rng = np.random.default_rng(rows + K + N + M)
+    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-30, 30, (rows, K)))).astype(np.float32)
+    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-30, 30, (K, N)))).astype(np.float32)
+    x[rng.random(x.shape) < 0.03] = 0.0
+    if rows == 5:  # special values: their k-blocks take the exact scalar path
+        x[0, 3], x[1, 5], w[7, 2], w[9, 4] = np.inf, 3e38, np.nan, -0.0
+    mult = getattr(multipliers, family)(M)
+    fn = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")
+    closed_form = np.asarray(fn(x, w))
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "0")
+    gathers = np.asarray(fn(x, w))
+    np.testing.assert_array_equal(np.isnan(closed_form), np.isnan(gathers))
+    ok = np.isnan(gathers) | (closed_form.view(np.uint32) == gathers.view(np.uint32))
+    assert ok.all(), f"{(~ok).sum()} elements differ between the closed form and the gathers"
+    if rows != 5:
+        _assert_bits_equal(closed_form, _sequential_dot(x, w, mult))

@@ -226,6 +226,30 @@ bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
   return true;
 }
 
+// Closed-form LUT families (lut_family.h) for the gather path. Env knob
+// APPROX_JAX_CPU_FORMULA: 0 = never, 2 = whenever every LUT matches (tests),
+// otherwise (default) when the gather path is likely and the work pays for
+// the entry-by-entry check (at most 4^M compares per distinct LUT).
+int CommonFamily(const GemmProblem& p) {
+  int mode = 1;
+  if (const char* e = std::getenv("APPROX_JAX_CPU_FORMULA")) mode = std::atoi(e);
+  if (mode == 0) return kFamilyNone;
+  const int64_t usize = int64_t{1} << p.mbits;
+  const bool gathers = p.mbits > 7 || p.m < std::max<int64_t>(2, usize / 4);
+  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+  const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
+  if (mode != 2 && (!gathers || work < 4.0 * static_cast<double>(luts) * usize * usize)) {
+    return kFamilyNone;
+  }
+  int family = kFamilyNone;
+  for (int64_t d = 0; d < luts; ++d) {
+    const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits);
+    if (f == kFamilyNone || (d > 0 && f != family)) return kFamilyNone;
+    family = f;
+  }
+  return family;
+}
+
 }  // namespace
 
 std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for) {
@@ -238,10 +262,11 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
     const bool narrow = gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
     const int* eff_bits = narrow ? ew.bits.data() : nullptr;
     const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
+    const int family = CommonFamily(p);
     const int64_t chunk = SplitKChunk(p);
     if (chunk >= p.k) {
       const gemm_internal::KSplit ks{std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr,
-                                     eff_bits, eff_lut};
+                                     eff_bits, eff_lut, family};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       return {};
     }
@@ -253,7 +278,8 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
     std::vector<float> part(static_cast<size_t>(group * chunks * mn));
     for (int64_t p0 = 0; p0 < problems; p0 += group) {
       const int64_t g = std::min(group, problems - p0);
-      const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut};
+      const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut,
+                                     family};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
       const int64_t total = g * mn;

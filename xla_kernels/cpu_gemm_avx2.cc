@@ -33,6 +33,7 @@ inline VF AddF(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF FmaF(VF a, VF b, VF c) { return AddF(MulF(a, b), c); }
 inline VF Set1F(float x) { return _mm256_set1_ps(x); }
 inline VF CastF(VI x) { return _mm256_castsi256_ps(x); }
+inline VI CastI(VF x) { return _mm256_castps_si256(x); }
 inline VI LoadI(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline void StoreI(int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 inline VI Set1I(int32_t x) { return _mm256_set1_epi32(x); }

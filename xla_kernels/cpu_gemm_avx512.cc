@@ -31,6 +31,7 @@ inline VF AddF(VF a, VF b) { return _mm512_add_ps(a, b); }
 inline VF FmaF(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VF Set1F(float x) { return _mm512_set1_ps(x); }
 inline VF CastF(VI x) { return _mm512_castsi512_ps(x); }
+inline VI CastI(VF x) { return _mm512_castps_si512(x); }
 inline VI LoadI(const int32_t* p) { return _mm512_loadu_si512(p); }
 inline void StoreI(int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
 inline VI Set1I(int32_t x) { return _mm512_set1_epi32(x); }

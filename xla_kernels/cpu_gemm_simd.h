@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cpu_gemm.h"
+#include "lut_family.h"
 
 namespace approx_jax {
 namespace gemm_internal {
@@ -65,6 +66,9 @@ struct KSplit {
   float* part;
   const int* eff_bits = nullptr;
   const uint32_t* const* eff_lut = nullptr;
+  // LutFamily (lut_family.h) shared by every design's LUT, checked entry by
+  // entry: the gather path then computes entries instead of loading them.
+  int family = 0;
 };
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };

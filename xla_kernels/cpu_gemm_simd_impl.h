@@ -247,6 +247,82 @@ inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const in
     for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
 }
 
+// Closed-form micro-kernel (lut_family.h): like MicroGather, but the LUT
+// entry of each product is computed from the two mantissa indices (the LUT
+// was checked to equal the family's closed form at every entry), so no
+// gather: a few integer/float vector operations per 16 (8) products.
+// lf = 1.r * 2^c exactly as the gathered entry would give, so the products
+// and sums are bit-identical to MicroGather's.
+template <int MR, int FAM>
+inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ibv,
+                         const float* sbv, float* c, int64_t ldc) {
+  VF acc[MR][kNV];
+  const int sh = 23 - mbits;
+  const VI one_exp = Set1I(127 << 23);
+  const VI two_m = Set1I(1 << mbits);
+  const VI two_m_less1 = Set1I((1 << mbits) - 1);
+  const VI neg_two_m = Set1I(-(1 << mbits));
+  const VI carry = Set1I(1 << 23);
+  const VI ones = Set1I(1);
+  const VI keep = Set1I(static_cast<int32_t>(0xffffffffu << sh));
+  const int32_t cu = FAM == kFamilyMbm ? (1 << (mbits - 4)) + (1 << (mbits - 6)) : 0;
+  const VI vcu = Set1I(cu);
+  const VI vch = Set1I(cu >> 1);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+  for (int kk = 0; kk < kb; ++kk) {
+    const int32_t* q = pk + kk * kPackW;
+    const float* qs = reinterpret_cast<const float*>(q + 8);
+    VI col[kNV];
+    VF sb[kNV];
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) {
+      const VI ib = LoadI(ibv + kk * kNB + v * kVL);
+      sb[v] = LoadF(sbv + kk * kNB + v * kVL);
+      if (FAM == kFamilyMitchell) col[v] = SllI(ib, sh);
+      if (FAM == kFamilyTruncate) col[v] = OrI(SllI(ib, sh), one_exp);  // bits of 1 + ib/2^M
+      if (FAM == kFamilyMbm) col[v] = OrI(ib, ones);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const VF s = Set1F(qs[r]);
+      const int32_t ia = q[r] >> mbits;  // gather packs hold ia << M
+      VI rowv;
+      if (FAM == kFamilyMitchell) rowv = Set1I((ia << sh) + (127 << 23));
+      if (FAM == kFamilyTruncate) rowv = Set1I((127 << 23) | (ia << sh));
+      if (FAM == kFamilyMbm) rowv = Set1I(ia | 1);
+#pragma GCC unroll 16
+      for (int v = 0; v < kNV; ++v) {
+        VF lf;
+        if (FAM == kFamilyMitchell) {
+          lf = CastF(AddI(rowv, col[v]));
+        } else if (FAM == kFamilyTruncate) {
+          // (1 + ia/2^M)(1 + ib/2^M) is exact in float32 (2M + 2 <= 24 bits);
+          // truncating its mantissa to M bits gives 1.r * 2^c.
+          lf = CastF(AndI(CastI(MulF(CastF(rowv), CastF(col[v]))), keep));
+        } else {
+          const VI t = AddI(rowv, col[v]);
+          const VI low = AddI(t, vcu);
+          const VI e_low = BlendI(SllI(SrlI(AddI(low, two_m), 1), sh), SllI(low, sh),
+                                  CmpGtI(two_m, low));
+          const VI tm = AddI(t, neg_two_m);
+          const VI g1 = AddI(tm, vch);
+          const VI g = BlendI(g1, tm, CmpGtI(g1, two_m_less1));
+          const VI e_high = OrI(SllI(g, sh), carry);
+          lf = CastF(AddI(BlendI(e_high, e_low, CmpGtI(two_m, t)), one_exp));
+        }
+        acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+}
+
 // Panels ahead whose a strips are prefetched while packing.
 constexpr int kPackAhead = 8;
 
@@ -445,6 +521,12 @@ void RunTask(void* arg, int64_t task) {
           const int32_t* pk = pkd + pi * kstride * kPackW;
           if (pl.strategy == kTiles) {
             MicroTile<kMR>(pk, kb, tiles, ct, ldt);
+          } else if (ks.family == kFamilyMitchell) {
+            MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
+          } else if (ks.family == kFamilyTruncate) {
+            MicroFormula<kMRG, kFamilyTruncate>(pk, kb, mbits, ibv, sbv, ct, ldt);
+          } else if (ks.family == kFamilyMbm) {
+            MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
           } else {
             MicroGather<kMRG>(pk, kb, lut, ibv, sbv, ct, ldt);
           }

@@ -1,0 +1,75 @@
+// Built-in multiplier families whose LUT entries have a closed form (SPEC
+// section 4), for kernels that compute an entry instead of loading it.
+//
+// A kernel may use the closed form only after LutMatchesFamily has checked,
+// entry by entry, that the LUT it was given equals it: results then stay
+// those of the LUT by construction (the user's LUT is the ground truth, the
+// formula a faster way to read it).
+//
+// Entries are in kernel format, (c << 23) | (r << (23 - M)), with
+// ia, ib < 2^M the truncated mantissa indices of operands a and b:
+// * Mitchell: t = x + y; the product mantissa is t (c = 0) or 2t (c = 1):
+//   entry = (ia + ib) << (23 - M) in both cases.
+// * truncate: P = (2^M + ia)(2^M + ib) exactly; c = P >= 2^(2M+1);
+//   r = (P >> (M + c)) - 2^M.
+// * MBM (M >= 7, where the correction C = 2^-4 + 2^-6 and C/2 are whole
+//   multiples of 2^-M): T = (ia | 1) + (ib | 1); if T < 2^M: L = T + C*2^M,
+//   c = L >= 2^M, r = c ? (L + 2^M) / 2 - 2^M (truncated) : L; else
+//   G = T - 2^M + C*2^(M-1), or T - 2^M when that reaches 2^M; c = 1, r = G.
+#ifndef APPROX_JAX_XLA_KERNELS_LUT_FAMILY_H_
+#define APPROX_JAX_XLA_KERNELS_LUT_FAMILY_H_
+
+#include <cstdint>
+
+namespace approx_jax {
+
+enum LutFamily : int { kFamilyNone = 0, kFamilyMitchell = 1, kFamilyTruncate = 2, kFamilyMbm = 3 };
+
+constexpr int kMbmMinBits = 7;
+
+template <int kFamily>
+inline uint32_t FamilyEntry(int m, uint32_t ia, uint32_t ib) {
+  const int sh = 23 - m;
+  const uint32_t one = 1u << m;
+  if (kFamily == kFamilyMitchell) return (ia + ib) << sh;
+  if (kFamily == kFamilyTruncate) {
+    const uint32_t prod = (one + ia) * (one + ib);
+    return prod >= (1u << (2 * m + 1)) ? (prod >> (m + 1)) << sh : ((prod >> m) << sh) - (1u << 23);
+  }
+  // MBM
+  const uint32_t cu = (1u << (m - 4)) + (1u << (m - 6));
+  const uint32_t t = (ia | 1u) + (ib | 1u);
+  if (t < one) {
+    const uint32_t low = t + cu;
+    return low < one ? low << sh : ((low + one) >> 1) << sh;
+  }
+  uint32_t g = t - one + (cu >> 1);
+  if (g >= one) g = t - one;
+  return (1u << 23) | (g << sh);
+}
+
+template <int kFamily>
+inline bool LutIs(const uint32_t* lut, int m) {
+  const uint32_t n = 1u << m;
+  for (uint32_t ia = 0; ia < n; ++ia) {
+    const uint32_t* row = lut + (static_cast<uint64_t>(ia) << m);
+    uint32_t diff = 0;
+    for (uint32_t ib = 0; ib < n; ++ib) diff |= row[ib] ^ FamilyEntry<kFamily>(m, ia, ib);
+    if (diff != 0) return false;
+  }
+  return true;
+}
+
+// The family whose closed form equals the width-m kernel-format `lut` at
+// every entry, or kFamilyNone.
+inline int LutFamilyOf(const uint32_t* lut, int m) {
+  if (m < 1 || m > 11) return kFamilyNone;
+  if (LutIs<kFamilyMitchell>(lut, m)) return kFamilyMitchell;
+  if (LutIs<kFamilyTruncate>(lut, m)) return kFamilyTruncate;
+  if (m >= kMbmMinBits && LutIs<kFamilyMbm>(lut, m)) return kFamilyMbm;
+  return kFamilyNone;
+}
+
+}  // namespace approx_jax
+
+#endif  // APPROX_JAX_XLA_KERNELS_LUT_FAMILY_H_
