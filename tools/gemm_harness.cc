@@ -206,6 +206,26 @@ std::vector<uint32_t> MakeLut(int m, int kind, std::mt19937& rng) {
       } else if (kind == 1) {  // all carries set, max mantissa (worst for overflow)
         c = 1;
         r = n - 1;
+      } else if (kind == 4 || kind == 5) {  // mitchell(M) / mbm(M), SPEC section 4
+        double x = double(i) / n, y = double(j) / n, p;
+        if (kind == 4) {
+          const double t = x + y;
+          p = t < 1.0 ? 1.0 + t : 2.0 * t;
+        } else {
+          x += 1.0 / n * ((i & 1) ? 0 : 1);  // force the lowest kept bit to 1
+          y += 1.0 / n * ((j & 1) ? 0 : 1);
+          const double t = x + y, cc = 1.0 / 16 + 1.0 / 64;
+          if (t < 1.0) {
+            p = 1.0 + t + cc;
+          } else {
+            double g = (t - 1.0) + cc / 2;
+            if (g >= 1.0) g = t - 1.0;
+            p = 2.0 * (1.0 + g);
+          }
+        }
+        c = p >= 2.0 ? 1 : 0;
+        const double f = c ? p / 2.0 : p;
+        r = static_cast<uint32_t>(std::floor((f - 1.0) * n));
       } else {  // truncate(M): (1+x)(1+y) truncated to M bits
         const double p = (1.0 + double(i) / n) * (1.0 + double(j) / n);
         c = p >= 2.0 ? 1 : 0;
@@ -260,7 +280,8 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
   for (auto& x : b) x = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
   std::vector<uint32_t> lut;
   for (int64_t d = 0; d < gl; ++d) {
-    auto l = MakeLut(c.mbits, (c.lut_kind + d) % (c.widened ? 4 : 3), rng);
+    auto l = MakeLut(c.mbits,
+                     c.lut_kind >= 4 ? c.lut_kind : (c.lut_kind + d) % (c.widened ? 4 : 3), rng);
     lut.insert(lut.end(), l.begin(), l.end());
   }
   GemmProblem p;
@@ -541,6 +562,39 @@ int Test() {
       ++cases;
     }
   }
+  // Closed-form families on the gather path (lut_family.h; forced on with
+  // APPROX_JAX_CPU_FORMULA=2 so small shapes use it): truncate (kind 2),
+  // Mitchell (4), MBM (5, M >= 7), LUTs built here from SPEC's definitions.
+  setenv("APPROX_JAX_CPU_FORMULA", "2", 1);
+  for (int m : {1, 3, 7, 8, 11}) {
+    for (int kind : {2, 4, 5}) {
+      if (kind == 5 && m < 7) continue;
+      // The LUT must be recognised, else these cases would silently test the
+      // gathers only.
+      const auto probe = MakeLut(m, kind, rng);
+      if (LutFamilyOf(probe.data(), m) == kFamilyNone) {
+        std::printf("FAIL closed form not recognised: M=%d kind=%d\n", m, kind);
+        ++g_failures;
+      }
+      for (auto& s : {std::array<int64_t, 3>{3, 70, 40}, std::array<int64_t, 3>{9, 33, 130},
+                      std::array<int64_t, 3>{2, 300, 17}}) {
+        Case c{};
+        c.designs = 1;
+        c.batch = 1;
+        c.m = s[0];
+        c.k = s[1];
+        c.n = s[2];
+        c.mbits = m;
+        c.special = s[0] == 9 ? 0.02 : 0.0;
+        c.exp_lo = 100;
+        c.exp_hi = 150;
+        c.lut_kind = kind;
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+    }
+  }
+  unsetenv("APPROX_JAX_CPU_FORMULA");
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);
   return g_failures ? 1 : 0;
