@@ -61,12 +61,14 @@ inline bool LutIs(const uint32_t* lut, int m) {
 }
 
 // The family whose closed form equals the width-m kernel-format `lut` at
-// every entry, or kFamilyNone.
-inline int LutFamilyOf(const uint32_t* lut, int m) {
+// every entry, or kFamilyNone. MBM is only tried for m >= mbm_min_bits (its
+// closed form costs ~13 vector operations, which beats gathers only once the
+// LUT no longer fits the L2 cache).
+inline int LutFamilyOf(const uint32_t* lut, int m, int mbm_min_bits = kMbmMinBits) {
   if (m < 1 || m > 11) return kFamilyNone;
   if (LutIs<kFamilyMitchell>(lut, m)) return kFamilyMitchell;
   if (LutIs<kFamilyTruncate>(lut, m)) return kFamilyTruncate;
-  if (m >= kMbmMinBits && LutIs<kFamilyMbm>(lut, m)) return kFamilyMbm;
+  if (m >= kMbmMinBits && m >= mbm_min_bits && LutIs<kFamilyMbm>(lut, m)) return kFamilyMbm;
   return kFamilyNone;
 }
 
