@@ -91,12 +91,20 @@ if [ "$BENCH_LIMIT" -gt 30 ]; then
 else
   printf '%-28s %-12s\n' bench-gpu "SKIPPED(no time)" | tee -a "$SUMMARY"
 fi
+# vmap over 8 designs vs 8 single calls on the GPU (issue 4), if time is left.
+ELAPSED=$(( $(date +%s) - T0 ))
+if [ $(( ${GPU_CHECK_BUDGET_S:-420} + 60 - ELAPSED )) -gt 60 ]; then
+  step bench-vmap 90 bash -c "cd /tmp && '$PY' '$REPO/benchmarks/bench_vmap.py' --reps 3 > '$OUT/bench_vmap.txt' 2>&1; rc=\$?; tail -20 '$OUT/bench_vmap.txt'; exit \$rc"
+else
+  printf '%-28s %-12s\n' bench-vmap "SKIPPED(no time)" | tee -a "$SUMMARY"
+fi
 rm -rf "$TESTDIR"
 
 {
   echo "---- total $(( $(date +%s) - T0 ))s"
   echo "---- pytest-gpu tail:"; tail -5 "$OUT/pytest_gpu.txt" 2>/dev/null
   echo "---- pytest-core-cuda tail:"; tail -5 "$OUT/pytest_core_cuda.txt" 2>/dev/null
+  echo "---- bench_vmap (8 designs in one call vs 8 calls):"; tail -12 "$OUT/bench_vmap.txt" 2>/dev/null
   echo "---- benchmark (ratios approx/native):"
   grep -E "^(GEMM|R18|conv|LeNet|ResNet|target)" "$LOG" | tail -40
 } >> "$SUMMARY"
