@@ -269,12 +269,19 @@ def _train_step_bench(name, model_name, batch, device, reps, mbits=7):
 
         return step
 
+    # The native step twice: in true float32 (precision HIGHEST, like the
+    # GEMM rows; the baseline) and at XLA's default precision, which on
+    # Ampere/Hopper runs f32 convolutions and dots on TF32 tensor cores.
     native = make_step(mb.exact())
+    native_tf32 = make_step(mb.exact())
     approx = make_step(mb.mbm(mbits))
-    t_native = median_time(lambda: native(params, state, x, y), reps)
+    with jax.default_matmul_precision("highest"):
+        t_native = median_time(lambda: native(params, state, x, y), reps)
+    t_tf32 = median_time(lambda: native_tf32(params, state, x, y), reps)
     t = median_time(lambda: approx(params, state, x, y), reps)
     shape = "x".join(map(str, input_shape))
-    record(f"{name} train step ({batch}x{shape})", f"mbm{mbits}", t, t_native, "native f32")
+    record(f"{name} train step ({batch}x{shape})", f"mbm{mbits}", t, t_native, "f32 HIGHEST",
+           f"vs default precision (TF32 on GPU) {t / t_tf32:.1f}x")
 
 
 @guarded("LeNet-5 train step")
