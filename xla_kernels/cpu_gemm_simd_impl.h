@@ -174,6 +174,23 @@ void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int ro
   }
 }
 
+// The MR x kNB accumulator block of a micro-kernel, from / to c.
+template <int MR>
+__attribute__((always_inline)) inline void LoadAcc(VF (&acc)[MR][kNV], const float* c, int64_t ldc) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+}
+
+template <int MR>
+__attribute__((always_inline)) inline void StoreAcc(VF (&acc)[MR][kNV], float* c, int64_t ldc) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+}
+
 // Tile micro-kernel: c[r][0:kNB] += sum_kk scale[r][kk] * tiles[off[r][kk] + 0:kNB].
 //
 // FMA is exact here: the fast path is only used where every product
@@ -188,10 +205,7 @@ void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int ro
 template <int MR>
 inline void MicroTile(const int32_t* pk, int kb, const float* tiles, float* c, int64_t ldc) {
   VF acc[MR][kNV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+  LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
     const int32_t* q = pk + kk * kPackW;
     const float* qs = reinterpret_cast<const float*>(q + 8);
@@ -203,10 +217,7 @@ inline void MicroTile(const int32_t* pk, int kb, const float* tiles, float* c, i
       for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+  StoreAcc<MR>(acc, c, ldc);
 }
 
 // Gather micro-kernel: the LUT value is gathered per product.
@@ -215,10 +226,7 @@ inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const in
                         const float* sbv, float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const VI one_exp = Set1I(127 << 23);
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+  LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
     const int32_t* q = pk + kk * kPackW;
     const float* qs = reinterpret_cast<const float*>(q + 8);
@@ -241,10 +249,7 @@ inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const in
       }
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+  StoreAcc<MR>(acc, c, ldc);
 }
 
 // Closed-form micro-kernel (lut_family.h): like MicroGather, but the LUT
@@ -268,10 +273,7 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
   const int32_t cu = FAM == kFamilyMbm ? (1 << (mbits - 4)) + (1 << (mbits - 6)) : 0;
   const VI vcu = Set1I(cu);
   const VI vch = Set1I(cu >> 1);
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) acc[r][v] = LoadF(c + r * ldc + v * kVL);
+  LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
     const int32_t* q = pk + kk * kPackW;
     const float* qs = reinterpret_cast<const float*>(q + 8);
@@ -317,10 +319,7 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
       }
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) StoreF(c + r * ldc + v * kVL, acc[r][v]);
+  StoreAcc<MR>(acc, c, ldc);
 }
 
 // Panels ahead whose a strips are prefetched while packing.
