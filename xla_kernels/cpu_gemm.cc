@@ -244,8 +244,9 @@ int CommonFamily(const GemmProblem& p) {
   int family = kFamilyNone;
   for (int64_t d = 0; d < luts; ++d) {
     // Measured (2 cores, 25x50176x32 and 512^3): the MBM closed form is
-    // slower than gathers up to M = 8, even at M = 9, 3-4x faster at M = 10.
-    const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits, mode == 2 ? 0 : 10);
+    // slower than gathers at M = 7 (L2-resident LUT), about even at M = 8,
+    // 1.2-1.4x faster at M = 9 and 4-6x at M = 10.
+    const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits, mode == 2 ? 0 : 8);
     if (f == kFamilyNone || (d > 0 && f != family)) return kFamilyNone;
     family = f;
   }

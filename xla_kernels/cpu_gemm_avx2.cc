@@ -46,6 +46,8 @@ inline VI SrlI(VI a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); 
 inline VI SllI(VI a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI CmpEqI(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
 inline VI CmpGtI(VI a, VI b) { return _mm256_cmpgt_epi32(a, b); }
+// a > b (signed) ? y : x, lane by lane.
+inline VI SelectGtI(VI a, VI b, VI x, VI y) { return _mm256_blendv_epi8(x, y, _mm256_cmpgt_epi32(a, b)); }
 inline VI BlendI(VI a, VI b, VI m) { return _mm256_blendv_epi8(a, b, m); }
 inline bool AllOnesI(VI v) {
   return _mm256_movemask_epi8(_mm256_cmpeq_epi32(v, Set1I(-1))) == -1;

@@ -44,6 +44,10 @@ inline VI SrlI(VI a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); 
 inline VI SllI(VI a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI CmpEqI(VI a, VI b) { return _mm512_movm_epi32(_mm512_cmpeq_epi32_mask(a, b)); }
 inline VI CmpGtI(VI a, VI b) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(a, b)); }
+// a > b (signed) ? y : x, lane by lane, without a vector mask round trip.
+inline VI SelectGtI(VI a, VI b, VI x, VI y) {
+  return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), x, y);
+}
 // Lanes of m that are all ones take b, else a.
 inline VI BlendI(VI a, VI b, VI m) {
   return _mm512_mask_blend_epi32(_mm512_movepi32_mask(m), a, b);

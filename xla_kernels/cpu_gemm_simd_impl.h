@@ -307,13 +307,12 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
         } else {
           const VI t = AddI(rowv, col[v]);
           const VI low = AddI(t, vcu);
-          const VI e_low = BlendI(SllI(SrlI(AddI(low, two_m), 1), sh), SllI(low, sh),
-                                  CmpGtI(two_m, low));
+          const VI e_low = SelectGtI(two_m, low, SllI(SrlI(AddI(low, two_m), 1), sh), SllI(low, sh));
           const VI tm = AddI(t, neg_two_m);
           const VI g1 = AddI(tm, vch);
-          const VI g = BlendI(g1, tm, CmpGtI(g1, two_m_less1));
+          const VI g = SelectGtI(g1, two_m_less1, g1, tm);
           const VI e_high = OrI(SllI(g, sh), carry);
-          lf = CastF(AddI(BlendI(e_high, e_low, CmpGtI(two_m, t)), one_exp));
+          lf = CastF(AddI(SelectGtI(two_m, t, e_high, e_low), one_exp));
         }
         acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
       }
