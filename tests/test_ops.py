@@ -412,3 +412,24 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
     assert ok.all(), f"{(~ok).sum()} elements differ between the closed form and the gathers"
     if rows != 5:
         _assert_bits_equal(closed_form, _sequential_dot(x, w, mult))
+
+
+@pytest.mark.parametrize("mode", ["2", "1"])
+def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
+    # A stack mixing families (and a random LUT, which has none): each design
+    # takes its own closed form or the gathers, with the bits of single calls.
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", mode)
+    designs = [multipliers.mbm(11), multipliers.mitchell(11), multipliers.truncate(11),
+               _random_multiplier(11, 3), multipliers.mitchell(8)]
+    stacked = multipliers.stack(designs)
+    rng = np.random.default_rng(77)
+    x = _values(rng, (6, 700))
+    w = _values(rng, (700, 40))
+    x[0, 5] = np.inf  # one k-block of one panel on the exact scalar path
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
+    assert got.shape == (len(designs), 6, 40)
+    for d, m in enumerate(designs):
+        single = np.asarray(approx_jax.approx_dot(x, w, m))
+        np.testing.assert_array_equal(np.isnan(got[d]), np.isnan(single))
+        ok = np.isnan(single) | (got[d].view(np.uint32) == single.view(np.uint32))
+        assert ok.all(), f"design {d} ({m.name}): {(~ok).sum()} elements differ from a single call"

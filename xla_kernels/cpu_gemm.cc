@@ -226,31 +226,37 @@ bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
   return true;
 }
 
-// Closed-form LUT families (lut_family.h) for the gather path. Env knob
-// APPROX_JAX_CPU_FORMULA: 0 = never, 2 = whenever every LUT matches (tests),
-// otherwise (default) when the gather path is likely and the work pays for
-// the entry-by-entry check (at most 4^M compares per distinct LUT).
-int CommonFamily(const GemmProblem& p) {
+// Closed-form LUT families (lut_family.h) for the gather path, per design
+// (a stack may mix families). Env knob APPROX_JAX_CPU_FORMULA: 0 = never,
+// 2 = whenever a LUT matches (tests), otherwise (default) when the gather
+// path is likely and the work pays for the entry-by-entry check (at most 4^M
+// compares per distinct LUT). Returns false when no design has one.
+bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
   int mode = 1;
   if (const char* e = std::getenv("APPROX_JAX_CPU_FORMULA")) mode = std::atoi(e);
-  if (mode == 0) return kFamilyNone;
+  if (mode == 0) return false;
   const int64_t usize = int64_t{1} << p.mbits;
   const bool gathers = p.mbits > 7 || p.m < std::max<int64_t>(2, usize / 4);
   const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
   const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
   if (mode != 2 && (!gathers || work < 4.0 * static_cast<double>(luts) * usize * usize)) {
-    return kFamilyNone;
+    return false;
   }
-  int family = kFamilyNone;
+  families->assign(static_cast<size_t>(p.designs), kFamilyNone);
+  bool any = false;
   for (int64_t d = 0; d < luts; ++d) {
     // Measured (2 cores, 25x50176x32 and 512^3): the MBM closed form is
     // slower than gathers at M = 7 (L2-resident LUT), about even at M = 8,
     // 1.2-1.4x faster at M = 9 and 4-6x at M = 10.
     const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits, mode == 2 ? 0 : 8);
-    if (f == kFamilyNone || (d > 0 && f != family)) return kFamilyNone;
-    family = f;
+    if (luts == 1) {
+      families->assign(static_cast<size_t>(p.designs), f);
+    } else {
+      (*families)[static_cast<size_t>(d)] = f;
+    }
+    any = any || f != kFamilyNone;
   }
-  return family;
+  return any;
 }
 
 }  // namespace
@@ -265,11 +271,12 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
     const bool narrow = gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
     const int* eff_bits = narrow ? ew.bits.data() : nullptr;
     const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
-    const int family = CommonFamily(p);
+    std::vector<int> family_store;
+    const int* families = DesignFamilies(p, &family_store) ? family_store.data() : nullptr;
     const int64_t chunk = SplitKChunk(p);
     if (chunk >= p.k) {
       const gemm_internal::KSplit ks{std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr,
-                                     eff_bits, eff_lut, family};
+                                     eff_bits, eff_lut, families};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       return {};
     }
@@ -282,7 +289,7 @@ std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for)
     for (int64_t p0 = 0; p0 < problems; p0 += group) {
       const int64_t g = std::min(group, problems - p0);
       const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut,
-                                     family};
+                                     families};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
       const int64_t total = g * mn;

@@ -66,9 +66,10 @@ struct KSplit {
   float* part;
   const int* eff_bits = nullptr;
   const uint32_t* const* eff_lut = nullptr;
-  // LutFamily (lut_family.h) shared by every design's LUT, checked entry by
-  // entry: the gather path then computes entries instead of loading them.
-  int family = 0;
+  // Optional, one entry per design: the LutFamily (lut_family.h) its LUT
+  // equals, checked entry by entry; the gather path then computes that
+  // design's entries instead of loading them.
+  const int* families = nullptr;
 };
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };

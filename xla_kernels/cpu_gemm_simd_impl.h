@@ -490,6 +490,7 @@ void RunTask(void* arg, int64_t task) {
         const float* B = b_of(dd);
         const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
         float* C = c_of(dd);
+        const int family = ks.families != nullptr ? ks.families[d0 + dd] : kFamilyNone;
         if (dd == 0 || !share_b || mb != dec_bits)
           DecomposeB(B, ldb, k0, kb, j0, cols, mb, ibv, sbv);
         if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits))
@@ -519,11 +520,11 @@ void RunTask(void* arg, int64_t task) {
           const int32_t* pk = pkd + pi * kstride * kPackW;
           if (pl.strategy == kTiles) {
             MicroTile<kMR>(pk, kb, tiles, ct, ldt);
-          } else if (ks.family == kFamilyMitchell) {
+          } else if (family == kFamilyMitchell) {
             MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
-          } else if (ks.family == kFamilyTruncate) {
+          } else if (family == kFamilyTruncate) {
             MicroFormula<kMRG, kFamilyTruncate>(pk, kb, mbits, ibv, sbv, ct, ldt);
-          } else if (ks.family == kFamilyMbm) {
+          } else if (family == kFamilyMbm) {
             MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
           } else {
             MicroGather<kMRG>(pk, kb, lut, ibv, sbv, ct, ldt);
