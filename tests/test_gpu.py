@@ -143,20 +143,7 @@ def random_operands(shape, rng, specials: float = 0.0, exp_range: int = 8) -> np
 
 def sequential_gemm(a, b, stored, M) -> np.ndarray:
     """float32 sum over k in ascending order from +0 of reference products."""
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    rows, K = a.shape
-    N = b.shape[1]
-    acc = np.zeros((rows, N), np.float32)
-    step = max(1, (1 << 22) // max(1, rows * N))  # bound the product block's memory
-    with np.errstate(invalid="ignore", over="ignore"):
-        for k0 in range(0, K, step):
-            k1 = min(K, k0 + step)
-            p = reference.product_bits(a[:, k0:k1, None], b[None, k0:k1, :], stored, M)
-            p = p.view(np.float32)
-            for k in range(k1 - k0):
-                acc = (acc + p[:, k, :]).astype(np.float32)
-    return acc
+    return reference.sequential_dot(a, b, stored, M)
 
 
 # Mirrors xla_kernels/split_k.h (SplitKChunkLength), shared by CPU and CUDA:

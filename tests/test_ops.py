@@ -377,16 +377,6 @@ def test_bad_inputs_raise_clear_errors():
 # checking the LUT entry by entry; results must be the gathers' bits.
 
 
-def _sequential_dot(x, w, mult):
-    """float32 sum over k ascending from +0 of reference products (the CPU order)."""
-    p = reference.product(x[:, :, None], w[None, :, :], mult.lut, mult.mbits).astype(np.float32)
-    acc = np.zeros((x.shape[0], w.shape[1]), np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        for k in range(x.shape[1]):
-            acc = (acc + p[:, k, :]).astype(np.float32)
-    return acc
-
-
 @pytest.mark.parametrize(
     "family,M",
     [("mitchell", 3), ("truncate", 5), ("mbm", 7), ("mitchell", 8), ("truncate", 9),
@@ -411,7 +401,7 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
     ok = np.isnan(gathers) | (closed_form.view(np.uint32) == gathers.view(np.uint32))
     assert ok.all(), f"{(~ok).sum()} elements differ between the closed form and the gathers"
     if rows != 5:
-        _assert_bits_equal(closed_form, _sequential_dot(x, w, mult))
+        _assert_bits_equal(closed_form, reference.sequential_dot(x, w, mult.lut, mult.mbits))
 
 
 @pytest.mark.parametrize("mode", ["2", "1"])

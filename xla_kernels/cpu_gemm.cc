@@ -236,7 +236,7 @@ bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
   if (const char* e = std::getenv("APPROX_JAX_CPU_FORMULA")) mode = std::atoi(e);
   if (mode == 0) return false;
   const int64_t usize = int64_t{1} << p.mbits;
-  const bool gathers = p.mbits > 7 || p.m < std::max<int64_t>(2, usize / 4);
+  const bool gathers = gemm_internal::PrefersGathers(p.m, p.mbits);
   const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
   const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
   if (mode != 2 && (!gathers || work < 4.0 * static_cast<double>(luts) * usize * usize)) {

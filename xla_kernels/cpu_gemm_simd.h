@@ -72,6 +72,17 @@ struct KSplit {
   const int* families = nullptr;
 };
 
+// The automatic strategy (before g_force_strategy): expanded tiles pay 2^M
+// tile entries per b element, amortised over the rows of a task, so they need
+// M <= 7 and enough rows; otherwise LUT gathers (or their closed form).
+// (Gathers are slow on current x86 cores with the GDS mitigation, so tiles
+// win unless the rows are very few. For M >= 8 expanding 2^M tiles re-reads
+// the whole LUT per tile block: measured slower than gathers.)
+inline bool PrefersGathers(int64_t m, int mbits) {
+  const int64_t usize = int64_t{1} << mbits;
+  return mbits > 7 || m < (usize / 4 > 2 ? usize / 4 : 2);
+}
+
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };
 
 // Return kSimdDeclined when they do not handle the problem (the caller then

@@ -566,14 +566,8 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   pl.ks = &ks;
   const int64_t usize = int64_t{1} << p.mbits;
   const size_t l2 = L2CacheBytes();
-  // Expanded tiles pay 2^M tile entries per b element, amortised over the rows
-  // of a task: worth it when M is small and there are enough rows.
-  // (Gathers are slow on current x86 cores with the GDS mitigation, so tiles
-  // win unless the rows are very few.)
-  int strategy = p.m >= MaxI(2, usize / 4) ? kTiles : kGather;
-  // M >= 8: expanding 2^M tiles re-reads the whole LUT per tile block (measured
-  // slower than gathers); the wide tile builder is kept for forced testing.
-  if (p.mbits > 7) strategy = kGather;
+  // (The wide tile builder for M >= 8 is kept for forced testing.)
+  int strategy = PrefersGathers(p.m, p.mbits) ? kGather : kTiles;
   if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
   pl.strategy = strategy;
   if (strategy == kTiles) {

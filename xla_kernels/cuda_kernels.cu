@@ -515,15 +515,6 @@ int64_t SplitKOverride() {
   return 0;
 }
 
-// Whether the expanded-operand kernel runs this problem (M <= 7, its shared
-// memory fits the device, not disabled by APPROX_JAX_CUDA_EXPANDED=0), and
-// the block tile of the kernel that does (PlanApproxGemm's split-K mode
-// decision must see the tile that LaunchApproxGemm will use).
-bool UseExpanded(const CudaGemmProblem& p, int optin, int64_t* bm, int64_t* bn) {
-  if (!cuda_gemm::ExpandedTile(p.mbits, p.n, bm, bn)) return false;
-  return cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= optin;
-}
-
 int SmemOptin() {
   int device = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
@@ -534,13 +525,23 @@ int SmemOptin() {
   return optin;
 }
 
-void BlockTile(const CudaGemmProblem& p, int64_t* bm, int64_t* bn) {
-  if (UseExpanded(p, SmemOptin(), bm, bn)) return;
-  // Narrow outputs (N <= 64, e.g. 64-channel conv layers) would waste half of
-  // a 128-wide tile: 256 x 64 tiles there.
+enum class GemmKernel { kExpanded, kLutTall, kLutWide };
+
+// The one kernel and block-tile choice, used by PlanApproxGemm (its split-K
+// mode decision must see the tile that will run) and LaunchApproxGemm: the
+// expanded-operand kernel when it serves the problem (M <= 7, not disabled by
+// APPROX_JAX_CUDA_EXPANDED=0) and its shared memory fits `optin`; else the
+// LUT kernel, with 256 x 64 tiles for narrow outputs (N <= 64, e.g. 64-channel
+// conv layers would waste half of a 128-wide tile).
+GemmKernel ChooseKernel(const CudaGemmProblem& p, int optin, int64_t* bm, int64_t* bn) {
+  if (cuda_gemm::ExpandedTile(p.mbits, p.n, bm, bn) &&
+      cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= optin) {
+    return GemmKernel::kExpanded;
+  }
   const bool tall = p.n <= TallTile::kBN;
   *bm = tall ? TallTile::kBM : WideTile::kBM;
   *bn = tall ? TallTile::kBN : WideTile::kBN;
+  return tall ? GemmKernel::kLutTall : GemmKernel::kLutWide;
 }
 
 }  // namespace
@@ -583,7 +584,7 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
   int64_t bm = 0, bn = 0;
-  BlockTile(p, &bm, &bn);
+  ChooseKernel(p, SmemOptin(), &bm, &bn);
   const int64_t tiles = db * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
   if (tiles < kSplitTilesPerSm * std::max(sms, 1)) {
     plan->parallel = true;
@@ -640,15 +641,18 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   gp.vec_b = (p.n % 4 == 0 && Aligned16(p.b) && gp.b_ds % 4 == 0 && gp.b_bs % 4 == 0) ? 1 : 0;
   gp.vec_out = (p.n % 4 == 0 && Aligned16(gp.out)) ? 1 : 0;
   const int64_t grid_splits = parallel ? plan.splits : 1;
-  // Same kernel and tile choice as BlockTile (PlanApproxGemm assumes it).
   int64_t bm = 0, bn = 0;
   std::string err;
-  if (UseExpanded(p, optin, &bm, &bn)) {
-    err = cuda_gemm::LaunchExpandedGemm(gp, grid_splits, stream);
-  } else if (p.n <= TallTile::kBN) {
-    err = LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream);
-  } else {
-    err = LaunchGemmTiled<WideTile>(gp, grid_splits, optin, stream);
+  switch (ChooseKernel(p, optin, &bm, &bn)) {
+    case GemmKernel::kExpanded:
+      err = cuda_gemm::LaunchExpandedGemm(gp, grid_splits, stream);
+      break;
+    case GemmKernel::kLutTall:
+      err = LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream);
+      break;
+    case GemmKernel::kLutWide:
+      err = LaunchGemmTiled<WideTile>(gp, grid_splits, optin, stream);
+      break;
   }
   if (!err.empty() || !parallel) return err;
   const int64_t total = db * p.m * p.n;

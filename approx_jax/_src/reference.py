@@ -338,6 +338,36 @@ def dot(x, w, stored_lut, M: int) -> np.ndarray:
     return dot_with_bound(x, w, stored_lut, M)[0]
 
 
+def sequential_dot(a, b, stored_lut, M: int) -> np.ndarray:
+    """float32 sum over k ascending from +0 of the products ``P(a[i, k], b[k, j])``.
+
+    The order every kernel uses when K is not split (``xla_kernels/split_k.h``),
+    so kernel results must equal this bit for bit (NaN payloads aside).
+
+    Args:
+      a: ``[I, K]`` left operands.
+      b: ``[K, J]`` right operands.
+      stored_lut: Stored-format LUT.
+      M: Mantissa width.
+
+    Returns:
+      float32 ``[I, J]``.
+    """
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    rows, K = a.shape
+    N = b.shape[1]
+    acc = np.zeros((rows, N), np.float32)
+    step = max(1, (1 << 22) // max(1, rows * N))  # bound the product block's memory
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k0 in range(0, K, step):
+            k1 = min(K, k0 + step)
+            p = product_bits(a[:, k0:k1, None], b[None, k0:k1, :], stored_lut, M).view(np.float32)
+            for k in range(k1 - k0):
+                acc = (acc + p[:, k, :]).astype(np.float32)
+    return acc
+
+
 def dot_vjp(x, w, dy, stored_lut, M: int, backward: str = "approx", *, with_bound: bool = False):
     """Reference gradients of ``approx_dot`` (SPEC section 5).
 
@@ -736,5 +766,6 @@ __all__: Sequence[str] = (
     "multiply",
     "product",
     "product_bits",
+    "sequential_dot",
     "truncate_lut",
 )
