@@ -107,6 +107,28 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
   }
 }
 
+// The bfloat16 tile layout is AVX-512 only (measured there; the AVX2 kernel
+// keeps float32 tiles): never called.
+constexpr bool kIsaBf16Tiles = false;
+inline VI MinI32(VI a, VI b) { return _mm256_min_epi32(a, b); }
+inline VI MaxI32(VI a, VI b) { return _mm256_max_epi32(a, b); }
+inline int32_t ReduceMinI32(VI a) {
+  alignas(32) int32_t t[kVL];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), a);
+  int32_t m = t[0];
+  for (int l = 1; l < kVL; ++l) m = t[l] < m ? t[l] : m;
+  return m;
+}
+inline int32_t ReduceMaxI32(VI a) {
+  alignas(32) int32_t t[kVL];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), a);
+  int32_t m = t[0];
+  for (int l = 1; l < kVL; ++l) m = t[l] > m ? t[l] : m;
+  return m;
+}
+inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
+void BuildTilesBf16(const uint32_t*, int, int, const int32_t*, const float*, int32_t*, int) {}
+
 #include "cpu_gemm_simd_impl.h"
 
 }  // namespace avx2

@@ -42,6 +42,12 @@ inline VI OrI(VI a, VI b) { return _mm512_or_si512(a, b); }
 inline VI AndNotI(VI a, VI b) { return _mm512_andnot_si512(a, b); }
 inline VI SrlI(VI a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SllI(VI a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+inline VI MinI32(VI a, VI b) { return _mm512_min_epi32(a, b); }
+inline VI MaxI32(VI a, VI b) { return _mm512_max_epi32(a, b); }
+inline int32_t ReduceMinI32(VI a) { return _mm512_reduce_min_epi32(a); }
+inline int32_t ReduceMaxI32(VI a) { return _mm512_reduce_max_epi32(a); }
+inline VI ShlI16(VI a) { return _mm512_slli_epi32(a, 16); }
+inline VI ShrI16(VI a) { return _mm512_srli_epi32(a, 16); }
 inline VI CmpEqI(VI a, VI b) { return _mm512_movm_epi32(_mm512_cmpeq_epi32_mask(a, b)); }
 inline VI CmpGtI(VI a, VI b) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(a, b)); }
 // a > b (signed) ? y : x, lane by lane, without a vector mask round trip.
@@ -101,18 +107,26 @@ inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
 // tiles[u * ustride + x] = Lf[u][ibv[x]] * sbv[x] for x < n (n = kb * kNB of
 // the calling width) and all u.
 // The LUT row of u is held in registers and looked up with permutes.
-template <int MB>
+//
+// BF16 = true writes the bfloat16 tile layout instead (see MicroTileBf16 in
+// cpu_gemm_simd_impl.h): per 32 consecutive x, one vector of 16 words whose
+// word l holds x + l in its low half and x + 16 + l in its high half, each as
+// the top 16 bits of its float32 value; word offsets are x / 2 (ustride is in
+// words then). For M <= 7 those top 16 bits are the whole value: a tile value
+// is +-1.r * 2^e with r of at most 7 bits, or a signed zero, so the low 16
+// bits of its float32 are zero and the bfloat16 form is exact.
+template <int MB, bool BF16>
 void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sbv,
-                 float* tiles, int ustride) {
+                 void* tiles, int ustride) {
   constexpr int kRowRegs = MB <= 4 ? 1 : (1 << (MB - 4));
   const VI one_exp = Set1I(127 << 23);
+  const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   const __mmask16 row_mask = MB >= 4 ? 0xffff : static_cast<__mmask16>((1u << (1 << MB)) - 1u);
   for (int u = 0; u < (1 << MB); ++u) {
     const uint32_t* row = lut + (u << MB);
     VI t[kRowRegs];
     for (int q = 0; q < kRowRegs; ++q) t[q] = _mm512_maskz_loadu_epi32(row_mask, row + 16 * q);
-    float* out = tiles + static_cast<int64_t>(u) * ustride;
-    for (int x = 0; x < n; x += kVL) {
+    auto value = [&](int x) {
       const VI ib = LoadI(ibv + x);
       VI v;
       if constexpr (MB <= 4) {
@@ -132,8 +146,18 @@ void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sb
                                               _mm512_permutex2var_epi32(t[6], ib, t[7]));
         v = _mm512_mask_blend_epi32(m6, lo, hi);
       }
-      const VF lf = CastF(AddI(v, one_exp));
-      StoreF(out + x, MulF(lf, LoadF(sbv + x)));
+      return MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x));
+    };
+    if constexpr (BF16) {
+      int32_t* out = static_cast<int32_t*>(tiles) + static_cast<int64_t>(u) * ustride;
+      for (int x = 0; x < n; x += 2 * kVL) {
+        const VI lo = ShrI16(CastI(value(x)));
+        const VI hi = AndI(CastI(value(x + kVL)), high_half);
+        StoreI(out + x / 2, OrI(lo, hi));
+      }
+    } else {
+      float* out = static_cast<float*>(tiles) + static_cast<int64_t>(u) * ustride;
+      for (int x = 0; x < n; x += kVL) StoreF(out + x, value(x));
     }
   }
 }
@@ -160,13 +184,29 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
                 float* tiles, int ustride) {
   if (mbits >= 8) return BuildTilesWide(lut, mbits, n, ibv, sbv, tiles, ustride);
   switch (mbits) {
-    case 1: BuildTilesM<1>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 2: BuildTilesM<2>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 3: BuildTilesM<3>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 4: BuildTilesM<4>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 5: BuildTilesM<5>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 6: BuildTilesM<6>(lut, n, ibv, sbv, tiles, ustride); break;
-    default: BuildTilesM<7>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 1: BuildTilesM<1, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 2: BuildTilesM<2, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 3: BuildTilesM<3, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 4: BuildTilesM<4, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 5: BuildTilesM<5, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 6: BuildTilesM<6, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    default: BuildTilesM<7, false>(lut, n, ibv, sbv, tiles, ustride); break;
+  }
+}
+
+// The bfloat16 tile layout (BuildTilesM<MB, true>) for 1 <= mbits <= 7; n is
+// a multiple of 32 and ustride counts 32-bit words.
+constexpr bool kIsaBf16Tiles = true;
+void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
+                    int32_t* tiles, int ustride) {
+  switch (mbits) {
+    case 1: BuildTilesM<1, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 2: BuildTilesM<2, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 3: BuildTilesM<3, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 4: BuildTilesM<4, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 5: BuildTilesM<5, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 6: BuildTilesM<6, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    default: BuildTilesM<7, true>(lut, n, ibv, sbv, tiles, ustride); break;
   }
 }
 

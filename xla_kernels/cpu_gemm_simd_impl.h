@@ -34,12 +34,23 @@ inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 // zero/subnormal a is (no Inf/NaN/huge b at this k).
 void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t c1,
             int32_t* lo, int32_t* hi, int32_t* ok0) {
+  const VI vff = Set1I(0xff);
+  const VI vzero = Set1I(0);
+  const VI v255 = Set1I(255);
   for (int kk = 0; kk < kb; ++kk) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(b + (k0 + kk) * ldb);
-    int32_t mn = 255, mx = 0;
-    for (int64_t j = c0; j < c1; ++j) {
+    // Zeros (e == 0) must not narrow the range: they count as 255 for the
+    // minimum (and as 0, their own value, for the maximum).
+    VI vmn = v255, vmx = vzero;
+    int64_t j = c0;
+    for (; j + kVL <= c1; j += kVL) {
+      const VI e = AndI(SrlI(LoadI(reinterpret_cast<const int32_t*>(row + j)), 23), vff);
+      vmn = MinI32(vmn, BlendI(e, v255, CmpEqI(e, vzero)));
+      vmx = MaxI32(vmx, e);
+    }
+    int32_t mn = ReduceMinI32(vmn), mx = ReduceMaxI32(vmx);
+    for (; j < c1; ++j) {
       const int32_t e = static_cast<int32_t>((row[j] >> 23) & 0xffu);
-      // Zeros (e == 0) must not narrow the range: map them to neutral values.
       const int32_t emn = e == 0 ? 255 : e;
       mn = emn < mn ? emn : mn;
       mx = e > mx ? e : mx;
@@ -137,21 +148,23 @@ bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const in
 // power-of-two scales, padded with zeros to kNB columns.
 void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int cols,
                 int mbits, int32_t* ibv, float* sbv) {
-  const int mshift = 23 - mbits;
-  const uint32_t umask = (1u << mbits) - 1u;
+  const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
+  const VI vff = Set1I(0xff);
+  const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
+  const VI vsign = Set1I(static_cast<int32_t>(0x80000000u));
+  const VI vzero = Set1I(0);
   for (int kk = 0; kk < kb; ++kk) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(b + (k0 + kk) * ldb + j0);
     int32_t* ib = ibv + kk * kNB;
     float* sb = sbv + kk * kNB;
-    for (int j = 0; j < cols; ++j) {
-      const uint32_t x = row[j];
-      const uint32_t e = (x >> 23) & 0xffu;
-      ib[j] = static_cast<int32_t>((x >> mshift) & umask);
-      sb[j] = BitsFloat(e == 0 ? (x & 0x80000000u) : (x & 0xff800000u));
-    }
-    for (int j = cols; j < kNB; ++j) {
-      ib[j] = 0;
-      sb[j] = 0.0f;
+    for (int j = 0; j < kNB; j += kVL) {
+      const int n = static_cast<int>(MinI(kVL, MaxI(0, cols - j)));
+      // Lanes j >= cols load +0: index 0, scale +0.
+      const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(row + j))
+                            : LoadPartialI(row + j, n);
+      const VI e = AndI(SrlI(x, 23), vff);
+      StoreI(ib + j, AndI(SrlI(x, 23 - mbits), vumask));
+      StoreF(sb + j, CastF(BlendI(AndI(x, vsignexp), AndI(x, vsign), CmpEqI(e, vzero))));
     }
   }
 }
@@ -215,6 +228,42 @@ inline void MicroTile(const int32_t* pk, int kb, const float* tiles, float* c, i
       const float* bp = tiles + static_cast<uint32_t>(q[r]);
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
+    }
+  }
+  StoreAcc<MR>(acc, c, ldc);
+}
+
+// MicroTile on bfloat16 tiles (kBf16Tiles, M <= 7; layout in the ISA's
+// BuildTilesM<MB, true>): one 16-word vector holds 32 columns, columns
+// 32h + l in the low halves and 32h + 16 + l in the high halves. Shifting a
+// word left by 16 / masking its low half gives the float32 tile values
+// exactly (they are exact bfloat16 values), so the FMAs, and the sums, are
+// the same as MicroTile's; the tiles take half the cache and the loads half
+// the bandwidth.
+constexpr bool kBf16Tiles = kIsaBf16Tiles && kNV % 2 == 0;
+
+template <int MR>
+inline void MicroTileBf16(const int32_t* pk, int kb, const int32_t* tiles, float* c,
+                          int64_t ldc) {
+  VF acc[MR][kNV];
+  const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
+  LoadAcc<MR>(acc, c, ldc);
+  for (int kk = 0; kk < kb; ++kk) {
+    const int32_t* q = pk + kk * kPackW;
+    const float* qs = reinterpret_cast<const float*>(q + 8);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const VF s = Set1F(qs[r]);
+      const int32_t* bp = tiles + static_cast<uint32_t>(q[r]);
+#pragma GCC unroll 16
+      for (int h = 0; h < kNV / 2; ++h) {
+        VI x = LoadI(bp + h * kVL);
+        // One load for both halves (GCC would otherwise fold the load into
+        // both the shift and the mask: twice the loads).
+        asm("" : "+v"(x));
+        acc[r][2 * h] = FmaF(s, CastF(ShlI16(x)), acc[r][2 * h]);
+        acc[r][2 * h + 1] = FmaF(s, CastF(AndI(x, high_half)), acc[r][2 * h + 1]);
+      }
     }
   }
   StoreAcc<MR>(acc, c, ldc);
@@ -332,7 +381,8 @@ struct Plan {
   int strategy;
   int mr;            // rows per micro-kernel panel
   int kb_max;        // k block
-  int ustride;       // floats between the tiles of consecutive mantissa values
+  bool bf16;         // bfloat16 tiles (kBf16Tiles and M <= 7)
+  int ustride;       // floats (bf16: words) between the tiles of consecutive mantissa values
   int64_t nrc, ncc;  // row / column chunks per problem
   int64_t rows_per, cols_per;
   // Design grouping: with dg > 1 a task computes its (row chunk, column chunk)
@@ -399,7 +449,7 @@ void RunTask(void* arg, int64_t task) {
   const int64_t pack_words = npanels * kstride * kPackW;
 
   const size_t tiles_bytes =
-      pl.strategy == kTiles ? (sizeof(float) << mbits) * static_cast<size_t>(pl.ustride) : 64;
+      pl.strategy == kTiles ? (size_t{4} << mbits) * static_cast<size_t>(pl.ustride) : 64;
   float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
   char* pack = static_cast<char*>(
       ThreadScratch(kSlotPack, static_cast<size_t>(npacks * pack_words * 4 + nd * npanels)));
@@ -436,7 +486,7 @@ void RunTask(void* arg, int64_t task) {
     }
   }
   const int ustride = pl.strategy == kTiles ? pl.ustride : (1 << mbits);
-  const int kkmul = pl.strategy == kTiles ? kNB : 0;
+  const int kkmul = pl.strategy == kTiles ? (pl.bf16 ? kNB / 2 : kNB) : 0;
   for (int64_t k0 = kbeg; k0 < K; k0 += KB) {
     const int kb = static_cast<int>(MinI(KB, K - k0));
     // Design-independent work once per shared operand: b statistics, the a
@@ -493,9 +543,14 @@ void RunTask(void* arg, int64_t task) {
         const int family = ks.families != nullptr ? ks.families[d0 + dd] : kFamilyNone;
         if (dd == 0 || !share_b || mb != dec_bits)
           DecomposeB(B, ldb, k0, kb, j0, cols, mb, ibv, sbv);
-        if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits))
-          BuildTiles(narrow ? ks.eff_lut[d0 + dd] : lut, mb, kb * kNB, ibv, sbv, tiles,
-                     pl.ustride);
+        if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {
+          const uint32_t* tile_lut = narrow ? ks.eff_lut[d0 + dd] : lut;
+          if (pl.bf16)
+            BuildTilesBf16(tile_lut, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
+                           pl.ustride);
+          else
+            BuildTiles(tile_lut, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
+        }
         dec_bits = mb;
         const char* okd = panel_ok + dd * npanels;
         const int32_t* pkd = pk_base + (share_a ? slot_of[mb] : dd) * pack_words;
@@ -518,7 +573,9 @@ void RunTask(void* arg, int64_t task) {
                 ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
           }
           const int32_t* pk = pkd + pi * kstride * kPackW;
-          if (pl.strategy == kTiles) {
+          if (pl.strategy == kTiles && pl.bf16) {
+            MicroTileBf16<kMR>(pk, kb, reinterpret_cast<const int32_t*>(tiles), ct, ldt);
+          } else if (pl.strategy == kTiles) {
             MicroTile<kMR>(pk, kb, tiles, ct, ldt);
           } else if (family == kFamilyMitchell) {
             MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
@@ -572,7 +629,9 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   pl.strategy = strategy;
   if (strategy == kTiles) {
     pl.mr = kMR;
-    // 2^M * KB * kNB floats within the budget.
+    pl.bf16 = kBf16Tiles && p.mbits <= 7;
+    const int64_t entry_bytes = pl.bf16 ? 2 : 4;
+    // 2^M * KB * kNB tile entries within the budget.
     int64_t kb = 2;
     // Measured with the FMA kernel (2 MB L2): M = 7 best at L2/2 (longer k
     // blocks: fewer C reloads, longer a strips), M = 3 at L2/8..L2/4.
@@ -580,12 +639,12 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
         p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     const int64_t klen = MinI(p.k, ks.chunk);
-    while (kb < 256 && (usize * kb * 2 * kNB * 4) <= budget &&
+    while (kb < 256 && (usize * kb * 2 * kNB * entry_bytes) <= budget &&
            kb < RoundUp(klen, 16))
       kb *= 2;
     pl.kb_max = static_cast<int>(kb);
     // Unpadded stride (padding by a cache line measured 10-15% slower).
-    pl.ustride = static_cast<int>(kb * kNB);
+    pl.ustride = static_cast<int>(pl.bf16 ? kb * kNB / 2 : kb * kNB);
   } else {
     pl.mr = kMRG;
     pl.kb_max = 256;
