@@ -608,6 +608,9 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     return kSimdOk;
   }
   // The fast paths assume kernel-format LUT entries (c <= 1): decline otherwise.
+  // bfloat16 tiles also need every entry's bits below the M mantissa bits to
+  // be zero (true of kernel-format LUTs, checked rather than assumed).
+  bool lut_low_bits_clear = true;
   {
     const int64_t entries = int64_t{1} << (2 * p.mbits);
     const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
@@ -616,6 +619,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
       uint32_t acc = 0;
       for (int64_t e = 0; e < entries; ++e) acc |= l[e];
       if (acc >> 24) return kSimdDeclined;
+      if (acc & ((1u << (23 - p.mbits)) - 1u)) lut_low_bits_clear = false;
     }
   }
   Plan pl{};
@@ -629,7 +633,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   pl.strategy = strategy;
   if (strategy == kTiles) {
     pl.mr = kMR;
-    pl.bf16 = kBf16Tiles && p.mbits <= 7;
+    pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear;
     const int64_t entry_bytes = pl.bf16 ? 2 : 4;
     // 2^M * KB * kNB tile entries within the budget.
     int64_t kb = 2;
