@@ -423,3 +423,42 @@ def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
         np.testing.assert_array_equal(np.isnan(got[d]), np.isnan(single))
         ok = np.isnan(single) | (got[d].view(np.uint32) == single.view(np.uint32))
         assert ok.all(), f"design {d} ({m.name}): {(~ok).sum()} elements differ from a single call"
+
+
+@pytest.mark.parametrize("design", ["random7", "mbm7", "random6"])
+@pytest.mark.parametrize("shape", [(40, 70, 300), (64, 130, 1024), (33, 5000, 140)])
+def test_cpu_few_rows_transposed_formulation_is_bit_exact(design, shape):
+    # Few rows and many columns at M' >= 6: the CPU kernel runs the transposed
+    # problem (out^T = w^T (x) x^T under the transposed LUT, cpu_gemm.cc);
+    # products and the sequential order (split-K chunks for K = 5000) must not
+    # change, special values included, alone and in a design stack.
+    rows, K, N = shape
+    rng = np.random.default_rng(rows + K + N)
+    mult = {"random7": _random_multiplier(7, 5), "random6": _random_multiplier(6, 6),
+            "mbm7": multipliers.mbm(7)}[design]
+    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-20, 20, (rows, K)))).astype(np.float32)
+    w = _values(rng, (K, N))
+    x[rng.random(x.shape) < 0.02] = 0.0
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
+    # split_k.h: K >= 4096 with a small output is summed in chunks of 1024
+    # (each from +0, ascending), the chunk sums added in order.
+    chunk = 1024 if K >= 4096 else K
+    want = np.zeros((rows, N), np.float32)
+    for k0 in range(0, K, chunk):
+        part = reference.sequential_dot(x[:, k0:k0 + chunk], w[k0:k0 + chunk], mult.lut, mult.mbits)
+        want = part if k0 == 0 else (want + part).astype(np.float32)
+    _assert_bits_equal(got, want)
+    x[1, 3], w[7, 2], w[9, 4] = np.inf, np.nan, -0.0  # exact scalar path in some k-blocks
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
+    if K < 1000:
+        want = reference.sequential_dot(x, w, mult.lut, mult.mbits)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        ok = np.isnan(want) | (got.view(np.uint32) == want.view(np.uint32))
+        assert ok.all(), f"{(~ok).sum()} elements differ from the sequential order"
+    stacked = multipliers.stack([mult, multipliers.mitchell(7)])
+    both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
+    for d, m in enumerate([mult, multipliers.mitchell(7)]):
+        single = np.asarray(approx_jax.approx_dot(x, w, m))
+        np.testing.assert_array_equal(np.isnan(both[d]), np.isnan(single))
+        ok = np.isnan(single) | (both[d].view(np.uint32) == single.view(np.uint32))
+        assert ok.all(), f"design {d}: {(~ok).sum()} elements differ from a single call"

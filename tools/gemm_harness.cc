@@ -442,6 +442,34 @@ int Test() {
       ++cases;
     }
   }
+  // Few rows, many columns: the automatic mode runs the transposed problem
+  // (cpu_gemm.cc, PrefersTransposed), here also with split-K, widened LUTs
+  // (effective widths), shared operands and special values.
+  {
+    const int64_t tshapes[][5] = {{1, 1, 8, 5000, 200}, {3, 2, 20, 300, 500}, {1, 1, 1, 64, 700},
+                                  {2, 1, 40, 90, 333}};
+    int v = 0;
+    for (int m : {3, 5, 7})
+      for (auto& t : tshapes) {
+        Case c{};
+        c.designs = t[0];
+        c.batch = t[1];
+        c.m = t[2];
+        c.k = t[3];
+        c.n = t[4];
+        c.a_bcast_d = v % 2;
+        c.b_bcast_b = v % 3 == 1;
+        c.mbits = m;
+        c.special = v % 4 == 3 ? 0.03 : 0.0;
+        c.exp_lo = 100;
+        c.exp_hi = 150;
+        c.lut_kind = v % 3;
+        c.widened = true;
+        ++v;
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+  }
   // Bigger ones (multiple k blocks, row/column chunks).
   for (int m : {3, 7, 8, 11}) {
     Case c{};
@@ -637,6 +665,7 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_ISA")) gemm_internal::g_force_isa = std::atoi(e);
   if (const char* e = std::getenv("GEMM_TILE_BYTES")) gemm_internal::g_tile_budget = std::atoll(e);
   if (const char* e = std::getenv("GEMM_NO_SHARING")) gemm_internal::g_no_design_sharing = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_MIN_ROWS_MUL")) gemm_internal::g_min_rows_mul = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
     shapes.clear();
     std::string str = e;
@@ -658,8 +687,10 @@ int Bench(int reps, int argc, char** argv) {
     std::normal_distribution<float> N(0, 1);
     for (auto& x : a) x = N(rng);
     for (auto& x : b) x = N(rng);
+    // GEMM_LUT_KIND: MakeLut kind (default 2; 4 = Mitchell, 5 = MBM: closed forms).
+    const int lut_kind = std::getenv("GEMM_LUT_KIND") ? std::atoi(std::getenv("GEMM_LUT_KIND")) : 2;
     for (int m : ms) {
-      auto lut = MakeLut(m, 2, rng);
+      auto lut = MakeLut(m, lut_kind, rng);
       GemmProblem p;
       p.a = a.data();
       p.b = b.data();

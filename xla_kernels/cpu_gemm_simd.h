@@ -46,6 +46,10 @@ extern int g_no_design_sharing;
 // Harness override of the AVX-512 column-block width: 0 = chosen by n
 // (16 for n <= 16, 32 for n <= 32, else 64), or 16 / 32 / 64.
 extern int g_force_width;
+// Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each
+// task builds the tiles of its columns, so fewer, taller row chunks build less;
+// 1024x1568x64 M=7 measured 6.8 ms with 2, 4.5 ms with 4). Harness knob.
+extern int g_min_rows_mul;
 
 // Which part of the problem one kernel call computes (see cpu_gemm_split.h):
 // problems [prob_begin, prob_begin + probs) of the design x batch grid, k in
@@ -81,6 +85,22 @@ struct KSplit {
 inline bool PrefersGathers(int64_t m, int mbits) {
   const int64_t usize = int64_t{1} << mbits;
   return mbits > 7 || m < (usize / 4 > 2 ? usize / 4 : 2);
+}
+
+// Rows below which the closed form of a cheap family (Mitchell, truncate: a
+// few vector operations per 16 products, any M) beats expanded tiles, which
+// pay 2^M tile entries per b element amortised over the rows. Measured with
+// Mitchell, 2 cores, b 1568x1024 and 1024^3 (GFLOP/s, tiles vs closed form):
+// M = 7: 64 rows 12.8 vs 63.6, 256 rows 37 vs 73, 512^3 49 vs 65, 1024^3 70 vs
+// 76; M = 6: 64 rows 30 vs 65, 256 rows 65 vs 71, 1024^3 93 vs 78; M = 5:
+// 128 rows 72 vs 71, 256 rows 97 vs 72; 8192x576x64 (2048 rows a task) M = 7
+// 69 vs 58. (MBM's closed form is 3-4x slower than
+// Mitchell's, and its tiles use width M - 1: not a cheap family.)
+inline int64_t CheapFamilyRows(int mbits) {
+  return mbits > 7 ? INT64_MAX : (int64_t{mbits >= 7 ? 16 : (mbits == 6 ? 8 : 4)} << mbits);
+}
+inline bool IsCheapFamily(int family) {
+  return family == kFamilyMitchell || family == kFamilyTruncate;
 }
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };

@@ -629,6 +629,13 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   const size_t l2 = L2CacheBytes();
   // (The wide tile builder for M >= 8 is kept for forced testing.)
   int strategy = PrefersGathers(p.m, p.mbits) ? kGather : kTiles;
+  // Every design a cheap closed-form family and few rows: the closed form
+  // (on the gather path) beats the tiles.
+  if (strategy == kTiles && ks.families != nullptr && p.m < CheapFamilyRows(p.mbits)) {
+    bool all_cheap = true;
+    for (int64_t d = 0; d < p.designs; ++d) all_cheap = all_cheap && IsCheapFamily(ks.families[d]);
+    if (all_cheap) strategy = kGather;
+  }
   if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
   pl.strategy = strategy;
   if (strategy == kTiles) {
@@ -672,7 +679,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   int64_t ncc = MinI(split, nbk);
   pl.cols_per = CeilDiv(nbk, ncc) * kNB;
   ncc = CeilDiv(p.n, pl.cols_per);
-  const int64_t min_rows = strategy == kTiles ? MaxI(pl.mr, usize * 2) : pl.mr * 4;
+  const int64_t min_rows = strategy == kTiles ? MaxI(pl.mr, usize * g_min_rows_mul) : pl.mr * 4;
   int64_t nrc = MinI(CeilDiv(split, ncc), MaxI(1, p.m / min_rows));
   pl.rows_per = RoundUp(CeilDiv(p.m, nrc), pl.mr);
   nrc = CeilDiv(p.m, pl.rows_per);
