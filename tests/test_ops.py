@@ -462,3 +462,22 @@ def test_cpu_few_rows_transposed_formulation_is_bit_exact(design, shape):
         np.testing.assert_array_equal(np.isnan(both[d]), np.isnan(single))
         ok = np.isnan(single) | (both[d].view(np.uint32) == single.view(np.uint32))
         assert ok.all(), f"design {d}: {(~ok).sum()} elements differ from a single call"
+
+
+@pytest.mark.parametrize("M", [2, 4, 5, 6, 7])
+@pytest.mark.parametrize("shape", [(3, 300, 100), (1, 77, 33), (7, 40, 64)])
+def test_cpu_few_rows_lut_lookup_is_bit_exact(M, shape):
+    # Few rows: the gather path, which on AVX-512 looks LUT rows of width <= 6
+    # up with in-register permutes; a widened (narrower) design in a stack
+    # looks up its narrow LUT. Both must keep the SPEC bits and the order.
+    rows, K, N = shape
+    rng = np.random.default_rng(M * 100 + rows)
+    x = _values(rng, (rows, K))
+    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-10, 10, (K, N)))).astype(np.float32)
+    w[rng.random(w.shape) < 0.02] = -0.0
+    mult = _random_multiplier(M, M)
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
+    _assert_bits_equal(got, reference.sequential_dot(x, w, mult.lut, mult.mbits))
+    stacked = multipliers.stack([mult, _random_multiplier(7, 1)])
+    both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
+    _assert_bits_equal(both[0], got)

@@ -107,6 +107,22 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
   }
 }
 
+// LUT rows are looked up with gathers here (AVX2 has no two-table permute);
+// MicroPermute is AVX-512 only and never chosen on this ISA.
+constexpr bool kIsaPermuteLookup = false;
+template <int MB>
+struct LutRow {
+  const uint32_t* row;
+};
+template <int MB>
+inline LutRow<MB> LoadLutRow(const uint32_t* row) {
+  return LutRow<MB>{row};
+}
+template <int MB>
+inline VI LookupLutRow(const LutRow<MB>& r, VI ib) {
+  return GatherI(r.row, ib);
+}
+
 // The bfloat16 tile layout is AVX-512 only (measured there; the AVX2 kernel
 // keeps float32 tiles): never called.
 constexpr bool kIsaBf16Tiles = false;

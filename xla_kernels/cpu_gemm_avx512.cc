@@ -105,6 +105,46 @@ inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
   }
 }
 
+// One LUT row (2^MB kernel-format entries) held in registers, looked up
+// 16 lanes at a time with permutes instead of a gather (gathers are
+// microcoded on current x86 cores with the GDS mitigation).
+constexpr bool kIsaPermuteLookup = true;
+template <int MB>
+struct LutRow {
+  VI t[MB <= 4 ? 1 : (1 << (MB - 4))];
+};
+
+template <int MB>
+inline LutRow<MB> LoadLutRow(const uint32_t* row) {
+  const __mmask16 row_mask = MB >= 4 ? 0xffff : static_cast<__mmask16>((1u << (1 << MB)) - 1u);
+  LutRow<MB> r;
+  for (int q = 0; q < static_cast<int>(sizeof(r.t) / sizeof(r.t[0])); ++q)
+    r.t[q] = _mm512_maskz_loadu_epi32(row_mask, row + 16 * q);
+  return r;
+}
+
+// Entries row[ib] of the 16 lanes (0 <= ib < 2^MB).
+template <int MB>
+inline VI LookupLutRow(const LutRow<MB>& r, VI ib) {
+  if constexpr (MB <= 4) {
+    return _mm512_permutexvar_epi32(ib, r.t[0]);
+  } else if constexpr (MB == 5) {
+    return _mm512_permutex2var_epi32(r.t[0], ib, r.t[1]);
+  } else if constexpr (MB == 6) {
+    const __mmask16 m5 = _mm512_test_epi32_mask(ib, Set1I(32));
+    return _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(r.t[0], ib, r.t[1]),
+                                   _mm512_permutex2var_epi32(r.t[2], ib, r.t[3]));
+  } else {
+    const __mmask16 m5 = _mm512_test_epi32_mask(ib, Set1I(32));
+    const __mmask16 m6 = _mm512_test_epi32_mask(ib, Set1I(64));
+    const VI lo = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(r.t[0], ib, r.t[1]),
+                                          _mm512_permutex2var_epi32(r.t[2], ib, r.t[3]));
+    const VI hi = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(r.t[4], ib, r.t[5]),
+                                          _mm512_permutex2var_epi32(r.t[6], ib, r.t[7]));
+    return _mm512_mask_blend_epi32(m6, lo, hi);
+  }
+}
+
 // tiles[u * ustride + x] = Lf[u][ibv[x]] * sbv[x] for x < n (n = kb * kNB of
 // the calling width) and all u.
 // The LUT row of u is held in registers and looked up with permutes.
@@ -119,34 +159,12 @@ inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
 template <int MB, bool BF16>
 void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sbv,
                  void* tiles, int ustride) {
-  constexpr int kRowRegs = MB <= 4 ? 1 : (1 << (MB - 4));
   const VI one_exp = Set1I(127 << 23);
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
-  const __mmask16 row_mask = MB >= 4 ? 0xffff : static_cast<__mmask16>((1u << (1 << MB)) - 1u);
   for (int u = 0; u < (1 << MB); ++u) {
-    const uint32_t* row = lut + (u << MB);
-    VI t[kRowRegs];
-    for (int q = 0; q < kRowRegs; ++q) t[q] = _mm512_maskz_loadu_epi32(row_mask, row + 16 * q);
+    const LutRow<MB> row = LoadLutRow<MB>(lut + (u << MB));
     auto value = [&](int x) {
-      const VI ib = LoadI(ibv + x);
-      VI v;
-      if constexpr (MB <= 4) {
-        v = _mm512_permutexvar_epi32(ib, t[0]);
-      } else if constexpr (MB == 5) {
-        v = _mm512_permutex2var_epi32(t[0], ib, t[1]);
-      } else if constexpr (MB == 6) {
-        const __mmask16 m5 = _mm512_test_epi32_mask(ib, Set1I(32));
-        v = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(t[0], ib, t[1]),
-                                    _mm512_permutex2var_epi32(t[2], ib, t[3]));
-      } else {
-        const __mmask16 m5 = _mm512_test_epi32_mask(ib, Set1I(32));
-        const __mmask16 m6 = _mm512_test_epi32_mask(ib, Set1I(64));
-        const VI lo = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(t[0], ib, t[1]),
-                                              _mm512_permutex2var_epi32(t[2], ib, t[3]));
-        const VI hi = _mm512_mask_blend_epi32(m5, _mm512_permutex2var_epi32(t[4], ib, t[5]),
-                                              _mm512_permutex2var_epi32(t[6], ib, t[7]));
-        v = _mm512_mask_blend_epi32(m6, lo, hi);
-      }
+      const VI v = LookupLutRow<MB>(row, LoadI(ibv + x));
       return MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x));
     };
     if constexpr (BF16) {

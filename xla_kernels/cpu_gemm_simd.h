@@ -61,7 +61,8 @@ extern int g_min_rows_mul;
 // LUT is the exact widening of a width-M' LUT (every entry depends only on the
 // top M' bits of both mantissa indices, as multipliers.stack() produces for
 // narrower designs in a stack) gives bit-identical products with M' and the
-// narrow LUT; the tile path then builds 2^M' tiles instead of 2^M.
+// narrow LUT; the tile path then builds 2^M' tiles instead of 2^M, and the
+// gather and permute paths look up the smaller LUT.
 struct KSplit {
   int64_t chunk;
   int64_t chunks;
