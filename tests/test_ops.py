@@ -481,3 +481,28 @@ def test_cpu_few_rows_lut_lookup_is_bit_exact(M, shape):
     stacked = multipliers.stack([mult, _random_multiplier(7, 1)])
     both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
     _assert_bits_equal(both[0], got)
+
+
+def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
+    # Few rows: Mitchell / truncate take their closed form, MBM and a random LUT
+    # the tiles (or the transposed problem); a stack mixing them runs as runs
+    # of like designs. Every design must keep the bits of its single call,
+    # with shared and with per-design activations.
+    designs = [multipliers.mitchell(7), multipliers.mbm(7), multipliers.truncate(7),
+               _random_multiplier(7, 9), multipliers.mitchell(7)]
+    stacked = multipliers.stack(designs)
+    rng = np.random.default_rng(5)
+    x = _values(rng, (64, 300))
+    w = _values(rng, (300, 256))
+    x[3, 7] = np.inf
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
+    xs = _values(rng, (len(designs), 64, 300))
+    per = np.asarray(
+        jax.jit(jax.vmap(lambda a, m: approx_jax.approx_dot(a, w, m)))(xs, stacked)
+    )
+    for d, m in enumerate(designs):
+        for out, a in ((got[d], x), (per[d], xs[d])):
+            single = np.asarray(approx_jax.approx_dot(a, w, m))
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(single))
+            ok = np.isnan(single) | (out.view(np.uint32) == single.view(np.uint32))
+            assert ok.all(), f"design {d} ({m.name}): {(~ok).sum()} elements differ"

@@ -388,6 +388,37 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
     std::vector<int> family_store;
     const int* families = DesignFamilies(p, &family_store) ? family_store.data() : nullptr;
+    // A stack whose designs differ in whether their cheap closed form beats
+    // the tiles (a Mitchell or truncate design next to an MBM or a random
+    // LUT, few rows) runs as consecutive runs of like designs, so that each
+    // takes its faster path (a plan has one strategy). Each design's sums are
+    // computed as before: same bits. (Only for enough work per design: each
+    // run is a separate pass over the threads; 8 designs at 64^3 measured
+    // 1.07x the single calls split, 0.80x unsplit; at 512^3 0.88x vs 0.93x.)
+    const double work_per_design = static_cast<double>(p.batch) * p.m * p.n * p.k;
+    if (families != nullptr && p.mbits <= 7 && p.designs > 1 && p.lut_design_stride != 0 &&
+        work_per_design >= double{1 << 22} &&
+        p.m < gemm_internal::CheapFamilyRows(p.mbits) && gemm_internal::g_force_strategy == 0) {
+      auto cheap_at = [&](int64_t d) { return gemm_internal::IsCheapFamily(families[d]); };
+      int64_t first_change = 1;
+      while (first_change < p.designs && cheap_at(first_change) == cheap_at(0)) ++first_change;
+      if (first_change < p.designs) {
+        for (int64_t d0 = 0; d0 < p.designs;) {
+          int64_t d1 = d0 + 1;
+          while (d1 < p.designs && cheap_at(d1) == cheap_at(d0)) ++d1;
+          GemmProblem run = p;
+          run.designs = d1 - d0;
+          run.a = p.a + d0 * p.a_design_stride;
+          run.b = p.b + d0 * p.b_design_stride;
+          run.lut = p.lut + d0 * p.lut_design_stride;
+          run.out = p.out + d0 * p.batch * p.m * p.n;
+          std::string err = GemmDirect(run, parallel_for, may_transpose);
+          if (!err.empty()) return err;
+          d0 = d1;
+        }
+        return {};
+      }
+    }
     if (may_transpose && gemm_internal::g_force_strategy == 0) {
       int widest = narrow ? 0 : p.mbits;
       for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
