@@ -269,9 +269,33 @@ inline void MicroTileBf16(const int32_t* pk, int kb, const int32_t* tiles, float
   StoreAcc<MR>(acc, c, ldc);
 }
 
-// Gather micro-kernel: the LUT value is gathered per product.
-template <int MR>
-inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const int32_t* ibv,
+// LUT-lookup micro-kernel: c[r][j] += (Lf[ia][ib[j]] * sb[j]) * sa[r] per
+// product, the entry looked up by `Row`, which is made once per (row, k)
+// from the LUT row of a's mantissa (gather packs hold ia << M):
+// - GatherRow: one gather per column vector;
+// - LutRow<MB> (kIsaPermuteLookup, M <= 6): the row is loaded into registers
+//   and looked up with permutes for all kNV vectors (LookupLutRow). Measured
+//   (2 cores, ms, gathers vs permutes; MBM-like LUT of effective width 6):
+//   25x50176x32 6.1 vs 5.4, 16x1024x1024 2.07 vs 1.22, 27x25088x64 5.3 vs 3.1.
+//   At M = 7 (eight row registers, seven permute/blend operations per
+//   vector) gathers were faster: 25x50176x32 6.3 vs 9.3 ms.
+// Same entries, same expression: the same bits either way.
+struct GatherRow {
+  const uint32_t* row;
+};
+inline GatherRow LoadRow(const uint32_t* row, GatherRow*) { return GatherRow{row}; }
+inline VI Lookup(const GatherRow& r, VI ib) { return GatherI(r.row, ib); }
+template <int MB>
+inline LutRow<MB> LoadRow(const uint32_t* row, LutRow<MB>*) {
+  return LoadLutRow<MB>(row);
+}
+template <int MB>
+inline VI Lookup(const LutRow<MB>& r, VI ib) {
+  return LookupLutRow<MB>(r, ib);
+}
+
+template <int MR, class Row>
+inline void MicroLookup(const int32_t* pk, int kb, const uint32_t* lut, const int32_t* ibv,
                         const float* sbv, float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const VI one_exp = Set1I(127 << 23);
@@ -289,49 +313,10 @@ inline void MicroGather(const int32_t* pk, int kb, const uint32_t* lut, const in
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const VF s = Set1F(qs[r]);
-      const VI o = Set1I(q[r]);
+      const Row row = LoadRow(lut + q[r], static_cast<Row*>(nullptr));
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) {
-        const VI g = GatherI(lut, AddI(o, ib[v]));
-        const VF lf = CastF(AddI(g, one_exp));
-        acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
-      }
-    }
-  }
-  StoreAcc<MR>(acc, c, ldc);
-}
-
-// Permute micro-kernel (kIsaPermuteLookup, M <= 6): like MicroGather, but
-// the LUT row of each (row, k) is loaded into registers once and looked up
-// for all kNV column vectors with permutes (LookupLutRow) instead of one
-// gather per vector. Same entries, same expression: the same bits. Measured
-// (2 cores, ms, gathers vs permutes; MBM-like LUT of effective width 6):
-// 25x50176x32 6.1 vs 5.4, 16x1024x1024 2.07 vs 1.22, 27x25088x64 5.3 vs 3.1.
-// At M = 7 (eight row registers, seven permute/blend operations per vector)
-// gathers were faster: 25x50176x32 6.3 vs 9.3 ms.
-template <int MR, int MB>
-inline void MicroPermute(const int32_t* pk, int kb, const uint32_t* lut, const int32_t* ibv,
-                         const float* sbv, float* c, int64_t ldc) {
-  VF acc[MR][kNV];
-  const VI one_exp = Set1I(127 << 23);
-  LoadAcc<MR>(acc, c, ldc);
-  for (int kk = 0; kk < kb; ++kk) {
-    const int32_t* q = pk + kk * kPackW;
-    const float* qs = reinterpret_cast<const float*>(q + 8);
-    VI ib[kNV];
-    VF sb[kNV];
-#pragma GCC unroll 16
-    for (int v = 0; v < kNV; ++v) {
-      ib[v] = LoadI(ibv + kk * kNB + v * kVL);
-      sb[v] = LoadF(sbv + kk * kNB + v * kVL);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(qs[r]);
-      const LutRow<MB> row = LoadLutRow<MB>(lut + q[r]);  // gather packs hold ia << M
-#pragma GCC unroll 16
-      for (int v = 0; v < kNV; ++v) {
-        const VF lf = CastF(AddI(LookupLutRow<MB>(row, ib[v]), one_exp));
+        const VF lf = CastF(AddI(Lookup(row, ib[v]), one_exp));
         acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
       }
     }
@@ -343,22 +328,21 @@ template <int MR>
 inline void MicroPermuteM(int mbits, const int32_t* pk, int kb, const uint32_t* lut,
                           const int32_t* ibv, const float* sbv, float* c, int64_t ldc) {
   switch (mbits) {
-    case 1: return MicroPermute<MR, 1>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 2: return MicroPermute<MR, 2>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 3: return MicroPermute<MR, 3>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 4: return MicroPermute<MR, 4>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 5: return MicroPermute<MR, 5>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 6: return MicroPermute<MR, 6>(pk, kb, lut, ibv, sbv, c, ldc);
-    default: return MicroPermute<MR, 7>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 1: return MicroLookup<MR, LutRow<1>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 2: return MicroLookup<MR, LutRow<2>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 3: return MicroLookup<MR, LutRow<3>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 4: return MicroLookup<MR, LutRow<4>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 5: return MicroLookup<MR, LutRow<5>>(pk, kb, lut, ibv, sbv, c, ldc);
+    default: return MicroLookup<MR, LutRow<6>>(pk, kb, lut, ibv, sbv, c, ldc);
   }
 }
 
-// Closed-form micro-kernel (lut_family.h): like MicroGather, but the LUT
+// Closed-form micro-kernel (lut_family.h): like MicroLookup, but the LUT
 // entry of each product is computed from the two mantissa indices (the LUT
 // was checked to equal the family's closed form at every entry), so no
 // gather: a few integer/float vector operations per 16 (8) products.
 // lf = 1.r * 2^c exactly as the gathered entry would give, so the products
-// and sums are bit-identical to MicroGather's.
+// and sums are bit-identical to MicroLookup's.
 template <int MR, int FAM>
 inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ibv,
                          const float* sbv, float* c, int64_t ldc) {
@@ -643,7 +627,8 @@ void RunTask(void* arg, int64_t task) {
             MicroPermuteM<kMRG>(mb, pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct,
                                 ldt);
           } else {
-            MicroGather<kMRG>(pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct, ldt);
+            MicroLookup<kMRG, GatherRow>(pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv,
+                                         ct, ldt);
           }
           if (!full) {
             for (int r = 0; r < rows; ++r)
