@@ -319,10 +319,21 @@ T* ReusedBuffer(std::vector<T>& store, int64_t count) {
 // gathers (few rows: about even with transposed tiles), nor where the closed
 // form of a cheap family runs (its speed does not depend on the rows), nor
 // for M >= 8 (no tiles).
+//
+// The transposed copies (distinct a and b blocks, out^T) are kept per thread
+// between calls (a layer's GEMM has the same shapes every step), so they are
+// capped: larger problems run directly.
+constexpr double kTransposedBytesMax = double{32 << 20};
+
 bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_form) {
   if (p.mbits > 7 || eff_bits < 6 || cheap_closed_form || p.k == 0) return false;
   if (gemm_internal::PrefersGathers(p.m, p.mbits)) return false;
-  return p.m < (int64_t{2} << eff_bits) && p.n >= 4 * p.m;
+  if (p.m >= (int64_t{2} << eff_bits) || p.n < 4 * p.m) return false;
+  const double a_blocks = (p.a_design_stride != 0 ? p.designs : 1) * (p.a_batch_stride != 0 ? p.batch : 1);
+  const double b_blocks = (p.b_design_stride != 0 ? p.designs : 1) * (p.b_batch_stride != 0 ? p.batch : 1);
+  const double floats = a_blocks * p.m * p.k + b_blocks * p.k * p.n +
+                        static_cast<double>(p.designs * p.batch) * p.m * p.n;
+  return 4.0 * floats <= kTransposedBytesMax;
 }
 
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose);
