@@ -345,3 +345,36 @@ def test_non_float_inputs_raise_type_error():
         approx_conv(np.ones((1, 5, 5, 2), np.int32), np.ones((3, 3, 2, 4), np.float32), "mbm7")
     with pytest.raises(TypeError, match="kernel"):
         approx_conv(np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 4), np.int8), "mbm7")
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_staged_patches_equal_one_stack_of_taps(nd):
+    # The forward patches are gathered one spatial dimension at a time; they
+    # must be the very values of the one-stack-per-tap form (exact copies,
+    # zeros in the padding and dilation holes), and the custom backward pass
+    # must be that form's transpose, bit for bit.
+    rng = np.random.default_rng(nd)
+    checked = 0
+    while checked < 6:
+        S = [int(rng.integers(3, 8)) for _ in range(nd)]
+        window = tuple(int(rng.integers(1, 4)) for _ in range(nd))
+        strides = tuple(int(rng.integers(1, 3)) for _ in range(nd))
+        lhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
+        rhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
+        pads = tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(nd))
+        out = tuple(
+            ((s - 1) * l + 1 + lo + hi - ((w - 1) * r + 1)) // st + 1
+            for s, w, st, l, r, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
+        )
+        if min(out) < 1:
+            continue
+        x = jnp.asarray(_data([2, 3, *S, 4], checked))
+        geometry = (window, strides, pads, lhs, rhs, out)
+        got, vjp = jax.vjp(lambda x: conv_lib._patches(x, *geometry), x)
+        want, vjp_want = jax.vjp(lambda x: conv_lib._patches_by_tap(x, *geometry), x)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        ct = jnp.asarray(_data(want.shape, 10 + checked))
+        np.testing.assert_array_equal(
+            np.asarray(vjp(ct)[0]).view(np.uint32), np.asarray(vjp_want(ct)[0]).view(np.uint32)
+        )
+        checked += 1

@@ -10,8 +10,9 @@ Lowering (``_conv_core``):
    to ``[*window, I, O]`` (HWIO-like).
 2. Feature groups are moved in front of the batch: ``[G, N, *spatial, Cg]``.
 3. The input is padded (``lax.pad``; interior padding realises the lhs
-   dilation) and one strided ``lax.slice`` per kernel tap extracts the
-   patches, stacked as ``[G, N, *out, taps, Cg]``. Slicing (rather than
+   dilation) and strided ``lax.slice``s extract the patches, stacked as
+   ``[G, N, *out, taps, Cg]`` (one spatial dimension at a time in the
+   forward pass; the backward pass is the transpose of one slice per tap). Slicing (rather than
    ``conv_general_dilated_patches``, whose one-hot convolution multiplies
    every value by 0 and 1 and so turns an Inf into NaNs across its window,
    and which on GPU runs at TF32 unless told otherwise) copies values
@@ -162,17 +163,21 @@ def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation,
 # Lowering.
 
 
-def _patches(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
-    """``[G, N, *S, Cg]`` -> ``[G, N, *out, taps, Cg]`` by pad + strided slices.
-
-    Tap order is row-major over the window, matching a ``[*window, Cg, ...]``
-    kernel reshaped to ``[taps * Cg, ...]``.
-    """
-    zero = jnp.zeros((), xg.dtype)
+def _pad_input(xg, pads, lhs_dilation):
+    """Edge padding, and interior padding for the lhs dilation, of ``[G, N, *S, Cg]``."""
     config = [(0, 0, 0), (0, 0, 0)]
     config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation, strict=True)]
     config += [(0, 0, 0)]
-    xp = lax.pad(xg, zero, config)
+    return lax.pad(xg, jnp.zeros((), xg.dtype), config)
+
+
+def _patches_by_tap(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    """The patches as one stack of ``prod(window)`` strided slices (one per tap).
+
+    Used for the backward pass of :func:`_patches` (its transpose, pad + add
+    per tap, was measured ~3x faster than that of the staged form).
+    """
+    xp = _pad_input(xg, pads, lhs_dilation)
     slices = []
     for tap in np.ndindex(*window):
         start = [0, 0] + [t * d for t, d in zip(tap, rhs_dilation, strict=True)] + [0]
@@ -187,6 +192,69 @@ def _patches(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)
         step = [1, 1] + list(strides) + [1]
         slices.append(lax.slice(xp, start, limit, step))
     return jnp.stack(slices, axis=-2)
+
+
+def _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    """The same patches, gathered one spatial dimension at a time (last first).
+
+    Each stage stacks ``window[d]`` strided slices along dimension ``d``, so
+    XLA emits concatenations of ``window[d]`` operands rather than one of
+    ``prod(window)``, whose per-element operand selection made a 5x5 patch
+    matrix 1.6x slower to build on CPU (0.94 vs 1.49 ms for 13x14x14x32).
+    """
+    nd = len(window)
+    y = _pad_input(xg, pads, lhs_dilation)
+    for d in reversed(range(nd)):
+        axis = 2 + d
+        slices = []
+        for t in range(window[d]):
+            start = t * rhs_dilation[d]
+            limit = start + (out_spatial[d] - 1) * strides[d] + 1
+            slices.append(lax.slice_in_dim(y, start, limit, stride=strides[d], axis=axis))
+        # New tap axes go right after the spatial ones, ahead of the taps of
+        # the later dimensions: [..., *out, tap_0, ..., tap_{nd-1}, Cg].
+        y = jnp.stack(slices, axis=2 + nd)
+    return y.reshape(y.shape[: 2 + nd] + (math.prod(window), y.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
+def _patches(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    """``[G, N, *S, Cg]`` -> ``[G, N, *out, taps, Cg]`` by pad + strided slices.
+
+    Tap order is row-major over the window, matching a ``[*window, Cg, ...]``
+    kernel reshaped to ``[taps * Cg, ...]``. Values are copied exactly. The
+    forward pass builds the patches in stages (:func:`_patches_staged`), the
+    backward pass is the transpose of the one-stack form
+    (:func:`_patches_by_tap`): the faster of each, and the input gradient sums
+    each position's tap contributions in the same order as before.
+    """
+    return _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)
+
+
+def _patches_fwd(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    out = _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)
+    # Only the input's shape and dtype are needed (the map is linear).
+    return out, jnp.zeros((0,) + xg.shape, xg.dtype)
+
+
+def _patches_bwd(window, strides, pads, lhs_dilation, rhs_dilation, out_spatial, res, ct):
+    x_like = jax.ShapeDtypeStruct(res.shape[1:], res.dtype)
+    transpose = jax.linear_transpose(
+        functools.partial(
+            _patches_by_tap,
+            window=window,
+            strides=strides,
+            pads=pads,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            out_spatial=out_spatial,
+        ),
+        x_like,
+    )
+    return transpose(ct)
+
+
+_patches.defvjp(_patches_fwd, _patches_bwd)
 
 
 def _conv_core(xg, w4, klut, mbits, backward, geometry):
@@ -207,7 +275,15 @@ def _conv_core(xg, w4, klut, mbits, backward, geometry):
     g, n = xg.shape[:2]
     cg = xg.shape[-1]
     taps = math.prod(window)
-    patches = _patches(xg, window, strides, pads, lhs_dil, rhs_dil, out_spatial)
+    patches = _patches(
+        xg,
+        tuple(window),
+        tuple(strides),
+        tuple(tuple(p) for p in pads),
+        tuple(lhs_dil),
+        tuple(rhs_dil),
+        tuple(out_spatial),
+    )
     a4 = patches.reshape(1, g, n * math.prod(out_spatial), taps * cg)
     out = ops._gemm(a4, w4, klut, mbits, backward)
     return out.reshape((g, n) + tuple(out_spatial) + (w4.shape[-1],))
