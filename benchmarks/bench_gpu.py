@@ -22,10 +22,9 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ROWS: list[dict] = []
 T_START = time.perf_counter()
@@ -53,16 +52,24 @@ def median_time(fn, reps: int, warmup: int = 1, budget_s: float = 20.0) -> float
 
 
 def record(case: str, multiplier: str, approx_s, native_s, baseline: str, note: str = ""):
-    row = dict(case=case, multiplier=multiplier, baseline=baseline, approx_s=approx_s,
-               native_s=native_s, note=note)
+    row = dict(
+        case=case,
+        multiplier=multiplier,
+        baseline=baseline,
+        approx_s=approx_s,
+        native_s=native_s,
+        note=note,
+    )
     if approx_s is not None and native_s:
         row["ratio"] = approx_s / native_s
     ROWS.append(row)
     ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "n/a"
     a = f"{approx_s * 1e3:9.3f}" if approx_s is not None else "      n/a"
     n = f"{native_s * 1e3:9.3f}" if native_s is not None else "      n/a"
-    print(f"{case:44s} {multiplier:8s} {a} ms  {baseline:14s} {n} ms  ratio {ratio:>8s} {note}",
-          flush=True)
+    print(
+        f"{case:44s} {multiplier:8s} {a} ms  {baseline:14s} {n} ms  ratio {ratio:>8s} {note}",
+        flush=True,
+    )
 
 
 def guarded(name):
@@ -75,7 +82,9 @@ def guarded(name):
             except Exception as err:  # noqa: BLE001 - keep the benchmark going
                 traceback.print_exc()
                 record(name, "-", None, None, "-", f"FAILED ({type(err).__name__}: {err})")
+
         return wrapper
+
     return deco
 
 
@@ -130,23 +139,47 @@ def bench_gemm(device, sizes, mbits_list, reps):
         t_native = median_time(lambda: native(x, w), reps)
         t_bf16 = median_time(lambda: native_bf16(xb, wb), reps)
         flops = 2.0 * n**3
-        record(f"GEMM {n}^3 native f32 HIGHEST", "-", t_native, t_native, "f32 HIGHEST",
-               f"{flops / t_native / 1e12:.1f} TFLOP/s")
-        record(f"GEMM {n}^3 native bf16", "-", t_bf16, t_native, "f32 HIGHEST",
-               f"{flops / t_bf16 / 1e12:.1f} TFLOP/s")
+        record(
+            f"GEMM {n}^3 native f32 HIGHEST",
+            "-",
+            t_native,
+            t_native,
+            "f32 HIGHEST",
+            f"{flops / t_native / 1e12:.1f} TFLOP/s",
+        )
+        record(
+            f"GEMM {n}^3 native bf16",
+            "-",
+            t_bf16,
+            t_native,
+            "f32 HIGHEST",
+            f"{flops / t_bf16 / 1e12:.1f} TFLOP/s",
+        )
         for mbits in mbits_list:
             m = mb.mbm(mbits)
             approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
             t = median_time(lambda: approx(x, w), reps if mbits <= 7 else max(2, reps // 2))
-            record(f"GEMM {n}^3", f"mbm{mbits}", t, t_native, "f32 HIGHEST",
-                   f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x")
+            record(
+                f"GEMM {n}^3",
+                f"mbm{mbits}",
+                t,
+                t_native,
+                "f32 HIGHEST",
+                f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x",
+            )
             if mbits in (3, 7) and n >= 4096:
                 # The LUT kernel on the same problem (M <= 7 defaults to the
                 # expanded-operand kernel; same bits).
                 with _env("APPROX_JAX_CUDA_EXPANDED", "0"):
                     t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
-                record(f"GEMM {n}^3 LUT kernel", f"mbm{mbits}", t, t_native, "f32 HIGHEST",
-                       f"{flops / t / 1e12:.2f} TFLOP/s-equiv")
+                record(
+                    f"GEMM {n}^3 LUT kernel",
+                    f"mbm{mbits}",
+                    t,
+                    t_native,
+                    "f32 HIGHEST",
+                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
+                )
 
 
 @guarded("GEMM dW")
@@ -199,8 +232,14 @@ def bench_resnet_gemms(device, reps):
         w = jax.device_put(rng.standard_normal((k, n), np.float32), device)
         t_native = median_time(lambda: native(x, w), reps)
         t = median_time(lambda: approx(x, w), reps)
-        record(f"R18 {name} {rows}x{k}x{n}", "mbm7", t, t_native, "f32 HIGHEST",
-               f"{2.0 * rows * k * n / t / 1e12:.2f} TFLOP/s-equiv")
+        record(
+            f"R18 {name} {rows}x{k}x{n}",
+            "mbm7",
+            t,
+            t_native,
+            "f32 HIGHEST",
+            f"{2.0 * rows * k * n / t / 1e12:.2f} TFLOP/s-equiv",
+        )
 
 
 @guarded("conv")
@@ -211,20 +250,27 @@ def bench_conv(device, batch, mbits_list, reps):
     x = jax.device_put(rng.standard_normal((batch, 56, 56, 64), np.float32), device)
     k = jax.device_put((rng.standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32), device)
     dn = ("NHWC", "HWIO", "NHWC")
-    native = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
-        a, b, (1, 1), "SAME", dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST))
+    native = jax.jit(
+        lambda a, b: jax.lax.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST
+        )
+    )
     t_native = median_time(lambda: native(x, k), reps)
     case = f"conv3x3 {batch}x56x56x64->64 SAME fwd"
     for mbits in mbits_list:
         m = mb.mbm(mbits)
-        approx = jax.jit(lambda a, b, m=m: approx_conv(
-            a, b, m, window_strides=(1, 1), padding="SAME", dimension_numbers=dn))
+        approx = jax.jit(
+            lambda a, b, m=m: approx_conv(
+                a, b, m, window_strides=(1, 1), padding="SAME", dimension_numbers=dn
+            )
+        )
         t = median_time(lambda: approx(x, k), reps)
         record(case, f"mbm{mbits}", t, t_native, "lax.conv f32")
 
     def native_loss(a, b):
-        y = jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=dn,
-                                         precision=jax.lax.Precision.HIGHEST)
+        y = jax.lax.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST
+        )
         return jnp.sum(y * y)
 
     native_g = jax.jit(jax.grad(native_loss, argnums=(0, 1)))
@@ -280,8 +326,14 @@ def _train_step_bench(name, model_name, batch, device, reps, mbits=7):
     t_tf32 = median_time(lambda: native_tf32(params, state, x, y), reps)
     t = median_time(lambda: approx(params, state, x, y), reps)
     shape = "x".join(map(str, input_shape))
-    record(f"{name} train step ({batch}x{shape})", f"mbm{mbits}", t, t_native, "f32 HIGHEST",
-           f"vs default precision (TF32 on GPU) {t / t_tf32:.1f}x")
+    record(
+        f"{name} train step ({batch}x{shape})",
+        f"mbm{mbits}",
+        t,
+        t_native,
+        "f32 HIGHEST",
+        f"vs default precision (TF32 on GPU) {t / t_tf32:.1f}x",
+    )
 
 
 @guarded("LeNet-5 train step")
@@ -295,8 +347,9 @@ def bench_resnet18(device, reps, batch):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="1024^3 only, fewer reps")
     parser.add_argument("--mbits", default="3,5,7,11")
     parser.add_argument("--reps", type=int, default=5)
@@ -326,25 +379,34 @@ def main(argv=None):
         bench_gemm_weight_grad(device, mbits_list, args.reps)
         bench_resnet_gemms(device, args.reps)
     if "conv" in only:
-        bench_conv(device, 8 if args.quick else 32, [m for m in mbits_list if m <= 7] or [7],
-                   args.reps)
+        bench_conv(
+            device, 8 if args.quick else 32, [m for m in mbits_list if m <= 7] or [7], args.reps
+        )
     if "lenet5" in only:
         bench_lenet5(device, args.reps)
     if "resnet18" in only:
         bench_resnet18(device, args.reps, 8 if args.quick else 32)
     elapsed = time.perf_counter() - T_START
-    result = dict(device=device.device_kind, jax=jax.__version__, platforms=list(platforms),
-                  elapsed_s=elapsed, rows=ROWS)
+    result = dict(
+        device=device.device_kind,
+        jax=jax.__version__,
+        platforms=list(platforms),
+        elapsed_s=elapsed,
+        rows=ROWS,
+    )
     path = os.path.join(out_dir, "bench_gpu.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {path} ({elapsed:.0f} s)")
     targets = [r for r in ROWS if r["case"] == "GEMM 4096^3" and "ratio" in r]
     for r in targets:
-        limit = 3.0 if int(r["multiplier"][3:]) <= 5 else 6.0 if int(r["multiplier"][3:]) <= 7 else None
+        mbits = int(r["multiplier"][3:])
+        limit = 3.0 if mbits <= 5 else 6.0 if mbits <= 7 else None
         verdict = "n/a" if limit is None else ("MET" if r["ratio"] <= limit else "MISSED")
-        print(f"target GEMM 4096^3 {r['multiplier']}: {r['ratio']:.2f}x native f32 "
-              f"(target <= {limit}x): {verdict}")
+        print(
+            f"target GEMM 4096^3 {r['multiplier']}: {r['ratio']:.2f}x native f32 "
+            f"(target <= {limit}x): {verdict}"
+        )
     return 0
 
 

@@ -363,15 +363,15 @@ def test_staged_patches_equal_one_stack_of_taps(nd):
         rhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
         pads = tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(nd))
         out = tuple(
-            ((s - 1) * l + 1 + lo + hi - ((w - 1) * r + 1)) // st + 1
-            for s, w, st, l, r, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
+            ((s - 1) * ld + 1 + lo + hi - ((w - 1) * rd + 1)) // st + 1
+            for s, w, st, ld, rd, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
         )
         if min(out) < 1:
             continue
         x = jnp.asarray(_data([2, 3, *S, 4], checked))
         geometry = (window, strides, pads, lhs, rhs, out)
-        got, vjp = jax.vjp(lambda x: conv_lib._patches(x, *geometry), x)
-        want, vjp_want = jax.vjp(lambda x: conv_lib._patches_by_tap(x, *geometry), x)
+        got, vjp = jax.vjp(lambda x, g=geometry: conv_lib._patches(x, *g), x)
+        want, vjp_want = jax.vjp(lambda x, g=geometry: conv_lib._patches_by_tap(x, *g), x)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         ct = jnp.asarray(_data(want.shape, 10 + checked))
         np.testing.assert_array_equal(

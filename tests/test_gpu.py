@@ -120,8 +120,24 @@ def multiplier_cases(M: int, rng):
 
 SPECIALS = np.array(
     [
-        0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 2.0**-126, 2.0**-70, -(2.0**-64),
-        2.0**70, -(2.0**100), 3.4e38, -3.4e38, 1.0, -1.5, 1.9999999, 2.0**64,
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        np.nan,
+        1e-40,
+        -1e-40,
+        2.0**-126,
+        2.0**-70,
+        -(2.0**-64),
+        2.0**70,
+        -(2.0**100),
+        3.4e38,
+        -3.4e38,
+        1.0,
+        -1.5,
+        1.9999999,
+        2.0**64,
     ],
     np.float32,
 )
@@ -204,7 +220,7 @@ def assert_within_bound(got, a, b, stored, M, what=""):
     step = max(1, (1 << 22) // max(1, rows * b.shape[-1]))  # bound the products' memory
     ref = abs_sum = 0.0
     for k0 in range(0, K, step):
-        r, s = reference.dot_with_bound(a[..., k0:k0 + step], b[k0:k0 + step], stored, M)
+        r, s = reference.dot_with_bound(a[..., k0 : k0 + step], b[k0 : k0 + step], stored, M)
         ref, abs_sum = ref + r, abs_sum + s
     ok = reference.bound_ok(got, ref, abs_sum, a.shape[-1])
     assert ok.all(), f"{what}: {int((~ok).sum())} elements outside the SPEC bound"
@@ -291,7 +307,8 @@ def test_gemm_underflow_and_subnormals(M):
     # and subnormal operands, all on the fast path.
     rng = np.random.default_rng(400 + M)
     rows, K, N = 40, 24, 36
-    a = (rng.uniform(1, 2, (rows, K)) * np.exp2(rng.integers(-70, -55, (rows, K)))).astype(np.float32)
+    a = rng.uniform(1, 2, (rows, K)) * np.exp2(rng.integers(-70, -55, (rows, K)))
+    a = a.astype(np.float32)
     b = (rng.uniform(1, 2, (K, N)) * np.exp2(rng.integers(-72, -56, (K, N)))).astype(np.float32)
     a[rng.random(a.shape) < 0.1] = np.float32(1e-40)
     b[rng.random(b.shape) < 0.1] = np.float32(1e-41)
@@ -371,10 +388,17 @@ def test_ffi_gemm_k0_and_empty():
     got = run_on(GPU, fn, a, b, klut)
     assert got.shape == (1, 2, 7, 9)
     np.testing.assert_array_equal(bits(got), 0)
-    got = run_on(GPU, fn, np.zeros((1, 1, 0, 4), np.float32), np.ones((1, 1, 4, 3), np.float32), klut)
+    got = run_on(
+        GPU, fn, np.zeros((1, 1, 0, 4), np.float32), np.ones((1, 1, 4, 3), np.float32), klut
+    )
     assert got.shape == (1, 1, 0, 3)
-    got = run_on(GPU, lambda x, y, l: ffi_lib.multiply_call(x, y, l, M),
-                 np.zeros((1, 0), np.float32), np.zeros((1, 0), np.float32), klut)
+    got = run_on(
+        GPU,
+        lambda x, y, lut: ffi_lib.multiply_call(x, y, lut, M),
+        np.zeros((1, 0), np.float32),
+        np.zeros((1, 0), np.float32),
+        klut,
+    )
     assert got.shape == (1, 0)
 
 
@@ -383,9 +407,9 @@ def test_ffi_errors_are_reported():
     klut = lut_lib.kernel_lut_numpy(MB.mbm(M).lut, M)[None]
     a = np.ones((1, 1, 4, 4), np.float32)
     with pytest.raises(Exception, match="4\\^mbits|entries"):
-        run_on(GPU, lambda x, l: ffi_lib.gemm_call(x, x, l, 4), a, klut)  # wrong mbits
+        run_on(GPU, lambda x, lut: ffi_lib.gemm_call(x, x, lut, 4), a, klut)  # wrong mbits
     with pytest.raises(Exception, match="uint32"):
-        run_on(GPU, lambda x, l: ffi_lib.gemm_call(x, x, l, M), a, klut.astype(np.int32))
+        run_on(GPU, lambda x, lut: ffi_lib.gemm_call(x, x, lut, M), a, klut.astype(np.int32))
 
 
 def test_approx_matmul_batched_broadcast():
@@ -593,8 +617,14 @@ def test_gemm_split_k_batched_folding_matches_single(want, monkeypatch):
 
 @pytest.mark.parametrize(
     "M,shape",
-    [(7, (64, 300, 48)), (3, (25, 6144, 32)), (7, (130, 4400, 72)), (11, (20, 4096, 24)),
-     (7, (280, 4224, 256)), (5, (300, 5000, 130))],
+    [
+        (7, (64, 300, 48)),
+        (3, (25, 6144, 32)),
+        (7, (130, 4400, 72)),
+        (11, (20, 4096, 24)),
+        (7, (280, 4224, 256)),
+        (5, (300, 5000, 130)),
+    ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"M{v}",
 )
 def test_gemm_cpu_and_gpu_bit_identical(M, shape, monkeypatch):
@@ -664,6 +694,7 @@ def test_gemm_expanded_kernel_exponent_edges(M, monkeypatch):
     assert_bits_equal(run_on(GPU, fn, a, b), want, f"edges M={M} LUT kernel")
 
 
+@needs_real_gpu
 def test_gemm_expanded_kernel_stacked_and_split_k(monkeypatch):
     # Stacked designs (Lt restaged per design), batched operands and a forced
     # split-K in both execution modes.

@@ -379,8 +379,17 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize(
     "family,M",
-    [("mitchell", 3), ("truncate", 5), ("mbm", 7), ("mitchell", 8), ("truncate", 9),
-     ("mbm", 10), ("mitchell", 11), ("truncate", 11), ("mbm", 11)],
+    [
+        ("mitchell", 3),
+        ("truncate", 5),
+        ("mbm", 7),
+        ("mitchell", 8),
+        ("truncate", 9),
+        ("mbm", 10),
+        ("mitchell", 11),
+        ("truncate", 11),
+        ("mbm", 11),
+    ],
 )
 @pytest.mark.parametrize("shape", [(3, 50, 10), (5, 300, 100), (2, 64, 33), (40, 70, 17)])
 def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
@@ -409,8 +418,13 @@ def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
     # A stack mixing families (and a random LUT, which has none): each design
     # takes its own closed form or the gathers, with the bits of single calls.
     monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", mode)
-    designs = [multipliers.mbm(11), multipliers.mitchell(11), multipliers.truncate(11),
-               _random_multiplier(11, 3), multipliers.mitchell(8)]
+    designs = [
+        multipliers.mbm(11),
+        multipliers.mitchell(11),
+        multipliers.truncate(11),
+        _random_multiplier(11, 3),
+        multipliers.mitchell(8),
+    ]
     stacked = multipliers.stack(designs)
     rng = np.random.default_rng(77)
     x = _values(rng, (6, 700))
@@ -434,8 +448,11 @@ def test_cpu_few_rows_transposed_formulation_is_bit_exact(design, shape):
     # change, special values included, alone and in a design stack.
     rows, K, N = shape
     rng = np.random.default_rng(rows + K + N)
-    mult = {"random7": _random_multiplier(7, 5), "random6": _random_multiplier(6, 6),
-            "mbm7": multipliers.mbm(7)}[design]
+    mult = {
+        "random7": _random_multiplier(7, 5),
+        "random6": _random_multiplier(6, 6),
+        "mbm7": multipliers.mbm(7),
+    }[design]
     x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-20, 20, (rows, K)))).astype(np.float32)
     w = _values(rng, (K, N))
     x[rng.random(x.shape) < 0.02] = 0.0
@@ -445,7 +462,9 @@ def test_cpu_few_rows_transposed_formulation_is_bit_exact(design, shape):
     chunk = 1024 if K >= 4096 else K
     want = np.zeros((rows, N), np.float32)
     for k0 in range(0, K, chunk):
-        part = reference.sequential_dot(x[:, k0:k0 + chunk], w[k0:k0 + chunk], mult.lut, mult.mbits)
+        part = reference.sequential_dot(
+            x[:, k0 : k0 + chunk], w[k0 : k0 + chunk], mult.lut, mult.mbits
+        )
         want = part if k0 == 0 else (want + part).astype(np.float32)
     _assert_bits_equal(got, want)
     x[1, 3], w[7, 2], w[9, 4] = np.inf, np.nan, -0.0  # exact scalar path in some k-blocks
@@ -488,8 +507,13 @@ def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
     # the tiles (or the transposed problem); a stack mixing them runs as runs
     # of like designs. Every design must keep the bits of its single call,
     # with shared and with per-design activations.
-    designs = [multipliers.mitchell(7), multipliers.mbm(7), multipliers.truncate(7),
-               _random_multiplier(7, 9), multipliers.mitchell(7)]
+    designs = [
+        multipliers.mitchell(7),
+        multipliers.mbm(7),
+        multipliers.truncate(7),
+        _random_multiplier(7, 9),
+        multipliers.mitchell(7),
+    ]
     stacked = multipliers.stack(designs)
     rng = np.random.default_rng(5)
     x = _values(rng, (64, 300))
@@ -497,9 +521,7 @@ def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
     x[3, 7] = np.inf
     got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
     xs = _values(rng, (len(designs), 64, 300))
-    per = np.asarray(
-        jax.jit(jax.vmap(lambda a, m: approx_jax.approx_dot(a, w, m)))(xs, stacked)
-    )
+    per = np.asarray(jax.jit(jax.vmap(lambda a, m: approx_jax.approx_dot(a, w, m)))(xs, stacked))
     for d, m in enumerate(designs):
         for out, a in ((got[d], x), (per[d], xs[d])):
             single = np.asarray(approx_jax.approx_dot(a, w, m))
