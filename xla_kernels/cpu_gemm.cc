@@ -8,13 +8,14 @@
 // counts.
 #include "cpu_gemm.h"
 
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <new>
 #include <thread>
 #include <vector>
-#include <sched.h>
-#include <unistd.h>
 
 #include "approx_math.h"
 #include "cpu_gemm_simd.h"
@@ -108,13 +109,13 @@ void ScalarGemm(const GemmProblem& p, const gemm_internal::KSplit& ks,
       const int64_t db = ks.prob_begin + row / p.m;
       const int64_t bi = db % p.batch;
       const int64_t d = db / p.batch;
-      const uint32_t* a_row = reinterpret_cast<const uint32_t*>(
-          p.a + d * p.a_design_stride + bi * p.a_batch_stride + i * p.k);
+      const uint32_t* a_row = reinterpret_cast<const uint32_t*>(p.a + d * p.a_design_stride +
+                                                                bi * p.a_batch_stride + i * p.k);
       const uint32_t* b_mat =
           reinterpret_cast<const uint32_t*>(p.b + d * p.b_design_stride + bi * p.b_batch_stride);
       const uint32_t* lut = p.lut + d * p.lut_design_stride;
-      float* out_row = ks.part == nullptr ? p.out + (db * p.m + i) * p.n
-                                          : ks.part + (chunk * rows + row) * p.n;
+      float* out_row =
+          ks.part == nullptr ? p.out + (db * p.m + i) * p.n : ks.part + (chunk * rows + row) * p.n;
       std::fill(out_row, out_row + p.n, 0.0f);
       for (int64_t kk = kbeg; kk < kend; ++kk) {
         const uint32_t av = a_row[kk];
@@ -153,7 +154,8 @@ int BestIsa() {
 }
 
 // Runs the best kernel on the part of the problem `ks` names.
-int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks, const ParallelFor& parallel_for) {
+int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
+            const ParallelFor& parallel_for) {
   int isa = BestIsa();
   if (gemm_internal::g_force_isa > 0) isa = std::min(isa, gemm_internal::g_force_isa);
   RunnerCtx rctx{&parallel_for};
@@ -239,8 +241,8 @@ bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
   const int64_t usize = int64_t{1} << p.mbits;
   // The closed form is used on the gather path, or instead of the tiles when
   // every design is a cheap family and the rows are few (cpu_gemm_simd.h).
-  const bool gathers = gemm_internal::PrefersGathers(p.m, p.mbits) ||
-                       p.m < gemm_internal::CheapFamilyRows(p.mbits);
+  const bool gathers =
+      gemm_internal::PrefersGathers(p.m, p.mbits) || p.m < gemm_internal::CheapFamilyRows(p.mbits);
   const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
   const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
   if (mode != 2 && (!gathers || work < 4.0 * static_cast<double>(luts) * usize * usize)) {
@@ -272,7 +274,8 @@ void Transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* 
                const ParallelFor& parallel_for) {
   constexpr int64_t kBlock = 16;
   const int64_t strips = (rows + kBlock - 1) / kBlock;
-  const int64_t per_task = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols * kBlock, 1));
+  const int64_t per_task =
+      std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols * kBlock, 1));
   parallel_for((strips + per_task - 1) / per_task, [&](int64_t t) {
     float tile[kBlock][kBlock];
     for (int64_t strip = t * per_task; strip < std::min(strips, (t + 1) * per_task); ++strip) {
@@ -329,8 +332,10 @@ bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_for
   if (p.mbits > 7 || eff_bits < 6 || cheap_closed_form || p.k == 0) return false;
   if (gemm_internal::PrefersGathers(p.m, p.mbits)) return false;
   if (p.m >= (int64_t{2} << eff_bits) || p.n < 4 * p.m) return false;
-  const double a_blocks = (p.a_design_stride != 0 ? p.designs : 1) * (p.a_batch_stride != 0 ? p.batch : 1);
-  const double b_blocks = (p.b_design_stride != 0 ? p.designs : 1) * (p.b_batch_stride != 0 ? p.batch : 1);
+  const double a_blocks =
+      (p.a_design_stride != 0 ? p.designs : 1) * (p.a_batch_stride != 0 ? p.batch : 1);
+  const double b_blocks =
+      (p.b_design_stride != 0 ? p.designs : 1) * (p.b_batch_stride != 0 ? p.batch : 1);
   const double floats = a_blocks * p.m * p.k + b_blocks * p.k * p.n +
                         static_cast<double>(p.designs * p.batch) * p.m * p.n;
   return 4.0 * floats <= kTransposedBytesMax;
@@ -408,8 +413,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     // 1.07x the single calls split, 0.80x unsplit; at 512^3 0.88x vs 0.93x.)
     const double work_per_design = static_cast<double>(p.batch) * p.m * p.n * p.k;
     if (families != nullptr && p.mbits <= 7 && p.designs > 1 && p.lut_design_stride != 0 &&
-        work_per_design >= double{1 << 22} &&
-        p.m < gemm_internal::CheapFamilyRows(p.mbits) && gemm_internal::g_force_strategy == 0) {
+        work_per_design >= double{1 << 22} && p.m < gemm_internal::CheapFamilyRows(p.mbits) &&
+        gemm_internal::g_force_strategy == 0) {
       auto cheap_at = [&](int64_t d) { return gemm_internal::IsCheapFamily(families[d]); };
       int64_t first_change = 1;
       while (first_change < p.designs && cheap_at(first_change) == cheap_at(0)) ++first_change;
@@ -440,8 +445,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     }
     const int64_t chunk = SplitKChunk(p);
     if (chunk >= p.k) {
-      const gemm_internal::KSplit ks{std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr,
-                                     eff_bits, eff_lut, families};
+      const gemm_internal::KSplit ks{
+          std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr, eff_bits, eff_lut, families};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       return {};
     }
@@ -453,8 +458,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     std::vector<float> part(static_cast<size_t>(group * chunks * mn));
     for (int64_t p0 = 0; p0 < problems; p0 += group) {
       const int64_t g = std::min(group, problems - p0);
-      const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut,
-                                     families};
+      const gemm_internal::KSplit ks{chunk,       chunks,   p0,      g,
+                                     part.data(), eff_bits, eff_lut, families};
       if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
       const int64_t total = g * mn;

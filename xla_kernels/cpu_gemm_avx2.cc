@@ -1,9 +1,8 @@
 // AVX2 instantiation of the vectorised approximate GEMM
 // (cpu_gemm_simd_impl.h). Every header is included before the target pragma
 // so that no inline library function is compiled for AVX2 here.
-#include "cpu_gemm_simd.h"
-
 #include "approx_math.h"
+#include "cpu_gemm_simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -16,7 +15,7 @@ namespace gemm_internal {
 namespace avx2 {
 
 constexpr int kVL = 8;
-constexpr int kNV = 4;   // 32 columns per tile block
+constexpr int kNV = 4;  // 32 columns per tile block
 constexpr int kNB = kVL * kNV;
 constexpr int kMR = 3;   // 12 accumulators
 constexpr int kMRG = 2;  // gather kernel rows
@@ -34,7 +33,9 @@ inline VF FmaF(VF a, VF b, VF c) { return AddF(MulF(a, b), c); }
 inline VF Set1F(float x) { return _mm256_set1_ps(x); }
 inline VF CastF(VI x) { return _mm256_castsi256_ps(x); }
 inline VI CastI(VF x) { return _mm256_castps_si256(x); }
-inline VI LoadI(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VI LoadI(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
 inline void StoreI(int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 inline VI Set1I(int32_t x) { return _mm256_set1_epi32(x); }
 inline VI AddI(VI a, VI b) { return _mm256_add_epi32(a, b); }
@@ -47,11 +48,11 @@ inline VI SllI(VI a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); 
 inline VI CmpEqI(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
 inline VI CmpGtI(VI a, VI b) { return _mm256_cmpgt_epi32(a, b); }
 // a > b (signed) ? y : x, lane by lane.
-inline VI SelectGtI(VI a, VI b, VI x, VI y) { return _mm256_blendv_epi8(x, y, _mm256_cmpgt_epi32(a, b)); }
-inline VI BlendI(VI a, VI b, VI m) { return _mm256_blendv_epi8(a, b, m); }
-inline bool AllOnesI(VI v) {
-  return _mm256_movemask_epi8(_mm256_cmpeq_epi32(v, Set1I(-1))) == -1;
+inline VI SelectGtI(VI a, VI b, VI x, VI y) {
+  return _mm256_blendv_epi8(x, y, _mm256_cmpgt_epi32(a, b));
 }
+inline VI BlendI(VI a, VI b, VI m) { return _mm256_blendv_epi8(a, b, m); }
+inline bool AllOnesI(VI v) { return _mm256_movemask_epi8(_mm256_cmpeq_epi32(v, Set1I(-1))) == -1; }
 inline VI LaneIota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 inline VI GatherI(const uint32_t* base, VI idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);

@@ -1,9 +1,8 @@
 // AVX-512 instantiation of the vectorised approximate GEMM
 // (cpu_gemm_simd_impl.h). Every header is included before the target pragma
 // so that no inline library function is compiled for AVX-512 here.
-#include "cpu_gemm_simd.h"
-
 #include "approx_math.h"
+#include "cpu_gemm_simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -92,8 +91,8 @@ inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
     r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
   }
   for (int c = 0; c < 4; ++c) {
-    const VI x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);   // cols c, c+8 of rows 0..7
-    const VI x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);   // cols c+4, c+12
+    const VI x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);  // cols c, c+8 of rows 0..7
+    const VI x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);  // cols c+4, c+12
     const VI x2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
     const VI x3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
     const VI cols[4] = {_mm512_shuffle_i32x4(x0, x2, 0x88), _mm512_shuffle_i32x4(x1, x3, 0x88),
@@ -157,8 +156,8 @@ inline VI LookupLutRow(const LutRow<MB>& r, VI ib) {
 // is +-1.r * 2^e with r of at most 7 bits, or a signed zero, so the low 16
 // bits of its float32 are zero and the bfloat16 form is exact.
 template <int MB, bool BF16>
-void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sbv,
-                 void* tiles, int ustride) {
+void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sbv, void* tiles,
+                 int ustride) {
   const VI one_exp = Set1I(127 << 23);
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   for (int u = 0; u < (1 << MB); ++u) {
@@ -183,9 +182,10 @@ void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sb
 
 // Wide LUTs (M >= 8): row u (2^M entries) stays in L1/L2 while it is read
 // with scalar loads (gathers are slow on CPUs with the GDS mitigation).
-__attribute__((optimize("no-tree-vectorize"))) void BuildTilesWide(
-    const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv, float* tiles,
-    int ustride) {
+__attribute__((optimize("no-tree-vectorize"))) void BuildTilesWide(const uint32_t* lut, int mbits,
+                                                                   int n, const int32_t* ibv,
+                                                                   const float* sbv, float* tiles,
+                                                                   int ustride) {
   const VI one_exp = Set1I(127 << 23);
   alignas(64) int32_t tmp[kVL];
   for (int u = 0; u < (1 << mbits); ++u) {
@@ -203,13 +203,27 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
                 float* tiles, int ustride) {
   if (mbits >= 8) return BuildTilesWide(lut, mbits, n, ibv, sbv, tiles, ustride);
   switch (mbits) {
-    case 1: BuildTilesM<1, false>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 2: BuildTilesM<2, false>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 3: BuildTilesM<3, false>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 4: BuildTilesM<4, false>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 5: BuildTilesM<5, false>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 6: BuildTilesM<6, false>(lut, n, ibv, sbv, tiles, ustride); break;
-    default: BuildTilesM<7, false>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 1:
+      BuildTilesM<1, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 2:
+      BuildTilesM<2, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 3:
+      BuildTilesM<3, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 4:
+      BuildTilesM<4, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 5:
+      BuildTilesM<5, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 6:
+      BuildTilesM<6, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    default:
+      BuildTilesM<7, false>(lut, n, ibv, sbv, tiles, ustride);
+      break;
   }
 }
 
@@ -219,13 +233,27 @@ constexpr bool kIsaBf16Tiles = true;
 void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
                     int32_t* tiles, int ustride) {
   switch (mbits) {
-    case 1: BuildTilesM<1, true>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 2: BuildTilesM<2, true>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 3: BuildTilesM<3, true>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 4: BuildTilesM<4, true>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 5: BuildTilesM<5, true>(lut, n, ibv, sbv, tiles, ustride); break;
-    case 6: BuildTilesM<6, true>(lut, n, ibv, sbv, tiles, ustride); break;
-    default: BuildTilesM<7, true>(lut, n, ibv, sbv, tiles, ustride); break;
+    case 1:
+      BuildTilesM<1, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 2:
+      BuildTilesM<2, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 3:
+      BuildTilesM<3, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 4:
+      BuildTilesM<4, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 5:
+      BuildTilesM<5, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    case 6:
+      BuildTilesM<6, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
+    default:
+      BuildTilesM<7, true>(lut, n, ibv, sbv, tiles, ustride);
+      break;
   }
 }
 
@@ -236,7 +264,7 @@ void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, c
 // (each output element is still summed over k ascending from +0, split-K by
 // split_k.h), so all three give the same bits.
 namespace w64 {
-constexpr int kNV = 4;   // 64 columns per tile block
+constexpr int kNV = 4;  // 64 columns per tile block
 constexpr int kNB = kVL * kNV;
 constexpr int kMR = 6;   // 24 accumulators
 constexpr int kMRG = 4;  // gather kernel rows
@@ -244,17 +272,17 @@ constexpr int kMRG = 4;  // gather kernel rows
 }  // namespace w64
 
 namespace w32 {
-constexpr int kNV = 2;   // 32 columns per tile block (17 <= n <= 32)
+constexpr int kNV = 2;  // 32 columns per tile block (17 <= n <= 32)
 constexpr int kNB = kVL * kNV;
-constexpr int kMR = 8;   // 16 accumulators (8 = the rows of one pack record)
+constexpr int kMR = 8;  // 16 accumulators (8 = the rows of one pack record)
 constexpr int kMRG = 8;
 #include "cpu_gemm_simd_impl.h"
 }  // namespace w32
 
 namespace w16 {
-constexpr int kNV = 1;   // 16 columns per tile block (n <= 16)
+constexpr int kNV = 1;  // 16 columns per tile block (n <= 16)
 constexpr int kNB = kVL * kNV;
-constexpr int kMR = 8;   // 8 accumulators
+constexpr int kMR = 8;  // 8 accumulators
 constexpr int kMRG = 8;
 #include "cpu_gemm_simd_impl.h"
 }  // namespace w16

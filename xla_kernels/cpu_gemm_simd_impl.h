@@ -1,8 +1,8 @@
 // Vectorised approximate GEMM, shared by the AVX-512 and AVX2 translation
 // units. Included (once per ISA) after the including file has defined, inside
 // namespace approx_jax::gemm_internal::APPROX_GEMM_ISA_NS:
-//   kVL (lanes), kNB = kVL * kNV (columns per block), kMR/kNV (tile micro-kernel rows/vectors), kMRG (gather
-//   micro-kernel rows), types VF/VI and the primitives used below, plus
+//   kVL (lanes), kNB = kVL * kNV (columns per block), kMR/kNV (tile micro-kernel rows/vectors),
+//   kMRG (gather micro-kernel rows), types VF/VI and the primitives used below, plus
 //   BuildTiles(lut, mbits, count, ...) (count = kb * kNB tile floats per u)
 //   and GatherI(...).
 //
@@ -32,8 +32,8 @@ inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 // Per-k acceptance ranges of a's exponent given the b values of a column range.
 // lo/hi: normal a is fast-path safe iff lo <= ea <= hi; ok0: all-ones if a
 // zero/subnormal a is (no Inf/NaN/huge b at this k).
-void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t c1,
-            int32_t* lo, int32_t* hi, int32_t* ok0) {
+void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t c1, int32_t* lo,
+            int32_t* hi, int32_t* ok0) {
   const VI vff = Set1I(0xff);
   const VI vzero = Set1I(0);
   const VI v255 = Set1I(255);
@@ -81,9 +81,8 @@ constexpr int kPackW = 16;
 // PackPanel straight into the interleaved layout (kPackW words per kk):
 // offsets u * ustride + kk * kkmul and scales of `rows` (<= 8) rows of
 // a[:, k0:k0+kb]. Returns whether every element is fast-path safe.
-bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits,
-                 int ustride, int kkmul, const int32_t* lo, const int32_t* hi,
-                 const int32_t* ok0, int32_t* pk) {
+bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits, int ustride,
+                 int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk) {
   const int mshift = 23 - mbits;
   const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
   const VI vff = Set1I(0xff);
@@ -146,8 +145,8 @@ bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const in
 
 // Decomposes b[k0:k0+kb, j0:j0+cols] into mantissa indices and signed
 // power-of-two scales, padded with zeros to kNB columns.
-void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int cols,
-                int mbits, int32_t* ibv, float* sbv) {
+void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int cols, int mbits,
+                int32_t* ibv, float* sbv) {
   const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
   const VI vff = Set1I(0xff);
   const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
@@ -160,8 +159,8 @@ void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int
     for (int j = 0; j < kNB; j += kVL) {
       const int n = static_cast<int>(MinI(kVL, MaxI(0, cols - j)));
       // Lanes j >= cols load +0: index 0, scale +0.
-      const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(row + j))
-                            : LoadPartialI(row + j, n);
+      const VI x =
+          n == kVL ? LoadI(reinterpret_cast<const int32_t*>(row + j)) : LoadPartialI(row + j, n);
       const VI e = AndI(SrlI(x, 23), vff);
       StoreI(ib + j, AndI(SrlI(x, 23 - mbits), vumask));
       StoreF(sb + j, CastF(BlendI(AndI(x, vsignexp), AndI(x, vsign), CmpEqI(e, vzero))));
@@ -171,9 +170,8 @@ void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int
 
 // Exact scalar path for one panel x column block x k block, continuing the
 // sequential sums held in c.
-void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int rows,
-                int cols, int64_t k0, int kb, const uint32_t* lut, int mbits, float* c,
-                int64_t ldc) {
+void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int rows, int cols,
+                int64_t k0, int kb, const uint32_t* lut, int mbits, float* c, int64_t ldc) {
   for (int i = 0; i < rows; ++i) {
     const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + i * lda + k0);
     for (int j = 0; j < cols; ++j) {
@@ -189,7 +187,8 @@ void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int ro
 
 // The MR x kNB accumulator block of a micro-kernel, from / to c.
 template <int MR>
-__attribute__((always_inline)) inline void LoadAcc(VF (&acc)[MR][kNV], const float* c, int64_t ldc) {
+__attribute__((always_inline)) inline void LoadAcc(VF (&acc)[MR][kNV], const float* c,
+                                                   int64_t ldc) {
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
@@ -243,8 +242,7 @@ inline void MicroTile(const int32_t* pk, int kb, const float* tiles, float* c, i
 constexpr bool kBf16Tiles = kIsaBf16Tiles && kNV % 2 == 0;
 
 template <int MR>
-inline void MicroTileBf16(const int32_t* pk, int kb, const int32_t* tiles, float* c,
-                          int64_t ldc) {
+inline void MicroTileBf16(const int32_t* pk, int kb, const int32_t* tiles, float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   LoadAcc<MR>(acc, c, ldc);
@@ -328,12 +326,18 @@ template <int MR>
 inline void MicroPermuteM(int mbits, const int32_t* pk, int kb, const uint32_t* lut,
                           const int32_t* ibv, const float* sbv, float* c, int64_t ldc) {
   switch (mbits) {
-    case 1: return MicroLookup<MR, LutRow<1>>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 2: return MicroLookup<MR, LutRow<2>>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 3: return MicroLookup<MR, LutRow<3>>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 4: return MicroLookup<MR, LutRow<4>>(pk, kb, lut, ibv, sbv, c, ldc);
-    case 5: return MicroLookup<MR, LutRow<5>>(pk, kb, lut, ibv, sbv, c, ldc);
-    default: return MicroLookup<MR, LutRow<6>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 1:
+      return MicroLookup<MR, LutRow<1>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 2:
+      return MicroLookup<MR, LutRow<2>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 3:
+      return MicroLookup<MR, LutRow<3>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 4:
+      return MicroLookup<MR, LutRow<4>>(pk, kb, lut, ibv, sbv, c, ldc);
+    case 5:
+      return MicroLookup<MR, LutRow<5>>(pk, kb, lut, ibv, sbv, c, ldc);
+    default:
+      return MicroLookup<MR, LutRow<6>>(pk, kb, lut, ibv, sbv, c, ldc);
   }
 }
 
@@ -344,8 +348,8 @@ inline void MicroPermuteM(int mbits, const int32_t* pk, int kb, const uint32_t* 
 // lf = 1.r * 2^c exactly as the gathered entry would give, so the products
 // and sums are bit-identical to MicroLookup's.
 template <int MR, int FAM>
-inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ibv,
-                         const float* sbv, float* c, int64_t ldc) {
+inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ibv, const float* sbv,
+                         float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const int sh = 23 - mbits;
   const VI one_exp = Set1I(127 << 23);
@@ -392,7 +396,8 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
         } else {
           const VI t = AddI(rowv, col[v]);
           const VI low = AddI(t, vcu);
-          const VI e_low = SelectGtI(two_m, low, SllI(SrlI(AddI(low, two_m), 1), sh), SllI(low, sh));
+          const VI e_low =
+              SelectGtI(two_m, low, SllI(SrlI(AddI(low, two_m), 1), sh), SllI(low, sh));
           const VI tm = AddI(t, neg_two_m);
           const VI g1 = AddI(tm, vch);
           const VI g = SelectGtI(g1, two_m_less1, g1, tm);
@@ -485,7 +490,7 @@ void RunTask(void* arg, int64_t task) {
     if (slot_of[w] < 0) slot_of[w] = static_cast<int>(nwidths++);
   }
   const int64_t npacks = share_a ? nwidths : nd;  // packs of a held at once
-  const int64_t nstats = share_b ? 1 : nd;  // b statistics held at once
+  const int64_t nstats = share_b ? 1 : nd;        // b statistics held at once
   const int64_t pack_words = npanels * kstride * kPackW;
 
   const size_t tiles_bytes =
@@ -514,9 +519,8 @@ void RunTask(void* arg, int64_t task) {
   auto c_of = [&](int64_t dd) {
     const int64_t prob = (d0 + dd) * p.batch + bi;
     // Chunk `chunk` of k (the whole of k without split-K), summed from +0.
-    return ks.part == nullptr
-               ? p.out + prob * p.m * p.n
-               : ks.part + (chunk * ks.probs + (prob - ks.prob_begin)) * p.m * p.n;
+    return ks.part == nullptr ? p.out + prob * p.m * p.n
+                              : ks.part + (chunk * ks.probs + (prob - ks.prob_begin)) * p.m * p.n;
   };
 
   for (int64_t dd = 0; dd < nd; ++dd) {
@@ -566,8 +570,8 @@ void RunTask(void* arg, int64_t task) {
             for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
         }
         okd[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mb,
-                              pl.strategy == kTiles ? pl.ustride : (1 << mb), kkmul, lo, hi,
-                              ok0, pkd + pi * kstride * kPackW);
+                              pl.strategy == kTiles ? pl.ustride : (1 << mb), kkmul, lo, hi, ok0,
+                              pkd + pi * kstride * kPackW);
       }
     }
     for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
@@ -624,11 +628,10 @@ void RunTask(void* arg, int64_t task) {
           } else if (family == kFamilyMbm) {
             MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
           } else if (kIsaPermuteLookup && mb <= 6) {
-            MicroPermuteM<kMRG>(mb, pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct,
-                                ldt);
+            MicroPermuteM<kMRG>(mb, pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct, ldt);
           } else {
-            MicroLookup<kMRG, GatherRow>(pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv,
-                                         ct, ldt);
+            MicroLookup<kMRG, GatherRow>(pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct,
+                                         ldt);
           }
           if (!full) {
             for (int r = 0; r < rows; ++r)
@@ -646,7 +649,8 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   if (problems == 0 || p.m == 0 || p.n == 0) return kSimdOk;
   if (p.k == 0) {
     if (ks.part == nullptr)
-      for (int64_t i = 0; i < problems * p.m * p.n; ++i) p.out[ks.prob_begin * p.m * p.n + i] = 0.0f;
+      for (int64_t i = 0; i < problems * p.m * p.n; ++i)
+        p.out[ks.prob_begin * p.m * p.n + i] = 0.0f;
     else
       for (int64_t i = 0; i < ks.chunks * problems * p.m * p.n; ++i) ks.part[i] = 0.0f;
     return kSimdOk;
@@ -690,12 +694,11 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     int64_t kb = 2;
     // Measured with the FMA kernel (2 MB L2): M = 7 best at L2/2 (longer k
     // blocks: fewer C reloads, longer a strips), M = 3 at L2/8..L2/4.
-    const int64_t auto_budget = static_cast<int64_t>(
-        p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
+    const int64_t auto_budget =
+        static_cast<int64_t>(p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     const int64_t klen = MinI(p.k, ks.chunk);
-    while (kb < 256 && (usize * kb * 2 * kNB * entry_bytes) <= budget &&
-           kb < RoundUp(klen, 16))
+    while (kb < 256 && (usize * kb * 2 * kNB * entry_bytes) <= budget && kb < RoundUp(klen, 16))
       kb *= 2;
     pl.kb_max = static_cast<int>(kb);
     // Unpadded stride (padding by a cache line measured 10-15% slower).
