@@ -148,7 +148,7 @@ inline VI LookupLutRow(const LutRow<MB>& r, VI ib) {
 // the calling width) and all u.
 // The LUT row of u is held in registers and looked up with permutes.
 //
-// BF16 = true writes the bfloat16 tile layout instead (see MicroTileBf16 in
+// BF16 = true writes the bfloat16 tile layout instead (see MicroTile<MR, true> in
 // cpu_gemm_simd_impl.h): per 32 consecutive x, one vector of 16 words whose
 // word l holds x + l in its low half and x + 16 + l in its high half, each as
 // the top 16 bits of its float32 value; word offsets are x / 2 (ustride is in

@@ -214,35 +214,18 @@ __attribute__((always_inline)) inline void StoreAcc(VF (&acc)[MR][kNV], float* c
 // exactly what a separate multiply (exact, no rounding) then add computes.
 // (The sign of an exact zero sum is the same as well: s * t == -0 and
 // acc == -0 gives -0 both ways.) Never use FMA where a product may be inexact.
-template <int MR>
-inline void MicroTile(const int32_t* pk, int kb, const float* tiles, float* c, int64_t ldc) {
-  VF acc[MR][kNV];
-  LoadAcc<MR>(acc, c, ldc);
-  for (int kk = 0; kk < kb; ++kk) {
-    const int32_t* q = pk + kk * kPackW;
-    const float* qs = reinterpret_cast<const float*>(q + 8);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(qs[r]);
-      const float* bp = tiles + static_cast<uint32_t>(q[r]);
-#pragma GCC unroll 16
-      for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
-    }
-  }
-  StoreAcc<MR>(acc, c, ldc);
-}
-
-// MicroTile on bfloat16 tiles (kBf16Tiles, M <= 7; layout in the ISA's
+//
+// BF16 = true reads bfloat16 tiles (kBf16Tiles, M <= 7; layout in the ISA's
 // BuildTilesM<MB, true>): one 16-word vector holds 32 columns, columns
 // 32h + l in the low halves and 32h + 16 + l in the high halves. Shifting a
 // word left by 16 / masking its low half gives the float32 tile values
 // exactly (they are exact bfloat16 values), so the FMAs, and the sums, are
-// the same as MicroTile's; the tiles take half the cache and the loads half
-// the bandwidth.
+// the same as with float32 tiles; the tiles take half the cache and the
+// loads half the bandwidth.
 constexpr bool kBf16Tiles = kIsaBf16Tiles && kNV % 2 == 0;
 
-template <int MR>
-inline void MicroTileBf16(const int32_t* pk, int kb, const int32_t* tiles, float* c, int64_t ldc) {
+template <int MR, bool BF16>
+inline void MicroTile(const int32_t* pk, int kb, const void* tiles, float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   LoadAcc<MR>(acc, c, ldc);
@@ -252,15 +235,22 @@ inline void MicroTileBf16(const int32_t* pk, int kb, const int32_t* tiles, float
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const VF s = Set1F(qs[r]);
-      const int32_t* bp = tiles + static_cast<uint32_t>(q[r]);
+      const uint32_t off = static_cast<uint32_t>(q[r]);
+      if constexpr (BF16) {
+        const int32_t* bp = static_cast<const int32_t*>(tiles) + off;
 #pragma GCC unroll 16
-      for (int h = 0; h < kNV / 2; ++h) {
-        VI x = LoadI(bp + h * kVL);
-        // One load for both halves (GCC would otherwise fold the load into
-        // both the shift and the mask: twice the loads).
-        asm("" : "+v"(x));
-        acc[r][2 * h] = FmaF(s, CastF(ShlI16(x)), acc[r][2 * h]);
-        acc[r][2 * h + 1] = FmaF(s, CastF(AndI(x, high_half)), acc[r][2 * h + 1]);
+        for (int h = 0; h < kNV / 2; ++h) {
+          VI x = LoadI(bp + h * kVL);
+          // One load for both halves (GCC would otherwise fold the load into
+          // both the shift and the mask: twice the loads).
+          asm("" : "+v"(x));
+          acc[r][2 * h] = FmaF(s, CastF(ShlI16(x)), acc[r][2 * h]);
+          acc[r][2 * h + 1] = FmaF(s, CastF(AndI(x, high_half)), acc[r][2 * h + 1]);
+        }
+      } else {
+        const float* bp = static_cast<const float*>(tiles) + off;
+#pragma GCC unroll 16
+        for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
       }
     }
   }
@@ -618,9 +608,9 @@ void RunTask(void* arg, int64_t task) {
           }
           const int32_t* pk = pkd + pi * kstride * kPackW;
           if (pl.strategy == kTiles && pl.bf16) {
-            MicroTileBf16<kMR>(pk, kb, reinterpret_cast<const int32_t*>(tiles), ct, ldt);
+            MicroTile<kMR, true>(pk, kb, tiles, ct, ldt);
           } else if (pl.strategy == kTiles) {
-            MicroTile<kMR>(pk, kb, tiles, ct, ldt);
+            MicroTile<kMR, false>(pk, kb, tiles, ct, ldt);
           } else if (family == kFamilyMitchell) {
             MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
           } else if (family == kFamilyTruncate) {
