@@ -79,6 +79,16 @@ def _assert_bits_equal(got, want):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def _assert_bits_equal_nan_aside(got, want, what):
+    # Same bits everywhere, NaN positions equal (NaN payloads and signs of
+    # sums are not meaningful).
+    got = np.asarray(got, np.float32)
+    want = np.asarray(want, np.float32)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = np.isnan(want) | (got.view(np.uint32) == want.view(np.uint32))
+    assert ok.all(), f"{what}: {(~ok).sum()} elements differ"
+
+
 def _assert_within_bound(got, ref, abs_sum, K):
     ok = reference.bound_ok(np.asarray(got), ref, abs_sum, K)
     assert ok.all(), f"{(~ok).sum()} entries outside the SPEC bound"
@@ -406,9 +416,7 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
     closed_form = np.asarray(fn(x, w))
     monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "0")
     gathers = np.asarray(fn(x, w))
-    np.testing.assert_array_equal(np.isnan(closed_form), np.isnan(gathers))
-    ok = np.isnan(gathers) | (closed_form.view(np.uint32) == gathers.view(np.uint32))
-    assert ok.all(), f"{(~ok).sum()} elements differ between the closed form and the gathers"
+    _assert_bits_equal_nan_aside(closed_form, gathers, "closed form vs gathers")
     if rows != 5:
         _assert_bits_equal(closed_form, reference.sequential_dot(x, w, mult.lut, mult.mbits))
 
@@ -433,10 +441,8 @@ def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
     got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
     assert got.shape == (len(designs), 6, 40)
     for d, m in enumerate(designs):
-        single = np.asarray(approx_jax.approx_dot(x, w, m))
-        np.testing.assert_array_equal(np.isnan(got[d]), np.isnan(single))
-        ok = np.isnan(single) | (got[d].view(np.uint32) == single.view(np.uint32))
-        assert ok.all(), f"design {d} ({m.name}): {(~ok).sum()} elements differ from a single call"
+        single = approx_jax.approx_dot(x, w, m)
+        _assert_bits_equal_nan_aside(got[d], single, f"design {d} ({m.name}) vs a single call")
 
 
 @pytest.mark.parametrize("design", ["random7", "mbm7", "random6"])
@@ -471,16 +477,12 @@ def test_cpu_few_rows_transposed_formulation_is_bit_exact(design, shape):
     got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
     if K < 1000:
         want = reference.sequential_dot(x, w, mult.lut, mult.mbits)
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-        ok = np.isnan(want) | (got.view(np.uint32) == want.view(np.uint32))
-        assert ok.all(), f"{(~ok).sum()} elements differ from the sequential order"
+        _assert_bits_equal_nan_aside(got, want, "vs the sequential order")
     stacked = multipliers.stack([mult, multipliers.mitchell(7)])
     both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
     for d, m in enumerate([mult, multipliers.mitchell(7)]):
-        single = np.asarray(approx_jax.approx_dot(x, w, m))
-        np.testing.assert_array_equal(np.isnan(both[d]), np.isnan(single))
-        ok = np.isnan(single) | (both[d].view(np.uint32) == single.view(np.uint32))
-        assert ok.all(), f"design {d}: {(~ok).sum()} elements differ from a single call"
+        single = approx_jax.approx_dot(x, w, m)
+        _assert_bits_equal_nan_aside(both[d], single, f"design {d} vs a single call")
 
 
 @pytest.mark.parametrize("M", [2, 4, 5, 6, 7])
@@ -524,7 +526,5 @@ def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
     per = np.asarray(jax.jit(jax.vmap(lambda a, m: approx_jax.approx_dot(a, w, m)))(xs, stacked))
     for d, m in enumerate(designs):
         for out, a in ((got[d], x), (per[d], xs[d])):
-            single = np.asarray(approx_jax.approx_dot(a, w, m))
-            np.testing.assert_array_equal(np.isnan(out), np.isnan(single))
-            ok = np.isnan(single) | (out.view(np.uint32) == single.view(np.uint32))
-            assert ok.all(), f"design {d} ({m.name}): {(~ok).sum()} elements differ"
+            single = approx_jax.approx_dot(a, w, m)
+            _assert_bits_equal_nan_aside(out, single, f"design {d} ({m.name}) vs a single call")

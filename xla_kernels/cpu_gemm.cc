@@ -328,16 +328,20 @@ T* ReusedBuffer(std::vector<T>& store, int64_t count) {
 // capped: larger problems run directly.
 constexpr double kTransposedBytesMax = double{32 << 20};
 
+// How many distinct [rows, cols] blocks an operand with these strides has
+// over the design x batch grid (a zero stride shares one block).
+int64_t DistinctBlocks(const GemmProblem& p, int64_t design_stride, int64_t batch_stride) {
+  return (design_stride != 0 ? p.designs : 1) * (batch_stride != 0 ? p.batch : 1);
+}
+
 bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_form) {
   if (p.mbits > 7 || eff_bits < 6 || cheap_closed_form || p.k == 0) return false;
   if (gemm_internal::PrefersGathers(p.m, p.mbits)) return false;
   if (p.m >= (int64_t{2} << eff_bits) || p.n < 4 * p.m) return false;
-  const double a_blocks =
-      (p.a_design_stride != 0 ? p.designs : 1) * (p.a_batch_stride != 0 ? p.batch : 1);
-  const double b_blocks =
-      (p.b_design_stride != 0 ? p.designs : 1) * (p.b_batch_stride != 0 ? p.batch : 1);
-  const double floats = a_blocks * p.m * p.k + b_blocks * p.k * p.n +
-                        static_cast<double>(p.designs * p.batch) * p.m * p.n;
+  const double floats =
+      static_cast<double>(DistinctBlocks(p, p.a_design_stride, p.a_batch_stride)) * p.m * p.k +
+      static_cast<double>(DistinctBlocks(p, p.b_design_stride, p.b_batch_stride)) * p.k * p.n +
+      static_cast<double>(p.designs * p.batch) * p.m * p.n;
   return 4.0 * floats <= kTransposedBytesMax;
 }
 
@@ -348,11 +352,11 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
 // out^T, and transposes it into p.out.
 std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for) {
   const int64_t m = p.m, n = p.n, k = p.k;
-  const int64_t nad = p.a_design_stride != 0 ? p.designs : 1;
-  const int64_t nab = p.a_batch_stride != 0 ? p.batch : 1;
-  const int64_t nbd = p.b_design_stride != 0 ? p.designs : 1;
-  const int64_t nbb = p.b_batch_stride != 0 ? p.batch : 1;
-  const int64_t nl = p.lut_design_stride != 0 ? p.designs : 1;
+  const int64_t nad = DistinctBlocks(p, p.a_design_stride, 0);
+  const int64_t nab = DistinctBlocks(p, 0, p.a_batch_stride);
+  const int64_t nbd = DistinctBlocks(p, p.b_design_stride, 0);
+  const int64_t nbb = DistinctBlocks(p, 0, p.b_batch_stride);
+  const int64_t nl = DistinctBlocks(p, p.lut_design_stride, 0);
   const int64_t entries = int64_t{1} << (2 * p.mbits);
   static thread_local std::vector<float> at_store, bt_store, ot_store;
   static thread_local std::vector<uint32_t> lt_store;
@@ -397,84 +401,79 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose) {
   const int64_t problems = p.designs * p.batch;
   const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
-  {
-    EffectiveWidths ew;
-    const bool narrow = gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
-    const int* eff_bits = narrow ? ew.bits.data() : nullptr;
-    const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
-    std::vector<int> family_store;
-    const int* families = DesignFamilies(p, &family_store) ? family_store.data() : nullptr;
-    // A stack whose designs differ in whether their cheap closed form beats
-    // the tiles (a Mitchell or truncate design next to an MBM or a random
-    // LUT, few rows) runs as consecutive runs of like designs, so that each
-    // takes its faster path (a plan has one strategy). Each design's sums are
-    // computed as before: same bits. (Only for enough work per design: each
-    // run is a separate pass over the threads; 8 designs at 64^3 measured
-    // 1.07x the single calls split, 0.80x unsplit; at 512^3 0.88x vs 0.93x.)
-    const double work_per_design = static_cast<double>(p.batch) * p.m * p.n * p.k;
-    if (families != nullptr && p.mbits <= 7 && p.designs > 1 && p.lut_design_stride != 0 &&
-        work_per_design >= double{1 << 22} && p.m < gemm_internal::CheapFamilyRows(p.mbits) &&
-        gemm_internal::g_force_strategy == 0) {
-      auto cheap_at = [&](int64_t d) { return gemm_internal::IsCheapFamily(families[d]); };
-      int64_t first_change = 1;
-      while (first_change < p.designs && cheap_at(first_change) == cheap_at(0)) ++first_change;
-      if (first_change < p.designs) {
-        for (int64_t d0 = 0; d0 < p.designs;) {
-          int64_t d1 = d0 + 1;
-          while (d1 < p.designs && cheap_at(d1) == cheap_at(d0)) ++d1;
-          GemmProblem run = p;
-          run.designs = d1 - d0;
-          run.a = p.a + d0 * p.a_design_stride;
-          run.b = p.b + d0 * p.b_design_stride;
-          run.lut = p.lut + d0 * p.lut_design_stride;
-          run.out = p.out + d0 * p.batch * p.m * p.n;
-          std::string err = GemmDirect(run, parallel_for, may_transpose);
-          if (!err.empty()) return err;
-          d0 = d1;
-        }
-        return {};
+  EffectiveWidths ew;
+  const bool narrow = gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
+  const int* eff_bits = narrow ? ew.bits.data() : nullptr;
+  const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
+  std::vector<int> family_store;
+  const int* families = DesignFamilies(p, &family_store) ? family_store.data() : nullptr;
+  // A stack whose designs differ in whether their cheap closed form beats
+  // the tiles (a Mitchell or truncate design next to an MBM or a random
+  // LUT, few rows) runs as consecutive runs of like designs, so that each
+  // takes its faster path (a plan has one strategy). Each design's sums are
+  // computed as before: same bits. (Only for enough work per design: each
+  // run is a separate pass over the threads; 8 designs at 64^3 measured
+  // 1.07x the single calls split, 0.80x unsplit; at 512^3 0.88x vs 0.93x.)
+  const double work_per_design = static_cast<double>(p.batch) * p.m * p.n * p.k;
+  if (families != nullptr && p.mbits <= 7 && p.designs > 1 && p.lut_design_stride != 0 &&
+      work_per_design >= double{1 << 22} && p.m < gemm_internal::CheapFamilyRows(p.mbits) &&
+      gemm_internal::g_force_strategy == 0) {
+    auto cheap_at = [&](int64_t d) { return gemm_internal::IsCheapFamily(families[d]); };
+    int64_t first_change = 1;
+    while (first_change < p.designs && cheap_at(first_change) == cheap_at(0)) ++first_change;
+    if (first_change < p.designs) {
+      for (int64_t d0 = 0; d0 < p.designs;) {
+        int64_t d1 = d0 + 1;
+        while (d1 < p.designs && cheap_at(d1) == cheap_at(d0)) ++d1;
+        GemmProblem run = p;
+        run.designs = d1 - d0;
+        run.a = p.a + d0 * p.a_design_stride;
+        run.b = p.b + d0 * p.b_design_stride;
+        run.lut = p.lut + d0 * p.lut_design_stride;
+        run.out = p.out + d0 * p.batch * p.m * p.n;
+        std::string err = GemmDirect(run, parallel_for, may_transpose);
+        if (!err.empty()) return err;
+        d0 = d1;
       }
-    }
-    if (may_transpose && gemm_internal::g_force_strategy == 0) {
-      int widest = narrow ? 0 : p.mbits;
-      for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
-      bool cheap = families != nullptr && p.m < gemm_internal::CheapFamilyRows(p.mbits);
-      for (int64_t d = 0; cheap && d < p.designs; ++d)
-        cheap = gemm_internal::IsCheapFamily(families[d]);
-      if (PrefersTransposed(p, widest, cheap)) return GemmTransposed(p, parallel_for);
-    }
-    const int64_t chunk = SplitKChunk(p);
-    if (chunk >= p.k) {
-      const gemm_internal::KSplit ks{
-          std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr, eff_bits, eff_lut, families};
-      if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
       return {};
     }
-    // Split-K (cpu_gemm_split.h): chunk partials, then an ordered reduction.
-    const int64_t chunks = (p.k + chunk - 1) / chunk;
-    const int64_t mn = p.m * p.n;
-    const int64_t group =
-        std::max<int64_t>(1, std::min(problems, kSplitScratchFloats / (chunks * mn)));
-    std::vector<float> part(static_cast<size_t>(group * chunks * mn));
-    for (int64_t p0 = 0; p0 < problems; p0 += group) {
-      const int64_t g = std::min(group, problems - p0);
-      const gemm_internal::KSplit ks{chunk,       chunks,   p0,      g,
-                                     part.data(), eff_bits, eff_lut, families};
-      if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
-      // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
-      const int64_t total = g * mn;
-      constexpr int64_t kReduceBlock = 4096;
-      float* out = p.out + p0 * mn;
-      const float* src = part.data();
-      parallel_for((total + kReduceBlock - 1) / kReduceBlock, [&](int64_t t) {
-        const int64_t e0 = t * kReduceBlock, e1 = std::min(total, e0 + kReduceBlock);
-        for (int64_t e = e0; e < e1; ++e) out[e] = src[e];
-        for (int64_t s = 1; s < chunks; ++s) {
-          const float* ps = src + s * total;
-          for (int64_t e = e0; e < e1; ++e) out[e] += ps[e];
-        }
-      });
-    }
+  }
+  if (may_transpose && gemm_internal::g_force_strategy == 0) {
+    int widest = narrow ? 0 : p.mbits;
+    for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
+    if (PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))
+      return GemmTransposed(p, parallel_for);
+  }
+  const int64_t chunk = SplitKChunk(p);
+  if (chunk >= p.k) {
+    const gemm_internal::KSplit ks{
+        std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr, eff_bits, eff_lut, families};
+    if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
+    return {};
+  }
+  // Split-K (cpu_gemm_split.h): chunk partials, then an ordered reduction.
+  const int64_t chunks = (p.k + chunk - 1) / chunk;
+  const int64_t mn = p.m * p.n;
+  const int64_t group =
+      std::max<int64_t>(1, std::min(problems, kSplitScratchFloats / (chunks * mn)));
+  std::vector<float> part(static_cast<size_t>(group * chunks * mn));
+  for (int64_t p0 = 0; p0 < problems; p0 += group) {
+    const int64_t g = std::min(group, problems - p0);
+    const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut, families};
+    if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
+    // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
+    const int64_t total = g * mn;
+    constexpr int64_t kReduceBlock = 4096;
+    float* out = p.out + p0 * mn;
+    const float* src = part.data();
+    parallel_for((total + kReduceBlock - 1) / kReduceBlock, [&](int64_t t) {
+      const int64_t e0 = t * kReduceBlock, e1 = std::min(total, e0 + kReduceBlock);
+      for (int64_t e = e0; e < e1; ++e) out[e] = src[e];
+      for (int64_t s = 1; s < chunks; ++s) {
+        const float* ps = src + s * total;
+        for (int64_t e = e0; e < e1; ++e) out[e] += ps[e];
+      }
+    });
   }
   return {};
 }

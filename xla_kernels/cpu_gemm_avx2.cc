@@ -108,8 +108,8 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
   }
 }
 
-// LUT rows are looked up with gathers here (AVX2 has no two-table permute);
-// MicroPermute is AVX-512 only and never chosen on this ISA.
+// LUT rows are looked up with gathers here (AVX2 has no two-table permute):
+// kIsaPermuteLookup is false, so MicroPermuteM is never chosen on this ISA.
 constexpr bool kIsaPermuteLookup = false;
 template <int MB>
 struct LutRow {

@@ -103,6 +103,14 @@ inline int64_t CheapFamilyRows(int mbits) {
 inline bool IsCheapFamily(int family) {
   return family == kFamilyMitchell || family == kFamilyTruncate;
 }
+// Whether p runs the cheap closed forms instead of the tiles: every design a
+// cheap family (`families`: one entry per design, or nullptr) and few rows.
+inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
+  if (families == nullptr || p.m >= CheapFamilyRows(p.mbits)) return false;
+  for (int64_t d = 0; d < p.designs; ++d)
+    if (!IsCheapFamily(families[d])) return false;
+  return true;
+}
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };
 

@@ -573,17 +573,18 @@ void RunTask(void* arg, int64_t task) {
         const float* A = a_of(dd);
         const float* B = b_of(dd);
         const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
+        // The LUT at width mb (the narrow one when bits_of narrowed it).
+        const uint32_t* lut_mb = mb == mbits ? lut : ks.eff_lut[d0 + dd];
         float* C = c_of(dd);
         const int family = ks.families != nullptr ? ks.families[d0 + dd] : kFamilyNone;
         if (dd == 0 || !share_b || mb != dec_bits)
           DecomposeB(B, ldb, k0, kb, j0, cols, mb, ibv, sbv);
         if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {
-          const uint32_t* tile_lut = narrow ? ks.eff_lut[d0 + dd] : lut;
           if (pl.bf16)
-            BuildTilesBf16(tile_lut, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
+            BuildTilesBf16(lut_mb, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
                            pl.ustride);
           else
-            BuildTiles(tile_lut, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
+            BuildTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
         }
         dec_bits = mb;
         const char* okd = panel_ok + dd * npanels;
@@ -618,10 +619,9 @@ void RunTask(void* arg, int64_t task) {
           } else if (family == kFamilyMbm) {
             MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
           } else if (kIsaPermuteLookup && mb <= 6) {
-            MicroPermuteM<kMRG>(mb, pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct, ldt);
+            MicroPermuteM<kMRG>(mb, pk, kb, lut_mb, ibv, sbv, ct, ldt);
           } else {
-            MicroLookup<kMRG, GatherRow>(pk, kb, narrow ? ks.eff_lut[d0 + dd] : lut, ibv, sbv, ct,
-                                         ldt);
+            MicroLookup<kMRG, GatherRow>(pk, kb, lut_mb, ibv, sbv, ct, ldt);
           }
           if (!full) {
             for (int r = 0; r < rows; ++r)
@@ -669,11 +669,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   int strategy = PrefersGathers(p.m, p.mbits) ? kGather : kTiles;
   // Every design a cheap closed-form family and few rows: the closed form
   // (on the gather path) beats the tiles.
-  if (strategy == kTiles && ks.families != nullptr && p.m < CheapFamilyRows(p.mbits)) {
-    bool all_cheap = true;
-    for (int64_t d = 0; d < p.designs; ++d) all_cheap = all_cheap && IsCheapFamily(ks.families[d]);
-    if (all_cheap) strategy = kGather;
-  }
+  if (strategy == kTiles && CheapClosedFormWins(p, ks.families)) strategy = kGather;
   if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
   pl.strategy = strategy;
   if (strategy == kTiles) {
