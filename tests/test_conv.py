@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from jax import lax
 
+import approx_jax
 from approx_jax._src import conv as conv_lib
 from approx_jax._src import multipliers as mult_lib
-from approx_jax._src import reference
+from approx_jax._src import ops, reference
 from approx_jax._src.conv import approx_conv
 
 
@@ -348,11 +349,11 @@ def test_non_float_inputs_raise_type_error():
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
-def test_staged_patches_equal_one_stack_of_taps(nd):
-    # The forward patches are gathered one spatial dimension at a time; they
-    # must be the very values of the one-stack-per-tap form (exact copies,
-    # zeros in the padding and dilation holes), and the custom backward pass
-    # must be that form's transpose, bit for bit.
+def test_patch_layouts_equal_one_stack_of_taps(nd):
+    # The forward patches are gathered one spatial dimension at a time and
+    # the kernel gradient's patches^T directly in transposed order; both must
+    # hold the very values of the one-stack-per-tap form (exact copies, zeros
+    # in the padding and dilation holes).
     rng = np.random.default_rng(nd)
     checked = 0
     while checked < 6:
@@ -370,11 +371,60 @@ def test_staged_patches_equal_one_stack_of_taps(nd):
             continue
         x = jnp.asarray(_data([2, 3, *S, 4], checked))
         geometry = (window, strides, pads, lhs, rhs, out)
-        got, vjp = jax.vjp(lambda x, g=geometry: conv_lib._patches(x, *g), x)
-        want, vjp_want = jax.vjp(lambda x, g=geometry: conv_lib._patches_by_tap(x, *g), x)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        ct = jnp.asarray(_data(want.shape, 10 + checked))
-        np.testing.assert_array_equal(
-            np.asarray(vjp(ct)[0]).view(np.uint32), np.asarray(vjp_want(ct)[0]).view(np.uint32)
-        )
+        want = np.asarray(conv_lib._patches_by_tap(x, *geometry))  # [G, N, *out, taps, C]
+        staged = np.asarray(conv_lib._patches_staged(x, *geometry))
+        np.testing.assert_array_equal(staged.view(np.uint32), want.view(np.uint32))
+        transposed = np.asarray(conv_lib._patches_transposed(x, *geometry))
+        # [G, taps, C, N, *out] <- [G, N, *out, taps, C]
+        want_t = np.moveaxis(np.moveaxis(want, -1, 1), -1, 1)
+        np.testing.assert_array_equal(transposed.view(np.uint32), want_t.view(np.uint32))
         checked += 1
+
+
+@pytest.mark.parametrize("backward", ["approx", "exact"])
+@pytest.mark.parametrize("mult", ["mbm5", "mitchell4"])
+def test_conv_vjp_equals_autodiff_through_the_gemm(backward, mult):
+    # _conv_core's custom VJP (patches^T gathered directly, d_patches folded
+    # by the per-tap transpose) must give the bits of plain autodiff through
+    # ops._gemm on the one-stack-per-tap patch matrix, for strided, padded and
+    # dilated geometries.
+    m = approx_jax.multipliers.get(mult)
+    klut = ops.kernel_lut_of(m)
+    rng = np.random.default_rng(7)
+    for case in range(4):
+        nd = 1 + case % 3
+        S = [int(rng.integers(4, 8)) for _ in range(nd)]
+        window = tuple(int(rng.integers(1, 4)) for _ in range(nd))
+        strides = tuple(int(rng.integers(1, 3)) for _ in range(nd))
+        lhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
+        rhs = (1,) * nd
+        pads = tuple((int(rng.integers(0, 2)), int(rng.integers(0, 2))) for _ in range(nd))
+        out = tuple(
+            ((s - 1) * ld + 1 + lo + hi - ((w - 1) * rd + 1)) // st + 1
+            for s, w, st, ld, rd, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
+        )
+        geometry = (window, strides, pads, lhs, rhs, out)
+        cg, og = 3, 4
+        taps = int(np.prod(window))
+        x = jnp.asarray(_data([2, 3, *S, cg], 20 + case))
+        w4 = jnp.asarray(_data([1, 2, taps * cg, og], 30 + case))
+
+        def autodiff(x, w4, geometry=geometry):
+            p = conv_lib._patches_by_tap(x, *geometry)
+            a4 = p.reshape(1, 2, -1, w4.shape[2])
+            return ops._gemm(a4, w4, klut, m.mbits, backward)
+
+        def custom(x, w4, geometry=geometry):
+            return conv_lib._conv_core(x, w4, klut, m.mbits, backward, geometry)
+
+        y_want, vjp_want = jax.vjp(autodiff, x, w4)
+        y_got, vjp_got = jax.vjp(custom, x, w4)
+        np.testing.assert_array_equal(
+            np.asarray(y_got).reshape(-1).view(np.uint32),
+            np.asarray(y_want).reshape(-1).view(np.uint32),
+        )
+        ct = jnp.asarray(_data(y_got.shape, 40 + case))
+        for got, want in zip(vjp_got(ct), vjp_want(ct.reshape(y_want.shape)), strict=True):
+            np.testing.assert_array_equal(
+                np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32)
+            )

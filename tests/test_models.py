@@ -191,3 +191,39 @@ def test_vit_attention_kind_is_used():
     exact = model.apply(params, x, "fp32")
     assert only_attention.shape == (2, 10)
     assert 0 < np.max(np.abs(np.asarray(only_attention) - np.asarray(exact))) < 1.0
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 28, 28, 4), (3, 7, 8, 2)])
+def test_max_pool_equals_flax_values_and_gradient(shape):
+    # models.max_pool's 2x2/2 fast path must give nn.max_pool's values and
+    # gradient bit for bit, ties included (quantised inputs: many equal
+    # maxima, zeros after a ReLU); odd sizes fall back to nn.max_pool.
+    from flax import linen as nn
+
+    from approx_jax._src import models as models_src
+
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float32))
+    x = x * jnp.asarray(rng.choice([1.0, -1.0], size=shape).astype(np.float32))
+    ct = jnp.asarray(
+        rng.standard_normal((shape[0], -(-shape[1] // 2), -(-shape[2] // 2), shape[3]))
+    )
+    ct = ct.astype(jnp.float32)
+
+    def ours(x):
+        return models_src.max_pool(x, (2, 2), (2, 2), "SAME")
+
+    def flax(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+    y, vjp = jax.vjp(ours, x)
+    y_want, vjp_want = jax.vjp(flax, x)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(y_want).view(np.uint32))
+    np.testing.assert_array_equal(
+        np.asarray(vjp(ct)[0]).view(np.uint32), np.asarray(vjp_want(ct)[0]).view(np.uint32)
+    )
+    # The batched (vmapped) form too: one pooled model per design.
+    xs = jnp.stack([x, -x])
+    got = jax.vmap(lambda x: jax.vjp(ours, x)[1](ct)[0])(xs)
+    want = jax.vmap(lambda x: jax.vjp(flax, x)[1](ct)[0])(xs)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))

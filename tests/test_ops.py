@@ -9,7 +9,7 @@ import pytest
 
 import approx_jax
 from approx_jax import multipliers
-from approx_jax._src import reference
+from approx_jax._src import ops, reference
 
 MULTIPLIERS = {
     "mbm7": lambda: multipliers.mbm(7),
@@ -248,6 +248,34 @@ def test_approx_dot_gradients(mult, backward):
     )
     _assert_within_bound(dx, rdx, dx_abs, 6)
     _assert_within_bound(dw, rdw, dw_abs, 6)
+
+
+@pytest.mark.parametrize(
+    "M, shapes",
+    [(3, ((8, 96), (96, 64))), (7, ((4, 512), (512, 256))), (7, ((2, 3, 40), (40, 24)))],
+)
+def test_dx_is_sequential_dy_times_w_transpose_bit_for_bit(M, shapes):
+    # Dense-layer input gradients with a wide weight matrix run as
+    # (w (x)_LUT^T dy^T)^T (ops._dx_by_transposed_lut); with an asymmetric
+    # LUT and special values the bits must still be those of P(dy, w) summed
+    # over N ascending, like the direct form (the last case keeps it).
+    m = _random_multiplier(M, 40 + M)
+    rng = np.random.default_rng(41)
+    x = _values(rng, shapes[0])
+    w = _values(rng, shapes[1])
+    specials = _special_values()
+    where = np.arange(0, w.size, 13)[: specials.size]
+    w.reshape(-1)[where] = specials[: where.size]
+    dy = _values(rng, shapes[0][:-1] + (shapes[1][1],))
+    dy.reshape(-1)[::11] = 0.0
+    taken = ops._dx_by_transposed_lut(
+        (1, 1, int(np.prod(shapes[0][:-1])), shapes[0][-1]), (1, 1) + shapes[1], M
+    )
+    assert taken == (shapes[0][0] != 2)
+    _, vjp = jax.vjp(lambda x, w: approx_jax.approx_dot(x, w, m), x, w)
+    dx, _ = vjp(dy)
+    want = reference.sequential_dot(dy.reshape(-1, w.shape[1]), w.T, m.lut, M)
+    _assert_bits_equal_nan_aside(np.asarray(dx).reshape(want.shape), want, "dx")
 
 
 def test_jit_grad_acceptance():

@@ -707,9 +707,24 @@ int Bench(int reps, int argc, char** argv) {
       if (nd > 1) {
         const std::string share = std::getenv("GEMM_SHARE") ? std::getenv("GEMM_SHARE") : "ab";
         const bool sa = share.find('a') != std::string::npos, sb = share.find('b') != std::string::npos;
+        // GEMM_MIXED=1: the stack of bench_vmap.py (MBM, Mitchell, truncate at
+        // widths m, m, m, m-2, m-2, m-2, m-4, m-4, cycling), widened to m.
+        const bool mixed = std::getenv("GEMM_MIXED") && std::atoi(std::getenv("GEMM_MIXED"));
         std::vector<uint32_t> luts;
         for (int64_t d = 0; d < nd; ++d) {
-          auto l = MakeLut(m, static_cast<int>(d % 3), rng);
+          std::vector<uint32_t> l;
+          if (mixed) {
+            static const int kKinds[8] = {5, 4, 2, 5, 4, 2, 5, 4};
+            static const int kDrop[8] = {0, 0, 0, 2, 2, 2, 4, 4};
+            const int mn = std::max(1, m - kDrop[d % 8]), sh = m - mn;
+            const auto narrow = MakeLut(mn, kKinds[d % 8], rng);
+            l.resize(size_t{1} << (2 * m));
+            for (uint32_t i = 0; i < (1u << m); ++i)
+              for (uint32_t j = 0; j < (1u << m); ++j)
+                l[(size_t(i) << m) | j] = narrow[(size_t(i >> sh) << mn) | (j >> sh)];
+          } else {
+            l = MakeLut(m, static_cast<int>(d % 3), rng);
+          }
           luts.insert(luts.end(), l.begin(), l.end());
         }
         std::vector<float> ad(sa ? 0 : nd * a.size()), bd(sb ? 0 : nd * b.size());

@@ -20,12 +20,13 @@ Lowering (``_conv_core``):
 4. ``ops._gemm`` computes ``[1, G, N*P, taps*Cg] @ [1, G, taps*Cg, Og]`` in
    one custom call, with the group axis as the canonical batch axis ``B``.
 
-Gradients come from JAX autodiff: the patch extraction is linear and exact
-and ``ops._gemm``'s custom VJP computes ``d_patches = approx(dy, W^T)``
-(``a = dy``, ``b = kernel``) and ``dW = approx(patches^T, dy)`` (``a = input``,
-``b = dy``), which is SPEC section 5's convolution backward pass; the
-transpose of the patch extraction then sums each input position's
-contributions (ordinary float32 additions).
+Gradients (``_conv_core``'s custom VJP) are SPEC section 5's convolution
+backward pass, the products of ``ops._gemm``'s VJP: ``d_patches =
+approx(dy, W^T)`` (``a = dy``, ``b = kernel``), folded back onto the input by
+the transpose of the patch extraction (ordinary float32 additions), and ``dW
+= approx(patches^T, dy)`` (``a = input``, ``b = dy``), with ``patches^T``
+gathered directly in that layout from a channels-first copy of the input
+rather than transposed from the patch matrix.
 
 Memory: the patch matrix is ``prod(window)`` times the (strided) input. When
 it would exceed ``chunk_limit_bytes()`` (8 MiB on CPU, 256 MiB on GPU;
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from approx_jax._src import ops
+from approx_jax._src import ops, partitioning
 
 # Largest patch matrix (bytes, float32) built in one piece; above it the batch
 # is processed in chunks. ``None`` picks a per-backend default
@@ -163,18 +164,23 @@ def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation,
 # Lowering.
 
 
-def _pad_input(xg, pads, lhs_dilation):
-    """Edge padding, and interior padding for the lhs dilation, of ``[G, N, *S, Cg]``."""
-    config = [(0, 0, 0), (0, 0, 0)]
+def _pad_input(xg, pads, lhs_dilation, first_spatial=2):
+    """Edge padding, and interior padding for the lhs dilation, of the spatial axes.
+
+    The spatial axes are ``first_spatial, first_spatial + 1, ...`` (``[G, N,
+    *S, Cg]`` by default); every other axis is left alone.
+    """
+    nd = len(pads)
+    config = [(0, 0, 0)] * first_spatial
     config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation, strict=True)]
-    config += [(0, 0, 0)]
+    config += [(0, 0, 0)] * (xg.ndim - first_spatial - nd)
     return lax.pad(xg, jnp.zeros((), xg.dtype), config)
 
 
 def _patches_by_tap(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
     """The patches as one stack of ``prod(window)`` strided slices (one per tap).
 
-    Used for the backward pass of :func:`_patches` (its transpose, pad + add
+    Used for the backward pass of :func:`_conv_core` (its transpose, pad + add
     per tap, was measured ~3x faster than that of the staged form).
     """
     xp = _pad_input(xg, pads, lhs_dilation)
@@ -194,71 +200,83 @@ def _patches_by_tap(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_s
     return jnp.stack(slices, axis=-2)
 
 
-def _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
-    """The same patches, gathered one spatial dimension at a time (last first).
+def _stage_taps(y, axis, size, stride, dilation, out):
+    """The ``size`` strided slices of ``y`` along ``axis`` (one per tap of that dimension)."""
+    slices = []
+    for t in range(size):
+        start = t * dilation
+        limit = start + (out - 1) * stride + 1
+        slices.append(lax.slice_in_dim(y, start, limit, stride=stride, axis=axis))
+    return slices
 
-    Each stage stacks ``window[d]`` strided slices along dimension ``d``, so
-    XLA emits concatenations of ``window[d]`` operands rather than one of
-    ``prod(window)``, whose per-element operand selection made a 5x5 patch
-    matrix 1.6x slower to build on CPU (0.94 vs 1.49 ms for 13x14x14x32).
+
+def _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    """``[G, N, *S, Cg]`` -> ``[G, N, *out, taps, Cg]``, one spatial dimension at a time.
+
+    Tap order is row-major over the window, matching a ``[*window, Cg, ...]``
+    kernel reshaped to ``[taps * Cg, ...]``; values are copied exactly (the
+    same values as :func:`_patches_by_tap`). Each stage stacks ``window[d]``
+    strided slices along dimension ``d``, so XLA emits concatenations of
+    ``window[d]`` operands rather than one of ``prod(window)``, whose
+    per-element operand selection made a 5x5 patch matrix 1.6x slower to build
+    on CPU (0.94 vs 1.49 ms for 13x14x14x32).
     """
     nd = len(window)
     y = _pad_input(xg, pads, lhs_dilation)
     for d in reversed(range(nd)):
-        axis = 2 + d
-        slices = []
-        for t in range(window[d]):
-            start = t * rhs_dilation[d]
-            limit = start + (out_spatial[d] - 1) * strides[d] + 1
-            slices.append(lax.slice_in_dim(y, start, limit, stride=strides[d], axis=axis))
+        slices = _stage_taps(y, 2 + d, window[d], strides[d], rhs_dilation[d], out_spatial[d])
         # New tap axes go right after the spatial ones, ahead of the taps of
         # the later dimensions: [..., *out, tap_0, ..., tap_{nd-1}, Cg].
         y = jnp.stack(slices, axis=2 + nd)
     return y.reshape(y.shape[: 2 + nd] + (math.prod(window), y.shape[-1]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
-def _patches(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
-    """``[G, N, *S, Cg]`` -> ``[G, N, *out, taps, Cg]`` by pad + strided slices.
+def _patches_transposed(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
+    """``[G, N, *S, Cg]`` -> ``[G, taps, Cg, N, *out]``: the patch matrix transposed.
 
-    Tap order is row-major over the window, matching a ``[*window, Cg, ...]``
-    kernel reshaped to ``[taps * Cg, ...]``. Values are copied exactly. The
-    forward pass builds the patches in stages (:func:`_patches_staged`), the
-    backward pass is the transpose of the one-stack form
-    (:func:`_patches_by_tap`): the faster of each, and the input gradient sums
-    each position's tap contributions in the same order as before.
+    The kernel gradient's product needs ``patches^T`` (``[taps * Cg, N * P]``).
+    Transposing the patch matrix itself (``prod(window)`` times the input) was
+    the largest non-GEMM cost of a CPU train step (LeNet-5: 15 of 116 ms);
+    here only the input is transposed (channels first) and the taps are then
+    gathered as in :func:`_patches_staged`, so the same values land directly
+    in transposed order.
     """
-    return _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)
+    nd = len(window)
+    y = _pad_input(jnp.moveaxis(xg, -1, 1), pads, lhs_dilation, first_spatial=3)  # [G, Cg, N, *S]
+    for d in reversed(range(nd)):
+        # nd - 1 - d tap axes were inserted at axis 1 so far.
+        axis = 3 + (nd - 1 - d) + d
+        slices = _stage_taps(y, axis, window[d], strides[d], rhs_dilation[d], out_spatial[d])
+        y = jnp.stack(slices, axis=1)  # [G, tap_d, ..., tap_{nd-1}, Cg, N, *out]
+    return y.reshape((y.shape[0], math.prod(window)) + y.shape[1 + nd :])
 
 
-def _patches_fwd(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial):
-    out = _patches_staged(xg, window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)
-    # Only the input's shape and dtype are needed (the map is linear).
-    return out, jnp.zeros((0,) + xg.shape, xg.dtype)
+def _patch_matrix(xg, geometry):
+    """``[G, N, *S, Cg]`` -> ``[1, G, N * P, taps * Cg]`` (the gemm's ``a``)."""
+    window, _, _, _, _, out_spatial = geometry
+    g, n = xg.shape[:2]
+    patches = _patches_staged(xg, *geometry)
+    return patches.reshape(1, g, n * math.prod(out_spatial), math.prod(window) * xg.shape[-1])
 
 
-def _patches_bwd(window, strides, pads, lhs_dilation, rhs_dilation, out_spatial, res, ct):
-    x_like = jax.ShapeDtypeStruct(res.shape[1:], res.dtype)
-    transpose = jax.linear_transpose(
-        functools.partial(
-            _patches_by_tap,
-            window=window,
-            strides=strides,
-            pads=pads,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            out_spatial=out_spatial,
-        ),
-        x_like,
-    )
-    return transpose(ct)
+def _patch_matrix_t(xg, geometry):
+    """``[G, N, *S, Cg]`` -> ``[1, G, taps * Cg, N * P]``: ``_patch_matrix`` transposed."""
+    window, _, _, _, _, out_spatial = geometry
+    g, n = xg.shape[:2]
+    patches_t = _patches_transposed(xg, *geometry)
+    return patches_t.reshape(1, g, math.prod(window) * xg.shape[-1], n * math.prod(out_spatial))
 
 
-_patches.defvjp(_patches_fwd, _patches_bwd)
-
-
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv_core(xg, w4, klut, mbits, backward, geometry):
     """Approximate conv of grouped channels-last input on the canonical gemm.
+
+    The backward pass is SPEC section 5's (as ``ops._gemm``'s VJP gives it):
+    ``d_patches = approx(dy, W^T)`` folded back onto the input by the
+    transpose of the patch extraction, and ``dW = approx(patches^T, dy)``
+    with ``patches^T`` gathered directly in that layout
+    (:func:`_patches_transposed`): the same matrices, so the same bits, as
+    autodiff through ``ops._gemm``, without transposing the patch matrix.
 
     Args:
       xg: float32 ``[G, N, *S, Cg]``.
@@ -271,22 +289,53 @@ def _conv_core(xg, w4, klut, mbits, backward, geometry):
     Returns:
       float32 ``[G, N, *out, Og]``.
     """
+    return _conv_core_fwd(xg, w4, klut, mbits, backward, geometry)[0]
+
+
+def _conv_core_fwd(xg, w4, klut, mbits, backward, geometry):
+    del backward
+    g, n = xg.shape[:2]
+    out = ops._gemm_raw(mbits)(_patch_matrix(xg, geometry), w4, klut)
+    out = out.reshape((g, n) + tuple(geometry[-1]) + (w4.shape[-1],))
+    # Residuals: the input only (the patches are cheap to gather again).
+    return out, (xg, w4, klut)
+
+
+def _conv_core_bwd(mbits, backward, geometry, residuals, ct):
+    xg, w4, klut = residuals
     window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
     g, n = xg.shape[:2]
-    cg = xg.shape[-1]
-    taps = math.prod(window)
-    patches = _patches(
-        xg,
-        tuple(window),
-        tuple(strides),
-        tuple(tuple(p) for p in pads),
-        tuple(lhs_dil),
-        tuple(rhs_dil),
-        tuple(out_spatial),
+    ct4 = ct.reshape(1, g, -1, w4.shape[-1])
+    w_t = jnp.swapaxes(w4, -1, -2)
+    a_t = _patch_matrix_t(xg, geometry)
+    if backward == "approx":
+        # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
+        d_a = ops._gemm_raw(mbits)(ct4, w_t, klut)
+        d_w = ops._gemm_raw(mbits)(a_t, ct4, klut)
+    else:
+        d_a = jnp.matmul(ct4, w_t, precision=lax.Precision.HIGHEST)
+        d_w = jnp.matmul(a_t, ct4, precision=lax.Precision.HIGHEST)
+    d_patches = d_a.reshape((g, n) + tuple(out_spatial) + (math.prod(window), xg.shape[-1]))
+    fold = jax.linear_transpose(
+        functools.partial(
+            _patches_by_tap,
+            window=window,
+            strides=strides,
+            pads=pads,
+            lhs_dilation=lhs_dil,
+            rhs_dilation=rhs_dil,
+            out_spatial=out_spatial,
+        ),
+        jax.ShapeDtypeStruct(xg.shape, xg.dtype),
     )
-    a4 = patches.reshape(1, g, n * math.prod(out_spatial), taps * cg)
-    out = ops._gemm(a4, w4, klut, mbits, backward)
-    return out.reshape((g, n) + tuple(out_spatial) + (w4.shape[-1],))
+    (d_x,) = fold(d_patches)
+    # Inside shard_map a cotangent must carry its primal's varying mesh axes.
+    d_x = partitioning.match_vma(d_x, xg)
+    d_w = partitioning.match_vma(d_w, w4)
+    return d_x, d_w, np.zeros(klut.shape, dtype=jax.dtypes.float0)
+
+
+_conv_core.defvjp(_conv_core_fwd, _conv_core_bwd)
 
 
 def _chunk_size(n: int, per_sample_bytes: int, limit: int) -> int:
