@@ -18,6 +18,7 @@ from approx_jax._src.characterize import (
 )
 from approx_jax._src.conv import approx_conv
 from approx_jax._src.ffi import registered_platforms
+from approx_jax._src.host import tune_cpu_allocator
 from approx_jax._src.multipliers import Multiplier
 from approx_jax._src.ops import approx_dot, approx_matmul, multiply
 
@@ -39,4 +40,5 @@ __all__ = [
     "parallel",
     "plot_heatmaps",
     "registered_platforms",
+    "tune_cpu_allocator",
 ]

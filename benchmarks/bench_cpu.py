@@ -118,6 +118,8 @@ def bench_lenet5(rows, mbits_list, reps):
 
 
 def main(argv=None):
+    # Before any computation (see approx_jax.tune_cpu_allocator).
+    approx_jax.tune_cpu_allocator()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

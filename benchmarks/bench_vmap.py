@@ -32,6 +32,8 @@ DESIGNS = ["mbm7", "mitchell7", "truncate7", "mbm5", "mitchell5", "truncate5", "
 
 
 def main(argv=None):
+    # Before any computation (see approx_jax.tune_cpu_allocator).
+    approx_jax.tune_cpu_allocator()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from approx_jax._src import host
+
 DEFAULT_SWEEP = "fp32,truncate7,mbm7,mitchell7,mbm5,mitchell3"
 MODEL_NAMES = ("lenet300", "lenet5", "resnet8", "resnet18")
 
@@ -555,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``approx-jax`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Before any JAX computation: sweeps carry large per-step buffers.
+    host.tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
