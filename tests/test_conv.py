@@ -348,6 +348,14 @@ def test_non_float_inputs_raise_type_error():
         approx_conv(np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 4), np.int8), "mbm7")
 
 
+def _out_spatial(S, window, strides, lhs, rhs, pads):
+    """Output extent per spatial dimension (the lax formula, written out independently)."""
+    return tuple(
+        ((s - 1) * ld + 1 + lo + hi - ((w - 1) * rd + 1)) // st + 1
+        for s, w, st, ld, rd, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
+    )
+
+
 @pytest.mark.parametrize("nd", [1, 2, 3])
 def test_patch_layouts_equal_one_stack_of_taps(nd):
     # The forward patches are gathered one spatial dimension at a time and
@@ -363,10 +371,7 @@ def test_patch_layouts_equal_one_stack_of_taps(nd):
         lhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
         rhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
         pads = tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(nd))
-        out = tuple(
-            ((s - 1) * ld + 1 + lo + hi - ((w - 1) * rd + 1)) // st + 1
-            for s, w, st, ld, rd, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
-        )
+        out = _out_spatial(S, window, strides, lhs, rhs, pads)
         if min(out) < 1:
             continue
         x = jnp.asarray(_data([2, 3, *S, 4], checked))
@@ -399,10 +404,7 @@ def test_conv_vjp_equals_autodiff_through_the_gemm(backward, mult):
         lhs = tuple(int(rng.integers(1, 3)) for _ in range(nd))
         rhs = (1,) * nd
         pads = tuple((int(rng.integers(0, 2)), int(rng.integers(0, 2))) for _ in range(nd))
-        out = tuple(
-            ((s - 1) * ld + 1 + lo + hi - ((w - 1) * rd + 1)) // st + 1
-            for s, w, st, ld, rd, (lo, hi) in zip(S, window, strides, lhs, rhs, pads, strict=True)
-        )
+        out = _out_spatial(S, window, strides, lhs, rhs, pads)
         geometry = (window, strides, pads, lhs, rhs, out)
         cg, og = 3, 4
         taps = int(np.prod(window))

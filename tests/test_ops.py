@@ -268,9 +268,7 @@ def test_dx_is_sequential_dy_times_w_transpose_bit_for_bit(M, shapes):
     w.reshape(-1)[where] = specials[: where.size]
     dy = _values(rng, shapes[0][:-1] + (shapes[1][1],))
     dy.reshape(-1)[::11] = 0.0
-    taken = ops._dx_by_transposed_lut(
-        (1, 1, int(np.prod(shapes[0][:-1])), shapes[0][-1]), (1, 1) + shapes[1], M
-    )
+    taken = ops._dx_by_transposed_lut(int(np.prod(shapes[0][:-1])), shapes[0][-1], shapes[1][1], M)
     assert taken == (shapes[0][0] != 2)
     _, vjp = jax.vjp(lambda x, w: approx_jax.approx_dot(x, w, m), x, w)
     dx, _ = vjp(dy)

@@ -306,15 +306,8 @@ def _conv_core_bwd(mbits, backward, geometry, residuals, ct):
     window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
     g, n = xg.shape[:2]
     ct4 = ct.reshape(1, g, -1, w4.shape[-1])
-    w_t = jnp.swapaxes(w4, -1, -2)
-    a_t = _patch_matrix_t(xg, geometry)
-    if backward == "approx":
-        # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
-        d_a = ops._gemm_raw(mbits)(ct4, w_t, klut)
-        d_w = ops._gemm_raw(mbits)(a_t, ct4, klut)
-    else:
-        d_a = jnp.matmul(ct4, w_t, precision=lax.Precision.HIGHEST)
-        d_w = jnp.matmul(a_t, ct4, precision=lax.Precision.HIGHEST)
+    # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
+    d_a, d_w = ops._backward_products(mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4)
     d_patches = d_a.reshape((g, n) + tuple(out_spatial) + (math.prod(window), xg.shape[-1]))
     fold = jax.linear_transpose(
         functools.partial(
@@ -332,7 +325,7 @@ def _conv_core_bwd(mbits, backward, geometry, residuals, ct):
     # Inside shard_map a cotangent must carry its primal's varying mesh axes.
     d_x = partitioning.match_vma(d_x, xg)
     d_w = partitioning.match_vma(d_w, w4)
-    return d_x, d_w, np.zeros(klut.shape, dtype=jax.dtypes.float0)
+    return d_x, d_w, ops._lut_zero_cotangent(klut)
 
 
 _conv_core.defvjp(_conv_core_fwd, _conv_core_bwd)

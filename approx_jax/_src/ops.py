@@ -173,38 +173,49 @@ def _transposed_lut(klut: jax.Array, mbits: int) -> jax.Array:
     return jnp.swapaxes(klut.reshape(klut.shape[:-1] + (side, side)), -1, -2).reshape(klut.shape)
 
 
-def _dx_by_transposed_lut(a_shape, b_shape, mbits: int) -> bool:
+def _dx_by_transposed_lut(m: int, k: int, n: int, mbits: int) -> bool:
     """Whether ``dx`` is cheaper as ``(w (x)_LUT^T dy^T)^T`` than as ``dy (x) w^T``.
 
-    Both give the same bits: each product is ``P(dy, w)`` (SPEC's product is
-    symmetric apart from the LUT index, and ``LUT^T[w][dy] = LUT[dy][w]``),
+    For ``x`` ``[m, k]`` and ``w`` ``[k, n]``. Both give the same bits: each
+    product is ``P(dy, w)`` (SPEC's product is symmetric apart from the LUT
+    index, and ``LUT^T[w][dy] = LUT[dy][w]``),
     summed over the same ``N`` terms in the same order, with the same split-K
     chunks (they depend on the output's size and ``K`` only). The direct form
     transposes ``w`` (``K x N``: a dense layer's whole weight matrix, 6-9 ms
     for 1568x1024 on XLA:CPU); this one transposes ``dy``, the result and the
     LUT instead, and hands the kernel the tall ``K x N`` problem it prefers.
     """
-    m, k = a_shape[-2], a_shape[-1]
-    n = b_shape[-1]
     if mbits > 8:  # a large LUT costs more to transpose than the weights
         return False
     return m * n + m * k + (1 << (2 * mbits)) < (k * n) // 2
 
 
+def _backward_products(mbits: int, backward: str, a_t, b, klut, g):
+    """SPEC section 5's backward products of ``a @ b`` given ``a^T``.
+
+    ``da = P(g, b^T)`` (``a = dy``, ``b = w``; through the transposed LUT when
+    that is cheaper, same bits) and ``db = P(a^T, g)``, or float32 products
+    for ``backward="exact"``. ``a_t`` is taken ready-made so that callers
+    holding a cheaper route to it (the conv's directly gathered
+    ``patches^T``) need not transpose ``a``.
+
+    Returns:
+      ``(da, db)`` in the canonical rank-4 layout.
+    """
+    if backward != "approx":
+        da = jnp.matmul(g, jnp.swapaxes(b, -1, -2), precision=_HIGHEST)
+        return da, jnp.matmul(a_t, g, precision=_HIGHEST)
+    if _dx_by_transposed_lut(a_t.shape[-1], a_t.shape[-2], b.shape[-1], mbits):
+        da_t = _gemm_raw(mbits)(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits))
+        da = jnp.swapaxes(da_t, -1, -2)
+    else:
+        da = _gemm_raw(mbits)(g, jnp.swapaxes(b, -1, -2), klut)
+    return da, _gemm_raw(mbits)(a_t, g, klut)
+
+
 def _gemm_bwd(mbits, backward, residuals, g):
     a, b, klut = residuals
-    a_t = jnp.swapaxes(a, -1, -2)
-    if backward == "approx":
-        # SPEC 5: dx = approx(dy, w^T) (a = dy, b = w); dw = approx(x^T, dy).
-        if _dx_by_transposed_lut(a.shape, b.shape, mbits):
-            da_t = _gemm_raw(mbits)(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits))
-            da = jnp.swapaxes(da_t, -1, -2)
-        else:
-            da = _gemm_raw(mbits)(g, jnp.swapaxes(b, -1, -2), klut)
-        db = _gemm_raw(mbits)(a_t, g, klut)
-    else:
-        da = jnp.matmul(g, jnp.swapaxes(b, -1, -2), precision=_HIGHEST)
-        db = jnp.matmul(a_t, g, precision=_HIGHEST)
+    da, db = _backward_products(mbits, backward, jnp.swapaxes(a, -1, -2), b, klut, g)
     # Inside shard_map a cotangent must carry its primal's varying mesh axes.
     da = partitioning.match_vma(_sum_to_shape(da, a.shape), a)
     db = partitioning.match_vma(_sum_to_shape(db, b.shape), b)
