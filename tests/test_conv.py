@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,10 @@ def _random_multiplier(M: int, seed: int) -> mult_lib.Multiplier:
     r = rng.integers(0, 1 << M, size=4**M)
     c = rng.integers(0, 2, size=4**M)
     return mult_lib.from_lut(((c << 7) | r).astype(np.uint8), M, name=f"random{M}")
+
+
+def _bits(x):
+    return np.asarray(x, np.float32).view(np.uint32)
 
 
 MULTIPLIERS = {
@@ -306,6 +311,37 @@ def test_chunked_batch_matches_unchunked(monkeypatch):
     np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_full), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_call", [1, 2, 4])
+def test_vmapped_sweep_keeps_the_chunk_budget(monkeypatch, per_call):
+    """vmap over designs with per-design inputs: groups of designs, same bits."""
+    designs = [mult_lib.mbm(7), mult_lib.mitchell(5), mult_lib.truncate(3), mult_lib.mbm(3)]
+    stacked = mult_lib.stack(designs)
+    xs = np.stack([_data((3, 6, 6, 2), 10 + d) for d in range(4)])
+    ws = np.stack([_data((3, 3, 2, 5), 20 + d) for d in range(4)])
+    dys = np.stack([_data((3, 6, 6, 5), 30 + d) for d in range(4)])
+    # Budget: `per_call` designs' patch matrices (3 * 36 taps-rows of 9 * 2 floats).
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", per_call * 4 * 3 * 36 * 18)
+    f = lambda x, w, m: approx_conv(x, w, m, padding="SAME")
+
+    def fwd_bwd(x, w, m, dy):
+        y, vjp = jax.vjp(lambda x, w: f(x, w, m), x, w)
+        return (y, *vjp(dy))
+
+    got = jax.jit(jax.vmap(fwd_bwd))(xs, ws, stacked, dys)
+    for d, m in enumerate(mult_lib.unstack(stacked)):
+        want = jax.jit(fwd_bwd)(xs[d], ws[d], m, dys[d])
+        for g, w_ in zip(got, want, strict=True):
+            np.testing.assert_array_equal(_bits(g[d]), _bits(w_))
+    # Each custom call holds `per_call` designs; fewer than all of them: a loop.
+    hlo = jax.jit(jax.vmap(fwd_bwd)).lower(xs, ws, stacked, dys).as_text()
+    gemm_lines = [ln for ln in hlo.splitlines() if "approx_jax_gemm" in ln and "call" in ln]
+    assert gemm_lines
+    for ln in gemm_lines:
+        result = re.search(r"->\s*\(?tensor<(\d+)x", ln)
+        assert result and int(result.group(1)) == per_call, ln
+    assert ("while" in hlo) == (per_call < 4)
+
+
 def test_dtype_and_preferred_element_type():
     x = _data((1, 5, 5, 2), 1).astype(jnp.bfloat16)
     w = _data((3, 3, 2, 2), 2).astype(jnp.bfloat16)
@@ -417,7 +453,7 @@ def test_conv_vjp_equals_autodiff_through_the_gemm(backward, mult):
             return ops._gemm(a4, w4, klut, m.mbits, backward)
 
         def custom(x, w4, geometry=geometry):
-            return conv_lib._conv_core(x, w4, klut, m.mbits, backward, geometry)
+            return conv_lib._conv_core(x, w4, klut, m.mbits, backward, geometry, 8 << 20)
 
         y_want, vjp_want = jax.vjp(autodiff, x, w4)
         y_got, vjp_got = jax.vjp(custom, x, w4)
