@@ -716,7 +716,8 @@ int Bench(int reps, int argc, char** argv) {
           if (mixed) {
             static const int kKinds[8] = {5, 4, 2, 5, 4, 2, 5, 4};
             static const int kDrop[8] = {0, 0, 0, 2, 2, 2, 4, 4};
-            const int mn = std::max(1, m - kDrop[d % 8]), sh = m - mn;
+            const int drop = std::atoi(std::getenv("GEMM_MIXED")) == 2 ? 0 : kDrop[d % 8];
+            const int mn = std::max(1, m - drop), sh = m - mn;
             const auto narrow = MakeLut(mn, kKinds[d % 8], rng);
             l.resize(size_t{1} << (2 * m));
             for (uint32_t i = 0; i < (1u << m); ++i)
@@ -740,8 +741,11 @@ int Bench(int reps, int argc, char** argv) {
         q.lut = luts.data();
         q.lut_design_stride = int64_t{1} << (2 * m);
         q.out = outd.data();
-        const auto [tv, cv] = TimeIt([&] { ApproxGemmCpu(q, pf); }, reps);
+        // GEMM_SIDE=one|loop: time only that side (for profiling one of them).
+        const std::string side = std::getenv("GEMM_SIDE") ? std::getenv("GEMM_SIDE") : "";
+        const auto [tv, cv] = TimeIt([&] { if (side != "loop") ApproxGemmCpu(q, pf); }, reps);
         const auto [tl, cl] = TimeIt([&] {
+          if (side == "one") return;
           for (int64_t d = 0; d < nd; ++d) {
             GemmProblem r = q;
             r.designs = 1;
