@@ -33,7 +33,8 @@ it would exceed ``chunk_limit_bytes()`` (8 MiB on CPU, 256 MiB on GPU;
 override with ``PATCH_CHUNK_BYTES``) the batch is processed in chunks with
 ``lax.map`` over a ``jax.checkpoint``-ed body, so at most one chunk's patches
 (and its backward temporaries) are alive at a time and the saved residuals are
-just the input chunks.
+just the input chunks. Under ``vmap`` with a per-design input (a design sweep)
+the designs run in groups that fit the same budget (:func:`_designs_in_groups`).
 """
 
 from __future__ import annotations
