@@ -306,8 +306,7 @@ def _designs_per_call(designs: int, per_design_bytes: int, budget: int) -> int:
     """How many of ``designs`` vmapped designs one patch matrix may hold.
 
     The largest divisor of ``designs`` whose patch matrices together stay
-    within ``budget`` (at least 1), so groups are equal and none
-    is padded.
+    within ``budget`` (at least 1), so the groups are equal and none is padded.
     """
     fit = max(1, budget // max(per_design_bytes, 1))
     return max(d for d in range(1, min(designs, fit) + 1) if designs % d == 0)
