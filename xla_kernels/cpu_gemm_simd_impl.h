@@ -527,8 +527,7 @@ void RunTask(void* arg, int64_t task) {
       const int kb = static_cast<int>(MinI(KB, K - k0));
       // Design-independent work once per shared operand: b statistics, the a
       // pack (once per width); the acceptance of each (design, panel) pair.
-      bool packed = false, have_stats = false;
-      int64_t first_ok = -1;  // the design whose acceptance the others copy
+      int64_t first = -1;  // the pass's first design: it packs a, the others copy
       for (int64_t dd = 0; dd < nd; ++dd) {
         if (!in_pass(dd)) continue;
         const int mb = bits_of(dd);
@@ -537,12 +536,11 @@ void RunTask(void* arg, int64_t task) {
         int32_t* lo = st;
         int32_t* hi = st + kstride;
         int32_t* ok0 = st + 2 * kstride;
-        if (!have_stats || !share_b) BStats(b_of(dd), ldb, k0, kb, c0, c1, lo, hi, ok0);
-        have_stats = true;
+        if (first < 0 || !share_b) BStats(b_of(dd), ldb, k0, kb, c0, c1, lo, hi, ok0);
         char* okd = panel_ok + dd * npanels;
-        if (share_a && packed) {
+        if (share_a && first >= 0) {
           if (share_b) {
-            const char* ok_first = panel_ok + first_ok * npanels;
+            const char* ok_first = panel_ok + first * npanels;
             for (int64_t pi = 0; pi < npanels; ++pi) okd[pi] = ok_first[pi];
           } else {
             for (int64_t pi = 0; pi < npanels; ++pi) {
@@ -554,8 +552,7 @@ void RunTask(void* arg, int64_t task) {
           continue;
         }
         int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
-        packed = true;
-        first_ok = dd;
+        first = dd;
         for (int64_t pi = 0; pi < npanels; ++pi) {
           const int64_t i0 = r0 + pi * mr;
           const int rows = static_cast<int>(MinI(mr, r1 - i0));
