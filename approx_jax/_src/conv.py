@@ -295,11 +295,10 @@ def _conv_core(xg, w4, klut, mbits, backward, geometry, budget):
     return _conv_core_fwd(xg, w4, klut, mbits, backward, geometry, budget)[0]
 
 
-def _patch_bytes(xg_shape, geometry) -> int:
-    """Bytes of the float32 patch matrix of one design's ``[G, N, *S, Cg]`` input."""
+def _patch_bytes(samples: int, channels: int, geometry) -> int:
+    """Bytes of the float32 patch matrix of ``samples`` inputs of ``channels`` channels."""
     window, out_spatial = geometry[0], geometry[-1]
-    g, n, cg = xg_shape[0], xg_shape[1], xg_shape[-1]
-    return 4 * g * n * math.prod(out_spatial) * math.prod(window) * cg
+    return 4 * samples * math.prod(out_spatial) * math.prod(window) * channels
 
 
 def _designs_per_call(designs: int, per_design_bytes: int, budget: int) -> int:
@@ -338,13 +337,14 @@ def _designs_in_groups(fn, geometry, budget):
         args = (xg, *rest)
         in_axes = tuple(0 if b else None for b in in_batched)
         group = axis_size
-        if in_batched[0]:
-            group = _designs_per_call(axis_size, _patch_bytes(xg.shape[1:], geometry), budget)
+        if in_batched[0]:  # xg: [D, G, N, *S, Cg]
+            per_design = _patch_bytes(xg.shape[2], xg.shape[1] * xg.shape[-1], geometry)
+            group = _designs_per_call(axis_size, per_design, budget)
         if group == axis_size:
             out = jax.vmap(fn, in_axes=in_axes)(*args)
         else:
             stacked = [
-                a.reshape((axis_size // group, group) + a.shape[1:]) if group > 1 else a
+                a.reshape((axis_size // group, group) + a.shape[1:])
                 for a, b in zip(args, in_batched, strict=True)
                 if b
             ]
@@ -352,11 +352,10 @@ def _designs_in_groups(fn, geometry, budget):
             def one_group(items):
                 it = iter(items)
                 full = [next(it) if b else a for a, b in zip(args, in_batched, strict=True)]
-                return jax.vmap(fn, in_axes=in_axes)(*full) if group > 1 else fn(*full)
+                return jax.vmap(fn, in_axes=in_axes)(*full)
 
             out = lax.map(one_group, stacked)
-            if group > 1:
-                out = jax.tree_util.tree_map(lambda o: o.reshape((axis_size,) + o.shape[2:]), out)
+            out = jax.tree_util.tree_map(lambda o: o.reshape((axis_size,) + o.shape[2:]), out)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return wrapped
@@ -662,9 +661,9 @@ def approx_conv(
         zeros = jnp.zeros(out_canon_shape, out_dtype)
         return _from_channels_last(zeros, out_spec)
 
-    per_sample = 4 * math.prod(out_spatial) * math.prod(window) * c_in
+    geometry = (window, strides, pads, lhs_dil, rhs_dil, out_spatial)
     budget = chunk_limit_bytes()
-    chunk = _chunk_size(n, per_sample, budget)
+    chunk = _chunk_size(n, _patch_bytes(1, c_in, geometry), budget)
     return _lowered(
         lhs,
         rhs,
@@ -673,7 +672,7 @@ def approx_conv(
         backward=backward,
         perms=(lhs_perm, rhs_perm, out_spec),
         groups=groups,
-        geometry=(window, strides, pads, lhs_dil, rhs_dil, out_spatial),
+        geometry=geometry,
         chunk=chunk,
         budget=budget,
         out_dtype=jnp.dtype(out_dtype),
