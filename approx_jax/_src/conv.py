@@ -161,6 +161,33 @@ def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation,
     return pairs
 
 
+def _crop_negative_padding(lhs, lhs_perm, pads, lhs_dilation):
+    """Applies negative padding (and that dimension's input dilation) with ``lax.pad``.
+
+    XLA:CPU's native convolution gives wrong values for negative low padding
+    (openxla/xla#48713), so the exact multiplier's ``lax.conv_general_dilated``
+    gets only the non-negative part. ``lax.pad`` dilates before it pads, as the
+    convolution does, so the cropped input is the same operand.
+
+    Returns:
+      ``(lhs, pads, lhs_dilation)`` for ``lax.conv_general_dilated``.
+    """
+    if all(lo >= 0 and hi >= 0 for lo, hi in pads):
+        return lhs, pads, lhs_dilation
+    config = [(0, 0, 0)] * lhs.ndim
+    new_pads, new_dil = [], []
+    for axis, (lo, hi), dil in zip(lhs_perm[2:], pads, lhs_dilation, strict=True):
+        if lo >= 0 and hi >= 0:
+            new_pads.append((lo, hi))
+            new_dil.append(dil)
+            continue
+        config[axis] = (min(lo, 0), min(hi, 0), dil - 1)
+        new_pads.append((max(lo, 0), max(hi, 0)))
+        new_dil.append(1)
+    cropped = lax.pad(lhs, jnp.zeros((), lhs.dtype), config)
+    return cropped, tuple(new_pads), tuple(new_dil)
+
+
 # --------------------------------------------------------------------------
 # Lowering.
 
@@ -609,6 +636,7 @@ def approx_conv(
     )
 
     if m.is_exact:
+        lhs, pads, lhs_dil = _crop_negative_padding(lhs, lhs_perm, pads, lhs_dil)
         return lax.conv_general_dilated(
             lhs,
             rhs,
