@@ -391,6 +391,31 @@ def test_dtype_and_preferred_element_type():
             "batch_group",
         ),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"backward": "fast"}, ValueError, "backward"),
+        # A plain int is checked like a tuple (it used to skip the >= 1 check).
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"window_strides": 0}, ValueError, "window_strides"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"window_strides": -1}, ValueError, "window_strides"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"rhs_dilation": 0}, ValueError, "rhs_dilation"),
+        (
+            ((1, 5, 5, 2), (3, 3, 2, 4)),
+            {"lhs_dilation": -1, "padding": ((0, 0), (0, 0))},
+            ValueError,
+            "lhs_dilation",
+        ),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"window_strides": True}, TypeError, "window_strides"),
+        (((1, 4, 4, 2), (3, 3, 2, 4)), {"padding": ((-3, -3), (0, 0))}, ValueError, "negative"),
+        (((1, 6, 6, 2), (0, 3, 2, 4)), {"padding": "SAME"}, ValueError, "kernel spatial"),
+        (
+            ((1, 5, 5, 2), (3, 3, 2, 4)),
+            {"preferred_element_type": np.int32},
+            TypeError,
+            "preferred_element_type",
+        ),
+        (
+            ((1, 5, 5, 2), (3, 3, 2, 4)),
+            {"preferred_element_type": np.float16},
+            TypeError,
+            "preferred_element_type",
+        ),
     ],
 )
 def test_validation_errors(args, kwargs, exc, match):
@@ -398,6 +423,12 @@ def test_validation_errors(args, kwargs, exc, match):
     w = np.ones(args[1], np.float32)
     with pytest.raises(exc, match=match):
         approx_conv(x, w, "mbm7", **kwargs)
+
+
+def test_vmap_over_an_empty_design_axis():
+    w = _data((3, 3, 1, 2), 7)
+    fn = jax.vmap(lambda x: approx_conv(x[None], w, "mbm7", padding="SAME"))
+    assert fn(jnp.ones((0, 5, 5, 1))).shape == (0, 1, 5, 5, 2)
 
 
 def test_non_float_inputs_raise_type_error():

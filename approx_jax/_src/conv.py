@@ -89,8 +89,10 @@ def _default_dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
 def _as_int_tuple(name: str, value, nd: int, default: int = 1) -> tuple[int, ...]:
     if value is None:
         return (default,) * nd
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
     if isinstance(value, int | np.integer):
-        return (int(value),) * nd
+        value = (int(value),) * nd
     try:
         items = tuple(value)
     except TypeError as err:
@@ -334,6 +336,8 @@ def _designs_per_call(designs: int, per_design_bytes: int, budget: int) -> int:
     The largest divisor of ``designs`` whose patch matrices together stay
     within ``budget`` (at least 1), so the groups are equal and none is padded.
     """
+    if designs <= 1:
+        return designs  # vmap over an empty or single-design axis: one call
     fit = max(1, budget // max(per_design_bytes, 1))
     return max(d for d in range(1, min(designs, fit) + 1) if designs % d == 0)
 
@@ -628,12 +632,28 @@ def approx_conv(
             f"kernel output-feature dimension ({c_out}) must be divisible by "
             f"feature_group_count ({groups})"
         )
+    if any(k < 1 for k in window):
+        raise ValueError(f"kernel spatial dimensions must be >= 1, got kernel shape {rhs.shape}")
     pads = _explicit_padding(padding, in_spatial, window, strides, lhs_dil, rhs_dil)
-    out_dtype = (
-        jnp.dtype(preferred_element_type)
-        if preferred_element_type is not None
-        else jnp.result_type(lhs.dtype, rhs.dtype)
-    )
+    for size, dil, (lo, hi) in zip(in_spatial, lhs_dil, pads, strict=True):
+        dilated = (size - 1) * dil + 1 if size else 0
+        if dilated + lo + hi < 0:
+            raise ValueError(
+                f"negative padding {tuple(pads)} is larger than the (dilated) input spatial "
+                f"shape {in_spatial}"
+            )
+    promoted = jnp.result_type(lhs.dtype, rhs.dtype)
+    out_dtype = promoted
+    if preferred_element_type is not None:
+        out_dtype = jnp.dtype(preferred_element_type)
+        # As lax.conv_general_dilated: a float output no narrower than the inputs.
+        if not jnp.issubdtype(out_dtype, jnp.floating) or jnp.finfo(out_dtype).bits < (
+            jnp.finfo(promoted).bits
+        ):
+            raise TypeError(
+                f"preferred_element_type must be a floating dtype at least as wide as the "
+                f"inputs ({promoted}), got {out_dtype}"
+            )
 
     if m.is_exact:
         lhs, pads, lhs_dil = _crop_negative_padding(lhs, lhs_perm, pads, lhs_dil)
