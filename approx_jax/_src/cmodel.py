@@ -3,8 +3,10 @@
 A functional model is a function ``float NAME(float a, float b)`` in a C or C++
 source file (or string). :func:`build_products` compiles it together with a
 generated wrapper, ``approx_jax_build_lut(float *out, int M)``, that evaluates
-the model on every mantissa pair ``(i, j)`` in one C loop, loads the shared
-library with :mod:`ctypes` and returns the products. Compiled libraries and
+the model on every mantissa pair ``(i, j)`` in one C loop, and runs that loop
+in a child Python process (:mod:`ctypes`), so a model that crashes, calls
+``exit`` or never returns raises :class:`CModelError` instead of taking the
+caller's process down. Compiled libraries and
 products are cached on disk under ``$APPROX_JAX_CACHE`` (default
 ``~/.cache/approx_jax``), keyed by a SHA-256 of the source, function, M,
 flags and compiler, so rebuilding a LUT costs one file read.
@@ -12,13 +14,14 @@ flags and compiler, so rebuilding a LUT costs one file read.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -47,7 +50,56 @@ _WRAPPER_TEMPLATE = """
 
 
 class CModelError(ValueError):
-    """A C/C++ functional model failed to compile or load."""
+    """A C/C++ functional model failed to compile, load or run."""
+
+
+# Seconds a model may take on all 4**M mantissa pairs (an endless loop would
+# otherwise hang the caller); $APPROX_JAX_CMODEL_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 300.0
+
+# Exit status of the evaluation child when the library cannot be loaded (a
+# corrupt cache entry: rebuilt once).
+_LOAD_FAILED = 97
+
+# Runs in a child process: `python -I -c _EVALUATE LIB M OUT` writes the 4**M
+# float32 products to OUT.
+_EVALUATE = f"""
+import ctypes, sys
+try:
+    build = ctypes.CDLL(sys.argv[1]).approx_jax_build_lut
+except (OSError, AttributeError) as e:
+    sys.stderr.write(str(e))
+    sys.exit({_LOAD_FAILED})
+build.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+build.restype = None
+m = int(sys.argv[2])
+out = (ctypes.c_float * (1 << (2 * m)))()
+build(out, m)
+with open(sys.argv[3], "wb") as f:
+    f.write(bytes(out))
+"""
+
+
+def model_timeout() -> float:
+    """Seconds allowed to evaluate a model on every mantissa pair.
+
+    Returns:
+      ``$APPROX_JAX_CMODEL_TIMEOUT`` if set (a positive number), else
+      :data:`DEFAULT_TIMEOUT_S`.
+
+    Raises:
+      ValueError: If the environment variable is not a positive number.
+    """
+    text = os.environ.get("APPROX_JAX_CMODEL_TIMEOUT")
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"APPROX_JAX_CMODEL_TIMEOUT must be a positive number, got {text!r}")
+    return value
 
 
 def cache_dir() -> pathlib.Path:
@@ -209,7 +261,8 @@ def compile_model(
       function: Name of the model function ``float f(float a, float b)``.
       M: Mantissa width, passed to the source as ``-DAPPROX_MBITS=M``.
       compiler: Compiler command; default ``$CC``/``$CXX`` or ``cc``/``c++``.
-      flags: Extra compiler flags (appended after the defaults).
+      flags: Extra compiler flags (appended after the defaults): a sequence of
+        strings, or one string split like a shell command line.
       language: ``"c"`` or ``"c++"``; default from the file extension (C for
         source strings).
       cpp: Shortcut for ``language="c++"`` (``True``) or ``"c"`` (``False``).
@@ -227,7 +280,7 @@ def compile_model(
     compiler_cmd = find_compiler(compiler, cpp=is_cpp)
     if compiler_cmd is None:
         raise CModelError("no C/C++ compiler found: install cc/c++ or set $CC/$CXX")
-    flags = tuple(str(f) for f in flags)
+    flags = _split_flags(flags)
     key = _cache_key(source, function, M, flags, compiler_cmd, is_cpp)
     lib_dir = cache_dir() / "lib"
     lib_dir.mkdir(exist_ok=True)
@@ -278,6 +331,13 @@ def compile_model(
     return lib_path
 
 
+def _split_flags(flags) -> tuple[str, ...]:
+    """Compiler flags as a tuple: a string is split like a shell command line."""
+    if isinstance(flags, str):
+        return tuple(shlex.split(flags))
+    return tuple(str(f) for f in flags)
+
+
 def _check_function_name(function: str) -> None:
     if not isinstance(function, str) or not function.isidentifier():
         raise ValueError(f"function must be a C identifier, got {function!r}")
@@ -309,7 +369,9 @@ def build_products(
       1 + j/2^M)`` at index ``(i << M) | j``.
 
     Raises:
-      CModelError: If compilation or loading fails.
+      CModelError: If compilation or loading fails, or the model crashes,
+        exits or runs longer than :func:`model_timeout` (it runs in a child
+        process, so the caller's process survives).
       ValueError: If ``function`` is not a valid identifier.
     """
     M = lut_lib.check_mbits(M)
@@ -321,19 +383,69 @@ def build_products(
     cached = _load_cached(products_path, (lut_lib.num_entries(M),), np.dtype(np.float32))
     if cached is not None:
         return cached
+    what = f"the functional model {function!r} (M={M})"
     try:
-        library = ctypes.CDLL(str(lib_path))
-        build = library.approx_jax_build_lut
-    except (OSError, AttributeError) as e:
-        raise CModelError(f"could not load compiled functional model {lib_path}: {e}") from e
-    build.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_int]
-    build.restype = None
-    products = np.empty(lut_lib.num_entries(M), dtype=np.float32)
-    build(products.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), M)
+        products = _evaluate(lib_path, M, what)
+    except _LoadError:
+        # A corrupt cache entry (e.g. a truncated write): compile it again once.
+        lib_path.unlink(missing_ok=True)
+        lib_path = compile_model(
+            source_or_path, function, M, compiler=compiler, flags=flags, language=language, cpp=cpp
+        )
+        try:
+            products = _evaluate(lib_path, M, what)
+        except _LoadError as e:
+            raise CModelError(f"could not load compiled functional model {lib_path}: {e}") from e
     buffer = _npy_bytes(products)
     _atomic_write_bytes(products_path, buffer)
     products.setflags(write=False)
     return products
+
+
+class _LoadError(Exception):
+    """The evaluation child could not load the compiled library."""
+
+
+def _evaluate(lib_path: pathlib.Path, M: int, what: str) -> np.ndarray:
+    """Runs the compiled LUT builder in a child process and returns its products.
+
+    Raises:
+      CModelError: If the model crashes, exits, or exceeds :func:`model_timeout`.
+      _LoadError: If the library cannot be loaded.
+    """
+    timeout = model_timeout()
+    n = lut_lib.num_entries(M)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        out_path = pathlib.Path(tmp) / "products.bin"
+        cmd = [sys.executable, "-I", "-c", _EVALUATE, str(lib_path), str(M), str(out_path)]
+        try:
+            result = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise CModelError(
+                f"{what} did not finish within {timeout:g} s on the {n} mantissa pairs (an "
+                "endless loop?); set APPROX_JAX_CMODEL_TIMEOUT to allow longer"
+            ) from e
+        stderr = result.stderr.decode(errors="replace").strip()
+        if result.returncode == _LOAD_FAILED:
+            raise _LoadError(stderr)
+        detail = f":\n{stderr}" if stderr else ""
+        if result.returncode < 0:
+            try:
+                cause = signal.Signals(-result.returncode).name
+            except ValueError:
+                cause = f"signal {-result.returncode}"
+            raise CModelError(
+                f"{what} crashed ({cause}) while evaluating the mantissa pairs{detail}"
+            )
+        if result.returncode != 0:
+            raise CModelError(
+                f"{what} exited with status {result.returncode} while evaluating the "
+                f"mantissa pairs (does it call exit() or throw?){detail}"
+            )
+        data = out_path.read_bytes() if out_path.is_file() else b""
+        if len(data) != 4 * n:
+            raise CModelError(f"{what} returned without writing its {n} products")
+        return np.frombuffer(data, dtype=np.float32).copy()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
