@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import approx_jax
 from approx_jax._src import cmodel, reference
 from approx_jax._src import lut as lut_lib
 from approx_jax._src import multipliers as mm
@@ -252,6 +253,33 @@ def test_from_lut_errors():
         mm.from_lut(np.zeros(16, np.uint8), M=0)
 
 
+@pytest.mark.parametrize("array", [5, None, 1.5], ids=["int", "None", "float"])
+def test_from_lut_rejects_scalars(array):
+    with pytest.raises(TypeError, match=r"array of 4\*\*M LUT entries"):
+        mm.from_lut(array)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "pattern"),
+    [
+        ("abc", "dict or a sequence of .key, value. pairs, got str"),
+        (5, "dict or a sequence of .key, value. pairs, got int"),
+        ([("a", 1), "b"], "got the item 'b'"),
+        ({"a": np.ones(3)}, r"metadata\['a'\] is an unhashable ndarray.*tolist"),
+        ([("a", [1, np.ones(2)])], r"metadata\['a'\]\[1\] is an unhashable"),
+    ],
+    ids=["str", "int", "bad-pair", "array-value", "nested-array"],
+)
+def test_from_lut_rejects_bad_metadata(metadata, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        mm.from_lut(mm.mbm(3).lut, metadata=metadata)
+
+
+def test_from_lut_stack_name_type():
+    with pytest.raises(TypeError, match="name of a stack"):
+        mm.from_lut(np.stack([mm.mbm(2).lut] * 2), name=5)
+
+
 @pytest.mark.parametrize(("file_name", "family", "M"), APPROXTRAIN_FILES)
 def test_from_approxtrain_round_trip(reference_lut_dir, tmp_path, file_name, family, M):
     loaded = mm.from_approxtrain(reference_lut_dir / file_name)
@@ -305,6 +333,28 @@ def test_from_python_rejects_out_of_range():
         mm.from_python(lambda a, b: a - b, 3)
     with pytest.raises(ValueError, match="M"):
         mm.from_python(lambda a, b: a * b, 12)
+
+
+@pytest.mark.parametrize(
+    ("fn", "error", "pattern"),
+    [
+        (lambda a, b: (a * b)[:5], ValueError, r"shape \(64,\).*returned shape \(5,\)"),
+        (lambda a, b: np.stack([a * b] * 2), ValueError, r"returned shape \(2, 64\)"),
+        (lambda a, b: None, TypeError, r"real products.*shape \(64,\).*returned NoneType"),
+        (lambda a, b: a * b + 0.5j, TypeError, "returned ndarray of dtype complex"),
+        (lambda a, b: a > b, TypeError, "dtype bool"),
+    ],
+    ids=["short", "2d", "None", "complex", "bool"],
+)
+def test_from_python_rejects_bad_returns(fn, error, pattern):
+    with pytest.raises(error, match="Python model '.*lambda.*'.*" + pattern):
+        mm.from_python(fn, 3)
+
+
+def test_from_python_constant_and_non_callable():
+    assert np.all(mm.from_python(lambda a, b: 1.5, 2).lut == 1 << 1)  # r = 0.5 * 2**2
+    with pytest.raises(TypeError, match="callable"):
+        mm.from_python("mbm", 3)
 
 
 def test_from_c_file_and_cpp(require_c_compiler, tmp_path):
@@ -469,6 +519,25 @@ def test_stack_errors():
         mm.stack([mm.mbm(7), mm.exact()])
 
 
+@pytest.mark.parametrize("bad", ["mbm7", mm.mbm(3), 42], ids=["str", "Multiplier", "int"])
+def test_stack_rejects_a_single_item(bad):
+    with pytest.raises(TypeError, match="stack takes a sequence of multipliers or names"):
+        mm.stack(bad)
+
+
+def test_stack_sliced_with_tree_map_is_detected():
+    stacked = mm.stack(["mbm3", "mbm5", "mit2"])
+    sliced = jax.tree.map(lambda lut: lut[1:], stacked)
+    assert "names do not match" in repr(sliced)
+    with pytest.raises(ValueError, match=r"2 LUTs but 3 names.*stack\(unstack\(s\)"):
+        mm.unstack(sliced)
+    # The supported way keeps names and widths.
+    assert [m.name for m in mm.unstack(mm.stack(mm.unstack(stacked)[1:]))] == [
+        "mbm5",
+        "mitchell2",
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Pytree behaviour
 # ---------------------------------------------------------------------------
@@ -521,6 +590,66 @@ def test_invalid_direct_construction():
         mm.Multiplier(np.zeros(16, np.uint8), "x", 0)
     with pytest.raises(ValueError, match="exact"):
         mm.Multiplier(None, "x", 7)
+
+
+def _kernel_format(M):
+    return np.asarray(mm.mbm(M).kernel_lut())
+
+
+@pytest.mark.parametrize(
+    ("lut", "M", "error", "pattern"),
+    [
+        (_kernel_format(5), 5, ValueError, "out of range.*kernel-format entries"),
+        (np.full(64, 255, np.uint8), 3, ValueError, "entry .0,. = 255 is out of range"),
+        (np.full(64, -1, np.int32), 3, ValueError, "= -1 is out of range"),
+        (np.full(64, 2**40, np.int64), 3, ValueError, "out of range"),
+        (np.ones(64, np.float32), 3, TypeError, "integer dtype"),
+        (np.zeros(63, np.uint8), 3, ValueError, r"4\*\*M = 64"),
+        (np.zeros((2, 2, 16), np.uint8), 2, ValueError, "shape"),
+        ([0, 1, 2, 3] * 3, 2, ValueError, r"4\*\*M = 16"),
+        (jnp.full(16, 0x90, jnp.uint8), 2, ValueError, "out of range"),
+    ],
+    ids=["kernel", "255", "negative", "2**40", "float", "size", "rank3", "list", "jax"],
+)
+def test_direct_construction_validates_lut(lut, M, error, pattern):
+    with pytest.raises(error, match="invalid lut for Multiplier 'x' with mbits=.*" + pattern):
+        mm.Multiplier(lut, "x", M)
+
+
+def test_direct_construction_checks_stack_names():
+    with pytest.raises(ValueError, match="name has 3 entries for a stack of 2"):
+        mm.Multiplier(np.zeros((2, 16), np.uint8), ("a", "b", "c"), 2)
+
+
+@pytest.mark.parametrize(
+    "lut",
+    [
+        np.asarray(mm.mbm(5).lut, np.int32),
+        jnp.asarray(mm.mbm(5).lut),
+        mm.mbm(5).lut.tolist(),
+    ],
+    ids=["int32", "jax", "list"],
+)
+def test_direct_construction_accepts_valid_luts(lut):
+    m = mm.Multiplier(lut, "x", 5)
+    assert float(approx_jax.multiply(1.5, 1.5, m)) == 2.1875
+    assert len(jax.tree_util.tree_leaves(m)) == 1  # a list is stored as one array
+
+
+def test_direct_construction_under_transformations():
+    """Traced LUTs skip the value check; jit/vmap/grad over ops still work."""
+    lut = mm.mbm(5).lut
+    expected = float(approx_jax.multiply(1.5, 1.5, mm.mbm(5)))
+    traced = jax.jit(lambda lut: approx_jax.multiply(1.5, 1.5, mm.Multiplier(lut, "x", 5)))
+    assert float(traced(jnp.asarray(lut))) == expected
+    # A concrete LUT built inside jit is still validated, at trace time.
+    with pytest.raises(ValueError, match="invalid lut"):
+        jax.jit(lambda x: x * mm.Multiplier(np.full(16, 255, np.uint8), "x", 2).mbits)(1.0)
+    stacked = mm.Multiplier(np.stack([lut, mm.mitchell(5).lut]), ("mbm5", "mitchell5"), 5)
+    per_design = jax.vmap(lambda m: approx_jax.multiply(1.5, 1.5, m))(stacked)
+    assert per_design.shape == (2,) and float(per_design[0]) == expected
+    grad = jax.grad(lambda a, m: approx_jax.multiply(a, 1.5, m))(1.5, mm.Multiplier(lut, "x", 5))
+    assert np.isfinite(float(grad))
 
 
 def test_no_warnings_building_builtins():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import os
 import pathlib
 import re
@@ -48,26 +49,61 @@ _FAMILY_ALIASES = {
 _EXACT_NAMES = ("fp32", "exact", "float32", "native")
 
 
-def _freeze(value):
-    """Makes metadata values hashable (dicts -> sorted pairs, lists -> tuples)."""
+def _freeze(value, where: str = "metadata"):
+    """Makes metadata values hashable (dicts -> sorted pairs, lists -> tuples).
+
+    Raises:
+      TypeError: If a value is unhashable and not a container converted here
+        (e.g. a NumPy array), naming where in the metadata it sits.
+    """
     if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+        return tuple(sorted((str(k), _freeze(v, f"{where}[{k!r}]")) for k, v in value.items()))
     if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
+        return tuple(_freeze(v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, set | frozenset):
-        return tuple(sorted(_freeze(v) for v in value))
+        return tuple(sorted(_freeze(v, where) for v in value))
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    hash(value)  # raises TypeError for anything else unhashable
+    try:
+        hash(value)
+    except TypeError:
+        # Metadata lives in the pytree aux data, which must be hashable; say
+        # which value is at fault rather than surfacing a bare "unhashable type".
+        hint = " (convert arrays with .tolist())" if isinstance(value, np.ndarray) else ""
+        raise TypeError(
+            f"{where} is an unhashable {type(value).__name__}; metadata values must be "
+            f"hashable (str, numbers, tuples) or lists/dicts/sets of them{hint}"
+        ) from None
     return value
 
 
 def _freeze_metadata(metadata) -> tuple:
+    """Normalises metadata (``None``, a mapping, or ``(key, value)`` pairs) to a tuple.
+
+    Raises:
+      TypeError: If ``metadata`` is not one of those forms or holds an
+        unhashable value.
+    """
     if metadata is None:
         return ()
     if isinstance(metadata, Mapping):
         return _freeze(metadata)
-    return tuple((str(k), _freeze(v)) for k, v in metadata)
+    # A str/bytes is iterable but is never a sequence of pairs.
+    if isinstance(metadata, str | bytes) or not isinstance(metadata, Iterable):
+        raise TypeError(
+            "metadata must be a dict or a sequence of (key, value) pairs, got "
+            f"{type(metadata).__name__} {metadata!r:.80}"
+        )
+    frozen = []
+    for item in metadata:
+        if isinstance(item, str | bytes) or not isinstance(item, Sequence) or len(item) != 2:
+            raise TypeError(
+                "metadata must be a dict or a sequence of (key, value) pairs; got the "
+                f"item {item!r:.80} of type {type(item).__name__}"
+            )
+        key, value = item
+        frozen.append((str(key), _freeze(value, f"metadata[{str(key)!r}]")))
+    return tuple(frozen)
 
 
 class _Label:
@@ -98,6 +134,28 @@ class _Label:
         return f"_Label({self.name!r})"
 
 
+def _concrete_lut(lut):
+    """Returns the LUT as an array whose values can be checked, or ``None``.
+
+    Only user code reaches ``Multiplier.__init__`` with a concrete LUT. Under a
+    transformation the LUT is a tracer (``dataclasses.replace`` in
+    ``ops._over_stack``) and ``tree_unflatten`` may pass placeholders (it
+    bypasses ``__init__`` anyway); those, and anything else that is not a
+    NumPy/JAX array or a list/scalar of numbers, are left to
+    ``ops.kernel_lut_of``, which checks shape and dtype at trace time.
+    """
+    if lut is None or isinstance(lut, jax.core.Tracer):
+        return None
+    if isinstance(lut, np.ndarray):
+        return lut
+    if isinstance(lut, jax.Array):
+        # A sharded array not fully on this host cannot be read back to check.
+        return lut if lut.is_fully_addressable else None
+    if isinstance(lut, list | tuple | numbers.Number):
+        return np.asarray(lut)
+    return None
+
+
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Multiplier:
@@ -118,6 +176,32 @@ class Multiplier:
     metadata: tuple = ()
 
     def __post_init__(self):
+        self._normalise()
+        lut = _concrete_lut(self.lut)
+        if lut is not None:
+            stored = self._check_lut(lut)
+            if lut is not self.lut:
+                # A list leaf would flatten to one pytree leaf per entry.
+                object.__setattr__(self, "lut", _readonly(stored))
+
+    @classmethod
+    def _trusted(cls, lut, name, mbits: int, metadata=()) -> Multiplier:
+        """Builds a Multiplier whose LUT a library constructor already validated.
+
+        Skips :meth:`_check_lut`, which reads every entry: ``get("mbm11")``
+        runs on every op call given a name, and its LUT is validated once when
+        built.
+        """
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "lut", lut)
+        object.__setattr__(obj, "name", name)
+        object.__setattr__(obj, "mbits", mbits)
+        object.__setattr__(obj, "metadata", metadata)
+        obj._normalise()
+        return obj
+
+    def _normalise(self):
+        """Checks ``mbits`` against the LUT's presence; freezes name and metadata."""
         if self.lut is None:
             if self.mbits != EXACT_MBITS:
                 raise ValueError(
@@ -129,6 +213,47 @@ class Multiplier:
         object.__setattr__(self, "metadata", _freeze_metadata(self.metadata))
         if isinstance(self.name, list):
             object.__setattr__(self, "name", tuple(self.name))
+
+    def _check_lut(self, lut) -> np.ndarray:
+        """Validates a concrete LUT as :func:`from_lut` does (SPEC section 3).
+
+        Returns:
+          The LUT as a NumPy array of the stored dtype.
+
+        Raises:
+          TypeError: If the LUT does not have an integer dtype.
+          ValueError: If its shape or an entry does not fit width ``mbits``, or
+            a stack's names do not match its designs.
+        """
+        M = self.mbits
+        try:
+            stored = lut_lib.validate_lut(lut, M)
+        except (TypeError, ValueError) as error:
+            hint = ""
+            words = np.asarray(lut)
+            if (
+                isinstance(error, ValueError)
+                and np.issubdtype(words.dtype, np.integer)
+                and words.size
+                and words.min() >= 0
+                and 1 << (23 - M) <= words.max() < 1 << 24
+                and not np.any(words & ((1 << (23 - M)) - 1))
+            ):
+                # Entries (c << 23) | (r << (23 - M)) are kernel_lut() output, a
+                # likely mix-up since both are "the LUT" of a Multiplier.
+                hint = (
+                    "; these look like kernel-format entries (Multiplier.kernel_lut()): "
+                    "pass the stored-format Multiplier.lut instead"
+                )
+            raise type(error)(
+                f"invalid lut for Multiplier {self.name!r} with mbits={M}: {error}{hint}"
+            ) from None
+        if isinstance(self.name, tuple) and lut.ndim == 2 and len(self.name) != lut.shape[0]:
+            raise ValueError(
+                f"name has {len(self.name)} entries for a stack of {lut.shape[0]} LUTs: "
+                f"{self.name!r}"
+            )
+        return stored
 
     # -- pytree protocol ----------------------------------------------------
     def tree_flatten(self):
@@ -190,7 +315,9 @@ class Multiplier:
             return "Multiplier(fp32, exact)"
         if self.is_stack:
             shown = ", ".join(self.names[:4]) + (", ..." if len(self.names) > 4 else "")
-            return f"Multiplier(stack of {self.num_designs}: [{shown}], M={self.mbits})"
+            # repr must not raise; flag a stack whose names no longer match its LUTs.
+            bad = " (names do not match the LUTs)" if _stack_mismatch(self) else ""
+            return f"Multiplier(stack of {self.num_designs}{bad}: [{shown}], M={self.mbits})"
         return f"Multiplier({self.name}, M={self.mbits})"
 
 
@@ -238,7 +365,7 @@ def _builtin_lut(family: str, M: int) -> np.ndarray:
 def _builtin(family: str, M) -> Multiplier:
     M = lut_lib.check_mbits(M)
     metadata = (("family", family), ("source", "builtin"))
-    return Multiplier(_builtin_lut(family, M), f"{family}{M}", M, metadata)
+    return Multiplier._trusted(_builtin_lut(family, M), f"{family}{M}", M, metadata)
 
 
 def truncate(M: int) -> Multiplier:
@@ -315,10 +442,18 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
       A Multiplier holding a NumPy LUT.
 
     Raises:
-      TypeError: If the dtype is neither integer nor floating.
+      TypeError: If ``array`` is not an array of integers or floats, ``name``
+        is not a str (or names for a stack), or ``metadata`` is not a dict or
+        ``(key, value)`` pairs of hashable values.
       ValueError: If the size does not match ``4**M`` or entries are out of range.
     """
     arr = np.asarray(array)
+    if arr.ndim == 0:
+        # A scalar would otherwise be reported as "a LUT of 0 entries".
+        raise TypeError(
+            f"from_lut expects an array of 4**M LUT entries, got {type(array).__name__} "
+            f"{array!r:.80}"
+        )
     if np.issubdtype(arr.dtype, np.floating):
         if M is None:
             M = _infer_mbits(arr.size, "product array")
@@ -333,7 +468,7 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(
                 f"from_lut expects integer (stored-format) or float (product) entries, "
-                f"got dtype {arr.dtype}"
+                f"got {type(array).__name__} of dtype {arr.dtype}"
             )
         if M is None:
             M = _infer_mbits(arr.shape[-1] if arr.ndim else 0, "LUT")
@@ -341,12 +476,14 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
     if stored.ndim == 2:
         if isinstance(name, str):
             name = tuple(f"{name}[{d}]" for d in range(stored.shape[0]))
+        if not isinstance(name, Sequence) or not all(isinstance(n, str) for n in name):
+            raise TypeError(f"name of a stack must be a str or a sequence of str, got {name!r:.80}")
         name = tuple(name)
         if len(name) != stored.shape[0]:
             raise ValueError(f"got {len(name)} names for a stack of {stored.shape[0]} LUTs")
     elif not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    return Multiplier(
+    return Multiplier._trusted(
         _readonly(stored), name, int(M), (("source", "lut"), *_freeze_metadata(metadata))
     )
 
@@ -387,7 +524,7 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
         )
     stored = lut_lib.validate_lut(data, M)
     metadata = (("source", "approxtrain"), ("path", str(path)))
-    return Multiplier(_readonly(stored), path.stem, M, metadata)
+    return Multiplier._trusted(_readonly(stored), path.stem, M, metadata)
 
 
 def to_approxtrain(multiplier: Multiplier, path) -> pathlib.Path:
@@ -419,8 +556,9 @@ def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
 
     Args:
       fn: ``fn(a, b) -> p``, vectorised over float32 NumPy arrays of mantissas
-        ``a = 1 + i/2^M``, ``b = 1 + j/2^M``; must return products in
-        ``[1, 4)`` (cast to float32, as a C model's ``float`` return value).
+        ``a = 1 + i/2^M``, ``b = 1 + j/2^M`` (shape ``[4**M]``); must return
+        real products in ``[1, 4)``, shape ``[4**M]`` (or a scalar, for a
+        constant model), cast to float32 as a C model's ``float`` return value.
       M: Mantissa width, 1..11.
       name: Design name (default: the function's name).
 
@@ -428,14 +566,35 @@ def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
       Multiplier with a NumPy LUT.
 
     Raises:
-      ValueError: If ``M`` is invalid or a product is not finite / not in
-        ``[1, 4)``.
+      TypeError: If ``fn`` is not callable or returns something other than
+        real numbers (``None``, complex, strings...).
+      ValueError: If ``M`` is invalid, the result's shape is not ``(4**M,)``,
+        or a product is not finite / not in ``[1, 4)``.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable fn(a, b) -> p, got {type(fn).__name__}")
     M = lut_lib.check_mbits(M)
-    stored = reference.lut_from_function(fn, M)
     fn_name = getattr(fn, "__name__", "python_model")
-    metadata = (("source", "python"), ("function", getattr(fn, "__qualname__", fn_name)))
-    return Multiplier(_readonly(stored), name or fn_name, M, metadata)
+    qualname = getattr(fn, "__qualname__", fn_name)
+    what = f"Python model {qualname!r}"
+    a, b = reference.mantissa_grid(M)
+    products = fn(a, b)
+    p = np.asarray(products)
+    # Checked here, before any cast: np.asarray(None) is an object array that
+    # float32 turns into NaN, and a complex one silently loses its imaginary part.
+    if p.dtype == np.bool_ or p.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{what} must return real products, an array of shape ({a.size},) (4**M for "
+            f"M={M}); it returned {type(products).__name__} of dtype {p.dtype}"
+        )
+    if p.shape not in ((), (1,), a.shape):
+        raise ValueError(
+            f"{what} must return one product per (a, b) pair, shape ({a.size},) (4**M for "
+            f"M={M}); it returned shape {p.shape}"
+        )
+    stored = lut_lib.encode_products(np.broadcast_to(p, a.shape), M, what=what)
+    metadata = (("source", "python"), ("function", qualname))
+    return Multiplier._trusted(_readonly(stored), name or fn_name, M, metadata)
 
 
 def from_c(
@@ -462,7 +621,8 @@ def from_c(
       M: Mantissa width, 1..11.
       name: Design name (default: ``function``).
       compiler: Compiler command (default ``$CC``/``$CXX`` or ``cc``/``c++``).
-      flags: Extra compiler flags.
+      flags: Extra compiler flags: a sequence of strings, or one string split
+        like a shell command line.
       language: ``"c"`` or ``"c++"`` (default: from the file extension; C for
         source strings).
       cpp: Shortcut for ``language``.
@@ -471,7 +631,9 @@ def from_c(
       Multiplier with a NumPy LUT.
 
     Raises:
-      CModelError: If compilation fails (message includes compiler output).
+      CModelError: If compilation fails (message includes compiler output),
+        or the model crashes, exits or times out while the LUT is built (it
+        runs in a child process).
       ValueError: If ``M`` is invalid, the function is missing, or a product is
         not in ``[1, 4)``.
     """
@@ -481,14 +643,14 @@ def from_c(
         function,
         M,
         compiler=compiler,
-        flags=tuple(flags),
+        flags=flags if isinstance(flags, str) else tuple(flags),
         language=language,
         cpp=cpp,
     )
     path = cmodel.source_path(source_or_path)
     origin = str(path) if path is not None else "<source>"
     metadata = (("source", "c"), ("path", origin), ("function", function))
-    return Multiplier(_readonly(stored), name or function, M, metadata)
+    return Multiplier._trusted(_readonly(stored), name or function, M, metadata)
 
 
 # ---------------------------------------------------------------------------
@@ -571,8 +733,18 @@ def stack(multipliers: Iterable) -> Multiplier:
       The stacked Multiplier; ``unstack`` restores the original widths.
 
     Raises:
+      TypeError: If ``multipliers`` is a single name or Multiplier rather than
+        a sequence of them.
       ValueError: If the list is empty or contains the exact multiplier.
     """
+    # A str is iterable: stack("mbm7") would resolve "m", "b", ... one by one.
+    if isinstance(multipliers, str | os.PathLike | Multiplier) or not isinstance(
+        multipliers, Iterable
+    ):
+        raise TypeError(
+            "stack takes a sequence of multipliers or names, e.g. stack(['mbm7', "
+            f"'mitchell7']); got a single {type(multipliers).__name__} {multipliers!r:.80}"
+        )
     members: list[Multiplier] = []
     for item in multipliers:
         m = get(item)
@@ -591,7 +763,8 @@ def stack(multipliers: Iterable) -> Multiplier:
         ("stack_mbits", tuple(m.mbits for m in members)),
         ("stack_metadata", tuple(m.metadata for m in members)),
     )
-    return Multiplier(_readonly(np.stack(luts)), names, M, metadata)
+    # Members were validated when built; expand_lut re-encodes every entry.
+    return Multiplier._trusted(_readonly(np.stack(luts)), names, M, metadata)
 
 
 def unstack(stacked: Multiplier) -> list[Multiplier]:
@@ -602,13 +775,25 @@ def unstack(stacked: Multiplier) -> list[Multiplier]:
 
     Returns:
       List of single-design Multipliers.
+
+    Raises:
+      ValueError: If the stack's names or per-design metadata do not match its
+        number of LUTs (e.g. a stack sliced with ``jax.tree.map``).
     """
     if not stacked.is_stack:
         return [stacked]
+    mismatch = _stack_mismatch(stacked)
+    if mismatch:
+        raise ValueError(
+            f"cannot unstack: {mismatch}. The names and per-design widths are static "
+            "pytree data that jax.tree.map does not slice; select designs with "
+            "stack(unstack(s)[i:j]) instead of slicing the LUT"
+        )
     info = stacked.info
     D = stacked.num_designs
     widths = info.get("stack_mbits", (stacked.mbits,) * D)
     member_metadata = info.get("stack_metadata", ((),) * D)
+    # A hand-built stack may carry one str name for all its designs.
     names = stacked.names if len(stacked.names) == D else tuple(f"design{d}" for d in range(D))
     luts = np.asarray(stacked.lut)
     result = []
@@ -618,3 +803,19 @@ def unstack(stacked: Multiplier) -> list[Multiplier]:
             lut_d = lut_lib.shrink_lut(lut_d, stacked.mbits, widths[d])
         result.append(Multiplier(_readonly(lut_d), names[d], widths[d], member_metadata[d]))
     return result
+
+
+def _stack_mismatch(stacked: Multiplier) -> str:
+    """Describes how a stack's static data disagrees with its LUT ("" if it agrees).
+
+    Slicing a stack's LUT leaf (``jax.tree.map(lambda l: l[1:], s)``) keeps
+    the aux data of all the original designs.
+    """
+    D = stacked.num_designs
+    if isinstance(stacked.name, tuple) and len(stacked.name) != D:
+        return f"it has {D} LUTs but {len(stacked.name)} names {stacked.name!r}"
+    info = stacked.info
+    for key in ("stack_mbits", "stack_metadata"):
+        if key in info and len(info[key]) != D:
+            return f"it has {D} LUTs but {key} for {len(info[key])} designs"
+    return ""
