@@ -123,3 +123,17 @@ def test_plot_heatmaps(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no heat maps"):
         ch.plot_heatmaps([ch.characterize("fp32")], tmp_path / "none.png")
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    # A str is iterable: it used to be characterised letter by letter.
+    with pytest.raises(TypeError, match="iterable of Multipliers or names"):
+        ch.characterize_table("mbm3")
+    with pytest.raises(TypeError, match="single Multiplier"):
+        ch.characterize_table(mm.mbm(3))
+    with pytest.raises(ValueError, match=r"pair \(a, b\)"):
+        ch.characterize("mbm3", samples=(np.ones(3, np.float32),))
+    result = ch.characterize("mbm3")
+    for columns in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="columns must be a positive int"):
+            ch.plot_heatmaps(result, tmp_path / "heat.png", columns=columns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from approx_jax._src import cli
@@ -143,3 +144,64 @@ def test_errors_are_reported(tmp_path, capsys):
     rc = cli.main(["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path), *FAST])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--limit", "0"], "argument --limit: expected a positive integer"),
+        (["train", "--limit", "-3995"], "argument --limit: expected a positive integer"),
+        (["train", "--epochs", "0"], "argument --epochs: expected a positive integer"),
+        (["sweep", "--epochs", "-3"], "argument --epochs: expected a positive integer"),
+        (["train", "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["train", "--lr", "nan"], "argument --lr: expected a finite positive number"),
+        (["sweep", "--lr", "-0.001"], "argument --lr: expected a finite positive number"),
+        (["train", "--split-seed", "-1"], "argument --split-seed: expected a non-negative"),
+        (["characterize", "mbm3", "--samples", "-5"], "argument --samples: expected a non-neg"),
+    ],
+)
+def test_bad_numbers_are_usage_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def _fake_idx_dir(root, train_labels, n_test=4):
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    n = len(train_labels)
+    data_lib.write_idx(root / "train-images-idx3-ubyte", np.zeros((n, 28, 28), np.uint8))
+    data_lib.write_idx(root / "train-labels-idx1-ubyte", np.asarray(train_labels))
+    data_lib.write_idx(root / "t10k-images-idx3-ubyte", np.zeros((n_test, 28, 28), np.uint8))
+    data_lib.write_idx(
+        root / "t10k-labels-idx1-ubyte", rng.integers(0, 10, n_test).astype(np.uint8)
+    )
+    return root
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    def error_of(argv):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err  # one line, no traceback
+        return err
+
+    labels = np.full(16, 3, np.uint8)
+    labels[5] = 12  # used to train with loss NaN and exit 0
+    bad = _fake_idx_dir(tmp_path / "big", labels)
+    out = ["--out", str(tmp_path / "run"), *FAST]
+    assert "label 12 is out of range" in error_of(["train", "--data-dir", str(bad), *out])
+    neg = _fake_idx_dir(tmp_path / "neg", np.array([3] * 15 + [-1], np.int8))
+    assert "label -1 is out of range" in error_of(["train", "--data-dir", str(neg), *out])
+    empty = _fake_idx_dir(tmp_path / "empty", np.full(16, 3, np.uint8), n_test=0)
+    assert "test split has no examples" in error_of(["train", "--data-dir", str(empty), *out])
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert "exists and is not a directory" in error_of(
+        ["characterize", "mbm3", "--out", str(afile)]
+    )
+    lut_dir = tmp_path / "D_3.bin"
+    lut_dir.mkdir()
+    # An IsADirectoryError traceback before; now "...D_3.bin: Is a directory".
+    assert "D_3.bin" in error_of(["characterize", str(lut_dir), "--out", str(tmp_path / "c")])

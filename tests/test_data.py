@@ -117,6 +117,45 @@ def test_load_mnist_from_idx_dir(tmp_path, gz_train, gz_test):
     np.testing.assert_array_equal(y_test, arrays["t10k-labels-idx1-ubyte"])
 
 
+@pytest.mark.parametrize(
+    "labels,dtype,match",
+    [
+        ([3, 10, 1], np.uint8, "label 10 is out of range"),
+        ([3, 255, 1], np.uint8, "label 255 is out of range"),
+        ([3, -1, 1], np.int8, "label -1 is out of range"),
+        ([3.0, 1.5, 1.0], np.float32, "labels must be integers"),
+    ],
+)
+def test_idx_labels_out_of_range_are_rejected(tmp_path, labels, dtype, match):
+    # Labels >= 10 trained to NaN and negative ones silently; both now fail at load.
+    _write_fake_mnist(tmp_path, n_train=3, gz_train=False)
+    data_lib.write_idx(tmp_path / "train-labels-idx1-ubyte", np.array(labels, dtype))
+    with pytest.raises(ValueError, match=match):
+        data_lib.load_mnist(tmp_path)
+
+
+def test_idx_empty_split_is_rejected(tmp_path):
+    _write_fake_mnist(tmp_path, n_test=0)
+    with pytest.raises(ValueError, match="test split has no examples"):
+        data_lib.load_mnist(tmp_path)
+
+
+def test_mnist_5k_labels_are_checked(tmp_path):
+    row = ",".join(["0"] * 784 + ["10"])
+    path = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(row + "\n" + row + "\n")
+    with pytest.raises(ValueError, match="label 10 is out of range"):
+        data_lib._read_mnist_5k(path)
+
+
+def test_split_seed_is_checked_by_name():
+    with pytest.raises(ValueError, match="split_seed must be non-negative"):
+        data_lib.load_mnist(split_seed=-1)
+    with pytest.raises(TypeError, match="split_seed must be an int"):
+        data_lib.load_mnist(split_seed=1.5)
+
+
 def test_env_var_selects_idx_dir(tmp_path, monkeypatch):
     _write_fake_mnist(tmp_path)
     monkeypatch.setenv(data_lib.ENV_DATA_DIR, str(tmp_path))

@@ -227,3 +227,13 @@ def test_max_pool_equals_flax_values_and_gradient(shape):
     got = jax.vmap(lambda x: jax.vjp(ours, x)[1](ct)[0])(xs)
     want = jax.vmap(lambda x: jax.vjp(flax, x)[1](ct)[0])(xs)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "resnet8", "vit_tiny"])
+@pytest.mark.parametrize("mult", ["fp32", "mbm7"])
+def test_empty_batch_gives_empty_logits(name, mult):
+    # reshape(0, -1) cannot infer -1 (it divided by the batch size).
+    model = models.create(name)
+    params = model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
+    logits = model.apply(params, jnp.ones((0, *model.input_shape)), mult)
+    assert logits.shape == (0, 10)

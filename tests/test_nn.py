@@ -75,6 +75,20 @@ def test_dot_general_hook_fp32_is_lax_and_preferred_type():
     assert out.dtype == jnp.float32
 
 
+def test_approx_dot_general_accepts_int_axes():
+    # lax.dot_general takes a bare int for a single contracting/batch axis.
+    lhs, rhs = _x((3, 4), 1), _x((4, 2), 2)
+    got = ann.approx_dot_general(lhs, rhs, ((1, 0), ((), ())), "mbm7")
+    want = ann.approx_dot_general(lhs, rhs, (((1,), (0,)), ((), ())), "mbm7")
+    assert got.shape == jax.lax.dot_general(lhs, rhs, ((1, 0), ((), ()))).shape
+    np.testing.assert_array_equal(got, want)
+    a, b = _x((2, 3, 4), 3), _x((2, 4, 5), 4)
+    got = ann.approx_dot_general(a, b, ((2, 1), (0, 0)), "mbm7")
+    np.testing.assert_array_equal(
+        got, ann.approx_dot_general(a, b, (((2,), (1,)), ((0,), (0,))), "mbm7")
+    )
+
+
 def test_conv_hook_none_dimension_numbers_means_lax_nchw():
     x = _x((2, 3, 6, 6), 1)  # NCHW
     w = _x((4, 3, 3, 3), 2)  # OIHW

@@ -378,6 +378,15 @@ def test_parallel_helpers():
     assert all(e is not None for e in r["errs"]), r["errs"]
 
 
+def test_data_parallel_mesh_rejects_non_int():
+    from approx_jax._src import parallel
+
+    # int(2.7) used to build a 2-device mesh silently.
+    for bad in (2.7, "2", True):
+        with pytest.raises(TypeError, match="num_devices must be an int"):
+            parallel.data_parallel_mesh(bad)
+
+
 def test_data_parallel_example_matches_single_device():
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")

@@ -85,3 +85,38 @@ def test_accuracy_pads_last_chunk():
 
     assert train_lib.accuracy(predict, None, None, x, y, batch_size=3) == 1.0
     assert calls == [(3,), (3,), (3,)]
+
+
+def test_bad_arguments_are_clear_errors():
+    from approx_jax._src import sweep as sweep_lib
+
+    x = np.zeros((8, 28, 28, 1), np.float32)
+    y = np.zeros(8, np.int32)
+    data = (x, y, x, y)
+    bad = [
+        (dict(batch_size=0), ValueError, "batch_size must be at least 1"),
+        (dict(epochs=0), ValueError, "epochs must be at least 1"),
+        (dict(epochs=-3), ValueError, "epochs must be at least 1"),
+        (dict(epochs=1.5), TypeError, "epochs must be an int"),
+        (dict(lr=float("nan")), ValueError, "lr must be a finite positive"),
+        (dict(lr=0.0), ValueError, "lr must be a finite positive"),
+        (dict(seed=-1), ValueError, "seed must be at least 0"),
+    ]
+    for kwargs, err, match in bad:
+        with pytest.raises(err, match=match):
+            train_lib.train("lenet300", "fp32", data, progress=False, **kwargs)
+        with pytest.raises(err, match=match):
+            sweep_lib.sweep("lenet300", ["mbm3"], data, progress=False, **kwargs)
+    # Out-of-range labels give a NaN loss (>= 10) or wrong training (< 0), never an error.
+    for labels in (y + 10, y - 1):
+        with pytest.raises(ValueError, match="out of range for 10 classes"):
+            train_lib.train("lenet300", "fp32", (x, labels, x, y), progress=False)
+    with pytest.raises(ValueError, match="test split has no examples"):
+        train_lib.train("lenet300", "fp32", (x, y, x[:0], y[:0]), progress=False)
+    with pytest.raises(ValueError, match="empty test set"):
+        train_lib.accuracy(None, None, None, x[:0], y[:0])
+    # A str is iterable: "mbm3" would have been swept as designs "m", "b", ...
+    with pytest.raises(TypeError, match="single str"):
+        sweep_lib.sweep("lenet300", "mbm3", data, progress=False)
+    with pytest.raises(ValueError, match="designs is empty"):
+        sweep_lib.sweep("lenet300", [], data, progress=False)

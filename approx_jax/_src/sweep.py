@@ -18,6 +18,7 @@ trained separately with the native op (same init, same batches).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -57,6 +58,15 @@ def mred_of(multiplier) -> float | None:
     return float(result["mred"] if isinstance(result, dict) else result.mred)
 
 
+def _check_args(epochs, batch_size, lr, seed, eval_batch_size) -> None:
+    """The ``train.train`` argument checks, run before any work is done."""
+    train_lib.check_int("epochs", epochs)
+    train_lib.check_int("batch_size", batch_size)
+    train_lib.check_int("eval_batch_size", eval_batch_size)
+    train_lib.check_int("seed", seed, minimum=0)
+    train_lib.check_lr(lr)
+
+
 def train_stacked(
     model,
     stacked,
@@ -77,9 +87,18 @@ def train_stacked(
     Returns:
       ``(stacked_params, history)``; history lists are per epoch, each entry a
       list with one value per design.
+
+    Raises:
+      TypeError, ValueError: for invalid ``epochs``, ``batch_size``, ``lr``,
+        ``seed`` or ``data``, as for ``train.train``.
     """
+    _check_args(epochs, batch_size, lr, seed, eval_batch_size)
     model = train_lib.resolve_model(model)
-    x_train, y_train, x_test, y_test = data
+    x_train, y_train, x_test, y_test = train_lib.check_data(
+        data, getattr(model, "num_classes", None)
+    )
+    if len(x_train) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
     D = stacked.num_designs
     opt = train_lib.make_optimizer(optimizer, lr)
     if params is None:
@@ -154,9 +173,30 @@ def sweep(
       ``name``, ``mbits``, ``mred``, ``test_acc``, ``final_train_loss``,
       ``history`` (per-epoch lists for that design), ``vmapped``), the stacked
       ``history``, and timing.
+
+    Raises:
+      TypeError: if ``designs`` is a single name or Multiplier rather than a
+        sequence of them, or an int argument is not an int.
+      ValueError: if ``designs`` is empty, or for invalid ``epochs``,
+        ``batch_size``, ``lr``, ``seed`` or ``data`` (as for ``train.train``).
     """
-    model = train_lib.resolve_model(model)
     from approx_jax._src import multipliers as mult_lib
+
+    # A str is iterable: "mbm3" would be swept as the designs "m", "b", ...
+    if isinstance(designs, str | bytes | os.PathLike | mult_lib.Multiplier):
+        raise TypeError(
+            "designs must be a sequence of multiplier names or Multipliers, got a single "
+            f"{type(designs).__name__} {designs!r}; wrap it in a list"
+        )
+    designs = list(designs)
+    if not designs:
+        raise ValueError("designs is empty: nothing to sweep")
+    # Checked before the (possibly long) characterisation and initialisation.
+    _check_args(epochs, batch_size, lr, seed, eval_batch_size)
+    model = train_lib.resolve_model(model)
+    train_lib.check_data(data, getattr(model, "num_classes", None))
+    if len(data[0]) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(data[0])} training examples")
 
     resolved = [mult_lib.get(d) for d in designs]
     order = []  # (kind, index) to restore the given order

@@ -13,6 +13,7 @@ the same seed, data and multiplier produce the same bits.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +26,94 @@ import optax
 from approx_jax._src import data as data_lib
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+
+
+# --------------------------------------------------------------------------
+# Argument checks (shared with the sweep and the CLI).
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Checks that ``value`` is an int (not a bool) of at least ``minimum``.
+
+    Args:
+      name: argument name, for the message.
+      value: the value to check.
+      minimum: smallest allowed value.
+
+    Returns:
+      ``value`` as a Python int.
+
+    Raises:
+      TypeError: if ``value`` is not an int.
+      ValueError: if ``value`` is below ``minimum``.
+    """
+    # bool is an int subclass, but True epochs is a caller bug; floats would
+    # be truncated or break range().
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_lr(lr: Any) -> Any:
+    """Checks a learning rate: a finite positive number or an optax schedule.
+
+    Args:
+      lr: a number or a callable schedule (passed to optax unchanged).
+
+    Returns:
+      ``lr`` unchanged.
+
+    Raises:
+      TypeError: if ``lr`` is neither a number nor callable.
+      ValueError: if ``lr`` is NaN, infinite, zero or negative (NaN would
+        train to NaN parameters without any error).
+    """
+    if callable(lr):
+        return lr
+    try:
+        value = float(lr)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"lr must be a number or an optax schedule, got {lr!r}") from err
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
+    return lr
+
+
+def check_data(data: Any, num_classes: int | None = None) -> tuple:
+    """Checks a ``(x_train, y_train, x_test, y_test)`` tuple.
+
+    Args:
+      data: the tuple, as from ``load_mnist``.
+      num_classes: labels must lie in ``[0, num_classes)`` (None: not checked).
+
+    Returns:
+      The four arrays as a tuple.
+
+    Raises:
+      ValueError: if ``data`` is not four arrays, images and labels differ in
+        count, a split is empty, or a label is out of range (cross-entropy of
+        an out-of-range label is NaN or silently wrong, never an error).
+    """
+    try:
+        x_train, y_train, x_test, y_test = data
+    except (TypeError, ValueError) as err:
+        raise ValueError("data must be a tuple (x_train, y_train, x_test, y_test)") from err
+    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        if len(x) != len(y):
+            raise ValueError(f"{split} split has {len(x)} examples but {len(y)} labels")
+        if len(x) == 0:
+            raise ValueError(f"{split} split has no examples")
+        if num_classes is not None:
+            labels = np.asarray(y)
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"{split} label {lo if lo < 0 else hi} is out of range for "
+                    f"{num_classes} classes (labels must be 0..{num_classes - 1})"
+                )
+    return x_train, y_train, x_test, y_test
 
 
 # --------------------------------------------------------------------------
@@ -93,7 +182,20 @@ def is_exact(multiplier: Any) -> bool:
 
 
 def make_optimizer(name: str = "adam", lr: float = 1e-3) -> optax.GradientTransformation:
-    """An optax optimizer by name: adam (default), adamw, sgd, momentum (0.9)."""
+    """An optax optimizer by name: adam (default), adamw, sgd, momentum (0.9).
+
+    Args:
+      name: ``"adam"``, ``"adamw"``, ``"sgd"`` or ``"momentum"``.
+      lr: learning rate: a finite positive number or an optax schedule.
+
+    Returns:
+      The optax transformation.
+
+    Raises:
+      ValueError: for an unknown name or an invalid ``lr``.
+      TypeError: if ``lr`` is neither a number nor callable.
+    """
+    check_lr(lr)
     if name == "adam":
         return optax.adam(lr)
     if name == "adamw":
@@ -159,7 +261,14 @@ def accuracy(predict_fn: Callable, params, multiplier, x, y, batch_size: int = 5
     The last chunk is zero padded so every call has the same shape (one
     compilation). Works for vmapped predictors too: predictions with a leading
     design axis give one accuracy per design (a NumPy array).
+
+    Raises:
+      ValueError: if ``x`` is empty (no accuracy to report) or ``batch_size``
+        is not positive.
     """
+    if len(x) == 0:
+        raise ValueError("cannot compute accuracy on an empty test set")
+    check_int("eval batch_size", batch_size)
     batch_size = min(batch_size, len(x))
     correct = 0
     start = 0
@@ -221,10 +330,23 @@ def train(
       ``train_acc``, ``test_acc``, ``epoch_time`` and, with ``time_steps``,
       ``step_times`` (seconds, first step = compile + run) and
       ``mean_step_time`` (excluding the first step of the run).
+
+    Raises:
+      TypeError: if ``epochs``, ``batch_size``, ``eval_batch_size`` or
+        ``seed`` is not an int.
+      ValueError: if ``epochs``, ``batch_size`` or ``eval_batch_size`` is not
+        positive, ``seed`` is negative, ``lr`` is not finite and positive,
+        ``batch_size`` exceeds the training examples, or ``data`` is
+        malformed (empty split, labels out of range).
     """
+    check_int("epochs", epochs)
+    check_int("batch_size", batch_size)
+    check_int("eval_batch_size", eval_batch_size)
+    check_int("seed", seed, minimum=0)
+    check_lr(lr)
     model = resolve_model(model)
     multiplier = resolve_multiplier_spec(multiplier)
-    x_train, y_train, x_test, y_test = data
+    x_train, y_train, x_test, y_test = check_data(data, getattr(model, "num_classes", None))
     if len(x_train) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
     opt = make_optimizer(optimizer, lr)
@@ -304,7 +426,16 @@ def measure_step_time(
     ``max_seconds`` have been spent timing (at least one step always runs).
     Comparing this for an approximate multiplier and for ``"fp32"`` gives the
     simulation overhead.
+
+    Raises:
+      TypeError: if ``batch_size`` or ``seed`` is not an int.
+      ValueError: if ``x`` is empty, ``batch_size`` is not positive, ``seed``
+        is negative or ``lr`` is invalid.
     """
+    check_int("batch_size", batch_size)
+    check_int("seed", seed, minimum=0)
+    if len(x) == 0:
+        raise ValueError("cannot time train steps without examples (x is empty)")
     model = resolve_model(model)
     multiplier = resolve_multiplier_spec(multiplier)
     opt = make_optimizer(optimizer, lr)

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from approx_jax._src import conv as conv_lib
@@ -22,6 +23,10 @@ from approx_jax._src import ops
 
 
 def _normalize_axes(axes, ndim: int, what: str) -> tuple[int, ...]:
+    # lax.dot_general accepts a bare int for a single axis; wrap it so the
+    # same dimension_numbers work here.
+    if isinstance(axes, int | np.integer):
+        axes = (axes,)
     out = []
     for a in tuple(axes):
         a = int(a)
