@@ -163,47 +163,31 @@ def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation,
     return pairs
 
 
-def _crop_negative_padding(lhs, lhs_perm, pads, lhs_dilation):
-    """Applies negative padding (and that dimension's input dilation) with ``lax.pad``.
-
-    XLA:CPU's native convolution gives wrong values for negative low padding
-    (openxla/xla#48713), so the exact multiplier's ``lax.conv_general_dilated``
-    gets only the non-negative part. ``lax.pad`` dilates before it pads, as the
-    convolution does, so the cropped input is the same operand.
-
-    Returns:
-      ``(lhs, pads, lhs_dilation)`` for ``lax.conv_general_dilated``.
-    """
-    if all(lo >= 0 and hi >= 0 for lo, hi in pads):
-        return lhs, pads, lhs_dilation
-    config = [(0, 0, 0)] * lhs.ndim
-    new_pads, new_dil = [], []
-    for axis, (lo, hi), dil in zip(lhs_perm[2:], pads, lhs_dilation, strict=True):
-        if lo >= 0 and hi >= 0:
-            new_pads.append((lo, hi))
-            new_dil.append(dil)
-            continue
-        config[axis] = (min(lo, 0), min(hi, 0), dil - 1)
-        new_pads.append((max(lo, 0), max(hi, 0)))
-        new_dil.append(1)
-    cropped = lax.pad(lhs, jnp.zeros((), lhs.dtype), config)
-    return cropped, tuple(new_pads), tuple(new_dil)
+def _padded_extents(in_spatial, pads, lhs_dilation) -> tuple[int, ...]:
+    """Spatial sizes of the input after lhs dilation and (possibly negative) padding."""
+    return tuple(
+        ((size - 1) * d + 1 if size else 0) + lo + hi
+        for size, (lo, hi), d in zip(in_spatial, pads, lhs_dilation, strict=True)
+    )
 
 
 # --------------------------------------------------------------------------
 # Lowering.
 
 
-def _pad_input(xg, pads, lhs_dilation, first_spatial=2):
+def _pad_input(xg, pads, lhs_dilation, first_spatial=2, spatial_axes=None):
     """Edge padding, and interior padding for the lhs dilation, of the spatial axes.
 
-    The spatial axes are ``first_spatial, first_spatial + 1, ...`` (``[G, N,
-    *S, Cg]`` by default); every other axis is left alone.
+    The spatial axes are ``spatial_axes`` if given, else ``first_spatial,
+    first_spatial + 1, ...`` (``[G, N, *S, Cg]`` by default); every other axis
+    is left alone. ``lax.pad`` dilates before it pads (negative padding
+    crops), as ``lax.conv_general_dilated`` does.
     """
-    nd = len(pads)
-    config = [(0, 0, 0)] * first_spatial
-    config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation, strict=True)]
-    config += [(0, 0, 0)] * (xg.ndim - first_spatial - nd)
+    if spatial_axes is None:
+        spatial_axes = range(first_spatial, first_spatial + len(pads))
+    config = [(0, 0, 0)] * xg.ndim
+    for axis, (lo, hi), d in zip(spatial_axes, pads, lhs_dilation, strict=True):
+        config[axis] = (lo, hi, d - 1)
     return lax.pad(xg, jnp.zeros((), xg.dtype), config)
 
 
@@ -635,13 +619,12 @@ def approx_conv(
     if any(k < 1 for k in window):
         raise ValueError(f"kernel spatial dimensions must be >= 1, got kernel shape {rhs.shape}")
     pads = _explicit_padding(padding, in_spatial, window, strides, lhs_dil, rhs_dil)
-    for size, dil, (lo, hi) in zip(in_spatial, lhs_dil, pads, strict=True):
-        dilated = (size - 1) * dil + 1 if size else 0
-        if dilated + lo + hi < 0:
-            raise ValueError(
-                f"negative padding {tuple(pads)} is larger than the (dilated) input spatial "
-                f"shape {in_spatial}"
-            )
+    extents = _padded_extents(in_spatial, pads, lhs_dil)
+    if any(e < 0 for e in extents):
+        raise ValueError(
+            f"negative padding {tuple(pads)} is larger than the (dilated) input spatial "
+            f"shape {in_spatial}"
+        )
     promoted = jnp.result_type(lhs.dtype, rhs.dtype)
     out_dtype = promoted
     if preferred_element_type is not None:
@@ -656,7 +639,11 @@ def approx_conv(
             )
 
     if m.is_exact:
-        lhs, pads, lhs_dil = _crop_negative_padding(lhs, lhs_perm, pads, lhs_dil)
+        if any(lo < 0 or hi < 0 for lo, hi in pads):
+            # XLA:CPU's native convolution gives wrong values for negative low
+            # padding (openxla/xla#48713): pad and dilate the input here instead.
+            lhs = _pad_input(lhs, pads, lhs_dil, spatial_axes=lhs_perm[2:])
+            pads, lhs_dil = ((0, 0),) * nd, (1,) * nd
         return lax.conv_general_dilated(
             lhs,
             rhs,
@@ -688,10 +675,7 @@ def approx_conv(
         )
 
     out_spatial = []
-    for size, k, st, (lo, hi), ld, rd in zip(
-        in_spatial, window, strides, pads, lhs_dil, rhs_dil, strict=True
-    ):
-        extent = (size - 1) * ld + 1 + lo + hi if size > 0 else lo + hi
+    for extent, k, st, rd in zip(extents, window, strides, rhs_dil, strict=True):
         eff_k = (k - 1) * rd + 1
         out_spatial.append(max(0, (extent - eff_k) // st + 1) if extent >= eff_k else 0)
     out_spatial = tuple(out_spatial)
@@ -699,13 +683,7 @@ def approx_conv(
     cg = c_in // groups
 
     out_canon_shape = (n,) + out_spatial + (c_out,)
-    if (
-        n == 0
-        or c_out == 0
-        or any(o == 0 for o in out_spatial)
-        or cg == 0
-        or math.prod(window) == 0
-    ):
+    if n == 0 or c_out == 0 or any(o == 0 for o in out_spatial) or cg == 0:
         zeros = jnp.zeros(out_canon_shape, out_dtype)
         return _from_channels_last(zeros, out_spec)
 
