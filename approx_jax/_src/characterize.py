@@ -7,7 +7,6 @@ metrics describe exactly the arithmetic every kernel implements.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 
 import numpy as np
@@ -195,12 +194,9 @@ def characterize_table(multipliers, samples=None) -> list[dict]:
       TypeError: If ``multipliers`` is a single name, path or Multiplier
         rather than an iterable of them.
     """
-    # A str is iterable, so "mbm3" would be taken as the designs "m", "b", ...
-    if isinstance(multipliers, str | bytes | os.PathLike | multipliers_lib.Multiplier):
-        raise TypeError(
-            "multipliers must be an iterable of Multipliers or names, got a single "
-            f"{type(multipliers).__name__} {multipliers!r}; wrap it in a list"
-        )
+    multipliers_lib.check_design_sequence(
+        multipliers, "multipliers must be an iterable of Multipliers or names"
+    )
     rows = []
     for m in multipliers:
         result = characterize(m, samples)

@@ -162,14 +162,31 @@ def _labels(raw: np.ndarray, where: Path) -> np.ndarray:
         raise ValueError(f"{where}: expected a 1-D label array, got shape {raw.shape}")
     if not np.issubdtype(raw.dtype, np.integer):
         raise ValueError(f"{where}: labels must be integers, got dtype {raw.dtype}")
-    if raw.size:
-        lo, hi = int(raw.min()), int(raw.max())
-        if lo < 0 or hi >= NUM_CLASSES:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{where}: label {bad} is out of range; MNIST labels are 0..{NUM_CLASSES - 1}"
-            )
+    bad = out_of_range_label(raw, NUM_CLASSES)
+    if bad is not None:
+        raise ValueError(
+            f"{where}: label {bad} is out of range; MNIST labels are 0..{NUM_CLASSES - 1}"
+        )
     return raw.astype(np.int32)
+
+
+def out_of_range_label(labels, num_classes: int) -> int | None:
+    """A label outside ``[0, num_classes)`` (the smallest if negative, else the largest), or None.
+
+    Args:
+      labels: integer class labels.
+      num_classes: number of classes.
+
+    Returns:
+      The offending label, or ``None`` when all are in range (or there are none).
+    """
+    labels = np.asarray(labels)
+    if not labels.size:
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        return lo
+    return hi if hi >= num_classes else None
 
 
 def load_mnist_idx(data_dir: str | os.PathLike):

@@ -719,6 +719,25 @@ def get(name_or_multiplier) -> Multiplier:
 # ---------------------------------------------------------------------------
 
 
+def check_design_sequence(designs, expected: str) -> None:
+    """Rejects a single design where a sequence of designs is expected.
+
+    A str is iterable, so ``"mbm7"`` would otherwise be taken as the designs
+    ``"m"``, ``"b"``, ...
+
+    Args:
+      designs: the value to check.
+      expected: what the caller takes, the start of the error message.
+
+    Raises:
+      TypeError: If ``designs`` is a name, path or Multiplier, or not iterable.
+    """
+    if isinstance(designs, str | bytes | os.PathLike | Multiplier) or not isinstance(
+        designs, Iterable
+    ):
+        raise TypeError(f"{expected}; got a single {type(designs).__name__} {designs!r:.80}")
+
+
 def stack(multipliers: Iterable) -> Multiplier:
     """Stacks designs into one Multiplier with LUT shape ``[D, 4**M]``.
 
@@ -737,14 +756,10 @@ def stack(multipliers: Iterable) -> Multiplier:
         a sequence of them.
       ValueError: If the list is empty or contains the exact multiplier.
     """
-    # A str is iterable: stack("mbm7") would resolve "m", "b", ... one by one.
-    if isinstance(multipliers, str | os.PathLike | Multiplier) or not isinstance(
-        multipliers, Iterable
-    ):
-        raise TypeError(
-            "stack takes a sequence of multipliers or names, e.g. stack(['mbm7', "
-            f"'mitchell7']); got a single {type(multipliers).__name__} {multipliers!r:.80}"
-        )
+    check_design_sequence(
+        multipliers,
+        "stack takes a sequence of multipliers or names, e.g. stack(['mbm7', 'mitchell7'])",
+    )
     members: list[Multiplier] = []
     for item in multipliers:
         m = get(item)

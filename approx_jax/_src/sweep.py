@@ -18,7 +18,6 @@ trained separately with the native op (same init, same batches).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -58,15 +57,6 @@ def mred_of(multiplier) -> float | None:
     return float(result["mred"] if isinstance(result, dict) else result.mred)
 
 
-def _check_args(epochs, batch_size, lr, seed, eval_batch_size) -> None:
-    """The ``train.train`` argument checks, run before any work is done."""
-    train_lib.check_int("epochs", epochs)
-    train_lib.check_int("batch_size", batch_size)
-    train_lib.check_int("eval_batch_size", eval_batch_size)
-    train_lib.check_int("seed", seed, minimum=0)
-    train_lib.check_lr(lr)
-
-
 def train_stacked(
     model,
     stacked,
@@ -92,13 +82,13 @@ def train_stacked(
       TypeError, ValueError: for invalid ``epochs``, ``batch_size``, ``lr``,
         ``seed`` or ``data``, as for ``train.train``.
     """
-    _check_args(epochs, batch_size, lr, seed, eval_batch_size)
+    train_lib.check_train_args(
+        epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, lr=lr
+    )
     model = train_lib.resolve_model(model)
     x_train, y_train, x_test, y_test = train_lib.check_data(
-        data, getattr(model, "num_classes", None)
+        data, getattr(model, "num_classes", None), batch_size
     )
-    if len(x_train) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
     D = stacked.num_designs
     opt = train_lib.make_optimizer(optimizer, lr)
     if params is None:
@@ -182,21 +172,18 @@ def sweep(
     """
     from approx_jax._src import multipliers as mult_lib
 
-    # A str is iterable: "mbm3" would be swept as the designs "m", "b", ...
-    if isinstance(designs, str | bytes | os.PathLike | mult_lib.Multiplier):
-        raise TypeError(
-            "designs must be a sequence of multiplier names or Multipliers, got a single "
-            f"{type(designs).__name__} {designs!r}; wrap it in a list"
-        )
+    mult_lib.check_design_sequence(
+        designs, "designs must be a sequence of multiplier names or Multipliers"
+    )
     designs = list(designs)
     if not designs:
         raise ValueError("designs is empty: nothing to sweep")
     # Checked before the (possibly long) characterisation and initialisation.
-    _check_args(epochs, batch_size, lr, seed, eval_batch_size)
+    train_lib.check_train_args(
+        epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, lr=lr
+    )
     model = train_lib.resolve_model(model)
-    train_lib.check_data(data, getattr(model, "num_classes", None))
-    if len(data[0]) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(data[0])} training examples")
+    train_lib.check_data(data, getattr(model, "num_classes", None), batch_size)
 
     resolved = [mult_lib.get(d) for d in designs]
     order = []  # (kind, index) to restore the given order

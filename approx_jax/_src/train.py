@@ -81,20 +81,39 @@ def check_lr(lr: Any) -> Any:
     return lr
 
 
-def check_data(data: Any, num_classes: int | None = None) -> tuple:
+def check_train_args(*, epochs, batch_size, eval_batch_size, seed, lr) -> None:
+    """The argument checks of :func:`train` (shared with the sweep).
+
+    Raises:
+      TypeError: if an int argument is not an int, or ``lr`` is neither a
+        number nor a schedule.
+      ValueError: if ``epochs``, ``batch_size`` or ``eval_batch_size`` is not
+        positive, ``seed`` is negative, or ``lr`` is not finite and positive.
+    """
+    check_int("epochs", epochs)
+    check_int("batch_size", batch_size)
+    check_int("eval_batch_size", eval_batch_size)
+    check_int("seed", seed, minimum=0)
+    check_lr(lr)
+
+
+def check_data(data: Any, num_classes: int | None = None, batch_size: int | None = None) -> tuple:
     """Checks a ``(x_train, y_train, x_test, y_test)`` tuple.
 
     Args:
       data: the tuple, as from ``load_mnist``.
       num_classes: labels must lie in ``[0, num_classes)`` (None: not checked).
+      batch_size: the training set must hold at least one batch (None: not
+        checked).
 
     Returns:
       The four arrays as a tuple.
 
     Raises:
       ValueError: if ``data`` is not four arrays, images and labels differ in
-        count, a split is empty, or a label is out of range (cross-entropy of
-        an out-of-range label is NaN or silently wrong, never an error).
+        count, a split is empty, a label is out of range (cross-entropy of
+        an out-of-range label is NaN or silently wrong, never an error), or
+        ``batch_size`` exceeds the training examples.
     """
     try:
         x_train, y_train, x_test, y_test = data
@@ -105,14 +124,14 @@ def check_data(data: Any, num_classes: int | None = None) -> tuple:
             raise ValueError(f"{split} split has {len(x)} examples but {len(y)} labels")
         if len(x) == 0:
             raise ValueError(f"{split} split has no examples")
-        if num_classes is not None:
-            labels = np.asarray(y)
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(
-                    f"{split} label {lo if lo < 0 else hi} is out of range for "
-                    f"{num_classes} classes (labels must be 0..{num_classes - 1})"
-                )
+        bad = None if num_classes is None else data_lib.out_of_range_label(y, num_classes)
+        if bad is not None:
+            raise ValueError(
+                f"{split} label {bad} is out of range for "
+                f"{num_classes} classes (labels must be 0..{num_classes - 1})"
+            )
+    if batch_size is not None and len(x_train) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
     return x_train, y_train, x_test, y_test
 
 
@@ -339,16 +358,14 @@ def train(
         ``batch_size`` exceeds the training examples, or ``data`` is
         malformed (empty split, labels out of range).
     """
-    check_int("epochs", epochs)
-    check_int("batch_size", batch_size)
-    check_int("eval_batch_size", eval_batch_size)
-    check_int("seed", seed, minimum=0)
-    check_lr(lr)
+    check_train_args(
+        epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, lr=lr
+    )
     model = resolve_model(model)
     multiplier = resolve_multiplier_spec(multiplier)
-    x_train, y_train, x_test, y_test = check_data(data, getattr(model, "num_classes", None))
-    if len(x_train) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
+    x_train, y_train, x_test, y_test = check_data(
+        data, getattr(model, "num_classes", None), batch_size
+    )
     opt = make_optimizer(optimizer, lr)
     if params is None:
         params = init_params(model, seed, x_train)
