@@ -45,6 +45,8 @@ inline VI OrI(VI a, VI b) { return _mm256_or_si256(a, b); }
 inline VI AndNotI(VI a, VI b) { return _mm256_andnot_si256(a, b); }
 inline VI SrlI(VI a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SllI(VI a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+inline VI SrlvI(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
+inline VI SllvI(VI a, VI n) { return _mm256_sllv_epi32(a, n); }
 inline VI CmpEqI(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
 inline VI CmpGtI(VI a, VI b) { return _mm256_cmpgt_epi32(a, b); }
 // a > b (signed) ? y : x, lane by lane.
@@ -53,6 +55,19 @@ inline VI SelectGtI(VI a, VI b, VI x, VI y) {
 }
 inline VI BlendI(VI a, VI b, VI m) { return _mm256_blendv_epi8(a, b, m); }
 inline bool AllOnesI(VI v) { return _mm256_movemask_epi8(_mm256_cmpeq_epi32(v, Set1I(-1))) == -1; }
+// Fast-path acceptance of a's lanes, accumulated over a panel (see
+// PackPanelIL): a lane passes if its exponent field ex (x & 0x7f800000) lies
+// in [lo, hi], or ex == 0 and ok0 is all ones. (Signed compares: lo / hi are
+// at most 256 << 23, which wraps to INT32_MIN and only ever means "nothing
+// passes" together with hi = 0, as it should.)
+using OkAcc = VI;
+inline OkAcc OkInit() { return Set1I(-1); }
+inline OkAcc OkUpdate(OkAcc acc, VI ex, VI lo, VI hi, VI ok0) {
+  const VI z = CmpEqI(ex, Set1I(0));
+  const VI out = OrI(CmpGtI(lo, ex), CmpGtI(ex, hi));
+  return AndI(acc, BlendI(AndNotI(out, Set1I(-1)), ok0, z));
+}
+inline bool OkAll(OkAcc acc) { return AllOnesI(acc); }
 inline VI LaneIota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 inline VI GatherI(const uint32_t* base, VI idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);

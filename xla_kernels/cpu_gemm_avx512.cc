@@ -44,6 +44,22 @@ inline VI SrlI(VI a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); 
 inline VI SllI(VI a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI MinI32(VI a, VI b) { return _mm512_min_epi32(a, b); }
 inline VI MaxI32(VI a, VI b) { return _mm512_max_epi32(a, b); }
+// Per-lane shifts by the lanes of n (one instruction, unlike SrlI/SllI's
+// count-register form).
+inline VI SrlvI(VI a, VI n) { return _mm512_srlv_epi32(a, n); }
+inline VI SllvI(VI a, VI n) { return _mm512_sllv_epi32(a, n); }
+// Fast-path acceptance of a's lanes, accumulated over a panel in a mask
+// register (see PackPanelIL): a lane passes if its exponent field ex
+// (x & 0x7f800000) lies in [lo, hi] (unsigned), or ex == 0 and ok0 is all ones.
+using OkAcc = __mmask16;
+inline OkAcc OkInit() { return 0xffff; }
+inline OkAcc OkUpdate(OkAcc acc, VI ex, VI lo, VI hi, VI ok0) {
+  const __mmask16 z = _mm512_cmpeq_epi32_mask(ex, _mm512_setzero_si512());
+  const __mmask16 in = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(ex, lo), ex, hi);
+  const __mmask16 zok = _mm512_mask_cmpeq_epi32_mask(z, ok0, Set1I(-1));
+  return acc & static_cast<__mmask16>((in & ~z) | zok);
+}
+inline bool OkAll(OkAcc acc) { return acc == 0xffff; }
 inline int32_t ReduceMinI32(VI a) { return _mm512_reduce_min_epi32(a); }
 inline int32_t ReduceMaxI32(VI a) { return _mm512_reduce_max_epi32(a); }
 inline VI ShlI16(VI a) { return _mm512_slli_epi32(a, 16); }

@@ -81,22 +81,44 @@ constexpr int kPackW = 16;
 // PackPanel straight into the interleaved layout (kPackW words per kk):
 // offsets u * ustride + kk * kkmul and scales of `rows` (<= 8) rows of
 // a[:, k0:k0+kb]. Returns whether every element is fast-path safe.
+//
+// Per element this is a handful of single-instruction vector operations (it
+// is a quarter of the time of a GEMM with 64 columns): ustride is a power of
+// two (kb and kNB are), so u * ustride is a shift of the mantissa bits; the
+// scale is x & 0xff800000 for every x (a zero or subnormal x has a zero
+// exponent field, so that is its signed zero); the range check compares the
+// exponent field in place against lo / hi shifted once per 16 k.
+inline int Log2Floor(int x) {
+  int l = 0;
+  while ((2 << l) <= x) ++l;
+  return l;
+}
+inline VI ShiftedExponentBounds(const int32_t* v) { return SllI(LoadI(v), 23); }
+
 bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits, int ustride,
                  int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk) {
   const int mshift = 23 - mbits;
+  const int lg = Log2Floor(ustride);
+  const bool pow2 = ustride == (1 << lg);
+  // offset = ((x >> mshift) & umask) << lg, as one shift and a mask when the
+  // index bits move right (always, for the widths and strides used here).
+  const bool one_shift = pow2 && mshift >= lg;
   const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
-  const VI vff = Set1I(0xff);
-  const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
-  const VI vsign = Set1I(static_cast<int32_t>(0x80000000u));
-  const VI vzero = Set1I(0);
+  const VI vomask = Set1I(static_cast<int32_t>(((1u << mbits) - 1u) << (one_shift ? lg : 0)));
+  const VI vshift = Set1I(one_shift ? mshift - lg : mshift);
+  const VI vlg = Set1I(lg);
   const VI vus = Set1I(ustride);
-  VI all_ok = Set1I(-1);
+  const VI vexp = Set1I(0x7f800000);
+  const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
+  const VI vzero = Set1I(0);
+  OkAcc ok = OkInit();
   VI vkk = MulLoI(LaneIota(), Set1I(kkmul));
   const VI vstep = Set1I(kVL * kkmul);
   for (int kk = 0; kk < kb; kk += kVL) {
     const int n = static_cast<int>(MinI(kVL, kb - kk));
     // Lanes kk >= kb load zeros (and the padded lo/hi/ok0 accept them).
-    const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
+    const VI vlo = ShiftedExponentBounds(lo + kk), vhi = ShiftedExponentBounds(hi + kk);
+    const VI vok0 = LoadI(ok0 + kk);
     VI o[8], s[8];
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) {
@@ -107,40 +129,40 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
       }
       const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
-      const VI e = AndI(SrlI(x, 23), vff);
-      const VI u = AndI(SrlI(x, mshift), vumask);
-      o[r] = AddI(MulLoI(u, vus), vkk);
-      const VI z = CmpEqI(e, vzero);
-      s[r] = BlendI(AndI(x, vsignexp), AndI(x, vsign), z);
-      const VI out = OrI(CmpGtI(vlo, e), CmpGtI(e, vhi));
-      all_ok = AndI(all_ok, BlendI(AndNotI(out, Set1I(-1)), vok0, z));
+      VI off;
+      if (one_shift) {
+        off = AndI(SrlvI(x, vshift), vomask);
+      } else {
+        const VI u = AndI(SrlvI(x, vshift), vumask);
+        off = pow2 ? SllvI(u, vlg) : MulLoI(u, vus);
+      }
+      o[r] = AddI(off, vkk);
+      s[r] = AndI(x, vsignexp);
+      ok = OkUpdate(ok, AndI(x, vexp), vlo, vhi, vok0);
     }
     StoreInterleaved(o, s, pk + kk * kPackW, n);
     vkk = AddI(vkk, vstep);
   }
-  return AllOnesI(all_ok);
+  return OkAll(ok);
 }
 
 // The acceptance test of PackPanelIL alone (no pack written): used when a
 // panel packed once for a shared a meets another design's b.
 bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const int32_t* lo,
              const int32_t* hi, const int32_t* ok0) {
-  const VI vff = Set1I(0xff);
-  const VI vzero = Set1I(0);
-  VI all_ok = Set1I(-1);
+  const VI vexp = Set1I(0x7f800000);
+  OkAcc ok = OkInit();
   for (int kk = 0; kk < kb; kk += kVL) {
     const int n = static_cast<int>(MinI(kVL, kb - kk));
-    const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
+    const VI vlo = ShiftedExponentBounds(lo + kk), vhi = ShiftedExponentBounds(hi + kk);
+    const VI vok0 = LoadI(ok0 + kk);
     for (int r = 0; r < rows; ++r) {
       const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
-      const VI e = AndI(SrlI(x, 23), vff);
-      const VI z = CmpEqI(e, vzero);
-      const VI out = OrI(CmpGtI(vlo, e), CmpGtI(e, vhi));
-      all_ok = AndI(all_ok, BlendI(AndNotI(out, Set1I(-1)), vok0, z));
+      ok = OkUpdate(ok, AndI(x, vexp), vlo, vhi, vok0);
     }
   }
-  return AllOnesI(all_ok);
+  return OkAll(ok);
 }
 
 // Decomposes b[k0:k0+kb, j0:j0+cols] into mantissa indices and signed
@@ -521,6 +543,50 @@ void RunTask(void* arg, int64_t task) {
   // of a is alive: a stack of widths 7, 5, 3 sharing a 50176x25 a held three
   // 3.2 MB packs per task, and one call over 8 designs took 1.0-1.2x the time
   // of 8 single-design calls (0.7-0.8x with one width).
+  // One column block (every output at most kNB wide, e.g. a conv's im2col
+  // GEMM): each panel is packed just before its first kernel call, so its
+  // pack is read back from L1 instead of being written out for the whole row
+  // range first (a 4096-row range at kb = 128 is a 4 MB pack: store and
+  // reload traffic that was a quarter of 8192x576x64). Same packs, same bits.
+  const bool fuse_pack = c1 - c0 <= kNB;
+  // ... and when no other design reads the pack later, every panel reuses one
+  // pack slot, which then stays in L1.
+  const bool pack_slot_reused = fuse_pack && (!share_a || nd == 1);
+  auto pack_of = [&](int64_t dd, int64_t pi) {
+    return pk_base + (share_a ? 0 : dd) * pack_words +
+           (pack_slot_reused ? 0 : pi) * kstride * kPackW;
+  };
+  // Packs panel pi of design dd's a (its width's pack when a is shared).
+  auto pack_panel = [&](int64_t dd, int64_t k0, int kb, int64_t pi) {
+    const float* A = a_of(dd);
+    const int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
+    const int64_t i0 = r0 + pi * mr;
+    const int rows = static_cast<int>(MinI(mr, r1 - i0));
+    // The k block of a row is a short strip (KB floats) of a long row: the
+    // hardware prefetchers do not follow this pattern, so fetch ahead.
+    if (pi + kPackAhead < npanels) {
+      const float* pa = A + (i0 + kPackAhead * mr) * lda + k0;
+      const int prow = static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr)));
+      for (int r = 0; r < prow; ++r)
+        for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
+    }
+    panel_ok[dd * npanels + pi] =
+        PackPanelIL(A + i0 * lda, lda, rows, k0, kb, bits_of(dd),
+                    pl.strategy == kTiles ? pl.ustride : (1 << bits_of(dd)), kkmul, st,
+                    st + kstride, st + 2 * kstride, pack_of(dd, pi));
+  };
+  // Acceptance of panel pi for design dd, whose a is the shared pack of design first.
+  auto share_panel = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi) {
+    if (share_b) {
+      panel_ok[dd * npanels + pi] = panel_ok[first * npanels + pi];
+      return;
+    }
+    const int32_t* st = stats + dd * kstride * 3;
+    const int64_t i0 = r0 + pi * mr;
+    const int rows = static_cast<int>(MinI(mr, r1 - i0));
+    panel_ok[dd * npanels + pi] =
+        PanelOk(a_of(dd) + i0 * lda, lda, rows, k0, kb, st, st + kstride, st + 2 * kstride);
+  };
   for (int64_t pass = 0; pass < (share_a ? nwidths : 1); ++pass) {
     auto in_pass = [&](int64_t dd) { return !share_a || slot_of[bits_of(dd)] == pass; };
     for (int64_t k0 = kbeg; k0 < K; k0 += KB) {
@@ -530,43 +596,16 @@ void RunTask(void* arg, int64_t task) {
       int64_t first = -1;  // the pass's first design: it packs a, the others copy
       for (int64_t dd = 0; dd < nd; ++dd) {
         if (!in_pass(dd)) continue;
-        const int mb = bits_of(dd);
-        const float* A = a_of(dd);
-        int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
-        int32_t* lo = st;
-        int32_t* hi = st + kstride;
-        int32_t* ok0 = st + 2 * kstride;
-        if (first < 0 || !share_b) BStats(b_of(dd), ldb, k0, kb, c0, c1, lo, hi, ok0);
-        char* okd = panel_ok + dd * npanels;
-        if (share_a && first >= 0) {
-          if (share_b) {
-            const char* ok_first = panel_ok + first * npanels;
-            for (int64_t pi = 0; pi < npanels; ++pi) okd[pi] = ok_first[pi];
-          } else {
-            for (int64_t pi = 0; pi < npanels; ++pi) {
-              const int64_t i0 = r0 + pi * mr;
-              const int rows = static_cast<int>(MinI(mr, r1 - i0));
-              okd[pi] = PanelOk(A + i0 * lda, lda, rows, k0, kb, lo, hi, ok0);
-            }
-          }
-          continue;
+        if (first < 0 || !share_b) {
+          int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
+          BStats(b_of(dd), ldb, k0, kb, c0, c1, st, st + kstride, st + 2 * kstride);
         }
-        int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
-        first = dd;
-        for (int64_t pi = 0; pi < npanels; ++pi) {
-          const int64_t i0 = r0 + pi * mr;
-          const int rows = static_cast<int>(MinI(mr, r1 - i0));
-          // The k block of a row is a short strip (KB floats) of a long row: the
-          // hardware prefetchers do not follow this pattern, so fetch ahead.
-          if (pi + kPackAhead < npanels) {
-            const float* pa = A + (i0 + kPackAhead * mr) * lda + k0;
-            const int prow = static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr)));
-            for (int r = 0; r < prow; ++r)
-              for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
-          }
-          okd[pi] = PackPanelIL(A + i0 * lda, lda, rows, k0, kb, mb,
-                                pl.strategy == kTiles ? pl.ustride : (1 << mb), kkmul, lo, hi, ok0,
-                                pkd + pi * kstride * kPackW);
+        if (first < 0 || !share_a) {
+          first = first < 0 ? dd : first;
+          if (!fuse_pack)
+            for (int64_t pi = 0; pi < npanels; ++pi) pack_panel(dd, k0, kb, pi);
+        } else if (!fuse_pack) {
+          for (int64_t pi = 0; pi < npanels; ++pi) share_panel(dd, first, k0, kb, pi);
         }
       }
       for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
@@ -594,10 +633,15 @@ void RunTask(void* arg, int64_t task) {
           }
           dec_bits = mb;
           const char* okd = panel_ok + dd * npanels;
-          const int32_t* pkd = pk_base + (share_a ? 0 : dd) * pack_words;
           for (int64_t pi = 0; pi < npanels; ++pi) {
             const int64_t i0 = r0 + pi * mr;
             const int rows = static_cast<int>(MinI(mr, r1 - i0));
+            if (fuse_pack) {
+              if (dd == first || !share_a)
+                pack_panel(dd, k0, kb, pi);
+              else
+                share_panel(dd, first, k0, kb, pi);
+            }
             float* cblk = C + i0 * ldc + j0;
             // Every sum starts from +0 at the first k block. Zeroing each panel
             // just before its kernel reads it, rather than the task's whole C up
@@ -626,7 +670,7 @@ void RunTask(void* arg, int64_t task) {
                 for (int j = 0; j < kNB; ++j)
                   ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
             }
-            const int32_t* pk = pkd + pi * kstride * kPackW;
+            const int32_t* pk = pack_of(dd, pi);
             if (pl.strategy == kTiles && pl.bf16) {
               MicroTile<kMR, true>(pk, kb, tiles, ct, ldt);
             } else if (pl.strategy == kTiles) {
