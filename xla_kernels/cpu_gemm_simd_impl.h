@@ -505,7 +505,16 @@ void RunTask(void* arg, int64_t task) {
   // at a time, below), else one per design.
   const int64_t npacks = share_a ? 1 : nd;
   const int64_t nstats = share_b ? 1 : nd;  // b statistics held at once
-  const int64_t pack_words = npanels * kstride * kPackW;
+  // One column block (every output at most kNB wide, e.g. a conv's im2col
+  // GEMM): each panel is packed just before its first kernel call, so its
+  // pack is read back from L1 instead of being written out for the whole row
+  // range first (a 4096-row range at kb = 128 is a 4 MB pack: store and
+  // reload traffic that was a quarter of 8192x576x64). Same packs, same bits.
+  const bool fuse_pack = c1 - c0 <= kNB;
+  // ... and when no other design reads the pack later, every panel reuses one
+  // pack slot, which then stays in L1.
+  const bool pack_slot_reused = fuse_pack && (!share_a || nd == 1);
+  const int64_t pack_words = (pack_slot_reused ? 1 : npanels) * kstride * kPackW;
 
   const size_t tiles_bytes =
       pl.strategy == kTiles ? (size_t{4} << mbits) * static_cast<size_t>(pl.ustride) : 64;
@@ -543,15 +552,6 @@ void RunTask(void* arg, int64_t task) {
   // of a is alive: a stack of widths 7, 5, 3 sharing a 50176x25 a held three
   // 3.2 MB packs per task, and one call over 8 designs took 1.0-1.2x the time
   // of 8 single-design calls (0.7-0.8x with one width).
-  // One column block (every output at most kNB wide, e.g. a conv's im2col
-  // GEMM): each panel is packed just before its first kernel call, so its
-  // pack is read back from L1 instead of being written out for the whole row
-  // range first (a 4096-row range at kb = 128 is a 4 MB pack: store and
-  // reload traffic that was a quarter of 8192x576x64). Same packs, same bits.
-  const bool fuse_pack = c1 - c0 <= kNB;
-  // ... and when no other design reads the pack later, every panel reuses one
-  // pack slot, which then stays in L1.
-  const bool pack_slot_reused = fuse_pack && (!share_a || nd == 1);
   auto pack_of = [&](int64_t dd, int64_t pi) {
     return pk_base + (share_a ? 0 : dd) * pack_words +
            (pack_slot_reused ? 0 : pi) * kstride * kPackW;
