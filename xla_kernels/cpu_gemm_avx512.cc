@@ -215,32 +215,32 @@ __attribute__((optimize("no-tree-vectorize"))) void BuildTilesWide(const uint32_
   }
 }
 
+// BuildTilesM<MB, BF16> for a runtime width 1 <= mbits <= 7.
+template <bool BF16>
+void BuildTilesNarrow(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
+                      void* tiles, int ustride) {
+  switch (mbits) {
+    case 1:
+      return BuildTilesM<1, BF16>(lut, n, ibv, sbv, tiles, ustride);
+    case 2:
+      return BuildTilesM<2, BF16>(lut, n, ibv, sbv, tiles, ustride);
+    case 3:
+      return BuildTilesM<3, BF16>(lut, n, ibv, sbv, tiles, ustride);
+    case 4:
+      return BuildTilesM<4, BF16>(lut, n, ibv, sbv, tiles, ustride);
+    case 5:
+      return BuildTilesM<5, BF16>(lut, n, ibv, sbv, tiles, ustride);
+    case 6:
+      return BuildTilesM<6, BF16>(lut, n, ibv, sbv, tiles, ustride);
+    default:
+      return BuildTilesM<7, BF16>(lut, n, ibv, sbv, tiles, ustride);
+  }
+}
+
 void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
                 float* tiles, int ustride) {
   if (mbits >= 8) return BuildTilesWide(lut, mbits, n, ibv, sbv, tiles, ustride);
-  switch (mbits) {
-    case 1:
-      BuildTilesM<1, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 2:
-      BuildTilesM<2, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 3:
-      BuildTilesM<3, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 4:
-      BuildTilesM<4, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 5:
-      BuildTilesM<5, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 6:
-      BuildTilesM<6, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    default:
-      BuildTilesM<7, false>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-  }
+  BuildTilesNarrow<false>(lut, mbits, n, ibv, sbv, tiles, ustride);
 }
 
 // The bfloat16 tile layout (BuildTilesM<MB, true>) for 1 <= mbits <= 7; n is
@@ -248,29 +248,7 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
 constexpr bool kIsaBf16Tiles = true;
 void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
                     int32_t* tiles, int ustride) {
-  switch (mbits) {
-    case 1:
-      BuildTilesM<1, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 2:
-      BuildTilesM<2, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 3:
-      BuildTilesM<3, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 4:
-      BuildTilesM<4, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 5:
-      BuildTilesM<5, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    case 6:
-      BuildTilesM<6, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-    default:
-      BuildTilesM<7, true>(lut, n, ibv, sbv, tiles, ustride);
-      break;
-  }
+  BuildTilesNarrow<true>(lut, mbits, n, ibv, sbv, tiles, ustride);
 }
 
 // The kernels, instantiated for three column-block widths. Narrow outputs
