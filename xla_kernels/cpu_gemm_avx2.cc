@@ -46,7 +46,6 @@ inline VI AndNotI(VI a, VI b) { return _mm256_andnot_si256(a, b); }
 inline VI SrlI(VI a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SllI(VI a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SrlvI(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
-inline VI SllvI(VI a, VI n) { return _mm256_sllv_epi32(a, n); }
 inline VI CmpEqI(VI a, VI b) { return _mm256_cmpeq_epi32(a, b); }
 inline VI CmpGtI(VI a, VI b) { return _mm256_cmpgt_epi32(a, b); }
 // a > b (signed) ? y : x, lane by lane.

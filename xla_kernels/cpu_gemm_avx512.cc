@@ -44,10 +44,9 @@ inline VI SrlI(VI a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); 
 inline VI SllI(VI a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI MinI32(VI a, VI b) { return _mm512_min_epi32(a, b); }
 inline VI MaxI32(VI a, VI b) { return _mm512_max_epi32(a, b); }
-// Per-lane shifts by the lanes of n (one instruction, unlike SrlI/SllI's
+// Per-lane shift by the lanes of n (one instruction, unlike SrlI's
 // count-register form).
 inline VI SrlvI(VI a, VI n) { return _mm512_srlv_epi32(a, n); }
-inline VI SllvI(VI a, VI n) { return _mm512_sllv_epi32(a, n); }
 // Fast-path acceptance of a's lanes, accumulated over a panel in a mask
 // register (see PackPanelIL): a lane passes if its exponent field ex
 // (x & 0x7f800000) lies in [lo, hi] (unsigned), or ex == 0 and ok0 is all ones.

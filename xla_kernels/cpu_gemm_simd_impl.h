@@ -29,9 +29,16 @@ inline int64_t MaxI(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 
-// Per-k acceptance ranges of a's exponent given the b values of a column range.
-// lo/hi: normal a is fast-path safe iff lo <= ea <= hi; ok0: all-ones if a
-// zero/subnormal a is (no Inf/NaN/huge b at this k).
+// An exponent e as a float32 exponent field (e << 23; 256 << 23 wraps to
+// INT32_MIN, read as unsigned 0x80000000 above every field).
+inline int32_t ExponentField(int64_t e) {
+  return static_cast<int32_t>(static_cast<uint32_t>(e) << 23);
+}
+
+// Per-k acceptance ranges of a's exponent given the b values of a column range,
+// as exponent fields (ExponentField), compared with a & 0x7f800000 in place:
+// normal a is fast-path safe iff lo <= ExponentField(ea) <= hi; ok0: all-ones
+// if a zero/subnormal a is (no Inf/NaN/huge b at this k).
 void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t c1, int32_t* lo,
             int32_t* hi, int32_t* ok0) {
   const VI vff = Set1I(0xff);
@@ -56,19 +63,19 @@ void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t
       mx = e > mx ? e : mx;
     }
     if (mx >= 254) {  // Inf/NaN or a huge b: no fast path at this k at all
-      lo[kk] = 256;
-      hi[kk] = 0;
+      lo[kk] = ExponentField(256);
+      hi[kk] = ExponentField(0);
       ok0[kk] = 0;
     } else {
-      lo[kk] = static_cast<int32_t>(MaxI(1, 128 - mn));
-      hi[kk] = static_cast<int32_t>(MinI(254, 380 - mx));
+      lo[kk] = ExponentField(MaxI(1, 128 - mn));
+      hi[kk] = ExponentField(MinI(254, 380 - mx));
       ok0[kk] = -1;
     }
   }
   // Padding up to a whole vector: accept anything (the pads are never read).
   for (int kk = kb; kk < RoundUp(kb, kVL); ++kk) {
-    lo[kk] = 0;
-    hi[kk] = 255;
+    lo[kk] = ExponentField(0);
+    hi[kk] = ExponentField(255);
     ok0[kk] = -1;
   }
 }
@@ -87,27 +94,24 @@ constexpr int kPackW = 16;
 // two (kb and kNB are), so u * ustride is a shift of the mantissa bits; the
 // scale is x & 0xff800000 for every x (a zero or subnormal x has a zero
 // exponent field, so that is its signed zero); the range check compares the
-// exponent field in place against lo / hi shifted once per 16 k.
+// exponent field in place against BStats' bounds.
 inline int Log2Floor(int x) {
   int l = 0;
   while ((2 << l) <= x) ++l;
   return l;
 }
-inline VI ShiftedExponentBounds(const int32_t* v) { return SllI(LoadI(v), 23); }
 
 bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits, int ustride,
                  int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk) {
   const int mshift = 23 - mbits;
   const int lg = Log2Floor(ustride);
-  const bool pow2 = ustride == (1 << lg);
-  // offset = ((x >> mshift) & umask) << lg, as one shift and a mask when the
-  // index bits move right (always, for the widths and strides used here).
-  const bool one_shift = pow2 && mshift >= lg;
-  const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
-  const VI vomask = Set1I(static_cast<int32_t>(((1u << mbits) - 1u) << (one_shift ? lg : 0)));
-  const VI vshift = Set1I(one_shift ? mshift - lg : mshift);
-  const VI vlg = Set1I(lg);
-  const VI vus = Set1I(ustride);
+  // offset = ((x >> mshift) & umask) << lg = (x >> (mshift - lg)) & (umask << lg).
+  // Every stride used is a power of two with lg <= mshift (tiles: kb * kNB
+  // (/ 2) <= 2^14 at M <= 7; gathers: 2^M at M <= 11); anything else would
+  // take the exact scalar path rather than a slower pack.
+  if (ustride != (1 << lg) || lg > mshift) return false;
+  const VI vomask = Set1I(static_cast<int32_t>(((1u << mbits) - 1u) << lg));
+  const VI vshift = Set1I(mshift - lg);
   const VI vexp = Set1I(0x7f800000);
   const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
   const VI vzero = Set1I(0);
@@ -117,8 +121,7 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
   for (int kk = 0; kk < kb; kk += kVL) {
     const int n = static_cast<int>(MinI(kVL, kb - kk));
     // Lanes kk >= kb load zeros (and the padded lo/hi/ok0 accept them).
-    const VI vlo = ShiftedExponentBounds(lo + kk), vhi = ShiftedExponentBounds(hi + kk);
-    const VI vok0 = LoadI(ok0 + kk);
+    const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
     VI o[8], s[8];
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) {
@@ -129,14 +132,7 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
       }
       const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
-      VI off;
-      if (one_shift) {
-        off = AndI(SrlvI(x, vshift), vomask);
-      } else {
-        const VI u = AndI(SrlvI(x, vshift), vumask);
-        off = pow2 ? SllvI(u, vlg) : MulLoI(u, vus);
-      }
-      o[r] = AddI(off, vkk);
+      o[r] = AddI(AndI(SrlvI(x, vshift), vomask), vkk);
       s[r] = AndI(x, vsignexp);
       ok = OkUpdate(ok, AndI(x, vexp), vlo, vhi, vok0);
     }
@@ -154,8 +150,7 @@ bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const in
   OkAcc ok = OkInit();
   for (int kk = 0; kk < kb; kk += kVL) {
     const int n = static_cast<int>(MinI(kVL, kb - kk));
-    const VI vlo = ShiftedExponentBounds(lo + kk), vhi = ShiftedExponentBounds(hi + kk);
-    const VI vok0 = LoadI(ok0 + kk);
+    const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
     for (int r = 0; r < rows; ++r) {
       const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
@@ -170,10 +165,7 @@ bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const in
 void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int cols, int mbits,
                 int32_t* ibv, float* sbv) {
   const VI vumask = Set1I(static_cast<int32_t>((1u << mbits) - 1u));
-  const VI vff = Set1I(0xff);
   const VI vsignexp = Set1I(static_cast<int32_t>(0xff800000u));
-  const VI vsign = Set1I(static_cast<int32_t>(0x80000000u));
-  const VI vzero = Set1I(0);
   for (int kk = 0; kk < kb; ++kk) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(b + (k0 + kk) * ldb + j0);
     int32_t* ib = ibv + kk * kNB;
@@ -183,9 +175,9 @@ void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int
       // Lanes j >= cols load +0: index 0, scale +0.
       const VI x =
           n == kVL ? LoadI(reinterpret_cast<const int32_t*>(row + j)) : LoadPartialI(row + j, n);
-      const VI e = AndI(SrlI(x, 23), vff);
       StoreI(ib + j, AndI(SrlI(x, 23 - mbits), vumask));
-      StoreF(sb + j, CastF(BlendI(AndI(x, vsignexp), AndI(x, vsign), CmpEqI(e, vzero))));
+      // A zero or subnormal x has a zero exponent field: this is its signed zero.
+      StoreF(sb + j, CastF(AndI(x, vsignexp)));
     }
   }
 }
@@ -547,11 +539,6 @@ void RunTask(void* arg, int64_t task) {
   };
 
   const int kkmul = pl.strategy == kTiles ? (pl.bf16 ? kNB / 2 : kNB) : 0;
-  // With a shared, the designs run in one pass per width (each design's sums
-  // still go over k in order; designs are independent), so that only one pack
-  // of a is alive: a stack of widths 7, 5, 3 sharing a 50176x25 a held three
-  // 3.2 MB packs per task, and one call over 8 designs took 1.0-1.2x the time
-  // of 8 single-design calls (0.7-0.8x with one width).
   auto pack_of = [&](int64_t dd, int64_t pi) {
     return pk_base + (share_a ? 0 : dd) * pack_words +
            (pack_slot_reused ? 0 : pi) * kstride * kPackW;
@@ -587,6 +574,19 @@ void RunTask(void* arg, int64_t task) {
     panel_ok[dd * npanels + pi] =
         PanelOk(a_of(dd) + i0 * lda, lda, rows, k0, kb, st, st + kstride, st + 2 * kstride);
   };
+  // Panel pi of design dd ready for its kernel: packed by the pass's first
+  // design (or by every design when a is not shared), checked by the others.
+  auto prepare_panel = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi) {
+    if (dd == first || !share_a)
+      pack_panel(dd, k0, kb, pi);
+    else
+      share_panel(dd, first, k0, kb, pi);
+  };
+  // With a shared, the designs run in one pass per width (each design's sums
+  // still go over k in order; designs are independent), so that only one pack
+  // of a is alive: a stack of widths 7, 5, 3 sharing a 50176x25 a held three
+  // 3.2 MB packs per task, and one call over 8 designs took 1.0-1.2x the time
+  // of 8 single-design calls (0.7-0.8x with one width).
   for (int64_t pass = 0; pass < (share_a ? nwidths : 1); ++pass) {
     auto in_pass = [&](int64_t dd) { return !share_a || slot_of[bits_of(dd)] == pass; };
     for (int64_t k0 = kbeg; k0 < K; k0 += KB) {
@@ -600,13 +600,10 @@ void RunTask(void* arg, int64_t task) {
           int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
           BStats(b_of(dd), ldb, k0, kb, c0, c1, st, st + kstride, st + 2 * kstride);
         }
-        if (first < 0 || !share_a) {
-          first = first < 0 ? dd : first;
-          if (!fuse_pack)
-            for (int64_t pi = 0; pi < npanels; ++pi) pack_panel(dd, k0, kb, pi);
-        } else if (!fuse_pack) {
-          for (int64_t pi = 0; pi < npanels; ++pi) share_panel(dd, first, k0, kb, pi);
-        }
+        if (first < 0) first = dd;
+        // (With fuse_pack the kernel loop below prepares each panel.)
+        if (!fuse_pack)
+          for (int64_t pi = 0; pi < npanels; ++pi) prepare_panel(dd, first, k0, kb, pi);
       }
       for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
         const int cols = static_cast<int>(MinI(kNB, c1 - j0));
@@ -636,12 +633,7 @@ void RunTask(void* arg, int64_t task) {
           for (int64_t pi = 0; pi < npanels; ++pi) {
             const int64_t i0 = r0 + pi * mr;
             const int rows = static_cast<int>(MinI(mr, r1 - i0));
-            if (fuse_pack) {
-              if (dd == first || !share_a)
-                pack_panel(dd, k0, kb, pi);
-              else
-                share_panel(dd, first, k0, kb, pi);
-            }
+            if (fuse_pack) prepare_panel(dd, first, k0, kb, pi);
             float* cblk = C + i0 * ldc + j0;
             // Every sum starts from +0 at the first k block. Zeroing each panel
             // just before its kernel reads it, rather than the task's whole C up
