@@ -78,18 +78,6 @@ inline VI LoadPartialI(const uint32_t* p, int n) {
   return _mm256_maskload_epi32(reinterpret_cast<const int*>(p), mask);
 }
 
-// Writes records 0..n-1 of the interleaved pack (see kPackW): record t is
-// {o[0][t], .., o[7][t], s[0][t], .., s[7][t]}.
-inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
-  alignas(32) int32_t tmp[16][kVL];
-  for (int i = 0; i < 8; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp[i]), o[i]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp[8 + i]), s[i]);
-  }
-  for (int t = 0; t < n; ++t)
-    for (int i = 0; i < 16; ++i) pk[t * 16 + i] = tmp[i][t];
-}
-
 // tiles[u * ustride + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
 // n = kb * kNB floats per u.
 void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,

@@ -86,39 +86,6 @@ inline VI LoadPartialI(const uint32_t* p, int n) {
   return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1u), p);
 }
 
-// Writes records 0..n-1 of the interleaved pack (see kPackW): record t is
-// {o[0][t], .., o[7][t], s[0][t], .., s[7][t]}, a 16x16 transpose.
-inline void StoreInterleaved(const VI* o, const VI* s, int32_t* pk, int n) {
-  VI r[16], t[16];
-  for (int i = 0; i < 8; ++i) {
-    r[i] = o[i];
-    r[8 + i] = s[i];
-  }
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // r[4g + c]: column c (+4, +8, +12 in the 128-bit blocks) of rows 4g..4g+3.
-  for (int g = 0; g < 4; ++g) {
-    r[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const VI x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);  // cols c, c+8 of rows 0..7
-    const VI x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);  // cols c+4, c+12
-    const VI x2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    const VI x3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
-    const VI cols[4] = {_mm512_shuffle_i32x4(x0, x2, 0x88), _mm512_shuffle_i32x4(x1, x3, 0x88),
-                        _mm512_shuffle_i32x4(x0, x2, 0xdd), _mm512_shuffle_i32x4(x1, x3, 0xdd)};
-    for (int q = 0; q < 4; ++q) {
-      const int col = c + 4 * q;
-      if (col < n) _mm512_storeu_si512(pk + col * 16, cols[q]);
-    }
-  }
-}
-
 // One LUT row (2^MB kernel-format entries) held in registers, looked up
 // 16 lanes at a time with permutes instead of a gather (gathers are
 // microcoded on current x86 cores with the GDS mitigation).

@@ -80,12 +80,21 @@ void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t
   }
 }
 
-// Interleaved panel pack: for each kk one 64-byte record of kPackW int32
-// words: tile/LUT offsets of rows 0..7 in words 0..7, the bits of their float
-// scales in words 8..15 (rows >= the panel's row count hold 0 / +0.0f).
+// Panel pack, in blocks of kVL consecutive k: block kk / kVL holds kPackW
+// rows of kVL int32 words each: the tile/LUT offsets of panel rows 0..7 in
+// rows 0..7, the bits of their float scales in rows 8..15 (panel rows >= the
+// panel's row count hold 0 / +0.0f; the lanes past kb of the last block are
+// never read). One pointer at PackAt(pk, kk) reaches row r's offset at
+// q[r * kVL] and its scale at q[(8 + r) * kVL]: constant displacements, so the
+// micro-kernels walk the pack with one register, and PackPanelIL stores each
+// row's vector of kVL values as it is (an interleaved per-k record needed a
+// 16x16 transpose per block: 6-11% of a GEMM with 64 columns).
 constexpr int kPackW = 16;
+inline const int32_t* PackAt(const int32_t* pk, int kk) {
+  return pk + (kk / kVL) * (kPackW * kVL) + kk % kVL;
+}
 
-// PackPanel straight into the interleaved layout (kPackW words per kk):
+// PackPanel straight into the blocked layout (kPackW words per kk):
 // offsets u * ustride + kk * kkmul and scales of `rows` (<= 8) rows of
 // a[:, k0:k0+kb]. Returns whether every element is fast-path safe.
 //
@@ -101,8 +110,15 @@ inline int Log2Floor(int x) {
   return l;
 }
 
+//
+// `ahead` (ahead_rows rows, may be 0) is a later panel's a, whose strip
+// a[:, k0:k0+kb] is prefetched a line per row and vector step: the strip of a
+// long row is a pattern the hardware prefetchers do not follow, and spreading
+// the prefetches over the loop keeps the line fill buffers from filling up
+// (a burst of them per panel stalled the pack: 7% of 8192x576x64).
 bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits, int ustride,
-                 int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk) {
+                 int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk,
+                 const float* ahead, int ahead_rows) {
   const int mshift = 23 - mbits;
   const int lg = Log2Floor(ustride);
   // offset = ((x >> mshift) & umask) << lg = (x >> (mshift - lg)) & (umask << lg).
@@ -131,12 +147,18 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
         continue;
       }
       const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
+      if (r < ahead_rows && kk % 16 == 0) __builtin_prefetch(ahead + r * lda + k0 + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
       o[r] = AddI(AndI(SrlvI(x, vshift), vomask), vkk);
       s[r] = AndI(x, vsignexp);
       ok = OkUpdate(ok, AndI(x, vexp), vlo, vhi, vok0);
     }
-    StoreInterleaved(o, s, pk + kk * kPackW, n);
+    int32_t* blk = pk + kk * kPackW;  // kk is a multiple of kVL
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      StoreI(blk + r * kVL, o[r]);
+      StoreI(blk + (8 + r) * kVL, s[r]);
+    }
     vkk = AddI(vkk, vstep);
   }
   return OkAll(ok);
@@ -244,12 +266,12 @@ inline void MicroTile(const int32_t* pk, int kb, const void* tiles, float* c, in
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
-    const int32_t* q = pk + kk * kPackW;
-    const float* qs = reinterpret_cast<const float*>(q + 8);
+    const int32_t* q = PackAt(pk, kk);
+    const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(qs[r]);
-      const uint32_t off = static_cast<uint32_t>(q[r]);
+      const VF s = Set1F(qs[r * kVL]);
+      const uint32_t off = static_cast<uint32_t>(q[r * kVL]);
       if constexpr (BF16) {
         const int32_t* bp = static_cast<const int32_t*>(tiles) + off;
 #pragma GCC unroll 16
@@ -303,8 +325,8 @@ inline void MicroLookup(const int32_t* pk, int kb, const uint32_t* lut, const in
   const VI one_exp = Set1I(127 << 23);
   LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
-    const int32_t* q = pk + kk * kPackW;
-    const float* qs = reinterpret_cast<const float*>(q + 8);
+    const int32_t* q = PackAt(pk, kk);
+    const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
     VI ib[kNV];
     VF sb[kNV];
 #pragma GCC unroll 16
@@ -314,8 +336,8 @@ inline void MicroLookup(const int32_t* pk, int kb, const uint32_t* lut, const in
     }
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(qs[r]);
-      const Row row = LoadRow(lut + q[r], static_cast<Row*>(nullptr));
+      const VF s = Set1F(qs[r * kVL]);
+      const Row row = LoadRow(lut + q[r * kVL], static_cast<Row*>(nullptr));
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) {
         const VF lf = CastF(AddI(Lookup(row, ib[v]), one_exp));
@@ -368,8 +390,8 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
   const VI vch = Set1I(cu >> 1);
   LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
-    const int32_t* q = pk + kk * kPackW;
-    const float* qs = reinterpret_cast<const float*>(q + 8);
+    const int32_t* q = PackAt(pk, kk);
+    const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
     VI col[kNV];
     VF sb[kNV];
 #pragma GCC unroll 16
@@ -382,8 +404,8 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
     }
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(qs[r]);
-      const int32_t ia = q[r] >> mbits;  // gather packs hold ia << M
+      const VF s = Set1F(qs[r * kVL]);
+      const int32_t ia = q[r * kVL] >> mbits;  // gather packs hold ia << M
       VI rowv;
       if (FAM == kFamilyMitchell) rowv = Set1I((ia << sh) + (127 << 23));
       if (FAM == kFamilyTruncate) rowv = Set1I((127 << 23) | (ia << sh));
@@ -549,18 +571,13 @@ void RunTask(void* arg, int64_t task) {
     const int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
     const int64_t i0 = r0 + pi * mr;
     const int rows = static_cast<int>(MinI(mr, r1 - i0));
-    // The k block of a row is a short strip (KB floats) of a long row: the
-    // hardware prefetchers do not follow this pattern, so fetch ahead.
-    if (pi + kPackAhead < npanels) {
-      const float* pa = A + (i0 + kPackAhead * mr) * lda + k0;
-      const int prow = static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr)));
-      for (int r = 0; r < prow; ++r)
-        for (int kk = 0; kk < kb; kk += 16) __builtin_prefetch(pa + r * lda + kk);
-    }
+    const bool more = pi + kPackAhead < npanels;
+    const int ahead_rows = more ? static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr))) : 0;
     panel_ok[dd * npanels + pi] =
         PackPanelIL(A + i0 * lda, lda, rows, k0, kb, bits_of(dd),
                     pl.strategy == kTiles ? pl.ustride : (1 << bits_of(dd)), kkmul, st,
-                    st + kstride, st + 2 * kstride, pack_of(dd, pi));
+                    st + kstride, st + 2 * kstride, pack_of(dd, pi),
+                    A + (more ? i0 + kPackAhead * mr : i0) * lda, ahead_rows);
   };
   // Acceptance of panel pi for design dd, whose a is the shared pack of design first.
   auto share_panel = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi) {
