@@ -99,7 +99,7 @@ inline const int32_t* PackAt(const int32_t* pk, int kk) {
 // a[:, k0:k0+kb]. Returns whether every element is fast-path safe.
 //
 // Per element this is a handful of single-instruction vector operations (it
-// is a quarter of the time of a GEMM with 64 columns): ustride is a power of
+// is still a sixth of the time of a GEMM with 64 columns): ustride is a power of
 // two (kb and kNB are), so u * ustride is a shift of the mantissa bits; the
 // scale is x & 0xff800000 for every x (a zero or subnormal x has a zero
 // exponent field, so that is its signed zero); the range check compares the
@@ -265,28 +265,32 @@ inline void MicroTile(const int32_t* pk, int kb, const void* tiles, float* c, in
   VF acc[MR][kNV];
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   LoadAcc<MR>(acc, c, ldc);
-  for (int kk = 0; kk < kb; ++kk) {
-    const int32_t* q = PackAt(pk, kk);
-    const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
+  // Block by block of the pack, so that its pointer just steps a word.
+  for (int kk0 = 0; kk0 < kb; kk0 += kVL) {
+    const int32_t* q = pk + kk0 * kPackW;
+    const int32_t* const q_end = q + MinI(kVL, kb - kk0);
+    for (; q < q_end; ++q) {
+      const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const VF s = Set1F(qs[r * kVL]);
-      const uint32_t off = static_cast<uint32_t>(q[r * kVL]);
-      if constexpr (BF16) {
-        const int32_t* bp = static_cast<const int32_t*>(tiles) + off;
+      for (int r = 0; r < MR; ++r) {
+        const VF s = Set1F(qs[r * kVL]);
+        const uint32_t off = static_cast<uint32_t>(q[r * kVL]);
+        if constexpr (BF16) {
+          const int32_t* bp = static_cast<const int32_t*>(tiles) + off;
 #pragma GCC unroll 16
-        for (int h = 0; h < kNV / 2; ++h) {
-          VI x = LoadI(bp + h * kVL);
-          // One load for both halves (GCC would otherwise fold the load into
-          // both the shift and the mask: twice the loads).
-          asm("" : "+v"(x));
-          acc[r][2 * h] = FmaF(s, CastF(ShlI16(x)), acc[r][2 * h]);
-          acc[r][2 * h + 1] = FmaF(s, CastF(AndI(x, high_half)), acc[r][2 * h + 1]);
+          for (int h = 0; h < kNV / 2; ++h) {
+            VI x = LoadI(bp + h * kVL);
+            // One load for both halves (GCC would otherwise fold the load into
+            // both the shift and the mask: twice the loads).
+            asm("" : "+v"(x));
+            acc[r][2 * h] = FmaF(s, CastF(ShlI16(x)), acc[r][2 * h]);
+            acc[r][2 * h + 1] = FmaF(s, CastF(AndI(x, high_half)), acc[r][2 * h + 1]);
+          }
+        } else {
+          const float* bp = static_cast<const float*>(tiles) + off;
+#pragma GCC unroll 16
+          for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
         }
-      } else {
-        const float* bp = static_cast<const float*>(tiles) + off;
-#pragma GCC unroll 16
-        for (int v = 0; v < kNV; ++v) acc[r][v] = FmaF(s, LoadF(bp + v * kVL), acc[r][v]);
       }
     }
   }
