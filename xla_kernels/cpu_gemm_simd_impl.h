@@ -777,24 +777,34 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   // done once per task); the (row, column) split is then chosen as for one
   // design, and the designs are split into groups only when that leaves too
   // few tasks for the threads.
-  const int64_t target = MaxI(2, 2 * static_cast<int64_t>(HardwareThreads()));
+  const int64_t threads = HardwareThreads();
   pl.share_a = p.a_design_stride == 0;
   pl.share_b = p.b_design_stride == 0;
   pl.share_tiles = pl.share_b && p.lut_design_stride == 0;
   const bool group = g_no_design_sharing == 0 && p.designs > 1 && (pl.share_a || pl.share_b) &&
                      ks.prob_begin == 0 && ks.probs == p.designs * p.batch;
   const int64_t units0 = group ? p.batch : problems;
-  const int64_t split = CeilDiv(target, units0 * ks.chunks);
   const int64_t nbk = CeilDiv(p.n, kNB);
-  int64_t ncc = MinI(split, nbk);
-  pl.cols_per = CeilDiv(nbk, ncc) * kNB;
-  ncc = CeilDiv(p.n, pl.cols_per);
   const int64_t min_rows = strategy == kTiles ? MaxI(pl.mr, usize * g_min_rows_mul) : pl.mr * 4;
-  int64_t nrc = MinI(CeilDiv(split, ncc), MaxI(1, p.m / min_rows));
+  int64_t ncc = 0, nrc = 0;
+  auto split_for = [&](int64_t target) {
+    const int64_t split = CeilDiv(target, units0 * ks.chunks);
+    ncc = MinI(split, nbk);
+    pl.cols_per = CeilDiv(nbk, ncc) * kNB;
+    ncc = CeilDiv(p.n, pl.cols_per);
+    nrc = MinI(CeilDiv(split, ncc), MaxI(1, p.m / min_rows));
+  };
+  // About two tasks per thread (slack for a busy machine), unless that cuts
+  // the rows into chunks so short that the tiles every row chunk builds for
+  // itself (2^M per k block and column block) are a sizeable part of its
+  // work (fewer than 64 * 2^M rows): one task per thread then. 2 threads,
+  // M = 7: 8192x576x64 6.5 -> 5.9 ms, 12544x800x64 (LeNet-5 conv 2) 13.2 -> 12.0 ms.
+  const int64_t target = MaxI(2, 2 * threads);
+  split_for(target);
+  if (strategy == kTiles && nrc > 1 && CeilDiv(p.m, nrc) < 64 * usize) split_for(threads);
   // Fewer tasks than threads: shorter row chunks (each rebuilding its tiles)
   // beat idle threads. 800x2548x32 M=7 (a conv weight gradient) ran as one
   // task: 4.6 ms on 2 threads, 2.6 ms as two.
-  const int64_t threads = HardwareThreads();
   if (units0 * ks.chunks * ncc * nrc < threads) {
     const int64_t floor_rows = strategy == kTiles ? MaxI(pl.mr, usize / 2) : pl.mr;
     nrc = MaxI(nrc, MinI(CeilDiv(threads, units0 * ks.chunks * ncc), p.m / floor_rows));
