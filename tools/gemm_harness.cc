@@ -666,6 +666,7 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_TILE_BYTES")) gemm_internal::g_tile_budget = std::atoll(e);
   if (const char* e = std::getenv("GEMM_NO_SHARING")) gemm_internal::g_no_design_sharing = std::atoi(e);
   if (const char* e = std::getenv("GEMM_MIN_ROWS_MUL")) gemm_internal::g_min_rows_mul = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_WIDTH")) gemm_internal::g_force_width = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
     shapes.clear();
     std::string str = e;
