@@ -94,6 +94,12 @@ inline const int32_t* PackAt(const int32_t* pk, int kk) {
   return pk + (kk / kVL) * (kPackW * kVL) + kk % kVL;
 }
 
+inline int Log2Floor(int x) {
+  int l = 0;
+  while ((2 << l) <= x) ++l;
+  return l;
+}
+
 // PackPanel straight into the blocked layout (kPackW words per kk):
 // offsets u * ustride + kk * kkmul and scales of `rows` (<= 8) rows of
 // a[:, k0:k0+kb]. Returns whether every element is fast-path safe.
@@ -104,18 +110,13 @@ inline const int32_t* PackAt(const int32_t* pk, int kk) {
 // scale is x & 0xff800000 for every x (a zero or subnormal x has a zero
 // exponent field, so that is its signed zero); the range check compares the
 // exponent field in place against BStats' bounds.
-inline int Log2Floor(int x) {
-  int l = 0;
-  while ((2 << l) <= x) ++l;
-  return l;
-}
-
 //
-// `ahead` (ahead_rows rows, may be 0) is a later panel's a, whose strip
-// a[:, k0:k0+kb] is prefetched a line per row and vector step: the strip of a
-// long row is a pattern the hardware prefetchers do not follow, and spreading
-// the prefetches over the loop keeps the line fill buffers from filling up
-// (a burst of them per panel stalled the pack: 7% of 8192x576x64).
+// `ahead` (ahead_rows rows; null when 0) is a later panel's a, whose strip
+// a[:, k0:k0+kb] is prefetched one 64-byte line (16 floats) per row as the
+// loop passes it: the strip of a long row is a pattern the hardware
+// prefetchers do not follow, and spreading the prefetches over the loop keeps
+// the line fill buffers from filling up (a burst of them per panel stalled
+// the pack: 7% of 8192x576x64).
 bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits, int ustride,
                  int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk,
                  const float* ahead, int ahead_rows) {
@@ -575,13 +576,13 @@ void RunTask(void* arg, int64_t task) {
     const int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
     const int64_t i0 = r0 + pi * mr;
     const int rows = static_cast<int>(MinI(mr, r1 - i0));
-    const bool more = pi + kPackAhead < npanels;
-    const int ahead_rows = more ? static_cast<int>(MinI(mr, r1 - (i0 + kPackAhead * mr))) : 0;
+    const int64_t i_ahead = i0 + kPackAhead * mr;  // panel pi + kPackAhead, if any
+    const int ahead_rows = static_cast<int>(MaxI(0, MinI(mr, r1 - i_ahead)));
     panel_ok[dd * npanels + pi] =
         PackPanelIL(A + i0 * lda, lda, rows, k0, kb, bits_of(dd),
                     pl.strategy == kTiles ? pl.ustride : (1 << bits_of(dd)), kkmul, st,
                     st + kstride, st + 2 * kstride, pack_of(dd, pi),
-                    A + (more ? i0 + kPackAhead * mr : i0) * lda, ahead_rows);
+                    ahead_rows > 0 ? A + i_ahead * lda : nullptr, ahead_rows);
   };
   // Acceptance of panel pi for design dd, whose a is the shared pack of design first.
   auto share_panel = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi) {
