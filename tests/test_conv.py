@@ -199,6 +199,32 @@ def test_fp32_negative_padding_matches_reference(padding, lhs_dil):
     np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-6, atol=1e-5)
 
 
+def test_positional_arguments_follow_lax_order():
+    # A positional lax.conv_general_dilated call carries over by inserting the
+    # multiplier: (window_strides, padding, lhs_dilation, rhs_dilation,
+    # dimension_numbers, feature_group_count, ...).
+    x = _data((2, 4, 9, 8), 7)  # NCHW
+    w = _data((6, 2, 3, 3), 8)  # OIHW, 2 groups
+    args = ((2, 1), ((1, 0), (2, 1)), (1, 2), (2, 1), ("NCHW", "OIHW", "NCHW"), 2)
+    assert approx_conv(x, w, "fp32", *args).shape == lax.conv_general_dilated(x, w, *args).shape
+    m = mult_lib.mbm(5)
+    got = approx_conv(x, w, m, *args)
+    want = approx_conv(
+        x,
+        w,
+        m,
+        window_strides=args[0],
+        padding=args[1],
+        lhs_dilation=args[2],
+        rhs_dilation=args[3],
+        dimension_numbers=args[4],
+        feature_group_count=args[5],
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(TypeError):
+        approx_conv(x, w, m, *args, 1, None, None, "exact")  # backward is keyword-only
+
+
 def test_nchw_oihw_dimension_numbers():
     m = mult_lib.mitchell(5)
     x = _data((2, 4, 7, 6), 5)  # NCHW

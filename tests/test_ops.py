@@ -211,6 +211,38 @@ def test_approx_matmul_matches_reference(a_shape, b_shape):
     _assert_within_bound(got, ref, abs_sum, a_shape[-1])
 
 
+@pytest.mark.parametrize(
+    "a_shape,b_shape",
+    [((6,), (6,)), ((6,), (3, 6, 4)), ((5, 6), (6,)), ((2, 5, 6), (6,)), ((6,), (6, 4))],
+)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_vector_operands_follow_jnp_matmul(a_shape, b_shape, stacked):
+    # A 1-D operand is the 2-D product with a unit axis, dropped afterwards
+    # (jnp.matmul / jnp.dot): the same products and sums, so the same bits.
+    m = multipliers.stack([multipliers.mbm(7), multipliers.mitchell(5)]) if stacked else "mbm7"
+    rng = np.random.default_rng(8)
+    a = _values(rng, a_shape)
+    b = _values(rng, b_shape)
+    got = approx_jax.approx_matmul(a, b, m)
+    lead = (2,) if stacked else ()
+    assert got.shape == lead + jnp.matmul(a, b).shape
+    full = approx_jax.approx_matmul(
+        a[None, :] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b, m
+    )
+    if b.ndim == 1:
+        full = full[..., 0]
+    if a.ndim == 1:
+        full = full[..., 0, :] if b.ndim > 1 else full[..., 0]
+    _assert_bits_equal(got, full)
+    if len(b_shape) == 1:
+        dot = approx_jax.approx_dot(a, b, m)
+        assert dot.shape == lead + jnp.dot(a, b).shape
+        _assert_bits_equal(dot, approx_jax.approx_dot(a, b[:, None], m)[..., 0])
+    # Gradients flow through the unit axes like any reshape.
+    g = jax.grad(lambda a, b: approx_jax.approx_matmul(a, b, "mbm7").sum(), argnums=(0, 1))(a, b)
+    assert g[0].shape == a.shape and g[1].shape == b.shape
+
+
 def test_operand_order_matters():
     m = multipliers.mitchell(3)
     # Asymmetric random LUT: swapping operands changes the products.
@@ -392,7 +424,13 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="contracting"):
         approx_jax.approx_dot(x, np.ones((4, 2), np.float32), m)
     with pytest.raises(ValueError, match="w"):
-        approx_jax.approx_dot(x, np.ones((3,), np.float32), m)
+        approx_jax.approx_dot(x, np.ones((3, 2, 1), np.float32), m)
+    with pytest.raises(ValueError, match="contracting"):
+        approx_jax.approx_dot(x, np.ones((4,), np.float32), m)
+    with pytest.raises(ValueError, match="contracting"):
+        approx_jax.approx_matmul(np.ones(3, np.float32), np.ones((2, 4, 5), np.float32), m)
+    with pytest.raises(ValueError, match="rank"):
+        approx_jax.approx_matmul(np.float32(2.0), np.ones((3, 2), np.float32), m)
     with pytest.raises(ValueError, match="backward"):
         approx_jax.approx_dot(x, np.ones((3, 2), np.float32), m, backward="nope")
     with pytest.raises(TypeError, match="multiplier"):

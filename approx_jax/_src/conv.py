@@ -482,17 +482,17 @@ def approx_conv(
     x,
     kernel,
     multiplier,
-    *,
     window_strides: Sequence[int] | int | None = None,
     padding: str | Sequence[tuple[int, int]] = "SAME",
     lhs_dilation: Sequence[int] | int | None = None,
     rhs_dilation: Sequence[int] | int | None = None,
+    dimension_numbers: Any = None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
-    dimension_numbers: Any = None,
-    backward: str = "approx",
     precision: Any = None,
     preferred_element_type: Any = None,
+    *,
+    backward: str = "approx",
 ) -> jax.Array:
     """N-d convolution with every product simulated (SPEC sections 2 and 5).
 
@@ -501,7 +501,9 @@ def approx_conv(
     ``multiplier`` (input = operand ``a``, kernel weight = operand ``b``); the
     sums are float32 in a fixed order. 1-D, 2-D and 3-D (any N-d) convolutions,
     strides, SAME/VALID/explicit padding, input and kernel dilation and
-    feature groups (including depthwise) are supported.
+    feature groups (including depthwise) are supported. The arguments after
+    ``multiplier`` are ``lax.conv_general_dilated``'s, in its order, so a
+    positional lax call carries over by inserting the multiplier.
 
     Gradients follow SPEC section 5: with ``backward="approx"`` the input
     gradient uses products ``P(dy, weight)`` and the kernel gradient
@@ -561,6 +563,7 @@ def approx_conv(
       >>> x = jnp.ones((8, 28, 28, 1))
       >>> w = jnp.ones((5, 5, 1, 32)) * 0.1
       >>> y = approx_conv(x, w, "mbm7", padding="SAME")  # [8, 28, 28, 32]
+      >>> y = approx_conv(x, w, "mbm7", (2, 2), "VALID")  # lax order: [8, 12, 12, 32]
     """
     lhs, rhs = x, kernel
     m = ops.resolve_multiplier(multiplier)

@@ -267,7 +267,8 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
 
     Args:
       x: floating array ``[..., K]`` (activations).
-      w: floating array ``[K, N]`` (weights).
+      w: floating array ``[K, N]`` (weights), or ``[K]`` (a matrix-vector
+        product, as ``jnp.dot``: the result then has no ``N`` axis).
       multiplier: a ``Multiplier`` or a name such as ``"mbm7"``. A stacked
         multiplier of D designs gives a result with a leading axis of size D
         (computed in one custom call).
@@ -276,7 +277,8 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
       precision: precision of the native op when the multiplier is exact.
 
     Returns:
-      ``[..., N]`` (``[D, ..., N]`` for a stack) in the promoted input dtype.
+      ``[..., N]`` (``[...]`` for a vector ``w``; ``[D, ...]`` for a stack) in
+      the promoted input dtype.
 
     Example:
       >>> y = approx_dot(x, w, approx_jax.multipliers.mbm(7))
@@ -287,8 +289,8 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
     w = check_float("w", w)
     if x.ndim < 1:
         raise ValueError(f"x must have rank >= 1 ([..., K]), got shape {x.shape}")
-    if w.ndim != 2:
-        raise ValueError(f"w must have rank 2 ([K, N]), got shape {w.shape}")
+    if w.ndim not in (1, 2):
+        raise ValueError(f"w must have rank 1 ([K]) or 2 ([K, N]), got shape {w.shape}")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(
             f"contracting dimensions differ: x has K={x.shape[-1]} (shape {x.shape}), "
@@ -297,6 +299,8 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if m.is_exact:
         return jnp.dot(x, w, precision=precision if precision is not None else _HIGHEST)
+    if w.ndim == 1:  # matrix-vector: the same products and sums as one column
+        return approx_dot(x, w[:, None], m, backward)[..., 0]
     if m.is_stack:
         return _over_stack(lambda one: approx_dot(x, w, one, backward), m)
     lead = x.shape[:-1]
@@ -322,28 +326,49 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
     """Batched matrix product ``a @ b`` with simulated products (attention case).
 
     Broadcasts leading batch dimensions like ``jnp.matmul``; ``a`` supplies
-    operand ``a`` of every product.
+    operand ``a`` of every product. As in ``jnp.matmul``, a 1-D ``a`` is a
+    row vector and a 1-D ``b`` a column vector, whose unit axis is dropped
+    from the result.
 
     Args:
-      a: floating array ``[..., M, K]``.
-      b: floating array ``[..., K, N]``.
+      a: floating array ``[..., M, K]`` or ``[K]``.
+      b: floating array ``[..., K, N]`` or ``[K]``.
       multiplier: a ``Multiplier`` or a name such as ``"mbm7"`` (a stack gives a
         leading design axis).
       backward: ``"approx"`` or ``"exact"`` (see ``approx_dot``).
       precision: precision of the native op when the multiplier is exact.
 
     Returns:
-      ``[..., M, N]`` in the promoted input dtype.
+      ``[..., M, N]`` in the promoted input dtype (without ``M`` / ``N`` for
+      a 1-D ``a`` / ``b``; with a leading design axis for a stack).
     """
     m = resolve_multiplier(multiplier)
     check_backward(backward)
     a = check_float("a", a)
     b = check_float("b", b)
     for name, operand in (("a", a), ("b", b)):
-        if operand.ndim < 2:
+        if operand.ndim < 1:
             raise ValueError(
-                f"{name} must have rank >= 2 for approx_matmul, got shape {operand.shape}"
+                f"{name} must have rank >= 1 for approx_matmul, got shape {operand.shape}"
             )
+    if a.ndim == 1 or b.ndim == 1:  # vectors, as jnp.matmul: add a unit axis, drop it after
+        if a.shape[-1] != b.shape[0 if b.ndim == 1 else -2]:
+            raise ValueError(
+                f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "
+                f"b {b.shape} has K={b.shape[0 if b.ndim == 1 else -2]}"
+            )
+        out = approx_matmul(
+            a[None, :] if a.ndim == 1 else a,
+            b[:, None] if b.ndim == 1 else b,
+            multiplier,
+            backward,
+            precision,
+        )
+        if b.ndim == 1:
+            out = out[..., 0]
+        if a.ndim == 1:
+            out = out[..., 0, :] if b.ndim != 1 else out[..., 0]
+        return out
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(
             f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "
