@@ -233,6 +233,22 @@ def test_from_lut_products():
     np.testing.assert_array_equal(m.lut, mm.truncate(M).lut)
 
 
+@pytest.mark.parametrize("M", [1, 3, 4, 7])
+def test_from_lut_square_integer_table(M):
+    # [2**M, 2**M] indexed [i, j] is the i-major [4**M] LUT; M can be inferred
+    # where 2**M entries are not themselves 4**m entries (odd M).
+    lut = np.asarray(mm.mbm(M).lut)
+    table = lut.reshape(1 << M, 1 << M)
+    np.testing.assert_array_equal(mm.from_lut(table, M).lut, lut)
+    if M % 2:
+        assert mm.from_lut(table).mbits == M
+    else:  # read as a stack of 2**M LUTs of width M / 2: the error says what to pass
+        with pytest.raises(ValueError, match=f"pass M={M}"):
+            mm.from_lut(table)
+    stacked = mm.from_lut(np.stack([table, table]), M)
+    assert stacked.is_stack and stacked.lut.shape == (2, 4**M)
+
+
 def test_from_lut_stack():
     stacked = mm.from_lut(np.stack([mm.mbm(3).lut, mm.mitchell(3).lut]), name="x")
     assert stacked.is_stack and stacked.num_designs == 2 and stacked.names == ("x[0]", "x[1]")
@@ -349,6 +365,39 @@ def test_from_python_rejects_out_of_range():
 def test_from_python_rejects_bad_returns(fn, error, pattern):
     with pytest.raises(error, match="Python model '.*lambda.*'.*" + pattern):
         mm.from_python(fn, 3)
+
+
+def tweak_scalar(a, b):
+    """tweak_py written for scalars, as the C model is (an ``if``; double arithmetic)."""
+    t = (float(a) - 1.0) + (float(b) - 1.0)
+    if t < 1.0:
+        return 1.0 + t + t * (1.0 - t) / 8.0
+    return 2.0 * t
+
+
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_from_python_scalar_model_is_called_per_pair(M):
+    # The array call raises ("truth value of an array is ambiguous"): the
+    # model then runs once per mantissa pair, with the vectorised model's LUT.
+    m = mm.from_python(tweak_scalar, M)
+    assert m.name == "tweak_scalar" and m.mbits == M
+    np.testing.assert_array_equal(m.lut, mm.from_python(tweak_py, M).lut)
+
+
+def test_from_python_scalar_model_equals_from_c(require_c_compiler):
+    np.testing.assert_array_equal(
+        mm.from_python(tweak_scalar, 6).lut, mm.from_c(CUSTOM_C, "tweak_mul", 6).lut
+    )
+
+
+def test_from_python_failing_on_arrays_and_scalars_names_both():
+    def broken(a, b):
+        if a > 1.5:  # raises on arrays; on scalars only past a = 1.5
+            return 1 / 0
+        return a * b
+
+    with pytest.raises(ZeroDivisionError, match=r"failed on arrays \(ValueError.*a=1\.625"):
+        mm.from_python(broken, 3)
 
 
 def test_from_python_constant_and_non_callable():

@@ -426,12 +426,34 @@ def _infer_mbits(size: int, what: str) -> int:
     )
 
 
+def _flatten_square_table(arr: np.ndarray, M: int | None) -> np.ndarray:
+    """``[..., 2**M, 2**M]`` integer entries indexed ``[i, j]`` -> ``[..., 4**M]``.
+
+    Only where the square reading is the intended one: ``M`` is given and the
+    last axis has ``2**M`` (not ``4**M``) entries, or ``M`` is not given and
+    the last axis is ``2**m`` entries for an ``m`` in range but not ``4**m'``
+    for any (a ``[4, 4]`` array stays a stack of four M = 1 LUTs unless M = 2).
+    """
+    if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
+        return arr
+    side = arr.shape[-1]
+    sides = {1 << m: m for m in range(lut_lib.MIN_MBITS, lut_lib.MAX_MBITS + 1)}
+    entries = {lut_lib.num_entries(m) for m in range(lut_lib.MIN_MBITS, lut_lib.MAX_MBITS + 1)}
+    if M is not None:
+        square = side == 1 << M and side != lut_lib.num_entries(M)
+    else:
+        square = side in sides and side not in entries
+    return arr.reshape(arr.shape[:-2] + (side * side,)) if square else arr
+
+
 def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", metadata=()):
     """Wraps a LUT given as stored-format integers or as product values.
 
     Args:
       array: Either a stored-format integer array, shape ``[4**M]`` or
-        ``[D, 4**M]`` (a stack), or a float array of ``4**M`` products ``p`` in
+        ``[D, 4**M]`` (a stack), or ``[2**M, 2**M]`` / ``[D, 2**M, 2**M]``
+        indexed ``[i, j]`` (when the last axis is not itself ``4**M``
+        entries, or ``M`` says so); or a float array of ``4**M`` products ``p`` in
         ``[1, 4)`` for each ``(i, j)`` (any shape, ``i``-major, e.g.
         ``[2**M, 2**M]``), encoded by SPEC section 3.
       M: Mantissa width; inferred from the number of entries if ``None``.
@@ -470,9 +492,21 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
                 f"from_lut expects integer (stored-format) or float (product) entries, "
                 f"got {type(array).__name__} of dtype {arr.dtype}"
             )
+        square = arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]
+        arr = _flatten_square_table(arr, M)
         if M is None:
             M = _infer_mbits(arr.shape[-1] if arr.ndim else 0, "LUT")
-        stored = lut_lib.validate_lut(arr, lut_lib.check_mbits(M))
+        try:
+            stored = lut_lib.validate_lut(arr, lut_lib.check_mbits(M))
+        except ValueError as err:
+            if square and arr.ndim >= 2:  # read as a stack; perhaps a [2**M, 2**M] table was meant
+                side = arr.shape[-1]
+                raise ValueError(
+                    f"{err} (the [{side}, {side}] array was read as a stack of {side} LUTs of "
+                    f"M={M}; for one [2**M, 2**M] table indexed [i, j] pass M="
+                    f"{side.bit_length() - 1})"
+                ) from err
+            raise
     if stored.ndim == 2:
         if isinstance(name, str):
             name = tuple(f"{name}[{d}]" for d in range(stored.shape[0]))
@@ -551,16 +585,51 @@ def to_approxtrain(multiplier: Multiplier, path) -> pathlib.Path:
     return path
 
 
+def _call_per_pair(fn: Callable, a: np.ndarray, b: np.ndarray, what: str, vector_error) -> list:
+    """``fn`` evaluated on each mantissa pair as float32 scalars (a scalar model)."""
+    pairs = zip(a.tolist(), b.tolist(), strict=True)
+    if a.size >= 1 << 16:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, total=a.size, desc=f"{what}, one call per pair", leave=False)
+    out = []
+    for x, y in pairs:
+        try:
+            out.append(fn(np.float32(x), np.float32(y)))
+        except Exception as err:
+            message = (
+                f"{what} failed on arrays ({type(vector_error).__name__}: {vector_error}) and "
+                f"on the scalars a={x!r}, b={y!r} ({type(err).__name__}: {err})"
+            )
+            try:
+                wrapped = type(err)(message)
+            except Exception:  # noqa: BLE001 (an exception type with another constructor)
+                wrapped = ValueError(message)
+            raise wrapped from err
+    return out
+
+
 def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
-    """Builds a multiplier from a vectorised Python functional model (SPEC section 3).
+    """Builds a multiplier from a Python functional model (SPEC section 3).
+
+    The model is first called once on arrays of every mantissa pair. A model
+    written for scalars (``if a > 1.5: ...``, ``math.log2(a)``), which raises
+    on arrays, is then called once per pair with float32 scalars instead
+    (``4**M`` calls: seconds at M = 11, with a progress bar).
 
     Args:
-      fn: ``fn(a, b) -> p``, vectorised over float32 NumPy arrays of mantissas
-        ``a = 1 + i/2^M``, ``b = 1 + j/2^M`` (shape ``[4**M]``); must return
-        real products in ``[1, 4)``, shape ``[4**M]`` (or a scalar, for a
-        constant model), cast to float32 as a C model's ``float`` return value.
+      fn: ``fn(a, b) -> p`` over float32 mantissas ``a = 1 + i/2^M``,
+        ``b = 1 + j/2^M``: vectorised over NumPy arrays of shape ``[4**M]``
+        (returning shape ``[4**M]``, or a scalar for a constant model), or
+        scalar. Products must be real, in ``[1, 4)``; they are cast to float32
+        as a C model's ``float`` return value.
       M: Mantissa width, 1..11.
       name: Design name (default: the function's name).
+
+    Example:
+      >>> def shift_add(a, b):  # scalar model: one call per mantissa pair
+      ...     return a + b - 1.0 if a + b < 3.0 else 2.0 * (a + b - 2.0)
+      >>> m = from_python(shift_add, 5)
 
     Returns:
       Multiplier with a NumPy LUT.
@@ -578,7 +647,10 @@ def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
     qualname = getattr(fn, "__qualname__", fn_name)
     what = f"Python model {qualname!r}"
     a, b = reference.mantissa_grid(M)
-    products = fn(a, b)
+    try:
+        products = fn(a, b)
+    except Exception as vector_error:  # noqa: BLE001 (any failure: try the scalar form)
+        products = _call_per_pair(fn, a, b, what, vector_error)
     p = np.asarray(products)
     # Checked here, before any cast: np.asarray(None) is an object array that
     # float32 turns into NaN, and a complex one silently loses its imaginary part.
