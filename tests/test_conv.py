@@ -317,9 +317,9 @@ def test_stack_gives_design_axis_in_one_call():
         np.testing.assert_array_equal(
             np.asarray(got[d]), np.asarray(approx_conv(x, w, m, window_strides=2))
         )
-    # One custom call for both designs.
+    # One custom call for both designs (on CPU the in-place conv target).
     hlo = jax.jit(lambda x, w, m: approx_conv(x, w, m)).lower(x, w, stacked).as_text()
-    assert hlo.count("approx_jax_gemm") == 1
+    assert hlo.count("approx_jax_gemm") + hlo.count("approx_jax_conv") == 1
     # vmap over the stack's LUTs is the same thing.
     got_vmap = jax.vmap(lambda m: approx_conv(x, w, m, window_strides=2))(stacked)
     np.testing.assert_array_equal(np.asarray(got_vmap), np.asarray(got))
@@ -341,6 +341,8 @@ def test_vmap_over_designs_with_batched_inputs_and_kernels():
 
 
 def test_chunked_batch_matches_unchunked(monkeypatch):
+    # The patch-matrix forward pass (the in-place one never runs in chunks).
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
     m = mult_lib.mbm(7)
     x = _data((5, 6, 6, 3), 1)
     w = _data((3, 3, 3, 4), 2)
@@ -546,3 +548,102 @@ def test_conv_vjp_equals_autodiff_through_the_gemm(backward, mult):
             np.testing.assert_array_equal(
                 np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32)
             )
+
+
+# --------------------------------------------------------------------------
+# CPU forward on the patch matrix read in place (ffi.CONV_TARGET): the same
+# bits as the patch-matrix GEMM, in the output and in both gradients.
+
+IN_PLACE_CASES = {
+    # name: (x shape, kernel shape (channels-last layouts), approx_conv kwargs)
+    "5x5_same": ((3, 9, 9, 8), (5, 5, 8, 6), dict(padding="SAME")),
+    "strided_dilated": (
+        (2, 11, 10, 12),
+        (3, 2, 12, 5),
+        dict(window_strides=(2, 3), rhs_dilation=(1, 2), padding="VALID"),
+    ),
+    "lhs_dilated_negative_pad": (
+        (2, 6, 7, 8),
+        (3, 3, 8, 4),
+        dict(padding=((2, -1), (-1, 1)), lhs_dilation=(2, 1)),
+    ),
+    "groups": ((2, 7, 7, 16), (3, 3, 8, 6), dict(padding="SAME", feature_group_count=2)),
+    "1d": ((3, 20, 9), (4, 9, 7), dict(window_strides=2, padding="SAME")),
+    "3d": ((2, 5, 6, 4, 8), (2, 3, 2, 8, 3), dict(padding="VALID", rhs_dilation=(2, 1, 1))),
+    "many_channels": ((1, 5, 5, 300), (3, 3, 300, 4), dict(padding="SAME")),
+}
+
+
+def _bits(x):
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+def _conv_and_grads(x, w, m, kwargs, dy):
+    y, vjp = jax.vjp(lambda x, w: approx_conv(x, w, m, **kwargs), x, w)
+    return (y, *vjp(dy))
+
+
+@pytest.mark.parametrize("case", sorted(IN_PLACE_CASES))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_in_place_forward_gives_the_patch_gemm_bits(case, chunked, monkeypatch):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the in-place forward is CPU only")
+    x_shape, w_shape, kwargs = IN_PLACE_CASES[case]
+    x = _data(x_shape, 11)
+    x.reshape(-1)[5::97] = np.inf  # Inf / NaN inputs take the exact path per block
+    x.reshape(-1)[9::131] = np.nan
+    w = _data(w_shape, 12)
+    m = mult_lib.mbm(6)
+    if chunked:  # a batch chunk per sample: the backward pass loops over chunks
+        monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
+    dy = _data(approx_conv(x, w, "fp32", **kwargs).shape, 13)
+    f = jax.jit(lambda x, w, dy: _conv_and_grads(x, w, m, kwargs, dy))
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", 1)
+    in_place = f(x, w, dy)
+    hlo = jax.jit(lambda x, w: approx_conv(x, w, m, **kwargs)).lower(x, w).as_text()
+    assert "approx_jax_conv" in hlo
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
+    f = jax.jit(lambda x, w, dy: _conv_and_grads(x, w, m, kwargs, dy))
+    patches = f(x, w, dy)
+    hlo = jax.jit(lambda x, w: approx_conv(x, w, m, **kwargs)).lower(x, w).as_text()
+    assert "approx_jax_conv" not in hlo
+    for got, want, what in zip(in_place, patches, ("y", "dx", "dw"), strict=True):
+        np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=what)
+    # And the forward pass against the NumPy reference of SPEC (within the sum bound).
+    ref, abs_sum, K = _reference_conv(x, w, m, kwargs)
+    finite = np.isfinite(ref)
+    _check(np.asarray(in_place[0])[finite], ref[finite], abs_sum[finite], K)
+
+
+def test_in_place_forward_under_vmap_over_designs(monkeypatch):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the in-place forward is CPU only")
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", 1)
+    stack = mult_lib.stack([mult_lib.mbm(7), mult_lib.mitchell(5), mult_lib.truncate(3)])
+    x = _data((3, 2, 7, 7, 8), 21)  # one input per design (a sweep)
+    w = _data((3, 3, 8, 5), 22)
+    f = jax.vmap(lambda x, m: approx_conv(x, w, m, window_strides=2, padding="SAME"))
+    got = f(x, stack)
+    for d in range(3):
+        want = approx_conv(x[d], w, mult_lib.unstack(stack)[d], window_strides=2, padding="SAME")
+        np.testing.assert_array_equal(_bits(got[d]), _bits(want))
+
+
+def _reference_conv(x, w, m, kwargs):
+    nd = x.ndim - 2
+
+    def per_dim(v):
+        return (1,) * nd if v is None else (v,) * nd if isinstance(v, int) else tuple(v)
+
+    return reference.conv_general_dilated_with_bound(
+        x,
+        w,
+        m.lut,
+        m.mbits,
+        per_dim(kwargs.get("window_strides")),
+        kwargs["padding"],
+        per_dim(kwargs.get("lhs_dilation")),
+        per_dim(kwargs.get("rhs_dilation")),
+        kwargs.get("feature_group_count", 1),
+        CHANNELS_LAST[nd],
+    )

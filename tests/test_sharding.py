@@ -192,6 +192,47 @@ def test_dense_jit_batch_sharded_no_allgather(kind):
     assert "data" in r["y_spec"]
 
 
+@pytest.mark.parametrize("partitioner", ["shardy", "gspmd"])
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_conv_batch_sharded_in_place_forward(kind, partitioner):
+    """approx_conv under jit, batch-sharded input: the CPU forward's in-place
+    patch GEMM (approx_jax_conv) runs on each device's samples, no all-gather."""
+    shardy = "true" if partitioner == "shardy" else "false"
+    r = _run(
+        extra_env={"JAX_USE_SHARDY_PARTITIONER": shardy},
+        body=f"""
+        from approx_jax._src import conv as conv_lib
+        kind = {kind!r}
+        x, w = randn(8, 9, 9, 16), randn(3, 3, 16, 12)
+
+        def loss(w, x):
+            return jnp.sum(jnp.tanh(conv_lib.approx_conv(x, w, M, padding="SAME")))
+
+        def f(w, x):
+            y = conv_lib.approx_conv(x, w, M, (2, 1), "VALID")
+            return y, jax.grad(loss, argnums=(0, 1))(w, x)
+
+        ref = jax.jit(f)(w, x)
+        mesh = mesh_of(kind)
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            wr = jax.device_put(w, NamedSharding(mesh, P()))
+            c, txt = compiled(f, wr, xs)
+            y, (dw, dx) = c(wr, xs)
+        pat = r'= (f32\\[[0-9,]*\\])[^=]*custom_call_target=\\"approx_jax_conv'
+        R.update(colls=collectives(txt), conv_shapes=sorted(set(re.findall(pat, txt))),
+                 y=same(y, ref[0]), dx=same(dx, ref[1][1]), dw=maxdiff(dw, ref[1][0]),
+                 y_spec=str(y.sharding.spec))
+        """,
+    )
+    assert r["colls"] == ["all-reduce"], r  # the kernel-gradient all-reduce only
+    # Per device: 2 of the 8 samples ([D, G, N, P, O]).
+    assert r["conv_shapes"] == ["f32[1,1,2,28,12]", "f32[1,1,2,81,12]"], r
+    assert r["y"] and r["dx"], r
+    assert r["dw"] < 1e-3, r
+    assert "data" in r["y_spec"]
+
+
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 def test_matmul_and_multiply_batch_sharded(kind):
     """Attention-style batched matmul and elementwise multiply."""

@@ -356,6 +356,150 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
     }
 }
 
+// An implicit patch matrix (GemmProblem::implicit_a): every kernel path on it
+// must give the naive kernel's bits on the materialised matrix, built here by
+// a plain im2col loop. Groups are the batch axis; x and w broadcast over the
+// designs as flagged.
+struct ConvCase {
+  int nd;
+  int64_t n, c, o;                 // samples, channels per group, outputs per group
+  int64_t in[3], win[3], str[3], dil[3];
+  int64_t designs, groups;
+  bool x_bcast_d, w_bcast_d;
+  int mbits;
+  double special;
+};
+
+void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool) {
+  ImplicitA g;
+  g.nd = cc.nd;
+  int64_t taps = 1, in_size = 1;
+  for (int d = 0; d < 3; ++d) {
+    const bool used = d >= 3 - cc.nd;  // spatial dims are the trailing ones of in[3]
+    g.in[d] = used ? cc.in[d] : 1;
+    const int64_t w = used ? cc.win[d] : 1, st = used ? cc.str[d] : 1, dl = used ? cc.dil[d] : 1;
+    g.stride[d] = st;
+    g.out[d] = (g.in[d] - (w - 1) * dl - 1) / st + 1;
+    taps *= w;
+    in_size *= g.in[d];
+  }
+  g.channels = cc.c;
+  g.pixels = g.out[0] * g.out[1] * g.out[2];
+  g.image = in_size * cc.c;
+  int64_t win[3], dil[3];
+  for (int d = 0; d < 3; ++d) {
+    win[d] = d >= 3 - cc.nd ? cc.win[d] : 1;
+    dil[d] = d >= 3 - cc.nd ? cc.dil[d] : 1;
+  }
+  std::vector<int64_t> tap_offset;
+  for (int64_t t0 = 0; t0 < win[0]; ++t0)
+    for (int64_t t1 = 0; t1 < win[1]; ++t1)
+      for (int64_t t2 = 0; t2 < win[2]; ++t2)
+        tap_offset.push_back(((t0 * dil[0] * g.in[1] + t1 * dil[1]) * g.in[2] + t2 * dil[2]) *
+                             cc.c);
+  g.tap_offset = tap_offset.data();
+  const int64_t m = cc.n * g.pixels, k = taps * cc.c, n = cc.o;
+  const int64_t gx = cc.x_bcast_d ? 1 : cc.designs, gw = cc.w_bcast_d ? 1 : cc.designs;
+  const int64_t x_block = cc.n * g.image;
+  std::vector<float> x(gx * cc.groups * x_block), w(gw * cc.groups * k * n);
+  for (auto& v : x) v = RandomValue(rng, cc.special, 100, 150);
+  for (auto& v : w) v = RandomValue(rng, cc.special, 100, 150);
+  std::vector<uint32_t> lut;
+  for (int64_t d = 0; d < cc.designs; ++d) {
+    auto l = MakeLut(cc.mbits, static_cast<int>(d % 3), rng);
+    lut.insert(lut.end(), l.begin(), l.end());
+  }
+  // im2col, loop by loop.
+  std::vector<float> patches(gx * cc.groups * m * k);
+  for (int64_t blk = 0; blk < gx * cc.groups; ++blk)
+    for (int64_t s = 0; s < cc.n; ++s)
+      for (int64_t o0 = 0; o0 < g.out[0]; ++o0)
+        for (int64_t o1 = 0; o1 < g.out[1]; ++o1)
+          for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
+            const int64_t row = ((s * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2;
+            int64_t kk = 0;
+            for (int64_t t0 = 0; t0 < win[0]; ++t0)
+              for (int64_t t1 = 0; t1 < win[1]; ++t1)
+                for (int64_t t2 = 0; t2 < win[2]; ++t2)
+                  for (int64_t ch = 0; ch < cc.c; ++ch, ++kk) {
+                    const int64_t h0 = o0 * g.stride[0] + t0 * dil[0];
+                    const int64_t h1 = o1 * g.stride[1] + t1 * dil[1];
+                    const int64_t h2 = o2 * g.stride[2] + t2 * dil[2];
+                    patches[(blk * m + row) * k + kk] =
+                        x[blk * x_block + s * g.image + ((h0 * g.in[1] + h1) * g.in[2] + h2) * cc.c + ch];
+                  }
+          }
+  GemmProblem p;
+  p.b = w.data();
+  p.lut = lut.data();
+  p.designs = cc.designs;
+  p.batch = cc.groups;
+  p.m = m;
+  p.k = k;
+  p.n = n;
+  p.b_batch_stride = k * n;
+  p.b_design_stride = cc.w_bcast_d ? 0 : cc.groups * k * n;
+  p.lut_design_stride = int64_t{1} << (2 * cc.mbits);
+  p.mbits = cc.mbits;
+  p.a = patches.data();
+  p.a_batch_stride = m * k;
+  p.a_design_stride = cc.x_bcast_d ? 0 : cc.groups * m * k;
+  const size_t out_size = cc.designs * cc.groups * m * n;
+  std::vector<float> ref(out_size);
+  p.out = ref.data();
+  NaiveGemm(p);
+  p.a = x.data();
+  p.a_batch_stride = x_block;
+  p.a_design_stride = cc.x_bcast_d ? 0 : cc.groups * x_block;
+  p.implicit_a = &g;
+  char desc[200];
+  std::snprintf(desc, sizeof desc, "conv nd=%d D=%lld G=%lld %lldx%lldx%lld M=%d sp=%.3f",
+                cc.nd, (long long)cc.designs, (long long)cc.groups, (long long)m, (long long)k,
+                (long long)n, cc.mbits, cc.special);
+  const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
+  for (int isa = 1; isa <= 3; ++isa)
+    for (int strat = 0; strat <= 2; ++strat) {
+      if (isa == 1 && strat > 0) continue;
+      for (int f = 0; f < 2; ++f) {
+        gemm_internal::g_force_isa = isa;
+        gemm_internal::g_force_strategy = strat;
+        std::vector<float> out(out_size, std::nanf("1"));
+        p.out = out.data();
+        const std::string err = ApproxGemmCpu(p, fors[f]);
+        gemm_internal::g_force_isa = 0;
+        gemm_internal::g_force_strategy = 0;
+        int64_t diff = 0;
+        for (size_t i = 0; i < out_size; ++i)
+          if (FloatBits(out[i]) != FloatBits(ref[i]) && !(std::isnan(out[i]) && std::isnan(ref[i])))
+            ++diff;
+        if (!err.empty() || diff) {
+          std::printf("FAIL %s isa=%d strat=%d for=%d err='%s' diffs=%lld\n", desc, isa, strat, f,
+                      err.c_str(), (long long)diff);
+          ++g_failures;
+        }
+      }
+    }
+}
+
+int TestConv(Pool* pool, std::mt19937& rng) {
+  int cases = 0;
+  const ConvCase conv_cases[] = {
+      // nd, n, c, o, in (trailing nd used), win, str, dil, designs, groups, bcast x/w, M, special
+      {2, 3, 32, 32, {1, 18, 18}, {1, 5, 5}, {1, 1, 1}, {1, 1, 1}, 1, 1, false, false, 7, 0.0},
+      {2, 2, 20, 70, {1, 13, 11}, {1, 3, 3}, {1, 2, 1}, {1, 1, 2}, 1, 1, false, false, 3, 0.01},
+      {2, 2, 16, 24, {1, 12, 12}, {1, 3, 3}, {1, 1, 1}, {1, 1, 1}, 3, 2, true, false, 5, 0.005},
+      {2, 1, 9, 8, {1, 10, 9}, {1, 2, 4}, {1, 3, 2}, {1, 2, 1}, 2, 1, false, false, 9, 0.02},
+      {1, 4, 40, 33, {1, 1, 50}, {1, 1, 7}, {1, 1, 3}, {1, 1, 2}, 2, 3, false, true, 6, 0.0},
+      {3, 2, 8, 16, {6, 7, 5}, {2, 3, 2}, {1, 2, 1}, {2, 1, 1}, 1, 1, false, false, 7, 0.01},
+      {2, 1, 600, 20, {1, 4, 4}, {1, 3, 3}, {1, 1, 1}, {1, 1, 1}, 1, 1, false, false, 4, 0.0},
+  };
+  for (const ConvCase& cc : conv_cases) {
+    RunConvCase(cc, rng, pool);
+    ++cases;
+  }
+  return cases;
+}
+
 int Test() {
   std::mt19937 rng(12345);
   Pool pool(1);  // + caller = 2 threads
@@ -623,6 +767,7 @@ int Test() {
     }
   }
   unsetenv("APPROX_JAX_CPU_FORMULA");
+  cases += TestConv(&pool, rng);
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);
   return g_failures ? 1 : 0;
@@ -667,6 +812,7 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_NO_SHARING")) gemm_internal::g_no_design_sharing = std::atoi(e);
   if (const char* e = std::getenv("GEMM_MIN_ROWS_MUL")) gemm_internal::g_min_rows_mul = std::atoi(e);
   if (const char* e = std::getenv("GEMM_WIDTH")) gemm_internal::g_force_width = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_F32_TILES")) gemm_internal::g_force_f32_tiles = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
     shapes.clear();
     std::string str = e;
@@ -780,6 +926,13 @@ int Bench(int reps, int argc, char** argv) {
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "test";
   if (mode == "test") return Test();
+  if (mode == "conv") {  // the implicit patch-matrix cases alone
+    Pool pool(2);
+    std::mt19937 rng(4321);
+    const int cases = TestConv(&pool, rng);
+    std::printf("%d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+  }
   if (mode == "bench") return Bench(argc > 2 ? std::atoi(argv[2]) : 7, argc > 3 ? argc - 3 : 0, argv + 3);
   std::fprintf(stderr, "usage: %s test|bench [reps [M...]]\n", argv[0]);
   return 2;

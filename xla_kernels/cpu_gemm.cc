@@ -29,6 +29,7 @@ int g_force_isa = 0;
 int64_t g_tile_budget = 0;
 int g_no_design_sharing = 0;
 int g_force_width = 0;
+int g_force_f32_tiles = 0;
 int g_min_rows_mul = 4;
 
 namespace {
@@ -153,6 +154,30 @@ int BestIsa() {
 #endif
 }
 
+// p with its implicit patch matrix (GemmProblem::implicit_a) materialised in
+// `store`, for the scalar kernel, which reads a directly.
+GemmProblem WithMaterialisedA(const GemmProblem& p, std::vector<float>* store,
+                              const ParallelFor& parallel_for) {
+  const int64_t nd = p.a_design_stride != 0 ? p.designs : 1;
+  const int64_t nb = p.a_batch_stride != 0 ? p.batch : 1;
+  const int64_t block = p.m * p.k;
+  store->resize(static_cast<size_t>(nd * nb * block));
+  constexpr int64_t kRows = 64;
+  const int64_t row_tasks = (p.m + kRows - 1) / kRows;
+  parallel_for(nd * nb * row_tasks, [&](int64_t t) {
+    const int64_t db = t / row_tasks, i0 = (t % row_tasks) * kRows;
+    const float* x = p.a + (db / nb) * p.a_design_stride + (db % nb) * p.a_batch_stride;
+    GatherPatchRows(*p.implicit_a, x, i0, static_cast<int>(std::min(kRows, p.m - i0)), 0,
+                    static_cast<int>(p.k), store->data() + db * block + i0 * p.k, p.k);
+  });
+  GemmProblem q = p;
+  q.a = store->data();
+  q.implicit_a = nullptr;
+  q.a_design_stride = p.a_design_stride != 0 ? nb * block : 0;
+  q.a_batch_stride = p.a_batch_stride != 0 ? block : 0;
+  return q;
+}
+
 // Runs the best kernel on the part of the problem `ks` names.
 int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
             const ParallelFor& parallel_for) {
@@ -167,7 +192,12 @@ int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
     status = gemm_internal::GemmAvx2(p, ks, runner);
   }
   if (status == gemm_internal::kSimdDeclined) {
-    ScalarGemm(p, ks, parallel_for);
+    if (p.implicit_a != nullptr) {
+      std::vector<float> patches;
+      ScalarGemm(WithMaterialisedA(p, &patches, parallel_for), ks, parallel_for);
+    } else {
+      ScalarGemm(p, ks, parallel_for);
+    }
     status = gemm_internal::kSimdOk;
   }
   return status;
@@ -438,7 +468,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
       return {};
     }
   }
-  if (may_transpose && gemm_internal::g_force_strategy == 0) {
+  // (An implicit patch matrix is read in place, never transposed.)
+  if (may_transpose && p.implicit_a == nullptr && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
     if (PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))

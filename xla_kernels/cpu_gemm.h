@@ -8,6 +8,8 @@
 #include <functional>
 #include <string>
 
+#include "implicit_a.h"
+
 namespace approx_jax {
 
 // out[d, b, i, j] = sum_k P(a[d, b, i, k], w[d, b, k, j]) with P the SPEC
@@ -24,12 +26,15 @@ struct GemmProblem {
   int64_t b_design_stride = 0, b_batch_stride = 0;
   int64_t lut_design_stride = 0;
   int mbits = 7;
+  // When set, a is a convolution's patch matrix read in place (implicit_a.h):
+  // `a` and its design/batch strides address the padded channels-last input,
+  // and a[i, k] is the patch element, never stored.
+  const ImplicitA* implicit_a = nullptr;
 };
 
 // Runs fn(0) ... fn(num_tasks - 1), possibly concurrently; returns when all
 // have finished. Tasks must write disjoint memory.
-using ParallelFor =
-    std::function<void(int64_t num_tasks, const std::function<void(int64_t)>& fn)>;
+using ParallelFor = std::function<void(int64_t num_tasks, const std::function<void(int64_t)>& fn)>;
 
 // Returns an empty string on success, else an error message (for example when
 // a scratch allocation fails). Summation order is fixed by the shapes alone,

@@ -46,6 +46,8 @@ extern int g_no_design_sharing;
 // Harness override of the AVX-512 column-block width: 0 = chosen by n
 // (16 for n <= 16, 32 for n <= 32, else 64), or 16 / 32 / 64.
 extern int g_force_width;
+// Harness override: 1 = float32 tiles even where bfloat16 tiles would do.
+extern int g_force_f32_tiles;
 // Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each
 // task builds the tiles of its columns, so fewer, taller row chunks build less;
 // 1024x1568x64 M=7 measured 6.8 ms with 2, 4.5 ms with 4). Harness knob.

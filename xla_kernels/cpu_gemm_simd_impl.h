@@ -117,8 +117,8 @@ inline int Log2Floor(int x) {
 // prefetchers do not follow, and spreading the prefetches over the loop keeps
 // the line fill buffers from filling up (a burst of them per panel stalled
 // the pack: 7% of 8192x576x64).
-bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int mbits, int ustride,
-                 int kkmul, const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk,
+bool PackPanelIL(const float* a, int64_t lda, int rows, int kb, int mbits, int ustride, int kkmul,
+                 const int32_t* lo, const int32_t* hi, const int32_t* ok0, int32_t* pk,
                  const float* ahead, int ahead_rows) {
   const int mshift = 23 - mbits;
   const int lg = Log2Floor(ustride);
@@ -147,8 +147,8 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
         s[r] = vzero;
         continue;
       }
-      const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
-      if (r < ahead_rows && kk % 16 == 0) __builtin_prefetch(ahead + r * lda + k0 + kk);
+      const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + kk);
+      if (r < ahead_rows && kk % 16 == 0) __builtin_prefetch(ahead + r * lda + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
       o[r] = AddI(AndI(SrlvI(x, vshift), vomask), vkk);
       s[r] = AndI(x, vsignexp);
@@ -167,15 +167,15 @@ bool PackPanelIL(const float* a, int64_t lda, int rows, int64_t k0, int kb, int 
 
 // The acceptance test of PackPanelIL alone (no pack written): used when a
 // panel packed once for a shared a meets another design's b.
-bool PanelOk(const float* a, int64_t lda, int rows, int64_t k0, int kb, const int32_t* lo,
-             const int32_t* hi, const int32_t* ok0) {
+bool PanelOk(const float* a, int64_t lda, int rows, int kb, const int32_t* lo, const int32_t* hi,
+             const int32_t* ok0) {
   const VI vexp = Set1I(0x7f800000);
   OkAcc ok = OkInit();
   for (int kk = 0; kk < kb; kk += kVL) {
     const int n = static_cast<int>(MinI(kVL, kb - kk));
     const VI vlo = LoadI(lo + kk), vhi = LoadI(hi + kk), vok0 = LoadI(ok0 + kk);
     for (int r = 0; r < rows; ++r) {
-      const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + k0 + kk);
+      const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + r * lda + kk);
       const VI x = n == kVL ? LoadI(reinterpret_cast<const int32_t*>(arow)) : LoadPartialI(arow, n);
       ok = OkUpdate(ok, AndI(x, vexp), vlo, vhi, vok0);
     }
@@ -205,14 +205,14 @@ void DecomposeB(const float* b, int64_t ldb, int64_t k0, int kb, int64_t j0, int
   }
 }
 
-// Exact scalar path for one panel x column block x k block, continuing the
-// sequential sums held in c.
+// Exact scalar path for one panel x column block x k block (a and b point at
+// its first k), continuing the sequential sums held in c.
 void ExactBlock(const float* a, int64_t lda, const float* b, int64_t ldb, int rows, int cols,
-                int64_t k0, int kb, const uint32_t* lut, int mbits, float* c, int64_t ldc) {
+                int kb, const uint32_t* lut, int mbits, float* c, int64_t ldc) {
   for (int i = 0; i < rows; ++i) {
-    const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + i * lda + k0);
+    const uint32_t* arow = reinterpret_cast<const uint32_t*>(a + i * lda);
     for (int j = 0; j < cols; ++j) {
-      const uint32_t* bcol = reinterpret_cast<const uint32_t*>(b + k0 * ldb + j);
+      const uint32_t* bcol = reinterpret_cast<const uint32_t*>(b + j);
       float acc = c[i * ldc + j];
       for (int kk = 0; kk < kb; ++kk) {
         acc += BitsFloat(ApproxMulBits(arow[kk], bcol[kk * ldb], lut, mbits));
@@ -467,7 +467,7 @@ struct Plan {
 };
 
 // Scratch slots.
-enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4 };
+enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4, kSlotA = 5 };
 
 void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
@@ -543,7 +543,13 @@ void RunTask(void* arg, int64_t task) {
   int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, nstats * kstride * 3 * 4));
   char* bdec = static_cast<char*>(ThreadScratch(kSlotB, kstride * kNB * 8));
   float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
-  if (!tiles || !pack || !stats || !bdec || !ctmp) {
+  // An implicit patch matrix: the rows x k-block strip being packed, copied
+  // out of the convolution's input.
+  const ImplicitA* const implicit = p.implicit_a;
+  float* strip = implicit != nullptr
+                     ? static_cast<float*>(ThreadScratch(kSlotA, MaxI(kMR, kMRG) * kstride * 4))
+                     : ctmp;
+  if (!tiles || !pack || !stats || !bdec || !ctmp || !strip) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }
@@ -554,6 +560,17 @@ void RunTask(void* arg, int64_t task) {
 
   auto a_of = [&](int64_t dd) {
     return p.a + (d0 + dd) * p.a_design_stride + bi * p.a_batch_stride;
+  };
+  // a[i0 : i0 + rows, k0 : k0 + kb] of design dd: a pointer to its first
+  // element and the row stride (an implicit patch matrix: the strip, gathered).
+  auto a_block = [&](int64_t dd, int64_t i0, int rows, int64_t k0, int kb, int64_t* ld) {
+    if (implicit == nullptr) {
+      *ld = lda;
+      return a_of(dd) + i0 * lda + k0;
+    }
+    GatherPatchRows(*implicit, a_of(dd), i0, rows, k0, kb, strip, kstride);
+    *ld = kstride;
+    return static_cast<const float*>(strip);
   };
   auto b_of = [&](int64_t dd) {
     return p.b + (d0 + dd) * p.b_design_stride + bi * p.b_batch_stride;
@@ -572,17 +589,19 @@ void RunTask(void* arg, int64_t task) {
   };
   // Packs panel pi of design dd's a (its width's pack when a is shared).
   auto pack_panel = [&](int64_t dd, int64_t k0, int kb, int64_t pi) {
-    const float* A = a_of(dd);
     const int32_t* st = stats + (share_b ? 0 : dd) * kstride * 3;
     const int64_t i0 = r0 + pi * mr;
     const int rows = static_cast<int>(MinI(mr, r1 - i0));
+    // (A gathered strip is in cache already: no prefetch.)
     const int64_t i_ahead = i0 + kPackAhead * mr;  // panel pi + kPackAhead, if any
-    const int ahead_rows = static_cast<int>(MaxI(0, MinI(mr, r1 - i_ahead)));
-    panel_ok[dd * npanels + pi] =
-        PackPanelIL(A + i0 * lda, lda, rows, k0, kb, bits_of(dd),
-                    pl.strategy == kTiles ? pl.ustride : (1 << bits_of(dd)), kkmul, st,
-                    st + kstride, st + 2 * kstride, pack_of(dd, pi),
-                    ahead_rows > 0 ? A + i_ahead * lda : nullptr, ahead_rows);
+    const int ahead_rows =
+        implicit != nullptr ? 0 : static_cast<int>(MaxI(0, MinI(mr, r1 - i_ahead)));
+    int64_t ld = 0;
+    const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
+    panel_ok[dd * npanels + pi] = PackPanelIL(
+        ablk, ld, rows, kb, bits_of(dd), pl.strategy == kTiles ? pl.ustride : (1 << bits_of(dd)),
+        kkmul, st, st + kstride, st + 2 * kstride, pack_of(dd, pi),
+        ahead_rows > 0 ? a_of(dd) + i_ahead * lda + k0 : nullptr, ahead_rows);
   };
   // Acceptance of panel pi for design dd, whose a is the shared pack of design first.
   auto share_panel = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi) {
@@ -593,8 +612,9 @@ void RunTask(void* arg, int64_t task) {
     const int32_t* st = stats + dd * kstride * 3;
     const int64_t i0 = r0 + pi * mr;
     const int rows = static_cast<int>(MinI(mr, r1 - i0));
-    panel_ok[dd * npanels + pi] =
-        PanelOk(a_of(dd) + i0 * lda, lda, rows, k0, kb, st, st + kstride, st + 2 * kstride);
+    int64_t ld = 0;
+    const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
+    panel_ok[dd * npanels + pi] = PanelOk(ablk, ld, rows, kb, st, st + kstride, st + 2 * kstride);
   };
   // Panel pi of design dd ready for its kernel: packed by the pass's first
   // design (or by every design when a is not shared), checked by the others.
@@ -634,7 +654,6 @@ void RunTask(void* arg, int64_t task) {
         for (int64_t dd = 0; dd < nd; ++dd) {
           if (!in_pass(dd)) continue;
           const int mb = bits_of(dd);
-          const float* A = a_of(dd);
           const float* B = b_of(dd);
           const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
           // The LUT at width mb (the narrow one when bits_of narrowed it).
@@ -671,7 +690,9 @@ void RunTask(void* arg, int64_t task) {
               }
             }
             if (!okd[pi]) {
-              ExactBlock(A + i0 * lda, lda, B + j0, ldb, rows, cols, k0, kb, lut, mbits, cblk, ldc);
+              int64_t ld = 0;
+              const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
+              ExactBlock(ablk, ld, B + k0 * ldb + j0, ldb, rows, cols, kb, lut, mbits, cblk, ldc);
               continue;
             }
             const bool full = rows == mr && cols == kNB;
@@ -752,7 +773,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   pl.strategy = strategy;
   if (strategy == kTiles) {
     pl.mr = kMR;
-    pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear;
+    pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear && !g_force_f32_tiles;
     const int64_t entry_bytes = pl.bf16 ? 2 : 4;
     // 2^M * KB * kNB tile entries within the budget.
     int64_t kb = 2;

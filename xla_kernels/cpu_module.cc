@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "approx_math.h"
 #include "cpu_gemm.h"
@@ -79,6 +80,92 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   return ffi::Error::Success();
 }
 
+// Convolution forward as a GEMM on the implicit patch matrix (implicit_a.h):
+// x: f32[Gx, G, N, S_0 .. S_{nd-1}, C] (padded, lhs-dilated, channels last),
+// w: f32[Gw, G, K, O] with K = prod(window) * C (rows in tap-major, channel-
+// minor order), lut: u32[Gl, 4^mbits] -> out: f32[D, G, N, P, O], P the
+// product of the output extents; the G groups are the GEMM's batch axis.
+// CPU only: elsewhere approx_jax builds the patch matrix and calls the GEMM.
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer lut,
+                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, ffi::Span<const int64_t> window,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
+  auto bad = [](const std::string& what) {
+    return ffi::Error::InvalidArgument("approx_jax_conv: " + what);
+  };
+  if (!AllF32(x, w, *out)) return bad("float32 operands only");
+  int64_t lut_size = 0;
+  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
+  const int nd = static_cast<int>(window.size());
+  if (nd < 1 || nd > kMaxConvDims || strides.size() != window.size() ||
+      dilation.size() != window.size()) {
+    return bad("window, strides and dilation need 1 to 3 entries each");
+  }
+  auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (static_cast<int>(xd.size()) != 4 + nd || wd.size() != 4 || od.size() != 5) {
+    return bad("x must have rank 4 + len(window), w rank 4, out rank 5");
+  }
+  ImplicitA g;
+  g.nd = nd;
+  g.channels = xd[3 + nd];
+  int64_t taps = 1, in_size = 1;
+  std::vector<int64_t> win(kMaxConvDims, 1), dil(kMaxConvDims, 1);
+  for (int d = 0; d < nd; ++d) {
+    const int slot = kMaxConvDims - nd + d;  // spatial dims fill the trailing slots
+    if (window[d] < 1 || strides[d] < 1 || dilation[d] < 1) return bad("bad window geometry");
+    g.in[slot] = xd[3 + d];
+    g.stride[slot] = strides[d];
+    win[slot] = window[d];
+    dil[slot] = dilation[d];
+    const int64_t span = (window[d] - 1) * dilation[d] + 1;
+    if (g.in[slot] < span) return bad("window larger than the padded input");
+    g.out[slot] = (g.in[slot] - span) / strides[d] + 1;
+    taps *= window[d];
+    in_size *= g.in[slot];
+  }
+  g.pixels = g.out[0] * g.out[1] * g.out[2];
+  g.image = in_size * g.channels;
+  std::vector<int64_t> tap_offset;
+  tap_offset.reserve(static_cast<size_t>(taps));
+  for (int64_t t0 = 0; t0 < win[0]; ++t0)
+    for (int64_t t1 = 0; t1 < win[1]; ++t1)
+      for (int64_t t2 = 0; t2 < win[2]; ++t2)
+        tap_offset.push_back(((t0 * dil[0] * g.in[1] + t1 * dil[1]) * g.in[2] + t2 * dil[2]) *
+                             g.channels);
+  g.tap_offset = tap_offset.data();
+  GemmProblem p;
+  p.designs = od[0];
+  p.batch = od[1];
+  p.m = xd[2] * g.pixels;
+  p.k = taps * g.channels;
+  p.n = od[4];
+  p.mbits = mbits;
+  if (od[2] != xd[2] || od[3] != g.pixels || wd[1] != p.batch || wd[2] != p.k || wd[3] != p.n ||
+      xd[1] != p.batch) {
+    return bad("inconsistent shapes (groups, samples, output pixels, K or O)");
+  }
+  const int64_t x_block = xd[2] * g.image, w_mat = p.k * p.n;
+  if (!BroadcastStride(xd[0], p.designs, p.batch * x_block, &p.a_design_stride) ||
+      !BroadcastStride(wd[0], p.designs, p.batch * w_mat, &p.b_design_stride) ||
+      !BroadcastStride(lut.dimensions()[0], p.designs, lut_size, &p.lut_design_stride)) {
+    return bad("design axes must be 1 or match the output");
+  }
+  p.a_batch_stride = p.batch == 1 ? 0 : x_block;
+  p.b_batch_stride = p.batch == 1 ? 0 : w_mat;
+  p.a = x.typed_data<float>();
+  p.b = w.typed_data<float>();
+  p.lut = lut.typed_data<uint32_t>();
+  p.out = out->typed_data<float>();
+  p.implicit_a = &g;
+  if (p.designs * p.batch * p.m * p.n == 0) return ffi::Error::Success();
+  if (p.k == 0) {
+    std::fill(p.out, p.out + p.designs * p.batch * p.m * p.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  std::string err = ApproxGemmCpu(p, MakeParallelFor(&pool));
+  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, err);
+  return ffi::Error::Success();
+}
+
 // a: f32[Ga, n], b: f32[Gb, n], lut: u32[Gl, 4^mbits] -> out: f32[D, n].
 ffi::Error MultiplyImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                         ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out, int32_t mbits) {
@@ -110,6 +197,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemm, GemmImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("mbits"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mbits")
+                                  .Attr<ffi::Span<const int64_t>>("window")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMultiply, MultiplyImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -127,6 +226,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
     py::dict d;
     d["approx_jax_gemm"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxGemm));
     d["approx_jax_multiply"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxMultiply));
+    d["approx_jax_conv"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxConv));
     return d;
   });
 }

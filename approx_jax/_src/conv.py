@@ -28,12 +28,20 @@ the transpose of the patch extraction (ordinary float32 additions), and ``dW
 gathered directly in that layout from a channels-first copy of the input
 rather than transposed from the patch matrix.
 
+On CPU the forward pass skips steps 3-4's patch matrix for inputs of at
+least ``IMPLICIT_MIN_CHANNELS`` channels per group: the padded input goes to
+``ffi.CONV_TARGET``, whose kernel copies each strip of patch rows it packs out
+of the input (``xla_kernels/implicit_a.h``), so the forward pass of the whole
+batch needs no patches and no batch chunks (``_conv_in_place``). The products
+and sums are the GEMM's on the same matrix: the same bits.
+
 Memory: the patch matrix is ``prod(window)`` times the (strided) input. When
 it would exceed ``chunk_limit_bytes()`` (8 MiB on CPU, 256 MiB on GPU;
 override with ``PATCH_CHUNK_BYTES``) the batch is processed in chunks with
 ``lax.map`` over a ``jax.checkpoint``-ed body, so at most one chunk's patches
 (and its backward temporaries) are alive at a time and the saved residuals are
-just the input chunks. Under ``vmap`` with a per-design input (a design sweep)
+just the input chunks (with the in-place forward pass, only the backward pass
+runs in chunks). Under ``vmap`` with a per-design input (a design sweep)
 the designs run in groups that fit the same budget (:func:`_designs_in_groups`).
 """
 
@@ -49,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from approx_jax._src import ops, partitioning
+from approx_jax._src import ffi, ops, partitioning
 
 # Largest patch matrix (bytes, float32) built in one piece; above it the batch
 # is processed in chunks. ``None`` picks a per-backend default
@@ -60,6 +68,18 @@ PATCH_CHUNK_BYTES: int | None = None
 # leaner. GPUs want large gemms, so they get a larger chunk (not yet tuned).
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20}
 DEFAULT_CHUNK_BYTES_ACCELERATOR = 256 << 20
+
+
+# CPU forward pass: channels per group from which the convolution's GEMM reads
+# the patch matrix in place (``ffi.CONV_TARGET``: rows of the patch matrix are
+# copied out of the input strip by strip as the kernel packs them) instead of
+# XLA building it. 2 cores, mbm7, ms in place vs patches: C = 1 (LeNet-5 conv
+# 1) 2.28 vs 1.50 (runs of one float are too short); C = 3 (7x7 stride-2
+# stem) 2.92 vs 3.03; C = 8 1.78 vs 2.55; 5x5x32 (LeNet-5 conv 2) 6.5 vs
+# 10.2; 3x3x64 (batch 32, 32x32) 20.6 vs 33.0. ``None`` disables it.
+# Module-level so that users and tests can tune it; the same products and
+# sums either way, so the same bits.
+IMPLICIT_MIN_CHANNELS: int | None = 3
 
 
 def chunk_limit_bytes() -> int:
@@ -270,7 +290,9 @@ def _patch_matrix(xg, geometry):
     window, _, _, _, _, out_spatial = geometry
     g, n = xg.shape[:2]
     patches = _patches_staged(xg, *geometry)
-    return patches.reshape(1, g, n * math.prod(out_spatial), math.prod(window) * xg.shape[-1])
+    return partitioning.reshape(
+        patches, (1, g, n * math.prod(out_spatial), math.prod(window) * xg.shape[-1])
+    )
 
 
 def _patch_matrix_t(xg, geometry):
@@ -278,7 +300,9 @@ def _patch_matrix_t(xg, geometry):
     window, _, _, _, _, out_spatial = geometry
     g, n = xg.shape[:2]
     patches_t = _patches_transposed(xg, *geometry)
-    return patches_t.reshape(1, g, math.prod(window) * xg.shape[-1], n * math.prod(out_spatial))
+    return partitioning.reshape(
+        patches_t, (1, g, math.prod(window) * xg.shape[-1], n * math.prod(out_spatial))
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -376,14 +400,52 @@ def _designs_in_groups(fn, geometry, budget):
     return wrapped
 
 
+def _implicit_forward_applies(channels: int, geometry) -> bool:
+    """Whether the forward pass reads the patch matrix in place (see IMPLICIT_MIN_CHANNELS)."""
+    return (
+        IMPLICIT_MIN_CHANNELS is not None
+        and channels >= IMPLICIT_MIN_CHANNELS
+        and 1 <= len(geometry[0]) <= 3
+        and jax.default_backend() == "cpu"
+        and "cpu" in ffi.registered_platforms()
+    )
+
+
 @functools.cache
-def _core_forward(mbits, geometry, budget):
-    def forward(xg, w4, klut):
-        g, n = xg.shape[:2]
+def _core_forward(mbits, geometry, budget, implicit: bool = False):
+    window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
+
+    def patch_forward(xg, w4, klut):
         out = ops._gemm_raw(mbits)(_patch_matrix(xg, geometry), w4, klut)
-        return out.reshape((g, n) + tuple(geometry[-1]) + (w4.shape[-1],))
+        return partitioning.reshape(out, xg.shape[:2] + tuple(out_spatial) + (w4.shape[-1],))
+
+    def implicit_forward(xg, w4, klut):
+        # The padded input (as _patches_staged pads it) read in place by the
+        # CPU kernel: the same patch matrix, never built.
+        xp = _pad_input(xg, pads, lhs_dil)
+        out = ops._conv_raw(mbits, window, strides, rhs_dil)(xp[None], w4, klut)
+        # (partitioning.reshape: keeps an explicitly sharded batch axis.)
+        return partitioning.reshape(out, xg.shape[:2] + tuple(out_spatial) + (w4.shape[-1],))
+
+    def forward(xg, w4, klut):
+        if not implicit:
+            return patch_forward(xg, w4, klut)
+        # The in-place target exists on CPU only (a program compiled for
+        # another device builds the patches).
+        return lax.platform_dependent(xg, w4, klut, cpu=implicit_forward, default=patch_forward)
 
     return _designs_in_groups(forward, geometry, budget)
+
+
+def _like(x) -> jax.ShapeDtypeStruct:
+    """``x``'s shape and dtype, and its sharding when it has an explicit one."""
+    try:
+        sharding = jax.typeof(x).sharding
+        if not sharding.mesh.empty:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    except Exception:  # noqa: BLE001 - concrete arrays, older jax
+        pass
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 @functools.cache
@@ -392,12 +454,14 @@ def _core_backward(mbits, backward, geometry, budget):
 
     def backward_products(xg, w4, klut, ct):
         g, n = xg.shape[:2]
-        ct4 = ct.reshape(1, g, -1, w4.shape[-1])
+        ct4 = partitioning.reshape(ct, (1, g, -1, w4.shape[-1]))
         # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
         d_a, d_w = ops._backward_products(
             mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4
         )
-        d_patches = d_a.reshape((g, n) + tuple(out_spatial) + (math.prod(window), xg.shape[-1]))
+        d_patches = partitioning.reshape(
+            d_a, (g, n) + tuple(out_spatial) + (math.prod(window), xg.shape[-1])
+        )
         fold = jax.linear_transpose(
             functools.partial(
                 _patches_by_tap,
@@ -408,7 +472,7 @@ def _core_backward(mbits, backward, geometry, budget):
                 rhs_dilation=rhs_dil,
                 out_spatial=out_spatial,
             ),
-            jax.ShapeDtypeStruct(xg.shape, xg.dtype),
+            _like(xg),
         )
         (d_x,) = fold(d_patches)
         return d_x, d_w
@@ -474,6 +538,67 @@ def _conv_chunked(xg, w4, klut, mbits, backward, geometry, budget, chunk: int):
     return ys[:, :n] if pad else ys
 
 
+def _chunks_of(v, chunk: int):
+    """``[G, N, ...]`` -> ``[num, G, chunk, ...]`` as ``_conv_chunked`` interleaves the batch."""
+    g, n = v.shape[:2]
+    num = -(-n // chunk)
+    pad = num * chunk - n
+    if pad:
+        v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    return jnp.moveaxis(v.reshape((g, chunk, num) + v.shape[2:]), 2, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk):
+    """CPU: the forward pass on the patch matrix read in place, whole batch at once.
+
+    The forward pass builds no patches, so it needs no batch chunks (the
+    chunks' loop and their smaller GEMMs cost 20-40% of a forward pass). The
+    backward pass is ``_conv_core``'s, over the same batch chunks as
+    ``_conv_chunked`` when ``chunk < N``, whose kernel gradient adds the
+    chunks' partial gradients last chunk first, as the transpose of
+    ``_conv_chunked``'s ``lax.map`` does: the same bits as ``_conv_chunked``
+    (and ``_conv_core``) in every output and gradient. Arguments as
+    ``_conv_core``, plus the batch chunk of the backward pass.
+    """
+    return _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk)[0]
+
+
+def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk):
+    del backward, chunk
+    out = _core_forward(mbits, geometry, budget, True)(xg, w4, klut)
+    return out, (xg, w4, klut)
+
+
+def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
+    xg, w4, klut = residuals
+    core_bwd = _core_backward(mbits, backward, geometry, budget)
+    g, n = xg.shape[:2]
+    if chunk >= n:
+        d_x, d_w = core_bwd(xg, w4, klut, ct)
+    else:
+
+        def step(d_w, items):
+            x_chunk, ct_chunk = items
+            d_x_chunk, d_w_chunk = core_bwd(x_chunk, w4, klut, ct_chunk)
+            return d_w + d_w_chunk, d_x_chunk
+
+        d_w, d_xs = lax.scan(
+            step,
+            jnp.zeros(w4.shape, w4.dtype),
+            (_chunks_of(xg, chunk), _chunks_of(ct, chunk)),
+            reverse=True,
+        )
+        d_x = jnp.moveaxis(d_xs, 0, 2)  # [G, chunk, num, ...]
+        d_x = d_x.reshape((g, -1) + d_x.shape[3:])[:, :n]
+    d_x = partitioning.match_vma(d_x, xg)
+    d_w = partitioning.match_vma(d_w, w4)
+    return d_x, d_w, ops._lut_zero_cotangent(klut)
+
+
+_conv_in_place.defvjp(_conv_in_place_fwd, _conv_in_place_bwd)
+
+
 # --------------------------------------------------------------------------
 # Public op.
 
@@ -514,11 +639,13 @@ def approx_conv(
     Otherwise the convolution is lowered onto the approximate gemm kernel via
     patch extraction, which needs ``prod(window)`` times the input memory for
     the patches; batches whose patch matrix exceeds ``chunk_limit_bytes()``
-    (8 MiB on CPU, 256 MiB on GPU) are processed in rematerialised chunks.
-    Peak memory of forward + backward measured with
+    (8 MiB on CPU, 256 MiB on GPU) are processed in rematerialised chunks. On
+    CPU the forward pass reads the patch matrix in place instead (from 3
+    channels per group; ``IMPLICIT_MIN_CHANNELS``): no patches, no chunks,
+    the same bits. Peak memory of forward + backward measured with
     ``benchmarks/bench_conv_memory.py`` (batch 32, 32x32x64 -> 64, 3x3, SAME,
-    XLA:CPU), relative to the native convolution: 1.4x with the CPU default
-    (8 MiB chunks), 1.0x with 4 MiB chunks, 3.6x with 64 MiB chunks and 4.2x
+    XLA:CPU), relative to the native convolution: 1.24x with the CPU default
+    (8 MiB chunks), 1.22x with 4 MiB chunks, 2.2x with 64 MiB chunks and 4.2x
     without chunking.
 
     Padding and ``lhs_dilation`` holes are zero-valued inputs that go through
@@ -704,6 +831,7 @@ def approx_conv(
         geometry=geometry,
         chunk=chunk,
         budget=budget,
+        in_place=_implicit_forward_applies(cg, geometry),
         out_dtype=jnp.dtype(out_dtype),
     )
 
@@ -718,10 +846,13 @@ def approx_conv(
         "geometry",
         "chunk",
         "budget",
+        "in_place",
         "out_dtype",
     ),
 )
-def _lowered(lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk, budget, out_dtype):
+def _lowered(
+    lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk, budget, in_place, out_dtype
+):
     """The layout changes and gemm of ``approx_conv`` as one jitted program.
 
     Jitting keeps eager calls to one compiled program per configuration
@@ -739,7 +870,9 @@ def _lowered(lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk,
     w = jnp.transpose(rhs.astype(jnp.float32), rhs_perm[2:] + (rhs_perm[1], rhs_perm[0]))
     w = w.reshape(window + (cg, groups, og))
     w = jnp.moveaxis(w, -2, 0).reshape(1, groups, math.prod(window) * cg, og)
-    if chunk >= n:
+    if in_place:
+        y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk)
+    elif chunk >= n:
         y = _conv_core(xg, w, klut, mbits, backward, geometry, budget)
     else:
         y = _conv_chunked(xg, w, klut, mbits, backward, geometry, budget, chunk)

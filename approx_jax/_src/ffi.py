@@ -15,6 +15,8 @@ import numpy as np
 
 GEMM_TARGET = "approx_jax_gemm"
 MULTIPLY_TARGET = "approx_jax_multiply"
+# CPU only: a convolution's GEMM on its patch matrix read in place.
+CONV_TARGET = "approx_jax_conv"
 
 _load_error: Exception | None = None
 _registered_platforms: list[str] = []
@@ -76,22 +78,25 @@ def call_target(
     b: jax.Array,
     klut: jax.Array,
     mbits: int,
+    **attrs,
 ) -> jax.Array:
     """Calls one of the approx_jax FFI targets (the only place that does).
 
     Args:
-      target: ``GEMM_TARGET`` or ``MULTIPLY_TARGET``.
+      target: ``GEMM_TARGET``, ``MULTIPLY_TARGET`` or ``CONV_TARGET``.
       result: Result type (shape, float32, and sharding where it matters).
       a: First operands (float32, canonical layout of the target).
       b: Second operands.
       klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
       mbits: Mantissa width M.
+      **attrs: The target's other attributes (``CONV_TARGET``: ``window``,
+        ``strides``, ``dilation`` as int64 arrays).
 
     Returns:
       The custom call's result.
     """
     _require_kernels()
-    return jax.ffi.ffi_call(target, result)(a, b, klut, mbits=np.int32(mbits))
+    return jax.ffi.ffi_call(target, result)(a, b, klut, mbits=np.int32(mbits), **attrs)
 
 
 def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
@@ -127,3 +132,13 @@ def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> ja
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     shape = (designs, a.shape[1])
     return call_target(MULTIPLY_TARGET, _result_type(shape, a), a, b, klut, mbits)
+
+
+def conv_output_pixels(x_shape, window, strides, dilation) -> int:
+    """Output pixels per sample of ``CONV_TARGET`` for a padded input ``x_shape``."""
+    nd = len(window)
+    spatial = x_shape[3 : 3 + nd]
+    pixels = 1
+    for size, w, s, d in zip(spatial, window, strides, dilation, strict=True):
+        pixels *= (size - (w - 1) * d - 1) // s + 1
+    return pixels

@@ -136,6 +136,14 @@ def _gemm_raw(mbits: int):
 
 
 @functools.cache
+def _conv_raw(mbits: int, window, strides, dilation):
+    """``partitioning.conv_call`` (CPU only) with design-axis batching."""
+    return _make_design_batched(
+        lambda x, w, k: partitioning.conv_call(x, w, k, mbits, window, strides, dilation)
+    )
+
+
+@functools.cache
 def _multiply_raw(mbits: int):
     return _make_design_batched(lambda a, b, k: partitioning.multiply_call(a, b, k, mbits))
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -88,7 +89,7 @@ def _factor_names(dims, out_dims, shapes, out_shape):
     return names, extra
 
 
-def _rule(dims, out_dims, reduction):
+def _rule(dims, out_dims, reduction, replicated_factors=("l",)):
     """Builds the Shardy ``sharding_rule`` callback for one op."""
 
     def rule(mesh, operand_types, result_types):
@@ -99,7 +100,8 @@ def _rule(dims, out_dims, reduction):
         text = ", ".join(" ".join(r) for r in names) + " -> " + " ".join(out_dims)
         # Shardy wants special factors in order of first appearance.
         order = list(dict.fromkeys(f for row in names for f in row))
-        replicated = tuple(sorted({"l", *extra}, key=order.index))
+        order += [f for f in out_dims if f not in order]
+        replicated = tuple(sorted({*replicated_factors, *extra}, key=order.index))
         return text, {
             "reduction_factors": reduction,
             "need_replication_factors": replicated,
@@ -123,7 +125,7 @@ def _spec_axes(sharding, ndim: int) -> list[tuple[str, ...]]:
     return out
 
 
-def _assign_factors(mesh, dims, out_dims, reduction, arg_shapes):
+def _assign_factors(mesh, dims, out_dims, reduction, arg_shapes, fixed=None):
     """Chooses one consistent set of mesh axes per factor.
 
     Operands are scanned in order (``a`` first); a factor keeps the axes of the
@@ -135,7 +137,7 @@ def _assign_factors(mesh, dims, out_dims, reduction, arg_shapes):
       A dict factor -> tuple of mesh axis names.
     """
     shapes = [tuple(s.shape) for s in arg_shapes]
-    out_shape = _out_shape(dims, out_dims, shapes)
+    out_shape = _out_shape(dims, out_dims, shapes, fixed)
     names, _ = _factor_names(dims, out_dims, shapes, out_shape)
     sizes: dict[str, set[int]] = {}
     for row, shape in zip(names, shapes, strict=True):
@@ -158,8 +160,9 @@ def _assign_factors(mesh, dims, out_dims, reduction, arg_shapes):
     return chosen, names
 
 
-def _out_shape(dims, out_dims, shapes):
-    size: dict[str, int] = {}
+def _out_shape(dims, out_dims, shapes, fixed=None):
+    """The result shape; ``fixed`` gives the sizes of result-only factors."""
+    size: dict[str, int] = dict(fixed or {})
     for fdims, shape in zip(dims, shapes, strict=True):
         for f, s in zip(fdims, shape, strict=True):
             if s != 1 or f not in size:  # size-1 axes broadcast; 0 stays 0
@@ -179,7 +182,7 @@ def _named(mesh, factors, chosen) -> NamedSharding:
     return NamedSharding(mesh, _named_spec(factors, chosen))
 
 
-def _result_type(dims, out_dims, reduction, operands) -> jax.ShapeDtypeStruct:
+def _result_type(dims, out_dims, reduction, operands, fixed=None) -> jax.ShapeDtypeStruct:
     """Result type of the op for the given (traced) operands.
 
     * Under ``jit`` with Explicit mesh axes operand types carry their
@@ -192,7 +195,7 @@ def _result_type(dims, out_dims, reduction, operands) -> jax.ShapeDtypeStruct:
       rejects the cotangent types ("manual axis types do not match").
     * With Auto axes the specs are empty and the result spec is empty too.
     """
-    shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in operands])
+    shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in operands], fixed)
     try:
         types = [jax.typeof(x) for x in operands]
         sharding = types[0].sharding
@@ -200,8 +203,10 @@ def _result_type(dims, out_dims, reduction, operands) -> jax.ShapeDtypeStruct:
     except Exception:  # noqa: BLE001 - concrete arrays without a mesh type
         return jax.ShapeDtypeStruct(shape, jnp.float32)
     if mesh.empty:
+        if len(sharding.spec) > len(shape):  # a result of lower rank than `a` (conv)
+            sharding = sharding.update(spec=P())
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-    chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, types)
+    chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, types, fixed)
     sharding = sharding.update(spec=_named_spec(out_dims, chosen))
     varying = frozenset().union(*(_varying(t) for t in types))
     mat = jax.sharding.ManualAxisType(varying=varying) if varying else None
@@ -213,12 +218,19 @@ def _varying(aval) -> frozenset:
     return frozenset(getattr(mat, "varying", ()) or ())
 
 
-def _make_partitioned(target, dims, out_dims, reduction, mbits: int):
-    """custom_partitioning wrapper of the FFI target with the given factors."""
+def _make_partitioned(
+    target, dims, out_dims, reduction, mbits: int, replicated=("l",), fixed=None, attrs=None
+):
+    """custom_partitioning wrapper of the FFI target with the given factors.
+
+    ``replicated``: factors never split; ``fixed``: sizes of result-only
+    factors; ``attrs``: the target's other attributes.
+    """
+    attrs = dict(attrs or {})
 
     def call(a, b, lut):
-        result = _result_type(dims, out_dims, reduction, (a, b, lut))
-        return ffi.call_target(target, result, a, b, lut, mbits)
+        result = _result_type(dims, out_dims, reduction, (a, b, lut), fixed)
+        return ffi.call_target(target, result, a, b, lut, mbits, **attrs)
 
     @custom_partitioning
     def op(a, b, lut):
@@ -226,12 +238,12 @@ def _make_partitioned(target, dims, out_dims, reduction, mbits: int):
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
-        chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, arg_shapes)
+        chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, arg_shapes, fixed)
         return _named(mesh, out_dims, chosen)
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
-        chosen, names = _assign_factors(mesh, dims, out_dims, reduction, arg_shapes)
+        chosen, names = _assign_factors(mesh, dims, out_dims, reduction, arg_shapes, fixed)
         arg_shardings = tuple(_named(mesh, row, chosen) for row in names)
         out_sharding = _named(mesh, out_dims, chosen)
         reduce_axes = tuple(a for f in reduction for a in chosen.get(f, ()))
@@ -247,7 +259,7 @@ def _make_partitioned(target, dims, out_dims, reduction, mbits: int):
     op.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
-        sharding_rule=_rule(dims, out_dims, reduction),
+        sharding_rule=_rule(dims, out_dims, reduction, replicated),
     )
     return op
 
@@ -275,6 +287,54 @@ def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Ar
       float32 ``[D, B, M, N]``.
     """
     return _gemm_op(int(mbits))(a, b, klut)
+
+
+@functools.cache
+def _conv_op(mbits: int, window, strides, dilation, pixels: int):
+    # x [d, t, n, s_0 .. s_{nd-1}, c], w [d, t, k, o], lut [d, l] -> [d, t, n, p, o]:
+    # samples (n), groups (t), designs (d) and output channels (o) may stay
+    # sharded; the spatial, channel, K and pixel factors are never split.
+    spatial = tuple(f"s{i}" for i in range(len(window)))
+    dims = (("d", "t", "n", *spatial, "c"), ("d", "t", "k", "o"), ("d", "l"))
+    attrs = {
+        "window": np.asarray(window, np.int64),
+        "strides": np.asarray(strides, np.int64),
+        "dilation": np.asarray(dilation, np.int64),
+    }
+    return _make_partitioned(
+        ffi.CONV_TARGET,
+        dims,
+        ("d", "t", "n", "p", "o"),
+        (),
+        mbits,
+        replicated=("l", *spatial, "c", "k", "p"),
+        fixed={"p": pixels},
+        attrs=attrs,
+    )
+
+
+def conv_call(
+    x: jax.Array, w: jax.Array, klut: jax.Array, mbits: int, window, strides, dilation
+) -> jax.Array:
+    """A convolution's GEMM on its patch matrix read in place (CPU only).
+
+    Args:
+      x: float32 ``[Gx, G, N, *S, C]``: padded, lhs-dilated channels-last input.
+      w: float32 ``[Gw, G, prod(window) * C, O]`` (tap-major, channel-minor rows).
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]`` (always replicated).
+      mbits: mantissa width M.
+      window: window extents (one per spatial dimension, 1 to 3 of them).
+      strides: window strides.
+      dilation: window (rhs) dilation.
+
+    Returns:
+      float32 ``[D, G, N, P, O]`` (``P`` output pixels per sample): the gemm of
+      the patch matrix ``[D, G, N * P, prod(window) * C]`` with ``w``, the same
+      bits as building it.
+    """
+    window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
+    pixels = ffi.conv_output_pixels(x.shape, window, strides, dilation)
+    return _conv_op(int(mbits), window, strides, dilation, pixels)(x, w, klut)
 
 
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:

@@ -1,0 +1,73 @@
+// The patch matrix of a convolution read in place ("implicit GEMM"): the `a`
+// operand of GemmProblem when GemmProblem::implicit_a is set.
+//
+// A convolution's im2col matrix has a row per output pixel (n, o_0, o_1, o_2)
+// and a column per (tap, channel) k = ((t_0 * W_1 + t_1) * W_2 + t_2) * C + c:
+//   a[row, k] = x[n, o_0 * s_0 + t_0 * d_0, o_1 * s_1 + t_1 * d_1,
+//                 o_2 * s_2 + t_2 * d_2, c]
+// with x the (already padded and lhs-dilated) channels-last input. Building it
+// costs prod(window) times the input in memory traffic (for LeNet-5's second
+// conv, 40 MB per batch of 64 and a third of the forward time); the kernels
+// instead copy the few rows x k-block strips they pack (GatherPatchRows) from
+// x, which stays in cache. The values, and therefore the products and sums,
+// are the same as with the materialised matrix.
+#ifndef APPROX_JAX_XLA_KERNELS_IMPLICIT_A_H_
+#define APPROX_JAX_XLA_KERNELS_IMPLICIT_A_H_
+
+#include <cstdint>
+
+namespace approx_jax {
+
+constexpr int kMaxConvDims = 3;
+
+// Geometry of one implicit patch matrix; spatial dimensions past nd have
+// extent, window, stride and dilation 1. `tap_offset` (prod(window) entries,
+// owned by the caller) holds each tap's offset in floats from a row's first
+// element: ((t_0 d_0 S_1 + t_1 d_1) S_2 + t_2 d_2) * C.
+struct ImplicitA {
+  int nd = 0;
+  int64_t in[kMaxConvDims] = {1, 1, 1};   // input extents (padded)
+  int64_t out[kMaxConvDims] = {1, 1, 1};  // output extents
+  int64_t stride[kMaxConvDims] = {1, 1, 1};
+  int64_t channels = 1;  // C: channels per group
+  int64_t pixels = 1;    // prod(out): rows per sample
+  int64_t image = 1;     // prod(in) * C: floats per sample
+  const int64_t* tap_offset = nullptr;
+};
+
+// Offset in floats of row i's first element (tap 0, channel 0) in x.
+inline int64_t PatchRowBase(const ImplicitA& g, int64_t i) {
+  const int64_t n = i / g.pixels;
+  int64_t q = i - n * g.pixels;
+  const int64_t o2 = q % g.out[2];
+  q /= g.out[2];
+  const int64_t o1 = q % g.out[1];
+  const int64_t o0 = q / g.out[1];
+  return n * g.image +
+         ((o0 * g.stride[0] * g.in[1] + o1 * g.stride[1]) * g.in[2] + o2 * g.stride[2]) *
+             g.channels;
+}
+
+// dst[r * ld + kk] = a[i0 + r, k0 + kk] for r < rows, kk < kb: per row, runs
+// of consecutive channels of one tap, each a contiguous copy from x.
+inline void GatherPatchRows(const ImplicitA& g, const float* x, int64_t i0, int rows, int64_t k0,
+                            int kb, float* dst, int64_t ld) {
+  const int64_t c_len = g.channels;
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x + PatchRowBase(g, i0 + r);
+    float* d = dst + r * ld;
+    int64_t tap = k0 / c_len, c = k0 - tap * c_len;
+    for (int64_t kk = 0; kk < kb;) {
+      const int64_t len = c_len - c < kb - kk ? c_len - c : kb - kk;
+      const float* src = row + g.tap_offset[tap] + c;
+      for (int64_t e = 0; e < len; ++e) d[kk + e] = src[e];
+      kk += len;
+      ++tap;
+      c = 0;
+    }
+  }
+}
+
+}  // namespace approx_jax
+
+#endif  // APPROX_JAX_XLA_KERNELS_IMPLICIT_A_H_
