@@ -594,15 +594,18 @@ def test_in_place_forward_gives_the_patch_gemm_bits(case, chunked, monkeypatch):
     x.reshape(-1)[9::131] = np.nan
     w = _data(w_shape, 12)
     m = mult_lib.mbm(6)
-    if chunked:  # a batch chunk per sample: the backward pass loops over chunks
-        monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
     dy = _data(approx_conv(x, w, "fp32", **kwargs).shape, 13)
+    if chunked:  # a batch chunk per sample: the input gradient loops over chunks
+        monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
     f = jax.jit(lambda x, w, dy: _conv_and_grads(x, w, m, kwargs, dy))
     monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", 1)
     in_place = f(x, w, dy)
-    hlo = jax.jit(lambda x, w: approx_conv(x, w, m, **kwargs)).lower(x, w).as_text()
-    assert "approx_jax_conv" in hlo
+    hlo = f.lower(x, w, dy).as_text()
+    assert re.search(r"approx_jax_conv(?!_wgrad)", hlo) and "approx_jax_conv_wgrad" in hlo
+    # The reference: the patch path in one piece (the in-place kernel gradient
+    # is one GEMM over the whole batch, whatever the chunks).
     monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1 << 30)
     f = jax.jit(lambda x, w, dy: _conv_and_grads(x, w, m, kwargs, dy))
     patches = f(x, w, dy)
     hlo = jax.jit(lambda x, w: approx_conv(x, w, m, **kwargs)).lower(x, w).as_text()

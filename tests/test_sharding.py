@@ -220,14 +220,18 @@ def test_conv_batch_sharded_in_place_forward(kind, partitioner):
             c, txt = compiled(f, wr, xs)
             y, (dw, dx) = c(wr, xs)
         pat = r'= (f32\\[[0-9,]*\\])[^=]*custom_call_target=\\"approx_jax_conv'
-        R.update(colls=collectives(txt), conv_shapes=sorted(set(re.findall(pat, txt))),
+        wpat = r'= (f32\\[[0-9,]*\\])[^=]*custom_call_target=\\"approx_jax_conv_wgrad'
+        R.update(colls=collectives(txt), conv_shapes=sorted(set(re.findall(pat + '"', txt))),
+                 wgrad_shapes=sorted(set(re.findall(wpat, txt))),
                  y=same(y, ref[0]), dx=same(dx, ref[1][1]), dw=maxdiff(dw, ref[1][0]),
                  y_spec=str(y.sharding.spec))
         """,
     )
     assert r["colls"] == ["all-reduce"], r  # the kernel-gradient all-reduce only
-    # Per device: 2 of the 8 samples ([D, G, N, P, O]).
+    # Per device: 2 of the 8 samples ([D, G, N, P, O]); the kernel gradient
+    # of each device's samples ([D, G, taps * C, O]), then the all-reduce.
     assert r["conv_shapes"] == ["f32[1,1,2,28,12]", "f32[1,1,2,81,12]"], r
+    assert r["wgrad_shapes"] == ["f32[1,1,144,12]"], r
     assert r["y"] and r["dx"], r
     assert r["dw"] < 1e-3, r
     assert "data" in r["y_spec"]

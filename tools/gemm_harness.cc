@@ -370,8 +370,10 @@ struct ConvCase {
   double special;
 };
 
-void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool) {
+void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transposed) {
   ImplicitA g;
+  g.transposed = transposed;
+  g.samples = cc.n;
   g.nd = cc.nd;
   int64_t taps = 1, in_size = 1;
   for (int d = 0; d < 3; ++d) {
@@ -396,9 +398,12 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool) {
     for (int64_t t1 = 0; t1 < win[1]; ++t1)
       for (int64_t t2 = 0; t2 < win[2]; ++t2)
         tap_offset.push_back(((t0 * dil[0] * g.in[1] + t1 * dil[1]) * g.in[2] + t2 * dil[2]) *
-                             cc.c);
+                             (transposed ? 1 : cc.c));
   g.tap_offset = tap_offset.data();
-  const int64_t m = cc.n * g.pixels, k = taps * cc.c, n = cc.o;
+  // Forward: [N * P, taps * C] @ [taps * C, O]; transposed (a kernel
+  // gradient): [taps * C, N * P] @ [N * P, O].
+  const int64_t m = transposed ? taps * cc.c : cc.n * g.pixels;
+  const int64_t k = transposed ? cc.n * g.pixels : taps * cc.c, n = cc.o;
   const int64_t gx = cc.x_bcast_d ? 1 : cc.designs, gw = cc.w_bcast_d ? 1 : cc.designs;
   const int64_t x_block = cc.n * g.image;
   std::vector<float> x(gx * cc.groups * x_block), w(gw * cc.groups * k * n);
@@ -409,7 +414,8 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool) {
     auto l = MakeLut(cc.mbits, static_cast<int>(d % 3), rng);
     lut.insert(lut.end(), l.begin(), l.end());
   }
-  // im2col, loop by loop.
+  // im2col, loop by loop (x is channels last, or channels first [C, N, *S]
+  // when transposed).
   std::vector<float> patches(gx * cc.groups * m * k);
   for (int64_t blk = 0; blk < gx * cc.groups; ++blk)
     for (int64_t s = 0; s < cc.n; ++s)
@@ -425,8 +431,13 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool) {
                     const int64_t h0 = o0 * g.stride[0] + t0 * dil[0];
                     const int64_t h1 = o1 * g.stride[1] + t1 * dil[1];
                     const int64_t h2 = o2 * g.stride[2] + t2 * dil[2];
-                    patches[(blk * m + row) * k + kk] =
-                        x[blk * x_block + s * g.image + ((h0 * g.in[1] + h1) * g.in[2] + h2) * cc.c + ch];
+                    const int64_t sp = (h0 * g.in[1] + h1) * g.in[2] + h2;
+                    if (transposed)
+                      patches[(blk * m + kk) * k + row] =
+                          x[blk * x_block + (ch * cc.n + s) * in_size + sp];
+                    else
+                      patches[(blk * m + row) * k + kk] =
+                          x[blk * x_block + s * g.image + sp * cc.c + ch];
                   }
           }
   GemmProblem p;
@@ -453,8 +464,8 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool) {
   p.a_design_stride = cc.x_bcast_d ? 0 : cc.groups * x_block;
   p.implicit_a = &g;
   char desc[200];
-  std::snprintf(desc, sizeof desc, "conv nd=%d D=%lld G=%lld %lldx%lldx%lld M=%d sp=%.3f",
-                cc.nd, (long long)cc.designs, (long long)cc.groups, (long long)m, (long long)k,
+  std::snprintf(desc, sizeof desc, "conv%s nd=%d D=%lld G=%lld %lldx%lldx%lld M=%d sp=%.3f",
+                transposed ? "^T" : "", cc.nd, (long long)cc.designs, (long long)cc.groups, (long long)m, (long long)k,
                 (long long)n, cc.mbits, cc.special);
   const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
@@ -493,10 +504,11 @@ int TestConv(Pool* pool, std::mt19937& rng) {
       {3, 2, 8, 16, {6, 7, 5}, {2, 3, 2}, {1, 2, 1}, {2, 1, 1}, 1, 1, false, false, 7, 0.01},
       {2, 1, 600, 20, {1, 4, 4}, {1, 3, 3}, {1, 1, 1}, {1, 1, 1}, 1, 1, false, false, 4, 0.0},
   };
-  for (const ConvCase& cc : conv_cases) {
-    RunConvCase(cc, rng, pool);
-    ++cases;
-  }
+  for (const ConvCase& cc : conv_cases)
+    for (bool transposed : {false, true}) {
+      RunConvCase(cc, rng, pool, transposed);
+      ++cases;
+    }
   return cases;
 }
 

@@ -167,7 +167,7 @@ GemmProblem WithMaterialisedA(const GemmProblem& p, std::vector<float>* store,
   parallel_for(nd * nb * row_tasks, [&](int64_t t) {
     const int64_t db = t / row_tasks, i0 = (t % row_tasks) * kRows;
     const float* x = p.a + (db / nb) * p.a_design_stride + (db % nb) * p.a_batch_stride;
-    GatherPatchRows(*p.implicit_a, x, i0, static_cast<int>(std::min(kRows, p.m - i0)), 0,
+    GatherImplicitA(*p.implicit_a, x, i0, static_cast<int>(std::min(kRows, p.m - i0)), 0,
                     static_cast<int>(p.k), store->data() + db * block + i0 * p.k, p.k);
   });
   GemmProblem q = p;

@@ -568,7 +568,7 @@ void RunTask(void* arg, int64_t task) {
       *ld = lda;
       return a_of(dd) + i0 * lda + k0;
     }
-    GatherPatchRows(*implicit, a_of(dd), i0, rows, k0, kb, strip, kstride);
+    GatherImplicitA(*implicit, a_of(dd), i0, rows, k0, kb, strip, kstride);
     *ld = kstride;
     return static_cast<const float*>(strip);
   };

@@ -80,6 +80,61 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   return ffi::Error::Success();
 }
 
+// The patch-matrix geometry of a convolution input with spatial extents
+// `spatial` (nd of them) and `channels` channels (implicit_a.h), with its
+// per-tap offsets stored in `tap_offset`. Returns an error message, or "".
+std::string ConvGeometry(const int64_t* spatial, int64_t channels, int64_t samples,
+                         ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> dilation, bool transposed, ImplicitA* g,
+                         std::vector<int64_t>* tap_offset) {
+  const int nd = static_cast<int>(window.size());
+  if (nd < 1 || nd > kMaxConvDims || strides.size() != window.size() ||
+      dilation.size() != window.size()) {
+    return "window, strides and dilation need 1 to 3 entries each";
+  }
+  g->nd = nd;
+  g->channels = channels;
+  g->samples = samples;
+  g->transposed = transposed;
+  int64_t in_size = 1;
+  int64_t win[kMaxConvDims] = {1, 1, 1}, dil[kMaxConvDims] = {1, 1, 1};
+  for (int d = 0; d < nd; ++d) {
+    const int slot = kMaxConvDims - nd + d;  // spatial dims fill the trailing slots
+    if (window[d] < 1 || strides[d] < 1 || dilation[d] < 1) return "bad window geometry";
+    g->in[slot] = spatial[d];
+    g->stride[slot] = strides[d];
+    win[slot] = window[d];
+    dil[slot] = dilation[d];
+    const int64_t span = (window[d] - 1) * dilation[d] + 1;
+    if (g->in[slot] < span) return "window larger than the padded input";
+    g->out[slot] = (g->in[slot] - span) / strides[d] + 1;
+    in_size *= g->in[slot];
+  }
+  g->pixels = g->out[0] * g->out[1] * g->out[2];
+  g->image = in_size * channels;
+  tap_offset->clear();
+  for (int64_t t0 = 0; t0 < win[0]; ++t0)
+    for (int64_t t1 = 0; t1 < win[1]; ++t1)
+      for (int64_t t2 = 0; t2 < win[2]; ++t2)
+        tap_offset->push_back(((t0 * dil[0] * g->in[1] + t1 * dil[1]) * g->in[2] + t2 * dil[2]) *
+                              (transposed ? 1 : channels));
+  g->tap_offset = tap_offset->data();
+  return {};
+}
+
+// Runs p (whose a is implicit) on the pool; zero K gives zeros.
+ffi::Error RunConvGemm(ffi::ThreadPool& pool, GemmProblem& p) {
+  const int64_t out_size = p.designs * p.batch * p.m * p.n;
+  if (out_size == 0) return ffi::Error::Success();
+  if (p.k == 0) {
+    std::fill(p.out, p.out + out_size, 0.0f);
+    return ffi::Error::Success();
+  }
+  std::string err = ApproxGemmCpu(p, MakeParallelFor(&pool));
+  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, err);
+  return ffi::Error::Success();
+}
+
 // Convolution forward as a GEMM on the implicit patch matrix (implicit_a.h):
 // x: f32[Gx, G, N, S_0 .. S_{nd-1}, C] (padded, lhs-dilated, channels last),
 // w: f32[Gw, G, K, O] with K = prod(window) * C (rows in tap-major, channel-
@@ -96,47 +151,20 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   int64_t lut_size = 0;
   if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
   const int nd = static_cast<int>(window.size());
-  if (nd < 1 || nd > kMaxConvDims || strides.size() != window.size() ||
-      dilation.size() != window.size()) {
-    return bad("window, strides and dilation need 1 to 3 entries each");
-  }
   auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
-  if (static_cast<int>(xd.size()) != 4 + nd || wd.size() != 4 || od.size() != 5) {
+  if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || wd.size() != 4 || od.size() != 5) {
     return bad("x must have rank 4 + len(window), w rank 4, out rank 5");
   }
   ImplicitA g;
-  g.nd = nd;
-  g.channels = xd[3 + nd];
-  int64_t taps = 1, in_size = 1;
-  std::vector<int64_t> win(kMaxConvDims, 1), dil(kMaxConvDims, 1);
-  for (int d = 0; d < nd; ++d) {
-    const int slot = kMaxConvDims - nd + d;  // spatial dims fill the trailing slots
-    if (window[d] < 1 || strides[d] < 1 || dilation[d] < 1) return bad("bad window geometry");
-    g.in[slot] = xd[3 + d];
-    g.stride[slot] = strides[d];
-    win[slot] = window[d];
-    dil[slot] = dilation[d];
-    const int64_t span = (window[d] - 1) * dilation[d] + 1;
-    if (g.in[slot] < span) return bad("window larger than the padded input");
-    g.out[slot] = (g.in[slot] - span) / strides[d] + 1;
-    taps *= window[d];
-    in_size *= g.in[slot];
-  }
-  g.pixels = g.out[0] * g.out[1] * g.out[2];
-  g.image = in_size * g.channels;
   std::vector<int64_t> tap_offset;
-  tap_offset.reserve(static_cast<size_t>(taps));
-  for (int64_t t0 = 0; t0 < win[0]; ++t0)
-    for (int64_t t1 = 0; t1 < win[1]; ++t1)
-      for (int64_t t2 = 0; t2 < win[2]; ++t2)
-        tap_offset.push_back(((t0 * dil[0] * g.in[1] + t1 * dil[1]) * g.in[2] + t2 * dil[2]) *
-                             g.channels);
-  g.tap_offset = tap_offset.data();
+  const std::string geo = ConvGeometry(&xd[3], xd[3 + nd], xd[2], window, strides, dilation,
+                                       /*transposed=*/false, &g, &tap_offset);
+  if (!geo.empty()) return bad(geo);
   GemmProblem p;
   p.designs = od[0];
   p.batch = od[1];
   p.m = xd[2] * g.pixels;
-  p.k = taps * g.channels;
+  p.k = static_cast<int64_t>(tap_offset.size()) * g.channels;
   p.n = od[4];
   p.mbits = mbits;
   if (od[2] != xd[2] || od[3] != g.pixels || wd[1] != p.batch || wd[2] != p.k || wd[3] != p.n ||
@@ -156,14 +184,59 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   p.lut = lut.typed_data<uint32_t>();
   p.out = out->typed_data<float>();
   p.implicit_a = &g;
-  if (p.designs * p.batch * p.m * p.n == 0) return ffi::Error::Success();
-  if (p.k == 0) {
-    std::fill(p.out, p.out + p.designs * p.batch * p.m * p.n, 0.0f);
-    return ffi::Error::Success();
+  return RunConvGemm(pool, p);
+}
+
+// A convolution's kernel gradient as a GEMM on the implicit transposed patch
+// matrix (patches^T, implicit_a.h): x: f32[Gx, G, C, N, S_0 .. S_{nd-1}]
+// (padded, lhs-dilated, channels first), dy: f32[Gd, G, N, P, O], lut ->
+// out: f32[D, G, K, O] with K = prod(window) * C: sum over the N * P output
+// pixels of P(patch element, dy), the gemm of patches^T with dy.
+ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                         ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out, int32_t mbits,
+                         ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> dilation) {
+  auto bad = [](const std::string& what) {
+    return ffi::Error::InvalidArgument("approx_jax_conv_wgrad: " + what);
+  };
+  if (!AllF32(x, dy, *out)) return bad("float32 operands only");
+  int64_t lut_size = 0;
+  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
+  const int nd = static_cast<int>(window.size());
+  auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
+  if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || dd.size() != 5 || od.size() != 4) {
+    return bad("x must have rank 4 + len(window), dy rank 5, out rank 4");
   }
-  std::string err = ApproxGemmCpu(p, MakeParallelFor(&pool));
-  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, err);
-  return ffi::Error::Success();
+  ImplicitA g;
+  std::vector<int64_t> tap_offset;
+  const std::string geo = ConvGeometry(&xd[4], xd[2], xd[3], window, strides, dilation,
+                                       /*transposed=*/true, &g, &tap_offset);
+  if (!geo.empty()) return bad(geo);
+  GemmProblem p;
+  p.designs = od[0];
+  p.batch = od[1];
+  p.m = static_cast<int64_t>(tap_offset.size()) * g.channels;
+  p.k = xd[3] * g.pixels;
+  p.n = od[3];
+  p.mbits = mbits;
+  if (od[2] != p.m || dd[1] != p.batch || dd[2] != xd[3] || dd[3] != g.pixels || dd[4] != p.n ||
+      xd[1] != p.batch) {
+    return bad("inconsistent shapes (groups, samples, output pixels, K or O)");
+  }
+  const int64_t x_block = xd[3] * g.image, dy_mat = p.k * p.n;
+  if (!BroadcastStride(xd[0], p.designs, p.batch * x_block, &p.a_design_stride) ||
+      !BroadcastStride(dd[0], p.designs, p.batch * dy_mat, &p.b_design_stride) ||
+      !BroadcastStride(lut.dimensions()[0], p.designs, lut_size, &p.lut_design_stride)) {
+    return bad("design axes must be 1 or match the output");
+  }
+  p.a_batch_stride = p.batch == 1 ? 0 : x_block;
+  p.b_batch_stride = p.batch == 1 ? 0 : dy_mat;
+  p.a = x.typed_data<float>();
+  p.b = dy.typed_data<float>();
+  p.lut = lut.typed_data<uint32_t>();
+  p.out = out->typed_data<float>();
+  p.implicit_a = &g;
+  return RunConvGemm(pool, p);
 }
 
 // a: f32[Ga, n], b: f32[Gb, n], lut: u32[Gl, 4^mbits] -> out: f32[D, n].
@@ -209,6 +282,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConv, ConvImpl,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("dilation"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConvWgrad, ConvWgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mbits")
+                                  .Attr<ffi::Span<const int64_t>>("window")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMultiply, MultiplyImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -227,6 +312,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
     d["approx_jax_gemm"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxGemm));
     d["approx_jax_multiply"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxMultiply));
     d["approx_jax_conv"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxConv));
+    d["approx_jax_conv_wgrad"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxConvWgrad));
     return d;
   });
 }

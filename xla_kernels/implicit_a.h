@@ -20,19 +20,27 @@ namespace approx_jax {
 
 constexpr int kMaxConvDims = 3;
 
-// Geometry of one implicit patch matrix; spatial dimensions past nd have
-// extent, window, stride and dilation 1. `tap_offset` (prod(window) entries,
-// owned by the caller) holds each tap's offset in floats from a row's first
-// element: ((t_0 d_0 S_1 + t_1 d_1) S_2 + t_2 d_2) * C.
+//
+// `transposed`: the patch matrix transposed, a^T[k, row] (the kernel
+// gradient's left operand, patches^T: a row per (tap, channel), a column per
+// output pixel), read from a channels-first input x[c, n, h_0, h_1, h_2].
+
+// Geometry of one implicit patch matrix. The nd spatial dimensions take the
+// trailing slots of the 3 (a 2-D conv uses slots 1 and 2); unused slots have
+// extent, window, stride and dilation 1. `tap_offset` (prod(window) entries, owned by the
+// caller) holds each tap's offset in floats: ((t_0 d_0 S_1 + t_1 d_1) S_2 +
+// t_2 d_2) * C channels last, without the factor C when transposed.
 struct ImplicitA {
   int nd = 0;
   int64_t in[kMaxConvDims] = {1, 1, 1};   // input extents (padded)
   int64_t out[kMaxConvDims] = {1, 1, 1};  // output extents
   int64_t stride[kMaxConvDims] = {1, 1, 1};
   int64_t channels = 1;  // C: channels per group
-  int64_t pixels = 1;    // prod(out): rows per sample
-  int64_t image = 1;     // prod(in) * C: floats per sample
+  int64_t pixels = 1;    // prod(out): output pixels per sample
+  int64_t image = 1;     // prod(in) * C: floats per sample (channels last)
   const int64_t* tap_offset = nullptr;
+  bool transposed = false;
+  int64_t samples = 1;  // N (transposed: a channel's plane holds N * prod(in) floats)
 };
 
 // Offset in floats of row i's first element (tap 0, channel 0) in x.
@@ -66,6 +74,57 @@ inline void GatherPatchRows(const ImplicitA& g, const float* x, int64_t i0, int 
       c = 0;
     }
   }
+}
+
+// Transposed: dst[r * ld + kk] = patches^T[i0 + r, k0 + kk], row (tap,
+// channel) = i0 + r, column = output pixel k0 + kk; per row, runs along the
+// last spatial dimension (contiguous for stride 1).
+inline void GatherPatchRowsT(const ImplicitA& g, const float* x, int64_t i0, int rows, int64_t k0,
+                             int kb, float* dst, int64_t ld) {
+  const int64_t in_size = g.in[0] * g.in[1] * g.in[2];
+  const int64_t plane = g.samples * in_size;
+  const int64_t s2 = g.stride[2];
+  // The first pixel's coordinates.
+  const int64_t n0 = k0 / g.pixels;
+  int64_t q0 = k0 - n0 * g.pixels;
+  const int64_t p2 = q0 % g.out[2];
+  q0 /= g.out[2];
+  const int64_t p1 = q0 % g.out[1], p0 = q0 / g.out[1];
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = i0 + r;
+    const int64_t tap = row / g.channels, c = row - tap * g.channels;
+    const float* base = x + c * plane + g.tap_offset[tap];
+    float* d = dst + r * ld;
+    int64_t n = n0, o0 = p0, o1 = p1, o2 = p2;
+    for (int64_t kk = 0; kk < kb;) {
+      const int64_t len = g.out[2] - o2 < kb - kk ? g.out[2] - o2 : kb - kk;
+      const float* src =
+          base + n * in_size + (o0 * g.stride[0] * g.in[1] + o1 * g.stride[1]) * g.in[2] + o2 * s2;
+      if (s2 == 1) {
+        for (int64_t e = 0; e < len; ++e) d[kk + e] = src[e];
+      } else {
+        for (int64_t e = 0; e < len; ++e) d[kk + e] = src[e * s2];
+      }
+      kk += len;
+      o2 = 0;
+      if (++o1 == g.out[1]) {
+        o1 = 0;
+        if (++o0 == g.out[0]) {
+          o0 = 0;
+          ++n;
+        }
+      }
+    }
+  }
+}
+
+// The rows x k-block strip of either form.
+inline void GatherImplicitA(const ImplicitA& g, const float* x, int64_t i0, int rows, int64_t k0,
+                            int kb, float* dst, int64_t ld) {
+  if (g.transposed)
+    GatherPatchRowsT(g, x, i0, rows, k0, kb, dst, ld);
+  else
+    GatherPatchRows(g, x, i0, rows, k0, kb, dst, ld);
 }
 
 }  // namespace approx_jax

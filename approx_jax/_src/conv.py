@@ -33,7 +33,9 @@ least ``IMPLICIT_MIN_CHANNELS`` channels per group: the padded input goes to
 ``ffi.CONV_TARGET``, whose kernel copies each strip of patch rows it packs out
 of the input (``xla_kernels/implicit_a.h``), so the forward pass of the whole
 batch needs no patches and no batch chunks (``_conv_in_place``). The products
-and sums are the GEMM's on the same matrix: the same bits.
+and sums are the GEMM's on the same matrix: the same bits. Its kernel
+gradient likewise reads ``patches^T`` in place from a channels-first copy of
+the input (``ffi.CONV_WGRAD_TARGET``), one GEMM over the whole batch.
 
 Memory: the patch matrix is ``prod(window)`` times the (strided) input. When
 it would exceed ``chunk_limit_bytes()`` (8 MiB on CPU, 256 MiB on GPU;
@@ -434,7 +436,9 @@ def _core_forward(mbits, geometry, budget, implicit: bool = False):
         # another device builds the patches).
         return lax.platform_dependent(xg, w4, klut, cpu=implicit_forward, default=patch_forward)
 
-    return _designs_in_groups(forward, geometry, budget)
+    # The in-place forward pass builds no patches: a vmap over per-design
+    # inputs needs no groups of designs (one call for all of them).
+    return _designs_in_groups(forward, geometry, 1 << 62 if implicit else budget)
 
 
 def _like(x) -> jax.ShapeDtypeStruct:
@@ -448,36 +452,82 @@ def _like(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
+def _fold(d_patches, xg, geometry):
+    """``d_patches`` ``[G, N, *out, taps, Cg]`` added back onto the input's shape (d_x)."""
+    window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
+    fold = jax.linear_transpose(
+        functools.partial(
+            _patches_by_tap,
+            window=window,
+            strides=strides,
+            pads=pads,
+            lhs_dilation=lhs_dil,
+            rhs_dilation=rhs_dil,
+            out_spatial=out_spatial,
+        ),
+        _like(xg),
+    )
+    (d_x,) = fold(d_patches)
+    return d_x
+
+
+def _d_patches_shape(xg, geometry):
+    window, out_spatial = geometry[0], geometry[-1]
+    return xg.shape[:2] + tuple(out_spatial) + (math.prod(window), xg.shape[-1])
+
+
 @functools.cache
 def _core_backward(mbits, backward, geometry, budget):
-    window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
-
     def backward_products(xg, w4, klut, ct):
-        g, n = xg.shape[:2]
+        g = xg.shape[0]
         ct4 = partitioning.reshape(ct, (1, g, -1, w4.shape[-1]))
         # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
         d_a, d_w = ops._backward_products(
             mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4
         )
-        d_patches = partitioning.reshape(
-            d_a, (g, n) + tuple(out_spatial) + (math.prod(window), xg.shape[-1])
-        )
-        fold = jax.linear_transpose(
-            functools.partial(
-                _patches_by_tap,
-                window=window,
-                strides=strides,
-                pads=pads,
-                lhs_dilation=lhs_dil,
-                rhs_dilation=rhs_dil,
-                out_spatial=out_spatial,
-            ),
-            _like(xg),
-        )
-        (d_x,) = fold(d_patches)
-        return d_x, d_w
+        d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
+        return _fold(d_patches, xg, geometry), d_w
 
     return _designs_in_groups(backward_products, geometry, budget)
+
+
+@functools.cache
+def _core_input_grad(mbits, geometry, budget):
+    """``_core_backward``'s input gradient alone (``backward="approx"``)."""
+
+    def input_grad(xg, w4, klut, ct):
+        g, n = xg.shape[:2]
+        ct4 = partitioning.reshape(ct, (1, g, -1, w4.shape[-1]))
+        d_a = ops._input_grad(mbits, n * math.prod(geometry[-1]), w4, klut, ct4)
+        d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
+        return _fold(d_patches, xg, geometry)
+
+    return _designs_in_groups(input_grad, geometry, budget)
+
+
+@functools.cache
+def _core_wgrad_in_place(mbits, geometry):
+    """The kernel gradient ``approx(patches^T, dy)`` with ``patches^T`` read in place."""
+    window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
+    pixels = math.prod(out_spatial)
+
+    def patches(xg, ct, klut):
+        ct4 = partitioning.reshape(ct, (1, xg.shape[0], -1, ct.shape[-1]))
+        return ops._gemm_raw(mbits)(_patch_matrix_t(xg, geometry), ct4, klut)
+
+    def in_place(xg, ct, klut):
+        # The channels-first padded input (as _patches_transposed pads it).
+        xc = _pad_input(jnp.moveaxis(xg, -1, 1), pads, lhs_dil, first_spatial=3)
+        g, n = xg.shape[:2]
+        ct5 = partitioning.reshape(ct, (1, g, n, pixels, ct.shape[-1]))
+        return ops._conv_wgrad_raw(mbits, window, strides, rhs_dil)(xc[None], ct5, klut)
+
+    def wgrad(xg, ct, klut):
+        # (A program compiled for another platform builds patches^T.)
+        return lax.platform_dependent(xg, ct, klut, cpu=in_place, default=patches)
+
+    # No patches: a vmap over per-design inputs needs no groups of designs.
+    return _designs_in_groups(wgrad, geometry, 1 << 62)
 
 
 def _conv_core_fwd(xg, w4, klut, mbits, backward, geometry, budget):
@@ -553,12 +603,14 @@ def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk):
     """CPU: the forward pass on the patch matrix read in place, whole batch at once.
 
     The forward pass builds no patches, so it needs no batch chunks (the
-    chunks' loop and their smaller GEMMs cost 20-40% of a forward pass). The
-    backward pass is ``_conv_core``'s, over the same batch chunks as
-    ``_conv_chunked`` when ``chunk < N``, whose kernel gradient adds the
-    chunks' partial gradients last chunk first, as the transpose of
-    ``_conv_chunked``'s ``lax.map`` does: the same bits as ``_conv_chunked``
-    (and ``_conv_core``) in every output and gradient. Arguments as
+    chunks' loop and their smaller GEMMs cost 20-40% of a forward pass). With
+    ``backward="approx"`` the kernel gradient reads ``patches^T`` in place
+    too, as one GEMM over the whole batch: the bits of the unchunked patch
+    path (``_conv_core``) whatever ``chunk`` is; only the input gradient
+    (``d_patches`` and its fold) runs over the batch chunks of
+    ``_conv_chunked``, with the same bits. (``backward="exact"`` runs
+    ``_conv_core``'s backward over the chunks, adding the kernel-gradient
+    partials as ``_conv_chunked``'s transpose does.) Arguments as
     ``_conv_core``, plus the batch chunk of the backward pass.
     """
     return _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk)[0]
@@ -572,23 +624,33 @@ def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk):
 
 def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
     xg, w4, klut = residuals
-    core_bwd = _core_backward(mbits, backward, geometry, budget)
     g, n = xg.shape[:2]
-    if chunk >= n:
-        d_x, d_w = core_bwd(xg, w4, klut, ct)
+    if backward == "approx":
+        # The kernel gradient in place, whole batch at once: one GEMM over all
+        # N * P pixels, the bits of the unchunked patch path (and of the GPU's).
+        d_w = _core_wgrad_in_place(mbits, geometry)(xg, ct, klut)
+        grad_of_chunk = _core_input_grad(mbits, geometry, budget)
     else:
+        core_bwd = _core_backward(mbits, backward, geometry, budget)
 
-        def step(d_w, items):
-            x_chunk, ct_chunk = items
-            d_x_chunk, d_w_chunk = core_bwd(x_chunk, w4, klut, ct_chunk)
-            return d_w + d_w_chunk, d_x_chunk
+    if chunk >= n:
+        if backward == "approx":
+            d_x = grad_of_chunk(xg, w4, klut, ct)
+        else:
+            d_x, d_w = core_bwd(xg, w4, klut, ct)
+    else:
+        chunks = (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
+        if backward == "approx":
+            d_xs = lax.map(lambda items: grad_of_chunk(items[0], w4, klut, items[1]), chunks)
+        else:
 
-        d_w, d_xs = lax.scan(
-            step,
-            jnp.zeros(w4.shape, w4.dtype),
-            (_chunks_of(xg, chunk), _chunks_of(ct, chunk)),
-            reverse=True,
-        )
+            def step(d_w, items):
+                d_x_chunk, d_w_chunk = core_bwd(items[0], w4, klut, items[1])
+                return d_w + d_w_chunk, d_x_chunk
+
+            # Last chunk first, as the transpose of _conv_chunked's lax.map
+            # adds them: the same bits.
+            d_w, d_xs = lax.scan(step, jnp.zeros(w4.shape, w4.dtype), chunks, reverse=True)
         d_x = jnp.moveaxis(d_xs, 0, 2)  # [G, chunk, num, ...]
         d_x = d_x.reshape((g, -1) + d_x.shape[3:])[:, :n]
     d_x = partitioning.match_vma(d_x, xg)
@@ -642,10 +704,11 @@ def approx_conv(
     (8 MiB on CPU, 256 MiB on GPU) are processed in rematerialised chunks. On
     CPU the forward pass reads the patch matrix in place instead (from 3
     channels per group; ``IMPLICIT_MIN_CHANNELS``): no patches, no chunks,
-    the same bits. Peak memory of forward + backward measured with
+    the same bits, and so does the kernel gradient (``patches^T``), as one
+    GEMM over the whole batch. Peak memory of forward + backward measured with
     ``benchmarks/bench_conv_memory.py`` (batch 32, 32x32x64 -> 64, 3x3, SAME,
     XLA:CPU), relative to the native convolution: 1.24x with the CPU default
-    (8 MiB chunks), 1.22x with 4 MiB chunks, 2.2x with 64 MiB chunks and 4.2x
+    (8 MiB chunks), 1.25x with 4 MiB chunks, 1.6x with 64 MiB chunks and 2.4x
     without chunking.
 
     Padding and ``lhs_dilation`` holes are zero-valued inputs that go through

@@ -15,8 +15,10 @@ import numpy as np
 
 GEMM_TARGET = "approx_jax_gemm"
 MULTIPLY_TARGET = "approx_jax_multiply"
-# CPU only: a convolution's GEMM on its patch matrix read in place.
+# CPU only: a convolution's GEMM on its patch matrix read in place, and its
+# kernel gradient's GEMM on the transposed patch matrix read in place.
 CONV_TARGET = "approx_jax_conv"
+CONV_WGRAD_TARGET = "approx_jax_conv_wgrad"
 
 _load_error: Exception | None = None
 _registered_platforms: list[str] = []

@@ -144,6 +144,14 @@ def _conv_raw(mbits: int, window, strides, dilation):
 
 
 @functools.cache
+def _conv_wgrad_raw(mbits: int, window, strides, dilation):
+    """``partitioning.conv_wgrad_call`` (CPU only) with design-axis batching."""
+    return _make_design_batched(
+        lambda x, dy, k: partitioning.conv_wgrad_call(x, dy, k, mbits, window, strides, dilation)
+    )
+
+
+@functools.cache
 def _multiply_raw(mbits: int):
     return _make_design_batched(lambda a, b, k: partitioning.multiply_call(a, b, k, mbits))
 
@@ -213,12 +221,16 @@ def _backward_products(mbits: int, backward: str, a_t, b, klut, g):
     if backward != "approx":
         da = jnp.matmul(g, jnp.swapaxes(b, -1, -2), precision=_HIGHEST)
         return da, jnp.matmul(a_t, g, precision=_HIGHEST)
-    if _dx_by_transposed_lut(a_t.shape[-1], a_t.shape[-2], b.shape[-1], mbits):
-        da_t = _gemm_raw(mbits)(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits))
-        da = jnp.swapaxes(da_t, -1, -2)
-    else:
-        da = _gemm_raw(mbits)(g, jnp.swapaxes(b, -1, -2), klut)
+    da = _input_grad(mbits, a_t.shape[-1], b, klut, g)
     return da, _gemm_raw(mbits)(a_t, g, klut)
+
+
+def _input_grad(mbits: int, m: int, b, klut, g):
+    """``da = P(g, b^T)`` of ``a @ b`` (``a`` with ``m`` rows), as ``_backward_products``."""
+    if _dx_by_transposed_lut(m, b.shape[-2], b.shape[-1], mbits):
+        da_t = _gemm_raw(mbits)(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits))
+        return jnp.swapaxes(da_t, -1, -2)
+    return _gemm_raw(mbits)(g, jnp.swapaxes(b, -1, -2), klut)
 
 
 def _gemm_bwd(mbits, backward, residuals, g):

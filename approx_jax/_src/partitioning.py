@@ -337,6 +337,54 @@ def conv_call(
     return _conv_op(int(mbits), window, strides, dilation, pixels)(x, w, klut)
 
 
+@functools.cache
+def _conv_wgrad_op(mbits: int, window, strides, dilation, rows: int):
+    # x [d, t, c, n, s_0 .. s_{nd-1}], dy [d, t, n, p, o], lut [d, l] -> [d, t, k, o]:
+    # the samples (n) are the contraction (a sharded batch gives local partial
+    # gradients and a psum, as the GEMM's k); k (taps * C) is result-only.
+    spatial = tuple(f"s{i}" for i in range(len(window)))
+    dims = (("d", "t", "c", "n", *spatial), ("d", "t", "n", "p", "o"), ("d", "l"))
+    attrs = {
+        "window": np.asarray(window, np.int64),
+        "strides": np.asarray(strides, np.int64),
+        "dilation": np.asarray(dilation, np.int64),
+    }
+    return _make_partitioned(
+        ffi.CONV_WGRAD_TARGET,
+        dims,
+        ("d", "t", "k", "o"),
+        ("n",),
+        mbits,
+        replicated=("l", "c", *spatial, "p", "k"),
+        fixed={"k": rows},
+        attrs=attrs,
+    )
+
+
+def conv_wgrad_call(
+    x: jax.Array, dy: jax.Array, klut: jax.Array, mbits: int, window, strides, dilation
+) -> jax.Array:
+    """A convolution's kernel gradient on its transposed patch matrix read in place (CPU only).
+
+    Args:
+      x: float32 ``[Gx, G, C, N, *S]``: padded, lhs-dilated, channels-first input.
+      dy: float32 ``[Gd, G, N, P, O]``: the output cotangent (``P`` output pixels).
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]`` (always replicated).
+      mbits: mantissa width M.
+      window: window extents (one per spatial dimension, 1 to 3 of them).
+      strides: window strides.
+      dilation: window (rhs) dilation.
+
+    Returns:
+      float32 ``[D, G, prod(window) * C, O]``: the gemm of ``patches^T`` with
+      ``dy`` (``a`` = input, ``b`` = dy), the same bits as building
+      ``patches^T``.
+    """
+    window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
+    rows = math.prod(window) * x.shape[2]
+    return _conv_wgrad_op(int(mbits), window, strides, dilation, rows)(x, dy, klut)
+
+
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
     """``ffi.multiply_call`` with SPMD partitioning rules (same contract).
 
