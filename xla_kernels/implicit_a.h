@@ -56,10 +56,22 @@ inline int64_t PatchRowBase(const ImplicitA& g, int64_t i) {
              g.channels;
 }
 
+// Copies a run: d[e] = s[e * stride] for e < len. The kernels pass a vector
+// version (which may write past d + len: they give the strip the room).
+struct ScalarRunCopy {
+  void operator()(float* d, const float* s, int64_t len, int64_t stride) const {
+    for (int64_t e = 0; e < len; ++e) d[e] = s[e * stride];
+  }
+};
+
 // dst[r * ld + kk] = a[i0 + r, k0 + kk] for r < rows, kk < kb: per row, runs
 // of consecutive channels of one tap, each a contiguous copy from x.
-inline void GatherPatchRows(const ImplicitA& g, const float* x, int64_t i0, int rows, int64_t k0,
-                            int kb, float* dst, int64_t ld) {
+// (always_inline: the kernels' vector `copy` must inline into their ISA.)
+template <class Copy = ScalarRunCopy>
+__attribute__((always_inline)) inline void GatherPatchRows(const ImplicitA& g, const float* x,
+                                                           int64_t i0, int rows, int64_t k0, int kb,
+                                                           float* dst, int64_t ld,
+                                                           const Copy& copy = Copy()) {
   const int64_t c_len = g.channels;
   for (int r = 0; r < rows; ++r) {
     const float* row = x + PatchRowBase(g, i0 + r);
@@ -67,8 +79,7 @@ inline void GatherPatchRows(const ImplicitA& g, const float* x, int64_t i0, int 
     int64_t tap = k0 / c_len, c = k0 - tap * c_len;
     for (int64_t kk = 0; kk < kb;) {
       const int64_t len = c_len - c < kb - kk ? c_len - c : kb - kk;
-      const float* src = row + g.tap_offset[tap] + c;
-      for (int64_t e = 0; e < len; ++e) d[kk + e] = src[e];
+      copy(d + kk, row + g.tap_offset[tap] + c, len, 1);
       kk += len;
       ++tap;
       c = 0;
@@ -79,8 +90,11 @@ inline void GatherPatchRows(const ImplicitA& g, const float* x, int64_t i0, int 
 // Transposed: dst[r * ld + kk] = patches^T[i0 + r, k0 + kk], row (tap,
 // channel) = i0 + r, column = output pixel k0 + kk; per row, runs along the
 // last spatial dimension (contiguous for stride 1).
-inline void GatherPatchRowsT(const ImplicitA& g, const float* x, int64_t i0, int rows, int64_t k0,
-                             int kb, float* dst, int64_t ld) {
+template <class Copy = ScalarRunCopy>
+__attribute__((always_inline)) inline void GatherPatchRowsT(const ImplicitA& g, const float* x,
+                                                            int64_t i0, int rows, int64_t k0,
+                                                            int kb, float* dst, int64_t ld,
+                                                            const Copy& copy = Copy()) {
   const int64_t in_size = g.in[0] * g.in[1] * g.in[2];
   const int64_t plane = g.samples * in_size;
   const int64_t s2 = g.stride[2];
@@ -100,11 +114,7 @@ inline void GatherPatchRowsT(const ImplicitA& g, const float* x, int64_t i0, int
       const int64_t len = g.out[2] - o2 < kb - kk ? g.out[2] - o2 : kb - kk;
       const float* src =
           base + n * in_size + (o0 * g.stride[0] * g.in[1] + o1 * g.stride[1]) * g.in[2] + o2 * s2;
-      if (s2 == 1) {
-        for (int64_t e = 0; e < len; ++e) d[kk + e] = src[e];
-      } else {
-        for (int64_t e = 0; e < len; ++e) d[kk + e] = src[e * s2];
-      }
+      copy(d + kk, src, len, s2);
       kk += len;
       o2 = 0;
       if (++o1 == g.out[1]) {
@@ -119,12 +129,15 @@ inline void GatherPatchRowsT(const ImplicitA& g, const float* x, int64_t i0, int
 }
 
 // The rows x k-block strip of either form.
-inline void GatherImplicitA(const ImplicitA& g, const float* x, int64_t i0, int rows, int64_t k0,
-                            int kb, float* dst, int64_t ld) {
+template <class Copy = ScalarRunCopy>
+__attribute__((always_inline)) inline void GatherImplicitA(const ImplicitA& g, const float* x,
+                                                           int64_t i0, int rows, int64_t k0, int kb,
+                                                           float* dst, int64_t ld,
+                                                           const Copy& copy = Copy()) {
   if (g.transposed)
-    GatherPatchRowsT(g, x, i0, rows, k0, kb, dst, ld);
+    GatherPatchRowsT(g, x, i0, rows, k0, kb, dst, ld, copy);
   else
-    GatherPatchRows(g, x, i0, rows, k0, kb, dst, ld);
+    GatherPatchRows(g, x, i0, rows, k0, kb, dst, ld, copy);
 }
 
 }  // namespace approx_jax
