@@ -135,108 +135,80 @@ ffi::Error RunConvGemm(ffi::ThreadPool& pool, GemmProblem& p) {
   return ffi::Error::Success();
 }
 
-// Convolution forward as a GEMM on the implicit patch matrix (implicit_a.h):
-// x: f32[Gx, G, N, S_0 .. S_{nd-1}, C] (padded, lhs-dilated, channels last),
-// w: f32[Gw, G, K, O] with K = prod(window) * C (rows in tap-major, channel-
-// minor order), lut: u32[Gl, 4^mbits] -> out: f32[D, G, N, P, O], P the
-// product of the output extents; the G groups are the GEMM's batch axis.
-// CPU only: elsewhere approx_jax builds the patch matrix and calls the GEMM.
-ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer lut,
-                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, ffi::Span<const int64_t> window,
-                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
-  auto bad = [](const std::string& what) {
-    return ffi::Error::InvalidArgument("approx_jax_conv: " + what);
-  };
-  if (!AllF32(x, w, *out)) return bad("float32 operands only");
+// A convolution's GEMM on its patch matrix read in place (implicit_a.h).
+// Forward (`approx_jax_conv`): x: f32[Gx, G, N, S_0 .. S_{nd-1}, C] (padded,
+// lhs-dilated, channels last), b = w: f32[Gw, G, K, O] with K = prod(window)
+// * C (rows tap-major, channel-minor) -> out: f32[D, G, N, P, O], P the
+// product of the output extents: patches @ w.
+// Kernel gradient (`approx_jax_conv_wgrad`, transposed): x: f32[Gx, G, C, N,
+// S_0 .. S_{nd-1}] (channels first), b = dy: f32[Gd, G, N, P, O] -> out:
+// f32[D, G, K, O]: patches^T @ dy, summed over the N * P output pixels.
+// The G groups are the GEMM's batch axis. CPU only: elsewhere approx_jax
+// builds the patch matrix and calls the GEMM.
+ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& b,
+                    const ffi::AnyBuffer& lut, ffi::AnyBuffer& out, int32_t mbits,
+                    ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                    ffi::Span<const int64_t> dilation, bool transposed) {
+  const std::string target = transposed ? "approx_jax_conv_wgrad: " : "approx_jax_conv: ";
+  auto bad = [&](const std::string& what) { return ffi::Error::InvalidArgument(target + what); };
+  if (!AllF32(x, b, out)) return bad("float32 operands only");
   int64_t lut_size = 0;
   if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
   const int nd = static_cast<int>(window.size());
-  auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
-  if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || wd.size() != 4 || od.size() != 5) {
-    return bad("x must have rank 4 + len(window), w rank 4, out rank 5");
+  auto xd = x.dimensions(), bd = b.dimensions(), od = out.dimensions();
+  if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || bd.size() != (transposed ? 5u : 4u) ||
+      od.size() != (transposed ? 4u : 5u)) {
+    return bad(transposed ? "x must have rank 4 + len(window), dy rank 5, out rank 4"
+                          : "x must have rank 4 + len(window), w rank 4, out rank 5");
   }
+  const int64_t samples = transposed ? xd[3] : xd[2];
   ImplicitA g;
   std::vector<int64_t> tap_offset;
-  const std::string geo = ConvGeometry(&xd[3], xd[3 + nd], xd[2], window, strides, dilation,
-                                       /*transposed=*/false, &g, &tap_offset);
+  const std::string geo =
+      ConvGeometry(transposed ? &xd[4] : &xd[3], transposed ? xd[2] : xd[3 + nd], samples, window,
+                   strides, dilation, transposed, &g, &tap_offset);
   if (!geo.empty()) return bad(geo);
+  const int64_t patch_cols = static_cast<int64_t>(tap_offset.size()) * g.channels;
+  const int64_t patch_rows = samples * g.pixels;
   GemmProblem p;
   p.designs = od[0];
   p.batch = od[1];
-  p.m = xd[2] * g.pixels;
-  p.k = static_cast<int64_t>(tap_offset.size()) * g.channels;
-  p.n = od[4];
+  p.m = transposed ? patch_cols : patch_rows;
+  p.k = transposed ? patch_rows : patch_cols;
+  p.n = od[od.size() - 1];
   p.mbits = mbits;
-  if (od[2] != xd[2] || od[3] != g.pixels || wd[1] != p.batch || wd[2] != p.k || wd[3] != p.n ||
-      xd[1] != p.batch) {
-    return bad("inconsistent shapes (groups, samples, output pixels, K or O)");
-  }
-  const int64_t x_block = xd[2] * g.image, w_mat = p.k * p.n;
+  const bool shapes_ok =
+      xd[1] == p.batch && bd[1] == p.batch &&
+      (transposed ? od[2] == p.m && bd[2] == samples && bd[3] == g.pixels && bd[4] == p.n
+                  : od[2] == samples && od[3] == g.pixels && bd[2] == p.k && bd[3] == p.n);
+  if (!shapes_ok) return bad("inconsistent shapes (groups, samples, output pixels, K or O)");
+  const int64_t x_block = samples * g.image, b_mat = p.k * p.n;
   if (!BroadcastStride(xd[0], p.designs, p.batch * x_block, &p.a_design_stride) ||
-      !BroadcastStride(wd[0], p.designs, p.batch * w_mat, &p.b_design_stride) ||
+      !BroadcastStride(bd[0], p.designs, p.batch * b_mat, &p.b_design_stride) ||
       !BroadcastStride(lut.dimensions()[0], p.designs, lut_size, &p.lut_design_stride)) {
     return bad("design axes must be 1 or match the output");
   }
   p.a_batch_stride = p.batch == 1 ? 0 : x_block;
-  p.b_batch_stride = p.batch == 1 ? 0 : w_mat;
+  p.b_batch_stride = p.batch == 1 ? 0 : b_mat;
   p.a = x.typed_data<float>();
-  p.b = w.typed_data<float>();
+  p.b = b.typed_data<float>();
   p.lut = lut.typed_data<uint32_t>();
-  p.out = out->typed_data<float>();
+  p.out = out.typed_data<float>();
   p.implicit_a = &g;
   return RunConvGemm(pool, p);
 }
 
-// A convolution's kernel gradient as a GEMM on the implicit transposed patch
-// matrix (patches^T, implicit_a.h): x: f32[Gx, G, C, N, S_0 .. S_{nd-1}]
-// (padded, lhs-dilated, channels first), dy: f32[Gd, G, N, P, O], lut ->
-// out: f32[D, G, K, O] with K = prod(window) * C: sum over the N * P output
-// pixels of P(patch element, dy), the gemm of patches^T with dy.
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer lut,
+                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, ffi::Span<const int64_t> window,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
+  return ConvGemm(pool, x, w, lut, *out, mbits, window, strides, dilation, false);
+}
+
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                          ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out, int32_t mbits,
                          ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
                          ffi::Span<const int64_t> dilation) {
-  auto bad = [](const std::string& what) {
-    return ffi::Error::InvalidArgument("approx_jax_conv_wgrad: " + what);
-  };
-  if (!AllF32(x, dy, *out)) return bad("float32 operands only");
-  int64_t lut_size = 0;
-  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
-  const int nd = static_cast<int>(window.size());
-  auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
-  if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || dd.size() != 5 || od.size() != 4) {
-    return bad("x must have rank 4 + len(window), dy rank 5, out rank 4");
-  }
-  ImplicitA g;
-  std::vector<int64_t> tap_offset;
-  const std::string geo = ConvGeometry(&xd[4], xd[2], xd[3], window, strides, dilation,
-                                       /*transposed=*/true, &g, &tap_offset);
-  if (!geo.empty()) return bad(geo);
-  GemmProblem p;
-  p.designs = od[0];
-  p.batch = od[1];
-  p.m = static_cast<int64_t>(tap_offset.size()) * g.channels;
-  p.k = xd[3] * g.pixels;
-  p.n = od[3];
-  p.mbits = mbits;
-  if (od[2] != p.m || dd[1] != p.batch || dd[2] != xd[3] || dd[3] != g.pixels || dd[4] != p.n ||
-      xd[1] != p.batch) {
-    return bad("inconsistent shapes (groups, samples, output pixels, K or O)");
-  }
-  const int64_t x_block = xd[3] * g.image, dy_mat = p.k * p.n;
-  if (!BroadcastStride(xd[0], p.designs, p.batch * x_block, &p.a_design_stride) ||
-      !BroadcastStride(dd[0], p.designs, p.batch * dy_mat, &p.b_design_stride) ||
-      !BroadcastStride(lut.dimensions()[0], p.designs, lut_size, &p.lut_design_stride)) {
-    return bad("design axes must be 1 or match the output");
-  }
-  p.a_batch_stride = p.batch == 1 ? 0 : x_block;
-  p.b_batch_stride = p.batch == 1 ? 0 : dy_mat;
-  p.a = x.typed_data<float>();
-  p.b = dy.typed_data<float>();
-  p.lut = lut.typed_data<uint32_t>();
-  p.out = out->typed_data<float>();
-  p.implicit_a = &g;
-  return RunConvGemm(pool, p);
+  return ConvGemm(pool, x, dy, lut, *out, mbits, window, strides, dilation, true);
 }
 
 // a: f32[Ga, n], b: f32[Gb, n], lut: u32[Gl, 4^mbits] -> out: f32[D, n].
@@ -270,29 +242,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemm, GemmImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("mbits"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("mbits")
-                                  .Attr<ffi::Span<const int64_t>>("window")
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation"));
+namespace {
+// The binding of both conv targets: (x, b, lut) -> out, mbits and the window geometry.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int32_t>("mbits")
+      .Attr<ffi::Span<const int64_t>>("window")
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("dilation");
+}
+}  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConvWgrad, ConvWgradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("mbits")
-                                  .Attr<ffi::Span<const int64_t>>("window")
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConv, ConvImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConvWgrad, ConvWgradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMultiply, MultiplyImpl,
                               ffi::Ffi::Bind()

@@ -290,26 +290,31 @@ def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Ar
 
 
 @functools.cache
-def _conv_op(mbits: int, window, strides, dilation, pixels: int):
-    # x [d, t, n, s_0 .. s_{nd-1}, c], w [d, t, k, o], lut [d, l] -> [d, t, n, p, o]:
-    # samples (n), groups (t), designs (d) and output channels (o) may stay
-    # sharded; the spatial, channel, K and pixel factors are never split.
+def _conv_op(mbits: int, window, strides, dilation, size: int, wgrad: bool):
+    """The partitioned ``CONV_TARGET`` (``size``: P) or ``CONV_WGRAD_TARGET`` (K)."""
     spatial = tuple(f"s{i}" for i in range(len(window)))
-    dims = (("d", "t", "n", *spatial, "c"), ("d", "t", "k", "o"), ("d", "l"))
     attrs = {
-        "window": np.asarray(window, np.int64),
-        "strides": np.asarray(strides, np.int64),
-        "dilation": np.asarray(dilation, np.int64),
+        name: np.asarray(v, np.int64)
+        for name, v in (("window", window), ("strides", strides), ("dilation", dilation))
     }
+    if wgrad:
+        # x [d, t, c, n, *s], dy [d, t, n, p, o], lut [d, l] -> [d, t, k, o]: the
+        # samples (n) are the contraction (a sharded batch gives local partial
+        # gradients and a psum, as the GEMM's k); k (taps * C) is result-only.
+        target, reduction, fixed = ffi.CONV_WGRAD_TARGET, ("n",), {"k": size}
+        dims = (("d", "t", "c", "n", *spatial), ("d", "t", "n", "p", "o"), ("d", "l"))
+        out_dims = ("d", "t", "k", "o")
+    else:
+        # x [d, t, n, *s, c], w [d, t, k, o], lut [d, l] -> [d, t, n, p, o]:
+        # samples (n), groups (t), designs (d) and output channels (o) may
+        # stay sharded; p (output pixels) is result-only.
+        target, reduction, fixed = ffi.CONV_TARGET, (), {"p": size}
+        dims = (("d", "t", "n", *spatial, "c"), ("d", "t", "k", "o"), ("d", "l"))
+        out_dims = ("d", "t", "n", "p", "o")
+    # The spatial, channel, K and pixel factors are never split.
+    replicated = ("l", "c", *spatial, "p", "k")
     return _make_partitioned(
-        ffi.CONV_TARGET,
-        dims,
-        ("d", "t", "n", "p", "o"),
-        (),
-        mbits,
-        replicated=("l", *spatial, "c", "k", "p"),
-        fixed={"p": pixels},
-        attrs=attrs,
+        target, dims, out_dims, reduction, mbits, replicated=replicated, fixed=fixed, attrs=attrs
     )
 
 
@@ -334,31 +339,7 @@ def conv_call(
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
     pixels = ffi.conv_output_pixels(x.shape, window, strides, dilation)
-    return _conv_op(int(mbits), window, strides, dilation, pixels)(x, w, klut)
-
-
-@functools.cache
-def _conv_wgrad_op(mbits: int, window, strides, dilation, rows: int):
-    # x [d, t, c, n, s_0 .. s_{nd-1}], dy [d, t, n, p, o], lut [d, l] -> [d, t, k, o]:
-    # the samples (n) are the contraction (a sharded batch gives local partial
-    # gradients and a psum, as the GEMM's k); k (taps * C) is result-only.
-    spatial = tuple(f"s{i}" for i in range(len(window)))
-    dims = (("d", "t", "c", "n", *spatial), ("d", "t", "n", "p", "o"), ("d", "l"))
-    attrs = {
-        "window": np.asarray(window, np.int64),
-        "strides": np.asarray(strides, np.int64),
-        "dilation": np.asarray(dilation, np.int64),
-    }
-    return _make_partitioned(
-        ffi.CONV_WGRAD_TARGET,
-        dims,
-        ("d", "t", "k", "o"),
-        ("n",),
-        mbits,
-        replicated=("l", "c", *spatial, "p", "k"),
-        fixed={"k": rows},
-        attrs=attrs,
-    )
+    return _conv_op(int(mbits), window, strides, dilation, pixels, False)(x, w, klut)
 
 
 def conv_wgrad_call(
@@ -369,11 +350,7 @@ def conv_wgrad_call(
     Args:
       x: float32 ``[Gx, G, C, N, *S]``: padded, lhs-dilated, channels-first input.
       dy: float32 ``[Gd, G, N, P, O]``: the output cotangent (``P`` output pixels).
-      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]`` (always replicated).
-      mbits: mantissa width M.
-      window: window extents (one per spatial dimension, 1 to 3 of them).
-      strides: window strides.
-      dilation: window (rhs) dilation.
+      klut, mbits, window, strides, dilation: as for :func:`conv_call`.
 
     Returns:
       float32 ``[D, G, prod(window) * C, O]``: the gemm of ``patches^T`` with
@@ -382,7 +359,7 @@ def conv_wgrad_call(
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
     rows = math.prod(window) * x.shape[2]
-    return _conv_wgrad_op(int(mbits), window, strides, dilation, rows)(x, dy, klut)
+    return _conv_op(int(mbits), window, strides, dilation, rows, True)(x, dy, klut)
 
 
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
