@@ -569,8 +569,8 @@ void RunTask(void* arg, int64_t task) {
   float* strip =
       implicit != nullptr
           ? static_cast<float*>(ThreadScratch(kSlotA, (MaxI(kMR, kMRG) * kstride + kVL) * 4))
-          : ctmp;
-  if (!tiles || !pack || !stats || !bdec || !ctmp || !strip) {
+          : nullptr;
+  if (!tiles || !pack || !stats || !bdec || !ctmp || (implicit != nullptr && !strip)) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }

@@ -402,6 +402,11 @@ def _designs_in_groups(fn, geometry, budget):
     return wrapped
 
 
+# The design-group budget of the in-place computations, which build no
+# patches: every vmapped design in one call.
+_NO_PATCH_BUDGET = 1 << 62
+
+
 def _implicit_forward_applies(channels: int, geometry) -> bool:
     """Whether the forward pass reads the patch matrix in place (see IMPLICIT_MIN_CHANNELS)."""
     return (
@@ -425,7 +430,8 @@ def _core_forward(mbits, geometry, budget, implicit: bool = False):
         # The padded input (as _patches_staged pads it) read in place by the
         # CPU kernel: the same patch matrix, never built.
         xp = _pad_input(xg, pads, lhs_dil)
-        out = ops._conv_raw(mbits, window, strides, rhs_dil)(xp[None], w4, klut)
+        conv = ops._conv_raw(mbits, window, strides, rhs_dil, math.prod(out_spatial))
+        out = conv(xp[None], w4, klut)
         # (partitioning.reshape: keeps an explicitly sharded batch axis.)
         return partitioning.reshape(out, xg.shape[:2] + tuple(out_spatial) + (w4.shape[-1],))
 
@@ -438,7 +444,7 @@ def _core_forward(mbits, geometry, budget, implicit: bool = False):
 
     # The in-place forward pass builds no patches: a vmap over per-design
     # inputs needs no groups of designs (one call for all of them).
-    return _designs_in_groups(forward, geometry, 1 << 62 if implicit else budget)
+    return _designs_in_groups(forward, geometry, _NO_PATCH_BUDGET if implicit else budget)
 
 
 def _like(x) -> jax.ShapeDtypeStruct:
@@ -527,7 +533,7 @@ def _core_wgrad_in_place(mbits, geometry):
         return lax.platform_dependent(xg, ct, klut, cpu=in_place, default=patches)
 
     # No patches: a vmap over per-design inputs needs no groups of designs.
-    return _designs_in_groups(wgrad, geometry, 1 << 62)
+    return _designs_in_groups(wgrad, geometry, _NO_PATCH_BUDGET)
 
 
 def _conv_core_fwd(xg, w4, klut, mbits, backward, geometry, budget):
@@ -562,40 +568,38 @@ def _chunk_size(n: int, per_sample_bytes: int, limit: int) -> int:
     return -(-n // num)
 
 
-def _conv_chunked(xg, w4, klut, mbits, backward, geometry, budget, chunk: int):
-    """``_conv_core`` over batch chunks with a rematerialised body.
-
-    Chunks interleave the batch (chunk ``j`` holds samples ``i * num + j``) so
-    that a batch axis sharded across devices stays sharded on the chunk's own
-    batch axis; contiguous chunks would put the sharding on the scanned axis,
-    which XLA's partitioner cannot keep local.
-    """
-    g, n = xg.shape[:2]
-    num = -(-n // chunk)
-    pad = num * chunk - n
-    if pad:
-        xg = jnp.pad(xg, [(0, 0), (0, pad)] + [(0, 0)] * (xg.ndim - 2))
-    # [G, chunk*num, ...] -> [num, G, chunk, ...]
-    xs = jnp.moveaxis(xg.reshape((g, chunk, num) + xg.shape[2:]), 2, 0)
-
-    @jax.checkpoint
-    def body(x_chunk):
-        return _conv_core(x_chunk, w4, klut, mbits, backward, geometry, budget)
-
-    ys = lax.map(body, xs)  # [num, G, chunk, *out, Og]
-    ys = jnp.moveaxis(ys, 0, 2)  # [G, chunk, num, *out, Og]
-    ys = ys.reshape((g, chunk * num) + ys.shape[3:])
-    return ys[:, :n] if pad else ys
-
-
 def _chunks_of(v, chunk: int):
-    """``[G, N, ...]`` -> ``[num, G, chunk, ...]`` as ``_conv_chunked`` interleaves the batch."""
+    """``[G, N, ...]`` -> ``[num, G, chunk, ...]``: the batch in interleaved chunks.
+
+    Chunk ``j`` holds samples ``i * num + j`` (zero-padded to ``num * chunk``),
+    so that a batch axis sharded across devices stays sharded on the chunk's
+    own batch axis; contiguous chunks would put the sharding on the scanned
+    axis, which XLA's partitioner cannot keep local.
+    """
     g, n = v.shape[:2]
     num = -(-n // chunk)
     pad = num * chunk - n
     if pad:
         v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
     return jnp.moveaxis(v.reshape((g, chunk, num) + v.shape[2:]), 2, 0)
+
+
+def _unchunk(vs, n: int):
+    """``[num, G, chunk, ...]`` -> ``[G, n, ...]``: the inverse of :func:`_chunks_of`."""
+    v = jnp.moveaxis(vs, 0, 2)  # [G, chunk, num, ...]
+    v = v.reshape((v.shape[0], -1) + v.shape[3:])
+    return v[:, :n] if v.shape[1] != n else v
+
+
+def _conv_chunked(xg, w4, klut, mbits, backward, geometry, budget, chunk: int):
+    """``_conv_core`` over batch chunks (:func:`_chunks_of`) with a rematerialised body."""
+
+    @jax.checkpoint
+    def body(x_chunk):
+        return _conv_core(x_chunk, w4, klut, mbits, backward, geometry, budget)
+
+    ys = lax.map(body, _chunks_of(xg, chunk))  # [num, G, chunk, *out, Og]
+    return _unchunk(ys, xg.shape[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -624,35 +628,31 @@ def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk):
 
 def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
     xg, w4, klut = residuals
-    g, n = xg.shape[:2]
+    n = xg.shape[1]
+    chunks = None if chunk >= n else (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
     if backward == "approx":
         # The kernel gradient in place, whole batch at once: one GEMM over all
         # N * P pixels, the bits of the unchunked patch path (and of the GPU's).
         d_w = _core_wgrad_in_place(mbits, geometry)(xg, ct, klut)
-        grad_of_chunk = _core_input_grad(mbits, geometry, budget)
+        input_grad = _core_input_grad(mbits, geometry, budget)
+        if chunks is None:
+            d_x = input_grad(xg, w4, klut, ct)
+        else:
+            d_x = _unchunk(lax.map(lambda c: input_grad(c[0], w4, klut, c[1]), chunks), n)
     else:
         core_bwd = _core_backward(mbits, backward, geometry, budget)
-
-    if chunk >= n:
-        if backward == "approx":
-            d_x = grad_of_chunk(xg, w4, klut, ct)
-        else:
+        if chunks is None:
             d_x, d_w = core_bwd(xg, w4, klut, ct)
-    else:
-        chunks = (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
-        if backward == "approx":
-            d_xs = lax.map(lambda items: grad_of_chunk(items[0], w4, klut, items[1]), chunks)
         else:
 
-            def step(d_w, items):
-                d_x_chunk, d_w_chunk = core_bwd(items[0], w4, klut, items[1])
+            def step(d_w, c):
+                d_x_chunk, d_w_chunk = core_bwd(c[0], w4, klut, c[1])
                 return d_w + d_w_chunk, d_x_chunk
 
             # Last chunk first, as the transpose of _conv_chunked's lax.map
             # adds them: the same bits.
             d_w, d_xs = lax.scan(step, jnp.zeros(w4.shape, w4.dtype), chunks, reverse=True)
-        d_x = jnp.moveaxis(d_xs, 0, 2)  # [G, chunk, num, ...]
-        d_x = d_x.reshape((g, -1) + d_x.shape[3:])[:, :n]
+            d_x = _unchunk(d_xs, n)
     d_x = partitioning.match_vma(d_x, xg)
     d_w = partitioning.match_vma(d_w, w4)
     return d_x, d_w, ops._lut_zero_cotangent(klut)

@@ -85,13 +85,14 @@ def call_target(
     """Calls one of the approx_jax FFI targets (the only place that does).
 
     Args:
-      target: ``GEMM_TARGET``, ``MULTIPLY_TARGET`` or ``CONV_TARGET``.
+      target: ``GEMM_TARGET``, ``MULTIPLY_TARGET``, ``CONV_TARGET`` or
+        ``CONV_WGRAD_TARGET``.
       result: Result type (shape, float32, and sharding where it matters).
       a: First operands (float32, canonical layout of the target).
       b: Second operands.
       klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
       mbits: Mantissa width M.
-      **attrs: The target's other attributes (``CONV_TARGET``: ``window``,
+      **attrs: The target's other attributes (the conv targets: ``window``,
         ``strides``, ``dilation`` as int64 arrays).
 
     Returns:
@@ -134,13 +135,3 @@ def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> ja
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     shape = (designs, a.shape[1])
     return call_target(MULTIPLY_TARGET, _result_type(shape, a), a, b, klut, mbits)
-
-
-def conv_output_pixels(x_shape, window, strides, dilation) -> int:
-    """Output pixels per sample of ``CONV_TARGET`` for a padded input ``x_shape``."""
-    nd = len(window)
-    spatial = x_shape[3 : 3 + nd]
-    pixels = 1
-    for size, w, s, d in zip(spatial, window, strides, dilation, strict=True):
-        pixels *= (size - (w - 1) * d - 1) // s + 1
-    return pixels

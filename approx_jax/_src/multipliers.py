@@ -437,12 +437,13 @@ def _flatten_square_table(arr: np.ndarray, M: int | None) -> np.ndarray:
     if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
         return arr
     side = arr.shape[-1]
-    sides = {1 << m: m for m in range(lut_lib.MIN_MBITS, lut_lib.MAX_MBITS + 1)}
-    entries = {lut_lib.num_entries(m) for m in range(lut_lib.MIN_MBITS, lut_lib.MAX_MBITS + 1)}
+    widths = range(lut_lib.MIN_MBITS, lut_lib.MAX_MBITS + 1)
     if M is not None:
         square = side == 1 << M and side != lut_lib.num_entries(M)
     else:
-        square = side in sides and side not in entries
+        square = side in {1 << m for m in widths} and side not in {
+            lut_lib.num_entries(m) for m in widths
+        }
     return arr.reshape(arr.shape[:-2] + (side * side,)) if square else arr
 
 
@@ -492,14 +493,16 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
                 f"from_lut expects integer (stored-format) or float (product) entries, "
                 f"got {type(array).__name__} of dtype {arr.dtype}"
             )
-        square = arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]
-        arr = _flatten_square_table(arr, M)
+        flat = _flatten_square_table(arr, M)
+        # A square array left as it is was read as a stack of LUTs.
+        square_as_stack = flat is arr and arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]
+        arr = flat
         if M is None:
             M = _infer_mbits(arr.shape[-1] if arr.ndim else 0, "LUT")
         try:
             stored = lut_lib.validate_lut(arr, lut_lib.check_mbits(M))
         except ValueError as err:
-            if square and arr.ndim >= 2:  # read as a stack; perhaps a [2**M, 2**M] table was meant
+            if square_as_stack:  # perhaps a [2**M, 2**M] table was meant
                 side = arr.shape[-1]
                 raise ValueError(
                     f"{err} (the [{side}, {side}] array was read as a stack of {side} LUTs of "
@@ -626,11 +629,6 @@ def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
       M: Mantissa width, 1..11.
       name: Design name (default: the function's name).
 
-    Example:
-      >>> def shift_add(a, b):  # scalar model: one call per mantissa pair
-      ...     return a + b - 1.0 if a + b < 3.0 else 2.0 * (a + b - 2.0)
-      >>> m = from_python(shift_add, 5)
-
     Returns:
       Multiplier with a NumPy LUT.
 
@@ -639,6 +637,11 @@ def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
         real numbers (``None``, complex, strings...).
       ValueError: If ``M`` is invalid, the result's shape is not ``(4**M,)``,
         or a product is not finite / not in ``[1, 4)``.
+
+    Example:
+      >>> def shift_add(a, b):  # scalar model: one call per mantissa pair
+      ...     return a + b - 1.0 if a + b < 3.0 else 2.0 * (a + b - 2.0)
+      >>> m = from_python(shift_add, 5)
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable fn(a, b) -> p, got {type(fn).__name__}")

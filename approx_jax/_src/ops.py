@@ -136,10 +136,10 @@ def _gemm_raw(mbits: int):
 
 
 @functools.cache
-def _conv_raw(mbits: int, window, strides, dilation):
+def _conv_raw(mbits: int, window, strides, dilation, pixels: int):
     """``partitioning.conv_call`` (CPU only) with design-axis batching."""
     return _make_design_batched(
-        lambda x, w, k: partitioning.conv_call(x, w, k, mbits, window, strides, dilation)
+        lambda x, w, k: partitioning.conv_call(x, w, k, mbits, window, strides, dilation, pixels)
     )
 
 
@@ -371,12 +371,13 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
             raise ValueError(
                 f"{name} must have rank >= 1 for approx_matmul, got shape {operand.shape}"
             )
+    b_k = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != b_k:
+        raise ValueError(
+            f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "
+            f"b {b.shape} has K={b_k}"
+        )
     if a.ndim == 1 or b.ndim == 1:  # vectors, as jnp.matmul: add a unit axis, drop it after
-        if a.shape[-1] != b.shape[0 if b.ndim == 1 else -2]:
-            raise ValueError(
-                f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "
-                f"b {b.shape} has K={b.shape[0 if b.ndim == 1 else -2]}"
-            )
         out = approx_matmul(
             a[None, :] if a.ndim == 1 else a,
             b[:, None] if b.ndim == 1 else b,
@@ -384,16 +385,8 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
             backward,
             precision,
         )
-        if b.ndim == 1:
-            out = out[..., 0]
-        if a.ndim == 1:
-            out = out[..., 0, :] if b.ndim != 1 else out[..., 0]
-        return out
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(
-            f"contracting dimensions differ: a {a.shape} has K={a.shape[-1]}, "
-            f"b {b.shape} has K={b.shape[-2]}"
-        )
+        unit_axes = (-2,) * (a.ndim == 1) + (-1,) * (b.ndim == 1)
+        return jnp.squeeze(out, unit_axes)
     try:
         batch_shape = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     except ValueError as err:

@@ -319,7 +319,7 @@ def _conv_op(mbits: int, window, strides, dilation, size: int, wgrad: bool):
 
 
 def conv_call(
-    x: jax.Array, w: jax.Array, klut: jax.Array, mbits: int, window, strides, dilation
+    x: jax.Array, w: jax.Array, klut: jax.Array, mbits: int, window, strides, dilation, pixels
 ) -> jax.Array:
     """A convolution's GEMM on its patch matrix read in place (CPU only).
 
@@ -331,15 +331,15 @@ def conv_call(
       window: window extents (one per spatial dimension, 1 to 3 of them).
       strides: window strides.
       dilation: window (rhs) dilation.
+      pixels: ``P``, the output pixels per sample (the kernel checks it).
 
     Returns:
-      float32 ``[D, G, N, P, O]`` (``P`` output pixels per sample): the gemm of
+      float32 ``[D, G, N, P, O]``: the gemm of
       the patch matrix ``[D, G, N * P, prod(window) * C]`` with ``w``, the same
       bits as building it.
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
-    pixels = ffi.conv_output_pixels(x.shape, window, strides, dilation)
-    return _conv_op(int(mbits), window, strides, dilation, pixels, False)(x, w, klut)
+    return _conv_op(int(mbits), window, strides, dilation, int(pixels), False)(x, w, klut)
 
 
 def conv_wgrad_call(
