@@ -650,3 +650,89 @@ def _reference_conv(x, w, m, kwargs):
         kwargs.get("feature_group_count", 1),
         CHANNELS_LAST[nd],
     )
+
+
+# --------------------------------------------------------------------------
+# Second derivatives (grad of grad): simulated products all the way down.
+
+
+@pytest.mark.parametrize("channels", [1, 4])  # patch path / CPU in-place path
+@pytest.mark.parametrize("chunked", [False, True])
+def test_second_derivative_cross_term_is_a_kernel_gradient(channels, chunked, monkeypatch):
+    # For h(w) = <v, grad_x <dy, conv(x, w)>>, d h / d w is the kernel
+    # gradient of conv(v, .) at cotangent dy: the products P(dy, patches(v))
+    # of the input gradient's own backward pass, which equal the kernel
+    # gradient's P(patches(v), dy) for a symmetric LUT (Mitchell), summed
+    # over the same pixels in the same order: the same bits, on every path.
+    if chunked:
+        monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
+    m = mult_lib.mitchell(5)
+    x = _data((3, 6, 7, channels), 51)
+    v = _data(x.shape, 52)
+    w = _data((3, 2, channels, 5), 53)
+    dy = _data((3, 6, 7, 5), 54)
+
+    def conv(x, w):
+        return approx_conv(x, w, m, padding="SAME")
+
+    def grad_x(x, w):
+        return jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
+
+    cross = jax.jit(jax.grad(lambda w: jnp.sum(v * grad_x(x, w))))(w)
+    want = jax.vjp(lambda w: conv(v, w), w)[1](dy)[0]
+    if chunked and channels < conv_lib.IMPLICIT_MIN_CHANNELS:
+        # The patch path adds per-chunk partials (in another order than the
+        # first derivative's scan): equal up to float32 summation order.
+        _close_up_to_sum_order(cross, want)
+    else:
+        np.testing.assert_array_equal(_bits(cross), _bits(want))
+
+
+def _close_up_to_sum_order(got, want):
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backward", ["approx", "exact"])
+@pytest.mark.parametrize("path", ["patches", "in_place", "in_place_chunked"])
+def test_second_derivatives_equal_autodiff_through_the_gemm(backward, path, monkeypatch):
+    # Hessian-vector products of f = sum(conv(x, w)^2) / 2 through approx_conv
+    # (whose backward passes are custom: in place, chunked, design groups)
+    # equal plain autodiff (to second order) through ops._gemm on the patch
+    # matrix: bit for bit for the kernel (approx products), up to float32
+    # summation order for the input (autodiff adds the patch matrix's two
+    # cotangents before folding them onto the input; approx_conv folds each)
+    # and for float32 products (XLA dots of other layouts).
+    if path == "patches":
+        monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
+    elif path == "in_place_chunked":
+        monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
+    m = _random_multiplier(5, 55)  # asymmetric: operand order matters
+    klut = ops.kernel_lut_of(m)
+    x = jnp.asarray(_data((2, 5, 6, 3), 56))
+    w = jnp.asarray(_data((3, 3, 3, 4), 57))
+    u, v = jnp.asarray(_data(x.shape, 58)), jnp.asarray(_data(w.shape, 59))
+    geometry = ((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), (5, 6))
+
+    def by_gemm(x, w):
+        p = conv_lib._patches_by_tap(x[None], *geometry).reshape(1, 1, -1, 27)
+        y = ops._gemm(p, w.reshape(1, 1, 27, 4), klut, m.mbits, backward)
+        return y.reshape(2, 5, 6, 4)
+
+    def hvp(conv):
+        def f(x, w):
+            return 0.5 * jnp.sum(conv(x, w) ** 2)
+
+        def h(x, w):
+            gx, gw = jax.grad(f, argnums=(0, 1))(x, w)
+            return jnp.sum(u * gx) + jnp.sum(v * gw)
+
+        return jax.jit(jax.grad(h, argnums=(0, 1)))(x, w)
+
+    got = hvp(lambda x, w: approx_conv(x, w, m, padding="SAME", backward=backward))
+    want = hvp(by_gemm)
+    if backward == "approx":
+        np.testing.assert_array_equal(_bits(got[1]), _bits(want[1]))
+    else:
+        _close_up_to_sum_order(got[1], want[1])
+    _close_up_to_sum_order(got[0], want[0])

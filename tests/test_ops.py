@@ -349,6 +349,69 @@ def test_matmul_and_multiply_gradients(backward):
     np.testing.assert_allclose(dy_, want_dy, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shapes", [((5, 12), (12, 7)), ((4, 64), (64, 200))])
+def test_second_derivatives_are_simulated_products(shapes):
+    # grad of grad (a Hessian-vector product): every product of the second
+    # derivative is simulated too, by SPEC section 5's rule applied to the
+    # backward pass's own products. For f(x, w) = sum(approx_dot(x, w)^2) / 2
+    # and h = <v, grad_x f>: grad_x h = P(P(v, w), w^T) and grad_w h =
+    # P(x^T, P(v, w)) + P(y^T, v)^T (y = approx_dot(x, w)), each summed
+    # sequentially: checked bit for bit against the NumPy reference with an
+    # asymmetric LUT (operand order matters). The wide case takes the
+    # transposed-LUT input gradient.
+    m = _random_multiplier(6, 61)
+    rng = np.random.default_rng(62)
+    x, w = _values(rng, shapes[0]), _values(rng, shapes[1])
+    v = _values(rng, shapes[0])
+
+    def f(x, w):
+        return 0.5 * jnp.sum(approx_jax.approx_dot(x, w, m) ** 2)
+
+    def h(x, w):
+        return jnp.sum(v * jax.grad(f)(x, w))
+
+    hx, hw = jax.jit(jax.grad(h, argnums=(0, 1)))(x, w)
+
+    def seq(a, b):
+        return reference.sequential_dot(a, b, m.lut, m.mbits)
+
+    y = seq(x, w)
+    dy = seq(v, w)
+    _assert_bits_equal_nan_aside(np.asarray(hx), seq(dy, w.T), "d2/dx2")
+    want_w = seq(x.T, dy) + seq(y.T, v).T
+    _assert_bits_equal_nan_aside(np.asarray(hw), want_w, "d2/dxdw")
+
+
+def test_second_derivatives_multiply_exact_backward_and_designs():
+    rng = np.random.default_rng(63)
+    a, b, v = (_values(rng, (6, 5)) for _ in range(3))
+    m = _random_multiplier(5, 64)
+
+    def hvp(m, backward):
+        def f(a):
+            return 0.5 * jnp.sum(approx_jax.multiply(a, b, m, backward=backward) ** 2)
+
+        return jax.grad(lambda a: jnp.sum(v * jax.grad(f)(a)))(a)
+
+    # d/da <v, P(P(a, b), b)> with a = the cotangent at each step: P(P(v, b), b).
+    want = reference.product(reference.product(v, b, m.lut, 5), b, m.lut, 5)
+    _assert_bits_equal_nan_aside(np.asarray(hvp(m, "approx")), want, "multiply")
+    np.testing.assert_allclose(hvp(m, "exact"), v * b * b, rtol=1e-6)
+    # The dense second derivative under the straight-through rule: float32 products.
+    x, w = _values(rng, (3, 9)), _values(rng, (9, 4))
+    u = _values(rng, (3, 9))
+    f = lambda x: 0.5 * jnp.sum(approx_jax.approx_dot(x, w, m, backward="exact") ** 2)  # noqa: E731
+    got = jax.grad(lambda x: jnp.sum(u * jax.grad(f)(x)))(x)
+    np.testing.assert_allclose(got, (u @ w) @ w.T, rtol=1e-5, atol=1e-5)
+    # vmapped over a stack of designs: each design's own second derivative.
+    stack = multipliers.stack([m, multipliers.mbm(5), multipliers.mitchell(3)])
+    got = jax.vmap(lambda d: hvp(d, "approx"))(stack)
+    for d, single in enumerate(multipliers.unstack(stack)):
+        np.testing.assert_array_equal(
+            np.asarray(got[d]).view(np.uint32), np.asarray(hvp(single, "approx")).view(np.uint32)
+        )
+
+
 def test_no_gradient_flows_into_lut():
     m = multipliers.mbm(7)
     x = np.ones((2, 3), np.float32)

@@ -331,7 +331,8 @@ def _conv_core(xg, w4, klut, mbits, backward, geometry, budget):
     Returns:
       float32 ``[G, N, *out, Og]``.
     """
-    return _conv_core_fwd(xg, w4, klut, mbits, backward, geometry, budget)[0]
+    del backward
+    return _core_forward(mbits, geometry, budget)(xg, w4, klut)
 
 
 def _patch_bytes(samples: int, channels: int, geometry) -> int:
@@ -536,16 +537,73 @@ def _core_wgrad_in_place(mbits, geometry):
     return _designs_in_groups(wgrad, geometry, _NO_PATCH_BUDGET)
 
 
+@functools.cache
+def _reference_backward(mbits, backward, geometry):
+    """The conv's backward pass as autodiff through the patch path on ``ops._gemm``.
+
+    The same products and sums as the fast backward passes (``_core_backward``,
+    ``_in_place_backward``: their docstrings), built only of pieces that can
+    be differentiated again (``ops._gemm``'s custom VJP and XLA's patch
+    extraction), with no design groups, batch chunks or in-place reads.
+    Higher derivatives of the conv differentiate this function.
+    """
+
+    def patch_forward(xg, w4, klut):
+        # The per-tap patches: their transpose is the fast passes' fold.
+        patches = _patches_by_tap(xg, *geometry)
+        a = partitioning.reshape(patches, (1, xg.shape[0], -1, w4.shape[-2]))
+        out = ops._gemm(a, w4, klut, mbits, backward)
+        return partitioning.reshape(out, xg.shape[:2] + tuple(geometry[-1]) + (w4.shape[-1],))
+
+    def reference(xg, w4, klut, ct):
+        _, vjp = jax.vjp(lambda x, w: patch_forward(x, w, klut), xg, w4)
+        return vjp(ct)
+
+    return reference
+
+
+def _differentiable(fast, reference):
+    """``fast(*args)`` whose derivatives are ``reference``'s (same values).
+
+    The fast backward passes call custom_vmap'ed in-place and design-group
+    computations, which JAX cannot differentiate; a second derivative (``grad``
+    of ``grad``) goes through ``reference`` instead.
+    """
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        return fast(*args)
+
+    def wrapped_fwd(*args):
+        return wrapped(*args), args
+
+    def wrapped_bwd(args, ct):
+        _, vjp = jax.vjp(reference, *args)
+        return vjp(ct)
+
+    wrapped.defvjp(wrapped_fwd, wrapped_bwd)
+    return wrapped
+
+
+@functools.cache
+def _core_backward_differentiable(mbits, backward, geometry, budget):
+    return _differentiable(
+        _core_backward(mbits, backward, geometry, budget),
+        _reference_backward(mbits, backward, geometry),
+    )
+
+
 def _conv_core_fwd(xg, w4, klut, mbits, backward, geometry, budget):
-    del backward
-    out = _core_forward(mbits, geometry, budget)(xg, w4, klut)
-    # Residuals: the input only (the patches are cheap to gather again).
-    return out, (xg, w4, klut)
+    # The custom_vjp function itself, so that a second derivative
+    # differentiates it by its own rule. Residuals: the input only (the
+    # patches are cheap to gather again).
+    return _conv_core(xg, w4, klut, mbits, backward, geometry, budget), (xg, w4, klut)
 
 
 def _conv_core_bwd(mbits, backward, geometry, budget, residuals, ct):
     xg, w4, klut = residuals
-    d_x, d_w = _core_backward(mbits, backward, geometry, budget)(xg, w4, klut, ct)
+    bwd = _core_backward_differentiable(mbits, backward, geometry, budget)
+    d_x, d_w = bwd(xg, w4, klut, ct)
     # Inside shard_map a cotangent must carry its primal's varying mesh axes.
     d_x = partitioning.match_vma(d_x, xg)
     d_w = partitioning.match_vma(d_w, w4)
@@ -617,17 +675,26 @@ def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk):
     partials as ``_conv_chunked``'s transpose does.) Arguments as
     ``_conv_core``, plus the batch chunk of the backward pass.
     """
-    return _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk)[0]
+    del backward, chunk
+    return _core_forward(mbits, geometry, budget, True)(xg, w4, klut)
 
 
 def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk):
-    del backward, chunk
-    out = _core_forward(mbits, geometry, budget, True)(xg, w4, klut)
+    # (As _conv_core_fwd: the custom_vjp function itself.)
+    out = _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk)
     return out, (xg, w4, klut)
 
 
-def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
-    xg, w4, klut = residuals
+@functools.cache
+def _in_place_backward(mbits, backward, geometry, budget, chunk):
+    """``_conv_in_place``'s backward pass ``(xg, w4, klut, ct) -> (d_x, d_w)``."""
+    return _differentiable(
+        functools.partial(_in_place_backward_fast, mbits, backward, geometry, budget, chunk),
+        _reference_backward(mbits, backward, geometry),
+    )
+
+
+def _in_place_backward_fast(mbits, backward, geometry, budget, chunk, xg, w4, klut, ct):
     n = xg.shape[1]
     chunks = None if chunk >= n else (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
     if backward == "approx":
@@ -653,6 +720,12 @@ def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
             # adds them: the same bits.
             d_w, d_xs = lax.scan(step, jnp.zeros(w4.shape, w4.dtype), chunks, reverse=True)
             d_x = _unchunk(d_xs, n)
+    return d_x, d_w
+
+
+def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
+    xg, w4, klut = residuals
+    d_x, d_w = _in_place_backward(mbits, backward, geometry, budget, chunk)(xg, w4, klut, ct)
     d_x = partitioning.match_vma(d_x, xg)
     d_w = partitioning.match_vma(d_w, w4)
     return d_x, d_w, ops._lut_zero_cotangent(klut)
@@ -695,7 +768,8 @@ def approx_conv(
     Gradients follow SPEC section 5: with ``backward="approx"`` the input
     gradient uses products ``P(dy, weight)`` and the kernel gradient
     ``P(input, dy)``; ``backward="exact"`` uses float32 products
-    (straight-through). No gradient flows into the LUT.
+    (straight-through). No gradient flows into the LUT. Second derivatives
+    (``grad`` of ``grad``) apply the same rule to the backward products.
 
     The exact multiplier (``"fp32"``) calls ``lax.conv_general_dilated``.
     Otherwise the convolution is lowered onto the approximate gemm kernel via

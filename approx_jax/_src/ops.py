@@ -9,7 +9,9 @@ Layering, from the inside out:
   ``vmap`` over a stack of multipliers is one custom call, never a loop of
   calls and never a copy of unbatched activations.
 * ``_gemm`` / ``_multiply``: ``custom_vjp`` around those, implementing SPEC
-  section 5's backward products (``backward="approx"`` or ``"exact"``).
+  section 5's backward products (``backward="approx"`` or ``"exact"``). Their
+  forward and backward rules call ``_gemm`` / ``_multiply`` again (not the
+  raw calls), so a second derivative differentiates them by the same rule.
   Because the backward pass calls the custom_vmap functions again,
   ``vmap(grad)``, ``grad(vmap)`` and nested vmaps all stay single calls.
 * ``approx_dot`` / ``approx_matmul`` / ``multiply``: public entry points that
@@ -180,7 +182,10 @@ def _gemm(a, b, klut, mbits: int, backward: str):
 
 
 def _gemm_fwd(a, b, klut, mbits, backward):
-    return _gemm_raw(mbits)(a, b, klut), (a, b, klut)
+    # The custom_vjp function itself, not the raw call: a second derivative
+    # differentiates this forward pass (and the backward pass, which calls
+    # _gemm too), so every product stays simulated to any order.
+    return _gemm(a, b, klut, mbits, backward), (a, b, klut)
 
 
 def _transposed_lut(klut: jax.Array, mbits: int) -> jax.Array:
@@ -222,15 +227,15 @@ def _backward_products(mbits: int, backward: str, a_t, b, klut, g):
         da = jnp.matmul(g, jnp.swapaxes(b, -1, -2), precision=_HIGHEST)
         return da, jnp.matmul(a_t, g, precision=_HIGHEST)
     da = _input_grad(mbits, a_t.shape[-1], b, klut, g)
-    return da, _gemm_raw(mbits)(a_t, g, klut)
+    return da, _gemm(a_t, g, klut, mbits, backward)
 
 
 def _input_grad(mbits: int, m: int, b, klut, g):
     """``da = P(g, b^T)`` of ``a @ b`` (``a`` with ``m`` rows), as ``_backward_products``."""
     if _dx_by_transposed_lut(m, b.shape[-2], b.shape[-1], mbits):
-        da_t = _gemm_raw(mbits)(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits))
+        da_t = _gemm(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits), mbits, "approx")
         return jnp.swapaxes(da_t, -1, -2)
-    return _gemm_raw(mbits)(g, jnp.swapaxes(b, -1, -2), klut)
+    return _gemm(g, jnp.swapaxes(b, -1, -2), klut, mbits, "approx")
 
 
 def _gemm_bwd(mbits, backward, residuals, g):
@@ -251,14 +256,15 @@ def _multiply(a, b, klut, mbits: int, backward: str):
 
 
 def _multiply_fwd(a, b, klut, mbits, backward):
-    return _multiply_raw(mbits)(a, b, klut), (a, b, klut)
+    # (As _gemm_fwd: differentiable again, for higher derivatives.)
+    return _multiply(a, b, klut, mbits, backward), (a, b, klut)
 
 
 def _multiply_bwd(mbits, backward, residuals, g):
     a, b, klut = residuals
     if backward == "approx":
-        da = _multiply_raw(mbits)(g, b, klut)  # d(a*b)/da = b: a = g, b = b
-        db = _multiply_raw(mbits)(a, g, klut)  # d(a*b)/db = a: a = a, b = g
+        da = _multiply(g, b, klut, mbits, backward)  # d(a*b)/da = b: a = g, b = b
+        db = _multiply(a, g, klut, mbits, backward)  # d(a*b)/db = a: a = a, b = g
     else:
         da, db = g * b, a * g
     # Inside shard_map a cotangent must carry its primal's varying mesh axes.
@@ -293,7 +299,10 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
         multiplier of D designs gives a result with a leading axis of size D
         (computed in one custom call).
       backward: ``"approx"`` (backward products use the same multiplier, as
-        ApproxTrain) or ``"exact"`` (straight-through float32 backward).
+        ApproxTrain) or ``"exact"`` (straight-through float32 backward). The
+        backward products are ops with the same rule, so ``grad`` of ``grad``
+        (reverse mode over reverse mode) simulates a second derivative's
+        products too; forward mode (``jax.jvp``) does not apply.
       precision: precision of the native op when the multiplier is exact.
 
     Returns:
