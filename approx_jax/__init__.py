@@ -21,6 +21,7 @@ from approx_jax._src.ffi import registered_platforms
 from approx_jax._src.host import tune_cpu_allocator
 from approx_jax._src.multipliers import Multiplier
 from approx_jax._src.ops import approx_dot, approx_matmul, multiply
+from approx_jax._src.transform import approximate
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "approx_conv",
     "approx_dot",
     "approx_matmul",
+    "approximate",
     "characterize",
     "characterize_table",
     "data",

@@ -1,0 +1,279 @@
+"""``approximate``: run any JAX function with its products simulated.
+
+The function is traced to a jaxpr once per call signature and the jaxpr is
+evaluated again with every floating-point ``dot_general`` and
+``conv_general_dilated`` replaced by :func:`approx_jax.nn.approx_dot_general`
+and :func:`approx_jax.approx_conv` (and, on request, every elementwise ``mul``
+by :func:`approx_jax.multiply`). Everything else is bound unchanged. Control
+flow (``jit``, ``scan``, ``while``, ``cond``, ``checkpoint``) is rebuilt with
+the same ``lax`` functions around the rewritten bodies, so the result can be
+jitted, differentiated (the simulated ops' own VJPs) and vmapped over a stack
+of designs like any function written with approx_jax ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+
+from approx_jax._src import conv as conv_lib
+from approx_jax._src import ops
+from approx_jax._src.nn import hooks
+
+# Primitives whose products are simulated, by name (stable across jax versions).
+_DOT = "dot_general"
+_CONV = "conv_general_dilated"
+_MUL = "mul"
+# Call-like primitives whose body is evaluated in place (the boundary is dropped).
+_INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call")
+# Primitives with a custom derivative rule: kept as they are unless their body
+# computes products to simulate (then the body is evaluated and the rule dropped).
+_CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+def _is_float(x) -> bool:
+    return jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating)
+
+
+class _Rewriter:
+    """Evaluates jaxprs with the selected products simulated."""
+
+    def __init__(self, multiplier, backward: str, elementwise: bool):
+        self.multiplier = multiplier
+        self.backward = backward
+        self.targets = (_DOT, _CONV, _MUL) if elementwise else (_DOT, _CONV)
+
+    # -- helpers ------------------------------------------------------------
+
+    def simulates(self, jaxpr) -> bool:
+        """Whether ``jaxpr`` (or a jaxpr nested in it) has a product to simulate."""
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in self.targets:
+                return True
+            if any(self.simulates(sub) for sub in _sub_jaxprs(eqn.params)):
+                return True
+        return False
+
+    def closed(self, closed_jaxpr) -> Callable:
+        """A function of the jaxpr's inputs that evaluates it rewritten."""
+        return lambda *args: self.eval(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
+
+    # -- the interpreter ----------------------------------------------------
+
+    def eval(self, jaxpr, consts, args) -> list:
+        env: dict = {}
+
+        def read(v):
+            return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+        for v, x in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = x
+        for v, x in zip(jaxpr.invars, args, strict=True):
+            env[v] = x
+        for eqn in jaxpr.eqns:
+            outs = self.eqn(eqn, [read(v) for v in eqn.invars])
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+            for v, x in zip(eqn.outvars, outs, strict=True):
+                if not isinstance(v, jex_core.DropVar):
+                    env[v] = x
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, invals):
+        name, params = eqn.primitive.name, eqn.params
+        if name in self.targets and all(_is_float(x) for x in invals):
+            return getattr(self, "_" + name)(invals, params)
+        if name in _INLINE_CALLS:
+            return self.closed(params["jaxpr"])(*invals)
+        if name in _CUSTOM_RULES and self.simulates(params["call_jaxpr"].jaxpr):
+            return self.closed(params["call_jaxpr"])(*invals)
+        if name == "remat2":
+            body = params["jaxpr"]
+            fn = functools.partial(self.eval, body, ())
+            return jax.checkpoint(
+                lambda *a: fn(a), prevent_cse=params["prevent_cse"], policy=params["policy"]
+            )(*invals)
+        if name == "scan" and self.simulates(params["jaxpr"].jaxpr):
+            return self._scan(invals, params)
+        if name == "while" and (
+            self.simulates(params["body_jaxpr"].jaxpr) or self.simulates(params["cond_jaxpr"].jaxpr)
+        ):
+            return self._while(invals, params)
+        if name == "cond" and any(self.simulates(b.jaxpr) for b in params["branches"]):
+            index, *operands = invals
+            return lax.switch(index, [self.closed(b) for b in params["branches"]], *operands)
+        if any(self.simulates(sub) for sub in _sub_jaxprs(params)):
+            raise NotImplementedError(
+                f"approximate(): products inside a '{name}' primitive cannot be simulated "
+                "(supported around them: jit, scan, while, cond, checkpoint, custom_jvp/vjp)"
+            )
+        bind = eqn.primitive.get_bind_params(params)
+        # (jax 0.10: the parameters; older versions: (subfuns, parameters).)
+        subfuns, bind = bind if isinstance(bind, tuple) else ((), bind)
+        ctx = getattr(eqn, "ctx", None)
+        with ctx.manager if ctx is not None else contextlib.nullcontext():
+            return eqn.primitive.bind(*subfuns, *invals, **bind)
+
+    # -- simulated products -------------------------------------------------
+
+    def _dot_general(self, invals, params):
+        lhs, rhs = invals
+        return hooks.approx_dot_general(
+            lhs,
+            rhs,
+            params["dimension_numbers"],
+            self.multiplier,
+            self.backward,
+            precision=params.get("precision"),
+            preferred_element_type=params.get("preferred_element_type"),
+        )
+
+    def _conv_general_dilated(self, invals, params):
+        lhs, rhs = invals
+        if params["batch_group_count"] != 1:
+            raise NotImplementedError(
+                "approximate(): a convolution with batch_group_count > 1 (XLA's kernel "
+                "gradient of a grouped convolution: a gradient taken inside the function) "
+                "cannot be simulated; apply jax.grad to the approximated function instead"
+            )
+        return conv_lib.approx_conv(
+            lhs,
+            rhs,
+            self.multiplier,
+            params["window_strides"],
+            params["padding"],
+            params["lhs_dilation"],
+            params["rhs_dilation"],
+            params["dimension_numbers"],
+            params["feature_group_count"],
+            1,
+            params.get("precision"),
+            params.get("preferred_element_type"),
+            backward=self.backward,
+        )
+
+    def _mul(self, invals, params):
+        del params
+        return ops.multiply(*invals, self.multiplier, backward=self.backward)
+
+    # -- control flow -------------------------------------------------------
+
+    def _scan(self, invals, params):
+        num_consts, num_carry = params["num_consts"], params["num_carry"]
+        consts = invals[:num_consts]
+        init = invals[num_consts : num_consts + num_carry]
+        xs = invals[num_consts + num_carry :]
+        body = self.closed(params["jaxpr"])
+
+        def step(carry, x):
+            outs = body(*consts, *carry, *x)
+            return outs[:num_carry], outs[num_carry:]
+
+        carry, ys = lax.scan(
+            step,
+            list(init),
+            list(xs),
+            length=params["length"],
+            reverse=params["reverse"],
+            unroll=params["unroll"],
+        )
+        return [*carry, *ys]
+
+    def _while(self, invals, params):
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+        cond, body = self.closed(params["cond_jaxpr"]), self.closed(params["body_jaxpr"])
+        return lax.while_loop(
+            lambda c: cond(*cond_consts, *c)[0], lambda c: body(*body_consts, *c), list(init)
+        )
+
+
+def _sub_jaxprs(params) -> list:
+    """The (open) jaxprs held in an equation's parameters."""
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jex_core.ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, jex_core.Jaxpr):
+                found.append(item)
+    return found
+
+
+def _is_dynamic(leaf) -> bool:
+    """Array leaves are traced; everything else (flags, names, shapes) stays static."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def approximate(
+    fun: Callable, multiplier: Any, *, backward: str = "approx", elementwise: bool = False
+) -> Callable:
+    """Wraps any JAX function so that its matrix products and convolutions are simulated.
+
+    The function is traced and every floating-point ``lax.dot_general``
+    (``@``, ``jnp.dot``/``matmul``/``einsum``, Flax ``Dense``/attention) and
+    ``lax.conv_general_dilated`` (Flax ``Conv``) in it, including inside
+    nested ``jit``, ``scan``, ``while_loop``, ``cond``, ``checkpoint`` and
+    custom-derivative functions, runs on the approximate multiplier instead
+    (``a`` = the left operand/input, ``b`` = the right operand/kernel, as
+    :func:`approx_jax.nn.approx_dot_general` and
+    :func:`approx_jax.approx_conv`). Nothing else changes. No model code needs
+    to be edited: a pretrained model from any library is evaluated, or
+    fine-tuned, on the simulated hardware as it is.
+
+    Differentiate the *approximated* function (``jax.grad(approximate(f, m))``):
+    the simulated ops then supply SPEC section 5's backward products. A
+    gradient computed *inside* ``fun`` is traced with native products (its
+    transposed convolutions may not be expressible; they raise
+    ``NotImplementedError``). A custom derivative rule whose body computes
+    products is dropped in favour of the simulated ops' own rules.
+
+    Args:
+      fun: The function, e.g. ``model.apply`` of a Flax linen model or any
+        function of arrays. Array arguments (``jax.Array``, NumPy arrays) are
+        traced; other leaves of the arguments (flags, strings, ints) are
+        passed through unchanged.
+      multiplier: a ``Multiplier`` (a stack gives a leading design axis on
+        every simulated op; vmap over it for whole-model sweeps) or a name
+        such as ``"mbm7"``.
+      backward: ``"approx"`` or ``"exact"`` (as the simulated ops).
+      elementwise: also simulate elementwise floating-point multiplications
+        (``lax.mul``: scalings, gates, attention scaling), which hardware with
+        one kind of multiplier would compute on it too. Off by default, as in
+        ApproxTrain (matrix products and convolutions only).
+
+    Returns:
+      A function with ``fun``'s signature and output structure.
+
+    Example:
+      >>> model = flax.linen.Sequential([nn.Dense(128), nn.relu, nn.Dense(10)])
+      >>> params = model.init(jax.random.PRNGKey(0), x)
+      >>> logits = jax.jit(approx_jax.approximate(model.apply, "mbm7"))(params, x)
+    """
+    ops.check_backward(backward)
+    m = ops.resolve_multiplier(multiplier)
+    rewriter = _Rewriter(m, backward, bool(elementwise))
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic = [_is_dynamic(leaf) for leaf in leaves]
+
+        def flat_fun(*dyn):
+            it = iter(dyn)
+            full = [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
+            a, kw = jax.tree_util.tree_unflatten(treedef, full)
+            return fun(*a, **kw)
+
+        dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
+        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_leaves)
+        outs = rewriter.eval(closed.jaxpr, closed.consts, dyn_leaves)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped

@@ -1,0 +1,218 @@
+"""approximate(): any JAX function with its products simulated."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import approx_jax
+from approx_jax import multipliers
+from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import reference
+from approx_jax.nn import linen as aln
+
+
+def _random_multiplier(M: int, seed: int) -> mult_lib.Multiplier:
+    rng = np.random.default_rng(seed)
+    r = rng.integers(0, 1 << M, size=4**M)
+    c = rng.integers(0, 2, size=4**M)
+    return mult_lib.from_lut(((c << 7) | r).astype(np.uint8), M, name=f"random{M}")
+
+
+MULTIPLIERS = {
+    "mbm7": lambda: multipliers.mbm(7),
+    "random5": lambda: _random_multiplier(5, 3),  # asymmetric: operand order matters
+}
+
+
+def _bits_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
+def _normal(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+
+
+class PlainCNN(nn.Module):
+    """An ordinary Flax model, written without approx_jax."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(16)(x)
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+class ApproxCNN(nn.Module):
+    """The same model built from approx_jax's layers (same parameter names)."""
+
+    multiplier: object
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        m = self.multiplier
+        x = nn.relu(aln.Conv(8, (3, 3), strides=2, multiplier=m, name="Conv_0")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = aln.Dense(16, multiplier=m, name="Dense_0")(x)
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return aln.Dense(10, multiplier=m, name="Dense_1")(nn.relu(x))
+
+
+@pytest.mark.parametrize("mult", MULTIPLIERS)
+def test_flax_model_equals_the_approx_layers(mult):
+    # An unmodified Flax model under approximate() computes exactly what the
+    # same model built from approx_jax.nn layers computes: forward and the
+    # parameter gradients, bit for bit.
+    m = MULTIPLIERS[mult]()
+    rng = np.random.default_rng(0)
+    x = _normal(rng, 4, 9, 9, 3)
+    params = PlainCNN().init(jax.random.PRNGKey(0), x)
+    approx_apply = jax.jit(approx_jax.approximate(PlainCNN().apply, m))
+    _bits_equal(approx_apply(params, x), ApproxCNN(m).apply(params, x))
+
+    def loss(apply, params):
+        return jnp.sum(apply(params, x) ** 2)
+
+    got = jax.grad(lambda p: loss(approx_jax.approximate(PlainCNN().apply, m), p))(params)
+    want = jax.grad(lambda p: loss(ApproxCNN(m).apply, p))(params)
+    _bits_equal(got, want)
+    # Static keyword arguments (train) and rngs pass through.
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+    _bits_equal(
+        approx_jax.approximate(PlainCNN().apply, m)(params, x, train=True, rngs=rngs),
+        ApproxCNN(m).apply(params, x, train=True, rngs=rngs),
+    )
+
+
+def test_exact_multiplier_is_the_native_function():
+    rng = np.random.default_rng(1)
+    x = _normal(rng, 2, 9, 9, 3)
+    params = PlainCNN().init(jax.random.PRNGKey(0), x)
+    _bits_equal(
+        approx_jax.approximate(PlainCNN().apply, "fp32")(params, x), PlainCNN().apply(params, x)
+    )
+
+
+def _control_flow(x, w, v):
+    y = jax.jit(lambda a: a @ w)(x)
+    y = jax.nn.relu(y)  # a custom_jvp function without products: kept as is
+    y = jax.checkpoint(lambda a: jnp.tanh(a @ w.T))(y)
+    y, sums = lax.scan(lambda c, wi: (jnp.tanh(c @ wi), c.sum()), y, jnp.stack([w, w * 0.5]))
+    y = lax.cond(x.sum() > 0, lambda a: a @ w, lambda a: -a, y)
+    y = lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ w / 4), (0, y))[1]
+    e = jnp.einsum("bij,bjk->bik", v, v.transpose(0, 2, 1))
+    n = jnp.arange(3) @ jnp.ones((3,), jnp.int32)  # integer product: not simulated
+    return {"y": y, "sums": sums, "e": e, "n": n}
+
+
+def _control_flow_by_hand(x, w, v, m):
+    def dot(a, b):
+        return approx_jax.approx_dot(a, b, m)
+
+    y = jnp.tanh(dot(jax.nn.relu(dot(x, w)), w.T))
+    sums = []
+    for wi in (w, w * 0.5):
+        sums.append(y.sum())
+        y = jnp.tanh(dot(y, wi))
+    y = dot(y, w) if x.sum() > 0 else -y
+    for _ in range(2):
+        y = dot(y, w) / 4
+    e = approx_jax.approx_matmul(v, v.transpose(0, 2, 1), m)
+    n = jnp.arange(3) @ jnp.ones((3,), jnp.int32)
+    return {"y": y, "sums": jnp.stack(sums), "e": e, "n": n}
+
+
+@pytest.mark.parametrize("mult", MULTIPLIERS)
+def test_control_flow_and_nested_calls(mult):
+    m = MULTIPLIERS[mult]()
+    rng = np.random.default_rng(2)
+    x, w, v = _normal(rng, 3, 5), _normal(rng, 5, 5), _normal(rng, 2, 3, 4)
+    got = jax.jit(approx_jax.approximate(_control_flow, m))(x, w, v)
+    _bits_equal(got, _control_flow_by_hand(x, w, v, m))
+    # The einsum against the NumPy reference of SPEC (operand a = v).
+    want_e = np.stack(
+        [
+            reference.sequential_dot(np.asarray(v[b]), np.asarray(v[b]).T, m.lut, m.mbits)
+            for b in range(2)
+        ]
+    )
+    np.testing.assert_array_equal(np.asarray(got["e"]).view(np.uint32), want_e.view(np.uint32))
+
+    # Gradients: the simulated ops' own VJPs (while_loop has no reverse mode).
+    def f(x):
+        out = _control_flow(x, w, v)
+        return out["e"].sum() + jnp.sum(jax.lax.stop_gradient(out["y"]) * x[:, :1])
+
+    def g(x):
+        out = _control_flow_by_hand(x, w, v, m)
+        return out["e"].sum() + jnp.sum(jax.lax.stop_gradient(out["y"]) * x[:, :1])
+
+    def h(x):  # scan, cond, checkpoint, jit: differentiable
+        y = jax.checkpoint(lambda a: jnp.tanh(a @ w.T))(jax.jit(lambda a: a @ w)(x))
+        y, _ = lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), y, jnp.stack([w, w * 0.5]))
+        return lax.cond(x.sum() > 0, lambda a: a @ w, lambda a: -a, y).sum()
+
+    def h_by_hand(x):
+        def dot(a, b):
+            return approx_jax.approx_dot(a, b, m)
+
+        y = jnp.tanh(dot(dot(x, w), w.T))
+        for wi in (w, w * 0.5):
+            y = jnp.tanh(dot(y, wi))
+        return (dot(y, w) if x.sum() > 0 else -y).sum()
+
+    _bits_equal(jax.grad(approx_jax.approximate(f, m))(x), jax.grad(g)(x))
+    _bits_equal(jax.grad(approx_jax.approximate(h, m))(x), jax.grad(h_by_hand)(x))
+
+
+def test_vmap_over_designs_is_one_call_per_product():
+    rng = np.random.default_rng(3)
+    x, w = _normal(rng, 4, 6), _normal(rng, 6, 6)
+    stack = multipliers.stack(
+        [multipliers.mbm(7), multipliers.mitchell(5), _random_multiplier(3, 4)]
+    )
+
+    def net(x):
+        return jnp.tanh(x @ w) @ w.T
+
+    sweep = jax.jit(jax.vmap(lambda m: approx_jax.approximate(net, m)(x)))
+    got = sweep(stack)
+    for d, single in enumerate(multipliers.unstack(stack)):
+        _bits_equal(got[d], approx_jax.approximate(net, single)(x))
+    hlo = sweep.lower(stack).as_text()
+    assert hlo.count("@approx_jax_gemm") == 2 and "while" not in hlo
+
+
+def test_elementwise_products_on_request():
+    m = _random_multiplier(4, 5)
+    rng = np.random.default_rng(4)
+    a, b, w = _normal(rng, 3, 4), _normal(rng, 3, 4), _normal(rng, 4, 2)
+
+    def f(a, b):
+        return (a * b) @ w
+
+    plain = approx_jax.approximate(f, m)(a, b)
+    _bits_equal(plain, approx_jax.approx_dot(a * b, w, m))
+    with_mul = approx_jax.approximate(f, m, elementwise=True)(a, b)
+    _bits_equal(with_mul, approx_jax.approx_dot(approx_jax.multiply(a, b, m), w, m))
+
+
+def test_unsupported_products_raise():
+    def grad_inside(x, w):  # XLA's kernel gradient of a grouped conv: batch_group_count = 2
+        return jax.grad(
+            lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2).sum()
+        )(w)
+
+    with pytest.raises(NotImplementedError, match="batch_group_count"):
+        approx_jax.approximate(grad_inside, "mbm7")(jnp.ones((2, 4, 5, 5)), jnp.ones((4, 2, 3, 3)))
+    with pytest.raises(ValueError, match="backward"):
+        approx_jax.approximate(jnp.dot, "mbm7", backward="sideways")
+    with pytest.raises((ValueError, KeyError), match="nosuch"):
+        approx_jax.approximate(jnp.dot, "nosuch7")
