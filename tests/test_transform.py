@@ -216,3 +216,25 @@ def test_unsupported_products_raise():
         approx_jax.approximate(jnp.dot, "mbm7", backward="sideways")
     with pytest.raises((ValueError, KeyError), match="nosuch"):
         approx_jax.approximate(jnp.dot, "nosuch7")
+
+
+def test_flax_nnx_module_and_its_gradients():
+    from flax import nnx
+
+    import approx_jax.nn as ann
+
+    class MLP(nnx.Module):
+        def __init__(self, linear, rngs):
+            self.l1, self.l2 = linear(8, 16, rngs), linear(16, 3, rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.l1(x)))
+
+    m = _random_multiplier(5, 6)
+    plain = MLP(lambda i, o, rngs: nnx.Linear(i, o, rngs=rngs), nnx.Rngs(0))
+    built = MLP(lambda i, o, rngs: ann.Linear(i, o, multiplier=m, rngs=rngs), nnx.Rngs(0))
+    x = _normal(np.random.default_rng(5), 4, 8)
+    _bits_equal(approx_jax.approximate(plain, m)(x), built(x))
+    got = nnx.grad(lambda mod: approx_jax.approximate(mod, m)(x).sum())(plain)
+    want = nnx.grad(lambda mod: mod(x).sum())(built)
+    _bits_equal(nnx.state(got), nnx.state(want))
