@@ -238,3 +238,21 @@ def test_flax_nnx_module_and_its_gradients():
     got = nnx.grad(lambda mod: approx_jax.approximate(mod, m)(x).sum())(plain)
     want = nnx.grad(lambda mod: mod(x).sum())(built)
     _bits_equal(nnx.state(got), nnx.state(want))
+
+
+def test_post_training_example_runs(tmp_path):
+    # examples/approximate_pretrained.py end to end (no training epochs, so
+    # the accuracies are chance level): one row per design plus fp32, a plot.
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "approximate_pretrained.py"
+    spec = importlib.util.spec_from_file_location("approximate_pretrained", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--epochs", "0", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["multiplier"] for r in rows[1:]] == example.DESIGNS
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert (tmp_path / "accuracy_vs_mred.png").stat().st_size > 0
