@@ -256,3 +256,42 @@ def test_post_training_example_runs(tmp_path):
     assert [r["multiplier"] for r in rows[1:]] == example.DESIGNS
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert (tmp_path / "accuracy_vs_mred.png").stat().st_size > 0
+
+
+class MixedCNN(nn.Module):
+    """PlainCNN with a multiplier per layer (approx_jax.nn layers)."""
+
+    conv: object
+    dense0: object
+    dense1: object
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(aln.Conv(8, (3, 3), strides=2, multiplier=self.conv, name="Conv_0")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = aln.Dense(16, multiplier=self.dense0, name="Dense_0")(x)
+        return aln.Dense(10, multiplier=self.dense1, name="Dense_1")(nn.relu(x))
+
+
+def test_per_layer_multipliers_by_name():
+    rng = np.random.default_rng(7)
+    x = _normal(rng, 3, 9, 9, 3)
+    params = PlainCNN().init(jax.random.PRNGKey(0), x)
+    mbm, mit = multipliers.mbm(7), multipliers.mitchell(5)
+    # First layer exact, "Dense_1" by a trailing-path pattern, the rest mbm7.
+    got = approx_jax.approximate(PlainCNN().apply, {"Conv_0": "fp32", "*_1": mit, "*": mbm})(
+        params, x
+    )
+    _bits_equal(got, MixedCNN("fp32", mbm, mit).apply(params, x))
+    # Unmatched products keep their native arithmetic; full paths work too.
+    got = approx_jax.approximate(PlainCNN().apply, {"PlainCNN/Dense_0": mit})(params, x)
+    _bits_equal(got, MixedCNN("fp32", mit, "fp32").apply(params, x))
+    # vmapped over a stack in one entry, the others fixed.
+    stack = multipliers.stack([mbm, mit])
+    sweep = jax.vmap(
+        lambda m: approx_jax.approximate(PlainCNN().apply, {"Conv_0": "fp32", "*": m})(params, x)
+    )(stack)
+    for d, single in enumerate(multipliers.unstack(stack)):
+        _bits_equal(sweep[d], MixedCNN("fp32", single, single).apply(params, x))
+    with pytest.raises(TypeError, match="name patterns"):
+        approx_jax.approximate(PlainCNN().apply, {0: mbm})

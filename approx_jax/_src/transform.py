@@ -14,8 +14,9 @@ of designs like any function written with approx_jax ops.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -42,11 +43,41 @@ def _is_float(x) -> bool:
     return jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating)
 
 
+def _path_matches(path: str, pattern: str) -> bool:
+    """Whether ``pattern`` matches ``path`` or a trailing part of it at a ``/``."""
+    parts = path.split("/")
+    return any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def _assignment(multiplier) -> Callable:
+    """``multiplier`` (one, or a mapping of name patterns) as ``path -> Multiplier | None``."""
+    if isinstance(multiplier, Mapping):
+        rules = []
+        for pattern, m in multiplier.items():
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"multiplier mapping keys must be name patterns (str), got {pattern!r}"
+                )
+            rules.append((pattern, ops.resolve_multiplier(m)))
+
+        def assign(path):
+            return next((m for pattern, m in rules if _path_matches(path, pattern)), None)
+
+        return assign
+    m = ops.resolve_multiplier(multiplier)
+    return lambda path: m
+
+
+def _join(prefix: str, name_stack) -> str:
+    name = str(name_stack)
+    return f"{prefix}/{name}" if prefix and name else prefix or name
+
+
 class _Rewriter:
     """Evaluates jaxprs with the selected products simulated."""
 
     def __init__(self, multiplier, backward: str, elementwise: bool):
-        self.multiplier = multiplier
+        self.assign = _assignment(multiplier)
         self.backward = backward
         self.targets = (_DOT, _CONV, _MUL) if elementwise else (_DOT, _CONV)
 
@@ -61,13 +92,13 @@ class _Rewriter:
                 return True
         return False
 
-    def closed(self, closed_jaxpr) -> Callable:
+    def closed(self, closed_jaxpr, path: str) -> Callable:
         """A function of the jaxpr's inputs that evaluates it rewritten."""
-        return lambda *args: self.eval(closed_jaxpr.jaxpr, closed_jaxpr.consts, args)
+        return lambda *args: self.eval(closed_jaxpr.jaxpr, closed_jaxpr.consts, args, path)
 
     # -- the interpreter ----------------------------------------------------
 
-    def eval(self, jaxpr, consts, args) -> list:
+    def eval(self, jaxpr, consts, args, path: str = "") -> list:
         env: dict = {}
 
         def read(v):
@@ -78,7 +109,7 @@ class _Rewriter:
         for v, x in zip(jaxpr.invars, args, strict=True):
             env[v] = x
         for eqn in jaxpr.eqns:
-            outs = self.eqn(eqn, [read(v) for v in eqn.invars])
+            outs = self.eqn(eqn, [read(v) for v in eqn.invars], path)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             for v, x in zip(eqn.outvars, outs, strict=True):
@@ -86,29 +117,32 @@ class _Rewriter:
                     env[v] = x
         return [read(v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn, invals):
+    def eqn(self, eqn, invals, path):
         name, params = eqn.primitive.name, eqn.params
+        path = _join(path, eqn.source_info.name_stack)
         if name in self.targets and all(_is_float(x) for x in invals):
-            return getattr(self, "_" + name)(invals, params)
+            m = self.assign(path)
+            if m is not None:
+                return getattr(self, "_" + name)(m, invals, params)
         if name in _INLINE_CALLS:
-            return self.closed(params["jaxpr"])(*invals)
+            return self.closed(params["jaxpr"], path)(*invals)
         if name in _CUSTOM_RULES and self.simulates(params["call_jaxpr"].jaxpr):
-            return self.closed(params["call_jaxpr"])(*invals)
+            return self.closed(params["call_jaxpr"], path)(*invals)
         if name == "remat2":
             body = params["jaxpr"]
             fn = functools.partial(self.eval, body, ())
             return jax.checkpoint(
-                lambda *a: fn(a), prevent_cse=params["prevent_cse"], policy=params["policy"]
+                lambda *a: fn(a, path), prevent_cse=params["prevent_cse"], policy=params["policy"]
             )(*invals)
         if name == "scan" and self.simulates(params["jaxpr"].jaxpr):
-            return self._scan(invals, params)
+            return self._scan(invals, params, path)
         if name == "while" and (
             self.simulates(params["body_jaxpr"].jaxpr) or self.simulates(params["cond_jaxpr"].jaxpr)
         ):
-            return self._while(invals, params)
+            return self._while(invals, params, path)
         if name == "cond" and any(self.simulates(b.jaxpr) for b in params["branches"]):
             index, *operands = invals
-            return lax.switch(index, [self.closed(b) for b in params["branches"]], *operands)
+            return lax.switch(index, [self.closed(b, path) for b in params["branches"]], *operands)
         if any(self.simulates(sub) for sub in _sub_jaxprs(params)):
             raise NotImplementedError(
                 f"approximate(): products inside a '{name}' primitive cannot be simulated "
@@ -123,19 +157,19 @@ class _Rewriter:
 
     # -- simulated products -------------------------------------------------
 
-    def _dot_general(self, invals, params):
+    def _dot_general(self, m, invals, params):
         lhs, rhs = invals
         return hooks.approx_dot_general(
             lhs,
             rhs,
             params["dimension_numbers"],
-            self.multiplier,
+            m,
             self.backward,
             precision=params.get("precision"),
             preferred_element_type=params.get("preferred_element_type"),
         )
 
-    def _conv_general_dilated(self, invals, params):
+    def _conv_general_dilated(self, m, invals, params):
         lhs, rhs = invals
         if params["batch_group_count"] != 1:
             raise NotImplementedError(
@@ -146,7 +180,7 @@ class _Rewriter:
         return conv_lib.approx_conv(
             lhs,
             rhs,
-            self.multiplier,
+            m,
             params["window_strides"],
             params["padding"],
             params["lhs_dilation"],
@@ -159,18 +193,18 @@ class _Rewriter:
             backward=self.backward,
         )
 
-    def _mul(self, invals, params):
+    def _mul(self, m, invals, params):
         del params
-        return ops.multiply(*invals, self.multiplier, backward=self.backward)
+        return ops.multiply(*invals, m, backward=self.backward)
 
     # -- control flow -------------------------------------------------------
 
-    def _scan(self, invals, params):
+    def _scan(self, invals, params, path):
         num_consts, num_carry = params["num_consts"], params["num_carry"]
         consts = invals[:num_consts]
         init = invals[num_consts : num_consts + num_carry]
         xs = invals[num_consts + num_carry :]
-        body = self.closed(params["jaxpr"])
+        body = self.closed(params["jaxpr"], path)
 
         def step(carry, x):
             outs = body(*consts, *carry, *x)
@@ -186,10 +220,11 @@ class _Rewriter:
         )
         return [*carry, *ys]
 
-    def _while(self, invals, params):
+    def _while(self, invals, params, path):
         nc, nb = params["cond_nconsts"], params["body_nconsts"]
         cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
-        cond, body = self.closed(params["cond_jaxpr"]), self.closed(params["body_jaxpr"])
+        cond = self.closed(params["cond_jaxpr"], path)
+        body = self.closed(params["body_jaxpr"], path)
         return lax.while_loop(
             lambda c: cond(*cond_consts, *c)[0], lambda c: body(*body_consts, *c), list(init)
         )
@@ -242,7 +277,13 @@ def approximate(
         passed through unchanged.
       multiplier: a ``Multiplier`` (a stack gives a leading design axis on
         every simulated op; vmap over it for whole-model sweeps) or a name
-        such as ``"mbm7"``.
+        such as ``"mbm7"``; or, per layer, a mapping from name patterns to
+        multipliers, e.g. ``{"Conv_0": "fp32", "Dense_*": "mitchell5", "*":
+        "mbm7"}``. A product's name is the Flax module path it was computed
+        in (``"CNN/Conv_0"``, from JAX's name stack: linen modules and
+        ``jax.named_scope``); a pattern (``fnmatch``) matches the whole path
+        or a trailing part of it at a ``/``. The first matching entry wins;
+        a product no pattern matches keeps its native arithmetic.
       backward: ``"approx"`` or ``"exact"`` (as the simulated ops).
       elementwise: also simulate elementwise floating-point multiplications
         (``lax.mul``: scalings, gates, attention scaling), which hardware with
@@ -256,10 +297,12 @@ def approximate(
       >>> model = flax.linen.Sequential([nn.Dense(128), nn.relu, nn.Dense(10)])
       >>> params = model.init(jax.random.PRNGKey(0), x)
       >>> logits = jax.jit(approx_jax.approximate(model.apply, "mbm7"))(params, x)
+      >>> # first and last layers exact, the rest on the approximate unit:
+      >>> exact_ends = {"layers_0": "fp32", "layers_2": "fp32", "*": "mbm7"}
+      >>> apply = approx_jax.approximate(model.apply, exact_ends)
     """
     ops.check_backward(backward)
-    m = ops.resolve_multiplier(multiplier)
-    rewriter = _Rewriter(m, backward, bool(elementwise))
+    rewriter = _Rewriter(multiplier, backward, bool(elementwise))
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
