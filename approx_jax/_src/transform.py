@@ -126,8 +126,9 @@ class _Rewriter:
                 return getattr(self, "_" + name)(m, invals, params)
         if name in _INLINE_CALLS:
             return self.closed(params["jaxpr"], path)(*invals)
-        if name in _CUSTOM_RULES and self.simulates(params["call_jaxpr"].jaxpr):
-            return self.closed(params["call_jaxpr"], path)(*invals)
+        body = params.get("call_jaxpr", params.get("fun_jaxpr"))
+        if name in _CUSTOM_RULES and body is not None and self.simulates(body.jaxpr):
+            return self.closed(body, path)(*invals)
         if name == "remat2":
             body = params["jaxpr"]
             fn = functools.partial(self.eval, body, ())
