@@ -541,11 +541,12 @@ def _core_wgrad_in_place(mbits, geometry):
 def _reference_backward(mbits, backward, geometry):
     """The conv's backward pass as autodiff through the patch path on ``ops._gemm``.
 
-    The same products and sums as the fast backward passes (``_core_backward``,
-    ``_in_place_backward``: their docstrings), built only of pieces that can
-    be differentiated again (``ops._gemm``'s custom VJP and XLA's patch
-    extraction), with no design groups, batch chunks or in-place reads.
-    Higher derivatives of the conv differentiate this function.
+    The same products as the fast backward passes (``_core_backward``,
+    ``_in_place_backward``), summed as the unchunked patch path sums them,
+    built only of pieces that can be differentiated again (``ops._gemm``'s
+    custom VJP and XLA's per-tap patch extraction, whose transpose is the
+    fast passes' fold), with no design groups, batch chunks or in-place
+    reads. Higher derivatives of the conv differentiate this function.
     """
 
     def patch_forward(xg, w4, klut):
