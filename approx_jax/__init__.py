@@ -21,7 +21,7 @@ from approx_jax._src.ffi import registered_platforms
 from approx_jax._src.host import tune_cpu_allocator
 from approx_jax._src.multipliers import Multiplier
 from approx_jax._src.ops import approx_dot, approx_matmul, multiply
-from approx_jax._src.transform import approximate
+from approx_jax._src.transform import approximate, operand_samples
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "multipliers",
     "multiply",
     "nn",
+    "operand_samples",
     "parallel",
     "plot_heatmaps",
     "registered_platforms",

@@ -295,3 +295,70 @@ def test_per_layer_multipliers_by_name():
         _bits_equal(sweep[d], MixedCNN("fp32", single, single).apply(params, x))
     with pytest.raises(TypeError, match="name patterns"):
         approx_jax.approximate(PlainCNN().apply, {0: mbm})
+
+
+# --------------------------------------------------------------------------
+# operand_samples: the pairs each product multiplies.
+
+
+def test_operand_samples_of_a_dense_layer_are_real_pairs():
+    # x[i, k] = 100 i + k + 1 and w[k, j] = -(100 k + j + 1): each sampled
+    # pair decodes to (i, k) and (k', j), and a product multiplies x[i, k]
+    # with w[k, j] only if k == k'.
+    x = (100 * np.arange(6)[:, None] + np.arange(9)[None, :] + 1).astype(np.float32)
+    w = -(100 * np.arange(9)[:, None] + np.arange(5)[None, :] + 1).astype(np.float32)
+    params = {"params": {"kernel": jnp.asarray(w), "bias": jnp.zeros(5)}}
+    pairs = approx_jax.operand_samples(nn.Dense(5).apply, num=3000, seed=1)(params, jnp.asarray(x))
+    assert list(pairs) == ["Dense"]
+    a, b = pairs["Dense"]
+    assert a.shape == b.shape == (3000,)
+    i, k = np.divmod(a.astype(np.int64) - 1, 100)
+    k2, j = np.divmod(-b.astype(np.int64) - 1, 100)
+    np.testing.assert_array_equal(k, k2)
+    assert set(i) == set(range(6)) and set(j) == set(range(5)) and set(k) == set(range(9))
+    m = approx_jax.characterize("mbm7", samples=(a, b))
+    assert m.count == 3000
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(window_strides=(2, 1), padding=((1, 2), (0, 1)), rhs_dilation=(1, 2)),
+        dict(window_strides=(1, 1), padding=((2, 2), (1, 1)), lhs_dilation=(2, 1)),
+        dict(window_strides=(1, 2), padding="SAME", feature_group_count=2),
+    ],
+)
+def test_operand_samples_of_a_convolution_are_real_pairs(kwargs):
+    # NCHW / OIHW (not Flax's layout): x[n, c, h, w] and w[o, i, kh, kw]
+    # encode their indices; every sampled pair must be one the convolution
+    # multiplies (same group, an output position that reads x[h, w] through
+    # tap (kh, kw)), and padding / dilation holes are never drawn.
+    N, C, H, W, O, KH, KW = 2, 4, 7, 6, 6, 3, 2  # noqa: E741
+    groups = kwargs.get("feature_group_count", 1)
+    I = C // groups  # noqa: E741
+    x = (np.arange(N * C * H * W).reshape(N, C, H, W) + 1).astype(np.float32)
+    k = -(np.arange(O * I * KH * KW).reshape(O, I, KH, KW) + 1).astype(np.float32)
+
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, **kwargs)
+
+    out_h, out_w = jax.eval_shape(conv, x, k).shape[2:]
+    (a, b) = approx_jax.operand_samples(conv, num=4000, seed=2)(jnp.asarray(x), jnp.asarray(k))[
+        "conv_general_dilated"
+    ]
+    assert 0 < a.size == b.size <= 4000
+    n, c, h, w = np.unravel_index(a.astype(np.int64) - 1, x.shape)
+    o, i, kh, kw = np.unravel_index(-b.astype(np.int64) - 1, k.shape)
+    np.testing.assert_array_equal(c, (o // (O // groups)) * I + i)
+    strides = kwargs["window_strides"]
+    lhs_dil = kwargs.get("lhs_dilation", (1, 1))
+    rhs_dil = kwargs.get("rhs_dilation", (1, 1))
+    if kwargs["padding"] == "SAME":
+        pads = lax.padtype_to_pads((H, W), (KH, KW), strides, "SAME")
+    else:
+        pads = kwargs["padding"]
+    for pos, tap, d, size in ((h, kh, 0, out_h), (w, kw, 1, out_w)):
+        reach = pos * lhs_dil[d] + pads[d][0] - tap * rhs_dil[d]  # = out_pos * stride
+        assert (reach % strides[d] == 0).all()
+        assert ((reach // strides[d] >= 0) & (reach // strides[d] < size)).all()
+    assert len(set(zip(kh, kw, strict=True))) == KH * KW  # every tap drawn

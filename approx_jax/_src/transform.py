@@ -149,12 +149,7 @@ class _Rewriter:
                 f"approximate(): products inside a '{name}' primitive cannot be simulated "
                 "(supported around them: jit, scan, while, cond, checkpoint, custom_jvp/vjp)"
             )
-        bind = eqn.primitive.get_bind_params(params)
-        # (jax 0.10: the parameters; older versions: (subfuns, parameters).)
-        subfuns, bind = bind if isinstance(bind, tuple) else ((), bind)
-        ctx = getattr(eqn, "ctx", None)
-        with ctx.manager if ctx is not None else contextlib.nullcontext():
-            return eqn.primitive.bind(*subfuns, *invals, **bind)
+        return _bind(eqn, invals)
 
     # -- simulated products -------------------------------------------------
 
@@ -229,6 +224,16 @@ class _Rewriter:
         return lax.while_loop(
             lambda c: cond(*cond_consts, *c)[0], lambda c: body(*body_consts, *c), list(init)
         )
+
+
+def _bind(eqn, invals):
+    """The equation's primitive applied to ``invals``, unchanged."""
+    bind = eqn.primitive.get_bind_params(eqn.params)
+    # (jax 0.10: the parameters; older versions: (subfuns, parameters).)
+    subfuns, bind = bind if isinstance(bind, tuple) else ((), bind)
+    ctx = getattr(eqn, "ctx", None)
+    with ctx.manager if ctx is not None else contextlib.nullcontext():
+        return eqn.primitive.bind(*subfuns, *invals, **bind)
 
 
 def _sub_jaxprs(params) -> list:
@@ -322,3 +327,144 @@ def approximate(
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+# --------------------------------------------------------------------------
+# Operand samples: the pairs each product of a real run multiplies.
+
+
+class _Recorder(_Rewriter):
+    """Evaluates a jaxpr natively, sampling the operand pairs of every product."""
+
+    def __init__(self, num: int, seed: int):
+        super().__init__("fp32", "approx", False)
+        self.num = num
+        self.rng = np.random.default_rng(seed)
+        self.samples: dict = {}
+
+    def eqn(self, eqn, invals, path):
+        name = eqn.primitive.name
+        if name in self.targets and all(_is_float(x) for x in invals):
+            pairs = getattr(self, "_sample_" + name)(eqn, *invals)
+            if pairs is not None:
+                key = full = _join(path, eqn.source_info.name_stack) or name
+                count = 1
+                while key in self.samples:  # a layer applied again
+                    count += 1
+                    key = f"{full}#{count}"
+                self.samples[key] = pairs
+            return _bind(eqn, invals)
+        if name == "remat2":  # no rematerialisation needed to read values
+            full = _join(path, eqn.source_info.name_stack)
+            return self.eval(eqn.params["jaxpr"], (), invals, full)
+        if name in _INLINE_CALLS or name in _CUSTOM_RULES:
+            return super().eqn(eqn, invals, path)
+        # Products inside loops and branches run once per iteration / branch
+        # taken, in a trace of their own: not sampled.
+        return _bind(eqn, invals)
+
+    def _indices(self, size: int):
+        return self.rng.integers(0, size, self.num)
+
+    def _sample_dot_general(self, eqn, lhs, rhs):
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        if lhs.size == 0 or rhs.size == 0:
+            return None
+        li, ri = [None] * lhs.ndim, [None] * rhs.ndim
+        for dl, dr in zip((*lb, *lc), (*rb, *rc), strict=True):  # shared indices
+            li[dl] = ri[dr] = self._indices(lhs.shape[dl])
+        for idx, x in ((li, lhs), (ri, rhs)):
+            for d in range(x.ndim):
+                if idx[d] is None:  # free dimensions: any pair
+                    idx[d] = self._indices(x.shape[d])
+        return lhs[tuple(li)], rhs[tuple(ri)]
+
+    def _sample_conv_general_dilated(self, eqn, lhs, rhs):
+        p = eqn.params
+        if p["batch_group_count"] != 1 or lhs.size == 0 or rhs.size == 0:
+            return None
+        dn = p["dimension_numbers"]
+        out_shape = eqn.outvars[0].aval.shape
+        groups = p["feature_group_count"]
+        n = self._indices(lhs.shape[dn.lhs_spec[0]])
+        o = self._indices(rhs.shape[dn.rhs_spec[0]])
+        i = self._indices(rhs.shape[dn.rhs_spec[1]])
+        per_group_out = rhs.shape[dn.rhs_spec[0]] // groups
+        c = (o // per_group_out) * rhs.shape[dn.rhs_spec[1]] + i  # input channel of the pair
+        valid = np.ones(self.num, bool)
+        x_pos, taps = [], []
+        for d in range(len(dn.lhs_spec) - 2):
+            size = lhs.shape[dn.lhs_spec[2 + d]]
+            pos = self._indices(out_shape[dn.out_spec[2 + d]])
+            tap = self._indices(rhs.shape[dn.rhs_spec[2 + d]])
+            lhs_dil = p["lhs_dilation"][d]
+            # Position in the padded, lhs-dilated input; padding and dilation
+            # holes hold no input value (their products are zero): dropped.
+            q = pos * p["window_strides"][d] + tap * p["rhs_dilation"][d] - p["padding"][d][0]
+            valid &= (q >= 0) & (q <= (size - 1) * lhs_dil) & (q % lhs_dil == 0)
+            x_pos.append(np.where(valid, q // lhs_dil, 0))
+            taps.append(tap)
+        li, ri = [None] * lhs.ndim, [None] * rhs.ndim
+        li[dn.lhs_spec[0]], li[dn.lhs_spec[1]] = n, c
+        ri[dn.rhs_spec[0]], ri[dn.rhs_spec[1]] = o, i
+        for d, (q, t) in enumerate(zip(x_pos, taps, strict=True)):
+            li[dn.lhs_spec[2 + d]], ri[dn.rhs_spec[2 + d]] = q, t
+        keep = np.flatnonzero(valid)
+        return lhs[tuple(v[keep] for v in li)], rhs[tuple(v[keep] for v in ri)]
+
+
+def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callable:
+    """Samples the operand pairs that each matrix product / convolution of ``fun`` multiplies.
+
+    For :func:`approx_jax.characterize`'s ``samples``: the error of a
+    multiplier on the values a real model multiplies, layer by layer. ``fun``
+    runs natively (jitted); for every floating-point ``dot_general`` and
+    ``conv_general_dilated`` evaluated (also in nested ``jit``,
+    ``checkpoint`` and custom-derivative functions; products inside
+    ``scan`` / ``while_loop`` / ``cond`` bodies are not sampled), ``num``
+    pairs ``(a, b)`` are drawn uniformly from the pairs it multiplies (the
+    left operand / input as ``a``, the right operand / kernel as ``b``);
+    convolution pairs that meet padding or dilation holes are dropped.
+
+    Args:
+      fun: The function, as for :func:`approximate` (e.g. ``model.apply``).
+      num: Pairs drawn per product (fewer for convolutions: padding draws are
+        dropped).
+      seed: Seed of the draws.
+
+    Returns:
+      A function with ``fun``'s arguments that returns a dict from each
+      product's name (the Flax module path, as :func:`approximate` matches
+      it, else the primitive's name; ``#2``, ``#3`` for repeats) to a pair of
+      float NumPy arrays ``(a, b)``.
+
+    Example:
+      >>> pairs = approx_jax.operand_samples(model.apply)(params, x)
+      >>> for layer, ab in pairs.items():
+      ...     print(layer, approx_jax.characterize("mbm7", samples=ab).mred)
+    """
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be a positive int, got {num!r}")
+
+    def sampled(*args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic = [_is_dynamic(leaf) for leaf in leaves]
+
+        def flat_fun(*dyn):
+            it = iter(dyn)
+            full = [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
+            a, kw = jax.tree_util.tree_unflatten(treedef, full)
+            return fun(*a, **kw)
+
+        dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
+        closed = jax.make_jaxpr(flat_fun)(*dyn_leaves)
+
+        def run(*dyn):
+            recorder = _Recorder(int(num), seed)
+            recorder.eval(closed.jaxpr, closed.consts, dyn)
+            return recorder.samples
+
+        samples = jax.jit(run)(*dyn_leaves)
+        return {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in samples.items()}
+
+    return sampled
