@@ -253,6 +253,26 @@ def _is_dynamic(leaf) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
+def _trace(fun: Callable, args, kwargs):
+    """``fun(*args, **kwargs)`` as a jaxpr of its array leaves.
+
+    Returns:
+      ``(closed_jaxpr, array_leaves, output_treedef)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dynamic = [_is_dynamic(leaf) for leaf in leaves]
+
+    def flat_fun(*dyn):
+        it = iter(dyn)
+        full = [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
+        a, kw = jax.tree_util.tree_unflatten(treedef, full)
+        return fun(*a, **kw)
+
+    dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
+    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_leaves)
+    return closed, dyn_leaves, jax.tree_util.tree_structure(out_shape)
+
+
 def approximate(
     fun: Callable, multiplier: Any, *, backward: str = "approx", elementwise: bool = False
 ) -> Callable:
@@ -312,19 +332,9 @@ def approximate(
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        dynamic = [_is_dynamic(leaf) for leaf in leaves]
-
-        def flat_fun(*dyn):
-            it = iter(dyn)
-            full = [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
-            a, kw = jax.tree_util.tree_unflatten(treedef, full)
-            return fun(*a, **kw)
-
-        dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
-        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_leaves)
+        closed, dyn_leaves, out_tree = _trace(fun, args, kwargs)
         outs = rewriter.eval(closed.jaxpr, closed.consts, dyn_leaves)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        return jax.tree_util.tree_unflatten(out_tree, outs)
 
     return wrapped
 
@@ -447,17 +457,7 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
         raise ValueError(f"num must be a positive int, got {num!r}")
 
     def sampled(*args, **kwargs):
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        dynamic = [_is_dynamic(leaf) for leaf in leaves]
-
-        def flat_fun(*dyn):
-            it = iter(dyn)
-            full = [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
-            a, kw = jax.tree_util.tree_unflatten(treedef, full)
-            return fun(*a, **kw)
-
-        dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
-        closed = jax.make_jaxpr(flat_fun)(*dyn_leaves)
+        closed, dyn_leaves, _ = _trace(fun, args, kwargs)
 
         def run(*dyn):
             recorder = _Recorder(int(num), seed)
