@@ -78,7 +78,7 @@ ELAPSED=$(( $(date +%s) - T0 ))
 # for the benchmark).
 LEFT=$(( ${GPU_CHECK_BUDGET_S:-420} - ELAPSED - 130 ))
 if [ "$LEFT" -gt 30 ]; then
-  step pytest-core-cuda "$LEFT" bash -c "cd '$TESTDIR' && JAX_PLATFORMS=cuda,cpu '$PY' -m pytest -q tests/test_ops.py tests/test_vmap.py tests/test_conv.py -p no:cacheprovider > '$OUT/pytest_core_cuda.txt' 2>&1; rc=\$?; tail -30 '$OUT/pytest_core_cuda.txt'; exit \$rc"
+  step pytest-core-cuda "$LEFT" bash -c "cd '$TESTDIR' && JAX_PLATFORMS=cuda,cpu '$PY' -m pytest -q tests/test_ops.py tests/test_vmap.py tests/test_conv.py tests/test_transform.py -p no:cacheprovider > '$OUT/pytest_core_cuda.txt' 2>&1; rc=\$?; tail -30 '$OUT/pytest_core_cuda.txt'; exit \$rc"
 else
   printf '%-28s %-12s\n' pytest-core-cuda "SKIPPED(no time)" | tee -a "$SUMMARY"
 fi
