@@ -362,3 +362,27 @@ def test_operand_samples_of_a_convolution_are_real_pairs(kwargs):
         assert (reach % strides[d] == 0).all()
         assert ((reach // strides[d] >= 0) & (reach // strides[d] < size)).all()
     assert len(set(zip(kh, kw, strict=True))) == KH * KW  # every tap drawn
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [("lenet5", (4, 28, 28, 1)), ("resnet8", (2, 32, 32, 3)), ("vit_tiny", (2, 32, 32, 3))],
+)
+def test_builtin_models_fp32_under_approximate_equal_their_approx_form(name, shape):
+    # Two independent routes to the same arithmetic: the built-in models'
+    # own layers with mbm7, and their fp32 form rewritten by approximate().
+    model = approx_jax.models.create(name)
+    x = jnp.asarray(np.random.default_rng(8).random(shape, np.float32))
+    params = model.init(jax.random.PRNGKey(0), x)
+
+    def fp32_model(p, x):
+        return model.apply(p, x, "fp32")
+
+    _bits_equal(
+        jax.jit(approx_jax.approximate(fp32_model, "mbm7"))(params, x),
+        model.apply(params, x, "mbm7"),
+    )
+    if name == "lenet5":
+        got = jax.grad(lambda p: approx_jax.approximate(fp32_model, "mbm7")(p, x).sum())(params)
+        want = jax.grad(lambda p: model.apply(p, x, "mbm7").sum())(params)
+        _bits_equal(got, want)
