@@ -120,6 +120,37 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert _is_png(out / "accuracy_vs_mred.png")
 
 
+def test_evaluate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "evaluate"
+    rc = cli.main(
+        [
+            "evaluate",
+            "--model",
+            "lenet5",
+            "--multipliers",
+            "fp32,mbm5,mitchell3",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "layer operands" in text and "vmapped" in text
+    res = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in res["results"]] == ["fp32", "mbm5", "mitchell3"]  # fp32 once
+    assert res["layers_sampled"] == [
+        "LeNet5/Conv_0",
+        "LeNet5/Conv_1",
+        "LeNet5/Dense_0",
+        "LeNet5/Dense_1",
+    ]
+    assert all(0 <= r["test_acc"] <= 1 for r in res["results"])
+    assert all(0 < r["mred_layer_operands"] < 0.5 for r in res["results"][1:])
+    assert _is_png(out / "accuracy_vs_mred.png")
+    assert cli.main(["evaluate", "--multipliers", "fp32", "--out", str(out), *FAST]) == 2
+
+
 def test_characterize_writes_heatmaps(tmp_path, capsys, isolated_cache, has_c_compiler):
     src = pathlib.Path(__file__).resolve().parents[1] / "multipliers" / "mbm.c"
     specs = ["mbm5", "mitchell3", "fp32"]

