@@ -96,21 +96,18 @@ def test_train_per_layer_spec(tmp_path, capsys):
     assert _is_png(out / "curves.png")
 
 
-def test_sweep_end_to_end(tmp_path, capsys):
-    out = tmp_path / "sweep"
+def _run_designs(command, model, out):
+    """``approx-jax COMMAND --model MODEL --multipliers fp32,mbm5,mitchell3`` (fast)."""
     rc = cli.main(
-        [
-            "sweep",
-            "--model",
-            "lenet300",
-            "--multipliers",
-            "fp32,mbm5,mitchell3",
-            "--out",
-            str(out),
-            *FAST,
-        ]
+        [command, "--model", model, "--multipliers", "fp32,mbm5,mitchell3"]
+        + ["--out", str(out), *FAST]
     )
     assert rc == 0
+
+
+def test_sweep_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    _run_designs("sweep", "lenet300", out)
     text = capsys.readouterr().out
     assert "MRED" in text and "fp32 is exact" in text and "vmapped" in text
     res = json.loads((out / "results.json").read_text())
@@ -122,19 +119,7 @@ def test_sweep_end_to_end(tmp_path, capsys):
 
 def test_evaluate_end_to_end(tmp_path, capsys):
     out = tmp_path / "evaluate"
-    rc = cli.main(
-        [
-            "evaluate",
-            "--model",
-            "lenet5",
-            "--multipliers",
-            "fp32,mbm5,mitchell3",
-            "--out",
-            str(out),
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    _run_designs("evaluate", "lenet5", out)
     text = capsys.readouterr().out
     assert "layer operands" in text and "vmapped" in text
     res = json.loads((out / "results.json").read_text())

@@ -195,6 +195,19 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<command>-...)")
 
 
+def _training_kwargs(args) -> dict:
+    """The training options every training subcommand passes on."""
+    return dict(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        backward=args.backward,
+        progress=not args.no_progress,
+    )
+
+
 # --------------------------------------------------------------------------
 # train
 
@@ -243,30 +256,11 @@ def cmd_train(args) -> int:
         f"backward={args.backward} seed={args.seed}"
     )
     runs = []
-    timing = dict(
-        batch_size=args.batch_size,
-        steps=args.timing_steps,
-        max_seconds=args.timing_seconds,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        backward=args.backward,
-        seed=args.seed,
-    )
+    timing = {k: v for k, v in _training_kwargs(args).items() if k not in ("epochs", "progress")}
+    timing.update(steps=args.timing_steps, max_seconds=args.timing_seconds)
     for label, m in specs:
         t0 = time.perf_counter()
-        _, hist = train_lib.train(
-            model,
-            m,
-            data,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            seed=args.seed,
-            backward=args.backward,
-            progress=not args.no_progress,
-            desc=label,
-        )
+        _, hist = train_lib.train(model, m, data, desc=label, **_training_kwargs(args))
         wall = time.perf_counter() - t0
         step_time = None
         if args.timing_steps > 0:
@@ -380,18 +374,7 @@ def cmd_sweep(args) -> int:
             "fp32 is exact float32, not a LUT, so it cannot join the stack: it is trained "
             "separately with the native op (same init, same batches)."
         )
-    res = sweep_lib.sweep(
-        model,
-        designs,
-        data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        backward=args.backward,
-        progress=not args.no_progress,
-    )
+    res = sweep_lib.sweep(model, designs, data, **_training_kwargs(args))
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
     table = Table(title=f"{args.model} sweep: {args.epochs} epoch(s), backward={args.backward}")
@@ -414,20 +397,24 @@ def cmd_sweep(args) -> int:
             "vmapped stack" if r["vmapped"] else "native fp32",
         )
     console.print(table)
+    extra = {"same_init": True, "same_batches": True, **res}
+    _write_design_results(console, out, args, data, extra, f"{args.model}: accuracy vs MRED")
+    return 0
+
+
+def _write_design_results(console, out: Path, args, data, extra: dict, title: str) -> None:
+    """``results.json`` (with ``extra``, which holds ``results``) and the accuracy-vs-MRED plot."""
     payload = {
-        "command": "sweep",
+        "command": args.command,
         "model": args.model,
         "args": _args_dict(args),
         "num_train": len(data[0]),
         "num_test": len(data[2]),
-        "same_init": True,
-        "same_batches": True,
-        **res,
+        **extra,
     }
     _write_json(out / "results.json", payload)
-    _plot_sweep(res["results"], out / "accuracy_vs_mred.png", f"{args.model}: accuracy vs MRED")
+    _plot_sweep(extra["results"], out / "accuracy_vs_mred.png", title)
     console.print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_mred.png'}")
-    return 0
 
 
 # --------------------------------------------------------------------------
@@ -462,18 +449,7 @@ def cmd_evaluate(args) -> int:
         "product on each design: one jit-compiled call vmapped over the design stack "
         "(post-training evaluation; no retraining per design)."
     )
-    params, hist = train_lib.train(
-        model,
-        "fp32",
-        data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        progress=not args.no_progress,
-        desc="fp32",
-    )
+    params, hist = train_lib.train(model, "fp32", data, desc="fp32", **_training_kwargs(args))
     stack = mult_lib.stack(designs)
     singles = mult_lib.unstack(stack)
     predict = jax.jit(jax.vmap(train_lib.make_predict(model), in_axes=(None, None, 0)))
@@ -526,20 +502,9 @@ def cmd_evaluate(args) -> int:
             f"{100 * (r['test_acc'] - fp32_acc):+.1f} pp",
         )
     console.print(table)
-    payload = {
-        "command": "evaluate",
-        "model": args.model,
-        "args": _args_dict(args),
-        "num_train": len(data[0]),
-        "num_test": len(x_test),
-        "layers_sampled": list(pairs),
-        "results": results,
-    }
-    _write_json(out / "results.json", payload)
-    _plot_sweep(
-        results, out / "accuracy_vs_mred.png", f"{args.model}: fp32-trained, evaluated per design"
-    )
-    console.print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_mred.png'}")
+    extra = {"layers_sampled": list(pairs), "results": results}
+    title = f"{args.model}: fp32-trained, evaluated per design"
+    _write_design_results(console, out, args, data, extra, title)
     return 0
 
 
