@@ -221,3 +221,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     lut_dir.mkdir()
     # An IsADirectoryError traceback before; now "...D_3.bin: Is a directory".
     assert "D_3.bin" in error_of(["characterize", str(lut_dir), "--out", str(tmp_path / "c")])
+
+
+def test_evaluate_takes_every_exact_name_as_the_baseline(tmp_path):
+    # "native" (like "exact") is the fp32 multiplier, which cannot join the stack.
+    out = tmp_path / "evaluate"
+    rc = cli.main(
+        ["evaluate", "--model", "lenet300", "--multipliers", "native,mbm5"]
+        + ["--out", str(out), *FAST]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in res["results"]] == ["fp32", "mbm5"]

@@ -195,6 +195,14 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<command>-...)")
 
 
+def _design_names(args) -> list[str]:
+    """The designs of ``--multipliers`` (comma list; a usage error if it names none)."""
+    designs = [d.strip() for d in args.multipliers.split(",") if d.strip()]
+    if not designs:
+        raise SystemExit("error: --multipliers is empty")
+    return designs
+
+
 def _training_kwargs(args) -> dict:
     """The training options every training subcommand passes on."""
     return dict(
@@ -351,13 +359,12 @@ def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
 def cmd_sweep(args) -> int:
     from rich.table import Table
 
+    from approx_jax._src import multipliers as mult_lib
     from approx_jax._src import sweep as sweep_lib
     from approx_jax._src import train as train_lib
 
     console = _console()
-    designs = [d.strip() for d in args.multipliers.split(",") if d.strip()]
-    if not designs:
-        raise SystemExit("error: --multipliers is empty")
+    designs = _design_names(args)
     out = _out_dir(args, "sweep")
     model = train_lib.resolve_model(args.model)
     data = _load_data(args, model)
@@ -369,7 +376,7 @@ def cmd_sweep(args) -> int:
         "LUT designs train together: one jit-compiled step vmapped over the design axis "
         "(stacked params/optimizer state, same init, same batches)."
     )
-    if any(d.lower() in ("fp32", "exact", "float32") for d in designs):
+    if any(mult_lib.is_exact_name(d) for d in designs):
         console.print(
             "fp32 is exact float32, not a LUT, so it cannot join the stack: it is trained "
             "separately with the native op (same init, same batches)."
@@ -432,8 +439,10 @@ def cmd_evaluate(args) -> int:
     from approx_jax._src import transform
 
     console = _console()
-    designs = [d.strip() for d in args.multipliers.split(",") if d.strip()]
-    designs = [d for d in designs if d.lower() not in ("fp32", "exact", "float32")]
+    # Resolved once here (names, files, C models); fp32 is always the baseline.
+    resolved = [(d, mult_lib.get(d)) for d in _design_names(args)]
+    approx = [(d, m) for d, m in resolved if not m.is_exact]
+    designs = [d for d, _ in approx]
     if not designs:
         raise ValueError("--multipliers names no approximate design (fp32 is always the baseline)")
     out = _out_dir(args, "evaluate")
@@ -450,7 +459,7 @@ def cmd_evaluate(args) -> int:
         "(post-training evaluation; no retraining per design)."
     )
     params, hist = train_lib.train(model, "fp32", data, desc="fp32", **_training_kwargs(args))
-    stack = mult_lib.stack(designs)
+    stack = mult_lib.stack([m for _, m in approx])
     singles = mult_lib.unstack(stack)
     predict = jax.jit(jax.vmap(train_lib.make_predict(model), in_axes=(None, None, 0)))
     accs = np.atleast_1d(train_lib.accuracy(predict, params, stack, x_test, y_test))

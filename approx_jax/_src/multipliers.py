@@ -49,6 +49,11 @@ _FAMILY_ALIASES = {
 _EXACT_NAMES = ("fp32", "exact", "float32", "native")
 
 
+def is_exact_name(spec: str) -> bool:
+    """Whether ``get(spec)`` is the exact multiplier (``fp32``, ``exact``, ...), by name alone."""
+    return spec.strip().lower() in _EXACT_NAMES
+
+
 def _freeze(value, where: str = "metadata"):
     """Makes metadata values hashable (dicts -> sorted pairs, lists -> tuples).
 
@@ -776,7 +781,7 @@ def get(name_or_multiplier) -> Multiplier:
     if spec.lower().endswith(".bin"):
         return from_approxtrain(spec)
     key = spec.lower()
-    if key in _EXACT_NAMES:
+    if is_exact_name(key):
         return exact()
     if key == "bf16":
         return truncate(7)
