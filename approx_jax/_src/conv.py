@@ -425,16 +425,14 @@ def _core_forward(mbits, geometry, budget, implicit: bool = False):
 
     def patch_forward(xg, w4, klut):
         out = ops._gemm_raw(mbits)(_patch_matrix(xg, geometry), w4, klut)
-        return partitioning.reshape(out, xg.shape[:2] + tuple(out_spatial) + (w4.shape[-1],))
+        return _as_output(out, xg, geometry)
 
     def implicit_forward(xg, w4, klut):
         # The padded input (as _patches_staged pads it) read in place by the
         # CPU kernel: the same patch matrix, never built.
         xp = _pad_input(xg, pads, lhs_dil)
         conv = ops._conv_raw(mbits, window, strides, rhs_dil, math.prod(out_spatial))
-        out = conv(xp[None], w4, klut)
-        # (partitioning.reshape: keeps an explicitly sharded batch axis.)
-        return partitioning.reshape(out, xg.shape[:2] + tuple(out_spatial) + (w4.shape[-1],))
+        return _as_output(conv(xp[None], w4, klut), xg, geometry)
 
     def forward(xg, w4, klut):
         if not implicit:
@@ -478,6 +476,19 @@ def _fold(d_patches, xg, geometry):
     return d_x
 
 
+def _as_output(out, xg, geometry):
+    """A gemm / conv-target result (``N * P`` rows of ``Og``) as ``[G, N, *out, Og]``.
+
+    (``partitioning.reshape``, as :func:`_as_rows`: keeps an explicitly sharded batch axis.)
+    """
+    return partitioning.reshape(out, xg.shape[:2] + tuple(geometry[-1]) + (out.shape[-1],))
+
+
+def _as_rows(ct):
+    """A conv output (or its cotangent) ``[G, N, *out, Og]`` as the gemm's ``[1, G, N * P, Og]``."""
+    return partitioning.reshape(ct, (1, ct.shape[0], -1, ct.shape[-1]))
+
+
 def _d_patches_shape(xg, geometry):
     window, out_spatial = geometry[0], geometry[-1]
     return xg.shape[:2] + tuple(out_spatial) + (math.prod(window), xg.shape[-1])
@@ -486,8 +497,7 @@ def _d_patches_shape(xg, geometry):
 @functools.cache
 def _core_backward(mbits, backward, geometry, budget):
     def backward_products(xg, w4, klut, ct):
-        g = xg.shape[0]
-        ct4 = partitioning.reshape(ct, (1, g, -1, w4.shape[-1]))
+        ct4 = _as_rows(ct)
         # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
         d_a, d_w = ops._backward_products(
             mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4
@@ -503,9 +513,8 @@ def _core_input_grad(mbits, geometry, budget):
     """``_core_backward``'s input gradient alone (``backward="approx"``)."""
 
     def input_grad(xg, w4, klut, ct):
-        g, n = xg.shape[:2]
-        ct4 = partitioning.reshape(ct, (1, g, -1, w4.shape[-1]))
-        d_a = ops._input_grad(mbits, n * math.prod(geometry[-1]), w4, klut, ct4)
+        ct4 = _as_rows(ct)
+        d_a = ops._input_grad(mbits, ct4.shape[-2], w4, klut, ct4)
         d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
         return _fold(d_patches, xg, geometry)
 
@@ -519,7 +528,7 @@ def _core_wgrad_in_place(mbits, geometry):
     pixels = math.prod(out_spatial)
 
     def patches(xg, ct, klut):
-        ct4 = partitioning.reshape(ct, (1, xg.shape[0], -1, ct.shape[-1]))
+        ct4 = _as_rows(ct)
         return ops._gemm_raw(mbits)(_patch_matrix_t(xg, geometry), ct4, klut)
 
     def in_place(xg, ct, klut):
@@ -554,7 +563,7 @@ def _reference_backward(mbits, backward, geometry):
         patches = _patches_by_tap(xg, *geometry)
         a = partitioning.reshape(patches, (1, xg.shape[0], -1, w4.shape[-2]))
         out = ops._gemm(a, w4, klut, mbits, backward)
-        return partitioning.reshape(out, xg.shape[:2] + tuple(geometry[-1]) + (w4.shape[-1],))
+        return _as_output(out, xg, geometry)
 
     def reference(xg, w4, klut, ct):
         _, vjp = jax.vjp(lambda x, w: patch_forward(x, w, klut), xg, w4)
