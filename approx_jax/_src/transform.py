@@ -130,10 +130,10 @@ class _Rewriter:
         if name in _CUSTOM_RULES and body is not None and self.simulates(body.jaxpr):
             return self.closed(body, path)(*invals)
         if name == "remat2":
-            body = params["jaxpr"]
-            fn = functools.partial(self.eval, body, ())
             return jax.checkpoint(
-                lambda *a: fn(a, path), prevent_cse=params["prevent_cse"], policy=params["policy"]
+                lambda *a: self.eval(params["jaxpr"], (), a, path),
+                prevent_cse=params["prevent_cse"],
+                policy=params["policy"],
             )(*invals)
         if name == "scan" and self.simulates(params["jaxpr"].jaxpr):
             return self._scan(invals, params, path)
