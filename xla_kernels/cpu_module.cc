@@ -64,13 +64,10 @@ ParallelFor MakeParallelFor(ffi::ThreadPool* pool) {
   };
 }
 
-// a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
-// out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
-ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer lut,
-                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits) {
-  GemmProblem p;
-  if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
+// Runs p on the pool (the GEMM and both conv targets); zero K gives zeros.
+ffi::Error RunGemm(ffi::ThreadPool& pool, GemmProblem& p) {
   const int64_t out_size = p.designs * p.batch * p.m * p.n;
+  if (out_size == 0) return ffi::Error::Success();
   if (p.k == 0) {
     std::fill(p.out, p.out + out_size, 0.0f);  // XLA does not zero outputs
     return ffi::Error::Success();
@@ -78,6 +75,15 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   std::string err = ApproxGemmCpu(p, MakeParallelFor(&pool));
   if (!err.empty()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, err);
   return ffi::Error::Success();
+}
+
+// a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
+// out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
+ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer lut,
+                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits) {
+  GemmProblem p;
+  if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
+  return RunGemm(pool, p);
 }
 
 // The patch-matrix geometry of a convolution input with spatial extents
@@ -120,19 +126,6 @@ std::string ConvGeometry(const int64_t* spatial, int64_t channels, int64_t sampl
                               (transposed ? 1 : channels));
   g->tap_offset = tap_offset->data();
   return {};
-}
-
-// Runs p (whose a is implicit) on the pool; zero K gives zeros.
-ffi::Error RunConvGemm(ffi::ThreadPool& pool, GemmProblem& p) {
-  const int64_t out_size = p.designs * p.batch * p.m * p.n;
-  if (out_size == 0) return ffi::Error::Success();
-  if (p.k == 0) {
-    std::fill(p.out, p.out + out_size, 0.0f);
-    return ffi::Error::Success();
-  }
-  std::string err = ApproxGemmCpu(p, MakeParallelFor(&pool));
-  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, err);
-  return ffi::Error::Success();
 }
 
 // A convolution's GEMM on its patch matrix read in place (implicit_a.h).
@@ -195,7 +188,7 @@ ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::A
   p.lut = lut.typed_data<uint32_t>();
   p.out = out.typed_data<float>();
   p.implicit_a = &g;
-  return RunConvGemm(pool, p);
+  return RunGemm(pool, p);
 }
 
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer lut,
