@@ -574,10 +574,6 @@ IN_PLACE_CASES = {
 }
 
 
-def _bits(x):
-    return np.asarray(x, np.float32).view(np.uint32)
-
-
 def _conv_and_grads(x, w, m, kwargs, dy):
     y, vjp = jax.vjp(lambda x, w: approx_conv(x, w, m, **kwargs), x, w)
     return (y, *vjp(dy))
