@@ -156,6 +156,19 @@ def test_multiply_broadcasting_and_dtypes():
     assert got16.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", ["mbm7", "fp32"])
+def test_python_scalars_keep_the_array_dtype(name, dtype):
+    # A Python scalar is weakly typed: like jnp, the array's dtype wins, whether
+    # or not the multiplier is exact (switching "fp32" to "mbm7" must not
+    # silently promote a half-precision model to float32).
+    arr = jnp.asarray([1.5, -2.0, 3.25], dtype)
+    assert approx_jax.multiply(3.0, arr, name).dtype == dtype
+    assert approx_jax.multiply(arr, 2.0, name).dtype == dtype
+    assert jax.jit(lambda s, t: approx_jax.multiply(s, t, name))(3.0, arr).dtype == dtype
+    assert approx_jax.approx_dot(arr[:, None], jnp.asarray(2.0)[None], name).dtype == dtype
+
+
 # --------------------------------------------------------------------------
 # Dot / matmul: sums within the SPEC bound.
 

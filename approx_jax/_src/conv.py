@@ -902,7 +902,7 @@ def approx_conv(
             f"negative padding {tuple(pads)} is larger than the (dilated) input spatial "
             f"shape {in_spatial}"
         )
-    promoted = jnp.result_type(lhs.dtype, rhs.dtype)
+    promoted = jnp.result_type(lhs, rhs)  # arrays, not dtypes: keeps weak types
     out_dtype = promoted
     if preferred_element_type is not None:
         out_dtype = jnp.dtype(preferred_element_type)

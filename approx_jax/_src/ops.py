@@ -325,7 +325,7 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
             f"contracting dimensions differ: x has K={x.shape[-1]} (shape {x.shape}), "
             f"w has K={w.shape[0]} (shape {w.shape})"
         )
-    out_dtype = jnp.result_type(x.dtype, w.dtype)
+    out_dtype = jnp.result_type(x, w)  # arrays, not dtypes: keeps weak types
     if m.is_exact:
         return jnp.dot(x, w, precision=precision if precision is not None else _HIGHEST)
     if w.ndim == 1:  # matrix-vector: the same products and sums as one column
@@ -400,7 +400,7 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
         batch_shape = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     except ValueError as err:
         raise ValueError(f"batch dimensions of {a.shape} and {b.shape} do not broadcast") from err
-    out_dtype = jnp.result_type(a.dtype, b.dtype)
+    out_dtype = jnp.result_type(a, b)  # arrays, not dtypes: keeps weak types
     if m.is_exact:
         return jnp.matmul(a, b, precision=precision if precision is not None else _HIGHEST)
     if m.is_stack:
@@ -435,7 +435,7 @@ def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
         shape = tuple(np.broadcast_shapes(a.shape, b.shape))
     except ValueError as err:
         raise ValueError(f"shapes {a.shape} and {b.shape} do not broadcast") from err
-    out_dtype = jnp.result_type(a.dtype, b.dtype)
+    out_dtype = jnp.result_type(a, b)  # arrays, not dtypes: keeps weak types
     if m.is_exact:
         return a * b
     if m.is_stack:
