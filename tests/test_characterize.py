@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import approx_jax
 from approx_jax._src import characterize as ch
 from approx_jax._src import multipliers as mm
 
@@ -137,3 +138,17 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     for columns in (0, -1, 1.5):
         with pytest.raises(ValueError, match="columns must be a positive int"):
             ch.plot_heatmaps(result, tmp_path / "heat.png", columns=columns)
+
+
+def test_exact_multiplier_on_samples_scores_what_the_native_op_computes():
+    # fp32 products as approx_jax.multiply(..., "fp32") gives them: XLA flushes
+    # subnormal operands and results, so those pairs are off by 100 %.
+    a = np.float32([1e-40, 3e-39, 1e-20, 2.0, 1.1])
+    b = np.float32([2.0, 1.5, 1e-20, 3.0, 1.3])
+    native = np.asarray(approx_jax.multiply(a, b, "fp32"), np.float64)
+    exact = a.astype(np.float64) * b.astype(np.float64)
+    result = approx_jax.characterize("fp32", samples=(a, b))
+    expected = independent_metrics(native, exact)
+    for field, value in expected.items():
+        np.testing.assert_allclose(getattr(result, field), value, rtol=1e-12, err_msg=field)
+    assert result.worst_case == 1.0 and result.skipped == 0

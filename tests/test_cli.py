@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -38,7 +39,23 @@ def test_help_lists_subcommands(capsys):
         assert sub in out
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    assert "--baseline" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "--baseline" in help_text
+    from approx_jax._src import models
+
+    for name in models.names():  # every model create() accepts is listed
+        assert name in help_text
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    res = subprocess.run(
+        [sys.executable, "-m", "approx_jax", "--help"], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0 and "characterize" in res.stdout
 
 
 def test_train_end_to_end(tmp_path, capsys):
@@ -151,6 +168,21 @@ def test_characterize_writes_heatmaps(tmp_path, capsys, isolated_cache, has_c_co
     assert 0 < mbm5["mred"] < 0.1
     assert _is_png(out / "heatmaps.png") and _is_png(out / "heatmap_mbm5.png")
     assert _is_png(out / "heatmaps_samples.png")
+
+
+def test_characterize_heatmaps_of_same_named_files_do_not_collide(tmp_path, capsys):
+    # Two LUT files both called X_3.bin (different folders) get one PNG each.
+    from approx_jax import multipliers as mm
+
+    for folder, m in (("a", mm.mbm(3)), ("b", mm.mitchell(3))):
+        (tmp_path / folder).mkdir()
+        mm.to_approxtrain(m, tmp_path / folder / "X_3.bin")
+    specs = [str(tmp_path / "a" / "X_3.bin"), str(tmp_path / "b" / "X_3.bin")]
+    out = tmp_path / "char"
+    assert cli.main(["characterize", *specs, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["heatmaps"]) == 3 and len(set(res["heatmaps"])) == 3
+    assert all(_is_png(pathlib.Path(p)) for p in res["heatmaps"])
 
 
 def test_errors_are_reported(tmp_path, capsys):

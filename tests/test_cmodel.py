@@ -71,3 +71,39 @@ def test_corrupt_cached_library_is_rebuilt(require_c_compiler, isolated_cache):
     for lib in libraries:
         lib.write_bytes(b"\x7fELF")  # a truncated write
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)
+
+
+@pytest.mark.parametrize(
+    "source,cpp",
+    [
+        ("int f(int a, int b) { return a * b; }", False),  # would truncate 1.5 to 1
+        ("float f(int a, int b) { return a * b; }", False),
+        ("int f(int a, int b) { return a * b; }", True),
+    ],
+)
+def test_model_with_integer_signature_is_rejected(require_c_compiler, isolated_cache, source, cpp):
+    with pytest.raises(cmodel.CModelError, match="signature float"):
+        mm.from_c(source, "f", 3, cpp=cpp)
+
+
+def test_double_and_template_models_are_accepted(require_c_compiler, isolated_cache):
+    want = mm.truncate(4).lut
+    double = mm.from_c("double f(double a, double b) { return a * b; }", "f", 4)
+    np.testing.assert_array_equal(double.lut, want)
+    template = mm.from_c("template <class T> T f(T a, T b) { return a * b; }", "f", 4, cpp=True)
+    np.testing.assert_array_equal(template.lut, want)
+
+
+def test_header_next_to_the_model_is_found_and_tracked(require_c_compiler, isolated_cache, tmp_path):
+    # `#include "scale.h"` resolves next to the model file (as `cc model.c` does),
+    # and editing the header gives a new LUT rather than the cached one.
+    (tmp_path / "scale.h").write_text("#define SCALE 1.0f\n")
+    model = tmp_path / "model.c"
+    model.write_text('#include "scale.h"\nfloat f(float a, float b) { return a * b * SCALE; }\n')
+    first = mm.from_c(model, "f", 3)
+    np.testing.assert_array_equal(first.lut, mm.truncate(3).lut)
+    (tmp_path / "scale.h").write_text("#define SCALE 1.125f\n")
+    second = mm.from_c(model, "f", 3)
+    assert not np.array_equal(second.lut, first.lut)
+    (tmp_path / "scale.h").write_text("#define SCALE 1.0f\n")
+    np.testing.assert_array_equal(mm.from_c(model, "f", 3).lut, first.lut)

@@ -70,6 +70,8 @@ def test_multiplier_specs():
         train_lib.resolve_multiplier_spec("fc=mbm7")
     with pytest.raises(ValueError, match="KIND=NAME"):
         train_lib.resolve_multiplier_spec("conv=mbm7,mbm5")
+    with pytest.raises(ValueError, match="'dense' is given twice"):
+        train_lib.resolve_multiplier_spec("dense=mbm7,dense=mbm3")  # the last used to win
     with pytest.raises(ValueError):
         train_lib.make_optimizer("lion")
 

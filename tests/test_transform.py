@@ -297,6 +297,27 @@ def test_per_layer_multipliers_by_name():
         approx_jax.approximate(PlainCNN().apply, {0: mbm})
 
 
+def test_a_stack_without_vmap_sweeps_the_whole_function():
+    # approximate(f, stack) vmaps f over the designs itself (a stack handed to
+    # every op design by design would meet the model's bias adds with a design
+    # axis they do not expect); every output gets the leading design axis.
+    rng = np.random.default_rng(8)
+    x = _normal(rng, 3, 9, 9, 3)
+    params = PlainCNN().init(jax.random.PRNGKey(1), x)
+    mbm, mit = multipliers.mbm(7), multipliers.mitchell(5)
+    stack = multipliers.stack([mbm, mit])
+    got = jax.jit(approx_jax.approximate(PlainCNN().apply, stack))(params, x)
+    mixed = approx_jax.approximate(PlainCNN().apply, {"Conv_0": "fp32", "*": stack})(params, x)
+    assert got.shape == (2, *PlainCNN().apply(params, x).shape)
+    for d, single in enumerate(multipliers.unstack(stack)):
+        _bits_equal(got[d], MixedCNN(single, single, single).apply(params, x))
+        _bits_equal(mixed[d], MixedCNN("fp32", single, single).apply(params, x))
+    with pytest.raises(ValueError, match="different numbers of designs"):
+        approx_jax.approximate(
+            PlainCNN().apply, {"Conv_0": stack, "*": multipliers.stack([mbm, mit, mbm])}
+        )
+
+
 # --------------------------------------------------------------------------
 # operand_samples: the pairs each product multiplies.
 

@@ -108,6 +108,13 @@ def _length(obj) -> str:
         return "unknown"
 
 
+def _flush_subnormals(x: np.ndarray) -> np.ndarray:
+    """Float32 ``x`` with subnormal values replaced by zeros of the same sign."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        tiny = np.abs(x) < np.finfo(np.float32).tiny
+        return np.where(tiny, np.copysign(np.float32(0), x), x).astype(np.float32)
+
+
 def _characterize_one(multiplier, samples) -> ErrorMetrics:
     M = multiplier.mbits
     name = str(multiplier.name)
@@ -130,8 +137,11 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
     )
     exact_values = a32.astype(np.float64) * b32.astype(np.float64)
     if multiplier.is_exact:
-        with np.errstate(over="ignore", under="ignore"):
-            simulated = (a32 * b32).astype(np.float64)
+        # The native float32 product as the ops compute it: XLA flushes
+        # subnormal operands and results to zero (SPEC section 2, step 2).
+        simulated = _flush_subnormals(
+            _flush_subnormals(a32) * _flush_subnormals(b32)
+        ).astype(np.float64)
     else:
         simulated = reference.product(a32, b32, multiplier.lut, M).astype(np.float64)
     keep = np.isfinite(exact_values) & (exact_values != 0) & np.isfinite(simulated)

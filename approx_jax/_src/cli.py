@@ -31,7 +31,8 @@ from approx_jax._src import host
 
 DEFAULT_SWEEP = "fp32,truncate7,mbm7,mitchell7,mbm5,mitchell3"
 DEFAULT_EVALUATE = "truncate7,mbm7,mitchell7,mbm5,mitchell5,mbm3,mitchell3"
-MODEL_NAMES = ("lenet300", "lenet5", "resnet8", "resnet18")
+# (approx_jax._src.models.names(), without importing flax for --help)
+MODEL_NAMES = ("lenet300", "lenet5", "resnet8", "resnet18", "vit_tiny")
 
 
 # --------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
 
 def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
-        p.add_argument("--model", default="lenet5", help="lenet300, lenet5, resnet8, resnet18")
+        p.add_argument("--model", default="lenet5", help=", ".join(MODEL_NAMES))
         p.add_argument("--epochs", type=_positive_int, default=5)
         p.add_argument("--batch-size", type=_positive_int, default=64)
         p.add_argument(
@@ -469,23 +470,28 @@ def cmd_evaluate(args) -> int:
         lambda p, x: model.apply(p, x, "fp32", train=False), num=20000, seed=args.seed
     )(params, x_test[:256])
     fp32_acc = float(hist["final_test_acc"])
+
+    def on_layer_operands(m):
+        # fp32 too is scored against the exact product (its float32 rounding).
+        on_model = [char_lib.characterize(m, samples=ab).mred for ab in pairs.values()]
+        return float(np.mean(on_model)) if on_model else None
+
     results = [
         {
             "name": "fp32",
             "mbits": None,
-            "mred": 0.0,
-            "mred_layer_operands": 0.0,
+            "mred": 0.0,  # products of <= 11-bit mantissas are exact in float32
+            "mred_layer_operands": on_layer_operands(mult_lib.exact()),
             "test_acc": fp32_acc,
         }
     ]
     for name, m, acc in zip(designs, singles, accs, strict=True):
-        on_model = [char_lib.characterize(m, samples=ab).mred for ab in pairs.values()]
         results.append(
             {
                 "name": name,
                 "mbits": int(m.mbits),
                 "mred": sweep_lib.mred_of(m),
-                "mred_layer_operands": float(np.mean(on_model)) if on_model else None,
+                "mred_layer_operands": on_layer_operands(m),
                 "test_acc": float(acc),
             }
         )
@@ -604,16 +610,29 @@ def _safe_name(spec: str) -> str:
 
 def _write_heatmaps(char_lib, labels, results, out: Path, suffix: str = "") -> list[Path]:
     """A combined PNG plus one per design (exact designs have no heat map)."""
-    with_map = [(lbl, r) for lbl, r in zip(labels, results, strict=True) if r.heatmap is not None]
+    import dataclasses
+
+    # Panels are titled by the spec the user typed (two files X_7.bin in
+    # different folders share a design name), and file names made unique.
+    with_map = [
+        (lbl, dataclasses.replace(r, name=lbl))
+        for lbl, r in zip(labels, results, strict=True)
+        if r.heatmap is not None
+    ]
     if not with_map:
         return []
     written = [
         Path(char_lib.plot_heatmaps([r for _, r in with_map], out / f"heatmaps{suffix}.png"))
     ]
     if len(with_map) > 1:
+        used = set()
         for lbl, r in with_map:
-            p = out / f"heatmap_{_safe_name(lbl)}{suffix}.png"
-            written.append(Path(char_lib.plot_heatmaps([r], p)))
+            stem, n = f"heatmap_{_safe_name(lbl)}", 1
+            while (stem if n == 1 else f"{stem}_{n}") in used:
+                n += 1
+            stem = stem if n == 1 else f"{stem}_{n}"
+            used.add(stem)
+            written.append(Path(char_lib.plot_heatmaps([r], out / f"{stem}{suffix}.png")))
     return written
 
 

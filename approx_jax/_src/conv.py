@@ -773,7 +773,10 @@ def approx_conv(
     strides, SAME/VALID/explicit padding, input and kernel dilation and
     feature groups (including depthwise) are supported. The arguments after
     ``multiplier`` are ``lax.conv_general_dilated``'s, in its order, so a
-    positional lax call carries over by inserting the multiplier.
+    positional lax call carries over by inserting the multiplier, with one
+    difference: without ``dimension_numbers`` the layout is channels-last
+    (``NHWC``/``HWIO``, as Flax), not lax's ``NCHW``/``OIHW``; pass
+    ``dimension_numbers=("NCHW", "OIHW", "NCHW")`` for lax's default.
 
     Gradients follow SPEC section 5: with ``backward="approx"`` the input
     gradient uses products ``P(dy, weight)`` and the kernel gradient

@@ -739,7 +739,7 @@ def from_c(
 
 _FAMILY_PATTERN = re.compile(r"^([a-z]+)[_\-]?(\d+)$")
 _C_MODEL_PATTERN = re.compile(
-    r"^(?P<path>.+\.(?:c|cc|cpp|cxx|c\+\+)):(?P<fn>[A-Za-z_]\w*)@(?P<m>\d+)$"
+    r"^(?P<path>.+\.(?:c|C|cc|cpp|cxx|c\+\+)):(?P<fn>[A-Za-z_]\w*)@(?P<m>\d+)$"
 )
 
 VALID_NAME_FORMS = (

@@ -178,6 +178,11 @@ def resolve_multiplier_spec(spec: Any):
                         f"(KIND one of {LAYER_KINDS})"
                     )
                 k, v = item.split("=", 1)
+                if k.strip() in parts:
+                    raise ValueError(
+                        f"per-layer multiplier spec {spec!r}: layer kind {k.strip()!r} is given "
+                        "twice"
+                    )
                 parts[k.strip()] = v.strip()
             return resolve_multiplier_spec(parts)
         return mult_lib.get(spec)

@@ -301,15 +301,18 @@ def approximate(
         function of arrays. Array arguments (``jax.Array``, NumPy arrays) are
         traced; other leaves of the arguments (flags, strings, ints) are
         passed through unchanged.
-      multiplier: a ``Multiplier`` (a stack gives a leading design axis on
-        every simulated op; vmap over it for whole-model sweeps) or a name
-        such as ``"mbm7"``; or, per layer, a mapping from name patterns to
+      multiplier: a ``Multiplier`` or a name such as ``"mbm7"``; a stack
+        (``multipliers.stack``) runs the function once per design, vmapped
+        (one custom call per product for all designs), and gives every output
+        a leading design axis; or, per layer, a mapping from name patterns to
         multipliers, e.g. ``{"Conv_0": "fp32", "Dense_*": "mitchell5", "*":
         "mbm7"}``. A product's name is the Flax module path it was computed
         in (``"CNN/Conv_0"``, from JAX's name stack: linen modules and
         ``jax.named_scope``); a pattern (``fnmatch``) matches the whole path
         or a trailing part of it at a ``/``. The first matching entry wins;
-        a product no pattern matches keeps its native arithmetic.
+        a product no pattern matches keeps its native arithmetic. Entries
+        may be stacks (of one size): each design of the sweep takes design d
+        of every stacked entry.
       backward: ``"approx"`` or ``"exact"`` (as the simulated ops).
       elementwise: also simulate elementwise floating-point multiplications
         (``lax.mul``: scalings, gates, attention scaling), which hardware with
@@ -328,6 +331,9 @@ def approximate(
       >>> apply = approx_jax.approximate(model.apply, exact_ends)
     """
     ops.check_backward(backward)
+    swept = _design_sweep(fun, multiplier, backward, elementwise)
+    if swept is not None:
+        return swept
     rewriter = _Rewriter(multiplier, backward, bool(elementwise))
 
     @functools.wraps(fun)
@@ -337,6 +343,44 @@ def approximate(
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
     return wrapped
+
+
+def _design_sweep(fun, multiplier, backward, elementwise) -> Callable | None:
+    """``fun`` approximated and vmapped over the designs of the stacks in ``multiplier``.
+
+    None when no entry is a stack. Run design by design, a stack would give
+    every simulated op a design axis that the model's other operations (a bias
+    add, a batch norm) do not expect; vmapped, the whole function runs once
+    per design (still one custom call per product) and every output gets the
+    leading design axis.
+    """
+    if isinstance(multiplier, Mapping):
+        keys = list(multiplier)
+        entries = [ops.resolve_multiplier(multiplier[k]) for k in keys]
+    else:
+        keys, entries = None, [ops.resolve_multiplier(multiplier)]
+    sizes = {m.num_designs for m in entries if m.is_stack}
+    if not sizes:
+        return None
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the stacks in the multiplier mapping have different numbers of designs: {sorted(sizes)}"
+        )
+    in_axes = [0 if m.is_stack else None for m in entries]
+
+    @functools.wraps(fun)
+    def swept(*args, **kwargs):
+        def one_design(designs):
+            # A list, not the mapping: a dict pytree would come back in sorted
+            # key order, and the first matching pattern wins.
+            chosen = designs[0] if keys is None else dict(zip(keys, designs, strict=True))
+            return approximate(fun, chosen, backward=backward, elementwise=elementwise)(
+                *args, **kwargs
+            )
+
+        return jax.vmap(one_design, in_axes=(in_axes,))(entries)
+
+    return swept
 
 
 # --------------------------------------------------------------------------
