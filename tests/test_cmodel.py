@@ -94,7 +94,9 @@ def test_double_and_template_models_are_accepted(require_c_compiler, isolated_ca
     np.testing.assert_array_equal(template.lut, want)
 
 
-def test_header_next_to_the_model_is_found_and_tracked(require_c_compiler, isolated_cache, tmp_path):
+def test_header_next_to_the_model_is_found_and_tracked(
+    require_c_compiler, isolated_cache, tmp_path
+):
     # `#include "scale.h"` resolves next to the model file (as `cc model.c` does),
     # and editing the header gives a new LUT rather than the cached one.
     (tmp_path / "scale.h").write_text("#define SCALE 1.0f\n")

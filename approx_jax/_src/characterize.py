@@ -139,9 +139,9 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
     if multiplier.is_exact:
         # The native float32 product as the ops compute it: XLA flushes
         # subnormal operands and results to zero (SPEC section 2, step 2).
-        simulated = _flush_subnormals(
-            _flush_subnormals(a32) * _flush_subnormals(b32)
-        ).astype(np.float64)
+        simulated = _flush_subnormals(_flush_subnormals(a32) * _flush_subnormals(b32)).astype(
+            np.float64
+        )
     else:
         simulated = reference.product(a32, b32, multiplier.lut, M).astype(np.float64)
     keep = np.isfinite(exact_values) & (exact_values != 0) & np.isfinite(simulated)

@@ -364,7 +364,8 @@ def _design_sweep(fun, multiplier, backward, elementwise) -> Callable | None:
         return None
     if len(sizes) > 1:
         raise ValueError(
-            f"the stacks in the multiplier mapping have different numbers of designs: {sorted(sizes)}"
+            "the stacks in the multiplier mapping have different numbers of designs: "
+            f"{sorted(sizes)}"
         )
     in_axes = [0 if m.is_stack else None for m in entries]
 
