@@ -323,6 +323,38 @@ def test_shard_map_forward_and_grad(kind):
     assert r["inv_dx"] and r["inv_dw"] < 1e-4, r
 
 
+@pytest.mark.parametrize("channels", [1, 4])
+def test_shard_map_conv_grad(channels):
+    """approx_conv's gradients inside shard_map with the batch sharded.
+
+    The input gradient's fold used to be typed without the input's varying mesh
+    axes ("cotangent type does not match function output").
+    """
+    r = _run(
+        f"""
+        from approx_jax._src import conv
+        x, k = randn(8, 6, 6, {channels}), randn(3, 3, {channels}, 5)
+
+        def loss(x, k):
+            return jnp.sum(jnp.tanh(conv.approx_conv(x, k, M)))
+
+        ref_dx, ref_dk = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
+        mesh = mesh_of("auto")
+
+        def body(x, k):
+            dx, dk = jax.grad(loss, argnums=(0, 1))(x, k)
+            return dx, dk
+
+        fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P()),
+                                   out_specs=(P("data"), P())))
+        dx, dk = fn(x, k)
+        R.update(dx=same(dx, ref_dx), dk=maxdiff(dk, ref_dk))
+        """
+    )
+    assert r["dx"], r
+    assert r["dk"] < 1e-4, r
+
+
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 def test_vmap_over_designs_with_sharded_stack(kind):
     """A stack of designs sharded over devices: one design per device, no gather."""

@@ -407,3 +407,112 @@ def test_builtin_models_fp32_under_approximate_equal_their_approx_form(name, sha
         got = jax.grad(lambda p: approx_jax.approximate(fp32_model, "mbm7")(p, x).sum())(params)
         want = jax.grad(lambda p: model.apply(p, x, "mbm7").sum())(params)
         _bits_equal(got, want)
+
+
+class _Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="inner")(x)
+
+
+class _Lifted(nn.Module):
+    """Products inside nn.vmap and nn.scan (their name stacks are decorated)."""
+
+    @nn.compact
+    def __call__(self, x):
+        vmapped = nn.vmap(_Inner, variable_axes={"params": None}, split_rngs={"params": False})
+        x = vmapped(name="vblk")(x)
+        scan = nn.scan(
+            lambda cell, carry, _: (cell(carry), None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=2,
+        )
+        x, _ = scan(_Inner(name="sblk"), x, None)
+        return x
+
+
+def test_patterns_match_module_paths_inside_lifted_transforms():
+    # The parameter paths ("vblk/inner", "sblk/inner") are what users write;
+    # the name stack says "Model/vmap(vblk)/inner" and "sblk.<lambda>/sblk/inner".
+    rng = np.random.default_rng(9)
+    x = _normal(rng, 2, 4)
+    model = _Lifted()
+    params = model.init(jax.random.PRNGKey(0), x)
+    assert set(params["params"]) == {"vblk", "sblk"}
+    native = model.apply(params, x)
+    everything = approx_jax.approximate(model.apply, "mbm3")(params, x)
+    for patterns in (["vblk/inner", "sblk/inner"], ["_Lifted/vblk/*", "_Lifted/sblk/*"]):
+        # Each pattern alone changes the result; both together give "everything".
+        for pattern in patterns:
+            one = approx_jax.approximate(model.apply, {pattern: "mbm3"})(params, x)
+            assert not np.array_equal(np.asarray(one), np.asarray(native)), pattern
+        both = approx_jax.approximate(model.apply, dict.fromkeys(patterns, "mbm3"))(params, x)
+        _bits_equal(both, everything)
+    pairs = approx_jax.operand_samples(model.apply, num=64)(params, x)
+    # (The scanned layer is sampled over both iterations.)
+    assert set(pairs) == {"_Lifted/vblk/inner", "_Lifted/sblk/inner"}
+    for name in ("vblk", "sblk"):
+        kernel = np.asarray(params["params"][name]["inner"]["kernel"])
+        a, b = pairs[f"_Lifted/{name}/inner"]
+        assert a.shape == b.shape == (64,) and np.isin(b, kernel).all()
+
+
+def test_exact_multiplier_keeps_the_programs_equations():
+    # "fp32" binds each product as written (precision None stays None; on a GPU
+    # a HIGHEST precision would change the bits).
+    def f(x, k, w):
+        y = lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y.reshape(y.shape[0], -1) @ w
+
+    rng = np.random.default_rng(10)
+    args = (_normal(rng, 2, 5, 5, 3), _normal(rng, 3, 3, 3, 4), _normal(rng, 100, 6))
+
+    def precisions(fun):
+        jaxpr = jax.make_jaxpr(fun)(*args)
+        return [
+            e.params["precision"]
+            for e in jaxpr.eqns
+            if e.primitive.name in ("conv_general_dilated", "dot_general")
+        ]
+
+    assert precisions(approx_jax.approximate(f, "fp32")) == precisions(f)
+    _bits_equal(approx_jax.approximate(f, "fp32")(*args), f(*args))
+
+
+def test_non_array_outputs_come_back_as_they_are():
+    w = jnp.ones((3, 2))
+    out = approx_jax.approximate(lambda x: (x @ w, "tag", 3), "mbm7")(jnp.ones((4, 3)))
+    assert out[1:] == ("tag", 3) and type(out[2]) is int
+    _bits_equal(out[0], approx_jax.approx_dot(jnp.ones((4, 3)), w, "mbm7"))
+
+
+def test_ragged_dot_is_an_error_not_silently_native():
+    lhs, rhs = jnp.ones((6, 4)), jnp.ones((2, 4, 3))
+    sizes = jnp.array([2, 4], jnp.int32)
+    f = approx_jax.approximate(lambda a, b: lax.ragged_dot(a, b, sizes), "mbm7")
+    with pytest.raises(NotImplementedError, match="ragged_dot"):
+        f(lhs, rhs)
+    # ... unless the multiplier is exact.
+    exact = approx_jax.approximate(lambda a, b: lax.ragged_dot(a, b, sizes), "fp32")
+    _bits_equal(exact(lhs, rhs), lax.ragged_dot(lhs, rhs, sizes))
+
+
+def test_wider_preferred_element_type_keeps_the_float32_sums():
+    # bf16 operands, float32 result: the kernel's float32 sums, not sums
+    # rounded to bfloat16 and widened again.
+    rng = np.random.default_rng(11)
+    x = _normal(rng, 8, 64).astype(jnp.bfloat16)
+    w = _normal(rng, 64, 5).astype(jnp.bfloat16)
+    want = approx_jax.approx_dot(x.astype(jnp.float32), w.astype(jnp.float32), "mbm7")
+    got = approx_jax.approximate(
+        lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), "mbm7"
+    )(x, w)
+    assert got.dtype == jnp.float32
+    _bits_equal(got, want)
+    hook = approx_jax.nn.approx_dot_general(
+        x, w, (((1,), (0,)), ((), ())), "mbm7", preferred_element_type=jnp.float32
+    )
+    _bits_equal(hook, want)

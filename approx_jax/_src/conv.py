@@ -446,17 +446,6 @@ def _core_forward(mbits, geometry, budget, implicit: bool = False):
     return _designs_in_groups(forward, geometry, _NO_PATCH_BUDGET if implicit else budget)
 
 
-def _like(x) -> jax.ShapeDtypeStruct:
-    """``x``'s shape and dtype, and its sharding when it has an explicit one."""
-    try:
-        sharding = jax.typeof(x).sharding
-        if not sharding.mesh.empty:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    except Exception:  # noqa: BLE001 - concrete arrays, older jax
-        pass
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
 def _fold(d_patches, xg, geometry):
     """``d_patches`` ``[G, N, *out, taps, Cg]`` added back onto the input's shape (d_x)."""
     window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
@@ -470,7 +459,10 @@ def _fold(d_patches, xg, geometry):
             rhs_dilation=rhs_dil,
             out_spatial=out_spatial,
         ),
-        _like(xg),
+        # xg itself, not a ShapeDtypeStruct: only its type is used, and that
+        # carries its explicit sharding and, inside shard_map, its varying
+        # mesh axes (which the cotangent has too).
+        xg,
     )
     (d_x,) = fold(d_patches)
     return d_x

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +33,9 @@ from approx_jax._src.nn import hooks
 _DOT = "dot_general"
 _CONV = "conv_general_dilated"
 _MUL = "mul"
+# Products with no simulated equivalent (grouped matmuls of mixture-of-experts
+# layers): an error rather than silently native arithmetic.
+_UNSUPPORTED_PRODUCTS = ("ragged_dot_general", "ragged_dot")
 # Call-like primitives whose body is evaluated in place (the boundary is dropped).
 _INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call")
 # Primitives with a custom derivative rule: kept as they are unless their body
@@ -43,10 +47,44 @@ def _is_float(x) -> bool:
     return jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating)
 
 
+# A name-stack segment of a lifted Flax transform: "vmap(Block_0)".
+_TRANSFORM_SEGMENT = re.compile(r"^[A-Za-z_]\w*\((.+)\)$")
+
+
+def module_path(path: str) -> str:
+    """A name-stack path as the Flax module path the parameters are stored under.
+
+    Lifted transforms decorate the name stack: ``nn.vmap`` gives
+    ``"Model/vmap(Block_0)/Dense_0"`` and ``nn.scan`` / ``nn.RNN`` a method
+    segment before the module's own (``"Model/Block_0.<lambda>/Block_0/Dense_0"``,
+    ``".../LSTMCell_0.scan_fn/LSTMCell_0/ii"``). Both become
+    ``"Model/Block_0/Dense_0"`` style paths.
+    """
+    out: list[str] = []
+    previous_decorated = False
+    for segment in path.split("/"):
+        clean = segment
+        while match := _TRANSFORM_SEGMENT.match(clean):
+            clean = match.group(1)
+        clean = clean.split(".", 1)[0] or clean
+        if previous_decorated and out and out[-1] == clean:
+            previous_decorated = clean != segment
+            continue
+        out.append(clean)
+        previous_decorated = clean != segment
+    return "/".join(out)
+
+
 def _path_matches(path: str, pattern: str) -> bool:
-    """Whether ``pattern`` matches ``path`` or a trailing part of it at a ``/``."""
-    parts = path.split("/")
-    return any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern) for i in range(len(parts)))
+    """Whether ``pattern`` matches ``path`` or a trailing part of it at a ``/``.
+
+    Tried on the raw name-stack path and on its :func:`module_path`.
+    """
+    for candidate in dict.fromkeys((path, module_path(path))):
+        parts = candidate.split("/")
+        if any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern) for i in range(len(parts))):
+            return True
+    return False
 
 
 def _assignment(multiplier) -> Callable:
@@ -122,8 +160,17 @@ class _Rewriter:
         path = _join(path, eqn.source_info.name_stack)
         if name in self.targets and all(_is_float(x) for x in invals):
             m = self.assign(path)
-            if m is not None:
+            # (The exact multiplier binds the equation as it is: same
+            # precision, same bits as the original program.)
+            if m is not None and not m.is_exact:
                 return getattr(self, "_" + name)(m, invals, params)
+        if name in _UNSUPPORTED_PRODUCTS and all(_is_float(x) for x in invals[:2]):
+            m = self.assign(path)
+            if m is not None and not m.is_exact:
+                raise NotImplementedError(
+                    f"approximate(): '{name}' ({path or 'top level'}) has no simulated "
+                    "equivalent; its products would stay native"
+                )
         if name in _INLINE_CALLS:
             return self.closed(params["jaxpr"], path)(*invals)
         body = params.get("call_jaxpr", params.get("fun_jaxpr"))
@@ -257,20 +304,33 @@ def _trace(fun: Callable, args, kwargs):
     """``fun(*args, **kwargs)`` as a jaxpr of its array leaves.
 
     Returns:
-      ``(closed_jaxpr, array_leaves, output_treedef)``.
+      ``(closed_jaxpr, array_leaves, rebuild)``: ``rebuild(outs)`` puts the
+      jaxpr's outputs back into ``fun``'s output structure, together with the
+      output leaves that are not arrays (a name, a flag), returned as they are.
     """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [_is_dynamic(leaf) for leaf in leaves]
+    out_info = {}
 
     def flat_fun(*dyn):
         it = iter(dyn)
         full = [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
         a, kw = jax.tree_util.tree_unflatten(treedef, full)
-        return fun(*a, **kw)
+        out_leaves, out_info["tree"] = jax.tree_util.tree_flatten(fun(*a, **kw))
+        out_info["static"] = [
+            None if isinstance(x, jax.core.Tracer) or _is_dynamic(x) else x for x in out_leaves
+        ]
+        return [x for x, st in zip(out_leaves, out_info["static"], strict=True) if st is None]
 
     dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
-    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_leaves)
-    return closed, dyn_leaves, jax.tree_util.tree_structure(out_shape)
+    closed = jax.make_jaxpr(flat_fun)(*dyn_leaves)
+
+    def rebuild(outs):
+        it = iter(outs)
+        full = [next(it) if st is None else st for st in out_info["static"]]
+        return jax.tree_util.tree_unflatten(out_info["tree"], full)
+
+    return closed, dyn_leaves, rebuild
 
 
 def approximate(
@@ -285,7 +345,14 @@ def approximate(
     custom-derivative functions, runs on the approximate multiplier instead
     (``a`` = the left operand/input, ``b`` = the right operand/kernel, as
     :func:`approx_jax.nn.approx_dot_general` and
-    :func:`approx_jax.approx_conv`). Nothing else changes. No model code needs
+    :func:`approx_jax.approx_conv`). The order is that of the ``dot_general``
+    the program emits: ``jnp.einsum`` may put its *second* operand on the left
+    to save a transpose (Flax attention's ``weights x value`` becomes
+    ``dot_general(value, weights)``), which matters only for a multiplier
+    whose LUT is not symmetric; :mod:`approx_jax.nn` layers fix the order
+    instead. Products with no simulated equivalent (``lax.ragged_dot``) raise
+    ``NotImplementedError``; complex products stay native (SPEC covers
+    float32). Nothing else changes. No model code needs
     to be edited: a pretrained model from any library is evaluated, or
     fine-tuned, on the simulated hardware as it is.
 
@@ -338,9 +405,8 @@ def approximate(
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
-        closed, dyn_leaves, out_tree = _trace(fun, args, kwargs)
-        outs = rewriter.eval(closed.jaxpr, closed.consts, dyn_leaves)
-        return jax.tree_util.tree_unflatten(out_tree, outs)
+        closed, dyn_leaves, rebuild = _trace(fun, args, kwargs)
+        return rebuild(rewriter.eval(closed.jaxpr, closed.consts, dyn_leaves))
 
     return wrapped
 
@@ -402,21 +468,58 @@ class _Recorder(_Rewriter):
         if name in self.targets and all(_is_float(x) for x in invals):
             pairs = getattr(self, "_sample_" + name)(eqn, *invals)
             if pairs is not None:
-                key = full = _join(path, eqn.source_info.name_stack) or name
-                count = 1
-                while key in self.samples:  # a layer applied again
-                    count += 1
-                    key = f"{full}#{count}"
-                self.samples[key] = pairs
+                self._record(module_path(_join(path, eqn.source_info.name_stack)) or name, pairs)
             return _bind(eqn, invals)
         if name == "remat2":  # no rematerialisation needed to read values
             full = _join(path, eqn.source_info.name_stack)
             return self.eval(eqn.params["jaxpr"], (), invals, full)
         if name in _INLINE_CALLS or name in _CUSTOM_RULES:
             return super().eqn(eqn, invals, path)
-        # Products inside loops and branches run once per iteration / branch
-        # taken, in a trace of their own: not sampled.
+        if name == "scan" and self.simulates(eqn.params["jaxpr"].jaxpr):
+            return self._scan_sampled(eqn, invals, _join(path, eqn.source_info.name_stack))
+        # Products inside while loops and branches run an unknown number of
+        # times / only when taken: not sampled.
         return _bind(eqn, invals)
+
+    def _record(self, full: str, pairs) -> None:
+        key, count = full, 1
+        while key in self.samples:  # a layer applied again
+            count += 1
+            key = f"{full}#{count}"
+        self.samples[key] = pairs
+
+    def _scan_sampled(self, eqn, invals, path):
+        """The scan rebuilt with each iteration's draws as extra outputs (RNN cells)."""
+        params = eqn.params
+        num_consts, num_carry = params["num_consts"], params["num_carry"]
+        consts = invals[:num_consts]
+        init = invals[num_consts : num_consts + num_carry]
+        xs = invals[num_consts + num_carry :]
+        body = params["jaxpr"]
+        inner = _Recorder(self.num, 0)
+        inner.rng = self.rng  # the same stream of draws
+        keys: list = []
+
+        def step(carry, x):
+            inner.samples = {}
+            outs = inner.eval(body.jaxpr, body.consts, [*consts, *carry, *x], path)
+            keys[:] = list(inner.samples)
+            return outs[:num_carry], (outs[num_carry:], [inner.samples[k] for k in keys])
+
+        carry, (ys, draws) = lax.scan(
+            step,
+            list(init),
+            list(xs),
+            length=params["length"],
+            reverse=params["reverse"],
+            unroll=params["unroll"],
+        )
+        # Every iteration drew at the same positions; keep `num` of all the
+        # iterations' pairs (different values: the carry and inputs change).
+        for key, (a, b) in zip(keys, draws, strict=True):
+            pick = self._indices(a.size)
+            self._record(key, (a.reshape(-1)[pick], b.reshape(-1)[pick]))
+        return [*carry, *ys]
 
     def _indices(self, size: int):
         return self.rng.integers(0, size, self.num)
@@ -475,9 +578,10 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
     multiplier on the values a real model multiplies, layer by layer. ``fun``
     runs natively (jitted); for every floating-point ``dot_general`` and
     ``conv_general_dilated`` evaluated (also in nested ``jit``,
-    ``checkpoint`` and custom-derivative functions; products inside
-    ``scan`` / ``while_loop`` / ``cond`` bodies are not sampled), ``num``
-    pairs ``(a, b)`` are drawn uniformly from the pairs it multiplies (the
+    ``checkpoint``, custom-derivative functions and ``scan`` bodies such as
+    RNN cells, over all iterations; products inside ``while_loop`` / ``cond``
+    bodies are not sampled), ``num`` pairs ``(a, b)`` are drawn uniformly
+    from the pairs it multiplies (the
     left operand / input as ``a``, the right operand / kernel as ``b``);
     convolution pairs that meet padding or dilation holes are dropped.
 

@@ -121,6 +121,11 @@ def approx_dot_general(
     b = math.prod(batch_shape)
     a3 = jnp.transpose(lhs, lb + lf + lc).reshape(b, math.prod(lf_shape), k)
     b3 = jnp.transpose(rhs, rb + rc + rf).reshape(b, k, math.prod(rf_shape))
+    if preferred_element_type is not None:
+        # The kernel sums in float32: hand the result over in float32 rather
+        # than rounding it to the (maybe narrower) input dtype first. (The
+        # casts are exact: the kernel sees float32 operands either way.)
+        a3, b3 = a3.astype(jnp.float32), b3.astype(jnp.float32)
     if not lb:
         out = ops.approx_matmul(a3[0], b3[0], m, backward)
     else:
