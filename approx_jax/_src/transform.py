@@ -243,24 +243,14 @@ class _Rewriter:
     # -- control flow -------------------------------------------------------
 
     def _scan(self, invals, params, path):
-        num_consts, num_carry = params["num_consts"], params["num_carry"]
-        consts = invals[:num_consts]
-        init = invals[num_consts : num_consts + num_carry]
-        xs = invals[num_consts + num_carry :]
         body = self.closed(params["jaxpr"], path)
+        num_carry = params["num_carry"]
 
-        def step(carry, x):
+        def step(consts, carry, x):
             outs = body(*consts, *carry, *x)
             return outs[:num_carry], outs[num_carry:]
 
-        carry, ys = lax.scan(
-            step,
-            list(init),
-            list(xs),
-            length=params["length"],
-            reverse=params["reverse"],
-            unroll=params["unroll"],
-        )
+        carry, ys = _rescan(invals, params, step)
         return [*carry, *ys]
 
     def _while(self, invals, params, path):
@@ -281,6 +271,25 @@ def _bind(eqn, invals):
     ctx = getattr(eqn, "ctx", None)
     with ctx.manager if ctx is not None else contextlib.nullcontext():
         return eqn.primitive.bind(*subfuns, *invals, **bind)
+
+
+def _rescan(invals, params, step):
+    """A scan equation's operands run through ``lax.scan`` with its options.
+
+    ``step(consts, carry, x)`` returns ``(new_carry, y)``; returns ``(carry, ys)``.
+    """
+    num_consts, num_carry = params["num_consts"], params["num_carry"]
+    consts = invals[:num_consts]
+    init = invals[num_consts : num_consts + num_carry]
+    xs = invals[num_consts + num_carry :]
+    return lax.scan(
+        lambda carry, x: step(consts, carry, x),
+        list(init),
+        list(xs),
+        length=params["length"],
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
 
 
 def _sub_jaxprs(params) -> list:
@@ -490,30 +499,18 @@ class _Recorder(_Rewriter):
 
     def _scan_sampled(self, eqn, invals, path):
         """The scan rebuilt with each iteration's draws as extra outputs (RNN cells)."""
-        params = eqn.params
-        num_consts, num_carry = params["num_consts"], params["num_carry"]
-        consts = invals[:num_consts]
-        init = invals[num_consts : num_consts + num_carry]
-        xs = invals[num_consts + num_carry :]
-        body = params["jaxpr"]
+        body, num_carry = eqn.params["jaxpr"], eqn.params["num_carry"]
         inner = _Recorder(self.num, 0)
         inner.rng = self.rng  # the same stream of draws
         keys: list = []
 
-        def step(carry, x):
+        def step(consts, carry, x):
             inner.samples = {}
             outs = inner.eval(body.jaxpr, body.consts, [*consts, *carry, *x], path)
             keys[:] = list(inner.samples)
             return outs[:num_carry], (outs[num_carry:], [inner.samples[k] for k in keys])
 
-        carry, (ys, draws) = lax.scan(
-            step,
-            list(init),
-            list(xs),
-            length=params["length"],
-            reverse=params["reverse"],
-            unroll=params["unroll"],
-        )
+        carry, (ys, draws) = _rescan(invals, eqn.params, step)
         # Every iteration drew at the same positions; keep `num` of all the
         # iterations' pairs (different values: the carry and inputs change).
         for key, (a, b) in zip(keys, draws, strict=True):
