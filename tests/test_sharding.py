@@ -323,6 +323,36 @@ def test_shard_map_forward_and_grad(kind):
     assert r["inv_dx"] and r["inv_dw"] < 1e-4, r
 
 
+def test_conv_batch_sharded_chunked_backward_gathers_nothing():
+    """A batch large enough for the input gradient's chunks (LeNet-5's conv 2 at
+    batch 64 on 4 devices): the chunks must split along the devices' blocks.
+
+    5 chunks of 13 (batch padded to 65) used to make XLA all-gather the
+    activations; the chunk count is now a divisor of the batch.
+    """
+    r = _run(
+        """
+        from approx_jax._src import conv as conv_lib
+        x, w = randn(64, 14, 14, 32), randn(5, 5, 32, 32)
+
+        def loss(x, w):
+            return jnp.sum(conv_lib.approx_conv(x, w, M, padding="SAME") ** 2)
+
+        f = jax.grad(loss, argnums=(0, 1))
+        ref = jax.jit(f)(x, w)
+        mesh = mesh_of("auto")
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        wr = jax.device_put(w, NamedSharding(mesh, P()))
+        c, txt = compiled(f, xs, wr)
+        dx, dw = c(xs, wr)
+        R.update(colls=collectives(txt), dx=same(dx, ref[0]),
+                 dw=maxdiff(dw, ref[1]) / float(np.max(np.abs(np.asarray(ref[1])))))
+        """
+    )
+    assert r["colls"] == ["all-reduce"], r
+    assert r["dx"] and r["dw"] < 1e-5, r  # the kernel gradient: summed per device, then reduced
+
+
 @pytest.mark.parametrize("channels", [1, 4])
 def test_shard_map_conv_grad(channels):
     """approx_conv's gradients inside shard_map with the batch sharded.

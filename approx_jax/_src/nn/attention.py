@@ -271,7 +271,8 @@ def linen_dot_product_attention(
       ``[batch..., q_length, num_heads, v_depth]``.
 
     Example:
-      >>> out = linen_dot_product_attention(q, k, v, multiplier="mitchell5")
+      >>> from approx_jax.nn import linen as aln
+      >>> out = aln.dot_product_attention(q, k, v, multiplier="mitchell5")
     """
     m = ops.resolve_multiplier(multiplier)
     ops.check_backward(backward)

@@ -79,7 +79,7 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
     """``linen.MultiHeadDotProductAttention`` with every product simulated.
 
     Projections use the :func:`dot_general` hook; the attention uses
-    :func:`linen_dot_product_attention` (``QK^T`` and ``weights @ V``).
+    :func:`approx_jax.nn.linen.dot_product_attention` (``QK^T`` and ``weights @ V``).
 
     Attributes:
       num_heads: number of heads.
