@@ -974,7 +974,7 @@ def approx_conv(
     return _lowered(
         lhs,
         rhs,
-        ops.kernel_lut_of(m),
+        m,
         mbits=m.mbits,
         backward=backward,
         perms=(lhs_perm, rhs_perm, out_spec),
@@ -1002,13 +1002,15 @@ def approx_conv(
     ),
 )
 def _lowered(
-    lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk, budget, in_place, out_dtype
+    lhs, rhs, m, *, mbits, backward, perms, groups, geometry, chunk, budget, in_place, out_dtype
 ):
     """The layout changes and gemm of ``approx_conv`` as one jitted program.
 
     Jitting keeps eager calls to one compiled program per configuration
-    (instead of one per small op); under an outer jit it is inlined.
+    (instead of one per small op, and the kernel LUT built inside it); under
+    an outer jit it is inlined.
     """
+    klut = ops.kernel_lut_of(m)
     lhs_perm, rhs_perm, out_spec = perms
     window, _, _, _, _, out_spatial = geometry
     n = lhs.shape[lhs_perm[0]]
