@@ -84,6 +84,25 @@ def test_sweep_matches_separate_training(small_data):
     np.testing.assert_allclose(by_name["mbm5"]["history"]["train_loss"], h["train_loss"], rtol=1e-4)
 
 
+def test_a_stack_among_the_designs_counts_as_its_members(small_data):
+    # Each member gets its own result, in order (the results used to be read by
+    # position in the unflattened list: mbm5 reported mitchell7's run).
+    data = tuple(a[:32] for a in small_data)
+    kw = dict(epochs=1, batch_size=16, progress=False, characterize=False)
+    flat = sweep_lib.sweep("lenet300", ["mbm3", "mitchell7", "mbm5"], data, **kw)
+    nested = sweep_lib.sweep(
+        "lenet300", [mult_lib.stack(["mbm3", "mitchell7"]), "mbm5"], data, **kw
+    )
+    assert [r["name"] for r in nested["results"]] == ["mbm3", "mitchell7", "mbm5"]
+    for a, b in zip(flat["results"], nested["results"], strict=True):
+        assert a["history"]["train_loss"] == b["history"]["train_loss"], a["name"]
+
+
+def test_train_refuses_a_stack(small_data):
+    with pytest.raises(ValueError, match="train_stacked"):
+        train_lib.train("lenet300", mult_lib.stack(["mbm3", "mitchell7"]), small_data, epochs=1)
+
+
 def test_stack_params():
     p = {"a": jnp.arange(3.0), "b": {"c": jnp.ones((2, 2))}}
     s = sweep_lib.stack_params(p, 4)

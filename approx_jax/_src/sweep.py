@@ -9,8 +9,12 @@ matmuls fold the design axis into one custom call per layer.
 
 Every design starts from the *same* initial parameters (``model.init`` with
 ``seed``) and sees the *same* batches in the same order (``numpy`` generator
-seeded with ``seed``), exactly as ``train.train(model, design, seed=seed)``
-would; differences between designs are due to the multiplier only.
+seeded with ``seed``), as ``train.train(model, design, seed=seed)`` would;
+differences between designs are due to the multiplier only. (Not bit for bit
+the same run as ``train.train``: the simulated products and the gradients are
+bit-identical vmapped or not, but XLA compiles the vmapped optimizer update
+and native reductions differently, about 1e-8 apart per step, which training
+amplifies.)
 
 The exact ``fp32`` multiplier is not a LUT, so it cannot join the stack; it is
 trained separately with the native op (same init, same batches).
@@ -153,8 +157,9 @@ def sweep(
 
     Args:
       model: a model object or name.
-      designs: multiplier names or Multipliers; LUT designs are trained
-        together in one vmapped step, ``fp32`` separately with the native op.
+      designs: multiplier names or Multipliers (a stack counts as its
+        designs); LUT designs are trained together in one vmapped step,
+        ``fp32`` separately with the native op.
       data: ``(x_train, y_train, x_test, y_test)``.
       characterize: compute each design's MRED (SPEC section 6).
 
@@ -185,7 +190,11 @@ def sweep(
     model = train_lib.resolve_model(model)
     train_lib.check_data(data, getattr(model, "num_classes", None), batch_size)
 
-    resolved = [mult_lib.get(d) for d in designs]
+    # A stack among the designs stands for its members (one result each).
+    resolved = []
+    for d in designs:
+        m = mult_lib.get(d)
+        resolved.extend(mult_lib.unstack(m) if m.is_stack else [m])
     order = []  # (kind, index) to restore the given order
     exact, luts = [], []
     for m in resolved:

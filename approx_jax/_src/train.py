@@ -368,6 +368,12 @@ def train(
     )
     model = resolve_model(model)
     multiplier = resolve_multiplier_spec(multiplier)
+    per_kind = multiplier.values() if isinstance(multiplier, Mapping) else [multiplier]
+    if any(getattr(m, "is_stack", False) for m in per_kind):
+        raise ValueError(
+            "train() trains one design; for a stack of multipliers use "
+            "approx_jax._src.sweep.train_stacked (or sweep(), or `approx-jax sweep`)"
+        )
     x_train, y_train, x_test, y_test = check_data(
         data, getattr(model, "num_classes", None), batch_size
     )
