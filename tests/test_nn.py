@@ -315,3 +315,65 @@ def test_linen_attention_matches_nnx_function():
     np.testing.assert_array_equal(
         ann.linen.dot_product_attention(q, k, v), linen.dot_product_attention(q, k, v)
     )
+
+
+def test_linen_layer_copies_compute_with_their_own_multiplier():
+    # clone / dataclasses.replace carry the installed hooks over; a copy with
+    # another multiplier or backward mode must compute with it (it computed
+    # with the original's while reporting the new one).
+    key = jax.random.key(0)
+    x = _x((2, 5, 6))
+    cases = [
+        (lambda **kw: ann.linen.Dense(4, **kw), linen.Dense(4)),
+        (lambda **kw: ann.linen.Conv(4, (3,), **kw), linen.Conv(4, (3,))),
+        (
+            lambda **kw: ann.linen.MultiHeadDotProductAttention(2, **kw),
+            linen.MultiHeadDotProductAttention(2),
+        ),
+    ]
+    for make, plain in cases:
+        p = plain.init(key, x)
+        native = plain.apply(p, x)
+        mbm5 = make(multiplier="mbm5").apply(p, x)
+        np.testing.assert_array_equal(
+            make(multiplier="mbm5").clone(multiplier="fp32").apply(p, x), native
+        )
+        np.testing.assert_array_equal(make().clone(multiplier="mbm5").apply(p, x), mbm5)
+        grads = {
+            mode: jax.grad(lambda p, layer=layer: jnp.sum(layer.apply(p, x) ** 2))(p)
+            for mode, layer in (
+                ("approx", make(multiplier="mbm5")),
+                ("exact", make(multiplier="mbm5").clone(backward="exact")),
+                ("exact_direct", make(multiplier="mbm5", backward="exact")),
+            )
+        }
+        jax.tree.map(np.testing.assert_array_equal, grads["exact"], grads["exact_direct"])
+        assert not all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(grads["exact"]), jax.tree.leaves(grads["approx"]), strict=True
+            )
+        )
+
+
+def test_linen_layer_rejects_a_hook_and_an_approximate_multiplier():
+    with pytest.raises(ValueError, match="either multiplier= or dot_general="):
+        ann.linen.Dense(4, multiplier="mbm5", dot_general=jax.lax.dot_general)
+    with pytest.raises(ValueError, match="conv_general_dilated="):
+        ann.linen.Conv(
+            4, (3,), multiplier="mbm5", conv_general_dilated=jax.lax.conv_general_dilated
+        )
+    # With the default (exact) multiplier, the user's hook is the layer's.
+    x = _x((2, 6))
+    layer = ann.linen.Dense(4, dot_general=ann.dot_general("mitchell5"))
+    p = linen.Dense(4).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(
+        layer.apply(p, x), ann.linen.Dense(4, multiplier="mitchell5").apply(p, x)
+    )
+
+
+def test_linen_attention_force_fp32_softmax_returns_float32():
+    q = _x((1, 4, 2, 3))
+    kw = dict(dtype=jnp.bfloat16, force_fp32_for_softmax=True)
+    assert linen.dot_product_attention(q, q, q, **kw).dtype == jnp.float32
+    assert ann.linen.dot_product_attention(q, q, q, multiplier="mbm5", **kw).dtype == jnp.float32

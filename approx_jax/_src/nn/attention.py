@@ -119,7 +119,10 @@ def _attention_core(
         attn_weights = attn_weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype))
     # [..., h, q, k] @ [..., h, k, d] -> [..., h, q, d]; a = weights, b = value.
     out = ops.approx_matmul(attn_weights, jnp.swapaxes(value, -3, -2), multiplier, backward)
-    return jnp.swapaxes(out, -3, -2).astype(dtype)
+    out = jnp.swapaxes(out, -3, -2)
+    if force_fp32_for_softmax and dtype != jnp.float32:
+        return out  # float32 weights x value: float32, as linen.dot_product_attention
+    return out.astype(dtype)
 
 
 def dot_product_attention(

@@ -14,8 +14,37 @@ from typing import Any
 
 from flax import linen
 
+from approx_jax._src import ops
 from approx_jax._src.nn import attention as attention_lib
 from approx_jax._src.nn import hooks
+
+# Marks the hooks a layer installs for its own multiplier: a copy of the layer
+# (``clone``, ``dataclasses.replace``) carries them over and must replace them
+# with hooks for its (maybe changed) multiplier and backward mode.
+_OWN_HOOK = "_approx_jax_layer_hook"
+
+
+def _install_hooks(module, hooks_by_field: dict) -> None:
+    """Sets each ``field -> (factory, is_unset)`` hook of a linen layer.
+
+    A field the user left unset gets ``factory()``; a field holding a hook
+    installed for an earlier configuration (a copy) gets a fresh one; a hook
+    the user passed is kept, unless the layer is also given an approximate
+    multiplier, which that hook would silently ignore: that is an error.
+    """
+    approximate = not ops.resolve_multiplier(module.multiplier).is_exact
+    for field, (factory, is_unset) in hooks_by_field.items():
+        current = getattr(module, field)
+        if is_unset(current) or getattr(current, _OWN_HOOK, False):
+            hook = factory()
+            setattr(hook, _OWN_HOOK, True)
+            object.__setattr__(module, field, hook)
+        elif approximate:
+            raise ValueError(
+                f"{type(module).__name__}: pass either multiplier= or {field}=, not both "
+                f"(the {field} hook given would compute every product instead of the "
+                "multiplier)"
+            )
 
 
 class Dense(linen.Dense):
@@ -38,10 +67,16 @@ class Dense(linen.Dense):
     backward: str = "approx"
 
     def __post_init__(self):
-        if self.dot_general is None and self.dot_general_cls is None:
-            object.__setattr__(
-                self, "dot_general", hooks.dot_general(self.multiplier, self.backward)
-            )
+        unset = self.dot_general_cls is None
+        _install_hooks(
+            self,
+            {
+                "dot_general": (
+                    lambda: hooks.dot_general(self.multiplier, self.backward),
+                    lambda hook: hook is None and unset,
+                )
+            },
+        )
         super().__post_init__()
 
 
@@ -66,12 +101,16 @@ class Conv(linen.Conv):
     backward: str = "approx"
 
     def __post_init__(self):
-        if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
-            object.__setattr__(
-                self,
-                "conv_general_dilated",
-                hooks.conv_general_dilated(self.multiplier, self.backward),
-            )
+        unset = self.conv_general_dilated_cls is None
+        _install_hooks(
+            self,
+            {
+                "conv_general_dilated": (
+                    lambda: hooks.conv_general_dilated(self.multiplier, self.backward),
+                    lambda hook: hook is None and unset,
+                )
+            },
+        )
         super().__post_init__()
 
 
@@ -98,18 +137,24 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
     backward: str = "approx"
 
     def __post_init__(self):
-        if self.attention_fn is linen.dot_product_attention:
-            object.__setattr__(
-                self,
-                "attention_fn",
-                attention_lib.AttentionFn(self.multiplier, self.backward, flavor="linen"),
-            )
-        if self.qkv_dot_general is None and self.qkv_dot_general_cls is None:
-            object.__setattr__(
-                self, "qkv_dot_general", hooks.dot_general(self.multiplier, self.backward)
-            )
-        if self.out_dot_general is None and self.out_dot_general_cls is None:
-            object.__setattr__(
-                self, "out_dot_general", hooks.dot_general(self.multiplier, self.backward)
-            )
+        qkv_unset, out_unset = self.qkv_dot_general_cls is None, self.out_dot_general_cls is None
+        _install_hooks(
+            self,
+            {
+                "attention_fn": (
+                    lambda: attention_lib.AttentionFn(
+                        self.multiplier, self.backward, flavor="linen"
+                    ),
+                    lambda fn: fn is linen.dot_product_attention,
+                ),
+                "qkv_dot_general": (
+                    lambda: hooks.dot_general(self.multiplier, self.backward),
+                    lambda hook: hook is None and qkv_unset,
+                ),
+                "out_dot_general": (
+                    lambda: hooks.dot_general(self.multiplier, self.backward),
+                    lambda hook: hook is None and out_unset,
+                ),
+            },
+        )
         super().__post_init__()
