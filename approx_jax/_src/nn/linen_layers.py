@@ -24,6 +24,17 @@ from approx_jax._src.nn import hooks
 _OWN_HOOK = "_approx_jax_layer_hook"
 
 
+def _hook_field(module, field: str, factory) -> dict:
+    """``{field: (factory, is_unset)}`` for a hook field with a ``<field>_cls`` twin."""
+    unset = getattr(module, field + "_cls") is None
+    return {
+        field: (
+            lambda: factory(module.multiplier, module.backward),
+            lambda hook: hook is None and unset,
+        )
+    }
+
+
 def _install_hooks(module, hooks_by_field: dict) -> None:
     """Sets each ``field -> (factory, is_unset)`` hook of a linen layer.
 
@@ -67,16 +78,7 @@ class Dense(linen.Dense):
     backward: str = "approx"
 
     def __post_init__(self):
-        unset = self.dot_general_cls is None
-        _install_hooks(
-            self,
-            {
-                "dot_general": (
-                    lambda: hooks.dot_general(self.multiplier, self.backward),
-                    lambda hook: hook is None and unset,
-                )
-            },
-        )
+        _install_hooks(self, _hook_field(self, "dot_general", hooks.dot_general))
         super().__post_init__()
 
 
@@ -101,16 +103,7 @@ class Conv(linen.Conv):
     backward: str = "approx"
 
     def __post_init__(self):
-        unset = self.conv_general_dilated_cls is None
-        _install_hooks(
-            self,
-            {
-                "conv_general_dilated": (
-                    lambda: hooks.conv_general_dilated(self.multiplier, self.backward),
-                    lambda hook: hook is None and unset,
-                )
-            },
-        )
+        _install_hooks(self, _hook_field(self, "conv_general_dilated", hooks.conv_general_dilated))
         super().__post_init__()
 
 
@@ -137,7 +130,6 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
     backward: str = "approx"
 
     def __post_init__(self):
-        qkv_unset, out_unset = self.qkv_dot_general_cls is None, self.out_dot_general_cls is None
         _install_hooks(
             self,
             {
@@ -147,14 +139,8 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
                     ),
                     lambda fn: fn is linen.dot_product_attention,
                 ),
-                "qkv_dot_general": (
-                    lambda: hooks.dot_general(self.multiplier, self.backward),
-                    lambda hook: hook is None and qkv_unset,
-                ),
-                "out_dot_general": (
-                    lambda: hooks.dot_general(self.multiplier, self.backward),
-                    lambda hook: hook is None and out_unset,
-                ),
+                **_hook_field(self, "qkv_dot_general", hooks.dot_general),
+                **_hook_field(self, "out_dot_general", hooks.dot_general),
             },
         )
         super().__post_init__()
