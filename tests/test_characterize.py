@@ -152,3 +152,19 @@ def test_exact_multiplier_on_samples_scores_what_the_native_op_computes():
     for field, value in expected.items():
         np.testing.assert_allclose(getattr(result, field), value, rtol=1e-12, err_msg=field)
     assert result.worst_case == 1.0 and result.skipped == 0
+
+
+def test_plot_heatmaps_bad_inputs_are_clear_and_leak_no_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    result = approx_jax.characterize("mbm3")
+    before = set(plt.get_fignums())
+    with pytest.raises(TypeError, match="ErrorMetrics"):
+        approx_jax.plot_heatmaps(approx_jax.characterize_table(["mbm3"]), tmp_path / "x.png")
+    with pytest.raises(TypeError, match="ErrorMetrics"):
+        approx_jax.plot_heatmaps(mm.mbm(3), tmp_path / "x.png")
+    with pytest.raises(TypeError, match="path"):
+        approx_jax.plot_heatmaps(result, None)
+    with pytest.raises(OSError):
+        approx_jax.plot_heatmaps(result, tmp_path / "missing" / "x.png")
+    assert set(plt.get_fignums()) == before

