@@ -627,10 +627,11 @@ def _write_heatmaps(char_lib, labels, results, out: Path, suffix: str = "") -> l
     if len(with_map) > 1:
         used = set()
         for lbl, r in with_map:
-            stem, n = f"heatmap_{_safe_name(lbl)}", 1
-            while (stem if n == 1 else f"{stem}_{n}") in used:
+            base = stem = f"heatmap_{_safe_name(lbl)}"
+            n = 1
+            while stem in used:
                 n += 1
-            stem = stem if n == 1 else f"{stem}_{n}"
+                stem = f"{base}_{n}"
             used.add(stem)
             written.append(Path(char_lib.plot_heatmaps([r], out / f"{stem}{suffix}.png")))
     return written

@@ -820,6 +820,22 @@ def check_design_sequence(designs, expected: str) -> None:
         raise TypeError(f"{expected}; got a single {type(designs).__name__} {designs!r:.80}")
 
 
+def designs_of(multipliers: Iterable) -> list[Multiplier]:
+    """The single designs of a sequence of multipliers (or names): stacks unstacked.
+
+    Args:
+      multipliers: Multipliers or names accepted by :func:`get`.
+
+    Returns:
+      One Multiplier per design, in order.
+    """
+    members: list[Multiplier] = []
+    for item in multipliers:
+        m = get(item)
+        members.extend(unstack(m) if m.is_stack else [m])
+    return members
+
+
 def stack(multipliers: Iterable) -> Multiplier:
     """Stacks designs into one Multiplier with LUT shape ``[D, 4**M]``.
 
@@ -842,10 +858,7 @@ def stack(multipliers: Iterable) -> Multiplier:
         multipliers,
         "stack takes a sequence of multipliers or names, e.g. stack(['mbm7', 'mitchell7'])",
     )
-    members: list[Multiplier] = []
-    for item in multipliers:
-        m = get(item)
-        members.extend(unstack(m) if m.is_stack else [m])
+    members = designs_of(multipliers)
     if not members:
         raise ValueError("stack() needs at least one multiplier")
     if any(m.is_exact for m in members):

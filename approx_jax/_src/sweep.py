@@ -191,10 +191,7 @@ def sweep(
     train_lib.check_data(data, getattr(model, "num_classes", None), batch_size)
 
     # A stack among the designs stands for its members (one result each).
-    resolved = []
-    for d in designs:
-        m = mult_lib.get(d)
-        resolved.extend(mult_lib.unstack(m) if m.is_stack else [m])
+    resolved = mult_lib.designs_of(designs)
     order = []  # (kind, index) to restore the given order
     exact, luts = [], []
     for m in resolved:

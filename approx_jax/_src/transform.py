@@ -158,19 +158,20 @@ class _Rewriter:
     def eqn(self, eqn, invals, path):
         name, params = eqn.primitive.name, eqn.params
         path = _join(path, eqn.source_info.name_stack)
-        if name in self.targets and all(_is_float(x) for x in invals):
+        # (Operands first: a ragged dot's third operand is its integer group sizes.)
+        if (name in self.targets or name in _UNSUPPORTED_PRODUCTS) and all(
+            _is_float(x) for x in invals[:2]
+        ):
             m = self.assign(path)
             # (The exact multiplier binds the equation as it is: same
             # precision, same bits as the original program.)
             if m is not None and not m.is_exact:
+                if name in _UNSUPPORTED_PRODUCTS:
+                    raise NotImplementedError(
+                        f"approximate(): '{name}' ({path or 'top level'}) has no simulated "
+                        "equivalent; its products would stay native"
+                    )
                 return getattr(self, "_" + name)(m, invals, params)
-        if name in _UNSUPPORTED_PRODUCTS and all(_is_float(x) for x in invals[:2]):
-            m = self.assign(path)
-            if m is not None and not m.is_exact:
-                raise NotImplementedError(
-                    f"approximate(): '{name}' ({path or 'top level'}) has no simulated "
-                    "equivalent; its products would stay native"
-                )
         if name in _INLINE_CALLS:
             return self.closed(params["jaxpr"], path)(*invals)
         body = params.get("call_jaxpr", params.get("fun_jaxpr"))
@@ -407,6 +408,11 @@ def approximate(
       >>> apply = approx_jax.approximate(model.apply, exact_ends)
     """
     ops.check_backward(backward)
+    # Names resolved once (a C model's name compiles or preprocesses it).
+    if isinstance(multiplier, Mapping):
+        multiplier = {k: ops.resolve_multiplier(v) for k, v in multiplier.items()}
+    else:
+        multiplier = ops.resolve_multiplier(multiplier)
     swept = _design_sweep(fun, multiplier, backward, elementwise)
     if swept is not None:
         return swept
@@ -423,17 +429,17 @@ def approximate(
 def _design_sweep(fun, multiplier, backward, elementwise) -> Callable | None:
     """``fun`` approximated and vmapped over the designs of the stacks in ``multiplier``.
 
-    None when no entry is a stack. Run design by design, a stack would give
+    ``multiplier`` is a resolved ``Multiplier`` or a mapping of them. None
+    when no entry is a stack. Run design by design, a stack would give
     every simulated op a design axis that the model's other operations (a bias
     add, a batch norm) do not expect; vmapped, the whole function runs once
     per design (still one custom call per product) and every output gets the
     leading design axis.
     """
     if isinstance(multiplier, Mapping):
-        keys = list(multiplier)
-        entries = [ops.resolve_multiplier(multiplier[k]) for k in keys]
+        keys, entries = list(multiplier), list(multiplier.values())
     else:
-        keys, entries = None, [ops.resolve_multiplier(multiplier)]
+        keys, entries = None, [multiplier]
     sizes = {m.num_designs for m in entries if m.is_stack}
     if not sizes:
         return None
