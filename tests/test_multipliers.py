@@ -307,6 +307,55 @@ def test_from_approxtrain_round_trip(reference_lut_dir, tmp_path, file_name, fam
     np.testing.assert_array_equal(via_get.lut, loaded.lut)
 
 
+def _approxtrain_words(multiplier):
+    """ApproxTrain's earlier 32-bit layout, built independently of the loader."""
+    M = multiplier.mbits
+    entries = np.asarray(multiplier.lut).astype(np.uint32)
+    carry = entries >> (7 if M <= 7 else 15)
+    r = entries & ((1 << M) - 1)
+    return ((carry << 31) | (r << (23 - M))).astype("<u4")
+
+
+@pytest.mark.parametrize("make", [lambda: mm.mbm(7), lambda: mm.mitchell(3), lambda: mm.mbm(10)])
+def test_from_approxtrain_uint32_layout(tmp_path, make):
+    expected = make()
+    path = tmp_path / "mbmmantmul16.bin"  # no _M suffix, as ApproxTrain named it
+    _approxtrain_words(expected).tofile(path)
+    loaded = mm.from_approxtrain(path, M=expected.mbits)
+    assert loaded.mbits == expected.mbits
+    np.testing.assert_array_equal(loaded.lut, expected.lut)
+    assert loaded.lut.dtype == expected.lut.dtype
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 9)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((9, 4)), jnp.float32)
+    np.testing.assert_array_equal(
+        approx_jax.approx_dot(x, w, loaded), approx_jax.approx_dot(x, w, expected)
+    )
+
+
+def test_from_approxtrain_uint32_layout_from_name(tmp_path):
+    path = tmp_path / "MBM_7.bin"
+    _approxtrain_words(mm.mbm(7)).tofile(path)
+    np.testing.assert_array_equal(mm.from_approxtrain(path).lut, mm.mbm(7).lut)
+    np.testing.assert_array_equal(mm.get(str(path)).lut, mm.mbm(7).lut)
+    bare = tmp_path / "mbmmantmul16.bin"
+    path.rename(bare)
+    with pytest.raises(ValueError, match="cannot infer M"):
+        mm.get(str(bare))
+    np.testing.assert_array_equal(mm.get(f"{bare}@7").lut, mm.mbm(7).lut)
+
+
+def test_from_approxtrain_uint32_layout_errors(tmp_path):
+    words = _approxtrain_words(mm.mbm(5))
+    words[3] |= 1  # a bit below the 5 mantissa bits: the file is not M=5
+    path = tmp_path / "X_5.bin"
+    words.tofile(path)
+    with pytest.raises(ValueError, match=r"entry 3 .* outside the carry"):
+        mm.from_approxtrain(path)
+    (tmp_path / "Y_9.bin").write_bytes(bytes(4**9))
+    with pytest.raises(ValueError, match=r"32-bit entries: 4 \* 4\*\*M"):
+        mm.from_approxtrain(tmp_path / "Y_9.bin")
+
+
 def test_from_approxtrain_errors(tmp_path):
     (tmp_path / "X_3.bin").write_bytes(bytes(63))
     with pytest.raises(ValueError, match=r"4\*\*M = 64"):
@@ -315,7 +364,7 @@ def test_from_approxtrain_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot infer M"):
         mm.from_approxtrain(tmp_path / "noname.bin")
     assert mm.from_approxtrain(tmp_path / "noname.bin", M=2).mbits == 2
-    with pytest.raises(ValueError, match="M <= 7"):
+    with pytest.raises(ValueError, match="32-bit entries"):
         mm.from_approxtrain(tmp_path / "noname.bin", M=8)
     with pytest.raises(ValueError, match="M <= 7"):
         mm.to_approxtrain(mm.mbm(8), tmp_path / "Y_8.bin")

@@ -534,7 +534,18 @@ _APPROXTRAIN_NAME = re.compile(r"_(\d+)\.bin$", re.IGNORECASE)
 
 
 def from_approxtrain(path, M: int | None = None) -> Multiplier:
-    """Loads an ApproxTrain LUT file (``NAME_M.bin``; one byte ``c << 7 | r`` per entry).
+    """Loads an ApproxTrain LUT file (``NAME_M.bin``).
+
+    Two layouts are read, told apart by the file size:
+
+    * ``4**M`` bytes: ApproxTrain's current format (what its ``lut_gen.cc``
+      writes and the published ``MBM_7.bin`` etc. hold), one byte
+      ``c << 7 | r`` per entry, so ``M <= 7``.
+    * ``4 * 4**M`` bytes: its earlier format (``mbmmantmul16.bin`` and the
+      ``lut_gen.cc`` of that time), one little-endian 32-bit word per entry
+      holding the carry in bit 31 and ``r`` in place in the float32 mantissa
+      field (``r << (23 - M)``); any ``M <= 11``. Such files often have no
+      ``_M`` suffix: pass ``M``.
 
     Args:
       path: Path to the ``.bin`` file.
@@ -544,8 +555,9 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
       Multiplier named after the file stem (e.g. ``"MBM_7"``).
 
     Raises:
-      ValueError: If ``M`` cannot be determined, exceeds 7, or the file size
-        is not ``4**M``.
+      ValueError: If ``M`` cannot be determined or is out of range, the file
+        size fits neither layout, or a 32-bit entry has bits set outside the
+        carry and the M mantissa bits.
     """
     path = pathlib.Path(path)
     if M is None:
@@ -556,17 +568,41 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
             )
         M = int(match.group(1))
     M = lut_lib.check_mbits(M)
-    if M > lut_lib.MAX_APPROXTRAIN_MBITS:
-        raise ValueError(f"ApproxTrain files hold one byte per entry, so M <= 7; got M={M}")
     data = np.fromfile(path, dtype=np.uint8)
-    if data.size != lut_lib.num_entries(M):
+    entries = lut_lib.num_entries(M)
+    if data.size == 4 * entries:
+        stored = _from_approxtrain_words(data.view("<u4"), M, path)
+        layout = "approxtrain-uint32"
+    elif M > lut_lib.MAX_APPROXTRAIN_MBITS:
         raise ValueError(
-            f"{path} has {data.size} bytes; expected 4**M = {lut_lib.num_entries(M)} "
-            f"entries for M={M}"
+            f"{path} has {data.size} bytes; for M={M} (> 7, beyond one byte per entry) "
+            f"an ApproxTrain file must hold 32-bit entries: 4 * 4**M = {4 * entries} bytes"
         )
-    stored = lut_lib.validate_lut(data, M)
-    metadata = (("source", "approxtrain"), ("path", str(path)))
+    elif data.size == entries:
+        stored = lut_lib.validate_lut(data, M)
+        layout = "approxtrain"
+    else:
+        raise ValueError(
+            f"{path} has {data.size} bytes; expected 4**M = {entries} one-byte entries "
+            f"or 4 * 4**M = {4 * entries} bytes of 32-bit entries for M={M}"
+        )
+    metadata = (("source", layout), ("path", str(path)))
     return Multiplier._trusted(_readonly(stored), path.stem, M, metadata)
+
+
+def _from_approxtrain_words(words: np.ndarray, M: int, path) -> np.ndarray:
+    """Converts ApproxTrain's 32-bit entries (carry bit 31, r << (23 - M)) to the stored format."""
+    words = words.astype(np.uint32)
+    carry = words >> 31
+    r = (words >> (23 - M)) & ((1 << M) - 1)
+    stray = words & ~np.uint32((1 << 31) | (((1 << M) - 1) << (23 - M)))
+    if np.any(stray):
+        k = int(np.flatnonzero(stray)[0])
+        raise ValueError(
+            f"{path}: 32-bit entry {k} = {int(words[k]):#010x} has bits set outside the carry "
+            f"(bit 31) and the M={M} mantissa bits (bits {23 - M}..22); wrong M?"
+        )
+    return lut_lib.encode(carry, r, M)
 
 
 def to_approxtrain(multiplier: Multiplier | str, path) -> pathlib.Path:
@@ -744,13 +780,15 @@ _C_MODEL_PATTERN = re.compile(
     r"^(?P<path>.+\.(?:c|C|cc|cpp|cxx|c\+\+)):(?P<fn>[A-Za-z_]\w*)@(?P<m>\d+)$"
 )
 
+_LUT_FILE_PATTERN = re.compile(r"^(?P<path>.+\.bin)@(?P<m>\d+)$", re.IGNORECASE)
+
 VALID_NAME_FORMS = (
     "'fp32' or 'exact'",
     "'bf16' (= truncate7)",
     "'truncateM' / 'truncM' / 'accM'",
     "'mitchellM' / 'mitM'",
     "'mbmM' (M in 1..11)",
-    "'path/to/NAME_M.bin' (ApproxTrain LUT file)",
+    "'path/to/NAME_M.bin' or 'path/to/file.bin@M' (ApproxTrain LUT file)",
     "'path/to/model.c:function@M' (C/C++ functional model)",
 )
 
@@ -761,7 +799,9 @@ def get(name_or_multiplier) -> Multiplier:
     Args:
       name_or_multiplier: A :class:`Multiplier`, or one of (case-insensitive)
         ``"fp32"``/``"exact"``, ``"bf16"``, ``"mbm7"``, ``"mitchell5"``,
-        ``"mit5"``, ``"truncate7"``, ``"path/X_7.bin"``, ``"model.c:fn@5"``.
+        ``"mit5"``, ``"truncate7"``, ``"path/X_7.bin"``,
+        ``"path/lut.bin@7"`` (an ApproxTrain file without the ``_M``
+        suffix), ``"model.c:fn@5"``.
 
     Returns:
       The Multiplier.
@@ -782,6 +822,9 @@ def get(name_or_multiplier) -> Multiplier:
         return from_c(pathlib.Path(c_model["path"]), c_model["fn"], int(c_model["m"]))
     if spec.lower().endswith(".bin"):
         return from_approxtrain(spec)
+    lut_file = _LUT_FILE_PATTERN.match(spec)
+    if lut_file:
+        return from_approxtrain(lut_file["path"], int(lut_file["m"]))
     key = spec.lower()
     if is_exact_name(key):
         return exact()
