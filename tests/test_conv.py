@@ -10,19 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from lut_helpers import random_multiplier
 
 import approx_jax
 from approx_jax._src import conv as conv_lib
 from approx_jax._src import multipliers as mult_lib
 from approx_jax._src import ops, reference
 from approx_jax._src.conv import approx_conv
-
-
-def _random_multiplier(M: int, seed: int) -> mult_lib.Multiplier:
-    rng = np.random.default_rng(seed)
-    r = rng.integers(0, 1 << M, size=4**M)
-    c = rng.integers(0, 2, size=4**M)
-    return mult_lib.from_lut(((c << 7) | r).astype(np.uint8), M, name=f"random{M}")
 
 
 def _bits(x):
@@ -33,7 +27,7 @@ MULTIPLIERS = {
     "mbm7": lambda: mult_lib.mbm(7),
     "mitchell5": lambda: mult_lib.mitchell(5),
     "truncate3": lambda: mult_lib.truncate(3),
-    "random4": lambda: _random_multiplier(4, seed=11),
+    "random4": lambda: random_multiplier(4, seed=11),
 }
 MULT_NAMES = list(MULTIPLIERS)
 
@@ -703,7 +697,7 @@ def test_second_derivatives_equal_autodiff_through_the_gemm(backward, path, monk
         monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
     elif path == "in_place_chunked":
         monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
-    m = _random_multiplier(5, 55)  # asymmetric: operand order matters
+    m = random_multiplier(5, 55)  # asymmetric: operand order matters
     klut = ops.kernel_lut_of(m)
     x = jnp.asarray(_data((2, 5, 6, 3), 56))
     w = jnp.asarray(_data((3, 3, 3, 4), 57))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lut_helpers import random_multiplier
 
 import approx_jax
 from approx_jax import multipliers
@@ -16,8 +17,8 @@ MULTIPLIERS = {
     "mitchell5": lambda: multipliers.mitchell(5),
     "truncate3": lambda: multipliers.truncate(3),
     "mbm11": lambda: multipliers.mbm(11),
-    "random8": lambda: _random_multiplier(8, seed=3),
-    "random1": lambda: _random_multiplier(1, seed=4),
+    "random8": lambda: random_multiplier(8, seed=3),
+    "random1": lambda: random_multiplier(1, seed=4),
 }
 
 DOT_SHAPES = [
@@ -30,15 +31,6 @@ DOT_SHAPES = [
     ((4, 0), (0, 6)),
     ((9,), (9, 4)),
 ]
-
-
-def _random_multiplier(M: int, seed: int) -> multipliers.Multiplier:
-    rng = np.random.default_rng(seed)
-    dtype = np.uint8 if M <= 7 else np.uint16
-    top = 7 if M <= 7 else 15
-    r = rng.integers(0, 1 << M, size=4**M)
-    c = rng.integers(0, 2, size=4**M)
-    return multipliers.from_lut(((c << top) | r).astype(dtype), M, name=f"random{M}")
 
 
 def _values(rng, shape, scale=1.0):
@@ -259,7 +251,7 @@ def test_vector_operands_follow_jnp_matmul(a_shape, b_shape, stacked):
 def test_operand_order_matters():
     m = multipliers.mitchell(3)
     # Asymmetric random LUT: swapping operands changes the products.
-    r = _random_multiplier(3, seed=11)
+    r = random_multiplier(3, seed=11)
     a = np.float32([1.25, 1.625])
     b = np.float32([1.875, 1.125])
     assert not np.array_equal(
@@ -304,7 +296,7 @@ def test_dx_is_sequential_dy_times_w_transpose_bit_for_bit(M, shapes):
     # (w (x)_LUT^T dy^T)^T (ops._dx_by_transposed_lut); with an asymmetric
     # LUT and special values the bits must still be those of P(dy, w) summed
     # over N ascending, like the direct form (the last case keeps it).
-    m = _random_multiplier(M, 40 + M)
+    m = random_multiplier(M, 40 + M)
     rng = np.random.default_rng(41)
     x = _values(rng, shapes[0])
     w = _values(rng, shapes[1])
@@ -372,7 +364,7 @@ def test_second_derivatives_are_simulated_products(shapes):
     # sequentially: checked bit for bit against the NumPy reference with an
     # asymmetric LUT (operand order matters). The wide case takes the
     # transposed-LUT input gradient.
-    m = _random_multiplier(6, 61)
+    m = random_multiplier(6, 61)
     rng = np.random.default_rng(62)
     x, w = _values(rng, shapes[0]), _values(rng, shapes[1])
     v = _values(rng, shapes[0])
@@ -398,7 +390,7 @@ def test_second_derivatives_are_simulated_products(shapes):
 def test_second_derivatives_multiply_exact_backward_and_designs():
     rng = np.random.default_rng(63)
     a, b, v = (_values(rng, (6, 5)) for _ in range(3))
-    m = _random_multiplier(5, 64)
+    m = random_multiplier(5, 64)
 
     def hvp(m, backward):
         def f(a):
@@ -570,7 +562,7 @@ def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
         multipliers.mbm(11),
         multipliers.mitchell(11),
         multipliers.truncate(11),
-        _random_multiplier(11, 3),
+        random_multiplier(11, 3),
         multipliers.mitchell(8),
     ]
     stacked = multipliers.stack(designs)
@@ -595,8 +587,8 @@ def test_cpu_few_rows_transposed_formulation_is_bit_exact(design, shape):
     rows, K, N = shape
     rng = np.random.default_rng(rows + K + N)
     mult = {
-        "random7": _random_multiplier(7, 5),
-        "random6": _random_multiplier(6, 6),
+        "random7": random_multiplier(7, 5),
+        "random6": random_multiplier(6, 6),
         "mbm7": multipliers.mbm(7),
     }[design]
     x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-20, 20, (rows, K)))).astype(np.float32)
@@ -636,10 +628,10 @@ def test_cpu_few_rows_lut_lookup_is_bit_exact(M, shape):
     x = _values(rng, (rows, K))
     w = (_values(rng, (K, N)) * np.exp2(rng.integers(-10, 10, (K, N)))).astype(np.float32)
     w[rng.random(w.shape) < 0.02] = -0.0
-    mult = _random_multiplier(M, M)
+    mult = random_multiplier(M, M)
     got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
     _assert_bits_equal(got, reference.sequential_dot(x, w, mult.lut, mult.mbits))
-    stacked = multipliers.stack([mult, _random_multiplier(7, 1)])
+    stacked = multipliers.stack([mult, random_multiplier(7, 1)])
     both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
     _assert_bits_equal(both[0], got)
 
@@ -653,7 +645,7 @@ def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
         multipliers.mitchell(7),
         multipliers.mbm(7),
         multipliers.truncate(7),
-        _random_multiplier(7, 9),
+        random_multiplier(7, 9),
         multipliers.mitchell(7),
     ]
     stacked = multipliers.stack(designs)

@@ -8,24 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from lut_helpers import random_multiplier
 
 import approx_jax
 from approx_jax import multipliers
-from approx_jax._src import multipliers as mult_lib
 from approx_jax._src import reference
 from approx_jax.nn import linen as aln
 
-
-def _random_multiplier(M: int, seed: int) -> mult_lib.Multiplier:
-    rng = np.random.default_rng(seed)
-    r = rng.integers(0, 1 << M, size=4**M)
-    c = rng.integers(0, 2, size=4**M)
-    return mult_lib.from_lut(((c << 7) | r).astype(np.uint8), M, name=f"random{M}")
-
-
 MULTIPLIERS = {
     "mbm7": lambda: multipliers.mbm(7),
-    "random5": lambda: _random_multiplier(5, 3),  # asymmetric: operand order matters
+    "random5": lambda: random_multiplier(5, 3),  # asymmetric: operand order matters
 }
 
 
@@ -176,7 +168,7 @@ def test_vmap_over_designs_is_one_call_per_product():
     rng = np.random.default_rng(3)
     x, w = _normal(rng, 4, 6), _normal(rng, 6, 6)
     stack = multipliers.stack(
-        [multipliers.mbm(7), multipliers.mitchell(5), _random_multiplier(3, 4)]
+        [multipliers.mbm(7), multipliers.mitchell(5), random_multiplier(3, 4)]
     )
 
     def net(x):
@@ -191,7 +183,7 @@ def test_vmap_over_designs_is_one_call_per_product():
 
 
 def test_elementwise_products_on_request():
-    m = _random_multiplier(4, 5)
+    m = random_multiplier(4, 5)
     rng = np.random.default_rng(4)
     a, b, w = _normal(rng, 3, 4), _normal(rng, 3, 4), _normal(rng, 4, 2)
 
@@ -230,7 +222,7 @@ def test_flax_nnx_module_and_its_gradients():
         def __call__(self, x):
             return self.l2(nnx.relu(self.l1(x)))
 
-    m = _random_multiplier(5, 6)
+    m = random_multiplier(5, 6)
     plain = MLP(lambda i, o, rngs: nnx.Linear(i, o, rngs=rngs), nnx.Rngs(0))
     built = MLP(lambda i, o, rngs: ann.Linear(i, o, multiplier=m, rngs=rngs), nnx.Rngs(0))
     x = _normal(np.random.default_rng(5), 4, 8)
