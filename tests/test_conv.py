@@ -726,3 +726,46 @@ def test_second_derivatives_equal_autodiff_through_the_gemm(backward, path, monk
     else:
         _close_up_to_sum_order(got[1], want[1])
     _close_up_to_sum_order(got[0], want[0])
+
+
+@pytest.mark.parametrize("c_in", [1, 4])  # the patch-matrix path and the in-place path
+@pytest.mark.parametrize("mult_name", ["mbm7", "mitchell5"])
+def test_subnormal_partial_sums_keep_their_value(c_in, mult_name):
+    # |x| ~ 2^-63: products within a few binades of 2^-126, so partial sums
+    # cancel into the subnormal range. The kernels add in IEEE float32 (XLA's
+    # threads flush denormals; a flushed partial sum misses SPEC's bound by up
+    # to 2^-126 here). The input gradient is folded by XLA, so only the
+    # forward pass and the kernel gradient are held to the bare bound.
+    rng = np.random.default_rng(c_in)
+
+    def edge(shape):
+        sign = rng.integers(0, 2, shape, dtype=np.uint32) << 31
+        exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
+        return (sign | exponent | rng.integers(0, 1 << 23, shape, dtype=np.uint32)).view(np.float32)
+
+    m = MULTIPLIERS[mult_name]()
+    x, w = edge((2, 9, 8, c_in)), edge((3, 3, c_in, 5))
+    kwargs = dict(window_strides=(1, 1), padding="SAME")
+    got = approx_conv(x, w, m, **kwargs)
+    _check(
+        got,
+        *reference.conv_general_dilated_with_bound(
+            x, w, m.lut, m.mbits, (1, 1), "SAME", dimension_numbers=CHANNELS_LAST[2]
+        ),
+    )
+    dy = edge(got.shape)
+    _, vjp = jax.vjp(lambda a, b: approx_conv(a, b, m, **kwargs), x, w)
+    _, dw = vjp(jnp.asarray(dy))
+    _, (rdw, rdw_abs) = reference.conv_vjp(
+        x,
+        w,
+        dy,
+        m.lut,
+        m.mbits,
+        "approx",
+        (1, 1),
+        "SAME",
+        dimension_numbers=CHANNELS_LAST[2],
+        with_bound=True,
+    )
+    _check(dw, rdw, rdw_abs, x.shape[0] * x.shape[1] * x.shape[2])

@@ -312,11 +312,37 @@ def test_gemm_underflow_and_subnormals(M):
     b = (rng.uniform(1, 2, (K, N)) * np.exp2(rng.integers(-72, -56, (K, N)))).astype(np.float32)
     a[rng.random(a.shape) < 0.1] = np.float32(1e-40)
     b[rng.random(b.shape) < 0.1] = np.float32(1e-41)
-    # Same-sign products: partial sums never become subnormal (XLA:CPU flushes
-    # subnormal sums, the GPU kernel keeps them; only the products are tested).
+    # Same-sign products: partial sums never become subnormal (that case is
+    # test_gemm_subnormal_partial_sums_cpu_and_gpu).
     m = MB.mbm(M)
     got = run_on(GPU, lambda x, w: _api("approx_dot")(x, w, m), a, b)
     assert_bits_equal(got, sequential_gemm(a, b, np.asarray(m.lut), M), f"underflow M={M}")
+
+
+@pytest.mark.parametrize("M", (3, 7, 11))
+def test_gemm_subnormal_partial_sums_cpu_and_gpu(M, monkeypatch):
+    # |x| ~ 2^-63, mixed signs: partial sums cancel into the subnormal range.
+    # Both backends add in IEEE float32 (the CPU kernels clear XLA's FTZ/DAZ
+    # while they run; CUDA's fma.rn / add.rn keep subnormals), so both give
+    # the sequential order's bits, with either CUDA kernel.
+    rng = np.random.default_rng(600 + M)
+    rows, K, N = 70, 40, 66
+
+    def edge(shape):
+        sign = rng.integers(0, 2, shape, dtype=np.uint32) << 31
+        exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
+        return (sign | exponent | rng.integers(0, 1 << 23, shape, dtype=np.uint32)).view(np.float32)
+
+    a, b = edge((rows, K)), edge((K, N))
+    for name, m in multiplier_cases(M, rng):
+        fn = lambda x, w, m=m: _api("approx_dot")(x, w, m)  # noqa: E731
+        want = sequential_gemm(a, b, np.asarray(m.lut), M)
+        assert_bits_equal(run_on(CPU, fn, a, b), want, f"{name}{M} subnormal sums CPU")
+        assert_bits_equal(run_on(GPU, fn, a, b), want, f"{name}{M} subnormal sums GPU")
+        if M <= 7:
+            monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED", "0")
+            assert_bits_equal(run_on(GPU, fn, a, b), want, f"{name}{M} LUT kernel")
+            monkeypatch.delenv("APPROX_JAX_CUDA_EXPANDED")
 
 
 @pytest.mark.parametrize("M", MBITS)
@@ -629,8 +655,7 @@ def test_gemm_split_k_batched_folding_matches_single(want, monkeypatch):
 )
 def test_gemm_cpu_and_gpu_bit_identical(M, shape, monkeypatch):
     # CPU and CUDA share the scalar product (approx_math.h) and the split-K
-    # rule (split_k.h), so with normal operands (no subnormal partial sums,
-    # which XLA:CPU flushes) their GEMM sums agree bit for bit.
+    # rule (split_k.h), so their GEMM sums agree bit for bit.
     monkeypatch.delenv("APPROX_JAX_CUDA_SPLIT_K", raising=False)
     rows, K, N = shape
     rng = np.random.default_rng(1000 + M + K)

@@ -660,3 +660,62 @@ def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
         for out, a in ((got[d], x), (per[d], xs[d])):
             single = approx_jax.approx_dot(a, w, m)
             _assert_bits_equal_nan_aside(out, single, f"design {d} ({m.name}) vs a single call")
+
+
+# --------------------------------------------------------------------------
+# Subnormal partial sums: the kernels add in IEEE float32 (XLA:CPU's threads
+# run with denormals flushed; the kernels keep subnormal sums, as the CUDA
+# kernels and SPEC section 5's float32 summation do).
+
+
+def _underflow_edge_values(rng, shape):
+    """|x| ~ 2^-63: products within a few binades of 2^-126 (some flushed by SPEC step 6)."""
+    sign = rng.integers(0, 2, shape, dtype=np.uint32) << 31
+    exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
+    mantissa = rng.integers(0, 1 << 23, shape, dtype=np.uint32)
+    return (sign | exponent | mantissa).view(np.float32)
+
+
+def _sequential_dot_flushed(a, b, mult):
+    """``reference.sequential_dot`` with every partial sum flushed as under FTZ."""
+    p = reference.product_bits(a[:, :, None], b[None], mult.lut, mult.mbits).view(np.float32)
+    acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for k in range(a.shape[1]):
+        acc = (acc + p[:, k, :]).astype(np.float32)
+        acc[np.abs(acc) < np.float32(2.0**-126)] = 0.0
+    return acc
+
+
+def test_subnormal_partial_sum_keeps_its_value():
+    s = np.float32(2.0**-63)
+    x = np.array([[1.5 * s, -1.25 * s]], np.float32)
+    w = np.array([[s], [s]], np.float32)
+    # 1.5 * 2^-126 - 1.25 * 2^-126 = 2^-128, a subnormal (flushed to 0 under FTZ).
+    for m in ("truncate4", "mitchell3"):
+        got = np.asarray(approx_jax.approx_dot(x, w, m))
+        assert got.view(np.uint32)[0, 0] == np.float32(2.0**-128).view(np.uint32), (m, got)
+
+
+@pytest.mark.parametrize("shape", [(200, 40, 70), (3, 40, 70), (64, 35, 3), (70, 33, 300)])
+def test_subnormal_partial_sums_bit_exact(mult, shape):
+    rows, K, N = shape
+    rng = np.random.default_rng(rows * K + N)
+    x = _underflow_edge_values(rng, (rows, K))
+    w = _underflow_edge_values(rng, (K, N))
+    want = reference.sequential_dot(x, w, mult.lut, mult.mbits)
+    # The case under test occurs: flushing the partial sums would change results
+    # (at M = 1 products are 1 or 1.5 times a power of two: too coarse to cancel
+    # into the subnormal range often enough to be sure of it here).
+    if mult.mbits > 1:
+        assert (_sequential_dot_flushed(x, w, mult) != want).any()
+    got = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w)
+    _assert_bits_equal(got, want)
+    stacked = multipliers.stack([mult, multipliers.mitchell(3)])
+    both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
+    _assert_bits_equal(both[0], want)
+    # Gradients: dx = P(dy, w^T), dw = P(x^T, dy), each in the sequential order.
+    dy = _underflow_edge_values(rng, (rows, N))
+    _, vjp = jax.vjp(lambda a, b: approx_jax.approx_dot(a, b, mult), x, w)
+    dx, dw = vjp(jnp.asarray(dy))
+    _assert_bits_equal(dx, reference.sequential_dot(dy, w.T, mult.lut, mult.mbits))
+    _assert_bits_equal(dw, reference.sequential_dot(x.T, dy, mult.lut, mult.mbits))

@@ -17,11 +17,45 @@
 #include "ffi_problems.h"
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#define APPROX_JAX_HAS_MXCSR 1
+#endif
+
 namespace ffi = xla::ffi;
 namespace py = pybind11;
 
 namespace approx_jax {
 namespace {
+
+// XLA:CPU runs its computations with denormals flushed (MXCSR FTZ and DAZ),
+// and our kernels run on its threads. SPEC section 5 sums the products in
+// IEEE float32: a partial sum that cancels into the subnormal range must
+// keep its value (1.5 * 2^-126 - 1.25 * 2^-126 = 2^-128, not 0), as in the
+// CUDA kernels (fma.rn / add.rn without .ftz) and the float64 reference
+// bound. So every thread clears FTZ/DAZ while it runs kernel work and
+// restores XLA's mode afterwards. Products do not depend on the mode: SPEC
+// flushes subnormal operands and underflowing products explicitly.
+class IeeeSubnormals {
+ public:
+#ifdef APPROX_JAX_HAS_MXCSR
+  IeeeSubnormals() : saved_(_mm_getcsr()) {
+    constexpr unsigned kFtz = 1u << 15, kDaz = 1u << 6;
+    if (saved_ & (kFtz | kDaz)) _mm_setcsr(saved_ & ~(kFtz | kDaz));
+  }
+  ~IeeeSubnormals() {
+    if (_mm_getcsr() != saved_) _mm_setcsr(saved_);
+  }
+
+ private:
+  unsigned saved_;
+#else
+  // Other hosts: the kernels run in the thread's mode (XLA flushes on
+  // aarch64 too: FPCR.FZ; not handled, no such build is tested).
+  IeeeSubnormals() {}
+  ~IeeeSubnormals() {}
+#endif
+};
 
 // Work sharing on XLA's intra-op pool that never blocks inside a pool task:
 // the calling thread and the pool tasks all pull task indices from one atomic
@@ -55,7 +89,10 @@ ParallelFor MakeParallelFor(ffi::ThreadPool* pool) {
     work->fn = fn;
     work->num_tasks = num_tasks;
     for (int64_t w = 0; w < workers; ++w) {
-      pool->Schedule([work] { work->Drain(); });
+      pool->Schedule([work] {
+        IeeeSubnormals ieee;
+        work->Drain();
+      });
     }
     work->Drain();
     while (work->done.load(std::memory_order_acquire) < num_tasks) {
@@ -68,6 +105,7 @@ ParallelFor MakeParallelFor(ffi::ThreadPool* pool) {
 ffi::Error RunGemm(ffi::ThreadPool& pool, GemmProblem& p) {
   const int64_t out_size = p.designs * p.batch * p.m * p.n;
   if (out_size == 0) return ffi::Error::Success();
+  IeeeSubnormals ieee;  // this thread's share of the work (pool tasks set their own)
   if (p.k == 0) {
     std::fill(p.out, p.out + out_size, 0.0f);  // XLA does not zero outputs
     return ffi::Error::Success();
