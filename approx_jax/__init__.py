@@ -17,7 +17,7 @@ from approx_jax._src.characterize import (
     plot_heatmaps,
 )
 from approx_jax._src.conv import approx_conv
-from approx_jax._src.ffi import registered_platforms
+from approx_jax._src.ffi import export_disabled_checks, registered_platforms
 from approx_jax._src.host import tune_cpu_allocator
 from approx_jax._src.multipliers import Multiplier
 from approx_jax._src.ops import approx_dot, approx_matmul, multiply
@@ -35,6 +35,7 @@ __all__ = [
     "characterize",
     "characterize_table",
     "data",
+    "export_disabled_checks",
     "models",
     "multipliers",
     "multiply",

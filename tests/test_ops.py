@@ -719,3 +719,18 @@ def test_subnormal_partial_sums_bit_exact(mult, shape):
     dx, dw = vjp(jnp.asarray(dy))
     _assert_bits_equal(dx, reference.sequential_dot(dy, w.T, mult.lut, mult.mbits))
     _assert_bits_equal(dw, reference.sequential_dot(x.T, dy, mult.lut, mult.mbits))
+
+
+def test_jax_export_with_disabled_checks():
+    rng = np.random.default_rng(0)
+    x = _values(rng, (6, 20))
+    w = _values(rng, (20, 4))
+    f = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, "mbm7"))
+    with pytest.raises(ValueError, match="custom calls"):
+        jax.export.export(f)(x, w)
+    checks = approx_jax.export_disabled_checks()
+    exported = jax.export.export(f, disabled_checks=checks)(x, w)
+    _assert_bits_equal(exported.call(x, w), f(x, w))
+    conv = jax.jit(lambda a: approx_jax.approx_conv(a, np.ones((3, 3, 4, 2), np.float32), "mbm7"))
+    xc = _values(rng, (2, 6, 6, 4))
+    _assert_bits_equal(jax.export.export(conv, disabled_checks=checks)(xc).call(xc), conv(xc))

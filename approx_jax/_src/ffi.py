@@ -12,6 +12,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
 
 GEMM_TARGET = "approx_jax_gemm"
 MULTIPLY_TARGET = "approx_jax_multiply"
@@ -53,6 +54,26 @@ def registered_platforms() -> tuple[str, ...]:
       A tuple such as ``("cpu",)`` or ``("cpu", "cuda")``.
     """
     return tuple(_registered_platforms)
+
+
+def export_disabled_checks() -> list:
+    """Safety checks to disable when ``jax.export``-ing approx_jax computations.
+
+    ``jax.export`` refuses custom calls that have no compatibility guarantee,
+    which includes every approx_jax kernel. Exported code calls the kernels
+    of the approx_jax installed where it runs, so export and run with the
+    same approx_jax version.
+
+    Returns:
+      A list of ``jax.export.DisabledSafetyCheck`` (one per approx_jax FFI
+      target) for ``jax.export.export(fn, disabled_checks=...)``.
+
+    Example:
+      >>> exported = jax.export.export(
+      ...     jax.jit(f), disabled_checks=approx_jax.export_disabled_checks())(x)
+    """
+    targets = (GEMM_TARGET, MULTIPLY_TARGET, CONV_TARGET, CONV_WGRAD_TARGET)
+    return [export.DisabledSafetyCheck.custom_call(name) for name in targets]
 
 
 def _require_kernels() -> None:
