@@ -508,3 +508,102 @@ def test_wider_preferred_element_type_keeps_the_float32_sums():
         x, w, (((1,), (0,)), ((), ())), "mbm7", preferred_element_type=jnp.float32
     )
     _bits_equal(hook, want)
+
+
+# --------------------------------------------------------------------------
+# jnp.einsum: SPEC's operand a is the einsum's earlier operand, whichever
+# operand order the dot_general that jnp.einsum emits has.
+
+EINSUMS = [
+    # (spec, shape of x, shape of y, the same products written with approx_matmul)
+    ("ij,jk->ik", (4, 5), (5, 3), lambda x, y, m: approx_jax.approx_matmul(x, y, m)),
+    ("jk,ij->ik", (5, 3), (4, 5), lambda x, y, m: approx_jax.approx_matmul(x.T, y.T, m).T),
+    (
+        "bhqk,bkhd->bqhd",  # Flax attention's weights x value
+        (2, 3, 4, 5),
+        (2, 5, 3, 6),
+        lambda x, y, m: jnp.transpose(
+            approx_jax.approx_matmul(x, jnp.transpose(y, (0, 2, 1, 3)), m), (0, 2, 1, 3)
+        ),
+    ),
+    (
+        "bqhd,bkhd->bhqk",  # Flax attention's query x key
+        (2, 4, 3, 6),
+        (2, 5, 3, 6),
+        lambda x, y, m: approx_jax.approx_matmul(
+            jnp.transpose(x, (0, 2, 1, 3)), jnp.transpose(y, (0, 2, 3, 1)), m
+        ),
+    ),
+    ("j,ij->i", (5,), (4, 5), lambda x, y, m: approx_jax.approx_matmul(x[None], y.T, m)[0]),
+]
+
+
+@pytest.mark.parametrize("spec,x_shape,y_shape,manual", EINSUMS, ids=[e[0] for e in EINSUMS])
+def test_einsum_operand_order_is_the_callers(spec, x_shape, y_shape, manual):
+    m = random_multiplier(5, 3)  # asymmetric: P(x, y) != P(y, x)
+    rng = np.random.default_rng(0)
+    x, y = _normal(rng, *x_shape), _normal(rng, *y_shape)
+    f = approx_jax.approximate(lambda x, y: jnp.einsum(spec, x, y), m)
+    _bits_equal(f(x, y), manual(x, y, m))
+    _bits_equal(jax.jit(f)(x, y), manual(x, y, m))
+    # Gradients: SPEC section 5 with a = x, b = y.
+    g = _normal(rng, *manual(x, y, m).shape)
+    _bits_equal(jax.vjp(f, x, y)[1](g), jax.vjp(lambda x, y: manual(x, y, m), x, y)[1](g))
+    # A stack of asymmetric designs, vmapped: design d as design d alone.
+    stack = multipliers.stack([m, random_multiplier(5, 4)])
+    swept = approx_jax.approximate(lambda x, y: jnp.einsum(spec, x, y), stack)(x, y)
+    for d, single in enumerate(multipliers.unstack(stack)):
+        _bits_equal(swept[d], manual(x, y, single))
+    assert jnp.einsum is not None and not hasattr(jnp.einsum, "_approx_jax_marks")
+
+
+def test_einsum_three_operands_and_interleaved_form():
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(1)
+    a, b, c = _normal(rng, 3, 4), _normal(rng, 4, 5), _normal(rng, 5, 2)
+    # Contraction order pinned: a @ b, then that @ c (the intermediate, from
+    # the earlier operands, is a).
+    path = [(0, 1), (0, 1)]
+    f = lambda a, b, c: jnp.einsum("ij,jk,kl->il", a, b, c, optimize=path)  # noqa: E731
+    want = approx_jax.approx_matmul(approx_jax.approx_matmul(a, b, m), c, m)
+    _bits_equal(approx_jax.approximate(f, m)(a, b, c), want)
+    path = [(1, 2), (0, 1)]  # b @ c first: a is then the left operand of the second product
+    f = lambda a, b, c: jnp.einsum("ij,jk,kl->il", a, b, c, optimize=path)  # noqa: E731
+    want = approx_jax.approx_matmul(a, approx_jax.approx_matmul(b, c, m), m)
+    _bits_equal(approx_jax.approximate(f, m)(a, b, c), want)
+    got = approx_jax.approximate(lambda b, a: jnp.einsum(b, [1, 2], a, [0, 1], [0, 2]), m)(b, a)
+    _bits_equal(got, approx_jax.approx_matmul(b.T, a.T, m).T)
+
+
+def test_flax_attention_through_approximate_keeps_the_operand_order():
+    # approximate() on Flax's own attention equals approx_jax's attention
+    # layer (a = attention weight, b = value) with an asymmetric multiplier.
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(2)
+    q, kv = _normal(rng, 2, 4, 8), _normal(rng, 2, 6, 8)
+    plain = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    params = plain.init(jax.random.PRNGKey(0), q, kv)
+    ours = aln.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, multiplier=m)
+    _bits_equal(approx_jax.approximate(plain.apply, m)(params, q, kv), ours.apply(params, q, kv))
+
+
+def test_operand_samples_of_an_einsum_are_in_the_callers_order():
+    rng = np.random.default_rng(3)
+    w, v = _normal(rng, 2, 3, 4, 5), _normal(rng, 2, 5, 3, 6)
+    pairs = approx_jax.operand_samples(lambda w, v: jnp.einsum("bhqk,bkhd->bqhd", w, v), num=64)(
+        w, v
+    )
+    ((a, b),) = pairs.values()
+    assert np.isin(a, np.asarray(w)).all() and np.isin(b, np.asarray(v)).all()
+
+
+def test_einsum_is_restored_when_tracing_fails():
+    original = jnp.einsum
+
+    def broken(x):
+        jnp.einsum("ij,jk->ik", x, x)
+        raise RuntimeError("model bug")
+
+    with pytest.raises(RuntimeError, match="model bug"):
+        approx_jax.approximate(broken, "mbm7")(jnp.ones((2, 2)))
+    assert jnp.einsum is original

@@ -14,9 +14,11 @@ of designs like any function written with approx_jax ops.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,6 +43,12 @@ _INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call")
 # Primitives with a custom derivative rule: kept as they are unless their body
 # computes products to simulate (then the body is evaluated and the rule dropped).
 _CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+# The name of the jit boundary that ``_trace`` puts around every
+# ``jnp.einsum`` call: its inputs are the einsum's operands in the caller's
+# order, which the dot_generals inside may not keep (see _swapped_dots).
+_EINSUM_CALL = "approx_jax_einsum"
 
 
 def _is_float(x) -> bool:
@@ -118,6 +126,9 @@ class _Rewriter:
         self.assign = _assignment(multiplier)
         self.backward = backward
         self.targets = (_DOT, _CONV, _MUL) if elementwise else (_DOT, _CONV)
+        # ids of the dot_general equations being evaluated whose left operand
+        # is a later einsum operand than their right one (see _swapped_dots).
+        self.swapped: set[int] = set()
 
     # -- helpers ------------------------------------------------------------
 
@@ -171,9 +182,21 @@ class _Rewriter:
                         f"approximate(): '{name}' ({path or 'top level'}) has no simulated "
                         "equivalent; its products would stay native"
                     )
+                if id(eqn) in self.swapped:
+                    # P under the transposed LUT with the operands as emitted
+                    # equals P with the einsum's operand order (SPEC's a is
+                    # the earlier operand), forward and backward.
+                    m = _transposed(m)
                 return getattr(self, "_" + name)(m, invals, params)
         if name in _INLINE_CALLS:
-            return self.closed(params["jaxpr"], path)(*invals)
+            if params.get("name") != _EINSUM_CALL:
+                return self.closed(params["jaxpr"], path)(*invals)
+            swapped = _swapped_dots(params["jaxpr"].jaxpr) - self.swapped
+            self.swapped |= swapped
+            try:
+                return self.closed(params["jaxpr"], path)(*invals)
+            finally:  # (equation ids are only unique while the jaxpr lives)
+                self.swapped -= swapped
         body = params.get("call_jaxpr", params.get("fun_jaxpr"))
         if name in _CUSTOM_RULES and body is not None and self.simulates(body.jaxpr):
             return self.closed(body, path)(*invals)
@@ -305,6 +328,98 @@ def _sub_jaxprs(params) -> list:
     return found
 
 
+def _swapped_dots(jaxpr, origins=None) -> set[int]:
+    """ids of the dot_general equations of an einsum whose operands come swapped.
+
+    ``jnp.einsum`` may emit ``dot_general(y, x)`` for ``einsum(spec, x, y)``
+    (it saves a transpose: Flax attention's ``weights x value`` becomes
+    ``dot_general(value, weights)``). SPEC's operand ``a`` is the einsum's
+    earlier operand, so a dot_general whose left operand derives only from
+    later einsum operands than its right one is swapped. ``origins`` maps the
+    jaxpr's input variables to the einsum operand indices they derive from.
+    """
+    origin: dict = {}
+    for i, v in enumerate(jaxpr.invars):
+        origin[v] = frozenset({i}) if origins is None else origins[i]
+    found: set[int] = set()
+    for eqn in jaxpr.eqns:
+        ins = [
+            frozenset() if isinstance(v, jex_core.Literal) else origin.get(v, frozenset())
+            for v in eqn.invars
+        ]
+        if eqn.primitive.name == _DOT:
+            left, right = ins
+            if left and right and max(right) < min(left):
+                found.add(id(eqn))
+        elif eqn.primitive.name in _INLINE_CALLS:
+            found |= _swapped_dots(eqn.params["jaxpr"].jaxpr, ins)
+        union = frozenset().union(*ins)
+        for v in eqn.outvars:
+            origin[v] = union
+    return found
+
+
+def _transposed(m):
+    """``m`` with its operands swapped: entry ``(v, u)`` holds entry ``(u, v)``.
+
+    ``P`` under it of ``(b, a)`` is ``P`` under ``m`` of ``(a, b)``, bit for
+    bit (SPEC section 2 is symmetric apart from the LUT address). A LUT
+    known to be symmetric (every built-in family) is returned as it is.
+    """
+    side = 1 << m.mbits
+    lut = m.lut
+    if isinstance(lut, np.ndarray):
+        swapped = np.swapaxes(lut.reshape(lut.shape[:-1] + (side, side)), -1, -2).reshape(lut.shape)
+        if np.array_equal(swapped, lut):
+            return m
+        return dataclasses.replace(m, lut=np.ascontiguousarray(swapped))
+    lut = jax.numpy.asarray(lut)
+    swapped = jax.numpy.swapaxes(lut.reshape(lut.shape[:-1] + (side, side)), -1, -2)
+    return dataclasses.replace(m, lut=swapped.reshape(lut.shape))
+
+
+_einsum_patch_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _einsum_calls_marked():
+    """While tracing, every ``jnp.einsum`` call is a jit named ``_EINSUM_CALL``.
+
+    Its jaxpr then keeps the einsum's operands in the caller's order, for
+    :func:`_swapped_dots`. (Code that bound ``einsum`` to another name before
+    the trace keeps the emitted order.)
+    """
+    with _einsum_patch_lock:
+        original = jax.numpy.einsum
+        if getattr(original, "_approx_jax_marks", False):  # a nested trace
+            yield
+            return
+
+        tracing_thread = threading.get_ident()
+
+        @functools.wraps(original)
+        def einsum(*args, **kwargs):
+            if threading.get_ident() != tracing_thread:  # another thread's einsum
+                return original(*args, **kwargs)
+            operand_at = [i for i, a in enumerate(args) if not isinstance(a, (str, list, tuple))]
+
+            def call(*operands):
+                full = list(args)
+                for i, x in zip(operand_at, operands, strict=True):
+                    full[i] = x
+                return original(*full, **kwargs)
+
+            call.__name__ = call.__qualname__ = _EINSUM_CALL
+            return jax.jit(call)(*(args[i] for i in operand_at))
+
+        einsum._approx_jax_marks = True
+        jax.numpy.einsum = einsum
+        try:
+            yield
+        finally:
+            jax.numpy.einsum = original
+
+
 def _is_dynamic(leaf) -> bool:
     """Array leaves are traced; everything else (flags, names, shapes) stays static."""
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
@@ -333,7 +448,8 @@ def _trace(fun: Callable, args, kwargs):
         return [x for x, st in zip(out_leaves, out_info["static"], strict=True) if st is None]
 
     dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
-    closed = jax.make_jaxpr(flat_fun)(*dyn_leaves)
+    with _einsum_calls_marked():
+        closed = jax.make_jaxpr(flat_fun)(*dyn_leaves)
 
     def rebuild(outs):
         it = iter(outs)
@@ -355,14 +471,15 @@ def approximate(
     custom-derivative functions, runs on the approximate multiplier instead
     (``a`` = the left operand/input, ``b`` = the right operand/kernel, as
     :func:`approx_jax.nn.approx_dot_general` and
-    :func:`approx_jax.approx_conv`). The order is that of the ``dot_general``
-    the program emits: ``jnp.einsum`` may put its *second* operand on the left
-    to save a transpose (Flax attention's ``weights x value`` becomes
-    ``dot_general(value, weights)``), which matters only for a multiplier
-    whose LUT is not symmetric; :mod:`approx_jax.nn` layers fix the order
-    instead. Products with no simulated equivalent (``lax.ragged_dot``) raise
-    ``NotImplementedError``; complex products stay native (SPEC covers
-    float32). Nothing else changes. No model code needs
+    :func:`approx_jax.approx_conv`). For ``jnp.einsum`` ``a`` is the earlier
+    einsum operand, even where einsum emits ``dot_general(y, x)`` to save a
+    transpose (Flax attention's ``weights x value``): the trace marks einsum
+    calls, and such a product runs under the transposed LUT, which gives
+    ``P(x, y)`` bit for bit (this matters only for a multiplier whose LUT is
+    not symmetric; code that bound ``einsum`` to another name before the call
+    keeps the emitted order). Products with no simulated equivalent
+    (``lax.ragged_dot``) raise ``NotImplementedError``; complex products stay
+    native (SPEC covers float32). Nothing else changes. No model code needs
     to be edited: a pretrained model from any library is evaluated, or
     fine-tuned, on the simulated hardware as it is.
 
@@ -482,6 +599,8 @@ class _Recorder(_Rewriter):
         name = eqn.primitive.name
         if name in self.targets and all(_is_float(x) for x in invals):
             pairs = getattr(self, "_sample_" + name)(eqn, *invals)
+            if pairs is not None and id(eqn) in self.swapped:  # an einsum's: a is rhs
+                pairs = pairs[::-1]
             if pairs is not None:
                 self._record(module_path(_join(path, eqn.source_info.name_stack)) or name, pairs)
             return _bind(eqn, invals)
