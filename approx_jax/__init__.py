@@ -21,7 +21,7 @@ from approx_jax._src.ffi import export_disabled_checks, registered_platforms
 from approx_jax._src.host import tune_cpu_allocator
 from approx_jax._src.multipliers import Multiplier
 from approx_jax._src.ops import approx_dot, approx_matmul, multiply
-from approx_jax._src.transform import approximate, operand_samples
+from approx_jax._src.transform import approximate, einsum, operand_samples
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "characterize",
     "characterize_table",
     "data",
+    "einsum",
     "export_disabled_checks",
     "models",
     "multipliers",

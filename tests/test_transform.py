@@ -607,3 +607,43 @@ def test_einsum_is_restored_when_tracing_fails():
     with pytest.raises(RuntimeError, match="model bug"):
         approx_jax.approximate(broken, "mbm7")(jnp.ones((2, 2)))
     assert jnp.einsum is original
+
+
+@pytest.mark.parametrize("spec,x_shape,y_shape,manual", EINSUMS, ids=[e[0] for e in EINSUMS])
+def test_approx_einsum(spec, x_shape, y_shape, manual):
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(4)
+    x, y = _normal(rng, *x_shape), _normal(rng, *y_shape)
+    _bits_equal(approx_jax.einsum(spec, x, y, multiplier=m), manual(x, y, m))
+    f = jax.jit(lambda x, y: approx_jax.einsum(spec, x, y, multiplier=m, backward="exact"))
+    g = _normal(rng, *manual(x, y, m).shape)
+    want = jax.vjp(lambda x, y: manual(x, y, m), x, y)[0]
+    _bits_equal(f(x, y), want)
+    # backward="exact": float32 products, as jnp.einsum's own gradient.
+    got_grads = jax.vjp(f, x, y)[1](g)
+    exact_grads = jax.vjp(lambda x, y: jnp.einsum(spec, x, y, precision="highest"), x, y)[1](g)
+    for got, ref in zip(got_grads, exact_grads, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    stack = multipliers.stack([m, multipliers.mbm(5)])
+    both = approx_jax.einsum(spec, x, y, multiplier=stack)
+    _bits_equal(both[1], manual(x, y, multipliers.mbm(5)))
+
+
+def test_nnx_einsum_layer_with_the_hook():
+    from flax import nnx
+
+    m = random_multiplier(5, 3)
+    layer = nnx.Einsum(
+        "bd,dh->bh", (6, 4), (4,), einsum_op=approx_jax.nn.einsum(m), rngs=nnx.Rngs(0)
+    )
+    x = _normal(np.random.default_rng(5), 3, 6)
+    want = approx_jax.approx_dot(x, layer.kernel[...], m) + layer.bias[...]
+    _bits_equal(layer(x), want)
+    exact = nnx.Einsum(
+        "bd,dh->bh", (6, 4), (4,), einsum_op=approx_jax.nn.einsum("fp32"), rngs=nnx.Rngs(0)
+    )
+    plain = nnx.Einsum("bd,dh->bh", (6, 4), (4,), rngs=nnx.Rngs(0))
+    _bits_equal(exact(x), plain(x))
+    assert "Einsum(" in repr(approx_jax.nn.einsum("mbm7"))
+    with pytest.raises(ValueError, match="stack"):
+        approx_jax.nn.einsum(multipliers.stack([m, m]))

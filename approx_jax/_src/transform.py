@@ -739,3 +739,81 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
         return {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in samples.items()}
 
     return sampled
+
+
+# --------------------------------------------------------------------------
+# einsum: jnp.einsum with its products simulated, in the caller's operand order.
+
+
+def einsum(*operands, multiplier, backward: str = "approx", **kwargs) -> jax.Array:
+    """``jnp.einsum`` with every product simulated (SPEC sections 2 and 5).
+
+    Each product's operand ``a`` is the element of the earlier einsum
+    operand, ``b`` that of the later one (for more than two operands: the
+    contraction order ``optimize`` chooses, each intermediate result taking
+    the place of its earliest operand). Sums are float32 as in
+    :func:`approx_matmul`.
+
+    Args:
+      *operands: as for ``jnp.einsum``: a subscripts string and arrays, or
+        the interleaved form ``(x, [0, 1], y, [1, 2], [0, 2])``.
+      multiplier: a ``Multiplier`` or a name such as ``"mbm7"`` (a stack gives
+        a leading design axis, computed in one call per product).
+      backward: ``"approx"`` or ``"exact"`` (see :func:`approx_dot`).
+      **kwargs: ``jnp.einsum``'s keywords (``optimize``, ``precision``,
+        ``preferred_element_type``).
+
+    Returns:
+      The einsum's result (with a leading design axis for a stack).
+
+    Example:
+      >>> scores = approx_jax.einsum("bqhd,bkhd->bhqk", q, k, multiplier="mbm7")
+    """
+    fn = approximate(lambda *ops: jax.numpy.einsum(*ops, **kwargs), multiplier, backward=backward)
+    return fn(*operands)
+
+
+class Einsum:
+    """A ``jnp.einsum``-compatible callable simulating a multiplier (a layer hook).
+
+    Built by :func:`approx_jax.nn.einsum`; for ``einsum_op`` of
+    ``flax.nnx.Einsum``. A plain callable, not a pytree: Flax treats it as a
+    static hook.
+
+    Attributes:
+      multiplier: the resolved ``Multiplier``.
+      backward: ``"approx"`` or ``"exact"``.
+    """
+
+    def __init__(self, multiplier="fp32", backward: str = "approx"):
+        self.multiplier = ops.resolve_multiplier(multiplier)
+        ops.check_backward(backward)
+        hooks.check_not_stack(self.multiplier)
+        self.backward = backward
+
+    def __call__(self, *operands, **kwargs):
+        if self.multiplier.is_exact:
+            return jax.numpy.einsum(*operands, **kwargs)
+        return einsum(*operands, multiplier=self.multiplier, backward=self.backward, **kwargs)
+
+    def __repr__(self):
+        return f"Einsum({self.multiplier!r}, backward={self.backward!r})"
+
+
+def einsum_hook(multiplier="fp32", backward: str = "approx") -> Einsum:
+    """Returns a ``jnp.einsum`` replacement that simulates ``multiplier``.
+
+    Args:
+      multiplier: a ``Multiplier`` or a name (default ``"fp32"``:
+        ``jnp.einsum`` unchanged).
+      backward: ``"approx"`` (default) or ``"exact"``.
+
+    Returns:
+      An :class:`Einsum` callable (operand ``a`` of each product from the
+      earlier einsum operand: the layer input for ``nnx.Einsum``).
+
+    Example:
+      >>> layer = nnx.Einsum("bd,dh->bh", (784, 300),
+      ...                    einsum_op=approx_jax.nn.einsum("mbm7"), rngs=nnx.Rngs(0))
+    """
+    return Einsum(multiplier, backward)

@@ -4,7 +4,7 @@ nnx layers (subclasses of the Flax ones; same parameters):
   ``Linear`` (alias ``Dense``), ``Conv``, ``MultiHeadAttention``.
 Functions: ``dot_product_attention``, ``approx_dot_general``.
 Hook factories for any Flax layer: ``dot_general(multiplier)``,
-``conv_general_dilated(multiplier)``.
+``conv_general_dilated(multiplier)``, ``einsum(multiplier)`` (``nnx.Einsum``).
 Linen layers: ``approx_jax.nn.linen`` (``Dense``, ``Conv``,
 ``MultiHeadDotProductAttention``, ``dot_product_attention``).
 
@@ -27,6 +27,8 @@ from approx_jax._src.nn import (
     dot_general,
     dot_product_attention,
 )
+from approx_jax._src.transform import Einsum
+from approx_jax._src.transform import einsum_hook as einsum
 from approx_jax.nn import linen
 
 __all__ = [
@@ -35,11 +37,13 @@ __all__ = [
     "ConvGeneralDilated",
     "Dense",
     "DotGeneral",
+    "Einsum",
     "Linear",
     "MultiHeadAttention",
     "approx_dot_general",
     "conv_general_dilated",
     "dot_general",
     "dot_product_attention",
+    "einsum",
     "linen",
 ]

@@ -336,7 +336,7 @@ class AttentionFn:
 
         self.multiplier = ops.resolve_multiplier(multiplier)
         ops.check_backward(backward)
-        hooks._check_not_stack(self.multiplier)
+        hooks.check_not_stack(self.multiplier)
         self.backward = backward
         if flavor not in ("nnx", "linen"):
             raise ValueError(f"flavor must be 'nnx' or 'linen', got {flavor!r}")

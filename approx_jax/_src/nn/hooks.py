@@ -151,7 +151,7 @@ class DotGeneral:
     def __init__(self, multiplier="fp32", backward: str = "approx"):
         self.multiplier = ops.resolve_multiplier(multiplier)
         ops.check_backward(backward)
-        _check_not_stack(self.multiplier)
+        check_not_stack(self.multiplier)
         self.backward = backward
 
     def __call__(
@@ -167,7 +167,7 @@ class DotGeneral:
                 preferred_element_type=preferred_element_type,
                 **kwargs,
             )
-        _check_not_stack(self.multiplier)
+        check_not_stack(self.multiplier)
         return approx_dot_general(
             lhs,
             rhs,
@@ -196,7 +196,7 @@ class ConvGeneralDilated:
     def __init__(self, multiplier="fp32", backward: str = "approx"):
         self.multiplier = ops.resolve_multiplier(multiplier)
         ops.check_backward(backward)
-        _check_not_stack(self.multiplier)
+        check_not_stack(self.multiplier)
         self.backward = backward
 
     def __call__(
@@ -229,7 +229,7 @@ class ConvGeneralDilated:
                 preferred_element_type=preferred_element_type,
                 **kwargs,
             )
-        _check_not_stack(self.multiplier)
+        check_not_stack(self.multiplier)
         if dimension_numbers is None:  # lax's default, not approx_conv's
             dimension_numbers = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), None)
         return conv_lib.approx_conv(
@@ -251,7 +251,7 @@ class ConvGeneralDilated:
         return f"ConvGeneralDilated({self.multiplier!r}, backward={self.backward!r})"
 
 
-def _check_not_stack(m) -> None:
+def check_not_stack(m) -> None:
     if m.is_stack:
         raise ValueError(
             "a layer hook needs a single multiplier, got a stack of "
