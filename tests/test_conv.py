@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from approx_test_utils import random_multiplier, underflow_edge_values
 from jax import lax
-from lut_helpers import random_multiplier
 
 import approx_jax
 from approx_jax._src import conv as conv_lib
@@ -737,14 +737,9 @@ def test_subnormal_partial_sums_keep_their_value(c_in, mult_name):
     # to 2^-126 here). The input gradient is folded by XLA, so only the
     # forward pass and the kernel gradient are held to the bare bound.
     rng = np.random.default_rng(c_in)
-
-    def edge(shape):
-        sign = rng.integers(0, 2, shape, dtype=np.uint32) << 31
-        exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
-        return (sign | exponent | rng.integers(0, 1 << 23, shape, dtype=np.uint32)).view(np.float32)
-
     m = MULTIPLIERS[mult_name]()
-    x, w = edge((2, 9, 8, c_in)), edge((3, 3, c_in, 5))
+    x = underflow_edge_values(rng, (2, 9, 8, c_in))
+    w = underflow_edge_values(rng, (3, 3, c_in, 5))
     kwargs = dict(window_strides=(1, 1), padding="SAME")
     got = approx_conv(x, w, m, **kwargs)
     _check(
@@ -753,7 +748,7 @@ def test_subnormal_partial_sums_keep_their_value(c_in, mult_name):
             x, w, m.lut, m.mbits, (1, 1), "SAME", dimension_numbers=CHANNELS_LAST[2]
         ),
     )
-    dy = edge(got.shape)
+    dy = underflow_edge_values(rng, got.shape)
     _, vjp = jax.vjp(lambda a, b: approx_conv(a, b, m, **kwargs), x, w)
     _, dw = vjp(jnp.asarray(dy))
     _, (rdw, rdw_abs) = reference.conv_vjp(

@@ -51,6 +51,8 @@ pytestmark = [
     pytest.mark.skipif(not GPU_DEVICES, reason="JAX has no GPU backend"),
 ]
 
+from approx_test_utils import underflow_edge_values  # noqa: E402
+
 import approx_jax  # noqa: E402
 from approx_jax._src import ffi as ffi_lib  # noqa: E402
 from approx_jax._src import lut as lut_lib  # noqa: E402
@@ -328,12 +330,7 @@ def test_gemm_subnormal_partial_sums_cpu_and_gpu(M, monkeypatch):
     rng = np.random.default_rng(600 + M)
     rows, K, N = 70, 40, 66
 
-    def edge(shape):
-        sign = rng.integers(0, 2, shape, dtype=np.uint32) << 31
-        exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
-        return (sign | exponent | rng.integers(0, 1 << 23, shape, dtype=np.uint32)).view(np.float32)
-
-    a, b = edge((rows, K)), edge((K, N))
+    a, b = underflow_edge_values(rng, (rows, K)), underflow_edge_values(rng, (K, N))
     for name, m in multiplier_cases(M, rng):
         fn = lambda x, w, m=m: _api("approx_dot")(x, w, m)  # noqa: E731
         want = sequential_gemm(a, b, np.asarray(m.lut), M)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lut_helpers import random_multiplier
+from approx_test_utils import random_multiplier, underflow_edge_values
 
 import approx_jax
 from approx_jax import multipliers
@@ -668,14 +668,6 @@ def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
 # kernels and SPEC section 5's float32 summation do).
 
 
-def _underflow_edge_values(rng, shape):
-    """|x| ~ 2^-63: products within a few binades of 2^-126 (some flushed by SPEC step 6)."""
-    sign = rng.integers(0, 2, shape, dtype=np.uint32) << 31
-    exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
-    mantissa = rng.integers(0, 1 << 23, shape, dtype=np.uint32)
-    return (sign | exponent | mantissa).view(np.float32)
-
-
 def _sequential_dot_flushed(a, b, mult):
     """``reference.sequential_dot`` with every partial sum flushed as under FTZ."""
     p = reference.product_bits(a[:, :, None], b[None], mult.lut, mult.mbits).view(np.float32)
@@ -700,8 +692,8 @@ def test_subnormal_partial_sum_keeps_its_value():
 def test_subnormal_partial_sums_bit_exact(mult, shape):
     rows, K, N = shape
     rng = np.random.default_rng(rows * K + N)
-    x = _underflow_edge_values(rng, (rows, K))
-    w = _underflow_edge_values(rng, (K, N))
+    x = underflow_edge_values(rng, (rows, K))
+    w = underflow_edge_values(rng, (K, N))
     want = reference.sequential_dot(x, w, mult.lut, mult.mbits)
     # The case under test occurs: flushing the partial sums would change results
     # (at M = 1 products are 1 or 1.5 times a power of two: too coarse to cancel
@@ -714,7 +706,7 @@ def test_subnormal_partial_sums_bit_exact(mult, shape):
     both = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, stacked))(x, w))
     _assert_bits_equal(both[0], want)
     # Gradients: dx = P(dy, w^T), dw = P(x^T, dy), each in the sequential order.
-    dy = _underflow_edge_values(rng, (rows, N))
+    dy = underflow_edge_values(rng, (rows, N))
     _, vjp = jax.vjp(lambda a, b: approx_jax.approx_dot(a, b, mult), x, w)
     dx, dw = vjp(jnp.asarray(dy))
     _assert_bits_equal(dx, reference.sequential_dot(dy, w.T, mult.lut, mult.mbits))

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from approx_test_utils import random_multiplier
 from jax import lax
-from lut_helpers import random_multiplier
 
 import approx_jax
 from approx_jax import multipliers

@@ -773,31 +773,17 @@ def einsum(*operands, multiplier, backward: str = "approx", **kwargs) -> jax.Arr
     return fn(*operands)
 
 
-class Einsum:
+class Einsum(hooks.Hook):
     """A ``jnp.einsum``-compatible callable simulating a multiplier (a layer hook).
 
     Built by :func:`approx_jax.nn.einsum`; for ``einsum_op`` of
-    ``flax.nnx.Einsum``. A plain callable, not a pytree: Flax treats it as a
-    static hook.
-
-    Attributes:
-      multiplier: the resolved ``Multiplier``.
-      backward: ``"approx"`` or ``"exact"``.
+    ``flax.nnx.Einsum``.
     """
-
-    def __init__(self, multiplier="fp32", backward: str = "approx"):
-        self.multiplier = ops.resolve_multiplier(multiplier)
-        ops.check_backward(backward)
-        hooks.check_not_stack(self.multiplier)
-        self.backward = backward
 
     def __call__(self, *operands, **kwargs):
         if self.multiplier.is_exact:
             return jax.numpy.einsum(*operands, **kwargs)
         return einsum(*operands, multiplier=self.multiplier, backward=self.backward, **kwargs)
-
-    def __repr__(self):
-        return f"Einsum({self.multiplier!r}, backward={self.backward!r})"
 
 
 def einsum_hook(multiplier="fp32", backward: str = "approx") -> Einsum:

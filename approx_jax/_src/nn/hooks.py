@@ -136,12 +136,11 @@ def approx_dot_general(
     return out
 
 
-class DotGeneral:
-    """A ``lax.dot_general``-compatible callable simulating a multiplier.
+class Hook:
+    """Base of the layer hooks: a single multiplier and a backward mode.
 
-    Built by :func:`dot_general`. The multiplier and backward mode are fixed at
-    construction; the object is a plain callable (not a pytree), so Flax treats
-    it as a static hook.
+    The multiplier and backward mode are fixed at construction; a hook is a
+    plain callable (not a pytree), so Flax treats it as static.
 
     Attributes:
       multiplier: the resolved ``Multiplier``.
@@ -153,6 +152,16 @@ class DotGeneral:
         ops.check_backward(backward)
         check_not_stack(self.multiplier)
         self.backward = backward
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.multiplier!r}, backward={self.backward!r})"
+
+
+class DotGeneral(Hook):
+    """A ``lax.dot_general``-compatible callable simulating a multiplier.
+
+    Built by :func:`dot_general`.
+    """
 
     def __call__(
         self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs
@@ -177,27 +186,14 @@ class DotGeneral:
             preferred_element_type=preferred_element_type,
         )
 
-    def __repr__(self):
-        return f"DotGeneral({self.multiplier!r}, backward={self.backward!r})"
 
-
-class ConvGeneralDilated:
+class ConvGeneralDilated(Hook):
     """A ``lax.conv_general_dilated``-compatible callable simulating a multiplier.
 
     Built by :func:`conv_general_dilated`. ``dimension_numbers=None`` keeps
     lax's meaning (NCHW/OIHW), unlike :func:`approx_conv`'s channels-last
     default.
-
-    Attributes:
-      multiplier: the resolved ``Multiplier``.
-      backward: ``"approx"`` or ``"exact"``.
     """
-
-    def __init__(self, multiplier="fp32", backward: str = "approx"):
-        self.multiplier = ops.resolve_multiplier(multiplier)
-        ops.check_backward(backward)
-        check_not_stack(self.multiplier)
-        self.backward = backward
 
     def __call__(
         self,
@@ -246,9 +242,6 @@ class ConvGeneralDilated:
             backward=self.backward,
             preferred_element_type=preferred_element_type,
         )
-
-    def __repr__(self):
-        return f"ConvGeneralDilated({self.multiplier!r}, backward={self.backward!r})"
 
 
 def check_not_stack(m) -> None:
