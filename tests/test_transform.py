@@ -604,9 +604,12 @@ def test_einsum_is_restored_when_tracing_fails():
         jnp.einsum("ij,jk->ik", x, x)
         raise RuntimeError("model bug")
 
+    from jax._src.numpy import einsum as einsum_module
+
+    inner = einsum_module._einsum
     with pytest.raises(RuntimeError, match="model bug"):
         approx_jax.approximate(broken, "mbm7")(jnp.ones((2, 2)))
-    assert jnp.einsum is original
+    assert jnp.einsum is original and einsum_module._einsum is inner
 
 
 @pytest.mark.parametrize("spec,x_shape,y_shape,manual", EINSUMS, ids=[e[0] for e in EINSUMS])
@@ -647,3 +650,75 @@ def test_nnx_einsum_layer_with_the_hook():
     assert "Einsum(" in repr(approx_jax.nn.einsum("mbm7"))
     with pytest.raises(ValueError, match="stack"):
         approx_jax.nn.einsum(multipliers.stack([m, m]))
+
+
+def test_einsum_in_a_jitted_function_traced_natively_before():
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(6)
+    x, y = _normal(rng, 4, 3), _normal(rng, 3, 2)
+    g = jax.jit(lambda a, b: jnp.einsum("qk,kd->dq", a, b))  # emitted as dot_general(y, x)
+    g(x, y)  # an fp32 baseline run fills g's trace cache
+    want = approx_jax.approx_matmul(x, y, m).T
+    _bits_equal(approx_jax.approximate(lambda a, b: g(a, b), m)(x, y), want)
+    scanned = jax.jit(lambda a, b: lax.scan(lambda c, _: (c, g(a, b)), 0.0, None, length=2)[1])
+    scanned(x, y)
+    _bits_equal(approx_jax.approximate(scanned, m)(x, y)[1], want)
+
+
+def test_einsum_reached_through_jax_nn_and_nnx_einsum():
+    from flax import nnx
+
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(7)
+    # One key position: the attention weight is exactly 1, so the output is P(1, value).
+    q, k, v = _normal(rng, 2, 3, 2, 4), _normal(rng, 2, 1, 2, 4), _normal(rng, 2, 1, 2, 4)
+    att = approx_jax.approximate(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"), m
+    )(q, k, v)
+    want = approx_jax.multiply(jnp.ones_like(v), v, m)  # a = weight, b = value
+    _bits_equal(att, jnp.broadcast_to(want, att.shape))
+    # nnx.Einsum binds jnp.einsum as a default argument at import time.
+    layer = nnx.Einsum("bqd,dh->bhq", (4, 5), rngs=nnx.Rngs(0))
+    hooked = nnx.Einsum("bqd,dh->bhq", (4, 5), einsum_op=approx_jax.nn.einsum(m), rngs=nnx.Rngs(0))
+    x = _normal(rng, 2, 3, 4)
+    _bits_equal(approx_jax.approximate(lambda x: layer(x), m)(x), hooked(x))
+
+
+def test_einsum_intermediates_take_their_earliest_operands_place():
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(8)
+    a, b, c = _normal(rng, 3), _normal(rng, 3, 4), _normal(rng, 3)
+    got = approx_jax.einsum("i,ij,i->j", a, b, c, multiplier=m, optimize=[(0, 2), (0, 1)])
+    t = approx_jax.multiply(a, c, m)  # a * c first: 'i,i->i'
+    _bits_equal(got, approx_jax.approx_matmul(t, b, m))  # t (from operand 0) is a, b is b
+
+
+def test_einsum_forms_and_mixed_dtypes():
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(9)
+    x, y = _normal(rng, 3, 4), _normal(rng, 4, 5)
+    sublists = (np.array([0, 1]), np.array([1, 2]), np.array([0, 2]))
+    got = approx_jax.einsum(x, sublists[0], y, sublists[1], sublists[2], multiplier=m)
+    _bits_equal(got, approx_jax.approx_matmul(x, y, m))
+    # An integer operand of a float product is converted, then simulated.
+    xi = jnp.asarray(rng.integers(-5, 6, (3, 4)), jnp.int32)
+    want = approx_jax.approx_matmul(xi.astype(jnp.float32), y, m)
+    _bits_equal(approx_jax.einsum("ij,jk->ik", xi, y, multiplier=m), want)
+    _bits_equal(approx_jax.approximate(lambda a, b: a @ b, m)(xi, y), want)
+    ints = approx_jax.approximate(lambda a: a @ a.T, m)(xi)  # integer product: native
+    np.testing.assert_array_equal(ints, xi @ xi.T)
+
+
+def test_name_patterns_match_einsum_products_in_their_scope():
+    rng = np.random.default_rng(10)
+    x, y = _normal(rng, 4, 3), _normal(rng, 3, 2)
+
+    def f(a, b):
+        with jax.named_scope("attn"):
+            return jnp.einsum("qk,kd->qd", a, b)
+
+    _bits_equal(
+        approx_jax.approximate(f, {"attn": "mitchell3"})(x, y),
+        approx_jax.approx_matmul(x, y, "mitchell3"),
+    )
+    assert list(approx_jax.operand_samples(f, num=4)(x, y)) == ["attn"]

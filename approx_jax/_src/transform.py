@@ -51,8 +51,25 @@ _CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 _EINSUM_CALL = "approx_jax_einsum"
 
 
-def _is_float(x) -> bool:
-    return jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating)
+def _float_operands(operands) -> list | None:
+    """A product's two operands as floats, or None if it is not a float product.
+
+    A float product has a floating-point operand and one that is floating
+    point, integer or boolean (``dot_general(int32, float32)``, which
+    ``jnp.dot`` / ``einsum`` emit for mixed inputs): the integer operand is
+    converted to the other's float dtype, as the native product does.
+    Complex and integer-only products are not float products.
+    """
+    kinds = [jax.numpy.result_type(x) for x in operands]
+    floats = [jax.numpy.issubdtype(k, jax.numpy.floating) for k in kinds]
+    plain = [
+        f or jax.numpy.issubdtype(k, jax.numpy.integer) or k == jax.numpy.bool_
+        for k, f in zip(kinds, floats, strict=True)
+    ]
+    if not any(floats) or not all(plain):
+        return None
+    float_dtype = kinds[floats.index(True)]
+    return [x if f else x.astype(float_dtype) for x, f in zip(operands, floats, strict=True)]
 
 
 # A name-stack segment of a lifted Flax transform: "vmap(Block_0)".
@@ -66,11 +83,14 @@ def module_path(path: str) -> str:
     ``"Model/vmap(Block_0)/Dense_0"`` and ``nn.scan`` / ``nn.RNN`` a method
     segment before the module's own (``"Model/Block_0.<lambda>/Block_0/Dense_0"``,
     ``".../LSTMCell_0.scan_fn/LSTMCell_0/ii"``). Both become
-    ``"Model/Block_0/Dense_0"`` style paths.
+    ``"Model/Block_0/Dense_0"`` style paths. ``jnp.einsum``'s own scope (its
+    spec, ``"attn/qk,kd->dq"``) is dropped.
     """
     out: list[str] = []
     previous_decorated = False
     for segment in path.split("/"):
+        if "," in segment or "->" in segment:  # jnp.einsum names its scope by its spec
+            continue
         clean = segment
         while match := _TRANSFORM_SEGMENT.match(clean):
             clean = match.group(1)
@@ -170,9 +190,12 @@ class _Rewriter:
         name, params = eqn.primitive.name, eqn.params
         path = _join(path, eqn.source_info.name_stack)
         # (Operands first: a ragged dot's third operand is its integer group sizes.)
-        if (name in self.targets or name in _UNSUPPORTED_PRODUCTS) and all(
-            _is_float(x) for x in invals[:2]
-        ):
+        floated = (
+            _float_operands(invals[:2])
+            if name in self.targets or name in _UNSUPPORTED_PRODUCTS
+            else None
+        )
+        if floated is not None:
             m = self.assign(path)
             # (The exact multiplier binds the equation as it is: same
             # precision, same bits as the original program.)
@@ -187,7 +210,7 @@ class _Rewriter:
                     # equals P with the einsum's operand order (SPEC's a is
                     # the earlier operand), forward and backward.
                     m = _transposed(m)
-                return getattr(self, "_" + name)(m, invals, params)
+                return getattr(self, "_" + name)(m, floated + list(invals[2:]), params)
         if name in _INLINE_CALLS:
             if params.get("name") != _EINSUM_CALL:
                 return self.closed(params["jaxpr"], path)(*invals)
@@ -334,9 +357,10 @@ def _swapped_dots(jaxpr, origins=None) -> set[int]:
     ``jnp.einsum`` may emit ``dot_general(y, x)`` for ``einsum(spec, x, y)``
     (it saves a transpose: Flax attention's ``weights x value`` becomes
     ``dot_general(value, weights)``). SPEC's operand ``a`` is the einsum's
-    earlier operand, so a dot_general whose left operand derives only from
-    later einsum operands than its right one is swapped. ``origins`` maps the
-    jaxpr's input variables to the einsum operand indices they derive from.
+    earlier operand, an intermediate result standing for its earliest
+    operand: a dot_general is swapped when its right operand derives from an
+    earlier einsum operand than its left one. ``origins`` maps the jaxpr's
+    input variables to the einsum operand indices they derive from.
     """
     origin: dict = {}
     for i, v in enumerate(jaxpr.invars):
@@ -349,7 +373,7 @@ def _swapped_dots(jaxpr, origins=None) -> set[int]:
         ]
         if eqn.primitive.name == _DOT:
             left, right = ins
-            if left and right and max(right) < min(left):
+            if left and right and min(right) < min(left):
                 found.add(id(eqn))
         elif eqn.primitive.name in _INLINE_CALLS:
             found |= _swapped_dots(eqn.params["jaxpr"].jaxpr, ins)
@@ -381,27 +405,43 @@ def _transposed(m):
 _einsum_patch_lock = threading.RLock()
 
 
-@contextlib.contextmanager
-def _einsum_calls_marked():
-    """While tracing, every ``jnp.einsum`` call is a jit named ``_EINSUM_CALL``.
+def _einsum_entry_points():
+    """``(module, attribute, marked_replacement_factory)`` of what to patch.
 
-    Its jaxpr then keeps the einsum's operands in the caller's order, for
-    :func:`_swapped_dots`. (Code that bound ``einsum`` to another name before
-    the trace keeps the emitted order.)
+    Every ``jnp.einsum`` call, however the function was bound (``nnx.Einsum``
+    binds it as a default argument, ``jax.nn`` imports it privately), runs
+    the module-level ``_einsum(operands, contractions, ...)`` of
+    ``jax._src.numpy.einsum``, looked up at call time with the operands in
+    the caller's order: that is patched where it exists. Otherwise (another
+    jax layout) the public ``jax.numpy.einsum`` is.
     """
-    with _einsum_patch_lock:
-        original = jax.numpy.einsum
-        if getattr(original, "_approx_jax_marks", False):  # a nested trace
-            yield
-            return
+    try:
+        from jax._src.numpy import einsum as einsum_module  # noqa: PLC0415 - private
 
-        tracing_thread = threading.get_ident()
+        impl = einsum_module._einsum
+        if callable(impl):
 
-        @functools.wraps(original)
+            def marked(original):
+                def impl_marked(operands, *static, **kw):
+                    def call(*ops):
+                        return original(list(ops), *static, **kw)
+
+                    call.__name__ = call.__qualname__ = _EINSUM_CALL
+                    return jax.jit(call)(*operands)
+
+                return impl_marked
+
+            return einsum_module, "_einsum", marked
+    except (ImportError, AttributeError):
+        pass
+
+    def marked_public(original):
         def einsum(*args, **kwargs):
-            if threading.get_ident() != tracing_thread:  # another thread's einsum
-                return original(*args, **kwargs)
-            operand_at = [i for i, a in enumerate(args) if not isinstance(a, (str, list, tuple))]
+            operand_at = [
+                i
+                for i, a in enumerate(args)
+                if not isinstance(a, (str, list, tuple)) and not _is_sublist(a)
+            ]
 
             def call(*operands):
                 full = list(args)
@@ -412,12 +452,68 @@ def _einsum_calls_marked():
             call.__name__ = call.__qualname__ = _EINSUM_CALL
             return jax.jit(call)(*(args[i] for i in operand_at))
 
-        einsum._approx_jax_marks = True
-        jax.numpy.einsum = einsum
-        try:
+        return functools.wraps(original)(einsum)
+
+    return jax.numpy, "einsum", marked_public
+
+
+def _is_sublist(a) -> bool:
+    """An interleaved-form subscript list given as a NumPy integer array."""
+    return isinstance(a, np.ndarray) and a.ndim == 1 and np.issubdtype(a.dtype, np.integer)
+
+
+@contextlib.contextmanager
+def _einsum_calls_marked():
+    """While tracing, every einsum is a jit named ``_EINSUM_CALL``.
+
+    Its jaxpr then keeps the einsum's operands in the caller's order, for
+    :func:`_swapped_dots`.
+    """
+    with _einsum_patch_lock:
+        home, name, make_marked = _einsum_entry_points()
+        original = getattr(home, name)
+        if getattr(original, "_approx_jax_marks", False):  # a nested trace
             yield
+            return
+        tracing_thread = threading.get_ident()
+        marked = make_marked(original)
+
+        def dispatch(*args, **kwargs):
+            if threading.get_ident() != tracing_thread:  # another thread's einsum
+                return original(*args, **kwargs)
+            return marked(*args, **kwargs)
+
+        dispatch._approx_jax_marks = True
+        setattr(home, name, dispatch)
+        try:
+            with _fresh_traces():
+                yield
         finally:
-            jax.numpy.einsum = original
+            setattr(home, name, original)
+
+
+@contextlib.contextmanager
+def _fresh_traces():
+    """Makes nested ``jax.jit`` functions retrace instead of reusing cached jaxprs.
+
+    A jitted function that was traced before (natively, say for an fp32
+    baseline) would otherwise bring back its cached jaxpr, whose einsum
+    calls are not marked. JAX keys its trace caches on the configuration's
+    trace context; this changes one entry of it that has no effect on the
+    program: the regex that shortens source file names in HLO location
+    metadata, extended by an alternative that matches nothing.
+    """
+    try:
+        from jax._src import config as jax_config  # noqa: PLC0415 - private, may move
+
+        state = jax_config.hlo_source_file_canonicalization_regex
+        current = state.value
+    except (ImportError, AttributeError):  # another jax: cached traces stay cached
+        yield
+        return
+    never = "(?!)approx_jax_einsum_trace"
+    with state(never if current is None else f"{current}|{never}"):
+        yield
 
 
 def _is_dynamic(leaf) -> bool:
@@ -474,12 +570,14 @@ def approximate(
     :func:`approx_jax.approx_conv`). For ``jnp.einsum`` ``a`` is the earlier
     einsum operand, even where einsum emits ``dot_general(y, x)`` to save a
     transpose (Flax attention's ``weights x value``): the trace marks einsum
-    calls, and such a product runs under the transposed LUT, which gives
-    ``P(x, y)`` bit for bit (this matters only for a multiplier whose LUT is
-    not symmetric; code that bound ``einsum`` to another name before the call
-    keeps the emitted order). Products with no simulated equivalent
-    (``lax.ragged_dot``) raise ``NotImplementedError``; complex products stay
-    native (SPEC covers float32). Nothing else changes. No model code needs
+    calls (also through ``jax.nn`` and ``nnx.Einsum``, and in jitted
+    functions traced before), and such a product runs under the transposed
+    LUT, which gives ``P(x, y)`` bit for bit (this matters only for a
+    multiplier whose LUT is not symmetric). An integer operand of a float
+    product is converted to float first, as natively. Products with no
+    simulated equivalent (``lax.ragged_dot``) raise ``NotImplementedError``;
+    complex products stay native (SPEC covers float32). Nothing else changes.
+    No model code needs
     to be edited: a pretrained model from any library is evaluated, or
     fine-tuned, on the simulated hardware as it is.
 
@@ -597,8 +695,9 @@ class _Recorder(_Rewriter):
 
     def eqn(self, eqn, invals, path):
         name = eqn.primitive.name
-        if name in self.targets and all(_is_float(x) for x in invals):
-            pairs = getattr(self, "_sample_" + name)(eqn, *invals)
+        floated = _float_operands(invals) if name in self.targets else None
+        if floated is not None:
+            pairs = getattr(self, "_sample_" + name)(eqn, *floated)
             if pairs is not None and id(eqn) in self.swapped:  # an einsum's: a is rhs
                 pairs = pairs[::-1]
             if pairs is not None:
@@ -752,7 +851,10 @@ def einsum(*operands, multiplier, backward: str = "approx", **kwargs) -> jax.Arr
     operand, ``b`` that of the later one (for more than two operands: the
     contraction order ``optimize`` chooses, each intermediate result taking
     the place of its earliest operand). Sums are float32 as in
-    :func:`approx_matmul`.
+    :func:`approx_matmul`. The products are those ``jnp.einsum`` computes: it
+    first sums (natively) an index that only one operand has and the output
+    lacks (``"ij,jk->"`` sums ``i`` of ``x`` and ``k`` of ``y``, then multiplies
+    the sums), and a repeated index (``"ii,ij->j"``) takes the diagonal.
 
     Args:
       *operands: as for ``jnp.einsum``: a subscripts string and arrays, or
@@ -769,6 +871,14 @@ def einsum(*operands, multiplier, backward: str = "approx", **kwargs) -> jax.Arr
     Example:
       >>> scores = approx_jax.einsum("bqhd,bkhd->bhqk", q, k, multiplier="mbm7")
     """
+    if operands and not isinstance(operands[0], str):
+        # The interleaved form: subscript lists at odd positions (and last),
+        # which must stay static, also when given as NumPy arrays.
+        last = len(operands) - 1
+        operands = tuple(
+            tuple(x.tolist()) if isinstance(x, np.ndarray) and (i % 2 or i == last) else x
+            for i, x in enumerate(operands)
+        )
     fn = approximate(lambda *ops: jax.numpy.einsum(*ops, **kwargs), multiplier, backward=backward)
     return fn(*operands)
 
