@@ -408,14 +408,21 @@ def _designs_in_groups(fn, geometry, budget):
 _NO_PATCH_BUDGET = 1 << 62
 
 
+def _in_place_targets_apply(geometry) -> bool:
+    """Whether the CPU in-place conv targets serve this convolution."""
+    return (
+        1 <= len(geometry[0]) <= 3
+        and jax.default_backend() == "cpu"
+        and "cpu" in ffi.registered_platforms()
+    )
+
+
 def _implicit_forward_applies(channels: int, geometry) -> bool:
     """Whether the forward pass reads the patch matrix in place (see IMPLICIT_MIN_CHANNELS)."""
     return (
         IMPLICIT_MIN_CHANNELS is not None
         and channels >= IMPLICIT_MIN_CHANNELS
-        and 1 <= len(geometry[0]) <= 3
-        and jax.default_backend() == "cpu"
-        and "cpu" in ffi.registered_platforms()
+        and _in_place_targets_apply(geometry)
     )
 
 
@@ -671,28 +678,38 @@ def _conv_chunked(xg, w4, klut, mbits, backward, geometry, budget, chunk: int):
     return _unchunk(ys, xg.shape[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk):
-    """CPU: the forward pass on the patch matrix read in place, whole batch at once.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk, forward_in_place):
+    """CPU: the convolution with the kernel gradient read in place.
 
-    The forward pass builds no patches, so it needs no batch chunks (the
-    chunks' loop and their smaller GEMMs cost 20-40% of a forward pass). With
-    ``backward="approx"`` the kernel gradient reads ``patches^T`` in place
-    too, as one GEMM over the whole batch: the bits of the unchunked patch
-    path (``_conv_core``) whatever ``chunk`` is; only the input gradient
-    (``d_patches`` and its fold) runs over the batch chunks of
-    ``_conv_chunked``, with the same bits. (``backward="exact"`` runs
-    ``_conv_core``'s backward over the chunks, adding the kernel-gradient
-    partials as ``_conv_chunked``'s transpose does.) Arguments as
-    ``_conv_core``, plus the batch chunk of the backward pass.
+    With ``forward_in_place`` (3 or more channels per group) the forward pass
+    reads its patch matrix in place too, whole batch at once: it builds no
+    patches, so it needs no batch chunks (the chunks' loop and their smaller
+    GEMMs cost 20-40% of a forward pass); otherwise it runs over the batch
+    chunks of ``_conv_chunked``. With ``backward="approx"`` the kernel
+    gradient reads ``patches^T`` in place, as one GEMM over the whole batch:
+    the bits of the unchunked patch path (``_conv_core``) whatever ``chunk``
+    is, every partial sum in the kernel (chunk partials added by XLA would be
+    flushed where they are subnormal); only the input gradient
+    (``d_patches`` and its fold) runs over the batch chunks, with the same
+    bits. (``backward="exact"`` runs ``_conv_core``'s backward over the
+    chunks, adding the kernel-gradient partials as ``_conv_chunked``'s
+    transpose does.) Arguments as ``_conv_core``, plus the batch chunk and
+    whether the forward pass reads its patches in place.
     """
-    del backward, chunk
-    return _core_forward(mbits, geometry, budget, True)(xg, w4, klut)
+    del backward
+    if forward_in_place:
+        return _core_forward(mbits, geometry, budget, True)(xg, w4, klut)
+    forward = _core_forward(mbits, geometry, budget)
+    if chunk >= xg.shape[1]:
+        return forward(xg, w4, klut)
+    ys = lax.map(lambda x_chunk: forward(x_chunk, w4, klut), _chunks_of(xg, chunk))
+    return _unchunk(ys, xg.shape[1])
 
 
-def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk):
+def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk, forward_in_place):
     # (As _conv_core_fwd: the custom_vjp function itself.)
-    out = _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk)
+    out = _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk, forward_in_place)
     return out, (xg, w4, klut)
 
 
@@ -734,7 +751,8 @@ def _in_place_backward_fast(mbits, backward, geometry, budget, chunk, xg, w4, kl
     return d_x, d_w
 
 
-def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, residuals, ct):
+def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, forward_in_place, residuals, ct):
+    del forward_in_place
     xg, w4, klut = residuals
     d_x, d_w = _in_place_backward(mbits, backward, geometry, budget, chunk)(xg, w4, klut, ct)
     d_x = partitioning.match_vma(d_x, xg)
@@ -1024,7 +1042,10 @@ def _lowered(
     w = w.reshape(window + (cg, groups, og))
     w = jnp.moveaxis(w, -2, 0).reshape(1, groups, math.prod(window) * cg, og)
     if in_place:
-        y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk)
+        y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk, True)
+    elif chunk < n and backward == "approx" and _in_place_targets_apply(geometry):
+        # Batch chunks for the patches, but the kernel gradient in one GEMM.
+        y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk, False)
     elif chunk >= n:
         y = _conv_core(xg, w, klut, mbits, backward, geometry, budget)
     else:
