@@ -577,9 +577,8 @@ def approximate(
     product is converted to float first, as natively. Products with no
     simulated equivalent (``lax.ragged_dot``) raise ``NotImplementedError``;
     complex products stay native (SPEC covers float32). Nothing else changes.
-    No model code needs
-    to be edited: a pretrained model from any library is evaluated, or
-    fine-tuned, on the simulated hardware as it is.
+    No model code needs to be edited: a pretrained model from any library is
+    evaluated, or fine-tuned, on the simulated hardware as it is.
 
     Differentiate the *approximated* function (``jax.grad(approximate(f, m))``):
     the simulated ops then supply SPEC section 5's backward products. A
