@@ -423,6 +423,9 @@ def _einsum_entry_points():
 
             def marked(original):
                 def impl_marked(operands, *static, **kw):
+                    if not isinstance(operands, (list, tuple)):  # another signature
+                        return original(operands, *static, **kw)
+
                     def call(*ops):
                         return original(list(ops), *static, **kw)
 
