@@ -722,3 +722,34 @@ def test_name_patterns_match_einsum_products_in_their_scope():
         approx_jax.approx_matmul(x, y, "mitchell3"),
     )
     assert list(approx_jax.operand_samples(f, num=4)(x, y)) == ["attn"]
+    # The spec segment is not a scope of its own: "attn/*" names attn's children.
+    _bits_equal(approx_jax.approximate(f, {"attn/*": "mitchell3"})(x, y), f(x, y))
+    _bits_equal(approx_jax.approximate(f, {"*->*": "mitchell3"})(x, y), f(x, y))
+
+
+def test_integer_operand_converted_to_the_products_result_dtype():
+    # int32 x bfloat16 computed in float32 (as jnp.einsum / preferred_element_type
+    # emit it): the integer converts exactly to float32, not rounded to bfloat16.
+    m = multipliers.truncate(11)  # exact for these operands
+    xi = jnp.asarray([[257, 2049]], jnp.int32)
+    yb = jnp.asarray([[1.0], [0.0]], jnp.bfloat16)
+
+    def f(a, b):
+        return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    got = approx_jax.approximate(f, m)(xi, yb)
+    assert got.dtype == jnp.float32 and float(got[0, 0]) == 257.0 == float(f(xi, yb)[0, 0])
+
+
+def test_transposed_lut_built_once_per_multiplier(monkeypatch):
+    from approx_jax._src import transform
+
+    calls = []
+    original = transform._transposed
+    monkeypatch.setattr(transform, "_transposed", lambda m: calls.append(1) or original(m))
+    m = random_multiplier(5, 3)
+    x, y = _normal(np.random.default_rng(11), 4, 3), _normal(np.random.default_rng(12), 3, 2)
+    f = approx_jax.approximate(lambda a, b: jnp.einsum("qk,kd->dq", a, b), m)
+    first = f(x, y)
+    _bits_equal(f(x, y), first)
+    assert len(calls) == 1

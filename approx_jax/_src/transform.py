@@ -51,14 +51,15 @@ _CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 _EINSUM_CALL = "approx_jax_einsum"
 
 
-def _float_operands(operands) -> list | None:
+def _float_operands(operands, result_dtype) -> list | None:
     """A product's two operands as floats, or None if it is not a float product.
 
     A float product has a floating-point operand and one that is floating
-    point, integer or boolean (``dot_general(int32, float32)``, which
-    ``jnp.dot`` / ``einsum`` emit for mixed inputs): the integer operand is
-    converted to the other's float dtype, as the native product does.
-    Complex and integer-only products are not float products.
+    point, integer or boolean (``dot_general(int32, bfloat16,
+    preferred_element_type=float32)``, which ``jnp.dot`` / ``einsum`` emit
+    for mixed inputs): the integer operand is converted to the product's
+    float result dtype, as the native product computes it (else to the other
+    operand's dtype). Complex and integer-only products are not float products.
     """
     kinds = [jax.numpy.result_type(x) for x in operands]
     floats = [jax.numpy.issubdtype(k, jax.numpy.floating) for k in kinds]
@@ -68,8 +69,12 @@ def _float_operands(operands) -> list | None:
     ]
     if not any(floats) or not all(plain):
         return None
-    float_dtype = kinds[floats.index(True)]
-    return [x if f else x.astype(float_dtype) for x, f in zip(operands, floats, strict=True)]
+    if all(floats):
+        return list(operands)
+    target = result_dtype
+    if not jax.numpy.issubdtype(target, jax.numpy.floating):
+        target = kinds[floats.index(True)]
+    return [x if f else x.astype(target) for x, f in zip(operands, floats, strict=True)]
 
 
 # A name-stack segment of a lifted Flax transform: "vmap(Block_0)".
@@ -88,9 +93,7 @@ def module_path(path: str) -> str:
     """
     out: list[str] = []
     previous_decorated = False
-    for segment in path.split("/"):
-        if "," in segment or "->" in segment:  # jnp.einsum names its scope by its spec
-            continue
+    for segment in _without_einsum_scopes(path).split("/"):
         clean = segment
         while match := _TRANSFORM_SEGMENT.match(clean):
             clean = match.group(1)
@@ -103,12 +106,18 @@ def module_path(path: str) -> str:
     return "/".join(out)
 
 
+def _without_einsum_scopes(path: str) -> str:
+    """``path`` without the scopes ``jnp.einsum`` names by its spec (``"ij,jk->ik"``)."""
+    return "/".join(s for s in path.split("/") if "," not in s and "->" not in s)
+
+
 def _path_matches(path: str, pattern: str) -> bool:
     """Whether ``pattern`` matches ``path`` or a trailing part of it at a ``/``.
 
-    Tried on the raw name-stack path and on its :func:`module_path`.
+    Tried on the raw name-stack path and on its :func:`module_path`, both
+    without ``jnp.einsum``'s own scopes.
     """
-    for candidate in dict.fromkeys((path, module_path(path))):
+    for candidate in dict.fromkeys((_without_einsum_scopes(path), module_path(path))):
         parts = candidate.split("/")
         if any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern) for i in range(len(parts))):
             return True
@@ -149,8 +158,19 @@ class _Rewriter:
         # ids of the dot_general equations being evaluated whose left operand
         # is a later einsum operand than their right one (see _swapped_dots).
         self.swapped: set[int] = set()
+        # id(m) -> (m, m with the transposed LUT): built once per multiplier
+        # (4**M entries compared and copied; m is kept so the id stays its).
+        self.transposed: dict[int, tuple] = {}
 
     # -- helpers ------------------------------------------------------------
+
+    def _transposed(self, m):
+        """:func:`_transposed`, once per concrete multiplier (not for traced LUTs)."""
+        if not isinstance(m.lut, np.ndarray):
+            return _transposed(m)
+        if id(m) not in self.transposed:
+            self.transposed[id(m)] = (m, _transposed(m))
+        return self.transposed[id(m)][1]
 
     def simulates(self, jaxpr) -> bool:
         """Whether ``jaxpr`` (or a jaxpr nested in it) has a product to simulate."""
@@ -191,7 +211,7 @@ class _Rewriter:
         path = _join(path, eqn.source_info.name_stack)
         # (Operands first: a ragged dot's third operand is its integer group sizes.)
         floated = (
-            _float_operands(invals[:2])
+            _float_operands(invals[:2], eqn.outvars[0].aval.dtype)
             if name in self.targets or name in _UNSUPPORTED_PRODUCTS
             else None
         )
@@ -209,7 +229,7 @@ class _Rewriter:
                     # P under the transposed LUT with the operands as emitted
                     # equals P with the einsum's operand order (SPEC's a is
                     # the earlier operand), forward and backward.
-                    m = _transposed(m)
+                    m = self._transposed(m)
                 return getattr(self, "_" + name)(m, floated + list(invals[2:]), params)
         if name in _INLINE_CALLS:
             if params.get("name") != _EINSUM_CALL:
@@ -697,7 +717,9 @@ class _Recorder(_Rewriter):
 
     def eqn(self, eqn, invals, path):
         name = eqn.primitive.name
-        floated = _float_operands(invals) if name in self.targets else None
+        floated = (
+            _float_operands(invals, eqn.outvars[0].aval.dtype) if name in self.targets else None
+        )
         if floated is not None:
             pairs = getattr(self, "_sample_" + name)(eqn, *floated)
             if pairs is not None and id(eqn) in self.swapped:  # an einsum's: a is rhs
