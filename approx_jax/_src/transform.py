@@ -410,16 +410,14 @@ def _transposed(m):
     bit (SPEC section 2 is symmetric apart from the LUT address). A LUT
     known to be symmetric (every built-in family) is returned as it is.
     """
-    side = 1 << m.mbits
     lut = m.lut
-    if isinstance(lut, np.ndarray):
+    if isinstance(lut, np.ndarray):  # NumPy, not jnp: stays concrete inside a trace
+        side = 1 << m.mbits
         swapped = np.swapaxes(lut.reshape(lut.shape[:-1] + (side, side)), -1, -2).reshape(lut.shape)
         if np.array_equal(swapped, lut):
             return m
         return dataclasses.replace(m, lut=np.ascontiguousarray(swapped))
-    lut = jax.numpy.asarray(lut)
-    swapped = jax.numpy.swapaxes(lut.reshape(lut.shape[:-1] + (side, side)), -1, -2)
-    return dataclasses.replace(m, lut=swapped.reshape(lut.shape))
+    return dataclasses.replace(m, lut=ops._transposed_lut(jax.numpy.asarray(lut), m.mbits))
 
 
 _einsum_patch_lock = threading.RLock()
@@ -446,11 +444,7 @@ def _einsum_entry_points():
                     if not isinstance(operands, (list, tuple)):  # another signature
                         return original(operands, *static, **kw)
 
-                    def call(*ops):
-                        return original(list(ops), *static, **kw)
-
-                    call.__name__ = call.__qualname__ = _EINSUM_CALL
-                    return jax.jit(call)(*operands)
+                    return _einsum_call(lambda *ops: original(list(ops), *static, **kw), operands)
 
                 return impl_marked
 
@@ -472,12 +466,21 @@ def _einsum_entry_points():
                     full[i] = x
                 return original(*full, **kwargs)
 
-            call.__name__ = call.__qualname__ = _EINSUM_CALL
-            return jax.jit(call)(*(args[i] for i in operand_at))
+            return _einsum_call(call, [args[i] for i in operand_at])
 
         return functools.wraps(original)(einsum)
 
     return jax.numpy, "einsum", marked_public
+
+
+def _einsum_call(fn, operands):
+    """``fn(*operands)`` as a jit named ``_EINSUM_CALL`` (the marker of an einsum)."""
+
+    def call(*ops):
+        return fn(*ops)
+
+    call.__name__ = call.__qualname__ = _EINSUM_CALL
+    return jax.jit(call)(*operands)
 
 
 def _is_sublist(a) -> bool:
