@@ -73,6 +73,47 @@ def test_corrupt_cached_library_is_rebuilt(require_c_compiler, isolated_cache):
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)
 
 
+def test_damaged_cached_lut_is_rebuilt(require_c_compiler, isolated_cache):
+    want = mm.from_c(EXACT, "f", 3).lut
+    cached = list((isolated_cache / "lib").glob("*.lut.npy"))
+    assert cached
+    for path in cached:
+        lut = np.load(path)
+        lut[1] = 0x7F  # carry 0 with r = 127: out of range for M = 3
+        np.save(path, lut)
+    np.testing.assert_array_equal(mm.from_c(EXACT, "f", 3).lut, want)
+
+
+@pytest.mark.parametrize("compiler", ["c++", "g++"])
+def test_c_model_compiled_by_a_cxx_compiler(require_c_compiler, isolated_cache, tmp_path, compiler):
+    # A C++ compiler compiles a `.c` file as C++: the generated wrapper must be
+    # valid there too, and its errors must not be reported as the model's lines.
+    import shutil  # noqa: PLC0415
+
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} not found")
+    model = tmp_path / "model.c"
+    model.write_text(EXACT)
+    got = mm.from_c(str(model), "f", 4, compiler=compiler)
+    np.testing.assert_array_equal(got.lut, mm.truncate(4).lut)
+    with pytest.raises(cmodel.CModelError, match="signature float") as e:
+        mm.from_c("int f(int a, int b) { return a * b; }", "f", 3, compiler=compiler)
+    assert "LUT wrapper" in str(e.value)
+    with pytest.raises(cmodel.CModelError, match="not defined") as e:
+        mm.from_c(str(model), "g", 3, compiler=compiler)
+
+
+def test_call_to_an_undeclared_function_is_an_error(require_c_compiler, isolated_cache):
+    # C compilers only warn (and leave an undefined symbol) by default.
+    with pytest.raises(cmodel.CModelError, match="implicit declaration"):
+        mm.from_c("float f(float a, float b) { return helper(a, b); }", "f", 3)
+
+
+def test_contradictory_language_arguments():
+    with pytest.raises(ValueError, match="contradicts"):
+        mm.from_c(EXACT, "f", 3, language="c", cpp=True)
+
+
 @pytest.mark.parametrize(
     "source,cpp",
     [

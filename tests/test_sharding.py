@@ -275,6 +275,44 @@ def test_matmul_and_multiply_batch_sharded(kind):
         assert r[name]["same"], r
 
 
+def test_explicit_mesh_arrays_without_set_mesh():
+    """Arrays placed on an Explicit mesh (``jax.make_mesh``'s default) and passed
+    to a jitted function outside ``jax.set_mesh``, as ``jnp.dot`` takes them:
+    the canonical reshapes must not use a bare PartitionSpec."""
+    r = _run(
+        """
+        mesh = mesh_of("explicit")
+        x, w, A, B = randn(32, 16), randn(16, 8), randn(8, 2, 4, 16), randn(8, 2, 16, 4)
+        stack = ml.stack([M, ml.mitchell(5)])
+        cases = {
+            "dot": (lambda x, w: ops.approx_dot(x, w, M), (x, w)),
+            "dot_grad": (jax.grad(lambda w, x: jnp.sum(jnp.tanh(ops.approx_dot(x, w, M))),
+                                  argnums=(0, 1)), (w, x)),
+            "matmul": (lambda A, B: ops.approx_matmul(A, B, M), (A, B)),
+            "multiply": (lambda u, v: ops.multiply(u, v, M), (x, x)),
+            "stack": (lambda x, w: ops.approx_dot(x, w, stack), (x, w)),
+        }
+        for name, (fn, args) in cases.items():
+            ref = jax.jit(fn)(*args)
+            sh = [jax.device_put(a, NamedSharding(mesh, P("data")) if a.shape[0] % 4 == 0
+                                 and a is not w else NamedSharding(mesh, P())) for a in args]
+            try:
+                out = jax.jit(fn)(*sh)
+            except Exception as e:
+                R[name] = dict(err=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            leaves = list(zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+            R[name] = dict(same=all(
+                np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in leaves
+            ) if name != "dot_grad" else float(np.max(np.abs(
+                np.asarray(out[0]) - np.asarray(ref[0])))) < 1e-4 and same(out[1], ref[1]))
+        """
+    )
+    errs = {n: v["err"] for n, v in r.items() if "err" in v}
+    assert not errs, errs
+    assert all(v["same"] for v in r.values()), r
+
+
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 def test_shard_map_forward_and_grad(kind):
     """Inside shard_map the custom calls run on the per-device blocks."""

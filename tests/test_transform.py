@@ -709,6 +709,23 @@ def test_einsum_forms_and_mixed_dtypes():
     np.testing.assert_array_equal(ints, xi @ xi.T)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_einsum_refuses_products_it_would_not_simulate(interleaved):
+    # approximate() leaves complex and integer-only products native; einsum
+    # promises simulated products, so it raises (as approx_dot does) instead
+    # of returning the native result (and, for a stack, copies of it).
+    rng = np.random.default_rng(4)
+    x, y = _normal(rng, 3, 4), _normal(rng, 4, 5)
+    xi, yi = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
+    cases = [((x.astype(np.complex64), y), "complex"), ((xi, yi), "no operand has a floating")]
+    stack = multipliers.stack([random_multiplier(5, 1), multipliers.mbm(5)])
+    for (a, b), message in cases:
+        args = (a, [0, 1], b, [1, 2], [0, 2]) if interleaved else ("ij,jk->ik", a, b)
+        for m in ("mbm7", stack):
+            with pytest.raises(TypeError, match=message):
+                approx_jax.einsum(*args, multiplier=m)
+
+
 def test_name_patterns_match_einsum_products_in_their_scope():
     rng = np.random.default_rng(10)
     x, y = _normal(rng, 4, 3), _normal(rng, 3, 2)

@@ -38,6 +38,7 @@ the wrapped call directly, so the kernel runs on the per-device blocks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -170,6 +171,23 @@ def _out_shape(dims, out_dims, shapes, fixed=None):
     return tuple(size[f] for f in out_dims)
 
 
+def _auto_typed(mesh):
+    """A context in which traced values carry ``mesh``'s axes as Auto.
+
+    The body of a partitioned op that sums over a sharded contraction is
+    traced with it: under Explicit axes jax 0.11 gives the ``add`` of
+    ``psum``'s reduction body a sharding annotation, and XLA:CPU rejects that
+    all-reduce ("Unsupported reduction computation"). The per-device body
+    needs no sharding types: its operands are plain blocks.
+    """
+    try:
+        names = mesh.abstract_mesh.axis_names
+        auto = mesh.abstract_mesh.update_axis_types({n: jax.sharding.AxisType.Auto for n in names})
+        return jax.sharding.use_abstract_mesh(auto)
+    except (AttributeError, TypeError, ValueError):  # a jax without these APIs
+        return contextlib.nullcontext()
+
+
 def _named_spec(factors, chosen) -> P:
     spec = []
     for f in factors:
@@ -249,10 +267,13 @@ def _make_partitioned(
         reduce_axes = tuple(a for f in reduction for a in chosen.get(f, ()))
 
         def lower(a, b, lut):
-            out = call(a, b, lut)
-            if reduce_axes:
-                out = jax.lax.psum(out, reduce_axes)
-            return out
+            if not reduce_axes:
+                return call(a, b, lut)
+            with _auto_typed(mesh):
+                shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in (a, b, lut)], fixed)
+                result = jax.ShapeDtypeStruct(shape, jnp.float32)
+                out = ffi.call_target(target, result, a, b, lut, mbits, **attrs)
+                return jax.lax.psum(out, reduce_axes)
 
         return mesh, lower, out_sharding, arg_shardings
 
@@ -488,8 +509,11 @@ def reshape(x: jax.Array, shape) -> jax.Array:
             None if (d in drop or not a) else (a[0] if len(a) == 1 else a)
             for d, a in enumerate(spec_axes)
         ]
-        x = jax.sharding.reshard(x, P(*in_spec))
-    return jax.lax.reshape(x, shape, out_sharding=P(*out_spec))
+        # Shardings on x's own mesh: a bare PartitionSpec needs `jax.set_mesh`,
+        # and arrays placed on an Explicit mesh (`jax.make_mesh`'s default) work
+        # with jnp ops without one.
+        x = jax.sharding.reshard(x, sharding.update(spec=P(*in_spec)))
+    return jax.lax.reshape(x, shape, out_sharding=sharding.update(spec=P(*out_spec)))
 
 
 __all__: list[Any] = ["gemm_call", "match_vma", "multiply_call", "reshape"]

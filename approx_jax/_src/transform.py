@@ -906,8 +906,35 @@ def einsum(*operands, multiplier, backward: str = "approx", **kwargs) -> jax.Arr
             tuple(x.tolist()) if isinstance(x, np.ndarray) and (i % 2 or i == last) else x
             for i, x in enumerate(operands)
         )
+    _check_einsum_dtypes(operands)
     fn = approximate(lambda *ops: jax.numpy.einsum(*ops, **kwargs), multiplier, backward=backward)
     return fn(*operands)
+
+
+def _check_einsum_dtypes(operands) -> None:
+    """Raises TypeError for einsum products that would not be simulated.
+
+    ``approximate`` leaves complex and integer-only products native; here
+    every product is meant to be simulated (as ``approx_dot`` refuses such
+    operands), so a native result, with a stack's design axis filled by
+    copies of it, would be a silent wrong answer.
+    """
+    if operands and isinstance(operands[0], str):
+        arrays = operands[1:]
+    else:  # interleaved: arrays at even positions, subscript lists between
+        arrays = operands[: len(operands) - (len(operands) % 2 == 1)][::2]
+    dtypes = [jax.numpy.result_type(x) for x in arrays]
+    for i, dtype in enumerate(dtypes):
+        if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+            raise TypeError(
+                f"approx_jax.einsum: operand {i} is complex ({dtype}); only real "
+                "floating-point products are simulated (SPEC section 1)"
+            )
+    if dtypes and not any(jax.numpy.issubdtype(d, jax.numpy.floating) for d in dtypes):
+        raise TypeError(
+            "approx_jax.einsum: no operand has a floating-point dtype (got "
+            f"{', '.join(str(d) for d in dtypes)}); integer products are not simulated"
+        )
 
 
 class Einsum(hooks.Hook):
