@@ -140,6 +140,29 @@ def test_bad_arguments_are_clear_errors(tmp_path):
             ch.plot_heatmaps(result, tmp_path / "heat.png", columns=columns)
 
 
+def test_sample_operands_broadcast_and_bad_dtypes_raise():
+    # (a, b) broadcast as arrays (a column of activations against a row of
+    # weights), not after flattening; complex or text operands are refused.
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 1)).astype(np.float32)
+    b = rng.standard_normal((1, 5)).astype(np.float32)
+    got = ch.characterize("mitchell4", samples=(a, b))
+    want = ch.characterize("mitchell4", samples=np.broadcast_arrays(a, b))
+    assert (got.bias, got.mred, got.worst_case, got.count) == (
+        want.bias,
+        want.mred,
+        want.worst_case,
+        want.count,
+    )
+    assert got.count == 30
+    with pytest.raises(TypeError, match="complex"):
+        ch.characterize("mbm3", samples=(a.astype(np.complex64), b))
+    with pytest.raises(TypeError, match="not numeric"):
+        ch.characterize("mbm3", samples=(np.array(["1.5"]), b))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ch.characterize("mbm3", samples=(np.ones(3), np.ones(4)))
+
+
 def test_exact_multiplier_on_samples_scores_what_the_native_op_computes():
     # fp32 products as approx_jax.multiply(..., "fp32") gives them: XLA flushes
     # subnormal operands and results, so those pairs are off by 100 %.

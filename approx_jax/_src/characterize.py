@@ -88,8 +88,13 @@ def _metrics(name, mbits, mode, simulated, exact_values, heatmap, skipped) -> Er
 def _unpack_samples(samples):
     """Splits ``samples`` into its operand arrays ``(a, b)``.
 
+    Returns:
+      ``(a, b)`` as float32 NumPy arrays, broadcast against each other and
+      flattened.
+
     Raises:
-      ValueError: If ``samples`` is not a pair.
+      ValueError: If ``samples`` is not a pair, or the shapes do not broadcast.
+      TypeError: If an operand is complex or not numeric.
     """
     try:
         a, b = samples
@@ -99,7 +104,25 @@ def _unpack_samples(samples):
             "samples must be a pair (a, b) of operand arrays, got "
             f"{type(samples).__name__} of length {_length(samples)}"
         ) from err
-    return a, b
+    arrays = []
+    for label, x in (("a", a), ("b", b)):
+        x = np.asarray(x)
+        if x.dtype.kind == "c":
+            raise TypeError(f"samples operand {label} is complex ({x.dtype}): products are real")
+        # Kind "V" includes ml_dtypes' bfloat16 / float8 (from jax arrays).
+        if x.dtype.kind not in "biufV":
+            raise TypeError(f"samples operand {label} is not numeric ({x.dtype})")
+        try:
+            arrays.append(x.astype(np.float32))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"samples operand {label} is not numeric ({x.dtype})") from err
+    try:
+        a32, b32 = np.broadcast_arrays(*arrays)
+    except ValueError as err:
+        raise ValueError(
+            f"samples operands do not broadcast: shapes {arrays[0].shape} and {arrays[1].shape}"
+        ) from err
+    return a32.reshape(-1), b32.reshape(-1)
 
 
 def _length(obj) -> str:
@@ -130,12 +153,9 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
         heatmap = ((simulated - exact_values) / exact_values).reshape(1 << M, 1 << M)
         return dataclasses.replace(result, heatmap=heatmap)
 
-    a, b = _unpack_samples(samples)
     # The multiplier sees float32 operands (SPEC section 1); O is their exact
     # product (float64 holds a 24x24-bit product exactly).
-    a32, b32 = np.broadcast_arrays(
-        np.asarray(a, np.float32).reshape(-1), np.asarray(b, np.float32).reshape(-1)
-    )
+    a32, b32 = _unpack_samples(samples)
     exact_values = a32.astype(np.float64) * b32.astype(np.float64)
     if multiplier.is_exact:
         # The native float32 product as the ops compute it: XLA flushes
@@ -180,7 +200,9 @@ def characterize(multiplier, samples=None):
       An :class:`ErrorMetrics`, or a list of them for a stack.
 
     Raises:
-      ValueError: If ``samples`` is neither ``None`` nor a pair ``(a, b)``.
+      ValueError: If ``samples`` is neither ``None`` nor a pair ``(a, b)`` of
+        arrays that broadcast against each other.
+      TypeError: If a sample operand is complex or not numeric.
     """
     multiplier = multipliers_lib.get(multiplier)
     if samples is not None:
