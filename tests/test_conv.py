@@ -773,3 +773,19 @@ def test_subnormal_partial_sums_keep_their_value(c_in, mult_name, chunked, monke
         with_bound=True,
     )
     _check(dw, rdw, rdw_abs, x.shape[0] * x.shape[1] * x.shape[2])
+
+
+def test_non_integer_padding_and_mixed_dtypes():
+    # Float padding is refused as lax refuses it (it was truncated: 0.99 -> 0
+    # shrank the output); mixed input dtypes promote under every multiplier
+    # ("fp32" forwarded them to lax, which refuses them).
+    x = jnp.ones((1, 5, 5, 3), jnp.float32)
+    w = jnp.ones((3, 3, 3, 2), jnp.float32)
+    for padding in (((1.5, 1), (1, 1)), ((1.0, 1), (1, 1)), ((0.99, 1), (1, 1))):
+        with pytest.raises(ValueError, match="pairs of ints"):
+            approx_conv(x, w, "mbm7", padding=padding)
+    assert approx_conv(x, w, "mbm7", padding=((np.int64(1), 1), (1, 1))).shape == (1, 5, 5, 2)
+    for m in ("fp32", "mbm7"):
+        got = approx_conv(x.astype(jnp.bfloat16), w, m)
+        assert got.dtype == jnp.float32, m
+        np.testing.assert_array_equal(got, approx_conv(x, w, m))

@@ -171,12 +171,19 @@ def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation,
             tuple(int(p) for p in pair)
             for pair in lax.padtype_to_pads(in_spatial, eff_window, window_strides, key)
         )
+
+    def integer(p):
+        # As lax: 1.5 (or 1.0) is refused, not truncated to 1.
+        if isinstance(p, bool) or not isinstance(p, int | np.integer):
+            raise TypeError(p)
+        return int(p)
+
     try:
-        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+        pairs = tuple((integer(lo), integer(hi)) for lo, hi in padding)
     except (TypeError, ValueError) as err:
         raise ValueError(
             f"padding must be one of {_PADDING_STRINGS} or a sequence of {nd} (low, high) "
-            f"pairs, got {padding!r}"
+            f"pairs of ints, got {padding!r}"
         ) from err
     if len(pairs) != nd:
         raise ValueError(
@@ -938,6 +945,9 @@ def approx_conv(
             )
 
     if m.is_exact:
+        # Promoted as on the simulated path (lax refuses mixed dtypes), so that
+        # switching a model between "fp32" and a LUT design never changes that.
+        lhs, rhs = lhs.astype(promoted), rhs.astype(promoted)
         if any(lo < 0 or hi < 0 for lo, hi in pads):
             # XLA:CPU's native convolution gives wrong values for negative low
             # padding (openxla/xla#48713): pad and dilate the input here instead.

@@ -311,7 +311,7 @@ class _Rewriter:
 
     def _scan(self, invals, params, path):
         body = self.closed(params["jaxpr"], path)
-        num_carry = params["num_carry"]
+        _, num_carry = _scan_counts(params)
 
         def step(consts, carry, x):
             outs = body(*consts, *carry, *x)
@@ -345,7 +345,7 @@ def _rescan(invals, params, step):
 
     ``step(consts, carry, x)`` returns ``(new_carry, y)``; returns ``(carry, ys)``.
     """
-    num_consts, num_carry = params["num_consts"], params["num_carry"]
+    num_consts, num_carry = _scan_counts(params)
     consts = invals[:num_consts]
     init = invals[num_consts : num_consts + num_carry]
     xs = invals[num_consts + num_carry :]
@@ -357,6 +357,18 @@ def _rescan(invals, params, step):
         reverse=params["reverse"],
         unroll=params["unroll"],
     )
+
+
+def _scan_counts(params) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation.
+
+    jax 0.10 stores the counts; jax 0.11 describes the operands as a flat tree
+    ``ft_in`` of ``(consts, carry, xs)`` instead.
+    """
+    if "num_carry" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(list(consts.vals)), len(list(carry.vals))
 
 
 def _sub_jaxprs(params) -> list:
@@ -750,7 +762,7 @@ class _Recorder(_Rewriter):
 
     def _scan_sampled(self, eqn, invals, path):
         """The scan rebuilt with each iteration's draws as extra outputs (RNN cells)."""
-        body, num_carry = eqn.params["jaxpr"], eqn.params["num_carry"]
+        body, (_, num_carry) = eqn.params["jaxpr"], _scan_counts(eqn.params)
         inner = _Recorder(self.num, 0)
         inner.rng = self.rng  # the same stream of draws
         keys: list = []
