@@ -354,13 +354,19 @@ def main(argv=None):
     parser.add_argument("--mbits", default="3,5,7,11")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--only", default="gemm,conv,lenet5,resnet18")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="run on the CPU (a smoke test of this script before a GPU session; "
+        "use with --quick --reps 1)",
+    )
     args = parser.parse_args(argv)
     out_dir = os.environ.get("OUT") or "./bench_out"
     os.makedirs(out_dir, exist_ok=True)
     mbits_list = [int(v) for v in args.mbits.split(",")]
     only = set(args.only.split(","))
     try:
-        device = jax.devices("gpu")[0]
+        device = jax.devices("cpu" if args.cpu else "gpu")[0]
     except RuntimeError:
         print("bench_gpu: JAX has no GPU backend; nothing to measure", file=sys.stderr)
         return 2
