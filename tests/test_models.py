@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 import approx_jax.models as models
 from approx_jax._src import multipliers as mult_lib
+from approx_jax._src import train as train_lib
 
 
 def _mnist_like(n, seed=0):
@@ -29,6 +32,29 @@ def test_registry_and_errors():
     kinds = models.resolve_kinds({"dense": "mbm7"})
     assert kinds["conv"].is_exact and kinds["attention"].is_exact
     assert kinds["dense"].name == "mbm7"
+
+
+def test_a_design_for_a_kind_the_model_lacks_warns():
+    # lenet300 has only dense layers: {"conv": "mbm7"} runs in fp32; it used to
+    # be reported (and trained, and labelled) as an mbm7 run without a word.
+    model = models.create("lenet300")
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    x = jnp.ones((2, 28, 28, 1))
+    with pytest.warns(UserWarning, match="has no conv layers"):
+        got = model.apply(params, x, {"conv": "mbm7"})
+    np.testing.assert_array_equal(got, model.apply(params, x, "fp32"))
+    with pytest.warns(UserWarning, match="has no attention/conv layers"):
+        model.module({"conv": "mbm7", "attention": "mbm3", "dense": "mbm7"})
+    # fp32 for an absent kind, and one design for all kinds, are silent.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(
+            model.apply(params, x, {"conv": "fp32", "dense": "mbm7"}),
+            model.apply(params, x, "mbm7"),
+        )
+    with pytest.warns(UserWarning, match="has no conv layers"):
+        data = (x, jnp.zeros(2, jnp.int32)) * 2
+        train_lib.train(model, "conv=mbm7", data, epochs=1, batch_size=2, progress=False)
 
 
 LENET300 = 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10

@@ -363,6 +363,34 @@ def test_linen_layer_rejects_a_hook_and_an_approximate_multiplier():
         ann.linen.Conv(
             4, (3,), multiplier="mbm5", conv_general_dilated=jax.lax.conv_general_dilated
         )
+    # Flax's attention einsum hooks would be silently replaced by the
+    # simulated products (the layer's and the function's).
+    einsum_cls = lambda: jnp.einsum  # noqa: E731
+    with pytest.raises(ValueError, match="qk_attn_weights_einsum_cls="):
+        ann.linen.MultiHeadDotProductAttention(
+            2,
+            multiplier="mbm5",
+            qk_attn_weights_einsum_cls=einsum_cls,
+            attn_weights_value_einsum_cls=einsum_cls,
+        )
+    q = _x((1, 4, 2, 3))
+    with pytest.raises(ValueError, match="exact multiplier only"):
+        ann.linen.dot_product_attention(
+            q,
+            q,
+            q,
+            multiplier="mbm5",
+            qk_attn_weights_einsum=jnp.einsum,
+            attn_weights_value_einsum=jnp.einsum,
+        )
+    mha = ann.linen.MultiHeadDotProductAttention(
+        2, qk_attn_weights_einsum_cls=einsum_cls, attn_weights_value_einsum_cls=einsum_cls
+    )
+    xq = _x((1, 4, 6))
+    p = mha.init(jax.random.key(0), xq)
+    np.testing.assert_array_equal(
+        mha.apply(p, xq), linen.MultiHeadDotProductAttention(2).apply(p, xq)
+    )
     # With the default (exact) multiplier, the user's hook is the layer's.
     x = _x((2, 6))
     layer = ann.linen.Dense(4, dot_general=ann.dot_general("mitchell5"))

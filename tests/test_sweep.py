@@ -103,6 +103,23 @@ def test_train_refuses_a_stack(small_data):
         train_lib.train("lenet300", mult_lib.stack(["mbm3", "mitchell7"]), small_data, epochs=1)
 
 
+def test_train_stacked_inputs(small_data):
+    # A single design is a clear error (train() is for it); a list of designs
+    # is stacked; a stacked run's own parameters continue it.
+    data = tuple(a[:32] for a in small_data)
+    kw = dict(epochs=1, batch_size=16, progress=False)
+    for single in ("mbm7", mult_lib.get("mbm7")):
+        with pytest.raises(TypeError, match="for one design use train"):
+            sweep_lib.train_stacked("lenet300", single, data, **kw)
+    stack = mult_lib.stack(["mbm3", "mitchell5"])
+    params, _ = sweep_lib.train_stacked("lenet300", stack, data, **kw)
+    from_list, _ = sweep_lib.train_stacked("lenet300", ["mbm3", "mitchell5"], data, **kw)
+    jax.tree.map(np.testing.assert_array_equal, from_list, params)
+    resumed, history = sweep_lib.train_stacked("lenet300", stack, data, params=params, **kw)
+    assert jax.tree.map(jnp.shape, resumed) == jax.tree.map(jnp.shape, params)
+    assert len(history["test_acc"][0]) == 2
+
+
 def test_stack_params():
     p = {"a": jnp.arange(3.0), "b": {"c": jnp.ones((2, 2))}}
     s = sweep_lib.stack_params(p, 4)

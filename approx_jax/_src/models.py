@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -344,7 +345,39 @@ class Model:
           A linen module (call ``.apply({"params": params}, x)``).
         """
         ops.check_backward(backward)
-        return self._builder(resolve_kinds(multiplier), backward, self.num_classes)
+        return self._builder(self.assignment(multiplier), backward, self.num_classes)
+
+    def assignment(self, multiplier) -> dict[str, mult_lib.Multiplier]:
+        """The multiplier of each layer kind, checked against this model.
+
+        Args:
+          multiplier: a Multiplier or name (every kind), or a dict from kind
+            to Multiplier or name (missing kinds: ``"fp32"``).
+
+        Returns:
+          Dict from every kind in ``KINDS`` to a Multiplier.
+
+        Raises:
+          ValueError: For an unknown kind.
+
+        Warns:
+          UserWarning: For a dict giving a design to a kind this model does
+            not have (``{"conv": "mbm7"}`` on an MLP runs in fp32).
+        """
+        mults = resolve_kinds(multiplier)
+        if not isinstance(multiplier, Mapping):
+            return mults  # one design for every kind the model has
+        absent = sorted(k for k in multiplier if k not in self.kinds and not mults[k].is_exact)
+        if absent:
+            # A warning, not an error: one per-layer spec may serve several
+            # models (a sweep script), but it must not pass silently.
+            warnings.warn(
+                f"model {self.name!r} has no {'/'.join(absent)} layers (its layer kinds: "
+                f"{', '.join(self.kinds)}): the multiplier given for them changes nothing",
+                UserWarning,
+                stacklevel=3,
+            )
+        return mults
 
     def init(self, rng, sample_x) -> Any:
         """Initialises parameters.
@@ -381,7 +414,9 @@ class Model:
           Logits ``[B, num_classes]`` (``[D, B, num_classes]`` for a stack).
         """
         del train
-        mults = resolve_kinds(multiplier)
+        return self._apply_kinds(params, x, self.assignment(multiplier), backward)
+
+    def _apply_kinds(self, params, x, mults, backward):
         stacked = {k: m for k, m in mults.items() if m.is_stack}
         if stacked:
             sizes = {m.num_designs for m in stacked.values()}
@@ -393,7 +428,7 @@ class Model:
                 per = dict(mults)
                 for k, lut in lut_slices.items():
                     per[k] = _with_lut(stacked[k], lut)
-                return self.apply(params, x, per, backward)
+                return self._apply_kinds(params, x, per, backward)
 
             return jax.vmap(one)(jax.tree.map(jnp.asarray, luts))
         module = self._builder(mults, backward, self.num_classes)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from approx_jax._src import data as data_lib
+from approx_jax._src import multipliers as mult_lib
 from approx_jax._src import train as train_lib
 
 
@@ -38,6 +39,31 @@ def stack_params(params, num_designs: int):
     return jax.tree_util.tree_map(
         lambda p: jnp.broadcast_to(p, (num_designs,) + jnp.shape(p)).copy(), params
     )
+
+
+def _as_stack(stacked) -> mult_lib.Multiplier:
+    """The design stack ``train_stacked`` trains: a stack, or a list of designs."""
+    if isinstance(stacked, list | tuple):
+        return mult_lib.stack([mult_lib.get(m) for m in stacked])
+    if isinstance(stacked, mult_lib.Multiplier) and stacked.is_stack:
+        return stacked
+    raise TypeError(
+        "train_stacked trains a stack of designs (multipliers.stack([...]) or a list of "
+        f"designs); got {stacked!r}: for one design use train()"
+    )
+
+
+def _is_stacked_params(params, model, x_train, num_designs: int) -> bool:
+    """Whether ``params`` already carry the design axis (a stacked run's result)."""
+    single = jax.eval_shape(lambda: train_lib.init_params(model, 0, x_train[:1]))
+    try:
+        pairs = jax.tree.leaves(
+            jax.tree.map(lambda p, s: (tuple(jnp.shape(p)), tuple(s.shape)), params, single),
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+    except ValueError:  # another structure: left to the model to report
+        return False
+    return bool(pairs) and all(p == (num_designs,) + s for p, s in pairs)
 
 
 def make_vmapped_step(model, optimizer, backward: str = "approx"):
@@ -78,13 +104,27 @@ def train_stacked(
 ):
     """Trains one copy of ``model`` per design of a stacked multiplier, all at once.
 
+    One jit-compiled step, vmapped over the designs (parameters and optimizer
+    state carry a leading design axis; the data batch is shared).
+
+    Args:
+      model: a ``Model`` or its name.
+      stacked: ``multipliers.stack([...])``, or a list of designs (names or
+        Multipliers, stacked here).
+      data: ``(x_train, y_train, x_test, y_test)``.
+      epochs, batch_size, lr, optimizer, seed, backward, progress,
+        eval_batch_size: as for ``train.train``.
+      params: initial parameters: one model's (copied per design), or a
+        stacked run's result (to continue it).
+
     Returns:
       ``(stacked_params, history)``; history lists are per epoch, each entry a
       list with one value per design.
 
     Raises:
       TypeError, ValueError: for invalid ``epochs``, ``batch_size``, ``lr``,
-        ``seed`` or ``data``, as for ``train.train``.
+        ``seed`` or ``data``, as for ``train.train``; TypeError for a single
+        design (use ``train.train``).
     """
     train_lib.check_train_args(
         epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, lr=lr
@@ -93,11 +133,13 @@ def train_stacked(
     x_train, y_train, x_test, y_test = train_lib.check_data(
         data, getattr(model, "num_classes", None), batch_size
     )
+    stacked = _as_stack(stacked)
     D = stacked.num_designs
     opt = train_lib.make_optimizer(optimizer, lr)
     if params is None:
         params = train_lib.init_params(model, seed, x_train)
-    params = stack_params(params, D)
+    if not _is_stacked_params(params, model, x_train, D):
+        params = stack_params(params, D)
     opt_state = jax.vmap(opt.init)(params)
     vstep = make_vmapped_step(model, opt, backward)
     vpredict = make_vmapped_predict(model)

@@ -374,6 +374,8 @@ def train(
             "train() trains one design; for a stack of multipliers use "
             "approx_jax._src.sweep.train_stacked (or sweep(), or `approx-jax sweep`)"
         )
+    if hasattr(model, "assignment"):
+        model.assignment(multiplier)  # a kind the model lacks: warn before training
     x_train, y_train, x_test, y_test = check_data(
         data, getattr(model, "num_classes", None), batch_size
     )

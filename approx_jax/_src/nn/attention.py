@@ -264,9 +264,10 @@ def linen_dot_product_attention(
       precision: forwarded for the exact multiplier only.
       module: linen Module to sow the weights into.
       force_fp32_for_softmax: compute the softmax in float32.
-      einsum_dot_general: exact multiplier only (as Flax).
-      qk_attn_weights_einsum: exact multiplier only (as Flax).
-      attn_weights_value_einsum: exact multiplier only (as Flax).
+      einsum_dot_general: exact multiplier only (as Flax; an error otherwise).
+      qk_attn_weights_einsum: exact multiplier only (as Flax; an error otherwise).
+      attn_weights_value_einsum: exact multiplier only (as Flax; an error
+        otherwise).
       multiplier: a ``Multiplier`` or a name (default ``"fp32"``).
       backward: ``"approx"`` (default) or ``"exact"``.
 
@@ -279,6 +280,19 @@ def linen_dot_product_attention(
     """
     m = ops.resolve_multiplier(multiplier)
     ops.check_backward(backward)
+    if not m.is_exact:
+        given = {
+            "einsum_dot_general": einsum_dot_general,
+            "qk_attn_weights_einsum": qk_attn_weights_einsum,
+            "attn_weights_value_einsum": attn_weights_value_einsum,
+        }
+        given = [name for name, hook in given.items() if hook is not None]
+        if given:
+            # The simulated products would silently replace these hooks.
+            raise ValueError(
+                f"{', '.join(given)}: for the exact multiplier only; with multiplier "
+                f"{m.name!r} every attention product is the simulated one"
+            )
     if m.is_exact:
         return linen.dot_product_attention(
             query,

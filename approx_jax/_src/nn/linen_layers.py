@@ -143,4 +143,11 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
                 **_hook_field(self, "out_dot_general", hooks.dot_general),
             },
         )
+        if not ops.resolve_multiplier(self.multiplier).is_exact:
+            for field in ("qk_attn_weights_einsum_cls", "attn_weights_value_einsum_cls"):
+                if getattr(self, field, None) is not None:
+                    raise ValueError(
+                        f"{type(self).__name__}: pass either multiplier= or {field}=, not both "
+                        "(the attention products are the simulated ones)"
+                    )
         super().__post_init__()
