@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from approx_test_utils import random_multiplier
 
 import approx_jax
 from approx_jax._src import cmodel, reference
@@ -722,6 +723,32 @@ def test_direct_construction_validates_lut(lut, M, error, pattern):
 def test_direct_construction_checks_stack_names():
     with pytest.raises(ValueError, match="name has 3 entries for a stack of 2"):
         mm.Multiplier(np.zeros((2, 16), np.uint8), ("a", "b", "c"), 2)
+    # One name for a stack names each design (as from_lut does).
+    one = mm.Multiplier(np.zeros((2, 16), np.uint8), "a", 2)
+    assert one.names == ("a[0]", "a[1]") and one.num_designs == 2
+    assert [m.name for m in mm.unstack(one)] == ["a[0]", "a[1]"]
+
+
+def test_stack_widths_survive_a_cached_jit():
+    # Stacks that differ only in their members' widths (same names, same
+    # common M) are different pytree structures: a jit cache hit handed back
+    # the first stack's widths, and unstack / characterize then read the
+    # second stack's LUTs at those widths.
+    a5 = mm.from_lut(random_multiplier(5, 1).lut, name="a")
+    a3 = mm.from_lut(random_multiplier(3, 2).lut, name="a")
+    first, second = mm.stack([a5, mm.mbm(5)]), mm.stack([a3, mm.mbm(5)])
+    identity = jax.jit(lambda s: s)
+    identity(first)
+    out = identity(second)
+    assert [m.mbits for m in mm.unstack(out)] == [3, 5]
+    np.testing.assert_array_equal(mm.unstack(out)[0].lut, a3.lut)
+
+
+def test_unstack_keeps_a_from_lut_stacks_metadata():
+    luts = np.stack([np.asarray(mm.mbm(3).lut), np.asarray(mm.mitchell(3).lut)])
+    stacked = mm.from_lut(luts, 3, name=["a", "b"], metadata={"paper": "X"})
+    for member in mm.unstack(stacked):
+        assert member.info["paper"] == "X" and member.info["source"] == "lut"
 
 
 @pytest.mark.parametrize(

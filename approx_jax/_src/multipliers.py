@@ -111,6 +111,11 @@ def _freeze_metadata(metadata) -> tuple:
     return tuple(frozen)
 
 
+def _member_names(name: str, count: int) -> tuple[str, ...]:
+    """Names of the designs of a stack given one name: ``name[0]``, ``name[1]``, ..."""
+    return tuple(f"{name}[{d}]" for d in range(count))
+
+
 class _Label:
     """Name and metadata carried in the pytree aux data without keying jit caches.
 
@@ -218,6 +223,11 @@ class Multiplier:
         object.__setattr__(self, "metadata", _freeze_metadata(self.metadata))
         if isinstance(self.name, list):
             object.__setattr__(self, "name", tuple(self.name))
+        if isinstance(self.name, str) and np.ndim(self.lut) == 2:
+            # One name for a stack: one per design, as from_lut names them (a
+            # single name left the stack's names and design count at odds).
+            names = _member_names(self.name, np.shape(self.lut)[0])
+            object.__setattr__(self, "name", names)
 
     def _check_lut(self, lut) -> np.ndarray:
         """Validates a concrete LUT as :func:`from_lut` does (SPEC section 3).
@@ -262,13 +272,19 @@ class Multiplier:
 
     # -- pytree protocol ----------------------------------------------------
     def tree_flatten(self):
-        """Returns ``((lut,), aux)``; see :class:`_Label` for the aux data."""
-        return (self.lut,), (self.mbits, _Label(self.name, self.metadata))
+        """Returns ``((lut,), aux)``; see :class:`_Label` for the aux data.
+
+        A stack's member widths key the structure (unlike names and other
+        metadata): ``unstack`` and ``characterize`` restore each member at its
+        width, so a cached jit must not hand back another stack's widths.
+        """
+        widths = dict(self.metadata).get("stack_mbits")
+        return (self.lut,), (self.mbits, widths, _Label(self.name, self.metadata))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         """Rebuilds a Multiplier without validation (leaves may be tracers)."""
-        mbits, label = aux
+        mbits, _, label = aux
         obj = object.__new__(cls)
         object.__setattr__(obj, "lut", children[0])
         object.__setattr__(obj, "name", label.name)
@@ -517,7 +533,7 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
             raise
     if stored.ndim == 2:
         if isinstance(name, str):
-            name = tuple(f"{name}[{d}]" for d in range(stored.shape[0]))
+            name = _member_names(name, stored.shape[0])
         if not isinstance(name, Sequence) or not all(isinstance(n, str) for n in name):
             raise TypeError(f"name of a stack must be a str or a sequence of str, got {name!r:.80}")
         name = tuple(name)
@@ -945,7 +961,9 @@ def unstack(stacked: Multiplier) -> list[Multiplier]:
     info = stacked.info
     D = stacked.num_designs
     widths = info.get("stack_mbits", (stacked.mbits,) * D)
-    member_metadata = info.get("stack_metadata", ((),) * D)
+    # A stack built by from_lut has one metadata for all its designs.
+    shared = tuple((k, v) for k, v in stacked.metadata if not k.startswith("stack_"))
+    member_metadata = info.get("stack_metadata", (shared,) * D)
     # A hand-built stack may carry one str name for all its designs.
     names = stacked.names if len(stacked.names) == D else tuple(f"design{d}" for d in range(D))
     luts = np.asarray(stacked.lut)
