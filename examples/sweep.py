@@ -1,6 +1,6 @@
 """Train one model per multiplier design in a single vmapped, jit-compiled step.
 
-  PYTHONPATH=. python examples/sweep.py
+  PYTHONPATH=. python examples/sweep.py [--designs mbm7,mitchell7,truncate5,mitchell3]
 
 Parameters and optimizer state get a leading design axis; ``jax.vmap`` maps
 the train step over (params, opt_state, multiplier) with the batch shared, and
@@ -9,15 +9,23 @@ All designs start from the same init and see the same batches. (``fp32`` has
 no LUT and cannot be stacked; ``approx-jax sweep`` trains it separately.)
 """
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import approx_jax
 from approx_jax import characterize, models, multipliers
 from approx_jax._src.data import batches, load_mnist
 
-designs = ["mbm7", "mitchell7", "truncate5", "mitchell3"]
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument(
+    "--designs", default="mbm7,mitchell7,truncate5,mitchell3", help="comma-separated LUT designs"
+)
+designs = parser.parse_args().designs.split(",")
+approx_jax.tune_cpu_allocator()  # before the first large buffer (see its docstring)
 stacked = multipliers.stack(designs)  # LUT [D, 4**7]: narrower designs widened exactly
 D = stacked.num_designs
 x_train, y_train, x_test, y_test = load_mnist()

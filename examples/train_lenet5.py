@@ -7,7 +7,7 @@ The same run with progress bars, an fp32 baseline, a results table and plots:
   approx-jax train --model lenet5 --multiplier mbm7 --epochs 1 --baseline
 """
 
-import sys
+import argparse
 
 import jax
 import numpy as np
@@ -16,8 +16,11 @@ import optax
 from approx_jax import models, multipliers
 from approx_jax._src.data import batches, load_mnist
 
-name = sys.argv[1] if len(sys.argv) > 1 else "mbm7"
-epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("multiplier", nargs="?", default="mbm7", help="a name, X_M.bin or f.c:fn@M")
+parser.add_argument("epochs", nargs="?", type=int, default=1)
+args = parser.parse_args()
+name, epochs = args.multiplier, args.epochs
 mult = multipliers.get(name)  # "fp32", "mitchell5", "truncate7", "X_7.bin", "f.c:fn@5"
 x_train, y_train, x_test, y_test = load_mnist()
 model = models.create("lenet5")
