@@ -327,21 +327,46 @@ def cmd_train(args) -> int:
 # sweep
 
 
+def _label_offsets(pts: list[dict]) -> list[int]:
+    """Vertical label offsets (points) that keep nearby designs' names apart.
+
+    Designs of similar MRED and accuracy (mbm5 / mitchell5 / mitchell7 at one
+    accuracy) would print their names on top of each other: a label near an
+    earlier one (in axes fractions, log-scaled MRED) moves a line down.
+    """
+    xs = [math.log10(r["mred"]) for r in pts]
+    ys = [r["test_acc"] for r in pts]
+    xspan = (max(xs) - min(xs)) or 1.0
+    yspan = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float, int]] = []
+    offsets = []
+    for x, y in zip(xs, ys, strict=True):
+        fx, fy = (x - min(xs)) / xspan, (y - min(ys)) / yspan
+        dy = 4
+        near = [pd for px, py, pd in placed if abs(fx - px) < 0.15 and abs(fy - py) < 0.08]
+        while dy in near:
+            dy -= 10
+        placed.append((fx, fy, dy))
+        offsets.append(dy)
+    return offsets
+
+
 def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = [r for r in results if r["mred"] is not None and r["mred"] > 0]
     if pts:
         ax.scatter([r["mred"] for r in pts], [r["test_acc"] for r in pts], zorder=3)
-        for r in pts:
+        for r, dy in zip(pts, _label_offsets(pts), strict=True):
             ax.annotate(
                 r["name"],
                 (r["mred"], r["test_acc"]),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(4, dy),
                 fontsize="small",
             )
         ax.set_xscale("log")
+        ax.margins(x=0.12)  # room for the rightmost design's name
         ax.tick_params(axis="x", which="both", labelrotation=30)
     for r in results:
         if r["mred"] is not None and r["mred"] == 0:
