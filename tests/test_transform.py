@@ -770,3 +770,78 @@ def test_transposed_lut_built_once_per_multiplier(monkeypatch):
     first = f(x, y)
     _bits_equal(f(x, y), first)
     assert len(calls) == 1
+
+
+def test_native_products_inside_unrewritable_primitives_are_fine():
+    # jnp.linalg.solve is a custom_linear_solve with products in its matvec:
+    # it cannot be rewritten, which used to be an error even where nothing
+    # in it was to be simulated (fp32, or no matching pattern).
+    rng = np.random.default_rng(3)
+    x, w = _normal(rng, 3, 4), _normal(rng, 4, 4)
+    mat = _normal(rng, 4, 4) + 4 * jnp.eye(4)
+    m = random_multiplier(4, 2)
+
+    def f(x, w):
+        with jax.named_scope("solver"):
+            s = jnp.linalg.solve(mat, jnp.ones(4))
+        with jax.named_scope("layer"):
+            y = x @ w
+        return y * s
+
+    _bits_equal(approx_jax.approximate(f, "fp32")(x, w), f(x, w))
+    want = approx_jax.approx_dot(x, w, m) * jnp.linalg.solve(mat, jnp.ones(4))
+    _bits_equal(approx_jax.approximate(f, {"layer": m})(x, w), want)
+    with pytest.raises(NotImplementedError, match="custom_linear_solve"):
+        approx_jax.approximate(f, m)(x, w)
+
+
+def test_custom_rule_kept_when_its_primal_products_stay_native():
+    # A straight-through rule around a product that the assignment leaves in
+    # fp32 is the user's: kept. Simulated, the primal's rule is dropped
+    # (the simulated ops supply SPEC's gradients), as documented.
+    @jax.custom_vjp
+    def ste(x, w):
+        return x @ w
+
+    def fwd(x, w):
+        return x @ w, None
+
+    def bwd(_, g):
+        return jnp.full((3, 4), 2.0), jnp.full((4, 5), 3.0)
+
+    ste.defvjp(fwd, bwd)
+    rng = np.random.default_rng(4)
+    x, w = _normal(rng, 3, 4), _normal(rng, 4, 5)
+
+    def f(x, w):
+        with jax.named_scope("exact"):
+            return jnp.sum(ste(x, w))
+
+    gx, gw = jax.grad(approx_jax.approximate(f, {"other": "mbm7"}), argnums=(0, 1))(x, w)
+    np.testing.assert_array_equal(gx, 2.0)
+    np.testing.assert_array_equal(gw, 3.0)
+    m = random_multiplier(5, 3)
+    got = jax.grad(approx_jax.approximate(f, m), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(approx_jax.approx_dot(x, w, m)), argnums=(0, 1))(x, w)
+    _bits_equal(got, want)
+
+
+def test_stack_keeps_non_array_outputs():
+    m = random_multiplier(4, 5)
+    stack = multipliers.stack([m, multipliers.mbm(4)])
+    rng = np.random.default_rng(6)
+    x, w = _normal(rng, 2, 3), _normal(rng, 3, 2)
+    tag, y, count = approx_jax.approximate(lambda x, w: ("tag", x @ w, 3), stack)(x, w)
+    assert tag == "tag" and count == 3 and isinstance(count, int)
+    _bits_equal(y[0], approx_jax.approx_dot(x, w, m))
+
+
+def test_operand_samples_keys_under_transforms():
+    # A product outside any named scope is keyed by its primitive's name, also
+    # inside vmap / grad (it was 'vmap()', 'jvp()').
+    rng = np.random.default_rng(7)
+    x, w = _normal(rng, 4, 3, 5), _normal(rng, 5, 2)
+    pairs = approx_jax.operand_samples(jax.vmap(lambda x: x @ w), num=10)(x)
+    assert list(pairs) == ["dot_general"]
+    grads = approx_jax.operand_samples(jax.grad(lambda w: jnp.sum(x[0] @ w)), num=10)(w)
+    assert all(k.startswith("dot_general") for k in grads), list(grads)

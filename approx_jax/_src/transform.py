@@ -78,7 +78,7 @@ def _float_operands(operands, result_dtype) -> list | None:
 
 
 # A name-stack segment of a lifted Flax transform: "vmap(Block_0)".
-_TRANSFORM_SEGMENT = re.compile(r"^[A-Za-z_]\w*\((.+)\)$")
+_TRANSFORM_SEGMENT = re.compile(r"^[A-Za-z_]\w*\((.*)\)$")
 
 
 def module_path(path: str) -> str:
@@ -98,6 +98,8 @@ def module_path(path: str) -> str:
         while match := _TRANSFORM_SEGMENT.match(clean):
             clean = match.group(1)
         clean = clean.split(".", 1)[0] or clean
+        if not clean:  # a transform of the top level: "vmap()", "jvp()"
+            continue
         if previous_decorated and out and out[-1] == clean:
             previous_decorated = clean != segment
             continue
@@ -172,14 +174,28 @@ class _Rewriter:
             self.transposed[id(m)] = (m, _transposed(m))
         return self.transposed[id(m)][1]
 
-    def simulates(self, jaxpr) -> bool:
-        """Whether ``jaxpr`` (or a jaxpr nested in it) has a product to simulate."""
+    def simulates(self, jaxpr, path: str) -> bool:
+        """Whether ``jaxpr`` (or a jaxpr nested in it) has a product to simulate.
+
+        ``path``: the name scope ``jaxpr`` runs in. Products that the
+        assignment leaves native (no matching pattern, ``"fp32"``) do not
+        count, so a primitive that cannot be rewritten (``custom_linear_solve``)
+        is only an error where it holds a product to simulate.
+        """
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name in self.targets:
+            full = _join(path, eqn.source_info.name_stack)
+            if self._simulated(eqn, full):
                 return True
-            if any(self.simulates(sub) for sub in _sub_jaxprs(eqn.params)):
+            if any(self.simulates(sub, full) for sub in _sub_jaxprs(eqn.params)):
                 return True
         return False
+
+    def _simulated(self, eqn, path: str) -> bool:
+        """Whether the product ``eqn`` (at ``path``) is simulated."""
+        if eqn.primitive.name not in self.targets:
+            return False
+        m = self.assign(path)
+        return m is not None and not m.is_exact
 
     def closed(self, closed_jaxpr, path: str) -> Callable:
         """A function of the jaxpr's inputs that evaluates it rewritten."""
@@ -241,7 +257,7 @@ class _Rewriter:
             finally:  # (equation ids are only unique while the jaxpr lives)
                 self.swapped -= swapped
         body = params.get("call_jaxpr", params.get("fun_jaxpr"))
-        if name in _CUSTOM_RULES and body is not None and self.simulates(body.jaxpr):
+        if name in _CUSTOM_RULES and body is not None and self.simulates(body.jaxpr, path):
             return self.closed(body, path)(*invals)
         if name == "remat2":
             return jax.checkpoint(
@@ -249,16 +265,17 @@ class _Rewriter:
                 prevent_cse=params["prevent_cse"],
                 policy=params["policy"],
             )(*invals)
-        if name == "scan" and self.simulates(params["jaxpr"].jaxpr):
+        if name == "scan" and self.simulates(params["jaxpr"].jaxpr, path):
             return self._scan(invals, params, path)
         if name == "while" and (
-            self.simulates(params["body_jaxpr"].jaxpr) or self.simulates(params["cond_jaxpr"].jaxpr)
+            self.simulates(params["body_jaxpr"].jaxpr, path)
+            or self.simulates(params["cond_jaxpr"].jaxpr, path)
         ):
             return self._while(invals, params, path)
-        if name == "cond" and any(self.simulates(b.jaxpr) for b in params["branches"]):
+        if name == "cond" and any(self.simulates(b.jaxpr, path) for b in params["branches"]):
             index, *operands = invals
             return lax.switch(index, [self.closed(b, path) for b in params["branches"]], *operands)
-        if any(self.simulates(sub) for sub in _sub_jaxprs(params)):
+        if any(self.simulates(sub, path) for sub in _sub_jaxprs(params)):
             raise NotImplementedError(
                 f"approximate(): products inside a '{name}' primitive cannot be simulated "
                 "(supported around them: jit, scan, while, cond, checkpoint, custom_jvp/vjp)"
@@ -620,10 +637,18 @@ def approximate(
 
     Differentiate the *approximated* function (``jax.grad(approximate(f, m))``):
     the simulated ops then supply SPEC section 5's backward products. A
-    gradient computed *inside* ``fun`` is traced with native products (its
-    transposed convolutions may not be expressible; they raise
-    ``NotImplementedError``). A custom derivative rule whose body computes
-    products is dropped in favour of the simulated ops' own rules.
+    gradient computed *inside* ``fun`` is part of the traced program, so its
+    products are simulated like any other, in the operand order of JAX's
+    transpose rules: a dense layer's input gradient is ``P(dy, w)`` as in
+    SPEC, but its weight gradient comes as ``P(dy, x)``, the reverse of SPEC's
+    ``P(x, dy)``; a grouped convolution's kernel gradient cannot be simulated
+    (``NotImplementedError``). A ``custom_jvp`` / ``custom_vjp`` function
+    whose primal computes simulated products is evaluated as its primal: its
+    custom rule (a straight-through estimator, say) is dropped and the
+    simulated ops supply the gradients. Otherwise the function is kept with
+    its rule, whose products stay native. Primitives that cannot be rewritten
+    (``custom_linear_solve``: ``jnp.linalg.solve``) run natively, and are an
+    error only if a product inside them is to be simulated.
 
     Args:
       fun: The function, e.g. ``model.apply`` of a Flax linen model or any
@@ -704,15 +729,26 @@ def _design_sweep(fun, multiplier, backward, elementwise) -> Callable | None:
 
     @functools.wraps(fun)
     def swept(*args, **kwargs):
+        # Non-array outputs (a name, an int) come back as they are, as without
+        # a stack: vmap would reject a str and give an int a design axis.
+        static: dict = {}
+
         def one_design(designs):
             # A list, not the mapping: a dict pytree would come back in sorted
             # key order, and the first matching pattern wins.
             chosen = designs[0] if keys is None else dict(zip(keys, designs, strict=True))
-            return approximate(fun, chosen, backward=backward, elementwise=elementwise)(
+            out = approximate(fun, chosen, backward=backward, elementwise=elementwise)(
                 *args, **kwargs
             )
+            leaves, static["tree"] = jax.tree.flatten(out)
+            static["is_array"] = [isinstance(x, jax.Array | np.ndarray) for x in leaves]
+            static["others"] = [x for x in leaves if not isinstance(x, jax.Array | np.ndarray)]
+            return [x for x in leaves if isinstance(x, jax.Array | np.ndarray)]
 
-        return jax.vmap(one_design, in_axes=(in_axes,))(entries)
+        arrays = iter(jax.vmap(one_design, in_axes=(in_axes,))(entries))
+        others = iter(static["others"])
+        leaves = [next(arrays) if a else next(others) for a in static["is_array"]]
+        return jax.tree.unflatten(static["tree"], leaves)
 
     return swept
 
@@ -747,11 +783,16 @@ class _Recorder(_Rewriter):
             return self.eval(eqn.params["jaxpr"], (), invals, full)
         if name in _INLINE_CALLS or name in _CUSTOM_RULES:
             return super().eqn(eqn, invals, path)
-        if name == "scan" and self.simulates(eqn.params["jaxpr"].jaxpr):
-            return self._scan_sampled(eqn, invals, _join(path, eqn.source_info.name_stack))
+        full = _join(path, eqn.source_info.name_stack)
+        if name == "scan" and self.simulates(eqn.params["jaxpr"].jaxpr, full):
+            return self._scan_sampled(eqn, invals, full)
         # Products inside while loops and branches run an unknown number of
         # times / only when taken: not sampled.
         return _bind(eqn, invals)
+
+    def _simulated(self, eqn, path: str) -> bool:
+        del path  # every product is sampled, whatever the assignment
+        return eqn.primitive.name in self.targets
 
     def _record(self, full: str, pairs) -> None:
         key, count = full, 1
