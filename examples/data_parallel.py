@@ -49,7 +49,10 @@ def _parse_args(argv=None):
         "--random-data", action="store_true", help="use random images instead of MNIST"
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.devices < 1 or args.steps < 1 or args.batch_size < 1:
+        parser.error("--devices, --steps and --batch-size must be >= 1")
+    return args
 
 
 ARGS = _parse_args()

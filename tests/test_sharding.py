@@ -361,17 +361,19 @@ def test_shard_map_forward_and_grad(kind):
     assert r["inv_dx"] and r["inv_dw"] < 1e-4, r
 
 
-def test_conv_batch_sharded_chunked_backward_gathers_nothing():
-    """A batch large enough for the input gradient's chunks (LeNet-5's conv 2 at
-    batch 64 on 4 devices): the chunks must split along the devices' blocks.
+@pytest.mark.parametrize("batch", [64, 20, 28])
+def test_conv_batch_sharded_chunked_backward_gathers_nothing(batch):
+    """A batch large enough for the input gradient's chunks (LeNet-5's conv 2 on
+    4 devices): the chunks must split along the devices' blocks.
 
-    5 chunks of 13 (batch padded to 65) used to make XLA all-gather the
-    activations; the chunk count is now a divisor of the batch.
+    5 chunks of 13 (batch 64 padded to 65) used to make XLA all-gather the
+    activations; 2 chunks of 10 of a batch of 20 failed to partition, 4 of 7
+    of 28 all-gathered. A chunk now holds a multiple of the device count.
     """
     r = _run(
-        """
+        f"""
         from approx_jax._src import conv as conv_lib
-        x, w = randn(64, 14, 14, 32), randn(5, 5, 32, 32)
+        x, w = randn({batch}, 14, 14, 32), randn(5, 5, 32, 32)
 
         def loss(x, w):
             return jnp.sum(conv_lib.approx_conv(x, w, M, padding="SAME") ** 2)
@@ -524,12 +526,56 @@ def test_parallel_helpers():
 
 
 def test_data_parallel_mesh_rejects_non_int():
+    from jax.sharding import AxisType
+
     from approx_jax._src import parallel
 
     # int(2.7) used to build a 2-device mesh silently.
     for bad in (2.7, "2", True):
         with pytest.raises(TypeError, match="num_devices must be an int"):
             parallel.data_parallel_mesh(bad)
+    with pytest.raises(ValueError, match="axis_type"):
+        parallel.data_parallel_mesh(1, axis_type=AxisType.Manual)
+
+
+def test_explicit_mesh_layers_models_and_design_constants():
+    """Explicit axes: a 3-D batch-sharded input through approx_dot_general (the
+    nn layers' hook) and einsum, LeNet-5's max pool, and a vmapped product of a
+    closed-over constant with design-sharded kernels (each raised)."""
+    r = _run(
+        """
+        import approx_jax, approx_jax.nn as ann
+        from approx_jax import models, parallel
+        mesh = parallel.data_parallel_mesh(4, axis_type=AxisType.Explicit)
+        x, w = randn(8, 16, 64), randn(64, 32)
+        xs = parallel.shard_batch(jnp.asarray(x), mesh)
+        dn = (((2,), (0,)), ((), ()))
+        cases = {
+            "dot_general": (lambda x: ann.approx_dot_general(x, w, dn, M), x, xs),
+            "einsum": (lambda x: approx_jax.einsum("bld,dk->blk", x, w, multiplier=M), x, xs),
+        }
+        lenet = models.create("lenet5")
+        p = lenet.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        img = randn(8, 28, 28, 1)
+        cases["lenet5"] = (lambda x: lenet.apply(p, x, M), img, parallel.shard_batch(img, mesh))
+        for name, (f, ref_in, sharded_in) in cases.items():
+            try:
+                R[name] = same(jax.jit(f)(sharded_in), jax.jit(f)(ref_in))
+            except Exception as e:
+                R[name] = f"{type(e).__name__}: {str(e)[:200]}"
+        dm = jax.make_mesh((4,), ("design",), axis_types=(AxisType.Explicit,))
+        stack = ml.stack(["mbm7", "mitchell7", "mbm5", "mitchell5"])
+        ws, x0 = randn(4, 64, 32), jnp.asarray(x[0])
+        f = jax.vmap(lambda w, m: ops.approx_dot(x0, w, m))
+        ref = jax.jit(f)(ws, stack)
+        put = lambda a: jax.device_put(a, NamedSharding(dm, P("design")))
+        try:
+            R["design_constant"] = same(jax.jit(f)(put(ws), put(stack)), ref)
+        except Exception as e:
+            R["design_constant"] = f"{type(e).__name__}: {str(e)[:200]}"
+        """
+    )
+    assert all(v is True for v in r.values()), r
 
 
 def test_data_parallel_example_matches_single_device():

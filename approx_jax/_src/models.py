@@ -29,6 +29,7 @@ from flax import linen as nn
 from approx_jax._src import multipliers as mult_lib
 from approx_jax._src import ops
 from approx_jax._src.nn import linen_layers as aln
+from approx_jax._src.partitioning import reshape  # keeps Explicit batch shardings
 
 KINDS = ("conv", "dense", "attention")
 
@@ -71,7 +72,7 @@ def resolve_kinds(multiplier) -> dict[str, mult_lib.Multiplier]:
 def _max_pool_2x2(x):
     """2x2 max pool with stride 2 of ``[N, H, W, C]`` (H and W even)."""
     n, h, w, c = x.shape
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return reshape(x, (n, h // 2, 2, w // 2, 2, c)).max(axis=(2, 4))
 
 
 def _max_pool_2x2_fwd(x):
@@ -84,12 +85,12 @@ def _max_pool_2x2_bwd(x, ct):
     # earlier element on ties), computed as a mask rather than through
     # XLA:CPU's index-tracking reduce_window, which cost a LeNet-5 step ~15 ms.
     n, h, w, c = x.shape
-    windows = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-    first = jnp.argmax(windows.reshape(n, h // 2, w // 2, c, 4), axis=-1)
+    windows = reshape(x, (n, h // 2, 2, w // 2, 2, c)).transpose(0, 1, 3, 5, 2, 4)
+    first = jnp.argmax(reshape(windows, (n, h // 2, w // 2, c, 4)), axis=-1)
     mask = first[..., None] == jnp.arange(4)
     dx = jnp.where(mask, ct[..., None], jnp.zeros((), ct.dtype))
-    dx = dx.reshape(n, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-    return (dx.reshape(x.shape),)
+    dx = reshape(dx, (n, h // 2, w // 2, c, 2, 2)).transpose(0, 1, 4, 2, 5, 3)
+    return (reshape(dx, x.shape),)
 
 
 _max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)

@@ -62,8 +62,10 @@ def data_parallel_mesh(
         run). In a multi-host run it must be ``None`` or the global device
         count, since every process must take part.
       axis_name: Name of the mesh axis the batch is split over.
-      axis_type: ``AxisType.Auto`` (default; see the module docstring) or
-        ``AxisType.Explicit``.
+      axis_type: ``AxisType.Auto`` (default: the partitioner propagates the
+        batch sharding through unchanged model code; see the module
+        docstring) or ``AxisType.Explicit`` (every array type carries its
+        sharding).
 
     Returns:
       A ``jax.sharding.Mesh`` of shape ``(num_devices,)`` with axis
@@ -72,8 +74,12 @@ def data_parallel_mesh(
     Raises:
       TypeError: If ``num_devices`` is neither ``None`` nor an int.
       ValueError: If ``num_devices`` is not in ``[1, len(jax.devices())]``,
-        or is a strict subset of the devices in a multi-host run.
+        or is a strict subset of the devices in a multi-host run, or
+        ``axis_type`` is neither Auto nor Explicit.
     """
+    if axis_type not in (AxisType.Auto, AxisType.Explicit):
+        # A Manual mesh is shard_map's inside view, not one to place data on.
+        raise ValueError(f"axis_type must be AxisType.Auto or AxisType.Explicit, got {axis_type}")
     # int() would silently truncate 2.7 to 2 devices; bool is an int subclass
     # but True/False as a device count is a caller bug.
     if num_devices is not None and (

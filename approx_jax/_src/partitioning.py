@@ -216,7 +216,9 @@ def _result_type(dims, out_dims, reduction, operands, fixed=None) -> jax.ShapeDt
     shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in operands], fixed)
     try:
         types = [jax.typeof(x) for x in operands]
-        sharding = types[0].sharding
+        # The first operand typed on a mesh: a closed-over constant (no mesh)
+        # may come first, next to a design-sharded kernel.
+        sharding = next((t.sharding for t in types if not t.sharding.mesh.empty), types[0].sharding)
         mesh = sharding.mesh
     except Exception:  # noqa: BLE001 - concrete arrays without a mesh type
         return jax.ShapeDtypeStruct(shape, jnp.float32)

@@ -67,7 +67,12 @@ def _is_stacked_params(params, model, x_train, num_designs: int) -> bool:
 
 
 def make_vmapped_step(model, optimizer, backward: str = "approx"):
-    """``jit(vmap(step))`` over (params, opt_state, multiplier); the batch is shared."""
+    """``jit(vmap(step))`` over (params, opt_state, multiplier); the batch is shared.
+
+    The step donates ``params`` and ``opt_state`` (their buffers are reused
+    for the results, halving the stacked state's memory): use only the
+    returned ones after a call.
+    """
     step = train_lib.make_train_step(model, optimizer, backward)
     return jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0)), donate_argnums=(0, 1))
 

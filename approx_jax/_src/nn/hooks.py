@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from approx_jax._src import conv as conv_lib
-from approx_jax._src import ops
+from approx_jax._src import ops, partitioning
 
 
 def _normalize_axes(axes, ndim: int, what: str) -> tuple[int, ...]:
@@ -119,8 +119,9 @@ def approx_dot_general(
     rf_shape = tuple(rhs.shape[d] for d in rf)
     k = math.prod(lhs.shape[d] for d in lc)
     b = math.prod(batch_shape)
-    a3 = jnp.transpose(lhs, lb + lf + lc).reshape(b, math.prod(lf_shape), k)
-    b3 = jnp.transpose(rhs, rb + rc + rf).reshape(b, k, math.prod(rf_shape))
+    # partitioning.reshape: keeps a sharded batch (Explicit mesh axes) sharded.
+    a3 = partitioning.reshape(jnp.transpose(lhs, lb + lf + lc), (b, math.prod(lf_shape), k))
+    b3 = partitioning.reshape(jnp.transpose(rhs, rb + rc + rf), (b, k, math.prod(rf_shape)))
     if preferred_element_type is not None:
         # The kernel sums in float32: hand the result over in float32 rather
         # than rounding it to the (maybe narrower) input dtype first. (The
@@ -130,7 +131,7 @@ def approx_dot_general(
         out = ops.approx_matmul(a3[0], b3[0], m, backward)
     else:
         out = ops.approx_matmul(a3, b3, m, backward)
-    out = out.reshape(batch_shape + lf_shape + rf_shape)
+    out = partitioning.reshape(out, batch_shape + lf_shape + rf_shape)
     if preferred_element_type is not None:
         out = out.astype(preferred_element_type)
     return out
