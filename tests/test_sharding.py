@@ -602,3 +602,26 @@ def test_data_parallel_example_matches_single_device():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "MATCH" in proc.stdout, proc.stdout
+
+
+def test_explicit_mesh_conv_kernel_sharded_on_output_channels():
+    """The kernel's reshapes keep an Explicit out-channel sharding (a plain
+    reshape raised ShardingTypeError on jax 0.10)."""
+    r = _run(
+        """
+        from approx_jax._src import conv as conv_lib
+        mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+        img, ker = randn(4, 8, 8, 4), randn(3, 3, 4, 8)
+        f = lambda i, k: conv_lib.approx_conv(i, k, M, padding="SAME")
+        ref = jax.jit(f)(img, ker)
+        with jax.set_mesh(mesh):
+            i = jax.device_put(img, NamedSharding(mesh, P("a")))
+            k = jax.device_put(ker, NamedSharding(mesh, P(None, None, None, "b")))
+            try:
+                out = jax.jit(f)(i, k)
+                R.update(same=same(out, ref), spec=str(out.sharding.spec))
+            except Exception as e:
+                R.update(err=f"{type(e).__name__}: {str(e)[:200]}")
+        """
+    )
+    assert r.get("same"), r

@@ -845,3 +845,21 @@ def test_operand_samples_keys_under_transforms():
     assert list(pairs) == ["dot_general"]
     grads = approx_jax.operand_samples(jax.grad(lambda w: jnp.sum(x[0] @ w)), num=10)(w)
     assert all(k.startswith("dot_general") for k in grads), list(grads)
+
+
+def test_nested_jits_without_simulated_products_run_as_they_are():
+    # Inlined and run op by op, jax 0.11's XLA rounds softplus's fused
+    # log1p(exp(-|x|)) differently in eager mode: a jitted function without
+    # simulated products is bound as it is (same bits as the original).
+    rng = np.random.default_rng(8)
+    x, w = _normal(rng, 4, 6), _normal(rng, 6, 6)
+    m = random_multiplier(4, 9)
+
+    def f(x, w):
+        return jax.nn.softplus(x) @ w
+
+    got = approx_jax.approximate(f, m)(x, w)
+    _bits_equal(got, approx_jax.approx_dot(jax.nn.softplus(x), w, m))
+    jaxpr = jax.make_jaxpr(approx_jax.approximate(f, m))(x, w)
+    assert any(e.primitive.name in ("pjit", "jit") for e in jaxpr.eqns), jaxpr
+    _bits_equal(approx_jax.approximate(jax.nn.softplus, "fp32")(x), jax.nn.softplus(x))

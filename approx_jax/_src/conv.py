@@ -1063,10 +1063,11 @@ def _lowered(
     cg, og = c_in // groups, c_out // groups
     # Input -> [G, N, *S, Cg]; kernel -> [1, G, taps * Cg, Og].
     x = jnp.transpose(lhs.astype(jnp.float32), (lhs_perm[0],) + lhs_perm[2:] + (lhs_perm[1],))
-    xg = jnp.moveaxis(x.reshape(x.shape[:-1] + (groups, cg)), -2, 0)
+    # (partitioning.reshape: keeps Explicit-axis shardings, e.g. of out channels.)
+    xg = jnp.moveaxis(partitioning.reshape(x, x.shape[:-1] + (groups, cg)), -2, 0)
     w = jnp.transpose(rhs.astype(jnp.float32), rhs_perm[2:] + (rhs_perm[1], rhs_perm[0]))
-    w = w.reshape(window + (cg, groups, og))
-    w = jnp.moveaxis(w, -2, 0).reshape(1, groups, math.prod(window) * cg, og)
+    w = partitioning.reshape(w, window + (cg, groups, og))
+    w = partitioning.reshape(jnp.moveaxis(w, -2, 0), (1, groups, math.prod(window) * cg, og))
     if in_place:
         y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk, True)
     elif chunk < n and backward == "approx" and _in_place_targets_apply(geometry):

@@ -248,6 +248,10 @@ class _Rewriter:
                     m = self._transposed(m)
                 return getattr(self, "_" + name)(m, floated + list(invals[2:]), params)
         if name in _INLINE_CALLS:
+            if not self.simulates(params["jaxpr"].jaxpr, path):
+                # Kept as one call: evaluated op by op, XLA may round a fused
+                # expression differently (jax 0.11's softplus, eagerly).
+                return _bind(eqn, invals)
             if params.get("name") != _EINSUM_CALL:
                 return self.closed(params["jaxpr"], path)(*invals)
             swapped = _swapped_dots(params["jaxpr"].jaxpr) - self.swapped
