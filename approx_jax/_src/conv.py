@@ -108,6 +108,11 @@ def _default_dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
     )
 
 
+def _is_int(v) -> bool:
+    """An int (Python or NumPy), not a bool: lax refuses 1.0 where it wants 1."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
 def _as_int_tuple(name: str, value, nd: int, default: int = 1) -> tuple[int, ...]:
     if value is None:
         return (default,) * nd
@@ -119,7 +124,7 @@ def _as_int_tuple(name: str, value, nd: int, default: int = 1) -> tuple[int, ...
         items = tuple(value)
     except TypeError as err:
         raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}") from err
-    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in items):
+    if not all(_is_int(v) for v in items):
         raise TypeError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
     out = tuple(int(v) for v in items)
     if len(out) != nd:
@@ -171,20 +176,18 @@ def _explicit_padding(padding, in_spatial, window, window_strides, lhs_dilation,
             tuple(int(p) for p in pair)
             for pair in lax.padtype_to_pads(in_spatial, eff_window, window_strides, key)
         )
-
-    def integer(p):
-        # As lax: 1.5 (or 1.0) is refused, not truncated to 1.
-        if isinstance(p, bool) or not isinstance(p, int | np.integer):
-            raise TypeError(p)
-        return int(p)
-
+    message = (
+        f"padding must be one of {_PADDING_STRINGS} or a sequence of {nd} (low, high) "
+        f"pairs of ints, got {padding!r}"
+    )
     try:
-        pairs = tuple((integer(lo), integer(hi)) for lo, hi in padding)
+        pairs = tuple((lo, hi) for lo, hi in padding)
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"padding must be one of {_PADDING_STRINGS} or a sequence of {nd} (low, high) "
-            f"pairs of ints, got {padding!r}"
-        ) from err
+        raise ValueError(message) from err
+    # As lax: 1.5 (or 1.0) is refused, not truncated to 1.
+    if not all(_is_int(p) for pair in pairs for p in pair):
+        raise ValueError(message)
+    pairs = tuple((int(lo), int(hi)) for lo, hi in pairs)
     if len(pairs) != nd:
         raise ValueError(
             f"padding must have one (low, high) pair per spatial dimension ({nd}), got {padding!r}"
@@ -635,11 +638,11 @@ def _chunk_size(n: int, per_sample_bytes: int, limit: int, devices: int = 1) -> 
     With ``devices`` > 1 (a batch that may be sharded across them; the most
     devices, a divisor of the count, that divide ``n``): the largest multiple
     of that count dividing ``n`` that fits, at least that many samples even
-    over the limit. Every chunk then holds
-    the same number of samples of each device's block, so the batch stays
-    sharded (a chunk of 10 from a batch of 20 on 4 devices failed to
-    partition; 7 of 28 all-gathered the activations). An input gradient's
-    bits do not depend on the chunking (each sample's is its own).
+    over the limit. Every chunk then holds the same number of samples of each
+    device's block, so the batch stays sharded (a chunk of 10 from a batch of
+    20 on 4 devices failed to partition; 7 of 28 all-gathered the
+    activations). An input gradient's bits do not depend on the chunking
+    (each sample's is its own).
 
     The chunk count is the smallest divisor of ``n`` that fits, unless that is
     more than twice the smallest count that fits (a batch of prime size):

@@ -964,7 +964,7 @@ def unstack(stacked: Multiplier) -> list[Multiplier]:
     # A stack built by from_lut has one metadata for all its designs.
     shared = tuple((k, v) for k, v in stacked.metadata if not k.startswith("stack_"))
     member_metadata = info.get("stack_metadata", (shared,) * D)
-    # A hand-built stack may carry one str name for all its designs.
+    # A single design whose LUT a tree map stacked keeps its one str name.
     names = stacked.names if len(stacked.names) == D else tuple(f"design{d}" for d in range(D))
     luts = np.asarray(stacked.lut)
     result = []

@@ -57,13 +57,13 @@ def _is_stacked_params(params, model, x_train, num_designs: int) -> bool:
     """Whether ``params`` already carry the design axis (a stacked run's result)."""
     single = jax.eval_shape(lambda: train_lib.init_params(model, 0, x_train[:1]))
     try:
-        pairs = jax.tree.leaves(
-            jax.tree.map(lambda p, s: (tuple(jnp.shape(p)), tuple(s.shape)), params, single),
-            is_leaf=lambda x: isinstance(x, tuple),
+        stacked = jax.tree.map(
+            lambda p, s: tuple(jnp.shape(p)) == (num_designs, *s.shape), params, single
         )
     except ValueError:  # another structure: left to the model to report
         return False
-    return bool(pairs) and all(p == (num_designs,) + s for p, s in pairs)
+    leaves = jax.tree.leaves(stacked)
+    return bool(leaves) and all(leaves)
 
 
 def make_vmapped_step(model, optimizer, backward: str = "approx"):

@@ -192,10 +192,12 @@ class _Rewriter:
 
     def _simulated(self, eqn, path: str) -> bool:
         """Whether the product ``eqn`` (at ``path``) is simulated."""
-        if eqn.primitive.name not in self.targets:
-            return False
+        return eqn.primitive.name in self.targets and self._design_at(path) is not None
+
+    def _design_at(self, path: str):
+        """The multiplier simulating products at ``path``; None where they stay native."""
         m = self.assign(path)
-        return m is not None and not m.is_exact
+        return None if m is None or m.is_exact else m
 
     def closed(self, closed_jaxpr, path: str) -> Callable:
         """A function of the jaxpr's inputs that evaluates it rewritten."""
@@ -232,10 +234,10 @@ class _Rewriter:
             else None
         )
         if floated is not None:
-            m = self.assign(path)
             # (The exact multiplier binds the equation as it is: same
             # precision, same bits as the original program.)
-            if m is not None and not m.is_exact:
+            m = self._design_at(path)
+            if m is not None:
                 if name in _UNSUPPORTED_PRODUCTS:
                     raise NotImplementedError(
                         f"approximate(): '{name}' ({path or 'top level'}) has no simulated "
