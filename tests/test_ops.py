@@ -553,6 +553,22 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
         _assert_bits_equal(closed_form, reference.sequential_dot(x, w, mult.lut, mult.mbits))
 
 
+@pytest.mark.parametrize(
+    "family,M",
+    [("mbm", M) for M in range(7, 12)] + [("mitchell", 11), ("truncate", 11)],
+)
+def test_cpu_closed_form_every_mantissa_pair(family, M, monkeypatch):
+    # out[i, j] = P(1 + i/2^M, 1 + j/2^M) for every pair of mantissa indices:
+    # the closed form must reproduce each LUT entry, not just the sampled ones.
+    mult = getattr(multipliers, family)(M)
+    mant = (1.0 + np.arange(2**M) / 2.0**M).astype(np.float32)
+    x = mant[:, None]
+    w = -mant[None, :]
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
+    _assert_bits_equal(got, reference.product(x, w, mult.lut, M))
+
+
 @pytest.mark.parametrize("mode", ["2", "1"])
 def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
     # A stack mixing families (and a random LUT, which has none): each design

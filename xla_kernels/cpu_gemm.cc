@@ -281,10 +281,10 @@ bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
   families->assign(static_cast<size_t>(p.designs), kFamilyNone);
   bool any = false;
   for (int64_t d = 0; d < luts; ++d) {
-    // Measured (2 cores, 25x50176x32 and 512^3): the MBM closed form is
-    // slower than gathers at M = 7 (L2-resident LUT), about even at M = 8,
-    // 1.2-1.4x faster at M = 9 and 4-6x at M = 10.
-    const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits, mode == 2 ? 0 : 8);
+    // Measured (2 cores, ms, gathers vs MBM's four-operation closed form):
+    // 25x50176x32 M = 7 3.0 vs 2.5, M = 8 7.5 vs 2.4; 16x1024x1024 M = 7
+    // 1.17 vs 0.99; 1024^3 M = 11 ~1400 vs 42.
+    const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits);
     if (luts == 1) {
       families->assign(static_cast<size_t>(p.designs), f);
     } else {

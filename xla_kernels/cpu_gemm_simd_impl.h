@@ -346,7 +346,8 @@ inline void MicroLookup(const int32_t* pk, int kb, const uint32_t* lut, const in
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) {
         const VF lf = CastF(AddI(Lookup(row, ib[v]), one_exp));
-        acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
+        // Exact products (the panel's acceptance): fused = multiply, then add.
+        acc[r][v] = FmaF(MulF(lf, sb[v]), s, acc[r][v]);
       }
     }
   }
@@ -378,21 +379,27 @@ inline void MicroPermuteM(int mbits, const int32_t* pk, int kb, const uint32_t* 
 // gather: a few integer/float vector operations per 16 (8) products.
 // lf = 1.r * 2^c exactly as the gathered entry would give, so the products
 // and sums are bit-identical to MicroLookup's.
+//
+// MBM in four operations (it took 13 as integer code): with x = (ia|1)/2^M,
+// y = (ib|1)/2^M, the integer sum of the bits of 1 + x and of y << (23 - M)
+// is the float F = 1 + x + y when x + y < 1, else 2(x + y) (the carry moves
+// into the exponent: Mitchell's form). With C = cu/2^M and G = F + C (exact):
+// x + y < 1 gives G = 1 + x + y + C < 2 + C, MBM's low branch (halved once it
+// reaches 2, where it loses no bit: (ia|1) + (ib|1) and cu are even); x + y
+// >= 1 gives G = 2(x + y) + C, MBM's entry below 4, and F (the uncorrected
+// 2(x + y)) from 4 on. The low branch never reaches 4, so entry = G >= 4 ?
+// F : G. Positive floats compare as integers.
 template <int MR, int FAM>
 inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ibv, const float* sbv,
                          float* c, int64_t ldc) {
   VF acc[MR][kNV];
   const int sh = 23 - mbits;
   const VI one_exp = Set1I(127 << 23);
-  const VI two_m = Set1I(1 << mbits);
-  const VI two_m_less1 = Set1I((1 << mbits) - 1);
-  const VI neg_two_m = Set1I(-(1 << mbits));
-  const VI carry = Set1I(1 << 23);
   const VI ones = Set1I(1);
   const VI keep = Set1I(static_cast<int32_t>(0xffffffffu << sh));
   const int32_t cu = FAM == kFamilyMbm ? (1 << (mbits - 4)) + (1 << (mbits - 6)) : 0;
-  const VI vcu = Set1I(cu);
-  const VI vch = Set1I(cu >> 1);
+  const VF vc = Set1F(static_cast<float>(cu) / static_cast<float>(1 << mbits));  // exact
+  const VI below_four = Set1I(0x407fffff);  // the largest float below 4
   LoadAcc<MR>(acc, c, ldc);
   for (int kk = 0; kk < kb; ++kk) {
     const int32_t* q = PackAt(pk, kk);
@@ -405,7 +412,7 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
       sb[v] = LoadF(sbv + kk * kNB + v * kVL);
       if (FAM == kFamilyMitchell) col[v] = SllI(ib, sh);
       if (FAM == kFamilyTruncate) col[v] = OrI(SllI(ib, sh), one_exp);  // bits of 1 + ib/2^M
-      if (FAM == kFamilyMbm) col[v] = OrI(ib, ones);
+      if (FAM == kFamilyMbm) col[v] = SllI(OrI(ib, ones), sh);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
@@ -414,7 +421,7 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
       VI rowv;
       if (FAM == kFamilyMitchell) rowv = Set1I((ia << sh) + (127 << 23));
       if (FAM == kFamilyTruncate) rowv = Set1I((127 << 23) | (ia << sh));
-      if (FAM == kFamilyMbm) rowv = Set1I(ia | 1);
+      if (FAM == kFamilyMbm) rowv = Set1I(((ia | 1) << sh) + (127 << 23));
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) {
         VF lf;
@@ -425,17 +432,13 @@ inline void MicroFormula(const int32_t* pk, int kb, int mbits, const int32_t* ib
           // truncating its mantissa to M bits gives 1.r * 2^c.
           lf = CastF(AndI(CastI(MulF(CastF(rowv), CastF(col[v]))), keep));
         } else {
-          const VI t = AddI(rowv, col[v]);
-          const VI low = AddI(t, vcu);
-          const VI e_low =
-              SelectGtI(two_m, low, SllI(SrlI(AddI(low, two_m), 1), sh), SllI(low, sh));
-          const VI tm = AddI(t, neg_two_m);
-          const VI g1 = AddI(tm, vch);
-          const VI g = SelectGtI(g1, two_m_less1, g1, tm);
-          const VI e_high = OrI(SllI(g, sh), carry);
-          lf = CastF(AddI(SelectGtI(two_m, t, e_high, e_low), one_exp));
+          const VI f = AddI(rowv, col[v]);
+          const VI g = CastI(AddF(CastF(f), vc));
+          lf = CastF(SelectGtI(g, below_four, g, f));
         }
-        acc[r][v] = AddF(acc[r][v], MulF(MulF(lf, sb[v]), s));
+        // lf * sb and its product with s are exact (the panel's acceptance),
+        // so the fused multiply-add rounds exactly as the add of that product.
+        acc[r][v] = FmaF(MulF(lf, sb[v]), s, acc[r][v]);
       }
     }
   }
