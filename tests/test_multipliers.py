@@ -588,6 +588,12 @@ def test_get_passthrough_and_errors():
         mm.get(7)
 
 
+@pytest.mark.parametrize("spec", ["model.c:mul", "model.cpp", "dir/m.cc:mul@", "m.c:mul@x"])
+def test_get_c_model_spec_without_width_says_what_is_missing(spec):
+    with pytest.raises(ValueError, match="function@M"):
+        mm.get(spec)
+
+
 def test_get_c_model_spec(require_c_compiler):
     spec = f"{cmodel.builtin_model_path('mitchell')}:mitchell_mul@6"
     np.testing.assert_array_equal(mm.get(spec).lut, mm.mitchell(6).lut)

@@ -852,6 +852,11 @@ def get(name_or_multiplier) -> Multiplier:
         if not lut_lib.MIN_MBITS <= M <= lut_lib.MAX_MBITS:
             raise ValueError(f"{spec!r}: M must be in 1..11, got {M}")
         return _builtin(_FAMILY_ALIASES[match[1]], M)
+    if re.match(r"^.+\.(?:c|C|cc|cpp|cxx|c\+\+)(?::.*)?$", spec):
+        raise ValueError(
+            f"{spec!r}: a C model needs its function and mantissa width, as "
+            "'path/to/model.c:function@M' (M in 1..11)"
+        )
     raise ValueError(f"unknown multiplier {spec!r}; valid forms: " + ", ".join(VALID_NAME_FORMS))
 
 
