@@ -569,6 +569,34 @@ def test_cpu_closed_form_every_mantissa_pair(family, M, monkeypatch):
     _assert_bits_equal(got, reference.product(x, w, mult.lut, M))
 
 
+@pytest.mark.parametrize("M", [8, 9, 10, 11])
+@pytest.mark.parametrize("shape", [(3, 50, 10), (5, 300, 100), (40, 70, 17), (6, 5000, 3)])
+def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):
+    # M >= 8 gathers may read a 16-bit copy of the LUT (entries >> (23 - M);
+    # cpu_gemm.cc MakeCompactLuts): forced on vs off, and vs the NumPy
+    # sequential order, with special values in some k-blocks and a stack
+    # mixing a closed-form family (which never gathers) with random LUTs.
+    rows, K, N = shape
+    rng = np.random.default_rng(rows + K + N + M)
+    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-30, 30, (rows, K)))).astype(np.float32)
+    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-30, 30, (K, N)))).astype(np.float32)
+    x[rng.random(x.shape) < 0.03] = 0.0
+    if rows == 5:  # special values: their k-blocks take the exact scalar path
+        x[0, 3], x[1, 5], w[7, 2], w[9, 4] = np.inf, 3e38, np.nan, -0.0
+    designs = [random_multiplier(M, 1), multipliers.mbm(M), random_multiplier(M, 2)]
+    stacked = multipliers.stack(designs)
+    fn = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
+    for m in [designs[0], stacked]:
+        monkeypatch.setenv("APPROX_JAX_CPU_LUT16", "2")
+        compact = np.asarray(fn(x, w, m))
+        monkeypatch.setenv("APPROX_JAX_CPU_LUT16", "0")
+        full = np.asarray(fn(x, w, m))
+        _assert_bits_equal_nan_aside(compact, full, "16-bit vs 32-bit LUT gathers")
+    if rows != 5 and K < 4096:
+        for d, m in enumerate(designs):
+            _assert_bits_equal(compact[d], reference.sequential_dot(x, w, m.lut, M))
+
+
 @pytest.mark.parametrize("mode", ["2", "1"])
 def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
     # A stack mixing families (and a random LUT, which has none): each design

@@ -12,6 +12,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <thread>
@@ -259,23 +261,34 @@ bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
   return true;
 }
 
+// Whether `work` products pay for one pass over each of `luts` LUTs of
+// width m (the closed-form check, the 16-bit copy): at most 4^m entries each,
+// read at memory speed (0.6 ms at M = 11), while a gather from an M = 11 LUT
+// costs ~3 ns a product. Measured (2 cores, MBM, ms, gathers vs check +
+// closed form): M = 11 16x64x64 0.78 vs 1.33, 32x128x128 1.40 vs 1.31,
+// 64x256x256 6.5 vs 1.4; M = 9 16x64x64 0.055 vs 0.064, 32x128x128 0.16 vs
+// 0.095. (The bound was 4 * 4^m before the check ran at memory speed: an
+// mbm11 256x248x256 GEMM took 86x native, 256^3 7x.)
+bool WorkPaysForLutPass(double work, int64_t luts, int mbits) {
+  return 4.0 * work >= static_cast<double>(luts) * static_cast<double>(int64_t{1} << (2 * mbits));
+}
+
 // Closed-form LUT families (lut_family.h) for the gather path, per design
 // (a stack may mix families). Env knob APPROX_JAX_CPU_FORMULA: 0 = never,
 // 2 = whenever a LUT matches (tests), otherwise (default) when the gather
-// path is likely and the work pays for the entry-by-entry check (at most 4^M
-// compares per distinct LUT). Returns false when no design has one.
+// path is likely and the work pays for the entry-by-entry check
+// (WorkPaysForLutPass). Returns false when no design has one.
 bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
   int mode = 1;
   if (const char* e = std::getenv("APPROX_JAX_CPU_FORMULA")) mode = std::atoi(e);
   if (mode == 0) return false;
-  const int64_t usize = int64_t{1} << p.mbits;
   // The closed form is used on the gather path, or instead of the tiles when
   // every design is a cheap family and the rows are few (cpu_gemm_simd.h).
   const bool gathers =
       gemm_internal::PrefersGathers(p.m, p.mbits) || p.m < gemm_internal::CheapFamilyRows(p.mbits);
   const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
   const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
-  if (mode != 2 && (!gathers || work < 4.0 * static_cast<double>(luts) * usize * usize)) {
+  if (mode != 2 && (!gathers || !WorkPaysForLutPass(work, luts, p.mbits))) {
     return false;
   }
   families->assign(static_cast<size_t>(p.designs), kFamilyNone);
@@ -293,6 +306,70 @@ bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
     any = any || f != kFamilyNone;
   }
   return any;
+}
+
+// 16-bit copies of the LUTs that the gather kernel reads (KSplit::lut16).
+// Above M = 8 the 32-bit LUT outgrows the L2 cache (4 MiB at M = 10, 16 MiB
+// at M = 11) and every gather lane misses; the copy halves that. A
+// kernel-format entry (c << 23) | (r << (23 - M)) is (entry >> (23 - M)) <<
+// (23 - M) when its bits below r are clear and it is below 2^24 (checked:
+// otherwise that design keeps its 32-bit LUT), and that fits 16 bits for
+// M <= 11: the same entries, the same bits. Measured (one core, random
+// 16-lane lookups, G lookups/s, 32 vs 16 bits): M = 9 3.6 vs 4.2, M = 10 0.79
+// vs 2.2, M = 11 0.37 vs 0.59. Env knob APPROX_JAX_CPU_LUT16: 0 = never,
+// 2 = whenever the gathers run at M >= 8 (tests), otherwise (default) also
+// only when the work pays for the copy (WorkPaysForLutPass).
+struct CompactLuts {
+  std::vector<std::vector<uint16_t>> storage;
+  std::vector<const uint16_t*> per_design;
+};
+
+bool MakeCompactLuts(const GemmProblem& p, const int* families, const ParallelFor& parallel_for,
+                     CompactLuts* out) {
+  int mode = 1;
+  if (const char* e = std::getenv("APPROX_JAX_CPU_LUT16")) mode = std::atoi(e);
+  if (mode == 0 || p.mbits < 8 || p.mbits > 11 || p.k == 0) return false;
+  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+  const int64_t entries = int64_t{1} << (2 * p.mbits);
+  const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
+  if (mode != 2 && !WorkPaysForLutPass(work, luts, p.mbits)) return false;
+  const int sh = 23 - p.mbits;
+  const uint32_t low_mask = (1u << sh) - 1u;
+  out->storage.resize(static_cast<size_t>(luts));
+  std::vector<const uint16_t*> compact(static_cast<size_t>(luts), nullptr);
+  bool any = false;
+  for (int64_t d = 0; d < luts; ++d) {
+    // A design computed in closed form never gathers.
+    if (families != nullptr && families[d] != kFamilyNone) continue;
+    const uint32_t* src = p.lut + d * p.lut_design_stride;
+    std::vector<uint16_t>& dst = out->storage[static_cast<size_t>(d)];
+    try {
+      dst.resize(static_cast<size_t>(entries) + 1);  // + 1: the last lane's 4-byte read
+    } catch (const std::bad_alloc&) {
+      continue;  // this design keeps its 32-bit LUT
+    }
+    constexpr int64_t kBlock = int64_t{1} << 16;
+    std::atomic<bool> ok{true};
+    parallel_for((entries + kBlock - 1) / kBlock, [&](int64_t t) {
+      const int64_t e0 = t * kBlock, e1 = std::min(entries, e0 + kBlock);
+      uint32_t bad = 0;
+      for (int64_t e = e0; e < e1; ++e) {
+        const uint32_t v = src[e];
+        bad |= (v & low_mask) | (v >> 24);
+        dst[static_cast<size_t>(e)] = static_cast<uint16_t>(v >> sh);
+      }
+      if (bad != 0) ok.store(false, std::memory_order_relaxed);
+    });
+    dst[static_cast<size_t>(entries)] = 0;
+    if (!ok.load()) continue;
+    compact[static_cast<size_t>(d)] = dst.data();
+    any = true;
+  }
+  if (!any) return false;
+  out->per_design.resize(static_cast<size_t>(p.designs));
+  for (int64_t d = 0; d < p.designs; ++d)
+    out->per_design[static_cast<size_t>(d)] = compact[static_cast<size_t>(luts == 1 ? 0 : d)];
+  return true;
 }
 
 // dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols. 16 x 16 blocks
@@ -437,6 +514,9 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
   std::vector<int> family_store;
   const int* families = DesignFamilies(p, &family_store) ? family_store.data() : nullptr;
+  CompactLuts compact;
+  const uint16_t* const* lut16 =
+      MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;
   // A stack whose designs differ in whether their cheap closed form beats
   // the tiles (a Mitchell or truncate design next to an MBM or a random
   // LUT, few rows) runs as consecutive runs of like designs, so that each
@@ -478,7 +558,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
     const gemm_internal::KSplit ks{
-        std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr, eff_bits, eff_lut, families};
+        std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr, eff_bits, eff_lut, families, lut16};
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -490,7 +570,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   std::vector<float> part(static_cast<size_t>(group * chunks * mn));
   for (int64_t p0 = 0; p0 < problems; p0 += group) {
     const int64_t g = std::min(group, problems - p0);
-    const gemm_internal::KSplit ks{chunk, chunks, p0, g, part.data(), eff_bits, eff_lut, families};
+    const gemm_internal::KSplit ks{chunk,    chunks,  p0,       g,    part.data(),
+                                   eff_bits, eff_lut, families, lut16};
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

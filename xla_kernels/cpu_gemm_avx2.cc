@@ -71,6 +71,11 @@ inline VI LaneIota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 inline VI GatherI(const uint32_t* base, VI idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);
 }
+// 16-bit entries: each lane reads 4 bytes at base + 2 * idx (tables are
+// padded by one entry) and keeps the low half.
+inline VI GatherLowHalfI(const uint16_t* base, VI idx) {
+  return AndI(_mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 2), Set1I(0xffff));
+}
 
 // Loads the first n (<= kVL) words of p, zeros in the other lanes.
 inline VI LoadPartialI(const uint32_t* p, int n) {

@@ -80,6 +80,12 @@ inline VI LaneIota() {
 inline VI GatherI(const uint32_t* base, VI idx) {
   return _mm512_i32gather_epi32(idx, static_cast<const void*>(base), 4);
 }
+// 16-bit entries: each lane reads 4 bytes at base + 2 * idx (tables are
+// padded by one entry) and keeps the low half.
+inline VI GatherLowHalfI(const uint16_t* base, VI idx) {
+  return _mm512_and_si512(_mm512_i32gather_epi32(idx, static_cast<const void*>(base), 2),
+                          Set1I(0xffff));
+}
 
 // Loads the first n (<= kVL) words of p, zeros in the other lanes.
 inline VI LoadPartialI(const uint32_t* p, int n) {

@@ -77,6 +77,10 @@ struct KSplit {
   // equals, checked entry by entry; the gather path then computes that
   // design's entries instead of loading them.
   const int* families = nullptr;
+  // Optional, one entry per design (M >= 8, gather path): a 16-bit copy of
+  // its LUT (entry >> (23 - M), padded by one entry) for the gathers, or
+  // null (the 32-bit LUT).
+  const uint16_t* const* lut16 = nullptr;
 };
 
 // The automatic strategy (before g_force_strategy): expanded tiles pay 2^M

@@ -314,6 +314,14 @@ struct GatherRow {
 };
 inline GatherRow LoadRow(const uint32_t* row, GatherRow*) { return GatherRow{row}; }
 inline VI Lookup(const GatherRow& r, VI ib) { return GatherI(r.row, ib); }
+// - GatherRow16: gathers from the 16-bit copy of the LUT (KSplit::lut16,
+//   entries >> (23 - M)), shifted back: the same entries from half the
+//   cache footprint.
+struct GatherRow16 {
+  const uint16_t* row;
+};
+inline GatherRow16 LoadRow(const uint16_t* row, GatherRow16*) { return GatherRow16{row}; }
+inline VI Lookup(const GatherRow16& r, VI ib) { return GatherLowHalfI(r.row, ib); }
 template <int MB>
 inline LutRow<MB> LoadRow(const uint32_t* row, LutRow<MB>*) {
   return LoadLutRow<MB>(row);
@@ -323,9 +331,9 @@ inline VI Lookup(const LutRow<MB>& r, VI ib) {
   return LookupLutRow<MB>(r, ib);
 }
 
-template <int MR, class Row>
-inline void MicroLookup(const int32_t* pk, int kb, const uint32_t* lut, const int32_t* ibv,
-                        const float* sbv, float* c, int64_t ldc) {
+template <int MR, class Row, class Entry = uint32_t>
+inline void MicroLookup(const int32_t* pk, int kb, const Entry* lut, const int32_t* ibv,
+                        const float* sbv, float* c, int64_t ldc, int entry_shift = 0) {
   VF acc[MR][kNV];
   const VI one_exp = Set1I(127 << 23);
   LoadAcc<MR>(acc, c, ldc);
@@ -345,7 +353,9 @@ inline void MicroLookup(const int32_t* pk, int kb, const uint32_t* lut, const in
       const Row row = LoadRow(lut + q[r * kVL], static_cast<Row*>(nullptr));
 #pragma GCC unroll 16
       for (int v = 0; v < kNV; ++v) {
-        const VF lf = CastF(AddI(Lookup(row, ib[v]), one_exp));
+        VI entry = Lookup(row, ib[v]);
+        if constexpr (sizeof(Entry) == 2) entry = SllI(entry, entry_shift);
+        const VF lf = CastF(AddI(entry, one_exp));
         // Exact products (the panel's acceptance): fused = multiply, then add.
         acc[r][v] = FmaF(MulF(lf, sb[v]), s, acc[r][v]);
       }
@@ -742,6 +752,9 @@ void RunTask(void* arg, int64_t task) {
               MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
             } else if (kIsaPermuteLookup && mb <= 6) {
               MicroPermuteM<kMRG>(mb, pk, kb, lut_mb, ibv, sbv, ct, ldt);
+            } else if (ks.lut16 != nullptr && ks.lut16[d0 + dd] != nullptr) {
+              MicroLookup<kMRG, GatherRow16>(pk, kb, ks.lut16[d0 + dd], ibv, sbv, ct, ldt,
+                                             23 - mbits);
             } else {
               MicroLookup<kMRG, GatherRow>(pk, kb, lut_mb, ibv, sbv, ct, ldt);
             }
