@@ -519,6 +519,18 @@ def test_bad_inputs_raise_clear_errors():
 # checking the LUT entry by entry; results must be the gathers' bits.
 
 
+def _wide_range_operands(rows, K, N, seed):
+    """Operands over 2^+-30, 3% zeros; with rows == 5 also special values,
+    whose k-blocks take the kernel's exact scalar path."""
+    rng = np.random.default_rng(seed)
+    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-30, 30, (rows, K)))).astype(np.float32)
+    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-30, 30, (K, N)))).astype(np.float32)
+    x[rng.random(x.shape) < 0.03] = 0.0
+    if rows == 5:
+        x[0, 3], x[1, 5], w[7, 2], w[9, 4] = np.inf, 3e38, np.nan, -0.0
+    return x, w
+
+
 @pytest.mark.parametrize(
     "family,M",
     [
@@ -536,12 +548,7 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("shape", [(3, 50, 10), (5, 300, 100), (2, 64, 33), (40, 70, 17)])
 def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
     rows, K, N = shape
-    rng = np.random.default_rng(rows + K + N + M)
-    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-30, 30, (rows, K)))).astype(np.float32)
-    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-30, 30, (K, N)))).astype(np.float32)
-    x[rng.random(x.shape) < 0.03] = 0.0
-    if rows == 5:  # special values: their k-blocks take the exact scalar path
-        x[0, 3], x[1, 5], w[7, 2], w[9, 4] = np.inf, 3e38, np.nan, -0.0
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + M)
     mult = getattr(multipliers, family)(M)
     fn = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))
     monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")
@@ -577,12 +584,7 @@ def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):
     # sequential order, with special values in some k-blocks and a stack
     # mixing a closed-form family (which never gathers) with random LUTs.
     rows, K, N = shape
-    rng = np.random.default_rng(rows + K + N + M)
-    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-30, 30, (rows, K)))).astype(np.float32)
-    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-30, 30, (K, N)))).astype(np.float32)
-    x[rng.random(x.shape) < 0.03] = 0.0
-    if rows == 5:  # special values: their k-blocks take the exact scalar path
-        x[0, 3], x[1, 5], w[7, 2], w[9, 4] = np.inf, 3e38, np.nan, -0.0
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + M)
     designs = [random_multiplier(M, 1), multipliers.mbm(M), random_multiplier(M, 2)]
     stacked = multipliers.stack(designs)
     fn = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
