@@ -273,12 +273,37 @@ bool WorkPaysForLutPass(double work, int64_t luts, int mbits) {
   return 4.0 * work >= static_cast<double>(luts) * static_cast<double>(int64_t{1} << (2 * mbits));
 }
 
+// LutFamilyOf with the rows of the full check split over the threads (a
+// mismatch usually shows in row 0, checked first).
+template <int kFamily>
+bool LutIsParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
+  const uint32_t n = 1u << m;
+  if (!LutIs<kFamily>(lut, m, 0, 1)) return false;
+  const uint32_t rows_per = std::max(1u, n / 8);
+  std::atomic<bool> ok{true};
+  parallel_for((n - 1 + rows_per - 1) / rows_per, [&](int64_t t) {
+    const uint32_t r0 = 1 + static_cast<uint32_t>(t) * rows_per;
+    if (ok.load(std::memory_order_relaxed) && !LutIs<kFamily>(lut, m, r0, r0 + rows_per))
+      ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+int LutFamilyOfParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
+  if (m < 1 || m > 11) return kFamilyNone;
+  if (LutIsParallel<kFamilyMitchell>(lut, m, parallel_for)) return kFamilyMitchell;
+  if (LutIsParallel<kFamilyTruncate>(lut, m, parallel_for)) return kFamilyTruncate;
+  if (m >= kMbmMinBits && LutIsParallel<kFamilyMbm>(lut, m, parallel_for)) return kFamilyMbm;
+  return kFamilyNone;
+}
+
 // Closed-form LUT families (lut_family.h) for the gather path, per design
 // (a stack may mix families). Env knob APPROX_JAX_CPU_FORMULA: 0 = never,
 // 2 = whenever a LUT matches (tests), otherwise (default) when the gather
 // path is likely and the work pays for the entry-by-entry check
 // (WorkPaysForLutPass). Returns false when no design has one.
-bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
+bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
+                    std::vector<int>* families) {
   int mode = 1;
   if (const char* e = std::getenv("APPROX_JAX_CPU_FORMULA")) mode = std::atoi(e);
   if (mode == 0) return false;
@@ -297,7 +322,7 @@ bool DesignFamilies(const GemmProblem& p, std::vector<int>* families) {
     // Measured (2 cores, ms, gathers vs MBM's four-operation closed form):
     // 25x50176x32 M = 7 3.0 vs 2.5, M = 8 7.5 vs 2.4; 16x1024x1024 M = 7
     // 1.17 vs 0.99; 1024^3 M = 11 ~1400 vs 42.
-    const int f = LutFamilyOf(p.lut + d * p.lut_design_stride, p.mbits);
+    const int f = LutFamilyOfParallel(p.lut + d * p.lut_design_stride, p.mbits, parallel_for);
     if (luts == 1) {
       families->assign(static_cast<size_t>(p.designs), f);
     } else {
@@ -513,7 +538,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const int* eff_bits = narrow ? ew.bits.data() : nullptr;
   const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
   std::vector<int> family_store;
-  const int* families = DesignFamilies(p, &family_store) ? family_store.data() : nullptr;
+  const int* families =
+      DesignFamilies(p, parallel_for, &family_store) ? family_store.data() : nullptr;
   CompactLuts compact;
   const uint16_t* const* lut16 =
       MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;

@@ -56,10 +56,13 @@ inline uint32_t FamilyEntry(int m, uint32_t ia, uint32_t ib) {
 // truncate's row is a product progression in ib, split where the carry sets,
 // in a loop the compiler vectorises. (Entry-by-entry FamilyEntry calls took
 // 4 ms at M = 11, a quarter of a 8192x576x64 closed-form GEMM.)
+// Rows [row_begin, row_end) only, when given (the caller may split the rows
+// over threads).
 template <int kFamily>
-inline bool LutIs(const uint32_t* lut, int m) {
+inline bool LutIs(const uint32_t* lut, int m, uint32_t row_begin = 0, uint32_t row_end = 1u << 11) {
   if (m < 1 || m > 11) return false;
   const uint32_t n = 1u << m;
+  if (row_end > n) row_end = n;
   const int sh = 23 - m;
   const size_t row_bytes = sizeof(uint32_t) << m;
   if (kFamily == kFamilyMitchell || kFamily == kFamilyMbm) {
@@ -70,7 +73,7 @@ inline bool LutIs(const uint32_t* lut, int m) {
     uint32_t by_sum[2 << 11];  // 2^(m+1) entries, m <= 11 (LutFamilyOf)
     for (uint32_t x = 0; x < 2 * n; ++x)
       by_sum[x] = kFamily == kFamilyMitchell ? x << sh : FamilyEntry<kFamilyMbm>(m, 0, x);
-    for (uint32_t ia = 0; ia < n; ++ia) {
+    for (uint32_t ia = row_begin; ia < row_end; ++ia) {
       const uint32_t start = kFamily == kFamilyMitchell ? ia : ia & ~1u;
       if (std::memcmp(lut + (static_cast<uint64_t>(ia) << m), by_sum + start, row_bytes))
         return false;
@@ -79,7 +82,7 @@ inline bool LutIs(const uint32_t* lut, int m) {
   }
   // truncate: prod = (2^m + ia)(2^m + ib); the carry c = prod >= 2^(2m+1)
   // sets from ib = first_carry on.
-  for (uint32_t ia = 0; ia < n; ++ia) {
+  for (uint32_t ia = row_begin; ia < row_end; ++ia) {
     const uint32_t* row = lut + (static_cast<uint64_t>(ia) << m);
     const uint32_t fa = n + ia;
     const uint32_t limit = 1u << (2 * m + 1);
