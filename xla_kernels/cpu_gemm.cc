@@ -349,6 +349,14 @@ struct CompactLuts {
   std::vector<const uint16_t*> per_design;
 };
 
+// Kept per calling thread between calls, like the transposed operands: an
+// M = 11 copy is 8 MiB, and a fresh one per call page-faulted every time
+// (the suite's system time doubled).
+CompactLuts& ThreadCompactLuts() {
+  static thread_local CompactLuts store;
+  return store;
+}
+
 bool MakeCompactLuts(const GemmProblem& p, const int* families, const ParallelFor& parallel_for,
                      CompactLuts* out) {
   int mode = 1;
@@ -357,10 +365,12 @@ bool MakeCompactLuts(const GemmProblem& p, const int* families, const ParallelFo
   const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
   const int64_t entries = int64_t{1} << (2 * p.mbits);
   const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
-  if (mode != 2 && !WorkPaysForLutPass(work, luts, p.mbits)) return false;
+  // (A copy writes as well as reads: 16x the check's bound.)
+  if (mode != 2 && !WorkPaysForLutPass(work / 16.0, luts, p.mbits)) return false;
   const int sh = 23 - p.mbits;
   const uint32_t low_mask = (1u << sh) - 1u;
-  out->storage.resize(static_cast<size_t>(luts));
+  if (static_cast<int64_t>(out->storage.size()) < luts)
+    out->storage.resize(static_cast<size_t>(luts));
   std::vector<const uint16_t*> compact(static_cast<size_t>(luts), nullptr);
   bool any = false;
   for (int64_t d = 0; d < luts; ++d) {
@@ -540,9 +550,6 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   std::vector<int> family_store;
   const int* families =
       DesignFamilies(p, parallel_for, &family_store) ? family_store.data() : nullptr;
-  CompactLuts compact;
-  const uint16_t* const* lut16 =
-      MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;
   // A stack whose designs differ in whether their cheap closed form beats
   // the tiles (a Mitchell or truncate design next to an MBM or a random
   // LUT, few rows) runs as consecutive runs of like designs, so that each
@@ -581,6 +588,11 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     if (PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))
       return GemmTransposed(p, parallel_for);
   }
+  // (Made here, after any recursion above: the copies live in per-thread
+  // storage reused by the next call.)
+  CompactLuts& compact = ThreadCompactLuts();
+  const uint16_t* const* lut16 =
+      MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
     const gemm_internal::KSplit ks{
