@@ -273,8 +273,8 @@ bool WorkPaysForLutPass(double work, int64_t luts, int mbits) {
   return 4.0 * work >= static_cast<double>(luts) * static_cast<double>(int64_t{1} << (2 * mbits));
 }
 
-// LutFamilyOf with the rows of the full check split over the threads (a
-// mismatch usually shows in row 0, checked first).
+// LutIs with the rows split over the threads (a mismatch usually shows in
+// row 0, checked first), for LutFamilyBy.
 template <int kFamily>
 bool LutIsParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
   const uint32_t n = 1u << m;
@@ -287,14 +287,6 @@ bool LutIsParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) 
       ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
-}
-
-int LutFamilyOfParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
-  if (m < 1 || m > 11) return kFamilyNone;
-  if (LutIsParallel<kFamilyMitchell>(lut, m, parallel_for)) return kFamilyMitchell;
-  if (LutIsParallel<kFamilyTruncate>(lut, m, parallel_for)) return kFamilyTruncate;
-  if (m >= kMbmMinBits && LutIsParallel<kFamilyMbm>(lut, m, parallel_for)) return kFamilyMbm;
-  return kFamilyNone;
 }
 
 // Closed-form LUT families (lut_family.h) for the gather path, per design
@@ -322,7 +314,10 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
     // Measured (2 cores, ms, gathers vs MBM's four-operation closed form):
     // 25x50176x32 M = 7 3.0 vs 2.5, M = 8 7.5 vs 2.4; 16x1024x1024 M = 7
     // 1.17 vs 0.99; 1024^3 M = 11 ~1400 vs 42.
-    const int f = LutFamilyOfParallel(p.lut + d * p.lut_design_stride, p.mbits, parallel_for);
+    const uint32_t* lut = p.lut + d * p.lut_design_stride;
+    const int f = LutFamilyBy(p.mbits, [&](auto family) {
+      return LutIsParallel<decltype(family)::value>(lut, p.mbits, parallel_for);
+    });
     if (luts == 1) {
       families->assign(static_cast<size_t>(p.designs), f);
     } else {
@@ -350,8 +345,7 @@ struct CompactLuts {
 };
 
 // Kept per calling thread between calls, like the transposed operands: an
-// M = 11 copy is 8 MiB, and a fresh one per call page-faulted every time
-// (the suite's system time doubled).
+// M = 11 copy is 8 MiB, and a fresh one per call page-faults every time.
 CompactLuts& ThreadCompactLuts() {
   static thread_local CompactLuts store;
   return store;

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace approx_jax {
 
@@ -98,15 +99,22 @@ inline bool LutIs(const uint32_t* lut, int m, uint32_t row_begin = 0, uint32_t r
   return true;
 }
 
-// The family whose closed form equals the width-m kernel-format `lut` at
-// every entry, or kFamilyNone. MBM is only tried from m = 7 on (below, its
-// correction is not a whole multiple of 2^-m and the closed form differs).
-inline int LutFamilyOf(const uint32_t* lut, int m) {
+// The family whose closed form equals the width-m kernel-format LUT at every
+// entry, or kFamilyNone, as `is(std::integral_constant<int, F>{})` answers
+// for family F (LutIs, or a caller's threaded version of it). MBM is only
+// tried from m = 7 on (below, its correction is not a whole multiple of 2^-m
+// and the closed form differs).
+template <class IsFamily>
+inline int LutFamilyBy(int m, IsFamily is) {
   if (m < 1 || m > 11) return kFamilyNone;
-  if (LutIs<kFamilyMitchell>(lut, m)) return kFamilyMitchell;
-  if (LutIs<kFamilyTruncate>(lut, m)) return kFamilyTruncate;
-  if (m >= kMbmMinBits && LutIs<kFamilyMbm>(lut, m)) return kFamilyMbm;
+  if (is(std::integral_constant<int, kFamilyMitchell>{})) return kFamilyMitchell;
+  if (is(std::integral_constant<int, kFamilyTruncate>{})) return kFamilyTruncate;
+  if (m >= kMbmMinBits && is(std::integral_constant<int, kFamilyMbm>{})) return kFamilyMbm;
   return kFamilyNone;
+}
+
+inline int LutFamilyOf(const uint32_t* lut, int m) {
+  return LutFamilyBy(m, [&](auto family) { return LutIs<decltype(family)::value>(lut, m); });
 }
 
 }  // namespace approx_jax
