@@ -772,3 +772,26 @@ def test_jax_export_with_disabled_checks():
     conv = jax.jit(lambda a: approx_jax.approx_conv(a, np.ones((3, 3, 4, 2), np.float32), "mbm7"))
     xc = _values(rng, (2, 6, 6, 4))
     _assert_bits_equal(jax.export.export(conv, disabled_checks=checks)(xc).call(xc), conv(xc))
+
+
+@pytest.mark.parametrize(
+    "op, shapes",
+    [
+        (lambda a, b: approx_jax.approx_dot(a, b, "mbm7"), ((None, 20), (20, 4))),
+        (lambda a, b: approx_jax.approx_matmul(a, b, "mbm7"), ((None, 3, 20), (20, 4))),
+        (lambda a, b: approx_jax.multiply(a, b, "mbm7"), ((None, 20), (20,))),
+        (lambda a, b: approx_jax.approx_conv(a, b, "mbm7"), ((None, 6, 6, 4), (3, 3, 4, 2))),
+    ],
+)
+def test_shape_polymorphic_export_is_refused_clearly(op, shapes):
+    """A symbolic batch dimension (``jax.export.symbolic_shape``) gets a clear
+    NotImplementedError naming the operand, not an error from deep inside the
+    shape arithmetic."""
+    (batch,) = jax.export.symbolic_shape("batch")
+    specs = [
+        jax.ShapeDtypeStruct(tuple(batch if d is None else d for d in s), jnp.float32)
+        for s in shapes
+    ]
+    checks = approx_jax.export_disabled_checks()
+    with pytest.raises(NotImplementedError, match="symbolic shape"):
+        jax.export.export(jax.jit(op), disabled_checks=checks)(*specs)

@@ -275,6 +275,53 @@ def test_matmul_and_multiply_batch_sharded(kind):
         assert r[name]["same"], r
 
 
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_grad_of_replicated_operand_broadcast_against_sharded_one(kind):
+    """A replicated operand broadcast against a batch-sharded one (a bias-like
+    ``[K]`` factor of ``multiply``, a ``[1, H, K, N]`` ``approx_matmul``
+    operand, a scalar under ``approximate(elementwise=True)``): its cotangent
+    is computed from the sharded operand, and under Explicit axes the backward
+    rule must hand it back with the primal's (replicated) type. Gradients equal
+    the unsharded ones bit for bit, eager and jitted."""
+    r = _run(
+        f"""
+        import approx_jax
+        mesh = mesh_of({kind!r})
+        x, bias = randn(8, 12), randn(12)
+        a4, b4 = randn(8, 2, 5, 12), randn(1, 2, 12, 5)
+        scaled = approx_jax.approximate(lambda x, w: (x @ w) * 0.5, M, elementwise=True)
+        cases = {{
+            "multiply": (lambda x, b: jnp.sum(jnp.sin(ops.multiply(x, b, M))), x, bias),
+            "matmul": (lambda a, b: jnp.sum(jnp.sin(ops.approx_matmul(a, b, M))), a4, b4),
+            "scalar": (lambda x, w: jnp.sum(jnp.sin(scaled(x, w))), x, randn(12, 3)),
+        }}
+        for name, (f, u, v) in cases.items():
+            ref = jax.grad(f, argnums=(0, 1))(u, v)
+            su = jax.device_put(u, NamedSharding(mesh, P("data")))
+            sv = jax.device_put(v, NamedSharding(mesh, P()))
+            for mode, g in (("eager", jax.grad(f, argnums=(0, 1))),
+                            ("jit", jax.jit(jax.grad(f, argnums=(0, 1))))):
+                with jax.set_mesh(mesh):
+                    try:
+                        got = g(su, sv)
+                    except Exception as e:
+                        R[name + mode] = dict(err=str(e)[:300])
+                        continue
+                R[name + mode] = dict(
+                    same=all(same(a, b) for a, b in zip(got, ref)),
+                    v_spec=str(jax.typeof(got[1]).sharding.spec) if {kind!r} == "explicit" else "",
+                )
+        """
+    )
+    errs = {n: c["err"] for n, c in r.items() if "err" in c}
+    assert not errs, errs
+    assert len(r) == 6, r
+    for case in r.values():
+        assert case["same"], r
+        if kind == "explicit":  # the replicated operand's gradient stays replicated
+            assert "data" not in case["v_spec"], r
+
+
 def test_explicit_mesh_arrays_without_set_mesh():
     """Arrays placed on an Explicit mesh (``jax.make_mesh``'s default) and passed
     to a jitted function outside ``jax.set_mesh``, as ``jnp.dot`` takes them:

@@ -623,9 +623,9 @@ def _conv_core_bwd(mbits, backward, geometry, budget, residuals, ct):
     xg, w4, klut = residuals
     bwd = _core_backward_differentiable(mbits, backward, geometry, budget)
     d_x, d_w = bwd(xg, w4, klut, ct)
-    # Inside shard_map a cotangent must carry its primal's varying mesh axes.
-    d_x = partitioning.match_vma(d_x, xg)
-    d_w = partitioning.match_vma(d_w, w4)
+    # A cotangent must carry its primal's mesh type (shard_map axes, Explicit sharding).
+    d_x = partitioning.match_primal_type(d_x, xg)
+    d_w = partitioning.match_primal_type(d_w, w4)
     return d_x, d_w, ops._lut_zero_cotangent(klut)
 
 
@@ -781,8 +781,8 @@ def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, forward_in_plac
     del forward_in_place
     xg, w4, klut = residuals
     d_x, d_w = _in_place_backward(mbits, backward, geometry, budget, chunk)(xg, w4, klut, ct)
-    d_x = partitioning.match_vma(d_x, xg)
-    d_w = partitioning.match_vma(d_w, w4)
+    d_x = partitioning.match_primal_type(d_x, xg)
+    d_w = partitioning.match_primal_type(d_w, w4)
     return d_x, d_w, ops._lut_zero_cotangent(klut)
 
 

@@ -58,10 +58,20 @@ def check_backward(backward: str) -> None:
 
 
 def check_float(name: str, x: Any) -> jax.Array:
-    """Returns ``x`` as a JAX array, raising TypeError unless it is floating point."""
+    """Returns ``x`` as a JAX array, raising TypeError unless it is floating point.
+
+    Raises NotImplementedError for a symbolic (shape-polymorphic) shape.
+    """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if not all(isinstance(d, int | np.integer) for d in x.shape):
+        # The kernels' shapes, split-K and conv chunk plans are fixed at trace time.
+        raise NotImplementedError(
+            f"{name} has the symbolic shape {x.shape}: approx_jax ops need concrete "
+            "shapes; shape-polymorphic jax.export is not supported (export with "
+            "concrete shapes, one per batch size)"
+        )
     return x
 
 
@@ -241,9 +251,9 @@ def _input_grad(mbits: int, m: int, b, klut, g):
 def _gemm_bwd(mbits, backward, residuals, g):
     a, b, klut = residuals
     da, db = _backward_products(mbits, backward, jnp.swapaxes(a, -1, -2), b, klut, g)
-    # Inside shard_map a cotangent must carry its primal's varying mesh axes.
-    da = partitioning.match_vma(_sum_to_shape(da, a.shape), a)
-    db = partitioning.match_vma(_sum_to_shape(db, b.shape), b)
+    # A cotangent must carry its primal's mesh type (shard_map axes, Explicit sharding).
+    da = partitioning.match_primal_type(_sum_to_shape(da, a.shape), a)
+    db = partitioning.match_primal_type(_sum_to_shape(db, b.shape), b)
     return da, db, _lut_zero_cotangent(klut)
 
 
@@ -267,9 +277,9 @@ def _multiply_bwd(mbits, backward, residuals, g):
         db = _multiply(a, g, klut, mbits, backward)  # d(a*b)/db = a: a = a, b = g
     else:
         da, db = g * b, a * g
-    # Inside shard_map a cotangent must carry its primal's varying mesh axes.
-    da = partitioning.match_vma(_sum_to_shape(da, a.shape), a)
-    db = partitioning.match_vma(_sum_to_shape(db, b.shape), b)
+    # A cotangent must carry its primal's mesh type (shard_map axes, Explicit sharding).
+    da = partitioning.match_primal_type(_sum_to_shape(da, a.shape), a)
+    db = partitioning.match_primal_type(_sum_to_shape(db, b.shape), b)
     return da, db, _lut_zero_cotangent(klut)
 
 

@@ -400,37 +400,60 @@ def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> ja
     return _multiply_op(int(mbits))(a, b, klut)
 
 
-def match_vma(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-    """Gives a cotangent the manual-axes type of its primal (``shard_map``).
+def match_primal_type(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Gives a cotangent its primal's mesh type: varying axes and Explicit sharding.
 
-    Inside ``shard_map`` a ``custom_vjp`` backward rule must return each
-    cotangent with exactly its primal input's varying mesh axes. When a
-    replicated (invariant) weight multiplies sharded (varying) activations,
-    the per-device weight cotangent varies; the gradient of the invariant
-    weight is its sum over those axes (what JAX's own ``pvary`` transposes
-    to), so this ``psum``s the extra axes, and ``pcast``s to varying over axes
-    the primal varies over but the cotangent does not. Outside ``shard_map``
-    this is the identity.
+    A ``custom_vjp`` backward rule must return each cotangent with exactly
+    its primal input's type.
+
+    * Inside ``shard_map``: the varying manual axes. When a replicated
+      (invariant) weight multiplies sharded (varying) activations, the
+      per-device weight cotangent varies; the gradient of the invariant
+      weight is its sum over those axes (what JAX's own ``pvary`` transposes
+      to), so this ``psum``s the extra axes, and ``pcast``s to varying over
+      axes the primal varies over but the cotangent does not.
+    * With Explicit mesh axes: the sharding. A replicated operand broadcast
+      against a batch-sharded one (a bias-like ``[K]`` factor of
+      ``multiply``, a ``[1, H, K, N]`` ``approx_matmul`` operand) reaches the
+      op replicated, but its cotangent is computed from the sharded one and
+      comes out sharded like it; it is resharded to the primal's layout (the
+      broadcast's transpose then sums it, as for native ops).
+
+    Elsewhere this is the identity.
 
     Args:
       cotangent: The cotangent computed by a backward rule.
       primal: The primal input it belongs to (a residual).
 
     Returns:
-      ``cotangent`` with ``primal``'s varying manual axes.
+      ``cotangent`` with ``primal``'s varying manual axes and sharding.
     """
     try:
-        have = _varying(jax.typeof(cotangent))
-        want = _varying(jax.typeof(primal))
-    except Exception:  # noqa: BLE001 - no manual-axes type information
+        have_type, want_type = jax.typeof(cotangent), jax.typeof(primal)
+    except Exception:  # noqa: BLE001 - no mesh type information
         return cotangent
+    have, want = _varying(have_type), _varying(want_type)
     extra = tuple(sorted(have - want))
     if extra:
         cotangent = jax.lax.psum(cotangent, extra)
     missing = tuple(sorted(want - have))
     if missing:
         cotangent = jax.lax.pcast(cotangent, missing, to="varying")
+    try:
+        want_sharding = want_type.sharding
+        differs = _spec_axes(have_type.sharding, cotangent.ndim) != _spec_axes(
+            want_sharding, primal.ndim
+        )
+    except Exception:  # noqa: BLE001 - no sharding type
+        return cotangent
+    if differs and not want_sharding.mesh.empty and _has_explicit_axes(want_sharding.mesh):
+        cotangent = jax.sharding.reshard(cotangent, want_sharding)
     return cotangent
+
+
+def _has_explicit_axes(mesh) -> bool:
+    types = getattr(mesh, "axis_types", ()) or ()
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
 
 
 def _reshape_groups(in_shape, out_shape):
@@ -518,4 +541,4 @@ def reshape(x: jax.Array, shape) -> jax.Array:
     return jax.lax.reshape(x, shape, out_sharding=sharding.update(spec=P(*out_spec)))
 
 
-__all__: list[Any] = ["gemm_call", "match_vma", "multiply_call", "reshape"]
+__all__: list[Any] = ["gemm_call", "match_primal_type", "multiply_call", "reshape"]
