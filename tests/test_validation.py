@@ -173,7 +173,11 @@ def test_unknown_multiplier_name(op, name):
         fn(name)
 
 
-@pytest.mark.parametrize("bad", (3, 7.0, None, np.zeros(16, np.uint8), object()), ids=repr)
+@pytest.mark.parametrize(
+    "bad",
+    (3, 7.0, None, np.zeros(16, np.uint8), object()),
+    ids=("int", "float", "None", "uint8_array", "object"),
+)
 def test_multiplier_wrong_type(bad):
     with pytest.raises(TypeError, match=r"[Mm]ultiplier"):
         approx_dot(F, W, bad)
