@@ -84,6 +84,45 @@ def test_damaged_cached_lut_is_rebuilt(require_c_compiler, isolated_cache):
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 3).lut, want)
 
 
+@pytest.mark.parametrize("damage", ["emptied", "halved"])
+def test_damaged_cache_entries_are_rebuilt(require_c_compiler, isolated_cache, damage):
+    """Every cached file of a model emptied or cut in half (a full disk): the
+    next call compiles and evaluates it again instead of failing (a halved
+    library, loaded as it is, crashed with SIGBUS, blamed on the model)."""
+    want = mm.from_c(EXACT, "f", 5).lut
+    files = [p for p in (isolated_cache / "lib").iterdir() if p.is_file()]
+    assert any(p.suffix == ".so" for p in files), files
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(b"" if damage == "emptied" else data[: len(data) // 2])
+    np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)
+    np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)  # the rebuilt entry
+
+
+# Names of functions the evaluating process already has (libc, libm) or of the
+# generated wrapper's variables: the model's own definition must be called.
+@pytest.mark.parametrize("name", ["fmul", "write", "hypotf", "strlen", "n", "out", "i", "a"])
+def test_model_named_like_a_library_function_or_wrapper_variable(
+    require_c_compiler, isolated_cache, name
+):
+    source = f"float {name}(float x, float y) {{ return x * y; }}"
+    np.testing.assert_array_equal(mm.from_c(source, name, 4).lut, mm.truncate(4).lut)
+
+
+def test_existing_path_with_parentheses_is_a_file(require_c_compiler, isolated_cache, tmp_path):
+    path = tmp_path / "mul (v2).c"
+    path.write_text("float my_mul(float a, float b) { return a * b; }\n")
+    np.testing.assert_array_equal(mm.from_c(str(path), "my_mul", 4).lut, mm.truncate(4).lut)
+    with pytest.raises(FileNotFoundError):
+        mm.from_c(str(tmp_path / "missing (v3).c"), "my_mul", 4)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e9"])
+def test_unlimited_timeout_setting(require_c_compiler, isolated_cache, monkeypatch, value):
+    monkeypatch.setenv("APPROX_JAX_CMODEL_TIMEOUT", value)
+    np.testing.assert_array_equal(mm.from_c(EXACT, "f", 3).lut, mm.truncate(3).lut)
+
+
 @pytest.mark.parametrize("compiler", ["c++", "g++"])
 def test_c_model_compiled_by_a_cxx_compiler(require_c_compiler, isolated_cache, tmp_path, compiler):
     # A C++ compiler compiles a `.c` file as C++: the generated wrapper must be

@@ -31,9 +31,20 @@ import numpy as np
 from approx_jax._src import lut as lut_lib
 
 # Bump when the generated wrapper or the cache layout changes.
-_WRAPPER_VERSION = "3"
+_WRAPPER_VERSION = "4"
 _CXX_SUFFIXES = (".cc", ".cpp", ".cxx", ".c++", ".C")
-BASE_FLAGS = ("-O2", "-fPIC", "-shared", "-ffp-contract=off")
+# -fno-semantic-interposition and -Wl,-Bsymbolic bind the wrapper's call to the
+# model defined in the same library: otherwise a model named like a symbol the
+# evaluating process already has (libc's `write`, `fmul`, libm's `hypotf`) is
+# called through the PLT and resolves to that one (a wrong LUT or a crash).
+BASE_FLAGS = (
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",
+    "-fno-semantic-interposition",
+    "-Wl,-Bsymbolic",
+)
 
 # A model with integer operands or result (`int f(int, int)`) would compile and
 # silently evaluate truncated operands, so the wrapper checks the signature: in
@@ -55,14 +66,16 @@ _Static_assert(_Generic(({function}),
     float (*)(double, double): 1, double (*)(float, float): 1, default: 0),
     "the functional model {function} must be declared float {function}(float a, float b)");
 #endif
-void approx_jax_build_lut(float *out, int m) {{
-  const int n = 1 << m;
-  for (int i = 0; i < n; ++i) {{
+/* Prefixed names: a model may be called `n`, `out`, `i`, `a`, ... */
+void approx_jax_build_lut(float *approx_jax_out, int approx_jax_m) {{
+  const int approx_jax_n = 1 << approx_jax_m;
+  for (int approx_jax_i = 0; approx_jax_i < approx_jax_n; ++approx_jax_i) {{
     /* 1 + i / 2^m is exact in float for m <= 23. */
-    const float a = 1.0f + (float)i / (float)n;
-    for (int j = 0; j < n; ++j) {{
-      const float b = 1.0f + (float)j / (float)n;
-      out[(i << m) | j] = (float)({function}(a, b));
+    const float approx_jax_a = 1.0f + (float)approx_jax_i / (float)approx_jax_n;
+    for (int approx_jax_j = 0; approx_jax_j < approx_jax_n; ++approx_jax_j) {{
+      const float approx_jax_b = 1.0f + (float)approx_jax_j / (float)approx_jax_n;
+      approx_jax_out[(approx_jax_i << approx_jax_m) | approx_jax_j] =
+          (float)({function}(approx_jax_a, approx_jax_b));
     }}
   }}
 }}
@@ -85,6 +98,7 @@ class CModelError(ValueError):
 # Seconds a model may take on all 4**M mantissa pairs (an endless loop would
 # otherwise hang the caller); $APPROX_JAX_CMODEL_TIMEOUT overrides it.
 DEFAULT_TIMEOUT_S = 300.0
+_UNLIMITED_TIMEOUT_S = 1e6
 
 # Exit status of the evaluation child when the library cannot be loaded (a
 # corrupt cache entry: rebuilt once).
@@ -113,8 +127,8 @@ def model_timeout() -> float:
     """Seconds allowed to evaluate a model on every mantissa pair.
 
     Returns:
-      ``$APPROX_JAX_CMODEL_TIMEOUT`` if set (a positive number), else
-      :data:`DEFAULT_TIMEOUT_S`.
+      ``$APPROX_JAX_CMODEL_TIMEOUT`` if set (a positive number; ``inf`` means
+      no limit), else :data:`DEFAULT_TIMEOUT_S`.
 
     Raises:
       ValueError: If the environment variable is not a positive number.
@@ -223,10 +237,16 @@ def source_path(source_or_path) -> pathlib.Path | None:
     if isinstance(source_or_path, os.PathLike):
         return pathlib.Path(source_or_path)
     if isinstance(source_or_path, str):
-        # Source code always contains a newline or a parenthesis; a str without
-        # either is a path (a missing one should raise FileNotFoundError, not a
-        # baffling compile error).
-        looks_like_code = "\n" in source_or_path or "(" in source_or_path
+        # A one-line str naming an existing file is that file (its name may
+        # hold parentheses: "mul (v2).c"). Otherwise source code always holds a
+        # newline or a function body; a str without either is a path (a
+        # missing one should raise FileNotFoundError, not a baffling compile
+        # error).
+        if "\n" in source_or_path:
+            return None
+        if os.path.isfile(source_or_path):
+            return pathlib.Path(source_or_path)
+        looks_like_code = "{" in source_or_path or ";" in source_or_path
         return None if looks_like_code else pathlib.Path(source_or_path)
     raise TypeError(f"expected C/C++ source text or a path, got {type(source_or_path).__name__}")
 
@@ -343,7 +363,7 @@ def compile_model(
             is_cpp,
         )
         lib_path = lib_dir / f"{key}.so"
-        if lib_path.is_file():
+        if _library_intact(lib_path):
             return lib_path
         tmp_lib = pathlib.Path(tmp) / "model.so"
         cmd = [*shlex.split(compiler_cmd), *cmd_flags, "-o", str(tmp_lib), str(tmp_src), "-lm"]
@@ -366,8 +386,32 @@ def compile_model(
                 f"{hint}compiling the functional model {origin}:{function} (M={M}) "
                 f"failed:\n$ {shlex.join(cmd)}\n{stderr}"
             )
+        _atomic_write_bytes(_digest_path(lib_path), _file_digest(tmp_lib).encode())
         os.replace(tmp_lib, lib_path)
     return lib_path
+
+
+def _digest_path(lib_path: pathlib.Path) -> pathlib.Path:
+    return lib_path.with_name(lib_path.name + ".sha256")
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _library_intact(lib_path: pathlib.Path) -> bool:
+    """Whether a cached library is the one compiled (its digest matches).
+
+    A damaged library (truncated by a full disk or by hand) would otherwise be
+    loaded as it is and crash the evaluation (SIGBUS), blamed on the model;
+    it is compiled again instead. (Two processes compiling the same model at
+    once may leave one's digest next to the other's library: that entry is
+    then compiled once more, never used wrongly.)
+    """
+    try:
+        return _digest_path(lib_path).read_text() == _file_digest(lib_path)
+    except OSError:
+        return False
 
 
 def _preprocessed(compiler_cmd: str, cmd_flags, src: pathlib.Path) -> str | None:
@@ -472,7 +516,10 @@ def _evaluate(lib_path: pathlib.Path, M: int, what: str) -> np.ndarray:
         out_path = pathlib.Path(tmp) / "products.bin"
         cmd = [sys.executable, "-I", "-c", _EVALUATE, str(lib_path), str(M), str(out_path)]
         try:
-            result = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+            # (subprocess cannot wait longer than about 2^31 ms: a longer
+            # timeout, `inf` included, means no limit.)
+            limit = timeout if timeout < _UNLIMITED_TIMEOUT_S else None
+            result = subprocess.run(cmd, capture_output=True, timeout=limit, check=False)
         except subprocess.TimeoutExpired as e:
             raise CModelError(
                 f"{what} did not finish within {timeout:g} s on the {n} mantissa pairs (an "
@@ -551,8 +598,8 @@ def _load_cached(path: pathlib.Path, shape, dtype) -> np.ndarray | None:
         return None
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None  # Corrupt cache entry: the caller rebuilds it.
+    except (OSError, ValueError, EOFError):
+        return None  # Corrupt cache entry (EOFError: emptied): the caller rebuilds it.
     if array.shape != tuple(shape) or array.dtype != dtype:
         return None
     array.setflags(write=False)
