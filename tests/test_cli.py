@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import approx_jax
 from approx_jax._src import cli
 from approx_jax._src import data as data_lib
 
@@ -253,6 +254,37 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     lut_dir.mkdir()
     # An IsADirectoryError traceback before; now "...D_3.bin: Is a directory".
     assert "D_3.bin" in error_of(["characterize", str(lut_dir), "--out", str(tmp_path / "c")])
+
+
+def test_option_conflicts_are_usage_errors_before_the_run(tmp_path, capsys):
+    """Errors found after parsing exit 2 with the command's prefix, as argparse's,
+    and a bad design name stops a sweep before its run header."""
+    out = ["--out", str(tmp_path / "run"), "--no-progress", "--epochs", "1"]
+    cases = [
+        (["train", "--limit", "10", "--batch-size", "64", *out], "exceeds the 10 training"),
+        (["sweep", "--multipliers", " , ", *out], "--multipliers is empty"),
+        (["sweep", "--multipliers", "mbm7,nosuch9", *out], "unknown multiplier"),
+    ]
+    for argv, match in cases:
+        assert cli.main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"approx-jax {argv[0]}: error: "), captured.err
+        assert match in captured.err
+        assert "approx-jax sweep" not in captured.out  # no run header printed
+    with pytest.raises(SystemExit) as exc:  # evaluate trains fp32 only: no backward mode
+        cli.main(["evaluate", "--backward", "exact"])
+    assert exc.value.code == 2
+
+
+def test_characterize_results_keep_the_full_spec(tmp_path, capsys):
+    folder = tmp_path / "a_rather_long_directory_name" / "another_level"
+    folder.mkdir(parents=True)
+    lut_file = folder / "MYLUT_5.bin"
+    approx_jax.multipliers.to_approxtrain(approx_jax.multipliers.mbm(5), lut_file)
+    assert cli.main(["characterize", str(lut_file), "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "results.json").read_text())
+    specs = [row["spec"] for row in rows["metrics"]]
+    assert specs == [str(lut_file)], specs
 
 
 def test_evaluate_takes_every_exact_name_as_the_baseline(tmp_path):

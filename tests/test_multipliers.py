@@ -803,3 +803,45 @@ def test_source_files_present():
 def test_to_approxtrain_takes_a_name(tmp_path):
     path = mm.to_approxtrain("mbm7", tmp_path / "N_7.bin")
     np.testing.assert_array_equal(mm.from_approxtrain(path).lut, mm.mbm(7).lut)
+
+
+def test_multipliers_compare_and_hash_by_value():
+    """Equal name, width, metadata and LUT entries: equal and same hash (a jit
+    static argument or an nnx graph then does not retrace per new object);
+    any difference, including one LUT entry, makes them unequal."""
+    import copy
+    import pickle
+
+    a, b = mm.mbm(7), mm.get("mbm7")
+    assert a == b and hash(a) == hash(b) and len({a, b, mm.mbm(7)}) == 1
+    assert pickle.loads(pickle.dumps(a)) == a and copy.deepcopy(a) == a
+    assert mm.exact() == mm.exact() and mm.exact() != a
+    assert a != mm.mitchell(7) and a != mm.mbm(6)
+    lut = np.array(a.lut)
+    lut[5] ^= 1
+    assert mm.from_lut(lut, 7, name="mbm7") != a
+    assert mm.from_lut(np.asarray(a.lut), 7, name="other") != a
+    s = mm.stack(["mbm7", "mitchell5"])
+    assert mm.stack(mm.unstack(s)) == s and mm.stack(["mitchell5", "mbm7"]) != s
+    assert a != "mbm7"
+
+    traces = []
+
+    @jax.jit
+    def traced_twice(m):  # a tracer LUT equals only its own object
+        traces.append(m == m and m != mm.mbm(7))
+        return m.lut
+
+    traced_twice(a)
+    assert traces == [True]
+    calls = []
+
+    def f(x, m):
+        calls.append(1)
+        return approx_jax.approx_dot(x, jnp.ones((4, 3)), m)
+
+    g = jax.jit(f, static_argnums=1)
+    for _ in range(3):
+        g(jnp.ones((2, 4)), mm.get("mbm7"))
+    g(jnp.ones((2, 4)), mm.mitchell(7))
+    assert len(calls) == 2

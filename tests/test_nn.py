@@ -405,3 +405,34 @@ def test_linen_attention_force_fp32_softmax_returns_float32():
     kw = dict(dtype=jnp.bfloat16, force_fp32_for_softmax=True)
     assert linen.dot_product_attention(q, q, q, **kw).dtype == jnp.float32
     assert ann.linen.dot_product_attention(q, q, q, multiplier="mbm5", **kw).dtype == jnp.float32
+
+
+def test_identical_fresh_layers_share_one_nnx_jit_trace():
+    """Layers hold their multiplier in a static hook: hooks compare by value,
+    so a freshly built layer with the same design reuses the trace (another
+    design retraces)."""
+    traces = []
+
+    @nnx.jit
+    def forward(layer, x):
+        traces.append(1)
+        return layer(x)
+
+    x = jnp.ones((4, 16))
+    outs = [forward(ann.Linear(16, 8, multiplier="mbm7", rngs=nnx.Rngs(0)), x) for _ in range(3)]
+    assert len(traces) == 1
+    np.testing.assert_array_equal(outs[0], outs[2])
+    other = forward(ann.Linear(16, 8, multiplier="mitchell7", rngs=nnx.Rngs(0)), x)
+    assert len(traces) == 2 and not np.array_equal(other, outs[0])
+    for make in (
+        lambda: ann.Conv(1, 4, (3, 3), multiplier="mbm7", rngs=nnx.Rngs(0)),
+        lambda: ann.MultiHeadAttention(2, 8, multiplier="mbm7", decode=False, rngs=nnx.Rngs(0)),
+    ):
+        traces.clear()
+        xs = jnp.ones((1, 6, 6, 1)) if isinstance(make(), ann.Conv) else jnp.ones((1, 3, 8))
+        forward(make(), xs)
+        forward(make(), xs)
+        assert len(traces) == 1
+    assert ann.dot_general("mbm7") == ann.dot_general("mbm7")
+    assert ann.dot_general("mbm7") != ann.dot_general("mbm7", backward="exact")
+    assert ann.dot_general("mbm7") != ann.conv_general_dilated("mbm7")

@@ -743,8 +743,10 @@ def test_name_patterns_match_einsum_products_in_their_scope():
     )
     assert list(approx_jax.operand_samples(f, num=4)(x, y)) == ["attn"]
     # The spec segment is not a scope of its own: "attn/*" names attn's children.
-    _bits_equal(approx_jax.approximate(f, {"attn/*": "mitchell3"})(x, y), f(x, y))
-    _bits_equal(approx_jax.approximate(f, {"*->*": "mitchell3"})(x, y), f(x, y))
+    # (Each such pattern decides nothing, which approximate reports.)
+    for pattern in ("attn/*", "*->*"):
+        with pytest.warns(UserWarning, match="matches no product"):
+            _bits_equal(approx_jax.approximate(f, {pattern: "mitchell3"})(x, y), f(x, y))
 
 
 def test_integer_operand_converted_to_the_products_result_dtype():
@@ -820,7 +822,8 @@ def test_custom_rule_kept_when_its_primal_products_stay_native():
         with jax.named_scope("exact"):
             return jnp.sum(ste(x, w))
 
-    gx, gw = jax.grad(approx_jax.approximate(f, {"other": "mbm7"}), argnums=(0, 1))(x, w)
+    with pytest.warns(UserWarning, match="'other' matches no product"):
+        gx, gw = jax.grad(approx_jax.approximate(f, {"other": "mbm7"}), argnums=(0, 1))(x, w)
     np.testing.assert_array_equal(gx, 2.0)
     np.testing.assert_array_equal(gw, 3.0)
     m = random_multiplier(5, 3)
@@ -866,3 +869,34 @@ def test_nested_jits_without_simulated_products_run_as_they_are():
     jaxpr = jax.make_jaxpr(approx_jax.approximate(f, m))(x, w)
     assert any(e.primitive.name in ("pjit", "jit") for e in jaxpr.eqns), jaxpr
     _bits_equal(approx_jax.approximate(jax.nn.softplus, "fp32")(x), jax.nn.softplus(x))
+
+
+def test_patterns_that_change_nothing_are_reported():
+    """A pattern that decides no product (misspelt, a models.apply kind taken
+    for a pattern, an entry behind "*") warns and names the products' paths;
+    patterns that all decide something stay silent."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(4)(x)))
+
+    x = jnp.ones((2, 5))
+    params = Net().init(jax.random.PRNGKey(0), x)
+    cases = {
+        "matches no product": {"conv": "mbm7", "dense": "mbm7"},
+        "comes after a pattern": {"Dense_0": "mbm7", "*": "fp32", "Dense_1": "mbm7"},
+    }
+    for reason, pattern in cases.items():
+        with pytest.warns(UserWarning, match=reason) as record:
+            approx_jax.approximate(Net().apply, pattern)(params, x)
+        assert "Net/Dense_0, Net/Dense_1" in str(record[0].message)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = jax.jit(approx_jax.approximate(Net().apply, {"Dense_1": "mbm7", "*": "fp32"}))(
+            params, x
+        )
+    want = approx_jax.approximate(Net().apply, {"Dense_1": "mbm7"})(params, x)
+    np.testing.assert_array_equal(out, want)

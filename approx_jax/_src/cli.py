@@ -112,8 +112,9 @@ def _load_data(args, model=None):
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
     if len(x_train) < args.batch_size:
-        raise SystemExit(
-            f"error: --batch-size {args.batch_size} exceeds the {len(x_train)} training examples"
+        # (ValueError: main reports it as a usage error, exit status 2.)
+        raise ValueError(
+            f"--batch-size {args.batch_size} exceeds the {len(x_train)} training examples"
         )
     return x_train, y_train, x_test, y_test
 
@@ -157,7 +158,7 @@ def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
     return format(v, spec)
 
 
-def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, *, model: bool = True, backward: bool = True) -> None:
     if model:
         p.add_argument("--model", default="lenet5", help=", ".join(MODEL_NAMES))
         p.add_argument("--epochs", type=_positive_int, default=5)
@@ -169,12 +170,13 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
         p.add_argument(
             "--seed", type=_non_negative_int, default=0, help="init and batch-order seed"
         )
-        p.add_argument(
-            "--backward",
-            default="approx",
-            choices=("approx", "exact"),
-            help="backward products: approx (ApproxTrain) or exact (straight-through)",
-        )
+        if backward:
+            p.add_argument(
+                "--backward",
+                default="approx",
+                choices=("approx", "exact"),
+                help="backward products: approx (ApproxTrain) or exact (straight-through)",
+            )
         p.add_argument(
             "--data-dir",
             default=None,
@@ -200,7 +202,7 @@ def _design_names(args) -> list[str]:
     """The designs of ``--multipliers`` (comma list; a usage error if it names none)."""
     designs = [d.strip() for d in args.multipliers.split(",") if d.strip()]
     if not designs:
-        raise SystemExit("error: --multipliers is empty")
+        raise ValueError("--multipliers is empty")
     return designs
 
 
@@ -391,6 +393,8 @@ def cmd_sweep(args) -> int:
 
     console = _console()
     designs = _design_names(args)
+    for design in designs:  # an unknown name fails before the run starts
+        mult_lib.get(design)
     out = _out_dir(args, "sweep")
     model = train_lib.resolve_model(args.model)
     data = _load_data(args, model)
@@ -504,7 +508,7 @@ def cmd_evaluate(args) -> int:
     results = [
         {
             "name": "fp32",
-            "mbits": None,
+            "mbits": 23,
             "mred": 0.0,  # products of <= 11-bit mantissas are exact in float32
             "mred_layer_operands": on_layer_operands(mult_lib.exact()),
             "test_acc": fp32_acc,
@@ -535,7 +539,7 @@ def cmd_evaluate(args) -> int:
     for r in results:
         table.add_row(
             r["name"],
-            "exact" if r["mbits"] is None else str(r["mbits"]),
+            "exact" if r["mbits"] == 23 else str(r["mbits"]),
             _fmt(r["mred"], ".3e"),
             _fmt(r["mred_layer_operands"], ".3e"),
             _fmt(r["test_acc"], ".4f"),
@@ -582,13 +586,13 @@ def cmd_characterize(args) -> int:
         a = rng.standard_normal(args.samples).astype(np.float32)
         b = rng.standard_normal(args.samples).astype(np.float32)
         samples = (a, b)
-    uniform, sampled, labels = [], [], []
+    uniform, sampled, labels, specs = [], [], [], []
     for spec in args.multipliers:
         m = mult_lib.get(spec)
         for one in mult_lib.unstack(m) if m.is_stack else [m]:
-            labels.append(spec if not m.is_stack else str(one.name))
-            if len(labels[-1]) > 28:
-                labels[-1] = "..." + labels[-1][-25:]
+            specs.append(spec if not m.is_stack else str(one.name))  # results.json: in full
+            # The table column: a long path keeps its end.
+            labels.append(specs[-1] if len(specs[-1]) <= 28 else "..." + specs[-1][-25:])
             uniform.append(char_lib.characterize(one))
             if samples is not None:
                 sampled.append(char_lib.characterize(one, samples=samples))
@@ -605,7 +609,7 @@ def cmd_characterize(args) -> int:
     for i, label in enumerate(labels):
         for res in [uniform[i]] + ([sampled[i]] if sampled else []):
             row = _as_row(res)
-            row["spec"] = label
+            row["spec"] = specs[i]
             rows.append(row)
             mode = row.get("mode", "uniform")
             table.add_row(
@@ -726,8 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--multipliers", default=DEFAULT_EVALUATE, help=f"comma list ({DEFAULT_EVALUATE})"
     )
-    _add_common(p)
-    p.set_defaults(func=cmd_evaluate, epochs=3)
+    # It trains in fp32 only: a backward mode would change nothing.
+    _add_common(p, backward=False)
+    p.set_defaults(func=cmd_evaluate, epochs=3, backward="approx")
 
     p = sub.add_parser(
         "characterize",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import numbers
 import os
 import pathlib
@@ -330,6 +331,50 @@ class Multiplier:
         if self.is_exact:
             raise ValueError("the exact multiplier has no LUT")
         return lut_lib.kernel_lut(self.lut, self.mbits)
+
+    # -- value semantics ----------------------------------------------------
+    def _value_key(self):
+        """``(name, mbits, metadata, LUT digest)``, or None for a non-concrete LUT.
+
+        Computed once per object (the digest reads the whole LUT: ~10 ms for a
+        16 MiB M = 11 LUT).
+        """
+        key = self.__dict__.get("_cached_value_key")
+        if key is None:
+            if self.lut is None:
+                digest = None
+            else:
+                lut = _concrete_lut(self.lut)
+                if lut is None:  # a tracer: no value to compare
+                    return None
+                words = np.ascontiguousarray(np.asarray(lut))
+                digest = (
+                    words.dtype.str,
+                    words.shape,
+                    hashlib.sha256(words.tobytes()).hexdigest(),
+                )
+            key = (self.name, self.mbits, self.metadata, digest)
+            object.__setattr__(self, "_cached_value_key", key)
+        return key
+
+    def __eq__(self, other):
+        """Equal when name, width, metadata and every LUT entry are equal.
+
+        Value equality lets a Multiplier (or a layer hook holding one) be a
+        ``jax.jit`` static argument or part of an ``nnx`` graph definition
+        without one compilation per freshly built, identical object. A
+        Multiplier whose LUT is a tracer equals only itself.
+        """
+        if not isinstance(other, Multiplier):
+            return NotImplemented
+        if self is other:
+            return True
+        mine, theirs = self._value_key(), other._value_key()
+        return mine is not None and mine == theirs
+
+    def __hash__(self):
+        key = self._value_key()
+        return object.__hash__(self) if key is None else hash(key)
 
     def __repr__(self):
         if self.is_exact:

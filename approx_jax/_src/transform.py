@@ -19,6 +19,7 @@ import fnmatch
 import functools
 import re
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -126,21 +127,66 @@ def _path_matches(path: str, pattern: str) -> bool:
     return False
 
 
-def _assignment(multiplier) -> Callable:
-    """``multiplier`` (one, or a mapping of name patterns) as ``path -> Multiplier | None``."""
-    if isinstance(multiplier, Mapping):
-        rules = []
+class _PatternAssignment:
+    """A mapping of name patterns as ``path -> Multiplier | None`` (first match wins).
+
+    Records which patterns decided a product and which only matched products
+    an earlier pattern had taken, so that :meth:`warn_unused` can point out
+    entries that changed nothing: a misspelt layer name, a ``models.apply``
+    kind (``"conv"``) taken for a pattern, an entry behind ``"*"``.
+    """
+
+    def __init__(self, multiplier: Mapping):
+        self.rules = []
         for pattern, m in multiplier.items():
             if not isinstance(pattern, str):
                 raise TypeError(
                     f"multiplier mapping keys must be name patterns (str), got {pattern!r}"
                 )
-            rules.append((pattern, ops.resolve_multiplier(m)))
+            self.rules.append((pattern, ops.resolve_multiplier(m)))
+        self.used: set[str] = set()
+        self.shadowed: set[str] = set()
+        self.paths: set[str] = set()  # product paths seen
 
-        def assign(path):
-            return next((m for pattern, m in rules if _path_matches(path, pattern)), None)
+    def __call__(self, path: str):
+        matching = [(pattern, m) for pattern, m in self.rules if _path_matches(path, pattern)]
+        self.paths.add(module_path(path) or path)
+        if not matching:
+            return None
+        self.used.add(matching[0][0])
+        self.shadowed.update(pattern for pattern, _ in matching[1:])
+        return matching[0][1]
 
-        return assign
+    def warn_unused(self) -> None:
+        """Warns about patterns that decided no product of the traced function."""
+        if not self.paths:  # nothing traced yet, or a function without products
+            return
+        unused = [pattern for pattern, _ in self.rules if pattern not in self.used]
+        if not unused:
+            return
+        paths = sorted(self.paths)
+        shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+        notes = []
+        for pattern in unused:
+            why = (
+                "comes after a pattern that takes its products"
+                if (pattern in self.shadowed)
+                else "matches no product"
+            )
+            notes.append(f"{pattern!r} {why}")
+        it = "they change" if len(unused) > 1 else "it changes"
+        warnings.warn(
+            f"approximate: multiplier pattern {'; '.join(notes)}, so {it} nothing "
+            f"(patterns match Flax module paths; the products here are at: {shown})",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _assignment(multiplier) -> Callable:
+    """``multiplier`` (one, or a mapping of name patterns) as ``path -> Multiplier | None``."""
+    if isinstance(multiplier, Mapping):
+        return _PatternAssignment(multiplier)
     m = ops.resolve_multiplier(multiplier)
     return lambda path: m
 
@@ -704,7 +750,10 @@ def approximate(
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
         closed, dyn_leaves, rebuild = _trace(fun, args, kwargs)
-        return rebuild(rewriter.eval(closed.jaxpr, closed.consts, dyn_leaves))
+        out = rebuild(rewriter.eval(closed.jaxpr, closed.consts, dyn_leaves))
+        if isinstance(rewriter.assign, _PatternAssignment):
+            rewriter.assign.warn_unused()
+        return out
 
     return wrapped
 

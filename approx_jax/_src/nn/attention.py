@@ -365,3 +365,13 @@ class AttentionFn:
 
     def __repr__(self):
         return f"AttentionFn({self.multiplier!r}, backward={self.backward!r})"
+
+    # By value, as hooks.Hook: identical layers share one trace.
+    def __eq__(self, other):
+        if not isinstance(other, AttentionFn):
+            return NotImplemented
+        mine = (self.multiplier, self.backward, self._fn)
+        return mine == (other.multiplier, other.backward, other._fn)
+
+    def __hash__(self):
+        return hash((AttentionFn, self.multiplier, self.backward, self._fn))

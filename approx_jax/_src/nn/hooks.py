@@ -157,6 +157,17 @@ class Hook:
     def __repr__(self):
         return f"{type(self).__name__}({self.multiplier!r}, backward={self.backward!r})"
 
+    # Equal hooks compute the same function: a Flax graph definition (nnx) or
+    # a linen module holding one then keys jit caches by value, so a freshly
+    # built layer with the same design does not retrace.
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return (self.multiplier, self.backward) == (other.multiplier, other.backward)
+
+    def __hash__(self):
+        return hash((type(self), self.multiplier, self.backward))
+
 
 class DotGeneral(Hook):
     """A ``lax.dot_general``-compatible callable simulating a multiplier.
