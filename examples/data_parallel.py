@@ -52,6 +52,11 @@ def _parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.devices < 1 or args.steps < 1 or args.batch_size < 1:
         parser.error("--devices, --steps and --batch-size must be >= 1")
+    if args.batch_size % args.devices:
+        # Each device takes an equal slice of the global batch.
+        parser.error(
+            f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}"
+        )
     return args
 
 
