@@ -209,6 +209,21 @@ int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
 // this many floats (problems are processed in groups; never changes bits).
 constexpr int64_t kSplitScratchFloats = int64_t{16} << 20;  // 64 MiB
 
+// Distinct LUTs of a problem (a zero design stride shares one).
+int64_t DistinctLuts(const GemmProblem& p) { return p.lut_design_stride == 0 ? 1 : p.designs; }
+
+// Products a problem computes: the measure of work the size rules compare.
+double ProductCount(const GemmProblem& p) {
+  return static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
+}
+
+// An env knob of the automatic choices: 0 = never, 2 = always (tests),
+// unset or anything else = automatic (1).
+int EnvMode(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr ? std::atoi(e) : 1;
+}
+
 // Effective widths (see KSplit::eff_bits): per design the smallest M' whose
 // widening is the LUT, and the narrow LUT. Only for the tile path (M <= 7).
 struct EffectiveWidths {
@@ -230,7 +245,7 @@ bool WidenedBy(const uint32_t* lut, int m, int s) {
 
 bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
   if (p.mbits > 7 || p.mbits < 2 || p.k == 0) return false;
-  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+  const int64_t luts = DistinctLuts(p);
   std::vector<int> bits(luts);
   bool any = false;
   for (int64_t d = 0; d < luts; ++d) {
@@ -296,15 +311,14 @@ bool LutIsParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) 
 // (WorkPaysForLutPass). Returns false when no design has one.
 bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
                     std::vector<int>* families) {
-  int mode = 1;
-  if (const char* e = std::getenv("APPROX_JAX_CPU_FORMULA")) mode = std::atoi(e);
+  const int mode = EnvMode("APPROX_JAX_CPU_FORMULA");
   if (mode == 0) return false;
   // The closed form is used on the gather path, or instead of the tiles when
   // every design is a cheap family and the rows are few (cpu_gemm_simd.h).
   const bool gathers =
       gemm_internal::PrefersGathers(p.m, p.mbits) || p.m < gemm_internal::CheapFamilyRows(p.mbits);
-  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
-  const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
+  const int64_t luts = DistinctLuts(p);
+  const double work = ProductCount(p);
   if (mode != 2 && (!gathers || !WorkPaysForLutPass(work, luts, p.mbits))) {
     return false;
   }
@@ -353,12 +367,11 @@ CompactLuts& ThreadCompactLuts() {
 
 bool MakeCompactLuts(const GemmProblem& p, const int* families, const ParallelFor& parallel_for,
                      CompactLuts* out) {
-  int mode = 1;
-  if (const char* e = std::getenv("APPROX_JAX_CPU_LUT16")) mode = std::atoi(e);
+  const int mode = EnvMode("APPROX_JAX_CPU_LUT16");
   if (mode == 0 || p.mbits < 8 || p.mbits > 11 || p.k == 0) return false;
-  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+  const int64_t luts = DistinctLuts(p);
   const int64_t entries = int64_t{1} << (2 * p.mbits);
-  const double work = static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
+  const double work = ProductCount(p);
   // (A copy writes as well as reads: 16x the check's bound.)
   if (mode != 2 && !WorkPaysForLutPass(work / 16.0, luts, p.mbits)) return false;
   const int sh = 23 - p.mbits;
@@ -492,7 +505,7 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   const int64_t nab = DistinctBlocks(p, 0, p.a_batch_stride);
   const int64_t nbd = DistinctBlocks(p, p.b_design_stride, 0);
   const int64_t nbb = DistinctBlocks(p, 0, p.b_batch_stride);
-  const int64_t nl = DistinctBlocks(p, p.lut_design_stride, 0);
+  const int64_t nl = DistinctLuts(p);
   const int64_t entries = int64_t{1} << (2 * p.mbits);
   static thread_local std::vector<float> at_store, bt_store, ot_store;
   static thread_local std::vector<uint32_t> lt_store;
