@@ -1,0 +1,382 @@
+// The CUDA GEMM and multiply launchers of xla_kernels/ run on the CPU under
+// emulation (cuda_runtime.h of this folder), compared bit for bit with the
+// reference every CPU kernel is held to (tools/gemm_reference.h: products by
+// ApproxMulBits, sums k-ascending from +0 in the shared split-K order). So
+// without a GPU this checks that the CUDA kernels compute the CPU kernels'
+// bits: every kernel (expanded operands, LUT in shared memory with 1..32
+// copies, LUT in global memory, the scalar slow path), both split-K modes and
+// the forced-chunk testing knob, design/batch strides with broadcasting,
+// unaligned operands, and launch configurations the CUDA runtime would
+// refuse (reported through cudaGetLastError, which the launchers check).
+//
+// Not covered: what only hardware shows (timing, races between warps,
+// memory the real allocator places differently, NaN payloads: a GPU returns
+// its canonical NaN, so NaNs compare as NaNs).
+//
+//   tools/cuda_emulation/run.sh [quick|full|smoke]   (exit 1 on any mismatch)
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../gemm_reference.h"
+#include "approx_math.h"
+#include "cuda_gemm_internal.h"
+#include "cuda_kernels.h"
+#include "cuda_runtime.h"
+
+using namespace approx_jax;
+using namespace approx_jax::gemm_reference;
+
+namespace {
+
+int g_failures = 0;
+int g_runs = 0;
+
+// One way of running a problem: environment knobs of the launchers and the
+// device they see.
+struct Config {
+  const char* name;
+  const char* expanded;  // APPROX_JAX_CUDA_EXPANDED (nullptr: unset)
+  const char* lut_kb;    // APPROX_JAX_CUDA_LUT_SMEM_KB
+  const char* split_k;   // APPROX_JAX_CUDA_SPLIT_K
+  int sm_count, smem_optin;
+};
+
+constexpr int kH200Smem = 232448, kA100Smem = 166912, kSm86Smem = 101376;
+
+const Config kConfigs[] = {
+    {"h200", nullptr, nullptr, nullptr, 132, kH200Smem},
+    {"a100", nullptr, nullptr, nullptr, 108, kA100Smem},
+    {"sm86-smem", nullptr, nullptr, nullptr, 84, kSm86Smem},
+    {"lut-kernel", "0", nullptr, nullptr, 132, kH200Smem},
+    {"lut-4kb", "0", "4", nullptr, 132, kH200Smem},
+    {"lut-global", "0", "0", nullptr, 132, kH200Smem},
+    {"fold-splitk", nullptr, nullptr, nullptr, 1, kH200Smem},
+    {"forced-3-chunks", nullptr, nullptr, "3", 132, kH200Smem},
+    {"forced-3-chunks-fold", "0", nullptr, "3", 1, kH200Smem},
+    {"no-split", nullptr, nullptr, "1", 132, kH200Smem},
+};
+
+void SetEnv(const char* name, const char* value) {
+  if (value) {
+    setenv(name, value, 1);
+  } else {
+    unsetenv(name);
+  }
+}
+
+// The chunk length the launchers use under `cfg` (the reference's order).
+int64_t ChunkFor(const Config& cfg, int64_t m, int64_t n, int64_t k) {
+  if (!cfg.split_k) return SplitKChunkLength(m, n, k);
+  const int64_t want = std::atoll(cfg.split_k);
+  if (want <= 1) return k;
+  const int64_t per = (k + want - 1) / want;
+  return (per + 7) / 8 * 8;  // whole k-chunks of the CUDA kernels (8 terms)
+}
+
+std::string LaunchedSince(size_t first) {
+  std::string names;
+  for (size_t i = first; i < cuda_emu::g_launched.size(); ++i)
+    names += (names.empty() ? "" : ", ") + cuda_emu::g_launched[i];
+  return names;
+}
+
+// Whether the launched kernels are those a configuration must launch, as
+// the comments of cuda_kernels.cu state the rule: the expanded-operand kernel
+// for M <= 7 unless disabled or its shared memory exceeds the device's
+// opt-in limit (an A100 cannot hold its M = 7 planes); else the LUT kernel,
+// with the LUT in shared memory when one copy (4^M words) fits the cap
+// (128 KB by default) beside the tile area (33-41 KB: either placement is
+// accepted where that decides); then the reduction after a parallel split-K.
+bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemmPlan& plan,
+                     const std::string& launched) {
+  const std::string reduce = plan.splits > 1 && plan.parallel ? ", SplitKReduceKernel" : "";
+  const bool disabled = cfg.expanded && std::strcmp(cfg.expanded, "0") == 0;
+  if (p.mbits <= 7 && !disabled && cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= cfg.smem_optin) {
+    return launched == "ExpandedGemmKernel<T>" + reduce;
+  }
+  const int64_t lut_bytes = int64_t{4} << (2 * p.mbits);
+  const int64_t cap = (cfg.lut_kb ? std::atoll(cfg.lut_kb) : 128) * 1024;
+  const bool may_share = lut_bytes <= cap && lut_bytes + 33792 <= cfg.smem_optin;
+  const bool must_share = lut_bytes <= cap && lut_bytes + 41984 <= cfg.smem_optin;
+  if (launched == "ApproxGemmKernel<true, T>" + reduce) return may_share;
+  if (launched == "ApproxGemmKernel<false, T>" + reduce) return !must_share;
+  return false;
+}
+
+struct Problem {
+  Case c;
+  int misalign;  // 0: 16-byte aligned operands; 1: a shifted; 2: b shifted; 3: out shifted
+};
+
+void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
+  const Case& c = pr.c;
+  const int64_t ga = c.a_bcast_d ? 1 : c.designs, ba = c.a_bcast_b ? 1 : c.batch;
+  const int64_t gb = c.b_bcast_d ? 1 : c.designs, bb = c.b_bcast_b ? 1 : c.batch;
+  const int64_t gl = c.lut_bcast ? 1 : c.designs;
+  // Operands live at an offset of 0 or 1 float in buffers of exactly their
+  // size (AddressSanitizer builds see any read past them).
+  const int sa = pr.misalign == 1, sb = pr.misalign == 2, so = pr.misalign == 3;
+  std::vector<float> abuf(ga * ba * c.m * c.k + sa), bbuf(gb * bb * c.k * c.n + sb);
+  float* a = abuf.data() + sa;
+  float* b = bbuf.data() + sb;
+  for (int64_t i = 0; i < ga * ba * c.m * c.k; ++i)
+    a[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
+  for (int64_t i = 0; i < gb * bb * c.k * c.n; ++i)
+    b[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
+  std::vector<uint32_t> lut;
+  for (int64_t d = 0; d < gl; ++d) {
+    auto l = MakeLut(c.mbits, c.lut_kind >= 4 ? c.lut_kind : (c.lut_kind + d) % 4, rng);
+    lut.insert(lut.end(), l.begin(), l.end());
+  }
+  GemmProblem ref_p;
+  ref_p.a = a;
+  ref_p.b = b;
+  ref_p.lut = lut.data();
+  ref_p.designs = c.designs;
+  ref_p.batch = c.batch;
+  ref_p.m = c.m;
+  ref_p.k = c.k;
+  ref_p.n = c.n;
+  ref_p.a_batch_stride = c.a_bcast_b ? 0 : c.m * c.k;
+  ref_p.a_design_stride = c.a_bcast_d ? 0 : ba * c.m * c.k;
+  ref_p.b_batch_stride = c.b_bcast_b ? 0 : c.k * c.n;
+  ref_p.b_design_stride = c.b_bcast_d ? 0 : bb * c.k * c.n;
+  ref_p.lut_design_stride = c.lut_bcast ? 0 : (int64_t{1} << (2 * c.mbits));
+  ref_p.mbits = c.mbits;
+  const int64_t outs = c.designs * c.batch * c.m * c.n;
+
+  CudaGemmProblem p;
+  p.a = a;
+  p.b = b;
+  p.lut = lut.data();
+  p.designs = c.designs;
+  p.batch = c.batch;
+  p.m = c.m;
+  p.k = c.k;
+  p.n = c.n;
+  p.a_design_stride = ref_p.a_design_stride;
+  p.a_batch_stride = ref_p.a_batch_stride;
+  p.b_design_stride = ref_p.b_design_stride;
+  p.b_batch_stride = ref_p.b_batch_stride;
+  p.lut_design_stride = ref_p.lut_design_stride;
+  p.mbits = c.mbits;
+
+  int64_t last_chunk = -1;
+  std::vector<float> ref(outs);
+  for (const Config& cfg : kConfigs) {
+    if (!all_configs && std::strcmp(cfg.name, "h200") != 0 &&
+        std::strcmp(cfg.name, "lut-kernel") != 0) {
+      continue;
+    }
+    SetEnv("APPROX_JAX_CUDA_EXPANDED", cfg.expanded);
+    SetEnv("APPROX_JAX_CUDA_LUT_SMEM_KB", cfg.lut_kb);
+    SetEnv("APPROX_JAX_CUDA_SPLIT_K", cfg.split_k);
+    cuda_emu::g_device.sm_count = cfg.sm_count;
+    cuda_emu::g_device.smem_optin = cfg.smem_optin;
+    cuda_emu::g_smem_limit.clear();
+    const int64_t chunk = ChunkFor(cfg, c.m, c.n, c.k);
+    if (chunk != last_chunk) {
+      ref_p.out = ref.data();
+      NaiveGemm(ref_p, chunk >= c.k ? c.k : chunk);
+      last_chunk = chunk;
+    }
+    std::vector<float> obuf(outs + so, std::nanf("7"));
+    p.out = obuf.data() + so;
+    CudaGemmPlan plan;
+    std::string err = PlanApproxGemm(p, &plan);
+    std::vector<float> scratch(plan.scratch_bytes / sizeof(float), std::nanf("9"));
+    const size_t launched_before = cuda_emu::g_launched.size();
+    if (err.empty()) err = LaunchApproxGemm(p, plan, scratch.data(), nullptr);
+    ++g_runs;
+    if (err.empty()) {
+      const std::string kernels = LaunchedSince(launched_before);
+      if (!ExpectedKernels(cfg, p, plan, kernels)) {
+        std::printf("FAIL M=%d %lldx%lldx%lld config=%s launched unexpected kernels [%s]\n",
+                    c.mbits, (long long)c.m, (long long)c.k, (long long)c.n, cfg.name,
+                    kernels.c_str());
+        ++g_failures;
+      }
+    }
+    int64_t diff = 0, first = -1;
+    for (int64_t i = 0; i < outs; ++i) {
+      const bool same =
+          FloatBits(p.out[i]) == FloatBits(ref[i]) || (std::isnan(p.out[i]) && std::isnan(ref[i]));
+      if (!same && diff++ == 0) first = i;
+    }
+    if (!err.empty() || diff) {
+      std::printf(
+          "FAIL D=%lld B=%lld %lldx%lldx%lld M=%d sp=%.3f e=[%d,%d] lut=%d misalign=%d "
+          "config=%s splits=%lld parallel=%d err='%s' diffs=%lld",
+          (long long)c.designs, (long long)c.batch, (long long)c.m, (long long)c.k, (long long)c.n,
+          c.mbits, c.special, c.exp_lo, c.exp_hi, c.lut_kind, pr.misalign, cfg.name,
+          (long long)plan.splits, plan.parallel ? 1 : 0, err.c_str(), (long long)diff);
+      if (first >= 0)
+        std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(p.out[first]),
+                    FloatBits(ref[first]));
+      std::printf("\n");
+      ++g_failures;
+    }
+  }
+  SetEnv("APPROX_JAX_CUDA_EXPANDED", nullptr);
+  SetEnv("APPROX_JAX_CUDA_LUT_SMEM_KB", nullptr);
+  SetEnv("APPROX_JAX_CUDA_SPLIT_K", nullptr);
+  cuda_emu::g_device = cuda_emu::Device();
+}
+
+void RunMultiply(int mbits, int64_t designs, int64_t n, std::mt19937& rng) {
+  std::vector<float> a(designs * n), b(n);  // b broadcast over designs
+  for (auto& x : a) x = RandomValue(rng, 0.05, 1, 254);
+  for (auto& x : b) x = RandomValue(rng, 0.05, 1, 254);
+  std::vector<uint32_t> lut;
+  for (int64_t d = 0; d < designs; ++d) {
+    auto l = MakeLut(mbits, static_cast<int>(d % 4), rng);
+    lut.insert(lut.end(), l.begin(), l.end());
+  }
+  CudaMultiplyProblem p;
+  std::vector<float> out(designs * n, std::nanf("7"));
+  p.a = a.data();
+  p.b = b.data();
+  p.lut = lut.data();
+  p.out = out.data();
+  p.designs = designs;
+  p.n = n;
+  p.a_design_stride = n;
+  p.b_design_stride = 0;
+  p.lut_design_stride = int64_t{1} << (2 * mbits);
+  p.mbits = mbits;
+  const std::string err = LaunchApproxMultiply(p, nullptr);
+  ++g_runs;
+  int64_t diff = 0;
+  for (int64_t d = 0; d < designs; ++d)
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t want = ApproxMulBits(FloatBits(a[d * n + i]), FloatBits(b[i]),
+                                          lut.data() + d * p.lut_design_stride, mbits);
+      if (FloatBits(out[d * n + i]) != want) ++diff;
+    }
+  if (!err.empty() || diff) {
+    std::printf("FAIL multiply M=%d D=%lld n=%lld err='%s' diffs=%lld\n", mbits, (long long)designs,
+                (long long)n, err.c_str(), (long long)diff);
+    ++g_failures;
+  }
+}
+
+Case MakeCase(int64_t m, int64_t k, int64_t n, int mbits, int variant) {
+  Case c{};
+  c.designs = 1;
+  c.batch = 1;
+  c.m = m;
+  c.k = k;
+  c.n = n;
+  c.mbits = mbits;
+  c.lut_kind = variant % 3;
+  c.exp_lo = 110;
+  c.exp_hi = 140;
+  if (variant == 1) c.special = 0.02;
+  if (variant == 2) {  // wide exponents: overflow/underflow inside products
+    c.special = 0.002;
+    c.exp_lo = 1;
+    c.exp_hi = 254;
+  }
+  if (variant == 3) {  // subnormal partial sums: |x| ~ 2^-63, both signs
+    c.exp_lo = 62;
+    c.exp_hi = 66;
+  }
+  if (variant == 4) {  // near the fast-path exponent limits of both kernels
+    c.special = 0.3;
+    c.exp_lo = 60;
+    c.exp_hi = 196;
+  }
+  return c;
+}
+
+int Test(bool full, bool smoke) {
+  std::mt19937 rng(2024);
+  const int all_m[] = {1, 2, 3, 4, 5, 6, 7, 8, 11};
+  const int quick_m[] = {1, 3, 5, 7, 8, 11};
+  // Tall (n <= 64) and wide tiles, partial tiles in every dimension, k not a
+  // multiple of 4 or 8, a row count past one 256-row tile.
+  const int64_t shapes[][3] = {{1, 1, 1},     {3, 5, 7},     {33, 17, 65},
+                               {130, 37, 64}, {70, 40, 130}, {260, 12, 9}};
+  std::vector<Problem> problems;
+  int index = 0;
+  for (int m : full ? std::vector<int>(std::begin(all_m), std::end(all_m))
+                    : std::vector<int>(std::begin(quick_m), std::end(quick_m))) {
+    for (auto& s : shapes) {
+      const int variants = full ? 5 : 2;
+      for (int v = 0; v < variants; ++v) {
+        const int variant = full ? v : (index + v) % 5;
+        problems.push_back({MakeCase(s[0], s[1], s[2], m, variant), (index + v) % 4});
+      }
+      ++index;
+    }
+    // The closed-form families (Mitchell, MBM) and a widened narrow LUT.
+    Case mit = MakeCase(40, 24, 72, m, 1);
+    mit.lut_kind = 4;
+    problems.push_back({mit, 0});
+    Case mbm = MakeCase(40, 24, 72, m, 4);
+    mbm.lut_kind = 5;
+    problems.push_back({mbm, 0});
+  }
+  // Designs and batch with every broadcast pattern (vmap over a stack).
+  for (int m : {3, 7, 11}) {
+    for (int pattern = 0; pattern < (full ? 6 : 3); ++pattern) {
+      Case c = MakeCase(20, 19, 70, m, pattern % 5);
+      c.designs = 3;
+      c.batch = 2;
+      c.a_bcast_d = pattern == 1 || pattern == 4;
+      c.b_bcast_d = pattern == 2 || pattern == 4;
+      c.a_bcast_b = pattern == 3;
+      c.b_bcast_b = pattern == 5;
+      c.lut_bcast = pattern == 3;
+      c.widened = true;
+      problems.push_back({c, 0});
+    }
+  }
+  // Split-K by the shared rule (K >= 4096), parallel and folded, with
+  // specials in some chunks.
+  for (int m : full ? std::vector<int>{3, 5, 7, 11} : std::vector<int>{7}) {
+    Case c = MakeCase(5, 4100, 7, m, 1);
+    problems.push_back({c, 0});
+    if (full) {
+      Case d = MakeCase(9, 5000, 66, m, 3);
+      d.designs = 2;
+      problems.push_back({d, 2});
+    }
+  }
+  // Forced chunks on small K (the knob's order), with designs.
+  {
+    Case c = MakeCase(30, 301, 20, 5, 1);
+    c.designs = 2;
+    problems.push_back({c, 0});
+  }
+  int ran = 0;
+  for (size_t i = 0; i < problems.size(); ++i) {
+    // Every problem under the default device and the LUT kernel; all
+    // configurations for every third problem (full: all of them). Smoke
+    // (a quick check that a broken kernel fails): every fifth problem.
+    if (smoke && i % 5 != 0) continue;
+    RunProblem(problems[i], rng, full || i % 3 == 0);
+    ++ran;
+  }
+  for (int m : {1, 7, 11}) RunMultiply(m, 3, 1000, rng);
+  std::printf(
+      "%d runs of %d GEMM problems and 3 multiply problems, %lld kernel launches, "
+      "%d failures\n",
+      g_runs, ran, (long long)cuda_emu::g_launches, g_failures);
+  return g_failures ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "quick";
+  if (mode != "quick" && mode != "full" && mode != "smoke") {
+    std::fprintf(stderr, "usage: %s [quick|full|smoke]\n", argv[0]);
+    return 2;
+  }
+  return Test(mode == "full", mode == "smoke");
+}
