@@ -122,33 +122,8 @@ ParallelFor PoolFor(Pool* pool) {
 int g_failures = 0;
 
 void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
-  const int64_t ga = c.a_bcast_d ? 1 : c.designs, ba = c.a_bcast_b ? 1 : c.batch;
-  const int64_t gb = c.b_bcast_d ? 1 : c.designs, bb = c.b_bcast_b ? 1 : c.batch;
-  const int64_t gl = c.lut_bcast ? 1 : c.designs;
-  std::vector<float> a(ga * ba * c.m * c.k), b(gb * bb * c.k * c.n);
-  for (auto& x : a) x = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
-  for (auto& x : b) x = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
-  std::vector<uint32_t> lut;
-  for (int64_t d = 0; d < gl; ++d) {
-    auto l = MakeLut(c.mbits,
-                     c.lut_kind >= 4 ? c.lut_kind : (c.lut_kind + d) % (c.widened ? 4 : 3), rng);
-    lut.insert(lut.end(), l.begin(), l.end());
-  }
-  GemmProblem p;
-  p.a = a.data();
-  p.b = b.data();
-  p.lut = lut.data();
-  p.designs = c.designs;
-  p.batch = c.batch;
-  p.m = c.m;
-  p.k = c.k;
-  p.n = c.n;
-  p.a_batch_stride = c.a_bcast_b ? 0 : c.m * c.k;
-  p.a_design_stride = c.a_bcast_d ? 0 : ba * c.m * c.k;
-  p.b_batch_stride = c.b_bcast_b ? 0 : c.k * c.n;
-  p.b_design_stride = c.b_bcast_d ? 0 : bb * c.k * c.n;
-  p.lut_design_stride = c.lut_bcast ? 0 : (int64_t{1} << (2 * c.mbits));
-  p.mbits = c.mbits;
+  CaseData data(c, rng);
+  GemmProblem& p = data.p;
   const size_t out_size = c.designs * c.batch * c.m * c.n;
   std::vector<float> ref(out_size);
   p.out = ref.data();

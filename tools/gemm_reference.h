@@ -201,6 +201,49 @@ struct Case {
   bool widened;  // designs' LUT kinds also include kind 3 (widened narrow LUTs)
 };
 
+// The operands and LUTs of a Case, drawn from rng (a, then b, then one LUT
+// per design), and the GemmProblem over them (p.out unset). An operand can
+// start a_offset / b_offset floats into its buffer (unaligned); the buffers
+// hold exactly what the problem reads. Not copyable: p points into it.
+struct CaseData {
+  std::vector<float> a_buf, b_buf;
+  std::vector<uint32_t> lut;
+  GemmProblem p;
+
+  CaseData(const Case& c, std::mt19937& rng, int a_offset = 0, int b_offset = 0) {
+    const int64_t ga = c.a_bcast_d ? 1 : c.designs, ba = c.a_bcast_b ? 1 : c.batch;
+    const int64_t gb = c.b_bcast_d ? 1 : c.designs, bb = c.b_bcast_b ? 1 : c.batch;
+    const int64_t gl = c.lut_bcast ? 1 : c.designs;
+    a_buf.resize(a_offset + ga * ba * c.m * c.k);
+    b_buf.resize(b_offset + gb * bb * c.k * c.n);
+    for (size_t i = a_offset; i < a_buf.size(); ++i)
+      a_buf[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
+    for (size_t i = b_offset; i < b_buf.size(); ++i)
+      b_buf[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
+    for (int64_t d = 0; d < gl; ++d) {
+      const int kind = c.lut_kind >= 4 ? c.lut_kind : (c.lut_kind + d) % (c.widened ? 4 : 3);
+      const auto l = MakeLut(c.mbits, static_cast<int>(kind), rng);
+      lut.insert(lut.end(), l.begin(), l.end());
+    }
+    p.a = a_buf.data() + a_offset;
+    p.b = b_buf.data() + b_offset;
+    p.lut = lut.data();
+    p.designs = c.designs;
+    p.batch = c.batch;
+    p.m = c.m;
+    p.k = c.k;
+    p.n = c.n;
+    p.a_batch_stride = c.a_bcast_b ? 0 : c.m * c.k;
+    p.a_design_stride = c.a_bcast_d ? 0 : ba * c.m * c.k;
+    p.b_batch_stride = c.b_bcast_b ? 0 : c.k * c.n;
+    p.b_design_stride = c.b_bcast_d ? 0 : bb * c.k * c.n;
+    p.lut_design_stride = c.lut_bcast ? 0 : (int64_t{1} << (2 * c.mbits));
+    p.mbits = c.mbits;
+  }
+  CaseData(const CaseData&) = delete;
+  CaseData& operator=(const CaseData&) = delete;
+};
+
 }  // namespace gemm_reference
 }  // namespace approx_jax
 

@@ -13,7 +13,7 @@
 // memory the real allocator places differently, NaN payloads: a GPU returns
 // its canonical NaN, so NaNs compare as NaNs).
 //
-//   tools/cuda_emulation/run.sh [quick|full|smoke]   (exit 1 on any mismatch)
+//   tools/cuda_emulation/run.sh [quick|full|smoke|grid-limits]   (exit 1 on any mismatch)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -91,8 +91,10 @@ std::string LaunchedSince(size_t first) {
 // with the LUT in shared memory when one copy (4^M words) fits the cap
 // (128 KB by default) beside the tile area (33-41 KB: either placement is
 // accepted where that decides); then the reduction after a parallel split-K.
+// K = 0 launches nothing.
 bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemmPlan& plan,
                      const std::string& launched) {
+  if (p.k == 0) return launched.empty();  // a memset
   const std::string reduce = plan.splits > 1 && plan.parallel ? ", SplitKReduceKernel" : "";
   const bool disabled = cfg.expanded && std::strcmp(cfg.expanded, "0") == 0;
   if (p.mbits <= 7 && !disabled && cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= cfg.smem_optin) {
@@ -110,49 +112,22 @@ bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemm
 struct Problem {
   Case c;
   int misalign;  // 0: 16-byte aligned operands; 1: a shifted; 2: b shifted; 3: out shifted
+  bool all_configs = true;  // false: the default device and the LUT kernel only
 };
 
 void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   const Case& c = pr.c;
-  const int64_t ga = c.a_bcast_d ? 1 : c.designs, ba = c.a_bcast_b ? 1 : c.batch;
-  const int64_t gb = c.b_bcast_d ? 1 : c.designs, bb = c.b_bcast_b ? 1 : c.batch;
-  const int64_t gl = c.lut_bcast ? 1 : c.designs;
-  // Operands live at an offset of 0 or 1 float in buffers of exactly their
-  // size (AddressSanitizer builds see any read past them).
-  const int sa = pr.misalign == 1, sb = pr.misalign == 2, so = pr.misalign == 3;
-  std::vector<float> abuf(ga * ba * c.m * c.k + sa), bbuf(gb * bb * c.k * c.n + sb);
-  float* a = abuf.data() + sa;
-  float* b = bbuf.data() + sb;
-  for (int64_t i = 0; i < ga * ba * c.m * c.k; ++i)
-    a[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
-  for (int64_t i = 0; i < gb * bb * c.k * c.n; ++i)
-    b[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
-  std::vector<uint32_t> lut;
-  for (int64_t d = 0; d < gl; ++d) {
-    auto l = MakeLut(c.mbits, c.lut_kind >= 4 ? c.lut_kind : (c.lut_kind + d) % 4, rng);
-    lut.insert(lut.end(), l.begin(), l.end());
-  }
-  GemmProblem ref_p;
-  ref_p.a = a;
-  ref_p.b = b;
-  ref_p.lut = lut.data();
-  ref_p.designs = c.designs;
-  ref_p.batch = c.batch;
-  ref_p.m = c.m;
-  ref_p.k = c.k;
-  ref_p.n = c.n;
-  ref_p.a_batch_stride = c.a_bcast_b ? 0 : c.m * c.k;
-  ref_p.a_design_stride = c.a_bcast_d ? 0 : ba * c.m * c.k;
-  ref_p.b_batch_stride = c.b_bcast_b ? 0 : c.k * c.n;
-  ref_p.b_design_stride = c.b_bcast_d ? 0 : bb * c.k * c.n;
-  ref_p.lut_design_stride = c.lut_bcast ? 0 : (int64_t{1} << (2 * c.mbits));
-  ref_p.mbits = c.mbits;
+  // Operands at an offset of 0 or 1 float in buffers of exactly their size
+  // (AddressSanitizer builds see any read past them).
+  CaseData data(c, rng, pr.misalign == 1 ? 1 : 0, pr.misalign == 2 ? 1 : 0);
+  GemmProblem& ref_p = data.p;
+  const int so = pr.misalign == 3 ? 1 : 0;
   const int64_t outs = c.designs * c.batch * c.m * c.n;
 
   CudaGemmProblem p;
-  p.a = a;
-  p.b = b;
-  p.lut = lut.data();
+  p.a = ref_p.a;
+  p.b = ref_p.b;
+  p.lut = ref_p.lut;
   p.designs = c.designs;
   p.batch = c.batch;
   p.m = c.m;
@@ -293,7 +268,7 @@ Case MakeCase(int64_t m, int64_t k, int64_t n, int mbits, int variant) {
   return c;
 }
 
-int Test(bool full, bool smoke) {
+int Test(bool full, bool smoke, bool grid_limits) {
   std::mt19937 rng(2024);
   const int all_m[] = {1, 2, 3, 4, 5, 6, 7, 8, 11};
   const int quick_m[] = {1, 3, 5, 7, 8, 11};
@@ -347,11 +322,26 @@ int Test(bool full, bool smoke) {
       problems.push_back({d, 2});
     }
   }
+  // K = 0: the launcher zeroes the output (XLA does not).
+  problems.push_back({MakeCase(3, 0, 5, 7, 0), 0});
   // Forced chunks on small K (the knob's order), with designs.
   {
     Case c = MakeCase(30, 301, 20, 5, 1);
     c.designs = 2;
     problems.push_back({c, 0});
+  }
+  // Grids at CUDA's limit of 65535 blocks in y and z: blocks that loop over
+  // several (design, batch) pairs, re-staging the LUT of each design, and
+  // over several column tiles (the default device and the LUT kernel; about
+  // 7 minutes: 2^18 blocks of 256 coroutines).
+  if (grid_limits) {
+    problems.clear();
+    Case z = MakeCase(1, 3, 2, 5, 1);
+    z.designs = 3;
+    z.batch = 21846;  // 65538 products of one design each
+    problems.push_back({z, 0, false});
+    Case y = MakeCase(1, 1, 128 * int64_t{65535} + 200, 5, 0);  // 65537 column tiles
+    problems.push_back({y, 0, false});
   }
   int ran = 0;
   for (size_t i = 0; i < problems.size(); ++i) {
@@ -359,7 +349,7 @@ int Test(bool full, bool smoke) {
     // configurations for every third problem (full: all of them). Smoke
     // (a quick check that a broken kernel fails): every fifth problem.
     if (smoke && i % 5 != 0) continue;
-    RunProblem(problems[i], rng, full || i % 3 == 0);
+    RunProblem(problems[i], rng, problems[i].all_configs && (full || i % 3 == 0));
     ++ran;
   }
   for (int m : {1, 7, 11}) RunMultiply(m, 3, 1000, rng);
@@ -374,9 +364,9 @@ int Test(bool full, bool smoke) {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "quick";
-  if (mode != "quick" && mode != "full" && mode != "smoke") {
-    std::fprintf(stderr, "usage: %s [quick|full|smoke]\n", argv[0]);
+  if (mode != "quick" && mode != "full" && mode != "smoke" && mode != "grid-limits") {
+    std::fprintf(stderr, "usage: %s [quick|full|smoke|grid-limits]\n", argv[0]);
     return 2;
   }
-  return Test(mode == "full", mode == "smoke");
+  return Test(mode == "full", mode == "smoke", mode == "grid-limits");
 }

@@ -3,7 +3,8 @@
 # emulation harness (see emulation_harness.cc): bit-for-bit comparison of the
 # CUDA launchers with the reference every CPU kernel is held to.
 #
-#   tools/cuda_emulation/run.sh [quick|full|smoke]   (about 30 s / 3 min / 10 s of runs)
+#   tools/cuda_emulation/run.sh [quick|full|smoke|grid-limits]
+#   (runs take about 30 s / 3.5 min / 10 s / 7 min on one core)
 #   CUDA_EMULATION_CXXFLAGS="-O1 -g -fsanitize=address,undefined" tools/cuda_emulation/run.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
