@@ -46,6 +46,22 @@ def _data(shape, seed):
     return x * np.float32(2.0) ** rng.integers(-3, 4, size=shape).astype(np.float32)
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def conv_path(request, monkeypatch):
+    """Which Python path of ``approx_conv`` runs: this backend's, or a GPU's.
+
+    "accelerator" turns off the CPU-only in-place conv targets, so the CPU
+    kernels run the path a GPU takes (patch matrices, batch chunks by
+    ``_conv_chunked``, design groups around the patch GEMMs): its Python
+    logic is tested without a GPU.
+    """
+    if request.param == "accelerator":
+        monkeypatch.setattr(conv_lib, "_in_place_targets_apply", lambda geometry: False)
+    jax.clear_caches()  # approx_conv's jitted body was traced with the other path
+    yield request.param
+    jax.clear_caches()
+
+
 def _check(got, ref, abs_sum, K):
     ok = reference.bound_ok(np.asarray(got), ref, abs_sum, K)
     assert ok.all(), (
@@ -261,7 +277,7 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize("backward", ["approx", "exact"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c[0]}d-{c[5]}-{c[6]}")
-def test_gradients_match_reference_conv_vjp(case, backward):
+def test_gradients_match_reference_conv_vjp(case, backward, conv_path):
     nd, strides, padding, lhs_dil, rhs_dil, groups, mult = case
     x, w, kwargs, m = _case(nd, strides, padding, lhs_dil, rhs_dil, groups, mult, seed=7)
     y, vjp = jax.vjp(lambda x, w: approx_conv(x, w, m, backward=backward, **kwargs), x, w)
@@ -334,7 +350,7 @@ def test_vmap_over_designs_with_batched_inputs_and_kernels():
         np.testing.assert_allclose(dws[d], dw, rtol=1e-6, atol=1e-6)
 
 
-def test_chunked_batch_matches_unchunked(monkeypatch):
+def test_chunked_batch_matches_unchunked(monkeypatch, conv_path):
     # The patch-matrix forward pass (the in-place one never runs in chunks).
     monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
     m = mult_lib.mbm(7)
@@ -350,18 +366,22 @@ def test_chunked_batch_matches_unchunked(monkeypatch):
     dx, dw = vjp(dy)
     jaxpr = str(jax.make_jaxpr(f)(x, w))
     assert "scan" in jaxpr or "while" in jaxpr
+    # Which path ran: the CPU reads the kernel gradient's patches in place.
+    hlo = jax.jit(lambda x, w, dy: jax.vjp(f, x, w)[1](dy)).lower(x, w, dy).as_text()
+    in_place = jax.default_backend() == "cpu" and conv_path == "cpu"
+    assert ("approx_jax_conv_wgrad" in hlo) == in_place
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_full))
     np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_full))
     # The kernel gradient is one GEMM over the whole batch whatever the
     # chunks (CPU: read in place; elsewhere the chunk partials are added).
-    if jax.default_backend() == "cpu":
+    if in_place:
         np.testing.assert_array_equal(_bits(dw), _bits(dw_full))
     else:
         np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_full), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("per_call", [1, 2, 4])
-def test_vmapped_sweep_keeps_the_chunk_budget(monkeypatch, per_call):
+def test_vmapped_sweep_keeps_the_chunk_budget(monkeypatch, per_call, conv_path):
     """vmap over designs with per-design inputs: groups of designs, same bits."""
     designs = [mult_lib.mbm(7), mult_lib.mitchell(5), mult_lib.truncate(3), mult_lib.mbm(3)]
     stacked = mult_lib.stack(designs)
