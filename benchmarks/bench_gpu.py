@@ -167,6 +167,19 @@ def bench_gemm(device, sizes, mbits_list, reps):
                 "f32 HIGHEST",
                 f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x",
             )
+            if mbits >= 8 and n == 1024:
+                # The same GEMM reading every LUT entry from global memory
+                # (APPROX_JAX_CUDA_FORMULA=0) instead of MBM's closed form.
+                with _env("APPROX_JAX_CUDA_FORMULA", "0"):
+                    t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
+                record(
+                    f"GEMM {n}^3 LUT reads",
+                    f"mbm{mbits}",
+                    t,
+                    t_native,
+                    "f32 HIGHEST",
+                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
+                )
             if mbits in (3, 7) and n >= 4096:
                 # The LUT kernel on the same problem (M <= 7 defaults to the
                 # expanded-operand kernel; same bits).

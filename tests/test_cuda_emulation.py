@@ -114,7 +114,6 @@ def test_rewrite_turns_launches_and_shared_memory_into_cpp():
         'asm("add.f32 %0, %1, %2;" : "=f"(r) : "f"(x), "f"(y));',
         "__shared__ float tile[64];",
         "v = __shfl_sync(0xffffffff, v, 1);",
-        "atomicAdd(p, 1.0f);",
     ],
 )
 def test_rewrite_refuses_what_it_cannot_emulate(construct):

@@ -734,3 +734,38 @@ def test_gemm_expanded_kernel_stacked_and_split_k(monkeypatch):
             for i in (0, 2):
                 want = chunked_gemm(a[i], b, stored[d], stacked.mbits, int(want_chunks))
                 assert_bits_equal(got[d, i], want, f"design {d} batch {i} split {want_chunks}")
+
+
+# --------------------------------------------------------------------------
+# M >= 8: the LUT kernel reads its LUT from global memory, or computes each
+# entry when the design's LUT equals a built-in family's closed form (checked
+# on the device per call). Both must give the LUT's bits.
+
+
+@pytest.mark.parametrize("M", (8, 11))
+def test_gemm_closed_forms_give_the_lut_bits(M, monkeypatch):
+    rng = np.random.default_rng(5000 + M)
+    a = random_operands((70, 300), rng, specials=0.01)
+    b = random_operands((300, 90), rng, specials=0.01)
+    near_mbm = np.array(MB.mbm(M).lut)
+    near_mbm[(5 << M) | 9] ^= 1  # one entry off: no closed form applies
+    designs = [
+        ("mbm", MB.mbm(M)),
+        ("mitchell", MB.mitchell(M)),
+        ("truncate", MB.truncate(M)),
+        ("near-mbm", MB.from_lut(near_mbm, M)),
+    ]
+    fn = _api("approx_dot")
+    for name, m in designs:
+        want = sequential_gemm(a, b, np.asarray(m.lut), M)
+        got = run_on(GPU, lambda x, w, m=m: fn(x, w, m), a, b)
+        assert_bits_equal(got, want, f"{name}{M} closed form")
+        monkeypatch.setenv("APPROX_JAX_CUDA_FORMULA", "0")
+        assert_bits_equal(run_on(GPU, lambda x, w, m=m: fn(x, w, m), a, b), want, f"{name}{M} LUT")
+        monkeypatch.delenv("APPROX_JAX_CUDA_FORMULA")
+    # A stack mixing families and a LUT without a closed form: one call.
+    stacked = MB.stack([m for _, m in designs])
+    got = run_on(GPU, lambda x, w: fn(x, w, stacked), a, b)
+    for d, (name, m) in enumerate(designs):
+        want = sequential_gemm(a, b, np.asarray(m.lut), M)
+        assert_bits_equal(got[d], want, f"stacked {name}{M}")

@@ -35,6 +35,10 @@ struct GemmParams {
   int lw;              // log2(banks per LUT copy), shared-LUT mode only
   uint32_t lut_words;  // words staged in shared memory (copies * 4^M)
   int vec_a, vec_b, vec_out;
+  // LUT kernel with the LUT in global memory: per design, the bitmask of
+  // families (1 << LutFamily) its LUT does not match (LutFamilyKernel), or
+  // nullptr: every entry is loaded.
+  const int* families;
 };
 
 // The expanded-operand kernel (cuda_gemm_expanded.cu) serves 1 <= M <= 7.

@@ -11,10 +11,10 @@
 // (SplitKChunks): out = ((P_0 + P_1) + ...) + P_{S-1}, each P_s an ascending
 // sum from +0 over its chunk. The order depends on one product's m, n, k only
 // (not on batch, design count or device), so vmapped/stacked calls give the
-// bits of single calls, and CPU and GPU agree. When the output has fewer than 2 * SMs block tiles, block
-// (m_tile, s) computes P_s into scratch [S][D*B][M][N] and a second kernel
-// adds the partials in ascending s (parallel split-K); otherwise each block
-// folds P_0, P_1, ... into its output tile in that order.
+// bits of single calls, and CPU and GPU agree. When the output has fewer than 2 * SMs block tiles,
+// block (m_tile, s) computes P_s into scratch [S][D*B][M][N] and a second kernel adds the partials
+// in ascending s (parallel split-K); otherwise each block folds P_0, P_1, ... into its output tile
+// in that order.
 //
 // GEMM design (SIMT, profile-free):
 // * Block tile 128x128 (256x64 when N <= 64), k-chunks of 8, 256 threads,
@@ -53,17 +53,24 @@
 //   precomputed. C is the largest that fits the device's opt-in shared
 //   memory and a cap (default 128 KB, env APPROX_JAX_CUDA_LUT_SMEM_KB).
 // * When the LUT does not fit in shared memory (M >= 8, 256 KB .. 16 MB) the
-//   same kernel reads it from global memory / L2 through __ldg.
-#include "cuda_kernels.h"
-
+//   same kernel reads it from global memory / L2 through __ldg, one random
+//   4-byte read per product, unless the design's LUT equals the closed form
+//   of a built-in family (lut_family.h: Mitchell, truncate, MBM), checked on
+//   the device per call by LutFamilyKernel (a flag per design in scratch):
+//   then the entry is computed from the two indices in a few integer
+//   operations instead. Same entries, so the same bits.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "approx_math.h"
 #include "cuda_gemm_internal.h"
+#include "cuda_kernels.h"
+#include "lut_family.h"
 #include "split_k.h"
 
 namespace approx_jax {
@@ -88,8 +95,8 @@ template <int kBM_, int kBN_>
 struct Tile {
   static constexpr int kBM = kBM_;
   static constexpr int kBN = kBN_;
-  static constexpr int kTY = kBM / 8;  // thread rows
-  static constexpr int kTX = kBN / 8;  // thread columns
+  static constexpr int kTY = kBM / 8;       // thread rows
+  static constexpr int kTX = kBN / 8;       // thread columns
   static constexpr int kAStride = kBM + 4;  // padded: transposed A store is conflict-free
   static constexpr int kBStride = kBN;
   static constexpr int kAWords = kBK * kAStride;                 // one A array of one stage
@@ -106,7 +113,7 @@ struct Tile {
 using WideTile = Tile<128, 128>;
 using TallTile = Tile<256, 64>;  // N <= 64 (e.g. conv layers with 64 channels)
 
-constexpr uint32_t kOneBits = 0x3f800000u;                // 1.0f
+constexpr uint32_t kOneBits = 0x3f800000u;  // 1.0f
 
 __device__ __forceinline__ float MulFtz(float x, float y) {
   float r;
@@ -138,6 +145,46 @@ __device__ __forceinline__ uint32_t OffsetB(uint32_t bits, int mbits, int lw) {
 template <int kHalf>
 __device__ __forceinline__ int RowOf(int t, int i) {
   return (i < 4) ? (t * 4 + i) : (kHalf + t * 4 + (i - 4));
+}
+
+// The family whose closed form a LUT equals, from the bitmask of families
+// (1 << LutFamily) it does not match; kFamilyNone if none (the order and
+// MBM's minimum width of LutFamilyBy).
+__device__ __forceinline__ int FamilyOfMismatches(int mismatches, int mbits) {
+  if (!(mismatches & (1 << kFamilyMitchell))) return kFamilyMitchell;
+  if (!(mismatches & (1 << kFamilyTruncate))) return kFamilyTruncate;
+  if (mbits >= kMbmMinBits && !(mismatches & (1 << kFamilyMbm))) return kFamilyMbm;
+  return kFamilyNone;
+}
+
+// mismatches[d] |= the families (1 << LutFamily) whose closed form differs
+// from design d's LUT at some entry (mismatches zeroed before). Grid
+// (blocks, designs); every entry is compared with all three closed forms.
+__global__ void __launch_bounds__(256)
+    LutFamilyKernel(const uint32_t* __restrict__ lut, int64_t lut_ds, int64_t designs, int mbits,
+                    int* mismatches) {
+  const uint32_t entries = 1u << (2 * mbits);
+  const uint32_t mask = (1u << mbits) - 1u;
+  for (int64_t d = blockIdx.y; d < designs; d += gridDim.y) {
+    const uint32_t* dl = lut + d * lut_ds;
+    int bad = mbits >= kMbmMinBits ? 0 : (1 << kFamilyMbm);
+    for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < entries;
+         e += gridDim.x * blockDim.x) {
+      const uint32_t v = __ldg(dl + e), ia = e >> mbits, ib = e & mask;
+      if (v != FamilyEntry<kFamilyMitchell>(mbits, ia, ib)) bad |= 1 << kFamilyMitchell;
+      if (v != FamilyEntry<kFamilyTruncate>(mbits, ia, ib)) bad |= 1 << kFamilyTruncate;
+      if (mbits >= kMbmMinBits && v != FamilyEntry<kFamilyMbm>(mbits, ia, ib)) {
+        bad |= 1 << kFamilyMbm;
+      }
+    }
+    // One flag per family for the block, then one atomic per block.
+    const int m1 = __syncthreads_or(bad & (1 << kFamilyMitchell));
+    const int m2 = __syncthreads_or(bad & (1 << kFamilyTruncate));
+    const int m3 = __syncthreads_or(bad & (1 << kFamilyMbm));
+    const int block_bad = (m1 ? 1 << kFamilyMitchell : 0) | (m2 ? 1 << kFamilyTruncate : 0) |
+                          (m3 ? 1 << kFamilyMbm : 0);
+    if (threadIdx.x == 0 && block_bad != 0) atomicOr(mismatches + d, block_bad);
+  }
 }
 
 template <bool kShared, class T>
@@ -172,7 +219,8 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
   // and folds them into out: out = P_0, then out = out + P_s.
   const int64_t s_lo = p.parallel ? static_cast<int64_t>(blockIdx.x) / p.m_tiles : 0;
   const int64_t s_hi = p.parallel ? s_lo + 1 : p.splits;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - (p.parallel ? s_lo * p.m_tiles : 0)) * kBM;
+  const int64_t row0 =
+      (static_cast<int64_t>(blockIdx.x) - (p.parallel ? s_lo * p.m_tiles : 0)) * kBM;
 
   // Global -> shared mapping. A: thread loads 4 consecutive k of rows
   // a_row + 128 * q. B: threads tid < 2 * kBN load 4 consecutive columns of
@@ -192,6 +240,9 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
     const float* __restrict__ B = p.b + d * p.b_ds + bi * p.b_bs;
     const uint32_t* __restrict__ glut = p.lut + d * p.lut_ds;
     float* __restrict__ O = p.out + ((p.parallel ? s_lo * db_total : 0) + z) * M * N;
+    // A global-memory LUT that equals a family's closed form is computed.
+    const int family =
+        (!kShared && p.families != nullptr) ? FamilyOfMismatches(p.families[d], mb) : kFamilyNone;
 
     if (kShared && d != staged_design) {
       __syncthreads();  // nobody still reads the previous design's LUT
@@ -205,199 +256,225 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
     }
 
     for (int64_t nt = blockIdx.y; nt < n_tiles; nt += gridDim.y) {
-     for (int64_t sc = s_lo; sc < s_hi; ++sc) {
-      const int64_t col0 = nt * kBN;
-      const int64_t kbeg = sc * p.kspan;
-      const int64_t kend = min(K, kbeg + p.kspan);
-      const int nchunks = static_cast<int>((kend - kbeg + kBK - 1) / kBK);
-      // Fold this chunk's sum into out (which holds chunks < sc).
-      const bool fold = !p.parallel && sc > 0;
-      __syncthreads();  // previous tile/chunk no longer reads the stage buffers
+      for (int64_t sc = s_lo; sc < s_hi; ++sc) {
+        const int64_t col0 = nt * kBN;
+        const int64_t kbeg = sc * p.kspan;
+        const int64_t kend = min(K, kbeg + p.kspan);
+        const int nchunks = static_cast<int>((kend - kbeg + kBK - 1) / kBK);
+        // Fold this chunk's sum into out (which holds chunks < sc).
+        const bool fold = !p.parallel && sc > 0;
+        __syncthreads();  // previous tile/chunk no longer reads the stage buffers
 
-      float acc[8][8];
+        float acc[8][8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+          for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
-      uint32_t ra[kAPasses][4], rb[4];
-      auto load_chunk = [&](int64_t k0) {
-        const int64_t ka = k0 + a_kk;
+        uint32_t ra[kAPasses][4], rb[4];
+        auto load_chunk = [&](int64_t k0) {
+          const int64_t ka = k0 + a_kk;
 #pragma unroll
-        for (int q = 0; q < kAPasses; ++q) {
-          const int64_t row = row0 + a_row + 128 * q;
-          if (p.vec_a) {
+          for (int q = 0; q < kAPasses; ++q) {
+            const int64_t row = row0 + a_row + 128 * q;
+            if (p.vec_a) {
+              float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+              if (row < M && ka < kend)
+                v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
+              ra[q][0] = __float_as_uint(v.x);
+              ra[q][1] = __float_as_uint(v.y);
+              ra[q][2] = __float_as_uint(v.z);
+              ra[q][3] = __float_as_uint(v.w);
+            } else {
+#pragma unroll
+              for (int c = 0; c < 4; ++c) {
+                ra[q][c] =
+                    (row < M && ka + c < kend) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
+              }
+            }
+          }
+          const int64_t kb = k0 + b_kk;
+          const int64_t col = col0 + b_col;
+          if (!b_loader) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) rb[c] = 0u;
+          } else if (p.vec_b) {
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (row < M && ka < kend) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
-            ra[q][0] = __float_as_uint(v.x);
-            ra[q][1] = __float_as_uint(v.y);
-            ra[q][2] = __float_as_uint(v.z);
-            ra[q][3] = __float_as_uint(v.w);
+            if (kb < kend && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
+            rb[0] = __float_as_uint(v.x);
+            rb[1] = __float_as_uint(v.y);
+            rb[2] = __float_as_uint(v.z);
+            rb[3] = __float_as_uint(v.w);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-              ra[q][c] =
-                  (row < M && ka + c < kend) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
+              rb[c] =
+                  (kb < kend && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
             }
           }
-        }
-        const int64_t kb = k0 + b_kk;
-        const int64_t col = col0 + b_col;
-        if (!b_loader) {
+        };
+        // Decomposes the registers into stage `s`; returns this thread's slow flag.
+        auto store_chunk = [&](int s) -> int {
+          float* av = tiles + s * kStageWords;
+          uint32_t* ao = reinterpret_cast<uint32_t*>(av + kAWords);
+          float* bv = av + 2 * kAWords;
+          uint32_t* bo = reinterpret_cast<uint32_t*>(bv + kBWords);
+          uint32_t emax = 0;
 #pragma unroll
-          for (int c = 0; c < 4; ++c) rb[c] = 0u;
-        } else if (p.vec_b) {
-          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (kb < kend && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
-          rb[0] = __float_as_uint(v.x);
-          rb[1] = __float_as_uint(v.y);
-          rb[2] = __float_as_uint(v.z);
-          rb[3] = __float_as_uint(v.w);
-        } else {
+          for (int q = 0; q < kAPasses; ++q) {
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            rb[c] = (kb < kend && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
+            for (int c = 0; c < 4; ++c) {
+              const int idx = (a_kk + c) * kAStride + a_row + 128 * q;
+              av[idx] = ScaleOf(ra[q][c]);
+              ao[idx] = OffsetA<kShared>(ra[q][c], mb, lw);
+              emax = max(emax, (ra[q][c] >> 23) & 0xffu);
+            }
           }
-        }
-      };
-      // Decomposes the registers into stage `s`; returns this thread's slow flag.
-      auto store_chunk = [&](int s) -> int {
-        float* av = tiles + s * kStageWords;
-        uint32_t* ao = reinterpret_cast<uint32_t*>(av + kAWords);
-        float* bv = av + 2 * kAWords;
-        uint32_t* bo = reinterpret_cast<uint32_t*>(bv + kBWords);
-        uint32_t emax = 0;
+          float4 v;
+          uint4 o;
+          v.x = ScaleOf(rb[0]);
+          v.y = ScaleOf(rb[1]);
+          v.z = ScaleOf(rb[2]);
+          v.w = ScaleOf(rb[3]);
+          o.x = OffsetB<kShared>(rb[0], mb, lw);
+          o.y = OffsetB<kShared>(rb[1], mb, lw);
+          o.z = OffsetB<kShared>(rb[2], mb, lw);
+          o.w = OffsetB<kShared>(rb[3], mb, lw);
 #pragma unroll
-        for (int q = 0; q < kAPasses; ++q) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int idx = (a_kk + c) * kAStride + a_row + 128 * q;
-            av[idx] = ScaleOf(ra[q][c]);
-            ao[idx] = OffsetA<kShared>(ra[q][c], mb, lw);
-            emax = max(emax, (ra[q][c] >> 23) & 0xffu);
+          for (int c = 0; c < 4; ++c) emax = max(emax, (rb[c] >> 23) & 0xffu);
+          if (b_loader) {
+            *reinterpret_cast<float4*>(bv + b_kk * kBStride + b_col) = v;
+            *reinterpret_cast<uint4*>(bo + b_kk * kBStride + b_col) = o;
           }
-        }
-        float4 v;
-        uint4 o;
-        v.x = ScaleOf(rb[0]);
-        v.y = ScaleOf(rb[1]);
-        v.z = ScaleOf(rb[2]);
-        v.w = ScaleOf(rb[3]);
-        o.x = OffsetB<kShared>(rb[0], mb, lw);
-        o.y = OffsetB<kShared>(rb[1], mb, lw);
-        o.z = OffsetB<kShared>(rb[2], mb, lw);
-        o.w = OffsetB<kShared>(rb[3], mb, lw);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) emax = max(emax, (rb[c] >> 23) & 0xffu);
-        if (b_loader) {
-          *reinterpret_cast<float4*>(bv + b_kk * kBStride + b_col) = v;
-          *reinterpret_cast<uint4*>(bo + b_kk * kBStride + b_col) = o;
-        }
-        return emax >= kSlowExponent ? 1 : 0;
-      };
+          return emax >= kSlowExponent ? 1 : 0;
+        };
 
-      load_chunk(kbeg);
-      int slow = __syncthreads_or(store_chunk(0));
-      for (int t = 0; t < nchunks; ++t) {
-        const int64_t k0 = kbeg + static_cast<int64_t>(t) * kBK;
-        const bool has_next = t + 1 < nchunks;
-        if (has_next) load_chunk(k0 + kBK);  // in flight during the compute
-        if (!slow) {
-          const float* av = tiles + (t & 1) * kStageWords;
-          const uint32_t* ao = reinterpret_cast<const uint32_t*>(av + kAWords);
-          const float* bv = av + 2 * kAWords;
-          const uint32_t* bo = reinterpret_cast<const uint32_t*>(bv + kBWords);
+        load_chunk(kbeg);
+        int slow = __syncthreads_or(store_chunk(0));
+        for (int t = 0; t < nchunks; ++t) {
+          const int64_t k0 = kbeg + static_cast<int64_t>(t) * kBK;
+          const bool has_next = t + 1 < nchunks;
+          if (has_next) load_chunk(k0 + kBK);  // in flight during the compute
+          if (!slow) {
+            const float* av = tiles + (t & 1) * kStageWords;
+            const uint32_t* ao = reinterpret_cast<const uint32_t*>(av + kAWords);
+            const float* bv = av + 2 * kAWords;
+            const uint32_t* bo = reinterpret_cast<const uint32_t*>(bv + kBWords);
+            // One instantiation of the chunk's products per way of reading the
+            // LUT (family uniform over the block: no divergence).
+            auto fast_chunk = [&](auto family_tag) {
+              constexpr int kFamily = decltype(family_tag)::value;
 #pragma unroll
-          for (int kk = 0; kk < kBK; ++kk) {
-            const float4 a0 = *reinterpret_cast<const float4*>(av + kk * kAStride + ty * 4);
-            const float4 a1 = *reinterpret_cast<const float4*>(av + kk * kAStride + kHalfM + ty * 4);
-            const uint4 ao0 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + ty * 4);
-            const uint4 ao1 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + kHalfM + ty * 4);
-            const float4 b0 = *reinterpret_cast<const float4*>(bv + kk * kBStride + tx * 4);
-            const float4 b1 = *reinterpret_cast<const float4*>(bv + kk * kBStride + kHalfN + tx * 4);
-            const uint4 bo0 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + tx * 4);
-            const uint4 bo1 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + kHalfN + tx * 4);
-            const float fa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-            const uint32_t oa[8] = {ao0.x + goff, ao0.y + goff, ao0.z + goff, ao0.w + goff,
-                                    ao1.x + goff, ao1.y + goff, ao1.z + goff, ao1.w + goff};
-            const float fb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-            const uint32_t ob[8] = {bo0.x, bo0.y, bo0.z, bo0.w, bo1.x, bo1.y, bo1.z, bo1.w};
+              for (int kk = 0; kk < kBK; ++kk) {
+                const float4 a0 = *reinterpret_cast<const float4*>(av + kk * kAStride + ty * 4);
+                const float4 a1 =
+                    *reinterpret_cast<const float4*>(av + kk * kAStride + kHalfM + ty * 4);
+                const uint4 ao0 = *reinterpret_cast<const uint4*>(ao + kk * kAStride + ty * 4);
+                const uint4 ao1 =
+                    *reinterpret_cast<const uint4*>(ao + kk * kAStride + kHalfM + ty * 4);
+                const float4 b0 = *reinterpret_cast<const float4*>(bv + kk * kBStride + tx * 4);
+                const float4 b1 =
+                    *reinterpret_cast<const float4*>(bv + kk * kBStride + kHalfN + tx * 4);
+                const uint4 bo0 = *reinterpret_cast<const uint4*>(bo + kk * kBStride + tx * 4);
+                const uint4 bo1 =
+                    *reinterpret_cast<const uint4*>(bo + kk * kBStride + kHalfN + tx * 4);
+                const float fa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+                const uint32_t oa[8] = {ao0.x + goff, ao0.y + goff, ao0.z + goff, ao0.w + goff,
+                                        ao1.x + goff, ao1.y + goff, ao1.z + goff, ao1.w + goff};
+                const float fb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+                const uint32_t ob[8] = {bo0.x, bo0.y, bo0.z, bo0.w, bo1.x, bo1.y, bo1.z, bo1.w};
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
+                for (int i = 0; i < 8; ++i) {
+#pragma unroll
+                  for (int j = 0; j < 8; ++j) {
+                    float l;
+                    if (kShared) {
+                      l = *reinterpret_cast<const float*>(lut_s + (oa[i] + ob[j]));
+                    } else if (kFamily == kFamilyNone) {
+                      l = __uint_as_float(__ldg(glut + (oa[i] + ob[j])) + kOneBits);
+                    } else {  // (oa[i] = ia << M here)
+                      l = __uint_as_float(FamilyEntry<kFamily>(mb, oa[i] >> mb, ob[j]) + kOneBits);
+                    }
+                    acc[i][j] = __fmaf_rn(MulFtz(fa[i], fb[j]), l, acc[i][j]);
+                  }
+                }
+              }
+            };
+            switch (family) {
+              case kFamilyMitchell:
+                fast_chunk(std::integral_constant<int, kFamilyMitchell>{});
+                break;
+              case kFamilyTruncate:
+                fast_chunk(std::integral_constant<int, kFamilyTruncate>{});
+                break;
+              case kFamilyMbm:
+                fast_chunk(std::integral_constant<int, kFamilyMbm>{});
+                break;
+              default:
+                fast_chunk(std::integral_constant<int, kFamilyNone>{});
+            }
+          } else {
+            // Exact scalar path for chunks holding Inf/NaN or huge operands.
+            const int64_t krem = kend - k0;
+            const int kn = krem < kBK ? static_cast<int>(krem) : kBK;
+#pragma unroll 1
+            for (int kk = 0; kk < kn; ++kk) {
+              const int64_t k = k0 + kk;
+              uint32_t xa[8], xb[8];
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                const int64_t row = row0 + RowOf<kHalfM>(ty, i);
+                xa[i] = row < M ? __float_as_uint(__ldg(A + row * K + k)) : 0u;
+              }
 #pragma unroll
               for (int j = 0; j < 8; ++j) {
-                float l;
-                if (kShared) {
-                  l = *reinterpret_cast<const float*>(lut_s + (oa[i] + ob[j]));
-                } else {
-                  l = __uint_as_float(__ldg(glut + (oa[i] + ob[j])) + kOneBits);
-                }
-                acc[i][j] = __fmaf_rn(MulFtz(fa[i], fb[j]), l, acc[i][j]);
+                const int64_t col = col0 + RowOf<kHalfN>(tx, j);
+                xb[j] = col < N ? __float_as_uint(__ldg(B + k * N + col)) : 0u;
               }
+#pragma unroll
+              for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                  acc[i][j] =
+                      __fadd_rn(acc[i][j], __uint_as_float(ApproxMulBits(xa[i], xb[j], glut, mb)));
             }
           }
-        } else {
-          // Exact scalar path for chunks holding Inf/NaN or huge operands.
-          const int64_t krem = kend - k0;
-          const int kn = krem < kBK ? static_cast<int>(krem) : kBK;
-#pragma unroll 1
-          for (int kk = 0; kk < kn; ++kk) {
-            const int64_t k = k0 + kk;
-            uint32_t xa[8], xb[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              const int64_t row = row0 + RowOf<kHalfM>(ty, i);
-              xa[i] = row < M ? __float_as_uint(__ldg(A + row * K + k)) : 0u;
-            }
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              const int64_t col = col0 + RowOf<kHalfN>(tx, j);
-              xb[j] = col < N ? __float_as_uint(__ldg(B + k * N + col)) : 0u;
-            }
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-              for (int j = 0; j < 8; ++j)
-                acc[i][j] = __fadd_rn(acc[i][j],
-                                      __uint_as_float(ApproxMulBits(xa[i], xb[j], glut, mb)));
-          }
+          if (has_next) slow = __syncthreads_or(store_chunk((t + 1) & 1));
         }
-        if (has_next) slow = __syncthreads_or(store_chunk((t + 1) & 1));
-      }
 
-      // Epilogue.
+        // Epilogue.
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int64_t row = row0 + RowOf<kHalfM>(ty, i);
-        if (row >= M) continue;
-        float* orow = O + row * N;
+        for (int i = 0; i < 8; ++i) {
+          const int64_t row = row0 + RowOf<kHalfM>(ty, i);
+          if (row >= M) continue;
+          float* orow = O + row * N;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t col = col0 + h * kHalfN + tx * 4;
-          // (A fold re-reads what this same thread stored for chunk sc - 1.)
-          if (p.vec_out && col + 3 < N) {
-            float4 v =
-                make_float4(acc[i][h * 4], acc[i][h * 4 + 1], acc[i][h * 4 + 2], acc[i][h * 4 + 3]);
-            if (fold) {
-              const float4 prev = *reinterpret_cast<const float4*>(orow + col);
-              v.x = __fadd_rn(prev.x, v.x);
-              v.y = __fadd_rn(prev.y, v.y);
-              v.z = __fadd_rn(prev.z, v.z);
-              v.w = __fadd_rn(prev.w, v.w);
-            }
-            *reinterpret_cast<float4*>(orow + col) = v;
-          } else {
+          for (int h = 0; h < 2; ++h) {
+            const int64_t col = col0 + h * kHalfN + tx * 4;
+            // (A fold re-reads what this same thread stored for chunk sc - 1.)
+            if (p.vec_out && col + 3 < N) {
+              float4 v = make_float4(acc[i][h * 4], acc[i][h * 4 + 1], acc[i][h * 4 + 2],
+                                     acc[i][h * 4 + 3]);
+              if (fold) {
+                const float4 prev = *reinterpret_cast<const float4*>(orow + col);
+                v.x = __fadd_rn(prev.x, v.x);
+                v.y = __fadd_rn(prev.y, v.y);
+                v.z = __fadd_rn(prev.z, v.z);
+                v.w = __fadd_rn(prev.w, v.w);
+              }
+              *reinterpret_cast<float4*>(orow + col) = v;
+            } else {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              if (col + c < N) {
-                orow[col + c] =
-                    fold ? __fadd_rn(orow[col + c], acc[i][h * 4 + c]) : acc[i][h * 4 + c];
+              for (int c = 0; c < 4; ++c) {
+                if (col + c < N) {
+                  orow[col + c] =
+                      fold ? __fadd_rn(orow[col + c], acc[i][h * 4 + c]) : acc[i][h * 4 + c];
+                }
               }
             }
           }
         }
       }
-     }
     }
   }
 }
@@ -418,9 +495,8 @@ __global__ void __launch_bounds__(256)
 
 __global__ void __launch_bounds__(256)
     ApproxMultiplyKernel(const float* __restrict__ a, const float* __restrict__ b,
-                         const uint32_t* __restrict__ lut, float* __restrict__ out,
-                         int64_t designs, int64_t n, int64_t sa, int64_t sb, int64_t sl,
-                         int mbits) {
+                         const uint32_t* __restrict__ lut, float* __restrict__ out, int64_t designs,
+                         int64_t n, int64_t sa, int64_t sb, int64_t sl, int mbits) {
   for (int64_t d = blockIdx.y; d < designs; d += gridDim.y) {
     const float* da = a + d * sa;
     const float* db = b + d * sb;
@@ -446,23 +522,28 @@ int64_t LutSmemCapBytes() {
 
 bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// The LUT kernel's replication of its LUT in shared memory: the largest
+// number of copies (a power of two <= 32) that fits the cap and, beside the
+// tile area, the device's opt-in shared memory; 0: the LUT stays in global
+// memory (see the file comment).
+int LutCopies(int mbits, int64_t tile_bytes, int optin) {
+  const int64_t entries = int64_t{1} << (2 * mbits);
+  const int64_t cap = LutSmemCapBytes();
+  for (int c = 32; c >= 1; c /= 2) {
+    const int w = 32 / c;
+    if (w > (1 << mbits)) break;  // layout needs W <= 2^M
+    const int64_t bytes = c * entries * 4;
+    if (bytes <= cap && tile_bytes + bytes <= optin) return c;
+  }
+  return 0;
+}
 
 template <class T>
 std::string LaunchGemmTiled(GemmParams gp, int64_t splits, int optin, cudaStream_t stream) {
-  // Largest LUT replication that fits (see the file comment).
   const int64_t entries = int64_t{1} << (2 * gp.mbits);
-  const int64_t cap = LutSmemCapBytes();
-  int copies = 0;
-  for (int c = 32; c >= 1; c /= 2) {
-    const int w = 32 / c;
-    if (w > (1 << gp.mbits)) break;  // layout needs W <= 2^M
-    const int64_t bytes = c * entries * 4;
-    if (bytes <= cap && T::kTileBytes + bytes <= optin) {
-      copies = c;
-      break;
-    }
-  }
+  const int copies = LutCopies(gp.mbits, T::kTileBytes, optin);
   const bool shared_lut = copies > 0;
+  if (shared_lut) gp.families = nullptr;  // (closed forms replace global reads only)
   size_t smem = T::kTileBytes;
   gp.lw = 0;
   gp.lut_words = 0;
@@ -482,8 +563,8 @@ std::string LaunchGemmTiled(GemmParams gp, int64_t splits, int optin, cudaStream
                   static_cast<unsigned>(std::min<int64_t>(db, 65535)));
   cudaError_t e;
   if (shared_lut) {
-    e = cudaFuncSetAttribute(ApproxGemmKernel<true, T>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    e = cudaFuncSetAttribute(ApproxGemmKernel<true, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
     if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);
     ApproxGemmKernel<true, T><<<grid, kThreads, smem, stream>>>(gp);
   } else {
@@ -546,8 +627,7 @@ GemmKernel ChooseKernel(const CudaGemmProblem& p, int optin, int64_t* bm, int64_
 
 }  // namespace
 
-void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits,
-                  int64_t* kspan) {
+void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits, int64_t* kspan) {
   if (k <= 0) {
     *splits = 1;
     *kspan = k;
@@ -567,15 +647,14 @@ void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits
   }
 }
 
-std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
-  *plan = CudaGemmPlan();
-  plan->kspan = p.k;
-  const int64_t db = p.designs * p.batch;
-  if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
-  SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &plan->splits, &plan->kspan);
+namespace {
+
+// The split-K execution mode of a plan whose chunks are set (parallel and
+// partials_bytes).
+std::string PlanSplitMode(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   if (plan->splits < 2) return {};
   // The summation order is now fixed; only the execution mode remains.
-  const int64_t outputs = db * p.m * p.n;
+  const int64_t outputs = p.designs * p.batch * p.m * p.n;
   if (plan->splits > kMaxScratchFloats / outputs) return {};  // fold in-block
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
@@ -585,10 +664,44 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
   int64_t bm = 0, bn = 0;
   ChooseKernel(p, SmemOptin(), &bm, &bn);
-  const int64_t tiles = db * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
+  const int64_t tiles = p.designs * p.batch * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
   if (tiles < kSplitTilesPerSm * std::max(sms, 1)) {
     plan->parallel = true;
-    plan->scratch_bytes = static_cast<size_t>(plan->splits * outputs) * sizeof(float);
+    plan->partials_bytes = static_cast<size_t>(plan->splits * outputs) * sizeof(float);
+  }
+  return {};
+}
+
+// Whether the closed forms may replace LUT reads: the LUT kernel runs with
+// its LUT in global memory, and APPROX_JAX_CUDA_FORMULA is not "0".
+bool UsesClosedForms(const CudaGemmProblem& p, int optin) {
+  const char* s = std::getenv("APPROX_JAX_CUDA_FORMULA");
+  if (s && std::strcmp(s, "0") == 0) return false;
+  int64_t bm = 0, bn = 0;
+  switch (ChooseKernel(p, optin, &bm, &bn)) {
+    case GemmKernel::kExpanded:
+      return false;
+    case GemmKernel::kLutTall:
+      return LutCopies(p.mbits, TallTile::kTileBytes, optin) == 0;
+    case GemmKernel::kLutWide:
+      return LutCopies(p.mbits, WideTile::kTileBytes, optin) == 0;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
+  *plan = CudaGemmPlan();
+  plan->kspan = p.k;
+  const int64_t db = p.designs * p.batch;
+  if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
+  SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &plan->splits, &plan->kspan);
+  if (std::string err = PlanSplitMode(p, plan); !err.empty()) return err;
+  plan->scratch_bytes = plan->partials_bytes;
+  if (UsesClosedForms(p, SmemOptin())) {
+    plan->families_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
+    plan->scratch_bytes = static_cast<size_t>(plan->families_offset) + p.designs * sizeof(int);
   }
   return {};
 }
@@ -623,6 +736,28 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
     return "approx_jax_gemm: split-K scratch missing or misaligned";
   }
   gp.out = parallel ? scratch : p.out;
+  gp.families = nullptr;
+  if (plan.families_offset >= 0) {
+    // Which families' closed forms each design's LUT equals (before the GEMM,
+    // on the same stream).
+    if (scratch == nullptr || !Aligned16(scratch) || plan.families_offset % 16 != 0) {
+      return "approx_jax_gemm: closed-form scratch missing or misaligned";
+    }
+    int* mismatches =
+        reinterpret_cast<int*>(reinterpret_cast<char*>(scratch) + plan.families_offset);
+    e = cudaMemsetAsync(mismatches, 0, static_cast<size_t>(p.designs) * sizeof(int), stream);
+    if (e != cudaSuccess) return CudaErr("cudaMemsetAsync", e);
+    constexpr int kBlock = 256;
+    const int64_t entries = int64_t{1} << (2 * p.mbits);
+    const dim3 fgrid(
+        static_cast<unsigned>(std::min<int64_t>((entries + 16 * kBlock - 1) / (16 * kBlock), 128)),
+        static_cast<unsigned>(std::min<int64_t>(p.designs, 65535)));
+    LutFamilyKernel<<<fgrid, kBlock, 0, stream>>>(p.lut, p.lut_design_stride, p.designs, p.mbits,
+                                                  mismatches);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return CudaErr("approx_jax_gemm LUT family check launch", e);
+    gp.families = mismatches;
+  }
   gp.kspan = chunked ? plan.kspan : p.k;
   gp.splits = chunked ? plan.splits : 1;
   gp.parallel = parallel ? 1 : 0;
@@ -659,7 +794,7 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   constexpr int kBlock = 256;
   const int64_t blocks = std::min<int64_t>((total + kBlock - 1) / kBlock, 65535);
   SplitKReduceKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(scratch, p.out, total,
-                                                                          plan.splits);
+                                                                           plan.splits);
   e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm split-K reduce launch", e);
 }
@@ -668,7 +803,8 @@ std::string LaunchApproxMultiply(const CudaMultiplyProblem& p, cudaStream_t stre
   if (p.designs == 0 || p.n == 0) return {};
   constexpr int kBlock = 256;
   const int64_t blocks = std::min<int64_t>((p.n + kBlock - 1) / kBlock, 8192);
-  dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(p.designs, 65535)));
+  dim3 grid(static_cast<unsigned>(blocks),
+            static_cast<unsigned>(std::min<int64_t>(p.designs, 65535)));
   ApproxMultiplyKernel<<<grid, kBlock, 0, stream>>>(p.a, p.b, p.lut, p.out, p.designs, p.n,
                                                     p.a_design_stride, p.b_design_stride,
                                                     p.lut_design_stride, p.mbits);

@@ -42,19 +42,29 @@ struct CudaGemmProblem {
 // few block tiles for the device's SM count) runs one block per (tile,
 // chunk) writing partials to scratch, then a reduction kernel; otherwise
 // each block folds its chunks into out in ascending order.
+// Closed forms (lut_family.h): when the LUT kernel would read its LUT from
+// global memory (M >= 8), each design's LUT is first compared on the device
+// with the closed forms of the built-in families, and a design whose LUT
+// equals one has its entries computed instead of loaded (the same entries,
+// so the same bits). APPROX_JAX_CUDA_FORMULA=0 turns this off (a testing and
+// benchmarking aid).
 struct CudaGemmPlan {
   int64_t splits = 1;
-  int64_t kspan = 0;          // k per chunk (all but the last are full)
+  int64_t kspan = 0;  // k per chunk (all but the last are full)
   bool parallel = false;
-  size_t scratch_bytes = 0;   // parallel: splits * designs * batch * m * n floats
+  // Scratch: [0, partials_bytes) the parallel split-K partials (splits *
+  // designs * batch * m * n floats); from families_offset (16-aligned, when
+  // >= 0) one int32 per design, the families its LUT does not match.
+  size_t partials_bytes = 0;
+  int64_t families_offset = -1;
+  size_t scratch_bytes = 0;
 };
 
 // Chunking rule (pure). want <= 0: the built-in rule shared with the CPU GEMM
 // (SplitKChunkLength in split_k.h); want >= 1 (testing override): kspan =
 // round_up(ceil(K / want), 8). splits = ceil(K / kspan); splits == 1 gives
 // kspan = K.
-void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits,
-                  int64_t* kspan);
+void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits, int64_t* kspan);
 
 // Fills `plan` for `p` on the current device. Returns "" or an error.
 std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan);
@@ -63,8 +73,8 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan);
 // the same problem). `scratch` (device memory, 16-byte aligned, at least
 // plan.scratch_bytes) is needed only when plan.scratch_bytes > 0. Returns an
 // empty string on success, else an error message.
-std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
-                             float* scratch, cudaStream_t stream);
+std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan, float* scratch,
+                             cudaStream_t stream);
 
 // out[d, i] = P(a[d * a_design_stride + i], b[d * b_design_stride + i];
 //               lut + d * lut_design_stride), i < n.

@@ -1,5 +1,7 @@
 // Built-in multiplier families whose LUT entries have a closed form (SPEC
-// section 4), for kernels that compute an entry instead of loading it.
+// section 4), for kernels that compute an entry instead of loading it (the
+// CPU gather and closed-form kernels; the CUDA LUT kernel when its LUT would
+// be read from global memory, M >= 8).
 //
 // A kernel may use the closed form only after LutFamilyOf has checked,
 // entry by entry, that the LUT it was given equals it: results then stay
@@ -23,14 +25,17 @@
 #include <cstring>
 #include <type_traits>
 
+#include "approx_math.h"
+
 namespace approx_jax {
 
 enum LutFamily : int { kFamilyNone = 0, kFamilyMitchell = 1, kFamilyTruncate = 2, kFamilyMbm = 3 };
 
 constexpr int kMbmMinBits = 7;
 
+// (Host and device: the CUDA LUT kernel computes entries with it too.)
 template <int kFamily>
-inline uint32_t FamilyEntry(int m, uint32_t ia, uint32_t ib) {
+APPROX_HD uint32_t FamilyEntry(int m, uint32_t ia, uint32_t ib) {
   const int sh = 23 - m;
   const uint32_t one = 1u << m;
   if (kFamily == kFamilyMitchell) return (ia + ib) << sh;
@@ -66,7 +71,7 @@ inline bool LutIs(const uint32_t* lut, int m, uint32_t row_begin = 0, uint32_t r
   if (row_end > n) row_end = n;
   const int sh = 23 - m;
   const size_t row_bytes = sizeof(uint32_t) << m;
-  if (kFamily == kFamilyMitchell || kFamily == kFamilyMbm) {
+  if constexpr (kFamily == kFamilyMitchell || kFamily == kFamilyMbm) {
     // Mitchell: row ia is by_sum[ia + ib] (= (ia + ib) << sh). MBM's entry is
     // a function of t = (ia|1) + (ib|1) = ((ia & ~1) + ib) | 1) + 1, so row ia
     // is by_sum[(ia & ~1) + ib] with by_sum[x] = the entry of t = (x|1) + 1,
@@ -80,23 +85,24 @@ inline bool LutIs(const uint32_t* lut, int m, uint32_t row_begin = 0, uint32_t r
         return false;
     }
     return true;
+  } else {
+    // truncate: prod = (2^m + ia)(2^m + ib); the carry c = prod >= 2^(2m+1)
+    // sets from ib = first_carry on.
+    for (uint32_t ia = row_begin; ia < row_end; ++ia) {
+      const uint32_t* row = lut + (static_cast<uint64_t>(ia) << m);
+      const uint32_t fa = n + ia;
+      const uint32_t limit = 1u << (2 * m + 1);
+      uint32_t first_carry = (limit + fa - 1) / fa;  // smallest 2^m + ib with prod >= limit
+      first_carry = first_carry < n ? 0 : (first_carry - n < n ? first_carry - n : n);
+      uint32_t diff = 0, prod = fa * n;
+      for (uint32_t ib = 0; ib < first_carry; ++ib, prod += fa)
+        diff |= row[ib] ^ (((prod >> m) << sh) - (1u << 23));
+      for (uint32_t ib = first_carry; ib < n; ++ib, prod += fa)
+        diff |= row[ib] ^ ((prod >> (m + 1)) << sh);
+      if (diff != 0) return false;
+    }
+    return true;
   }
-  // truncate: prod = (2^m + ia)(2^m + ib); the carry c = prod >= 2^(2m+1)
-  // sets from ib = first_carry on.
-  for (uint32_t ia = row_begin; ia < row_end; ++ia) {
-    const uint32_t* row = lut + (static_cast<uint64_t>(ia) << m);
-    const uint32_t fa = n + ia;
-    const uint32_t limit = 1u << (2 * m + 1);
-    uint32_t first_carry = (limit + fa - 1) / fa;  // smallest 2^m + ib with prod >= limit
-    first_carry = first_carry < n ? 0 : (first_carry - n < n ? first_carry - n : n);
-    uint32_t diff = 0, prod = fa * n;
-    for (uint32_t ib = 0; ib < first_carry; ++ib, prod += fa)
-      diff |= row[ib] ^ (((prod >> m) << sh) - (1u << 23));
-    for (uint32_t ib = first_carry; ib < n; ++ib, prod += fa)
-      diff |= row[ib] ^ ((prod >> (m + 1)) << sh);
-    if (diff != 0) return false;
-  }
-  return true;
 }
 
 // The family whose closed form equals the width-m kernel-format LUT at every

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -104,6 +105,13 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   }
   return r;
 }
+// Atomics: blocks run one after another and their threads between
+// barriers one at a time, so a plain read-modify-write is atomic here.
+inline int atomicOr(int* address, int value) {
+  const int old = *address;
+  *address = old | value;
+  return old;
+}
 template <class T>
 inline T min(T a, T b) {
   return b < a ? b : a;
@@ -142,10 +150,13 @@ inline int g_last_error = 0;
 inline int64_t g_launches = 0;               // kernels run (for tests of the launch plan)
 inline std::vector<std::string> g_launched;  // kernels' names, in launch order
 
+// Coroutine stacks, allocated once for the largest block seen and reused by
+// every launch (a fresh zeroed 64 MB per launch was most of the run time).
+constexpr size_t kStackBytes = 256 * 1024;
+inline std::vector<std::unique_ptr<unsigned char[]>> g_stacks;
+
 struct BlockRun {
-  static constexpr size_t kStack = 256 * 1024;
   std::vector<ucontext_t> ctx;
-  std::vector<std::vector<unsigned char>> stacks;
   std::vector<int> state;  // 0 running/runnable, 1 at barrier, 2 returned
   std::vector<const char*> bar_file;
   std::vector<int> bar_line, bar_kind, bar_pred;
@@ -208,7 +219,8 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
   g_launched.push_back(name);
   BlockRun r;
   r.ctx.resize(nthreads);
-  r.stacks.assign(nthreads, std::vector<unsigned char>(BlockRun::kStack));
+  while (static_cast<int64_t>(g_stacks.size()) < nthreads)
+    g_stacks.emplace_back(new unsigned char[kStackBytes]);
   r.state.resize(nthreads);
   r.bar_file.resize(nthreads);
   r.bar_line.resize(nthreads);
@@ -226,8 +238,8 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
         r.smem.assign(smem_bytes, 0xff);
         for (int64_t t = 0; t < nthreads; ++t) {
           getcontext(&r.ctx[t]);
-          r.ctx[t].uc_stack.ss_sp = r.stacks[t].data();
-          r.ctx[t].uc_stack.ss_size = BlockRun::kStack;
+          r.ctx[t].uc_stack.ss_sp = g_stacks[t].get();
+          r.ctx[t].uc_stack.ss_size = kStackBytes;
           r.ctx[t].uc_link = &r.sched;
           makecontext(&r.ctx[t], ThreadEntry, 0);
           r.state[t] = 0;

@@ -43,6 +43,7 @@ struct Config {
   const char* lut_kb;    // APPROX_JAX_CUDA_LUT_SMEM_KB
   const char* split_k;   // APPROX_JAX_CUDA_SPLIT_K
   int sm_count, smem_optin;
+  const char* formula = nullptr;  // APPROX_JAX_CUDA_FORMULA
 };
 
 constexpr int kH200Smem = 232448, kA100Smem = 166912, kSm86Smem = 101376;
@@ -54,6 +55,7 @@ const Config kConfigs[] = {
     {"lut-kernel", "0", nullptr, nullptr, 132, kH200Smem},
     {"lut-4kb", "0", "4", nullptr, 132, kH200Smem},
     {"lut-global", "0", "0", nullptr, 132, kH200Smem},
+    {"lut-global-no-formula", "0", "0", nullptr, 132, kH200Smem, "0"},
     {"fold-splitk", nullptr, nullptr, nullptr, 1, kH200Smem},
     {"forced-3-chunks", nullptr, nullptr, "3", 132, kH200Smem},
     {"forced-3-chunks-fold", "0", nullptr, "3", 1, kH200Smem},
@@ -90,7 +92,9 @@ std::string LaunchedSince(size_t first) {
 // opt-in limit (an A100 cannot hold its M = 7 planes); else the LUT kernel,
 // with the LUT in shared memory when one copy (4^M words) fits the cap
 // (128 KB by default) beside the tile area (33-41 KB: either placement is
-// accepted where that decides); then the reduction after a parallel split-K.
+// accepted where that decides; a LUT in global memory is checked against
+// the built-in families' closed forms first, LutFamilyKernel); then the
+// reduction after a parallel split-K.
 // K = 0 launches nothing.
 bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemmPlan& plan,
                      const std::string& launched) {
@@ -105,7 +109,10 @@ bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemm
   const bool may_share = lut_bytes <= cap && lut_bytes + 33792 <= cfg.smem_optin;
   const bool must_share = lut_bytes <= cap && lut_bytes + 41984 <= cfg.smem_optin;
   if (launched == "ApproxGemmKernel<true, T>" + reduce) return may_share;
-  if (launched == "ApproxGemmKernel<false, T>" + reduce) return !must_share;
+  // A global LUT is first checked against the closed forms, unless disabled.
+  const bool formula = !(cfg.formula && std::strcmp(cfg.formula, "0") == 0);
+  const std::string check = formula ? "LutFamilyKernel, " : "";
+  if (launched == check + "ApproxGemmKernel<false, T>" + reduce) return !must_share;
   return false;
 }
 
@@ -150,6 +157,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
     SetEnv("APPROX_JAX_CUDA_EXPANDED", cfg.expanded);
     SetEnv("APPROX_JAX_CUDA_LUT_SMEM_KB", cfg.lut_kb);
     SetEnv("APPROX_JAX_CUDA_SPLIT_K", cfg.split_k);
+    SetEnv("APPROX_JAX_CUDA_FORMULA", cfg.formula);
     cuda_emu::g_device.sm_count = cfg.sm_count;
     cuda_emu::g_device.smem_optin = cfg.smem_optin;
     cuda_emu::g_smem_limit.clear();
@@ -199,6 +207,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   SetEnv("APPROX_JAX_CUDA_EXPANDED", nullptr);
   SetEnv("APPROX_JAX_CUDA_LUT_SMEM_KB", nullptr);
   SetEnv("APPROX_JAX_CUDA_SPLIT_K", nullptr);
+  SetEnv("APPROX_JAX_CUDA_FORMULA", nullptr);
   cuda_emu::g_device = cuda_emu::Device();
 }
 
