@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from approx_test_utils import random_multiplier
 
 import approx_jax
 from approx_jax._src import characterize as ch
+from approx_jax._src import lut
 from approx_jax._src import multipliers as mm
 
 
@@ -53,6 +55,28 @@ def test_uniform_metrics_mitchell_known_values():
     assert result.bias < 0
     assert result.worst_case == pytest.approx(1 - 2 / 2.25, rel=1e-9)
     assert result.heatmap[64, 64] == pytest.approx(2 / 2.25 - 1, rel=1e-9)
+
+
+@pytest.mark.parametrize("design", ["mbm4", "random4"])
+def test_uniform_metrics_and_heatmap_from_the_lut(design):
+    # Decoded straight from the LUT: O' = (1 + r/2^M) 2^c against
+    # O = (1 + i/2^M)(1 + j/2^M). mbm4 errs both ways (worst case +0.1875,
+    # an overestimate); a random design is asymmetric, so the heat map's
+    # orientation (row i = first operand) shows.
+    M = 4
+    m = random_multiplier(M, seed=8) if design == "random4" else mm.get(design)
+    c, r = lut.decode(np.asarray(m.lut), M)
+    i, j = np.divmod(np.arange(4**M), 2**M)
+    exact = (1 + i / 2**M) * (1 + j / 2**M)
+    approx = (1 + r / 2**M) * 2.0**c
+    result = approx_jax.characterize(m)
+    for field, value in independent_metrics(approx, exact).items():
+        np.testing.assert_allclose(getattr(result, field), value, rtol=1e-12, err_msg=field)
+    np.testing.assert_allclose(
+        result.heatmap, ((approx - exact) / exact).reshape(2**M, 2**M), rtol=1e-12
+    )
+    if design == "mbm4":
+        assert result.worst_case == 0.1875
 
 
 def test_mbm_is_less_biased_than_mitchell():
@@ -166,8 +190,11 @@ def test_sample_operands_broadcast_and_bad_dtypes_raise():
 def test_exact_multiplier_on_samples_scores_what_the_native_op_computes():
     # fp32 products as approx_jax.multiply(..., "fp32") gives them: XLA flushes
     # subnormal operands and results, so those pairs are off by 100 %.
-    a = np.float32([1e-40, 3e-39, 1e-20, 2.0, 1.1])
-    b = np.float32([2.0, 1.5, 1e-20, 3.0, 1.3])
+    # (1e-39 x 1e10: a subnormal operand of a normal product; FLT_MIN x 2:
+    # the smallest normal operand, exact.)
+    tiny = np.finfo(np.float32).tiny
+    a = np.float32([1e-40, 3e-39, 1e-20, 2.0, 1.1, 1e-39, tiny])
+    b = np.float32([2.0, 1.5, 1e-20, 3.0, 1.3, 1e10, 2.0])
     native = np.asarray(approx_jax.multiply(a, b, "fp32"), np.float64)
     exact = a.astype(np.float64) * b.astype(np.float64)
     result = approx_jax.characterize("fp32", samples=(a, b))

@@ -151,10 +151,11 @@ def test_kernel_lut_format_under_jit(M):
     np.testing.assert_array_equal(np.asarray(got), lut_lib.kernel_lut_numpy(stored, M))
 
 
+@pytest.mark.parametrize("asymmetric", [False, True], ids=["mbm", "random"])
 @pytest.mark.parametrize(("m", "M_new"), [(1, 1), (1, 4), (3, 7), (5, 9), (7, 11)])
-def test_expand_lut_preserves_products(m, M_new):
+def test_expand_lut_preserves_products(m, M_new, asymmetric):
     rng = np.random.default_rng(m * 100 + M_new)
-    narrow = mm.mbm(m).lut
+    narrow = random_multiplier(m, seed=m).lut if asymmetric else mm.mbm(m).lut
     wide = lut_lib.expand_lut(narrow, m, M_new)
     assert wide.shape == (4**M_new,) and wide.dtype == lut_lib.stored_dtype(M_new)
     a = random_normal_floats(rng, 20000)
@@ -218,6 +219,9 @@ def test_from_lut_stored_and_inferred_width():
     np.testing.assert_array_equal(m.lut, mm.mbm(6).lut)
     wide = mm.from_lut(mm.mbm(9).lut)
     assert wide.mbits == 9 and wide.lut.dtype == np.uint16
+    widest = mm.from_lut(mm.truncate(11).lut)
+    assert widest.mbits == 11
+    np.testing.assert_array_equal(widest.lut, mm.truncate(11).lut)
 
 
 def test_from_lut_accepts_jax_arrays():
@@ -248,6 +252,22 @@ def test_from_lut_square_integer_table(M):
             mm.from_lut(table)
     stacked = mm.from_lut(np.stack([table, table]), M)
     assert stacked.is_stack and stacked.lut.shape == (2, 4**M)
+
+
+def test_from_lut_square_table_is_first_operand_major():
+    # An asymmetric design (mbm above is symmetric): row i of the table is
+    # the first operand's mantissa, and products follow it.
+    M = 3
+    table = np.asarray(random_multiplier(M, seed=5).lut).reshape(8, 8)
+    assert not np.array_equal(table, table.T)
+    m = mm.from_lut(table, M)
+    i, j = np.divmod(np.arange(64), 8)
+    np.testing.assert_array_equal(np.asarray(m.lut), table[i, j])
+    a = (1 + i / 8).astype(np.float32)
+    b = (1 + j / 8).astype(np.float32)
+    c, r = lut_lib.decode(table[i, j], M)
+    want = (1 + r / 8) * 2.0**c
+    np.testing.assert_array_equal(reference.product(a, b, m.lut, M), want.astype(np.float32))
 
 
 def test_from_lut_stack():
@@ -390,6 +410,45 @@ def test_from_python_equals_from_c(require_c_compiler, M):
 def test_from_python_builtin_formulas(M):
     exact_product = mm.from_python(lambda a, b: a.astype(np.float64) * b, M)
     np.testing.assert_array_equal(exact_product.lut, mm.truncate(M).lut)
+
+
+def _skewed_entries(M):
+    """SPEC section 3 by hand for p = a + (b - 1) / 2 = 1 + x + y / 2: (c, r)."""
+    i, j = np.divmod(np.arange(4**M), 2**M)
+    p = 1 + i / 2**M + j / 2 ** (M + 1)  # exact in float64
+    c = (p >= 2).astype(np.int64)
+    r = np.floor((p / 2.0**c - 1) * 2**M).astype(np.int64)
+    return c, r
+
+
+def _skewed_scalar(a, b):
+    if a < 1:  # (an ``if``: the array call fails, so it runs per pair)
+        raise ValueError("operands are in [1, 2)")
+    return float(a) + (float(b) - 1) / 2
+
+
+@pytest.mark.parametrize(
+    ("M", "per_pair"),
+    [(2, False), (5, False), (9, False), (2, True), (5, True)],  # (a Python call per pair)
+    ids=["2-vectorised", "5-vectorised", "9-vectorised", "2-per-pair", "5-per-pair"],
+)
+def test_from_python_keeps_operand_order(M, per_pair):
+    fn = _skewed_scalar if per_pair else (lambda a, b: a + (b - 1) / 2)
+    m = mm.from_python(fn, M)
+    c, r = lut_lib.decode(np.asarray(m.lut), M)
+    want_c, want_r = _skewed_entries(M)
+    np.testing.assert_array_equal(c, want_c)
+    np.testing.assert_array_equal(r, want_r)
+    if M == 2:  # P(1, 1.75) = 1.375 -> r = 1; P(1.75, 1) = 1.75 -> r = 3
+        assert (r[(0 << 2) | 3], r[(3 << 2) | 0]) == (1, 3)
+
+
+def test_product_of_exactly_four_is_out_of_range():
+    # [1, 4): a model returning 4.0 would otherwise encode as c = 1, r = 0 (2.0).
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        lut_lib.encode_products(np.full(16, 4.0), 2)
+    with pytest.raises(ValueError, match=r"\[1, 4\)"):
+        mm.from_python(lambda a, b: np.where((a > 1.7) & (b > 1.7), 4.0, a * b), 3)
 
 
 def test_from_python_rejects_out_of_range():
@@ -563,6 +622,8 @@ def test_builtin_model_path():
         ("trunc11", "truncate", 11),
         ("bf16", "truncate", 7),
         ("BF16", "truncate", 7),
+        ("acc7", "truncate", 7),  # ApproxTrain's ACC_7.bin
+        ("ACC_5", "truncate", 5),
     ],
 )
 def test_get_names(name, family, M):

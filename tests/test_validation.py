@@ -493,3 +493,17 @@ def test_error_then_success():
     with pytest.raises(Exception):  # noqa: B017 - any runtime error, not a crash
         jax.block_until_ready(_raw_gemm(*make()))
     assert approx_dot(F, W, M3).shape == (2, 4)
+
+
+def test_a_multiplier_rebuilt_with_a_bad_lut_is_refused_at_trace_time():
+    # tree_unflatten skips the constructors' checks (a tree_map, an optimizer
+    # touching the pytree): the ops check the LUT again before any kernel.
+    m5 = mult.mbm(5)
+    leaves, treedef = jax.tree_util.tree_flatten(m5)
+    assert len(leaves) == 1
+    too_few = jax.tree_util.tree_unflatten(treedef, [mult.mbm(3).lut])
+    with pytest.raises(ValueError, match="64 entries per design, expected 4\\*\\*M = 1024"):
+        approx_jax.approx_dot(F, W, too_few)
+    as_floats = jax.tree_util.tree_unflatten(treedef, [np.asarray(m5.lut, np.float32)])
+    with pytest.raises(TypeError, match="must hold integers"):
+        approx_jax.approx_dot(F, W, as_floats)
