@@ -400,18 +400,22 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
                 }
               }
             };
-            switch (family) {
-              case kFamilyMitchell:
-                fast_chunk(std::integral_constant<int, kFamilyMitchell>{});
-                break;
-              case kFamilyTruncate:
-                fast_chunk(std::integral_constant<int, kFamilyTruncate>{});
-                break;
-              case kFamilyMbm:
-                fast_chunk(std::integral_constant<int, kFamilyMbm>{});
-                break;
-              default:
-                fast_chunk(std::integral_constant<int, kFamilyNone>{});
+            if constexpr (kShared) {
+              fast_chunk(std::integral_constant<int, kFamilyNone>{});
+            } else {
+              switch (family) {
+                case kFamilyMitchell:
+                  fast_chunk(std::integral_constant<int, kFamilyMitchell>{});
+                  break;
+                case kFamilyTruncate:
+                  fast_chunk(std::integral_constant<int, kFamilyTruncate>{});
+                  break;
+                case kFamilyMbm:
+                  fast_chunk(std::integral_constant<int, kFamilyMbm>{});
+                  break;
+                default:
+                  fast_chunk(std::integral_constant<int, kFamilyNone>{});
+              }
             }
           } else {
             // Exact scalar path for chunks holding Inf/NaN or huge operands.
