@@ -354,14 +354,16 @@ def test_chunked_batch_matches_unchunked(monkeypatch, conv_path):
     # The patch-matrix forward pass (the in-place one never runs in chunks).
     monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", None)
     m = mult_lib.mbm(7)
-    x = _data((5, 6, 6, 3), 1)
+    x = _data((7, 6, 6, 3), 1)
     w = _data((3, 3, 3, 4), 2)
     f = lambda x, w: approx_conv(x, w, m, padding="SAME")
     y_full, vjp_full = jax.vjp(f, x, w)
     dy = jnp.asarray(_data(y_full.shape, 3))
     dx_full, dw_full = vjp_full(dy)
-    # Two samples per chunk (5 = 2 + 2 + 1 padded): forces lax.map + checkpoint.
-    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 2 * 4 * 36 * 27)
+    # Four samples per chunk (7 = 4 + 3, the batch padded by one sample):
+    # forces lax.map + checkpoint and the padding.
+    assert conv_lib._chunk_size(7, 4 * 36 * 27, 4 * 4 * 36 * 27) == 4
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 4 * 4 * 36 * 27)
     y, vjp = jax.vjp(f, x, w)
     dx, dw = vjp(dy)
     jaxpr = str(jax.make_jaxpr(f)(x, w))
@@ -378,6 +380,72 @@ def test_chunked_batch_matches_unchunked(monkeypatch, conv_path):
         np.testing.assert_array_equal(_bits(dw), _bits(dw_full))
     else:
         np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_full), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(7, 4), (8, 4), (5, 2), (1, 1)])
+def test_batch_chunks_round_trip(n, chunk):
+    v = jnp.arange(2 * n * 3, dtype=jnp.float32).reshape(2, n, 3)
+    chunks = conv_lib._chunks_of(v, chunk)
+    assert chunks.shape == (-(-n // chunk), 2, chunk, 3)
+    np.testing.assert_array_equal(np.asarray(conv_lib._unchunk(chunks, n)), np.asarray(v))
+
+
+def test_exact_backward_chunked_kernel_gradient_is_the_same_on_both_paths(monkeypatch):
+    # backward="exact" over batch chunks: the CPU path's kernel-gradient
+    # partials are added in the order of _conv_chunked's transpose.
+    m = mult_lib.mbm(7)
+    x, w = _data((5, 6, 6, 4), 41), _data((3, 3, 4, 5), 42)
+    dy = jnp.asarray(_data((5, 6, 6, 5), 43))
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1)
+    f = lambda x, w: approx_conv(x, w, m, padding="SAME", backward="exact")  # noqa: E731
+    jax.clear_caches()
+    dx_cpu, dw_cpu = jax.vjp(f, x, w)[1](dy)
+    monkeypatch.setattr(conv_lib, "_in_place_targets_apply", lambda geometry: False)
+    jax.clear_caches()
+    dx_acc, dw_acc = jax.vjp(f, x, w)[1](dy)
+    jax.clear_caches()
+    np.testing.assert_array_equal(_bits(dx_cpu), _bits(dx_acc))
+    np.testing.assert_array_equal(_bits(dw_cpu), _bits(dw_acc))
+
+
+def test_same_lower_padding():
+    x, w = _data((2, 7, 6, 3), 51), _data((2, 4, 3, 5), 52)
+    kwargs = dict(window_strides=(2, 1), padding="SAME_LOWER")
+    dims = CHANNELS_LAST[2]
+    native = lax.conv_general_dilated(
+        x, w, dimension_numbers=dims, precision=lax.Precision.HIGHEST, **kwargs
+    )
+    np.testing.assert_array_equal(_bits(approx_conv(x, w, "fp32", **kwargs)), _bits(native))
+    # With a multiplier: the reference of SPEC on SAME_LOWER's explicit pads
+    # (the extra padding goes before, not after).
+    pads = lax.padtype_to_pads((7, 6), (2, 4), (2, 1), "SAME_LOWER")
+    assert pads != lax.padtype_to_pads((7, 6), (2, 4), (2, 1), "SAME")
+    m = mult_lib.mbm(7)
+    ref, abs_sum, K = reference.conv_general_dilated_with_bound(
+        x, w, m.lut, m.mbits, (2, 1), pads, dimension_numbers=dims
+    )
+    got = approx_conv(x, w, m, **kwargs)
+    assert got.shape == ref.shape
+    _check(got, ref, abs_sum, K)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rhs_dilation=(2, 1), padding="SAME"),
+        dict(lhs_dilation=(2, 2), padding=((1, 2), (2, 0))),
+        dict(window_strides=(2, 1), padding="VALID", feature_group_count=2),
+    ],
+    ids=["rhs-dilation", "lhs-dilation", "strides-groups"],
+)
+def test_stacked_designs_keep_the_geometry(kwargs):
+    designs = [mult_lib.mbm(7), mult_lib.mitchell(5)]
+    stack = mult_lib.stack(designs)
+    x, w = _data((2, 7, 6, 4), 61), _data((3, 2, 4 // kwargs.get("feature_group_count", 1), 6), 62)
+    got = approx_conv(x, w, stack, **kwargs)
+    for d, m in enumerate(mult_lib.unstack(stack)):
+        np.testing.assert_array_equal(_bits(got[d]), _bits(approx_conv(x, w, m, **kwargs)))
+    assert got.shape[1:] == approx_conv(x, w, "fp32", **kwargs).shape
 
 
 @pytest.mark.parametrize("per_call", [1, 2, 4])

@@ -900,3 +900,98 @@ def test_patterns_that_change_nothing_are_reported():
         )
     want = approx_jax.approximate(Net().apply, {"Dense_1": "mbm7"})(params, x)
     np.testing.assert_array_equal(out, want)
+
+
+def test_path_patterns_match_whole_trailing_parts():
+    from approx_jax._src.transform import _path_matches
+
+    assert _path_matches("Model/Dense_1", "Dense_1")
+    assert not _path_matches("Model/Dense_10", "Dense_1")  # not a prefix match
+    assert _path_matches("Model/Dense_10", "Dense_*")
+    assert _path_matches("Model/encoder/Dense_0", "encoder/*")
+    assert not _path_matches("Model/encoder/Dense_0", "enc/*")
+    assert not _path_matches("Model/encoder/Dense_0", "enc")
+
+
+def test_per_layer_pattern_does_not_take_a_longer_name():
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a = nn.Dense(4, name="enc")(x)
+            b = nn.Dense(4, name="encoder")(x)
+            return a, b
+
+    rng = np.random.default_rng(31)
+    x = _normal(rng, 3, 5)
+    model = Model()
+    params = model.init(jax.random.PRNGKey(0), x)
+    native_a, native_b = model.apply(params, x)
+    m = multipliers.mitchell(5)
+    got_a, got_b = approx_jax.approximate(model.apply, {"enc": m, "*": "fp32"})(params, x)
+    _bits_equal(got_b, native_b)  # "encoder" is not "enc"
+    kernel = params["params"]["enc"]["kernel"]
+    want_a = approx_jax.approx_dot(x, kernel, m) + params["params"]["enc"]["bias"]
+    _bits_equal(got_a, want_a)
+    assert not np.array_equal(np.asarray(got_a), np.asarray(native_a))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_direction_is_kept(reverse):
+    m = random_multiplier(5, seed=3)
+    rng = np.random.default_rng(32)
+    w, c0, xs = _normal(rng, 4, 4), _normal(rng, 3, 4), _normal(rng, 5, 3, 4)
+
+    def f(w, c0, xs):
+        return lax.scan(lambda c, x: (jnp.tanh(c @ w + x), c), c0, xs, reverse=reverse)
+
+    def by_hand(w, c0, xs):
+        step = lambda c, x: (jnp.tanh(approx_jax.approx_dot(c, w, m) + x), c)  # noqa: E731
+        return lax.scan(step, c0, xs, reverse=reverse)
+
+    got = jax.jit(approx_jax.approximate(f, m))(w, c0, xs)
+    want = by_hand(w, c0, xs)
+    _bits_equal(got[0], want[0])
+    _bits_equal(got[1], want[1])
+    other = lax.scan(
+        lambda c, x: (jnp.tanh(approx_jax.approx_dot(c, w, m) + x), c), c0, xs, reverse=not reverse
+    )
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(other[0]))
+
+
+def test_dilated_and_transposed_convolutions_keep_their_geometry():
+    m = random_multiplier(4, seed=9)
+    rng = np.random.default_rng(33)
+    x, w = _normal(rng, 2, 7, 6, 3), _normal(rng, 3, 2, 3, 4)
+    kwargs = dict(
+        window_strides=(1, 2),
+        padding=((2, 2), (1, 0)),
+        lhs_dilation=(2, 1),
+        rhs_dilation=(1, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    got = approx_jax.approximate(lambda x, w: lax.conv_general_dilated(x, w, **kwargs), m)(x, w)
+    want = approx_jax.approx_conv(x, w, m, **kwargs)
+    assert got.shape == lax.conv_general_dilated(x, w, **kwargs).shape
+    _bits_equal(got, want)
+    # A transposed convolution (nn.ConvTranspose's lax.conv_transpose): the
+    # conv it lowers to, read off its jaxpr, simulated directly.
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def transposed(x, w):
+        return lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=dims)
+
+    eqns = jax.make_jaxpr(transposed)(x, w).eqns
+    (eqn,) = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
+    p = eqn.params
+    assert tuple(p["lhs_dilation"]) == (2, 2)
+    want_t = approx_jax.approx_conv(
+        x,
+        w,
+        m,
+        window_strides=p["window_strides"],
+        padding=p["padding"],
+        lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"],
+        dimension_numbers=dims,
+    )
+    _bits_equal(approx_jax.approximate(transposed, m)(x, w), want_t)
