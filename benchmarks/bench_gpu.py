@@ -167,26 +167,20 @@ def bench_gemm(device, sizes, mbits_list, reps):
                 "f32 HIGHEST",
                 f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x",
             )
+            # The same GEMM another way (an env knob read at each launch;
+            # same bits): at M >= 8, every LUT entry read from global memory
+            # instead of MBM's closed form; at M = 3, 7 the LUT kernel
+            # instead of the expanded-operand kernel.
+            variants = []
             if mbits >= 8 and n == 1024:
-                # The same GEMM reading every LUT entry from global memory
-                # (APPROX_JAX_CUDA_FORMULA=0) instead of MBM's closed form.
-                with _env("APPROX_JAX_CUDA_FORMULA", "0"):
-                    t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
-                record(
-                    f"GEMM {n}^3 LUT reads",
-                    f"mbm{mbits}",
-                    t,
-                    t_native,
-                    "f32 HIGHEST",
-                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
-                )
+                variants.append(("APPROX_JAX_CUDA_FORMULA", f"GEMM {n}^3 LUT reads"))
             if mbits in (3, 7) and n >= 4096:
-                # The LUT kernel on the same problem (M <= 7 defaults to the
-                # expanded-operand kernel; same bits).
-                with _env("APPROX_JAX_CUDA_EXPANDED", "0"):
+                variants.append(("APPROX_JAX_CUDA_EXPANDED", f"GEMM {n}^3 LUT kernel"))
+            for knob, case in variants:
+                with _env(knob, "0"):
                     t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
                 record(
-                    f"GEMM {n}^3 LUT kernel",
+                    case,
                     f"mbm{mbits}",
                     t,
                     t_native,
