@@ -25,8 +25,9 @@ namespace {
 
 // a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
 // out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
-// Split-K partial sums (PlanApproxGemm) live in XLA scratch memory, released
-// by the allocator when the handler returns (stream-ordered for XLA).
+// The plan's scratch (PlanApproxGemm: split-K partial sums, the per-design
+// LUT family flags) lives in XLA scratch memory, released by the allocator
+// when the handler returns (stream-ordered for XLA).
 ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer a,
                     ffi::AnyBuffer b, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
                     int32_t mbits) {
@@ -41,7 +42,7 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     if (!mem.has_value() || *mem == nullptr) {
       return ffi::Error(ffi::ErrorCode::kResourceExhausted, "approx_jax_gemm: could not allocate " +
                                                                 std::to_string(plan.scratch_bytes) +
-                                                                " bytes of split-K scratch");
+                                                                " bytes of GEMM scratch");
     }
     partials = static_cast<float*>(*mem);
   }
