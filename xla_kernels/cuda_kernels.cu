@@ -654,8 +654,8 @@ void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits
 namespace {
 
 // The split-K execution mode of a plan whose chunks are set (parallel and
-// partials_bytes).
-std::string PlanSplitMode(const CudaGemmProblem& p, CudaGemmPlan* plan) {
+// partials_bytes), for a device with `optin` bytes of shared memory per block.
+std::string PlanSplitMode(const CudaGemmProblem& p, int optin, CudaGemmPlan* plan) {
   if (plan->splits < 2) return {};
   // The summation order is now fixed; only the execution mode remains.
   const int64_t outputs = p.designs * p.batch * p.m * p.n;
@@ -667,7 +667,7 @@ std::string PlanSplitMode(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
   int64_t bm = 0, bn = 0;
-  ChooseKernel(p, SmemOptin(), &bm, &bn);
+  ChooseKernel(p, optin, &bm, &bn);
   const int64_t tiles = p.designs * p.batch * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
   if (tiles < kSplitTilesPerSm * std::max(sms, 1)) {
     plan->parallel = true;
@@ -701,9 +701,10 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   const int64_t db = p.designs * p.batch;
   if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
   SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &plan->splits, &plan->kspan);
-  if (std::string err = PlanSplitMode(p, plan); !err.empty()) return err;
+  const int optin = SmemOptin();  // (one query for both decisions)
+  if (std::string err = PlanSplitMode(p, optin, plan); !err.empty()) return err;
   plan->scratch_bytes = plan->partials_bytes;
-  if (UsesClosedForms(p, SmemOptin())) {
+  if (UsesClosedForms(p, optin)) {
     plan->families_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
     plan->scratch_bytes = static_cast<size_t>(plan->families_offset) + p.designs * sizeof(int);
   }
