@@ -36,19 +36,36 @@ def gemm_cases(quick: bool):
     return [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (8192, 576, 64)]
 
 
+def random_design(mbits: int) -> multipliers.Multiplier:
+    """A design with no closed form, as a user's own C model would be: a random
+    LUT (carry and result mantissa drawn uniformly), so every product is a LUT
+    read. (The built-ins have closed forms the CPU kernel may compute instead.)"""
+    rng = np.random.default_rng(mbits)
+    r = rng.integers(0, 1 << mbits, size=4**mbits)
+    c = rng.integers(0, 2, size=4**mbits)
+    dtype, top = (np.uint8, 7) if mbits <= 7 else (np.uint16, 15)
+    return multipliers.from_lut(((c << top) | r).astype(dtype), mbits, name=f"random{mbits}")
+
+
+def gemm_designs(mbits_list):
+    """MBM at each width, and a random-LUT design at each width >= 8 (where the
+    built-ins' closed forms and a user's LUT take different kernel paths)."""
+    designs = [multipliers.mbm(m) for m in mbits_list]
+    return designs + [random_design(m) for m in mbits_list if m >= 8]
+
+
 def bench_gemm(rows, mbits_list, shapes, reps):
     rng = np.random.default_rng(0)
     native = jax.jit(lambda x, w: jnp.dot(x, w))
     for m, k, n in shapes:
         x = jnp.asarray(rng.standard_normal((m, k), np.float32))
         w = jnp.asarray(rng.standard_normal((k, n), np.float32))
-        for mbits in mbits_list:
-            mult = multipliers.mbm(mbits)
+        for mult in gemm_designs(mbits_list):
             approx = jax.jit(lambda x, w, mult=mult: approx_jax.approx_dot(x, w, mult))
             t = alternating_medians(
                 {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps
             )
-            rows.append((f"GEMM {m}x{k}x{n}", f"mbm{mbits}", t["approx"], t["native"]))
+            rows.append((f"GEMM {m}x{k}x{n}", mult.name, t["approx"], t["native"]))
 
 
 def bench_conv(rows, mbits_list, quick, reps):

@@ -599,6 +599,47 @@ def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):
             _assert_bits_equal(compact[d], reference.sequential_dot(x, w, m.lut, M))
 
 
+@pytest.mark.parametrize("M", [10, 11])
+@pytest.mark.parametrize("shape", [(5, 40, 300), (9, 300, 70), (3, 4500, 130)])
+def test_cpu_lut_row_streaming_is_bit_exact(M, shape, monkeypatch):
+    # M >= 10 gathers from a LUT with no closed form may stream each (row, k)
+    # pair's LUT row across many column blocks (cpu_gemm_simd_impl.h,
+    # Plan::stream): only the loop order changes, so streamed (forced) and
+    # unstreamed results must be bit-equal, and equal the NumPy sequential
+    # order; special values, split-K (K = 4500) and a stack with a
+    # closed-form design included.
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + M)
+    designs = [random_multiplier(M, 7), multipliers.mbm(M)]
+    stacked = multipliers.stack(designs)
+    fn = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
+    for m in [designs[0], stacked]:
+        monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "2")
+        streamed = np.asarray(fn(x, w, m))
+        monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "0")
+        plain = np.asarray(fn(x, w, m))
+        _assert_bits_equal_nan_aside(streamed, plain, "streamed vs plain LUT gathers")
+    if rows != 5 and K < 4096:
+        _assert_bits_equal(streamed[0], reference.sequential_dot(x, w, designs[0].lut, M))
+
+
+def test_cpu_lut_row_streaming_transposed_is_bit_exact(monkeypatch):
+    # Few columns, many rows, M = 10, a random LUT: the automatic mode runs
+    # the transposed problem so that the LUT rows stream across the rows
+    # (cpu_gemm.cc PrefersTransposedStream); the bits are those of the direct
+    # gathers (streaming off) and of the NumPy sequential order.
+    x, w = _wide_range_operands(2100, 500, 16, seed=3)
+    x[7, 100] = np.inf  # a k-block of one panel on the exact scalar path
+    mult = random_multiplier(10, 8)
+    fn = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))
+    monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "1")
+    auto = np.asarray(fn(x, w))
+    monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "0")
+    direct = np.asarray(fn(x, w))
+    _assert_bits_equal_nan_aside(auto, direct, "transposed streaming vs direct gathers")
+    _assert_bits_equal(auto[:64], reference.sequential_dot(x[:64], w, mult.lut, 10))
+
+
 @pytest.mark.parametrize("mode", ["2", "1"])
 def test_cpu_closed_form_per_design_in_a_stack(mode, monkeypatch):
     # A stack mixing families (and a random LUT, which has none): each design

@@ -139,7 +139,7 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
   }
   const ParallelFor fors[3] = {SerialFor(), ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 2; ++strat) {
+    for (int strat = 0; strat <= 3; ++strat) {  // 3: gathers, LUT rows streamed
       if (isa == 1 && strat > 0) continue;
       // AVX-512: also every column-block width (16 / 32 / 64) forced, for
       // narrow outputs (the automatic choice is tested with width 0).
@@ -149,13 +149,15 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
       for (int f = 0; f < 3; ++f) {
         if (wi > 0 && f == 1) continue;
         gemm_internal::g_force_isa = isa;
-        gemm_internal::g_force_strategy = strat;
+        gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
+        gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
         gemm_internal::g_force_width = widths[wi];
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();
         const std::string err = ApproxGemmCpu(p, fors[f]);
         gemm_internal::g_force_isa = 0;
         gemm_internal::g_force_strategy = 0;
+        gemm_internal::g_force_stream = 0;
         gemm_internal::g_force_width = 0;
         int64_t diff = 0, first = -1;
         for (size_t i = 0; i < out_size; ++i) {
@@ -294,16 +296,18 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
                 (long long)n, cc.mbits, cc.special);
   const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 2; ++strat) {
+    for (int strat = 0; strat <= 3; ++strat) {  // 3: gathers, LUT rows streamed
       if (isa == 1 && strat > 0) continue;
       for (int f = 0; f < 2; ++f) {
         gemm_internal::g_force_isa = isa;
-        gemm_internal::g_force_strategy = strat;
+        gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
+        gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();
         const std::string err = ApproxGemmCpu(p, fors[f]);
         gemm_internal::g_force_isa = 0;
         gemm_internal::g_force_strategy = 0;
+        gemm_internal::g_force_stream = 0;
         int64_t diff = 0;
         for (size_t i = 0; i < out_size; ++i)
           if (FloatBits(out[i]) != FloatBits(ref[i]) && !(std::isnan(out[i]) && std::isnan(ref[i])))
@@ -465,6 +469,45 @@ int Test() {
     c.exp_hi = 150;
     RunCase(c, rng, &pool);
     ++cases;
+  }
+  // LUT-row streaming in automatic mode (M >= 10, a LUT with no closed form;
+  // cpu_gemm_simd_impl.h Plan::stream): wide outputs run directly, narrow
+  // ones with many rows and enough products as the transposed problem
+  // (cpu_gemm.cc PrefersTransposedStream), alone and in a stack whose MBM
+  // design takes its closed form; special values on the scalar path.
+  {
+    const int64_t stream_shapes[][4] = {
+        {1, 150, 37, 300}, {1, 9, 700, 200}, {1, 2100, 500, 16}, {2, 1100, 520, 33}};
+    int v = 0;
+    for (auto& s : stream_shapes) {
+      Case c{};
+      c.designs = s[0];
+      c.batch = 1;
+      c.m = s[1];
+      c.k = s[2];
+      c.n = s[3];
+      c.mbits = 10;
+      c.lut_kind = c.designs > 1 ? 6 : 0;
+      c.special = v % 2 ? 0.0005 : 0.0;
+      c.exp_lo = 100;
+      c.exp_hi = 150;
+      ++v;
+      RunCase(c, rng, &pool);
+      ++cases;
+      // The automatic mode must stream here (directly for n = 300 and 200,
+      // else through the transposed problem), or these cases test nothing new.
+      std::mt19937 rng2(v);
+      CaseData data(c, rng2);
+      std::vector<float> out(static_cast<size_t>(c.designs * c.m * c.n));
+      data.p.out = out.data();
+      const int64_t before = gemm_internal::g_stream_plans;
+      const std::string err = ApproxGemmCpu(data.p, SerialFor());
+      if (!err.empty() || gemm_internal::g_stream_plans == before) {
+        std::printf("FAIL LUT rows not streamed in automatic mode: %lldx%lldx%lld err='%s'\n",
+                    (long long)c.m, (long long)c.k, (long long)c.n, err.c_str());
+        ++g_failures;
+      }
+    }
   }
   // Split-K shapes (small output, K >= kSplitKMinK): chunked order, special
   // values inside chunks, partial last chunk, batch/design broadcasting.
@@ -650,6 +693,8 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_MIN_ROWS_MUL")) gemm_internal::g_min_rows_mul = std::atoi(e);
   if (const char* e = std::getenv("GEMM_WIDTH")) gemm_internal::g_force_width = std::atoi(e);
   if (const char* e = std::getenv("GEMM_F32_TILES")) gemm_internal::g_force_f32_tiles = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_STREAM")) gemm_internal::g_force_stream = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_STREAM_MIN_BITS")) gemm_internal::g_stream_min_bits = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
     shapes.clear();
     std::string str = e;

@@ -197,7 +197,7 @@ struct Case {
   int mbits;
   double special;
   int exp_lo, exp_hi;
-  int lut_kind;
+  int lut_kind;  // MakeLut's kind (0-2: per design kind + d; 4, 5: all; 6: see CaseData)
   bool widened;  // designs' LUT kinds also include kind 3 (widened narrow LUTs)
 };
 
@@ -221,7 +221,10 @@ struct CaseData {
     for (size_t i = b_offset; i < b_buf.size(); ++i)
       b_buf[i] = RandomValue(rng, c.special, c.exp_lo, c.exp_hi);
     for (int64_t d = 0; d < gl; ++d) {
-      const int kind = c.lut_kind >= 4 ? c.lut_kind : (c.lut_kind + d) % (c.widened ? 4 : 3);
+      // Kind 6: design 0 MBM (a closed form), the others random.
+      const int kind = c.lut_kind == 6   ? (d == 0 ? 5 : 0)
+                       : c.lut_kind >= 4 ? c.lut_kind
+                                         : (c.lut_kind + d) % (c.widened ? 4 : 3);
       const auto l = MakeLut(c.mbits, static_cast<int>(kind), rng);
       lut.insert(lut.end(), l.begin(), l.end());
     }

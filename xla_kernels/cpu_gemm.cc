@@ -32,6 +32,9 @@ int64_t g_tile_budget = 0;
 int g_no_design_sharing = 0;
 int g_force_width = 0;
 int g_force_f32_tiles = 0;
+int g_force_stream = 0;
+int64_t g_stream_plans = 0;
+int g_stream_min_bits = 10;
 int g_min_rows_mul = 4;
 
 namespace {
@@ -419,14 +422,17 @@ bool MakeCompactLuts(const GemmProblem& p, const int* families, const ParallelFo
 // 16 floats (one cache line): element-wise strided writes collide in the same
 // cache sets when rows is a power of two (measured 3x slower at 1024^2).
 // Row strips are spread over the threads.
-void Transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst,
+// (Also used for LUTs: elements are only copied, so any 32-bit type's bits
+// are kept.)
+template <typename T>
+void Transpose(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst,
                const ParallelFor& parallel_for) {
   constexpr int64_t kBlock = 16;
   const int64_t strips = (rows + kBlock - 1) / kBlock;
   const int64_t per_task =
       std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols * kBlock, 1));
   parallel_for((strips + per_task - 1) / per_task, [&](int64_t t) {
-    float tile[kBlock][kBlock];
+    T tile[kBlock][kBlock];
     for (int64_t strip = t * per_task; strip < std::min(strips, (t + 1) * per_task); ++strip) {
       const int64_t r0 = strip * kBlock, r1 = std::min(rows, r0 + kBlock);
       for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
@@ -483,6 +489,32 @@ int64_t DistinctBlocks(const GemmProblem& p, int64_t design_stride, int64_t batc
   return (design_stride != 0 ? p.designs : 1) * (batch_stride != 0 ? p.batch : 1);
 }
 
+// The gathers from a LUT beyond L2 (M >= g_stream_min_bits, a design with no
+// closed form) stream each (row, k) pair's LUT row across the columns of a
+// task (cpu_gemm_simd_impl.h, Plan::stream), so they want many columns: with
+// few columns and many rows, the transposed problem streams each (k, column)
+// pair's row of lut^T across the rows instead. It pays once the products
+// outnumber the LUT entries transposed many times over. Measured (2 cores,
+// random LUT, ms): M = 11 8192x576x64 direct 262-293 vs 64x576x8192 85-93
+// before the transposes; M = 10 78-143 vs 58-67.
+bool PrefersTransposedStream(const GemmProblem& p, const int* families, const int* eff_bits) {
+  if (EnvMode("APPROX_JAX_CPU_STREAM") != 1 || gemm_internal::g_force_stream != 0) return false;
+  if (p.mbits < gemm_internal::g_stream_min_bits || p.k == 0 || p.n > 2 * 64 || p.m < 8 * p.n)
+    return false;
+  bool gathers = false;
+  for (int64_t d = 0; d < p.designs; ++d)
+    gathers = gathers || ((families == nullptr || families[d] == kFamilyNone) &&
+                          (eff_bits == nullptr || eff_bits[d] >= gemm_internal::g_stream_min_bits));
+  const int64_t luts = DistinctLuts(p);
+  if (!gathers || ProductCount(p) < 16.0 * luts * static_cast<double>(int64_t{1} << (2 * p.mbits)))
+    return false;
+  const double floats =
+      static_cast<double>(DistinctBlocks(p, p.a_design_stride, p.a_batch_stride)) * p.m * p.k +
+      static_cast<double>(DistinctBlocks(p, p.b_design_stride, p.b_batch_stride)) * p.k * p.n +
+      static_cast<double>(p.designs * p.batch) * p.m * p.n;
+  return 4.0 * floats <= kTransposedBytesMax;
+}
+
 bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_form) {
   if (p.mbits > 7 || eff_bits < 6 || cheap_closed_form || p.k == 0) return false;
   if (gemm_internal::PrefersGathers(p.m, p.mbits)) return false;
@@ -509,9 +541,12 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   const int64_t entries = int64_t{1} << (2 * p.mbits);
   static thread_local std::vector<float> at_store, bt_store, ot_store;
   static thread_local std::vector<uint32_t> lt_store;
+  // Large LUTs (M >= 8: 256 KiB to 16 MiB each) are transposed into storage
+  // freed after the call rather than kept per thread.
+  std::vector<uint32_t> lt_local;
   float* at = ReusedBuffer(at_store, nad * nab * k * m);
   float* bt = ReusedBuffer(bt_store, nbd * nbb * n * k);
-  uint32_t* lt = ReusedBuffer(lt_store, nl * entries);
+  uint32_t* lt = ReusedBuffer(p.mbits >= 8 ? lt_local : lt_store, nl * entries);
   float* ot = ReusedBuffer(ot_store, p.designs * p.batch * n * m);
   for (int64_t d = 0; d < nad; ++d)
     for (int64_t b = 0; b < nab; ++b)
@@ -521,13 +556,9 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
     for (int64_t b = 0; b < nbb; ++b)
       Transpose(p.b + d * p.b_design_stride + b * p.b_batch_stride, k, n, n,
                 bt + (d * nbb + b) * n * k, parallel_for);
-  const uint32_t usize = 1u << p.mbits;
-  for (int64_t d = 0; d < nl; ++d) {
-    const uint32_t* src = p.lut + d * p.lut_design_stride;
-    uint32_t* dst = lt + d * entries;
-    for (uint32_t u = 0; u < usize; ++u)
-      for (uint32_t v = 0; v < usize; ++v) dst[(v << p.mbits) | u] = src[(u << p.mbits) | v];
-  }
+  const int64_t usize = int64_t{1} << p.mbits;
+  for (int64_t d = 0; d < nl; ++d)
+    Transpose(p.lut + d * p.lut_design_stride, usize, usize, usize, lt + d * entries, parallel_for);
   GemmProblem q = p;
   q.a = bt;
   q.b = at;
@@ -592,7 +623,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   if (may_transpose && p.implicit_a == nullptr && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
-    if (PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))
+    if (PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)) ||
+        PrefersTransposedStream(p, families, eff_bits))
       return GemmTransposed(p, parallel_for);
   }
   // (Made here, after any recursion above: the copies live in per-thread
@@ -600,10 +632,12 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   CompactLuts& compact = ThreadCompactLuts();
   const uint16_t* const* lut16 =
       MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;
+  const int stream_mode = EnvMode("APPROX_JAX_CPU_STREAM");
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
-    const gemm_internal::KSplit ks{
-        std::max<int64_t>(p.k, 1), 1, 0, problems, nullptr, eff_bits, eff_lut, families, lut16};
+    const int64_t whole = std::max<int64_t>(p.k, 1);
+    const gemm_internal::KSplit ks{whole,    1,       0,        problems, nullptr,
+                                   eff_bits, eff_lut, families, lut16,    stream_mode};
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -615,8 +649,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   std::vector<float> part(static_cast<size_t>(group * chunks * mn));
   for (int64_t p0 = 0; p0 < problems; p0 += group) {
     const int64_t g = std::min(group, problems - p0);
-    const gemm_internal::KSplit ks{chunk,    chunks,  p0,       g,    part.data(),
-                                   eff_bits, eff_lut, families, lut16};
+    const gemm_internal::KSplit ks{chunk,    chunks,  p0,       g,     part.data(),
+                                   eff_bits, eff_lut, families, lut16, stream_mode};
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

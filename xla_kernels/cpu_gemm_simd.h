@@ -48,6 +48,13 @@ extern int g_no_design_sharing;
 extern int g_force_width;
 // Harness override: 1 = float32 tiles even where bfloat16 tiles would do.
 extern int g_force_f32_tiles;
+// Harness override of the gather path's LUT-row streaming (Plan::stream):
+// 0 = automatic, 1 = never, 2 = always.
+extern int g_force_stream;
+// Plans that streamed LUT rows so far (a counter for the harness).
+extern int64_t g_stream_plans;
+// Smallest M whose gathers stream LUT rows (automatic mode; a tuning knob).
+extern int g_stream_min_bits;
 // Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each
 // task builds the tiles of its columns, so fewer, taller row chunks build less;
 // 1024x1568x64 M=7 measured 6.8 ms with 2, 4.5 ms with 4). Harness knob.
@@ -81,6 +88,9 @@ struct KSplit {
   // its LUT (entry >> (23 - M), padded by one entry) for the gathers, or
   // null (the 32-bit LUT).
   const uint16_t* const* lut16 = nullptr;
+  // LUT-row streaming on the gather path (Plan::stream): 1 = automatic,
+  // 0 = never, 2 = always (env APPROX_JAX_CPU_STREAM, for tests).
+  int stream_mode = 1;
 };
 
 // The automatic strategy (before g_force_strategy): expanded tiles pay 2^M

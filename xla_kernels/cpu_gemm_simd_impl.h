@@ -496,6 +496,11 @@ struct Plan {
   // and reading b's statistics / decomposition once when b is shared.
   int64_t dg, ngroups;
   bool share_a, share_b, share_tiles;
+  // Gathers from a LUT beyond the L2 cache (StreamsLutRows): per panel and
+  // k block, every column block of the task in turn, so that the LUT rows of
+  // the panel's (row, k) pairs are fetched from memory once per task row
+  // rather than once per 64-column block.
+  bool stream;
   int failed;  // set with __atomic builtins
 };
 
@@ -574,7 +579,9 @@ void RunTask(void* arg, int64_t task) {
   char* pack = static_cast<char*>(
       ThreadScratch(kSlotPack, static_cast<size_t>(npacks * pack_words * 4 + nd * npanels)));
   int32_t* stats = static_cast<int32_t*>(ThreadScratch(kSlotStats, nstats * kstride * 3 * 4));
-  char* bdec = static_cast<char*>(ThreadScratch(kSlotB, kstride * kNB * 8));
+  // b decomposed: one column block, or (stream) every column block of the task.
+  const int64_t dec_blocks = pl.stream ? CeilDiv(pl.cols_per, kNB) : 1;
+  char* bdec = static_cast<char*>(ThreadScratch(kSlotB, dec_blocks * kstride * kNB * 8));
   float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
   // An implicit patch matrix: the rows x k-block strip being packed, copied
   // out of the convolution's input.
@@ -589,8 +596,13 @@ void RunTask(void* arg, int64_t task) {
   }
   int32_t* pk_base = reinterpret_cast<int32_t*>(pack);
   char* panel_ok = pack + npacks * pack_words * 4;  // [nd][npanels]
-  int32_t* ibv = reinterpret_cast<int32_t*>(bdec);
-  float* sbv = reinterpret_cast<float*>(bdec + kstride * kNB * 4);
+  // Column block jb's decomposition (jb = 0 unless streaming).
+  auto ibv_of = [&](int64_t jb) { return reinterpret_cast<int32_t*>(bdec) + jb * kstride * kNB; };
+  auto sbv_of = [&](int64_t jb) {
+    return reinterpret_cast<float*>(bdec + dec_blocks * kstride * kNB * 4) + jb * kstride * kNB;
+  };
+  int32_t* ibv = ibv_of(0);
+  float* sbv = sbv_of(0);
 
   auto a_of = [&](int64_t dd) {
     return p.a + (d0 + dd) * p.a_design_stride + bi * p.a_batch_stride;
@@ -681,6 +693,90 @@ void RunTask(void* arg, int64_t task) {
         if (!fuse_pack)
           for (int64_t pi = 0; pi < npanels; ++pi) prepare_panel(dd, first, k0, kb, pi);
       }
+      // One panel x column block x k block of design dd: zeroed at the first k
+      // block, then the exact scalar path or the strategy's micro-kernel (b
+      // decomposed into ibv / sbv, tiles built for this column block).
+      auto run_block = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi, int64_t j0,
+                           int cols, const int32_t* ibv, const float* sbv) {
+        const int mb = bits_of(dd);
+        const float* B = b_of(dd);
+        const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
+        // The LUT at width mb (the narrow one when bits_of narrowed it).
+        const uint32_t* lut_mb = mb == mbits ? lut : ks.eff_lut[d0 + dd];
+        const int family = ks.families != nullptr ? ks.families[d0 + dd] : kFamilyNone;
+        const int64_t i0 = r0 + pi * mr;
+        const int rows = static_cast<int>(MinI(mr, r1 - i0));
+        if (fuse_pack) prepare_panel(dd, first, k0, kb, pi);
+        float* cblk = c_of(dd) + i0 * ldc + j0;
+        // Every sum starts from +0 at the first k block. Zeroing each panel
+        // just before its kernel reads it, rather than the task's whole C up
+        // front, keeps the block in L1 and saves a pass over C (a memset per
+        // 128-byte row: 10-15% of 50176x25x32).
+        if (k0 == kbeg) {
+          if (cols == kNB) {
+            for (int r = 0; r < rows; ++r)
+              for (int v = 0; v < kNB / kVL; ++v) StoreF(cblk + r * ldc + v * kVL, Set1F(0.0f));
+          } else {
+            for (int r = 0; r < rows; ++r)
+              for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = 0.0f;
+          }
+        }
+        if (!panel_ok[dd * npanels + pi]) {
+          int64_t ld = 0;
+          const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
+          ExactBlock(ablk, ld, B + k0 * ldb + j0, ldb, rows, cols, kb, lut, mbits, cblk, ldc);
+          return;
+        }
+        const bool full = rows == mr && cols == kNB;
+        float* ct = cblk;
+        int64_t ldt = ldc;
+        if (!full) {
+          ct = ctmp;
+          ldt = kNB;
+          for (int r = 0; r < mr; ++r)
+            for (int j = 0; j < kNB; ++j)
+              ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
+        }
+        const int32_t* pk = pack_of(dd, pi);
+        if (pl.strategy == kTiles && pl.bf16) {
+          MicroTile<kMR, true>(pk, kb, tiles, ct, ldt);
+        } else if (pl.strategy == kTiles) {
+          MicroTile<kMR, false>(pk, kb, tiles, ct, ldt);
+        } else if (family == kFamilyMitchell) {
+          MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
+        } else if (family == kFamilyTruncate) {
+          MicroFormula<kMRG, kFamilyTruncate>(pk, kb, mbits, ibv, sbv, ct, ldt);
+        } else if (family == kFamilyMbm) {
+          MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
+        } else if (kIsaPermuteLookup && mb <= 6) {
+          MicroPermuteM<kMRG>(mb, pk, kb, lut_mb, ibv, sbv, ct, ldt);
+        } else if (ks.lut16 != nullptr && ks.lut16[d0 + dd] != nullptr) {
+          MicroLookup<kMRG, GatherRow16>(pk, kb, ks.lut16[d0 + dd], ibv, sbv, ct, ldt, 23 - mbits);
+        } else {
+          MicroLookup<kMRG, GatherRow>(pk, kb, lut_mb, ibv, sbv, ct, ldt);
+        }
+        if (!full) {
+          for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = ctmp[r * kNB + j];
+        }
+      };
+      if (pl.stream) {
+        // Per design: b decomposed for every column block, then each panel
+        // runs all of them, so the LUT rows of its kb x mr (row, k) pairs
+        // (16 x 4 rows of 4 KB at M = 11: 256 KB) stay in L2 across the
+        // column blocks instead of being fetched again for each.
+        for (int64_t dd = 0; dd < nd; ++dd) {
+          if (!in_pass(dd)) continue;
+          for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
+            DecomposeB(b_of(dd), ldb, k0, kb, j0, static_cast<int>(MinI(kNB, c1 - j0)), bits_of(dd),
+                       ibv_of(jb), sbv_of(jb));
+          for (int64_t pi = 0; pi < npanels; ++pi)
+            for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
+              run_block(dd, first, k0, kb, pi, j0, static_cast<int>(MinI(kNB, c1 - j0)), ibv_of(jb),
+                        sbv_of(jb));
+        }
+        continue;
+      }
       for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
         const int cols = static_cast<int>(MinI(kNB, c1 - j0));
         // Designs innermost: the shared pack / b decomposition stay in cache.
@@ -688,14 +784,10 @@ void RunTask(void* arg, int64_t task) {
         for (int64_t dd = 0; dd < nd; ++dd) {
           if (!in_pass(dd)) continue;
           const int mb = bits_of(dd);
-          const float* B = b_of(dd);
           const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
-          // The LUT at width mb (the narrow one when bits_of narrowed it).
           const uint32_t* lut_mb = mb == mbits ? lut : ks.eff_lut[d0 + dd];
-          float* C = c_of(dd);
-          const int family = ks.families != nullptr ? ks.families[d0 + dd] : kFamilyNone;
           if (dd == 0 || !share_b || mb != dec_bits)
-            DecomposeB(B, ldb, k0, kb, j0, cols, mb, ibv, sbv);
+            DecomposeB(b_of(dd), ldb, k0, kb, j0, cols, mb, ibv, sbv);
           if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {
             if (pl.bf16)
               BuildTilesBf16(lut_mb, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
@@ -704,69 +796,31 @@ void RunTask(void* arg, int64_t task) {
               BuildTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
           }
           dec_bits = mb;
-          const char* okd = panel_ok + dd * npanels;
-          for (int64_t pi = 0; pi < npanels; ++pi) {
-            const int64_t i0 = r0 + pi * mr;
-            const int rows = static_cast<int>(MinI(mr, r1 - i0));
-            if (fuse_pack) prepare_panel(dd, first, k0, kb, pi);
-            float* cblk = C + i0 * ldc + j0;
-            // Every sum starts from +0 at the first k block. Zeroing each panel
-            // just before its kernel reads it, rather than the task's whole C up
-            // front, keeps the block in L1 and saves a pass over C (a memset per
-            // 128-byte row: 10-15% of 50176x25x32).
-            if (k0 == kbeg) {
-              if (cols == kNB) {
-                for (int r = 0; r < rows; ++r)
-                  for (int v = 0; v < kNB / kVL; ++v) StoreF(cblk + r * ldc + v * kVL, Set1F(0.0f));
-              } else {
-                for (int r = 0; r < rows; ++r)
-                  for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = 0.0f;
-              }
-            }
-            if (!okd[pi]) {
-              int64_t ld = 0;
-              const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
-              ExactBlock(ablk, ld, B + k0 * ldb + j0, ldb, rows, cols, kb, lut, mbits, cblk, ldc);
-              continue;
-            }
-            const bool full = rows == mr && cols == kNB;
-            float* ct = cblk;
-            int64_t ldt = ldc;
-            if (!full) {
-              ct = ctmp;
-              ldt = kNB;
-              for (int r = 0; r < mr; ++r)
-                for (int j = 0; j < kNB; ++j)
-                  ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
-            }
-            const int32_t* pk = pack_of(dd, pi);
-            if (pl.strategy == kTiles && pl.bf16) {
-              MicroTile<kMR, true>(pk, kb, tiles, ct, ldt);
-            } else if (pl.strategy == kTiles) {
-              MicroTile<kMR, false>(pk, kb, tiles, ct, ldt);
-            } else if (family == kFamilyMitchell) {
-              MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
-            } else if (family == kFamilyTruncate) {
-              MicroFormula<kMRG, kFamilyTruncate>(pk, kb, mbits, ibv, sbv, ct, ldt);
-            } else if (family == kFamilyMbm) {
-              MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
-            } else if (kIsaPermuteLookup && mb <= 6) {
-              MicroPermuteM<kMRG>(mb, pk, kb, lut_mb, ibv, sbv, ct, ldt);
-            } else if (ks.lut16 != nullptr && ks.lut16[d0 + dd] != nullptr) {
-              MicroLookup<kMRG, GatherRow16>(pk, kb, ks.lut16[d0 + dd], ibv, sbv, ct, ldt,
-                                             23 - mbits);
-            } else {
-              MicroLookup<kMRG, GatherRow>(pk, kb, lut_mb, ibv, sbv, ct, ldt);
-            }
-            if (!full) {
-              for (int r = 0; r < rows; ++r)
-                for (int j = 0; j < cols; ++j) cblk[r * ldc + j] = ctmp[r * kNB + j];
-            }
-          }
+          for (int64_t pi = 0; pi < npanels; ++pi)
+            run_block(dd, first, k0, kb, pi, j0, cols, ibv, sbv);
         }
       }
     }
   }  // pass
+}
+
+// Columns of a streaming task's chunk: b decomposed for 16 k of them (128 KB)
+// and a panel's outputs (16 KB) stay in cache.
+constexpr int64_t kStreamCols = 1024;
+
+// Whether the gather path streams LUT rows (Plan::stream): some design gathers
+// (no closed form) from a LUT too big for L2 next to everything else, and the
+// columns span several blocks, so that a (row, k) pair's LUT row serves more
+// than one. (Measured in benchmarks/bench_cpu_gemm_kernel.md, round 12.)
+bool StreamsLutRows(const GemmProblem& p, const KSplit& ks) {
+  if (p.mbits < g_stream_min_bits || p.n <= kNB) return false;
+  for (int64_t d = 0; d < ks.probs; ++d) {
+    const int64_t design = (ks.prob_begin + d) / p.batch;
+    const bool formula = ks.families != nullptr && ks.families[design] != kFamilyNone;
+    const bool narrow = ks.eff_bits != nullptr && ks.eff_bits[design] < g_stream_min_bits;
+    if (!formula && !narrow) return true;
+  }
+  return false;
 }
 
 int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
@@ -833,7 +887,11 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     pl.ustride = static_cast<int>(pl.bf16 ? kb * kNB / 2 : kb * kNB);
   } else {
     pl.mr = kMRG;
-    pl.kb_max = 256;
+    const int stream_mode = g_force_stream != 0 ? g_force_stream : ks.stream_mode;
+    pl.stream = stream_mode == 2 || (stream_mode == 1 && StreamsLutRows(p, ks));
+    if (pl.stream) __atomic_fetch_add(&g_stream_plans, 1, __ATOMIC_RELAXED);
+    // Streaming: 16 k (one pack block) keep the panel's LUT rows within L2.
+    pl.kb_max = pl.stream ? kVL * (16 / kVL) : 256;
     pl.ustride = 1 << p.mbits;
   }
   // Task split: the summation order never depends on it (each output element
@@ -866,6 +924,14 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   // M = 7: 8192x576x64 6.5 -> 5.9 ms, 12544x800x64 (LeNet-5 conv 2) 13.2 -> 12.0 ms.
   const int64_t target = MaxI(2, 2 * threads);
   split_for(target);
+  if (pl.stream) {
+    // As few column chunks as fit kStreamCols (each row's LUT rows are
+    // fetched once per column chunk); the threads split the rows.
+    ncc = CeilDiv(nbk * kNB, kStreamCols);
+    pl.cols_per = CeilDiv(nbk, ncc) * kNB;
+    ncc = CeilDiv(p.n, pl.cols_per);
+    nrc = MinI(MaxI(1, CeilDiv(target, units0 * ks.chunks * ncc)), MaxI(1, p.m / pl.mr));
+  }
   if (strategy == kTiles && nrc > 1 && CeilDiv(p.m, nrc) < 64 * usize) split_for(threads);
   // Fewer tasks than threads: shorter row chunks (each rebuilding its tiles)
   // beat idle threads. 800x2548x32 M=7 (a conv weight gradient) ran as one
