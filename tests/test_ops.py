@@ -600,7 +600,7 @@ def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):
 
 
 @pytest.mark.parametrize("M", [10, 11])
-@pytest.mark.parametrize("shape", [(5, 40, 300), (9, 300, 70), (3, 4500, 130)])
+@pytest.mark.parametrize("shape", [(5, 40, 300), (9, 300, 70), (6, 100, 40), (3, 4500, 130)])
 def test_cpu_lut_row_streaming_is_bit_exact(M, shape, monkeypatch):
     # M >= 10 gathers from a LUT with no closed form may stream each (row, k)
     # pair's LUT row across many column blocks (cpu_gemm_simd_impl.h,

@@ -567,7 +567,9 @@ void RunTask(void* arg, int64_t task) {
   // pack is read back from L1 instead of being written out for the whole row
   // range first (a 4096-row range at kb = 128 is a 4 MB pack: store and
   // reload traffic that was a quarter of 8192x576x64). Same packs, same bits.
-  const bool fuse_pack = c1 - c0 <= kNB;
+  // (Streaming packs every panel up front: its rows are read column block
+  // by column block, outside run_block.)
+  const bool fuse_pack = !pl.stream && c1 - c0 <= kNB;
   // ... and when no other design reads the pack later, every panel reuses one
   // pack slot, which then stays in L1.
   const bool pack_slot_reused = fuse_pack && (!share_a || nd == 1);
@@ -761,19 +763,55 @@ void RunTask(void* arg, int64_t task) {
         }
       };
       if (pl.stream) {
-        // Per design: b decomposed for every column block, then each panel
-        // runs all of them, so the LUT rows of its kb x mr (row, k) pairs
-        // (16 x 4 rows of 4 KB at M = 11: 256 KB) stay in L2 across the
-        // column blocks instead of being fetched again for each.
+        // Per design: b decomposed for every column block; then each row of a
+        // panel runs all of them in turn, so that the LUT rows of its kb
+        // (row, k) pairs (8 rows of 4 KB at M = 11) stay in L1 across the
+        // column blocks instead of being fetched again for each. (Whole
+        // 4-row panels per column block kept 64 LUT rows in L2: 1024^3 at
+        // M = 11 took 267-272 ms, row by row 193-229.) Panels with special
+        // values, and designs that do not gather from their full-width LUT,
+        // run as usual, a panel per column block.
         for (int64_t dd = 0; dd < nd; ++dd) {
           if (!in_pass(dd)) continue;
           for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
             DecomposeB(b_of(dd), ldb, k0, kb, j0, static_cast<int>(MinI(kNB, c1 - j0)), bits_of(dd),
                        ibv_of(jb), sbv_of(jb));
-          for (int64_t pi = 0; pi < npanels; ++pi)
-            for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
-              run_block(dd, first, k0, kb, pi, j0, static_cast<int>(MinI(kNB, c1 - j0)), ibv_of(jb),
-                        sbv_of(jb));
+          const bool gathers = (ks.families == nullptr || ks.families[d0 + dd] == kFamilyNone) &&
+                               bits_of(dd) == mbits;
+          const uint16_t* lut16 = ks.lut16 != nullptr ? ks.lut16[d0 + dd] : nullptr;
+          const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
+          float* C = c_of(dd);
+          for (int64_t pi = 0; pi < npanels; ++pi) {
+            if (!gathers || !panel_ok[dd * npanels + pi]) {
+              for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
+                run_block(dd, first, k0, kb, pi, j0, static_cast<int>(MinI(kNB, c1 - j0)),
+                          ibv_of(jb), sbv_of(jb));
+              continue;
+            }
+            const int64_t i0 = r0 + pi * mr;
+            const int rows = static_cast<int>(MinI(mr, r1 - i0));
+            for (int r = 0; r < rows; ++r) {
+              float* crow = C + (i0 + r) * ldc;
+              if (k0 == kbeg)
+                for (int64_t j = c0; j < c1; ++j) crow[j] = 0.0f;
+              // Row r of the panel's pack: its offset and scale words sit r
+              // vectors further on.
+              const int32_t* pk = pack_of(dd, pi) + r * kVL;
+              for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb) {
+                const int cols = static_cast<int>(MinI(kNB, c1 - j0));
+                float* ct = cols == kNB ? crow + j0 : ctmp;
+                if (cols < kNB)
+                  for (int j = 0; j < kNB; ++j) ctmp[j] = j < cols ? crow[j0 + j] : 0.0f;
+                if (lut16 != nullptr)
+                  MicroLookup<1, GatherRow16>(pk, kb, lut16, ibv_of(jb), sbv_of(jb), ct, kNB,
+                                              23 - mbits);
+                else
+                  MicroLookup<1, GatherRow>(pk, kb, lut, ibv_of(jb), sbv_of(jb), ct, kNB);
+                if (cols < kNB)
+                  for (int j = 0; j < cols; ++j) crow[j0 + j] = ctmp[j];
+              }
+            }
+          }
         }
         continue;
       }
@@ -804,7 +842,7 @@ void RunTask(void* arg, int64_t task) {
   }  // pass
 }
 
-// Columns of a streaming task's chunk: b decomposed for 16 k of them (128 KB)
+// Columns of a streaming task's chunk: b decomposed for 8 k of them (64 KB)
 // and a panel's outputs (16 KB) stay in cache.
 constexpr int64_t kStreamCols = 1024;
 
@@ -890,8 +928,9 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     const int stream_mode = g_force_stream != 0 ? g_force_stream : ks.stream_mode;
     pl.stream = stream_mode == 2 || (stream_mode == 1 && StreamsLutRows(p, ks));
     if (pl.stream) __atomic_fetch_add(&g_stream_plans, 1, __ATOMIC_RELAXED);
-    // Streaming: 16 k (one pack block) keep the panel's LUT rows within L2.
-    pl.kb_max = pl.stream ? kVL * (16 / kVL) : 256;
+    // Streaming: a row's LUT rows for 8 k stay in L1 (32 KB at M = 11;
+    // 4 to 16 k measured within noise of each other).
+    pl.kb_max = pl.stream ? 8 : 256;
     pl.ustride = 1 << p.mbits;
   }
   // Task split: the summation order never depends on it (each output element
