@@ -877,3 +877,35 @@ def test_non_integer_padding_and_mixed_dtypes():
         got = approx_conv(x.astype(jnp.bfloat16), w, m)
         assert got.dtype == jnp.float32, m
         np.testing.assert_array_equal(got, approx_conv(x, w, m))
+
+
+def test_cpu_lut_row_streaming_conv_is_bit_exact(monkeypatch):
+    # M = 10, a LUT with no closed form, few output channels: on the CPU the
+    # forward and the kernel gradient gather their patch matrix transposed and
+    # stream LUT rows through the transposed problem (cpu_gemm.cc
+    # PrefersTransposedStream); the input gradient's patch GEMM (144 columns)
+    # streams directly. Only the loop order changes: the bits must equal those
+    # with streaming off (APPROX_JAX_CPU_STREAM=0), forward and both gradients.
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU kernel paths")
+    mult = random_multiplier(10, seed=5)
+    x = _data((8, 32, 32, 16), 1)
+    w = _data((3, 3, 16, 16), 2)
+    x[3, 5, 7, 2] = np.inf  # one k-block of one panel on the exact scalar path
+    cot = _data((8, 32, 32, 16), 3)
+
+    def fwd(x, w):
+        return approx_conv(
+            x, w, mult, window_strides=(1, 1), padding="SAME", dimension_numbers=CHANNELS_LAST[2]
+        )
+
+    fn = jax.jit(lambda x, w: (fwd(x, w), jax.vjp(fwd, x, w)[1](cot)))
+    results = {}
+    for mode in ["1", "0"]:
+        monkeypatch.setenv("APPROX_JAX_CPU_STREAM", mode)
+        results[mode] = jax.tree.map(np.asarray, fn(x, w))
+    for got, want, what in zip(
+        jax.tree.leaves(results["1"]), jax.tree.leaves(results["0"]), ["y", "dx", "dw"], strict=True
+    ):
+        same = (_bits(got) == _bits(want)) | (np.isnan(got) & np.isnan(want))
+        assert same.all(), f"{what}: {(~same).sum()} outputs differ with streaming on"

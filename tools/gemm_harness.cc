@@ -8,9 +8,11 @@
 // Correctness: every output is compared bit for bit with the naive kernel
 // (one ApproxMulBits product per term, k ascending from +0; for the shapes
 // SplitKChunk (cpu_gemm_split.h) splits, per k-chunk sums from +0 added in
-// ascending chunk order: the kernel keeps exactly that order), and independently against a float64 sum of the
-// SPEC products with the bound |got - ref| <= K * 2^-24 * sum |P_k| and with
-// NaN/Inf positions as float accumulation gives them.
+// ascending chunk order: the kernel keeps exactly that order), and independently against a float64
+// sum of the SPEC products with the bound |got - ref| <= K * 2^-24 * sum |P_k| and with NaN/Inf
+// positions as float accumulation gives them.
+#include <time.h>
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -27,8 +29,6 @@
 #include <thread>
 #include <utility>
 #include <vector>
-
-#include <time.h>
 
 #include "approx_math.h"
 #include "cpu_gemm.h"
@@ -118,7 +118,6 @@ ParallelFor PoolFor(Pool* pool) {
   return [pool](int64_t n, const std::function<void(int64_t)>& fn) { pool->Run(n, fn); };
 }
 
-
 int g_failures = 0;
 
 void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
@@ -146,40 +145,40 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
       const int widths[4] = {0, 16, 32, 64};
       const int nwidths = (isa == 3 && c.n <= 64) ? 4 : 1;
       for (int wi = 0; wi < nwidths; ++wi)
-      for (int f = 0; f < 3; ++f) {
-        if (wi > 0 && f == 1) continue;
-        gemm_internal::g_force_isa = isa;
-        gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
-        gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
-        gemm_internal::g_force_width = widths[wi];
-        std::vector<float> out(out_size, std::nanf("1"));
-        p.out = out.data();
-        const std::string err = ApproxGemmCpu(p, fors[f]);
-        gemm_internal::g_force_isa = 0;
-        gemm_internal::g_force_strategy = 0;
-        gemm_internal::g_force_stream = 0;
-        gemm_internal::g_force_width = 0;
-        int64_t diff = 0, first = -1;
-        for (size_t i = 0; i < out_size; ++i) {
-          // NaN sign/payload of a sum is not meaningful: x86 keeps the first
-          // operand's NaN and compilers commute additions freely.
-          const bool same = FloatBits(out[i]) == FloatBits(ref[i]) ||
-                            (std::isnan(out[i]) && std::isnan(ref[i]));
-          if (!same) {
-            if (first < 0) first = i;
-            ++diff;
+        for (int f = 0; f < 3; ++f) {
+          if (wi > 0 && f == 1) continue;
+          gemm_internal::g_force_isa = isa;
+          gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
+          gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
+          gemm_internal::g_force_width = widths[wi];
+          std::vector<float> out(out_size, std::nanf("1"));
+          p.out = out.data();
+          const std::string err = ApproxGemmCpu(p, fors[f]);
+          gemm_internal::g_force_isa = 0;
+          gemm_internal::g_force_strategy = 0;
+          gemm_internal::g_force_stream = 0;
+          gemm_internal::g_force_width = 0;
+          int64_t diff = 0, first = -1;
+          for (size_t i = 0; i < out_size; ++i) {
+            // NaN sign/payload of a sum is not meaningful: x86 keeps the first
+            // operand's NaN and compilers commute additions freely.
+            const bool same = FloatBits(out[i]) == FloatBits(ref[i]) ||
+                              (std::isnan(out[i]) && std::isnan(ref[i]));
+            if (!same) {
+              if (first < 0) first = i;
+              ++diff;
+            }
+          }
+          if (!err.empty() || diff) {
+            std::printf("FAIL %s isa=%d strat=%d width=%d for=%d err='%s' diffs=%lld", desc, isa,
+                        strat, widths[wi], f, err.c_str(), (long long)diff);
+            if (first >= 0)
+              std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(out[first]),
+                          FloatBits(ref[first]));
+            std::printf("\n");
+            ++g_failures;
           }
         }
-        if (!err.empty() || diff) {
-          std::printf("FAIL %s isa=%d strat=%d width=%d for=%d err='%s' diffs=%lld", desc, isa,
-                      strat, widths[wi], f, err.c_str(), (long long)diff);
-          if (first >= 0)
-            std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(out[first]),
-                        FloatBits(ref[first]));
-          std::printf("\n");
-          ++g_failures;
-        }
-      }
     }
 }
 
@@ -189,7 +188,7 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool) {
 // designs as flagged.
 struct ConvCase {
   int nd;
-  int64_t n, c, o;                 // samples, channels per group, outputs per group
+  int64_t n, c, o;  // samples, channels per group, outputs per group
   int64_t in[3], win[3], str[3], dil[3];
   int64_t designs, groups;
   bool x_bcast_d, w_bcast_d;
@@ -197,7 +196,9 @@ struct ConvCase {
   double special;
 };
 
-void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transposed) {
+// auto_streams (optional): plans that streamed LUT rows in the automatic runs.
+void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transposed,
+                 int64_t* auto_streams = nullptr) {
   ImplicitA g;
   g.transposed = transposed;
   g.samples = cc.n;
@@ -292,8 +293,8 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
   p.implicit_a = &g;
   char desc[200];
   std::snprintf(desc, sizeof desc, "conv%s nd=%d D=%lld G=%lld %lldx%lldx%lld M=%d sp=%.3f",
-                transposed ? "^T" : "", cc.nd, (long long)cc.designs, (long long)cc.groups, (long long)m, (long long)k,
-                (long long)n, cc.mbits, cc.special);
+                transposed ? "^T" : "", cc.nd, (long long)cc.designs, (long long)cc.groups,
+                (long long)m, (long long)k, (long long)n, cc.mbits, cc.special);
   const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
     for (int strat = 0; strat <= 3; ++strat) {  // 3: gathers, LUT rows streamed
@@ -304,7 +305,10 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
         gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();
+        const int64_t streams_before = gemm_internal::g_stream_plans;
         const std::string err = ApproxGemmCpu(p, fors[f]);
+        if (strat == 0 && auto_streams != nullptr)
+          *auto_streams += gemm_internal::g_stream_plans - streams_before;
         gemm_internal::g_force_isa = 0;
         gemm_internal::g_force_strategy = 0;
         gemm_internal::g_force_stream = 0;
@@ -338,6 +342,22 @@ int TestConv(Pool* pool, std::mt19937& rng) {
       RunConvCase(cc, rng, pool, transposed);
       ++cases;
     }
+  // M = 10, a random LUT, few output channels and enough products: the
+  // automatic mode materialises the patch matrix (or its transpose) and
+  // streams LUT rows through the transposed problem (cpu_gemm.cc
+  // PrefersTransposedStream), forward and kernel gradient.
+  const ConvCase stream_case = {2,         5, 32, 16,    {1, 32, 32}, {1, 3, 3}, {1, 1, 1},
+                                {1, 1, 1}, 1, 1,  false, false,       10,        0.001};
+  for (bool transposed : {false, true}) {
+    int64_t streams = 0;
+    RunConvCase(stream_case, rng, pool, transposed, &streams);
+    ++cases;
+    if (streams == 0) {
+      std::printf("FAIL conv%s M=10: LUT rows not streamed in automatic mode\n",
+                  transposed ? "^T" : "");
+      ++g_failures;
+    }
+  }
   return cases;
 }
 
@@ -345,9 +365,9 @@ int Test() {
   std::mt19937 rng(12345);
   Pool pool(1);  // + caller = 2 threads
   const int ms[] = {1, 3, 5, 7, 8, 11};
-  const int64_t shapes[][3] = {{1, 1, 1},   {3, 5, 7},    {17, 33, 65}, {6, 16, 64},
+  const int64_t shapes[][3] = {{1, 1, 1},     {3, 5, 7},    {17, 33, 65}, {6, 16, 64},
                                {13, 40, 130}, {64, 70, 96}, {200, 37, 3}, {130, 300, 70},
-                               {1, 64, 200}, {300, 20, 17}};
+                               {1, 64, 200},  {300, 20, 17}};
   int cases = 0;
   for (int m : ms)
     for (auto& s : shapes) {
@@ -431,8 +451,8 @@ int Test() {
   // (cpu_gemm.cc, PrefersTransposed), here also with split-K, widened LUTs
   // (effective widths), shared operands and special values.
   {
-    const int64_t tshapes[][5] = {{1, 1, 8, 5000, 200}, {3, 2, 20, 300, 500}, {1, 1, 1, 64, 700},
-                                  {2, 1, 40, 90, 333}};
+    const int64_t tshapes[][5] = {
+        {1, 1, 8, 5000, 200}, {3, 2, 20, 300, 500}, {1, 1, 1, 64, 700}, {2, 1, 40, 90, 333}};
     int v = 0;
     for (int m : {3, 5, 7})
       for (auto& t : tshapes) {
@@ -681,20 +701,26 @@ std::pair<double, double> TimeIt(const std::function<void()>& f, int reps) {
 int Bench(int reps, int argc, char** argv) {
   std::mt19937 rng(7);
   // GEMM_THREADS: threads running the kernel (default 2: the caller and one worker).
-  const int threads = std::getenv("GEMM_THREADS") ? std::max(1, std::atoi(std::getenv("GEMM_THREADS"))) : 2;
+  const int threads =
+      std::getenv("GEMM_THREADS") ? std::max(1, std::atoi(std::getenv("GEMM_THREADS"))) : 2;
   Pool pool(threads - 1);
   ParallelFor pf = PoolFor(&pool);
-  std::vector<std::array<int64_t, 3>> shapes = {{1024, 1024, 1024}, {8192, 576, 64}, {256, 256, 256}, {512, 512, 512}};
+  std::vector<std::array<int64_t, 3>> shapes = {
+      {1024, 1024, 1024}, {8192, 576, 64}, {256, 256, 256}, {512, 512, 512}};
   std::vector<int> ms = {3, 7, 11};
   if (const char* e = std::getenv("GEMM_STRATEGY")) gemm_internal::g_force_strategy = std::atoi(e);
   if (const char* e = std::getenv("GEMM_ISA")) gemm_internal::g_force_isa = std::atoi(e);
   if (const char* e = std::getenv("GEMM_TILE_BYTES")) gemm_internal::g_tile_budget = std::atoll(e);
-  if (const char* e = std::getenv("GEMM_NO_SHARING")) gemm_internal::g_no_design_sharing = std::atoi(e);
-  if (const char* e = std::getenv("GEMM_MIN_ROWS_MUL")) gemm_internal::g_min_rows_mul = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_NO_SHARING"))
+    gemm_internal::g_no_design_sharing = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_MIN_ROWS_MUL"))
+    gemm_internal::g_min_rows_mul = std::atoi(e);
   if (const char* e = std::getenv("GEMM_WIDTH")) gemm_internal::g_force_width = std::atoi(e);
-  if (const char* e = std::getenv("GEMM_F32_TILES")) gemm_internal::g_force_f32_tiles = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_F32_TILES"))
+    gemm_internal::g_force_f32_tiles = std::atoi(e);
   if (const char* e = std::getenv("GEMM_STREAM")) gemm_internal::g_force_stream = std::atoi(e);
-  if (const char* e = std::getenv("GEMM_STREAM_MIN_BITS")) gemm_internal::g_stream_min_bits = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_STREAM_MIN_BITS"))
+    gemm_internal::g_stream_min_bits = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"
     shapes.clear();
     std::string str = e;
@@ -735,7 +761,8 @@ int Bench(int reps, int argc, char** argv) {
       const int64_t nd = std::getenv("GEMM_DESIGNS") ? std::atoll(std::getenv("GEMM_DESIGNS")) : 0;
       if (nd > 1) {
         const std::string share = std::getenv("GEMM_SHARE") ? std::getenv("GEMM_SHARE") : "ab";
-        const bool sa = share.find('a') != std::string::npos, sb = share.find('b') != std::string::npos;
+        const bool sa = share.find('a') != std::string::npos,
+                   sb = share.find('b') != std::string::npos;
         // GEMM_MIXED=1: the stack of bench_vmap.py (MBM, Mitchell, truncate at
         // widths m, m, m, m-2, m-2, m-2, m-4, m-4, cycling), widened to m.
         const bool mixed = std::getenv("GEMM_MIXED") && std::atoi(std::getenv("GEMM_MIXED"));
@@ -758,8 +785,10 @@ int Bench(int reps, int argc, char** argv) {
           luts.insert(luts.end(), l.begin(), l.end());
         }
         std::vector<float> ad(sa ? 0 : nd * a.size()), bd(sb ? 0 : nd * b.size());
-        for (int64_t d = 0; d < (sa ? 0 : nd); ++d) std::copy(a.begin(), a.end(), ad.begin() + d * a.size());
-        for (int64_t d = 0; d < (sb ? 0 : nd); ++d) std::copy(b.begin(), b.end(), bd.begin() + d * b.size());
+        for (int64_t d = 0; d < (sa ? 0 : nd); ++d)
+          std::copy(a.begin(), a.end(), ad.begin() + d * a.size());
+        for (int64_t d = 0; d < (sb ? 0 : nd); ++d)
+          std::copy(b.begin(), b.end(), bd.begin() + d * b.size());
         std::vector<float> outd(nd * out.size());
         GemmProblem q = p;
         q.designs = nd;
@@ -772,22 +801,30 @@ int Bench(int reps, int argc, char** argv) {
         q.out = outd.data();
         // GEMM_SIDE=one|loop: time only that side (for profiling one of them).
         const std::string side = std::getenv("GEMM_SIDE") ? std::getenv("GEMM_SIDE") : "";
-        const auto [tv, cv] = TimeIt([&] { if (side != "loop") ApproxGemmCpu(q, pf); }, reps);
-        const auto [tl, cl] = TimeIt([&] {
-          if (side == "one") return;
-          for (int64_t d = 0; d < nd; ++d) {
-            GemmProblem r = q;
-            r.designs = 1;
-            r.a = q.a + d * q.a_design_stride;
-            r.b = q.b + d * q.b_design_stride;
-            r.lut = q.lut + d * q.lut_design_stride;
-            r.out = outd.data() + d * out.size();
-            ApproxGemmCpu(r, pf);
-          }
-        }, reps);
-        std::printf("%5lldx%5lldx%5lld M=%2d D=%lld share=%s  one call %8.3f ms (cpu %8.3f)  %lld calls %8.3f ms (cpu %8.3f)  ratio %.3f (cpu %.3f)\n",
-                    (long long)s[0], (long long)s[1], (long long)s[2], m, (long long)nd, share.c_str(),
-                    tv * 1e3, cv * 1e3, (long long)nd, tl * 1e3, cl * 1e3, tv / tl, cv / cl);
+        const auto [tv, cv] = TimeIt(
+            [&] {
+              if (side != "loop") ApproxGemmCpu(q, pf);
+            },
+            reps);
+        const auto [tl, cl] = TimeIt(
+            [&] {
+              if (side == "one") return;
+              for (int64_t d = 0; d < nd; ++d) {
+                GemmProblem r = q;
+                r.designs = 1;
+                r.a = q.a + d * q.a_design_stride;
+                r.b = q.b + d * q.b_design_stride;
+                r.lut = q.lut + d * q.lut_design_stride;
+                r.out = outd.data() + d * out.size();
+                ApproxGemmCpu(r, pf);
+              }
+            },
+            reps);
+        std::printf(
+            "%5lldx%5lldx%5lld M=%2d D=%lld share=%s  one call %8.3f ms (cpu %8.3f)  %lld calls "
+            "%8.3f ms (cpu %8.3f)  ratio %.3f (cpu %.3f)\n",
+            (long long)s[0], (long long)s[1], (long long)s[2], m, (long long)nd, share.c_str(),
+            tv * 1e3, cv * 1e3, (long long)nd, tl * 1e3, cl * 1e3, tv / tl, cv / cl);
         std::fflush(stdout);
         continue;
       }
@@ -815,7 +852,8 @@ int main(int argc, char** argv) {
     std::printf("%d cases, %d failures\n", cases, g_failures);
     return g_failures ? 1 : 0;
   }
-  if (mode == "bench") return Bench(argc > 2 ? std::atoi(argv[2]) : 7, argc > 3 ? argc - 3 : 0, argv + 3);
+  if (mode == "bench")
+    return Bench(argc > 2 ? std::atoi(argv[2]) : 7, argc > 3 ? argc - 3 : 0, argv + 3);
   std::fprintf(stderr, "usage: %s test|bench [reps [M...]]\n", argv[0]);
   return 2;
 }

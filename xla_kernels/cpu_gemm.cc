@@ -482,6 +482,11 @@ T* ReusedBuffer(std::vector<T>& store, int64_t count) {
 // between calls (a layer's GEMM has the same shapes every step), so they are
 // capped: larger problems run directly.
 constexpr double kTransposedBytesMax = double{32 << 20};
+// Streaming gathers gain 3-5x from the transposed problem (M = 11, 12544x800x32,
+// a LeNet-5 conv: 403-426 ms direct, 82-118 ms transposed before the
+// transposes), so they take it for larger problems too, in storage freed
+// after the call.
+constexpr double kTransposedStreamBytesMax = double{256 << 20};
 
 // How many distinct [rows, cols] blocks an operand with these strides has
 // over the design x batch grid (a zero stride shares one block).
@@ -493,10 +498,11 @@ int64_t DistinctBlocks(const GemmProblem& p, int64_t design_stride, int64_t batc
 // closed form) stream each (row, k) pair's LUT row across the columns of a
 // task (cpu_gemm_simd_impl.h, Plan::stream), so they want many columns: with
 // few columns and many rows, the transposed problem streams each (k, column)
-// pair's row of lut^T across the rows instead. It pays once the products
-// outnumber the LUT entries transposed many times over. Measured (2 cores,
-// random LUT, ms): M = 11 8192x576x64 direct 262-293 vs 64x576x8192 85-93
-// before the transposes; M = 10 78-143 vs 58-67.
+// pair's row of lut^T across the rows instead (an implicit patch matrix is
+// gathered transposed). It pays from about 4 products per LUT entry
+// transposed (a gather from L3 costs several times a streamed one). Measured
+// (2 cores, random LUT, ms): M = 11 8192x576x64 direct 262-293 vs
+// 64x576x8192 85-93 before the transposes; M = 10 78-143 vs 58-67.
 bool PrefersTransposedStream(const GemmProblem& p, const int* families, const int* eff_bits) {
   if (EnvMode("APPROX_JAX_CPU_STREAM") != 1 || gemm_internal::g_force_stream != 0) return false;
   if (p.mbits < gemm_internal::g_stream_min_bits || p.k == 0 || p.n > 2 * 64 || p.m < 8 * p.n)
@@ -506,13 +512,13 @@ bool PrefersTransposedStream(const GemmProblem& p, const int* families, const in
     gathers = gathers || ((families == nullptr || families[d] == kFamilyNone) &&
                           (eff_bits == nullptr || eff_bits[d] >= gemm_internal::g_stream_min_bits));
   const int64_t luts = DistinctLuts(p);
-  if (!gathers || ProductCount(p) < 16.0 * luts * static_cast<double>(int64_t{1} << (2 * p.mbits)))
+  if (!gathers || ProductCount(p) < 4.0 * luts * static_cast<double>(int64_t{1} << (2 * p.mbits)))
     return false;
   const double floats =
       static_cast<double>(DistinctBlocks(p, p.a_design_stride, p.a_batch_stride)) * p.m * p.k +
       static_cast<double>(DistinctBlocks(p, p.b_design_stride, p.b_batch_stride)) * p.k * p.n +
       static_cast<double>(p.designs * p.batch) * p.m * p.n;
-  return 4.0 * floats <= kTransposedBytesMax;
+  return 4.0 * floats <= kTransposedStreamBytesMax;
 }
 
 bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_form) {
@@ -528,6 +534,23 @@ bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_for
 
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose);
 
+// dst[c * rows + r] = a[r, c] for the implicit patch matrix a (rows x cols,
+// implicit_a.h) of input x: strips of 16 rows gathered, then written out
+// column by column (runs of 16 floats).
+void TransposedImplicitA(const ImplicitA& g, const float* x, int64_t rows, int64_t cols, float* dst,
+                         const ParallelFor& parallel_for) {
+  constexpr int64_t kRows = 16;
+  parallel_for((rows + kRows - 1) / kRows, [&](int64_t t) {
+    static thread_local std::vector<float> strip;
+    const int64_t i0 = t * kRows, n = std::min(kRows, rows - i0);
+    strip.resize(static_cast<size_t>(kRows * cols));
+    GatherImplicitA(g, x, i0, static_cast<int>(n), 0, static_cast<int>(cols), strip.data(), cols);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = 0; r < n; ++r)
+        dst[c * rows + i0 + r] = strip[static_cast<size_t>(r * cols + c)];
+  });
+}
+
 // Runs p as its transposed problem (see PrefersTransposed): transposes the
 // distinct a and b blocks (zero strides stay shared) and the LUTs, computes
 // out^T, and transposes it into p.out.
@@ -541,17 +564,28 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   const int64_t entries = int64_t{1} << (2 * p.mbits);
   static thread_local std::vector<float> at_store, bt_store, ot_store;
   static thread_local std::vector<uint32_t> lt_store;
-  // Large LUTs (M >= 8: 256 KiB to 16 MiB each) are transposed into storage
-  // freed after the call rather than kept per thread.
+  // Large LUTs (M >= 8: 256 KiB to 16 MiB each), and operands beyond
+  // kTransposedBytesMax (a streaming problem's, PrefersTransposedStream), are
+  // transposed into storage freed after the call rather than kept per thread.
   std::vector<uint32_t> lt_local;
-  float* at = ReusedBuffer(at_store, nad * nab * k * m);
-  float* bt = ReusedBuffer(bt_store, nbd * nbb * n * k);
+  std::vector<float> at_local, bt_local, ot_local;
+  const int64_t a_floats = nad * nab * k * m, b_floats = nbd * nbb * n * k;
+  const int64_t o_floats = p.designs * p.batch * n * m;
+  const bool keep =
+      4.0 * static_cast<double>(a_floats + b_floats + o_floats) <= kTransposedBytesMax;
+  float* at = ReusedBuffer(keep ? at_store : at_local, a_floats);
+  float* bt = ReusedBuffer(keep ? bt_store : bt_local, b_floats);
   uint32_t* lt = ReusedBuffer(p.mbits >= 8 ? lt_local : lt_store, nl * entries);
-  float* ot = ReusedBuffer(ot_store, p.designs * p.batch * n * m);
+  float* ot = ReusedBuffer(keep ? ot_store : ot_local, o_floats);
   for (int64_t d = 0; d < nad; ++d)
-    for (int64_t b = 0; b < nab; ++b)
-      Transpose(p.a + d * p.a_design_stride + b * p.a_batch_stride, m, k, k,
-                at + (d * nab + b) * k * m, parallel_for);
+    for (int64_t b = 0; b < nab; ++b) {
+      const float* a = p.a + d * p.a_design_stride + b * p.a_batch_stride;
+      float* dst = at + (d * nab + b) * k * m;
+      if (p.implicit_a != nullptr)
+        TransposedImplicitA(*p.implicit_a, a, m, k, dst, parallel_for);
+      else
+        Transpose(a, m, k, k, dst, parallel_for);
+    }
   for (int64_t d = 0; d < nbd; ++d)
     for (int64_t b = 0; b < nbb; ++b)
       Transpose(p.b + d * p.b_design_stride + b * p.b_batch_stride, k, n, n,
@@ -564,6 +598,7 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   q.b = at;
   q.lut = lt;
   q.out = ot;
+  q.implicit_a = nullptr;  // (p's implicit patch matrix is b^T = at now)
   q.m = n;
   q.n = m;
   q.a_design_stride = p.b_design_stride != 0 ? nbb * n * k : 0;
@@ -619,13 +654,15 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
       return {};
     }
   }
-  // (An implicit patch matrix is read in place, never transposed.)
-  if (may_transpose && p.implicit_a == nullptr && gemm_internal::g_force_strategy == 0) {
+  if (may_transpose && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
-    if (PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)) ||
-        PrefersTransposedStream(p, families, eff_bits))
+    // (An implicit patch matrix is read in place, not transposed, for the
+    // tiles; for streaming, where it pays 3-5x, it is gathered transposed.)
+    if (p.implicit_a == nullptr &&
+        PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))
       return GemmTransposed(p, parallel_for);
+    if (PrefersTransposedStream(p, families, eff_bits)) return GemmTransposed(p, parallel_for);
   }
   // (Made here, after any recursion above: the copies live in per-thread
   // storage reused by the next call.)
