@@ -496,10 +496,10 @@ struct Plan {
   // and reading b's statistics / decomposition once when b is shared.
   int64_t dg, ngroups;
   bool share_a, share_b, share_tiles;
-  // Gathers from a LUT beyond the L2 cache (StreamsLutRows): per panel and
-  // k block, every column block of the task in turn, so that the LUT rows of
-  // the panel's (row, k) pairs are fetched from memory once per task row
-  // rather than once per 64-column block.
+  // Gathers from a LUT beyond the L2 cache (StreamsLutRows): per k block,
+  // each row runs every column block of the task in turn, so that the LUT
+  // rows of its (row, k) pairs are fetched from memory once per task rather
+  // than once per column block (RunTask).
   bool stream;
   int failed;  // set with __atomic builtins
 };
