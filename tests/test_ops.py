@@ -519,6 +519,19 @@ def test_bad_inputs_raise_clear_errors():
 # checking the LUT entry by entry; results must be the gathers' bits.
 
 
+def _knob_on_equals_off(monkeypatch, knob, on, x, w, designs, what, stacked=True):
+    """approx_dot(x, w) under designs[0] and (stacked) under the stack of all
+    designs, with the CPU kernel's env knob at `on` and at "0" (off): the bits
+    must agree. Returns the last result with the knob on."""
+    fn = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
+    for m in [designs[0]] + ([multipliers.stack(designs)] if stacked else []):
+        monkeypatch.setenv(knob, on)
+        got = np.asarray(fn(x, w, m))
+        monkeypatch.setenv(knob, "0")
+        _assert_bits_equal_nan_aside(got, np.asarray(fn(x, w, m)), what)
+    return got
+
+
 def _wide_range_operands(rows, K, N, seed):
     """Operands over 2^+-30, 3% zeros; with rows == 5 also special values,
     whose k-blocks take the kernel's exact scalar path."""
@@ -550,12 +563,9 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
     rows, K, N = shape
     x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + M)
     mult = getattr(multipliers, family)(M)
-    fn = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))
-    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")
-    closed_form = np.asarray(fn(x, w))
-    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "0")
-    gathers = np.asarray(fn(x, w))
-    _assert_bits_equal_nan_aside(closed_form, gathers, "closed form vs gathers")
+    closed_form = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_FORMULA", "2", x, w, [mult], "closed form vs gathers", False
+    )
     if rows != 5:
         _assert_bits_equal(closed_form, reference.sequential_dot(x, w, mult.lut, mult.mbits))
 
@@ -586,14 +596,9 @@ def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):
     rows, K, N = shape
     x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + M)
     designs = [random_multiplier(M, 1), multipliers.mbm(M), random_multiplier(M, 2)]
-    stacked = multipliers.stack(designs)
-    fn = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
-    for m in [designs[0], stacked]:
-        monkeypatch.setenv("APPROX_JAX_CPU_LUT16", "2")
-        compact = np.asarray(fn(x, w, m))
-        monkeypatch.setenv("APPROX_JAX_CPU_LUT16", "0")
-        full = np.asarray(fn(x, w, m))
-        _assert_bits_equal_nan_aside(compact, full, "16-bit vs 32-bit LUT gathers")
+    compact = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_LUT16", "2", x, w, designs, "16-bit vs 32-bit LUT gathers"
+    )
     if rows != 5 and K < 4096:
         for d, m in enumerate(designs):
             _assert_bits_equal(compact[d], reference.sequential_dot(x, w, m.lut, M))
@@ -611,14 +616,9 @@ def test_cpu_lut_row_streaming_is_bit_exact(M, shape, monkeypatch):
     rows, K, N = shape
     x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + M)
     designs = [random_multiplier(M, 7), multipliers.mbm(M)]
-    stacked = multipliers.stack(designs)
-    fn = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
-    for m in [designs[0], stacked]:
-        monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "2")
-        streamed = np.asarray(fn(x, w, m))
-        monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "0")
-        plain = np.asarray(fn(x, w, m))
-        _assert_bits_equal_nan_aside(streamed, plain, "streamed vs plain LUT gathers")
+    streamed = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_STREAM", "2", x, w, designs, "streamed vs plain LUT gathers"
+    )
     if rows != 5 and K < 4096:
         _assert_bits_equal(streamed[0], reference.sequential_dot(x, w, designs[0].lut, M))
 
@@ -631,12 +631,9 @@ def test_cpu_lut_row_streaming_transposed_is_bit_exact(monkeypatch):
     x, w = _wide_range_operands(2100, 500, 16, seed=3)
     x[7, 100] = np.inf  # a k-block of one panel on the exact scalar path
     mult = random_multiplier(10, 8)
-    fn = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))
-    monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "1")
-    auto = np.asarray(fn(x, w))
-    monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "0")
-    direct = np.asarray(fn(x, w))
-    _assert_bits_equal_nan_aside(auto, direct, "transposed streaming vs direct gathers")
+    auto = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_STREAM", "1", x, w, [mult], "transposed streaming", False
+    )
     _assert_bits_equal(auto[:64], reference.sequential_dot(x[:64], w, mult.lut, 10))
 
 
