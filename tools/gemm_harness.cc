@@ -346,18 +346,24 @@ int TestConv(Pool* pool, std::mt19937& rng) {
   // automatic mode materialises the patch matrix (or its transpose) and
   // streams LUT rows through the transposed problem (cpu_gemm.cc
   // PrefersTransposedStream), forward and kernel gradient.
-  const ConvCase stream_case = {2,         5, 32, 16,    {1, 32, 32}, {1, 3, 3}, {1, 1, 1},
-                                {1, 1, 1}, 1, 1,  false, false,       10,        0.001};
-  for (bool transposed : {false, true}) {
-    int64_t streams = 0;
-    RunConvCase(stream_case, rng, pool, transposed, &streams);
-    ++cases;
-    if (streams == 0) {
-      std::printf("FAIL conv%s M=10: LUT rows not streamed in automatic mode\n",
-                  transposed ? "^T" : "");
-      ++g_failures;
+  // (Also 2 designs sharing x, 2 groups: per-block transposed gathers.)
+  // clang-format off
+  const ConvCase stream_cases[] = {
+      {2, 5, 32, 16, {1, 32, 32}, {1, 3, 3}, {1, 1, 1}, {1, 1, 1}, 1, 1, false, false, 10, 0.001},
+      {2, 3, 16, 8, {1, 33, 30}, {1, 3, 3}, {1, 1, 1}, {1, 1, 1}, 2, 2, true, false, 10, 0.001},
+  };
+  // clang-format on
+  for (const ConvCase& sc : stream_cases)
+    for (bool transposed : {false, true}) {
+      int64_t streams = 0;
+      RunConvCase(sc, rng, pool, transposed, &streams);
+      ++cases;
+      if (streams == 0) {
+        std::printf("FAIL conv%s M=10 D=%lld: LUT rows not streamed in automatic mode\n",
+                    transposed ? "^T" : "", (long long)sc.designs);
+        ++g_failures;
+      }
     }
-  }
   return cases;
 }
 
