@@ -1021,7 +1021,7 @@ def approx_conv(
     return _lowered(
         lhs,
         rhs,
-        m,
+        ops.kernel_lut_of(m),
         mbits=m.mbits,
         backward=backward,
         perms=(lhs_perm, rhs_perm, out_spec),
@@ -1049,15 +1049,14 @@ def approx_conv(
     ),
 )
 def _lowered(
-    lhs, rhs, m, *, mbits, backward, perms, groups, geometry, chunk, budget, in_place, out_dtype
+    lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk, budget, in_place, out_dtype
 ):
     """The layout changes and gemm of ``approx_conv`` as one jitted program.
 
     Jitting keeps eager calls to one compiled program per configuration
-    (instead of one per small op, and the kernel LUT built inside it); under
-    an outer jit it is inlined.
+    (instead of one per small op); under an outer jit it is inlined. ``klut``
+    is ``ops.kernel_lut_of(multiplier)``, made outside (see ops._dot_single).
     """
-    klut = ops.kernel_lut_of(m)
     lhs_perm, rhs_perm, out_spec = perms
     window, _, _, _, _, out_spatial = geometry
     n = lhs.shape[lhs_perm[0]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Any
 
 import jax
@@ -93,8 +94,31 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array:
             f"multiplier.lut has {np.shape(lut)[-1]} entries per design, expected "
             f"4**M = {lut_lib.num_entries(m.mbits)} for M={m.mbits}"
         )
-    klut = m.kernel_lut()
+    if isinstance(lut, np.ndarray) and not lut.flags.writeable:
+        klut = _kernel_lut_numpy_cached(lut, m.mbits)
+    else:
+        klut = m.kernel_lut()
     return klut.reshape(-1, klut.shape[-1])
+
+
+# Kernel-format LUTs of the read-only NumPy LUTs that Multipliers hold, by
+# id(stored) -> (weak reference to stored, mbits, kernel LUT), dropped with the
+# stored array. The public ops convert the LUT before their inner jit, so a
+# model that closes over a multiplier gets a ready constant: converted inside
+# the program, the 4^M entries were constant-folded by XLA's HLO evaluator at
+# every compile (about 0.8 s per op at M = 11).
+_KERNEL_LUTS: dict[int, tuple[Any, int, np.ndarray]] = {}
+
+
+def _kernel_lut_numpy_cached(stored: np.ndarray, mbits: int) -> np.ndarray:
+    entry = _KERNEL_LUTS.get(id(stored))
+    if entry is not None and entry[0]() is stored and entry[1] == mbits:
+        return entry[2]
+    klut = lut_lib.kernel_lut_numpy(stored, mbits)
+    klut.setflags(write=False)
+    key = id(stored)
+    _KERNEL_LUTS[key] = (weakref.ref(stored, lambda _: _KERNEL_LUTS.pop(key, None)), mbits, klut)
+    return klut
 
 
 # --------------------------------------------------------------------------
@@ -344,21 +368,23 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
         return _over_stack(lambda one: approx_dot(x, w, one, backward), m)
     if x.size == 0 or w.size == 0:  # empty sum (K = 0) or empty result: no kernel call
         return jnp.zeros(x.shape[:-1] + (w.shape[1],), out_dtype)
-    return _dot_single(x, w, m, backward=backward, out_dtype=out_dtype)
+    klut = kernel_lut_of(m)
+    return _dot_single(x, w, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype)
 
 
 # The single-design bodies of the public ops run under jit: called eagerly,
 # an op is then one cached dispatch instead of a retrace of its custom_vjp /
-# custom_vmap layers and a rebuild of the kernel LUT on every call (2.2 ms ->
-# tens of microseconds for a small product). Inside an outer jit, grad or
-# vmap the nested jit is inlined.
-@functools.partial(jax.jit, static_argnames=("backward", "out_dtype"))
-def _dot_single(x, w, m, *, backward, out_dtype):
+# custom_vmap layers on every call (2.2 ms -> tens of microseconds for a small
+# product). Inside an outer jit, grad or vmap the nested jit is inlined. They
+# take the kernel LUT made outside (kernel_lut_of: once per NumPy LUT), so a
+# closed-over multiplier reaches XLA as a ready constant.
+@functools.partial(jax.jit, static_argnames=("mbits", "backward", "out_dtype"))
+def _dot_single(x, w, klut, *, mbits, backward, out_dtype):
     lead = x.shape[:-1]
     k = x.shape[-1]
     a4 = partitioning.reshape(x.astype(jnp.float32), (1, 1, -1, k))
     b4 = partitioning.reshape(w.astype(jnp.float32), (1, 1, k, w.shape[1]))
-    out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
+    out = _gemm(a4, b4, klut, mbits, backward)
     return partitioning.reshape(out, lead + (w.shape[1],)).astype(out_dtype)
 
 
@@ -427,14 +453,17 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
         return _over_stack(lambda one: approx_matmul(a, b, one, backward), m)
     if a.size == 0 or b.size == 0:
         return jnp.zeros(batch_shape + (a.shape[-2], b.shape[-1]), out_dtype)
-    return _matmul_single(a, b, m, backward=backward, out_dtype=out_dtype, batch_shape=batch_shape)
+    klut = kernel_lut_of(m)
+    return _matmul_single(
+        a, b, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype, batch_shape=batch_shape
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("backward", "out_dtype", "batch_shape"))
-def _matmul_single(a, b, m, *, backward, out_dtype, batch_shape):
+@functools.partial(jax.jit, static_argnames=("mbits", "backward", "out_dtype", "batch_shape"))
+def _matmul_single(a, b, klut, *, mbits, backward, out_dtype, batch_shape):
     a4 = _flatten_batch(a.astype(jnp.float32), batch_shape)
     b4 = _flatten_batch(b.astype(jnp.float32), batch_shape)
-    out = _gemm(a4, b4, kernel_lut_of(m), m.mbits, backward)
+    out = _gemm(a4, b4, klut, mbits, backward)
     out = partitioning.reshape(out, batch_shape + (a.shape[-2], b.shape[-1]))
     return out.astype(out_dtype)
 
@@ -467,12 +496,15 @@ def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
         return _over_stack(lambda one: multiply(a, b, one, backward), m)
     if int(np.prod(shape)) == 0:
         return jnp.zeros(shape, out_dtype)
-    return _multiply_single(a, b, m, backward=backward, out_dtype=out_dtype, shape=shape)
+    klut = kernel_lut_of(m)
+    return _multiply_single(
+        a, b, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype, shape=shape
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("backward", "out_dtype", "shape"))
-def _multiply_single(a, b, m, *, backward, out_dtype, shape):
+@functools.partial(jax.jit, static_argnames=("mbits", "backward", "out_dtype", "shape"))
+def _multiply_single(a, b, klut, *, mbits, backward, out_dtype, shape):
     a2 = partitioning.reshape(jnp.broadcast_to(a.astype(jnp.float32), shape), (1, -1))
     b2 = partitioning.reshape(jnp.broadcast_to(b.astype(jnp.float32), shape), (1, -1))
-    out = _multiply(a2, b2, kernel_lut_of(m), m.mbits, backward)
+    out = _multiply(a2, b2, klut, mbits, backward)
     return partitioning.reshape(out, shape).astype(out_dtype)
