@@ -833,3 +833,23 @@ def test_shape_polymorphic_export_is_refused_clearly(op, shapes):
     checks = approx_jax.export_disabled_checks()
     with pytest.raises(NotImplementedError, match="symbolic shape"):
         jax.export.export(jax.jit(op), disabled_checks=checks)(*specs)
+
+
+@pytest.mark.parametrize("make", [lambda: multipliers.mbm(11), lambda: random_multiplier(9, 4)])
+def test_closed_over_multiplier_reaches_xla_as_a_kernel_lut_constant(make):
+    # The ops convert a multiplier's LUT to the kernel format before their
+    # inner jit (ops.kernel_lut_of, cached per read-only NumPy LUT): a closed-
+    # over multiplier must not leave the conversion of its 4^M entries in the
+    # program (XLA constant-folded it at every compile: ~0.8 s per op at
+    # M = 11), and the converted entries must be lut.kernel_lut's.
+    mult = make()
+    x = jnp.ones((4, 8), jnp.float32)
+    w = jnp.ones((8, 3), jnp.float32)
+    text = jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult)).lower(x, w).as_text()
+    assert "shift_left" not in text and "shift_right" not in text
+    want = np.asarray(mult.kernel_lut()).reshape(1, -1)
+    np.testing.assert_array_equal(ops.kernel_lut_of(mult), want)
+    assert np.shares_memory(ops.kernel_lut_of(mult), ops.kernel_lut_of(mult))  # converted once
+    # Passed as an argument, the LUT is traced and converted inside.
+    got = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))(x, w, mult)
+    np.testing.assert_array_equal(got, approx_jax.approx_dot(x, w, mult))

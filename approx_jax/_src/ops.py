@@ -76,12 +76,14 @@ def check_float(name: str, x: Any) -> jax.Array:
     return x
 
 
-def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array:
+def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array | np.ndarray:
     """Kernel-format LUT ``u32[G, 4**M]`` of a (possibly stacked) multiplier.
 
     Checks the LUT against ``mbits`` here, at trace time, because a
     ``Multiplier`` built by hand (or rebuilt from a pytree) skips the
     constructors' validation, and a bad LUT must never reach the kernel.
+    A read-only NumPy LUT (what the constructors make) gives a cached NumPy
+    array; a traced or JAX one, a JAX array.
     """
     lut = m.lut
     dtype = jnp.result_type(lut)
