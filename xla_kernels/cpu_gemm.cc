@@ -494,6 +494,24 @@ int64_t DistinctBlocks(const GemmProblem& p, int64_t design_stride, int64_t batc
   return (design_stride != 0 ? p.designs : 1) * (batch_stride != 0 ? p.batch : 1);
 }
 
+// Bytes of the transposed copies GemmTransposed makes of p (the distinct a and
+// b blocks, and out^T).
+double TransposedCopyBytes(const GemmProblem& p) {
+  return 4.0 *
+         (static_cast<double>(DistinctBlocks(p, p.a_design_stride, p.a_batch_stride)) * p.m * p.k +
+          static_cast<double>(DistinctBlocks(p, p.b_design_stride, p.b_batch_stride)) * p.k * p.n +
+          static_cast<double>(p.designs * p.batch) * p.m * p.n);
+}
+
+// The LUT-row streaming mode of a call, in KSplit::stream_mode's terms
+// (0 never, 1 automatic, 2 always): the harness override g_force_stream
+// (0 none, 1 never, 2 always), else APPROX_JAX_CPU_STREAM.
+int StreamMode() {
+  if (gemm_internal::g_force_stream == 1) return 0;
+  if (gemm_internal::g_force_stream == 2) return 2;
+  return EnvMode("APPROX_JAX_CPU_STREAM");
+}
+
 // The gathers from a LUT beyond L2 (M >= g_stream_min_bits, a design with no
 // closed form) stream each (row, k) pair's LUT row across the columns of a
 // task (cpu_gemm_simd_impl.h, Plan::stream), so they want many columns: with
@@ -503,8 +521,10 @@ int64_t DistinctBlocks(const GemmProblem& p, int64_t design_stride, int64_t batc
 // transposed (a gather from L3 costs several times a streamed one). Measured
 // (2 cores, random LUT, ms): M = 11 8192x576x64 direct 262-293 vs
 // 64x576x8192 85-93 before the transposes; M = 10 78-143 vs 58-67.
-bool PrefersTransposedStream(const GemmProblem& p, const int* families, const int* eff_bits) {
-  if (EnvMode("APPROX_JAX_CPU_STREAM") != 1 || gemm_internal::g_force_stream != 0) return false;
+// (Automatic streaming only: forced streaming runs the direct problem.)
+bool PrefersTransposedStream(const GemmProblem& p, const int* families, const int* eff_bits,
+                             int stream_mode) {
+  if (stream_mode != 1) return false;
   if (p.mbits < gemm_internal::g_stream_min_bits || p.k == 0 || p.n > 2 * 64 || p.m < 8 * p.n)
     return false;
   bool gathers = false;
@@ -514,22 +534,14 @@ bool PrefersTransposedStream(const GemmProblem& p, const int* families, const in
   const int64_t luts = DistinctLuts(p);
   if (!gathers || ProductCount(p) < 4.0 * luts * static_cast<double>(int64_t{1} << (2 * p.mbits)))
     return false;
-  const double floats =
-      static_cast<double>(DistinctBlocks(p, p.a_design_stride, p.a_batch_stride)) * p.m * p.k +
-      static_cast<double>(DistinctBlocks(p, p.b_design_stride, p.b_batch_stride)) * p.k * p.n +
-      static_cast<double>(p.designs * p.batch) * p.m * p.n;
-  return 4.0 * floats <= kTransposedStreamBytesMax;
+  return TransposedCopyBytes(p) <= kTransposedStreamBytesMax;
 }
 
 bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_form) {
   if (p.mbits > 7 || eff_bits < 6 || cheap_closed_form || p.k == 0) return false;
   if (gemm_internal::PrefersGathers(p.m, p.mbits)) return false;
   if (p.m >= (int64_t{2} << eff_bits) || p.n < 4 * p.m) return false;
-  const double floats =
-      static_cast<double>(DistinctBlocks(p, p.a_design_stride, p.a_batch_stride)) * p.m * p.k +
-      static_cast<double>(DistinctBlocks(p, p.b_design_stride, p.b_batch_stride)) * p.k * p.n +
-      static_cast<double>(p.designs * p.batch) * p.m * p.n;
-  return 4.0 * floats <= kTransposedBytesMax;
+  return TransposedCopyBytes(p) <= kTransposedBytesMax;
 }
 
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose);
@@ -571,8 +583,7 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   std::vector<float> at_local, bt_local, ot_local;
   const int64_t a_floats = nad * nab * k * m, b_floats = nbd * nbb * n * k;
   const int64_t o_floats = p.designs * p.batch * n * m;
-  const bool keep =
-      4.0 * static_cast<double>(a_floats + b_floats + o_floats) <= kTransposedBytesMax;
+  const bool keep = TransposedCopyBytes(p) <= kTransposedBytesMax;
   float* at = ReusedBuffer(keep ? at_store : at_local, a_floats);
   float* bt = ReusedBuffer(keep ? bt_store : bt_local, b_floats);
   uint32_t* lt = ReusedBuffer(p.mbits >= 8 ? lt_local : lt_store, nl * entries);
@@ -654,6 +665,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
       return {};
     }
   }
+  const int stream_mode = StreamMode();
   if (may_transpose && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
@@ -662,14 +674,14 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     if (p.implicit_a == nullptr &&
         PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))
       return GemmTransposed(p, parallel_for);
-    if (PrefersTransposedStream(p, families, eff_bits)) return GemmTransposed(p, parallel_for);
+    if (PrefersTransposedStream(p, families, eff_bits, stream_mode))
+      return GemmTransposed(p, parallel_for);
   }
   // (Made here, after any recursion above: the copies live in per-thread
   // storage reused by the next call.)
   CompactLuts& compact = ThreadCompactLuts();
   const uint16_t* const* lut16 =
       MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;
-  const int stream_mode = EnvMode("APPROX_JAX_CPU_STREAM");
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
     const int64_t whole = std::max<int64_t>(p.k, 1);

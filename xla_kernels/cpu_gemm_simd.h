@@ -89,7 +89,8 @@ struct KSplit {
   // null (the 32-bit LUT).
   const uint16_t* const* lut16 = nullptr;
   // LUT-row streaming on the gather path (Plan::stream): 1 = automatic,
-  // 0 = never, 2 = always (env APPROX_JAX_CPU_STREAM, for tests).
+  // 0 = never, 2 = always (cpu_gemm.cc StreamMode: env APPROX_JAX_CPU_STREAM
+  // or the harness's g_force_stream).
   int stream_mode = 1;
 };
 

@@ -925,8 +925,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     pl.ustride = static_cast<int>(pl.bf16 ? kb * kNB / 2 : kb * kNB);
   } else {
     pl.mr = kMRG;
-    const int stream_mode = g_force_stream != 0 ? g_force_stream : ks.stream_mode;
-    pl.stream = stream_mode == 2 || (stream_mode == 1 && StreamsLutRows(p, ks));
+    pl.stream = ks.stream_mode == 2 || (ks.stream_mode == 1 && StreamsLutRows(p, ks));
     if (pl.stream) __atomic_fetch_add(&g_stream_plans, 1, __ATOMIC_RELAXED);
     // Streaming: a row's LUT rows for 8 k stay in L1 (32 KB at M = 11;
     // 4 to 16 k measured within noise of each other).
