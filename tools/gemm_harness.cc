@@ -120,6 +120,27 @@ ParallelFor PoolFor(Pool* pool) {
 
 int g_failures = 0;
 
+// ApproxGemmCpu(p) with the kernel overrides set for the call: isa, strategy
+// (0 automatic, 1 tiles, 2 gathers, 3 gathers with LUT rows streamed) and
+// column-block width (0 automatic). auto_streams (optional) counts the plans
+// that streamed in an automatic-strategy run.
+std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
+                      const ParallelFor& parallel_for, int64_t* auto_streams) {
+  gemm_internal::g_force_isa = isa;
+  gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
+  gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
+  gemm_internal::g_force_width = width;
+  const int64_t streams_before = gemm_internal::g_stream_plans;
+  std::string err = ApproxGemmCpu(p, parallel_for);
+  if (strat == 0 && auto_streams != nullptr)
+    *auto_streams += gemm_internal::g_stream_plans - streams_before;
+  gemm_internal::g_force_isa = 0;
+  gemm_internal::g_force_strategy = 0;
+  gemm_internal::g_force_stream = 0;
+  gemm_internal::g_force_width = 0;
+  return err;
+}
+
 // auto_streams (optional): plans that streamed LUT rows in the automatic runs.
 void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams = nullptr) {
   CaseData data(c, rng);
@@ -148,20 +169,9 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
       for (int wi = 0; wi < nwidths; ++wi)
         for (int f = 0; f < 3; ++f) {
           if (wi > 0 && f == 1) continue;
-          gemm_internal::g_force_isa = isa;
-          gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
-          gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
-          gemm_internal::g_force_width = widths[wi];
           std::vector<float> out(out_size, std::nanf("1"));
           p.out = out.data();
-          const int64_t streams_before = gemm_internal::g_stream_plans;
-          const std::string err = ApproxGemmCpu(p, fors[f]);
-          if (strat == 0 && auto_streams != nullptr)
-            *auto_streams += gemm_internal::g_stream_plans - streams_before;
-          gemm_internal::g_force_isa = 0;
-          gemm_internal::g_force_strategy = 0;
-          gemm_internal::g_force_stream = 0;
-          gemm_internal::g_force_width = 0;
+          const std::string err = RunForced(p, isa, strat, widths[wi], fors[f], auto_streams);
           int64_t diff = 0, first = -1;
           for (size_t i = 0; i < out_size; ++i) {
             // NaN sign/payload of a sum is not meaningful: x86 keeps the first
@@ -304,18 +314,9 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
     for (int strat = 0; strat <= 3; ++strat) {  // 3: gathers, LUT rows streamed
       if (isa == 1 && strat > 0) continue;
       for (int f = 0; f < 2; ++f) {
-        gemm_internal::g_force_isa = isa;
-        gemm_internal::g_force_strategy = strat == 3 ? 2 : strat;
-        gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();
-        const int64_t streams_before = gemm_internal::g_stream_plans;
-        const std::string err = ApproxGemmCpu(p, fors[f]);
-        if (strat == 0 && auto_streams != nullptr)
-          *auto_streams += gemm_internal::g_stream_plans - streams_before;
-        gemm_internal::g_force_isa = 0;
-        gemm_internal::g_force_strategy = 0;
-        gemm_internal::g_force_stream = 0;
+        const std::string err = RunForced(p, isa, strat, 0, fors[f], auto_streams);
         int64_t diff = 0;
         for (size_t i = 0; i < out_size; ++i)
           if (FloatBits(out[i]) != FloatBits(ref[i]) && !(std::isnan(out[i]) && std::isnan(ref[i])))
