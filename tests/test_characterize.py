@@ -218,3 +218,48 @@ def test_plot_heatmaps_bad_inputs_are_clear_and_leak_no_figure(tmp_path):
     with pytest.raises(OSError):
         approx_jax.plot_heatmaps(result, tmp_path / "missing" / "x.png")
     assert set(plt.get_fignums()) == before
+
+
+def test_metrics_read_by_key_under_field_names_and_abbreviations():
+    result = ch.characterize("mitchell5")
+    # Independent values: Mitchell's products over every mantissa pair.
+    M = 5
+    x = 1 + np.arange(2**M) / 2**M
+    a, b = np.meshgrid(x, x, indexing="ij")
+    f = (a - 1) + (b - 1)
+    mitchell = np.where(f < 1, 1 + f, 2 * f)
+    expected = independent_metrics(mitchell.ravel(), (a * b).ravel())
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-12), key
+    for alias, field in [
+        ("MRED", "mred"),
+        ("WCRE", "worst_case"),
+        ("worst-case relative error", "worst_case"),
+        ("EP", "error_probability"),
+        ("Error probability", "error_probability"),
+        ("mean_relative_error", "bias"),
+        ("RMSRE", "rms"),
+    ]:
+        assert alias in result and result[alias] == getattr(result, field), alias
+    assert dict(result)["mred"] == result.mred and set(dict(result)) == set(result.keys())
+    assert "loss" not in result and result.get("loss", 7) == 7
+    with pytest.raises(KeyError, match="not a metric.*mred"):
+        result["loss"]
+    with pytest.raises(TypeError, match="str"):
+        result[0]
+
+
+def test_samples_as_one_array_of_pairs_equal_the_pair_of_arrays():
+    rng = np.random.default_rng(4)
+    pairs = rng.standard_normal((500, 2)).astype(np.float32)
+    by_rows = ch.characterize("mbm6", samples=pairs)
+    by_arrays = ch.characterize("mbm6", samples=(pairs[:, 0], pairs[:, 1]))
+    assert by_rows.count == 500
+    assert by_rows.as_dict() == by_arrays.as_dict()
+    # A [2, N] array (and a [2, 2] one) is a pair of operand rows, as a tuple is.
+    assert ch.characterize("mbm6", samples=pairs.T).as_dict() == by_arrays.as_dict()
+    square = pairs[:2]
+    assert (
+        ch.characterize("mbm6", samples=square).as_dict()
+        == ch.characterize("mbm6", samples=(square[0], square[1])).as_dict()
+    )

@@ -115,3 +115,54 @@ def test_stack_pads_to_common_width(stack):
         _bits(jax.vmap(lambda m: approx_jax.approx_dot(x, w, m))(stack)[3]),
         _bits(approx_jax.approx_dot(x, w, multipliers.mbm(3))),
     )
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_closed_over_stack_reaches_xla_as_kernel_lut_constants(op):
+    # vmap over a stack the program closes over (a sweep's designs,
+    # approximate(fn, stack)) hands the ops a batched LUT whose value is the
+    # stack's NumPy array: ops.kernel_lut_of's vmap rule converts it in NumPy,
+    # so no conversion of 4^M entries per design is left for XLA to
+    # constant-fold at every compile (about 3 s for three M = 11 designs).
+    designs = [multipliers.mbm(9), multipliers.mitchell(8), multipliers.truncate(6)]
+    closed = multipliers.stack(designs)
+    x, w = _data(5)
+    fn = OPS[op]
+    over_closed = jax.jit(lambda x, w: jax.vmap(lambda d: fn(x, w, d))(closed))
+    text = over_closed.lower(x, w).as_text()
+    assert "shift_left" not in text and "shift_right" not in text, op
+    got = over_closed(x, w)
+    for d, single in enumerate(designs):
+        np.testing.assert_array_equal(_bits(got[d]), _bits(fn(x, w, single)))
+    # A stack passed straight to the op (vmapped inside).
+    direct = jax.jit(lambda x, w: fn(x, w, closed))
+    assert "shift_right" not in direct.lower(x, w).as_text()
+    np.testing.assert_array_equal(_bits(direct(x, w)), _bits(got))
+    # A stack passed as an argument is traced, and converted inside.
+    as_argument = jax.jit(lambda x, w, s: jax.vmap(lambda d: fn(x, w, d))(s))
+    assert "shift_right" in as_argument.lower(x, w, closed).as_text()
+    np.testing.assert_array_equal(_bits(as_argument(x, w, closed)), _bits(got))
+
+
+def test_closed_over_stack_under_nested_vmap_and_grad():
+    # The conversion rule sits at the design level of nested vmaps, and grad
+    # through the vmapped op is unchanged (the LUT is never differentiated).
+    closed = multipliers.stack([multipliers.mbm(8), multipliers.mitchell(8)])
+    rng = np.random.default_rng(6)
+    xs = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    w = rng.standard_normal((7, 2)).astype(np.float32)
+
+    def loss(w, m):
+        per_batch = jax.vmap(lambda x: approx_jax.approx_dot(x, w, m))(xs)
+        return jnp.sum(per_batch**2)
+
+    grads = jax.jit(lambda w: jax.vmap(lambda d: jax.grad(loss)(w, d))(closed))(w)
+    for d, single in enumerate(multipliers.unstack(closed)):
+        np.testing.assert_array_equal(_bits(grads[d]), _bits(jax.grad(loss)(w, single)))
+    # approximate(fn, stack) sweeps an unmodified function the same way.
+    swept = jax.jit(approx_jax.approximate(lambda w: jnp.dot(xs, w), closed))
+    assert "shift_right" not in swept.lower(w).as_text()
+    for d, single in enumerate(multipliers.unstack(closed)):
+        np.testing.assert_array_equal(
+            _bits(swept(w)[d]), _bits(approx_jax.approx_dot(xs, w, single))
+        )

@@ -55,8 +55,7 @@ APPROX_HD float BitsFloat(uint32_t u) {
 // Bits of the simulated product of float32 bit patterns `a` and `b` under the
 // width-`m` kernel LUT `lut` (4^m entries). `a` indexes the high half of the
 // LUT address (SPEC: operand order matters).
-APPROX_HD uint32_t ApproxMulBits(uint32_t a, uint32_t b, const uint32_t* lut,
-                                 int m) {
+APPROX_HD uint32_t ApproxMulBits(uint32_t a, uint32_t b, const uint32_t* lut, int m) {
   const uint32_t s = (a ^ b) & kSignMask;
   const uint32_t ea = (a >> 23) & 0xffu;
   const uint32_t eb = (b >> 23) & 0xffu;

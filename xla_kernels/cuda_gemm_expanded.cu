@@ -95,9 +95,9 @@ struct ExpTile {
   }
 };
 
-using TileWide = ExpTile<4, 2, 8>;    // 128 x 128, M <= 5, N > 64
-using TileTall = ExpTile<8, 1, 8>;    // 256 x 64, M <= 6
-using TileTall7 = ExpTile<8, 1, 4>;   // 256 x 64, M = 7
+using TileWide = ExpTile<4, 2, 8>;   // 128 x 128, M <= 5, N > 64
+using TileTall = ExpTile<8, 1, 8>;   // 256 x 64, M <= 6
+using TileTall7 = ExpTile<8, 1, 4>;  // 256 x 64, M = 7
 
 __device__ __forceinline__ uint32_t Swizzle(uint32_t u) { return (u >> 1) & 7u; }
 
@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
   const int64_t n_tiles = (N + kBN - 1) / kBN;
   const int64_t s_lo = p.parallel ? static_cast<int64_t>(blockIdx.x) / p.m_tiles : 0;
   const int64_t s_hi = p.parallel ? s_lo + 1 : p.splits;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - (p.parallel ? s_lo * p.m_tiles : 0)) * kBM;
+  const int64_t row0 =
+      (static_cast<int64_t>(blockIdx.x) - (p.parallel ? s_lo * p.m_tiles : 0)) * kBM;
 
   // Global -> register mapping. A: float4 along k, kBK / 4 threads per row.
   constexpr int kAThreadsPerRow = kBK / 4;
@@ -195,7 +196,8 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
             const int64_t row = row0 + a_row + kARowsPerPass * q;
             if (p.vec_a) {
               float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-              if (row < M && ka < kend) v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
+              if (row < M && ka < kend)
+                v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
               ra[q][0] = __float_as_uint(v.x);
               ra[q][1] = __float_as_uint(v.y);
               ra[q][2] = __float_as_uint(v.z);
@@ -223,7 +225,8 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-              rb[c] = (kb < kend && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
+              rb[c] =
+                  (kb < kend && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
             }
           }
         };
@@ -295,7 +298,8 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
             }
             const uint32_t q = kk * kVecPerK + gv;
             const uint32_t pos = 16u * (q ^ Swizzle(u0));
-            *reinterpret_cast<uint4*>(es + u0 * kPlaneBytes + pos) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+            *reinterpret_cast<uint4*>(es + u0 * kPlaneBytes + pos) =
+                make_uint4(lo[0], lo[1], lo[2], lo[3]);
             *reinterpret_cast<uint4*>(es + (u0 + 1) * kPlaneBytes + pos) =
                 make_uint4(hi[0], hi[1], hi[2], hi[3]);
           }
@@ -308,7 +312,8 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
             uint32_t wa[kTR];
 #pragma unroll
             for (int h = 0; h < kTR / 4; ++h) {
-              const uint4 v = *reinterpret_cast<const uint4*>(aw + kk * kAStride + ty * kTR + 4 * h);
+              const uint4 v =
+                  *reinterpret_cast<const uint4*>(aw + kk * kAStride + ty * kTR + 4 * h);
               wa[4 * h] = v.x;
               wa[4 * h + 1] = v.y;
               wa[4 * h + 2] = v.z;
@@ -354,7 +359,8 @@ __global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams 
               const uint32_t xa = row < M ? __float_as_uint(__ldg(A + row * K + k)) : 0u;
 #pragma unroll
               for (int j = 0; j < 8 * kG; ++j)
-                acc[i][j] = __fadd_rn(acc[i][j], __uint_as_float(ApproxMulBits(xa, xb[j], glut, mb)));
+                acc[i][j] =
+                    __fadd_rn(acc[i][j], __uint_as_float(ApproxMulBits(xa, xb[j], glut, mb)));
             }
           }
         };

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 
 import numpy as np
 
@@ -38,6 +39,12 @@ class ErrorMetrics:
         sample set has no pair), or ``None`` for the exact multiplier.
       skipped: Sample pairs left out because the exact product was zero or not
         finite, or the simulated product was not finite.
+
+    The metrics can also be read by key, under their field names or the usual
+    abbreviations (case-insensitive): ``metrics["mred"]``, ``metrics["MRED"]``,
+    ``metrics["WCRE"]`` (``worst_case``), ``metrics["EP"]``
+    (``error_probability``), ``metrics["mean_relative_error"]`` (``bias``),
+    ``metrics["RMSRE"]`` (``rms``); ``dict(metrics)`` gives every field.
     """
 
     name: str
@@ -52,6 +59,40 @@ class ErrorMetrics:
     heatmap: np.ndarray | None
     skipped: int = 0
 
+    def keys(self) -> list[str]:
+        """Field names, as a mapping's keys (``dict(metrics)`` works).
+
+        Returns:
+          The dataclass field names, heat map included.
+        """
+        return [field.name for field in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str):
+        if not isinstance(key, str):
+            raise TypeError(f"ErrorMetrics keys are metric names (str), got {type(key).__name__}")
+        field = _METRIC_ALIASES.get(_normalise_key(key))
+        if field is None:
+            raise KeyError(
+                f"{key!r} is not a metric; known: {', '.join(self.keys())} "
+                f"(aliases: {', '.join(sorted(a for a in _METRIC_ALIASES if a not in self.keys()))})"
+            )
+        return getattr(self, field)
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and _normalise_key(key) in _METRIC_ALIASES
+
+    def get(self, key: str, default=None):
+        """Metric ``key`` (as for ``metrics[key]``), or ``default`` if unknown.
+
+        Args:
+          key: A field name or alias.
+          default: Returned when ``key`` is not a metric.
+
+        Returns:
+          The metric's value or ``default``.
+        """
+        return self[key] if key in self else default
+
     def as_dict(self) -> dict:
         """Scalar metrics as a dict (no heat map).
 
@@ -64,6 +105,36 @@ class ErrorMetrics:
             for field in dataclasses.fields(self)
             if field.name != "heatmap"
         }
+
+
+def _normalise_key(key: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", key.strip().lower()).strip("_")
+
+
+# Every field under its own name, plus the abbreviations of the approximate
+# computing literature (MRED, WCRE / WCE, EP / ER, RMSRE) and spelled-out
+# names; SPEC section 6 calls the signed mean the mean relative error.
+_METRIC_ALIASES = {
+    **{field.name: field.name for field in dataclasses.fields(ErrorMetrics)},
+    "mean_relative_error": "bias",
+    "mean_error": "bias",
+    "mean_relative_error_distance": "mred",
+    "mean_relative_error_magnitude": "mred",
+    "mean_absolute_relative_error": "mred",
+    "worst_case_relative_error": "worst_case",
+    "max_relative_error": "worst_case",
+    "maximum_relative_error": "worst_case",
+    "wcre": "worst_case",
+    "wce": "worst_case",
+    "rms_relative_error": "rms",
+    "root_mean_square_relative_error": "rms",
+    "rmsre": "rms",
+    "rmsred": "rms",
+    "ep": "error_probability",
+    "er": "error_probability",
+    "error_rate": "error_probability",
+    "heat_map": "heatmap",
+}
 
 
 def _metrics(name, mbits, mode, simulated, exact_values, heatmap, skipped) -> ErrorMetrics:
@@ -96,6 +167,11 @@ def _unpack_samples(samples):
       ValueError: If ``samples`` is not a pair, or the shapes do not broadcast.
       TypeError: If an operand is complex or not numeric.
     """
+    # An [N, 2] array (one operand pair per row) as well as a pair (a, b); a
+    # [2, 2] array stays a pair of rows, as tuple unpacking reads it.
+    if hasattr(samples, "shape") and len(samples.shape) == 2 and samples.shape[1] == 2:
+        if samples.shape[0] != 2:
+            samples = (samples[:, 0], samples[:, 1])
     try:
         a, b = samples
     except (TypeError, ValueError) as err:
@@ -190,11 +266,12 @@ def characterize(multiplier, samples=None):
       multiplier: A Multiplier (or a name accepted by ``get``); a stack gives
         one result per design.
       samples: ``None`` for every mantissa pair (operands ``1 + i/2^M``,
-        ``1 + j/2^M``, compared with their exact product), or ``(a, b)``
-        arrays of operand pairs (cast to float32, compared with the exact
-        float64 product of those float32 values; pairs whose exact product is
-        zero or not finite, or whose simulated product is not finite, are
-        skipped and counted in ``skipped``).
+        ``1 + j/2^M``, compared with their exact product), or operand
+        pairs: ``(a, b)`` arrays that broadcast against each other, or one
+        ``[N, 2]`` array with a pair per row. They are cast to float32 and
+        compared with the exact float64 product of those float32 values;
+        pairs whose exact product is zero or not finite, or whose simulated
+        product is not finite, are skipped and counted in ``skipped``.
 
     Returns:
       An :class:`ErrorMetrics`, or a list of them for a stack.

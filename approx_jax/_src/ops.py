@@ -99,8 +99,38 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array | np.ndarray:
     if isinstance(lut, np.ndarray) and not lut.flags.writeable:
         klut = _kernel_lut_numpy_cached(lut, m.mbits)
     else:
-        klut = m.kernel_lut()
+        klut = _kernel_lut_converter(m.mbits)(lut)
     return klut.reshape(-1, klut.shape[-1])
+
+
+@functools.cache
+def _kernel_lut_converter(mbits: int):
+    """``lut.kernel_lut(stored, mbits)`` whose vmap rule converts a NumPy LUT in NumPy.
+
+    ``jax.vmap`` over a stack that the program closes over (a sweep's designs,
+    ``approximate(fn, stack)``) hands the ops a batched LUT whose value is
+    the stack's NumPy array. Converted with jnp, those 4^M entries per design
+    were constant-folded by XLA's HLO evaluator at every compile (about 3 s
+    for three M = 11 designs); the rule sees the NumPy array and returns the
+    cached kernel LUT instead, a ready constant. A traced LUT (a jit
+    argument) or a JAX array (which may be sharded) is converted with jnp.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def convert(stored):
+        return lut_lib.kernel_lut(stored, mbits)
+
+    @convert.def_vmap
+    def _rule(axis_size, in_batched, stored):
+        del axis_size
+        (batched,) = in_batched
+        if isinstance(stored, np.ndarray):
+            if stored.flags.writeable:
+                return lut_lib.kernel_lut_numpy(stored, mbits), batched
+            return _kernel_lut_numpy_cached(stored, mbits), batched
+        return convert(stored), batched
+
+    return convert
 
 
 # Kernel-format LUTs of the read-only NumPy LUTs that Multipliers hold, by
@@ -318,7 +348,10 @@ _multiply.defvjp(_multiply_fwd, _multiply_bwd)
 
 def _over_stack(fn, m: mult_lib.Multiplier):
     """Maps ``fn(single_multiplier)`` over a stacked multiplier's designs (one call)."""
-    return jax.vmap(lambda lut: fn(dataclasses.replace(m, lut=lut)))(jnp.asarray(m.lut))
+    # A NumPy LUT stays NumPy, so that kernel_lut_of's vmap rule converts it
+    # once, outside the program.
+    lut = m.lut if isinstance(m.lut, np.ndarray) else jnp.asarray(m.lut)
+    return jax.vmap(lambda one: fn(dataclasses.replace(m, lut=one)))(lut)
 
 
 def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> jax.Array:
