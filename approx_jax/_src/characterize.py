@@ -72,9 +72,10 @@ class ErrorMetrics:
             raise TypeError(f"ErrorMetrics keys are metric names (str), got {type(key).__name__}")
         field = _METRIC_ALIASES.get(_normalise_key(key))
         if field is None:
+            aliases = sorted(a for a in _METRIC_ALIASES if a not in self.keys())
             raise KeyError(
                 f"{key!r} is not a metric; known: {', '.join(self.keys())} "
-                f"(aliases: {', '.join(sorted(a for a in _METRIC_ALIASES if a not in self.keys()))})"
+                f"(aliases: {', '.join(aliases)})"
             )
         return getattr(self, field)
 
