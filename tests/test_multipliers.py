@@ -622,6 +622,7 @@ def test_builtin_model_path():
         ("trunc11", "truncate", 11),
         ("bf16", "truncate", 7),
         ("BF16", "truncate", 7),
+        ("bfloat16", "truncate", 7),
         ("acc7", "truncate", 7),  # ApproxTrain's ACC_7.bin
         ("ACC_5", "truncate", 5),
     ],

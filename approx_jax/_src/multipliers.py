@@ -845,7 +845,7 @@ _LUT_FILE_PATTERN = re.compile(r"^(?P<path>.+\.bin)@(?P<m>\d+)$", re.IGNORECASE)
 
 VALID_NAME_FORMS = (
     "'fp32' or 'exact'",
-    "'bf16' (= truncate7)",
+    "'bf16' / 'bfloat16' (= truncate7)",
     "'truncateM' / 'truncM' / 'accM'",
     "'mitchellM' / 'mitM'",
     "'mbmM' (M in 1..11)",
@@ -859,7 +859,7 @@ def get(name_or_multiplier) -> Multiplier:
 
     Args:
       name_or_multiplier: A :class:`Multiplier`, or one of (case-insensitive)
-        ``"fp32"``/``"exact"``, ``"bf16"``, ``"mbm7"``, ``"mitchell5"``,
+        ``"fp32"``/``"exact"``, ``"bf16"``/``"bfloat16"``, ``"mbm7"``, ``"mitchell5"``,
         ``"mit5"``, ``"truncate7"``, ``"path/X_7.bin"``,
         ``"path/lut.bin@7"`` (an ApproxTrain file without the ``_M``
         suffix), ``"model.c:fn@5"``.
@@ -889,7 +889,7 @@ def get(name_or_multiplier) -> Multiplier:
     key = spec.lower()
     if is_exact_name(key):
         return exact()
-    if key == "bf16":
+    if key in ("bf16", "bfloat16"):
         return truncate(7)
     match = _FAMILY_PATTERN.match(key)
     if match and match[1] in _FAMILY_ALIASES:
