@@ -604,6 +604,28 @@ def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):
             _assert_bits_equal(compact[d], reference.sequential_dot(x, w, m.lut, M))
 
 
+@pytest.mark.parametrize("M", [1, 3, 5, 6, 7])
+@pytest.mark.parametrize("shape", [(64, 100, 70), (5, 300, 100), (40, 33, 130)])
+def test_cpu_bfloat16_tiles_by_byte_lookup_are_bit_exact(M, shape, monkeypatch):
+    # With AVX-512 VBMI the bfloat16 tiles (M <= 7) are built by byte permutes
+    # and a 16-bit add of b's sign and exponent (cpu_gemm_avx512.cc
+    # BuildTilesBf16Bytes) instead of permutes of the 32-bit LUT row and a
+    # float multiply: the same tile bits, so on (automatic) and off must be
+    # bit-equal, and equal the NumPy sequential order. Random LUTs and MBM
+    # (effective width M - 1 in a stack), zeros, special values (rows = 5),
+    # one and two LUT registers (M <= 6, M = 7). Without VBMI both runs take
+    # the permute builder.
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 7 * M)
+    designs = [random_multiplier(M, 3), multipliers.mbm(M), random_multiplier(M, 4)]
+    got = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_VBMI", "1", x, w, designs, "byte-lookup vs permute tiles"
+    )
+    if rows != 5:
+        for d, m in enumerate(designs):
+            _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
+
+
 @pytest.mark.parametrize("M", [10, 11])
 @pytest.mark.parametrize("shape", [(5, 40, 300), (9, 300, 70), (6, 100, 40), (3, 4500, 130)])
 def test_cpu_lut_row_streaming_is_bit_exact(M, shape, monkeypatch):

@@ -33,6 +33,7 @@ int g_no_design_sharing = 0;
 int g_force_width = 0;
 int g_force_f32_tiles = 0;
 int g_force_stream = 0;
+int g_force_permute_tiles = 0;
 int64_t g_stream_plans = 0;
 int g_stream_min_bits = 10;
 int g_min_rows_mul = 4;
@@ -512,6 +513,14 @@ int StreamMode() {
   return EnvMode("APPROX_JAX_CPU_STREAM");
 }
 
+// Whether the bfloat16 tiles are built by byte lookups (KSplit::byte_tiles;
+// the ISA unit also needs AVX-512 VBMI): not with APPROX_JAX_CPU_VBMI=0 or
+// the harness's g_force_permute_tiles.
+bool ByteTiles() {
+  if (gemm_internal::g_force_permute_tiles != 0) return false;
+  return EnvMode("APPROX_JAX_CPU_VBMI") != 0;
+}
+
 // The gathers from a LUT beyond L2 (M >= g_stream_min_bits, a design with no
 // closed form) stream each (row, k) pair's LUT row across the columns of a
 // task (cpu_gemm_simd_impl.h, Plan::stream), so they want many columns: with
@@ -666,6 +675,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     }
   }
   const int stream_mode = StreamMode();
+  const bool byte_tiles = ByteTiles();
   if (may_transpose && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
@@ -685,8 +695,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
     const int64_t whole = std::max<int64_t>(p.k, 1);
-    const gemm_internal::KSplit ks{whole,    1,       0,        problems, nullptr,
-                                   eff_bits, eff_lut, families, lut16,    stream_mode};
+    const gemm_internal::KSplit ks{whole,   1,        0,     problems,    nullptr,   eff_bits,
+                                   eff_lut, families, lut16, stream_mode, byte_tiles};
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -698,8 +708,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   std::vector<float> part(static_cast<size_t>(group * chunks * mn));
   for (int64_t p0 = 0; p0 < problems; p0 += group) {
     const int64_t g = std::min(group, problems - p0);
-    const gemm_internal::KSplit ks{chunk,    chunks,  p0,       g,     part.data(),
-                                   eff_bits, eff_lut, families, lut16, stream_mode};
+    const gemm_internal::KSplit ks{chunk,   chunks,   p0,    g,           part.data(), eff_bits,
+                                   eff_lut, families, lut16, stream_mode, byte_tiles};
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

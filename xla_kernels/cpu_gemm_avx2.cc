@@ -151,7 +151,7 @@ inline int32_t ReduceMaxI32(VI a) {
   return m;
 }
 inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
-void BuildTilesBf16(const uint32_t*, int, int, const int32_t*, const float*, int32_t*, int) {}
+void BuildTilesBf16(const uint32_t*, int, int, const int32_t*, const float*, int32_t*, int, bool) {}
 
 #include "cpu_gemm_simd_impl.h"
 

@@ -215,11 +215,93 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
   BuildTilesNarrow<false>(lut, mbits, n, ibv, sbv, tiles, ustride);
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512vbmi,avx2,fma,bmi,bmi2,popcnt")
+
+// BuildTilesM<MB, true>'s tiles by byte lookups (AVX-512 VBMI; 1 <= mbits <=
+// 7, n a multiple of 32). For M <= 7 a bfloat16 tile value is
+//   bf16(Lf[u][v] * sb) = (entry(u, v) >> 16) + (sb >> 16)
+// as 16-bit integers: entry >> 16 is the byte c << 7 | r << (7 - M) (c <= 1:
+// the caller's plan only takes LUTs with clear low bits and entries below
+// 2^24), and sb >> 16 is b's sign << 15 | eb << 7, so the sum is sign << 15
+// | (eb + c) << 7 | r bits, the product's bfloat16 bits wherever a tile is
+// used (eb + c <= 254: BStats keeps eb <= 253 on the fast path). A zero or
+// subnormal b (sb a signed zero) keeps sb >> 16 itself, as the float
+// multiply gives. One byte permute (vpermb / vpermt2b, 2^M <= 128 table
+// bytes in one or two registers) looks up 32 entries, zero-extended into the
+// even bytes; one masked 16-bit add applies sb. The permute builder needs up
+// to 4 permutes and 3 blends per 16 entries at M = 7 (a fifth of a 1024^3
+// GEMM's time).
+void BuildTilesBf16Bytes(const uint32_t* lut, int mbits, int n, const int32_t* ibv,
+                         const float* sbv, int32_t* tiles, int ustride) {
+  const int width = 1 << mbits;
+  const int entries = width * width;
+  // bytes[u * width + v] = entry(u, v) >> 16.
+  alignas(64) uint8_t bytes[128 * 128];
+  for (int e = 0; e < entries; e += kVL) {
+    const __mmask16 live =
+        entries - e >= kVL ? 0xffff : static_cast<__mmask16>((1u << (entries - e)) - 1u);
+    const VI words = _mm512_srli_epi32(_mm512_maskz_loadu_epi32(live, lut + e), 16);
+    _mm_mask_storeu_epi8(bytes + e, live, _mm512_cvtepi32_epi8(words));
+  }
+  // Per 32-column block: the byte indices (column l's index in byte 4l,
+  // column 16 + l's in byte 4l + 2: the bfloat16 layout's word order), sb's
+  // high halves in the same order, and which of them are nonzero.
+  constexpr int kBlocks = 64;
+  alignas(64) int32_t index[kBlocks * kVL];
+  alignas(64) int32_t scale[kBlocks * kVL];
+  __mmask32 nonzero[kBlocks];
+  const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
+  const VI exponent16 = _mm512_set1_epi16(0x7f80);
+  const __mmask64 even_bytes = 0x5555555555555555ull;
+  const int blocks = n / (2 * kVL);
+  for (int b0 = 0; b0 < blocks; b0 += kBlocks) {
+    const int nb = blocks - b0 < kBlocks ? blocks - b0 : kBlocks;
+    for (int b = 0; b < nb; ++b) {
+      const int x = (b0 + b) * 2 * kVL;
+      const VI iv = OrI(LoadI(ibv + x), _mm512_slli_epi32(LoadI(ibv + x + kVL), 16));
+      const VI sv =
+          OrI(ShrI16(CastI(LoadF(sbv + x))), AndI(CastI(LoadF(sbv + x + kVL)), high_half));
+      _mm512_store_si512(index + b * kVL, iv);
+      _mm512_store_si512(scale + b * kVL, sv);
+      nonzero[b] = _mm512_test_epi16_mask(sv, exponent16);
+    }
+    for (int u = 0; u < width; ++u) {
+      const uint8_t* row = bytes + u * width;
+      int32_t* out = tiles + static_cast<int64_t>(u) * ustride + b0 * kVL;
+      if (mbits <= 6) {
+        const __mmask64 live = width == 64 ? ~0ull : (1ull << width) - 1ull;
+        const VI table = _mm512_maskz_loadu_epi8(live, row);
+        for (int b = 0; b < nb; ++b) {
+          const VI sv = _mm512_load_si512(scale + b * kVL);
+          const VI entry =
+              _mm512_maskz_permutexvar_epi8(even_bytes, _mm512_load_si512(index + b * kVL), table);
+          StoreI(out + b * kVL, _mm512_mask_add_epi16(sv, nonzero[b], entry, sv));
+        }
+      } else {
+        const VI table0 = _mm512_loadu_si512(row);
+        const VI table1 = _mm512_loadu_si512(row + 64);
+        for (int b = 0; b < nb; ++b) {
+          const VI sv = _mm512_load_si512(scale + b * kVL);
+          const VI entry = _mm512_maskz_permutex2var_epi8(
+              even_bytes, table0, _mm512_load_si512(index + b * kVL), table1);
+          StoreI(out + b * kVL, _mm512_mask_add_epi16(sv, nonzero[b], entry, sv));
+        }
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
 // The bfloat16 tile layout (BuildTilesM<MB, true>) for 1 <= mbits <= 7; n is
-// a multiple of 32 and ustride counts 32-bit words.
+// a multiple of 32 and ustride counts 32-bit words. byte_lookup: by
+// BuildTilesBf16Bytes where the CPU has AVX-512 VBMI (same tiles).
 constexpr bool kIsaBf16Tiles = true;
 void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
-                    int32_t* tiles, int ustride) {
+                    int32_t* tiles, int ustride, bool byte_lookup) {
+  static const bool has_vbmi = __builtin_cpu_supports("avx512vbmi");
+  if (byte_lookup && has_vbmi) return BuildTilesBf16Bytes(lut, mbits, n, ibv, sbv, tiles, ustride);
   BuildTilesNarrow<true>(lut, mbits, n, ibv, sbv, tiles, ustride);
 }
 

@@ -51,6 +51,9 @@ extern int g_force_f32_tiles;
 // Harness override of the gather path's LUT-row streaming (Plan::stream):
 // 0 = automatic, 1 = never, 2 = always.
 extern int g_force_stream;
+// Harness override of the bfloat16 tile builder: 0 = automatic (the byte
+// lookup wherever the CPU has AVX-512 VBMI), 1 = the permute builder.
+extern int g_force_permute_tiles;
 // Plans that streamed LUT rows so far (a counter for the harness).
 extern int64_t g_stream_plans;
 // Smallest M whose gathers stream LUT rows (automatic mode; a tuning knob).
@@ -92,6 +95,10 @@ struct KSplit {
   // 0 = never, 2 = always (cpu_gemm.cc StreamMode: env APPROX_JAX_CPU_STREAM
   // or the harness's g_force_stream).
   int stream_mode = 1;
+  // bfloat16 tiles built by byte lookups (AVX-512 VBMI; BuildTilesBf16):
+  // cpu_gemm.cc ByteTiles (env APPROX_JAX_CPU_VBMI=0 or the harness's
+  // g_force_permute_tiles turn it off). Same tile bits either way.
+  bool byte_tiles = true;
 };
 
 // The automatic strategy (before g_force_strategy): expanded tiles pay 2^M

@@ -829,7 +829,7 @@ void RunTask(void* arg, int64_t task) {
           if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {
             if (pl.bf16)
               BuildTilesBf16(lut_mb, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
-                             pl.ustride);
+                             pl.ustride, ks.byte_tiles);
             else
               BuildTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
           }
