@@ -170,14 +170,18 @@ def bench_gemm(device, sizes, mbits_list, reps):
             # The same GEMM another way (an env knob read at each launch;
             # same bits): at M >= 8, every LUT entry read from global memory
             # instead of MBM's closed form; at M = 3, 7 the LUT kernel
-            # instead of the expanded-operand kernel.
+            # instead of the expanded-operand kernel; at M = 3 also the
+            # expanded kernel's opt-in two-blocks-per-SM build (128 registers
+            # a thread instead of 216).
             variants = []
             if mbits >= 8 and n == 1024:
-                variants.append(("APPROX_JAX_CUDA_FORMULA", f"GEMM {n}^3 LUT reads"))
+                variants.append(("APPROX_JAX_CUDA_FORMULA", "0", f"GEMM {n}^3 LUT reads"))
             if mbits in (3, 7) and n >= 4096:
-                variants.append(("APPROX_JAX_CUDA_EXPANDED", f"GEMM {n}^3 LUT kernel"))
-            for knob, case in variants:
-                with _env(knob, "0"):
+                variants.append(("APPROX_JAX_CUDA_EXPANDED", "0", f"GEMM {n}^3 LUT kernel"))
+            if mbits == 3:
+                variants.append(("APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2", f"GEMM {n}^3 2 blocks/SM"))
+            for knob, value, case in variants:
+                with _env(knob, value):
                     t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
                 record(
                     case,

@@ -688,6 +688,22 @@ def test_gemm_expanded_kernel_all_widths(M, shape, monkeypatch):
     assert_bits_equal(got_lut, got, f"LUT kernel vs expanded M={M} {shape}")
 
 
+@pytest.mark.parametrize("M", (1, 3, 4))
+@pytest.mark.parametrize("shape", [(300, 70, 130), (33, 19, 200), (700, 900, 260)])
+def test_gemm_expanded_kernel_two_blocks_build(M, shape, monkeypatch):
+    # APPROX_JAX_CUDA_EXPANDED_BLOCKS=2: the 128-register build of the wide
+    # tile (M <= 4, N > 64) for two blocks per SM; same arithmetic, same bits.
+    rows, K, N = shape
+    rng = np.random.default_rng(2500 + 13 * M + rows + K + N)
+    a = random_operands((rows, K), rng, exp_range=40)
+    b = random_operands((K, N), rng, exp_range=40)
+    m = MB.from_lut(random_lut(M, rng), M)
+    fn = lambda x, w: _api("approx_dot")(x, w, m)  # noqa: E731
+    monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2")
+    got = run_on(GPU, fn, a, b)
+    assert_bits_equal(got, sequential_gemm(a, b, np.asarray(m.lut), M), f"2 blocks M={M} {shape}")
+
+
 @pytest.mark.parametrize("M", (2, 5, 6, 7))
 def test_gemm_expanded_kernel_exponent_edges(M, monkeypatch):
     # Biased exponents at the fast path's edges: 64 and 190 stay fast, 63 and

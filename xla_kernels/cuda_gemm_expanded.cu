@@ -106,8 +106,15 @@ __device__ __forceinline__ bool SlowExponent(uint32_t bits) {
   return e >= kSlowExponent || (e != 0 && e < kLowExponent);
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) ExpandedGemmKernel(const GemmParams p) {
+// kMinBlocks = 2 (opt-in, APPROX_JAX_CUDA_EXPANDED_BLOCKS=2, TileWide at
+// M <= 4 only, not yet timed on a GPU): the register budget of two resident
+// blocks per SM (128 per thread; ptxas spills a few hundred bytes, nearly
+// all outside the FMA loop). With kMinBlocks = 1 ptxas uses 216-226
+// registers, so an SM holds one block (8 warps) and idles at each of a
+// chunk's two barriers; two blocks of TileWide fit the shared memory for
+// M <= 4 (47 KB at M = 3, 80 KB at M = 4). Same arithmetic, same bits.
+template <class T, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const GemmParams p) {
   constexpr int kTR = T::kTR, kG = T::kG, kBK = T::kBK, kBM = T::kBM, kBN = T::kBN;
   constexpr int kAStride = T::kAStride, kPlaneBytes = T::kPlaneBytes;
   constexpr int kVecPerK = kBN / 8;  // 16-byte vectors per k-row of a plane
@@ -442,7 +449,14 @@ int TileKind(int mbits, int64_t n) {
   return 1;
 }
 
-template <class T>
+// APPROX_JAX_CUDA_EXPANDED_BLOCKS=2: the two-blocks-per-SM build of TileWide
+// for M <= 4 (see ExpandedGemmKernel), read at each launch.
+bool TwoBlocksRequested(int mbits) {
+  const char* s = std::getenv("APPROX_JAX_CUDA_EXPANDED_BLOCKS");
+  return mbits <= 4 && s != nullptr && std::strcmp(s, "2") == 0;
+}
+
+template <class T, int kMinBlocks = 1>
 std::string Launch(GemmParams gp, int64_t grid_splits, cudaStream_t stream) {
   const int64_t db = gp.designs * gp.batch;
   const int64_t m_tiles = (gp.m + T::kBM - 1) / T::kBM;
@@ -453,10 +467,10 @@ std::string Launch(GemmParams gp, int64_t grid_splits, cudaStream_t stream) {
                   static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(db, 65535)));
   const int smem = static_cast<int>(T::SmemBytes(gp.mbits));
-  cudaError_t e = cudaFuncSetAttribute(ExpandedGemmKernel<T>,
+  cudaError_t e = cudaFuncSetAttribute(ExpandedGemmKernel<T, kMinBlocks>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);
-  ExpandedGemmKernel<T><<<grid, kThreads, smem, stream>>>(gp);
+  ExpandedGemmKernel<T, kMinBlocks><<<grid, kThreads, smem, stream>>>(gp);
   e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : CudaErr("approx_jax_gemm expanded launch", e);
 }
@@ -496,6 +510,7 @@ int64_t ExpandedSmemBytes(int mbits, int64_t n) {
 std::string LaunchExpandedGemm(GemmParams gp, int64_t grid_splits, cudaStream_t stream) {
   switch (TileKind(gp.mbits, gp.n)) {
     case 0:
+      if (TwoBlocksRequested(gp.mbits)) return Launch<TileWide, 2>(gp, grid_splits, stream);
       return Launch<TileWide>(gp, grid_splits, stream);
     case 1:
       return Launch<TileTall>(gp, grid_splits, stream);

@@ -44,6 +44,7 @@ struct Config {
   const char* split_k;   // APPROX_JAX_CUDA_SPLIT_K
   int sm_count, smem_optin;
   const char* formula = nullptr;  // APPROX_JAX_CUDA_FORMULA
+  const char* blocks = nullptr;   // APPROX_JAX_CUDA_EXPANDED_BLOCKS
 };
 
 constexpr int kH200Smem = 232448, kA100Smem = 166912, kSm86Smem = 101376;
@@ -60,6 +61,7 @@ const Config kConfigs[] = {
     {"forced-3-chunks", nullptr, nullptr, "3", 132, kH200Smem},
     {"forced-3-chunks-fold", "0", nullptr, "3", 1, kH200Smem},
     {"no-split", nullptr, nullptr, "1", 132, kH200Smem},
+    {"two-blocks", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, "2"},
 };
 
 void SetEnv(const char* name, const char* value) {
@@ -102,7 +104,7 @@ bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemm
   const std::string reduce = plan.splits > 1 && plan.parallel ? ", SplitKReduceKernel" : "";
   const bool disabled = cfg.expanded && std::strcmp(cfg.expanded, "0") == 0;
   if (p.mbits <= 7 && !disabled && cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= cfg.smem_optin) {
-    return launched == "ExpandedGemmKernel<T>" + reduce;
+    return launched == "ExpandedGemmKernel<T, kMinBlocks>" + reduce;
   }
   const int64_t lut_bytes = int64_t{4} << (2 * p.mbits);
   const int64_t cap = (cfg.lut_kb ? std::atoll(cfg.lut_kb) : 128) * 1024;
@@ -151,13 +153,14 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   std::vector<float> ref(outs);
   for (const Config& cfg : kConfigs) {
     if (!all_configs && std::strcmp(cfg.name, "h200") != 0 &&
-        std::strcmp(cfg.name, "lut-kernel") != 0) {
+        std::strcmp(cfg.name, "lut-kernel") != 0 && std::strcmp(cfg.name, "two-blocks") != 0) {
       continue;
     }
     SetEnv("APPROX_JAX_CUDA_EXPANDED", cfg.expanded);
     SetEnv("APPROX_JAX_CUDA_LUT_SMEM_KB", cfg.lut_kb);
     SetEnv("APPROX_JAX_CUDA_SPLIT_K", cfg.split_k);
     SetEnv("APPROX_JAX_CUDA_FORMULA", cfg.formula);
+    SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", cfg.blocks);
     cuda_emu::g_device.sm_count = cfg.sm_count;
     cuda_emu::g_device.smem_optin = cfg.smem_optin;
     cuda_emu::g_smem_limit.clear();
@@ -208,6 +211,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   SetEnv("APPROX_JAX_CUDA_LUT_SMEM_KB", nullptr);
   SetEnv("APPROX_JAX_CUDA_SPLIT_K", nullptr);
   SetEnv("APPROX_JAX_CUDA_FORMULA", nullptr);
+  SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", nullptr);
   cuda_emu::g_device = cuda_emu::Device();
 }
 
