@@ -48,10 +48,12 @@ def random_design(mbits: int) -> multipliers.Multiplier:
 
 
 def gemm_designs(mbits_list):
-    """MBM at each width, and a random-LUT design at each width >= 8 (where the
-    built-ins' closed forms and a user's LUT take different kernel paths)."""
+    """MBM at each width, and a random-LUT design at each width >= 7: at M = 7
+    MBM's LUT runs at width 6 (half the tiles of a user's M = 7 LUT), and from
+    M = 8 the built-ins' closed forms and a user's LUT take different kernel
+    paths."""
     designs = [multipliers.mbm(m) for m in mbits_list]
-    return designs + [random_design(m) for m in mbits_list if m >= 8]
+    return designs + [random_design(m) for m in mbits_list if m >= 7]
 
 
 def bench_gemm(rows, mbits_list, shapes, reps):
