@@ -82,8 +82,8 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array | np.ndarray:
     Checks the LUT against ``mbits`` here, at trace time, because a
     ``Multiplier`` built by hand (or rebuilt from a pytree) skips the
     constructors' validation, and a bad LUT must never reach the kernel.
-    A read-only NumPy LUT (what the constructors make) gives a cached NumPy
-    array; a traced or JAX one, a JAX array.
+    A NumPy LUT gives a NumPy array (cached when read-only, as the
+    constructors make it); a traced or JAX one, a JAX array.
     """
     lut = m.lut
     dtype = jnp.result_type(lut)
@@ -96,8 +96,8 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array | np.ndarray:
             f"multiplier.lut has {np.shape(lut)[-1]} entries per design, expected "
             f"4**M = {lut_lib.num_entries(m.mbits)} for M={m.mbits}"
         )
-    if isinstance(lut, np.ndarray) and not lut.flags.writeable:
-        klut = _kernel_lut_numpy_cached(lut, m.mbits)
+    if isinstance(lut, np.ndarray):
+        klut = _kernel_lut_numpy(lut, m.mbits)
     else:
         klut = _kernel_lut_converter(m.mbits)(lut)
     return klut.reshape(-1, klut.shape[-1])
@@ -125,9 +125,7 @@ def _kernel_lut_converter(mbits: int):
         del axis_size
         (batched,) = in_batched
         if isinstance(stored, np.ndarray):
-            if stored.flags.writeable:
-                return lut_lib.kernel_lut_numpy(stored, mbits), batched
-            return _kernel_lut_numpy_cached(stored, mbits), batched
+            return _kernel_lut_numpy(stored, mbits), batched
         return convert(stored), batched
 
     return convert
@@ -142,7 +140,11 @@ def _kernel_lut_converter(mbits: int):
 _KERNEL_LUTS: dict[int, tuple[Any, int, np.ndarray]] = {}
 
 
-def _kernel_lut_numpy_cached(stored: np.ndarray, mbits: int) -> np.ndarray:
+def _kernel_lut_numpy(stored: np.ndarray, mbits: int) -> np.ndarray:
+    """``lut.kernel_lut_numpy``, cached for a read-only array (a writeable one
+    may change under the same id)."""
+    if stored.flags.writeable:
+        return lut_lib.kernel_lut_numpy(stored, mbits)
     entry = _KERNEL_LUTS.get(id(stored))
     if entry is not None and entry[0]() is stored and entry[1] == mbits:
         return entry[2]
