@@ -143,11 +143,17 @@ inline VI LookupLutRow(const LutRow<MB>& r, VI ib) {
 // words then). For M <= 7 those top 16 bits are the whole value: a tile value
 // is +-1.r * 2^e with r of at most 7 bits, or a signed zero, so the low 16
 // bits of its float32 are zero and the bfloat16 form is exact.
+// The bfloat16 tile layout's words for 32 columns: float32 bit patterns of
+// columns l (lo) and 16 + l (hi), each an exact bfloat16, packed as the low
+// and high halves of word l.
+inline VI Bf16Pair(VI lo, VI hi) {
+  return OrI(ShrI16(lo), AndI(hi, Set1I(static_cast<int32_t>(0xffff0000u))));
+}
+
 template <int MB, bool BF16>
 void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sbv, void* tiles,
                  int ustride) {
   const VI one_exp = Set1I(127 << 23);
-  const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   for (int u = 0; u < (1 << MB); ++u) {
     const LutRow<MB> row = LoadLutRow<MB>(lut + (u << MB));
     auto value = [&](int x) {
@@ -156,11 +162,8 @@ void BuildTilesM(const uint32_t* lut, int n, const int32_t* ibv, const float* sb
     };
     if constexpr (BF16) {
       int32_t* out = static_cast<int32_t*>(tiles) + static_cast<int64_t>(u) * ustride;
-      for (int x = 0; x < n; x += 2 * kVL) {
-        const VI lo = ShrI16(CastI(value(x)));
-        const VI hi = AndI(CastI(value(x + kVL)), high_half);
-        StoreI(out + x / 2, OrI(lo, hi));
-      }
+      for (int x = 0; x < n; x += 2 * kVL)
+        StoreI(out + x / 2, Bf16Pair(CastI(value(x)), CastI(value(x + kVL))));
     } else {
       float* out = static_cast<float*>(tiles) + static_cast<int64_t>(u) * ustride;
       for (int x = 0; x < n; x += kVL) StoreF(out + x, value(x));
@@ -251,7 +254,6 @@ void BuildTilesBf16Bytes(const uint32_t* lut, int mbits, int n, const int32_t* i
   alignas(64) int32_t index[kBlocks * kVL];
   alignas(64) int32_t scale[kBlocks * kVL];
   __mmask32 nonzero[kBlocks];
-  const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   const VI exponent16 = _mm512_set1_epi16(0x7f80);
   const __mmask64 even_bytes = 0x5555555555555555ull;
   const int blocks = n / (2 * kVL);
@@ -260,8 +262,7 @@ void BuildTilesBf16Bytes(const uint32_t* lut, int mbits, int n, const int32_t* i
     for (int b = 0; b < nb; ++b) {
       const int x = (b0 + b) * 2 * kVL;
       const VI iv = OrI(LoadI(ibv + x), _mm512_slli_epi32(LoadI(ibv + x + kVL), 16));
-      const VI sv =
-          OrI(ShrI16(CastI(LoadF(sbv + x))), AndI(CastI(LoadF(sbv + x + kVL)), high_half));
+      const VI sv = Bf16Pair(CastI(LoadF(sbv + x)), CastI(LoadF(sbv + x + kVL)));
       _mm512_store_si512(index + b * kVL, iv);
       _mm512_store_si512(scale + b * kVL, sv);
       nonzero[b] = _mm512_test_epi16_mask(sv, exponent16);
