@@ -41,6 +41,27 @@ struct GemmParams {
   const int* families;
 };
 
+// Four consecutive floats m[r * ld + c .. c + 3] of a row-major matrix, as
+// bits, into w; zeros where r >= r_end or (element by element) c + i >= c_end.
+// vec: one 16-byte load, all four or none (the launcher sets vec only where
+// rows are 16-byte aligned and c_end leaves no partial group). Both GEMM
+// kernels stage their A and B chunks through it.
+__device__ __forceinline__ void LoadWords4(const float* m, int64_t ld, int64_t r, int64_t r_end,
+                                           int64_t c, int64_t c_end, bool vec, uint32_t (&w)[4]) {
+  if (vec) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < r_end && c < c_end) v = __ldg(reinterpret_cast<const float4*>(m + r * ld + c));
+    w[0] = __float_as_uint(v.x);
+    w[1] = __float_as_uint(v.y);
+    w[2] = __float_as_uint(v.z);
+    w[3] = __float_as_uint(v.w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = (r < r_end && c + i < c_end) ? __float_as_uint(__ldg(m + r * ld + c + i)) : 0u;
+  }
+}
+
 // The expanded-operand kernel (cuda_gemm_expanded.cu) serves 1 <= M <= 7.
 // Its block tile for a problem of width `mbits` and `n` columns, or false
 // when the expanded kernel is not used (M >= 8, or disabled by the env knob

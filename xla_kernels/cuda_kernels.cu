@@ -88,6 +88,7 @@ using cuda_gemm::CudaErr;
 using cuda_gemm::GemmParams;
 using cuda_gemm::kSlowExponent;
 using cuda_gemm::kThreads;
+using cuda_gemm::LoadWords4;
 constexpr int kBK = 8;
 
 // Block tile of kBM x kBN outputs, 8 x 8 per thread (256 threads).
@@ -273,44 +274,14 @@ __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p)
 
         uint32_t ra[kAPasses][4], rb[4];
         auto load_chunk = [&](int64_t k0) {
-          const int64_t ka = k0 + a_kk;
 #pragma unroll
-          for (int q = 0; q < kAPasses; ++q) {
-            const int64_t row = row0 + a_row + 128 * q;
-            if (p.vec_a) {
-              float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-              if (row < M && ka < kend)
-                v = __ldg(reinterpret_cast<const float4*>(A + row * K + ka));
-              ra[q][0] = __float_as_uint(v.x);
-              ra[q][1] = __float_as_uint(v.y);
-              ra[q][2] = __float_as_uint(v.z);
-              ra[q][3] = __float_as_uint(v.w);
-            } else {
-#pragma unroll
-              for (int c = 0; c < 4; ++c) {
-                ra[q][c] =
-                    (row < M && ka + c < kend) ? __float_as_uint(__ldg(A + row * K + ka + c)) : 0u;
-              }
-            }
-          }
-          const int64_t kb = k0 + b_kk;
-          const int64_t col = col0 + b_col;
-          if (!b_loader) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) rb[c] = 0u;
-          } else if (p.vec_b) {
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (kb < kend && col < N) v = __ldg(reinterpret_cast<const float4*>(B + kb * N + col));
-            rb[0] = __float_as_uint(v.x);
-            rb[1] = __float_as_uint(v.y);
-            rb[2] = __float_as_uint(v.z);
-            rb[3] = __float_as_uint(v.w);
+          for (int q = 0; q < kAPasses; ++q)
+            LoadWords4(A, K, row0 + a_row + 128 * q, M, k0 + a_kk, kend, p.vec_a, ra[q]);
+          if (b_loader) {
+            LoadWords4(B, N, k0 + b_kk, kend, col0 + b_col, N, p.vec_b, rb);
           } else {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              rb[c] =
-                  (kb < kend && col + c < N) ? __float_as_uint(__ldg(B + kb * N + col + c)) : 0u;
-            }
+            for (int c = 0; c < 4; ++c) rb[c] = 0u;
           }
         };
         // Decomposes the registers into stage `s`; returns this thread's slow flag.
