@@ -10,6 +10,7 @@ from approx_test_utils import random_multiplier, underflow_edge_values
 
 import approx_jax
 from approx_jax import multipliers
+from approx_jax._src import lut as lut_lib
 from approx_jax._src import ops, reference
 
 MULTIPLIERS = {
@@ -624,6 +625,48 @@ def test_cpu_bfloat16_tiles_by_byte_lookup_are_bit_exact(M, shape, monkeypatch):
     if rows != 5:
         for d, m in enumerate(designs):
             _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
+
+
+@pytest.mark.parametrize(
+    "u,v,rows_changed",
+    [
+        (0b0000101, 0b0110010, 1),  # a row that the narrow design repeats (u & 15 != 0)
+        (0b0100000, 0b0100011, 1),  # a row it keeps, inside a run of equal entries
+        (0b0100000, 0b0110000, 1),  # the first entry of a run
+        (127, 127, 1),
+        (0b0100000, 0b0100011, 16),  # the same entry in all 16 rows the design repeats
+    ],
+)
+def test_cpu_effective_width_sees_one_changed_entry(u, v, rows_changed):
+    # The CPU kernels run a LUT that ignores the low bits of both indices (a
+    # narrow design widened to a stack's M) at its narrow width (cpu_gemm.cc
+    # ComputeEffectiveWidths / WidenedBy, which compares rows and runs of
+    # entries). mbm3 widened to M = 7 with one entry changed is not narrow:
+    # its products, that entry's included, must equal the reference. (Changed
+    # in all 16 rows of its group, the rows still repeat each other and only
+    # the runs of equal entries within a row tell.)
+    M, m = 7, 3
+    wide = lut_lib.expand_lut(multipliers.mbm(m).lut, m, M).copy()
+    for row in range(u, u + rows_changed):
+        wide[(row << M) | v] ^= 1  # another valid entry: the lowest result-mantissa bit
+    design = multipliers.from_lut(wide, M)
+    rng = np.random.default_rng(u * 131 + v)
+    rows, K, N = 64, 96, 80
+    ia = rng.integers(0, 1 << M, (rows, K))
+    ib = rng.integers(0, 1 << M, (K, N))
+    ia[rng.integers(0, rows), 7], ib[7, rng.integers(0, N)] = u, v  # the changed pair is used
+    sign_x = np.where(rng.random((rows, K)) < 0.5, -1.0, 1.0)
+    sign_w = np.where(rng.random((K, N)) < 0.5, -1.0, 1.0)
+    x = (sign_x * (1 + ia / 2.0**M) * np.exp2(rng.integers(-8, 8, (rows, K)))).astype(np.float32)
+    w = (sign_w * (1 + ib / 2.0**M) * np.exp2(rng.integers(-8, 8, (K, N)))).astype(np.float32)
+    got = approx_jax.approx_dot(jnp.asarray(x), jnp.asarray(w), design)
+    _assert_bits_equal(got, reference.sequential_dot(x, w, design.lut, M))
+    # The changed entry moves the product it is used in (so the check above
+    # can tell the widths apart).
+    narrow = multipliers.from_lut(lut_lib.expand_lut(multipliers.mbm(m).lut, m, M), M)
+    assert not np.array_equal(
+        np.asarray(got), np.asarray(approx_jax.approx_dot(jnp.asarray(x), jnp.asarray(w), narrow))
+    )
 
 
 @pytest.mark.parametrize("M", [10, 11])

@@ -237,13 +237,24 @@ struct EffectiveWidths {
 };
 
 // Whether every entry of the width-m LUT depends only on the top m - s bits of
-// both indices.
+// both indices, i.e. lut[u][v] == lut[u & ~low][v & ~low]: each row u equals
+// row u & ~low, and those rows are constant over each aligned run of 2^s
+// entries. Checked that way, row by row, with plain loops the compiler
+// vectorises (the entry-by-entry form, a dependent load per entry, was 14% of
+// a stack of 8 designs' 64x100x10 GEMM, run once per call and width).
 bool WidenedBy(const uint32_t* lut, int m, int s) {
-  const uint32_t low = (1u << s) - 1u;
-  const uint32_t keep = ~((low << m) | low);
-  const uint32_t entries = 1u << (2 * m);
-  for (uint32_t idx = 0; idx < entries; ++idx)
-    if (lut[idx] != lut[idx & keep]) return false;
+  const uint32_t n = 1u << m, low = (1u << s) - 1u;
+  for (uint32_t u = 0; u < n; ++u) {
+    const uint32_t* row = lut + (size_t{u} << m);
+    uint32_t diff = 0;
+    if (u & low) {
+      const uint32_t* base = lut + (size_t{u & ~low} << m);
+      for (uint32_t v = 0; v < n; ++v) diff |= row[v] ^ base[v];
+    } else {
+      for (uint32_t v = 1; v < n; ++v) diff |= (v & low) ? row[v] ^ row[v - 1] : 0u;
+    }
+    if (diff != 0) return false;
+  }
   return true;
 }
 
