@@ -251,7 +251,8 @@ bool WidenedBy(const uint32_t* lut, int m, int s) {
       const uint32_t* base = lut + (size_t{u & ~low} << m);
       for (uint32_t v = 0; v < n; ++v) diff |= row[v] ^ base[v];
     } else {
-      for (uint32_t v = 1; v < n; ++v) diff |= (v & low) ? row[v] ^ row[v - 1] : 0u;
+      // (A mask rather than a branch, so that this loop vectorises too.)
+      for (uint32_t v = 1; v < n; ++v) diff |= (row[v] ^ row[v - 1]) & (0u - ((v & low) != 0));
     }
     if (diff != 0) return false;
   }
@@ -279,9 +280,12 @@ bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
     const int mb = bits[d], s = p.mbits - bits[d];
     std::vector<uint32_t>& narrow = ew->storage[d];
     narrow.resize(size_t{1} << (2 * mb));
-    for (uint32_t u = 0; u < (1u << mb); ++u)
-      for (uint32_t v = 0; v < (1u << mb); ++v)
-        narrow[(u << mb) | v] = l[((u << s) << p.mbits) | (v << s)];
+    const size_t stride = size_t{1} << s;
+    for (uint32_t u = 0; u < (1u << mb); ++u) {
+      const uint32_t* src = l + ((size_t{u} << s) << p.mbits);
+      uint32_t* dst = narrow.data() + (size_t{u} << mb);
+      for (uint32_t v = 0; v < (1u << mb); ++v) dst[v] = src[v * stride];
+    }
   }
   for (int64_t d = 0; d < p.designs; ++d) {
     const int64_t src = p.lut_design_stride == 0 ? 0 : d;
