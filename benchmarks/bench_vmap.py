@@ -6,7 +6,7 @@ for 8 designs in one jit-compiled vmapped call, against 8 calls of the
 single-design jitted function. Prints the time ratio.
 
 Usage:
-  python benchmarks/bench_vmap.py [--reps 5] [--batch 64]
+  python benchmarks/bench_vmap.py [--reps 5] [--batch 64] [--models lenet5,lenet300]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from _timing import alternating_medians, thread_note  # noqa: E402
 import approx_jax  # noqa: E402
 from approx_jax import models, multipliers  # noqa: E402
 
+MODEL_LABELS = {"lenet5": "LeNet-5", "lenet300": "LeNet-300-100"}
 DESIGNS = ["mbm7", "mitchell7", "truncate7", "mbm5", "mitchell5", "truncate5", "mbm3", "mitchell3"]
 
 
@@ -39,6 +40,11 @@ def main(argv=None):
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--models",
+        default="lenet5,lenet300",
+        help="comma-separated models.create names whose train steps are timed",
+    )
     args = parser.parse_args(argv)
     singles = [multipliers.get(n) for n in DESIGNS]
     stack = multipliers.stack(singles)
@@ -61,34 +67,43 @@ def main(argv=None):
         )
         rows.append((f"GEMM {size}^3", t["vmapped"], t["loop"]))
 
-    model = models.create("lenet5")
-    xb = jnp.asarray(rng.random((args.batch, 28, 28, 1), np.float32))
-    yb = jnp.asarray(rng.integers(0, 10, args.batch))
-    opt = optax.adam(1e-3)
-    params = model.init(jax.random.PRNGKey(0), xb)
-    state = opt.init(params)
+    for name in args.models.split(","):
+        model = models.create(name)
+        xb = jnp.asarray(rng.random((args.batch, *model.input_shape), np.float32))
+        yb = jnp.asarray(rng.integers(0, 10, args.batch))
+        opt = optax.adam(1e-3)
+        params = model.init(jax.random.PRNGKey(0), xb)
+        state = opt.init(params)
 
-    def step(p, s, m):
-        def loss_fn(p):
-            logits = model.apply(p, xb, m)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        def step(p, s, m, model=model, xb=xb, yb=yb, opt=opt):
+            def loss_fn(p):
+                logits = model.apply(p, xb, m)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s, loss
 
-    stacked = lambda tree: jax.tree_util.tree_map(lambda v: jnp.stack([v] * len(DESIGNS)), tree)  # noqa: E731
-    params_d, state_d = stacked(params), stacked(state)
-    one_step = jax.jit(step)
-    many_step = jax.jit(jax.vmap(step))
-    t = alternating_medians(
-        {
-            "vmapped": lambda: many_step(params_d, state_d, stack),
-            "loop": lambda: [one_step(params, state, m) for m in padded],
-        },
-        args.reps,
-    )
-    rows.append((f"LeNet-5 train step (batch {args.batch})", t["vmapped"], t["loop"]))
+        stacked = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+            lambda v: jnp.stack([v] * len(DESIGNS)), tree
+        )
+        params_d, state_d = stacked(params), stacked(state)
+        one_step = jax.jit(step)
+        many_step = jax.jit(jax.vmap(step))
+        t = alternating_medians(
+            {
+                "vmapped": lambda: many_step(params_d, state_d, stack),
+                "loop": lambda: [one_step(params, state, m) for m in padded],
+            },
+            args.reps,
+        )
+        rows.append(
+            (
+                f"{MODEL_LABELS.get(name, name)} train step (batch {args.batch})",
+                t["vmapped"],
+                t["loop"],
+            )
+        )
 
     table = Table(title=f"8 designs: one vmapped call vs 8 calls ({thread_note()})")
     for col in ("case", "vmapped ms", "8 calls ms", "vmapped / 8 calls"):
