@@ -63,7 +63,8 @@ def check_float(name: str, x: Any) -> jax.Array:
 
     Raises NotImplementedError for a symbolic (shape-polymorphic) shape.
     """
-    x = jnp.asarray(x)
+    if not isinstance(x, jax.Array):  # (tracers are jax.Arrays; asarray of one is a no-op)
+        x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
     if not all(isinstance(d, int | np.integer) for d in x.shape):
