@@ -67,6 +67,9 @@ def main(argv=None):
         )
         rows.append((f"GEMM {size}^3", t["vmapped"], t["loop"]))
 
+    def stacked(tree):  # one copy per design along a leading axis
+        return jax.tree_util.tree_map(lambda v: jnp.stack([v] * len(DESIGNS)), tree)
+
     for name in args.models.split(","):
         model = models.create(name)
         xb = jnp.asarray(rng.random((args.batch, *model.input_shape), np.float32))
@@ -84,9 +87,6 @@ def main(argv=None):
             updates, s = opt.update(g, s, p)
             return optax.apply_updates(p, updates), s, loss
 
-        stacked = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-            lambda v: jnp.stack([v] * len(DESIGNS)), tree
-        )
         params_d, state_d = stacked(params), stacked(state)
         one_step = jax.jit(step)
         many_step = jax.jit(jax.vmap(step))

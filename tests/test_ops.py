@@ -646,7 +646,8 @@ def test_cpu_effective_width_sees_one_changed_entry(u, v, rows_changed):
     # in all 16 rows of its group, the rows still repeat each other and only
     # the runs of equal entries within a row tell.)
     M, m = 7, 3
-    wide = lut_lib.expand_lut(multipliers.mbm(m).lut, m, M).copy()
+    widened = lut_lib.expand_lut(multipliers.mbm(m).lut, m, M)
+    wide = widened.copy()
     for row in range(u, u + rows_changed):
         wide[(row << M) | v] ^= 1  # another valid entry: the lowest result-mantissa bit
     design = multipliers.from_lut(wide, M)
@@ -663,7 +664,7 @@ def test_cpu_effective_width_sees_one_changed_entry(u, v, rows_changed):
     _assert_bits_equal(got, reference.sequential_dot(x, w, design.lut, M))
     # The changed entry moves the product it is used in (so the check above
     # can tell the widths apart).
-    narrow = multipliers.from_lut(lut_lib.expand_lut(multipliers.mbm(m).lut, m, M), M)
+    narrow = multipliers.from_lut(widened, M)
     assert not np.array_equal(
         np.asarray(got), np.asarray(approx_jax.approx_dot(jnp.asarray(x), jnp.asarray(w), narrow))
     )
