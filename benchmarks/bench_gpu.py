@@ -172,7 +172,8 @@ def bench_gemm(device, sizes, mbits_list, reps):
             # instead of MBM's closed form; at M = 3, 7 the LUT kernel
             # instead of the expanded-operand kernel; at M = 3 also the
             # expanded kernel's opt-in two-blocks-per-SM build (128 registers
-            # a thread instead of 216).
+            # a thread instead of 216); at M = 5, 7 all 2^M planes instead of
+            # MBM's 2^(M-1) (its effective index width).
             variants = []
             if mbits >= 8 and n == 1024:
                 variants.append(("APPROX_JAX_CUDA_FORMULA", "0", f"GEMM {n}^3 LUT reads"))
@@ -180,12 +181,30 @@ def bench_gemm(device, sizes, mbits_list, reps):
                 variants.append(("APPROX_JAX_CUDA_EXPANDED", "0", f"GEMM {n}^3 LUT kernel"))
             if mbits == 3:
                 variants.append(("APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2", f"GEMM {n}^3 2 blocks/SM"))
+            if mbits in (5, 7) and n >= 4096:
+                variants.append(("APPROX_JAX_CUDA_NARROW", "0", f"GEMM {n}^3 all 2^M planes"))
             for knob, value, case in variants:
                 with _env(knob, value):
                     t = median_time(lambda: approx(x, w), 3, budget_s=5.0)
                 record(
                     case,
                     f"mbm{mbits}",
+                    t,
+                    t_native,
+                    "f32 HIGHEST",
+                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
+                )
+            if mbits == 7 and n >= 4096:
+                # A LUT with no structure (every index bit matters): the
+                # expanded kernel's cost at the full width.
+                rng = np.random.default_rng(7)
+                lut = (rng.integers(0, 2, 4**mbits) << 7) | rng.integers(0, 2**mbits, 4**mbits)
+                m_rand = mb.from_lut(lut.astype(np.uint8), mbits)
+                rand = jax.jit(lambda a, b: approx_dot(a, b, m_rand))
+                t = median_time(lambda: rand(x, w), 3, budget_s=5.0)
+                record(
+                    f"GEMM {n}^3",
+                    f"random{mbits}",
                     t,
                     t_native,
                     "f32 HIGHEST",

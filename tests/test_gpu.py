@@ -742,6 +742,36 @@ def test_gemm_expanded_kernel_stacked_and_split_k(monkeypatch):
                 assert_bits_equal(got[d, i], want, f"design {d} batch {i} split {want_chunks}")
 
 
+@pytest.mark.parametrize("M", (2, 3, 5, 7))
+def test_gemm_expanded_narrow_planes(M, monkeypatch):
+    # A LUT that is a narrower one widened to M (mbm(M), whose forced low bit
+    # makes the last index bit irrelevant; a design widened to a stack's
+    # width) is expanded into 2^M' planes for its effective index width M'
+    # (checked on the device per call); APPROX_JAX_CUDA_NARROW=0 expands all
+    # 2^M. Both give the sequential reference's bits, per design of a stack
+    # mixing widths.
+    rng = np.random.default_rng(6000 + M)
+    a = random_operands((300, 70), rng, exp_range=40)
+    b = random_operands((70, 130), rng, exp_range=40)
+    stacked = MB.stack(
+        [
+            MB.mbm(M),
+            MB.from_lut(random_lut(M - 1, rng), M - 1),
+            MB.from_lut(random_lut(M, rng), M),
+        ]
+    )
+    stored = np.asarray(stacked.lut)
+    fn = _api("approx_dot")
+    for narrow in ("1", "0"):
+        monkeypatch.setenv("APPROX_JAX_CUDA_NARROW", narrow)
+        got = run_on(GPU, lambda x, w: fn(x, w, stacked), a, b)
+        for d in range(3):
+            want = sequential_gemm(a, b, stored[d], M)
+            assert_bits_equal(got[d], want, f"design {d} M={M} narrow={narrow}")
+        single = run_on(GPU, lambda x, w: fn(x, w, MB.mbm(M)), a, b)
+        assert_bits_equal(single, got[0], f"mbm{M} alone narrow={narrow}")
+
+
 # --------------------------------------------------------------------------
 # M >= 8: the LUT kernel reads its LUT from global memory, or computes each
 # entry when the design's LUT equals a built-in family's closed form (checked

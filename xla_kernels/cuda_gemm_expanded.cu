@@ -48,6 +48,13 @@
 // Tiles: kTR = 4, kG = 2 (128 x 128) for M <= 5 and N > 64; kTR = 8, kG = 1
 // (256 x 64) otherwise; kBK = 8 except M = 7 (kBK = 4: 2^7 planes of 4 x 64
 // values per stage). The expansion costs 2^M / kBM per multiply-accumulate.
+//
+// Narrow planes: a LUT whose entries depend only on the top M' < M bits of
+// both indices (MBM at M' = M - 1, whose forced low bit makes the last index
+// bit irrelevant; a design widened to a stack's width) is expanded into 2^M'
+// planes indexed by those bits (LutWidthKernel finds M' per design before
+// the launch; the layout keeps its 2^M-plane size). Same entries, so the
+// same products; mbm(7) then costs the expansion of a width-6 design.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -125,9 +132,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
   unsigned char* const e_area = smem + T::kEOff;
 
   const int mb = p.mbits;
-  const uint32_t planes = 1u << mb;
-  const uint32_t stage_bytes = planes * kPlaneBytes;
+  // The shared-memory layout is sized for 2^mb planes; a design whose LUT is
+  // a widened narrower one (p.not_widened) uses the first 2^ibits of them,
+  // indexed by the top ibits mantissa bits (its effective index width, set
+  // when its Lt is staged; uniform over the block).
+  const uint32_t stage_bytes = (1u << mb) * kPlaneBytes;
   unsigned char* const lt = e_area + 2 * stage_bytes;  // Lt[v][u], uint16
+  int ibits = mb;
+  uint32_t planes = 1u << mb;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -169,12 +181,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
 
     if (d != staged_design) {
       __syncthreads();  // nobody still reads the previous design's Lt
+      ibits = p.not_widened != nullptr ? EffectiveIndexBits(p.not_widened[d], mb) : mb;
+      planes = 1u << ibits;
+      const int shift = mb - ibits;  // entry (u, v) of the narrow LUT: (u << shift, v << shift)
       uint16_t* lt16 = reinterpret_cast<uint16_t*>(lt);
       // Lanes take consecutive u: conflict-free 2-byte stores; the strided
       // reads hit L2 (the LUT is at most 64 KB).
       for (uint32_t w = tid; w < planes * planes; w += kThreads) {
-        const uint32_t v = w >> mb, u = w & (planes - 1u);
-        lt16[w] = static_cast<uint16_t>(__ldg(glut + ((u << mb) | v)) >> 16);
+        const uint32_t v = w >> ibits, u = w & (planes - 1u);
+        lt16[w] = static_cast<uint16_t>(__ldg(glut + ((u << shift << mb) | (v << shift))) >> 16);
       }
       for (uint32_t u = tid; u < planes; u += kThreads) lt16[planes * planes + u] = 0;
       staged_design = d;  // visible after the barrier before the first expansion
@@ -218,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
             for (int c = 0; c < 4; ++c) {
               const uint32_t x = ra[q][c];
               const uint32_t e = (x >> 23) & 0xffu;
-              const uint32_t u = (x & kMantMask) >> (23 - mb);
+              const uint32_t u = (x & kMantMask) >> (23 - ibits);
               const uint32_t word =
                   (e == 0) ? (x & kSignMask)
                            : ((x & 0xff800000u) | (u * kPlaneBytes) | (Swizzle(u) << 4));
@@ -232,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
             for (int c = 0; c < 4; ++c) {
               const uint32_t x = rb[c];
               const uint32_t e = (x >> 23) & 0xffu;
-              const uint32_t v = (e == 0) ? planes : ((x & kMantMask) >> (23 - mb));
-              rows[c] = v << (mb + 1);
+              const uint32_t v = (e == 0) ? planes : ((x & kMantMask) >> (23 - ibits));
+              rows[c] = v << (ibits + 1);
               sc16[c] = (x >> 16) & ((e == 0) ? 0x8000u : 0xff80u);
               slow |= SlowExponent(x) ? 1 : 0;
             }
@@ -248,11 +263,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
         // vector (8 columns) of the two planes u0 = 2 * up and u0 + 1.
         auto expand = [&](int s) {
           unsigned char* es = e_area + s * stage_bytes;
-          const uint32_t pairs = planes >> 1;  // M >= 1
+          const uint32_t pairs = planes >> 1;  // ibits >= 1
           const uint32_t items = pairs * kBK * kVecPerK;
           for (uint32_t w = tid; w < items; w += kThreads) {
             const uint32_t up = w & (pairs - 1u);
-            const uint32_t rest = w >> (mb - 1);
+            const uint32_t rest = w >> (ibits - 1);
             const uint32_t gv = rest % kVecPerK;
             const uint32_t kk = rest / kVecPerK;
             const uint32_t u0 = 2 * up;

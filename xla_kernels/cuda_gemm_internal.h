@@ -39,7 +39,24 @@ struct GemmParams {
   // families (1 << LutFamily) its LUT does not match (LutFamilyKernel), or
   // nullptr: every entry is loaded.
   const int* families;
+  // Expanded kernel: per design, the bitmask of index shifts s (1 << s) by
+  // which its LUT is NOT a widened narrower LUT (LutWidthKernel), or nullptr:
+  // every design is expanded at its full width.
+  const int* not_widened;
 };
+
+// The index bits the expanded kernel needs for a LUT of width `mbits` whose
+// LutWidthKernel mask is `not_widened`: mbits - s for the largest s < mbits
+// such that the LUT is widened by every shift 1..s (an entry depends only on
+// the top mbits - s bits of both indices; MBM's forced low bit makes mbm(M)
+// one such LUT with s = 1, and so is a design widened to a stack's width).
+// Its planes are then 2^(mbits - s) instead of 2^mbits: the same entries,
+// hence the same products.
+__host__ __device__ inline int EffectiveIndexBits(int not_widened, int mbits) {
+  int s = 0;
+  while (s + 1 < mbits && !(not_widened & (2 << s))) ++s;
+  return mbits - s;
+}
 
 // Four consecutive floats m[r * ld + c .. c + 3] of a row-major matrix, as
 // bits, into w; zeros where r >= r_end or (element by element) c + i >= c_end.

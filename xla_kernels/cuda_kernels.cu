@@ -188,6 +188,37 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// not_widened[d] = the bitmask of shifts s in [1, mbits) (bit s) for which
+// design d's LUT is not a narrower LUT widened by s: some entry (u, v)
+// differs from entry (u & ~low, v & ~low), low = 2^s - 1 (the CPU's
+// WidenedBy, cpu_gemm.cc). One block of kWidthCheckThreads per design
+// (grid.x, looping past 65535; at M = 7 each thread checks 16 entries, a few
+// microseconds): the mask is written, so no memset is needed before it.
+constexpr int kWidthCheckThreads = 1024;
+__global__ void __launch_bounds__(kWidthCheckThreads)
+    LutWidthKernel(const uint32_t* __restrict__ lut, int64_t lut_ds, int64_t designs, int mbits,
+                   int* not_widened) {
+  const uint32_t entries = 1u << (2 * mbits);
+  const uint32_t mask = (1u << mbits) - 1u;
+  for (int64_t d = blockIdx.x; d < designs; d += gridDim.x) {
+    const uint32_t* dl = lut + d * lut_ds;
+    int bad = 0;
+    for (uint32_t e = threadIdx.x; e < entries; e += blockDim.x) {
+      const uint32_t v = __ldg(dl + e), ia = e >> mbits, ib = e & mask;
+      for (int s = 1; s < mbits; ++s) {
+        const uint32_t low = (1u << s) - 1u;
+        if (v != __ldg(dl + (((ia & ~low) << mbits) | (ib & ~low)))) bad |= 1 << s;
+      }
+    }
+    // One barrier per shift (at most 10; mbits is uniform over the block).
+    int block_bad = 0;
+    for (int s = 1; s < mbits; ++s) {
+      if (__syncthreads_or(bad & (1 << s))) block_bad |= 1 << s;
+    }
+    if (threadIdx.x == 0) not_widened[d] = block_bad;
+  }
+}
+
 template <bool kShared, class T>
 __global__ void __launch_bounds__(kThreads) ApproxGemmKernel(const GemmParams p) {
   constexpr int kBM = T::kBM, kBN = T::kBN;
@@ -664,6 +695,15 @@ bool UsesClosedForms(const CudaGemmProblem& p, int optin) {
   return false;
 }
 
+// Whether the expanded kernel runs and may use narrow planes (M >= 2, and
+// APPROX_JAX_CUDA_NARROW is not "0").
+bool UsesNarrowPlanes(const CudaGemmProblem& p, int optin) {
+  const char* s = std::getenv("APPROX_JAX_CUDA_NARROW");
+  if ((s && std::strcmp(s, "0") == 0) || p.mbits < 2) return false;
+  int64_t bm = 0, bn = 0;
+  return ChooseKernel(p, optin, &bm, &bn) == GemmKernel::kExpanded;
+}
+
 }  // namespace
 
 std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
@@ -678,6 +718,9 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   if (UsesClosedForms(p, optin)) {
     plan->families_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
     plan->scratch_bytes = static_cast<size_t>(plan->families_offset) + p.designs * sizeof(int);
+  } else if (UsesNarrowPlanes(p, optin)) {
+    plan->widths_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
+    plan->scratch_bytes = static_cast<size_t>(plan->widths_offset) + p.designs * sizeof(int);
   }
   return {};
 }
@@ -733,6 +776,21 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
     e = cudaGetLastError();
     if (e != cudaSuccess) return CudaErr("approx_jax_gemm LUT family check launch", e);
     gp.families = mismatches;
+  }
+  gp.not_widened = nullptr;
+  if (plan.widths_offset >= 0) {
+    // Each design's effective index width for the expanded kernel (before
+    // the GEMM, on the same stream).
+    if (scratch == nullptr || !Aligned16(scratch) || plan.widths_offset % 16 != 0) {
+      return "approx_jax_gemm: narrow-plane scratch missing or misaligned";
+    }
+    int* not_widened =
+        reinterpret_cast<int*>(reinterpret_cast<char*>(scratch) + plan.widths_offset);
+    LutWidthKernel<<<static_cast<unsigned>(std::min<int64_t>(p.designs, 65535)), kWidthCheckThreads,
+                     0, stream>>>(p.lut, p.lut_design_stride, p.designs, p.mbits, not_widened);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return CudaErr("approx_jax_gemm LUT width check launch", e);
+    gp.not_widened = not_widened;
   }
   gp.kspan = chunked ? plan.kspan : p.k;
   gp.splits = chunked ? plan.splits : 1;

@@ -48,15 +48,24 @@ struct CudaGemmProblem {
 // equals one has its entries computed instead of loaded (the same entries,
 // so the same bits). APPROX_JAX_CUDA_FORMULA=0 turns this off (a testing and
 // benchmarking aid).
+// Narrow planes: when the expanded-operand kernel runs (M <= 7), each
+// design's LUT is first checked on the device for being a narrower LUT
+// widened to M (LutWidthKernel; mbm(M) is one, at M - 1 bits, and so is a
+// design widened to a stack's width), and the kernel builds 2^M' planes for
+// its effective index width M' instead of 2^M (same entries, same bits).
+// APPROX_JAX_CUDA_NARROW=0 turns this off (a testing and benchmarking aid).
 struct CudaGemmPlan {
   int64_t splits = 1;
   int64_t kspan = 0;  // k per chunk (all but the last are full)
   bool parallel = false;
   // Scratch: [0, partials_bytes) the parallel split-K partials (splits *
   // designs * batch * m * n floats); from families_offset (16-aligned, when
-  // >= 0) one int32 per design, the families its LUT does not match.
+  // >= 0) one int32 per design, the families its LUT does not match; from
+  // widths_offset (16-aligned, when >= 0; never with families_offset) one
+  // int32 per design, the shifts by which its LUT is not widened.
   size_t partials_bytes = 0;
   int64_t families_offset = -1;
+  int64_t widths_offset = -1;
   size_t scratch_bytes = 0;
 };
 

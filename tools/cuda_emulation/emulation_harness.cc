@@ -45,6 +45,7 @@ struct Config {
   int sm_count, smem_optin;
   const char* formula = nullptr;  // APPROX_JAX_CUDA_FORMULA
   const char* blocks = nullptr;   // APPROX_JAX_CUDA_EXPANDED_BLOCKS
+  const char* narrow = nullptr;   // APPROX_JAX_CUDA_NARROW
 };
 
 constexpr int kH200Smem = 232448, kA100Smem = 166912, kSm86Smem = 101376;
@@ -62,7 +63,27 @@ const Config kConfigs[] = {
     {"forced-3-chunks-fold", "0", nullptr, "3", 1, kH200Smem},
     {"no-split", nullptr, nullptr, "1", 132, kH200Smem},
     {"two-blocks", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, "2"},
+    {"no-narrow", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, "0"},
 };
+
+int g_narrowed = 0;  // designs the expanded kernel ran with narrow planes
+
+// The LutWidthKernel mask of one LUT, entry by entry: bit s set when some
+// entry differs from the entry at both indices with their low s bits cleared.
+int NotWidenedMask(const uint32_t* lut, int mbits) {
+  int mask = 0;
+  const uint32_t n = 1u << mbits;
+  for (int s = 1; s < mbits; ++s) {
+    const uint32_t low = (1u << s) - 1u;
+    for (uint32_t u = 0; u < n && !(mask & (1 << s)); ++u)
+      for (uint32_t v = 0; v < n; ++v)
+        if (lut[(u << mbits) | v] != lut[((u & ~low) << mbits) | (v & ~low)]) {
+          mask |= 1 << s;
+          break;
+        }
+  }
+  return mask;
+}
 
 void SetEnv(const char* name, const char* value) {
   if (value) {
@@ -104,7 +125,10 @@ bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemm
   const std::string reduce = plan.splits > 1 && plan.parallel ? ", SplitKReduceKernel" : "";
   const bool disabled = cfg.expanded && std::strcmp(cfg.expanded, "0") == 0;
   if (p.mbits <= 7 && !disabled && cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= cfg.smem_optin) {
-    return launched == "ExpandedGemmKernel<T, kMinBlocks>" + reduce;
+    // Each LUT's effective width is checked first (M >= 2), unless disabled.
+    const bool narrow = p.mbits >= 2 && !(cfg.narrow && std::strcmp(cfg.narrow, "0") == 0);
+    return launched == std::string(narrow ? "LutWidthKernel, " : "") +
+                           "ExpandedGemmKernel<T, kMinBlocks>" + reduce;
   }
   const int64_t lut_bytes = int64_t{4} << (2 * p.mbits);
   const int64_t cap = (cfg.lut_kb ? std::atoll(cfg.lut_kb) : 128) * 1024;
@@ -161,6 +185,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
     SetEnv("APPROX_JAX_CUDA_SPLIT_K", cfg.split_k);
     SetEnv("APPROX_JAX_CUDA_FORMULA", cfg.formula);
     SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", cfg.blocks);
+    SetEnv("APPROX_JAX_CUDA_NARROW", cfg.narrow);
     cuda_emu::g_device.sm_count = cfg.sm_count;
     cuda_emu::g_device.smem_optin = cfg.smem_optin;
     cuda_emu::g_smem_limit.clear();
@@ -185,6 +210,18 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
                     c.mbits, (long long)c.m, (long long)c.k, (long long)c.n, cfg.name,
                     kernels.c_str());
         ++g_failures;
+      }
+      // The device's width masks against an entry-by-entry check.
+      for (int64_t d = 0; plan.widths_offset >= 0 && d < c.designs; ++d) {
+        const int got = reinterpret_cast<const int*>(reinterpret_cast<const char*>(scratch.data()) +
+                                                     plan.widths_offset)[d];
+        const int want = NotWidenedMask(p.lut + d * p.lut_design_stride, c.mbits);
+        if (got != want) {
+          std::printf("FAIL M=%d design %lld config=%s width mask %#x, entry by entry %#x\n",
+                      c.mbits, (long long)d, cfg.name, got, want);
+          ++g_failures;
+        }
+        if (cuda_gemm::EffectiveIndexBits(got, c.mbits) < c.mbits) ++g_narrowed;
       }
     }
     int64_t diff = 0, first = -1;
@@ -212,6 +249,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   SetEnv("APPROX_JAX_CUDA_SPLIT_K", nullptr);
   SetEnv("APPROX_JAX_CUDA_FORMULA", nullptr);
   SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", nullptr);
+  SetEnv("APPROX_JAX_CUDA_NARROW", nullptr);
   cuda_emu::g_device = cuda_emu::Device();
 }
 
@@ -309,6 +347,21 @@ int Test(bool full, bool smoke, bool grid_limits) {
     mbm.lut_kind = 5;
     problems.push_back({mbm, 0});
   }
+  // Narrow planes on the fast path (ordinary exponents): MBM, and a stack
+  // whose first design is a random narrower LUT widened to M, in both tile
+  // shapes (n <= 64 and n > 64).
+  for (int m : full ? std::vector<int>{2, 3, 4, 5, 6, 7} : std::vector<int>{3, 5, 7}) {
+    for (int64_t n : {40, 130}) {
+      Case mbm = MakeCase(70, 33, n, m, 0);
+      mbm.lut_kind = 5;
+      problems.push_back({mbm, 0});
+      Case stack = MakeCase(70, 33, n, m, n > 64 ? 1 : 0);
+      stack.designs = 4;
+      stack.lut_kind = 3;
+      stack.widened = true;
+      problems.push_back({stack, 0});
+    }
+  }
   // Designs and batch with every broadcast pattern (vmap over a stack).
   for (int m : {3, 7, 11}) {
     for (int pattern = 0; pattern < (full ? 6 : 3); ++pattern) {
@@ -366,10 +419,15 @@ int Test(bool full, bool smoke, bool grid_limits) {
     ++ran;
   }
   for (int m : {1, 7, 11}) RunMultiply(m, 3, 1000, rng);
+  // The narrow planes must have run (MBM and widened LUTs are among the cases).
+  if (g_narrowed == 0 && !grid_limits) {
+    std::printf("FAIL no design ran with narrow planes\n");
+    ++g_failures;
+  }
   std::printf(
       "%d runs of %d GEMM problems and 3 multiply problems, %lld kernel launches, "
-      "%d failures\n",
-      g_runs, ran, (long long)cuda_emu::g_launches, g_failures);
+      "%d designs with narrow planes, %d failures\n",
+      g_runs, ran, (long long)cuda_emu::g_launches, g_narrowed, g_failures);
   return g_failures ? 1 : 0;
 }
 
