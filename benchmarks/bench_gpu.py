@@ -172,15 +172,18 @@ def bench_gemm(device, sizes, mbits_list, reps):
             # instead of MBM's closed form; at M = 3, 7 the LUT kernel
             # instead of the expanded-operand kernel; at M = 3 also the
             # expanded kernel's opt-in two-blocks-per-SM build (128 registers
-            # a thread instead of 216); at M = 5, 7 all 2^M planes instead of
+            # a thread instead of 216; M <= 5); at M = 7 the 256 x 64 tile with
+            # 8-k chunks instead of 4; at M = 5, 7 all 2^M planes instead of
             # MBM's 2^(M-1) (its effective index width).
             variants = []
             if mbits >= 8 and n == 1024:
                 variants.append(("APPROX_JAX_CUDA_FORMULA", "0", f"GEMM {n}^3 LUT reads"))
             if mbits in (3, 7) and n >= 4096:
                 variants.append(("APPROX_JAX_CUDA_EXPANDED", "0", f"GEMM {n}^3 LUT kernel"))
-            if mbits == 3:
+            if mbits in (3, 5):
                 variants.append(("APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2", f"GEMM {n}^3 2 blocks/SM"))
+            if mbits == 7:
+                variants.append(("APPROX_JAX_CUDA_EXPANDED_M7_BK", "8", f"GEMM {n}^3 kBK 8"))
             if mbits in (5, 7) and n >= 4096:
                 variants.append(("APPROX_JAX_CUDA_NARROW", "0", f"GEMM {n}^3 all 2^M planes"))
             for knob, value, case in variants:

@@ -686,12 +686,16 @@ def test_gemm_expanded_kernel_all_widths(M, shape, monkeypatch):
     monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED", "0")
     got_lut = run_on(GPU, fn, a, b)
     assert_bits_equal(got_lut, got, f"LUT kernel vs expanded M={M} {shape}")
-    if M <= 4 and N > 64:
+    monkeypatch.delenv("APPROX_JAX_CUDA_EXPANDED")
+    if M <= 5 and N > 64:
         # The opt-in 128-register build of the wide tile (two blocks per SM):
         # same arithmetic, same bits.
-        monkeypatch.delenv("APPROX_JAX_CUDA_EXPANDED")
         monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2")
         assert_bits_equal(run_on(GPU, fn, a, b), got, f"two-blocks build M={M} {shape}")
+    if M == 7:
+        # The opt-in 8-k chunks at M = 7 (the 256 x 64 tile of M <= 6).
+        monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED_M7_BK", "8")
+        assert_bits_equal(run_on(GPU, fn, a, b), got, f"M = 7 with kBK = 8 {shape}")
 
 
 @pytest.mark.parametrize("M", (2, 5, 6, 7))

@@ -35,7 +35,9 @@
 // * B words [kBK][kBN]: the byte offset of row v of the transposed LUT (row
 //   2^M is all zeros: zero/subnormal operands), and B scales [kBK][kBN / 2]:
 //   bfloat16 sign+exponent of two adjacent columns per word.
-// * E, 2 stages [2^M planes][kBK][kBN] bfloat16; 16-byte vector q of a plane
+// * E, one stage [2^M planes][kBK][kBN] bfloat16 (the barrier after each
+//   chunk's FMAs precedes the next chunk's expansion, so a second stage
+//   would never be in use; dropping it halved E); 16-byte vector q of a plane
 //   u lives at position q ^ swizzle(u), swizzle(u) = (u >> 1) & 7, so both
 //   the expansion's stores (lanes differ in u) and the main loop's loads (8
 //   lanes of one row read 8 consecutive vectors) are conflict-free.
@@ -47,7 +49,10 @@
 // ty * kTR + i (i < kTR) and columns g * 64 + tx * 8 + c (g < kG, c < 8).
 // Tiles: kTR = 4, kG = 2 (128 x 128) for M <= 5 and N > 64; kTR = 8, kG = 1
 // (256 x 64) otherwise; kBK = 8 except M = 7 (kBK = 4: 2^7 planes of 4 x 64
-// values per stage). The expansion costs 2^M / kBM per multiply-accumulate.
+// values, 64 KB, so that the A100's 163 KB also hold them; the opt-in
+// APPROX_JAX_CUDA_EXPANDED_M7_BK=8 runs M = 7 with the 256 x 64 tile of
+// kBK = 8, 128 KB of planes, where it fits: half the barriers per k). The
+// expansion costs 2^M / kBM per multiply-accumulate.
 //
 // Narrow planes: a LUT whose entries depend only on the top M' < M bits of
 // both indices (MBM at M' = M - 1, whose forced low bit makes the last index
@@ -96,7 +101,7 @@ struct ExpTile {
 
   static int64_t SmemBytes(int mbits) {
     const int64_t planes = int64_t{1} << mbits;
-    const int64_t e_bytes = 2 * planes * kPlaneBytes;
+    const int64_t e_bytes = planes * kPlaneBytes;
     const int64_t lt_bytes = (planes + 1) * planes * 2;
     return kEOff + e_bytes + (lt_bytes + 15) / 16 * 16;
   }
@@ -114,12 +119,13 @@ __device__ __forceinline__ bool SlowExponent(uint32_t bits) {
 }
 
 // kMinBlocks = 2 (opt-in, APPROX_JAX_CUDA_EXPANDED_BLOCKS=2, TileWide at
-// M <= 4 only, not yet timed on a GPU): the register budget of two resident
+// M <= 5 only, not yet timed on a GPU): the register budget of two resident
 // blocks per SM (128 per thread; ptxas spills a few hundred bytes, nearly
-// all outside the FMA loop). With kMinBlocks = 1 ptxas uses 216-226
+// all outside the FMA loop). With kMinBlocks = 1 ptxas uses 216-228
 // registers, so an SM holds one block (8 warps) and idles at each of a
 // chunk's two barriers; two blocks of TileWide fit the shared memory for
-// M <= 4 (47 KB at M = 3, 80 KB at M = 4). Same arithmetic, same bits.
+// M <= 5 (30 KB at M = 3, 47 KB at M = 4, 80 KB at M = 5). Same
+// arithmetic, same bits.
 template <class T, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const GemmParams p) {
   constexpr int kTR = T::kTR, kG = T::kG, kBK = T::kBK, kBM = T::kBM, kBN = T::kBN;
@@ -137,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
   // indexed by the top ibits mantissa bits (its effective index width, set
   // when its Lt is staged; uniform over the block).
   const uint32_t stage_bytes = (1u << mb) * kPlaneBytes;
-  unsigned char* const lt = e_area + 2 * stage_bytes;  // Lt[v][u], uint16
+  unsigned char* const lt = e_area + stage_bytes;  // Lt[v][u], uint16
   int ibits = mb;
   uint32_t planes = 1u << mb;
 
@@ -259,10 +265,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
           }
           return slow;
         };
-        // Builds E stage `s` from the B words: each work item is one 16-byte
-        // vector (8 columns) of the two planes u0 = 2 * up and u0 + 1.
-        auto expand = [&](int s) {
-          unsigned char* es = e_area + s * stage_bytes;
+        // Builds E from the B words: each work item is one 16-byte vector
+        // (8 columns) of the two planes u0 = 2 * up and u0 + 1.
+        auto expand = [&]() {
+          unsigned char* es = e_area;
           const uint32_t pairs = planes >> 1;  // ibits >= 1
           const uint32_t items = pairs * kBK * kVecPerK;
           for (uint32_t w = tid; w < items; w += kThreads) {
@@ -298,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
         };
         auto compute = [&](int s) {
           const uint32_t* aw = a_words + s * T::kAStageWords;
-          const unsigned char* es = e_area + s * stage_bytes;
+          const unsigned char* es = e_area;
 #pragma unroll
           for (int kk = 0; kk < kBK; ++kk) {
             uint32_t wa[kTR];
@@ -361,14 +367,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
         // barriers per chunk (B words -> E, E -> compute).
         load_chunk(kbeg);
         int slow_cur = __syncthreads_or(store_chunk(0));
-        if (!slow_cur) expand(0);
+        if (!slow_cur) expand();
         __syncthreads();
         if (nchunks > 1) load_chunk(kbeg + kBK);
         for (int t = 0; t < nchunks; ++t) {
           const int64_t k0 = kbeg + static_cast<int64_t>(t) * kBK;
           const bool has_next = t + 1 < nchunks;
           // A stage (t+1)&1 was last read by compute(t-1) and the B words by
-          // expand(t), both before the last barrier.
+          // expand() of chunk t, both before the last barrier.
           const int flag_next = has_next ? store_chunk((t + 1) & 1) : 0;
           if (t + 2 < nchunks) load_chunk(k0 + 2 * kBK);  // in flight during the compute
           if (!slow_cur) {
@@ -377,7 +383,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
             compute_slow(k0);
           }
           const int slow_next = __syncthreads_or(flag_next);
-          if (has_next && !slow_next) expand((t + 1) & 1);  // E stage last read by compute(t-1)
+          if (has_next && !slow_next)
+            expand();  // E was last read by compute(t), before the barrier
           __syncthreads();
           slow_cur = slow_next;
         }
@@ -427,18 +434,26 @@ bool ExpandedEnabled() {
   return !(s != nullptr && std::strcmp(s, "0") == 0);
 }
 
+// APPROX_JAX_CUDA_EXPANDED_M7_BK=8: M = 7 runs the 256 x 64 tile with
+// kBK = 8 (TileTall) instead of TileTall7, read at each launch (not yet timed
+// on a GPU; its 128 KB of planes need more than an A100's 163 KB per block).
+bool M7Bk8Requested() {
+  const char* s = std::getenv("APPROX_JAX_CUDA_EXPANDED_M7_BK");
+  return s != nullptr && std::strcmp(s, "8") == 0;
+}
+
 // 0: TileWide, 1: TileTall, 2: TileTall7.
 int TileKind(int mbits, int64_t n) {
-  if (mbits == 7) return 2;
+  if (mbits == 7) return M7Bk8Requested() ? 1 : 2;
   if (mbits <= 5 && n > 64) return 0;
   return 1;
 }
 
 // APPROX_JAX_CUDA_EXPANDED_BLOCKS=2: the two-blocks-per-SM build of TileWide
-// for M <= 4 (see ExpandedGemmKernel), read at each launch.
+// for M <= 5 (see ExpandedGemmKernel), read at each launch.
 bool TwoBlocksRequested(int mbits) {
   const char* s = std::getenv("APPROX_JAX_CUDA_EXPANDED_BLOCKS");
-  return mbits <= 4 && s != nullptr && std::strcmp(s, "2") == 0;
+  return mbits <= 5 && s != nullptr && std::strcmp(s, "2") == 0;
 }
 
 template <class T, int kMinBlocks = 1>

@@ -149,6 +149,7 @@ inline std::map<const void*, int> g_smem_limit;
 inline int g_last_error = 0;
 inline int64_t g_launches = 0;               // kernels run (for tests of the launch plan)
 inline std::vector<std::string> g_launched;  // kernels' names, in launch order
+inline std::vector<size_t> g_launched_smem;  // their dynamic shared memory (bytes)
 
 // Coroutine stacks, allocated once for the largest block seen and reused by
 // every launch (a fresh zeroed 64 MB per launch was most of the run time).
@@ -217,6 +218,7 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
   }
   ++g_launches;
   g_launched.push_back(name);
+  g_launched_smem.push_back(smem_bytes);
   BlockRun r;
   r.ctx.resize(nthreads);
   while (static_cast<int64_t>(g_stacks.size()) < nthreads)

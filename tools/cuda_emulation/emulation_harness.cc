@@ -46,6 +46,7 @@ struct Config {
   const char* formula = nullptr;  // APPROX_JAX_CUDA_FORMULA
   const char* blocks = nullptr;   // APPROX_JAX_CUDA_EXPANDED_BLOCKS
   const char* narrow = nullptr;   // APPROX_JAX_CUDA_NARROW
+  const char* m7_bk = nullptr;    // APPROX_JAX_CUDA_EXPANDED_M7_BK
 };
 
 constexpr int kH200Smem = 232448, kA100Smem = 166912, kSm86Smem = 101376;
@@ -64,6 +65,8 @@ const Config kConfigs[] = {
     {"no-split", nullptr, nullptr, "1", 132, kH200Smem},
     {"two-blocks", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, "2"},
     {"no-narrow", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, "0"},
+    {"m7-bk8", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, nullptr, "8"},
+    {"m7-bk8-a100", nullptr, nullptr, nullptr, 108, kA100Smem, nullptr, nullptr, nullptr, "8"},
 };
 
 int g_narrowed = 0;  // designs the expanded kernel ran with narrow planes
@@ -112,7 +115,8 @@ std::string LaunchedSince(size_t first) {
 // Whether the launched kernels are those a configuration must launch, as
 // the comments of cuda_kernels.cu state the rule: the expanded-operand kernel
 // for M <= 7 unless disabled or its shared memory exceeds the device's
-// opt-in limit (an A100 cannot hold its M = 7 planes); else the LUT kernel,
+// opt-in limit (ExpandedSmemBytes, which follows the tile knobs: the M = 7
+// planes of kBK = 8 exceed an A100's); else the LUT kernel,
 // with the LUT in shared memory when one copy (4^M words) fits the cap
 // (128 KB by default) beside the tile area (33-41 KB: either placement is
 // accepted where that decides; a LUT in global memory is checked against
@@ -127,8 +131,19 @@ bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemm
   if (p.mbits <= 7 && !disabled && cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= cfg.smem_optin) {
     // Each LUT's effective width is checked first (M >= 2), unless disabled.
     const bool narrow = p.mbits >= 2 && !(cfg.narrow && std::strcmp(cfg.narrow, "0") == 0);
-    return launched == std::string(narrow ? "LutWidthKernel, " : "") +
-                           "ExpandedGemmKernel<T, kMinBlocks>" + reduce;
+    if (launched != std::string(narrow ? "LutWidthKernel, " : "") +
+                        "ExpandedGemmKernel<T, kMinBlocks>" + reduce) {
+      return false;
+    }
+    // The tile that ran: its shared memory is the planned one, and M = 7
+    // under APPROX_JAX_CUDA_EXPANDED_M7_BK=8 holds 2^7 planes of 8 k x 64
+    // columns (128 KB) where the default holds 4 k (64 KB).
+    const size_t smem =
+        cuda_emu::g_launched_smem[cuda_emu::g_launched_smem.size() - (reduce.empty() ? 1 : 2)];
+    const bool bk8 = cfg.m7_bk && std::strcmp(cfg.m7_bk, "8") == 0;
+    const size_t planes_bytes = p.mbits == 7 ? (bk8 ? 128 : 64) * 1024 : 0;
+    return static_cast<int64_t>(smem) == cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) &&
+           smem >= planes_bytes && (p.mbits != 7 || smem < planes_bytes + 64 * 1024);
   }
   const int64_t lut_bytes = int64_t{4} << (2 * p.mbits);
   const int64_t cap = (cfg.lut_kb ? std::atoll(cfg.lut_kb) : 128) * 1024;
@@ -186,6 +201,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
     SetEnv("APPROX_JAX_CUDA_FORMULA", cfg.formula);
     SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", cfg.blocks);
     SetEnv("APPROX_JAX_CUDA_NARROW", cfg.narrow);
+    SetEnv("APPROX_JAX_CUDA_EXPANDED_M7_BK", cfg.m7_bk);
     cuda_emu::g_device.sm_count = cfg.sm_count;
     cuda_emu::g_device.smem_optin = cfg.smem_optin;
     cuda_emu::g_smem_limit.clear();
@@ -250,6 +266,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   SetEnv("APPROX_JAX_CUDA_FORMULA", nullptr);
   SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", nullptr);
   SetEnv("APPROX_JAX_CUDA_NARROW", nullptr);
+  SetEnv("APPROX_JAX_CUDA_EXPANDED_M7_BK", nullptr);
   cuda_emu::g_device = cuda_emu::Device();
 }
 
