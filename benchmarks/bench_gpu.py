@@ -273,6 +273,23 @@ def bench_resnet_gemms(device, reps):
             "f32 HIGHEST",
             f"{2.0 * rows * k * n / t / 1e12:.2f} TFLOP/s-equiv",
         )
+        # Opt-in variants (env knobs read at each launch; same bits): the
+        # 128 x 64 tile where it fills the SMs' waves better (layers 3-4 have
+        # 56-144 default tiles on 132 SMs), and 8-k chunks at M = 7.
+        for knob, value, label in (
+            ("APPROX_JAX_CUDA_EXPANDED_FILL", "1", "fill tile"),
+            ("APPROX_JAX_CUDA_EXPANDED_M7_BK", "8", "kBK 8"),
+        ):
+            with _env(knob, value):
+                t_var = median_time(lambda: approx(x, w), 3, budget_s=5.0)
+            record(
+                f"R18 {name} {label}",
+                "mbm7",
+                t_var,
+                t_native,
+                "f32 HIGHEST",
+                f"{2.0 * rows * k * n / t_var / 1e12:.2f} TFLOP/s-equiv",
+            )
 
 
 @guarded("conv")

@@ -692,9 +692,17 @@ def test_gemm_expanded_kernel_all_widths(M, shape, monkeypatch):
         # same arithmetic, same bits.
         monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2")
         assert_bits_equal(run_on(GPU, fn, a, b), got, f"two-blocks build M={M} {shape}")
+        monkeypatch.delenv("APPROX_JAX_CUDA_EXPANDED_BLOCKS")
+    # The opt-in 128 x 64 tile for grids it fills better (300 or 257 rows are
+    # two 256-row tiles but three small ones: better on any GPU of >= 3 SMs).
+    monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED_FILL", "1")
+    assert_bits_equal(run_on(GPU, fn, a, b), got, f"fill tile M={M} {shape}")
     if M == 7:
-        # The opt-in 8-k chunks at M = 7 (the 256 x 64 tile of M <= 6).
+        # The opt-in 8-k chunks at M = 7 (the 256 x 64 tile of M <= 6), with
+        # and without the fill tile.
         monkeypatch.setenv("APPROX_JAX_CUDA_EXPANDED_M7_BK", "8")
+        assert_bits_equal(run_on(GPU, fn, a, b), got, f"M = 7 fill, kBK = 8 {shape}")
+        monkeypatch.delenv("APPROX_JAX_CUDA_EXPANDED_FILL")
         assert_bits_equal(run_on(GPU, fn, a, b), got, f"M = 7 with kBK = 8 {shape}")
 
 

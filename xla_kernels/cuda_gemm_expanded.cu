@@ -107,9 +107,11 @@ struct ExpTile {
   }
 };
 
-using TileWide = ExpTile<4, 2, 8>;   // 128 x 128, M <= 5, N > 64
-using TileTall = ExpTile<8, 1, 8>;   // 256 x 64, M <= 6
-using TileTall7 = ExpTile<8, 1, 4>;  // 256 x 64, M = 7
+using TileWide = ExpTile<4, 2, 8>;    // 128 x 128, M <= 5, N > 64
+using TileTall = ExpTile<8, 1, 8>;    // 256 x 64, M <= 6
+using TileTall7 = ExpTile<8, 1, 4>;   // 256 x 64, M = 7
+using TileSmall = ExpTile<4, 1, 8>;   // 128 x 64, opt-in for under-filled grids
+using TileSmall7 = ExpTile<4, 1, 4>;  // 128 x 64, the same at M = 7
 
 __device__ __forceinline__ uint32_t Swizzle(uint32_t u) { return (u >> 1) & 7u; }
 
@@ -162,13 +164,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
   const int64_t row0 =
       (static_cast<int64_t>(blockIdx.x) - (p.parallel ? s_lo * p.m_tiles : 0)) * kBM;
 
-  // Global -> register mapping. A: float4 along k, kBK / 4 threads per row.
+  // Global -> register mapping. A: float4 along k, kBK / 4 threads per row
+  // (TileSmall7's 128 rows of 4 k need only half of the threads).
   constexpr int kAThreadsPerRow = kBK / 4;
   constexpr int kARowsPerPass = kThreads / kAThreadsPerRow;
-  constexpr int kAPasses = kBM / kARowsPerPass;
-  static_assert(kAPasses * kARowsPerPass == kBM, "A loader mapping");
+  constexpr bool kAllLoadA = kBM >= kARowsPerPass;
+  constexpr int kAPasses = kAllLoadA ? kBM / kARowsPerPass : 1;
+  static_assert(kAllLoadA ? kAPasses * kARowsPerPass == kBM : kARowsPerPass % kBM == 0,
+                "A loader mapping");
   const int a_row = tid / kAThreadsPerRow;
   const int a_kk = (tid % kAThreadsPerRow) * 4;
+  const bool a_loader = kAllLoadA || a_row < kBM;
   // B: float4 along n.
   constexpr int kBVectors = kBK * kBN / 4;
   static_assert(kBVectors <= kThreads, "B loader mapping");
@@ -219,8 +225,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
         uint32_t ra[kAPasses][4], rb[4];
         auto load_chunk = [&](int64_t k0) {
 #pragma unroll
-          for (int q = 0; q < kAPasses; ++q)
-            LoadWords4(A, K, row0 + a_row + kARowsPerPass * q, M, k0 + a_kk, kend, p.vec_a, ra[q]);
+          for (int q = 0; q < kAPasses; ++q) {
+            if (a_loader) {
+              LoadWords4(A, K, row0 + a_row + kARowsPerPass * q, M, k0 + a_kk, kend, p.vec_a,
+                         ra[q]);
+            } else {
+#pragma unroll
+              for (int c = 0; c < 4; ++c) ra[q][c] = 0u;
+            }
+          }
           if (b_loader) {
             LoadWords4(B, N, k0 + b_kk, kend, col0 + b_col, N, p.vec_b, rb);
           } else {
@@ -243,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) ExpandedGemmKernel(const
               const uint32_t word =
                   (e == 0) ? (x & kSignMask)
                            : ((x & 0xff800000u) | (u * kPlaneBytes) | (Swizzle(u) << 4));
-              aw[(a_kk + c) * kAStride + a_row + kARowsPerPass * q] = word;
+              if (a_loader) aw[(a_kk + c) * kAStride + a_row + kARowsPerPass * q] = word;
               slow |= SlowExponent(x) ? 1 : 0;
             }
           }
@@ -442,11 +455,26 @@ bool M7Bk8Requested() {
   return s != nullptr && std::strcmp(s, "8") == 0;
 }
 
-// 0: TileWide, 1: TileTall, 2: TileTall7.
-int TileKind(int mbits, int64_t n) {
-  if (mbits == 7) return M7Bk8Requested() ? 1 : 2;
+// 0: TileWide, 1: TileTall, 2: TileTall7, 3: TileSmall, 4: TileSmall7.
+int TileKind(int mbits, int64_t n, bool small) {
+  const bool bk8 = mbits < 7 || M7Bk8Requested();
+  if (small) return bk8 ? 3 : 4;
+  if (!bk8) return 2;
   if (mbits <= 5 && n > 64) return 0;
   return 1;
+}
+
+// APPROX_JAX_CUDA_EXPANDED_FILL=1: small tiles where they fill the GPU
+// better (see ExpandedFillTile), read at each plan and launch.
+bool FillRequested() {
+  const char* s = std::getenv("APPROX_JAX_CUDA_EXPANDED_FILL");
+  return s != nullptr && std::strcmp(s, "1") == 0;
+}
+
+// Block tiles of a grid, and the fraction of `sms` x waves they occupy.
+double WaveEfficiency(int64_t tiles, int sms) {
+  const int64_t waves = (tiles + sms - 1) / sms;
+  return waves > 0 ? static_cast<double>(tiles) / static_cast<double>(waves * sms) : 1.0;
 }
 
 // APPROX_JAX_CUDA_EXPANDED_BLOCKS=2: the two-blocks-per-SM build of TileWide
@@ -477,9 +505,9 @@ std::string Launch(GemmParams gp, int64_t grid_splits, cudaStream_t stream) {
 
 }  // namespace
 
-bool ExpandedTile(int mbits, int64_t n, int64_t* bm, int64_t* bn) {
+bool ExpandedTile(int mbits, int64_t n, bool small, int64_t* bm, int64_t* bn) {
   if (mbits < 1 || mbits > 7 || !ExpandedEnabled()) return false;
-  switch (TileKind(mbits, n)) {
+  switch (TileKind(mbits, n, small)) {
     case 0:
       *bm = TileWide::kBM;
       *bn = TileWide::kBN;
@@ -488,34 +516,58 @@ bool ExpandedTile(int mbits, int64_t n, int64_t* bm, int64_t* bn) {
       *bm = TileTall::kBM;
       *bn = TileTall::kBN;
       break;
-    default:
+    case 2:
       *bm = TileTall7::kBM;
       *bn = TileTall7::kBN;
+      break;
+    default:
+      *bm = TileSmall::kBM;  // (TileSmall7: the same shape)
+      *bn = TileSmall::kBN;
       break;
   }
   return true;
 }
 
-int64_t ExpandedSmemBytes(int mbits, int64_t n) {
-  switch (TileKind(mbits, n)) {
+bool ExpandedFillTile(int mbits, int64_t m, int64_t n, int64_t problems, int64_t splits, int sms) {
+  int64_t bm = 0, bn = 0, sbm = 0, sbn = 0;
+  if (!FillRequested() || splits != 1 || sms < 1 || !ExpandedTile(mbits, n, false, &bm, &bn) ||
+      !ExpandedTile(mbits, n, true, &sbm, &sbn)) {
+    return false;
+  }
+  const int64_t tiles = problems * ((m + bm - 1) / bm) * ((n + bn - 1) / bn);
+  const int64_t small_tiles = problems * ((m + sbm - 1) / sbm) * ((n + sbn - 1) / sbn);
+  return WaveEfficiency(small_tiles, sms) > WaveEfficiency(tiles, sms);
+}
+
+int64_t ExpandedSmemBytes(int mbits, int64_t n, bool small) {
+  switch (TileKind(mbits, n, small)) {
     case 0:
       return TileWide::SmemBytes(mbits);
     case 1:
       return TileTall::SmemBytes(mbits);
-    default:
+    case 2:
       return TileTall7::SmemBytes(mbits);
+    case 3:
+      return TileSmall::SmemBytes(mbits);
+    default:
+      return TileSmall7::SmemBytes(mbits);
   }
 }
 
-std::string LaunchExpandedGemm(GemmParams gp, int64_t grid_splits, cudaStream_t stream) {
-  switch (TileKind(gp.mbits, gp.n)) {
+std::string LaunchExpandedGemm(GemmParams gp, int64_t grid_splits, bool small,
+                               cudaStream_t stream) {
+  switch (TileKind(gp.mbits, gp.n, small)) {
     case 0:
       if (TwoBlocksRequested(gp.mbits)) return Launch<TileWide, 2>(gp, grid_splits, stream);
       return Launch<TileWide>(gp, grid_splits, stream);
     case 1:
       return Launch<TileTall>(gp, grid_splits, stream);
-    default:
+    case 2:
       return Launch<TileTall7>(gp, grid_splits, stream);
+    case 3:
+      return Launch<TileSmall, 2>(gp, grid_splits, stream);
+    default:
+      return Launch<TileSmall7, 2>(gp, grid_splits, stream);
   }
 }
 

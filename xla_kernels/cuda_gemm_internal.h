@@ -80,18 +80,28 @@ __device__ __forceinline__ void LoadWords4(const float* m, int64_t ld, int64_t r
 }
 
 // The expanded-operand kernel (cuda_gemm_expanded.cu) serves 1 <= M <= 7.
-// Its block tile for a problem of width `mbits` and `n` columns, or false
-// when the expanded kernel is not used (M >= 8, or disabled by the env knob
+// Its block tile for a problem of width `mbits` and `n` columns (`small`:
+// the 128 x 64 tile of ExpandedFillTile), or false when the expanded kernel
+// is not used (M >= 8, or disabled by the env knob
 // APPROX_JAX_CUDA_EXPANDED=0, which selects the LUT kernel: a testing and
 // benchmarking aid; both give the same bits).
-bool ExpandedTile(int mbits, int64_t n, int64_t* bm, int64_t* bn);
+bool ExpandedTile(int mbits, int64_t n, bool small, int64_t* bm, int64_t* bn);
+
+// Whether the 128 x 64 tile is used for a problem of `problems` (designs x
+// batch) m x n outputs in `splits` k-chunks on a device of `sms` SMs: only
+// under the opt-in APPROX_JAX_CUDA_EXPANDED_FILL=1 (not yet timed on a GPU),
+// without split-K, and when its grid fills the SMs' waves better than the
+// default tile's (e.g. 56 default tiles on 132 SMs). A tile shape never
+// changes a result's bits (each output is summed over k in the same order).
+bool ExpandedFillTile(int mbits, int64_t m, int64_t n, int64_t problems, int64_t splits, int sms);
 
 // Shared memory the expanded kernel needs for this problem (bytes).
-int64_t ExpandedSmemBytes(int mbits, int64_t n);
+int64_t ExpandedSmemBytes(int mbits, int64_t n, bool small);
 
 // Launches the expanded kernel (ExpandedTile must have returned true and
-// ExpandedSmemBytes must fit `optin`). Returns "" or an error.
-std::string LaunchExpandedGemm(GemmParams gp, int64_t grid_splits, cudaStream_t stream);
+// ExpandedSmemBytes must fit `optin`, both for the same `small`). Returns ""
+// or an error.
+std::string LaunchExpandedGemm(GemmParams gp, int64_t grid_splits, bool small, cudaStream_t stream);
 
 std::string CudaErr(const char* what, cudaError_t e);
 

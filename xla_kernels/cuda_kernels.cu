@@ -612,17 +612,32 @@ int SmemOptin() {
   return optin;
 }
 
+int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  return sms;
+}
+
 enum class GemmKernel { kExpanded, kLutTall, kLutWide };
 
 // The one kernel and block-tile choice, used by PlanApproxGemm (its split-K
 // mode decision must see the tile that will run) and LaunchApproxGemm: the
 // expanded-operand kernel when it serves the problem (M <= 7, not disabled by
-// APPROX_JAX_CUDA_EXPANDED=0) and its shared memory fits `optin`; else the
+// APPROX_JAX_CUDA_EXPANDED=0) and its shared memory fits `optin`, with its
+// opt-in 128 x 64 tile where ExpandedFillTile says so (`small`); else the
 // LUT kernel, with 256 x 64 tiles for narrow outputs (N <= 64, e.g. 64-channel
 // conv layers would waste half of a 128-wide tile).
-GemmKernel ChooseKernel(const CudaGemmProblem& p, int optin, int64_t* bm, int64_t* bn) {
-  if (cuda_gemm::ExpandedTile(p.mbits, p.n, bm, bn) &&
-      cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= optin) {
+GemmKernel ChooseKernel(const CudaGemmProblem& p, int optin, int64_t* bm, int64_t* bn,
+                        bool* small = nullptr) {
+  int64_t splits = 1, kspan = 0;
+  SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &splits, &kspan);
+  const bool fill =
+      cuda_gemm::ExpandedFillTile(p.mbits, p.m, p.n, p.designs * p.batch, splits, SmCount());
+  if (small) *small = false;
+  if (cuda_gemm::ExpandedTile(p.mbits, p.n, fill, bm, bn) &&
+      cuda_gemm::ExpandedSmemBytes(p.mbits, p.n, fill) <= optin) {
+    if (small) *small = fill;
     return GemmKernel::kExpanded;
   }
   const bool tall = p.n <= TallTile::kBN;
@@ -811,10 +826,11 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   gp.vec_out = (p.n % 4 == 0 && Aligned16(gp.out)) ? 1 : 0;
   const int64_t grid_splits = parallel ? plan.splits : 1;
   int64_t bm = 0, bn = 0;
+  bool small = false;
   std::string err;
-  switch (ChooseKernel(p, optin, &bm, &bn)) {
+  switch (ChooseKernel(p, optin, &bm, &bn, &small)) {
     case GemmKernel::kExpanded:
-      err = cuda_gemm::LaunchExpandedGemm(gp, grid_splits, stream);
+      err = cuda_gemm::LaunchExpandedGemm(gp, grid_splits, small, stream);
       break;
     case GemmKernel::kLutTall:
       err = LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream);

@@ -47,6 +47,7 @@ struct Config {
   const char* blocks = nullptr;   // APPROX_JAX_CUDA_EXPANDED_BLOCKS
   const char* narrow = nullptr;   // APPROX_JAX_CUDA_NARROW
   const char* m7_bk = nullptr;    // APPROX_JAX_CUDA_EXPANDED_M7_BK
+  const char* fill = nullptr;     // APPROX_JAX_CUDA_EXPANDED_FILL
 };
 
 constexpr int kH200Smem = 232448, kA100Smem = 166912, kSm86Smem = 101376;
@@ -67,9 +68,14 @@ const Config kConfigs[] = {
     {"no-narrow", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, "0"},
     {"m7-bk8", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, nullptr, "8"},
     {"m7-bk8-a100", nullptr, nullptr, nullptr, 108, kA100Smem, nullptr, nullptr, nullptr, "8"},
+    {"fill", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, nullptr, nullptr, "1"},
+    {"fill-m7-bk8", nullptr, nullptr, nullptr, 132, kH200Smem, nullptr, nullptr, nullptr, "8", "1"},
+    {"fill-a100-forced-chunks", nullptr, nullptr, "3", 108, kA100Smem, nullptr, nullptr, nullptr,
+     nullptr, "1"},
 };
 
-int g_narrowed = 0;  // designs the expanded kernel ran with narrow planes
+int g_narrowed = 0;    // designs the expanded kernel ran with narrow planes
+int g_small_tile = 0;  // expanded launches with the 128 x 64 fill tile
 
 // The LutWidthKernel mask of one LUT, entry by entry: bit s set when some
 // entry differs from the entry at both indices with their low s bits cleared.
@@ -128,21 +134,29 @@ bool ExpectedKernels(const Config& cfg, const CudaGemmProblem& p, const CudaGemm
   if (p.k == 0) return launched.empty();  // a memset
   const std::string reduce = plan.splits > 1 && plan.parallel ? ", SplitKReduceKernel" : "";
   const bool disabled = cfg.expanded && std::strcmp(cfg.expanded, "0") == 0;
-  if (p.mbits <= 7 && !disabled && cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) <= cfg.smem_optin) {
+  const bool fill_tile = cuda_gemm::ExpandedFillTile(p.mbits, p.m, p.n, p.designs * p.batch,
+                                                     plan.splits, cfg.sm_count);
+  if (p.mbits <= 7 && !disabled &&
+      cuda_gemm::ExpandedSmemBytes(p.mbits, p.n, fill_tile) <= cfg.smem_optin) {
     // Each LUT's effective width is checked first (M >= 2), unless disabled.
     const bool narrow = p.mbits >= 2 && !(cfg.narrow && std::strcmp(cfg.narrow, "0") == 0);
     if (launched != std::string(narrow ? "LutWidthKernel, " : "") +
                         "ExpandedGemmKernel<T, kMinBlocks>" + reduce) {
       return false;
     }
-    // The tile that ran: its shared memory is the planned one, and M = 7
-    // under APPROX_JAX_CUDA_EXPANDED_M7_BK=8 holds 2^7 planes of 8 k x 64
-    // columns (128 KB) where the default holds 4 k (64 KB).
+    // The tile that ran: its shared memory is the planned one (the 128 x 64
+    // tile where the fill rule picks it: only under its knob, never with
+    // split-K chunks), and M = 7 under APPROX_JAX_CUDA_EXPANDED_M7_BK=8 holds
+    // 2^7 planes of 8 k x 64 columns (128 KB) where the default holds 4 k
+    // (64 KB).
     const size_t smem =
         cuda_emu::g_launched_smem[cuda_emu::g_launched_smem.size() - (reduce.empty() ? 1 : 2)];
+    const bool fill = cfg.fill && std::strcmp(cfg.fill, "1") == 0;
+    if (fill_tile && (!fill || plan.splits != 1)) return false;
+    g_small_tile += fill_tile ? 1 : 0;
     const bool bk8 = cfg.m7_bk && std::strcmp(cfg.m7_bk, "8") == 0;
     const size_t planes_bytes = p.mbits == 7 ? (bk8 ? 128 : 64) * 1024 : 0;
-    return static_cast<int64_t>(smem) == cuda_gemm::ExpandedSmemBytes(p.mbits, p.n) &&
+    return static_cast<int64_t>(smem) == cuda_gemm::ExpandedSmemBytes(p.mbits, p.n, fill_tile) &&
            smem >= planes_bytes && (p.mbits != 7 || smem < planes_bytes + 64 * 1024);
   }
   const int64_t lut_bytes = int64_t{4} << (2 * p.mbits);
@@ -192,7 +206,8 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   std::vector<float> ref(outs);
   for (const Config& cfg : kConfigs) {
     if (!all_configs && std::strcmp(cfg.name, "h200") != 0 &&
-        std::strcmp(cfg.name, "lut-kernel") != 0 && std::strcmp(cfg.name, "two-blocks") != 0) {
+        std::strcmp(cfg.name, "lut-kernel") != 0 && std::strcmp(cfg.name, "two-blocks") != 0 &&
+        std::strcmp(cfg.name, "fill") != 0) {
       continue;
     }
     SetEnv("APPROX_JAX_CUDA_EXPANDED", cfg.expanded);
@@ -202,6 +217,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
     SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", cfg.blocks);
     SetEnv("APPROX_JAX_CUDA_NARROW", cfg.narrow);
     SetEnv("APPROX_JAX_CUDA_EXPANDED_M7_BK", cfg.m7_bk);
+    SetEnv("APPROX_JAX_CUDA_EXPANDED_FILL", cfg.fill);
     cuda_emu::g_device.sm_count = cfg.sm_count;
     cuda_emu::g_device.smem_optin = cfg.smem_optin;
     cuda_emu::g_smem_limit.clear();
@@ -267,6 +283,7 @@ void RunProblem(const Problem& pr, std::mt19937& rng, bool all_configs) {
   SetEnv("APPROX_JAX_CUDA_EXPANDED_BLOCKS", nullptr);
   SetEnv("APPROX_JAX_CUDA_NARROW", nullptr);
   SetEnv("APPROX_JAX_CUDA_EXPANDED_M7_BK", nullptr);
+  SetEnv("APPROX_JAX_CUDA_EXPANDED_FILL", nullptr);
   cuda_emu::g_device = cuda_emu::Device();
 }
 
@@ -379,6 +396,14 @@ int Test(bool full, bool smoke, bool grid_limits) {
       problems.push_back({stack, 0});
     }
   }
+  // The 128 x 64 fill tile (configurations with APPROX_JAX_CUDA_EXPANDED_FILL)
+  // on the fast path: 300 rows make 2 default tiles of 256 rows (or 3 of
+  // 128 x 128) and 3 (6) small ones, at every width including M = 7, whose
+  // small tile loads A with half of its threads.
+  for (int m : full ? std::vector<int>{1, 2, 3, 4, 5, 6, 7} : std::vector<int>{3, 6, 7}) {
+    problems.push_back({MakeCase(300, 33, 72, m, 0), 0});
+    if (full) problems.push_back({MakeCase(300, 45, 40, m, 1), 1});
+  }
   // Designs and batch with every broadcast pattern (vmap over a stack).
   for (int m : {3, 7, 11}) {
     for (int pattern = 0; pattern < (full ? 6 : 3); ++pattern) {
@@ -441,10 +466,14 @@ int Test(bool full, bool smoke, bool grid_limits) {
     std::printf("FAIL no design ran with narrow planes\n");
     ++g_failures;
   }
+  if (g_small_tile == 0 && !grid_limits) {
+    std::printf("FAIL no launch used the 128 x 64 fill tile\n");
+    ++g_failures;
+  }
   std::printf(
       "%d runs of %d GEMM problems and 3 multiply problems, %lld kernel launches, "
-      "%d designs with narrow planes, %d failures\n",
-      g_runs, ran, (long long)cuda_emu::g_launches, g_narrowed, g_failures);
+      "%d designs with narrow planes, %d fill-tile launches, %d failures\n",
+      g_runs, ran, (long long)cuda_emu::g_launches, g_narrowed, g_small_tile, g_failures);
   return g_failures ? 1 : 0;
 }
 
