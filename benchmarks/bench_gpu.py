@@ -51,7 +51,16 @@ def median_time(fn, reps: int, warmup: int = 1, budget_s: float = 20.0) -> float
     return statistics.median(samples)
 
 
-def record(case: str, multiplier: str, approx_s, native_s, baseline: str, note: str = ""):
+def record(
+    case: str,
+    multiplier: str,
+    approx_s,
+    native_s,
+    baseline: str,
+    note: str = "",
+    base: str | None = None,
+):
+    """One result row; `base`: the case this row is an opt-in variant of."""
     row = dict(
         case=case,
         multiplier=multiplier,
@@ -60,6 +69,8 @@ def record(case: str, multiplier: str, approx_s, native_s, baseline: str, note: 
         native_s=native_s,
         note=note,
     )
+    if base is not None:
+        row["base"] = base
     if approx_s is not None and native_s:
         row["ratio"] = approx_s / native_s
     ROWS.append(row)
@@ -70,6 +81,21 @@ def record(case: str, multiplier: str, approx_s, native_s, baseline: str, note: 
         f"{case:44s} {multiplier:8s} {a} ms  {baseline:14s} {n} ms  ratio {ratio:>8s} {note}",
         flush=True,
     )
+
+
+def print_variant_summary():
+    """Each opt-in variant's time against its default, to decide defaults."""
+    times = {(r["case"], r["multiplier"]): r["approx_s"] for r in ROWS if "base" not in r}
+    lines = []
+    for r in ROWS:
+        base_t = times.get((r.get("base"), r["multiplier"]))
+        if base_t and r["approx_s"]:
+            speedup = base_t / r["approx_s"]
+            verdict = "faster" if speedup > 1.03 else "slower" if speedup < 0.97 else "same"
+            lines.append(f"  {r['case']:40s} {r['multiplier']:8s} {speedup:5.2f}x ({verdict})")
+    if lines:
+        print("opt-in variants, default time / variant time:")
+        print("\n".join(lines))
 
 
 def guarded(name):
@@ -196,6 +222,7 @@ def bench_gemm(device, sizes, mbits_list, reps):
                     t_native,
                     "f32 HIGHEST",
                     f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
+                    base=f"GEMM {n}^3",
                 )
             if mbits == 7 and n >= 4096:
                 # A LUT with no structure (every index bit matters): the
@@ -289,6 +316,7 @@ def bench_resnet_gemms(device, reps):
                 t_native,
                 "f32 HIGHEST",
                 f"{2.0 * rows * k * n / t_var / 1e12:.2f} TFLOP/s-equiv",
+                base=f"R18 {name} {rows}x{k}x{n}",
             )
 
 
@@ -454,6 +482,7 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {path} ({elapsed:.0f} s)")
+    print_variant_summary()
     targets = [r for r in ROWS if r["case"] == "GEMM 4096^3" and "ratio" in r]
     for r in targets:
         mbits = int(r["multiplier"][3:])

@@ -106,7 +106,7 @@ rm -rf "$TESTDIR"
   echo "---- pytest-core-cuda tail:"; tail -5 "$OUT/pytest_core_cuda.txt" 2>/dev/null
   echo "---- bench_vmap (8 designs in one call vs 8 calls):"; tail -12 "$OUT/bench_vmap.txt" 2>/dev/null
   echo "---- benchmark (ratios approx/native):"
-  grep -E "^(GEMM|R18|conv|LeNet|ResNet|target)" "$LOG" | tail -40
+  grep -E "^(GEMM|R18|conv|LeNet|ResNet|target)|^opt-in variants|^  (GEMM|R18) " "$LOG" | tail -100
 } >> "$SUMMARY"
 cat "$SUMMARY"
 exit 0
