@@ -719,6 +719,13 @@ bool UsesNarrowPlanes(const CudaGemmProblem& p, int optin) {
   return ChooseKernel(p, optin, &bm, &bn) == GemmKernel::kExpanded;
 }
 
+// The per-design words of a plan's scratch from byte `offset`, or nullptr
+// when the scratch is missing or either is not 16-byte aligned.
+int* ScratchWords(float* scratch, int64_t offset) {
+  if (scratch == nullptr || !Aligned16(scratch) || offset % 16 != 0) return nullptr;
+  return reinterpret_cast<int*>(reinterpret_cast<char*>(scratch) + offset);
+}
+
 }  // namespace
 
 std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
@@ -774,11 +781,8 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   if (plan.families_offset >= 0) {
     // Which families' closed forms each design's LUT equals (before the GEMM,
     // on the same stream).
-    if (scratch == nullptr || !Aligned16(scratch) || plan.families_offset % 16 != 0) {
-      return "approx_jax_gemm: closed-form scratch missing or misaligned";
-    }
-    int* mismatches =
-        reinterpret_cast<int*>(reinterpret_cast<char*>(scratch) + plan.families_offset);
+    int* mismatches = ScratchWords(scratch, plan.families_offset);
+    if (mismatches == nullptr) return "approx_jax_gemm: closed-form scratch missing or misaligned";
     e = cudaMemsetAsync(mismatches, 0, static_cast<size_t>(p.designs) * sizeof(int), stream);
     if (e != cudaSuccess) return CudaErr("cudaMemsetAsync", e);
     constexpr int kBlock = 256;
@@ -796,11 +800,9 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   if (plan.widths_offset >= 0) {
     // Each design's effective index width for the expanded kernel (before
     // the GEMM, on the same stream).
-    if (scratch == nullptr || !Aligned16(scratch) || plan.widths_offset % 16 != 0) {
+    int* not_widened = ScratchWords(scratch, plan.widths_offset);
+    if (not_widened == nullptr)
       return "approx_jax_gemm: narrow-plane scratch missing or misaligned";
-    }
-    int* not_widened =
-        reinterpret_cast<int*>(reinterpret_cast<char*>(scratch) + plan.widths_offset);
     LutWidthKernel<<<static_cast<unsigned>(std::min<int64_t>(p.designs, 65535)), kWidthCheckThreads,
                      0, stream>>>(p.lut, p.lut_design_stride, p.designs, p.mbits, not_widened);
     e = cudaGetLastError();
