@@ -602,41 +602,40 @@ int64_t SplitKOverride() {
   return 0;
 }
 
-int SmemOptin() {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-      cudaSuccess) {
-    return 0;
-  }
-  return optin;
-}
+// What the kernel choice needs of the current device, queried once per plan
+// and once per launch.
+struct DeviceLimits {
+  int optin = 0;  // shared memory per block, opt-in maximum (bytes)
+  int sms = 0;    // multiprocessors
+};
 
-int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  return sms;
+std::string QueryDevice(DeviceLimits* dev) {
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
+  e = cudaDeviceGetAttribute(&dev->optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&dev->sms, cudaDevAttrMultiProcessorCount, device);
+  return e == cudaSuccess ? std::string() : CudaErr("cudaDeviceGetAttribute", e);
 }
 
 enum class GemmKernel { kExpanded, kLutTall, kLutWide };
 
-// The one kernel and block-tile choice, used by PlanApproxGemm (its split-K
-// mode decision must see the tile that will run) and LaunchApproxGemm: the
-// expanded-operand kernel when it serves the problem (M <= 7, not disabled by
-// APPROX_JAX_CUDA_EXPANDED=0) and its shared memory fits `optin`, with its
-// opt-in 128 x 64 tile where ExpandedFillTile says so (`small`); else the
-// LUT kernel, with 256 x 64 tiles for narrow outputs (N <= 64, e.g. 64-channel
-// conv layers would waste half of a 128-wide tile).
-GemmKernel ChooseKernel(const CudaGemmProblem& p, int optin, int64_t* bm, int64_t* bn,
-                        bool* small = nullptr) {
-  int64_t splits = 1, kspan = 0;
-  SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &splits, &kspan);
+// The one kernel and block-tile choice, made by PlanApproxGemm (its split-K
+// mode decision must see the tile that will run) and again by
+// LaunchApproxGemm for the plan's `splits`: the expanded-operand kernel when
+// it serves the problem (M <= 7, not disabled by APPROX_JAX_CUDA_EXPANDED=0)
+// and its shared memory fits the device, with its opt-in 128 x 64 tile where
+// ExpandedFillTile says so (`small`); else the LUT kernel, with 256 x 64
+// tiles for narrow outputs (N <= 64, e.g. 64-channel conv layers would waste
+// half of a 128-wide tile).
+GemmKernel ChooseKernel(const CudaGemmProblem& p, int64_t splits, const DeviceLimits& dev,
+                        int64_t* bm, int64_t* bn, bool* small = nullptr) {
   const bool fill =
-      cuda_gemm::ExpandedFillTile(p.mbits, p.m, p.n, p.designs * p.batch, splits, SmCount());
+      cuda_gemm::ExpandedFillTile(p.mbits, p.m, p.n, p.designs * p.batch, splits, dev.sms);
   if (small) *small = false;
   if (cuda_gemm::ExpandedTile(p.mbits, p.n, fill, bm, bn) &&
-      cuda_gemm::ExpandedSmemBytes(p.mbits, p.n, fill) <= optin) {
+      cuda_gemm::ExpandedSmemBytes(p.mbits, p.n, fill) <= dev.optin) {
     if (small) *small = fill;
     return GemmKernel::kExpanded;
   }
@@ -671,35 +670,25 @@ void SplitKChunks(int64_t m, int64_t n, int64_t k, int64_t want, int64_t* splits
 namespace {
 
 // The split-K execution mode of a plan whose chunks are set (parallel and
-// partials_bytes), for a device with `optin` bytes of shared memory per block.
-std::string PlanSplitMode(const CudaGemmProblem& p, int optin, CudaGemmPlan* plan) {
-  if (plan->splits < 2) return {};
+// partials_bytes), given its block tile (bm x bn) on a device of `sms` SMs.
+void PlanSplitMode(const CudaGemmProblem& p, int64_t bm, int64_t bn, int sms, CudaGemmPlan* plan) {
+  if (plan->splits < 2) return;
   // The summation order is now fixed; only the execution mode remains.
   const int64_t outputs = p.designs * p.batch * p.m * p.n;
-  if (plan->splits > kMaxScratchFloats / outputs) return {};  // fold in-block
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
-  int sms = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
-  int64_t bm = 0, bn = 0;
-  ChooseKernel(p, optin, &bm, &bn);
+  if (plan->splits > kMaxScratchFloats / outputs) return;  // fold in-block
   const int64_t tiles = p.designs * p.batch * ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn);
   if (tiles < kSplitTilesPerSm * std::max(sms, 1)) {
     plan->parallel = true;
     plan->partials_bytes = static_cast<size_t>(plan->splits * outputs) * sizeof(float);
   }
-  return {};
 }
 
 // Whether the closed forms may replace LUT reads: the LUT kernel runs with
 // its LUT in global memory, and APPROX_JAX_CUDA_FORMULA is not "0".
-bool UsesClosedForms(const CudaGemmProblem& p, int optin) {
+bool UsesClosedForms(const CudaGemmProblem& p, GemmKernel kernel, int optin) {
   const char* s = std::getenv("APPROX_JAX_CUDA_FORMULA");
   if (s && std::strcmp(s, "0") == 0) return false;
-  int64_t bm = 0, bn = 0;
-  switch (ChooseKernel(p, optin, &bm, &bn)) {
+  switch (kernel) {
     case GemmKernel::kExpanded:
       return false;
     case GemmKernel::kLutTall:
@@ -712,11 +701,10 @@ bool UsesClosedForms(const CudaGemmProblem& p, int optin) {
 
 // Whether the expanded kernel runs and may use narrow planes (M >= 2, and
 // APPROX_JAX_CUDA_NARROW is not "0").
-bool UsesNarrowPlanes(const CudaGemmProblem& p, int optin) {
+bool UsesNarrowPlanes(const CudaGemmProblem& p, GemmKernel kernel) {
   const char* s = std::getenv("APPROX_JAX_CUDA_NARROW");
   if ((s && std::strcmp(s, "0") == 0) || p.mbits < 2) return false;
-  int64_t bm = 0, bn = 0;
-  return ChooseKernel(p, optin, &bm, &bn) == GemmKernel::kExpanded;
+  return kernel == GemmKernel::kExpanded;
 }
 
 // The per-design words of a plan's scratch from byte `offset`, or nullptr
@@ -734,13 +722,16 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   const int64_t db = p.designs * p.batch;
   if (db == 0 || p.m == 0 || p.n == 0 || p.k == 0) return {};
   SplitKChunks(p.m, p.n, p.k, SplitKOverride(), &plan->splits, &plan->kspan);
-  const int optin = SmemOptin();  // (one query for both decisions)
-  if (std::string err = PlanSplitMode(p, optin, plan); !err.empty()) return err;
+  DeviceLimits dev;
+  if (std::string err = QueryDevice(&dev); !err.empty()) return err;
+  int64_t bm = 0, bn = 0;
+  const GemmKernel kernel = ChooseKernel(p, plan->splits, dev, &bm, &bn);
+  PlanSplitMode(p, bm, bn, dev.sms, plan);
   plan->scratch_bytes = plan->partials_bytes;
-  if (UsesClosedForms(p, optin)) {
+  if (UsesClosedForms(p, kernel, dev.optin)) {
     plan->families_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
     plan->scratch_bytes = static_cast<size_t>(plan->families_offset) + p.designs * sizeof(int);
-  } else if (UsesNarrowPlanes(p, optin)) {
+  } else if (UsesNarrowPlanes(p, kernel)) {
     plan->widths_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
     plan->scratch_bytes = static_cast<size_t>(plan->widths_offset) + p.designs * sizeof(int);
   }
@@ -756,12 +747,9 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
         cudaMemsetAsync(p.out, 0, static_cast<size_t>(db * p.m * p.n) * sizeof(float), stream);
     return e == cudaSuccess ? std::string() : CudaErr("cudaMemsetAsync", e);
   }
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return CudaErr("cudaGetDevice", e);
-  int optin = 0;
-  e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (e != cudaSuccess) return CudaErr("cudaDeviceGetAttribute", e);
+  DeviceLimits dev;
+  if (std::string err = QueryDevice(&dev); !err.empty()) return err;
+  cudaError_t e = cudaSuccess;
 
   GemmParams gp;
   gp.a = p.a;
@@ -830,15 +818,15 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   int64_t bm = 0, bn = 0;
   bool small = false;
   std::string err;
-  switch (ChooseKernel(p, optin, &bm, &bn, &small)) {
+  switch (ChooseKernel(p, plan.splits, dev, &bm, &bn, &small)) {
     case GemmKernel::kExpanded:
       err = cuda_gemm::LaunchExpandedGemm(gp, grid_splits, small, stream);
       break;
     case GemmKernel::kLutTall:
-      err = LaunchGemmTiled<TallTile>(gp, grid_splits, optin, stream);
+      err = LaunchGemmTiled<TallTile>(gp, grid_splits, dev.optin, stream);
       break;
     case GemmKernel::kLutWide:
-      err = LaunchGemmTiled<WideTile>(gp, grid_splits, optin, stream);
+      err = LaunchGemmTiled<WideTile>(gp, grid_splits, dev.optin, stream);
       break;
   }
   if (!err.empty() || !parallel) return err;
