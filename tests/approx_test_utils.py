@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import numpy as np
 
 from approx_jax import multipliers
@@ -27,3 +30,44 @@ def underflow_edge_values(rng: np.random.Generator, shape) -> np.ndarray:
     exponent = rng.integers(62, 67, shape, dtype=np.uint32) << 23
     mantissa = rng.integers(0, 1 << 23, shape, dtype=np.uint32)
     return (sign | exponent | mantissa).view(np.float32)
+
+
+_LUT_SUBDIR = pathlib.Path("shared", "reference", "approxtrain_luts")
+
+
+def find_reference_lut_dir() -> pathlib.Path | None:
+    """Finds ApproxTrain's reference LUT files.
+
+    ``$APPROX_JAX_REFERENCE_LUTS`` wins; otherwise walks up from this directory
+    looking for ``shared/reference/approxtrain_luts`` (it lives next to the repo
+    root, at ``../shared/reference/approxtrain_luts``); otherwise the copy in
+    ``tests/data/approxtrain_luts`` (see :func:`find_shared_reference_lut_dir`).
+
+    Returns:
+      The directory, or ``None`` if it cannot be found.
+    """
+    override = os.environ.get("APPROX_JAX_REFERENCE_LUTS")
+    if override:
+        return pathlib.Path(override) if pathlib.Path(override).is_dir() else None
+    shared = find_shared_reference_lut_dir()
+    if shared is not None:
+        return shared
+    return VENDORED_LUT_DIR if VENDORED_LUT_DIR.is_dir() else None
+
+
+# A copy of the shared files, for checkouts without shared/ beside them.
+VENDORED_LUT_DIR = pathlib.Path(__file__).resolve().parent / "data" / "approxtrain_luts"
+
+
+def find_shared_reference_lut_dir() -> pathlib.Path | None:
+    """The project's shared ground-truth LUT directory above this checkout.
+
+    Returns:
+      ``shared/reference/approxtrain_luts`` in the nearest parent directory
+      that has it, or ``None``.
+    """
+    for parent in pathlib.Path(__file__).resolve().parents:
+        candidate = parent / _LUT_SUBDIR
+        if candidate.is_dir():
+            return candidate
+    return None

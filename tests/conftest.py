@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
-
-_LUT_SUBDIR = pathlib.Path("shared", "reference", "approxtrain_luts")
-
-
-def find_reference_lut_dir() -> pathlib.Path | None:
-    """Finds ApproxTrain's reference LUT files.
-
-    ``$APPROX_JAX_REFERENCE_LUTS`` wins; otherwise walks up from this directory
-    looking for ``shared/reference/approxtrain_luts`` (it lives next to the repo
-    root, at ``../shared/reference/approxtrain_luts``).
-
-    Returns:
-      The directory, or ``None`` if it cannot be found.
-    """
-    override = os.environ.get("APPROX_JAX_REFERENCE_LUTS")
-    if override:
-        return pathlib.Path(override) if pathlib.Path(override).is_dir() else None
-    for parent in pathlib.Path(__file__).resolve().parents:
-        candidate = parent / _LUT_SUBDIR
-        if candidate.is_dir():
-            return candidate
-    return None
+from approx_test_utils import find_reference_lut_dir
 
 
 @pytest.fixture(scope="session")

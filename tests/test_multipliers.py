@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from approx_test_utils import random_multiplier
+from approx_test_utils import (
+    VENDORED_LUT_DIR,
+    find_shared_reference_lut_dir,
+    random_multiplier,
+)
 
 import approx_jax
 from approx_jax._src import cmodel, reference
@@ -52,6 +56,18 @@ def random_normal_floats(rng, n):
 # ---------------------------------------------------------------------------
 # Built-in families
 # ---------------------------------------------------------------------------
+
+
+def test_vendored_luts_equal_shared_reference():
+    """tests/data's copy of the LUT files is the shared ground truth, file for file."""
+    shared = find_shared_reference_lut_dir()
+    if shared is None:
+        pytest.skip("no shared/reference/approxtrain_luts above this checkout")
+    shared_files = sorted(p.name for p in shared.glob("*.bin"))
+    assert shared_files == sorted(p.name for p in VENDORED_LUT_DIR.glob("*.bin"))
+    assert shared_files == sorted(name for name, _, _ in APPROXTRAIN_FILES)
+    for name in shared_files:
+        assert (VENDORED_LUT_DIR / name).read_bytes() == (shared / name).read_bytes(), name
 
 
 @pytest.mark.parametrize(("file_name", "family", "M"), APPROXTRAIN_FILES)
