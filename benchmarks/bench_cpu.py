@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _designs import random_design  # noqa: E402
 from _timing import alternating_medians, thread_note  # noqa: E402
 
 import approx_jax  # noqa: E402
@@ -34,17 +35,6 @@ def gemm_cases(quick: bool):
     if quick:
         return [(256, 256, 256), (512, 512, 512)]
     return [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (8192, 576, 64)]
-
-
-def random_design(mbits: int) -> multipliers.Multiplier:
-    """A design with no closed form, as a user's own C model would be: a random
-    LUT (carry and result mantissa drawn uniformly), so every product is a LUT
-    read. (The built-ins have closed forms the CPU kernel may compute instead.)"""
-    rng = np.random.default_rng(mbits)
-    r = rng.integers(0, 1 << mbits, size=4**mbits)
-    c = rng.integers(0, 2, size=4**mbits)
-    dtype, top = (np.uint8, 7) if mbits <= 7 else (np.uint16, 15)
-    return multipliers.from_lut(((c << top) | r).astype(dtype), mbits, name=f"random{mbits}")
 
 
 def gemm_designs(mbits_list):

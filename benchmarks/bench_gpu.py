@@ -26,14 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _designs import random_design  # noqa: E402
+from _timing import block  # noqa: E402
+
 ROWS: list[dict] = []
 T_START = time.perf_counter()
-
-
-def block(tree):
-    return jax.tree_util.tree_map(
-        lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree
-    )
 
 
 def median_time(fn, reps: int, warmup: int = 1, budget_s: float = 20.0) -> float:
@@ -227,9 +225,7 @@ def bench_gemm(device, sizes, mbits_list, reps):
             if mbits == 7 and n >= 4096:
                 # A LUT with no structure (every index bit matters): the
                 # expanded kernel's cost at the full width.
-                rng = np.random.default_rng(7)
-                lut = (rng.integers(0, 2, 4**mbits) << 7) | rng.integers(0, 2**mbits, 4**mbits)
-                m_rand = mb.from_lut(lut.astype(np.uint8), mbits)
+                m_rand = random_design(mbits)
                 rand = jax.jit(lambda a, b: approx_dot(a, b, m_rand))
                 t = median_time(lambda: rand(x, w), 3, budget_s=5.0)
                 record(
