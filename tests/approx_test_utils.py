@@ -33,6 +33,8 @@ def underflow_edge_values(rng: np.random.Generator, shape) -> np.ndarray:
 
 
 _LUT_SUBDIR = pathlib.Path("shared", "reference", "approxtrain_luts")
+# A copy of the shared files, for checkouts without shared/ beside them.
+VENDORED_LUT_DIR = pathlib.Path(__file__).resolve().parent / "data" / "approxtrain_luts"
 
 
 def find_reference_lut_dir() -> pathlib.Path | None:
@@ -40,8 +42,9 @@ def find_reference_lut_dir() -> pathlib.Path | None:
 
     ``$APPROX_JAX_REFERENCE_LUTS`` wins; otherwise walks up from this directory
     looking for ``shared/reference/approxtrain_luts`` (it lives next to the repo
-    root, at ``../shared/reference/approxtrain_luts``); otherwise the copy in
-    ``tests/data/approxtrain_luts`` (see :func:`find_shared_reference_lut_dir`).
+    root, at ``../shared/reference/approxtrain_luts``:
+    :func:`find_shared_reference_lut_dir`); otherwise the copy in
+    ``tests/data/approxtrain_luts``.
 
     Returns:
       The directory, or ``None`` if it cannot be found.
@@ -53,10 +56,6 @@ def find_reference_lut_dir() -> pathlib.Path | None:
     if shared is not None:
         return shared
     return VENDORED_LUT_DIR if VENDORED_LUT_DIR.is_dir() else None
-
-
-# A copy of the shared files, for checkouts without shared/ beside them.
-VENDORED_LUT_DIR = pathlib.Path(__file__).resolve().parent / "data" / "approxtrain_luts"
 
 
 def find_shared_reference_lut_dir() -> pathlib.Path | None:
