@@ -728,12 +728,16 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
   const GemmKernel kernel = ChooseKernel(p, plan->splits, dev, &bm, &bn);
   PlanSplitMode(p, bm, bn, dev.sms, plan);
   plan->scratch_bytes = plan->partials_bytes;
+  // At most one per-design word array (the kernels exclude each other),
+  // 16-byte aligned after the partials.
+  const int64_t words_at = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
+  const size_t words_end = static_cast<size_t>(words_at) + p.designs * sizeof(int);
   if (UsesClosedForms(p, kernel, dev.optin)) {
-    plan->families_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
-    plan->scratch_bytes = static_cast<size_t>(plan->families_offset) + p.designs * sizeof(int);
+    plan->families_offset = words_at;
+    plan->scratch_bytes = words_end;
   } else if (UsesNarrowPlanes(p, kernel)) {
-    plan->widths_offset = static_cast<int64_t>((plan->partials_bytes + 15) / 16 * 16);
-    plan->scratch_bytes = static_cast<size_t>(plan->widths_offset) + p.designs * sizeof(int);
+    plan->widths_offset = words_at;
+    plan->scratch_bytes = words_end;
   }
   return {};
 }
