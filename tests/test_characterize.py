@@ -113,10 +113,27 @@ def test_samples_skip_zero_and_non_finite():
     a = np.array([0.0, np.inf, np.nan, 1.5, 3e38, 1e-30], np.float32)
     b = np.array([2.0, 2.0, 1.0, 1.5, 3e38, 1e-30], np.float32)
     result = ch.characterize(mm.mbm(4), samples=(a, b))
-    # Skipped: zero exact, inf exact, nan exact, overflow (exact finite, simulated inf).
-    # 1e-30 * 1e-30 underflows to zero: a real error, kept (relative error -1).
+    # Skipped: zero exact, inf exact, nan exact, 3e38^2 (beyond float32's range:
+    # float32 cannot represent it either). 1e-30 * 1e-30 underflows to zero: a
+    # real error, kept (relative error -1).
     assert result.count == 2 and result.skipped == 4
     assert result.worst_case == pytest.approx(1.0)
+
+
+def test_samples_keep_overflow_by_carry():
+    # mbm7 carries at 1.93 * 1.01 (the mantissa sum plus its correction reaches
+    # 2), so the simulated product overflows where the exact one, 3.3e38, fits
+    # float32: an error of the design with an infinite relative error.
+    a = np.array([1.93 * 2.0**127, 1.5], np.float32)
+    b = np.array([1.01, 1.5], np.float32)
+    exact = a.astype(np.float64) * b.astype(np.float64)
+    assert np.isfinite(exact.astype(np.float32)).all()
+    simulated = np.asarray(approx_jax.multiply(a, b, mm.mbm(7)))
+    assert np.isinf(simulated[0]) and np.isfinite(simulated[1])
+    result = ch.characterize(mm.mbm(7), samples=(a, b))
+    assert result.count == 2 and result.skipped == 0
+    assert result.worst_case == np.inf and result.mred == np.inf
+    assert result.error_probability == np.mean(simulated != exact)
 
 
 def test_exact_multiplier():

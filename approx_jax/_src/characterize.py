@@ -37,8 +37,10 @@ class ErrorMetrics:
       heatmap: ``[2**M, 2**M]`` mean relative error per mantissa pair
         ``(i, j)`` (``i`` = first operand's truncated mantissa; NaN where a
         sample set has no pair), or ``None`` for the exact multiplier.
-      skipped: Sample pairs left out because the exact product was zero or not
-        finite, or the simulated product was not finite.
+      skipped: Sample pairs left out because the exact product was zero, not
+        finite or beyond float32's range. (A simulated product that
+        overflows where the exact one fits float32 is kept: its relative
+        error, and so ``worst_case`` and ``mred``, is infinite.)
 
     The metrics can also be read by key, under their field names or the usual
     abbreviations (case-insensitive): ``metrics["mred"]``, ``metrics["MRED"]``,
@@ -242,7 +244,19 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
         )
     else:
         simulated = reference.product(a32, b32, multiplier.lut, M).astype(np.float64)
-    keep = np.isfinite(exact_values) & (exact_values != 0) & np.isfinite(simulated)
+    # A pair whose exact product lies outside float32's range is skipped (a
+    # float32 multiplier cannot represent it either); one whose simulated
+    # product overflows while the exact one fits float32 (a carry into the
+    # top exponent) is the design's error, kept with an infinite relative
+    # error, as SPEC section 6 names no exclusions.
+    with np.errstate(over="ignore"):
+        fits_float32 = np.isfinite(exact_values.astype(np.float32))
+    keep = (
+        np.isfinite(exact_values)
+        & (exact_values != 0)
+        & ~np.isnan(simulated)
+        & (np.isfinite(simulated) | fits_float32)
+    )
     simulated_kept, exact_kept = simulated[keep], exact_values[keep]
     heatmap = None
     if not multiplier.is_exact:
@@ -271,8 +285,11 @@ def characterize(multiplier, samples=None):
         pairs: ``(a, b)`` arrays that broadcast against each other, or one
         ``[N, 2]`` array with a pair per row. They are cast to float32 and
         compared with the exact float64 product of those float32 values;
-        pairs whose exact product is zero or not finite, or whose simulated
-        product is not finite, are skipped and counted in ``skipped``.
+        pairs whose exact product is zero, not finite or beyond float32's
+        range are skipped and counted in ``skipped``. A pair the design
+        overflows to infinity although its exact product fits float32 counts
+        with an infinite relative error (so ``worst_case`` and ``mred`` are
+        ``inf``).
 
     Returns:
       An :class:`ErrorMetrics`, or a list of them for a stack.
