@@ -148,6 +148,16 @@ def test_call_to_an_undeclared_function_is_an_error(require_c_compiler, isolated
         mm.from_c("float f(float a, float b) { return helper(a, b); }", "f", 3)
 
 
+def test_undeclared_callee_named_like_the_model_is_not_blamed_on_the_model(
+    require_c_compiler, isolated_cache
+):
+    # `ex` is defined; the error is the undeclared `exit` whose name contains it.
+    source = "float ex(float a, float b) { if (a > 1.5f) exit(3); return a * b; }"
+    with pytest.raises(cmodel.CModelError, match="exit") as e:
+        mm.from_c(source, "ex", 3)
+    assert "not defined in the model source" not in str(e.value)
+
+
 def test_contradictory_language_arguments():
     with pytest.raises(ValueError, match="contradicts"):
         mm.from_c(EXACT, "f", 3, language="c", cpp=True)

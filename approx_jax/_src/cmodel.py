@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -375,8 +376,12 @@ def compile_model(
             stderr = result.stderr.strip() or result.stdout.strip()
             hint = ""
             errors = [ln for ln in stderr.splitlines() if "error" in ln]
+            # The name as a whole identifier: a function `ex` whose body calls
+            # an undeclared `exit` is defined.
+            named = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(function)}(?![A-Za-z0-9_])")
             if any(
-                function in ln and ("undeclared" in ln or "not declared" in ln or "implicit" in ln)
+                named.search(ln)
+                and ("undeclared" in ln or "not declared" in ln or "implicit" in ln)
                 for ln in errors
             ):
                 hint = f"function {function!r} is not defined in the model source. "
