@@ -83,6 +83,19 @@ def test_non_float_dtype_rejected(op, arg, call, dtype):
         call(bad)
 
 
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
+def test_python_int_scalar_is_a_weak_float(dtype):
+    # As in `x * 2`: a Python int takes the other operand's dtype like 2.0 does
+    # (a bool or an integer array is still refused, above).
+    x = jnp.asarray([1.5, -3.0, 0.75], dtype)
+    pairs = ((multiply(x, 2, M3), multiply(x, 2.0, M3)), (multiply(2, x, M3), multiply(2.0, x, M3)))
+    for got, want in pairs:
+        assert got.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(TypeError, match="b must"):
+        multiply(x, True, M3)
+
+
 @needs_conv
 @pytest.mark.parametrize("dtype", (np.int32, np.bool_), ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("arg", ("x", "kernel"))

@@ -63,6 +63,11 @@ def check_float(name: str, x: Any) -> jax.Array:
 
     Raises NotImplementedError for a symbolic (shape-polymorphic) shape.
     """
+    if isinstance(x, int) and not isinstance(x, bool):
+        # A Python int is a weakly typed scalar, as in `x * 2`: it takes the
+        # other operand's float dtype like a Python float (integer arrays are
+        # still refused: their values need not be exact in float32).
+        x = float(x)
     if not isinstance(x, jax.Array):  # (tracers are jax.Arrays; asarray of one is a no-op)
         x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
