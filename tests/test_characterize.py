@@ -100,13 +100,40 @@ def test_sample_metrics_against_independent_computation():
     assert result.mode == "samples" and result.count == n and result.skipped == 0
     for key, value in expected.items():
         assert getattr(result, key) == pytest.approx(value, rel=1e-12, abs=1e-15), key
-    # Heat map: mean relative error per (ia, ib) cell.
+    # Magnitude error: truncation only ever shrinks a product's magnitude,
+    # while the signed bias mixes both signs of a (half the samples negative).
+    magnitude = (np.abs(approx) - np.abs(exact)) / np.abs(exact)
+    assert result.magnitude_bias == pytest.approx(magnitude.mean(), rel=1e-12)
+    assert result.magnitude_bias < 0 and abs(result.bias) < abs(result.magnitude_bias) / 4
+    # Heat map: mean relative error of the magnitude per (ia, ib) cell.
     ia = (a.view(np.uint32) & 0x7FFFFF) >> (23 - M)
     ib = (b.view(np.uint32) & 0x7FFFFF) >> (23 - M)
-    rel = (approx - exact) / np.abs(exact)
-    cell = (ia == 3) & (ib == 17)
-    if cell.any():
-        assert result.heatmap[3, 17] == pytest.approx(rel[cell].mean(), rel=1e-12)
+    cells = 0
+    for i, j in [(3, 17), (0, 0), (31, 5), (12, 12)]:
+        cell = (ia == i) & (ib == j)
+        if cell.any():
+            cells += 1
+            assert result.heatmap[i, j] == pytest.approx(magnitude[cell].mean(), rel=1e-12)
+            assert result.heatmap[i, j] <= 0
+    assert cells >= 3
+
+
+def test_magnitude_bias_on_signed_operands():
+    # Mitchell underestimates every product's magnitude (-3.85 % over all
+    # mantissa pairs): on normal-distributed operands, half the products
+    # negative, SPEC's signed bias cancels to about 0 and the magnitude form
+    # keeps the sign of the design's error.
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 20000)).astype(np.float32)
+    signed = ch.characterize("mitchell7", samples=(a, b))
+    positive = ch.characterize("mitchell7", samples=(np.abs(a), np.abs(b)))
+    assert abs(signed.bias) < 0.005
+    assert signed.magnitude_bias == pytest.approx(positive.magnitude_bias, rel=1e-12)
+    assert positive.magnitude_bias == pytest.approx(positive.bias, rel=1e-12)
+    assert signed.magnitude_bias < -0.03
+    np.testing.assert_allclose(signed.heatmap, positive.heatmap, rtol=1e-12, equal_nan=True)
+    uniform = ch.characterize("mitchell7")
+    assert uniform.magnitude_bias == pytest.approx(uniform.bias, rel=1e-12)
 
 
 def test_samples_skip_zero_and_non_finite():
@@ -138,7 +165,12 @@ def test_samples_keep_overflow_by_carry():
 
 def test_exact_multiplier():
     uniform = ch.characterize("fp32")
-    assert uniform.mred == 0 and uniform.error_probability == 0 and uniform.heatmap is None
+    assert (
+        uniform.mred == 0
+        and uniform.magnitude_bias == 0
+        and uniform.error_probability == 0
+        and uniform.heatmap is None
+    )
     rng = np.random.default_rng(1)
     a = rng.normal(size=1000).astype(np.float32)
     b = rng.normal(size=1000).astype(np.float32)

@@ -557,6 +557,7 @@ def cmd_evaluate(args) -> int:
 
 _METRIC_COLUMNS = (
     ("bias", "bias"),
+    ("magnitude_bias", "|O| bias"),
     ("mred", "MRED"),
     ("worst_case", "max RED"),
     ("rms", "RMS"),
@@ -598,7 +599,10 @@ def cmd_characterize(args) -> int:
                 sampled.append(char_lib.characterize(one, samples=samples))
     table = Table(
         title="Multiplier error metrics (SPEC section 6; relative to the exact product)",
-        caption="bias = mean relative error, MRED = mean relative error distance",
+        caption=(
+            "bias = mean relative error (signed: on samples of mixed sign it cancels), "
+            "|O| bias = that of the magnitudes, MRED = mean relative error distance"
+        ),
     )
     table.add_column("multiplier", no_wrap=True)
     table.add_column("M", justify="right")
