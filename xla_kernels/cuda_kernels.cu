@@ -744,6 +744,10 @@ std::string PlanApproxGemm(const CudaGemmProblem& p, CudaGemmPlan* plan) {
 
 std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan, float* scratch,
                              cudaStream_t stream) {
+  // Launch errors are read back with cudaGetLastError: clear one that an
+  // earlier call left when it returned early (a failed attribute set or
+  // memset), which would otherwise fail this call.
+  (void)cudaGetLastError();
   const int64_t db = p.designs * p.batch;
   if (db == 0 || p.m == 0 || p.n == 0) return {};
   if (p.k == 0) {  // XLA does not zero outputs
@@ -844,6 +848,7 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
 }
 
 std::string LaunchApproxMultiply(const CudaMultiplyProblem& p, cudaStream_t stream) {
+  (void)cudaGetLastError();  // as in LaunchApproxGemm
   if (p.designs == 0 || p.n == 0) return {};
   constexpr int kBlock = 256;
   const int64_t blocks = std::min<int64_t>((p.n + kBlock - 1) / kBlock, 8192);

@@ -28,16 +28,18 @@ struct CudaGemmProblem {
   int mbits = 7;
 };
 
-// Split-K plan. The summation order depends on K only (and the env knob
-// APPROX_JAX_CUDA_SPLIT_K: unset = the built-in rule, 1 = never chunk,
-// n >= 2 = aim for n chunks, a testing aid), never on M, N, the batch or
-// design count, the device or timing: results are deterministic, and a
-// stacked/vmapped/batched GEMM gives the bits of its single-matrix parts.
-// K >= 1024 is cut into `splits` contiguous chunks
-// [s * kspan, min(K, (s + 1) * kspan)), kspan a multiple of 8 (>= 512, at
-// most 256 chunks); chunk s is summed in ascending k from +0.0f into P_s and
-// out = ((P_0 + P_1) + ...) + P_{splits-1}, ascending s. K < 1024 (or
-// splits == 1) is the plain ascending-k sum from +0.0f.
+// Split-K plan. The summation order follows SplitKChunkLength (split_k.h,
+// the CPU GEMM's rule too): it reads one matrix product's m, n and k only
+// (and the env knob APPROX_JAX_CUDA_SPLIT_K: unset = the built-in rule,
+// 1 = never chunk, n >= 2 = aim for n chunks, a testing aid), never the
+// batch or design count, the device or timing: results are deterministic,
+// and a stacked/vmapped/batched GEMM gives the bits of its single-matrix
+// parts. K >= 4096 is cut into `splits` contiguous chunks
+// [s * kspan, min(K, (s + 1) * kspan)), kspan a multiple of 256 (>= 1024,
+// at most 64 chunks, and none when chunks * m * n > 2^24); chunk s is summed
+// in ascending k from +0.0f into P_s and out = ((P_0 + P_1) + ...) +
+// P_{splits-1}, ascending s. Otherwise (splits == 1) the plain ascending-k
+// sum from +0.0f.
 // Execution (bit-identical either way): `parallel` (when the output has
 // few block tiles for the device's SM count) runs one block per (tile,
 // chunk) writing partials to scratch, then a reduction kernel; otherwise
