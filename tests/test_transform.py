@@ -232,6 +232,37 @@ def test_flax_nnx_module_and_its_gradients():
     _bits_equal(nnx.state(got), nnx.state(want))
 
 
+def test_flax_nnx_per_layer_mapping_needs_named_scopes():
+    # nnx modules leave no name stack: a per-layer mapping can only address
+    # them through jax.named_scope, and the warning says so.
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, scoped, rngs):
+            self.scoped = scoped
+            self.l1, self.l2 = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            if not self.scoped:
+                return self.l2(self.l1(x))
+            with jax.named_scope("l1"):
+                h = self.l1(x)
+            with jax.named_scope("l2"):
+                return self.l2(h)
+
+    m = random_multiplier(5, 6)
+    x = _normal(np.random.default_rng(5), 4, 8)
+    plain = MLP(False, nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="no product here has a module path.*nnx.*named_scope"):
+        _bits_equal(
+            approx_jax.approximate(plain, {"l1": "fp32", "*": m})(x),
+            approx_jax.approximate(plain, m)(x),
+        )
+    scoped = MLP(True, nnx.Rngs(0))
+    want = approx_jax.approx_dot(scoped.l1(x), scoped.l2.kernel[...], m) + scoped.l2.bias[...]
+    _bits_equal(approx_jax.approximate(scoped, {"l1": "fp32", "l2": m})(x), want)
+
+
 def test_post_training_example_runs(tmp_path):
     # examples/approximate_pretrained.py end to end (no training epochs, so
     # the accuracies are chance level): one row per design plus fp32, a plot.

@@ -164,8 +164,20 @@ class _PatternAssignment:
         unused = [pattern for pattern, _ in self.rules if pattern not in self.used]
         if not unused:
             return
-        paths = sorted(self.paths)
-        shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+        named = sorted(p for p in self.paths if p)
+        if named:
+            shown = ", ".join(named[:8]) + (", ..." if len(named) > 8 else "")
+            if "" in self.paths:
+                shown += ", and products outside any named scope"
+            where = f"the products here are at: {shown}"
+        else:
+            # Flax nnx modules (and plain functions) leave no name stack.
+            where = (
+                "no product here has a module path: Flax linen modules and "
+                "jax.named_scope give products their paths, Flax nnx modules do "
+                "not; wrap an nnx layer's call in `with jax.named_scope('conv1'):` "
+                "to address it, or give approx_jax.nn layers or hooks their own multiplier"
+            )
         notes = []
         for pattern in unused:
             why = (
@@ -177,7 +189,7 @@ class _PatternAssignment:
         it = "they change" if len(unused) > 1 else "it changes"
         warnings.warn(
             f"approximate: multiplier pattern {'; '.join(notes)}, so {it} nothing "
-            f"(patterns match Flax module paths; the products here are at: {shown})",
+            f"(patterns match Flax module paths; {where})",
             UserWarning,
             stacklevel=3,
         )
