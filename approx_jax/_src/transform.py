@@ -733,9 +733,12 @@ def approximate(
         of every stacked entry.
       backward: ``"approx"`` or ``"exact"`` (as the simulated ops).
       elementwise: also simulate elementwise floating-point multiplications
-        (``lax.mul``: scalings, gates, attention scaling), which hardware with
-        one kind of multiplier would compute on it too. Off by default, as in
-        ApproxTrain (matrix products and convolutions only).
+        (``lax.mul``, i.e. ``*`` and ``jnp.multiply``: scalings, gates,
+        attention scaling), which hardware with one kind of multiplier would
+        compute on it too (``jnp.outer`` is such a ``mul``). ``x ** 2`` and
+        ``jnp.square`` are other primitives (``integer_pow``, ``square``)
+        and stay native: write ``x * x`` to simulate a square. Off by
+        default, as in ApproxTrain (matrix products and convolutions only).
 
     Returns:
       A function with ``fun``'s signature and output structure.
