@@ -161,12 +161,17 @@ def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
 def _add_common(p: argparse.ArgumentParser, *, model: bool = True, backward: bool = True) -> None:
     if model:
         p.add_argument("--model", default="lenet5", help=", ".join(MODEL_NAMES))
-        p.add_argument("--epochs", type=_positive_int, default=5)
-        p.add_argument("--batch-size", type=_positive_int, default=64)
+        p.add_argument("--epochs", type=_positive_int, default=5, help="(default 5)")
+        p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
         p.add_argument(
             "--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)"
         )
-        p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "momentum"))
+        p.add_argument(
+            "--optimizer",
+            default="adam",
+            choices=("adam", "adamw", "sgd", "momentum"),
+            help="(default adam)",
+        )
         p.add_argument(
             "--seed", type=_non_negative_int, default=0, help="init and batch-order seed"
         )
@@ -402,10 +407,11 @@ def cmd_sweep(args) -> int:
         f"[bold]approx-jax sweep[/bold]: model={args.model} designs={designs} "
         f"train={len(data[0])} test={len(data[2])} epochs={args.epochs} seed={args.seed}"
     )
-    console.print(
-        "LUT designs train together: one jit-compiled step vmapped over the design axis "
-        "(stacked params/optimizer state, same init, same batches)."
-    )
+    if not all(mult_lib.is_exact_name(d) for d in designs):
+        console.print(
+            "LUT designs train together: one jit-compiled step vmapped over the design axis "
+            "(stacked params/optimizer state, same init, same batches)."
+        )
     if any(mult_lib.is_exact_name(d) for d in designs):
         console.print(
             "fp32 is exact float32, not a LUT, so it cannot join the stack: it is trained "
