@@ -495,6 +495,7 @@ std::string Launch(GemmParams gp, int64_t grid_splits, cudaStream_t stream) {
                   static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(db, 65535)));
   const int smem = static_cast<int>(T::SmemBytes(gp.mbits));
+  std::lock_guard<std::mutex> lock(LaunchAttributeMutex());
   cudaError_t e = cudaFuncSetAttribute(ExpandedGemmKernel<T, kMinBlocks>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return CudaErr("cudaFuncSetAttribute", e);

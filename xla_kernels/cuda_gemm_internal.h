@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 namespace approx_jax {
@@ -102,6 +103,11 @@ int64_t ExpandedSmemBytes(int mbits, int64_t n, bool small);
 // ExpandedSmemBytes must fit `optin`, both for the same `small`). Returns ""
 // or an error.
 std::string LaunchExpandedGemm(GemmParams gp, int64_t grid_splits, bool small, cudaStream_t stream);
+
+// Held from setting a kernel's maximum dynamic shared memory to its launch:
+// the attribute is per kernel and device, process-wide, and its value depends
+// on M, so a call on another host thread could lower it in between.
+std::mutex& LaunchAttributeMutex();
 
 std::string CudaErr(const char* what, cudaError_t e);
 

@@ -80,6 +80,11 @@ std::string CudaErr(const char* what, cudaError_t e) {
   return std::string(what) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
 }
 
+std::mutex& LaunchAttributeMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
 }  // namespace cuda_gemm
 
 namespace {
@@ -568,6 +573,7 @@ std::string LaunchGemmTiled(GemmParams gp, int64_t splits, int optin, cudaStream
                   static_cast<unsigned>(std::min<int64_t>(n_tiles, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(db, 65535)));
   cudaError_t e;
+  std::lock_guard<std::mutex> lock(cuda_gemm::LaunchAttributeMutex());
   if (shared_lut) {
     e = cudaFuncSetAttribute(ApproxGemmKernel<true, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem));
