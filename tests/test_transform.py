@@ -232,6 +232,38 @@ def test_flax_nnx_module_and_its_gradients():
     _bits_equal(nnx.state(got), nnx.state(want))
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_patch_extraction_stays_native_and_conv_local_simulates_its_products(jit):
+    # nn.ConvLocal extracts patches with lax.conv_general_dilated_patches, a
+    # convolution against a one-hot kernel built from iota: data movement, kept
+    # native (P(x, 1) != x under most designs); its products with the kernel are
+    # the simulated ones.
+    m = random_multiplier(5, 11)
+    x = _normal(np.random.default_rng(2), 1, 5, 5, 2)
+    mod = nn.ConvLocal(3, (3, 3), padding="VALID", use_bias=False)
+    params = mod.init(jax.random.PRNGKey(0), x)
+    f = approx_jax.approximate(mod.apply, m)
+    got = (jax.jit(f) if jit else f)(params, x)
+    patches = lax.conv_general_dilated_patches(
+        x, (3, 3), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).reshape(9, 1, 18)
+    kernel = params["params"]["kernel"].reshape(9, 18, 3)
+    _bits_equal(got, approx_jax.approx_matmul(patches, kernel, m).reshape(1, 3, 3, 3))
+    # One sampled product (the patches conv would have been a second, "ConvLocal#2").
+    assert list(approx_jax.operand_samples(mod.apply, num=4)(params, x)) == ["ConvLocal"]
+
+    # A constant kernel that is not a selection (a box filter) is a product.
+    def box(x):
+        return lax.conv_general_dilated(
+            x, jnp.ones((3, 3, 2, 1)), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    _bits_equal(
+        approx_jax.approximate(box, m)(x),
+        approx_jax.approx_conv(x, jnp.ones((3, 3, 2, 1)), m, padding="VALID"),
+    )
+
+
 def test_flax_nnx_per_layer_mapping_needs_named_scopes():
     # nnx modules leave no name stack: a per-layer mapping can only address
     # them through jax.named_scope, and the warning says so.

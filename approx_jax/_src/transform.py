@@ -46,6 +46,50 @@ _INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call")
 _CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
+# Primitives folded to concrete values when their inputs are literals or such
+# values (never the function's inputs or closed-over constants), to recognise
+# convolutions that only move data (see _is_selection_kernel). The folded
+# values only decide; the program computes its own as before.
+_STRUCTURAL = (
+    "iota",
+    "eq",
+    "ne",
+    "and",
+    "or",
+    "not",
+    "add",
+    "sub",
+    "convert_element_type",
+    "broadcast_in_dim",
+    "reshape",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "concatenate",
+    "pad",
+    "slice",
+    "rev",
+    "select_n",
+)
+_STRUCTURAL_MAX_SIZE = 1 << 20
+
+
+def _is_selection_kernel(kernel, params) -> bool:
+    """Whether a convolution with this concrete kernel only gathers its input.
+
+    ``lax.conv_general_dilated_patches`` (``nn.ConvLocal``, patch extraction)
+    is a convolution against a one-hot kernel built from ``iota``: every
+    output feature copies one input element. That is data movement, not
+    multiplications of the model (P(x, 1) != x on most approximate
+    multipliers), so it stays native.
+    """
+    if kernel is None or kernel.ndim < 2:
+        return False
+    out_dim = params["dimension_numbers"].rhs_spec[0]
+    per_output = np.moveaxis(kernel, out_dim, 0).reshape(kernel.shape[out_dim], -1)
+    return bool(np.isin(per_output, (0, 1)).all() and ((per_output != 0).sum(axis=1) == 1).all())
+
+
 # The name of the jit boundary that ``_trace`` puts around every
 # ``jnp.einsum`` call: its inputs are the einsum's operands in the caller's
 # order, which the dot_generals inside may not keep (see _swapped_dots).
@@ -273,8 +317,28 @@ class _Rewriter:
             env[v] = x
         for v, x in zip(jaxpr.invars, args, strict=True):
             env[v] = x
+        folded: dict = {}  # structural constants (_STRUCTURAL) as NumPy values
+
+        def folded_value(v):
+            return np.asarray(v.val) if isinstance(v, jex_core.Literal) else folded.get(v)
+
         for eqn in jaxpr.eqns:
-            outs = self.eqn(eqn, [read(v) for v in eqn.invars], path)
+            name = eqn.primitive.name
+            if name == _CONV and _is_selection_kernel(folded_value(eqn.invars[1]), eqn.params):
+                outs = _bind(eqn, [read(v) for v in eqn.invars])
+            else:
+                outs = self.eqn(eqn, [read(v) for v in eqn.invars], path)
+            if (
+                name in _STRUCTURAL
+                and not eqn.primitive.multiple_results
+                and eqn.outvars[0].aval.size <= _STRUCTURAL_MAX_SIZE
+            ):
+                values = [folded_value(v) for v in eqn.invars]
+                if all(v is not None for v in values):
+                    with jax.ensure_compile_time_eval():
+                        folded[eqn.outvars[0]] = np.asarray(
+                            eqn.primitive.bind(*values, **eqn.params)
+                        )
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             for v, x in zip(eqn.outvars, outs, strict=True):
