@@ -783,7 +783,11 @@ def test_einsum_refuses_products_it_would_not_simulate(interleaved):
     rng = np.random.default_rng(4)
     x, y = _normal(rng, 3, 4), _normal(rng, 4, 5)
     xi, yi = jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
-    cases = [((x.astype(np.complex64), y), "complex"), ((xi, yi), "no operand has a floating")]
+    cases = [
+        ((x.astype(np.complex64), y), "complex"),
+        ((xi, yi), "no operand has a floating"),
+        ((x.tolist(), y), "array or scalar operands, got a list at operand 0"),
+    ]
     stack = multipliers.stack([random_multiplier(5, 1), multipliers.mbm(5)])
     for (a, b), message in cases:
         args = (a, [0, 1], b, [1, 2], [0, 2]) if interleaved else ("ij,jk->ik", a, b)

@@ -1110,6 +1110,12 @@ def _check_einsum_dtypes(operands) -> None:
         arrays = operands[1:]
     else:  # interleaved: arrays at even positions, subscript lists between
         arrays = operands[: len(operands) - (len(operands) % 2 == 1)][::2]
+    for i, x in enumerate(arrays):
+        if isinstance(x, list | tuple):  # as jnp.einsum, which names the problem
+            raise TypeError(
+                f"approx_jax.einsum requires array or scalar operands, got a "
+                f"{type(x).__name__} at operand {i}"
+            )
     dtypes = [jax.numpy.result_type(x) for x in arrays]
     for i, dtype in enumerate(dtypes):
         if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
