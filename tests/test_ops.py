@@ -878,6 +878,28 @@ def test_jax_export_with_disabled_checks():
     _assert_bits_equal(jax.export.export(conv, disabled_checks=checks)(xc).call(xc), conv(xc))
 
 
+def test_jax_export_serialises_multiplier_arguments():
+    # A Multiplier argument is part of the exported calling convention (its
+    # pytree node is registered for serialisation); the deserialised function
+    # takes any design of the same width, a stack of the same widths too.
+    pytest.importorskip("flatbuffers")  # jax.export's serialisation format
+    rng = np.random.default_rng(1)
+    x = _values(rng, (6, 20))
+    w = _values(rng, (20, 4))
+    checks = approx_jax.export_disabled_checks()
+    f = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
+    exported = jax.export.export(f, disabled_checks=checks)(x, w, multipliers.mbm(7))
+    restored = jax.export.deserialize(exported.serialize())
+    for m in (multipliers.mbm(7), multipliers.mitchell(7), multipliers.truncate(7)):
+        _assert_bits_equal(restored.call(x, w, m), approx_jax.approx_dot(x, w, m))
+    stack = multipliers.stack([multipliers.mbm(5), multipliers.mitchell(7)])
+    g = jax.jit(jax.vmap(lambda m, a, b: approx_jax.approx_dot(a, b, m), in_axes=(0, None, None)))
+    restored = jax.export.deserialize(
+        jax.export.export(g, disabled_checks=checks)(stack, x, w).serialize()
+    )
+    _assert_bits_equal(restored.call(stack, x, w), g(stack, x, w))
+
+
 @pytest.mark.parametrize(
     "op, shapes",
     [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import numbers
 import os
 import pathlib
@@ -390,6 +391,52 @@ class Multiplier:
 # ---------------------------------------------------------------------------
 # Constructors
 # ---------------------------------------------------------------------------
+
+
+def _encode_aux_value(value):
+    """A frozen name / metadata value as JSON (tuples tagged; other types by repr)."""
+    if isinstance(value, tuple):
+        return {"tuple": [_encode_aux_value(v) for v in value]}
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    return {"repr": repr(value)}
+
+
+def _decode_aux_value(value):
+    if isinstance(value, dict):
+        if "tuple" in value:
+            return tuple(_decode_aux_value(v) for v in value["tuple"])
+        return value["repr"]
+    return value
+
+
+def _serialize_aux(aux) -> bytes:
+    mbits, widths, label = aux
+    return json.dumps(
+        {
+            "mbits": mbits,
+            "widths": _encode_aux_value(widths),
+            "name": _encode_aux_value(label.name),
+            "metadata": _encode_aux_value(label.metadata),
+        }
+    ).encode()
+
+
+def _deserialize_aux(data: bytes):
+    fields = json.loads(data)
+    label = _Label(_decode_aux_value(fields["name"]), _decode_aux_value(fields["metadata"]))
+    return fields["mbits"], _decode_aux_value(fields["widths"]), label
+
+
+# A Multiplier passed to an exported function is part of its calling
+# convention (in_tree), which jax.export serialises by registered name.
+if hasattr(jax.export, "register_pytree_node_serialization"):
+    jax.export.register_pytree_node_serialization(
+        Multiplier,
+        serialized_name="approx_jax.Multiplier",
+        serialize_auxdata=_serialize_aux,
+        deserialize_auxdata=_deserialize_aux,
+    )
 
 
 def exact() -> Multiplier:
