@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -861,6 +863,44 @@ def test_subnormal_partial_sums_bit_exact(mult, shape):
     dx, dw = vjp(jnp.asarray(dy))
     _assert_bits_equal(dx, reference.sequential_dot(dy, w.T, mult.lut, mult.mbits))
     _assert_bits_equal(dw, reference.sequential_dot(x.T, dy, mult.lut, mult.mbits))
+
+
+@pytest.mark.parametrize("op", ["approx_dot", "approx_matmul"])
+@pytest.mark.parametrize("design", ["mbm7", "fp32", "stack"])
+def test_preferred_element_type(op, design):
+    # bfloat16 operands, float32 result: the float32 products and sums that a
+    # bfloat16 result would be rounded from (as lax.dot_general's option).
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(_values(rng, (2, 5, 12)), jnp.bfloat16)
+    w = jnp.asarray(_values(rng, (12, 3)), jnp.bfloat16)
+    m = (
+        multipliers.stack([multipliers.mbm(7), multipliers.mitchell(5)])
+        if design == "stack"
+        else design
+    )
+    fn = getattr(approx_jax, op)
+    if design == "fp32":  # the native op with the same option
+        native = getattr(jnp, {"approx_dot": "dot", "approx_matmul": "matmul"}[op])
+        f32 = functools.partial(
+            native, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )
+    else:
+        f32 = lambda a, b: fn(a.astype(jnp.float32), b.astype(jnp.float32), m)  # noqa: E731
+    got = fn(x, w, m, preferred_element_type=jnp.float32)
+    assert got.dtype == jnp.float32
+    _assert_bits_equal(got, f32(x, w))
+    assert fn(x, w, m).dtype == jnp.bfloat16
+    vec = fn(x, w[:, 0], m, preferred_element_type=jnp.float32)
+    assert vec.dtype == jnp.float32
+    _assert_bits_equal(vec, f32(x, w[:, 0]))
+    gx, gw = jax.grad(
+        lambda a, b: fn(a, b, m, preferred_element_type=jnp.float32).sum(), argnums=(0, 1)
+    )(x, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="preferred_element_type"):
+        fn(x.astype(jnp.float32), w, m, preferred_element_type=jnp.bfloat16)
+    with pytest.raises(TypeError, match="preferred_element_type"):
+        fn(x, w, m, preferred_element_type=jnp.int32)
 
 
 def test_jax_export_with_disabled_checks():

@@ -951,17 +951,7 @@ def approx_conv(
             f"shape {in_spatial}"
         )
     promoted = jnp.result_type(lhs, rhs)  # arrays, not dtypes: keeps weak types
-    out_dtype = promoted
-    if preferred_element_type is not None:
-        out_dtype = jnp.dtype(preferred_element_type)
-        # As lax.conv_general_dilated: a float output no narrower than the inputs.
-        if not jnp.issubdtype(out_dtype, jnp.floating) or jnp.finfo(out_dtype).bits < (
-            jnp.finfo(promoted).bits
-        ):
-            raise TypeError(
-                f"preferred_element_type must be a floating dtype at least as wide as the "
-                f"inputs ({promoted}), got {out_dtype}"
-            )
+    out_dtype = ops.output_dtype(promoted, preferred_element_type)
 
     if m.is_exact:
         # Promoted as on the simulated path (lax refuses mixed dtypes), so that

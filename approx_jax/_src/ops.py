@@ -362,7 +362,27 @@ def _over_stack(fn, m: mult_lib.Multiplier):
     return jax.vmap(lambda one: fn(dataclasses.replace(m, lut=one)))(lut)
 
 
-def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> jax.Array:
+def output_dtype(promoted, preferred_element_type):
+    """The result dtype: ``preferred_element_type`` if given, else ``promoted``.
+
+    Raises:
+      TypeError: If ``preferred_element_type`` is not a floating dtype at least
+        as wide as ``promoted`` (as ``lax.dot_general`` / ``lax.conv``).
+    """
+    if preferred_element_type is None:
+        return promoted
+    out = jnp.dtype(preferred_element_type)
+    if not jnp.issubdtype(out, jnp.floating) or jnp.finfo(out).bits < jnp.finfo(promoted).bits:
+        raise TypeError(
+            f"preferred_element_type must be a floating dtype at least as wide as the "
+            f"inputs ({promoted}), got {out}"
+        )
+    return out
+
+
+def approx_dot(
+    x, w, multiplier, backward: str = "approx", precision=None, preferred_element_type=None
+) -> jax.Array:
     """Matrix product ``x @ w`` with every product simulated (SPEC section 5).
 
     ``x`` is operand ``a`` and ``w`` operand ``b`` of each product; the sum
@@ -381,10 +401,13 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
         (reverse mode over reverse mode) simulates a second derivative's
         products too; forward mode (``jax.jvp``) does not apply.
       precision: precision of the native op when the multiplier is exact.
+      preferred_element_type: result dtype (a float dtype at least as wide
+        as the inputs, e.g. float32 for bfloat16 operands); products and sums
+        are float32 either way (SPEC section 1).
 
     Returns:
       ``[..., N]`` (``[...]`` for a vector ``w``; ``[D, ...]`` for a stack) in
-      the promoted input dtype.
+      the promoted input dtype, or ``preferred_element_type``.
 
     Example:
       >>> y = approx_dot(x, w, approx_jax.multipliers.mbm(7))
@@ -402,13 +425,21 @@ def approx_dot(x, w, multiplier, backward: str = "approx", precision=None) -> ja
             f"contracting dimensions differ: x has K={x.shape[-1]} (shape {x.shape}), "
             f"w has K={w.shape[0]} (shape {w.shape})"
         )
-    out_dtype = jnp.result_type(x, w)  # arrays, not dtypes: keeps weak types
+    # (arrays, not dtypes: keeps weak types)
+    out_dtype = output_dtype(jnp.result_type(x, w), preferred_element_type)
     if m.is_exact:
-        return jnp.dot(x, w, precision=precision if precision is not None else _HIGHEST)
+        return jnp.dot(
+            x,
+            w,
+            precision=precision if precision is not None else _HIGHEST,
+            preferred_element_type=preferred_element_type,
+        )
     if w.ndim == 1:  # matrix-vector: the same products and sums as one column
-        return approx_dot(x, w[:, None], m, backward)[..., 0]
+        return approx_dot(x, w[:, None], m, backward, preferred_element_type=out_dtype)[..., 0]
     if m.is_stack:
-        return _over_stack(lambda one: approx_dot(x, w, one, backward), m)
+        return _over_stack(
+            lambda one: approx_dot(x, w, one, backward, preferred_element_type=out_dtype), m
+        )
     if x.size == 0 or w.size == 0:  # empty sum (K = 0) or empty result: no kernel call
         return jnp.zeros(x.shape[:-1] + (w.shape[1],), out_dtype)
     klut = kernel_lut_of(m)
@@ -440,7 +471,9 @@ def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
     return partitioning.reshape(x, (1, -1, *x.shape[-2:]))
 
 
-def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) -> jax.Array:
+def approx_matmul(
+    a, b, multiplier, backward: str = "approx", precision=None, preferred_element_type=None
+) -> jax.Array:
     """Batched matrix product ``a @ b`` with simulated products (attention case).
 
     Broadcasts leading batch dimensions like ``jnp.matmul``; ``a`` supplies
@@ -455,10 +488,12 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
         leading design axis).
       backward: ``"approx"`` or ``"exact"`` (see ``approx_dot``).
       precision: precision of the native op when the multiplier is exact.
+      preferred_element_type: result dtype (see ``approx_dot``).
 
     Returns:
-      ``[..., M, N]`` in the promoted input dtype (without ``M`` / ``N`` for
-      a 1-D ``a`` / ``b``; with a leading design axis for a stack).
+      ``[..., M, N]`` in the promoted input dtype or ``preferred_element_type``
+      (without ``M`` / ``N`` for a 1-D ``a`` / ``b``; with a leading design
+      axis for a stack).
     """
     m = resolve_multiplier(multiplier)
     check_backward(backward)
@@ -482,6 +517,7 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
             multiplier,
             backward,
             precision,
+            preferred_element_type,
         )
         unit_axes = (-2,) * (a.ndim == 1) + (-1,) * (b.ndim == 1)
         return jnp.squeeze(out, unit_axes)
@@ -489,11 +525,19 @@ def approx_matmul(a, b, multiplier, backward: str = "approx", precision=None) ->
         batch_shape = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     except ValueError as err:
         raise ValueError(f"batch dimensions of {a.shape} and {b.shape} do not broadcast") from err
-    out_dtype = jnp.result_type(a, b)  # arrays, not dtypes: keeps weak types
+    # (arrays, not dtypes: keeps weak types)
+    out_dtype = output_dtype(jnp.result_type(a, b), preferred_element_type)
     if m.is_exact:
-        return jnp.matmul(a, b, precision=precision if precision is not None else _HIGHEST)
+        return jnp.matmul(
+            a,
+            b,
+            precision=precision if precision is not None else _HIGHEST,
+            preferred_element_type=preferred_element_type,
+        )
     if m.is_stack:
-        return _over_stack(lambda one: approx_matmul(a, b, one, backward), m)
+        return _over_stack(
+            lambda one: approx_matmul(a, b, one, backward, preferred_element_type=out_dtype), m
+        )
     if a.size == 0 or b.size == 0:
         return jnp.zeros(batch_shape + (a.shape[-2], b.shape[-1]), out_dtype)
     klut = kernel_lut_of(m)
