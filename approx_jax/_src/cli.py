@@ -486,7 +486,7 @@ def cmd_evaluate(args) -> int:
     data = _load_data(args, model)
     x_test, y_test = data[2], data[3]
     console.print(
-        f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} "
+        f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} (and the fp32 baseline) "
         f"train={len(data[0])} test={len(x_test)} epochs={args.epochs} seed={args.seed}"
     )
     console.print(

@@ -326,7 +326,7 @@ def load_mnist(
             # As load_mnist_idx: an empty split cannot be trained on or evaluated.
             raise ValueError(
                 f"test_fraction={test_fraction} leaves the {name} split with no examples "
-                "(about 500 digits per class: use a fraction in [0.001, 0.999])"
+                "(500 digits per class: use a fraction in [0.002, 0.998])"
             )
     images = (pixels.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
     return images[train], labels[train].copy(), images[test], labels[test].copy()
@@ -346,12 +346,24 @@ def batches(
       batch_size: examples per batch.
       rng: a NumPy Generator or int seed to shuffle with (None: keep order).
       drop_last: drop the final partial batch (keeps shapes static under jit).
+
+    Returns:
+      An iterator over ``(x_batch, y_batch)`` pairs.
+
+    Raises:
+      ValueError: If ``x`` and ``y`` differ in length, ``batch_size`` is not
+        positive, or ``drop_last`` would leave no batch of a non-empty set.
     """
     n = len(x)
     if len(y) != n:
         raise ValueError(f"x has {n} examples but y has {len(y)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if drop_last and 0 < n < batch_size:
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {n} examples: with drop_last there is "
+            "no full batch (pass drop_last=False, or a smaller batch_size)"
+        )
     if rng is None:
         order = np.arange(n)
     else:
