@@ -486,8 +486,9 @@ def cmd_evaluate(args) -> int:
     data = _load_data(args, model)
     x_test, y_test = data[2], data[3]
     console.print(
-        f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} (and the fp32 baseline) "
-        f"train={len(data[0])} test={len(x_test)} epochs={args.epochs} seed={args.seed}"
+        f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} "
+        f"(and the fp32 baseline) train={len(data[0])} test={len(x_test)} "
+        f"epochs={args.epochs} seed={args.seed}"
     )
     console.print(
         "Trains the model once in float32, then evaluates the trained model with every "
