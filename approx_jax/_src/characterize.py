@@ -409,7 +409,8 @@ def plot_heatmaps(results, path, *, columns: int = 4) -> pathlib.Path:
             ax.set_title(f"{result.name} (M={result.mbits})\nMRED {result.mred:.3g}", fontsize=9)
             ax.set_xlabel("b mantissa (j / 2^M)")
             ax.set_ylabel("a mantissa (i / 2^M)")
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="relative error")
+            label = "relative error of |O|" if result.mode == "samples" else "relative error"
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:
