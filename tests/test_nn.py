@@ -154,6 +154,51 @@ def test_nnx_linear_approx_equals_approx_dot_and_loads_flax_params():
     np.testing.assert_array_equal(back(x), flax_layer(x))
 
 
+def test_nnx_einsum_and_linear_general_layers():
+    # Layers named like nnx.Einsum / nnx.LinearGeneral, with Flax's parameters
+    # (nnx.Einsum's einsum_op / LinearGeneral's dot_general hooks inside).
+    m = mult_lib.mitchell(5)
+    x = _x((4, 10))
+    ours = ann.Einsum("bd,dh->bh", (10, 5), (5,), multiplier=m, rngs=nnx.Rngs(0))
+    flax_layer = nnx.Einsum("bd,dh->bh", (10, 5), (5,), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(ours.kernel[...], flax_layer.kernel[...])
+    want = ops.approx_dot(x, ours.kernel[...], m) + ours.bias[...]
+    np.testing.assert_array_equal(ours(x), want)
+    assert isinstance(ann.einsum(m), ann.EinsumOp) and ours.multiplier == m
+    fp32 = ann.Einsum("bd,dh->bh", (10, 5), (5,), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(fp32(x), flax_layer(x))
+    with pytest.raises(TypeError, match="einsum_op"):
+        ann.Einsum("bd,dh->bh", (10, 5), einsum_op=jnp.einsum, rngs=nnx.Rngs(0))
+
+    xs = _x((2, 3, 8))
+    general = ann.LinearGeneral(8, (2, 4), multiplier=m, rngs=nnx.Rngs(0))
+    flat = general.kernel[...].reshape(8, 8)
+    want = ops.approx_dot(xs, flat, m).reshape(2, 3, 2, 4) + general.bias[...]
+    np.testing.assert_array_equal(general(xs), want)
+    plain = nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(ann.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0))(xs), plain(xs))
+
+
+def test_nnx_layer_multiplier_can_be_switched():
+    x = _x((2, 6, 8))
+    m5, m7 = mult_lib.mitchell(5), mult_lib.mbm(7)
+    layers = {
+        "linear": lambda m: ann.Linear(8, 4, multiplier=m, rngs=nnx.Rngs(0)),
+        "einsum": lambda m: ann.Einsum("bld,dh->blh", (8, 4), multiplier=m, rngs=nnx.Rngs(0)),
+        "conv": lambda m: ann.Conv(8, 4, (3,), multiplier=m, rngs=nnx.Rngs(0)),
+        "mha": lambda m: ann.MultiHeadAttention(2, 8, multiplier=m, decode=False, rngs=nnx.Rngs(0)),
+    }
+    for name, make in layers.items():
+        layer = make(m5)
+        layer.multiplier = "mbm7"
+        assert layer.multiplier == m7 and layer.backward == "approx", name
+        np.testing.assert_array_equal(layer(x), make(m7)(x), err_msg=name)
+    # The attention layer reports the hooks its projections call.
+    mha = layers["mha"](m5)
+    mha.out.dot_general = ann.dot_general(m7)
+    assert mha.multiplier == m7
+
+
 def test_nnx_conv_approx_matches_reference_and_trains():
     m = mult_lib.mitchell(5)
     layer = ann.Conv(3, 4, (3, 3), strides=1, padding="SAME", multiplier=m, rngs=nnx.Rngs(0))
@@ -436,3 +481,23 @@ def test_identical_fresh_layers_share_one_nnx_jit_trace():
     assert ann.dot_general("mbm7") == ann.dot_general("mbm7")
     assert ann.dot_general("mbm7") != ann.dot_general("mbm7", backward="exact")
     assert ann.dot_general("mbm7") != ann.conv_general_dilated("mbm7")
+
+
+def test_linen_multi_head_attention_other_name():
+    # As flax.linen.MultiHeadAttention: the same layer, named after that class
+    # in a compact module, so its Flax checkpoint's tree loads as it is.
+    class Net(linen.Module):
+        mha: type
+
+        @linen.compact
+        def __call__(self, x):
+            return self.mha(num_heads=2)(x)
+
+    x = _x((2, 5, 8))
+    flax_params = Net(linen.MultiHeadAttention).init(jax.random.key(0), x)
+    ours = Net(ann.linen.MultiHeadAttention)
+    assert _shapes(ours.init(jax.random.key(0), x)) == _shapes(flax_params)
+    assert "MultiHeadAttention_0" in flax_params["params"]
+    np.testing.assert_array_equal(
+        ours.apply(flax_params, x), Net(linen.MultiHeadAttention).apply(flax_params, x)
+    )

@@ -1130,11 +1130,11 @@ def _check_einsum_dtypes(operands) -> None:
         )
 
 
-class Einsum(hooks.Hook):
+class EinsumOp(hooks.Hook):
     """A ``jnp.einsum``-compatible callable simulating a multiplier (a layer hook).
 
     Built by :func:`approx_jax.nn.einsum`; for ``einsum_op`` of
-    ``flax.nnx.Einsum``.
+    ``flax.nnx.Einsum`` (``approx_jax.nn.Einsum`` is that layer with it).
     """
 
     def __call__(self, *operands, **kwargs):
@@ -1143,7 +1143,7 @@ class Einsum(hooks.Hook):
         return einsum(*operands, multiplier=self.multiplier, backward=self.backward, **kwargs)
 
 
-def einsum_hook(multiplier="fp32", backward: str = "approx") -> Einsum:
+def einsum_hook(multiplier="fp32", backward: str = "approx") -> EinsumOp:
     """Returns a ``jnp.einsum`` replacement that simulates ``multiplier``.
 
     Args:
@@ -1152,11 +1152,11 @@ def einsum_hook(multiplier="fp32", backward: str = "approx") -> Einsum:
       backward: ``"approx"`` (default) or ``"exact"``.
 
     Returns:
-      An :class:`Einsum` callable (operand ``a`` of each product from the
+      An :class:`EinsumOp` callable (operand ``a`` of each product from the
       earlier einsum operand: the layer input for ``nnx.Einsum``).
 
     Example:
       >>> layer = nnx.Einsum("bd,dh->bh", (784, 300),
       ...                    einsum_op=approx_jax.nn.einsum("mbm7"), rngs=nnx.Rngs(0))
     """
-    return Einsum(multiplier, backward)
+    return EinsumOp(multiplier, backward)

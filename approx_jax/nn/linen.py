@@ -1,6 +1,7 @@
 """Flax linen layers with simulated approximate multipliers.
 
-``Dense``, ``Conv``, ``MultiHeadDotProductAttention`` (subclasses of the linen
+``Dense``, ``Conv``, ``MultiHeadDotProductAttention`` (and
+``MultiHeadAttention``, its other name, as in linen; subclasses of the linen
 layers with extra ``multiplier`` / ``backward`` fields) and
 ``dot_product_attention`` (linen flavour).
 
@@ -11,11 +12,17 @@ Example:
 
 from approx_jax._src.nn.attention import linen_dot_product_attention as dot_product_attention
 from approx_jax._src.nn.hooks import conv_general_dilated, dot_general
-from approx_jax._src.nn.linen_layers import Conv, Dense, MultiHeadDotProductAttention
+from approx_jax._src.nn.linen_layers import (
+    Conv,
+    Dense,
+    MultiHeadAttention,
+    MultiHeadDotProductAttention,
+)
 
 __all__ = [
     "Conv",
     "Dense",
+    "MultiHeadAttention",
     "MultiHeadDotProductAttention",
     "conv_general_dilated",
     "dot_general",

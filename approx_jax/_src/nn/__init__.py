@@ -12,7 +12,14 @@ from approx_jax._src.nn.hooks import (
     conv_general_dilated,
     dot_general,
 )
-from approx_jax._src.nn.nnx_layers import Conv, Dense, Linear, MultiHeadAttention
+from approx_jax._src.nn.nnx_layers import (
+    Conv,
+    Dense,
+    Einsum,
+    Linear,
+    LinearGeneral,
+    MultiHeadAttention,
+)
 
 __all__ = [
     "AttentionFn",
@@ -20,7 +27,9 @@ __all__ = [
     "ConvGeneralDilated",
     "Dense",
     "DotGeneral",
+    "Einsum",
     "Linear",
+    "LinearGeneral",
     "MultiHeadAttention",
     "approx_dot_general",
     "conv_general_dilated",

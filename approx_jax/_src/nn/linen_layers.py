@@ -151,3 +151,16 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
                         "(the attention products are the simulated ones)"
                     )
         super().__post_init__()
+
+
+class MultiHeadAttention(MultiHeadDotProductAttention):
+    """:class:`MultiHeadDotProductAttention` under linen's other name.
+
+    As ``linen.MultiHeadAttention``: the same layer, whose automatic name in
+    a compact module is ``MultiHeadAttention_<i>`` (so a Flax checkpoint of a
+    ``linen.MultiHeadAttention`` loads as it is).
+
+    Example:
+      >>> mha = approx_jax.nn.linen.MultiHeadAttention(4, multiplier="mbm7")
+      >>> params = mha.init(jax.random.key(0), jnp.ones((2, 16, 64)))
+    """

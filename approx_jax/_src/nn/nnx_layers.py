@@ -18,19 +18,33 @@ from approx_jax._src.nn import hooks
 
 
 class _ApproxMixin:
-    """``multiplier`` / ``backward`` properties read from the installed hook."""
+    """``multiplier`` / ``backward`` read from the hook the layer calls.
+
+    Assigning ``layer.multiplier = "mitchell5"`` installs new hooks (same
+    backward mode); the parameters stay.
+    """
 
     _hook_attr = "dot_general"
 
+    def _hook(self):
+        return getattr(self, self._hook_attr)
+
+    def _install(self, multiplier, backward) -> None:
+        setattr(self, self._hook_attr, hooks.dot_general(multiplier, backward))
+
     @property
     def multiplier(self):
-        """The layer's ``Multiplier``."""
-        return getattr(self, self._hook_attr).multiplier
+        """The layer's ``Multiplier`` (assignable: a Multiplier or a name)."""
+        return self._hook().multiplier
+
+    @multiplier.setter
+    def multiplier(self, multiplier):
+        self._install(ops.resolve_multiplier(multiplier), self.backward)
 
     @property
     def backward(self) -> str:
         """The layer's backward mode (``"approx"`` or ``"exact"``)."""
-        return getattr(self, self._hook_attr).backward
+        return self._hook().backward
 
 
 class Linear(_ApproxMixin, nnx.Linear):
@@ -66,6 +80,88 @@ class Linear(_ApproxMixin, nnx.Linear):
 Dense = Linear
 
 
+class LinearGeneral(_ApproxMixin, nnx.LinearGeneral):
+    """``nnx.LinearGeneral`` with simulated products (input = operand ``a``).
+
+    Args:
+      in_features: input feature size(s) (contracted axes).
+      out_features: output feature size(s).
+      multiplier: a ``Multiplier`` or a name (default ``"fp32"``: identical
+        to ``nnx.LinearGeneral``).
+      backward: ``"approx"`` (default) or ``"exact"``.
+      **kwargs: every other ``nnx.LinearGeneral`` argument (``axis``,
+        ``batch_axis``, ``use_bias``, ``rngs``, ...). ``dot_general`` must
+        not be given.
+
+    Returns:
+      A module contracting the ``axis`` dimensions of its input.
+
+    Example:
+      >>> proj = approx_jax.nn.LinearGeneral(64, (4, 16), multiplier="mbm7", rngs=nnx.Rngs(0))
+      >>> y = proj(jnp.ones((2, 10, 64)))  # (2, 10, 4, 16)
+    """
+
+    def __init__(
+        self, in_features, out_features, *, multiplier="fp32", backward="approx", **kwargs
+    ):
+        _reject(kwargs, "dot_general", "dot_general_cls")
+        super().__init__(
+            in_features, out_features, dot_general=hooks.dot_general(multiplier, backward), **kwargs
+        )
+
+
+class Einsum(_ApproxMixin, nnx.Einsum):
+    """``nnx.Einsum`` with simulated products (the input = operand ``a``).
+
+    Args:
+      einsum_str: the equation, input first, kernel second (``"bd,dh->bh"``).
+      kernel_shape: the kernel's shape.
+      bias_shape: the bias's shape, or ``None`` for no bias.
+      multiplier: a ``Multiplier`` or a name (default ``"fp32"``: identical
+        to ``nnx.Einsum``).
+      backward: ``"approx"`` (default) or ``"exact"``.
+      **kwargs: every other ``nnx.Einsum`` argument (``rngs``, ``dtype``,
+        ...). ``einsum_op`` must not be given (``approx_jax.nn.einsum(m)`` is
+        that hook, for a plain ``nnx.Einsum``).
+
+    Returns:
+      A module computing ``einsum(einsum_str, inputs, kernel) + bias``.
+
+    Example:
+      >>> layer = approx_jax.nn.Einsum("bd,dh->bh", (784, 300), multiplier="mbm7",
+      ...                              rngs=nnx.Rngs(0))
+      >>> y = layer(jnp.ones((8, 784)))  # (8, 300)
+    """
+
+    _hook_attr = "einsum_op"
+
+    def _install(self, multiplier, backward) -> None:
+        from approx_jax._src.transform import einsum_hook  # noqa: PLC0415 (import cycle)
+
+        self.einsum_op = einsum_hook(multiplier, backward)
+
+    def __init__(
+        self,
+        einsum_str,
+        kernel_shape,
+        bias_shape=None,
+        *,
+        multiplier="fp32",
+        backward="approx",
+        **kwargs,
+    ):
+        from approx_jax._src.transform import einsum_hook  # noqa: PLC0415 (import cycle)
+
+        _reject(kwargs, "einsum_op")
+        super().__init__(
+            einsum_str,
+            kernel_shape,
+            bias_shape,
+            einsum_op=einsum_hook(multiplier, backward),
+            **kwargs,
+        )
+
+
 class Conv(_ApproxMixin, nnx.Conv):
     """``nnx.Conv`` with simulated products (input = operand ``a``, kernel = ``b``).
 
@@ -91,6 +187,9 @@ class Conv(_ApproxMixin, nnx.Conv):
     """
 
     _hook_attr = "conv_general_dilated"
+
+    def _install(self, multiplier, backward) -> None:
+        self.conv_general_dilated = hooks.conv_general_dilated(multiplier, backward)
 
     def __init__(
         self,
@@ -142,7 +241,17 @@ class MultiHeadAttention(_ApproxMixin, nnx.MultiHeadAttention):
       >>> y = mha(jnp.ones((2, 16, 64)))  # (2, 16, 64)
     """
 
-    _hook_attr = "out_dot_general"
+    def _hook(self):
+        # The hook the output projection calls (the out_dot_general attribute
+        # is only the configuration it was built from).
+        return self.out.dot_general
+
+    def _install(self, multiplier, backward) -> None:
+        hook = hooks.dot_general(multiplier, backward)
+        for projection in (self.query, self.key, self.value, self.out):
+            projection.dot_general = hook
+        self.qkv_dot_general = self.out_dot_general = hook
+        self.attention_fn = attention_lib.AttentionFn(multiplier, backward, flavor="nnx")
 
     def __init__(
         self, num_heads, in_features, *args, multiplier="fp32", backward="approx", **kwargs
