@@ -25,12 +25,15 @@ class _ApproxMixin:
     """
 
     _hook_attr = "dot_general"
+    # Builds the hook __init__ passes to Flax under `_hook_attr`, and
+    # _install for a new multiplier.
+    _make_hook = staticmethod(hooks.dot_general)
 
     def _hook(self):
         return getattr(self, self._hook_attr)
 
     def _install(self, multiplier, backward) -> None:
-        setattr(self, self._hook_attr, hooks.dot_general(multiplier, backward))
+        setattr(self, self._hook_attr, self._make_hook(multiplier, backward))
 
     @property
     def multiplier(self):
@@ -73,7 +76,7 @@ class Linear(_ApproxMixin, nnx.Linear):
     ):
         _reject(kwargs, "dot_general", "dot_general_cls")
         super().__init__(
-            in_features, out_features, dot_general=hooks.dot_general(multiplier, backward), **kwargs
+            in_features, out_features, dot_general=self._make_hook(multiplier, backward), **kwargs
         )
 
 
@@ -106,8 +109,14 @@ class LinearGeneral(_ApproxMixin, nnx.LinearGeneral):
     ):
         _reject(kwargs, "dot_general", "dot_general_cls")
         super().__init__(
-            in_features, out_features, dot_general=hooks.dot_general(multiplier, backward), **kwargs
+            in_features, out_features, dot_general=self._make_hook(multiplier, backward), **kwargs
         )
+
+
+def _einsum_hook(multiplier, backward):
+    from approx_jax._src.transform import einsum_hook  # noqa: PLC0415 (import cycle)
+
+    return einsum_hook(multiplier, backward)
 
 
 class Einsum(_ApproxMixin, nnx.Einsum):
@@ -134,11 +143,7 @@ class Einsum(_ApproxMixin, nnx.Einsum):
     """
 
     _hook_attr = "einsum_op"
-
-    def _install(self, multiplier, backward) -> None:
-        from approx_jax._src.transform import einsum_hook  # noqa: PLC0415 (import cycle)
-
-        self.einsum_op = einsum_hook(multiplier, backward)
+    _make_hook = staticmethod(_einsum_hook)
 
     def __init__(
         self,
@@ -150,14 +155,12 @@ class Einsum(_ApproxMixin, nnx.Einsum):
         backward="approx",
         **kwargs,
     ):
-        from approx_jax._src.transform import einsum_hook  # noqa: PLC0415 (import cycle)
-
         _reject(kwargs, "einsum_op")
         super().__init__(
             einsum_str,
             kernel_shape,
             bias_shape,
-            einsum_op=einsum_hook(multiplier, backward),
+            einsum_op=self._make_hook(multiplier, backward),
             **kwargs,
         )
 
@@ -187,9 +190,7 @@ class Conv(_ApproxMixin, nnx.Conv):
     """
 
     _hook_attr = "conv_general_dilated"
-
-    def _install(self, multiplier, backward) -> None:
-        self.conv_general_dilated = hooks.conv_general_dilated(multiplier, backward)
+    _make_hook = staticmethod(hooks.conv_general_dilated)
 
     def __init__(
         self,
@@ -208,7 +209,7 @@ class Conv(_ApproxMixin, nnx.Conv):
             out_features,
             kernel_size,
             strides,
-            conv_general_dilated=hooks.conv_general_dilated(multiplier, backward),
+            conv_general_dilated=self._make_hook(multiplier, backward),
             **kwargs,
         )
 
@@ -247,7 +248,7 @@ class MultiHeadAttention(_ApproxMixin, nnx.MultiHeadAttention):
         return self.out.dot_general
 
     def _install(self, multiplier, backward) -> None:
-        hook = hooks.dot_general(multiplier, backward)
+        hook = self._make_hook(multiplier, backward)
         for projection in (self.query, self.key, self.value, self.out):
             projection.dot_general = hook
         self.qkv_dot_general = self.out_dot_general = hook
@@ -270,8 +271,8 @@ class MultiHeadAttention(_ApproxMixin, nnx.MultiHeadAttention):
             in_features,
             *args,
             attention_fn=attention_lib.AttentionFn(m, backward, flavor="nnx"),
-            qkv_dot_general=hooks.dot_general(m, backward),
-            out_dot_general=hooks.dot_general(m, backward),
+            qkv_dot_general=self._make_hook(m, backward),
+            out_dot_general=self._make_hook(m, backward),
             **kwargs,
         )
 
