@@ -323,11 +323,11 @@ class _Rewriter:
             return np.asarray(v.val) if isinstance(v, jex_core.Literal) else folded.get(v)
 
         for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
+            name, invals = eqn.primitive.name, [read(v) for v in eqn.invars]
             if name == _CONV and _is_selection_kernel(folded_value(eqn.invars[1]), eqn.params):
-                outs = _bind(eqn, [read(v) for v in eqn.invars])
+                outs = _bind(eqn, invals)
             else:
-                outs = self.eqn(eqn, [read(v) for v in eqn.invars], path)
+                outs = self.eqn(eqn, invals, path)
             if (
                 name in _STRUCTURAL
                 and not eqn.primitive.multiple_results
