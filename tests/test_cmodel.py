@@ -169,6 +169,10 @@ def test_contradictory_language_arguments():
         ("int f(int a, int b) { return a * b; }", False),  # would truncate 1.5 to 1
         ("float f(int a, int b) { return a * b; }", False),
         ("int f(int a, int b) { return a * b; }", True),
+        # C++: a float result from integer (or bool) operands converted from 1.5
+        ("float f(int a, int b) { return (float)(a * b); }", True),
+        ("float f(long a, float b) { return a * b; }", True),
+        ("float f(bool a, bool b) { return a; }", True),
     ],
 )
 def test_model_with_integer_signature_is_rejected(require_c_compiler, isolated_cache, source, cpp):
@@ -182,6 +186,89 @@ def test_double_and_template_models_are_accepted(require_c_compiler, isolated_ca
     np.testing.assert_array_equal(double.lut, want)
     template = mm.from_c("template <class T> T f(T a, T b) { return a * b; }", "f", 4, cpp=True)
     np.testing.assert_array_equal(template.lut, want)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # an overload set whose float overload is the one called
+        "float f(float a, float b) { return a * b; }\nint f(int a, int b) { return 0; }",
+        "double f(const double& a, const float& b) { return a * b; }",
+        "namespace { float f(float a, float b) { return a * b; } }",
+    ],
+)
+def test_cpp_models_with_float_operands_are_accepted(require_c_compiler, isolated_cache, source):
+    np.testing.assert_array_equal(mm.from_c(source, "f", 4, cpp=True).lut, mm.truncate(4).lut)
+
+
+def test_model_exiting_with_the_load_failure_status_is_blamed_on_the_model(
+    require_c_compiler, isolated_cache
+):
+    # Status 97 is also what the evaluating child uses when it cannot load the
+    # library: the model's own exit(97) must not be reported as a load failure.
+    source = "#include <stdlib.h>\nfloat f(float a, float b) { exit(97); return 0; }"
+    with pytest.raises(cmodel.CModelError, match="exited with status 97"):
+        mm.from_c(source, "f", 3)
+
+
+def test_model_exiting_with_status_zero_is_named(require_c_compiler, isolated_cache):
+    source = "#include <stdlib.h>\nfloat f(float a, float b) { exit(0); return 0; }"
+    with pytest.raises(cmodel.CModelError, match="without writing.*exit"):
+        mm.from_c(source, "f", 3)
+
+
+@pytest.mark.parametrize("suffix", [".lut.npy", ".products.npy"])
+def test_cached_arrays_changed_in_range_are_rebuilt(require_c_compiler, isolated_cache, suffix):
+    """A cached LUT or product table whose bytes changed (a flipped bit that
+    still decodes to a valid LUT) is rebuilt, not served as the design's LUT."""
+    want = mm.from_c(EXACT, "f", 5).lut
+    lib_dir = isolated_cache / "lib"
+    if suffix == ".products.npy":
+        for path in lib_dir.glob("*.lut.npy"):
+            path.unlink()
+    damaged = list(lib_dir.glob("*" + suffix))
+    assert damaged
+    for path in damaged:
+        array = np.load(path)
+        flat = array.reshape(-1)
+        if suffix == ".lut.npy":
+            flat[5] ^= 1  # still a valid LUT entry
+        else:
+            flat[5] = np.float32(1.5)  # still in [1, 4)
+        np.save(path, array)
+    np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)
+
+
+def test_builtins_fall_back_to_numpy_when_the_named_compiler_is_missing(monkeypatch):
+    # $CC names a compiler that is not installed: the built-in designs still
+    # build (NumPy reference, same LUT), with a warning naming it.
+    from approx_jax._src import multipliers as impl
+
+    want = impl._BUILTIN_FAMILIES["mbm"][2](6)
+    monkeypatch.setenv("CC", "approx-jax-no-such-compiler")
+    with pytest.warns(RuntimeWarning, match="approx-jax-no-such-compiler"):
+        lut = impl._builtin_lut.__wrapped__("mbm", 6)  # (not the process-wide cache)
+    np.testing.assert_array_equal(lut, want)
+
+
+def test_unsafe_shared_temp_cache_is_not_used(monkeypatch, tmp_path):
+    # With the home cache unwritable, the per-user temp dir is used only if
+    # this user owns it and no one else may write to it.
+    import os
+    import tempfile
+
+    monkeypatch.setenv("APPROX_JAX_CACHE", "/proc/approx_jax_unwritable")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(cmodel, "_private_cache", None)
+    shared = tmp_path / f"approx_jax-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)  # (mkdir's mode is masked by the umask)
+    chosen = cmodel.cache_dir()
+    assert chosen != shared and chosen.is_dir()
+    assert cmodel.cache_dir() == chosen  # one private dir per process
+    os.chmod(shared, 0o700)
+    monkeypatch.setattr(cmodel, "_private_cache", None)
+    assert cmodel.cache_dir() == shared
 
 
 def test_header_next_to_the_model_is_found_and_tracked(

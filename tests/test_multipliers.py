@@ -484,8 +484,9 @@ def test_from_python_rejects_out_of_range():
         (lambda a, b: None, TypeError, r"real products.*shape \(64,\).*returned NoneType"),
         (lambda a, b: a * b + 0.5j, TypeError, "returned ndarray of dtype complex"),
         (lambda a, b: a > b, TypeError, "dtype bool"),
+        (lambda a, b: (a * b, 1.0), ValueError, r"shape \(64,\).*returned tuple that is not"),
     ],
-    ids=["short", "2d", "None", "complex", "bool"],
+    ids=["short", "2d", "None", "complex", "bool", "ragged"],
 )
 def test_from_python_rejects_bad_returns(fn, error, pattern):
     with pytest.raises(error, match="Python model '.*lambda.*'.*" + pattern):
@@ -523,6 +524,21 @@ def test_from_python_failing_on_arrays_and_scalars_names_both():
 
     with pytest.raises(ZeroDivisionError, match=r"failed on arrays \(ValueError.*a=1\.625"):
         mm.from_python(broken, 3)
+
+
+@pytest.mark.parametrize("exact_type", ["Fraction", "Decimal"])
+def test_from_python_scalar_model_may_return_exact_real_types(exact_type):
+    # A scalar model computing in exact arithmetic (fractions.Fraction,
+    # decimal.Decimal) gives the LUT of its float products.
+    import decimal
+    import fractions
+
+    def exact(a, b):
+        if exact_type == "Fraction":
+            return fractions.Fraction(float(a)) * fractions.Fraction(float(b))
+        return decimal.Decimal(float(a)) * decimal.Decimal(float(b))
+
+    np.testing.assert_array_equal(mm.from_python(exact, 4).lut, mm.truncate(4).lut)
 
 
 def test_from_python_constant_and_non_callable():

@@ -13,6 +13,7 @@ Built-in families (SPEC section 4) are built from the C functional models in
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 import hashlib
 import json
@@ -463,9 +464,12 @@ def _readonly(array: np.ndarray) -> np.ndarray:
 def _builtin_lut(family: str, M: int) -> np.ndarray:
     """Builds (and caches) a built-in family's LUT via its C model."""
     file_name, function, numpy_fallback = _BUILTIN_FAMILIES[family]
-    if cmodel.find_compiler() is None:
+    compiler = cmodel.find_compiler()
+    if compiler is None or not cmodel.compiler_runs(compiler):
+        # (The NumPy implementations give the same LUTs: tests compare them.)
+        missing = f"C compiler {compiler!r} not found" if compiler else "no C compiler found"
         warnings.warn(
-            f"no C compiler found: building the built-in {family}({M}) LUT with the "
+            f"{missing}: building the built-in {family}({M}) LUT with the "
             "NumPy reference implementation instead of multipliers/" + file_name,
             RuntimeWarning,
             stacklevel=3,
@@ -672,7 +676,8 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
         match = _APPROXTRAIN_NAME.search(path.name)
         if match is None:
             raise ValueError(
-                f"cannot infer M from file name {path.name!r} (expected NAME_M.bin); pass M="
+                f"cannot infer M from file name {path.name!r} (expected NAME_M.bin); pass M= "
+                f"(as a multiplier name or on the command line: '{path}@M', e.g. '{path}@7')"
             )
         M = int(match.group(1))
     M = lut_lib.check_mbits(M)
@@ -763,6 +768,11 @@ def _call_per_pair(fn: Callable, a: np.ndarray, b: np.ndarray, what: str, vector
     return out
 
 
+def _is_real_number(x) -> bool:
+    """A real number that is not a bool (Fraction, Decimal, NumPy and Python scalars)."""
+    return isinstance(x, (numbers.Real, decimal.Decimal)) and not isinstance(x, (bool, np.bool_))
+
+
 def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
     """Builds a multiplier from a Python functional model (SPEC section 3).
 
@@ -805,7 +815,16 @@ def from_python(fn: Callable, M: int, name: str | None = None) -> Multiplier:
         products = fn(a, b)
     except Exception as vector_error:  # noqa: BLE001 (any failure: try the scalar form)
         products = _call_per_pair(fn, a, b, what, vector_error)
-    p = np.asarray(products)
+    try:
+        p = np.asarray(products)
+    except ValueError as err:  # ragged: a tuple of an array and a scalar, ...
+        raise ValueError(
+            f"{what} must return one product per (a, b) pair, shape ({a.size},) (4**M for "
+            f"M={M}); it returned {type(products).__name__} that is not an array ({err})"
+        ) from err
+    if p.dtype == object and all(_is_real_number(x) for x in p.flat):
+        # Exact real types (fractions.Fraction, decimal.Decimal) from a scalar model.
+        p = np.array([float(x) for x in p.flat], dtype=np.float64).reshape(p.shape)
     # Checked here, before any cast: np.asarray(None) is an object array that
     # float32 turns into NaN, and a complex one silently loses its imaginary part.
     if p.dtype == np.bool_ or p.dtype.kind not in "iuf":
