@@ -186,6 +186,51 @@ def test_characterize_heatmaps_of_same_named_files_do_not_collide(tmp_path, caps
     assert all(_is_png(pathlib.Path(p)) for p in res["heatmaps"])
 
 
+@pytest.mark.parametrize("command,default", [("train", 5), ("sweep", 3), ("evaluate", 3)])
+def test_epochs_default_is_the_one_help_states(command, default, capsys):
+    assert cli.build_parser().parse_args([command]).epochs == default
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert f"(default {default})" in capsys.readouterr().out
+
+
+def test_failed_run_leaves_no_empty_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--model", "nosuch", *FAST]) == 2
+    out = tmp_path / "named" / "run"
+    assert cli.main(["characterize", "nosuch9", "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "named").exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    assert cli.main(["characterize", "nosuch9", "--out", str(existing)]) == 2
+    assert existing.is_dir()  # (a folder the user made stays)
+
+
+def test_env_data_dir_is_recorded_in_results(tmp_path, monkeypatch, capsys):
+    from test_data import _write_fake_mnist
+
+    data = tmp_path / "mnist"
+    data.mkdir()
+    _write_fake_mnist(data, n_train=64, n_test=16)
+    monkeypatch.setenv(data_lib.ENV_DATA_DIR, str(data))
+    out = tmp_path / "run"
+    argv = ["train", "--model", "lenet300", "--multiplier", "fp32", "--timing-steps", "0"]
+    assert cli.main([*argv, "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "results.json").read_text())["args"]["data_dir"] == str(data)
+
+
+def test_tables_are_not_cut_when_not_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    lut_file = tmp_path / ("a_long_design_file_name_for_the_label_column" * 2 + "_7.bin")
+    approx_jax.multipliers.to_approxtrain("mitchell7", lut_file)
+    assert cli.main(["characterize", "mbm7", str(lut_file), "--out", str(tmp_path / "c")]) == 0
+    table = capsys.readouterr().out
+    assert "…" not in table
+    assert "-3.8485e-02" in table or "-0.0385" in table or "-3.85" in table
+
+
 def test_errors_are_reported(tmp_path, capsys):
     rc = cli.main(["train", "--multiplier", "nosuch9", "--out", str(tmp_path), *FAST])
     assert rc == 2

@@ -106,6 +106,45 @@ def test_idx_rejects_bad_files(tmp_path):
         data_lib.read_idx(short)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "bad_crc", "magic_only"])
+def test_damaged_gzip_idx_is_a_value_error_naming_the_file(tmp_path, damage):
+    _write_fake_mnist(tmp_path, gz_train=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated":
+        raw = raw[:-50]
+    elif damage == "corrupted":
+        raw[20:50] = bytes(30)
+    elif damage == "bad_crc":
+        raw[-8] ^= 0xFF  # the CRC32 of the trailer
+    else:
+        raw = raw[:2]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: damaged gzip file"):
+        data_lib.load_mnist(tmp_path)
+
+
+def test_train_and_test_images_of_different_sizes_are_rejected(tmp_path):
+    _write_fake_mnist(tmp_path)
+    data_lib.write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((12, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="train images are 32x32 but test images 28x28"):
+        data_lib.load_mnist(tmp_path)
+
+
+def test_float_idx_images_are_not_rescaled(tmp_path):
+    arrays = _write_fake_mnist(tmp_path)
+    pixels = arrays["train-images-idx3-ubyte"].astype(np.float32) / 255
+    data_lib.write_idx(tmp_path / "train-images-idx3-ubyte.gz", pixels)
+    x_train = data_lib.load_mnist(tmp_path)[0]
+    np.testing.assert_array_equal(x_train[..., 0], pixels)
+
+
+def test_data_dir_that_is_a_file_is_named_so(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(data_lib.DataNotFoundError, match="is not a directory"):
+        data_lib.load_mnist(tmp_path / "file")
+
+
 @pytest.mark.parametrize("gz_train,gz_test", [(True, False), (False, True), (True, True)])
 def test_load_mnist_from_idx_dir(tmp_path, gz_train, gz_test):
     arrays = _write_fake_mnist(tmp_path, gz_train=gz_train, gz_test=gz_test)

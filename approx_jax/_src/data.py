@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,8 +81,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
       ValueError: if the file is not a well-formed IDX file.
     """
     path = Path(path)
-    with _open_maybe_gz(path) as f:
-        raw = f.read()
+    try:
+        with _open_maybe_gz(path) as f:
+            raw = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        # A damaged download: a truncated or corrupt gzip stream, a bad CRC.
+        raise ValueError(f"{path}: damaged gzip file ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
     code, ndim = raw[2], raw[3]
@@ -136,8 +141,14 @@ def _find_idx(data_dir: Path, stem: str) -> Path:
 
 
 def _images(raw: np.ndarray, where: Path) -> np.ndarray:
+    """``[N, H, W]`` images as float32 ``[N, H, W, 1]``: bytes scaled to [0, 1],
+    floating-point pixels kept as they are."""
     if raw.ndim != 3:
         raise ValueError(f"{where}: expected a 3-D image array, got shape {raw.shape}")
+    if np.issubdtype(raw.dtype, np.floating):
+        return raw.astype(np.float32)[..., None]
+    if raw.dtype != np.uint8:
+        raise ValueError(f"{where}: expected uint8 (or float) pixels, got {raw.dtype}")
     return (raw.astype(np.float32) / 255.0)[..., None]
 
 
@@ -205,7 +216,8 @@ def load_mnist_idx(data_dir: str | os.PathLike):
     """
     d = Path(data_dir)
     if not d.is_dir():
-        raise DataNotFoundError(f"MNIST data directory {d} does not exist")
+        what = "is not a directory" if d.exists() else "does not exist"
+        raise DataNotFoundError(f"MNIST data directory {d} {what}")
     paths = {k: _find_idx(d, v) for k, v in IDX_FILES.items()}
     x_train = _images(read_idx(paths["train_images"]), paths["train_images"])
     y_train = _labels(read_idx(paths["train_labels"]), paths["train_labels"])
@@ -217,6 +229,13 @@ def load_mnist_idx(data_dir: str | os.PathLike):
         # An empty split cannot be trained on or evaluated (accuracy divides by it).
         if len(x) == 0:
             raise ValueError(f"{d}: the {k} split has no examples")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        # (A model built on one size cannot evaluate the other: found only
+        # after a whole epoch of training otherwise.)
+        raise ValueError(
+            f"{d}: train images are {x_train.shape[1]}x{x_train.shape[2]} but test images "
+            f"{x_test.shape[1]}x{x_test.shape[2]}"
+        )
     return x_train, y_train, x_test, y_test
 
 
