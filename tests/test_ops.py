@@ -788,6 +788,88 @@ def test_cpu_few_rows_lut_lookup_is_bit_exact(M, shape):
     _assert_bits_equal(both[0], got)
 
 
+def _chunked_sequential_dot(x, w, mult):
+    """reference.sequential_dot in split_k.h's order: K >= 4096 with a small
+    output is summed in chunks of 1024 (each from +0), the chunk sums in order."""
+    K = x.shape[1]
+    chunk = 1024 if K >= 4096 else K
+    want = None
+    for k0 in range(0, K, chunk):
+        part = reference.sequential_dot(
+            x[:, k0 : k0 + chunk], w[k0 : k0 + chunk], mult.lut, mult.mbits
+        )
+        with np.errstate(invalid="ignore"):  # (inf + -inf: NaN, as in the kernel)
+            want = part if want is None else (want + part).astype(np.float32)
+    return want
+
+
+@pytest.mark.parametrize("M", [1, 3, 7, 8, 11])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 300, 100),
+        (2, 33, 17),
+        (4, 64, 5000),
+        (3, 4100, 40),
+        (900, 70, 1),
+        (37, 50, 3),
+        (130, 4100, 4),
+        (1, 1, 1),
+    ],
+)
+def test_cpu_direct_kernel_of_few_rows_or_columns_is_bit_exact(M, shape):
+    # One to four rows (b's columns in the vector lanes) or one to four
+    # columns (a's rows in the lanes, read through a transposed strip): each
+    # product computed from the operands' bits lane by lane. Special values
+    # of every kind, in either operand, take its scalar path per vector; the
+    # sums keep the sequential order (split-K chunks for K > 4096).
+    rows, K, N = shape
+    rng = np.random.default_rng(M * 1000 + rows * 7 + N)
+    x = (_values(rng, (rows, K)) * np.exp2(rng.integers(-70, 70, (rows, K)))).astype(np.float32)
+    w = (_values(rng, (K, N)) * np.exp2(rng.integers(-70, 70, (K, N)))).astype(np.float32)
+    special = _special_values()
+    for a in (x, w):
+        hit = rng.random(a.shape) < 0.01
+        a[hit] = rng.choice(special, int(hit.sum()))
+    mult = random_multiplier(M, M + 40)
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
+    _assert_bits_equal_nan_aside(got, _chunked_sequential_dot(x, w, mult), "vs the reference")
+    # A stack of two designs: each keeps the bits of its single call.
+    other = multipliers.mbm(M)
+    both = np.asarray(
+        jax.jit(lambda a, b: approx_jax.approx_dot(a, b, multipliers.stack([mult, other])))(x, w)
+    )
+    _assert_bits_equal_nan_aside(both[0], got, "stacked design 0")
+    _assert_bits_equal_nan_aside(both[1], approx_jax.approx_dot(x, w, other), "stacked design 1")
+
+
+@pytest.mark.parametrize("M", [2, 7, 11])
+@pytest.mark.parametrize("shape", [(3, 1, 700), (700, 1, 3), (1, 1, 3000), (3000, 1, 1)])
+def test_cpu_direct_kernel_products_at_the_exponent_edges(M, shape):
+    # K = 1: each output is its one product (from +0), so every product of
+    # the direct kernels is compared bit for bit, here with exponents where
+    # SPEC flushes (ea + eb - 127 <= 0, before the carry) or overflows to Inf
+    # (the carry included), and zeros, subnormals, Inf and NaN among them.
+    rows, K, N = shape
+    rng = np.random.default_rng(M + rows)
+
+    def edge_values(shape):
+        low = underflow_edge_values(rng, shape)  # products around 2^-126
+        high = (low.view(np.uint32) + np.uint32(128 << 23)).view(np.float32)  # around 2^128
+        v = np.where(rng.random(shape) < 0.5, low, high).astype(np.float32)
+        hit = rng.random(shape) < 0.05
+        v[hit] = rng.choice(_special_values(), int(hit.sum()))
+        return v
+
+    x, w = edge_values((rows, K)), edge_values((K, N))
+    mult = random_multiplier(M, M + 90)
+    got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
+    _assert_bits_equal_nan_aside(got, reference.sequential_dot(x, w, mult.lut, mult.mbits), "K=1")
+    edge = reference.product_bits(x[:, :, None], w[None], mult.lut, mult.mbits)[:, 0, :]
+    magnitude = edge & 0x7FFFFFFF
+    assert np.any(magnitude == 0) and np.any(magnitude == 0x7F800000)  # both edges hit
+
+
 def test_cpu_stack_mixing_cheap_closed_forms_and_tiles():
     # Few rows: Mitchell / truncate take their closed form, MBM and a random LUT
     # the tiles (or the transposed problem); a stack mixing them runs as runs

@@ -122,13 +122,14 @@ int g_failures = 0;
 
 // ApproxGemmCpu(p) with the kernel overrides set for the call: isa, strategy
 // (0 automatic, 1 tiles, 2 gathers, 3 gathers with LUT rows streamed, 4 tiles
-// with bfloat16 tiles built by permutes rather than byte lookups) and
+// with bfloat16 tiles built by permutes rather than byte lookups, 5 the
+// direct kernel of few-row problems, whatever the rows) and
 // column-block width (0 automatic). auto_streams (optional) counts the plans
 // that streamed in an automatic-strategy run.
 std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
                       const ParallelFor& parallel_for, int64_t* auto_streams) {
   gemm_internal::g_force_isa = isa;
-  gemm_internal::g_force_strategy = strat == 3 ? 2 : (strat == 4 ? 1 : strat);
+  gemm_internal::g_force_strategy = strat == 3 ? 2 : (strat == 4 ? 1 : (strat == 5 ? 3 : strat));
   gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
   gemm_internal::g_force_permute_tiles = strat == 4 ? 1 : 0;
   gemm_internal::g_force_width = width;
@@ -163,13 +164,13 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
   }
   const ParallelFor fors[3] = {SerialFor(), ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 4; ++strat) {  // 3: gathers, LUT rows streamed
+    for (int strat = 0; strat <= 5; ++strat) {  // 3: gathers, LUT rows streamed
       if ((isa == 1 && strat > 0) || (isa != 3 && strat == 4) || (strat == 4 && c.mbits > 7))
-        continue;  // 4: AVX-512 bfloat16 tiles by permutes
+        continue;  // 4: AVX-512 bfloat16 tiles by permutes; 5: the direct kernel
       // AVX-512: also every column-block width (16 / 32 / 64) forced, for
       // narrow outputs (the automatic choice is tested with width 0).
       const int widths[4] = {0, 16, 32, 64};
-      const int nwidths = (isa == 3 && c.n <= 64) ? 4 : 1;
+      const int nwidths = (isa == 3 && c.n <= 64 && strat != 5) ? 4 : 1;
       for (int wi = 0; wi < nwidths; ++wi)
         for (int f = 0; f < 3; ++f) {
           if (wi > 0 && f == 1) continue;

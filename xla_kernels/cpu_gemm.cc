@@ -651,13 +651,17 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose) {
   const int64_t problems = p.designs * p.batch;
   const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
+  // The direct kernel (few rows) reads the LUT as it is: no pass over the
+  // LUTs for effective widths, closed forms or 16-bit copies, no transposes.
+  const bool direct = gemm_internal::PrefersDirect(p);
   EffectiveWidths ew;
-  const bool narrow = gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
+  const bool narrow =
+      !direct && gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
   const int* eff_bits = narrow ? ew.bits.data() : nullptr;
   const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
   std::vector<int> family_store;
   const int* families =
-      DesignFamilies(p, parallel_for, &family_store) ? family_store.data() : nullptr;
+      !direct && DesignFamilies(p, parallel_for, &family_store) ? family_store.data() : nullptr;
   // A stack whose designs differ in whether their cheap closed form beats
   // the tiles (a Mitchell or truncate design next to an MBM or a random
   // LUT, few rows) runs as consecutive runs of like designs, so that each
@@ -691,7 +695,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   }
   const int stream_mode = StreamMode();
   const bool byte_tiles = ByteTiles();
-  if (may_transpose && gemm_internal::g_force_strategy == 0) {
+  if (may_transpose && !direct && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
     // (An implicit patch matrix is read in place, not transposed, for the
@@ -705,8 +709,9 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   // (Made here, after any recursion above: the copies live in per-thread
   // storage reused by the next call.)
   CompactLuts& compact = ThreadCompactLuts();
-  const uint16_t* const* lut16 =
-      MakeCompactLuts(p, families, parallel_for, &compact) ? compact.per_design.data() : nullptr;
+  const uint16_t* const* lut16 = !direct && MakeCompactLuts(p, families, parallel_for, &compact)
+                                     ? compact.per_design.data()
+                                     : nullptr;
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
     const int64_t whole = std::max<int64_t>(p.k, 1);

@@ -43,6 +43,7 @@ inline VI MulLoI(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
 inline VI AndI(VI a, VI b) { return _mm256_and_si256(a, b); }
 inline VI OrI(VI a, VI b) { return _mm256_or_si256(a, b); }
 inline VI AndNotI(VI a, VI b) { return _mm256_andnot_si256(a, b); }
+inline VI XorI(VI a, VI b) { return _mm256_xor_si256(a, b); }
 inline VI SrlI(VI a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SllI(VI a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SrlvI(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
@@ -54,6 +55,7 @@ inline VI SelectGtI(VI a, VI b, VI x, VI y) {
 }
 inline VI BlendI(VI a, VI b, VI m) { return _mm256_blendv_epi8(a, b, m); }
 inline bool AllOnesI(VI v) { return _mm256_movemask_epi8(_mm256_cmpeq_epi32(v, Set1I(-1))) == -1; }
+inline bool AnyI(VI v) { return !_mm256_testz_si256(v, v); }
 // Fast-path acceptance of a's lanes, accumulated over a panel (see
 // PackPanelIL): a lane passes if its exponent field ex (x & 0x7f800000) lies
 // in [lo, hi], or ex == 0 and ok0 is all ones. (Signed compares: lo / hi are
@@ -152,6 +154,26 @@ inline int32_t ReduceMaxI32(VI a) {
 }
 inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
 void BuildTilesBf16(const uint32_t*, int, int, const int32_t*, const float*, int32_t*, int, bool) {}
+
+// DirectProduct (cpu_gemm_simd_impl.h) with comparison results as vectors.
+template <bool kLanesAreA>
+inline VI DirectProductIsa(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
+                           bool* special) {
+  const VI e = AndI(SrlI(lanes, 23), Set1I(0xff));
+  const VI sign = AndI(XorI(lanes, one), Set1I(INT32_MIN));
+  VI index = AndI(SrlI(lanes, 23 - mbits), Set1I((1 << mbits) - 1));
+  if (kLanesAreA) index = SllI(index, mbits);
+  const VI entry = GatherI(table, index);
+  const VI e0 = AddI(e, voff);
+  // (e0 << 23) + entry modulo 2^32, as ApproxMulBits; a magnitude >= Inf's
+  // bits (unsigned: compared with the sign bits flipped) becomes Inf.
+  const VI mag = AddI(SllI(e0, 23), entry);
+  const VI over = CmpGtI(XorI(mag, Set1I(INT32_MIN)), Set1I(0x7f7fffff ^ INT32_MIN));
+  // A zero or subnormal operand, or an underflow before the carry (e0 <= 0).
+  const VI zero = OrI(CmpGtI(Set1I(1), e0), CmpEqI(e, Set1I(0)));
+  *special = AnyI(CmpEqI(e, Set1I(0xff)));
+  return OrI(sign, AndNotI(zero, BlendI(mag, Set1I(0x7f800000), over)));
+}
 
 #include "cpu_gemm_simd_impl.h"
 

@@ -33,7 +33,7 @@ int HardwareThreads();
 size_t L2CacheBytes();
 
 // Strategy override for the harness: 0 = automatic, 1 = expanded tiles,
-// 2 = LUT gathers.
+// 2 = LUT gathers, 3 = the direct kernel (PrefersDirect).
 extern int g_force_strategy;
 // ISA override for the harness: 0 = best available, 1 = scalar, 2 = AVX2,
 // 3 = AVX-512 (an unsupported choice falls back to the best available below it).
@@ -134,6 +134,24 @@ inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
   for (int64_t d = 0; d < p.designs; ++d)
     if (!IsCheapFamily(families[d])) return false;
   return true;
+}
+
+// The direct kernels (cpu_gemm_simd_impl.h RunDirect) compute each product
+// from the two operands' bits, with no per-element preparation of b to
+// amortise and no column padding: they win when a problem has very few rows
+// (b's columns in the vector lanes) or very few columns (a's rows in the
+// lanes, a read through a transposed strip of kDirectStripK values of k).
+constexpr int64_t kDirectMaxRows = 4;
+constexpr int64_t kDirectMaxCols = 4;
+constexpr int64_t kDirectStripK = 256;
+// Few rows: a task's output block (rows x columns, summed in memory) stays
+// within this many floats (16 KB, in L1), and is at least kDirectMinCols wide.
+constexpr int64_t kDirectBlockFloats = 4096;
+constexpr int64_t kDirectMinCols = 64;
+inline bool PrefersDirect(const GemmProblem& p) {
+  if (p.implicit_a != nullptr) return false;  // (a conv's patch matrix: the tile paths)
+  if (g_force_strategy != 0) return g_force_strategy == 3;
+  return p.m <= kDirectMaxRows || p.n <= kDirectMaxCols;
 }
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };

@@ -861,6 +861,208 @@ bool StreamsLutRows(const GemmProblem& p, const KSplit& ks) {
   return false;
 }
 
+// ------------------------------------------------------------ few rows or columns
+// The direct kernels (PrefersDirect, cpu_gemm_simd.h): each product's bits
+// are computed lane by lane as ApproxMulBits computes them (integer
+// operations on the operands' bits and one LUT entry per product) and added
+// to its output's running sum, k ascending from +0. Nothing is prepared per
+// element of b: the tile and gather paths decompose b and bound its exponents
+// once per element for all the rows of a task, which with one to a few rows
+// costs more than the products themselves (1x1024x4096 mbm7: 22% of the time
+// in BStats alone), and their column blocks are mostly padding when there are
+// one to a few columns.
+
+struct DirectPlan {
+  const GemmProblem* p;
+  const KSplit* ks;
+  bool by_rows;           // a's rows in the lanes (few columns), else b's columns
+  int64_t cols_per, ncc;  // columns in the lanes: column chunks
+  int64_t rows_per, nrc;  // rows in the lanes: row chunks
+  int failed;             // scratch allocation failed (set with __atomic builtins)
+};
+
+// DirectProduct (the ISA file's DirectProductIsa): ApproxMulBits of the
+// lanes of `lanes` with one broadcast operand, from that operand's bits
+// `one`, voff = its exponent - 127 (-1024 for a zero or subnormal: every
+// product is then a signed zero) and `table`: the LUT row of its mantissa
+// index when the lanes hold b (LUT index (ia << M) | ib_lane), or the LUT
+// column (table = lut + ib, stride 2^M) when the lanes hold a. Wrong in lanes
+// holding Inf or NaN (exponent 255), for which *special is set (the caller's
+// scalar path).
+template <bool kLanesAreA>
+inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
+                        bool* special) {
+  return DirectProductIsa<kLanesAreA>(lanes, one, voff, table, mbits, special);
+}
+
+// The broadcast operand's voff (DirectProduct) from its exponent field (< 255).
+inline int32_t DirectOffset(uint32_t e) { return e == 0 ? -1024 : static_cast<int32_t>(e) - 127; }
+
+struct DirectTask {
+  const float* a;
+  const float* b;
+  const uint32_t* lut;
+  float* c;  // this k chunk's sums
+  int64_t k0, k1;
+};
+
+DirectTask DirectTaskOf(const GemmProblem& p, const KSplit& ks, int64_t unit, int64_t chunk) {
+  const int64_t prob = ks.prob_begin + unit;
+  const int64_t d = prob / p.batch, bi = prob % p.batch;
+  // Chunk `chunk` of k (the whole of k without split-K), summed from +0.
+  float* c = ks.part == nullptr ? p.out + prob * p.m * p.n
+                                : ks.part + (chunk * ks.probs + unit) * p.m * p.n;
+  return {p.a + d * p.a_design_stride + bi * p.a_batch_stride,
+          p.b + d * p.b_design_stride + bi * p.b_batch_stride,
+          p.lut + d * p.lut_design_stride,
+          c,
+          chunk * ks.chunk,
+          MinI(p.k, chunk * ks.chunk + ks.chunk)};
+}
+
+// b's columns in the lanes: every row of the problem, columns [c0, c1), the
+// sums in memory (the block stays in L1: RunDirect).
+void RunDirectColumns(const GemmProblem& p, const DirectTask& t, int64_t c0, int64_t c1) {
+  const int mbits = p.mbits;
+  const int64_t vec_end = c0 + (c1 - c0) / kVL * kVL;
+  for (int64_t r = 0; r < p.m; ++r)
+    for (int64_t j = c0; j < c1; ++j) t.c[r * p.n + j] = 0.0f;
+  for (int64_t k = t.k0; k < t.k1; ++k) {
+    const float* brow = t.b + k * p.n;
+    for (int64_t r = 0; r < p.m; ++r) {
+      const uint32_t ab = FloatBits(t.a[r * p.k + k]);
+      const uint32_t ea = (ab >> 23) & 0xffu;
+      float* crow = t.c + r * p.n;
+      int64_t j = c0;
+      if (ea != 0xffu) {  // (an Inf or NaN a: every product on the scalar path)
+        const VI one = Set1I(static_cast<int32_t>(ab));
+        const VI voff = Set1I(DirectOffset(ea));
+        const uint32_t* row = t.lut + (int64_t{(ab & 0x7fffffu) >> (23 - mbits)} << mbits);
+        for (; j < vec_end; j += kVL) {
+          bool special;
+          VI prod = DirectProduct<false>(LoadI(reinterpret_cast<const int32_t*>(brow + j)), one,
+                                         voff, row, mbits, &special);
+          if (special) {
+            alignas(64) int32_t bits[kVL];
+            for (int l = 0; l < kVL; ++l)
+              bits[l] =
+                  static_cast<int32_t>(ApproxMulBits(ab, FloatBits(brow[j + l]), t.lut, mbits));
+            prod = LoadI(bits);
+          }
+          StoreF(crow + j, AddF(LoadF(crow + j), CastF(prod)));
+        }
+      }
+      for (; j < c1; ++j) crow[j] += BitsFloat(ApproxMulBits(ab, FloatBits(brow[j]), t.lut, mbits));
+    }
+  }
+}
+
+// a's rows in the lanes, kN (= n <= kDirectMaxCols) columns: rows [r0, r1)
+// kVL at a time, their sums in registers; a is read through a strip copied
+// transposed, kDirectStripK values of k at a time.
+template <int kN>
+void RunDirectRows(const GemmProblem& p, const DirectTask& t, int64_t r0, int64_t r1,
+                   float* strip) {
+  const int mbits = p.mbits;
+  for (int64_t i0 = r0; i0 < r1; i0 += kVL) {
+    const int rows = static_cast<int>(MinI(kVL, r1 - i0));
+    VF acc[kN];
+    for (int c = 0; c < kN; ++c) acc[c] = Set1F(0.0f);
+    for (int64_t kb0 = t.k0; kb0 < t.k1; kb0 += kDirectStripK) {
+      const int kb = static_cast<int>(MinI(kDirectStripK, t.k1 - kb0));
+      for (int r = 0; r < kVL; ++r) {  // rows past the end: zeros, never stored
+        if (r >= rows) {
+          for (int kk = 0; kk < kb; ++kk) strip[kk * kVL + r] = 0.0f;
+          continue;
+        }
+        const float* arow = t.a + (i0 + r) * p.k + kb0;
+        for (int kk = 0; kk < kb; ++kk) strip[kk * kVL + r] = arow[kk];
+      }
+      for (int kk = 0; kk < kb; ++kk) {
+        const VI lanes = LoadI(reinterpret_cast<const int32_t*>(strip + kk * kVL));
+        const float* brow = t.b + (kb0 + kk) * kN;
+        for (int c = 0; c < kN; ++c) {
+          const uint32_t ub = FloatBits(brow[c]);
+          const uint32_t eb = (ub >> 23) & 0xffu;
+          bool special = true;
+          VI prod = lanes;
+          if (eb != 0xffu) {
+            prod =
+                DirectProduct<true>(lanes, Set1I(static_cast<int32_t>(ub)), Set1I(DirectOffset(eb)),
+                                    t.lut + ((ub & 0x7fffffu) >> (23 - mbits)), mbits, &special);
+          }
+          if (special) {
+            alignas(64) int32_t bits[kVL];
+            for (int l = 0; l < kVL; ++l)
+              bits[l] = static_cast<int32_t>(
+                  ApproxMulBits(FloatBits(strip[kk * kVL + l]), ub, t.lut, mbits));
+            prod = LoadI(bits);
+          }
+          acc[c] = AddF(acc[c], CastF(prod));
+        }
+      }
+    }
+    for (int c = 0; c < kN; ++c) {
+      alignas(64) float sums[kVL];
+      StoreF(sums, acc[c]);
+      for (int r = 0; r < rows; ++r) t.c[(i0 + r) * kN + c] = sums[r];
+    }
+  }
+}
+
+void RunDirectTask(void* arg, int64_t task) {
+  DirectPlan& dp = *static_cast<DirectPlan*>(arg);
+  const GemmProblem& p = *dp.p;
+  const KSplit& ks = *dp.ks;
+  const int64_t chunks_per = dp.by_rows ? dp.nrc : dp.ncc;
+  const int64_t part = task % chunks_per;
+  const DirectTask t =
+      DirectTaskOf(p, ks, (task / chunks_per) % ks.probs, task / chunks_per / ks.probs);
+  if (!dp.by_rows) {
+    const int64_t c0 = part * dp.cols_per, c1 = MinI(p.n, c0 + dp.cols_per);
+    if (c0 < c1) RunDirectColumns(p, t, c0, c1);
+    return;
+  }
+  const int64_t r0 = part * dp.rows_per, r1 = MinI(p.m, r0 + dp.rows_per);
+  if (r0 >= r1) return;
+  float* strip = static_cast<float*>(ThreadScratch(kSlotA, kDirectStripK * kVL * 4));
+  if (strip == nullptr) {
+    __atomic_store_n(&dp.failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  switch (p.n) {
+    case 1:
+      return RunDirectRows<1>(p, t, r0, r1, strip);
+    case 2:
+      return RunDirectRows<2>(p, t, r0, r1, strip);
+    case 3:
+      return RunDirectRows<3>(p, t, r0, r1, strip);
+    default:
+      return RunDirectRows<4>(p, t, r0, r1, strip);
+  }
+}
+
+// Tasks: (k chunk, problem, column or row chunk).
+int RunDirect(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
+  DirectPlan dp{&p, &ks, false, 0, 0, 0, 0, 0};
+  const int64_t units = ks.chunks * ks.probs;
+  const int64_t target = MaxI(2, 2 * HardwareThreads());
+  const int64_t split = MaxI(1, CeilDiv(target, units));
+  dp.by_rows = p.m > kDirectMaxRows && p.n <= kDirectMaxCols;
+  if (dp.by_rows) {
+    dp.rows_per = RoundUp(CeilDiv(p.m, split), kVL);
+    dp.nrc = CeilDiv(p.m, dp.rows_per);
+  } else {
+    // The task's output block (rows x columns) stays in L1 across k.
+    const int64_t max_cols = MaxI(kVL, kDirectBlockFloats / MaxI(1, p.m) / kVL * kVL);
+    const int64_t want = RoundUp(CeilDiv(p.n, split), kVL);
+    dp.cols_per = MinI(max_cols, MaxI(MinI(p.n, kDirectMinCols), want));
+    dp.ncc = CeilDiv(p.n, dp.cols_per);
+  }
+  runner.run(runner.ctx, units * (dp.by_rows ? dp.nrc : dp.ncc), &RunDirectTask, &dp);
+  return __atomic_load_n(&dp.failed, __ATOMIC_RELAXED) ? kSimdNoMemory : kSimdOk;
+}
+
 int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   if (p.mbits < kMinMantissaBits || p.mbits > kMaxMantissaBits) return kSimdDeclined;
   const int64_t problems = ks.probs;
@@ -873,6 +1075,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
       for (int64_t i = 0; i < ks.chunks * problems * p.m * p.n; ++i) ks.part[i] = 0.0f;
     return kSimdOk;
   }
+  if (PrefersDirect(p)) return RunDirect(p, ks, runner);
   // The fast paths assume kernel-format LUT entries (c <= 1): decline otherwise.
   // bfloat16 tiles also need every entry's bits below the M mantissa bits to
   // be zero (true of kernel-format LUTs, checked rather than assumed).
