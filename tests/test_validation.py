@@ -520,3 +520,23 @@ def test_a_multiplier_rebuilt_with_a_bad_lut_is_refused_at_trace_time():
     as_floats = jax.tree_util.tree_unflatten(treedef, [np.asarray(m5.lut, np.float32)])
     with pytest.raises(TypeError, match="must hold integers"):
         approx_jax.approx_dot(F, W, as_floats)
+
+
+def test_missing_native_module_names_a_shadowed_installation(monkeypatch, tmp_path):
+    # A source checkout without a build, imported ahead of an installed
+    # approx_jax (`python -m pytest` in the checkout): the error says so
+    # instead of asking to install what is installed.
+    from approx_jax._src import ffi
+
+    installed = tmp_path / "site-packages" / "approx_jax"
+    installed.mkdir(parents=True)
+    (installed / "_cpu_kernels.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    monkeypatch.setattr(
+        ffi, "_load_error", ImportError("No module named 'approx_jax._cpu_kernels'")
+    )
+    monkeypatch.syspath_prepend(str(installed.parent))
+    with pytest.raises(RuntimeError, match="shadows the installed package at .*site-packages"):
+        ffi._require_kernels()
+    monkeypatch.setattr(ffi, "_installed_elsewhere", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install"):
+        ffi._require_kernels()

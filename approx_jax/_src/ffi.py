@@ -8,6 +8,8 @@ CPU module always and for the CUDA module when it was built.
 from __future__ import annotations
 
 import importlib
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -76,11 +78,36 @@ def export_disabled_checks() -> list:
     return [export.DisabledSafetyCheck.custom_call(name) for name in targets]
 
 
+def _installed_elsewhere() -> str | None:
+    """Another approx_jax on sys.path that has the native module, if any.
+
+    (Running ``python -m pytest`` or ``python script.py`` in a source
+    checkout puts the checkout's ``approx_jax/``, which has no built module,
+    ahead of the installed package.)
+    """
+    here = pathlib.Path(__file__).resolve().parent.parent
+    for entry in sys.path:
+        candidate = pathlib.Path(entry or ".").resolve() / "approx_jax"
+        if candidate != here and any(candidate.glob("_cpu_kernels*")):
+            return str(candidate)
+    return None
+
+
 def _require_kernels() -> None:
     if _load_error is not None:
+        here = pathlib.Path(__file__).resolve().parent.parent
+        installed = _installed_elsewhere()
+        if installed is not None:
+            hint = (
+                f" This approx_jax is the source tree at {here}, which shadows the installed "
+                f"package at {installed}: run from another directory, use `pytest` rather than "
+                "`python -m pytest` in the checkout, or build in place with "
+                "`tools/build_inplace.sh`."
+            )
+        else:
+            hint = " Install the package with `pip install .`."
         raise RuntimeError(
-            "approx_jax's native kernels are not built or failed to load "
-            f"({_load_error}). Install the package with `pip install .`."
+            f"approx_jax's native kernels are not built or failed to load ({_load_error}).{hint}"
         )
 
 
