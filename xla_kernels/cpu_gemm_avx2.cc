@@ -156,13 +156,11 @@ inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
 void BuildTilesBf16(const uint32_t*, int, int, const int32_t*, const float*, int32_t*, int, bool) {}
 
 // DirectProduct (cpu_gemm_simd_impl.h) with comparison results as vectors.
-template <bool kLanesAreA>
-inline VI DirectProductIsa(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
-                           bool* special) {
+inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
+                        bool* special) {
   const VI e = AndI(SrlI(lanes, 23), Set1I(0xff));
   const VI sign = AndI(XorI(lanes, one), Set1I(INT32_MIN));
-  VI index = AndI(SrlI(lanes, 23 - mbits), Set1I((1 << mbits) - 1));
-  if (kLanesAreA) index = SllI(index, mbits);
+  const VI index = AndI(SrlI(lanes, 23 - mbits), Set1I((1 << mbits) - 1));
   const VI entry = GatherI(table, index);
   const VI e0 = AddI(e, voff);
   // (e0 << 23) + entry modulo 2^32, as ApproxMulBits; a magnitude >= Inf's

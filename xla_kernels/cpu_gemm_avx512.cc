@@ -40,7 +40,6 @@ inline VI MulLoI(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
 inline VI AndI(VI a, VI b) { return _mm512_and_si512(a, b); }
 inline VI OrI(VI a, VI b) { return _mm512_or_si512(a, b); }
 inline VI AndNotI(VI a, VI b) { return _mm512_andnot_si512(a, b); }
-inline VI XorI(VI a, VI b) { return _mm512_xor_si512(a, b); }
 inline VI SrlI(VI a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI SllI(VI a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
 inline VI MinI32(VI a, VI b) { return _mm512_min_epi32(a, b); }
@@ -75,7 +74,6 @@ inline VI BlendI(VI a, VI b, VI m) {
   return _mm512_mask_blend_epi32(_mm512_movepi32_mask(m), a, b);
 }
 inline bool AllOnesI(VI v) { return _mm512_cmpneq_epi32_mask(v, Set1I(-1)) == 0; }
-inline bool AnyI(VI v) { return _mm512_test_epi32_mask(v, v) != 0; }
 inline VI LaneIota() {
   return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
@@ -317,13 +315,11 @@ void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, c
 // DirectProduct (cpu_gemm_simd_impl.h) with comparison results in mask
 // registers: an unsigned compare for the overflow, masked moves for Inf and
 // the zeros, one ternary-logic operation for the sign.
-template <bool kLanesAreA>
-inline VI DirectProductIsa(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
-                           bool* special) {
+inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
+                        bool* special) {
   const VI e = _mm512_and_si512(_mm512_srli_epi32(lanes, 23), _mm512_set1_epi32(0xff));
-  VI index = _mm512_and_si512(_mm512_srl_epi32(lanes, _mm_cvtsi32_si128(23 - mbits)),
-                              _mm512_set1_epi32((1 << mbits) - 1));
-  if (kLanesAreA) index = _mm512_sll_epi32(index, _mm_cvtsi32_si128(mbits));
+  const VI index = _mm512_and_si512(_mm512_srl_epi32(lanes, _mm_cvtsi32_si128(23 - mbits)),
+                                    _mm512_set1_epi32((1 << mbits) - 1));
   const VI entry = _mm512_i32gather_epi32(index, table, 4);
   const VI e0 = _mm512_add_epi32(e, voff);
   // (e0 << 23) + entry modulo 2^32, as ApproxMulBits; >= Inf's bits: Inf.

@@ -136,22 +136,22 @@ inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
   return true;
 }
 
-// The direct kernels (cpu_gemm_simd_impl.h RunDirect) compute each product
+// The direct kernel (cpu_gemm_simd_impl.h RunDirect) computes each product
 // from the two operands' bits, with no per-element preparation of b to
-// amortise and no column padding: they win when a problem has very few rows
-// (b's columns in the vector lanes) or very few columns (a's rows in the
-// lanes, a read through a transposed strip of kDirectStripK values of k).
-constexpr int64_t kDirectMaxRows = 4;
-constexpr int64_t kDirectMaxCols = 4;
-constexpr int64_t kDirectStripK = 256;
-// Few rows: a task's output block (rows x columns, summed in memory) stays
-// within this many floats (16 KB, in L1), and is at least kDirectMinCols wide.
+// amortise: it wins with one or two rows. Measured (harness, one thread, MBM
+// LUTs, ms, direct vs the gather / tile paths): 1x1024x4096 M = 3 3.5 vs 5.7,
+// M = 7 4.1 vs 7.8, M = 11 5.6 vs 10.1; at 4 rows it loses (M = 7 10.9 vs 6.6,
+// M = 3 13.3 vs 5.7). (A variant with a's rows in the lanes for one to four
+// columns measured no faster than the tiles at one column and slower at four.)
+constexpr int64_t kDirectMaxRows = 2;
+// A task's output block (rows x columns, summed in memory) stays within this
+// many floats (16 KB, in L1), and is at least kDirectMinCols wide.
 constexpr int64_t kDirectBlockFloats = 4096;
 constexpr int64_t kDirectMinCols = 64;
 inline bool PrefersDirect(const GemmProblem& p) {
   if (p.implicit_a != nullptr) return false;  // (a conv's patch matrix: the tile paths)
   if (g_force_strategy != 0) return g_force_strategy == 3;
-  return p.m <= kDirectMaxRows || p.n <= kDirectMaxCols;
+  return p.m <= kDirectMaxRows;
 }
 
 enum SimdStatus : int { kSimdOk = 0, kSimdNoMemory = 1, kSimdDeclined = 2 };

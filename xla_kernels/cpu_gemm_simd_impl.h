@@ -861,41 +861,30 @@ bool StreamsLutRows(const GemmProblem& p, const KSplit& ks) {
   return false;
 }
 
-// ------------------------------------------------------------ few rows or columns
-// The direct kernels (PrefersDirect, cpu_gemm_simd.h): each product's bits
-// are computed lane by lane as ApproxMulBits computes them (integer
-// operations on the operands' bits and one LUT entry per product) and added
-// to its output's running sum, k ascending from +0. Nothing is prepared per
-// element of b: the tile and gather paths decompose b and bound its exponents
-// once per element for all the rows of a task, which with one to a few rows
-// costs more than the products themselves (1x1024x4096 mbm7: 22% of the time
-// in BStats alone), and their column blocks are mostly padding when there are
-// one to a few columns.
+// ------------------------------------------------------------ few rows
+// The direct kernel (PrefersDirect, cpu_gemm_simd.h): b's columns in the
+// vector lanes, each product's bits computed lane by lane as ApproxMulBits
+// computes them (integer operations on the operands' bits and one LUT entry
+// per product) and added to its output's running sum, k ascending from +0.
+// Nothing is prepared per element of b: the tile and gather paths decompose
+// b and bound its exponents once per element for all the rows of a task,
+// which with one or two rows costs more than the products themselves
+// (1x1024x4096 mbm7: 22% of the time in BStats alone).
 
 struct DirectPlan {
   const GemmProblem* p;
   const KSplit* ks;
-  bool by_rows;           // a's rows in the lanes (few columns), else b's columns
-  int64_t cols_per, ncc;  // columns in the lanes: column chunks
-  int64_t rows_per, nrc;  // rows in the lanes: row chunks
-  int failed;             // scratch allocation failed (set with __atomic builtins)
+  int64_t cols_per, ncc;  // column chunks
 };
 
-// DirectProduct (the ISA file's DirectProductIsa): ApproxMulBits of the
-// lanes of `lanes` with one broadcast operand, from that operand's bits
-// `one`, voff = its exponent - 127 (-1024 for a zero or subnormal: every
-// product is then a signed zero) and `table`: the LUT row of its mantissa
-// index when the lanes hold b (LUT index (ia << M) | ib_lane), or the LUT
-// column (table = lut + ib, stride 2^M) when the lanes hold a. Wrong in lanes
-// holding Inf or NaN (exponent 255), for which *special is set (the caller's
-// scalar path).
-template <bool kLanesAreA>
-inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
-                        bool* special) {
-  return DirectProductIsa<kLanesAreA>(lanes, one, voff, table, mbits, special);
-}
+// The ISA file's DirectProduct(lanes, one, voff, row, mbits, &special):
+// ApproxMulBits(a, b_l, lut, M) for the lanes b_l of `lanes`, from a's bits
+// `one`, voff = a's exponent - 127 (-1024 for a zero or subnormal a: every
+// product is then a signed zero) and the LUT row of a's mantissa index. Wrong
+// in lanes where b is Inf or NaN (exponent 255), for which it sets *special
+// (the caller's scalar path).
 
-// The broadcast operand's voff (DirectProduct) from its exponent field (< 255).
+// a's voff (DirectProduct) from its exponent field (< 255).
 inline int32_t DirectOffset(uint32_t e) { return e == 0 ? -1024 : static_cast<int32_t>(e) - 127; }
 
 struct DirectTask {
@@ -940,8 +929,8 @@ void RunDirectColumns(const GemmProblem& p, const DirectTask& t, int64_t c0, int
         const uint32_t* row = t.lut + (int64_t{(ab & 0x7fffffu) >> (23 - mbits)} << mbits);
         for (; j < vec_end; j += kVL) {
           bool special;
-          VI prod = DirectProduct<false>(LoadI(reinterpret_cast<const int32_t*>(brow + j)), one,
-                                         voff, row, mbits, &special);
+          VI prod = DirectProduct(LoadI(reinterpret_cast<const int32_t*>(brow + j)), one, voff, row,
+                                  mbits, &special);
           if (special) {
             alignas(64) int32_t bits[kVL];
             for (int l = 0; l < kVL; ++l)
@@ -957,110 +946,28 @@ void RunDirectColumns(const GemmProblem& p, const DirectTask& t, int64_t c0, int
   }
 }
 
-// a's rows in the lanes, kN (= n <= kDirectMaxCols) columns: rows [r0, r1)
-// kVL at a time, their sums in registers; a is read through a strip copied
-// transposed, kDirectStripK values of k at a time.
-template <int kN>
-void RunDirectRows(const GemmProblem& p, const DirectTask& t, int64_t r0, int64_t r1,
-                   float* strip) {
-  const int mbits = p.mbits;
-  for (int64_t i0 = r0; i0 < r1; i0 += kVL) {
-    const int rows = static_cast<int>(MinI(kVL, r1 - i0));
-    VF acc[kN];
-    for (int c = 0; c < kN; ++c) acc[c] = Set1F(0.0f);
-    for (int64_t kb0 = t.k0; kb0 < t.k1; kb0 += kDirectStripK) {
-      const int kb = static_cast<int>(MinI(kDirectStripK, t.k1 - kb0));
-      for (int r = 0; r < kVL; ++r) {  // rows past the end: zeros, never stored
-        if (r >= rows) {
-          for (int kk = 0; kk < kb; ++kk) strip[kk * kVL + r] = 0.0f;
-          continue;
-        }
-        const float* arow = t.a + (i0 + r) * p.k + kb0;
-        for (int kk = 0; kk < kb; ++kk) strip[kk * kVL + r] = arow[kk];
-      }
-      for (int kk = 0; kk < kb; ++kk) {
-        const VI lanes = LoadI(reinterpret_cast<const int32_t*>(strip + kk * kVL));
-        const float* brow = t.b + (kb0 + kk) * kN;
-        for (int c = 0; c < kN; ++c) {
-          const uint32_t ub = FloatBits(brow[c]);
-          const uint32_t eb = (ub >> 23) & 0xffu;
-          bool special = true;
-          VI prod = lanes;
-          if (eb != 0xffu) {
-            prod =
-                DirectProduct<true>(lanes, Set1I(static_cast<int32_t>(ub)), Set1I(DirectOffset(eb)),
-                                    t.lut + ((ub & 0x7fffffu) >> (23 - mbits)), mbits, &special);
-          }
-          if (special) {
-            alignas(64) int32_t bits[kVL];
-            for (int l = 0; l < kVL; ++l)
-              bits[l] = static_cast<int32_t>(
-                  ApproxMulBits(FloatBits(strip[kk * kVL + l]), ub, t.lut, mbits));
-            prod = LoadI(bits);
-          }
-          acc[c] = AddF(acc[c], CastF(prod));
-        }
-      }
-    }
-    for (int c = 0; c < kN; ++c) {
-      alignas(64) float sums[kVL];
-      StoreF(sums, acc[c]);
-      for (int r = 0; r < rows; ++r) t.c[(i0 + r) * kN + c] = sums[r];
-    }
-  }
-}
-
 void RunDirectTask(void* arg, int64_t task) {
-  DirectPlan& dp = *static_cast<DirectPlan*>(arg);
+  const DirectPlan& dp = *static_cast<const DirectPlan*>(arg);
   const GemmProblem& p = *dp.p;
-  const KSplit& ks = *dp.ks;
-  const int64_t chunks_per = dp.by_rows ? dp.nrc : dp.ncc;
-  const int64_t part = task % chunks_per;
+  const int64_t cc = task % dp.ncc;
   const DirectTask t =
-      DirectTaskOf(p, ks, (task / chunks_per) % ks.probs, task / chunks_per / ks.probs);
-  if (!dp.by_rows) {
-    const int64_t c0 = part * dp.cols_per, c1 = MinI(p.n, c0 + dp.cols_per);
-    if (c0 < c1) RunDirectColumns(p, t, c0, c1);
-    return;
-  }
-  const int64_t r0 = part * dp.rows_per, r1 = MinI(p.m, r0 + dp.rows_per);
-  if (r0 >= r1) return;
-  float* strip = static_cast<float*>(ThreadScratch(kSlotA, kDirectStripK * kVL * 4));
-  if (strip == nullptr) {
-    __atomic_store_n(&dp.failed, 1, __ATOMIC_RELAXED);
-    return;
-  }
-  switch (p.n) {
-    case 1:
-      return RunDirectRows<1>(p, t, r0, r1, strip);
-    case 2:
-      return RunDirectRows<2>(p, t, r0, r1, strip);
-    case 3:
-      return RunDirectRows<3>(p, t, r0, r1, strip);
-    default:
-      return RunDirectRows<4>(p, t, r0, r1, strip);
-  }
+      DirectTaskOf(p, *dp.ks, (task / dp.ncc) % dp.ks->probs, task / dp.ncc / dp.ks->probs);
+  const int64_t c0 = cc * dp.cols_per, c1 = MinI(p.n, c0 + dp.cols_per);
+  if (c0 < c1) RunDirectColumns(p, t, c0, c1);
 }
 
-// Tasks: (k chunk, problem, column or row chunk).
+// Tasks: (k chunk, problem, column chunk), every row in each.
 int RunDirect(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
-  DirectPlan dp{&p, &ks, false, 0, 0, 0, 0, 0};
+  DirectPlan dp{&p, &ks, 0, 0};
   const int64_t units = ks.chunks * ks.probs;
   const int64_t target = MaxI(2, 2 * HardwareThreads());
-  const int64_t split = MaxI(1, CeilDiv(target, units));
-  dp.by_rows = p.m > kDirectMaxRows && p.n <= kDirectMaxCols;
-  if (dp.by_rows) {
-    dp.rows_per = RoundUp(CeilDiv(p.m, split), kVL);
-    dp.nrc = CeilDiv(p.m, dp.rows_per);
-  } else {
-    // The task's output block (rows x columns) stays in L1 across k.
-    const int64_t max_cols = MaxI(kVL, kDirectBlockFloats / MaxI(1, p.m) / kVL * kVL);
-    const int64_t want = RoundUp(CeilDiv(p.n, split), kVL);
-    dp.cols_per = MinI(max_cols, MaxI(MinI(p.n, kDirectMinCols), want));
-    dp.ncc = CeilDiv(p.n, dp.cols_per);
-  }
-  runner.run(runner.ctx, units * (dp.by_rows ? dp.nrc : dp.ncc), &RunDirectTask, &dp);
-  return __atomic_load_n(&dp.failed, __ATOMIC_RELAXED) ? kSimdNoMemory : kSimdOk;
+  // The task's output block (rows x columns) stays in L1 across k.
+  const int64_t max_cols = MaxI(kVL, kDirectBlockFloats / MaxI(1, p.m) / kVL * kVL);
+  const int64_t want = RoundUp(CeilDiv(p.n, MaxI(1, CeilDiv(target, units))), kVL);
+  dp.cols_per = MinI(max_cols, MaxI(MinI(p.n, kDirectMinCols), want));
+  dp.ncc = CeilDiv(p.n, dp.cols_per);
+  runner.run(runner.ctx, units * dp.ncc, &RunDirectTask, &dp);
+  return kSimdOk;
 }
 
 int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
