@@ -909,9 +909,9 @@ DirectTask DirectTaskOf(const GemmProblem& p, const KSplit& ks, int64_t unit, in
           MinI(p.k, chunk * ks.chunk + ks.chunk)};
 }
 
-// b's columns in the lanes: every row of the problem, columns [c0, c1), the
+// Every row of the problem, columns [c0, c1) (b's columns in the lanes), the
 // sums in memory (the block stays in L1: RunDirect).
-void RunDirectColumns(const GemmProblem& p, const DirectTask& t, int64_t c0, int64_t c1) {
+void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64_t c1) {
   const int mbits = p.mbits;
   const int64_t vec_end = c0 + (c1 - c0) / kVL * kVL;
   for (int64_t r = 0; r < p.m; ++r)
@@ -953,7 +953,7 @@ void RunDirectTask(void* arg, int64_t task) {
   const DirectTask t =
       DirectTaskOf(p, *dp.ks, (task / dp.ncc) % dp.ks->probs, task / dp.ncc / dp.ks->probs);
   const int64_t c0 = cc * dp.cols_per, c1 = MinI(p.n, c0 + dp.cols_per);
-  if (c0 < c1) RunDirectColumns(p, t, c0, c1);
+  if (c0 < c1) RunDirectBlock(p, t, c0, c1);
 }
 
 // Tasks: (k chunk, problem, column chunk), every row in each.
