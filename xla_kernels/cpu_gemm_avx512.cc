@@ -306,15 +306,9 @@ void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, c
   BuildTilesNarrow<true>(lut, mbits, n, ibv, sbv, tiles, ustride);
 }
 
-// The kernels, instantiated for three column-block widths. Narrow outputs
-// (every LeNet conv has 32 channels, its last dense layer 10) would leave half
-// or more of a 64-column block as zero padding: wasted micro-kernel FMAs and
-// tile builds. The width only changes blocking, never the summation order
-// (each output element is still summed over k ascending from +0, split-K by
-// split_k.h), so all three give the same bits.
 // DirectProduct (cpu_gemm_simd_impl.h) with comparison results in mask
 // registers: an unsigned compare for the overflow, masked moves for Inf and
-// the zeros, one ternary-logic operation for the sign.
+// the zeros.
 inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
                         bool* special) {
   const VI e = _mm512_and_si512(_mm512_srli_epi32(lanes, 23), _mm512_set1_epi32(0xff));
@@ -332,12 +326,16 @@ inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mb
   const VI value =
       _mm512_maskz_mov_epi32(static_cast<__mmask16>(~zero),
                              _mm512_mask_mov_epi32(mag, over, _mm512_set1_epi32(0x7f800000)));
-  // (lanes ^ one) & sign bit | value: imm 0x78 would be a ^ (b & c); here
-  // sign = (lanes ^ one) & INT32_MIN first, then or.
   const VI sign = _mm512_and_si512(_mm512_xor_si512(lanes, one), _mm512_set1_epi32(INT32_MIN));
   return _mm512_or_si512(sign, value);
 }
 
+// The kernels, instantiated for three column-block widths. Narrow outputs
+// (every LeNet conv has 32 channels, its last dense layer 10) would leave half
+// or more of a 64-column block as zero padding: wasted micro-kernel FMAs and
+// tile builds. The width only changes blocking, never the summation order
+// (each output element is still summed over k ascending from +0, split-K by
+// split_k.h), so all three give the same bits.
 namespace w64 {
 constexpr int kNV = 4;  // 64 columns per tile block
 constexpr int kNB = kVL * kNV;

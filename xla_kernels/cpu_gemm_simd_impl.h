@@ -940,6 +940,20 @@ void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64
           }
           StoreF(crow + j, AddF(LoadF(crow + j), CastF(prod)));
         }
+        if (j < c1) {  // the last columns (fewer than kVL): products in one vector too
+          const int rest = static_cast<int>(c1 - j);
+          bool special;
+          alignas(64) int32_t bits[kVL];
+          StoreI(bits,
+                 DirectProduct(LoadPartialI(reinterpret_cast<const uint32_t*>(brow + j), rest), one,
+                               voff, row, mbits, &special));
+          for (int l = 0; l < rest; ++l) {
+            const uint32_t prod =
+                special ? ApproxMulBits(ab, FloatBits(brow[j + l]), t.lut, mbits) : bits[l];
+            crow[j + l] += BitsFloat(prod);
+          }
+          j = c1;
+        }
       }
       for (; j < c1; ++j) crow[j] += BitsFloat(ApproxMulBits(ab, FloatBits(brow[j]), t.lut, mbits));
     }
