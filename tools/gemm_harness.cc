@@ -123,7 +123,7 @@ int g_failures = 0;
 // ApproxGemmCpu(p) with the kernel overrides set for the call: isa, strategy
 // (0 automatic, 1 tiles, 2 gathers, 3 gathers with LUT rows streamed, 4 tiles
 // with bfloat16 tiles built by permutes rather than byte lookups, 5 the
-// direct kernel of few-row problems, whatever the rows) and
+// direct kernel that one- and two-row problems take, at any row count) and
 // column-block width (0 automatic). auto_streams (optional) counts the plans
 // that streamed in an automatic-strategy run.
 std::string RunForced(const GemmProblem& p, int isa, int strat, int width,

@@ -927,31 +927,29 @@ void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64
         const VI one = Set1I(static_cast<int32_t>(ab));
         const VI voff = Set1I(DirectOffset(ea));
         const uint32_t* row = t.lut + (int64_t{(ab & 0x7fffffu) >> (23 - mbits)} << mbits);
-        for (; j < vec_end; j += kVL) {
+        // The products of a with b's columns j0 .. j0 + cols - 1 (cols <= kVL;
+        // the lanes past cols are not products); lanes holding an Inf or NaN
+        // b send the vector to the scalar path.
+        auto products = [&](int64_t j0, int cols) {
+          const float* bj = brow + j0;
           bool special;
-          VI prod = DirectProduct(LoadI(reinterpret_cast<const int32_t*>(brow + j)), one, voff, row,
-                                  mbits, &special);
-          if (special) {
-            alignas(64) int32_t bits[kVL];
-            for (int l = 0; l < kVL; ++l)
-              bits[l] =
-                  static_cast<int32_t>(ApproxMulBits(ab, FloatBits(brow[j + l]), t.lut, mbits));
-            prod = LoadI(bits);
-          }
-          StoreF(crow + j, AddF(LoadF(crow + j), CastF(prod)));
-        }
-        if (j < c1) {  // the last columns (fewer than kVL): products in one vector too
+          const VI prod =
+              DirectProduct(cols == kVL ? LoadI(reinterpret_cast<const int32_t*>(bj))
+                                        : LoadPartialI(reinterpret_cast<const uint32_t*>(bj), cols),
+                            one, voff, row, mbits, &special);
+          if (!special) return prod;
+          alignas(64) int32_t bits[kVL] = {};
+          for (int l = 0; l < cols; ++l)
+            bits[l] = static_cast<int32_t>(ApproxMulBits(ab, FloatBits(bj[l]), t.lut, mbits));
+          return LoadI(bits);
+        };
+        for (; j < vec_end; j += kVL)
+          StoreF(crow + j, AddF(LoadF(crow + j), CastF(products(j, kVL))));
+        if (j < c1) {  // the last columns (fewer than kVL): one vector of products too
           const int rest = static_cast<int>(c1 - j);
-          bool special;
-          alignas(64) int32_t bits[kVL];
-          StoreI(bits,
-                 DirectProduct(LoadPartialI(reinterpret_cast<const uint32_t*>(brow + j), rest), one,
-                               voff, row, mbits, &special));
-          for (int l = 0; l < rest; ++l) {
-            const uint32_t prod =
-                special ? ApproxMulBits(ab, FloatBits(brow[j + l]), t.lut, mbits) : bits[l];
-            crow[j + l] += BitsFloat(prod);
-          }
+          alignas(64) float last[kVL];
+          StoreF(last, CastF(products(j, rest)));
+          for (int l = 0; l < rest; ++l) crow[j + l] += last[l];
           j = c1;
         }
       }
