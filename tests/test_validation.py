@@ -537,6 +537,6 @@ def test_missing_native_module_names_a_shadowed_installation(monkeypatch, tmp_pa
     monkeypatch.syspath_prepend(str(installed.parent))
     with pytest.raises(RuntimeError, match="shadows the installed package at .*site-packages"):
         ffi._require_kernels()
-    monkeypatch.setattr(ffi, "_installed_elsewhere", lambda: None)
+    monkeypatch.setattr(ffi, "_installed_elsewhere", lambda here: None)
     with pytest.raises(RuntimeError, match="pip install"):
         ffi._require_kernels()

@@ -456,8 +456,13 @@ def _digest_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _digest(data: bytes) -> str:
+    """The digest stored beside a cached file (``_digest_path``)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def _file_digest(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _digest(path.read_bytes())
 
 
 def _library_intact(lib_path: pathlib.Path) -> bool:
@@ -655,7 +660,7 @@ def build_lut(source_or_path, function: str, M: int, **kwargs) -> np.ndarray:
 def _store_cached(path: pathlib.Path, array: np.ndarray) -> None:
     """Caches an array as ``.npy`` with its digest beside it (see _load_cached)."""
     data = _npy_bytes(array)
-    _atomic_write_bytes(_digest_path(path), hashlib.sha256(data).hexdigest().encode())
+    _atomic_write_bytes(_digest_path(path), _digest(data).encode())
     _atomic_write_bytes(path, data)
 
 
@@ -672,7 +677,7 @@ def _load_cached(path: pathlib.Path, shape, dtype) -> np.ndarray | None:
         return None
     try:
         data = path.read_bytes()
-        if _digest_path(path).read_text() != hashlib.sha256(data).hexdigest():
+        if _digest_path(path).read_text() != _digest(data):
             return None
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError):

@@ -78,14 +78,13 @@ def export_disabled_checks() -> list:
     return [export.DisabledSafetyCheck.custom_call(name) for name in targets]
 
 
-def _installed_elsewhere() -> str | None:
-    """Another approx_jax on sys.path that has the native module, if any.
+def _installed_elsewhere(here: pathlib.Path) -> str | None:
+    """Another approx_jax on sys.path than ``here`` that has the native module, if any.
 
     (Running ``python -m pytest`` or ``python script.py`` in a source
     checkout puts the checkout's ``approx_jax/``, which has no built module,
     ahead of the installed package.)
     """
-    here = pathlib.Path(__file__).resolve().parent.parent
     for entry in sys.path:
         candidate = pathlib.Path(entry or ".").resolve() / "approx_jax"
         if candidate != here and any(candidate.glob("_cpu_kernels*")):
@@ -96,7 +95,7 @@ def _installed_elsewhere() -> str | None:
 def _require_kernels() -> None:
     if _load_error is not None:
         here = pathlib.Path(__file__).resolve().parent.parent
-        installed = _installed_elsewhere()
+        installed = _installed_elsewhere(here)
         if installed is not None:
             hint = (
                 f" This approx_jax is the source tree at {here}, which shadows the installed "
