@@ -1062,3 +1062,45 @@ def test_dilated_and_transposed_convolutions_keep_their_geometry():
         dimension_numbers=dims,
     )
     _bits_equal(approx_jax.approximate(transposed, m)(x, w), want_t)
+
+
+@pytest.mark.parametrize("op", ["dot", "conv", "multiply"])
+def test_exact_backward_of_an_inner_op_stays_float32(op):
+    # A gradient taken inside an approximated function: an approx_jax op's
+    # backward="exact" products are that op's configuration, like its design,
+    # and stay float32 (before: turned into the outer design's products for
+    # dot and multiply, NotImplementedError for conv), while the function's
+    # own products are simulated.
+    rng = np.random.default_rng(11)
+    if op == "conv":
+        x, w = _normal(rng, 2, 6, 6, 3), _normal(rng, 3, 3, 3, 4)
+
+        def inner(x, w):
+            return approx_jax.approx_conv(x, w, "mitchell5", backward="exact")
+
+    elif op == "dot":
+        x, w = _normal(rng, 5, 7), _normal(rng, 7, 3)
+
+        def inner(x, w):
+            return approx_jax.approx_dot(x, w, "mitchell5", backward="exact")
+
+    else:
+        x, w = _normal(rng, 5, 7), _normal(rng, 5, 7)
+
+        def inner(x, w):
+            return approx_jax.multiply(x, w, "mitchell5", backward="exact")
+
+    # (sin's derivative multiplies: native unless elementwise=True, which the
+    # multiply case needs for its backward's products to be candidates.)
+    elementwise = op == "multiply"
+    loss = jnp.sum if elementwise else lambda y: jnp.sum(jnp.sin(y))
+    a = w.reshape(-1)[:12].reshape(3, 4)
+
+    def step(x, w):
+        grads = jax.grad(lambda x, w: loss(inner(x, w)), argnums=(0, 1))(x, w)
+        return grads, a @ a.T  # the function's own product: simulated
+
+    grads, own = approx_jax.approximate(step, "mbm7", elementwise=elementwise)(x, w)
+    want_grads, _ = step(x, w)
+    _bits_equal(grads, want_grads)
+    _bits_equal(own, approx_jax.approx_matmul(a, a.T, "mbm7"))

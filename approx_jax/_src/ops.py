@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import weakref
 from typing import Any
 
@@ -35,6 +36,24 @@ from approx_jax._src import partitioning
 
 BACKWARD_MODES = ("approx", "exact")
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def approx_jax_native(fn, *operands):
+    """``fn(*operands)``: float32 products that belong to an op's configuration.
+
+    A simulated op's ``backward="exact"`` products are part of what the user
+    chose for that op, like its design; as a jit named ``NATIVE_CALL`` they
+    are recognisable in a traced program, and ``approximate()`` leaves them
+    native (a gradient taken inside an approximated function would otherwise
+    turn them into the outer design's products). ``fn`` is static: a
+    module-level function, so that eager calls hit the jit cache.
+    """
+    return fn(*operands)
+
+
+NATIVE_CALL = approx_jax_native.__name__
+_matmul_highest = functools.partial(jnp.matmul, precision=_HIGHEST)
 
 
 # --------------------------------------------------------------------------
@@ -298,8 +317,8 @@ def _backward_products(mbits: int, backward: str, a_t, b, klut, g):
       ``(da, db)`` in the canonical rank-4 layout.
     """
     if backward != "approx":
-        da = jnp.matmul(g, jnp.swapaxes(b, -1, -2), precision=_HIGHEST)
-        return da, jnp.matmul(a_t, g, precision=_HIGHEST)
+        da = approx_jax_native(_matmul_highest, g, jnp.swapaxes(b, -1, -2))
+        return da, approx_jax_native(_matmul_highest, a_t, g)
     da = _input_grad(mbits, a_t.shape[-1], b, klut, g)
     return da, _gemm(a_t, g, klut, mbits, backward)
 
@@ -340,7 +359,7 @@ def _multiply_bwd(mbits, backward, residuals, g):
         da = _multiply(g, b, klut, mbits, backward)  # d(a*b)/da = b: a = g, b = b
         db = _multiply(a, g, klut, mbits, backward)  # d(a*b)/db = a: a = a, b = g
     else:
-        da, db = g * b, a * g
+        da, db = approx_jax_native(operator.mul, g, b), approx_jax_native(operator.mul, a, g)
     # A cotangent must carry its primal's mesh type (shard_map axes, Explicit sharding).
     da = partitioning.match_primal_type(_sum_to_shape(da, a.shape), a)
     db = partitioning.match_primal_type(_sum_to_shape(db, b.shape), b)

@@ -94,6 +94,8 @@ def _is_selection_kernel(kernel, params) -> bool:
 # ``jnp.einsum`` call: its inputs are the einsum's operands in the caller's
 # order, which the dot_generals inside may not keep (see _swapped_dots).
 _EINSUM_CALL = "approx_jax_einsum"
+# A simulated op's own float32 products (backward="exact"): kept native.
+_NATIVE_CALL = ops.NATIVE_CALL
 
 
 def _float_operands(operands, result_dtype) -> list | None:
@@ -285,6 +287,8 @@ class _Rewriter:
         is only an error where it holds a product to simulate.
         """
         for eqn in jaxpr.eqns:
+            if self._kept_native(eqn):
+                continue
             full = _join(path, eqn.source_info.name_stack)
             if self._simulated(eqn, full):
                 return True
@@ -295,6 +299,10 @@ class _Rewriter:
     def _simulated(self, eqn, path: str) -> bool:
         """Whether the product ``eqn`` (at ``path``) is simulated."""
         return eqn.primitive.name in self.targets and self._design_at(path) is not None
+
+    def _kept_native(self, eqn) -> bool:
+        """Whether ``eqn`` is an approx_jax op's own float32 products (``approx_jax_native``)."""
+        return eqn.primitive.name in _INLINE_CALLS and eqn.params.get("name") == _NATIVE_CALL
 
     def _design_at(self, path: str):
         """The multiplier simulating products at ``path``; None where they stay native."""
@@ -371,6 +379,8 @@ class _Rewriter:
                     # the earlier operand), forward and backward.
                     m = self._transposed(m)
                 return getattr(self, "_" + name)(m, floated + list(invals[2:]), params)
+        if self._kept_native(eqn):
+            return _bind(eqn, invals)
         if name in _INLINE_CALLS:
             if not self.simulates(params["jaxpr"].jaxpr, path):
                 # Kept as one call: evaluated op by op, XLA may round a fused
@@ -774,7 +784,12 @@ def approximate(
     whose primal computes simulated products is evaluated as its primal: its
     custom rule (a straight-through estimator, say) is dropped and the
     simulated ops supply the gradients. Otherwise the function is kept with
-    its rule, whose products stay native. Primitives that cannot be rewritten
+    its rule, whose products stay native. approx_jax's own ops inside ``fun``
+    keep their designs, and their ``backward="exact"`` products stay float32
+    even when the gradient is taken inside ``fun``; an op given ``"fp32"``
+    computes native products, which are simulated like any other (so a model
+    of ``approx_jax.nn`` layers left at their default runs on ``multiplier``).
+    Primitives that cannot be rewritten
     (``custom_linear_solve``: ``jnp.linalg.solve``) run natively, and are an
     error only if a product inside them is to be simulated.
 
@@ -927,6 +942,10 @@ class _Recorder(_Rewriter):
     def _simulated(self, eqn, path: str) -> bool:
         del path  # every product is sampled, whatever the assignment
         return eqn.primitive.name in self.targets
+
+    def _kept_native(self, eqn) -> bool:
+        del eqn  # products are sampled wherever they are
+        return False
 
     def _record(self, full: str, pairs) -> None:
         key, count = full, 1
