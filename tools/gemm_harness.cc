@@ -507,6 +507,35 @@ int Test() {
     RunCase(c, rng, &pool);
     ++cases;
   }
+  // Bounded a packs (cpu_gemm_simd_impl.h kPackBudget): with a budget of one
+  // byte the planner cuts every multi-block task's rows to their floor and
+  // runs one design per task; a stack with a per-design a and a shared b
+  // (design groups), tiles, gathers and streamed LUT rows.
+  {
+    gemm_internal::g_pack_budget = 1;
+    const int64_t pack_shapes[][5] = {
+        {1, 1, 2100, 40, 150}, {3, 2, 1100, 70, 200}, {1, 1, 700, 37, 300}};
+    int v = 0;
+    for (int m : {3, 7, 10})
+      for (auto& t : pack_shapes) {
+        Case c{};
+        c.designs = t[0];
+        c.batch = t[1];
+        c.m = t[2];
+        c.k = t[3];
+        c.n = t[4];
+        c.b_bcast_d = c.designs > 1;
+        c.mbits = m;
+        c.special = v % 2 ? 0.001 : 0.0;
+        c.exp_lo = 100;
+        c.exp_hi = 150;
+        c.lut_kind = v % 3;
+        ++v;
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+    gemm_internal::g_pack_budget = 0;
+  }
   // LUT-row streaming in automatic mode (M >= 10, a LUT with no closed form;
   // cpu_gemm_simd_impl.h Plan::stream): wide outputs run directly, narrow
   // ones with many rows and enough products as the transposed problem

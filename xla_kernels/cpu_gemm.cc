@@ -29,6 +29,7 @@ namespace gemm_internal {
 int g_force_strategy = 0;
 int g_force_isa = 0;
 int64_t g_tile_budget = 0;
+int64_t g_pack_budget = 0;
 int g_no_design_sharing = 0;
 int g_force_width = 0;
 int g_force_f32_tiles = 0;

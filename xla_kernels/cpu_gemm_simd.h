@@ -40,6 +40,9 @@ extern int g_force_strategy;
 extern int g_force_isa;
 // Tile-size budget override in bytes for tuning (0 = automatic).
 extern int64_t g_tile_budget;
+// Harness override of a task's a-pack budget in bytes (0 = kPackBudget; a
+// small one makes the planner cut rows and design groups to their floors).
+extern int64_t g_pack_budget;
 // Harness override: 1 = treat every design as an independent problem (no
 // reuse of a/b work shared across designs); for benchmarking only.
 extern int g_no_design_sharing;

@@ -842,6 +842,9 @@ void RunTask(void* arg, int64_t task) {
   }  // pass
 }
 
+// Bytes of a packs a task may hold (Plan: the row and design split).
+constexpr int64_t kPackBudget = int64_t{16} << 20;
+
 // Columns of a streaming task's chunk: b decomposed for 8 k of them (64 KB)
 // and a panel's outputs (16 KB) stay in cache.
 constexpr int64_t kStreamCols = 1024;
@@ -1051,7 +1054,8 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     if (pl.stream) __atomic_fetch_add(&g_stream_plans, 1, __ATOMIC_RELAXED);
     // Streaming: a row's LUT rows for 8 k stay in L1 (32 KB at M = 11;
     // 4 to 16 k measured within noise of each other).
-    pl.kb_max = pl.stream ? 8 : 256;
+    // (No longer than k: the pack and b's decomposition are sized by it.)
+    pl.kb_max = pl.stream ? 8 : static_cast<int>(MinI(256, RoundUp(MinI(p.k, ks.chunk), kVL)));
     pl.ustride = 1 << p.mbits;
   }
   // Task split: the summation order never depends on it (each output element
@@ -1100,6 +1104,22 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     const int64_t floor_rows = strategy == kTiles ? MaxI(pl.mr, usize / 2) : pl.mr;
     nrc = MaxI(nrc, MinI(CeilDiv(threads, units0 * ks.chunks * ncc), p.m / floor_rows));
   }
+  // A task whose columns span several blocks (or that streams) packs a for
+  // all its rows per k block (RunTask), once per design unless a is shared:
+  // bound that pack (kPackBudget per thread) by cutting the rows, down to the
+  // tile path's amortisation floor, then the designs per task. Unbounded, a
+  // 200000x64x640 product held an 800 MB pack per thread, and scratch is kept
+  // per thread between calls. (Same sums: only the task split changes.)
+  const bool packs_all_rows = pl.stream || pl.cols_per > kNB;
+  const int64_t pack_budget = g_pack_budget > 0 ? g_pack_budget : kPackBudget;
+  const int64_t row_pack_bytes = RoundUp(pl.kb_max, kVL) * kPackW * 4 / pl.mr;
+  const int64_t packs_per_task = pl.share_a || !group ? 1 : p.designs;
+  if (packs_all_rows) {
+    const int64_t floor_rows = strategy == kTiles ? MaxI(pl.mr, 64 * usize) : 64 * pl.mr;
+    const int64_t cap =
+        RoundUp(MaxI(floor_rows, pack_budget / (row_pack_bytes * packs_per_task)), pl.mr);
+    if (CeilDiv(p.m, nrc) > cap) nrc = CeilDiv(p.m, cap);
+  }
   pl.rows_per = RoundUp(CeilDiv(p.m, nrc), pl.mr);
   nrc = CeilDiv(p.m, pl.rows_per);
   pl.nrc = nrc;
@@ -1111,6 +1131,8 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     const int64_t tasks1 = ks.chunks * p.batch * nrc * ncc;
     int64_t ng = MinI(p.designs, MaxI(1, CeilDiv(target, tasks1)));
     pl.dg = CeilDiv(p.designs, ng);
+    if (packs_all_rows && !pl.share_a)
+      pl.dg = MinI(pl.dg, MaxI(1, pack_budget / (row_pack_bytes * pl.rows_per)));
     pl.ngroups = CeilDiv(p.designs, pl.dg);
     units = p.batch * pl.ngroups;
   }
