@@ -839,7 +839,7 @@ def approx_conv(
     the same bits, and so does the kernel gradient (``patches^T``), as one
     GEMM over the whole batch. Peak memory of forward + backward measured with
     ``benchmarks/bench_conv_memory.py`` (batch 32, 32x32x64 -> 64, 3x3, SAME,
-    XLA:CPU), relative to the native convolution: 1.24x with the CPU default
+    XLA:CPU), relative to the native convolution: 1.22x with the CPU default
     (8 MiB chunks), 1.25x with 4 MiB chunks, 1.6x with 64 MiB chunks and 2.4x
     without chunking.
 

@@ -823,11 +823,12 @@ def approximate(
       A function with ``fun``'s signature and output structure.
 
     Example:
-      >>> model = flax.linen.Sequential([nn.Dense(128), nn.relu, nn.Dense(10)])
+      >>> model = flax.linen.Sequential(
+      ...     [nn.Dense(128), nn.relu, nn.Dense(64), nn.relu, nn.Dense(10)])
       >>> params = model.init(jax.random.PRNGKey(0), x)
       >>> logits = jax.jit(approx_jax.approximate(model.apply, "mbm7"))(params, x)
       >>> # first and last layers exact, the rest on the approximate unit:
-      >>> exact_ends = {"layers_0": "fp32", "layers_2": "fp32", "*": "mbm7"}
+      >>> exact_ends = {"layers_0": "fp32", "layers_4": "fp32", "*": "mbm7"}
       >>> apply = approx_jax.approximate(model.apply, exact_ends)
     """
     ops.check_backward(backward)

@@ -156,7 +156,9 @@ def dot_product_attention(
     Args:
       query: ``[batch..., q_length, num_heads, depth]``.
       key: ``[batch..., kv_length, num_kv_heads, depth]``.
-      value: ``[batch..., kv_length, num_kv_heads, v_depth]``.
+      value: ``[batch..., kv_length, num_kv_heads, v_depth]`` (Flax's own
+        function, which the exact multiplier calls, needs ``v_depth ==
+        depth``).
       bias: optional bias broadcastable to ``[batch..., heads, q_length, kv_length]``.
       mask: optional boolean mask of that shape (False = masked out).
       broadcast_dropout: broadcast dropout over batch and heads.
@@ -340,7 +342,7 @@ class AttentionFn:
     """An attention function with a fixed multiplier (a static Flax hook).
 
     Calls :func:`dot_product_attention` (``flavor="nnx"``) or
-    :func:`linen_dot_product_attention` (``flavor="linen"``). Its
+    ``approx_jax.nn.linen.dot_product_attention`` (``flavor="linen"``). Its
     ``__signature__`` is that of the underlying function minus the keyword-only
     multiplier arguments, because linen filters keyword arguments by signature.
     """
