@@ -1104,3 +1104,65 @@ def test_exact_backward_of_an_inner_op_stays_float32(op):
     want_grads, _ = step(x, w)
     _bits_equal(grads, want_grads)
     _bits_equal(own, approx_jax.approx_matmul(a, a.T, "mbm7"))
+
+
+def test_threads_sharing_an_approximated_function_keep_the_einsum_operand_order():
+    # Threads calling one approximated function eagerly evaluate the same
+    # cached inner jaxpr: the ids of its swapped einsum products were kept in
+    # one shared set, and one thread leaving the einsum dropped them while
+    # another was still evaluating it, which then multiplied P(y, x) under the
+    # untransposed LUT (about 2% of calls with frequent thread switches).
+    import sys
+    import threading
+
+    m = random_multiplier(5, 3)  # asymmetric: operand order matters
+
+    @jax.jit
+    def inner(x, y):
+        return jnp.einsum("ij,jk->ki", x, y)  # emitted with its operands swapped
+
+    g = approx_jax.approximate(lambda x, y: inner(x, y), m)
+    rng = np.random.default_rng(0)
+    x, y = _normal(rng, 32, 128), _normal(rng, 128, 32)
+    want = np.asarray(approx_jax.approx_dot(x, y, m)).T
+    _bits_equal(g(x, y), want)
+    wrong = []
+
+    def worker():
+        for _ in range(100):
+            out = np.asarray(g(x, y))
+            if not np.array_equal(out.view(np.uint32), want.view(np.uint32)):
+                wrong.append(out)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} of 400 calls gave other bits"
+
+
+def test_a_traced_function_may_wait_for_another_threads_approx_einsum():
+    # The lock around the einsum patch was held for the whole trace, user code
+    # included: a function that waited on an approx_jax call in another thread
+    # blocked for ever (and every trace in the process ran one at a time).
+    import concurrent.futures
+
+    ones = np.ones((2, 2), np.float32)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+        def f(a, b):
+            job = pool.submit(lambda: approx_jax.einsum("ij,jk->ik", ones, ones, multiplier="mbm7"))
+            c = job.result(timeout=20)
+            return jnp.einsum("ij,jk->ik", a, b) * jnp.sum(c)
+
+        x, y = jnp.ones((3, 4)), jnp.ones((4, 5))
+        out = approx_jax.approximate(f, "mbm7")(x, y)
+    c = approx_jax.einsum("ij,jk->ik", ones, ones, multiplier="mbm7")
+    _bits_equal(out, approx_jax.einsum("ij,jk->ik", x, y, multiplier="mbm7") * jnp.sum(c))
+    assert not getattr(jnp.einsum, "_approx_jax_marks", False)  # the patch is gone

@@ -210,7 +210,7 @@ class _PatternAssignment:
         unused = [pattern for pattern, _ in self.rules if pattern not in self.used]
         if not unused:
             return
-        named = sorted(p for p in self.paths if p)
+        named = sorted(p for p in list(self.paths) if p)  # (a snapshot: other threads add)
         if named:
             shown = ", ".join(named[:8]) + (", ..." if len(named) > 8 else "")
             if "" in self.paths:
@@ -261,14 +261,25 @@ class _Rewriter:
         self.assign = _assignment(multiplier)
         self.backward = backward
         self.targets = (_DOT, _CONV, _MUL) if elementwise else (_DOT, _CONV)
-        # ids of the dot_general equations being evaluated whose left operand
-        # is a later einsum operand than their right one (see _swapped_dots).
-        self.swapped: set[int] = set()
+        # Per thread: ids of the dot_general equations being evaluated whose
+        # left operand is a later einsum operand than their right one (see
+        # _swapped_dots). Threads calling one approximated function eagerly
+        # evaluate the same cached inner jaxprs (same equation ids): a shared
+        # set let one thread's exit drop the ids another was still using.
+        self._per_thread = threading.local()
         # id(m) -> (m, m with the transposed LUT): built once per multiplier
         # (4**M entries compared and copied; m is kept so the id stays its).
         self.transposed: dict[int, tuple] = {}
 
     # -- helpers ------------------------------------------------------------
+
+    @property
+    def swapped(self) -> set[int]:
+        """This thread's ids of swapped einsum dot_generals being evaluated."""
+        ids = getattr(self._per_thread, "swapped", None)
+        if ids is None:
+            ids = self._per_thread.swapped = set()
+        return ids
 
     def _transposed(self, m):
         """:func:`_transposed`, once per concrete multiplier (not for traced LUTs)."""
@@ -389,11 +400,11 @@ class _Rewriter:
             if params.get("name") != _EINSUM_CALL:
                 return self.closed(params["jaxpr"], path)(*invals)
             swapped = _swapped_dots(params["jaxpr"].jaxpr) - self.swapped
-            self.swapped |= swapped
+            self.swapped.update(swapped)
             try:
                 return self.closed(params["jaxpr"], path)(*invals)
             finally:  # (equation ids are only unique while the jaxpr lives)
-                self.swapped -= swapped
+                self.swapped.difference_update(swapped)
         body = params.get("call_jaxpr", params.get("fun_jaxpr"))
         if name in _CUSTOM_RULES and body is not None and self.simulates(body.jaxpr, path):
             return self.closed(body, path)(*invals)
@@ -587,7 +598,11 @@ def _transposed(m):
     return dataclasses.replace(m, lut=ops._transposed_lut(jax.numpy.asarray(lut), m.mbits))
 
 
-_einsum_patch_lock = threading.RLock()
+_einsum_patch_lock = threading.Lock()
+# Threads tracing under _einsum_calls_marked -> nesting depth, and the patch
+# installed while there is any (home module, attribute, the original einsum).
+_einsum_tracing_threads: dict[int, int] = {}
+_einsum_patch: dict[str, Any] = {"home": None, "name": None, "original": None}
 
 
 def _einsum_entry_points():
@@ -662,27 +677,46 @@ def _einsum_calls_marked():
     Its jaxpr then keeps the einsum's operands in the caller's order, for
     :func:`_swapped_dots`.
     """
+    # The lock guards installing and removing the patch only, not the trace:
+    # held across the user's code, a traced function that waited on another
+    # thread's approx_jax einsum or approximate() call blocked for ever, and
+    # every trace in the process ran one at a time. The patch stays while any
+    # thread traces; its dispatch marks the einsums of tracing threads only.
+    thread = threading.get_ident()
     with _einsum_patch_lock:
-        home, name, make_marked = _einsum_entry_points()
-        original = getattr(home, name)
-        if getattr(original, "_approx_jax_marks", False):  # a nested trace
-            yield
-            return
-        tracing_thread = threading.get_ident()
-        marked = make_marked(original)
+        if thread in _einsum_tracing_threads:  # a nested trace in this thread
+            _einsum_tracing_threads[thread] += 1
+            outermost = False
+        else:
+            outermost = True
+            if _einsum_patch["original"] is None:
+                home, name, make_marked = _einsum_entry_points()
+                original = getattr(home, name)
+                marked = make_marked(original)
 
-        def dispatch(*args, **kwargs):
-            if threading.get_ident() != tracing_thread:  # another thread's einsum
-                return original(*args, **kwargs)
-            return marked(*args, **kwargs)
+                def dispatch(*args, **kwargs):
+                    if threading.get_ident() in _einsum_tracing_threads:
+                        return marked(*args, **kwargs)
+                    return original(*args, **kwargs)  # another thread's einsum
 
-        dispatch._approx_jax_marks = True
-        setattr(home, name, dispatch)
-        try:
+                dispatch._approx_jax_marks = True
+                _einsum_patch.update(home=home, name=name, original=original)
+                setattr(home, name, dispatch)
+            _einsum_tracing_threads[thread] = 1
+    try:
+        if outermost:
             with _fresh_traces():
                 yield
-        finally:
-            setattr(home, name, original)
+        else:
+            yield
+    finally:
+        with _einsum_patch_lock:
+            _einsum_tracing_threads[thread] -= 1
+            if _einsum_tracing_threads[thread] == 0:
+                del _einsum_tracing_threads[thread]
+            if not _einsum_tracing_threads and _einsum_patch["original"] is not None:
+                setattr(_einsum_patch["home"], _einsum_patch["name"], _einsum_patch["original"])
+                _einsum_patch.update(home=None, name=None, original=None)
 
 
 @contextlib.contextmanager
