@@ -3,6 +3,11 @@
 Every product inside the simulated ops follows SPEC section 2 (truncated
 mantissas index a LUT of result mantissa and carry); sums are float32.
 
+The ops may be called from several threads. Import approx_jax (or any of
+its modules) once before starting them: Python lets a thread import a
+submodule of a package that another thread is still initialising, and such
+imports can fail.
+
 Example:
   >>> import approx_jax
   >>> from approx_jax import multipliers

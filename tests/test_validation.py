@@ -540,3 +540,34 @@ def test_missing_native_module_names_a_shadowed_installation(monkeypatch, tmp_pa
     monkeypatch.setattr(ffi, "_installed_elsewhere", lambda here: None)
     with pytest.raises(RuntimeError, match="pip install"):
         ffi._require_kernels()
+
+
+@pytest.mark.parametrize(
+    ("error", "recorded"),
+    [
+        (ModuleNotFoundError("No module", name="approx_jax._cpu_kernels"), True),  # not built
+        (ImportError("undefined symbol: foo", name="_cpu_kernels"), True),  # fails to load
+        # The package half initialised by another thread's import: not about the
+        # kernels, and recorded it disabled them for the life of the process.
+        (ImportError("cannot import name 'EinsumOp'", name="approx_jax._src.transform"), False),
+    ],
+)
+def test_only_the_kernel_module_itself_counts_as_missing_kernels(monkeypatch, error, recorded):
+    import importlib
+
+    from approx_jax._src import ffi
+
+    def fail(name, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    monkeypatch.setattr(ffi, "_load_error", None)
+    monkeypatch.setattr(ffi, "_registered_platforms", [])
+    if recorded:
+        ffi._register_all()
+        assert ffi._load_error is error
+    else:
+        with pytest.raises(ImportError, match="EinsumOp"):
+            ffi._register_all()
+        assert ffi._load_error is None
+    assert ffi.registered_platforms() == ()

@@ -27,11 +27,23 @@ _load_error: Exception | None = None
 _registered_platforms: list[str] = []
 
 
+def _names_module(err: ImportError, module: str) -> bool:
+    """Whether ``err`` is about ``module`` itself: absent (its full name) or
+    failing to load (an extension module's error names it without the package)."""
+    return err.name in (module, module.rpartition(".")[2])
+
+
 def _register_all() -> None:
     global _load_error
     try:
         cpu = importlib.import_module("approx_jax._cpu_kernels")
-    except ImportError as err:  # source checkout without a build
+    except ImportError as err:
+        if not _names_module(err, "approx_jax._cpu_kernels"):
+            # Not the module itself (absent: a source checkout without a
+            # build; or failing to load): e.g. the package half initialised
+            # by another thread's import. Recorded, it would disable the
+            # kernels for the life of the process.
+            raise
         _load_error = err
         return
     for name, capsule in cpu.registrations().items():
@@ -39,8 +51,10 @@ def _register_all() -> None:
     _registered_platforms.append("cpu")
     try:
         cuda = importlib.import_module("approx_jax._cuda_kernels")
-    except ImportError:
-        return  # built without nvcc: CPU only
+    except ImportError as err:
+        if not _names_module(err, "approx_jax._cuda_kernels"):
+            raise
+        return  # built without nvcc (CPU only), or no CUDA runtime to load it
     for name, capsule in cuda.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     _registered_platforms.append("cuda")
