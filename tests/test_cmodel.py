@@ -286,3 +286,50 @@ def test_header_next_to_the_model_is_found_and_tracked(
     assert not np.array_equal(second.lut, first.lut)
     (tmp_path / "scale.h").write_text("#define SCALE 1.0f\n")
     np.testing.assert_array_equal(mm.from_c(model, "f", 3).lut, first.lut)
+
+
+def test_a_cache_that_cannot_be_written_still_serves_its_entries(
+    require_c_compiler, isolated_cache, tmp_path, monkeypatch
+):
+    # A read-only cache (a shared team cache, a read-only mount): its valid
+    # entries are used, arrays it lacks are computed without being stored,
+    # and a model it lacks is compiled into the per-user fallback cache.
+    # (Before: every write went inside the cache's lib/ first, preprocessing
+    # included, so even a cached model failed with "Read-only file system".)
+    import errno
+    import tempfile
+
+    want = mm.from_c(EXACT, "f", 5).lut
+    lib_dir = isolated_cache / "lib"
+    for pattern in ("*.lut.npy", "*.products.npy"):
+        for path in lib_dir.glob(pattern):
+            path.unlink()
+    root = str(isolated_cache)
+
+    def refuse(where):
+        if where is not None and str(where).startswith(root):
+            raise OSError(errno.EROFS, "Read-only file system", str(where))
+
+    real_mkstemp, real_tmpdir = tempfile.mkstemp, tempfile.TemporaryDirectory
+
+    def mkstemp(*args, dir=None, **kwargs):
+        refuse(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def temporary_directory(*args, dir=None, **kwargs):
+        refuse(dir)
+        return real_tmpdir(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", temporary_directory)
+    fallback = tmp_path / "tmp"
+    fallback.mkdir()
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(fallback))
+    monkeypatch.setattr(cmodel, "_private_cache", None)
+
+    assert cmodel.compile_model(EXACT, "f", 5).parent == lib_dir  # served, not rebuilt
+    np.testing.assert_array_equal(cmodel.build_lut(EXACT, "f", 5), want)
+    assert not list(lib_dir.glob("*.npy"))  # nothing written there
+    other = cmodel.compile_model(EXACT.replace("a * b", "b * a"), "f", 5)
+    assert str(other).startswith(str(fallback))
+    np.testing.assert_array_equal(cmodel.build_lut(EXACT.replace("a * b", "b * a"), "f", 5), want)

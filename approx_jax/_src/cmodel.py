@@ -16,6 +16,7 @@ own directory is searched for ``#include "..."`` headers, as by ``cc``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -177,20 +178,32 @@ def cache_dir() -> pathlib.Path:
       ``$APPROX_JAX_CACHE`` if set, else ``~/.cache/approx_jax`` (or a
       per-user temp dir if that is not writable).
     """
-    root = os.environ.get("APPROX_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "approx_jax"
-    )
-    path = pathlib.Path(root)
+    path = _configured_cache()
     try:
         path.mkdir(parents=True, exist_ok=True)
         if os.access(path, os.W_OK):
             return path
     except OSError:
         pass
-    # Read-only home (some CI sandboxes): fall back to a per-user temp dir,
-    # used only if this user owns it and nobody else may write to it (another
-    # user could otherwise plant libraries or LUTs there); else a fresh
-    # private one.
+    # Read-only home (some CI sandboxes).
+    return _temp_cache_dir()
+
+
+def _configured_cache() -> pathlib.Path:
+    """``$APPROX_JAX_CACHE`` or ``~/.cache/approx_jax``, writable or not."""
+    root = os.environ.get("APPROX_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "approx_jax"
+    )
+    return pathlib.Path(root)
+
+
+def _temp_cache_dir() -> pathlib.Path:
+    """The cache used where the configured one cannot be written.
+
+    A per-user temp dir, used only if this user owns it and nobody else may
+    write to it (another user could otherwise plant libraries or LUTs there);
+    else a fresh private one.
+    """
     path = pathlib.Path(tempfile.gettempdir()) / f"approx_jax-{os.getuid()}"
     try:
         path.mkdir(mode=0o700, exist_ok=True)
@@ -327,10 +340,25 @@ def _is_cpp(path: pathlib.Path | None, language: str | None, cpp: bool | None) -
     return path is not None and path.suffix in _CXX_SUFFIXES
 
 
+def _umask() -> int:
+    """This process's file-creation mask (read without changing it, where Linux allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     """Writes via a temp file + rename so concurrent processes never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     try:
+        # As a plain open() would (mkstemp's are 0600): another user sharing
+        # the cache can read the entry, unless the umask says otherwise.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -401,10 +429,10 @@ def compile_model(
         # model must still be found, as by `cc path/to/model.c`.
         cmd_flags += ["-iquote", str(path.resolve().parent)]
     cmd_flags += flags
-    lib_dir = cache_dir() / "lib"
-    lib_dir.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib_dir) as tmp:
-        tmp_src = pathlib.Path(tmp) / f"model{suffix}"
+    # (The source is written to the system's temp dir: a cache that this
+    # process may read but not write still serves the libraries it holds.)
+    with tempfile.TemporaryDirectory(prefix="approx_jax-src-") as src_dir:
+        tmp_src = pathlib.Path(src_dir) / f"model{suffix}"
         tmp_src.write_text(text)
         # Keyed by the preprocessed translation unit, so editing a header the
         # model includes (or a -D flag) gives a new LUT, not a stale cached one.
@@ -416,39 +444,78 @@ def compile_model(
             compiler_cmd,
             is_cpp,
         )
+        for lib_dir in _readable_lib_dirs():
+            lib_path = lib_dir / f"{key}.so"
+            if _library_intact(lib_path):
+                return lib_path
+        lib_dir, build_dir = _build_dir()
         lib_path = lib_dir / f"{key}.so"
-        if _library_intact(lib_path):
-            return lib_path
-        tmp_lib = pathlib.Path(tmp) / "model.so"
-        cmd = [*shlex.split(compiler_cmd), *cmd_flags, "-o", str(tmp_lib), str(tmp_src), "-lm"]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        except OSError as e:
-            raise CModelError(f"could not run compiler {compiler_cmd!r}: {e}") from e
-        if result.returncode != 0:
-            stderr = result.stderr.strip() or result.stdout.strip()
-            hint = ""
-            errors = [ln for ln in stderr.splitlines() if "error" in ln]
-            # The name as a whole identifier: a function `ex` whose body calls
-            # an undeclared `exit` is defined.
-            named = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(function)}(?![A-Za-z0-9_])")
-            if any(
-                named.search(ln)
-                and ("undeclared" in ln or "not declared" in ln or "implicit" in ln)
-                for ln in errors
-            ):
-                hint = f"function {function!r} is not defined in the model source. "
-            elif any(
-                text in stderr
-                for text in ("must be declared float", "must return float", "must take float")
-            ):
-                hint = f"function {function!r} does not have the signature float(float, float). "
-            raise CModelError(
-                f"{hint}compiling the functional model {origin}:{function} (M={M}) "
-                f"failed:\n$ {shlex.join(cmd)}\n{stderr}"
+        with build_dir as tmp:
+            return _compile_library(
+                compiler_cmd, cmd_flags, tmp_src, pathlib.Path(tmp), lib_path, function, M, origin
             )
-        _atomic_write_bytes(_digest_path(lib_path), _file_digest(tmp_lib).encode())
-        os.replace(tmp_lib, lib_path)
+
+
+def _readable_lib_dirs():
+    """Where cached libraries may be: the configured cache, then the fallback one.
+
+    (The fallback only as ``_temp_cache_dir`` checks it: this user's alone.)
+    """
+    yield _configured_cache() / "lib"
+    yield _temp_cache_dir() / "lib"
+
+
+def _build_dir() -> tuple[pathlib.Path, tempfile.TemporaryDirectory]:
+    """A cache ``lib/`` this process can write, and a temp dir in it to build in.
+
+    The configured cache's, or else (read-only, or another user's ``lib/``)
+    the per-user fallback cache's (``_temp_cache_dir``). The temp dir shares
+    the ``lib/`` file system, so the finished library is renamed into place.
+    """
+    for root in (cache_dir, _temp_cache_dir):
+        lib_dir = root() / "lib"
+        try:
+            lib_dir.mkdir(exist_ok=True)
+            return lib_dir, tempfile.TemporaryDirectory(dir=lib_dir)
+        except OSError:
+            continue
+    raise CModelError(
+        f"no writable cache for the compiled model: {_configured_cache()} and "
+        f"{tempfile.gettempdir()} refuse writes (set APPROX_JAX_CACHE)"
+    )
+
+
+def _compile_library(compiler_cmd, cmd_flags, tmp_src, tmp, lib_path, function, M, origin):
+    """Compiles ``tmp_src`` in ``tmp`` and moves the library to ``lib_path``."""
+    tmp_lib = tmp / "model.so"
+    cmd = [*shlex.split(compiler_cmd), *cmd_flags, "-o", str(tmp_lib), str(tmp_src), "-lm"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise CModelError(f"could not run compiler {compiler_cmd!r}: {e}") from e
+    if result.returncode != 0:
+        stderr = result.stderr.strip() or result.stdout.strip()
+        hint = ""
+        errors = [ln for ln in stderr.splitlines() if "error" in ln]
+        # The name as a whole identifier: a function `ex` whose body calls
+        # an undeclared `exit` is defined.
+        named = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(function)}(?![A-Za-z0-9_])")
+        if any(
+            named.search(ln) and ("undeclared" in ln or "not declared" in ln or "implicit" in ln)
+            for ln in errors
+        ):
+            hint = f"function {function!r} is not defined in the model source. "
+        elif any(
+            text in stderr
+            for text in ("must be declared float", "must return float", "must take float")
+        ):
+            hint = f"function {function!r} does not have the signature float(float, float). "
+        raise CModelError(
+            f"{hint}compiling the functional model {origin}:{function} (M={M}) "
+            f"failed:\n$ {shlex.join(cmd)}\n{stderr}"
+        )
+    _atomic_write_bytes(_digest_path(lib_path), _file_digest(tmp_lib).encode())
+    os.replace(tmp_lib, lib_path)
     return lib_path
 
 
@@ -551,7 +618,8 @@ def build_products(
         products = _evaluate(lib_path, M, what)
     except _LoadError:
         # A corrupt cache entry (e.g. a truncated write): compile it again once.
-        lib_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only cache: the error below says so)
+            lib_path.unlink(missing_ok=True)
         lib_path = compile_model(
             source_or_path, function, M, compiler=compiler, flags=flags, language=language, cpp=cpp
         )
@@ -577,7 +645,8 @@ def _evaluate(lib_path: pathlib.Path, M: int, what: str) -> np.ndarray:
     """
     timeout = model_timeout()
     n = lut_lib.num_entries(M)
-    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+    # (In the system's temp dir: the library may sit in a read-only cache.)
+    with tempfile.TemporaryDirectory(prefix="approx_jax-eval-") as tmp:
         out_path = pathlib.Path(tmp) / "products.bin"
         cmd = [sys.executable, "-I", "-c", _EVALUATE, str(lib_path), str(M), str(out_path)]
         try:
@@ -658,10 +727,17 @@ def build_lut(source_or_path, function: str, M: int, **kwargs) -> np.ndarray:
 
 
 def _store_cached(path: pathlib.Path, array: np.ndarray) -> None:
-    """Caches an array as ``.npy`` with its digest beside it (see _load_cached)."""
+    """Caches an array as ``.npy`` with its digest beside it (see _load_cached).
+
+    Best effort: a cache this process may not write (read-only, another
+    user's) only means the array is computed again next time.
+    """
     data = _npy_bytes(array)
-    _atomic_write_bytes(_digest_path(path), _digest(data).encode())
-    _atomic_write_bytes(path, data)
+    try:
+        _atomic_write_bytes(_digest_path(path), _digest(data).encode())
+        _atomic_write_bytes(path, data)
+    except OSError:
+        pass
 
 
 def _load_cached(path: pathlib.Path, shape, dtype) -> np.ndarray | None:
