@@ -120,6 +120,20 @@ ParallelFor PoolFor(Pool* pool) {
 
 int g_failures = 0;
 
+// A case of shape {designs, batch, m, k, n} at M = mbits, exponents 100..150.
+Case ShapeCase(const int64_t (&shape)[5], int mbits) {
+  Case c{};
+  c.designs = shape[0];
+  c.batch = shape[1];
+  c.m = shape[2];
+  c.k = shape[3];
+  c.n = shape[4];
+  c.mbits = mbits;
+  c.exp_lo = 100;
+  c.exp_hi = 150;
+  return c;
+}
+
 // ApproxGemmCpu(p) with the kernel overrides set for the call: isa, strategy
 // (0 automatic, 1 tiles, 2 gathers, 3 gathers with LUT rows streamed, 4 tiles
 // with bfloat16 tiles built by permutes rather than byte lookups, 5 the
@@ -473,18 +487,10 @@ int Test() {
     int v = 0;
     for (int m : {3, 5, 7})
       for (auto& t : tshapes) {
-        Case c{};
-        c.designs = t[0];
-        c.batch = t[1];
-        c.m = t[2];
-        c.k = t[3];
-        c.n = t[4];
+        Case c = ShapeCase(t, m);
         c.a_bcast_d = v % 2;
         c.b_bcast_b = v % 3 == 1;
-        c.mbits = m;
         c.special = v % 4 == 3 ? 0.03 : 0.0;
-        c.exp_lo = 100;
-        c.exp_hi = 150;
         c.lut_kind = v % 3;
         c.widened = true;
         ++v;
@@ -518,17 +524,9 @@ int Test() {
     int v = 0;
     for (int m : {3, 7, 10})
       for (auto& t : pack_shapes) {
-        Case c{};
-        c.designs = t[0];
-        c.batch = t[1];
-        c.m = t[2];
-        c.k = t[3];
-        c.n = t[4];
+        Case c = ShapeCase(t, m);
         c.b_bcast_d = c.designs > 1;
-        c.mbits = m;
         c.special = v % 2 ? 0.001 : 0.0;
-        c.exp_lo = 100;
-        c.exp_hi = 150;
         c.lut_kind = v % 3;
         ++v;
         RunCase(c, rng, &pool);
