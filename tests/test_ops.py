@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -1093,17 +1094,21 @@ print(rss_mb() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_cpu_gemm_scratch_does_not_grow_with_the_rows():
+def test_cpu_gemm_scratch_does_not_grow_with_the_rows(tmp_path):
     # The kernel keeps its scratch per thread between calls (XLA's pool
     # threads live as long as the process): a task's pack of a is bounded
     # (kPackBudget), not sized by its rows. Before, this 100000x64x640 product
     # kept about 590 MB after its result was freed; now a few tens of MB.
+    # The approx_jax this process imported (installed, or built in place),
+    # not a source checkout in the working directory.
+    home = str(pathlib.Path(approx_jax.__file__).resolve().parents[1])
     out = subprocess.run(
         [sys.executable, "-c", _SCRATCH_PROBE],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": home},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     retained_mb = int(out.stdout.split()[-1])
