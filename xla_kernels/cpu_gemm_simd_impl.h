@@ -90,6 +90,8 @@ void BStats(const float* b, int64_t ldb, int64_t k0, int kb, int64_t c0, int64_t
 // row's vector of kVL values as it is (an interleaved per-k record needed a
 // 16x16 transpose per block: 6-11% of a GEMM with 64 columns).
 constexpr int kPackW = 16;
+// int32 words of one panel's pack for k blocks of up to kb_max.
+inline int64_t PanelPackWords(int kb_max) { return RoundUp(kb_max, kVL) * kPackW; }
 inline const int32_t* PackAt(const int32_t* pk, int kk) {
   return pk + (kk / kVL) * (kPackW * kVL) + kk % kVL;
 }
@@ -573,7 +575,8 @@ void RunTask(void* arg, int64_t task) {
   // ... and when no other design reads the pack later, every panel reuses one
   // pack slot, which then stays in L1.
   const bool pack_slot_reused = fuse_pack && (!share_a || nd == 1);
-  const int64_t pack_words = (pack_slot_reused ? 1 : npanels) * kstride * kPackW;
+  const int64_t panel_words = PanelPackWords(KB);
+  const int64_t pack_words = (pack_slot_reused ? 1 : npanels) * panel_words;
 
   const size_t tiles_bytes =
       pl.strategy == kTiles ? (size_t{4} << mbits) * static_cast<size_t>(pl.ustride) : 64;
@@ -632,8 +635,7 @@ void RunTask(void* arg, int64_t task) {
 
   const int kkmul = pl.strategy == kTiles ? (pl.bf16 ? kNB / 2 : kNB) : 0;
   auto pack_of = [&](int64_t dd, int64_t pi) {
-    return pk_base + (share_a ? 0 : dd) * pack_words +
-           (pack_slot_reused ? 0 : pi) * kstride * kPackW;
+    return pk_base + (share_a ? 0 : dd) * pack_words + (pack_slot_reused ? 0 : pi) * panel_words;
   };
   // Packs panel pi of design dd's a (its width's pack when a is shared).
   auto pack_panel = [&](int64_t dd, int64_t k0, int kb, int64_t pi) {
@@ -1112,7 +1114,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   // per thread between calls. (Same sums: only the task split changes.)
   const bool packs_all_rows = pl.stream || pl.cols_per > kNB;
   const int64_t pack_budget = g_pack_budget > 0 ? g_pack_budget : kPackBudget;
-  const int64_t row_pack_bytes = RoundUp(pl.kb_max, kVL) * kPackW * 4 / pl.mr;
+  const int64_t row_pack_bytes = PanelPackWords(pl.kb_max) * 4 / pl.mr;
   const int64_t packs_per_task = pl.share_a || !group ? 1 : p.designs;
   if (packs_all_rows) {
     const int64_t floor_rows = strategy == kTiles ? MaxI(pl.mr, 64 * usize) : 64 * pl.mr;
