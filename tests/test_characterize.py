@@ -305,10 +305,33 @@ def test_samples_as_one_array_of_pairs_equal_the_pair_of_arrays():
     by_arrays = ch.characterize("mbm6", samples=(pairs[:, 0], pairs[:, 1]))
     assert by_rows.count == 500
     assert by_rows.as_dict() == by_arrays.as_dict()
-    # A [2, N] array (and a [2, 2] one) is a pair of operand rows, as a tuple is.
+    # A [2, N] array (N != 2) is a pair of operand rows, as a tuple is.
     assert ch.characterize("mbm6", samples=pairs.T).as_dict() == by_arrays.as_dict()
+    # A [2, 2] array is two pairs, as the docstring says of [N, 2] arrays,
+    # and so is a list of pairs; a list of two arrays is (a, b).
     square = pairs[:2]
-    assert (
-        ch.characterize("mbm6", samples=square).as_dict()
-        == ch.characterize("mbm6", samples=(square[0], square[1])).as_dict()
-    )
+    by_square_rows = ch.characterize("mbm6", samples=(square[:, 0], square[:, 1])).as_dict()
+    assert by_square_rows != ch.characterize("mbm6", samples=(square[0], square[1])).as_dict()
+    assert ch.characterize("mbm6", samples=square).as_dict() == by_square_rows
+    listed = ch.characterize("mbm6", samples=pairs[:3].tolist())
+    assert listed.as_dict() == ch.characterize("mbm6", samples=pairs[:3]).as_dict()
+    as_list = ch.characterize("mbm6", samples=[pairs[:, 0], pairs[:, 1]])
+    assert as_list.as_dict() == by_arrays.as_dict()
+
+
+@pytest.mark.parametrize("samples", [{"a": [1.5]}, "1.5,2.5", {1.5, 2.5}])
+def test_samples_of_the_wrong_kind_are_rejected(samples):
+    with pytest.raises(TypeError, match=r"samples must be a pair \(a, b\).*\[N, 2\]"):
+        ch.characterize("mbm6", samples=samples)
+
+
+def test_samples_are_the_same_pairs_for_every_design():
+    # 1.45 * 2^64 * 1.45 * 2^63 = 2.1 * 2^127 lies beyond float32's range:
+    # skipped for every design, also one (Mitchell) whose own product of
+    # the pair stays finite; which pairs count must not depend on the design.
+    a = np.array([1.45 * 2.0**64, 1.5, 3.0], np.float32)
+    b = np.array([1.45 * 2.0**63, 1.5, 5.0], np.float32)
+    assert np.isfinite(np.asarray(approx_jax.multiply(a, b, mm.mitchell(7))))[0]
+    assert np.isinf(np.asarray(approx_jax.multiply(a, b, mm.truncate(7))))[0]
+    results = ch.characterize(mm.stack([mm.mitchell(7), mm.truncate(7), mm.mbm(7)]), (a, b))
+    assert [(r.count, r.skipped) for r in results] == [(2, 1)] * 3

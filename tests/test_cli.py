@@ -87,6 +87,7 @@ def test_train_end_to_end(tmp_path, capsys):
     assert res["runs"][1]["ratio_vs_fp32"] == 1.0
     assert res["runs"][0]["ratio_vs_fp32"] > 0
     assert _is_png(out / "curves.png")
+    _assert_table_file(out, ["test acc", "vs fp32", "mbm5", "fp32"])
 
 
 def test_train_per_layer_spec(tmp_path, capsys):
@@ -114,6 +115,13 @@ def test_train_per_layer_spec(tmp_path, capsys):
     assert _is_png(out / "curves.png")
 
 
+def _assert_table_file(out, words):
+    """``out/table.txt`` holds the printed table as plain text (no terminal styles)."""
+    text = (out / "table.txt").read_text()
+    assert all(w in text for w in words), text
+    assert "\x1b[" not in text
+
+
 def _run_designs(command, model, out):
     """``approx-jax COMMAND --model MODEL --multipliers fp32,mbm5,mitchell3`` (fast)."""
     rc = cli.main(
@@ -133,6 +141,7 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert res["stack_mbits"] == 5 and res["same_init"] is True
     assert all(0 <= r["test_acc"] <= 1 for r in res["results"])
     assert _is_png(out / "accuracy_vs_mred.png")
+    _assert_table_file(out, ["MRED", "test acc", "mbm5", "mitchell3", "vmapped stack"])
 
 
 def test_evaluate_end_to_end(tmp_path, capsys):
@@ -151,6 +160,7 @@ def test_evaluate_end_to_end(tmp_path, capsys):
     assert all(0 <= r["test_acc"] <= 1 for r in res["results"])
     assert all(0 < r["mred_layer_operands"] < 0.5 for r in res["results"][1:])
     assert _is_png(out / "accuracy_vs_mred.png")
+    _assert_table_file(out, ["layer operands", "mbm5", "mitchell3"])
     assert cli.main(["evaluate", "--multipliers", "fp32", "--out", str(out), *FAST]) == 2
 
 
@@ -169,6 +179,7 @@ def test_characterize_writes_heatmaps(tmp_path, capsys, isolated_cache, has_c_co
     assert 0 < mbm5["mred"] < 0.1
     assert _is_png(out / "heatmaps.png") and _is_png(out / "heatmap_mbm5.png")
     assert _is_png(out / "heatmaps_samples.png")
+    _assert_table_file(out, ["MRED", "mbm5", "mitchell3", "all pairs", "samples"])
 
 
 def test_characterize_heatmaps_of_same_named_files_do_not_collide(tmp_path, capsys):

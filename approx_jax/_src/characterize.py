@@ -191,17 +191,24 @@ def _unpack_samples(samples):
       ValueError: If ``samples`` is not a pair, or the shapes do not broadcast.
       TypeError: If an operand is complex or not numeric.
     """
-    # An [N, 2] array (one operand pair per row) as well as a pair (a, b); a
-    # [2, 2] array stays a pair of rows, as tuple unpacking reads it.
+    # A tuple or list of two is the pair (a, b); any other list is read as an
+    # array. An array of shape [N, 2] holds one pair per row, also when N = 2
+    # (as documented; only a [2, N] array with N != 2 is read as rows a, b).
+    if isinstance(samples, dict | set | str | bytes):
+        raise TypeError(
+            "samples must be a pair (a, b) of operand arrays or an [N, 2] array, got "
+            f"{type(samples).__name__}"
+        )
+    if isinstance(samples, list) and len(samples) != 2:
+        samples = np.asarray(samples)
     if hasattr(samples, "shape") and len(samples.shape) == 2 and samples.shape[1] == 2:
-        if samples.shape[0] != 2:
-            samples = (samples[:, 0], samples[:, 1])
+        samples = (samples[:, 0], samples[:, 1])
     try:
         a, b = samples
     except (TypeError, ValueError) as err:
         # Without this, (a,) fails with Python's bare unpacking message.
         raise ValueError(
-            "samples must be a pair (a, b) of operand arrays, got "
+            "samples must be a pair (a, b) of operand arrays or an [N, 2] array, got "
             f"{type(samples).__name__} of length {_length(samples)}"
         ) from err
     arrays = []
@@ -267,19 +274,16 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
         )
     else:
         simulated = reference.product(a32, b32, multiplier.lut, M).astype(np.float64)
-    # A pair whose exact product lies outside float32's range is skipped (a
-    # float32 multiplier cannot represent it either); one whose simulated
-    # product overflows while the exact one fits float32 (a carry into the
-    # top exponent) is the design's error, kept with an infinite relative
-    # error, as SPEC section 6 names no exclusions.
+    # Which pairs count depends on the exact product alone, so every design
+    # of a comparison is measured on the same pairs. A pair whose exact
+    # product lies outside float32's range is skipped (a float32 multiplier
+    # cannot represent it either); one whose simulated product overflows
+    # while the exact one fits float32 (a carry into the top exponent) is the
+    # design's error, kept with an infinite relative error, as SPEC section 6
+    # names no exclusions.
     with np.errstate(over="ignore"):
         fits_float32 = np.isfinite(exact_values.astype(np.float32))
-    keep = (
-        np.isfinite(exact_values)
-        & (exact_values != 0)
-        & ~np.isnan(simulated)
-        & (np.isfinite(simulated) | fits_float32)
-    )
+    keep = np.isfinite(exact_values) & (exact_values != 0) & fits_float32
     simulated_kept, exact_kept = simulated[keep], exact_values[keep]
     heatmap = None
     if not multiplier.is_exact:
@@ -305,22 +309,25 @@ def characterize(multiplier, samples=None):
         one result per design.
       samples: ``None`` for every mantissa pair (operands ``1 + i/2^M``,
         ``1 + j/2^M``, compared with their exact product), or operand
-        pairs: ``(a, b)`` arrays that broadcast against each other, or one
-        ``[N, 2]`` array with a pair per row. They are cast to float32 and
-        compared with the exact float64 product of those float32 values;
-        pairs whose exact product is zero, not finite or beyond float32's
-        range are skipped and counted in ``skipped``. A pair the design
-        overflows to infinity although its exact product fits float32 counts
-        with an infinite relative error (so ``worst_case`` and ``mred`` are
-        ``inf``).
+        pairs: ``(a, b)``, a tuple or list of two arrays that broadcast
+        against each other, or one ``[N, 2]`` array with a pair per row
+        (also for ``N = 2``; a list of ``N != 2`` pairs is read the same
+        way). They are cast to float32 and compared with the exact float64
+        product of those float32 values; pairs whose exact product is zero,
+        not finite or beyond float32's range are skipped and counted in
+        ``skipped`` (a rule on the exact product alone, so every design is
+        measured on the same pairs). A pair the design overflows to infinity
+        although its exact product fits float32 counts with an infinite
+        relative error (so ``worst_case`` and ``mred`` are ``inf``).
 
     Returns:
       An :class:`ErrorMetrics`, or a list of them for a stack.
 
     Raises:
       ValueError: If ``samples`` is neither ``None`` nor a pair ``(a, b)`` of
-        arrays that broadcast against each other.
-      TypeError: If a sample operand is complex or not numeric.
+        arrays that broadcast against each other (nor an ``[N, 2]`` array).
+      TypeError: If ``samples`` is a mapping, set or string, or a sample
+        operand is complex or not numeric.
     """
     multiplier = multipliers_lib.get(multiplier)
     if samples is not None:

@@ -45,6 +45,16 @@ def _console():
     return Console(width=max(100, _terminal_width()))
 
 
+def _show_table(console, table, out: Path) -> None:
+    """Prints ``table`` and writes it, as plain text, to ``out / "table.txt"``."""
+    from rich.console import Console
+
+    console.print(table)
+    with open(out / "table.txt", "w", encoding="utf-8") as f:
+        # No terminal styles in the file; wide enough that no column is cut.
+        Console(file=f, width=240, no_color=True, force_terminal=False).print(table)
+
+
 def _terminal_width() -> int:
     try:
         return os.get_terminal_size().columns
@@ -324,7 +334,7 @@ def cmd_train(args) -> int:
             _fmt(None if r["step_time"] is None else 1e3 * r["step_time"], ".2f"),
             _fmt(r["ratio_vs_fp32"], ".1f") + ("x" if r["ratio_vs_fp32"] else ""),
         )
-    console.print(table)
+    _show_table(console, table, out)
     if not any(r["exact"] for r in runs) and fp32_step:
         console.print(f"fp32 step time (timing only, not trained): {1e3 * fp32_step:.2f} ms")
     payload = {
@@ -338,7 +348,7 @@ def cmd_train(args) -> int:
     }
     _write_json(out / "results.json", payload)
     _plot_curves(runs, out / "curves.png", f"{args.model} on MNIST (backward={args.backward})")
-    console.print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'table.txt'} and {out / 'curves.png'}")
     return 0
 
 
@@ -451,7 +461,7 @@ def cmd_sweep(args) -> int:
             _fmt(r["final_train_loss"], ".4f"),
             "vmapped stack" if r["vmapped"] else "native fp32",
         )
-    console.print(table)
+    _show_table(console, table, out)
     extra = {"same_init": True, "same_batches": True, **res}
     _write_design_results(console, out, args, data, extra, f"{args.model}: accuracy vs MRED")
     return 0
@@ -469,7 +479,9 @@ def _write_design_results(console, out: Path, args, data, extra: dict, title: st
     }
     _write_json(out / "results.json", payload)
     _plot_sweep(extra["results"], out / "accuracy_vs_mred.png", title)
-    console.print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_mred.png'}")
+    console.print(
+        f"wrote {out / 'results.json'}, {out / 'table.txt'} and {out / 'accuracy_vs_mred.png'}"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -564,7 +576,7 @@ def cmd_evaluate(args) -> int:
             _fmt(r["test_acc"], ".4f"),
             f"{100 * (r['test_acc'] - fp32_acc):+.1f} pp",
         )
-    console.print(table)
+    _show_table(console, table, out)
     extra = {"layers_sampled": list(pairs), "results": results}
     title = f"{args.model}: fp32-trained, evaluated per design"
     _write_design_results(console, out, args, data, extra, title)
@@ -641,7 +653,7 @@ def cmd_characterize(args) -> int:
                 "all pairs" if mode == "uniform" else f"{row.get('count')} samples",
                 *[_fmt(_metric(res, k), ".4e") for k, _ in _METRIC_COLUMNS],
             )
-    console.print(table)
+    _show_table(console, table, out)
     written = _write_heatmaps(char_lib, labels, uniform, out)
     if sampled:
         written += _write_heatmaps(char_lib, labels, sampled, out, suffix="_samples")
@@ -652,7 +664,10 @@ def cmd_characterize(args) -> int:
         "heatmaps": [str(p) for p in written],
     }
     _write_json(out / "results.json", payload)
-    console.print(f"wrote {out / 'results.json'} and {len(written)} heat-map PNG(s) in {out}")
+    console.print(
+        f"wrote {out / 'results.json'}, {out / 'table.txt'} and {len(written)} heat-map PNG(s) "
+        f"in {out}"
+    )
     return 0
 
 

@@ -11,10 +11,12 @@ Every design starts from the *same* initial parameters (``model.init`` with
 ``seed``) and sees the *same* batches in the same order (``numpy`` generator
 seeded with ``seed``), as ``train.train(model, design, seed=seed)`` would;
 differences between designs are due to the multiplier only. (Not bit for bit
-the same run as ``train.train``: the simulated products and the gradients are
-bit-identical vmapped or not, but XLA compiles the vmapped optimizer update
-and native reductions differently, about 1e-8 apart per step, which training
-amplifies.)
+the same run as ``train.train``: the simulated products, and the gradients
+made of them, are bit-identical vmapped or not, but XLA compiles native
+float32 reductions (a bias gradient's sum over the batch, the loss) and the
+vmapped optimizer update differently, about 1e-8 apart per step, which
+training amplifies. A design's run does not depend on which other designs
+share the stack.)
 
 The exact ``fp32`` multiplier is not a LUT, so it cannot join the stack; it is
 trained separately with the native op (same init, same batches).
