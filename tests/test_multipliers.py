@@ -729,6 +729,21 @@ def test_stack_rejects_a_single_item(bad):
         mm.stack(bad)
 
 
+def test_arguments_of_the_wrong_type_are_named(tmp_path):
+    with pytest.raises(TypeError, match=r"multipliers\[1\] must be an approx_jax Multiplier"):
+        mm.stack([mm.mbm(7), 42])
+    with pytest.raises(TypeError, match="multiplier must be an approx_jax Multiplier.*int"):
+        mm.get(5)
+    with pytest.raises(TypeError, match="multiplier must be an approx_jax Multiplier.*int"):
+        approx_jax.characterize(42)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        mm.from_approxtrain(5)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        mm.to_approxtrain("mbm7", 5)
+    written = mm.to_approxtrain("mbm3", tmp_path / "MBM_3.bin")  # a Path is fine
+    assert np.array_equal(mm.from_approxtrain(str(written)).lut, mm.mbm(3).lut)
+
+
 def test_stack_sliced_with_tree_map_is_detected():
     stacked = mm.stack(["mbm3", "mbm5", "mit2"])
     sliced = jax.tree.map(lambda lut: lut[1:], stacked)

@@ -670,7 +670,10 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
       ValueError: If ``M`` cannot be determined or is out of range, the file
         size fits neither layout, or a 32-bit entry has bits set outside the
         carry and the M mantissa bits.
+      TypeError: If ``path`` is not a str or path-like object.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = pathlib.Path(path)
     if M is None:
         match = _APPROXTRAIN_NAME.search(path.name)
@@ -731,6 +734,8 @@ def to_approxtrain(multiplier: Multiplier | str, path) -> pathlib.Path:
 
     Raises:
       ValueError: For exact multipliers, stacks, or ``mbits > 7``.
+      TypeError: If ``multiplier`` is neither a Multiplier nor a name, or
+        ``path`` is not a str or path-like object.
     """
     multiplier = get(multiplier)
     if multiplier.is_exact:
@@ -739,6 +744,8 @@ def to_approxtrain(multiplier: Multiplier | str, path) -> pathlib.Path:
         raise ValueError("cannot write a stack of designs to one ApproxTrain file; unstack it")
     if multiplier.mbits > lut_lib.MAX_APPROXTRAIN_MBITS:
         raise ValueError(f"ApproxTrain files need M <= 7, got M={multiplier.mbits}")
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = pathlib.Path(path)
     np.asarray(multiplier.lut, dtype=np.uint8).tofile(path)
     return path
@@ -937,12 +944,20 @@ def get(name_or_multiplier) -> Multiplier:
       ValueError: For an unknown name (the message lists the valid forms).
       TypeError: For anything that is neither a str nor a Multiplier.
     """
+    return _get(name_or_multiplier, "multiplier")
+
+
+def _get(name_or_multiplier, argname: str) -> Multiplier:
+    """:func:`get`, naming the argument ``argname`` in its ``TypeError``."""
     if isinstance(name_or_multiplier, Multiplier):
         return name_or_multiplier
     if isinstance(name_or_multiplier, os.PathLike):
         name_or_multiplier = os.fspath(name_or_multiplier)
     if not isinstance(name_or_multiplier, str):
-        raise TypeError(f"expected a Multiplier or a name, got {type(name_or_multiplier).__name__}")
+        raise TypeError(
+            f"{argname} must be an approx_jax Multiplier or a name such as 'mbm7', "
+            f"got {type(name_or_multiplier).__name__}"
+        )
     spec = name_or_multiplier.strip()
     c_model = _C_MODEL_PATTERN.match(spec)
     if c_model:
@@ -1005,8 +1020,8 @@ def designs_of(multipliers: Iterable) -> list[Multiplier]:
       One Multiplier per design, in order.
     """
     members: list[Multiplier] = []
-    for item in multipliers:
-        m = get(item)
+    for index, item in enumerate(multipliers):
+        m = _get(item, f"multipliers[{index}]")
         members.extend(unstack(m) if m.is_stack else [m])
     return members
 
