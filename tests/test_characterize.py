@@ -317,6 +317,8 @@ def test_samples_as_one_array_of_pairs_equal_the_pair_of_arrays():
     assert listed.as_dict() == ch.characterize("mbm6", samples=pairs[:3]).as_dict()
     as_list = ch.characterize("mbm6", samples=[pairs[:, 0], pairs[:, 1]])
     assert as_list.as_dict() == by_arrays.as_dict()
+    with pytest.raises(ValueError, match="list of 3 items, not of"):
+        ch.characterize("mbm6", samples=[[1.5, 2.0], [1.0], [2.0, 3.0]])
 
 
 @pytest.mark.parametrize("samples", [{"a": [1.5]}, "1.5,2.5", {1.5, 2.5}])

@@ -200,7 +200,12 @@ def _unpack_samples(samples):
             f"{type(samples).__name__}"
         )
     if isinstance(samples, list) and len(samples) != 2:
-        samples = np.asarray(samples)
+        try:
+            samples = np.asarray(samples)
+        except ValueError as err:  # ragged rows
+            raise ValueError(
+                f"samples is a list of {len(samples)} items, not of (a, b) pairs: {err}"
+            ) from err
     if hasattr(samples, "shape") and len(samples.shape) == 2 and samples.shape[1] == 2:
         samples = (samples[:, 0], samples[:, 1])
     try:
