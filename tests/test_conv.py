@@ -305,6 +305,93 @@ def test_gradients_match_reference_conv_vjp(case, backward, conv_path):
     _check(dw, rw, aw, k_dw)
 
 
+@pytest.mark.parametrize(
+    "layout,mult,strides,padding",
+    [
+        ("NHWC", "mbm7", 1, "SAME"),
+        ("NCHW", "random4", 2, "VALID"),
+        ("NHWC", "truncate3", 1, EXPLICIT[:2]),
+    ],
+)
+def test_batch_groups_match_reference(layout, mult, strides, padding, conv_path):
+    # XLA's batch groups (its kernel gradient of a grouped convolution):
+    # input samples [b * n, (b + 1) * n) meet output-feature group b.
+    groups, n = 3, 2
+    dn = ("NHWC", "HWIO", "NHWC") if layout == "NHWC" else ("NCHW", "OIHW", "NCHW")
+    x = _data((groups * n, 6, 5, 4), 3)
+    w = _data((3, 2, 4, 6), 4)
+    if layout == "NCHW":
+        x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+    m = MULTIPLIERS[mult]()
+    kwargs = dict(window_strides=(strides,) * 2, padding=padding, dimension_numbers=dn)
+    got = approx_conv(x, w, m, batch_group_count=groups, **kwargs)
+    ref, abs_sum, K = reference.conv_general_dilated_with_bound(
+        x,
+        w,
+        m.lut,
+        m.mbits,
+        (strides,) * 2,
+        padding,
+        dimension_numbers=dn,
+        batch_group_count=groups,
+    )
+    assert (
+        got.shape
+        == ref.shape
+        == (lax.conv_general_dilated(x, w, batch_group_count=groups, **kwargs).shape)
+    )
+    _check(got, ref, abs_sum, K)
+    # The geometry is lax's: with values whose products and sums are exact
+    # (a few significant bits, truncate(11)), the two agree exactly.
+    xi, wi = np.round(x * 4) / 4, np.round(w * 4) / 4
+    np.testing.assert_array_equal(
+        np.asarray(approx_conv(xi, wi, mult_lib.truncate(11), batch_group_count=groups, **kwargs)),
+        np.asarray(
+            lax.conv_general_dilated(
+                xi, wi, batch_group_count=groups, precision=lax.Precision.HIGHEST, **kwargs
+            )
+        ),
+    )
+    # Gradients (products P(dy, w) and P(x, dy), SPEC section 5) and a stack.
+    dy = _data(got.shape, 5)
+    dx, dw = jax.vjp(lambda x, w: approx_conv(x, w, m, batch_group_count=groups, **kwargs), x, w)[
+        1
+    ](jnp.asarray(dy))
+    parts = [
+        reference.conv_vjp(
+            xp,
+            wp,
+            dyp,
+            m.lut,
+            m.mbits,
+            "approx",
+            (strides,) * 2,
+            padding,
+            None,
+            None,
+            1,
+            dn,
+            with_bound=True,
+        )
+        for xp, wp, dyp in zip(
+            np.split(x, groups, axis=0),
+            np.split(w, groups, axis=dn[1].index("O")),
+            np.split(dy, groups, axis=dn[2].index("C")),
+            strict=True,
+        )
+    ]
+    rx = np.concatenate([p[0][0] for p in parts], axis=0)
+    ax = np.concatenate([p[0][1] for p in parts], axis=0)
+    rw = np.concatenate([p[1][0] for p in parts], axis=dn[1].index("O"))
+    aw = np.concatenate([p[1][1] for p in parts], axis=dn[1].index("O"))
+    _check(dx, rx, ax, 3 * 2 * 2)
+    _check(dw, rw, aw, n * int(np.prod(got.shape)) // (got.shape[0] * 6))
+    stacked = approx_conv(
+        x, w, mult_lib.stack([m, mult_lib.mitchell(3)]), batch_group_count=groups, **kwargs
+    )
+    np.testing.assert_array_equal(_bits(stacked[0]), _bits(got))
+
+
 def test_gradient_of_exact_multiplier_matches_lax():
     x = _data((2, 6, 6, 2), 1)
     w = _data((3, 3, 2, 3), 2)
@@ -498,11 +585,15 @@ def test_dtype_and_preferred_element_type():
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"padding": ((1, 1),)}, ValueError, "padding"),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"window_strides": (1, 2, 3)}, ValueError, "window_strides"),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"lhs_dilation": 2}, ValueError, "explicit"),
+        (((1, 5, 5, 2), (3, 3, 2, 4)), {"batch_group_count": 2}, ValueError, "batch_group"),
+        (((2, 5, 5, 2), (3, 3, 2, 3)), {"batch_group_count": 2}, ValueError, "batch_group"),
+        (((2, 5, 5, 2), (3, 3, 2, 4)), {"batch_group_count": 0}, ValueError, "batch_group"),
+        (((2, 5, 5, 2), (3, 3, 2, 4)), {"batch_group_count": 2.0}, TypeError, "batch_group"),
         (
-            ((1, 5, 5, 2), (3, 3, 2, 4)),
-            {"batch_group_count": 2},
-            NotImplementedError,
-            "batch_group",
+            ((2, 5, 5, 4), (3, 3, 2, 4)),
+            {"batch_group_count": 2, "feature_group_count": 2},
+            ValueError,
+            "at most one",
         ),
         (((1, 5, 5, 2), (3, 3, 2, 4)), {"backward": "fast"}, ValueError, "backward"),
         # A plain int is checked like a tuple (it used to skip the >= 1 check).

@@ -196,14 +196,40 @@ def test_elementwise_products_on_request():
     _bits_equal(with_mul, approx_jax.approx_dot(approx_jax.multiply(a, b, m), w, m))
 
 
-def test_unsupported_products_raise():
-    def grad_inside(x, w):  # XLA's kernel gradient of a grouped conv: batch_group_count = 2
-        return jax.grad(
-            lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2).sum()
-        )(w)
+def test_kernel_gradient_of_a_grouped_conv_taken_inside_is_simulated():
+    # XLA's kernel gradient of a grouped convolution is a convolution with
+    # batch_group_count = 2 (lhs = input, rhs = dy): simulated as P(x, dy).
+    rng = np.random.default_rng(3)
+    x, w = _normal(rng, 2, 4, 5, 5), _normal(rng, 4, 2, 3, 3)
+    dy = _normal(rng, 2, 4, 5, 5)
 
-    with pytest.raises(NotImplementedError, match="batch_group_count"):
-        approx_jax.approximate(grad_inside, "mbm7")(jnp.ones((2, 4, 5, 5)), jnp.ones((4, 2, 3, 3)))
+    def grad_inside(x, w):
+        conv = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2)
+        return jax.vjp(conv, w)[1](dy)[0]
+
+    m = multipliers.mbm(7)
+    got = approx_jax.approximate(grad_inside, m)(x, w)
+    _, (rw, aw) = reference.conv_vjp(
+        x,
+        w,
+        dy,
+        m.lut,
+        m.mbits,
+        "approx",
+        (1, 1),
+        "SAME",
+        None,
+        None,
+        2,
+        ("NCHW", "OIHW", "NCHW"),
+        with_bound=True,
+    )
+    assert reference.bound_ok(np.asarray(got), rw, aw, 2 * 25).all()
+    # The native result differs: the products are the design's.
+    assert not np.allclose(np.asarray(got), np.asarray(grad_inside(x, w)), rtol=1e-4)
+
+
+def test_unsupported_products_raise():
     with pytest.raises(ValueError, match="backward"):
         approx_jax.approximate(jnp.dot, "mbm7", backward="sideways")
     with pytest.raises((ValueError, KeyError), match="nosuch"):
@@ -409,6 +435,7 @@ def test_operand_samples_of_a_dense_layer_are_real_pairs():
         dict(window_strides=(2, 1), padding=((1, 2), (0, 1)), rhs_dilation=(1, 2)),
         dict(window_strides=(1, 1), padding=((2, 2), (1, 1)), lhs_dilation=(2, 1)),
         dict(window_strides=(1, 2), padding="SAME", feature_group_count=2),
+        dict(window_strides=(1, 1), padding="SAME", batch_group_count=2),
     ],
 )
 def test_operand_samples_of_a_convolution_are_real_pairs(kwargs):
@@ -433,6 +460,11 @@ def test_operand_samples_of_a_convolution_are_real_pairs(kwargs):
     n, c, h, w = np.unravel_index(a.astype(np.int64) - 1, x.shape)
     o, i, kh, kw = np.unravel_index(-b.astype(np.int64) - 1, k.shape)
     np.testing.assert_array_equal(c, (o // (O // groups)) * I + i)
+    # Batch groups: output-feature group b multiplies input samples of group b.
+    batch_groups = kwargs.get("batch_group_count", 1)
+    np.testing.assert_array_equal(n // (N // batch_groups), o // (O // batch_groups))
+    if batch_groups > 1:
+        assert set(n) == set(range(N))
     strides = kwargs["window_strides"]
     lhs_dil = kwargs.get("lhs_dilation", (1, 1))
     rhs_dil = kwargs.get("rhs_dilation", (1, 1))

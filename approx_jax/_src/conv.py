@@ -816,7 +816,7 @@ def approx_conv(
     ``multiplier`` (input = operand ``a``, kernel weight = operand ``b``); the
     sums are float32 in a fixed order. 1-D, 2-D and 3-D (any N-d) convolutions,
     strides, SAME/VALID/explicit padding, input and kernel dilation and
-    feature groups (including depthwise) are supported. The arguments after
+    feature groups (including depthwise) and batch groups are supported. The arguments after
     ``multiplier`` are ``lax.conv_general_dilated``'s, in its order, so a
     positional lax call carries over by inserting the multiplier, with one
     difference: without ``dimension_numbers`` the layout is channels-last
@@ -862,7 +862,10 @@ def approx_conv(
       lhs_dilation: Input (base) dilation (default 1).
       rhs_dilation: Kernel (window, atrous) dilation (default 1).
       feature_group_count: Number of feature groups (``C`` for depthwise).
-      batch_group_count: Must be 1 (batch groups are not supported).
+      batch_group_count: Number of batch groups, as in lax (the form XLA gives
+        the kernel gradient of a grouped convolution): input samples
+        ``b * N/B .. (b + 1) * N/B - 1`` meet output-feature group ``b``.
+        At most one of the two group counts may exceed 1.
       dimension_numbers: As accepted by ``lax.conv_general_dilated`` (e.g.
         ``("NCHW", "OIHW", "NCHW")``); ``None`` means channels-last
         ``("NHWC", "HWIO", "NHWC")`` like Flax (not lax's NCHW default).
@@ -878,8 +881,8 @@ def approx_conv(
 
     Raises:
       TypeError: For non-floating inputs or an invalid multiplier.
-      ValueError: For inconsistent ranks, shapes, feature counts or padding.
-      NotImplementedError: For ``batch_group_count != 1``.
+      ValueError: For inconsistent ranks, shapes, feature or batch group
+        counts, or padding.
 
     Example:
       >>> x = jnp.ones((8, 28, 28, 1))
@@ -892,10 +895,6 @@ def approx_conv(
     ops.check_backward(backward)
     lhs = ops.check_float("x", lhs)
     rhs = ops.check_float("kernel", rhs)
-    if batch_group_count != 1:
-        raise NotImplementedError(
-            f"approx_conv supports only batch_group_count=1, got {batch_group_count}"
-        )
     if lhs.ndim < 3:
         raise ValueError(
             f"x must have rank >= 3 (batch, spatial..., feature), got shape {lhs.shape}"
@@ -912,6 +911,16 @@ def approx_conv(
     groups = int(feature_group_count)
     if groups < 1:
         raise ValueError(f"feature_group_count must be >= 1, got {groups}")
+    if isinstance(batch_group_count, bool) or not isinstance(batch_group_count, int | np.integer):
+        raise TypeError(f"batch_group_count must be an int, got {batch_group_count!r}")
+    batch_groups = int(batch_group_count)
+    if batch_groups < 1:
+        raise ValueError(f"batch_group_count must be >= 1, got {batch_groups}")
+    if batch_groups > 1 and groups > 1:
+        raise ValueError(
+            "at most one of feature_group_count and batch_group_count may exceed 1, got "
+            f"{groups} and {batch_groups}"
+        )
     nd = lhs.ndim - 2
     dn = _dimension_numbers(dimension_numbers, lhs.shape, rhs.shape)
     strides = _as_int_tuple("window_strides", window_strides, nd)
@@ -940,6 +949,11 @@ def approx_conv(
         raise ValueError(
             f"kernel output-feature dimension ({c_out}) must be divisible by "
             f"feature_group_count ({groups})"
+        )
+    if lhs.shape[lhs_perm[0]] % batch_groups or c_out % batch_groups:
+        raise ValueError(
+            f"x batch dimension ({lhs.shape[lhs_perm[0]]}) and kernel output-feature "
+            f"dimension ({c_out}) must be divisible by batch_group_count ({batch_groups})"
         )
     if any(k < 1 for k in window):
         raise ValueError(f"kernel spatial dimensions must be >= 1, got kernel shape {rhs.shape}")
@@ -971,6 +985,7 @@ def approx_conv(
             rhs_dilation=rhs_dil,
             dimension_numbers=dn,
             feature_group_count=groups,
+            batch_group_count=batch_groups,
             precision=precision if precision is not None else lax.Precision.HIGHEST,
             preferred_element_type=preferred_element_type,
         )
@@ -985,11 +1000,38 @@ def approx_conv(
                 lhs_dilation=lhs_dil,
                 rhs_dilation=rhs_dil,
                 feature_group_count=groups,
+                batch_group_count=batch_groups,
                 dimension_numbers=dn,
                 backward=backward,
                 preferred_element_type=preferred_element_type,
             ),
             m,
+        )
+    if batch_groups > 1:
+        # XLA's batch groups (the kernel gradient of a grouped convolution):
+        # samples b * n .. b * n + n - 1 of the input meet output-feature group
+        # b. That is a feature-grouped convolution of the input with its batch
+        # groups moved into the feature axis, [B * n, *S, C] -> [n, *S, B * C]
+        # (group-major): the same products P(input, kernel), summed alike.
+        nb = lhs.shape[lhs_perm[0]] // batch_groups
+        x_last = jnp.transpose(lhs, (lhs_perm[0], *lhs_perm[2:], lhs_perm[1]))
+        x_last = jnp.moveaxis(x_last.reshape((batch_groups, nb) + x_last.shape[1:]), 0, -2)
+        x_last = x_last.reshape(x_last.shape[:-2] + (batch_groups * c_in,))
+        spatial = tuple(range(1, nd + 1))
+        return approx_conv(
+            x_last,
+            rhs,
+            m,
+            window_strides=strides,
+            padding=pads,
+            lhs_dilation=lhs_dil,
+            rhs_dilation=rhs_dil,
+            dimension_numbers=lax.ConvDimensionNumbers(
+                lhs_spec=(0, nd + 1) + spatial, rhs_spec=dn.rhs_spec, out_spec=dn.out_spec
+            ),
+            feature_group_count=batch_groups,
+            backward=backward,
+            preferred_element_type=preferred_element_type,
         )
 
     out_spatial = []

@@ -557,6 +557,7 @@ def conv_general_dilated_with_bound(
     dimension_numbers=None,
     *,
     exact: bool = False,
+    batch_group_count: int = 1,
 ):
     """Reference convolution with ``a`` = input, ``b`` = kernel, and ``sum |P|``.
 
@@ -573,11 +574,52 @@ def conv_general_dilated_with_bound(
       dimension_numbers: As accepted by ``jax.lax.conv_general_dilated``
         (e.g. ``("NHWC", "HWIO", "NHWC")``) or ``None``.
       exact: Use exact products instead of the LUT.
+      batch_group_count: Batch groups (lax's definition): the input's batch
+        and the kernel's output features are cut into this many contiguous
+        groups, group ``b`` of each convolved together, and the results
+        concatenated along the output features.
 
     Returns:
       ``(ref, abs_sum, K)``: float64 output in the output layout, float64 sum
       of ``|P|`` and the number of products per output (``Cg * prod(kernel)``).
     """
+    if batch_group_count > 1:
+        lhs_perm, rhs_perm, out_perm = _ConvGeometry(
+            np.shape(lhs),
+            np.shape(rhs),
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            feature_group_count,
+            dimension_numbers,
+        ).dnums
+        parts = [
+            conv_general_dilated_with_bound(
+                x_part,
+                w_part,
+                stored_lut,
+                M,
+                window_strides,
+                padding,
+                lhs_dilation,
+                rhs_dilation,
+                feature_group_count,
+                dimension_numbers,
+                exact=exact,
+            )
+            for x_part, w_part in zip(
+                np.split(np.asarray(lhs), batch_group_count, axis=lhs_perm[0]),
+                np.split(np.asarray(rhs), batch_group_count, axis=rhs_perm[0]),
+                strict=True,
+            )
+        ]
+        out_axis = out_perm[1]
+        return (
+            np.concatenate([ref for ref, _, _ in parts], axis=out_axis),
+            np.concatenate([abs_sum for _, abs_sum, _ in parts], axis=out_axis),
+            parts[0][2],
+        )
     geo = _ConvGeometry(
         np.shape(lhs),
         np.shape(rhs),

@@ -447,12 +447,9 @@ class _Rewriter:
 
     def _conv_general_dilated(self, m, invals, params):
         lhs, rhs = invals
-        if params["batch_group_count"] != 1:
-            raise NotImplementedError(
-                "approximate(): a convolution with batch_group_count > 1 (XLA's kernel "
-                "gradient of a grouped convolution: a gradient taken inside the function) "
-                "cannot be simulated; apply jax.grad to the approximated function instead"
-            )
+        # (batch_group_count > 1 is XLA's kernel gradient of a grouped
+        # convolution, a gradient taken inside the function: lhs = input,
+        # rhs = dy, so P(input, dy) as SPEC section 5 has it.)
         return conv_lib.approx_conv(
             lhs,
             rhs,
@@ -463,7 +460,7 @@ class _Rewriter:
             params["rhs_dilation"],
             params["dimension_numbers"],
             params["feature_group_count"],
-            1,
+            params["batch_group_count"],
             params.get("precision"),
             params.get("preferred_element_type"),
             backward=self.backward,
@@ -1028,14 +1025,19 @@ class _Recorder(_Rewriter):
 
     def _sample_conv_general_dilated(self, eqn, lhs, rhs):
         p = eqn.params
-        if p["batch_group_count"] != 1 or lhs.size == 0 or rhs.size == 0:
+        if lhs.size == 0 or rhs.size == 0:
             return None
         dn = p["dimension_numbers"]
         out_shape = eqn.outvars[0].aval.shape
         groups = p["feature_group_count"]
-        n = self._indices(lhs.shape[dn.lhs_spec[0]])
+        batch_groups = p["batch_group_count"]
+        n_out = lhs.shape[dn.lhs_spec[0]] // batch_groups
+        n = self._indices(n_out)
         o = self._indices(rhs.shape[dn.rhs_spec[0]])
         i = self._indices(rhs.shape[dn.rhs_spec[1]])
+        # Batch groups: output-feature group b reads input samples
+        # [b * n_out, (b + 1) * n_out), n_out the output's batch size.
+        n = n + (o // (rhs.shape[dn.rhs_spec[0]] // batch_groups)) * n_out
         per_group_out = rhs.shape[dn.rhs_spec[0]] // groups
         c = (o // per_group_out) * rhs.shape[dn.rhs_spec[1]] + i  # input channel of the pair
         valid = np.ones(self.num, bool)
