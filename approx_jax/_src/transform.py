@@ -810,8 +810,9 @@ def approximate(
     products are simulated like any other, in the operand order of JAX's
     transpose rules: a dense layer's input gradient is ``P(dy, w)`` as in
     SPEC, but its weight gradient comes as ``P(dy, x)``, the reverse of SPEC's
-    ``P(x, dy)``; a grouped convolution's kernel gradient cannot be simulated
-    (``NotImplementedError``). A ``custom_jvp`` / ``custom_vjp`` function
+    ``P(x, dy)``; a convolution's kernel gradient comes as ``P(x, dy)``
+    (a grouped one as XLA's batch-group convolution, which is simulated
+    too). A ``custom_jvp`` / ``custom_vjp`` function
     whose primal computes simulated products is evaluated as its primal: its
     custom rule (a straight-through estimator, say) is dropped and the
     simulated ops supply the gradients. Otherwise the function is kept with
