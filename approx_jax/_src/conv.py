@@ -815,11 +815,11 @@ def approx_conv(
     kernel flip) where each product is ``P(input, weight)`` under
     ``multiplier`` (input = operand ``a``, kernel weight = operand ``b``); the
     sums are float32 in a fixed order. 1-D, 2-D and 3-D (any N-d) convolutions,
-    strides, SAME/VALID/explicit padding, input and kernel dilation and
-    feature groups (including depthwise) and batch groups are supported. The arguments after
-    ``multiplier`` are ``lax.conv_general_dilated``'s, in its order, so a
-    positional lax call carries over by inserting the multiplier, with one
-    difference: without ``dimension_numbers`` the layout is channels-last
+    strides, SAME/VALID/explicit padding, input and kernel dilation, feature
+    groups (including depthwise) and batch groups are supported. The
+    arguments after ``multiplier`` are ``lax.conv_general_dilated``'s, in its
+    order, so a positional lax call carries over by inserting the multiplier,
+    with one difference: without ``dimension_numbers`` the layout is channels-last
     (``NHWC``/``HWIO``, as Flax), not lax's ``NCHW``/``OIHW``; pass
     ``dimension_numbers=("NCHW", "OIHW", "NCHW")`` for lax's default.
 

@@ -812,8 +812,8 @@ def approximate(
     SPEC, but its weight gradient comes as ``P(dy, x)``, the reverse of SPEC's
     ``P(x, dy)``; a convolution's kernel gradient comes as ``P(x, dy)``
     (a grouped one as XLA's batch-group convolution, which is simulated
-    too). A ``custom_jvp`` / ``custom_vjp`` function
-    whose primal computes simulated products is evaluated as its primal: its
+    too). A ``custom_jvp`` / ``custom_vjp`` function whose primal computes
+    simulated products is evaluated as its primal: its
     custom rule (a straight-through estimator, say) is dropped and the
     simulated ops supply the gradients. Otherwise the function is kept with
     its rule, whose products stay native. approx_jax's own ops inside ``fun``
