@@ -583,17 +583,17 @@ def conv_general_dilated_with_bound(
       ``(ref, abs_sum, K)``: float64 output in the output layout, float64 sum
       of ``|P|`` and the number of products per output (``Cg * prod(kernel)``).
     """
+    geo = _ConvGeometry(
+        np.shape(lhs),
+        np.shape(rhs),
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        dimension_numbers,
+    )
     if batch_group_count > 1:
-        lhs_perm, rhs_perm, out_perm = _ConvGeometry(
-            np.shape(lhs),
-            np.shape(rhs),
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            feature_group_count,
-            dimension_numbers,
-        ).dnums
         parts = [
             conv_general_dilated_with_bound(
                 x_part,
@@ -609,27 +609,17 @@ def conv_general_dilated_with_bound(
                 exact=exact,
             )
             for x_part, w_part in zip(
-                np.split(np.asarray(lhs), batch_group_count, axis=lhs_perm[0]),
-                np.split(np.asarray(rhs), batch_group_count, axis=rhs_perm[0]),
+                np.split(np.asarray(lhs), batch_group_count, axis=geo.lhs_perm[0]),
+                np.split(np.asarray(rhs), batch_group_count, axis=geo.rhs_perm[0]),
                 strict=True,
             )
         ]
-        out_axis = out_perm[1]
+        out_axis = geo.out_perm[1]
         return (
             np.concatenate([ref for ref, _, _ in parts], axis=out_axis),
             np.concatenate([abs_sum for _, abs_sum, _ in parts], axis=out_axis),
             parts[0][2],
         )
-    geo = _ConvGeometry(
-        np.shape(lhs),
-        np.shape(rhs),
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        feature_group_count,
-        dimension_numbers,
-    )
     x = _to_canonical(lhs, geo.lhs_perm)
     w = _to_canonical(rhs, geo.rhs_perm)
     out_shape = (geo.batch, geo.out_features, *geo.out_spatial)
@@ -659,6 +649,8 @@ def conv_general_dilated(
     rhs_dilation=None,
     feature_group_count: int = 1,
     dimension_numbers=None,
+    *,
+    batch_group_count: int = 1,
 ) -> np.ndarray:
     """Reference approximate convolution (float64 sum of reference products).
 
@@ -673,6 +665,7 @@ def conv_general_dilated(
       rhs_dilation: Kernel dilation.
       feature_group_count: Feature groups.
       dimension_numbers: As for ``jax.lax.conv_general_dilated``.
+      batch_group_count: Batch groups (see ``conv_general_dilated_with_bound``).
 
     Returns:
       float64 output in the output layout.
@@ -688,6 +681,7 @@ def conv_general_dilated(
         rhs_dilation,
         feature_group_count,
         dimension_numbers,
+        batch_group_count=batch_group_count,
     )[0]
 
 
