@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from approx_test_utils import random_multiplier
+from flax import nnx
 from jax import lax
 
 import approx_jax
@@ -1202,3 +1204,63 @@ def test_a_traced_function_may_wait_for_another_threads_approx_einsum():
     c = approx_jax.einsum("ij,jk->ik", ones, ones, multiplier="mbm7")
     _bits_equal(out, approx_jax.einsum("ij,jk->ik", x, y, multiplier="mbm7") * jnp.sum(c))
     assert not getattr(jnp.einsum, "_approx_jax_marks", False)  # the patch is gone
+
+
+class _NnxNet(nnx.Module):
+    """Dense -> BatchNorm -> Dropout: state a call writes (statistics, the rng count)."""
+
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 3, rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.bn(self.lin(x)))
+
+
+def _nnx_train_step(model, opt, x, y):
+    def loss_fn(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+
+def test_state_an_nnx_module_writes_is_kept():
+    # The arguments are rebuilt from their leaves for the trace; what the
+    # function writes into their nnx Variables is written back, as nnx.jit does
+    # (before: BatchNorm statistics, the dropout rng count and a whole
+    # optimizer step were silently lost).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
+    y = jnp.asarray(np.arange(8) % 3)
+    native = _NnxNet(nnx.Rngs(0))
+    native_out = native(x)
+    model = _NnxNet(nnx.Rngs(0))
+    out = approx_jax.approximate(lambda mdl, x: mdl(x), "fp32")(model, x)
+    _bits_equal(out, native_out)
+    _bits_equal(model.bn.mean.get_value(), native.bn.mean.get_value())
+    _bits_equal(model.bn.var.get_value(), native.bn.var.get_value())
+    assert not np.array_equal(native.bn.mean.get_value(), _NnxNet(nnx.Rngs(0)).bn.mean.get_value())
+    simulated = approx_jax.approximate(lambda mdl, x: mdl(x), "mbm7")
+    assert not np.array_equal(simulated(model, x) == 0, simulated(model, x) == 0)  # new masks
+
+    def losses(step, wrap=lambda f: f):
+        model = _NnxNet(nnx.Rngs(0))
+        opt = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+        step = wrap(step)
+        return [float(step(model, opt, x, y)) for _ in range(3)]
+
+    assert losses(approx_jax.approximate(_nnx_train_step, "fp32")) == losses(_nnx_train_step)
+    trained = losses(approx_jax.approximate(_nnx_train_step, "mbm7"))
+    assert len(set(trained)) == 3  # the parameters (and the dropout masks) move
+    assert losses(approx_jax.approximate(_nnx_train_step, "mbm7"), nnx.jit) == pytest.approx(
+        trained, rel=1e-6
+    )
+    stack = multipliers.stack(["mbm7", "mitchell5"])
+    with pytest.raises(NotImplementedError, match="design stack.*nnx"):
+        approx_jax.approximate(lambda mdl, x: mdl(x), stack)(_NnxNet(nnx.Rngs(0)), x)
+    evaluated = _NnxNet(nnx.Rngs(0))
+    evaluated.eval()  # writes nothing: a stack is fine
+    assert approx_jax.approximate(lambda mdl, x: mdl(x), stack)(evaluated, x).shape == (2, 8, 3)

@@ -745,16 +745,53 @@ def _is_dynamic(leaf) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
+def _variables_by_leaf(tree) -> dict[int, Any]:
+    """Leaf index (in ``tree_flatten(tree)``'s order) -> the flax nnx Variable whose value it is.
+
+    Only Variables whose value is one leaf (an array) are listed.
+    """
+    try:
+        from flax import nnx  # noqa: PLC0415 - optional here
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return {}
+    found, index = {}, 0
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    for unit in jax.tree_util.tree_leaves(tree, is_leaf=is_variable):
+        width = len(jax.tree_util.tree_leaves(unit)) if is_variable(unit) else 1
+        if width == 1 and is_variable(unit):
+            found[index] = unit
+        index += width
+    return found
+
+
+# Set while a design stack's sweep traces ``fun`` once per design under vmap:
+# state written into nnx Variables there has a design axis and no single
+# value to write back.
+_sweeping = threading.local()
+
+
 def _trace(fun: Callable, args, kwargs):
     """``fun(*args, **kwargs)`` as a jaxpr of its array leaves.
+
+    State that ``fun`` writes into flax nnx Variables of its arguments (a
+    BatchNorm's statistics, an Rngs count, an optimizer step) is returned by
+    the jaxpr too and written back into the caller's Variables, as
+    ``nnx.jit`` does: the arguments are rebuilt from their leaves for the
+    trace, so without this the updates would be lost.
 
     Returns:
       ``(closed_jaxpr, array_leaves, rebuild)``: ``rebuild(outs)`` puts the
       jaxpr's outputs back into ``fun``'s output structure, together with the
-      output leaves that are not arrays (a name, a flag), returned as they are.
+      output leaves that are not arrays (a name, a flag), returned as they
+      are, and writes the state outputs into the arguments' Variables.
     """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [_is_dynamic(leaf) for leaf in leaves]
+    variables = {
+        i: v
+        for i, v in _variables_by_leaf((args, kwargs)).items()
+        if i < len(leaves) and dynamic[i]
+    }
     out_info = {}
 
     def flat_fun(*dyn):
@@ -765,14 +802,33 @@ def _trace(fun: Callable, args, kwargs):
         out_info["static"] = [
             None if isinstance(x, jax.core.Tracer) or _is_dynamic(x) else x for x in out_leaves
         ]
-        return [x for x, st in zip(out_leaves, out_info["static"], strict=True) if st is None]
+        after, after_def = jax.tree_util.tree_flatten((a, kw))
+        out_info["written"] = (
+            [i for i in variables if after[i] is not full[i]] if after_def == treedef else []
+        )
+        outs = [x for x, st in zip(out_leaves, out_info["static"], strict=True) if st is None]
+        return outs + [after[i] for i in out_info["written"]]
 
     dyn_leaves = [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d]
     with _einsum_calls_marked():
         closed = jax.make_jaxpr(flat_fun)(*dyn_leaves)
 
     def rebuild(outs):
-        it = iter(outs)
+        written = out_info["written"]
+        if written and getattr(_sweeping, "active", False):
+            raise NotImplementedError(
+                "approximate() with a design stack: the function writes state into flax nnx "
+                "Variables of its arguments, which would get a design axis; return the state "
+                "instead (nnx.split / nnx.merge), or run one design at a time"
+            )
+        outs = list(outs)
+        for i, value in zip(written, outs[len(outs) - len(written) :], strict=True):
+            variable = variables[i]
+            if hasattr(variable, "set_value"):  # flax >= 0.12 (the .value setter is deprecated)
+                variable.set_value(value)
+            else:  # pragma: no cover - older flax
+                variable.value = value
+        it = iter(outs[: len(outs) - len(written)])
         full = [next(it) if st is None else st for st in out_info["static"]]
         return jax.tree_util.tree_unflatten(out_info["tree"], full)
 
@@ -808,13 +864,17 @@ def approximate(
     the simulated ops then supply SPEC section 5's backward products. A
     gradient computed *inside* ``fun`` is part of the traced program, so its
     products are simulated like any other, in the operand order of JAX's
-    transpose rules: a dense layer's input gradient is ``P(dy, w)`` as in
-    SPEC, but its weight gradient comes as ``P(dy, x)``, the reverse of SPEC's
-    ``P(x, dy)``; a convolution's kernel gradient comes as ``P(x, dy)``
-    (a grouped one as XLA's batch-group convolution, which is simulated
-    too). A ``custom_jvp`` / ``custom_vjp`` function whose primal computes
-    simulated products is evaluated as its primal: its
-    custom rule (a straight-through estimator, say) is dropped and the
+    transpose rules: a dense layer's (``@``, ``dot``) input gradient is
+    ``P(dy, w)`` as in SPEC, but its weight gradient comes as ``P(dy, x)``,
+    the reverse of SPEC's ``P(x, dy)``; an einsum's (Flax attention's) the
+    other way round, input gradients ``P(w, dy)`` and weight gradients
+    ``P(x, dy)``; a convolution's ``P(dy, w)`` and ``P(x, dy)`` (a grouped
+    one's kernel gradient as XLA's batch-group convolution, which is
+    simulated too). The order matters only for a LUT that is not symmetric;
+    differentiating the approximated function gives SPEC's order everywhere.
+    A ``custom_jvp`` / ``custom_vjp`` function whose primal computes
+    simulated products is evaluated as its primal: its custom rule (a
+    straight-through estimator, say) is dropped and the
     simulated ops supply the gradients. Otherwise the function is kept with
     its rule, whose products stay native. approx_jax's own ops inside ``fun``
     keep their designs, and their ``backward="exact"`` products stay float32
@@ -927,7 +987,11 @@ def _design_sweep(fun, multiplier, backward, elementwise) -> Callable | None:
             static["others"] = [x for x in leaves if not isinstance(x, jax.Array | np.ndarray)]
             return [x for x in leaves if isinstance(x, jax.Array | np.ndarray)]
 
-        arrays = iter(jax.vmap(one_design, in_axes=(in_axes,))(entries))
+        _sweeping.active = True
+        try:
+            arrays = iter(jax.vmap(one_design, in_axes=(in_axes,))(entries))
+        finally:
+            _sweeping.active = False
         others = iter(static["others"])
         leaves = [next(arrays) if a else next(others) for a in static["is_array"]]
         return jax.tree.unflatten(static["tree"], leaves)
