@@ -987,11 +987,11 @@ def _design_sweep(fun, multiplier, backward, elementwise) -> Callable | None:
             static["others"] = [x for x in leaves if not isinstance(x, jax.Array | np.ndarray)]
             return [x for x in leaves if isinstance(x, jax.Array | np.ndarray)]
 
-        _sweeping.active = True
+        outer, _sweeping.active = getattr(_sweeping, "active", False), True
         try:
             arrays = iter(jax.vmap(one_design, in_axes=(in_axes,))(entries))
         finally:
-            _sweeping.active = False
+            _sweeping.active = outer
         others = iter(static["others"])
         leaves = [next(arrays) if a else next(others) for a in static["is_array"]]
         return jax.tree.unflatten(static["tree"], leaves)
