@@ -1264,3 +1264,10 @@ def test_state_an_nnx_module_writes_is_kept():
     evaluated = _NnxNet(nnx.Rngs(0))
     evaluated.eval()  # writes nothing: a stack is fine
     assert approx_jax.approximate(lambda mdl, x: mdl(x), stack)(evaluated, x).shape == (2, 8, 3)
+
+    def counted(mdl, x):  # a plain attribute changes the tree structure
+        mdl.calls = getattr(mdl, "calls", 0) + 1
+        return mdl(x)
+
+    with pytest.warns(UserWarning, match="structure of its flax nnx arguments"):
+        approx_jax.approximate(counted, "mbm7")(_NnxNet(nnx.Rngs(0)), x)

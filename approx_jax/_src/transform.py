@@ -803,9 +803,17 @@ def _trace(fun: Callable, args, kwargs):
             None if isinstance(x, jax.core.Tracer) or _is_dynamic(x) else x for x in out_leaves
         ]
         after, after_def = jax.tree_util.tree_flatten((a, kw))
-        out_info["written"] = (
-            [i for i in variables if after[i] is not full[i]] if after_def == treedef else []
-        )
+        out_info["written"] = []
+        if after_def == treedef:
+            out_info["written"] = [i for i in variables if after[i] is not full[i]]
+        elif variables:
+            warnings.warn(
+                "approximate(): the function changed the structure of its flax nnx arguments "
+                "(a plain attribute set, a Variable added or removed); what it wrote into "
+                "their Variables is not written back. Use nnx.split / nnx.merge and return the "
+                "new state instead.",
+                stacklevel=4,
+            )
         outs = [x for x, st in zip(out_leaves, out_info["static"], strict=True) if st is None]
         return outs + [after[i] for i in out_info["written"]]
 
