@@ -645,6 +645,13 @@ def from_lut(array, M: int | None = None, name: str | Sequence[str] = "custom", 
 _APPROXTRAIN_NAME = re.compile(r"_(\d+)\.bin$", re.IGNORECASE)
 
 
+def _as_path(path) -> pathlib.Path:
+    """``path`` as a ``pathlib.Path``; a ``TypeError`` naming ``path`` for anything else."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return pathlib.Path(path)
+
+
 def from_approxtrain(path, M: int | None = None) -> Multiplier:
     """Loads an ApproxTrain LUT file (``NAME_M.bin``).
 
@@ -672,9 +679,7 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
         carry and the M mantissa bits.
       TypeError: If ``path`` is not a str or path-like object.
     """
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = pathlib.Path(path)
+    path = _as_path(path)
     if M is None:
         match = _APPROXTRAIN_NAME.search(path.name)
         if match is None:
@@ -744,9 +749,7 @@ def to_approxtrain(multiplier: Multiplier | str, path) -> pathlib.Path:
         raise ValueError("cannot write a stack of designs to one ApproxTrain file; unstack it")
     if multiplier.mbits > lut_lib.MAX_APPROXTRAIN_MBITS:
         raise ValueError(f"ApproxTrain files need M <= 7, got M={multiplier.mbits}")
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = pathlib.Path(path)
+    path = _as_path(path)
     np.asarray(multiplier.lut, dtype=np.uint8).tofile(path)
     return path
 

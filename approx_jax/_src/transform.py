@@ -787,11 +787,7 @@ def _trace(fun: Callable, args, kwargs):
     """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [_is_dynamic(leaf) for leaf in leaves]
-    variables = {
-        i: v
-        for i, v in _variables_by_leaf((args, kwargs)).items()
-        if i < len(leaves) and dynamic[i]
-    }
+    variables = {i: v for i, v in _variables_by_leaf((args, kwargs)).items() if dynamic[i]}
     out_info = {}
 
     def flat_fun(*dyn):
@@ -829,14 +825,15 @@ def _trace(fun: Callable, args, kwargs):
                 "Variables of its arguments, which would get a design axis; return the state "
                 "instead (nnx.split / nnx.merge), or run one design at a time"
             )
-        outs = list(outs)
-        for i, value in zip(written, outs[len(outs) - len(written) :], strict=True):
+        num_outs = len(outs) - len(written)
+        outs, state = list(outs[:num_outs]), outs[num_outs:]
+        for i, value in zip(written, state, strict=True):
             variable = variables[i]
             if hasattr(variable, "set_value"):  # flax >= 0.12 (the .value setter is deprecated)
                 variable.set_value(value)
             else:  # pragma: no cover - older flax
                 variable.value = value
-        it = iter(outs[: len(outs) - len(written)])
+        it = iter(outs)
         full = [next(it) if st is None else st for st in out_info["static"]]
         return jax.tree_util.tree_unflatten(out_info["tree"], full)
 
