@@ -585,15 +585,179 @@ def test_non_array_outputs_come_back_as_they_are():
     _bits_equal(out[0], approx_jax.approx_dot(jnp.ones((4, 3)), w, "mbm7"))
 
 
-def test_ragged_dot_is_an_error_not_silently_native():
-    lhs, rhs = jnp.ones((6, 4)), jnp.ones((2, 4, 3))
-    sizes = jnp.array([2, 4], jnp.int32)
-    f = approx_jax.approximate(lambda a, b: lax.ragged_dot(a, b, sizes), "mbm7")
-    with pytest.raises(NotImplementedError, match="ragged_dot"):
-        f(lhs, rhs)
-    # ... unless the multiplier is exact.
-    exact = approx_jax.approximate(lambda a, b: lax.ragged_dot(a, b, sizes), "fp32")
-    _bits_equal(exact(lhs, rhs), lax.ragged_dot(lhs, rhs, sizes))
+# --------------------------------------------------------------------------
+# lax.ragged_dot (mixture-of-experts layers): every output is the simulated
+# dense product of its group, bit for bit.
+
+RAGGED_MULTIPLIERS = {
+    "mbm7": lambda: multipliers.mbm(7),
+    "mitchell5": lambda: multipliers.mitchell(5),
+    "random5": lambda: random_multiplier(5, 3),  # asymmetric: operand order matters
+}
+RAGGED_SIZES = (3, 0, 4, 0)  # empty groups, and 3 of the 10 rows in no group
+
+
+def _ragged_operands(seed):
+    """``lhs`` [10, 6], ``rhs`` [4, 6, 5] and a cotangent [10, 5]."""
+    rng = np.random.default_rng(seed)
+    return _normal(rng, 10, 6), _normal(rng, len(RAGGED_SIZES), 6, 5), _normal(rng, 10, 5)
+
+
+def _group_rows(sizes):
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def _ragged_by_hand(lhs, rhs, sizes, m):
+    """``lax.ragged_dot`` as approx_dot of each group's rows alone; zeros past the groups."""
+    rows = [approx_jax.approx_dot(lhs[r], rhs[i], m) for i, r in enumerate(_group_rows(sizes))]
+    rows.append(jnp.zeros((lhs.shape[0] - sum(sizes), rhs.shape[2]), lhs.dtype))
+    return jnp.concatenate(rows)
+
+
+def _ragged_vjp_by_hand(lhs, rhs, ct, sizes, m):
+    """JAX's ragged_dot transpose rule group by group in approx_dot: P(dy, w) and P(x, dy)."""
+    dlhs = jnp.zeros_like(lhs)
+    drhs = []
+    for i, r in enumerate(_group_rows(sizes)):
+        dlhs = dlhs.at[r].set(approx_jax.approx_dot(ct[r], rhs[i].T, m))
+        drhs.append(approx_jax.approx_dot(lhs[r].T, ct[r], m))
+    return dlhs, jnp.stack(drhs)
+
+
+def _ragged(lhs, rhs, sizes=RAGGED_SIZES):
+    return lax.ragged_dot(lhs, rhs, jnp.asarray(sizes, jnp.int32))
+
+
+def _ragged_grad_inside(lhs, rhs, ct):
+    return jax.vjp(_ragged, lhs, rhs)[1](ct)
+
+
+@pytest.mark.parametrize("mult", RAGGED_MULTIPLIERS)
+def test_ragged_dot_is_the_simulated_dense_product_of_each_group(mult):
+    m = RAGGED_MULTIPLIERS[mult]()
+    lhs, rhs, ct = _ragged_operands(20)
+    want = _ragged_by_hand(lhs, rhs, RAGGED_SIZES, m)
+    f = approx_jax.approximate(_ragged, m)
+    _bits_equal(f(lhs, rhs), want)
+    _bits_equal(jax.jit(f)(lhs, rhs), want)
+    # In a nested jit too (its body holds a product to simulate).
+    _bits_equal(approx_jax.approximate(jax.jit(_ragged), m)(lhs, rhs), want)
+    assert not np.allclose(np.asarray(want), np.asarray(_ragged(lhs, rhs)), rtol=1e-4)
+
+    # Gradients of the approximated function: the dense op's VJP, group by group.
+    def loss(fn, a, b):
+        return jnp.sum(fn(a, b) * ct)
+
+    got = jax.grad(lambda a, b: loss(f, a, b), argnums=(0, 1))(lhs, rhs)
+    by_hand = lambda a, b: _ragged_by_hand(a, b, RAGGED_SIZES, m)  # noqa: E731
+    _bits_equal(got, jax.grad(lambda a, b: loss(by_hand, a, b), argnums=(0, 1))(lhs, rhs))
+    _bits_equal(got, _ragged_vjp_by_hand(lhs, rhs, ct, RAGGED_SIZES, m))
+
+    # A gradient taken inside: JAX's transpose rule emits a ragged dot with
+    # the ragged dimension contracted (rhs gradient, [g, k, n], P(x, dy)) and
+    # one with rhs contracted over n (lhs gradient, P(dy, w)).
+    inside = approx_jax.approximate(_ragged_grad_inside, m)
+    _bits_equal(inside(lhs, rhs, ct), _ragged_vjp_by_hand(lhs, rhs, ct, RAGGED_SIZES, m))
+    _bits_equal(jax.jit(inside)(lhs, rhs, ct), _ragged_vjp_by_hand(lhs, rhs, ct, RAGGED_SIZES, m))
+
+
+def test_ragged_dot_exact_multiplier_is_the_native_op():
+    lhs, rhs, ct = _ragged_operands(21)
+    _bits_equal(approx_jax.approximate(_ragged, "fp32")(lhs, rhs), _ragged(lhs, rhs))
+    _bits_equal(
+        approx_jax.approximate(_ragged_grad_inside, "fp32")(lhs, rhs, ct),
+        _ragged_grad_inside(lhs, rhs, ct),
+    )
+
+
+def test_ragged_dot_over_a_design_stack_is_each_design_alone():
+    lhs, rhs, ct = _ragged_operands(22)
+    designs = [f() for f in RAGGED_MULTIPLIERS.values()]
+    stack = multipliers.stack(designs)
+
+    def f(lhs, rhs, ct):
+        return _ragged(lhs, rhs), _ragged_grad_inside(lhs, rhs, ct)
+
+    got = jax.jit(approx_jax.approximate(f, stack))(lhs, rhs, ct)
+    swept = approx_jax.approximate(_ragged, stack)
+    for d, single in enumerate(designs):
+        _bits_equal(
+            jax.tree.map(lambda x, d=d: x[d], got), approx_jax.approximate(f, single)(lhs, rhs, ct)
+        )
+        # Gradients of design d's output: design d's VJP alone.
+        one = approx_jax.approximate(_ragged, single)
+        _bits_equal(
+            jax.grad(lambda a, b, d=d: jnp.sum(swept(a, b)[d] * ct), (0, 1))(lhs, rhs),
+            jax.grad(lambda a, b, one=one: jnp.sum(one(a, b) * ct), (0, 1))(lhs, rhs),
+        )
+
+
+def test_ragged_dot_with_batch_dimensions_is_each_batch_alone():
+    # vmap gives ragged_dot_general batch dimensions and group sizes [b, g],
+    # in both the forward mode and the gradient's ragged contracting mode.
+    m = random_multiplier(5, 3)
+    rng = np.random.default_rng(23)
+    lhs, rhs, ct = _normal(rng, 2, 10, 6), _normal(rng, 2, 4, 6, 5), _normal(rng, 2, 10, 5)
+    sizes = jnp.asarray([RAGGED_SIZES, (0, 5, 2, 3)], jnp.int32)
+
+    def one(lhs, rhs, ct, sizes):
+        f = lambda a, b: lax.ragged_dot(a, b, sizes)  # noqa: E731
+        return f(lhs, rhs), jax.vjp(f, lhs, rhs)[1](ct)
+
+    got = approx_jax.approximate(jax.vmap(one), m)(lhs, rhs, ct, sizes)
+    for b in range(2):
+        _bits_equal(
+            jax.tree.map(lambda x, b=b: x[b], got),
+            approx_jax.approximate(one, m)(lhs[b], rhs[b], ct[b], sizes[b]),
+        )
+    _bits_equal(got[0][1], _ragged_by_hand(lhs[1], rhs[1], (0, 5, 2, 3), m))
+
+
+def test_ragged_dot_general_ragged_batch_mode_is_the_dense_product():
+    # lax defines it as the dense batched product (the group sizes do not enter).
+    m = multipliers.mbm(7)
+    rng = np.random.default_rng(24)
+    lhs, rhs = _normal(rng, 4, 3, 6), _normal(rng, 4, 6, 5)
+    dims = lax.RaggedDotDimensionNumbers((([2], [1]), ([0], [0])), [0], [])
+    f = lambda a, b: lax.ragged_dot_general(a, b, jnp.array([1, 2], jnp.int32), dims)  # noqa: E731
+    _bits_equal(approx_jax.approximate(f, m)(lhs, rhs), approx_jax.approx_matmul(lhs, rhs, m))
+
+
+def test_ragged_dot_keeps_an_inf_in_its_group():
+    # lax never multiplies a row by another group's weights: an Inf in one
+    # expert's weights (or one group's rows) puts no 0 * Inf NaN elsewhere.
+    m = multipliers.mbm(7)
+    lhs, rhs, ct = _ragged_operands(25)
+    rhs = rhs.at[2, 1, 1].set(jnp.inf)
+    lhs = lhs.at[0, 2].set(jnp.inf)
+    got = approx_jax.approximate(_ragged, m)(lhs, rhs)
+    np.testing.assert_array_equal(got, _ragged_by_hand(lhs, rhs, RAGGED_SIZES, m))
+    assert np.isfinite(np.asarray(got[1:3])).all() and np.isfinite(np.asarray(got[7:])).all()
+    dlhs, drhs = approx_jax.approximate(_ragged_grad_inside, m)(lhs, rhs, ct)
+    want_dlhs, want_drhs = _ragged_vjp_by_hand(lhs, rhs, ct, RAGGED_SIZES, m)
+    np.testing.assert_array_equal(dlhs, want_dlhs)
+    np.testing.assert_array_equal(drhs, want_drhs)
+    assert np.isfinite(np.asarray(dlhs[:3])).all() and np.isfinite(np.asarray(drhs[1:])).all()
+    outside = jax.grad(lambda a, b: jnp.sum(approx_jax.approximate(_ragged, m)(a, b) * ct), (0, 1))
+    np.testing.assert_array_equal(outside(lhs, rhs)[0], want_dlhs)
+    np.testing.assert_array_equal(outside(lhs, rhs)[1], want_drhs)
+
+
+def test_ragged_dot_named_by_its_scope():
+    m = multipliers.mbm(7)
+    lhs, rhs, _ = _ragged_operands(26)
+
+    def moe(lhs, rhs):
+        with jax.named_scope("experts"):
+            return _ragged(lhs, rhs)
+
+    _bits_equal(
+        approx_jax.approximate(moe, {"experts": m})(lhs, rhs),
+        _ragged_by_hand(lhs, rhs, RAGGED_SIZES, m),
+    )
+    with pytest.warns(UserWarning, match="router"):
+        _bits_equal(approx_jax.approximate(moe, {"router": m})(lhs, rhs), _ragged(lhs, rhs))
 
 
 def test_wider_preferred_element_type_keeps_the_float32_sums():

@@ -3,12 +3,14 @@
 The function is traced to a jaxpr once per call signature and the jaxpr is
 evaluated again with every floating-point ``dot_general`` and
 ``conv_general_dilated`` replaced by :func:`approx_jax.nn.approx_dot_general`
-and :func:`approx_jax.approx_conv` (and, on request, every elementwise ``mul``
-by :func:`approx_jax.multiply`). Everything else is bound unchanged. Control
-flow (``jit``, ``scan``, ``while``, ``cond``, ``checkpoint``) is rebuilt with
-the same ``lax`` functions around the rewritten bodies, so the result can be
-jitted, differentiated (the simulated ops' own VJPs) and vmapped over a stack
-of designs like any function written with approx_jax ops.
+and :func:`approx_jax.approx_conv`, every ``ragged_dot_general`` by
+:func:`approx_ragged_dot_general` (made of the former), and, on request, every
+elementwise ``mul`` by :func:`approx_jax.multiply`. Everything else is bound
+unchanged. Control flow (``jit``, ``scan``, ``while``, ``cond``,
+``checkpoint``) is rebuilt with the same ``lax`` functions around the
+rewritten bodies, so the result can be jitted, differentiated (the simulated
+ops' own VJPs) and vmapped over a stack of designs like any function written
+with approx_jax ops.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
@@ -36,9 +39,11 @@ from approx_jax._src.nn import hooks
 _DOT = "dot_general"
 _CONV = "conv_general_dilated"
 _MUL = "mul"
-# Products with no simulated equivalent (grouped matmuls of mixture-of-experts
-# layers): an error rather than silently native arithmetic.
-_UNSUPPORTED_PRODUCTS = ("ragged_dot_general", "ragged_dot")
+# Grouped matmuls (mixture-of-experts layers): ``lax.ragged_dot`` binds
+# ragged_dot_general; older jax versions had a ragged_dot primitive of
+# lax.ragged_dot's layout.
+_RAGGED_DOT = "ragged_dot_general"
+_RAGGED_DOT_OLD = "ragged_dot"
 # Call-like primitives whose body is evaluated in place (the boundary is dropped).
 _INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call")
 # Primitives with a custom derivative rule: kept as they are unless their body
@@ -260,7 +265,8 @@ class _Rewriter:
     def __init__(self, multiplier, backward: str, elementwise: bool):
         self.assign = _assignment(multiplier)
         self.backward = backward
-        self.targets = (_DOT, _CONV, _MUL) if elementwise else (_DOT, _CONV)
+        products = (_DOT, _CONV, _RAGGED_DOT, _RAGGED_DOT_OLD)
+        self.targets = (*products, _MUL) if elementwise else products
         # Per thread: ids of the dot_general equations being evaluated whose
         # left operand is a later einsum operand than their right one (see
         # _swapped_dots). Threads calling one approximated function eagerly
@@ -370,20 +376,13 @@ class _Rewriter:
         path = _join(path, eqn.source_info.name_stack)
         # (Operands first: a ragged dot's third operand is its integer group sizes.)
         floated = (
-            _float_operands(invals[:2], eqn.outvars[0].aval.dtype)
-            if name in self.targets or name in _UNSUPPORTED_PRODUCTS
-            else None
+            _float_operands(invals[:2], eqn.outvars[0].aval.dtype) if name in self.targets else None
         )
         if floated is not None:
             # (The exact multiplier binds the equation as it is: same
             # precision, same bits as the original program.)
             m = self._design_at(path)
             if m is not None:
-                if name in _UNSUPPORTED_PRODUCTS:
-                    raise NotImplementedError(
-                        f"approximate(): '{name}' ({path or 'top level'}) has no simulated "
-                        "equivalent; its products would stay native"
-                    )
                 if id(eqn) in self.swapped:
                     # P under the transposed LUT with the operands as emitted
                     # equals P with the einsum's operand order (SPEC's a is
@@ -466,6 +465,34 @@ class _Rewriter:
             backward=self.backward,
         )
 
+    def _ragged_dot_general(self, m, invals, params):
+        lhs, rhs, group_sizes = invals
+        if params.get("group_offset") is not None:
+            # (As lax's own implementation, which no CPU or GPU lowering passes.)
+            raise NotImplementedError(
+                "approximate(): ragged_dot_general with a group_offset is not simulated"
+            )
+        numbers = params.get("ragged_dot_dimension_numbers")
+        if numbers is None:  # the older ragged_dot primitive: lax.ragged_dot's layout
+            dot_dims, ragged, group = (((1,), (1,)), ((), ())), (0,), (0,)
+        else:
+            dot_dims = numbers.dot_dimension_numbers
+            ragged, group = numbers.lhs_ragged_dimensions, numbers.rhs_group_dimensions
+        return approx_ragged_dot_general(
+            lhs,
+            rhs,
+            group_sizes,
+            dot_dims,
+            ragged,
+            group,
+            m,
+            self.backward,
+            precision=params.get("precision"),
+            preferred_element_type=params.get("preferred_element_type"),
+        )
+
+    _ragged_dot = _ragged_dot_general
+
     def _mul(self, m, invals, params):
         del params
         return ops.multiply(*invals, m, backward=self.backward)
@@ -491,6 +518,166 @@ class _Rewriter:
         return lax.while_loop(
             lambda c: cond(*cond_consts, *c)[0], lambda c: body(*body_consts, *c), list(init)
         )
+
+
+# --------------------------------------------------------------------------
+# Ragged dots: the grouped matmuls of mixture-of-experts layers.
+
+
+def approx_ragged_dot_general(
+    lhs,
+    rhs,
+    group_sizes,
+    dot_dimension_numbers,
+    lhs_ragged_dimensions,
+    rhs_group_dimensions,
+    multiplier,
+    backward: str = "approx",
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.ragged_dot_general`` with simulated products (``lhs`` = operand ``a``).
+
+    Built from :func:`approx_jax.nn.approx_dot_general` group by group, so
+    every output is bit for bit what the simulated dense product of the same
+    operands gives (its gradients, ``vmap`` over a design stack and ``jit``
+    are those of the dense op). The group of a position along the ragged
+    dimension comes from ``group_sizes`` (``[g]``, or ``[prefix..., g]``
+    with lax's prefix dimensions) as in lax: contiguous groups, in order.
+    lax's three modes:
+
+    * ragged non-contracting dimension (``lax.ragged_dot``: ``[m, k] x [g,
+      k, n] -> [m, n]``, and the lhs gradient of one): an lhs row in group
+      ``i`` gets the dense product with ``rhs`` group ``i`` (the same sums
+      as ``approx_dot`` of the whole ``lhs`` with it); rows past
+      ``sum(group_sizes)`` are zeros, as in lax.
+    * ragged contracting dimension (the rhs gradient of ``lax.ragged_dot``:
+      ``[m, k] x [m, n] -> [g, k, n]``): output ``i`` is the dense product
+      with both operands zeroed outside group ``i`` (lax's own
+      definition; summing the zero products leaves the group's sums as
+      they are while K < 4096, where the kernels do not split K). The rhs
+      gradient of the non-contracting mode, taken outside, is such a sum
+      too.
+    * ragged batch dimension: lax's definition is the dense batched product
+      (the group sizes do not enter it), which this is.
+
+    Operands outside a group are zeroed before they are multiplied, so an
+    Inf in one expert's weights or one group's rows gives no ``0 * Inf``
+    NaN in another group's outputs or gradients (as XLA's ragged dot
+    instruction, which never multiplies them; lax's CPU lowering, a dense
+    product of zero-padded groups, does).
+
+    Cost: ``g`` dense products of the full operands (``g`` times the
+    products of the ragged dot); fine for the handful of experts of a
+    simulated layer, costly for hundreds.
+
+    Args:
+      lhs: floating array (operand ``a`` of every product).
+      rhs: floating array (operand ``b``).
+      group_sizes: integer array ``[..., g]``.
+      dot_dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch,
+        rhs_batch))`` as in ``lax.RaggedDotDimensionNumbers``.
+      lhs_ragged_dimensions: the one ragged dimension of ``lhs``.
+      rhs_group_dimensions: ``rhs``'s group dimension (non-contracting
+        mode only; empty otherwise).
+      multiplier: a single ``Multiplier`` (not exact, not a stack: vmap for
+        those, as :func:`approximate` does).
+      backward: ``"approx"`` or ``"exact"``.
+      precision: passed on to the dense products.
+      preferred_element_type: result dtype, as for ``lax.ragged_dot_general``.
+
+    Returns:
+      ``lax.ragged_dot_general``'s result (a leading group axis of size
+      ``g`` in the ragged contracting mode).
+    """
+    (lc, rc), (lb, rb) = (
+        tuple(tuple(int(d) for d in dims) for dims in pair) for pair in dot_dimension_numbers
+    )
+    if len(lhs_ragged_dimensions) != 1:
+        raise ValueError(
+            "ragged_dot_general takes exactly one lhs ragged dimension, got "
+            f"{lhs_ragged_dimensions}"
+        )
+    ragged = int(lhs_ragged_dimensions[0])
+    dot = functools.partial(
+        hooks.approx_dot_general,
+        multiplier=multiplier,
+        backward=backward,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    if ragged in lb:
+        return dot(lhs, rhs, ((lc, rc), (lb, rb)))
+    lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+    contracting = ragged in lc
+    # The lhs dimensions group_sizes is indexed by (lax's prefix dimensions),
+    # then the ragged one.
+    lhs_axes = [*lb, *(lc[: lc.index(ragged)] if contracting else lf[: lf.index(ragged)]), ragged]
+    group_of = _group_of(group_sizes, [lhs.shape[d] for d in lhs_axes])
+    num_groups = group_sizes.shape[-1]
+
+    def lhs_in(i):  # lhs zeroed outside group i
+        return jnp.where(_placed(group_of == i, lhs_axes, lhs.shape), lhs, 0)
+
+    if contracting:
+        # rhs's dimensions paired with lhs_axes.
+        rhs_axes = [rb[lb.index(d)] if d in lb else rc[lc.index(d)] for d in lhs_axes]
+        outs = [
+            dot(
+                lhs_in(i),
+                jnp.where(_placed(group_of == i, rhs_axes, rhs.shape), rhs, 0),
+                ((lc, rc), (lb, rb)),
+            )
+            for i in range(num_groups)
+        ]
+        if not outs:
+            return _no_groups(lhs, rhs, ((lc, rc), (lb, rb)), preferred_element_type, (0,))
+        return jnp.stack(outs)
+    (gd,) = (int(d) for d in rhs_group_dimensions)
+    # rhs's dimensions once its group dimension is indexed away.
+    dims = ((lc, tuple(d - (d > gd) for d in rc)), (lb, tuple(d - (d > gd) for d in rb)))
+    # Where lhs_axes land in dot_general's output (batch, lhs free, rhs free).
+    out_axes = [lb.index(d) if d in lb else len(lb) + lf.index(d) for d in lhs_axes]
+    out = None
+    for i in range(num_groups):
+        out_i = dot(lhs_in(i), lax.index_in_dim(rhs, i, gd, keepdims=False), dims)
+        rows = _placed(group_of == i, out_axes, out_i.shape)
+        out = jnp.where(rows, out_i, 0 if out is None else out)
+    if out is None:
+        rhs_one = jax.ShapeDtypeStruct(rhs.shape[:gd] + rhs.shape[gd + 1 :], rhs.dtype)
+        return _no_groups(lhs, rhs_one, dims, preferred_element_type, ())
+    return out
+
+
+def _group_of(group_sizes, shape) -> jax.Array:
+    """The group of every position of ``shape`` (prefix dimensions, then the ragged one).
+
+    ``g`` (the group count) past the last group. ``group_sizes``: ``[g]``
+    (the same groups for every prefix position) or ``[*shape[:-1], g]``.
+    """
+    ends = jnp.cumsum(group_sizes, axis=-1)
+    ends = jnp.broadcast_to(ends, (*shape[:-1], ends.shape[-1]))
+    position = jnp.arange(shape[-1], dtype=ends.dtype)
+    # Position r is in group i when ends[i - 1] <= r < ends[i]: i group ends lie at or before it.
+    return jnp.sum(position[:, None] >= ends[..., None, :], axis=-1)
+
+
+def _placed(x, axes, shape) -> jax.Array:
+    """``x``, whose dimension j is dimension ``axes[j]`` of ``shape``, broadcast to ``shape``."""
+    order = np.argsort(axes)
+    return lax.broadcast_in_dim(jnp.transpose(x, order), shape, tuple(int(axes[j]) for j in order))
+
+
+def _no_groups(lhs, rhs, dims, preferred_element_type, lead) -> jax.Array:
+    """The result of a ragged dot with no groups (no products): zeros, ``lead`` + dot_general's."""
+    out = jax.eval_shape(
+        functools.partial(
+            lax.dot_general, dimension_numbers=dims, preferred_element_type=preferred_element_type
+        ),
+        lhs,
+        rhs,
+    )
+    return jnp.zeros((*lead, *out.shape), out.dtype)
 
 
 def _bind(eqn, invals):
@@ -858,9 +1045,13 @@ def approximate(
     calls (also through ``jax.nn`` and ``nnx.Einsum``, and in jitted
     functions traced before), and such a product runs under the transposed
     LUT, which gives ``P(x, y)`` bit for bit (this matters only for a
-    multiplier whose LUT is not symmetric). An integer operand of a float
-    product is converted to float first, as natively. Products with no
-    simulated equivalent (``lax.ragged_dot``) raise ``NotImplementedError``;
+    multiplier whose LUT is not symmetric). ``lax.ragged_dot`` /
+    ``ragged_dot_general`` (the grouped matmul of mixture-of-experts layers)
+    is simulated too, in each of lax's modes: every output is bit for bit
+    the simulated dense product of its group's operands (computed as ``g``
+    dense products of the whole operands, ``g`` the number of groups: ``g``
+    times the work; see :func:`approx_ragged_dot_general`). An integer
+    operand of a float product is converted to float first, as natively;
     complex products stay native (SPEC covers float32). Nothing else changes.
     No model code needs to be edited: a pretrained model from any library is
     evaluated, or fine-tuned, on the simulated hardware as it is.
@@ -875,8 +1066,10 @@ def approximate(
     other way round, input gradients ``P(w, dy)`` and weight gradients
     ``P(x, dy)``; a convolution's ``P(dy, w)`` and ``P(x, dy)`` (a grouped
     one's kernel gradient as XLA's batch-group convolution, which is
-    simulated too). The order matters only for a LUT that is not symmetric;
-    differentiating the approximated function gives SPEC's order everywhere.
+    simulated too); a ragged dot's ``P(dy, w)`` and ``P(x, dy)``, as SPEC
+    (the latter a ragged dot contracting the groups' rows). The order
+    matters only for a LUT that is not symmetric; differentiating the
+    approximated function gives SPEC's order everywhere.
     A ``custom_jvp`` / ``custom_vjp`` function whose primal computes
     simulated products is evaluated as its primal: its custom rule (a
     straight-through estimator, say) is dropped and the
@@ -1016,6 +1209,7 @@ class _Recorder(_Rewriter):
         self.num = num
         self.rng = np.random.default_rng(seed)
         self.samples: dict = {}
+        self.targets = (_DOT, _CONV)  # (ragged dots are not sampled: they run natively)
 
     def eqn(self, eqn, invals, path):
         name = eqn.primitive.name
