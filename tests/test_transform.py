@@ -1122,6 +1122,38 @@ def test_operand_samples_keys_under_transforms():
     assert all(k.startswith("dot_general") for k in grads), list(grads)
 
 
+def test_operand_samples_of_a_ragged_dot_are_its_groups_pairs():
+    # x[r, k] = 100 r + k + 1 and w[g, k, j] = -(10000 g + 100 k + j + 1):
+    # a sampled pair multiplies row r with its own group's weights at the
+    # same k; rows past sum(group_sizes) (7 of 10) multiply nothing.
+    sizes = np.array([3, 0, 4])
+    x = (100 * np.arange(10)[:, None] + np.arange(6)[None, :] + 1).astype(np.float32)
+    g, k, j = np.meshgrid(np.arange(3), np.arange(6), np.arange(5), indexing="ij")
+    w = -(10000 * g + 100 * k + j + 1).astype(np.float32)
+
+    def f(x, w, sizes):
+        return jnp.tanh(lax.ragged_dot(x, w, sizes))
+
+    pairs = approx_jax.operand_samples(f, num=4000, seed=3)(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32)
+    )
+    a, b = pairs["ragged_dot_general"]
+    r, ka = np.divmod(a.astype(np.int64) - 1, 100)
+    gb, rest = np.divmod(-b.astype(np.int64) - 1, 10000)
+    kb, jb = np.divmod(rest, 100)
+    np.testing.assert_array_equal(ka, kb)
+    np.testing.assert_array_equal(gb, np.where(r < 3, 0, 2))
+    assert set(r) == set(range(7)) and set(jb) == set(range(5))
+    assert 4000 * 0.6 < a.size < 4000 * 0.8  # the draws of rows 7..9 dropped
+
+
+def test_operand_samples_under_a_transformation_is_a_clear_error():
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+    sample = approx_jax.operand_samples(lambda x: x @ w, num=5)
+    with pytest.raises(TypeError, match="cannot be called under jax.jit"):
+        jax.jit(sample)(x)
+
+
 def test_nested_jits_without_simulated_products_run_as_they_are():
     # Inlined and run op by op, jax 0.11's XLA rounds softplus's fused
     # log1p(exp(-|x|)) differently in eager mode: a jitted function without

@@ -1209,15 +1209,16 @@ class _Recorder(_Rewriter):
         self.num = num
         self.rng = np.random.default_rng(seed)
         self.samples: dict = {}
-        self.targets = (_DOT, _CONV)  # (ragged dots are not sampled: they run natively)
+        self.targets = (_DOT, _CONV, _RAGGED_DOT, _RAGGED_DOT_OLD)
 
     def eqn(self, eqn, invals, path):
         name = eqn.primitive.name
+        # (Operands first: a ragged dot's third operand is its integer group sizes.)
         floated = (
-            _float_operands(invals, eqn.outvars[0].aval.dtype) if name in self.targets else None
+            _float_operands(invals[:2], eqn.outvars[0].aval.dtype) if name in self.targets else None
         )
         if floated is not None:
-            pairs = getattr(self, "_sample_" + name)(eqn, *floated)
+            pairs = getattr(self, "_sample_" + name)(eqn, *floated, *invals[2:])
             if pairs is not None and id(eqn) in self.swapped:  # an einsum's: a is rhs
                 pairs = pairs[::-1]
             if pairs is not None:
@@ -1266,9 +1267,9 @@ class _Recorder(_Rewriter):
         carry, (ys, draws) = _rescan(invals, eqn.params, step)
         # Every iteration drew at the same positions; keep `num` of all the
         # iterations' pairs (different values: the carry and inputs change).
-        for key, (a, b) in zip(keys, draws, strict=True):
-            pick = self._indices(a.size)
-            self._record(key, (a.reshape(-1)[pick], b.reshape(-1)[pick]))
+        for key, arrays in zip(keys, draws, strict=True):
+            pick = self._indices(arrays[0].size)
+            self._record(key, tuple(x.reshape(-1)[pick] for x in arrays))
         return [*carry, *ys]
 
     def _indices(self, size: int):
@@ -1325,6 +1326,34 @@ class _Recorder(_Rewriter):
         keep = np.flatnonzero(valid)
         return lhs[tuple(v[keep] for v in li)], rhs[tuple(v[keep] for v in ri)]
 
+    def _sample_ragged_dot_general(self, eqn, lhs, rhs, group_sizes):
+        """``lax.ragged_dot``'s pairs (other layouts: not sampled), with a validity mask.
+
+        Row ``r`` of ``lhs`` multiplies ``rhs[group(r)]``; rows past
+        ``sum(group_sizes)`` multiply nothing. The group sizes are values of
+        the program, so the draws past them are dropped after it ran (the
+        third array, ``valid``).
+        """
+        p = eqn.params
+        numbers = p.get("ragged_dot_dimension_numbers")
+        layout = (
+            numbers is None
+            or (
+                tuple(map(tuple, numbers.dot_dimension_numbers[0])) == ((1,), (1,))
+                and tuple(map(tuple, numbers.dot_dimension_numbers[1])) == ((), ())
+                and tuple(numbers.lhs_ragged_dimensions) == (0,)
+                and tuple(numbers.rhs_group_dimensions) == (0,)
+            )
+        ) and p.get("group_offset") is None
+        if not layout or lhs.ndim != 2 or rhs.ndim != 3 or lhs.size == 0 or rhs.size == 0:
+            return None
+        num_groups = rhs.shape[0]
+        r, k, j = (self._indices(n) for n in (lhs.shape[0], lhs.shape[1], rhs.shape[2]))
+        group = _group_of(group_sizes, [lhs.shape[0]])[r]
+        return lhs[r, k], rhs[jax.numpy.minimum(group, num_groups - 1), k, j], group < num_groups
+
+    _sample_ragged_dot = _sample_ragged_dot_general
+
 
 def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callable:
     """Samples the operand pairs that each matrix product / convolution of ``fun`` multiplies.
@@ -1338,7 +1367,10 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
     bodies are not sampled), ``num`` pairs ``(a, b)`` are drawn uniformly
     from the pairs it multiplies (the
     left operand / input as ``a``, the right operand / kernel as ``b``);
-    convolution pairs that meet padding or dilation holes are dropped.
+    convolution pairs that meet padding or dilation holes are dropped. The
+    grouped products of ``lax.ragged_dot`` are sampled too (row ``r`` with
+    its group's weights; draws past ``sum(group_sizes)`` are dropped);
+    other ``ragged_dot_general`` layouts are not.
 
     Args:
       fun: The function, as for :func:`approximate` (e.g. ``model.apply``).
@@ -1352,6 +1384,10 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
       it, else the primitive's name; ``#2``, ``#3`` for repeats) to a pair of
       float NumPy arrays ``(a, b)``.
 
+    Raises:
+      TypeError: (from the returned function) when called under ``jax.jit``,
+        ``grad`` or ``vmap``: the samples are NumPy arrays.
+
     Example:
       >>> pairs = approx_jax.operand_samples(model.apply)(params, x)
       >>> for layer, ab in pairs.items():
@@ -1361,6 +1397,14 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
         raise ValueError(f"num must be a positive int, got {num!r}")
 
     def sampled(*args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
+            # (The samples are NumPy arrays, values the caller reads: they
+            # cannot come out of a traced program.)
+            raise TypeError(
+                "operand_samples(fun)(...) returns NumPy arrays and cannot be called under "
+                "jax.jit, grad or vmap (an argument is a tracer): call it outside the "
+                "transformation, on concrete arrays"
+            )
         closed, dyn_leaves, _ = _trace(fun, args, kwargs)
 
         def run(*dyn):
@@ -1369,7 +1413,11 @@ def operand_samples(fun: Callable, *, num: int = 65536, seed: int = 0) -> Callab
             return recorder.samples
 
         samples = jax.jit(run)(*dyn_leaves)
-        return {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in samples.items()}
+        out = {}
+        for key, (a, b, *valid) in samples.items():
+            keep = np.asarray(valid[0]) if valid else slice(None)  # (ragged dots' draws)
+            out[key] = (np.asarray(a)[keep], np.asarray(b)[keep])
+        return out
 
     return sampled
 
