@@ -1,6 +1,6 @@
 """Evaluate an ordinary (unmodified) Flax model on simulated approximate hardware.
 
-  PYTHONPATH=. python examples/approximate_pretrained.py [--epochs 2] [--out approximate_pretrained]
+  PYTHONPATH=. python examples/approximate_pretrained.py [--epochs 2] [--out DIR]
 
 The model below is plain Flax (``nn.Conv`` / ``nn.Dense``, nothing from
 approx_jax). It is trained in float32 on the embedded MNIST digits, then
@@ -10,7 +10,8 @@ jit-compiled call, vmapped over the designs (post-training evaluation, as
 TFApprox / AdaPT do, without swapping any layer). Prints a table of test
 accuracy vs the multiplier's MRED (over all mantissa pairs, and over the
 operand pairs the model's layers multiply: ``approx_jax.operand_samples``)
-and writes it as JSON and a PNG plot.
+and writes it as JSON and a PNG plot into ``--out`` (default
+``runs/approximate_pretrained``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ class CNN(nn.Module):
         return nn.Dense(10)(x)
 
 
+def _label_offsets(xs, ys) -> list[int]:
+    """Vertical offsets (points) of the design names: a name next to an earlier
+    one (mitchell3 and mitchell5 share an accuracy and nearly their MRED) moves
+    a line down instead of printing over it."""
+    spans = [(max(v) - min(v)) or 1.0 for v in (xs, ys)]
+    placed, offsets = [], []
+    for x, y in zip(xs, ys, strict=True):
+        fx, fy = (x - min(xs)) / spans[0], (y - min(ys)) / spans[1]
+        dy = 3
+        while any(abs(fx - px) < 0.15 and abs(fy - py) < 0.08 and d == dy for px, py, d in placed):
+            dy -= 10
+        placed.append((fx, fy, dy))
+        offsets.append(dy)
+    return offsets
+
+
 def _fmt(mred: float) -> str:
     """Four decimals, or two significant digits for tiny values (fp32's rounding)."""
     return "0" if mred == 0 else (f"{mred:.4f}" if mred >= 1e-4 else f"{mred:.1e}")
@@ -57,7 +74,8 @@ def _fmt(mred: float) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", default="approximate_pretrained")
+    # (Under runs/, which git ignores, as the CLI's output folders.)
+    parser.add_argument("--out", default="runs/approximate_pretrained")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,9 +139,11 @@ def main(argv=None):
         json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=1)
     )
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, mred, _, acc in rows[1:]:
-        ax.scatter(mred, 100 * acc)
-        ax.annotate(name, (mred, 100 * acc), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    points = [(name, mred, 100 * acc) for name, mred, _, acc in rows[1:]]
+    offsets = _label_offsets([p[1] for p in points], [p[2] for p in points])
+    for (name, mred, acc), dy in zip(points, offsets, strict=True):
+        ax.scatter(mred, acc)
+        ax.annotate(name, (mred, acc), fontsize=8, xytext=(3, dy), textcoords="offset points")
     ax.axhline(100 * fp32, color="gray", ls="--", label="fp32")
     ax.set_xlabel("MRED of the multiplier (all mantissa pairs)")
     ax.set_ylabel("test accuracy (%)")
