@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 import approx_jax  # noqa: E402
 from approx_jax import multipliers  # noqa: E402
-from approx_jax._src.data import batches, load_mnist  # noqa: E402
+from approx_jax.data import batches, load_mnist  # noqa: E402
 
 DESIGNS = ["truncate7", "mbm7", "mitchell7", "mbm5", "mitchell5", "truncate4", "mbm3", "mitchell3"]
 

@@ -20,7 +20,7 @@ On a CPU the devices are simulated with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set here before JAX
 is imported). For a multi-host run call ``jax.distributed.initialize()``
 first and feed each process its own slice of every batch; the helpers in
-``approx_jax._src.parallel`` are written for both cases.
+``approx_jax.parallel`` are written for both cases.
 
 Usage::
 
@@ -71,7 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from approx_jax._src import multipliers, parallel  # noqa: E402
+from approx_jax import multipliers, parallel  # noqa: E402
 
 
 def load_data(batch_size: int, steps: int, seed: int, random_data: bool):
@@ -80,7 +80,7 @@ def load_data(batch_size: int, steps: int, seed: int, random_data: bool):
     source = "random"
     if not random_data:
         try:
-            from approx_jax._src import data
+            from approx_jax import data
 
             x, y, _, _ = data.load_mnist()
             source = "mnist"

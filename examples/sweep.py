@@ -18,7 +18,7 @@ import optax
 
 import approx_jax
 from approx_jax import characterize, models, multipliers
-from approx_jax._src.data import batches, load_mnist
+from approx_jax.data import batches, load_mnist
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument(

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from approx_jax import models, multipliers
-from approx_jax._src.data import batches, load_mnist
+from approx_jax.data import batches, load_mnist
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("multiplier", nargs="?", default="mbm7", help="a name, X_M.bin or f.c:fn@M")
