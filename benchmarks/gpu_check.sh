@@ -124,12 +124,17 @@ fi
 step bench-gpu 230 bash -c "cd /tmp && OUT='$OUT' '$PY' '$REPO/benchmarks/bench_gpu.py' ${BENCH_GPU_ARGS:-}"
 # vmap over 8 designs vs 8 single calls on the GPU (issue 4), if time is left.
 step bench-vmap 90 bash -c "cd /tmp && '$PY' '$REPO/benchmarks/bench_vmap.py' --reps 3 > '$OUT/bench_vmap.txt' 2>&1; rc=\$?; tail -20 '$OUT/bench_vmap.txt'; exit \$rc"
+# The CUDA launchers natively against the reference, every knob, then under
+# compute-sanitizer's racecheck and memcheck (what the CPU emulation cannot
+# see), if time is left.
+step native-check 150 bash -c "nvcc -std=c++17 -O2 --fmad=false -ftz=false -arch=sm_90 -Ixla_kernels -Itools tools/gpu_native_check.cu xla_kernels/cuda_kernels.cu xla_kernels/cuda_gemm_expanded.cu -o '$OUT/gnc' && '$OUT/gnc' > '$OUT/native_check.txt' 2>&1; rc=\$?; tail -5 '$OUT/native_check.txt'; [ \$rc -eq 0 ] || exit \$rc; command -v compute-sanitizer > /dev/null || { echo 'no compute-sanitizer'; exit 0; }; for tool in racecheck memcheck; do compute-sanitizer --tool \$tool --error-exitcode 3 '$OUT/gnc' small > '$OUT/native_check_\$tool.txt' 2>&1 || { tail -20 '$OUT/native_check_\$tool.txt'; exit 3; }; tail -2 '$OUT/native_check_\$tool.txt'; done; rm -f '$OUT/gnc'"
 rm -rf "$TESTDIR"
 
 {
   echo "---- total $(( $(date +%s) - T0 ))s (budget ${BUDGET}s)"
   echo "---- pytest-gpu tail:"; tail -5 "$OUT/pytest_gpu.txt" 2>/dev/null
   echo "---- pytest-core-cuda tail:"; tail -5 "$OUT/pytest_core_cuda.txt" 2>/dev/null
+  echo "---- native-check tail:"; tail -3 "$OUT/native_check.txt" 2>/dev/null
   echo "---- bench_vmap (8 designs in one call vs 8 calls):"; tail -12 "$OUT/bench_vmap.txt" 2>/dev/null
   echo "---- benchmark (ratios approx/native):"
   grep -E "^(GEMM|R18|conv|LeNet|ResNet|target)|^opt-in variants|^  (GEMM|R18) " "$LOG" | tail -100

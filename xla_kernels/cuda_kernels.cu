@@ -765,7 +765,7 @@ std::string LaunchApproxGemm(const CudaGemmProblem& p, const CudaGemmPlan& plan,
   if (std::string err = QueryDevice(&dev); !err.empty()) return err;
   cudaError_t e = cudaSuccess;
 
-  GemmParams gp;
+  GemmParams gp{};  // (value-initialised: a plan leaves some fields unused)
   gp.a = p.a;
   gp.b = p.b;
   gp.lut = p.lut;
