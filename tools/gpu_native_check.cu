@@ -44,17 +44,26 @@ struct Config {
 const Config kConfigs[] = {
     {"default", {{nullptr, nullptr}}},
     {"lut-kernel", {{"APPROX_JAX_CUDA_EXPANDED", "0"}, {nullptr, nullptr}}},
-    {"lut-4kb", {{"APPROX_JAX_CUDA_EXPANDED", "0"}, {"APPROX_JAX_CUDA_LUT_SMEM_KB", "4"}, {nullptr, nullptr}}},
-    {"lut-global", {{"APPROX_JAX_CUDA_EXPANDED", "0"}, {"APPROX_JAX_CUDA_LUT_SMEM_KB", "0"}, {nullptr, nullptr}}},
+    {"lut-4kb",
+     {{"APPROX_JAX_CUDA_EXPANDED", "0"}, {"APPROX_JAX_CUDA_LUT_SMEM_KB", "4"}, {nullptr, nullptr}}},
+    {"lut-global",
+     {{"APPROX_JAX_CUDA_EXPANDED", "0"}, {"APPROX_JAX_CUDA_LUT_SMEM_KB", "0"}, {nullptr, nullptr}}},
     {"lut-global-noformula",
-     {{"APPROX_JAX_CUDA_EXPANDED", "0"}, {"APPROX_JAX_CUDA_LUT_SMEM_KB", "0"}, {"APPROX_JAX_CUDA_FORMULA", "0"}, {nullptr, nullptr}}},
+     {{"APPROX_JAX_CUDA_EXPANDED", "0"},
+      {"APPROX_JAX_CUDA_LUT_SMEM_KB", "0"},
+      {"APPROX_JAX_CUDA_FORMULA", "0"},
+      {nullptr, nullptr}}},
     {"split3", {{"APPROX_JAX_CUDA_SPLIT_K", "3"}, {nullptr, nullptr}}},
-    {"split3-lut", {{"APPROX_JAX_CUDA_SPLIT_K", "3"}, {"APPROX_JAX_CUDA_EXPANDED", "0"}, {nullptr, nullptr}}},
+    {"split3-lut",
+     {{"APPROX_JAX_CUDA_SPLIT_K", "3"}, {"APPROX_JAX_CUDA_EXPANDED", "0"}, {nullptr, nullptr}}},
     {"two-blocks", {{"APPROX_JAX_CUDA_EXPANDED_BLOCKS", "2"}, {nullptr, nullptr}}},
     {"no-narrow", {{"APPROX_JAX_CUDA_NARROW", "0"}, {nullptr, nullptr}}},
     {"m7-bk8", {{"APPROX_JAX_CUDA_EXPANDED_M7_BK", "8"}, {nullptr, nullptr}}},
     {"fill", {{"APPROX_JAX_CUDA_EXPANDED_FILL", "1"}, {nullptr, nullptr}}},
-    {"fill-m7-bk8", {{"APPROX_JAX_CUDA_EXPANDED_FILL", "1"}, {"APPROX_JAX_CUDA_EXPANDED_M7_BK", "8"}, {nullptr, nullptr}}},
+    {"fill-m7-bk8",
+     {{"APPROX_JAX_CUDA_EXPANDED_FILL", "1"},
+      {"APPROX_JAX_CUDA_EXPANDED_M7_BK", "8"},
+      {nullptr, nullptr}}},
 };
 const char* kKnobs[] = {"APPROX_JAX_CUDA_EXPANDED",        "APPROX_JAX_CUDA_LUT_SMEM_KB",
                         "APPROX_JAX_CUDA_FORMULA",         "APPROX_JAX_CUDA_SPLIT_K",
@@ -63,13 +72,13 @@ const char* kKnobs[] = {"APPROX_JAX_CUDA_EXPANDED",        "APPROX_JAX_CUDA_LUT_
 
 int g_fail = 0, g_runs = 0;
 
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
       std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(2);                                                                    \
-    }                                                                                  \
+      std::exit(2);                                                                        \
+    }                                                                                      \
   } while (0)
 
 template <class T>
@@ -143,16 +152,18 @@ void RunCase(const Case& c, int misalign, std::mt19937& rng, cudaStream_t stream
     ++g_runs;
     int64_t diff = 0, first = -1;
     for (int64_t i = 0; i < outs; ++i) {
-      const bool same = FloatBits(got[i]) == FloatBits(ref[i]) ||
-                        (std::isnan(got[i]) && std::isnan(ref[i]));
+      const bool same =
+          FloatBits(got[i]) == FloatBits(ref[i]) || (std::isnan(got[i]) && std::isnan(ref[i]));
       if (!same && diff++ == 0) first = i;
     }
     if (!err.empty() || diff) {
       ++g_fail;
-      std::printf("FAIL %s D=%lld B=%lld %lldx%lldx%lld M=%d misalign=%d splits=%lld par=%d err='%s' diffs=%lld",
-                  cfg.name, (long long)c.designs, (long long)c.batch, (long long)c.m, (long long)c.k,
-                  (long long)c.n, c.mbits, misalign, (long long)plan.splits, plan.parallel ? 1 : 0,
-                  err.c_str(), (long long)diff);
+      std::printf(
+          "FAIL %s D=%lld B=%lld %lldx%lldx%lld M=%d misalign=%d splits=%lld par=%d err='%s' "
+          "diffs=%lld",
+          cfg.name, (long long)c.designs, (long long)c.batch, (long long)c.m, (long long)c.k,
+          (long long)c.n, c.mbits, misalign, (long long)plan.splits, plan.parallel ? 1 : 0,
+          err.c_str(), (long long)diff);
       if (first >= 0)
         std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(got[first]),
                     FloatBits(ref[first]));
@@ -211,8 +222,8 @@ int main(int argc, char** argv) {
   const int ms_small[] = {3, 7, 8};
   const int ms_all[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 11};
   const int64_t shapes_small[][3] = {{33, 17, 65}, {130, 37, 64}};
-  const int64_t shapes_all[][3] = {{1, 1, 1},     {3, 5, 7},      {33, 17, 65},   {130, 37, 64},
-                                   {70, 40, 130}, {260, 12, 9},   {300, 33, 72},  {517, 129, 257},
+  const int64_t shapes_all[][3] = {{1, 1, 1},     {3, 5, 7},      {33, 17, 65},  {130, 37, 64},
+                                   {70, 40, 130}, {260, 12, 9},   {300, 33, 72}, {517, 129, 257},
                                    {5, 4100, 7},  {64, 4096, 64}, {9, 5000, 66}};
   int idx = 0;
   for (int m : small ? std::vector<int>(std::begin(ms_small), std::end(ms_small))
@@ -269,8 +280,8 @@ int main(int argc, char** argv) {
     int64_t diff = 0;
     for (int64_t d = 0; d < designs; ++d)
       for (int64_t i = 0; i < n; ++i)
-        if (FloatBits(got[d * n + i]) !=
-            ApproxMulBits(FloatBits(a[d * n + i]), FloatBits(b[i]), lut.data() + d * p.lut_design_stride, m))
+        if (FloatBits(got[d * n + i]) != ApproxMulBits(FloatBits(a[d * n + i]), FloatBits(b[i]),
+                                                       lut.data() + d * p.lut_design_stride, m))
           ++diff;
     ++g_runs;
     if (!err.empty() || diff) {
