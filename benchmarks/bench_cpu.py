@@ -154,7 +154,8 @@ def main(argv=None):
         table.add_row(
             case, mult, f"{ta * 1e3:.2f}", f"{tn * 1e3:.2f}", f"{tn / ta:.3f}x", f"{ta / tn:.2f}x"
         )
-    Console().print(table)
+    # Redirected to a file, rich would wrap the table at 80 columns (cells split).
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
