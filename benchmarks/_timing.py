@@ -15,28 +15,36 @@ def block(tree):
     )
 
 
-def alternating_medians(fns: dict, reps: int = 7, warmup: int = 3) -> dict:
-    """Median wall time of each zero-argument function, measured alternately.
+def alternating_samples(
+    fns: dict, reps: int = 7, warmup: int = 3, budget_s: float | None = None
+) -> dict:
+    """Wall times of each zero-argument function, measured alternately.
 
     Alternating the candidates inside one loop exposes them to the same
     machine noise, so their *ratio* is meaningful even on a busy VM.
 
     Args:
       fns: name -> callable returning JAX arrays.
-      reps: timed repetitions per function.
+      reps: timed repetitions (rounds) per function.
       warmup: untimed calls per function, alternated too (compilation happens
         here; with one warm-up call the native op of a new shape measured
         3.3-3.5 ms instead of 1.8-2.0 ms, 8192x576x64 right after 1024^3).
+      budget_s: when set, no round starts once the timed rounds have taken
+        this long and at least two are done (fewer reps for a slow case).
 
     Returns:
-      name -> median seconds.
+      name -> list of seconds, one per round (the i-th entries of two
+      candidates come from the same round).
     """
     for _ in range(warmup):
         for fn in fns.values():
             block(fn())
     samples = {name: [] for name in fns}
     order = list(fns.items())
+    t_all = time.perf_counter()
     for rep in range(reps):
+        if budget_s is not None and rep >= 2 and time.perf_counter() - t_all > budget_s:
+            break
         # Every other rep in reverse order, so that no candidate always runs
         # right after the same other one (what it leaves in caches and
         # threads counts: with the approximate op always first, its GEMM
@@ -45,6 +53,17 @@ def alternating_medians(fns: dict, reps: int = 7, warmup: int = 3) -> dict:
             t0 = time.perf_counter()
             block(fn())
             samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def alternating_medians(fns: dict, reps: int = 7, warmup: int = 3) -> dict:
+    """Median wall time of each zero-argument function, measured alternately
+    (``alternating_samples``; same arguments).
+
+    Returns:
+      name -> median seconds.
+    """
+    samples = alternating_samples(fns, reps, warmup)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

@@ -1,14 +1,20 @@
 """GPU speed of approximate GEMM, conv and train steps vs native XLA ops.
 
-Median wall time (after warm-up, ``block_until_ready``, several reps) of each
-approximate op and of its native counterpart on the first GPU, and their
-ratio (approx / native = slowdown). Writes ``$OUT/bench_gpu.json`` (``OUT``
-defaults to ``./bench_out``). Every section is guarded: a missing piece of the
-package prints ``n/a`` instead of stopping the script. Sized to finish in well
-under 4 minutes on an H200.
+Median wall time of each approximate op and of its native counterpart on the
+first GPU, and their ratio (approx / native = slowdown). Every ratio comes
+from one alternated measurement: the approximate op, the native op (and, where
+a row compares them, the bf16 GEMM, the TF32 train step or an opt-in
+variant's default) run in turns in the same rounds, every other round in
+reverse order (``_timing.alternating_samples``, as bench_cpu.py), after
+untimed warm-up calls (compilation) of each, with ``block_until_ready``.
+Writes ``$OUT/bench_gpu.json`` (``OUT`` defaults to ``./bench_out``; each row
+also holds its per-round samples) after every row. Every section is guarded:
+a missing piece of the package prints ``n/a`` instead of stopping the
+script. Sized to finish in well under 4 minutes on an H200.
 
 Usage:
-  python benchmarks/bench_gpu.py [--quick] [--mbits 3,5,7,11]
+  python benchmarks/bench_gpu.py [--quick] [--mbits 3,5,7,11] [--reps 5]
+  python benchmarks/bench_gpu.py --cpu --quick --reps 1   # smoke test on the CPU
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _designs import random_design  # noqa: E402
-from _timing import alternating_medians, block  # noqa: E402
+from _timing import alternating_samples  # noqa: E402
 
 ROWS: list[dict] = []
 T_START = time.perf_counter()
@@ -37,19 +43,46 @@ T_START = time.perf_counter()
 JSON_OUT: dict = {}
 
 
-def median_time(fn, reps: int, warmup: int = 1, budget_s: float = 20.0) -> float:
-    """Median seconds of ``fn()`` (reps reduced if one call is slow)."""
-    for _ in range(warmup):
-        block(fn())
-    samples = []
-    t_all = time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        block(fn())
-        samples.append(time.perf_counter() - t0)
-        if time.perf_counter() - t_all > budget_s and len(samples) >= 2:
-            break
-    return statistics.median(samples)
+# Untimed calls of each candidate before the timed rounds (main: 2 on a GPU,
+# 1 in the --cpu smoke test).
+WARMUP = [2]
+# Opt-in variants: timed rounds (their verdict needs several samples).
+VARIANT_REPS = 5
+
+
+def timed(fns: dict, reps: int, budget_s: float = 20.0) -> dict:
+    """Per-round seconds of each candidate, measured alternately in the same
+    rounds (reps reduced if one round is slow)."""
+    return alternating_samples(fns, reps=reps, warmup=WARMUP[0], budget_s=budget_s)
+
+
+def med(samples: dict) -> dict:
+    """name -> median seconds."""
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def variant_verdict(default_s: list, variant_s: list) -> str:
+    """Whether an opt-in variant beats its default, allowing for noise.
+
+    Rule: "faster" only when the medians differ by more than 3% AND the
+    difference exceeds the spread of the alternated samples, i.e. every
+    variant sample is below every default sample of the same rounds (the
+    two ranges do not overlap); "slower" the other way round; otherwise
+    "same" (within the noise, or under 3%). Two sets of 5 samples of one
+    distribution fail to overlap in a given direction with probability
+    2/252 < 1%, so a spurious verdict among the ~20 variants is unlikely
+    (the ratio of medians of 5 beyond +-3% alone called 17 of 20 variants
+    "faster" or "slower" in a --cpu run, where the CUDA knobs do nothing).
+    Fewer than 3 samples each: no verdict.
+    """
+    if min(len(default_s), len(variant_s)) < 3:
+        return "too few samples"
+    speedup = statistics.median(default_s) / statistics.median(variant_s)
+    if speedup > 1.03 and max(variant_s) < min(default_s):
+        return "faster"
+    if speedup < 0.97 and min(variant_s) > max(default_s):
+        return "slower"
+    return "same"
 
 
 def record(
@@ -61,9 +94,12 @@ def record(
     note: str = "",
     base: str | None = None,
     paired_default_s: float | None = None,
+    samples: dict | None = None,
 ):
     """One result row; `base`: the case this row is an opt-in variant of, and
-    `paired_default_s` the default's time measured alternately with it."""
+    `paired_default_s` the default's time measured alternately with it;
+    `samples`: the per-round seconds of each candidate of the alternated
+    measurement the medians come from."""
     row = dict(
         case=case,
         multiplier=multiplier,
@@ -76,6 +112,10 @@ def record(
         row["base"] = base
     if paired_default_s is not None:
         row["paired_default_s"] = paired_default_s
+    if samples is not None:
+        row["samples_s"] = samples
+        if base is not None and "default" in samples and "variant" in samples:
+            row["verdict"] = variant_verdict(samples["default"], samples["variant"])
     if approx_s is not None and native_s:
         row["ratio"] = approx_s / native_s
     ROWS.append(row)
@@ -101,21 +141,27 @@ def write_json() -> None:
 
 
 def print_variant_summary():
-    """Each opt-in variant's time against its default, to decide defaults.
-
-    Against the default timed alternately with the variant (same noise)
-    where there is one, else against the default's own row.
-    """
-    times = {(r["case"], r["multiplier"]): r["approx_s"] for r in ROWS if "base" not in r}
+    """Each opt-in variant's time against its default, to decide defaults:
+    the medians of the default and the variant timed alternately (same
+    noise), the verdict (``variant_verdict``'s rule) and each one's range."""
     lines = []
     for r in ROWS:
-        base_t = r.get("paired_default_s") or times.get((r.get("base"), r["multiplier"]))
-        if base_t and r["approx_s"]:
-            speedup = base_t / r["approx_s"]
-            verdict = "faster" if speedup > 1.03 else "slower" if speedup < 0.97 else "same"
-            lines.append(f"  {r['case']:40s} {r['multiplier']:8s} {speedup:5.2f}x ({verdict})")
+        s = r.get("samples_s") or {}
+        if "verdict" not in r or not r.get("paired_default_s") or not r["approx_s"]:
+            continue
+        speedup = r["paired_default_s"] / r["approx_s"]
+        spread = ", ".join(
+            f"{name} {min(s[name]) * 1e3:.3f}-{max(s[name]) * 1e3:.3f} ms"
+            for name in ("default", "variant")
+        )
+        lines.append(
+            f"  {r['case']:40s} {r['multiplier']:8s} {speedup:5.2f}x ({r['verdict']})  {spread}"
+        )
     if lines:
-        print("opt-in variants, default time / variant time:")
+        print(
+            "opt-in variants, default time / variant time (faster/slower: > 3% and "
+            "the sample ranges do not overlap; else same):"
+        )
         print("\n".join(lines))
 
 
@@ -159,20 +205,26 @@ def _op(name):
     return fn
 
 
-def _paired_variant(run, knob: str, value: str, reps: int = 5) -> tuple[float, float]:
-    """Median seconds of ``run()`` without and with an env knob, measured alternately.
+def _with_env(run, knob: str, value: str):
+    """``run`` with an env knob set during each call (read at each launch)."""
+
+    def call():
+        with _env(knob, value):
+            return run()
+
+    return call
+
+
+def _paired_variant(run, knob: str, value: str, native) -> dict:
+    """Per-round seconds of ``run()`` without ("default") and with
+    ("variant") an env knob and of ``native()``, measured alternately.
 
     (Variants timed apart from their default, a median of 3 after it,
     followed the GPU's own drift: one native layer took 0.46 and 0.75 ms in
     two runs.)
     """
-
-    def with_knob():
-        with _env(knob, value):
-            return run()
-
-    times = alternating_medians({"default": run, "variant": with_knob}, reps=reps, warmup=1)
-    return times["default"], times["variant"]
+    fns = {"default": run, "variant": _with_env(run, knob, value), "native": native}
+    return timed(fns, VARIANT_REPS)
 
 
 @contextlib.contextmanager
@@ -200,36 +252,46 @@ def bench_gemm(device, sizes, mbits_list, reps):
         native = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
         xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
         native_bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-        t_native = median_time(lambda: native(x, w), reps)
-        t_bf16 = median_time(lambda: native_bf16(xb, wb), reps)
+        call_native = lambda: native(x, w)
+        call_bf16 = lambda: native_bf16(xb, wb)
+        samples = timed({"native": call_native, "bf16": call_bf16}, reps)
+        t = med(samples)
         flops = 2.0 * n**3
         record(
             f"GEMM {n}^3 native f32 HIGHEST",
             "-",
-            t_native,
-            t_native,
+            t["native"],
+            t["native"],
             "f32 HIGHEST",
-            f"{flops / t_native / 1e12:.1f} TFLOP/s",
+            f"{flops / t['native'] / 1e12:.1f} TFLOP/s",
+            samples=samples,
         )
         record(
             f"GEMM {n}^3 native bf16",
             "-",
-            t_bf16,
-            t_native,
+            t["bf16"],
+            t["native"],
             "f32 HIGHEST",
-            f"{flops / t_bf16 / 1e12:.1f} TFLOP/s",
+            f"{flops / t['bf16'] / 1e12:.1f} TFLOP/s",
+            samples=samples,
         )
         for mbits in mbits_list:
             m = mb.mbm(mbits)
             approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
-            t = median_time(lambda: approx(x, w), reps if mbits <= 7 else max(2, reps // 2))
+            samples = timed(
+                {"approx": lambda: approx(x, w), "native": call_native, "bf16": call_bf16},
+                reps if mbits <= 7 else max(2, reps // 2),
+            )
+            t = med(samples)
             record(
                 f"GEMM {n}^3",
                 f"mbm{mbits}",
-                t,
-                t_native,
+                t["approx"],
+                t["native"],
                 "f32 HIGHEST",
-                f"{flops / t / 1e12:.2f} TFLOP/s-equiv; vs bf16 {t / t_bf16:.1f}x",
+                f"{flops / t['approx'] / 1e12:.2f} TFLOP/s-equiv; "
+                f"vs bf16 {t['approx'] / t['bf16']:.1f}x",
+                samples=samples,
             )
             # The same GEMM another way (an env knob read at each launch;
             # same bits): at M >= 8, every LUT entry read from global memory
@@ -251,30 +313,36 @@ def bench_gemm(device, sizes, mbits_list, reps):
             if mbits in (5, 7) and n >= 4096:
                 variants.append(("APPROX_JAX_CUDA_NARROW", "0", f"GEMM {n}^3 all 2^M planes"))
             for knob, value, case in variants:
-                t_default, t = _paired_variant(lambda: approx(x, w), knob, value)
+                samples = _paired_variant(lambda: approx(x, w), knob, value, call_native)
+                t = med(samples)
                 record(
                     case,
                     f"mbm{mbits}",
-                    t,
-                    t_native,
+                    t["variant"],
+                    t["native"],
                     "f32 HIGHEST",
-                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
+                    f"{flops / t['variant'] / 1e12:.2f} TFLOP/s-equiv",
                     base=f"GEMM {n}^3",
-                    paired_default_s=t_default,
+                    paired_default_s=t["default"],
+                    samples=samples,
                 )
             if mbits == 7 and n >= 4096:
                 # A LUT with no structure (every index bit matters): the
                 # expanded kernel's cost at the full width.
                 m_rand = random_design(mbits)
                 rand = jax.jit(lambda a, b: approx_dot(a, b, m_rand))
-                t = median_time(lambda: rand(x, w), 3, budget_s=5.0)
+                samples = timed(
+                    {"approx": lambda: rand(x, w), "native": call_native}, 3, budget_s=5.0
+                )
+                t = med(samples)
                 record(
                     f"GEMM {n}^3",
                     f"random{mbits}",
-                    t,
-                    t_native,
+                    t["approx"],
+                    t["native"],
                     "f32 HIGHEST",
-                    f"{flops / t / 1e12:.2f} TFLOP/s-equiv",
+                    f"{flops / t['approx'] / 1e12:.2f} TFLOP/s-equiv",
+                    samples=samples,
                 )
 
 
@@ -289,20 +357,38 @@ def bench_gemm_weight_grad(device, mbits_list, reps):
         x = jax.device_put(rng.standard_normal((rows, k), np.float32), device)
         w = jax.device_put(rng.standard_normal((k, n), np.float32), device)
         native = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
-        t_native = median_time(lambda: native(x, w), reps)
+        call_native = lambda: native(x, w)
         case = f"GEMM dW {rows}x{k}x{n}"
         for mbits in [m for m in mbits_list if m <= 7] or [7]:
             m = mb.mbm(mbits)
             approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
-            t = median_time(lambda: approx(x, w), reps)
-            record(case, f"mbm{mbits}", t, t_native, "f32 HIGHEST", "split-K auto")
+            samples = timed({"approx": lambda: approx(x, w), "native": call_native}, reps)
+            t = med(samples)
+            record(
+                case,
+                f"mbm{mbits}",
+                t["approx"],
+                t["native"],
+                "f32 HIGHEST",
+                "split-K auto",
+                samples=samples,
+            )
         if mbits_list:
             # Same op with split-K disabled (env read at each launch).
             m = mb.mbm(7)
             approx = jax.jit(lambda a, b, m=m: approx_dot(a, b, m))
-            with _env("APPROX_JAX_CUDA_SPLIT_K", "1"):
-                t = median_time(lambda: approx(x, w), 2, budget_s=5.0)
-            record(case, "mbm7", t, t_native, "f32 HIGHEST", "split-K off")
+            split_k_off = _with_env(lambda: approx(x, w), "APPROX_JAX_CUDA_SPLIT_K", "1")
+            samples = timed({"approx": split_k_off, "native": call_native}, 2, budget_s=5.0)
+            t = med(samples)
+            record(
+                case,
+                "mbm7",
+                t["approx"],
+                t["native"],
+                "f32 HIGHEST",
+                "split-K off",
+                samples=samples,
+            )
 
 
 @guarded("ResNet-18 GEMMs")
@@ -326,15 +412,18 @@ def bench_resnet_gemms(device, reps):
     for name, rows, k, n in shapes:
         x = jax.device_put(rng.standard_normal((rows, k), np.float32), device)
         w = jax.device_put(rng.standard_normal((k, n), np.float32), device)
-        t_native = median_time(lambda: native(x, w), reps)
-        t = median_time(lambda: approx(x, w), reps)
+        call_approx = lambda: approx(x, w)
+        call_native = lambda: native(x, w)
+        samples = timed({"approx": call_approx, "native": call_native}, reps)
+        t = med(samples)
         record(
             f"R18 {name} {rows}x{k}x{n}",
             "mbm7",
-            t,
-            t_native,
+            t["approx"],
+            t["native"],
             "f32 HIGHEST",
-            f"{2.0 * rows * k * n / t / 1e12:.2f} TFLOP/s-equiv",
+            f"{2.0 * rows * k * n / t['approx'] / 1e12:.2f} TFLOP/s-equiv",
+            samples=samples,
         )
         # Opt-in variants (env knobs read at each launch; same bits): the
         # 128 x 64 tile where it fills the SMs' waves better (layers 3-4 have
@@ -343,16 +432,18 @@ def bench_resnet_gemms(device, reps):
             ("APPROX_JAX_CUDA_EXPANDED_FILL", "1", "fill tile"),
             ("APPROX_JAX_CUDA_EXPANDED_M7_BK", "8", "kBK 8"),
         ):
-            t_default, t_var = _paired_variant(lambda: approx(x, w), knob, value)
+            samples = _paired_variant(call_approx, knob, value, call_native)
+            t = med(samples)
             record(
                 f"R18 {name} {label}",
                 "mbm7",
-                t_var,
-                t_native,
+                t["variant"],
+                t["native"],
                 "f32 HIGHEST",
-                f"{2.0 * rows * k * n / t_var / 1e12:.2f} TFLOP/s-equiv",
+                f"{2.0 * rows * k * n / t['variant'] / 1e12:.2f} TFLOP/s-equiv",
                 base=f"R18 {name} {rows}x{k}x{n}",
-                paired_default_s=t_default,
+                paired_default_s=t["default"],
+                samples=samples,
             )
 
 
@@ -369,7 +460,7 @@ def bench_conv(device, batch, mbits_list, reps):
             a, b, (1, 1), "SAME", dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST
         )
     )
-    t_native = median_time(lambda: native(x, k), reps)
+    call_native = lambda: native(x, k)
     case = f"conv3x3 {batch}x56x56x64->64 SAME fwd"
     for mbits in mbits_list:
         m = mb.mbm(mbits)
@@ -378,8 +469,9 @@ def bench_conv(device, batch, mbits_list, reps):
                 a, b, m, window_strides=(1, 1), padding="SAME", dimension_numbers=dn
             )
         )
-        t = median_time(lambda: approx(x, k), reps)
-        record(case, f"mbm{mbits}", t, t_native, "lax.conv f32")
+        samples = timed({"approx": lambda: approx(x, k), "native": call_native}, reps)
+        t = med(samples)
+        record(case, f"mbm{mbits}", t["approx"], t["native"], "lax.conv f32", samples=samples)
 
     def native_loss(a, b):
         y = jax.lax.conv_general_dilated(
@@ -388,7 +480,6 @@ def bench_conv(device, batch, mbits_list, reps):
         return jnp.sum(y * y)
 
     native_g = jax.jit(jax.grad(native_loss, argnums=(0, 1)))
-    t_native_g = median_time(lambda: native_g(x, k), reps)
     m = mb.mbm(7)
 
     def approx_loss(a, b):
@@ -396,8 +487,16 @@ def bench_conv(device, batch, mbits_list, reps):
         return jnp.sum(y * y)
 
     approx_g = jax.jit(jax.grad(approx_loss, argnums=(0, 1)))
-    t = median_time(lambda: approx_g(x, k), reps)
-    record(f"conv3x3 {batch}x56x56x64->64 fwd+bwd", "mbm7", t, t_native_g, "lax.conv f32")
+    samples = timed({"approx": lambda: approx_g(x, k), "native": lambda: native_g(x, k)}, reps)
+    t = med(samples)
+    record(
+        f"conv3x3 {batch}x56x56x64->64 fwd+bwd",
+        "mbm7",
+        t["approx"],
+        t["native"],
+        "lax.conv f32",
+        samples=samples,
+    )
 
 
 def _train_step_bench(name, model_name, batch, device, reps, mbits=7):
@@ -435,18 +534,31 @@ def _train_step_bench(name, model_name, batch, device, reps, mbits=7):
     native = make_step(mb.exact())
     native_tf32 = make_step(mb.exact())
     approx = make_step(mb.mbm(mbits))
-    with jax.default_matmul_precision("highest"):
-        t_native = median_time(lambda: native(params, state, x, y), reps)
-    t_tf32 = median_time(lambda: native_tf32(params, state, x, y), reps)
-    t = median_time(lambda: approx(params, state, x, y), reps)
+
+    def call_native():
+        # (Entered at every call: the precision is part of jit's cache key,
+        # so a call outside it would run the step at the default precision.)
+        with jax.default_matmul_precision("highest"):
+            return native(params, state, x, y)
+
+    samples = timed(
+        {
+            "approx": lambda: approx(params, state, x, y),
+            "native": call_native,
+            "tf32": lambda: native_tf32(params, state, x, y),
+        },
+        reps,
+    )
+    t = med(samples)
     shape = "x".join(map(str, input_shape))
     record(
         f"{name} train step ({batch}x{shape})",
         f"mbm{mbits}",
-        t,
-        t_native,
+        t["approx"],
+        t["native"],
         "f32 HIGHEST",
-        f"vs default precision (TF32 on GPU) {t / t_tf32:.1f}x",
+        f"vs default precision (TF32 on GPU) {t['approx'] / t['tf32']:.1f}x",
+        samples=samples,
     )
 
 
@@ -466,7 +578,13 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="1024^3 only, fewer reps")
     parser.add_argument("--mbits", default="3,5,7,11")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed alternated rounds per case")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls of each candidate before its timed rounds (default 2; 1 with --cpu)",
+    )
     parser.add_argument("--only", default="gemm,conv,lenet5,resnet18")
     parser.add_argument(
         "--cpu",
@@ -479,6 +597,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     mbits_list = [int(v) for v in args.mbits.split(",")]
     only = set(args.only.split(","))
+    WARMUP[0] = args.warmup if args.warmup is not None else 1 if args.cpu else 2
     try:
         device = jax.devices("cpu" if args.cpu else "gpu")[0]
     except RuntimeError:
