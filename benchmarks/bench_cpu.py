@@ -4,6 +4,8 @@ Prints, for each case, the median time of the approximate op and of the native
 op measured alternately in the same run, and their ratio (native / approx is
 the relative throughput; approx / native the slowdown).
 
+Progress (each case as it is measured) goes to stderr, the table to stdout.
+
 Usage:
   python benchmarks/bench_cpu.py            # full table
   python benchmarks/bench_cpu.py --quick    # smaller shapes, fewer reps
@@ -16,11 +18,19 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -29,6 +39,57 @@ from _timing import alternating_medians, thread_note  # noqa: E402
 
 import approx_jax  # noqa: E402
 from approx_jax import multipliers  # noqa: E402
+
+
+class CaseProgress:
+    """Progress per case on stderr, so that the table on stdout stays clean:
+    one line per measured case, and on a terminal a live bar under them."""
+
+    def __init__(self, total: int):
+        self.console = Console(stderr=True, highlight=False)
+        self.total = total
+        self.done = 0
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal,
+        )
+        self.task = self.bar.add_task("bench_cpu", total=total)
+        self.t_case = 0.0
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, case: str, mult: str) -> None:
+        self.bar.update(self.task, description=f"{case} {mult}")
+        self.t_case = time.perf_counter()
+
+    def finish(self, row) -> None:
+        case, mult, ta, tn = row
+        self.done += 1
+        self.console.print(
+            f"[{self.done}/{self.total}] {case} {mult}: approx {ta * 1e3:.2f} ms, "
+            f"native {tn * 1e3:.2f} ms ({ta / tn:.2f}x) "
+            f"in {time.perf_counter() - self.t_case:.1f} s",
+            markup=False,
+            soft_wrap=True,  # (not wrapped at 80 columns when redirected)
+        )
+        self.bar.advance(self.task)
+
+
+def measure(rows, progress: CaseProgress, case: str, mult: str, fns: dict, reps: int) -> None:
+    """One table row from ``fns`` ("approx", "native") timed alternately."""
+    progress.start(case, mult)
+    t = alternating_medians(fns, reps)
+    rows.append((case, mult, t["approx"], t["native"]))
+    progress.finish(rows[-1])
 
 
 def gemm_cases(quick: bool):
@@ -46,21 +107,19 @@ def gemm_designs(mbits_list):
     return designs + [random_design(m) for m in mbits_list if m >= 7]
 
 
-def bench_gemm(rows, mbits_list, shapes, reps):
+def bench_gemm(rows, progress, designs, shapes, reps):
     rng = np.random.default_rng(0)
     native = jax.jit(lambda x, w: jnp.dot(x, w))
     for m, k, n in shapes:
         x = jnp.asarray(rng.standard_normal((m, k), np.float32))
         w = jnp.asarray(rng.standard_normal((k, n), np.float32))
-        for mult in gemm_designs(mbits_list):
+        for mult in designs:
             approx = jax.jit(lambda x, w, mult=mult: approx_jax.approx_dot(x, w, mult))
-            t = alternating_medians(
-                {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps
-            )
-            rows.append((f"GEMM {m}x{k}x{n}", mult.name, t["approx"], t["native"]))
+            fns = {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}
+            measure(rows, progress, f"GEMM {m}x{k}x{n}", mult.name, fns, reps)
 
 
-def bench_conv(rows, mbits_list, quick, reps):
+def bench_conv(rows, progress, mbits_list, quick, reps):
     rng = np.random.default_rng(1)
     batch = 8 if quick else 32
     x = jnp.asarray(rng.standard_normal((batch, 32, 32, 64), np.float32))
@@ -83,15 +142,12 @@ def bench_conv(rows, mbits_list, quick, reps):
             return jnp.sum(y**2)
 
         approx = jax.jit(jax.grad(approx_loss, argnums=(0, 1)))
-        t = alternating_medians(
-            {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}, reps
-        )
-        rows.append(
-            (f"conv3x3 {batch}x32x32x64->64 fwd+bwd", f"mbm{mbits}", t["approx"], t["native"])
-        )
+        fns = {"approx": lambda: approx(x, w), "native": lambda: native(x, w)}
+        case = f"conv3x3 {batch}x32x32x64->64 fwd+bwd"
+        measure(rows, progress, case, f"mbm{mbits}", fns, reps)
 
 
-def bench_lenet5(rows, mbits_list, reps):
+def bench_lenet5(rows, progress, mbits_list, reps):
     import optax
 
     from approx_jax import models
@@ -120,10 +176,8 @@ def bench_lenet5(rows, mbits_list, reps):
     native = make_step(multipliers.exact())
     for mbits in mbits_list:
         approx = make_step(multipliers.mbm(mbits))
-        t = alternating_medians(
-            {"approx": lambda: approx(params, state), "native": lambda: native(params, state)}, reps
-        )
-        rows.append(("LeNet-5 train step (batch 64)", f"mbm{mbits}", t["approx"], t["native"]))
+        fns = {"approx": lambda: approx(params, state), "native": lambda: native(params, state)}
+        measure(rows, progress, "LeNet-5 train step (batch 64)", f"mbm{mbits}", fns, reps)
 
 
 def main(argv=None):
@@ -141,12 +195,18 @@ def main(argv=None):
     mbits_list = [int(v) for v in args.mbits.split(",")]
     only = set(args.only.split(","))
     rows = []
-    if "gemm" in only:
-        bench_gemm(rows, mbits_list, gemm_cases(args.quick), args.reps)
-    if "conv" in only:
-        bench_conv(rows, [m for m in mbits_list if m <= 7] or mbits_list, args.quick, args.reps)
-    if "lenet5" in only:
-        bench_lenet5(rows, [7], args.reps)
+    designs = gemm_designs(mbits_list) if "gemm" in only else []
+    shapes = gemm_cases(args.quick) if "gemm" in only else []
+    conv_mbits = ([m for m in mbits_list if m <= 7] or mbits_list) if "conv" in only else []
+    lenet_mbits = [7] if "lenet5" in only else []
+    total = len(designs) * len(shapes) + len(conv_mbits) + len(lenet_mbits)
+    with CaseProgress(total) as progress:
+        if shapes:
+            bench_gemm(rows, progress, designs, shapes, args.reps)
+        if conv_mbits:
+            bench_conv(rows, progress, conv_mbits, args.quick, args.reps)
+        if lenet_mbits:
+            bench_lenet5(rows, progress, lenet_mbits, args.reps)
     table = Table(title=f"approx_jax CPU benchmark ({thread_note()}, jax {jax.__version__})")
     for col in ("case", "multiplier", "approx ms", "native ms", "throughput vs native", "slowdown"):
         table.add_column(col)
