@@ -26,7 +26,7 @@ from approx_jax._src.ffi import export_disabled_checks, registered_platforms
 from approx_jax._src.host import tune_cpu_allocator
 from approx_jax._src.multipliers import Multiplier
 from approx_jax._src.ops import approx_dot, approx_matmul, multiply
-from approx_jax._src.transform import approximate, einsum, operand_samples
+from approx_jax._src.transform import approximate, einsum, operand_samples, ragged_dot
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "operand_samples",
     "parallel",
     "plot_heatmaps",
+    "ragged_dot",
     "registered_platforms",
     "tune_cpu_allocator",
 ]

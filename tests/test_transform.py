@@ -662,6 +662,23 @@ def test_ragged_dot_is_the_simulated_dense_product_of_each_group(mult):
     _bits_equal(jax.jit(inside)(lhs, rhs, ct), _ragged_vjp_by_hand(lhs, rhs, ct, RAGGED_SIZES, m))
 
 
+@pytest.mark.parametrize("mult", ["mbm7", "random5"])
+def test_public_ragged_dot_is_each_groups_approx_dot(mult):
+    m = RAGGED_MULTIPLIERS[mult]()
+    lhs, rhs, ct = _ragged_operands(25)
+    sizes = jnp.asarray(RAGGED_SIZES, jnp.int32)
+    _bits_equal(
+        approx_jax.ragged_dot(lhs, rhs, sizes, m), _ragged_by_hand(lhs, rhs, RAGGED_SIZES, m)
+    )
+    _, vjp = jax.vjp(lambda a, b: approx_jax.ragged_dot(a, b, sizes, m), lhs, rhs)
+    _bits_equal(vjp(ct), _ragged_vjp_by_hand(lhs, rhs, ct, RAGGED_SIZES, m))
+    _bits_equal(approx_jax.ragged_dot(lhs, rhs, sizes, "fp32"), _ragged(lhs, rhs))
+    stacked = approx_jax.ragged_dot(lhs, rhs, sizes, multipliers.stack([m, "mitchell3"]))
+    _bits_equal(stacked[1], _ragged_by_hand(lhs, rhs, RAGGED_SIZES, multipliers.get("mitchell3")))
+    with pytest.raises(TypeError, match="lhs must be a floating-point array"):
+        approx_jax.ragged_dot(jnp.ones((10, 6), jnp.int32), rhs, sizes, m)
+
+
 def test_ragged_dot_exact_multiplier_is_the_native_op():
     lhs, rhs, ct = _ragged_operands(21)
     _bits_equal(approx_jax.approximate(_ragged, "fp32")(lhs, rhs), _ragged(lhs, rhs))

@@ -1466,6 +1466,63 @@ def einsum(*operands, multiplier, backward: str = "approx", **kwargs) -> jax.Arr
     return fn(*operands)
 
 
+def ragged_dot(
+    lhs,
+    rhs,
+    group_sizes,
+    multiplier,
+    *,
+    backward: str = "approx",
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.ragged_dot`` (a mixture-of-experts grouped matmul) with simulated products.
+
+    Row ``r`` of ``lhs`` in group ``i`` (contiguous groups of sizes
+    ``group_sizes``, in order) is multiplied with ``rhs[i]``: each output row
+    is bit for bit :func:`approx_dot` of that row with its group's weights
+    (operand ``a`` from ``lhs``, ``b`` from ``rhs``); rows past
+    ``sum(group_sizes)`` are zeros, as in lax. Gradients follow SPEC's
+    backward order (``P(dy, w)``, ``P(x, dy)``). Computed as one simulated
+    dense product per group (``g`` times the products of the ragged dot), as
+    ``approximate`` does for a ``lax.ragged_dot`` inside a function.
+
+    Args:
+      lhs: floating array ``[m, k]``.
+      rhs: floating array ``[g, k, n]``.
+      group_sizes: integer array ``[g]``.
+      multiplier: a ``Multiplier`` or a name such as ``"mbm7"`` (a stack gives
+        a leading design axis; ``"fp32"`` is ``lax.ragged_dot`` itself).
+      backward: ``"approx"`` or ``"exact"`` (see :func:`approx_dot`).
+      precision: ``lax.ragged_dot``'s precision (for ``"fp32"``).
+      preferred_element_type: the result dtype, as for ``lax.ragged_dot``.
+
+    Returns:
+      ``[m, n]`` (with a leading design axis for a stack).
+
+    Raises:
+      TypeError: If ``lhs`` or ``rhs`` is not a floating-point array (its
+        products would not be simulated).
+
+    Example:
+      >>> y = approx_jax.ragged_dot(tokens, expert_weights, group_sizes, "mbm7")
+    """
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating):
+            raise TypeError(
+                f"approx_jax.ragged_dot: {name} must be a floating-point array, got "
+                f"{jax.numpy.result_type(x)} (its products would not be simulated)"
+            )
+    fn = approximate(
+        lambda x, w, sizes: lax.ragged_dot(
+            x, w, sizes, precision=precision, preferred_element_type=preferred_element_type
+        ),
+        multiplier,
+        backward=backward,
+    )
+    return fn(lhs, rhs, group_sizes)
+
+
 def _check_einsum_dtypes(operands) -> None:
     """Raises TypeError for einsum products that would not be simulated.
 
