@@ -189,10 +189,11 @@ def test_nnx_layer_multiplier_can_be_switched():
         "mha": lambda m: ann.MultiHeadAttention(2, 8, multiplier=m, decode=False, rngs=nnx.Rngs(0)),
     }
     for name, make in layers.items():
-        layer = make(m5)
-        layer.multiplier = "mbm7"
-        assert layer.multiplier == m7 and layer.backward == "approx", name
-        np.testing.assert_array_equal(layer(x), make(m7)(x), err_msg=name)
+        for value in ("mbm7", m7):  # a name or a Multiplier (its LUT is array data)
+            layer = make(m5)
+            layer.multiplier = value
+            assert layer.multiplier == m7 and layer.backward == "approx", name
+            np.testing.assert_array_equal(layer(x), make(m7)(x), err_msg=name)
     # The attention layer reports the hooks its projections call.
     mha = layers["mha"](m5)
     mha.out.dot_general = ann.dot_general(m7)

@@ -49,6 +49,15 @@ class _ApproxMixin:
         """The layer's backward mode (``"approx"`` or ``"exact"``)."""
         return self._hook().backward
 
+    def __setattr__(self, name, value):
+        if name == "multiplier":
+            # Straight to the property: nnx.Module.__setattr__ rejects array
+            # data (a Multiplier's LUT) on an attribute it takes for static
+            # before any property setter runs.
+            _ApproxMixin.multiplier.fset(self, value)
+            return
+        super().__setattr__(name, value)
+
 
 class Linear(_ApproxMixin, nnx.Linear):
     """``nnx.Linear`` with simulated products (``x`` = operand ``a``, kernel = ``b``).
