@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen, nnx
 
+import approx_jax
 import approx_jax.nn as ann
 from approx_jax._src import multipliers as mult_lib
 from approx_jax._src import ops, reference
@@ -286,6 +287,55 @@ def test_dot_product_attention_mask_gqa_and_fp32_identity():
         np.float32(1.0), np.repeat(np.asarray(v)[:, 0], 2, axis=-2), m.lut, m.mbits
     )
     np.testing.assert_array_equal(np.asarray(got[:, 0]), want0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nnx_attention_follows_flaxs_two_orders(dtype):
+    # Without dropout and a module to sow into, nnx.dot_product_attention is
+    # jax.nn.dot_product_attention: float32 logits of the unscaled query, then
+    # the scale. With depth 8 the scale 1/sqrt(8) is not a power of two, so
+    # scaling first (Flax's other path, and linen's) gives other products.
+    m = mult_lib.mbm(7)
+    q, k, v = (_x((2, 5, 2, 8), s).astype(dtype) for s in (1, 2, 3))
+    mask = jax.random.bernoulli(jax.random.key(9), 0.7, (2, 2, 5, 5))
+    for kw in ({}, {"mask": mask, "is_causal": True}):
+        want = approx_jax.approximate(
+            lambda q, k, v, kw=kw: nnx.dot_product_attention(q, k, v, **kw), m
+        )
+        got = ann.dot_product_attention(q, k, v, multiplier=m, **kw)
+        np.testing.assert_array_equal(got, want(q, k, v))
+        assert got.dtype == dtype
+    # Flax's other path (dropout configured, here switched off).
+    kw = {"dropout_rate": 0.5, "deterministic": True}
+    want = approx_jax.approximate(lambda q, k, v: nnx.dot_product_attention(q, k, v, **kw), m)
+    np.testing.assert_array_equal(
+        ann.dot_product_attention(q, k, v, multiplier=m, **kw), want(q, k, v)
+    )
+    if dtype == jnp.float32:
+        # The logits against the reference: products of the unscaled query, then the scale.
+        logits, _ = reference.matmul_with_bound(
+            np.asarray(q).transpose(0, 2, 1, 3), np.asarray(k).transpose(0, 2, 3, 1), m.lut, m.mbits
+        )
+        scaled = (logits * np.float32(1 / np.sqrt(8))).astype(np.float32)
+        want_out, abs_sum = reference.matmul_with_bound(
+            np.asarray(jax.nn.softmax(jnp.asarray(scaled))),
+            np.asarray(v).transpose(0, 2, 1, 3),
+            m.lut,
+            m.mbits,
+        )
+        got = np.asarray(ann.dot_product_attention(q, k, v, multiplier=m)).transpose(0, 2, 1, 3)
+        np.testing.assert_allclose(got, want_out, rtol=1e-4, atol=1e-5)
+    # The layer: bit-equal to the Flax layer under approximate(), value and input gradient.
+    flax_mha = nnx.MultiHeadAttention(2, 16, decode=False, dtype=dtype, rngs=nnx.Rngs(0))
+    mha = ann.MultiHeadAttention(2, 16, decode=False, dtype=dtype, multiplier=m, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(flax_mha)
+    x = _x((2, 5, 16))
+    simulated = approx_jax.approximate(lambda s, x: nnx.merge(graph, s)(x), m)
+    np.testing.assert_array_equal(mha(x), simulated(state, x))
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(mha(x).astype(jnp.float32)))(x),
+        jax.grad(lambda x: jnp.sum(simulated(state, x).astype(jnp.float32)))(x),
+    )
 
 
 def test_mha_approx_gradients_and_backward_modes():

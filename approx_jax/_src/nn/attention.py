@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen, nnx
 
 from approx_jax._src import ops
@@ -52,38 +53,7 @@ def _attention_core(
             ),
             multiplier,
         )
-    query = ops.check_float("query", query)
-    key = ops.check_float("key", key)
-    value = ops.check_float("value", value)
-    if dtype is None:
-        dtype = jnp.result_type(query.dtype, key.dtype, value.dtype)
-    query, key, value = (jnp.asarray(t, dtype) for t in (query, key, value))
-    if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
-        raise ValueError(
-            "query, key and value must have the same rank >= 3 ([batch..., length, heads, "
-            f"depth]), got shapes {query.shape}, {key.shape}, {value.shape}"
-        )
-    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
-        raise ValueError(
-            f"query, key, value batch dims must match, got {query.shape}, {key.shape}, "
-            f"{value.shape}"
-        )
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"q, k depths must match, but got {query.shape[-1]} and {key.shape[-1]}.")
-    if key.shape[-3] != value.shape[-3]:
-        raise ValueError(f"k, v lengths must match, but got {key.shape[-3]} and {value.shape[-3]}.")
-    q_heads = query.shape[-2]
-    for name, t in (("key", key), ("value", value)):
-        if q_heads % t.shape[-2]:
-            raise ValueError(
-                f"query heads ({q_heads}) must be a multiple of {name} heads ({t.shape[-2]})"
-            )
-    # Grouped-query attention: query head h uses kv head h // n_rep, as in Flax.
-    if key.shape[-2] != q_heads:
-        key = jnp.repeat(key, q_heads // key.shape[-2], axis=-2)
-    if value.shape[-2] != q_heads:
-        value = jnp.repeat(value, q_heads // value.shape[-2], axis=-2)
-
+    query, key, value, dtype = _prepared(query, key, value, dtype)
     depth = query.shape[-1]
     query = query / jnp.sqrt(depth).astype(dtype)
     # [..., q, h, d] @ [..., k, h, d]^T -> [..., h, q, k]; a = query, b = key.
@@ -125,6 +95,89 @@ def _attention_core(
     return out.astype(dtype)
 
 
+def _attention_core_jax_order(
+    query, key, value, bias, mask, dtype, multiplier, backward, is_causal
+):
+    """Attention in ``jax.nn.dot_product_attention``'s order, both products simulated.
+
+    What ``nnx.dot_product_attention`` computes without dropout and without
+    a module to sow into (it hands over to ``jax.nn.dot_product_attention``,
+    XLA implementation): float32 logits of the *unscaled* query, then the
+    scale, bias and mask (``-0.7 * float32 max``), a float32 softmax cast to
+    the inputs' dtype, then the weights times the value. The scale
+    ``1/sqrt(depth)`` is not a power of two for most depths, so scaling
+    before or after the simulated product gives other products.
+    """
+    if multiplier.is_stack:  # one evaluation per design, one custom call each
+        return ops._over_stack(
+            lambda one: _attention_core_jax_order(
+                query, key, value, bias, mask, dtype, one, backward, is_causal
+            ),
+            multiplier,
+        )
+    query, key, value, dtype = _prepared(query, key, value, dtype)
+    depth = query.shape[-1]
+    # [..., q, h, d] @ [..., k, h, d]^T -> [..., h, q, k]; a = query, b = key.
+    # (float32 logits, as jax's preferred_element_type: the products of
+    # narrower inputs are those of their float32 values.)
+    qh = jnp.swapaxes(query, -3, -2).astype(jnp.float32)
+    kh = jnp.moveaxis(key, -3, -1).astype(jnp.float32)
+    logits = ops.approx_matmul(qh, kh, multiplier, backward)
+    logits = logits * jnp.asarray(1.0 / np.sqrt(depth), jnp.float32)
+    if bias is not None:
+        logits = (logits + bias).astype(logits.dtype)
+    if mask is not None or is_causal:
+        combined = jnp.ones_like(logits, dtype=bool)
+        if mask is not None:
+            combined = jnp.logical_and(combined, jnp.asarray(mask).astype(bool))
+        if is_causal:
+            t_len, s_len = logits.shape[-2:]
+            combined = jnp.logical_and(combined, jnp.tril(jnp.ones((t_len, s_len), dtype=bool)))
+        large_negative = jnp.asarray(-0.7 * np.finfo(np.float32).max, jnp.float32)
+        logits = jnp.where(combined, logits, large_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    # [..., h, q, k] @ [..., h, k, d] -> [..., h, q, d]; a = weights, b = value.
+    out = ops.approx_matmul(probs, jnp.swapaxes(value, -3, -2), multiplier, backward)
+    return jnp.swapaxes(out, -3, -2).astype(dtype)
+
+
+def _prepared(query, key, value, dtype):
+    """Checked ``query``, ``key``, ``value`` in the computation dtype (key and
+    value heads repeated for grouped-query attention), and that dtype."""
+    query = ops.check_float("query", query)
+    key = ops.check_float("key", key)
+    value = ops.check_float("value", value)
+    if dtype is None:
+        dtype = jnp.result_type(query.dtype, key.dtype, value.dtype)
+    query, key, value = (jnp.asarray(t, dtype) for t in (query, key, value))
+    if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
+        raise ValueError(
+            "query, key and value must have the same rank >= 3 ([batch..., length, heads, "
+            f"depth]), got shapes {query.shape}, {key.shape}, {value.shape}"
+        )
+    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        raise ValueError(
+            f"query, key, value batch dims must match, got {query.shape}, {key.shape}, "
+            f"{value.shape}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"q, k depths must match, but got {query.shape[-1]} and {key.shape[-1]}.")
+    if key.shape[-3] != value.shape[-3]:
+        raise ValueError(f"k, v lengths must match, but got {key.shape[-3]} and {value.shape[-3]}.")
+    q_heads = query.shape[-2]
+    for name, t in (("key", key), ("value", value)):
+        if q_heads % t.shape[-2]:
+            raise ValueError(
+                f"query heads ({q_heads}) must be a multiple of {name} heads ({t.shape[-2]})"
+            )
+    # Grouped-query attention: query head h uses kv head h // n_rep, as in Flax.
+    if key.shape[-2] != q_heads:
+        key = jnp.repeat(key, q_heads // key.shape[-2], axis=-2)
+    if value.shape[-2] != q_heads:
+        value = jnp.repeat(value, q_heads // value.shape[-2], axis=-2)
+    return query, key, value, dtype
+
+
 def dot_product_attention(
     query,
     key,
@@ -146,12 +199,19 @@ def dot_product_attention(
 ):
     """Dot-product attention with simulated products (``nnx.dot_product_attention``).
 
-    Both matrix products are simulated: the logits ``(query / sqrt(depth)) @
-    key^T`` (operand ``a`` = scaled query, ``b`` = key) and the output
-    ``weights @ value`` (``a`` = attention weight, ``b`` = value). Masking,
-    bias, softmax and dropout are Flax's. Grouped-query attention (fewer key /
-    value heads) is supported. With the exact multiplier the call is forwarded
-    to ``flax.nnx.dot_product_attention`` unchanged (bit-identical results).
+    Both matrix products are simulated, in the order
+    ``nnx.dot_product_attention`` computes them: without dropout
+    (``dropout_rate == 0``) and without a ``module`` it hands over to
+    ``jax.nn.dot_product_attention``, whose logits are ``query @ key^T``
+    (operand ``a`` = query, ``b`` = key) in float32, scaled by
+    ``1/sqrt(depth)`` afterwards, with a float32 softmax; otherwise the
+    logits are ``(query / sqrt(depth)) @ key^T`` (``a`` = scaled query), as
+    in ``linen``. The two differ where ``1/sqrt(depth)`` is not a power of
+    two. The output is ``weights @ value`` (``a`` = attention weight, ``b`` =
+    value). Masking, bias, softmax and dropout are Flax's. Grouped-query
+    attention (fewer key / value heads) is supported. With the exact
+    multiplier the call is forwarded to ``flax.nnx.dot_product_attention``
+    unchanged (bit-identical results).
 
     Args:
       query: ``[batch..., q_length, num_heads, depth]``.
@@ -200,6 +260,11 @@ def dot_product_attention(
             module,
             is_causal=is_causal,
             **kwargs,
+        )
+    if dropout_rate == 0.0 and module is None:
+        # Flax's own condition for handing over to jax.nn.dot_product_attention.
+        return _attention_core_jax_order(
+            query, key, value, bias, mask, dtype, m, backward, is_causal
         )
     sow = None
     if module is not None:
