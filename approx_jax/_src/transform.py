@@ -472,12 +472,7 @@ class _Rewriter:
             raise NotImplementedError(
                 "approximate(): ragged_dot_general with a group_offset is not simulated"
             )
-        numbers = params.get("ragged_dot_dimension_numbers")
-        if numbers is None:  # the older ragged_dot primitive: lax.ragged_dot's layout
-            dot_dims, ragged, group = (((1,), (1,)), ((), ())), (0,), (0,)
-        else:
-            dot_dims = numbers.dot_dimension_numbers
-            ragged, group = numbers.lhs_ragged_dimensions, numbers.rhs_group_dimensions
+        dot_dims, ragged, group = _ragged_dimensions(params)
         return approx_ragged_dot_general(
             lhs,
             rhs,
@@ -522,6 +517,23 @@ class _Rewriter:
 
 # --------------------------------------------------------------------------
 # Ragged dots: the grouped matmuls of mixture-of-experts layers.
+
+# lax.ragged_dot's layout ([m, k] x [g, k, n] -> [m, n]) as
+# (dot_dimension_numbers, lhs_ragged_dimensions, rhs_group_dimensions).
+_RAGGED_DOT_LAYOUT = ((((1,), (1,)), ((), ())), (0,), (0,))
+
+
+def _ragged_dimensions(params) -> tuple:
+    """A ragged dot equation's dimensions, as tuples in ``_RAGGED_DOT_LAYOUT``'s form."""
+    numbers = params.get("ragged_dot_dimension_numbers")
+    if numbers is None:  # the older ragged_dot primitive: lax.ragged_dot's layout
+        return _RAGGED_DOT_LAYOUT
+    (lc, rc), (lb, rb) = numbers.dot_dimension_numbers
+    return (
+        ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))),
+        tuple(numbers.lhs_ragged_dimensions),
+        tuple(numbers.rhs_group_dimensions),
+    )
 
 
 def approx_ragged_dot_general(
@@ -1334,17 +1346,10 @@ class _Recorder(_Rewriter):
         the program, so the draws past them are dropped after it ran (the
         third array, ``valid``).
         """
-        p = eqn.params
-        numbers = p.get("ragged_dot_dimension_numbers")
         layout = (
-            numbers is None
-            or (
-                tuple(map(tuple, numbers.dot_dimension_numbers[0])) == ((1,), (1,))
-                and tuple(map(tuple, numbers.dot_dimension_numbers[1])) == ((), ())
-                and tuple(numbers.lhs_ragged_dimensions) == (0,)
-                and tuple(numbers.rhs_group_dimensions) == (0,)
-            )
-        ) and p.get("group_offset") is None
+            _ragged_dimensions(eqn.params) == _RAGGED_DOT_LAYOUT
+            and eqn.params.get("group_offset") is None
+        )
         if not layout or lhs.ndim != 2 or rhs.ndim != 3 or lhs.size == 0 or rhs.size == 0:
             return None
         num_groups = rhs.shape[0]
