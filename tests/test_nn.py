@@ -552,3 +552,8 @@ def test_linen_multi_head_attention_other_name():
     np.testing.assert_array_equal(
         ours.apply(flax_params, x), Net(linen.MultiHeadAttention).apply(flax_params, x)
     )
+    # Code that dispatches on Flax's classes (isinstance) finds it under both names.
+    layer = ann.linen.MultiHeadAttention(num_heads=2, multiplier="mbm7")
+    assert isinstance(layer, linen.MultiHeadAttention)
+    assert isinstance(layer, linen.MultiHeadDotProductAttention)
+    assert isinstance(layer, ann.linen.MultiHeadDotProductAttention)

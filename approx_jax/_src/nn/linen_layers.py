@@ -153,12 +153,13 @@ class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
         super().__post_init__()
 
 
-class MultiHeadAttention(MultiHeadDotProductAttention):
+class MultiHeadAttention(MultiHeadDotProductAttention, linen.MultiHeadAttention):
     """:class:`MultiHeadDotProductAttention` under linen's other name.
 
     As ``linen.MultiHeadAttention``: the same layer, whose automatic name in
     a compact module is ``MultiHeadAttention_<i>`` (so a Flax checkpoint of a
-    ``linen.MultiHeadAttention`` loads as it is).
+    ``linen.MultiHeadAttention`` loads as it is), and an instance of it (code
+    that checks ``isinstance(m, linen.MultiHeadAttention)`` finds it).
 
     Example:
       >>> mha = approx_jax.nn.linen.MultiHeadAttention(4, multiplier="mbm7")
