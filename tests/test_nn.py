@@ -289,6 +289,29 @@ def test_dot_product_attention_mask_gqa_and_fp32_identity():
     np.testing.assert_array_equal(np.asarray(got[:, 0]), want0)
 
 
+@pytest.mark.parametrize("with_module", [False, True])
+def test_dot_product_attention_applies_a_callers_promote_dtype(with_module):
+    # As nnx.dot_product_attention: promote_dtype runs first and the
+    # computation is in its dtype (it was only forwarded with fp32).
+    q, k, v = _x((2, 4, 2, 8), 1), _x((2, 4, 2, 8), 2), _x((2, 4, 2, 8), 3)
+    calls = []
+
+    def to_bf16(arrays, dtype=None):
+        calls.append(dtype)
+        return tuple(jnp.asarray(a, jnp.bfloat16) for a in arrays)
+
+    module = nnx.Linear(1, 1, rngs=nnx.Rngs(0)) if with_module else None
+    kwargs = {"module": module, "multiplier": "mbm7"}
+    got = ann.dot_product_attention(q, k, v, promote_dtype=to_bf16, **kwargs)
+    assert calls == [None]
+    assert got.dtype == jnp.bfloat16
+    bf = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+    np.testing.assert_array_equal(got, ann.dot_product_attention(*bf, **kwargs))
+    # The same on Flax's side (fp32 forwards the hook).
+    flax_out = nnx.dot_product_attention(q, k, v, promote_dtype=to_bf16)
+    assert flax_out.dtype == ann.dot_product_attention(q, k, v, promote_dtype=to_bf16).dtype
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_nnx_attention_follows_flaxs_two_orders(dtype):
     # Without dropout and a module to sow into, nnx.dot_product_attention is

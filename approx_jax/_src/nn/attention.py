@@ -229,7 +229,9 @@ def dot_product_attention(
       precision: forwarded for the exact multiplier only.
       module: an nnx Module to sow the attention weights into
         (``nnx.Intermediate``, name ``attention_weights``).
-      promote_dtype: forwarded for the exact multiplier only.
+      promote_dtype: ``promote_dtype((query, key, value), dtype=dtype)``
+        applied first, as in Flax (default: promotion to ``dtype`` or the
+        inputs' common dtype).
       is_causal: apply a causal mask.
       multiplier: a ``Multiplier`` or a name (default ``"fp32"``); a stack of
         D designs gives a leading design axis.
@@ -261,6 +263,11 @@ def dot_product_attention(
             is_causal=is_causal,
             **kwargs,
         )
+    if promote_dtype is not None:
+        # A caller's promotion (mixed precision) runs first, as in Flax, which
+        # then computes in the promoted query's dtype.
+        query, key, value = promote_dtype((query, key, value), dtype=dtype)
+        dtype = jnp.result_type(query)
     if dropout_rate == 0.0 and module is None:
         # Flax's own condition for handing over to jax.nn.dot_product_attention.
         return _attention_core_jax_order(
