@@ -16,8 +16,8 @@ from approx_test_utils import random_multiplier, underflow_edge_values
 
 import approx_jax
 from approx_jax import multipliers
+from approx_jax._src import ffi, ops, reference
 from approx_jax._src import lut as lut_lib
-from approx_jax._src import ops, reference
 
 MULTIPLIERS = {
     "mbm7": lambda: multipliers.mbm(7),
@@ -579,11 +579,15 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
 
 @pytest.mark.parametrize(
     "family,M",
-    [("mbm", M) for M in range(7, 12)] + [("mitchell", 11), ("truncate", 11)],
+    [("mbm", M) for M in range(7, 12)]
+    + [(f, M) for f in ("mitchell", "truncate") for M in range(1, 12)],
 )
 def test_cpu_closed_form_every_mantissa_pair(family, M, monkeypatch):
     # out[i, j] = P(1 + i/2^M, 1 + j/2^M) for every pair of mantissa indices:
     # the closed form must reproduce each LUT entry, not just the sampled ones.
+    # (A closed-over built-in reaches the kernel with its family attribute,
+    # ops.closed_form_family, which the kernel trusts: this is also the check
+    # that every family and width the Python side names is the kernel's.)
     mult = getattr(multipliers, family)(M)
     mant = (1.0 + np.arange(2**M) / 2.0**M).astype(np.float32)
     x = mant[:, None]
@@ -591,6 +595,79 @@ def test_cpu_closed_form_every_mantissa_pair(family, M, monkeypatch):
     monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")
     got = np.asarray(jax.jit(lambda a, b: approx_jax.approx_dot(a, b, mult))(x, w))
     _assert_bits_equal(got, reference.product(x, w, mult.lut, M))
+
+
+_FAMILY_CODES = {"mitchell": 1, "truncate": 2, "mbm": 3}
+
+
+@pytest.mark.parametrize("M", range(1, 12))
+def test_closed_form_family_names_each_builtin_and_nothing_else(M):
+    names = {code: name for name, code in _FAMILY_CODES.items()}
+    for name, code in _FAMILY_CODES.items():
+        klut = ops.kernel_lut_of(getattr(multipliers, name)(M))
+        family = ops.closed_form_family(klut, M)
+        if name == "mbm" and M < 7:  # (the kernel's MBM closed form starts at 7)
+            assert family != code
+        elif family != code:  # another family with the same entries (truncate = mitchell at M <= 2)
+            other = ops.kernel_lut_of(getattr(multipliers, names[family])(M))
+            np.testing.assert_array_equal(other, klut)
+    # A LUT one entry away from a family, a random one: none (the kernel
+    # would otherwise compute the family's entry where the LUT differs).
+    lut = np.array(multipliers.mbm(M).lut)
+    lut[(3 << M) % lut.size] ^= 1
+    near = multipliers.from_lut(lut, M)
+    assert ops.closed_form_family(ops.kernel_lut_of(near), M) == 0
+    rnd = random_multiplier(M, 5)
+    assert ops.closed_form_family(ops.kernel_lut_of(rnd), M) in (0, 1, 2, 3)
+    # Not known at trace time: the kernel checks for itself.
+    klut = ops.kernel_lut_of(multipliers.mitchell(M))
+    assert ops.closed_form_family(jnp.asarray(klut), M) == -1
+    assert ops.closed_form_family(np.array(klut), M) == -1  # writeable
+    assert ops.closed_form_family(np.concatenate([klut, klut]), M) == -1  # a stack
+
+
+@pytest.mark.parametrize("M", [3, 9, 11])
+def test_gemm_family_attribute_reaches_the_kernel(M, monkeypatch):
+    # The kernel trusts the attribute (no per-call pass over the LUT): told
+    # that a random LUT is Mitchell's, it computes Mitchell's products. So
+    # the attribute must only ever be set from the LUT itself
+    # (closed_form_family), and it is: unknown (-1) or none (0) gives the
+    # LUT's own products.
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")  # closed form at any shape
+    rnd = random_multiplier(M, 7)
+    assert ops.closed_form_family(ops.kernel_lut_of(rnd), M) == 0
+    mant = (1.0 + np.arange(2**M) / 2.0**M).astype(np.float32)
+    x, w = mant[:, None], mant[None, :]
+    klut = jnp.asarray(ops.kernel_lut_of(rnd))
+    a4, b4 = jnp.asarray(x)[None, None], jnp.asarray(w)[None, None]
+    for family, like in ((-1, rnd), (0, rnd), (1, multipliers.mitchell(M))):
+        got = np.asarray(ffi.gemm_call(a4, b4, klut, M, family=family))[0, 0]
+        _assert_bits_equal(got, reference.product(x, w, like.lut, M))
+
+
+def test_family_attribute_in_the_lowered_gemm():
+    x = jnp.ones((4, 8), jnp.float32)
+    w = jnp.ones((8, 3), jnp.float32)
+
+    def attribute(fn, *args):
+        text = jax.jit(fn).lower(*args).as_text()
+        values = {
+            ln.split("family = ")[1].split(" ")[0]
+            for ln in text.splitlines()
+            if "approx_jax_gemm" in ln
+        }
+        return values
+
+    mbm9 = multipliers.mbm(9)
+    assert attribute(lambda x, w: approx_jax.approx_dot(x, w, mbm9), x, w) == {"3"}
+    # Forward and both backward products (LUT^T of a family is the family).
+    loss = lambda x, w: approx_jax.approx_matmul(x, w, mbm9).sum()  # noqa: E731
+    assert attribute(jax.grad(loss, argnums=(0, 1)), x, w) == {"3"}
+    assert attribute(lambda x, w: approx_jax.approx_dot(x, w, random_multiplier(9, 1)), x, w) == {
+        "0"
+    }
+    # A multiplier passed into the jitted function is traced: unknown there.
+    assert attribute(lambda x, w, m: approx_jax.approx_dot(x, w, m), x, w, mbm9) == {"-1"}
 
 
 @pytest.mark.parametrize("M", [8, 9, 10, 11])

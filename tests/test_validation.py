@@ -447,7 +447,7 @@ def _raw_gemm(a, b, klut, mbits):
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     shape = (designs, 1, a.shape[-2], b.shape[-1])
     return jax.ffi.ffi_call(ffi.GEMM_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
-        a, b, klut, mbits=np.int32(mbits)
+        a, b, klut, mbits=np.int32(mbits), family=np.int32(ffi.FAMILY_UNKNOWN)
     )
 
 
@@ -498,6 +498,14 @@ def test_handler_survives_garbage_kernel_lut():
     b = jnp.asarray(np.float32([1.5, 3e38, 7.0, 1e-30, 2.0]).reshape(1, 1, 5, 1))
     jax.block_until_ready(ffi.gemm_call(a, b, klut, 2))
     jax.block_until_ready(ffi.multiply_call(a.reshape(1, 5), b.reshape(1, 5), klut, 2))
+
+
+@pytest.mark.parametrize("family", [-2, 4, 1 << 20])
+def test_gemm_handler_rejects_an_unknown_family(family):
+    a, b, klut = _f32(1, 1, 2, 3), _f32(1, 1, 3, 4), _klut(2)
+    with pytest.raises(Exception, match="family") as info:  # noqa: PT011 - XLA's error type
+        jax.block_until_ready(ffi.gemm_call(a, b, klut, 2, family=family))
+    assert not isinstance(info.value, AssertionError)
 
 
 def test_error_then_success():

@@ -338,6 +338,15 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
   const bool gathers =
       gemm_internal::PrefersGathers(p.m, p.mbits) || p.m < gemm_internal::CheapFamilyRows(p.mbits);
   const int64_t luts = DistinctLuts(p);
+  // (MBM's closed form holds from kMbmMinBits on; a hint below is not used.)
+  if (p.family_hint >= 0 && luts == 1 &&
+      (p.family_hint != kFamilyMbm || p.mbits >= kMbmMinBits)) {
+    // The caller checked the LUT (GemmProblem::family_hint): no entry-by-entry
+    // pass, so the closed form pays whatever the work.
+    if (p.family_hint == kFamilyNone || (mode != 2 && !gathers)) return false;
+    families->assign(static_cast<size_t>(p.designs), p.family_hint);
+    return true;
+  }
   const double work = ProductCount(p);
   if (mode != 2 && (!gathers || !WorkPaysForLutPass(work, luts, p.mbits))) {
     return false;

@@ -26,6 +26,13 @@ struct GemmProblem {
   int64_t b_design_stride = 0, b_batch_stride = 0;
   int64_t lut_design_stride = 0;
   int mbits = 7;
+  // The caller's word on the LUT (one design): a LutFamily (lut_family.h)
+  // whose closed form equals it entry for entry (kFamilyNone: none does), or
+  // -1 when unknown. Given, the kernel trusts it instead of checking 4^M
+  // entries per call (0.4-0.9 ms at M = 11). The Python side derives it from
+  // the concrete LUT at trace time (ops.closed_form_family). Every family is
+  // symmetric, so it holds for the transposed LUT too.
+  int family_hint = -1;
   // When set, a is a convolution's patch matrix read in place (implicit_a.h):
   // `a` and its design/batch strides address the padded channels-last input,
   // and a[i, k] is the patch element, never stored.

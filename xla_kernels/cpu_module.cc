@@ -15,6 +15,7 @@
 #include "approx_math.h"
 #include "cpu_gemm.h"
 #include "ffi_problems.h"
+#include "lut_family.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
@@ -117,10 +118,17 @@ ffi::Error RunGemm(ffi::ThreadPool& pool, GemmProblem& p) {
 
 // a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
 // out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
+// family: GemmProblem::family_hint (-1 = unknown).
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer lut,
-                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits) {
+                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family) {
   GemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
+  if (family < -1 || family > kFamilyMbm) {
+    return ffi::Error::InvalidArgument("approx_jax_gemm: family must be -1 (unknown) to " +
+                                       std::to_string(static_cast<int>(kFamilyMbm)) + ", got " +
+                                       std::to_string(family));
+  }
+  p.family_hint = family;
   return RunGemm(pool, p);
 }
 
@@ -271,7 +279,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemm, GemmImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("mbits"));
+                                  .Attr<int32_t>("mbits")
+                                  .Attr<int32_t>("family"));
 
 namespace {
 // The binding of both conv targets: (x, b, lut) -> out, mbits and the window geometry.

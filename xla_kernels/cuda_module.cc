@@ -28,9 +28,13 @@ namespace {
 // The plan's scratch (PlanApproxGemm: split-K partial sums, the per-design
 // LUT family flags) lives in XLA scratch memory, released by the allocator
 // when the handler returns (stream-ordered for XLA).
+// family: the CPU kernel's LUT family hint (cpu_gemm.h GemmProblem::family_hint),
+// bound because the op sends it to every platform; the CUDA GEMM checks its
+// LUTs on the device itself (cuda_gemm_internal.h), so it is not used here.
 ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer a,
                     ffi::AnyBuffer b, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
-                    int32_t mbits) {
+                    int32_t mbits, int32_t family) {
+  (void)family;
   CudaGemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
   CudaGemmPlan plan;
@@ -71,7 +75,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemmCuda, GemmImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("mbits"));
+                                  .Attr<int32_t>("mbits")
+                                  .Attr<int32_t>("family"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMultiplyCuda, MultiplyImpl,
                               ffi::Ffi::Bind()

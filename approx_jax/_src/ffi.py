@@ -22,6 +22,10 @@ MULTIPLY_TARGET = "approx_jax_multiply"
 # kernel gradient's GEMM on the transposed patch matrix read in place.
 CONV_TARGET = "approx_jax_conv"
 CONV_WGRAD_TARGET = "approx_jax_conv_wgrad"
+# The GEMM target's ``family`` attribute: xla_kernels/lut_family.h's LutFamily
+# (0 none, 1 Mitchell, 2 truncate, 3 MBM) that the LUT is known to equal, or
+# -1 when not known (the CPU kernel then checks the LUT itself).
+FAMILY_UNKNOWN = -1
 
 _load_error: Exception | None = None
 _registered_platforms: list[str] = []
@@ -163,7 +167,9 @@ def call_target(
     return jax.ffi.ffi_call(target, result)(a, b, klut, mbits=np.int32(mbits), **attrs)
 
 
-def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
+def gemm_call(
+    a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int, family: int = FAMILY_UNKNOWN
+) -> jax.Array:
     """Calls the ``approx_jax_gemm`` custom call (canonical rank-4 layout).
 
     Args:
@@ -171,6 +177,8 @@ def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Ar
       b: float32 ``[Gb, Bb, K, N]``.
       klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
       mbits: mantissa width M.
+      family: the closed-form family ``klut`` is known to equal
+        (``ops.closed_form_family``), or ``FAMILY_UNKNOWN``.
 
     Returns:
       float32 ``[D, B, M, N]`` with ``D = max(Ga, Gb, Gl)``, ``B = max(Ba, Bb)``.
@@ -178,7 +186,9 @@ def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Ar
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     batch = max(a.shape[1], b.shape[1])
     shape = (designs, batch, a.shape[2], b.shape[3])
-    return call_target(GEMM_TARGET, _result_type(shape, a), a, b, klut, mbits)
+    return call_target(
+        GEMM_TARGET, _result_type(shape, a), a, b, klut, mbits, family=np.int32(family)
+    )
 
 
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:

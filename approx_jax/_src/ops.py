@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from approx_jax._src import ffi, partitioning, reference
 from approx_jax._src import lut as lut_lib
 from approx_jax._src import multipliers as mult_lib
-from approx_jax._src import partitioning
 
 BACKWARD_MODES = ("approx", "exact")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -180,6 +180,83 @@ def _kernel_lut_numpy(stored: np.ndarray, mbits: int) -> np.ndarray:
     return klut
 
 
+# xla_kernels/lut_family.h's closed-form families, in the order its
+# LutFamilyBy tries them: name -> (LutFamily code, smallest M). MBM's closed
+# form there holds from M = 7 on (kMbmMinBits).
+_FAMILIES = {"mitchell": (1, 1), "truncate": (2, 1), "mbm": (3, 7)}
+_FAMILY_NONE = 0
+
+# closed_form_family's answers for read-only kernel LUTs, by id(klut) ->
+# (weak reference to klut, mbits, family), dropped with the array.
+_KLUT_FAMILIES: dict[int, tuple[Any, int, int]] = {}
+
+
+@functools.lru_cache(maxsize=3)  # (16 MiB each at M = 11)
+def _family_kernel_lut(name: str, mbits: int) -> np.ndarray:
+    """A family's kernel LUT from SPEC section 4's NumPy reference (no C compiler)."""
+    stored = getattr(reference, f"{name}_lut")(mbits)
+    return lut_lib.kernel_lut_numpy(stored, mbits).reshape(1, -1)
+
+
+def closed_form_family(klut, mbits: int, likely: str | None = None) -> int:
+    """The closed-form family the GEMM kernel may trust ``klut`` to be (``ffi.gemm_call``).
+
+    The CPU GEMM computes a built-in family's entries (Mitchell, truncate,
+    MBM) instead of loading them once it knows the LUT equals them, which it
+    otherwise checks on every call: a pass over 4^M entries, 0.4-0.9 ms at
+    M = 11, more than a small layer's whole GEMM. For a LUT known here (a
+    read-only NumPy kernel LUT of one design, as a closed-over multiplier
+    gives) the answer is found once, by comparing every entry with SPEC's
+    NumPy reference of the family, and passed to the kernel as a static
+    attribute. (The kernel's closed forms are tested equal to those
+    references at every M.)
+
+    Args:
+      klut: kernel-format LUT ``[1, 4**mbits]`` (NumPy, read-only), or
+        anything else (traced, a JAX array, a stack).
+      mbits: mantissa width M.
+      likely: a family name to compare first (a built-in's own).
+
+    Returns:
+      The LutFamily code (1 Mitchell, 2 truncate, 3 MBM), 0 when no family's
+      entries equal ``klut``'s, or ``ffi.FAMILY_UNKNOWN`` (-1) when ``klut``
+      is not a read-only NumPy LUT of one design (the kernel then checks).
+    """
+    if (
+        not isinstance(klut, np.ndarray)
+        or klut.flags.writeable
+        or klut.shape != (1, lut_lib.num_entries(mbits))
+        or klut.dtype != np.uint32
+    ):
+        return ffi.FAMILY_UNKNOWN
+    entry = _KLUT_FAMILIES.get(id(klut))
+    if entry is not None and entry[0]() is klut and entry[1] == mbits:
+        return entry[2]
+    side = 1 << mbits
+    family = _FAMILY_NONE
+    # The likely family first, then lut_family.h's order (a LUT equal to two
+    # families' closed forms may use either: both give its entries).
+    names = sorted(_FAMILIES, key=lambda n: n != likely)
+    for name in names:
+        code, min_bits = _FAMILIES[name]
+        if mbits < min_bits:
+            continue
+        ref = _family_kernel_lut(name, mbits)
+        # (Row 0 first: another LUT differs there almost always.)
+        if np.array_equal(ref[0, :side], klut[0, :side]) and np.array_equal(ref, klut):
+            family = code
+            break
+    key = id(klut)
+    alive = weakref.ref(klut, lambda _: _KLUT_FAMILIES.pop(key, None))
+    _KLUT_FAMILIES[key] = (alive, mbits, family)
+    return family
+
+
+def _family_of(m: mult_lib.Multiplier, klut) -> int:
+    """``closed_form_family`` of a single design's kernel LUT, its built-in family first."""
+    return closed_form_family(klut, m.mbits, dict(m.metadata).get("family"))
+
+
 # --------------------------------------------------------------------------
 # custom_vmap layer: design-axis folding.
 
@@ -226,8 +303,8 @@ def _make_design_batched(call):
 
 
 @functools.cache
-def _gemm_raw(mbits: int):
-    return _make_design_batched(lambda a, b, k: partitioning.gemm_call(a, b, k, mbits))
+def _gemm_raw(mbits: int, family: int = ffi.FAMILY_UNKNOWN):
+    return _make_design_batched(lambda a, b, k: partitioning.gemm_call(a, b, k, mbits, family))
 
 
 @functools.cache
@@ -269,16 +346,18 @@ def _lut_zero_cotangent(klut):
 # custom_vjp layer.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gemm(a, b, klut, mbits: int, backward: str):
-    return _gemm_raw(mbits)(a, b, klut)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gemm(a, b, klut, mbits: int, backward: str, family: int = ffi.FAMILY_UNKNOWN):
+    # family: closed_form_family(klut), which holds for the transposed LUT
+    # of the backward pass too (every family is symmetric).
+    return _gemm_raw(mbits, family)(a, b, klut)
 
 
-def _gemm_fwd(a, b, klut, mbits, backward):
+def _gemm_fwd(a, b, klut, mbits, backward, family=ffi.FAMILY_UNKNOWN):
     # The custom_vjp function itself, not the raw call: a second derivative
     # differentiates this forward pass (and the backward pass, which calls
     # _gemm too), so every product stays simulated to any order.
-    return _gemm(a, b, klut, mbits, backward), (a, b, klut)
+    return _gemm(a, b, klut, mbits, backward, family), (a, b, klut)
 
 
 def _transposed_lut(klut: jax.Array, mbits: int) -> jax.Array:
@@ -304,7 +383,7 @@ def _dx_by_transposed_lut(m: int, k: int, n: int, mbits: int) -> bool:
     return m * n + m * k + (1 << (2 * mbits)) < (k * n) // 2
 
 
-def _backward_products(mbits: int, backward: str, a_t, b, klut, g):
+def _backward_products(mbits: int, backward: str, a_t, b, klut, g, family=ffi.FAMILY_UNKNOWN):
     """SPEC section 5's backward products of ``a @ b`` given ``a^T``.
 
     ``da = P(g, b^T)`` (``a = dy``, ``b = w``; through the transposed LUT when
@@ -319,21 +398,22 @@ def _backward_products(mbits: int, backward: str, a_t, b, klut, g):
     if backward != "approx":
         da = approx_jax_native(_matmul_highest, g, jnp.swapaxes(b, -1, -2))
         return da, approx_jax_native(_matmul_highest, a_t, g)
-    da = _input_grad(mbits, a_t.shape[-1], b, klut, g)
-    return da, _gemm(a_t, g, klut, mbits, backward)
+    da = _input_grad(mbits, a_t.shape[-1], b, klut, g, family)
+    return da, _gemm(a_t, g, klut, mbits, backward, family)
 
 
-def _input_grad(mbits: int, m: int, b, klut, g):
+def _input_grad(mbits: int, m: int, b, klut, g, family=ffi.FAMILY_UNKNOWN):
     """``da = P(g, b^T)`` of ``a @ b`` (``a`` with ``m`` rows), as ``_backward_products``."""
     if _dx_by_transposed_lut(m, b.shape[-2], b.shape[-1], mbits):
-        da_t = _gemm(b, jnp.swapaxes(g, -1, -2), _transposed_lut(klut, mbits), mbits, "approx")
+        lut_t = _transposed_lut(klut, mbits)
+        da_t = _gemm(b, jnp.swapaxes(g, -1, -2), lut_t, mbits, "approx", family)
         return jnp.swapaxes(da_t, -1, -2)
-    return _gemm(g, jnp.swapaxes(b, -1, -2), klut, mbits, "approx")
+    return _gemm(g, jnp.swapaxes(b, -1, -2), klut, mbits, "approx", family)
 
 
-def _gemm_bwd(mbits, backward, residuals, g):
+def _gemm_bwd(mbits, backward, family, residuals, g):
     a, b, klut = residuals
-    da, db = _backward_products(mbits, backward, jnp.swapaxes(a, -1, -2), b, klut, g)
+    da, db = _backward_products(mbits, backward, jnp.swapaxes(a, -1, -2), b, klut, g, family)
     # A cotangent must carry its primal's mesh type (shard_map axes, Explicit sharding).
     da = partitioning.match_primal_type(_sum_to_shape(da, a.shape), a)
     db = partitioning.match_primal_type(_sum_to_shape(db, b.shape), b)
@@ -462,7 +542,10 @@ def approx_dot(
     if x.size == 0 or w.size == 0:  # empty sum (K = 0) or empty result: no kernel call
         return jnp.zeros(x.shape[:-1] + (w.shape[1],), out_dtype)
     klut = kernel_lut_of(m)
-    return _dot_single(x, w, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype)
+    family = _family_of(m, klut)
+    return _dot_single(
+        x, w, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype, family=family
+    )
 
 
 # The single-design bodies of the public ops run under jit: called eagerly,
@@ -471,13 +554,13 @@ def approx_dot(
 # product). Inside an outer jit, grad or vmap the nested jit is inlined. They
 # take the kernel LUT made outside (kernel_lut_of: once per NumPy LUT), so a
 # closed-over multiplier reaches XLA as a ready constant.
-@functools.partial(jax.jit, static_argnames=("mbits", "backward", "out_dtype"))
-def _dot_single(x, w, klut, *, mbits, backward, out_dtype):
+@functools.partial(jax.jit, static_argnames=("mbits", "backward", "out_dtype", "family"))
+def _dot_single(x, w, klut, *, mbits, backward, out_dtype, family):
     lead = x.shape[:-1]
     k = x.shape[-1]
     a4 = partitioning.reshape(x.astype(jnp.float32), (1, 1, -1, k))
     b4 = partitioning.reshape(w.astype(jnp.float32), (1, 1, k, w.shape[1]))
-    out = _gemm(a4, b4, klut, mbits, backward)
+    out = _gemm(a4, b4, klut, mbits, backward, family)
     return partitioning.reshape(out, lead + (w.shape[1],)).astype(out_dtype)
 
 
@@ -561,15 +644,24 @@ def approx_matmul(
         return jnp.zeros(batch_shape + (a.shape[-2], b.shape[-1]), out_dtype)
     klut = kernel_lut_of(m)
     return _matmul_single(
-        a, b, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype, batch_shape=batch_shape
+        a,
+        b,
+        klut,
+        mbits=m.mbits,
+        backward=backward,
+        out_dtype=out_dtype,
+        batch_shape=batch_shape,
+        family=_family_of(m, klut),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("mbits", "backward", "out_dtype", "batch_shape"))
-def _matmul_single(a, b, klut, *, mbits, backward, out_dtype, batch_shape):
+@functools.partial(
+    jax.jit, static_argnames=("mbits", "backward", "out_dtype", "batch_shape", "family")
+)
+def _matmul_single(a, b, klut, *, mbits, backward, out_dtype, batch_shape, family):
     a4 = _flatten_batch(a.astype(jnp.float32), batch_shape)
     b4 = _flatten_batch(b.astype(jnp.float32), batch_shape)
-    out = _gemm(a4, b4, klut, mbits, backward)
+    out = _gemm(a4, b4, klut, mbits, backward, family)
     out = partitioning.reshape(out, batch_shape + (a.shape[-2], b.shape[-1]))
     return out.astype(out_dtype)
 

@@ -288,8 +288,15 @@ def _make_partitioned(
 
 
 @functools.cache
-def _gemm_op(mbits: int):
-    return _make_partitioned(ffi.GEMM_TARGET, _GEMM_DIMS, _GEMM_OUT, ("k",), mbits)
+def _gemm_op(mbits: int, family: int):
+    return _make_partitioned(
+        ffi.GEMM_TARGET,
+        _GEMM_DIMS,
+        _GEMM_OUT,
+        ("k",),
+        mbits,
+        attrs={"family": np.int32(family)},
+    )
 
 
 @functools.cache
@@ -297,7 +304,9 @@ def _multiply_op(mbits: int):
     return _make_partitioned(ffi.MULTIPLY_TARGET, _MUL_DIMS, _MUL_OUT, (), mbits)
 
 
-def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
+def gemm_call(
+    a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int, family: int = ffi.FAMILY_UNKNOWN
+) -> jax.Array:
     """``ffi.gemm_call`` with SPMD partitioning rules (same contract).
 
     Args:
@@ -305,11 +314,12 @@ def gemm_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Ar
       b: float32 ``[Gb, Bb, K, N]``.
       klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]`` (always replicated).
       mbits: mantissa width M.
+      family: as for ``ffi.gemm_call``.
 
     Returns:
       float32 ``[D, B, M, N]``.
     """
-    return _gemm_op(int(mbits))(a, b, klut)
+    return _gemm_op(int(mbits), int(family))(a, b, klut)
 
 
 @functools.cache
