@@ -606,6 +606,8 @@ def test_closed_form_family_names_each_builtin_and_nothing_else(M):
     for name, code in _FAMILY_CODES.items():
         klut = ops.kernel_lut_of(getattr(multipliers, name)(M))
         family = ops.closed_form_family(klut, M)
+        # The backward pass hands the kernel LUT^T with the same attribute.
+        np.testing.assert_array_equal(ops._transposed_lut(jnp.asarray(klut), M), klut)
         if name == "mbm" and M < 7:  # (the kernel's MBM closed form starts at 7)
             assert family != code
         elif family != code:  # another family with the same entries (truncate = mitchell at M <= 2)
