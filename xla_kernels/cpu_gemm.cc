@@ -339,8 +339,7 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
       gemm_internal::PrefersGathers(p.m, p.mbits) || p.m < gemm_internal::CheapFamilyRows(p.mbits);
   const int64_t luts = DistinctLuts(p);
   // (MBM's closed form holds from kMbmMinBits on; a hint below is not used.)
-  if (p.family_hint >= 0 && luts == 1 &&
-      (p.family_hint != kFamilyMbm || p.mbits >= kMbmMinBits)) {
+  if (p.family_hint >= 0 && luts == 1 && (p.family_hint != kFamilyMbm || p.mbits >= kMbmMinBits)) {
     // The caller checked the LUT (GemmProblem::family_hint): no entry-by-entry
     // pass, so the closed form pays whatever the work.
     if (p.family_hint == kFamilyNone || (mode != 2 && !gathers)) return false;
