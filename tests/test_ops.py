@@ -647,6 +647,29 @@ def test_gemm_family_attribute_reaches_the_kernel(M, monkeypatch):
         _assert_bits_equal(got, reference.product(x, w, like.lut, M))
 
 
+def test_lut_preparation_happens_once_per_lut(monkeypatch):
+    # kernel LUT, closed-form family and device copy: made on first use of a
+    # (read-only) LUT, then reused by every call, eager or traced.
+    m = multipliers.truncate(10)
+    x, w = jnp.ones((2, 8), jnp.float32), jnp.ones((8, 3), jnp.float32)
+    want = approx_jax.approx_dot(x, w, m)
+    klut = ops.kernel_lut_of(m)
+    assert ops.kernel_lut_of(multipliers.truncate(10)) is klut
+    assert ops.device_lut(klut) is ops.device_lut(ops.kernel_lut_of(m))
+    assert isinstance(ops.device_lut(klut), jax.Array)
+
+    def rebuilt(*args):
+        raise AssertionError("the family was looked up again")
+
+    monkeypatch.setattr(ops, "_family_kernel_lut", rebuilt)
+    _assert_bits_equal(approx_jax.approx_dot(x, w, multipliers.truncate(10)), want)
+    _assert_bits_equal(jax.jit(lambda x, w: approx_jax.approx_dot(x, w, m))(x, w), want)
+    # A writeable LUT may change under the same array: never cached or told.
+    writeable = np.array(klut)
+    assert ops.device_lut(writeable) is writeable
+    assert ops.closed_form_family(writeable, 10) == -1
+
+
 def test_family_attribute_in_the_lowered_gemm():
     x = jnp.ones((4, 8), jnp.float32)
     w = jnp.ones((8, 3), jnp.float32)

@@ -1053,7 +1053,7 @@ def approx_conv(
     return _lowered(
         lhs,
         rhs,
-        ops.kernel_lut_of(m),
+        ops.device_lut(ops.kernel_lut_of(m)),
         mbits=m.mbits,
         backward=backward,
         perms=(lhs_perm, rhs_perm, out_spec),

@@ -122,9 +122,8 @@ def kernel_lut_of(m: mult_lib.Multiplier) -> jax.Array | np.ndarray:
             f"4**M = {lut_lib.num_entries(m.mbits)} for M={m.mbits}"
         )
     if isinstance(lut, np.ndarray):
-        klut = _kernel_lut_numpy(lut, m.mbits)
-    else:
-        klut = _kernel_lut_converter(m.mbits)(lut)
+        return _kernel_lut_numpy(lut, m.mbits, rows=True)  # (one array per LUT)
+    klut = _kernel_lut_converter(m.mbits)(lut)
     return klut.reshape(-1, klut.shape[-1])
 
 
@@ -157,27 +156,59 @@ def _kernel_lut_converter(mbits: int):
 
 
 # Kernel-format LUTs of the read-only NumPy LUTs that Multipliers hold, by
-# id(stored) -> (weak reference to stored, mbits, kernel LUT), dropped with the
-# stored array. The public ops convert the LUT before their inner jit, so a
-# model that closes over a multiplier gets a ready constant: converted inside
-# the program, the 4^M entries were constant-folded by XLA's HLO evaluator at
-# every compile (about 0.8 s per op at M = 11).
-_KERNEL_LUTS: dict[int, tuple[Any, int, np.ndarray]] = {}
+# id(stored) -> (weak reference to stored, mbits, kernel LUT, the same as
+# [G, 4^M] rows), dropped with the stored array. The public ops convert the
+# LUT before their inner jit, so a model that closes over a multiplier gets a
+# ready constant: converted inside the program, the 4^M entries were
+# constant-folded by XLA's HLO evaluator at every compile (about 0.8 s per op
+# at M = 11). The rows are one array per LUT, so closed_form_family's answer,
+# cached by its identity, is found once per LUT.
+_KERNEL_LUTS: dict[int, tuple[Any, int, np.ndarray, np.ndarray]] = {}
 
 
-def _kernel_lut_numpy(stored: np.ndarray, mbits: int) -> np.ndarray:
-    """``lut.kernel_lut_numpy``, cached for a read-only array (a writeable one
-    may change under the same id)."""
+def _kernel_lut_numpy(stored: np.ndarray, mbits: int, rows: bool = False) -> np.ndarray:
+    """``lut.kernel_lut_numpy`` (as ``[G, 4**M]`` rows if ``rows``), cached for
+    a read-only array (a writeable one may change under the same id)."""
     if stored.flags.writeable:
-        return lut_lib.kernel_lut_numpy(stored, mbits)
+        klut = lut_lib.kernel_lut_numpy(stored, mbits)
+        return klut.reshape(-1, klut.shape[-1]) if rows else klut
     entry = _KERNEL_LUTS.get(id(stored))
-    if entry is not None and entry[0]() is stored and entry[1] == mbits:
-        return entry[2]
-    klut = lut_lib.kernel_lut_numpy(stored, mbits)
-    klut.setflags(write=False)
-    key = id(stored)
-    _KERNEL_LUTS[key] = (weakref.ref(stored, lambda _: _KERNEL_LUTS.pop(key, None)), mbits, klut)
-    return klut
+    if entry is None or entry[0]() is not stored or entry[1] != mbits:
+        klut = lut_lib.kernel_lut_numpy(stored, mbits)
+        klut.setflags(write=False)
+        as_rows = klut.reshape(-1, klut.shape[-1])
+        as_rows.setflags(write=False)
+        key = id(stored)
+        alive = weakref.ref(stored, lambda _: _KERNEL_LUTS.pop(key, None))
+        entry = _KERNEL_LUTS[key] = (alive, mbits, klut, as_rows)
+    return entry[3] if rows else entry[2]
+
+
+# Device copies of the read-only kernel LUTs, by id(klut) -> (weak reference
+# to klut, jax.Array), dropped with klut.
+_DEVICE_LUTS: dict[int, tuple[Any, jax.Array]] = {}
+
+
+def device_lut(klut):
+    """``klut`` as a JAX array made once per read-only NumPy LUT (else ``klut``).
+
+    The public ops hand the kernel LUT to their inner jit; a NumPy argument
+    is copied to a device buffer on every eager call (16 MiB at M = 11:
+    about 2 ms on the CPU whenever the array is not aligned for XLA to alias
+    it, a host-to-device copy on a GPU), a JAX array is not. Inside an outer
+    trace it is the same constant either way.
+    """
+    if not isinstance(klut, np.ndarray) or klut.flags.writeable:
+        return klut
+    entry = _DEVICE_LUTS.get(id(klut))
+    if entry is not None and entry[0]() is klut:
+        return entry[1]
+    with jax.ensure_compile_time_eval():  # a concrete array, even while tracing
+        on_device = jnp.asarray(klut)
+    key = id(klut)
+    alive = weakref.ref(klut, lambda _: _DEVICE_LUTS.pop(key, None))
+    _DEVICE_LUTS[key] = (alive, on_device)
+    return on_device
 
 
 # xla_kernels/lut_family.h's closed-form families, in the order its
@@ -544,7 +575,7 @@ def approx_dot(
     klut = kernel_lut_of(m)
     family = _family_of(m, klut)
     return _dot_single(
-        x, w, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype, family=family
+        x, w, device_lut(klut), mbits=m.mbits, backward=backward, out_dtype=out_dtype, family=family
     )
 
 
@@ -646,7 +677,7 @@ def approx_matmul(
     return _matmul_single(
         a,
         b,
-        klut,
+        device_lut(klut),
         mbits=m.mbits,
         backward=backward,
         out_dtype=out_dtype,
@@ -694,9 +725,14 @@ def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
         return _over_stack(lambda one: multiply(a, b, one, backward), m)
     if int(np.prod(shape)) == 0:
         return jnp.zeros(shape, out_dtype)
-    klut = kernel_lut_of(m)
     return _multiply_single(
-        a, b, klut, mbits=m.mbits, backward=backward, out_dtype=out_dtype, shape=shape
+        a,
+        b,
+        device_lut(kernel_lut_of(m)),
+        mbits=m.mbits,
+        backward=backward,
+        out_dtype=out_dtype,
+        shape=shape,
     )
 
 
