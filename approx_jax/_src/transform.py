@@ -1221,7 +1221,6 @@ class _Recorder(_Rewriter):
         self.num = num
         self.rng = np.random.default_rng(seed)
         self.samples: dict = {}
-        self.targets = (_DOT, _CONV, _RAGGED_DOT, _RAGGED_DOT_OLD)
 
     def eqn(self, eqn, invals, path):
         name = eqn.primitive.name
