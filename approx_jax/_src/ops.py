@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import operator
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -155,15 +156,38 @@ def _kernel_lut_converter(mbits: int):
     return convert
 
 
-# Kernel-format LUTs of the read-only NumPy LUTs that Multipliers hold, by
-# id(stored) -> (weak reference to stored, mbits, kernel LUT, the same as
-# [G, 4^M] rows), dropped with the stored array. The public ops convert the
-# LUT before their inner jit, so a model that closes over a multiplier gets a
-# ready constant: converted inside the program, the 4^M entries were
-# constant-folded by XLA's HLO evaluator at every compile (about 0.8 s per op
-# at M = 11). The rows are one array per LUT, so closed_form_family's answer,
-# cached by its identity, is found once per LUT.
-_KERNEL_LUTS: dict[int, tuple[Any, int, np.ndarray, np.ndarray]] = {}
+def _per_array(cache: dict, array: np.ndarray, tag: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per read-only ``array`` (and ``tag``) and kept in ``cache``.
+
+    Keyed by the array's identity, held by a weak reference so that the
+    entry goes with the array (a writeable array may change under the same
+    identity: callers do not cache those).
+    """
+    entry = cache.get(id(array))
+    if entry is not None and entry[0]() is array and entry[1] == tag:
+        return entry[2]
+    value = make()
+    key = id(array)
+    cache[key] = (weakref.ref(array, lambda _: cache.pop(key, None)), tag, value)
+    return value
+
+
+# Kernel-format LUTs of the read-only NumPy LUTs that Multipliers hold (the
+# LUT, and the same as [G, 4^M] rows), per stored LUT and M. The public ops
+# convert the LUT before their inner jit, so a model that closes over a
+# multiplier gets a ready constant: converted inside the program, the 4^M
+# entries were constant-folded by XLA's HLO evaluator at every compile (about
+# 0.8 s per op at M = 11). The rows are one array per LUT, so what is cached
+# per kernel LUT below (its family, its device copy) is found once per LUT.
+_KERNEL_LUTS: dict[int, tuple[Any, int, tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def _read_only_kernel_luts(stored: np.ndarray, mbits: int) -> tuple[np.ndarray, np.ndarray]:
+    klut = lut_lib.kernel_lut_numpy(stored, mbits)
+    as_rows = klut.reshape(-1, klut.shape[-1])
+    klut.setflags(write=False)
+    as_rows.setflags(write=False)
+    return klut, as_rows
 
 
 def _kernel_lut_numpy(stored: np.ndarray, mbits: int, rows: bool = False) -> np.ndarray:
@@ -172,21 +196,17 @@ def _kernel_lut_numpy(stored: np.ndarray, mbits: int, rows: bool = False) -> np.
     if stored.flags.writeable:
         klut = lut_lib.kernel_lut_numpy(stored, mbits)
         return klut.reshape(-1, klut.shape[-1]) if rows else klut
-    entry = _KERNEL_LUTS.get(id(stored))
-    if entry is None or entry[0]() is not stored or entry[1] != mbits:
-        klut = lut_lib.kernel_lut_numpy(stored, mbits)
-        klut.setflags(write=False)
-        as_rows = klut.reshape(-1, klut.shape[-1])
-        as_rows.setflags(write=False)
-        key = id(stored)
-        alive = weakref.ref(stored, lambda _: _KERNEL_LUTS.pop(key, None))
-        entry = _KERNEL_LUTS[key] = (alive, mbits, klut, as_rows)
-    return entry[3] if rows else entry[2]
+    both = _per_array(_KERNEL_LUTS, stored, mbits, lambda: _read_only_kernel_luts(stored, mbits))
+    return both[1] if rows else both[0]
 
 
-# Device copies of the read-only kernel LUTs, by id(klut) -> (weak reference
-# to klut, jax.Array), dropped with klut.
-_DEVICE_LUTS: dict[int, tuple[Any, jax.Array]] = {}
+# Device copies of the read-only kernel LUTs, per kernel LUT.
+_DEVICE_LUTS: dict[int, tuple[Any, None, jax.Array]] = {}
+
+
+def _concrete_jax_array(klut: np.ndarray) -> jax.Array:
+    with jax.ensure_compile_time_eval():  # a concrete array, even while tracing
+        return jnp.asarray(klut)
 
 
 def device_lut(klut):
@@ -200,15 +220,7 @@ def device_lut(klut):
     """
     if not isinstance(klut, np.ndarray) or klut.flags.writeable:
         return klut
-    entry = _DEVICE_LUTS.get(id(klut))
-    if entry is not None and entry[0]() is klut:
-        return entry[1]
-    with jax.ensure_compile_time_eval():  # a concrete array, even while tracing
-        on_device = jnp.asarray(klut)
-    key = id(klut)
-    alive = weakref.ref(klut, lambda _: _DEVICE_LUTS.pop(key, None))
-    _DEVICE_LUTS[key] = (alive, on_device)
-    return on_device
+    return _per_array(_DEVICE_LUTS, klut, None, lambda: _concrete_jax_array(klut))
 
 
 # xla_kernels/lut_family.h's closed-form families, in the order its
@@ -217,16 +229,14 @@ def device_lut(klut):
 _FAMILIES = {"mitchell": (1, 1), "truncate": (2, 1), "mbm": (3, 7)}
 _FAMILY_NONE = 0
 
-# closed_form_family's answers for read-only kernel LUTs, by id(klut) ->
-# (weak reference to klut, mbits, family), dropped with the array.
+# closed_form_family's answers, per read-only kernel LUT and M.
 _KLUT_FAMILIES: dict[int, tuple[Any, int, int]] = {}
 
 
 @functools.lru_cache(maxsize=3)  # (16 MiB each at M = 11)
 def _family_kernel_lut(name: str, mbits: int) -> np.ndarray:
     """A family's kernel LUT from SPEC section 4's NumPy reference (no C compiler)."""
-    stored = getattr(reference, f"{name}_lut")(mbits)
-    return lut_lib.kernel_lut_numpy(stored, mbits).reshape(1, -1)
+    return _kernel_lut_numpy(getattr(reference, f"{name}_lut")(mbits), mbits, rows=True)
 
 
 def closed_form_family(klut, mbits: int, likely: str | None = None) -> int:
@@ -260,27 +270,25 @@ def closed_form_family(klut, mbits: int, likely: str | None = None) -> int:
         or klut.dtype != np.uint32
     ):
         return ffi.FAMILY_UNKNOWN
-    entry = _KLUT_FAMILIES.get(id(klut))
-    if entry is not None and entry[0]() is klut and entry[1] == mbits:
-        return entry[2]
+    return _per_array(
+        _KLUT_FAMILIES, klut, mbits, lambda: _family_by_comparison(klut, mbits, likely)
+    )
+
+
+def _family_by_comparison(klut: np.ndarray, mbits: int, likely: str | None) -> int:
+    """closed_form_family's answer, by comparing every entry with each family's."""
     side = 1 << mbits
-    family = _FAMILY_NONE
     # The likely family first, then lut_family.h's order (a LUT equal to two
     # families' closed forms may use either: both give its entries).
-    names = sorted(_FAMILIES, key=lambda n: n != likely)
-    for name in names:
+    for name in sorted(_FAMILIES, key=lambda n: n != likely):
         code, min_bits = _FAMILIES[name]
         if mbits < min_bits:
             continue
         ref = _family_kernel_lut(name, mbits)
         # (Row 0 first: another LUT differs there almost always.)
         if np.array_equal(ref[0, :side], klut[0, :side]) and np.array_equal(ref, klut):
-            family = code
-            break
-    key = id(klut)
-    alive = weakref.ref(klut, lambda _: _KLUT_FAMILIES.pop(key, None))
-    _KLUT_FAMILIES[key] = (alive, mbits, family)
-    return family
+            return code
+    return _FAMILY_NONE
 
 
 def _family_of(m: mult_lib.Multiplier, klut) -> int:
