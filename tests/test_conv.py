@@ -14,8 +14,8 @@ from jax import lax
 
 import approx_jax
 from approx_jax._src import conv as conv_lib
+from approx_jax._src import ffi, ops, partitioning, reference
 from approx_jax._src import multipliers as mult_lib
-from approx_jax._src import ops, reference
 from approx_jax._src.conv import approx_conv
 
 
@@ -712,7 +712,9 @@ def test_conv_vjp_equals_autodiff_through_the_gemm(backward, mult):
             return ops._gemm(a4, w4, klut, m.mbits, backward)
 
         def custom(x, w4, geometry=geometry):
-            return conv_lib._conv_core(x, w4, klut, m.mbits, backward, geometry, 8 << 20)
+            return conv_lib._conv_core(
+                x, w4, klut, m.mbits, ffi.FAMILY_UNKNOWN, backward, geometry, 8 << 20
+            )
 
         y_want, vjp_want = jax.vjp(autodiff, x, w4)
         y_got, vjp_got = jax.vjp(custom, x, w4)
@@ -823,6 +825,92 @@ def _reference_conv(x, w, m, kwargs):
         kwargs.get("feature_group_count", 1),
         CHANNELS_LAST[nd],
     )
+
+
+# --------------------------------------------------------------------------
+# The LUT's closed-form family (ops.closed_form_family) rides to every conv
+# GEMM as the targets' ``family`` attribute, as to approx_dot's.
+
+
+def _family_attributes(fn, *args):
+    text = jax.jit(fn).lower(*args).as_text()
+    calls = [ln for ln in text.splitlines() if re.search(r"approx_jax_(gemm|conv)", ln)]
+    return {
+        (re.search(r"approx_jax_\w+", ln).group(0), ln.split("family = ")[1].split(" ")[0])
+        for ln in calls
+    }
+
+
+@pytest.mark.parametrize("channels", [1, 8])  # patch GEMMs / in-place CPU targets
+def test_family_attribute_in_the_lowered_conv(channels, monkeypatch):
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", 4)
+    x = jnp.ones((2, 6, 6, channels), jnp.float32)
+    w = jnp.ones((3, 3, channels, 4), jnp.float32)
+
+    def grads(m):
+        loss = lambda x, w: approx_conv(x, w, m, padding="SAME").sum()  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    attrs = _family_attributes(grads(mult_lib.mbm(9)), x, w)
+    targets = {t for t, _ in attrs}
+    if channels >= 4 and jax.default_backend() == "cpu":  # the in-place targets
+        assert {"approx_jax_conv", "approx_jax_conv_wgrad"} <= targets
+    else:  # patch matrices and the GEMM
+        assert targets == {"approx_jax_gemm"}
+    # Forward, input and kernel gradient: MBM's code on every target.
+    assert {f for _, f in attrs} == {"3"}
+    attrs = _family_attributes(grads(random_multiplier(9, 3)), x, w)
+    assert {f for _, f in attrs} == {"0"}
+    # A multiplier passed into the jitted function is traced: unknown there.
+    traced = lambda x, w, m: approx_conv(x, w, m, padding="SAME")  # noqa: E731
+    assert {f for _, f in _family_attributes(traced, x, w, mult_lib.mbm(9))} == {"-1"}
+
+
+@pytest.mark.parametrize("M", [3, 9, 11])
+def test_conv_targets_follow_the_family_attribute(M, monkeypatch):
+    # As the GEMM (test_ops): told that a random LUT is Mitchell's, the conv
+    # targets compute Mitchell's products; unknown (-1) or none (0) gives
+    # the LUT's own. One product per output: a 1x1 window over 2^M pixels
+    # of one channel (forward), and 2^M channels of one pixel (kernel gradient).
+    if "cpu" not in jax.devices()[0].platform:
+        pytest.skip("the conv targets are CPU only")
+
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")  # closed form at any shape
+    rnd = random_multiplier(M, 9)
+    assert ops.closed_form_family(ops.kernel_lut_of(rnd), M) == 0
+    mant = (1.0 + np.arange(2**M) / 2.0**M).astype(np.float32)
+    klut = jnp.asarray(ops.kernel_lut_of(rnd))
+    x_fwd = jnp.asarray(mant).reshape(1, 1, 1, -1, 1)  # [Gx, G, N, S, C]
+    w_fwd = jnp.asarray(mant).reshape(1, 1, 1, -1)  # [Gw, G, K = 1, O]
+    x_wg = jnp.asarray(mant).reshape(1, 1, -1, 1, 1)  # [Gx, G, C, N, S]
+    dy_wg = jnp.asarray(mant).reshape(1, 1, 1, 1, -1)  # [Gd, G, N, P = 1, O]
+    for family, like in ((-1, rnd), (0, rnd), (1, mult_lib.mitchell(M))):
+        want = reference.product(mant[:, None], mant[None, :], like.lut, M)
+        fwd = partitioning.conv_call(x_fwd, w_fwd, klut, M, (1,), (1,), (1,), 2**M, family)
+        np.testing.assert_array_equal(_bits(np.asarray(fwd)[0, 0, 0]), _bits(want))
+        wgrad = partitioning.conv_wgrad_call(x_wg, dy_wg, klut, M, (1,), (1,), (1,), family)
+        np.testing.assert_array_equal(_bits(np.asarray(wgrad)[0, 0]), _bits(want))
+
+
+@pytest.mark.parametrize("family", [-2, 4])
+@pytest.mark.parametrize("wgrad", [False, True])
+def test_conv_targets_reject_an_unknown_family(family, wgrad):
+    if "cpu" not in jax.devices()[0].platform:
+        pytest.skip("the conv targets are CPU only")
+
+    klut = jnp.asarray(ops.kernel_lut_of(mult_lib.mbm(3)))
+    ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    with pytest.raises(Exception, match="family") as info:  # noqa: PT011 - XLA's error type
+        if wgrad:
+            out = partitioning.conv_wgrad_call(
+                ones(1, 1, 2, 1, 3), ones(1, 1, 1, 3, 4), klut, 3, (1,), (1,), (1,), family
+            )
+        else:
+            out = partitioning.conv_call(
+                ones(1, 1, 1, 3, 2), ones(1, 1, 2, 4), klut, 3, (1,), (1,), (1,), 3, family
+            )
+        jax.block_until_ready(out)
+    assert not isinstance(info.value, AssertionError)
 
 
 # --------------------------------------------------------------------------

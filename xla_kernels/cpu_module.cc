@@ -116,6 +116,16 @@ ffi::Error RunGemm(ffi::ThreadPool& pool, GemmProblem& p) {
   return ffi::Error::Success();
 }
 
+// The `family` attribute of the GEMM and conv targets (GemmProblem::family_hint).
+ffi::Error CheckFamily(const std::string& target, int32_t family) {
+  if (family < -1 || family > kFamilyMbm) {
+    return ffi::Error::InvalidArgument(target + "family must be -1 (unknown) to " +
+                                       std::to_string(static_cast<int>(kFamilyMbm)) + ", got " +
+                                       std::to_string(family));
+  }
+  return ffi::Error::Success();
+}
+
 // a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
 // out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
 // family: GemmProblem::family_hint (-1 = unknown).
@@ -123,11 +133,7 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
                     ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family) {
   GemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
-  if (family < -1 || family > kFamilyMbm) {
-    return ffi::Error::InvalidArgument("approx_jax_gemm: family must be -1 (unknown) to " +
-                                       std::to_string(static_cast<int>(kFamilyMbm)) + ", got " +
-                                       std::to_string(family));
-  }
+  if (auto err = CheckFamily("approx_jax_gemm: ", family); !err.success()) return err;
   p.family_hint = family;
   return RunGemm(pool, p);
 }
@@ -185,12 +191,13 @@ std::string ConvGeometry(const int64_t* spatial, int64_t channels, int64_t sampl
 // The G groups are the GEMM's batch axis. CPU only: elsewhere approx_jax
 // builds the patch matrix and calls the GEMM.
 ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& b,
-                    const ffi::AnyBuffer& lut, ffi::AnyBuffer& out, int32_t mbits,
+                    const ffi::AnyBuffer& lut, ffi::AnyBuffer& out, int32_t mbits, int32_t family,
                     ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
                     ffi::Span<const int64_t> dilation, bool transposed) {
   const std::string target = transposed ? "approx_jax_conv_wgrad: " : "approx_jax_conv: ";
   auto bad = [&](const std::string& what) { return ffi::Error::InvalidArgument(target + what); };
   if (!AllF32(x, b, out)) return bad("float32 operands only");
+  if (auto err = CheckFamily(target, family); !err.success()) return err;
   int64_t lut_size = 0;
   if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
   const int nd = static_cast<int>(window.size());
@@ -216,6 +223,7 @@ ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::A
   p.k = transposed ? patch_rows : patch_cols;
   p.n = od[od.size() - 1];
   p.mbits = mbits;
+  p.family_hint = family;
   const bool shapes_ok =
       xd[1] == p.batch && bd[1] == p.batch &&
       (transposed ? od[2] == p.m && bd[2] == samples && bd[3] == g.pixels && bd[4] == p.n
@@ -238,16 +246,17 @@ ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::A
 }
 
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer lut,
-                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, ffi::Span<const int64_t> window,
-                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
-  return ConvGemm(pool, x, w, lut, *out, mbits, window, strides, dilation, false);
+                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family,
+                    ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                    ffi::Span<const int64_t> dilation) {
+  return ConvGemm(pool, x, w, lut, *out, mbits, family, window, strides, dilation, false);
 }
 
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                          ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out, int32_t mbits,
-                         ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
-                         ffi::Span<const int64_t> dilation) {
-  return ConvGemm(pool, x, dy, lut, *out, mbits, window, strides, dilation, true);
+                         int32_t family, ffi::Span<const int64_t> window,
+                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
+  return ConvGemm(pool, x, dy, lut, *out, mbits, family, window, strides, dilation, true);
 }
 
 // a: f32[Ga, n], b: f32[Gb, n], lut: u32[Gl, 4^mbits] -> out: f32[D, n].
@@ -283,7 +292,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemm, GemmImpl,
                                   .Attr<int32_t>("family"));
 
 namespace {
-// The binding of both conv targets: (x, b, lut) -> out, mbits and the window geometry.
+// The binding of both conv targets: (x, b, lut) -> out, mbits, the LUT's
+// family (as the GEMM's) and the window geometry.
 auto ConvBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -292,6 +302,7 @@ auto ConvBinding() {
       .Arg<ffi::AnyBuffer>()
       .Ret<ffi::AnyBuffer>()
       .Attr<int32_t>("mbits")
+      .Attr<int32_t>("family")
       .Attr<ffi::Span<const int64_t>>("window")
       .Attr<ffi::Span<const int64_t>>("strides")
       .Attr<ffi::Span<const int64_t>>("dilation");

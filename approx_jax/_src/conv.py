@@ -317,8 +317,8 @@ def _patch_matrix_t(xg, geometry):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _conv_core(xg, w4, klut, mbits, backward, geometry, budget):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _conv_core(xg, w4, klut, mbits, family, backward, geometry, budget):
     """Approximate conv of grouped channels-last input on the canonical gemm.
 
     The backward pass is SPEC section 5's (as ``ops._gemm``'s VJP gives it):
@@ -333,6 +333,9 @@ def _conv_core(xg, w4, klut, mbits, backward, geometry, budget):
       w4: float32 ``[1, G, taps * Cg, Og]``.
       klut: kernel-format LUT ``[1, 4**mbits]``.
       mbits: mantissa width.
+      family: ``ops.closed_form_family(klut)`` (``ffi.FAMILY_UNKNOWN`` when not
+        known), passed to every GEMM of the forward and backward passes (every
+        family is symmetric, so it holds for the transposed LUT too).
       backward: backward mode.
       geometry: ``(window, strides, pads, lhs_dilation, rhs_dilation, out_spatial)``.
       budget: patch-matrix bytes that a vmapped call may hold (``chunk_limit_bytes()``
@@ -342,7 +345,7 @@ def _conv_core(xg, w4, klut, mbits, backward, geometry, budget):
       float32 ``[G, N, *out, Og]``.
     """
     del backward
-    return _core_forward(mbits, geometry, budget)(xg, w4, klut)
+    return _core_forward(mbits, family, geometry, budget)(xg, w4, klut)
 
 
 def _patch_bytes(samples: int, channels: int, geometry) -> int:
@@ -437,18 +440,18 @@ def _implicit_forward_applies(channels: int, geometry) -> bool:
 
 
 @functools.cache
-def _core_forward(mbits, geometry, budget, implicit: bool = False):
+def _core_forward(mbits, family, geometry, budget, implicit: bool = False):
     window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
 
     def patch_forward(xg, w4, klut):
-        out = ops._gemm_raw(mbits)(_patch_matrix(xg, geometry), w4, klut)
+        out = ops._gemm_raw(mbits, family)(_patch_matrix(xg, geometry), w4, klut)
         return _as_output(out, xg, geometry)
 
     def implicit_forward(xg, w4, klut):
         # The padded input (as _patches_staged pads it) read in place by the
         # CPU kernel: the same patch matrix, never built.
         xp = _pad_input(xg, pads, lhs_dil)
-        conv = ops._conv_raw(mbits, window, strides, rhs_dil, math.prod(out_spatial))
+        conv = ops._conv_raw(mbits, window, strides, rhs_dil, math.prod(out_spatial), family)
         return _as_output(conv(xp[None], w4, klut), xg, geometry)
 
     def forward(xg, w4, klut):
@@ -504,12 +507,12 @@ def _d_patches_shape(xg, geometry):
 
 
 @functools.cache
-def _core_backward(mbits, backward, geometry, budget):
+def _core_backward(mbits, family, backward, geometry, budget):
     def backward_products(xg, w4, klut, ct):
         ct4 = _as_rows(ct)
         # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
         d_a, d_w = ops._backward_products(
-            mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4
+            mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4, family
         )
         d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
         return _fold(d_patches, xg, geometry), d_w
@@ -518,12 +521,12 @@ def _core_backward(mbits, backward, geometry, budget):
 
 
 @functools.cache
-def _core_input_grad(mbits, geometry, budget):
+def _core_input_grad(mbits, family, geometry, budget):
     """``_core_backward``'s input gradient alone (``backward="approx"``)."""
 
     def input_grad(xg, w4, klut, ct):
         ct4 = _as_rows(ct)
-        d_a = ops._input_grad(mbits, ct4.shape[-2], w4, klut, ct4)
+        d_a = ops._input_grad(mbits, ct4.shape[-2], w4, klut, ct4, family)
         d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
         return _fold(d_patches, xg, geometry)
 
@@ -531,21 +534,21 @@ def _core_input_grad(mbits, geometry, budget):
 
 
 @functools.cache
-def _core_wgrad_in_place(mbits, geometry):
+def _core_wgrad_in_place(mbits, family, geometry):
     """The kernel gradient ``approx(patches^T, dy)`` with ``patches^T`` read in place."""
     window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
     pixels = math.prod(out_spatial)
 
     def patches(xg, ct, klut):
         ct4 = _as_rows(ct)
-        return ops._gemm_raw(mbits)(_patch_matrix_t(xg, geometry), ct4, klut)
+        return ops._gemm_raw(mbits, family)(_patch_matrix_t(xg, geometry), ct4, klut)
 
     def in_place(xg, ct, klut):
         # The channels-first padded input (as _patches_transposed pads it).
         xc = _pad_input(jnp.moveaxis(xg, -1, 1), pads, lhs_dil, first_spatial=3)
         g, n = xg.shape[:2]
         ct5 = partitioning.reshape(ct, (1, g, n, pixels, ct.shape[-1]))
-        return ops._conv_wgrad_raw(mbits, window, strides, rhs_dil)(xc[None], ct5, klut)
+        return ops._conv_wgrad_raw(mbits, window, strides, rhs_dil, family)(xc[None], ct5, klut)
 
     def wgrad(xg, ct, klut):
         # (A program compiled for another platform builds patches^T.)
@@ -556,7 +559,7 @@ def _core_wgrad_in_place(mbits, geometry):
 
 
 @functools.cache
-def _reference_backward(mbits, backward, geometry):
+def _reference_backward(mbits, family, backward, geometry):
     """The conv's backward pass as autodiff through the patch path on ``ops._gemm``.
 
     The same products as the fast backward passes (``_core_backward``,
@@ -571,7 +574,7 @@ def _reference_backward(mbits, backward, geometry):
         # The per-tap patches: their transpose is the fast passes' fold.
         patches = _patches_by_tap(xg, *geometry)
         a = partitioning.reshape(patches, (1, xg.shape[0], -1, w4.shape[-2]))
-        out = ops._gemm(a, w4, klut, mbits, backward)
+        out = ops._gemm(a, w4, klut, mbits, backward, family)
         return _as_output(out, xg, geometry)
 
     def reference(xg, w4, klut, ct):
@@ -605,23 +608,23 @@ def _differentiable(fast, reference):
 
 
 @functools.cache
-def _core_backward_differentiable(mbits, backward, geometry, budget):
+def _core_backward_differentiable(mbits, family, backward, geometry, budget):
     return _differentiable(
-        _core_backward(mbits, backward, geometry, budget),
-        _reference_backward(mbits, backward, geometry),
+        _core_backward(mbits, family, backward, geometry, budget),
+        _reference_backward(mbits, family, backward, geometry),
     )
 
 
-def _conv_core_fwd(xg, w4, klut, mbits, backward, geometry, budget):
+def _conv_core_fwd(xg, w4, klut, mbits, family, backward, geometry, budget):
     # The custom_vjp function itself, so that a second derivative
     # differentiates it by its own rule. Residuals: the input only (the
     # patches are cheap to gather again).
-    return _conv_core(xg, w4, klut, mbits, backward, geometry, budget), (xg, w4, klut)
+    return _conv_core(xg, w4, klut, mbits, family, backward, geometry, budget), (xg, w4, klut)
 
 
-def _conv_core_bwd(mbits, backward, geometry, budget, residuals, ct):
+def _conv_core_bwd(mbits, family, backward, geometry, budget, residuals, ct):
     xg, w4, klut = residuals
-    bwd = _core_backward_differentiable(mbits, backward, geometry, budget)
+    bwd = _core_backward_differentiable(mbits, family, backward, geometry, budget)
     d_x, d_w = bwd(xg, w4, klut, ct)
     # A cotangent must carry its primal's mesh type (shard_map axes, Explicit sharding).
     d_x = partitioning.match_primal_type(d_x, xg)
@@ -693,19 +696,21 @@ def _unchunk(vs, n: int):
     return v[:, :n] if v.shape[1] != n else v
 
 
-def _conv_chunked(xg, w4, klut, mbits, backward, geometry, budget, chunk: int):
+def _conv_chunked(xg, w4, klut, mbits, family, backward, geometry, budget, chunk: int):
     """``_conv_core`` over batch chunks (:func:`_chunks_of`) with a rematerialised body."""
 
     @jax.checkpoint
     def body(x_chunk):
-        return _conv_core(x_chunk, w4, klut, mbits, backward, geometry, budget)
+        return _conv_core(x_chunk, w4, klut, mbits, family, backward, geometry, budget)
 
     ys = lax.map(body, _chunks_of(xg, chunk))  # [num, G, chunk, *out, Og]
     return _unchunk(ys, xg.shape[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk, forward_in_place):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _conv_in_place(
+    xg, w4, klut, mbits, family, backward, geometry, budget, chunk, forward_in_place
+):
     """CPU: the convolution with the kernel gradient read in place.
 
     With ``forward_in_place`` (3 or more channels per group) the forward pass
@@ -725,43 +730,49 @@ def _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk, forwa
     """
     del backward
     if forward_in_place:
-        return _core_forward(mbits, geometry, budget, True)(xg, w4, klut)
-    forward = _core_forward(mbits, geometry, budget)
+        return _core_forward(mbits, family, geometry, budget, True)(xg, w4, klut)
+    forward = _core_forward(mbits, family, geometry, budget)
     if chunk >= xg.shape[1]:
         return forward(xg, w4, klut)
     ys = lax.map(lambda x_chunk: forward(x_chunk, w4, klut), _chunks_of(xg, chunk))
     return _unchunk(ys, xg.shape[1])
 
 
-def _conv_in_place_fwd(xg, w4, klut, mbits, backward, geometry, budget, chunk, forward_in_place):
+def _conv_in_place_fwd(
+    xg, w4, klut, mbits, family, backward, geometry, budget, chunk, forward_in_place
+):
     # (As _conv_core_fwd: the custom_vjp function itself.)
-    out = _conv_in_place(xg, w4, klut, mbits, backward, geometry, budget, chunk, forward_in_place)
+    out = _conv_in_place(
+        xg, w4, klut, mbits, family, backward, geometry, budget, chunk, forward_in_place
+    )
     return out, (xg, w4, klut)
 
 
 @functools.cache
-def _in_place_backward(mbits, backward, geometry, budget, chunk):
+def _in_place_backward(mbits, family, backward, geometry, budget, chunk):
     """``_conv_in_place``'s backward pass ``(xg, w4, klut, ct) -> (d_x, d_w)``."""
     return _differentiable(
-        functools.partial(_in_place_backward_fast, mbits, backward, geometry, budget, chunk),
-        _reference_backward(mbits, backward, geometry),
+        functools.partial(
+            _in_place_backward_fast, mbits, family, backward, geometry, budget, chunk
+        ),
+        _reference_backward(mbits, family, backward, geometry),
     )
 
 
-def _in_place_backward_fast(mbits, backward, geometry, budget, chunk, xg, w4, klut, ct):
+def _in_place_backward_fast(mbits, family, backward, geometry, budget, chunk, xg, w4, klut, ct):
     n = xg.shape[1]
     chunks = None if chunk >= n else (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
     if backward == "approx":
         # The kernel gradient in place, whole batch at once: one GEMM over all
         # N * P pixels, the bits of the unchunked patch path (and of the GPU's).
-        d_w = _core_wgrad_in_place(mbits, geometry)(xg, ct, klut)
-        input_grad = _core_input_grad(mbits, geometry, budget)
+        d_w = _core_wgrad_in_place(mbits, family, geometry)(xg, ct, klut)
+        input_grad = _core_input_grad(mbits, family, geometry, budget)
         if chunks is None:
             d_x = input_grad(xg, w4, klut, ct)
         else:
             d_x = _unchunk(lax.map(lambda c: input_grad(c[0], w4, klut, c[1]), chunks), n)
     else:
-        core_bwd = _core_backward(mbits, backward, geometry, budget)
+        core_bwd = _core_backward(mbits, family, backward, geometry, budget)
         if chunks is None:
             d_x, d_w = core_bwd(xg, w4, klut, ct)
         else:
@@ -777,10 +788,14 @@ def _in_place_backward_fast(mbits, backward, geometry, budget, chunk, xg, w4, kl
     return d_x, d_w
 
 
-def _conv_in_place_bwd(mbits, backward, geometry, budget, chunk, forward_in_place, residuals, ct):
+def _conv_in_place_bwd(
+    mbits, family, backward, geometry, budget, chunk, forward_in_place, residuals, ct
+):
     del forward_in_place
     xg, w4, klut = residuals
-    d_x, d_w = _in_place_backward(mbits, backward, geometry, budget, chunk)(xg, w4, klut, ct)
+    d_x, d_w = _in_place_backward(mbits, family, backward, geometry, budget, chunk)(
+        xg, w4, klut, ct
+    )
     d_x = partitioning.match_primal_type(d_x, xg)
     d_w = partitioning.match_primal_type(d_w, w4)
     return d_x, d_w, ops._lut_zero_cotangent(klut)
@@ -1048,13 +1063,15 @@ def approx_conv(
         return _from_channels_last(zeros, out_spec)
 
     geometry = (window, strides, pads, lhs_dil, rhs_dil, out_spatial)
+    klut = ops.kernel_lut_of(m)
     budget = chunk_limit_bytes()
     chunk = _chunk_size(n, _patch_bytes(1, c_in, geometry), budget, jax.device_count())
     return _lowered(
         lhs,
         rhs,
-        ops.device_lut(ops.kernel_lut_of(m)),
+        ops.device_lut(klut),
         mbits=m.mbits,
+        family=ops._family_of(m, klut),
         backward=backward,
         perms=(lhs_perm, rhs_perm, out_spec),
         groups=groups,
@@ -1070,6 +1087,7 @@ def approx_conv(
     jax.jit,
     static_argnames=(
         "mbits",
+        "family",
         "backward",
         "perms",
         "groups",
@@ -1081,7 +1099,20 @@ def approx_conv(
     ),
 )
 def _lowered(
-    lhs, rhs, klut, *, mbits, backward, perms, groups, geometry, chunk, budget, in_place, out_dtype
+    lhs,
+    rhs,
+    klut,
+    *,
+    mbits,
+    family,
+    backward,
+    perms,
+    groups,
+    geometry,
+    chunk,
+    budget,
+    in_place,
+    out_dtype,
 ):
     """The layout changes and gemm of ``approx_conv`` as one jitted program.
 
@@ -1103,14 +1134,14 @@ def _lowered(
     w = partitioning.reshape(w, window + (cg, groups, og))
     w = partitioning.reshape(jnp.moveaxis(w, -2, 0), (1, groups, math.prod(window) * cg, og))
     if in_place:
-        y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk, True)
+        y = _conv_in_place(xg, w, klut, mbits, family, backward, geometry, budget, chunk, True)
     elif chunk < n and backward == "approx" and _in_place_targets_apply(geometry):
         # Batch chunks for the patches, but the kernel gradient in one GEMM.
-        y = _conv_in_place(xg, w, klut, mbits, backward, geometry, budget, chunk, False)
+        y = _conv_in_place(xg, w, klut, mbits, family, backward, geometry, budget, chunk, False)
     elif chunk >= n:
-        y = _conv_core(xg, w, klut, mbits, backward, geometry, budget)
+        y = _conv_core(xg, w, klut, mbits, family, backward, geometry, budget)
     else:
-        y = _conv_chunked(xg, w, klut, mbits, backward, geometry, budget, chunk)
+        y = _conv_chunked(xg, w, klut, mbits, family, backward, geometry, budget, chunk)
     # [G, N, *out, Og] -> [N, *out, G * Og]
     y = jnp.moveaxis(y, 0, -2).reshape((n,) + tuple(out_spatial) + (c_out,))
     return _from_channels_last(y.astype(out_dtype), out_spec)

@@ -22,7 +22,7 @@ MULTIPLY_TARGET = "approx_jax_multiply"
 # kernel gradient's GEMM on the transposed patch matrix read in place.
 CONV_TARGET = "approx_jax_conv"
 CONV_WGRAD_TARGET = "approx_jax_conv_wgrad"
-# The GEMM target's ``family`` attribute: xla_kernels/lut_family.h's LutFamily
+# The GEMM and conv targets' ``family`` attribute: xla_kernels/lut_family.h's LutFamily
 # (0 none, 1 Mitchell, 2 truncate, 3 MBM) that the LUT is known to equal, or
 # -1 when not known (the CPU kernel then checks the LUT itself).
 FAMILY_UNKNOWN = -1
@@ -157,8 +157,9 @@ def call_target(
       b: Second operands.
       klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
       mbits: Mantissa width M.
-      **attrs: The target's other attributes (the conv targets: ``window``,
-        ``strides``, ``dilation`` as int64 arrays).
+      **attrs: The target's other attributes (the GEMM and conv targets:
+        ``family`` as int32; the conv targets also ``window``, ``strides``,
+        ``dilation`` as int64 arrays).
 
     Returns:
       The custom call's result.

@@ -347,18 +347,22 @@ def _gemm_raw(mbits: int, family: int = ffi.FAMILY_UNKNOWN):
 
 
 @functools.cache
-def _conv_raw(mbits: int, window, strides, dilation, pixels: int):
+def _conv_raw(mbits: int, window, strides, dilation, pixels: int, family: int = ffi.FAMILY_UNKNOWN):
     """``partitioning.conv_call`` (CPU only) with design-axis batching."""
     return _make_design_batched(
-        lambda x, w, k: partitioning.conv_call(x, w, k, mbits, window, strides, dilation, pixels)
+        lambda x, w, k: partitioning.conv_call(
+            x, w, k, mbits, window, strides, dilation, pixels, family
+        )
     )
 
 
 @functools.cache
-def _conv_wgrad_raw(mbits: int, window, strides, dilation):
+def _conv_wgrad_raw(mbits: int, window, strides, dilation, family: int = ffi.FAMILY_UNKNOWN):
     """``partitioning.conv_wgrad_call`` (CPU only) with design-axis batching."""
     return _make_design_batched(
-        lambda x, dy, k: partitioning.conv_wgrad_call(x, dy, k, mbits, window, strides, dilation)
+        lambda x, dy, k: partitioning.conv_wgrad_call(
+            x, dy, k, mbits, window, strides, dilation, family
+        )
     )
 
 

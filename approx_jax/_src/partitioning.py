@@ -323,13 +323,14 @@ def gemm_call(
 
 
 @functools.cache
-def _conv_op(mbits: int, window, strides, dilation, size: int, wgrad: bool):
+def _conv_op(mbits: int, window, strides, dilation, size: int, wgrad: bool, family: int):
     """The partitioned ``CONV_TARGET`` (``size``: P) or ``CONV_WGRAD_TARGET`` (K)."""
     spatial = tuple(f"s{i}" for i in range(len(window)))
     attrs = {
         name: np.asarray(v, np.int64)
         for name, v in (("window", window), ("strides", strides), ("dilation", dilation))
     }
+    attrs["family"] = np.int32(family)
     if wgrad:
         # x [d, t, c, n, *s], dy [d, t, n, p, o], lut [d, l] -> [d, t, k, o]: the
         # samples (n) are the contraction (a sharded batch gives local partial
@@ -352,7 +353,15 @@ def _conv_op(mbits: int, window, strides, dilation, size: int, wgrad: bool):
 
 
 def conv_call(
-    x: jax.Array, w: jax.Array, klut: jax.Array, mbits: int, window, strides, dilation, pixels
+    x: jax.Array,
+    w: jax.Array,
+    klut: jax.Array,
+    mbits: int,
+    window,
+    strides,
+    dilation,
+    pixels,
+    family: int = ffi.FAMILY_UNKNOWN,
 ) -> jax.Array:
     """A convolution's GEMM on its patch matrix read in place (CPU only).
 
@@ -365,6 +374,7 @@ def conv_call(
       strides: window strides.
       dilation: window (rhs) dilation.
       pixels: ``P``, the output pixels per sample (the kernel checks it).
+      family: as for ``ffi.gemm_call``.
 
     Returns:
       float32 ``[D, G, N, P, O]``: the gemm of
@@ -372,18 +382,27 @@ def conv_call(
       bits as building it.
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
-    return _conv_op(int(mbits), window, strides, dilation, int(pixels), False)(x, w, klut)
+    return _conv_op(int(mbits), window, strides, dilation, int(pixels), False, int(family))(
+        x, w, klut
+    )
 
 
 def conv_wgrad_call(
-    x: jax.Array, dy: jax.Array, klut: jax.Array, mbits: int, window, strides, dilation
+    x: jax.Array,
+    dy: jax.Array,
+    klut: jax.Array,
+    mbits: int,
+    window,
+    strides,
+    dilation,
+    family: int = ffi.FAMILY_UNKNOWN,
 ) -> jax.Array:
     """A convolution's kernel gradient on its transposed patch matrix read in place (CPU only).
 
     Args:
       x: float32 ``[Gx, G, C, N, *S]``: padded, lhs-dilated, channels-first input.
       dy: float32 ``[Gd, G, N, P, O]``: the output cotangent (``P`` output pixels).
-      klut, mbits, window, strides, dilation: as for :func:`conv_call`.
+      klut, mbits, window, strides, dilation, family: as for :func:`conv_call`.
 
     Returns:
       float32 ``[D, G, prod(window) * C, O]``: the gemm of ``patches^T`` with
@@ -392,7 +411,7 @@ def conv_wgrad_call(
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
     rows = math.prod(window) * x.shape[2]
-    return _conv_op(int(mbits), window, strides, dilation, rows, True)(x, dy, klut)
+    return _conv_op(int(mbits), window, strides, dilation, rows, True, int(family))(x, dy, klut)
 
 
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
