@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -136,12 +137,28 @@ def test_sweep_end_to_end(tmp_path, capsys):
     _run_designs("sweep", "lenet300", out)
     text = capsys.readouterr().out
     assert "MRED" in text and "fp32 is exact" in text and "vmapped" in text
+    assert "M >= 8" not in text  # (the note on wide stacks: below)
     res = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in res["results"]] == ["fp32", "mbm5", "mitchell3"]
     assert res["stack_mbits"] == 5 and res["same_init"] is True
     assert all(0 <= r["test_acc"] <= 1 for r in res["results"])
     assert _is_png(out / "accuracy_vs_mred.png")
     _assert_table_file(out, ["MRED", "test acc", "mbm5", "mitchell3", "vmapped stack"])
+
+
+def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
+    # A vmapped stack at M >= 8 is checked by the CPU kernel in every GEMM:
+    # the command says so, and that separate runs are faster.
+    out = tmp_path / "sweep"
+    rc = cli.main(
+        ["sweep", "--model", "lenet300", "--multipliers", "mbm8,mitchell8", "--out", str(out)]
+        + FAST
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "stack padded to common M = 8" in text
+    if jax.default_backend() == "cpu":
+        assert "M >= 8" in text and "approx-jax train" in text
 
 
 def test_evaluate_end_to_end(tmp_path, capsys):

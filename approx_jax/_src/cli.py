@@ -412,6 +412,7 @@ def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
 
 
 def cmd_sweep(args) -> int:
+    import jax
     from rich.table import Table
 
     from approx_jax._src import multipliers as mult_lib
@@ -442,6 +443,12 @@ def cmd_sweep(args) -> int:
     res = sweep_lib.sweep(model, designs, data, **_training_kwargs(args))
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
+        if res["stack_mbits"] >= 8 and jax.default_backend() == "cpu":
+            console.print(
+                "[yellow]note[/yellow]: at M >= 8 the CPU kernels check each design's LUT in "
+                "every GEMM of a vmapped step (a single design's step is told its LUT's family "
+                "once): separate `approx-jax train` runs are faster here (README: Speed on CPU)."
+            )
     table = Table(title=f"{args.model} sweep: {args.epochs} epoch(s), backward={args.backward}")
     for col, just in (
         ("design", "left"),
