@@ -73,12 +73,12 @@ def measure(loss, x, w, run: bool):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--cin", type=int, default=64)
-    parser.add_argument("--cout", type=int, default=64)
-    parser.add_argument("--kernel", type=int, default=3)
-    parser.add_argument("--multiplier", default="mbm7")
+    parser.add_argument("--batch", type=int, default=32, help="(default 32)")
+    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
+    parser.add_argument("--cin", type=int, default=64, help="input channels (default 64)")
+    parser.add_argument("--cout", type=int, default=64, help="output channels (default 64)")
+    parser.add_argument("--kernel", type=int, default=3, help="window size (default 3)")
+    parser.add_argument("--multiplier", default="mbm7", help="(default mbm7)")
     parser.add_argument("--time", action="store_true", help="also run once and time it")
     parser.add_argument(
         "--limits", default="64,16,4", help="extra chunk limits to compare, MiB, comma-separated"

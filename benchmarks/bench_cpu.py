@@ -186,11 +186,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--mbits", default="3,7,11")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--only", default="gemm,conv,lenet5")
-    parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer GEMM shapes (a smoke test of this script)"
+    )
+    parser.add_argument("--mbits", default="3,7,11", help="comma list of widths M (default 3,7,11)")
+    parser.add_argument(
+        "--reps", type=int, default=7, help="timed alternated rounds per case (default 7)"
+    )
+    parser.add_argument(
+        "--only",
+        default="gemm,conv,lenet5",
+        help="comma list of gemm, conv, lenet5 (default: all three)",
+    )
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     mbits_list = [int(v) for v in args.mbits.split(",")]
     only = set(args.only.split(","))

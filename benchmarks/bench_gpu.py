@@ -577,7 +577,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="1024^3 only, fewer reps")
-    parser.add_argument("--mbits", default="3,5,7,11")
+    parser.add_argument(
+        "--mbits", default="3,5,7,11", help="comma list of widths M (default 3,5,7,11)"
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed alternated rounds per case")
     parser.add_argument(
         "--warmup",
@@ -585,7 +587,11 @@ def main(argv=None):
         default=None,
         help="untimed calls of each candidate before its timed rounds (default 2; 1 with --cpu)",
     )
-    parser.add_argument("--only", default="gemm,conv,lenet5,resnet18")
+    parser.add_argument(
+        "--only",
+        default="gemm,conv,lenet5,resnet18",
+        help="comma list of gemm, conv, lenet5, resnet18 (default: all)",
+    )
     parser.add_argument(
         "--cpu",
         action="store_true",

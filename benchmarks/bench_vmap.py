@@ -38,8 +38,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--reps", type=int, default=5, help="timed alternated rounds per case (default 5)"
+    )
+    parser.add_argument("--batch", type=int, default=64, help="train-step batch (default 64)")
     parser.add_argument(
         "--models",
         default="lenet5,lenet300",

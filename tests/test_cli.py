@@ -110,6 +110,8 @@ def test_train_per_layer_spec(tmp_path, capsys):
         ]
     )
     assert rc == 0
+    # (LeNet-300-100 has no conv layers: said, and the dense design still runs.)
+    assert "has no conv layers" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["runs"][0]["multiplier"] == "conv=mitchell7,dense=mbm3"
     assert res["runs"][0]["step_time"] is None
@@ -219,7 +221,7 @@ def test_epochs_default_is_the_one_help_states(command, default, capsys):
     assert cli.build_parser().parse_args([command]).epochs == default
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
-    assert f"(default {default})" in capsys.readouterr().out
+    assert f"(default: {default})" in capsys.readouterr().out
 
 
 def test_failed_run_leaves_no_empty_output_folder(tmp_path, monkeypatch, capsys):
@@ -233,6 +235,36 @@ def test_failed_run_leaves_no_empty_output_folder(tmp_path, monkeypatch, capsys)
     existing.mkdir()
     assert cli.main(["characterize", "nosuch9", "--out", str(existing)]) == 2
     assert existing.is_dir()  # (a folder the user made stays)
+
+
+def test_runs_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    class FrozenClock(cli.datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 1, 12, 0, 0)
+
+    monkeypatch.setattr(cli.datetime, "datetime", FrozenClock)
+    for _ in range(3):
+        assert cli.main(["characterize", "mbm3"]) == 0
+    capsys.readouterr()
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == [
+        "characterize-20261201-120000",
+        "characterize-20261201-120000-2",
+        "characterize-20261201-120000-3",
+    ]
+    assert all((tmp_path / "runs" / r / "results.json").is_file() for r in runs)
+
+
+def test_train_refuses_a_spec_whose_layer_kinds_the_model_lacks(tmp_path, capsys):
+    # LeNet-300-100 has no conv layers: the run would be all fp32 under the
+    # label "conv=mbm7" (a spec with some kind present runs, with a note).
+    argv = ["train", "--model", "lenet300", "--multiplier", "conv=mbm7"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r"), *FAST]) == 2
+    assert "has no conv layers" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_env_data_dir_is_recorded_in_results(tmp_path, monkeypatch, capsys):

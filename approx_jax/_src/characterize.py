@@ -214,7 +214,11 @@ def _unpack_samples(samples):
         # Without this, (a,) fails with Python's bare unpacking message.
         raise ValueError(
             "samples must be a pair (a, b) of operand arrays or an [N, 2] array, got "
-            f"{type(samples).__name__} of length {_length(samples)}"
+            + (
+                f"an array of shape {tuple(samples.shape)}"
+                if hasattr(samples, "shape")
+                else f"{type(samples).__name__} of length {_length(samples)}"
+            )
         ) from err
     arrays = []
     for label, x in (("a", a), ("b", b)):

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,20 @@ def _out_dir(args, command: str) -> Path:
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         tag = getattr(args, "model", None)
-        out = Path("runs") / (f"{command}-{tag}-{stamp}" if tag else f"{command}-{stamp}")
+        base = Path("runs") / (f"{command}-{tag}-{stamp}" if tag else f"{command}-{stamp}")
+        # Runs started in the same second (parallel jobs) get folders of
+        # their own: mkdir without exist_ok claims a name atomically.
+        created = [d for d in base.parents if not d.exists()]
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            out = base if i == 1 else base.with_name(f"{base.name}-{i}")
+            try:
+                out.mkdir()
+                break
+            except FileExistsError:
+                continue
+        args.created_dirs = [out, *created]
+        return out
     # The folders this run creates, removed again by main if it fails before
     # writing anything into them (a mistyped command leaves no empty run).
     created = [d for d in (out, *out.parents) if not d.exists()]
@@ -182,16 +196,14 @@ def _add_common(
 ) -> None:
     if model:
         p.add_argument("--model", default="lenet5", help=", ".join(MODEL_NAMES))
-        p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"(default {epochs})")
-        p.add_argument("--batch-size", type=_positive_int, default=64, help="(default 64)")
-        p.add_argument(
-            "--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)"
-        )
+        p.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
+        p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
+        p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
         p.add_argument(
             "--optimizer",
             default="adam",
             choices=("adam", "adamw", "sgd", "momentum"),
-            help="(default adam)",
+            help="optax optimizer",
         )
         p.add_argument(
             "--seed", type=_non_negative_int, default=0, help="init and batch-order seed"
@@ -284,6 +296,17 @@ def cmd_train(args) -> int:
     model = train_lib.resolve_model(args.model)
     data = _load_data(args, model)
     multiplier = train_lib.resolve_multiplier_spec(args.multiplier)
+    kinds = getattr(model, "kinds", None)
+    absent = []
+    if isinstance(multiplier, Mapping) and kinds is not None:
+        named = [k for k, m in multiplier.items() if not m.is_exact]
+        absent = sorted(k for k in named if k not in kinds)
+        if named and len(absent) == len(named):
+            # The run would be all fp32 under the label of a design.
+            raise ValueError(
+                f"--multiplier {args.multiplier!r}: model {args.model!r} has no "
+                f"{'/'.join(absent)} layers (its layer kinds: {', '.join(kinds)})"
+            )
     label = args.multiplier if isinstance(args.multiplier, str) else None
     specs = [(label or train_lib.multiplier_label(multiplier), multiplier)]
     if args.baseline and not train_lib.is_exact(multiplier):
@@ -293,6 +316,11 @@ def cmd_train(args) -> int:
         f"test={len(data[2])} epochs={args.epochs} batch={args.batch_size} lr={args.lr} "
         f"backward={args.backward} seed={args.seed}"
     )
+    if absent:
+        console.print(
+            f"[yellow]note[/yellow]: model {args.model!r} has no {'/'.join(absent)} layers; "
+            f"the design given for them changes nothing (its layer kinds: {', '.join(kinds)})"
+        )
     runs = []
     timing = {k: v for k, v in _training_kwargs(args).items() if k not in ("epochs", "progress")}
     timing.update(steps=args.timing_steps, max_seconds=args.timing_seconds)
@@ -715,6 +743,15 @@ def _write_heatmaps(char_lib, labels, results, out: Path, suffix: str = "") -> l
 # entry point
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="approx-jax",
@@ -727,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
+        formatter_class=_HelpWithDefaults,
         help="train a model under one multiplier (optionally with an fp32 baseline)",
         description="Train a model under one multiplier; print accuracy, loss and step time.",
     )
@@ -754,33 +792,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep",
+        formatter_class=_HelpWithDefaults,
         help="train one model per design in a single vmapped step; accuracy vs MRED",
         description="Train one model per multiplier design: LUT designs are stacked and "
         "trained together in one jit-compiled step vmapped over the design axis; fp32 "
         "(not a LUT) is trained separately with the native op. All designs share the "
         "initial parameters and the batch order.",
     )
-    p.add_argument("--multipliers", default=DEFAULT_SWEEP, help=f"comma list ({DEFAULT_SWEEP})")
+    p.add_argument("--multipliers", default=DEFAULT_SWEEP, help="comma list of designs")
     _add_common(p, epochs=3)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "evaluate",
+        formatter_class=_HelpWithDefaults,
         help="train once in fp32, then evaluate on each design in one vmapped call",
         description="Post-training evaluation: train the model once in float32, then run "
         "the trained model with every product on each multiplier design (one jit-compiled "
         "call vmapped over the design stack) and report test accuracy next to the designs' "
         "MRED over all mantissa pairs and over the operand pairs the model's layers multiply.",
     )
-    p.add_argument(
-        "--multipliers", default=DEFAULT_EVALUATE, help=f"comma list ({DEFAULT_EVALUATE})"
-    )
+    p.add_argument("--multipliers", default=DEFAULT_EVALUATE, help="comma list of designs")
     # It trains in fp32 only: a backward mode would change nothing.
     _add_common(p, backward=False, epochs=3)
     p.set_defaults(func=cmd_evaluate, backward="approx")
 
     p = sub.add_parser(
         "characterize",
+        formatter_class=_HelpWithDefaults,
         help="error metrics (SPEC section 6) and heat maps of multipliers",
         description="Print the SPEC section 6 error metrics of each multiplier and write "
         "heat maps of the mean relative error per mantissa pair.",
@@ -790,9 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=_non_negative_int,
         default=0,
-        help="also measure on N random normal operand pairs (default: LUT entries only)",
+        help="also measure on N random normal operand pairs (0: LUT entries only)",
     )
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed of the --samples operands"
+    )
     _add_common(p, model=False)
     p.set_defaults(func=cmd_characterize)
     return parser

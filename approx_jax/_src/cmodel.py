@@ -511,7 +511,7 @@ def _compile_library(compiler_cmd, cmd_flags, tmp_src, tmp, lib_path, function, 
         ):
             hint = f"function {function!r} does not have the signature float(float, float). "
         raise CModelError(
-            f"{hint}compiling the functional model {origin}:{function} (M={M}) "
+            f"{hint}Compiling the functional model {origin}:{function} (M={M}) "
             f"failed:\n$ {shlex.join(cmd)}\n{stderr}"
         )
     _atomic_write_bytes(_digest_path(lib_path), _file_digest(tmp_lib).encode())

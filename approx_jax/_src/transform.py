@@ -1062,7 +1062,7 @@ def approximate(
     is simulated too, in each of lax's modes: every output is bit for bit
     the simulated dense product of its group's operands (computed as ``g``
     dense products of the whole operands, ``g`` the number of groups: ``g``
-    times the work; see :func:`approx_ragged_dot_general`). An integer
+    times the work; see ``approx_jax.ragged_dot``). An integer
     operand of a float product is converted to float first, as natively;
     complex products stay native (SPEC covers float32). Nothing else changes.
     No model code needs to be edited: a pretrained model from any library is
