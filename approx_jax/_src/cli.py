@@ -273,11 +273,21 @@ def _plot_curves(runs: list[dict], path: Path, title: str) -> None:
     ax_acc.set_ylabel("test accuracy")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss")
-    ax_loss.set_yscale("log")
+    losses = [v for run in runs for v in run["history"]["train_loss"] if v > 0]
+    # (A log axis over less than a decade labels its one tick "1.7x10^0".)
+    if losses and max(losses) / min(losses) >= 10:
+        ax_loss.set_yscale("log")
+    else:
+        ax_loss.ticklabel_format(axis="y", useOffset=False)  # (not "+2.269" above the axis)
+    ax_acc.ticklabel_format(axis="y", useOffset=False)
     from matplotlib.ticker import MaxNLocator
 
+    epochs = sorted({e for run in runs for e in run["history"]["epoch"]})
     for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:  # one tick per epoch (one epoch: not 0.95, 1.00, 1.05)
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)
