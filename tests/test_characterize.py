@@ -327,6 +327,11 @@ def test_samples_of_the_wrong_kind_are_rejected(samples):
         ch.characterize("mbm6", samples=samples)
 
 
+def test_samples_of_the_wrong_shape_name_it():
+    with pytest.raises(ValueError, match=r"\[N, 2\] array, got an array of shape \(5, 3\)"):
+        ch.characterize("mbm6", samples=np.ones((5, 3), np.float32))
+
+
 def test_samples_are_the_same_pairs_for_every_design():
     # 1.45 * 2^64 * 1.45 * 2^63 = 2.1 * 2^127 lies beyond float32's range:
     # skipped for every design, also one (Mitchell) whose own product of

@@ -140,6 +140,8 @@ def test_c_model_compiled_by_a_cxx_compiler(require_c_compiler, isolated_cache, 
     assert "LUT wrapper" in str(e.value)
     with pytest.raises(cmodel.CModelError, match="not defined") as e:
         mm.from_c(str(model), "g", 3, compiler=compiler)
+    # Two sentences: what is wrong, then what failed (the compiler's words below).
+    assert "model source. Compiling the functional model" in str(e.value)
 
 
 def test_call_to_an_undeclared_function_is_an_error(require_c_compiler, isolated_cache):

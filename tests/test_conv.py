@@ -866,6 +866,38 @@ def test_family_attribute_in_the_lowered_conv(channels, monkeypatch):
     assert {f for _, f in _family_attributes(traced, x, w, mult_lib.mbm(9))} == {"-1"}
 
 
+@pytest.mark.parametrize("M", [8, 11])
+def test_conv_with_the_family_told_equals_the_kernel_checking(M, monkeypatch):
+    # Closed over (family told) vs a jit argument (-1: the kernel checks):
+    # the same bits for the value, both gradients and a second derivative,
+    # on the in-place and the batch-chunked paths and vmapped over
+    # per-design inputs (design groups); a stack is never told.
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", 4)
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 1 << 14)  # batch chunks
+    x = jnp.asarray(_data((3, 6, 6, 8), 41))
+    w = jnp.asarray(_data((3, 3, 8, 5), 42))
+
+    def loss(x, w, m):
+        return jnp.sum(approx_conv(x, w, m, padding="SAME") ** 2)
+
+    def everything(x, w, m):
+        value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(x, w, m)
+        ddw = jax.grad(lambda w: jnp.sum(jax.grad(loss)(x, w, m) ** 2))(w)
+        per_design = jax.vmap(lambda xd: approx_conv(xd, w, m, padding="SAME"))(x[:, None])
+        return value, dx, dw, ddw, per_design
+
+    for m in (mult_lib.mbm(M), mult_lib.mitchell(M), mult_lib.truncate(M)):
+        told = jax.jit(lambda x, w, m=m: everything(x, w, m))
+        attrs = {f for _, f in _family_attributes(lambda x, w, m=m: everything(x, w, m), x, w)}
+        assert attrs == {str(ops.closed_form_family(ops.kernel_lut_of(m), M))} != {"-1"}
+        checked = jax.jit(everything)(x, w, m)
+        for got, want in zip(told(x, w), checked, strict=True):
+            np.testing.assert_array_equal(_bits(got), _bits(want))
+    stack = mult_lib.stack([mult_lib.mbm(M), mult_lib.mitchell(M)])
+    attrs = _family_attributes(lambda x, w: approx_conv(x, w, stack, padding="SAME"), x, w)
+    assert {f for _, f in attrs} == {"-1"}
+
+
 @pytest.mark.parametrize("M", [3, 9, 11])
 def test_conv_targets_follow_the_family_attribute(M, monkeypatch):
     # As the GEMM (test_ops): told that a random LUT is Mitchell's, the conv

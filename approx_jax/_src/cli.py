@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def _out_dir(args, command: str) -> Path:
                 break
             except FileExistsError:
                 continue
+        else:
+            raise ValueError(f"{base} and its numbered variants exist already: use --out")
         args.created_dirs = [out, *created]
         return out
     # The folders this run creates, removed again by main if it fails before
@@ -234,7 +237,12 @@ def _add_common(
             help="use at most N train and N test examples",
         )
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--out", default=None, help="output folder (default runs/<command>-...)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: runs/<command>-<model>-<time>, with -2, -3, ... for "
+        "runs started in the same second)",
+    )
 
 
 def _design_names(args) -> list[str]:
@@ -302,9 +310,7 @@ def cmd_train(args) -> int:
     from approx_jax._src import train as train_lib
 
     console = _console()
-    out = _out_dir(args, "train")
     model = train_lib.resolve_model(args.model)
-    data = _load_data(args, model)
     multiplier = train_lib.resolve_multiplier_spec(args.multiplier)
     kinds = getattr(model, "kinds", None)
     absent = []
@@ -317,6 +323,8 @@ def cmd_train(args) -> int:
                 f"--multiplier {args.multiplier!r}: model {args.model!r} has no "
                 f"{'/'.join(absent)} layers (its layer kinds: {', '.join(kinds)})"
             )
+    out = _out_dir(args, "train")
+    data = _load_data(args, model)
     label = args.multiplier if isinstance(args.multiplier, str) else None
     specs = [(label or train_lib.multiplier_label(multiplier), multiplier)]
     if args.baseline and not train_lib.is_exact(multiplier):
@@ -336,11 +344,14 @@ def cmd_train(args) -> int:
     timing.update(steps=args.timing_steps, max_seconds=args.timing_seconds)
     for label, m in specs:
         t0 = time.perf_counter()
-        _, hist = train_lib.train(model, m, data, desc=label, **_training_kwargs(args))
-        wall = time.perf_counter() - t0
-        step_time = None
-        if args.timing_steps > 0:
-            step_time = train_lib.measure_step_time(model, m, data[0], data[1], **timing)
+        with warnings.catch_warnings():
+            if absent:  # (said above; Model.assignment would say it again per trace)
+                warnings.filterwarnings("ignore", message="model .* has no ", category=UserWarning)
+            _, hist = train_lib.train(model, m, data, desc=label, **_training_kwargs(args))
+            wall = time.perf_counter() - t0
+            step_time = None
+            if args.timing_steps > 0:
+                step_time = train_lib.measure_step_time(model, m, data[0], data[1], **timing)
         runs.append(
             {
                 "multiplier": label,
