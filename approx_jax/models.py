@@ -7,6 +7,14 @@ Example:
   >>> logits = model.apply(params, x, "mbm7")
 """
 
-from approx_jax._src.models import KINDS, Model, create, names, resolve_kinds
+from approx_jax._src.models import (
+    KINDS,
+    Model,
+    create,
+    load_params,
+    names,
+    resolve_kinds,
+    save_params,
+)
 
-__all__ = ["KINDS", "Model", "create", "names", "resolve_kinds"]
+__all__ = ["KINDS", "Model", "create", "load_params", "names", "resolve_kinds", "save_params"]

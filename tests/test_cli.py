@@ -167,6 +167,39 @@ def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
         assert "M >= 8" in text and "approx-jax train" in text
 
 
+def test_params_files_from_sweep_train_and_evaluate(tmp_path, capsys):
+    # A sweep writes each design's trained params; evaluating a file under its
+    # design gives the accuracy the sweep reported (same data, same products).
+    sweep_out = tmp_path / "sweep"
+    _run_designs("sweep", "lenet300", sweep_out)
+    swept = json.loads((sweep_out / "results.json").read_text())["results"]
+    by_name = {r["name"]: r for r in swept}
+    assert all(pathlib.Path(r["params_file"]).is_file() for r in swept)
+    ev_out = tmp_path / "evaluate"
+    params = by_name["mbm5"]["params_file"]
+    argv = ["evaluate", "--model", "lenet300", "--multipliers", "mbm5", "--params", params]
+    assert cli.main([*argv, "--out", str(ev_out), *FAST]) == 0
+    evaluated = json.loads((ev_out / "results.json").read_text())["results"]
+    assert [r["name"] for r in evaluated] == ["fp32", "mbm5"]
+    assert evaluated[1]["test_acc"] == by_name["mbm5"]["test_acc"]
+    # Fine-tuning starts from the file: at a negligible learning rate the
+    # model stays the evaluated one.
+    tr_out = tmp_path / "train"
+    argv = ["train", "--model", "lenet300", "--multiplier", "mbm5", "--init-params", params]
+    argv += ["--lr", "1e-30", "--timing-steps", "0", "--out", str(tr_out)]
+    assert cli.main([*argv, *FAST]) == 0
+    run = json.loads((tr_out / "results.json").read_text())["runs"][0]
+    assert run["test_acc"] == by_name["mbm5"]["test_acc"]
+    assert pathlib.Path(run["params_file"]).name == "params-mbm5.msgpack"
+    # A file of another model fails before any folder is made.
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    argv = ["evaluate", "--model", "lenet5", "--params", params, "--out", str(bad)]
+    assert cli.main([*argv, *FAST]) == 2
+    assert "does not hold params of model 'lenet5'" in capsys.readouterr().err
+    assert not bad.exists()
+
+
 def test_evaluate_end_to_end(tmp_path, capsys):
     out = tmp_path / "evaluate"
     _run_designs("evaluate", "lenet5", out)

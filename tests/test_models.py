@@ -263,3 +263,23 @@ def test_empty_batch_gives_empty_logits(name, mult):
     params = model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
     logits = model.apply(params, jnp.ones((0, *model.input_shape)), mult)
     assert logits.shape == (0, 10)
+
+
+def test_params_files_round_trip_and_belong_to_their_model(tmp_path):
+    model = models.create("lenet5")
+    params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))
+    path = tmp_path / "p.msgpack"
+    models.save_params(params, path)
+    back = models.load_params(model, path)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="does not hold params of model 'lenet300'"):
+        models.load_params(models.create("lenet300"), path)
+    with pytest.raises(ValueError, match=r"\['Dense_1'\]\['bias'\] has shape \(10,\), expected"):
+        models.load_params(models.create("lenet5", num_classes=7), path)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not msgpack at all")
+    with pytest.raises(ValueError, match="is not a params file"):
+        models.load_params(model, junk)

@@ -131,6 +131,18 @@ def _out_dir(args, command: str) -> Path:
     return out
 
 
+def _file_label(label: str) -> str:
+    """A design label as a file-name part (``conv=mbm7,dense=fp32`` -> ``conv-mbm7_dense-fp32``)."""
+    text = str(label).replace("=", "-").replace(",", "_")
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)[:100]
+
+
+def _save_params(params, path: Path) -> None:
+    from approx_jax._src import models as models_lib
+
+    models_lib.save_params(params, path)
+
+
 def _load_data(args, model=None):
     from approx_jax._src import data as data_lib
 
@@ -323,6 +335,11 @@ def cmd_train(args) -> int:
                 f"--multiplier {args.multiplier!r}: model {args.model!r} has no "
                 f"{'/'.join(absent)} layers (its layer kinds: {', '.join(kinds)})"
             )
+    init = None
+    if args.init_params:  # (a wrong file fails before any folder or data)
+        from approx_jax._src import models as models_lib
+
+        init = models_lib.load_params(model, args.init_params)
     out = _out_dir(args, "train")
     data = _load_data(args, model)
     label = args.multiplier if isinstance(args.multiplier, str) else None
@@ -339,6 +356,8 @@ def cmd_train(args) -> int:
             f"[yellow]note[/yellow]: model {args.model!r} has no {'/'.join(absent)} layers; "
             f"the design given for them changes nothing (its layer kinds: {', '.join(kinds)})"
         )
+    if init is not None:
+        console.print(f"starting from the params in {args.init_params} (fine-tuning)")
     runs = []
     timing = {k: v for k, v in _training_kwargs(args).items() if k not in ("epochs", "progress")}
     timing.update(steps=args.timing_steps, max_seconds=args.timing_seconds)
@@ -347,14 +366,19 @@ def cmd_train(args) -> int:
         with warnings.catch_warnings():
             if absent:  # (said above; Model.assignment would say it again per trace)
                 warnings.filterwarnings("ignore", message="model .* has no ", category=UserWarning)
-            _, hist = train_lib.train(model, m, data, desc=label, **_training_kwargs(args))
+            params, hist = train_lib.train(
+                model, m, data, desc=label, params=init, **_training_kwargs(args)
+            )
             wall = time.perf_counter() - t0
             step_time = None
             if args.timing_steps > 0:
                 step_time = train_lib.measure_step_time(model, m, data[0], data[1], **timing)
+        params_file = out / f"params-{_file_label(label)}.msgpack"
+        _save_params(params, params_file)
         runs.append(
             {
                 "multiplier": label,
+                "params_file": str(params_file),
                 "exact": train_lib.is_exact(m),
                 "test_acc": hist["final_test_acc"],
                 "final_loss": hist["final_train_loss"],
@@ -472,8 +496,13 @@ def cmd_sweep(args) -> int:
     designs = _design_names(args)
     for design in designs:  # an unknown name fails before the run starts
         mult_lib.get(design)
-    out = _out_dir(args, "sweep")
     model = train_lib.resolve_model(args.model)
+    init = None
+    if args.init_params:  # (a wrong file fails before any folder or data)
+        from approx_jax._src import models as models_lib
+
+        init = models_lib.load_params(model, args.init_params)
+    out = _out_dir(args, "sweep")
     data = _load_data(args, model)
     console.print(
         f"[bold]approx-jax sweep[/bold]: model={args.model} designs={designs} "
@@ -489,7 +518,9 @@ def cmd_sweep(args) -> int:
             "fp32 is exact float32, not a LUT, so it cannot join the stack: it is trained "
             "separately with the native op (same init, same batches)."
         )
-    res = sweep_lib.sweep(model, designs, data, **_training_kwargs(args))
+    if init is not None:
+        console.print(f"every design starts from the params in {args.init_params} (fine-tuning)")
+    res = sweep_lib.sweep(model, designs, data, params=init, **_training_kwargs(args))
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
         if res["stack_mbits"] >= 8 and jax.default_backend() == "cpu":
@@ -518,6 +549,9 @@ def cmd_sweep(args) -> int:
             "vmapped stack" if r["vmapped"] else "native fp32",
         )
     _show_table(console, table, out)
+    for r, params in zip(res["results"], res.pop("params"), strict=True):
+        r["params_file"] = str(out / f"params-{_file_label(r['name'])}.msgpack")
+        _save_params(params, Path(r["params_file"]))
     extra = {"same_init": True, "same_batches": True, **res}
     _write_design_results(console, out, args, data, extra, f"{args.model}: accuracy vs MRED")
     return 0
@@ -561,21 +595,37 @@ def cmd_evaluate(args) -> int:
     designs = [d for d, _ in approx]
     if not designs:
         raise ValueError("--multipliers names no approximate design (fp32 is always the baseline)")
-    out = _out_dir(args, "evaluate")
     model = train_lib.resolve_model(args.model)
+    if args.params:  # (a wrong file fails before any folder or data)
+        from approx_jax._src import models as models_lib
+
+        params = models_lib.load_params(model, args.params)
+    out = _out_dir(args, "evaluate")
     data = _load_data(args, model)
     x_test, y_test = data[2], data[3]
+    how = f"params={args.params}" if args.params else f"epochs={args.epochs} seed={args.seed}"
     console.print(
         f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} "
-        f"(and the fp32 baseline) train={len(data[0])} test={len(x_test)} "
-        f"epochs={args.epochs} seed={args.seed}"
+        f"(and the fp32 baseline) train={len(data[0])} test={len(x_test)} {how}"
     )
     console.print(
-        "Trains the model once in float32, then evaluates the trained model with every "
-        "product on each design: one jit-compiled call vmapped over the design stack "
-        "(post-training evaluation; no retraining per design)."
+        (
+            "Evaluates the given params"
+            if args.params
+            else "Trains the model once in float32, then evaluates the trained model"
+        )
+        + " with every product on each design: one jit-compiled call vmapped over the "
+        "design stack (post-training evaluation; no retraining per design)."
     )
-    params, hist = train_lib.train(model, "fp32", data, desc="fp32", **_training_kwargs(args))
+    if args.params:
+        single = jax.jit(train_lib.make_predict(model))
+        fp32_acc = float(train_lib.accuracy(single, params, mult_lib.exact(), x_test, y_test))
+        trained = f"from {args.params}"
+    else:
+        params, hist = train_lib.train(model, "fp32", data, desc="fp32", **_training_kwargs(args))
+        fp32_acc = float(hist["final_test_acc"])
+        _save_params(params, out / "params-fp32.msgpack")
+        trained = f"trained in fp32 ({args.epochs} epoch(s))"
     stack = mult_lib.stack([m for _, m in approx])
     singles = mult_lib.unstack(stack)
     predict = jax.jit(jax.vmap(train_lib.make_predict(model), in_axes=(None, None, 0)))
@@ -585,7 +635,6 @@ def cmd_evaluate(args) -> int:
     pairs = transform.operand_samples(
         lambda p, x: model.apply(p, x, "fp32", train=False), num=20000, seed=args.seed
     )(params, x_test[:256])
-    fp32_acc = float(hist["final_test_acc"])
 
     def on_layer_operands(m):
         # fp32 too is scored against the exact product (its float32 rounding).
@@ -611,9 +660,7 @@ def cmd_evaluate(args) -> int:
                 "test_acc": float(acc),
             }
         )
-    table = Table(
-        title=f"{args.model} trained in fp32 ({args.epochs} epoch(s)), evaluated per design"
-    )
+    table = Table(title=f"{args.model} {trained}, evaluated per design")
     for col, just in (
         ("design", "left"),
         ("M", "right"),
@@ -633,8 +680,8 @@ def cmd_evaluate(args) -> int:
             f"{100 * (r['test_acc'] - fp32_acc):+.1f} pp",
         )
     _show_table(console, table, out)
-    extra = {"layers_sampled": list(pairs), "results": results}
-    title = f"{args.model}: fp32-trained, evaluated per design"
+    extra = {"layers_sampled": list(pairs), "results": results, "params": args.params}
+    title = f"{args.model}: {'given' if args.params else 'fp32-trained'} params, per design"
     _write_design_results(console, out, args, data, extra, title)
     return 0
 
@@ -764,6 +811,16 @@ def _write_heatmaps(char_lib, labels, results, out: Path, suffix: str = "") -> l
 # entry point
 
 
+def _add_init_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--init-params",
+        default=None,
+        help="start from the params in this file (written by an earlier run as "
+        "params-<multiplier>.msgpack, or by approx_jax.models.save_params): "
+        "approximation-aware fine-tuning of a pretrained model",
+    )
+
+
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except the empty ones (None, False)."""
 
@@ -802,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="timed steps for the step-time column (0: skip timing)",
     )
+    _add_init_params(p)
     p.add_argument(
         "--timing-seconds",
         type=_positive_float,
@@ -821,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         "initial parameters and the batch order.",
     )
     p.add_argument("--multipliers", default=DEFAULT_SWEEP, help="comma list of designs")
+    _add_init_params(p)
     _add_common(p, epochs=3)
     p.set_defaults(func=cmd_sweep)
 
@@ -834,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
         "MRED over all mantissa pairs and over the operand pairs the model's layers multiply.",
     )
     p.add_argument("--multipliers", default=DEFAULT_EVALUATE, help="comma list of designs")
+    p.add_argument(
+        "--params",
+        default=None,
+        help="evaluate the params in this file (approx_jax.models.save_params, or a train "
+        "run's params-<multiplier>.msgpack) instead of training in fp32 first",
+    )
     # It trains in fp32 only: a backward mode would change nothing.
     _add_common(p, backward=False, epochs=3)
     p.set_defaults(func=cmd_evaluate, backward="approx")

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from approx_jax._src import multipliers as mult_lib
@@ -477,3 +478,79 @@ def create(name: str, num_classes: int = 10) -> Model:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     builder, shape, kinds = _REGISTRY[key]
     return Model(key, num_classes, shape, kinds, builder)
+
+
+# --------------------------------------------------------------------------
+# Parameter files.
+
+
+def save_params(params, path) -> None:
+    """Writes a params pytree to ``path`` (Flax msgpack, as ``flax.serialization``).
+
+    Trained under any multiplier, the parameters are ordinary float32 arrays:
+    a file written here loads into the same model for evaluation under other
+    designs, or as the start of an approximation-aware fine-tuning run
+    (``approx-jax train --init-params``).
+
+    Args:
+      params: the params pytree (e.g. from ``Model.init`` or training).
+      path: file to write.
+
+    Example:
+      >>> models.save_params(params, "lenet5_fp32.msgpack")
+    """
+    from flax import serialization
+
+    with open(path, "wb") as f:
+        f.write(serialization.to_bytes(jax.device_get(params)))
+
+
+def load_params(model: Model, path, sample_x=None):
+    """Reads params written by :func:`save_params` for ``model``.
+
+    Args:
+      model: the :class:`Model` the params belong to (its ``init`` gives
+        the expected structure and shapes).
+      path: file written by :func:`save_params`.
+      sample_x: an input batch for ``model.init`` (default: one example of
+        ``model.input_shape``).
+
+    Returns:
+      The params pytree.
+
+    Raises:
+      ValueError: If the file is not a params file of this model (other
+        layers or shapes).
+
+    Example:
+      >>> params = models.load_params(models.create("lenet5"), "lenet5_fp32.msgpack")
+    """
+    from flax import serialization
+
+    if sample_x is None:
+        sample_x = jnp.zeros((1, *model.input_shape), jnp.float32)
+    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample_x))
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        state = serialization.msgpack_restore(raw)
+    except Exception as err:  # msgpack's own error types
+        raise ValueError(f"{path} is not a params file (msgpack): {err}") from err
+    want = jax.tree_util.tree_flatten_with_path(template)[0]
+    try:
+        got = jax.tree_util.tree_flatten_with_path(serialization.from_state_dict(template, state))[
+            0
+        ]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} does not hold params of model {model.name!r}: {err}") from err
+    for (kp, w), (_, g) in zip(want, got, strict=True):
+        if tuple(np.shape(g)) != tuple(w.shape):
+            raise ValueError(
+                f"{path} does not hold params of model {model.name!r}: "
+                f"{jax.tree_util.keystr(kp)} has shape {np.shape(g)}, expected {w.shape}"
+            )
+    return jax.tree.map(
+        lambda g, w: jnp.asarray(g, w.dtype),
+        serialization.from_state_dict(template, state),
+        template,
+    )

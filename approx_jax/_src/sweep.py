@@ -201,6 +201,7 @@ def sweep(
     progress: bool = True,
     eval_batch_size: int = 500,
     characterize: bool = True,
+    params=None,
 ) -> dict:
     """Trains ``model`` under every design and reports accuracy against MRED.
 
@@ -211,12 +212,16 @@ def sweep(
         ``fp32`` separately with the native op.
       data: ``(x_train, y_train, x_test, y_test)``.
       characterize: compute each design's MRED (SPEC section 6).
+      params: initial parameters of every design (e.g. a pretrained fp32
+        model's, for approximation-aware fine-tuning), else ``model.init``
+        with ``seed``.
 
     Returns:
       A dict with ``results`` (one entry per design in the given order:
       ``name``, ``mbits``, ``mred``, ``test_acc``, ``final_train_loss``,
       ``history`` (per-epoch lists for that design), ``vmapped``), the stacked
-      ``history``, and timing.
+      ``history``, timing, and ``params``: each design's trained params (one
+      pytree per entry of ``results``, in its order).
 
     Raises:
       TypeError: if ``designs`` is a single name or Multiplier rather than a
@@ -260,14 +265,14 @@ def sweep(
         progress=progress,
         eval_batch_size=eval_batch_size,
     )
-    init = train_lib.init_params(model, seed, data[0])
+    init = train_lib.init_params(model, seed, data[0]) if params is None else params
     out: dict[str, Any] = {"results": [], "stack_mbits": None, "timing": {}}
     lut_entries = []
     if luts:
         stacked = mult_lib.stack(luts)
         out["stack_mbits"] = stacked.mbits
         t0 = time.perf_counter()
-        _, hist = train_stacked(model, stacked, data, params=init, **common)
+        stacked_params, hist = train_stacked(model, stacked, data, params=init, **common)
         out["timing"]["stacked_seconds"] = time.perf_counter() - t0
         out["history"] = hist
         for d, m in enumerate(luts):
@@ -282,12 +287,13 @@ def sweep(
                     "final_train_loss": per["train_loss"][-1] if per["train_loss"] else None,
                     "history": per,
                     "vmapped": True,
+                    "params": jax.tree.map(lambda v, d=d: v[d], stacked_params),
                 }
             )
     exact_entries = []
     for m in exact:
         t0 = time.perf_counter()
-        _, hist = train_lib.train(model, m, data, params=init, desc="fp32 (native)", **common)
+        trained, hist = train_lib.train(model, m, data, params=init, desc="fp32 (native)", **common)
         out["timing"]["fp32_seconds"] = time.perf_counter() - t0
         exact_entries.append(
             {
@@ -298,8 +304,12 @@ def sweep(
                 "final_train_loss": hist["final_train_loss"],
                 "history": {k: hist[k] for k in ("epoch", "train_loss", "train_acc", "test_acc")},
                 "vmapped": False,
+                "params": trained,
             }
         )
     for kind, i in order:
         out["results"].append(exact_entries[i] if kind == "exact" else lut_entries[i])
+    # The trained params, one pytree per result (same order), kept apart from
+    # the JSON-able results.
+    out["params"] = [r.pop("params") for r in out["results"]]
     return out
