@@ -76,9 +76,17 @@ def test_sweep_matches_separate_training(small_data):
     assert by_name["fp32"]["vmapped"] is False and by_name["fp32"]["mred"] == 0.0
     assert by_name["mbm5"]["vmapped"] is True
     assert 0 < by_name["mitchell3"]["mred"] and 0 < by_name["mbm5"]["mred"]
-    # fp32 runs the ordinary loop: identical to train().
-    _, h = train_lib.train("lenet300", "fp32", data, **kw)
+    # fp32 runs the ordinary loop: identical to train(), params too.
+    p, h = train_lib.train("lenet300", "fp32", data, **kw)
     assert by_name["fp32"]["history"]["train_loss"] == h["train_loss"]
+    assert len(res["params"]) == 3 and "params" not in by_name["fp32"]
+    for a, b in zip(jax.tree.leaves(res["params"][1]), jax.tree.leaves(p), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Given initial params (fine-tuning), every design starts from them.
+    again = sweep_lib.sweep("lenet300", ["fp32"], data, params=p, **kw)
+    _, h2 = train_lib.train("lenet300", "fp32", data, params=p, **kw)
+    assert again["results"][0]["history"]["train_loss"] == h2["train_loss"]
+    assert h2["train_loss"] != h["train_loss"]
     # A LUT design trained inside the stack tracks training it alone.
     _, h = train_lib.train("lenet300", "mbm5", data, **kw)
     np.testing.assert_allclose(by_name["mbm5"]["history"]["train_loss"], h["train_loss"], rtol=1e-4)
