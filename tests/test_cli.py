@@ -182,6 +182,13 @@ def test_params_files_from_sweep_train_and_evaluate(tmp_path, capsys):
     evaluated = json.loads((ev_out / "results.json").read_text())["results"]
     assert [r["name"] for r in evaluated] == ["fp32", "mbm5"]
     assert evaluated[1]["test_acc"] == by_name["mbm5"]["test_acc"]
+    # (mitchell3 is the stack's second design: its own slice of the params.)
+    ev3 = tmp_path / "evaluate3"
+    argv = ["evaluate", "--model", "lenet300", "--multipliers", "mitchell3"]
+    argv += ["--params", by_name["mitchell3"]["params_file"], "--out", str(ev3)]
+    assert cli.main([*argv, *FAST]) == 0
+    evaluated = json.loads((ev3 / "results.json").read_text())["results"]
+    assert evaluated[1]["test_acc"] == by_name["mitchell3"]["test_acc"]
     # Fine-tuning starts from the file: at a negligible learning rate the
     # model stays the evaluated one.
     tr_out = tmp_path / "train"
@@ -194,10 +201,22 @@ def test_params_files_from_sweep_train_and_evaluate(tmp_path, capsys):
     # A file of another model fails before any folder is made.
     capsys.readouterr()
     bad = tmp_path / "bad"
-    argv = ["evaluate", "--model", "lenet5", "--params", params, "--out", str(bad)]
-    assert cli.main([*argv, *FAST]) == 2
-    assert "does not hold params of model 'lenet5'" in capsys.readouterr().err
-    assert not bad.exists()
+    for command in ("evaluate", "sweep"):
+        flag = "--params" if command == "evaluate" else "--init-params"
+        argv = [command, "--model", "lenet5", flag, params, "--out", str(bad)]
+        assert cli.main([*argv, *FAST]) == 2
+        assert "does not hold params of model 'lenet5'" in capsys.readouterr().err
+        assert not bad.exists()
+
+
+def test_sweep_designs_of_one_name_keep_their_own_params_files(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", "lenet300", "--multipliers", "mbm3,mbm3", "--out", str(out)]
+    assert cli.main([*argv, *FAST]) == 0
+    capsys.readouterr()
+    files = [r["params_file"] for r in json.loads((out / "results.json").read_text())["results"]]
+    assert [pathlib.Path(f).name for f in files] == ["params-mbm3.msgpack", "params-mbm3-2.msgpack"]
+    assert all(pathlib.Path(f).is_file() for f in files)
 
 
 def test_evaluate_end_to_end(tmp_path, capsys):

@@ -277,9 +277,20 @@ def test_params_files_round_trip_and_belong_to_their_model(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="does not hold params of model 'lenet300'"):
         models.load_params(models.create("lenet300"), path)
-    with pytest.raises(ValueError, match=r"\['Dense_1'\]\['bias'\] has shape \(10,\), expected"):
+    with pytest.raises(ValueError, match=r"Dense_1/bias has shape \(10,\), expected \(7,\)"):
         models.load_params(models.create("lenet5", num_classes=7), path)
     junk = tmp_path / "junk"
     junk.write_bytes(b"not msgpack at all")
     with pytest.raises(ValueError, match="is not a params file"):
         models.load_params(model, junk)
+    from flax import serialization
+
+    listed = tmp_path / "list"
+    listed.write_bytes(serialization.msgpack_serialize([1, 2]))
+    with pytest.raises(ValueError, match="is not a params file: it holds a list"):
+        models.load_params(model, listed)
+    # An extra layer is not this model's either.
+    extra = tmp_path / "extra"
+    models.save_params({**params, "Extra": {"kernel": np.ones(3, np.float32)}}, extra)
+    with pytest.raises(ValueError, match="unexpected Extra/kernel"):
+        models.load_params(model, extra)

@@ -421,7 +421,10 @@ def cmd_train(args) -> int:
     }
     _write_json(out / "results.json", payload)
     _plot_curves(runs, out / "curves.png", f"{args.model} on MNIST (backward={args.backward})")
-    console.print(f"wrote {out / 'results.json'}, {out / 'table.txt'} and {out / 'curves.png'}")
+    console.print(
+        f"wrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'curves.png'}"
+        f"{_params_note(r['params_file'] for r in runs)}"
+    )
     return 0
 
 
@@ -549,8 +552,17 @@ def cmd_sweep(args) -> int:
             "vmapped stack" if r["vmapped"] else "native fp32",
         )
     _show_table(console, table, out)
+    used: set[str] = set()
     for r, params in zip(res["results"], res.pop("params"), strict=True):
-        r["params_file"] = str(out / f"params-{_file_label(r['name'])}.msgpack")
+        # Designs may share a name (one C model at two widths, two X_7.bin
+        # files, a name given twice): each keeps its own file.
+        base = f"params-{_file_label(r['name'])}"
+        name, i = base, 1
+        while name in used:
+            i += 1
+            name = f"{base}-{i}"
+        used.add(name)
+        r["params_file"] = str(out / f"{name}.msgpack")
         _save_params(params, Path(r["params_file"]))
     extra = {"same_init": True, "same_batches": True, **res}
     _write_design_results(console, out, args, data, extra, f"{args.model}: accuracy vs MRED")
@@ -569,9 +581,20 @@ def _write_design_results(console, out: Path, args, data, extra: dict, title: st
     }
     _write_json(out / "results.json", payload)
     _plot_sweep(extra["results"], out / "accuracy_vs_mred.png", title)
+    written = [*(r.get("params_file") for r in extra["results"]), extra.get("params_file")]
     console.print(
-        f"wrote {out / 'results.json'}, {out / 'table.txt'} and {out / 'accuracy_vs_mred.png'}"
+        f"wrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'accuracy_vs_mred.png'}"
+        f"{_params_note(written)}"
     )
+
+
+def _params_note(paths) -> str:
+    """The params files a run wrote, for its last line."""
+    files = [Path(p).name for p in paths if p]
+    if not files:
+        return ""
+    shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+    return f" and {len(files)} params file(s) ({shown})"
 
 
 # --------------------------------------------------------------------------
@@ -601,9 +624,12 @@ def cmd_evaluate(args) -> int:
 
         params = models_lib.load_params(model, args.params)
     out = _out_dir(args, "evaluate")
+    params_file = None
     data = _load_data(args, model)
     x_test, y_test = data[2], data[3]
     how = f"params={args.params}" if args.params else f"epochs={args.epochs} seed={args.seed}"
+    if args.params:
+        how += " (nothing is trained: --epochs, --lr and --optimizer do not apply)"
     console.print(
         f"[bold]approx-jax evaluate[/bold]: model={args.model} designs={designs} "
         f"(and the fp32 baseline) train={len(data[0])} test={len(x_test)} {how}"
@@ -624,7 +650,8 @@ def cmd_evaluate(args) -> int:
     else:
         params, hist = train_lib.train(model, "fp32", data, desc="fp32", **_training_kwargs(args))
         fp32_acc = float(hist["final_test_acc"])
-        _save_params(params, out / "params-fp32.msgpack")
+        params_file = out / "params-fp32.msgpack"
+        _save_params(params, params_file)
         trained = f"trained in fp32 ({args.epochs} epoch(s))"
     stack = mult_lib.stack([m for _, m in approx])
     singles = mult_lib.unstack(stack)
@@ -680,7 +707,12 @@ def cmd_evaluate(args) -> int:
             f"{100 * (r['test_acc'] - fp32_acc):+.1f} pp",
         )
     _show_table(console, table, out)
-    extra = {"layers_sampled": list(pairs), "results": results, "params": args.params}
+    extra = {
+        "layers_sampled": list(pairs),
+        "results": results,
+        "params_given": args.params,  # or trained in fp32 here and written to params_file
+        "params_file": None if params_file is None else str(params_file),
+    }
     title = f"{args.model}: {'given' if args.params else 'fp32-trained'} params, per design"
     _write_design_results(console, out, args, data, extra, title)
     return 0
@@ -815,8 +847,8 @@ def _add_init_params(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init-params",
         default=None,
-        help="start from the params in this file (written by an earlier run as "
-        "params-<multiplier>.msgpack, or by approx_jax.models.save_params): "
+        help="start from the params in this file (an earlier run's params-*.msgpack, "
+        "or approx_jax.models.save_params): "
         "approximation-aware fine-tuning of a pretrained model",
     )
 
@@ -896,8 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--params",
         default=None,
-        help="evaluate the params in this file (approx_jax.models.save_params, or a train "
-        "run's params-<multiplier>.msgpack) instead of training in fp32 first",
+        help="evaluate the params in this file (an earlier run's params-*.msgpack, or "
+        "approx_jax.models.save_params) instead of training in fp32 first",
     )
     # It trains in fp32 only: a backward mode would change nothing.
     _add_common(p, backward=False, epochs=3)

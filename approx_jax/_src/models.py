@@ -519,13 +519,13 @@ def load_params(model: Model, path, sample_x=None):
       The params pytree.
 
     Raises:
-      ValueError: If the file is not a params file of this model (other
-        layers or shapes).
+      ValueError: If the file is not a params file of this model (missing or
+        extra layers, other shapes; the values take the model's dtypes).
 
     Example:
       >>> params = models.load_params(models.create("lenet5"), "lenet5_fp32.msgpack")
     """
-    from flax import serialization
+    from flax import serialization, traverse_util
 
     if sample_x is None:
         sample_x = jnp.zeros((1, *model.input_shape), jnp.float32)
@@ -536,21 +536,33 @@ def load_params(model: Model, path, sample_x=None):
         state = serialization.msgpack_restore(raw)
     except Exception as err:  # msgpack's own error types
         raise ValueError(f"{path} is not a params file (msgpack): {err}") from err
-    want = jax.tree_util.tree_flatten_with_path(template)[0]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a params file: it holds a {type(state).__name__}")
+    not_ours = f"{path} does not hold params of model {model.name!r}"
+    want = traverse_util.flatten_dict(serialization.to_state_dict(template))
     try:
-        got = jax.tree_util.tree_flatten_with_path(serialization.from_state_dict(template, state))[
-            0
-        ]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} does not hold params of model {model.name!r}: {err}") from err
-    for (kp, w), (_, g) in zip(want, got, strict=True):
-        if tuple(np.shape(g)) != tuple(w.shape):
-            raise ValueError(
-                f"{path} does not hold params of model {model.name!r}: "
-                f"{jax.tree_util.keystr(kp)} has shape {np.shape(g)}, expected {w.shape}"
+        got = traverse_util.flatten_dict(state)
+    except (AttributeError, TypeError) as err:
+        raise ValueError(f"{not_ours}: {err}") from err
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    if missing or extra:
+        names = lambda keys: (
+            ", ".join("/".join(map(str, k)) for k in keys[:3])
+            + (  # noqa: E731
+                ", ..." if len(keys) > 3 else ""
             )
-    return jax.tree.map(
-        lambda g, w: jnp.asarray(g, w.dtype),
-        serialization.from_state_dict(template, state),
-        template,
-    )
+        )
+        parts = ([f"missing {names(missing)}"] if missing else []) + (
+            [f"unexpected {names(extra)}"] if extra else []
+        )
+        raise ValueError(f"{not_ours}: {'; '.join(parts)}")
+    for key, w in want.items():
+        if tuple(np.shape(got[key])) != tuple(w.shape):
+            raise ValueError(
+                f"{not_ours}: {'/'.join(map(str, key))} has shape {np.shape(got[key])}, "
+                f"expected {tuple(w.shape)}"
+            )
+    # (Values take the model's dtypes.)
+    flat = {key: jnp.asarray(got[key], w.dtype) for key, w in want.items()}
+    return serialization.from_state_dict(template, traverse_util.unflatten_dict(flat))
