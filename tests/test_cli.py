@@ -164,7 +164,24 @@ def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "stack padded to common M = 8" in text
     if jax.default_backend() == "cpu":
-        assert "M >= 8" in text and "approx-jax train" in text
+        assert "M >= 8" in text and "--sequential" in text
+    # --sequential trains each design alone, as `train` would (the same bits).
+    seq = tmp_path / "seq"
+    rc = cli.main(
+        ["sweep", "--model", "lenet300", "--multipliers", "fp32,mbm8,mitchell8", "--sequential"]
+        + ["--out", str(seq), *FAST]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "stack padded" not in text and "alone" in text
+    res = json.loads((seq / "results.json").read_text())
+    assert [r["vmapped"] for r in res["results"]] == [False, False, False]
+    one = tmp_path / "one"
+    argv = ["train", "--model", "lenet300", "--multiplier", "mitchell8", "--timing-steps", "0"]
+    assert cli.main([*argv, "--out", str(one), *FAST]) == 0
+    alone = json.loads((one / "results.json").read_text())["runs"][0]
+    assert res["results"][2]["history"]["train_loss"] == alone["history"]["train_loss"]
+    assert res["results"][2]["test_acc"] == alone["test_acc"]
 
 
 def test_params_files_from_sweep_train_and_evaluate(tmp_path, capsys):

@@ -511,26 +511,34 @@ def cmd_sweep(args) -> int:
         f"[bold]approx-jax sweep[/bold]: model={args.model} designs={designs} "
         f"train={len(data[0])} test={len(data[2])} epochs={args.epochs} seed={args.seed}"
     )
-    if not all(mult_lib.is_exact_name(d) for d in designs):
+    if args.sequential:
+        console.print(
+            "--sequential: the designs train one after another, each with its multiplier "
+            "closed over (same init, same batches)."
+        )
+    elif not all(mult_lib.is_exact_name(d) for d in designs):
         console.print(
             "LUT designs train together: one jit-compiled step vmapped over the design axis "
             "(stacked params/optimizer state, same init, same batches)."
         )
-    if any(mult_lib.is_exact_name(d) for d in designs):
+    if not args.sequential and any(mult_lib.is_exact_name(d) for d in designs):
         console.print(
             "fp32 is exact float32, not a LUT, so it cannot join the stack: it is trained "
             "separately with the native op (same init, same batches)."
         )
     if init is not None:
         console.print(f"every design starts from the params in {args.init_params} (fine-tuning)")
-    res = sweep_lib.sweep(model, designs, data, params=init, **_training_kwargs(args))
+    res = sweep_lib.sweep(
+        model, designs, data, params=init, vmapped=not args.sequential, **_training_kwargs(args)
+    )
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
         if res["stack_mbits"] >= 8 and jax.default_backend() == "cpu":
             console.print(
                 "[yellow]note[/yellow]: at M >= 8 the CPU kernels check each design's LUT in "
                 "every GEMM of a vmapped step (a single design's step is told its LUT's family "
-                "once): separate `approx-jax train` runs are faster here (README: Speed on CPU)."
+                "once): --sequential (one design after another; a few seconds more per design "
+                "to compile) is faster here from a few epochs on (README: Speed on CPU)."
             )
     table = Table(title=f"{args.model} sweep: {args.epochs} epoch(s), backward={args.backward}")
     for col, just in (
@@ -549,7 +557,7 @@ def cmd_sweep(args) -> int:
             _fmt(r["mred"], ".3e"),
             _fmt(r["test_acc"], ".4f"),
             _fmt(r["final_train_loss"], ".4f"),
-            "vmapped stack" if r["vmapped"] else "native fp32",
+            "vmapped stack" if r["vmapped"] else "native fp32" if r["mbits"] == 23 else "alone",
         )
     _show_table(console, table, out)
     used: set[str] = set()
@@ -911,6 +919,12 @@ def build_parser() -> argparse.ArgumentParser:
         "initial parameters and the batch order.",
     )
     p.add_argument("--multipliers", default=DEFAULT_SWEEP, help="comma list of designs")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="train the designs one after another instead of in one vmapped step (faster "
+        "on a CPU at M >= 8 from a few epochs on; the same init and batches)",
+    )
     _add_init_params(p)
     _add_common(p, epochs=3)
     p.set_defaults(func=cmd_sweep)
