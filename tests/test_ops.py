@@ -647,6 +647,18 @@ def test_gemm_family_attribute_reaches_the_kernel(M, monkeypatch):
         _assert_bits_equal(got, reference.product(x, w, like.lut, M))
 
 
+@pytest.mark.parametrize("family", ["truncate", "mitchell", "mbm"])
+def test_family_kernel_luts_equal_the_spec_reference(family):
+    # closed_form_family compares LUTs with these (the kernel then trusts the
+    # answer): every entry at every M must be SPEC's (reference.py).
+    for M in range(1, 12):
+        got = ops._family_kernel_lut.__wrapped__(family, M)
+        want = ops._kernel_lut_numpy(getattr(reference, f"{family}_lut")(M), M, rows=True)
+        assert got.shape == want.shape == (1, 4**M) and got.dtype == np.uint32
+        assert not got.flags.writeable
+        np.testing.assert_array_equal(got, want, err_msg=f"{family}{M}")
+
+
 def test_lut_preparation_happens_once_per_lut(monkeypatch):
     # kernel LUT, closed-form family and device copy: made on first use of a
     # (read-only) LUT, then reused by every call, eager or traced.

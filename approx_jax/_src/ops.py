@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from approx_jax._src import ffi, partitioning, reference
+from approx_jax._src import ffi, partitioning
 from approx_jax._src import lut as lut_lib
 from approx_jax._src import multipliers as mult_lib
 
@@ -235,8 +235,48 @@ _KLUT_FAMILIES: dict[int, tuple[Any, int, int]] = {}
 
 @functools.lru_cache(maxsize=3)  # (16 MiB each at M = 11)
 def _family_kernel_lut(name: str, mbits: int) -> np.ndarray:
-    """A family's kernel LUT from SPEC section 4's NumPy reference (no C compiler)."""
-    return _kernel_lut_numpy(getattr(reference, f"{name}_lut")(mbits), mbits, rows=True)
+    """A family's kernel LUT ``[1, 4**mbits]`` (read-only), SPEC section 4.
+
+    Computed from each family's closed form in a few array operations
+    (tests/test_ops.py checks it against SPEC's NumPy reference,
+    ``reference.<name>_lut``, at every M): the reference takes 0.3-1.3 s at
+    M = 11, paid at the first trace of every closed-over M >= 9 design.
+    Mitchell's and MBM's entries depend only on a sum of the two mantissa
+    indices, so they are a 1-D table indexed by that sum.
+    """
+    side = 1 << mbits
+    idx = np.arange(side, dtype=np.int64)
+    if name == "truncate":
+        # p * 2^(2M) = (2^M + i)(2^M + j) in [2^(2M), 2^(2M+2)); carry c = p >= 2;
+        # r = the top M fraction bits of p / 2^c (truncated).
+        p = np.multiply.outer(side + idx, side + idx)
+        c = p >> (2 * mbits + 1)
+        r = ((p >> c) - (side << mbits)) >> mbits
+    else:
+        if name == "mitchell":
+            # t = x + y = (i + j) / 2^M: p = 1 + t (t < 1) or 2t, so the entry's
+            # carry and mantissa are the bits of i + j.
+            t = np.arange(2 * side - 1, dtype=np.int64)
+            c, r = t >> mbits, t & (side - 1)
+            total = np.add.outer(idx, idx)
+        elif name == "mbm":
+            # In units of 2^-(M + 7), as reference.mbm_lut: t = x' + y' from the
+            # sum s = (i | 1) + (j | 1) (even, 2 .. 2^(M+1) - 2).
+            scale = mbits + 7
+            one = 1 << scale
+            t = np.arange(2 * side, dtype=np.int64) << 7
+            g = (t - one) + (5 << (scale - 7))
+            g = np.where(g >= one, t - one, g)
+            p = np.where(t < one, one + t + (5 << (scale - 6)), 2 * (one + g))
+            c = (p >= 2 * one).astype(np.int64)
+            r = ((p >> c) - one) >> (scale - mbits)
+            total = np.add.outer(idx | 1, idx | 1)
+        else:
+            raise ValueError(f"unknown family {name!r}")
+        c, r = c[total], r[total]
+    klut = ((c << 23) | (r << (23 - mbits))).astype(np.uint32).reshape(1, -1)
+    klut.setflags(write=False)
+    return klut
 
 
 def closed_form_family(klut, mbits: int, likely: str | None = None) -> int:
