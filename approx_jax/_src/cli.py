@@ -143,6 +143,16 @@ def _save_params(params, path: Path) -> None:
     models_lib.save_params(params, path)
 
 
+def _load_params(model, path):
+    """The params in ``path`` for ``model`` (None without a path). Called before the
+    output folder and the data, so that a wrong file fails before either."""
+    if not path:
+        return None
+    from approx_jax._src import models as models_lib
+
+    return models_lib.load_params(model, path)
+
+
 def _load_data(args, model=None):
     from approx_jax._src import data as data_lib
 
@@ -335,11 +345,7 @@ def cmd_train(args) -> int:
                 f"--multiplier {args.multiplier!r}: model {args.model!r} has no "
                 f"{'/'.join(absent)} layers (its layer kinds: {', '.join(kinds)})"
             )
-    init = None
-    if args.init_params:  # (a wrong file fails before any folder or data)
-        from approx_jax._src import models as models_lib
-
-        init = models_lib.load_params(model, args.init_params)
+    init = _load_params(model, args.init_params)
     out = _out_dir(args, "train")
     data = _load_data(args, model)
     label = args.multiplier if isinstance(args.multiplier, str) else None
@@ -500,11 +506,7 @@ def cmd_sweep(args) -> int:
     for design in designs:  # an unknown name fails before the run starts
         mult_lib.get(design)
     model = train_lib.resolve_model(args.model)
-    init = None
-    if args.init_params:  # (a wrong file fails before any folder or data)
-        from approx_jax._src import models as models_lib
-
-        init = models_lib.load_params(model, args.init_params)
+    init = _load_params(model, args.init_params)
     out = _out_dir(args, "sweep")
     data = _load_data(args, model)
     console.print(
@@ -627,10 +629,7 @@ def cmd_evaluate(args) -> int:
     if not designs:
         raise ValueError("--multipliers names no approximate design (fp32 is always the baseline)")
     model = train_lib.resolve_model(args.model)
-    if args.params:  # (a wrong file fails before any folder or data)
-        from approx_jax._src import models as models_lib
-
-        params = models_lib.load_params(model, args.params)
+    params = _load_params(model, args.params)
     out = _out_dir(args, "evaluate")
     params_file = None
     data = _load_data(args, model)

@@ -547,14 +547,13 @@ def load_params(model: Model, path, sample_x=None):
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     if missing or extra:
-        names = lambda keys: (
-            ", ".join("/".join(map(str, k)) for k in keys[:3])
-            + (  # noqa: E731
-                ", ..." if len(keys) > 3 else ""
-            )
-        )
-        parts = ([f"missing {names(missing)}"] if missing else []) + (
-            [f"unexpected {names(extra)}"] if extra else []
+
+        def listed(keys):
+            shown = ", ".join("/".join(map(str, k)) for k in keys[:3])
+            return shown + (", ..." if len(keys) > 3 else "")
+
+        parts = ([f"missing {listed(missing)}"] if missing else []) + (
+            [f"unexpected {listed(extra)}"] if extra else []
         )
         raise ValueError(f"{not_ours}: {'; '.join(parts)}")
     for key, w in want.items():

@@ -287,10 +287,10 @@ def closed_form_family(klut, mbits: int, likely: str | None = None) -> int:
     otherwise checks on every call: a pass over 4^M entries, 0.4-0.9 ms at
     M = 11, more than a small layer's whole GEMM. For a LUT known here (a
     read-only NumPy kernel LUT of one design, as a closed-over multiplier
-    gives) the answer is found once, by comparing every entry with SPEC's
-    NumPy reference of the family, and passed to the kernel as a static
-    attribute. (The kernel's closed forms are tested equal to those
-    references at every M.)
+    gives) the answer is found once, by comparing every entry with the
+    family's LUT (``_family_kernel_lut``), and passed to the kernel as a
+    static attribute. (Those LUTs and the kernel's closed forms are tested
+    equal to SPEC's NumPy reference at every M.)
 
     Args:
       klut: kernel-format LUT ``[1, 4**mbits]`` (NumPy, read-only), or

@@ -187,6 +187,20 @@ def train_stacked(
     return params, history
 
 
+def _trained_alone(name: str, mbits: int, mred, params, hist) -> dict:
+    """A ``sweep`` result of a design trained on its own (``train.train``'s output)."""
+    return {
+        "name": name,
+        "mbits": mbits,
+        "mred": mred,
+        "test_acc": hist["final_test_acc"],
+        "final_train_loss": hist["final_train_loss"],
+        "history": {k: hist[k] for k in ("epoch", "train_loss", "train_acc", "test_acc")},
+        "vmapped": False,
+        "params": params,
+    }
+
+
 def sweep(
     model,
     designs,
@@ -276,21 +290,9 @@ def sweep(
     if luts and not vmapped:
         t0 = time.perf_counter()
         for m in luts:
-            trained, hist = train_lib.train(model, m, data, params=init, desc=str(m.name), **common)
-            lut_entries.append(
-                {
-                    "name": str(m.name),
-                    "mbits": int(m.mbits),
-                    "mred": mred_of(m) if characterize else None,
-                    "test_acc": hist["final_test_acc"],
-                    "final_train_loss": hist["final_train_loss"],
-                    "history": {
-                        k: hist[k] for k in ("epoch", "train_loss", "train_acc", "test_acc")
-                    },
-                    "vmapped": False,
-                    "params": trained,
-                }
-            )
+            trained = train_lib.train(model, m, data, params=init, desc=str(m.name), **common)
+            mred = mred_of(m) if characterize else None
+            lut_entries.append(_trained_alone(str(m.name), int(m.mbits), mred, *trained))
         out["timing"]["sequential_seconds"] = time.perf_counter() - t0
     elif luts:
         stacked = mult_lib.stack(luts)
@@ -317,20 +319,9 @@ def sweep(
     exact_entries = []
     for m in exact:
         t0 = time.perf_counter()
-        trained, hist = train_lib.train(model, m, data, params=init, desc="fp32 (native)", **common)
+        trained = train_lib.train(model, m, data, params=init, desc="fp32 (native)", **common)
         out["timing"]["fp32_seconds"] = time.perf_counter() - t0
-        exact_entries.append(
-            {
-                "name": "fp32",
-                "mbits": 23,
-                "mred": 0.0,
-                "test_acc": hist["final_test_acc"],
-                "final_train_loss": hist["final_train_loss"],
-                "history": {k: hist[k] for k in ("epoch", "train_loss", "train_acc", "test_acc")},
-                "vmapped": False,
-                "params": trained,
-            }
-        )
+        exact_entries.append(_trained_alone("fp32", 23, 0.0, *trained))
     for kind, i in order:
         out["results"].append(exact_entries[i] if kind == "exact" else lut_entries[i])
     # The trained params, one pytree per result (same order), kept apart from
