@@ -707,6 +707,155 @@ def test_family_attribute_in_the_lowered_gemm():
     assert attribute(lambda x, w, m: approx_jax.approx_dot(x, w, m), x, w, mbm9) == {"-1"}
 
 
+# LUT facts (xla_kernels/lut_family.h): the family code in the low two bits,
+# then "every entry below 2^24" and "every entry's bits below the M mantissa
+# bits clear".
+_FACTS_FORMAT, _FACTS_LOW_CLEAR = 4, 8
+
+
+def _expected_facts(klut: np.ndarray, M: int) -> list[int]:
+    """The facts of each row of ``klut``, from SPEC's family LUTs and NumPy."""
+    out = []
+    for row in klut:
+        row = np.array(row[None])
+        row.setflags(write=False)
+        facts = ops._family_by_comparison(row, M, None)
+        if np.all(row < (1 << 24)):
+            facts |= _FACTS_FORMAT
+        if np.all(row & ((1 << (23 - M)) - 1) == 0):
+            facts |= _FACTS_LOW_CLEAR
+        out.append(int(facts))
+    return out
+
+
+@pytest.mark.parametrize("M", [2, 7, 8, 11])
+def test_lut_facts_target_answers_from_the_lut(M):
+    # Each family, a random LUT, a narrower MBM widened to M (whose entries
+    # are no family's at width M), and two raw kernel LUTs: one entry with a
+    # carry bit above kernel format, one with a bit below the M mantissa bits.
+    designs = [multipliers.mitchell(M), multipliers.truncate(M), random_multiplier(M, 3)]
+    if M >= 8:
+        designs += [multipliers.mbm(M), multipliers.mbm(M - 1)]
+    klut = np.array(ops.kernel_lut_of(multipliers.stack(designs)))
+    high, low = klut[0].copy(), klut[2].copy()
+    high[5] |= 1 << 25
+    low[7] |= 1
+    klut = np.concatenate([klut, high[None], low[None]])
+    got = np.asarray(jax.jit(lambda k: ffi.lut_facts_call(k, M))(klut))
+    assert got.dtype == np.int32
+    want = _expected_facts(klut, M)
+    np.testing.assert_array_equal(got, want)
+    assert [v & 3 for v in want[:2]] == [1, 2 if M > 2 else 1]  # (truncate = Mitchell at M <= 2)
+    assert want[-2] & _FACTS_FORMAT == 0 and want[-1] & _FACTS_LOW_CLEAR == 0
+    if M >= 8:
+        assert want[3] == 3 | _FACTS_FORMAT | _FACTS_LOW_CLEAR
+        assert want[4] == _FACTS_FORMAT | _FACTS_LOW_CLEAR  # widened: no family at M
+
+
+@pytest.mark.parametrize("M", [3, 9, 11])
+def test_gemm_lut_facts_reach_the_kernel(M, monkeypatch):
+    # As the family attribute: the kernel trusts the facts (so they must only
+    # come from the LUT, through the facts target). Told that a random LUT is
+    # Mitchell's, it computes Mitchell's products; unknown, or "no family",
+    # gives the LUT's own. Facts apply per design of a stack; with some
+    # unknown the kernel checks every LUT itself (the facts target answers
+    # for all of them).
+    monkeypatch.setenv("APPROX_JAX_CPU_FORMULA", "2")  # closed form at any shape
+    rnd = random_multiplier(M, 7)
+    mant = (1.0 + np.arange(2**M) / 2.0**M).astype(np.float32)
+    x, w = mant[:, None], mant[None, :]
+    klut = jnp.asarray(np.concatenate([ops.kernel_lut_of(rnd)] * 2))
+    a4, b4 = jnp.asarray(x)[None, None], jnp.asarray(w)[None, None]
+    flags = _FACTS_FORMAT | _FACTS_LOW_CLEAR
+    mitchell = reference.product(x, w, multipliers.mitchell(M).lut, M)
+    own = reference.product(x, w, rnd.lut, M)
+    cases = [
+        ((-1, -1), (own, own)),
+        ((flags, flags), (own, own)),
+        ((1 | flags, 1 | flags), (mitchell, mitchell)),
+        ((1 | flags, -1), (own, own)),
+    ]
+    if M >= 8:  # (M <= 7: a stack mixing families runs on the tiles, which read the LUT)
+        cases += [((1 | flags, flags), (mitchell, own)), ((flags, 1 | flags), (own, mitchell))]
+    for facts, want in cases:
+        got = ffi.gemm_call(a4, b4, klut, M, lut_facts=jnp.asarray(facts, jnp.int32))
+        for d in range(2):
+            _assert_bits_equal(np.asarray(got)[d, 0], want[d])
+
+
+@pytest.mark.parametrize(
+    "facts,pattern",
+    [
+        (np.zeros(2, np.float32), "lut_facts"),
+        (np.zeros(3, np.int32), "lut_facts"),
+        (np.zeros((2, 1), np.int32), "lut_facts"),
+        (np.array([0, 16], np.int32), "lut_facts entry"),
+        (np.array([-2, 0], np.int32), "lut_facts entry"),
+    ],
+)
+def test_gemm_and_facts_targets_reject_bad_facts(facts, pattern):
+    a, b = jnp.ones((1, 1, 2, 3), jnp.float32), jnp.ones((1, 1, 3, 4), jnp.float32)
+    klut = jnp.asarray(np.concatenate([ops.kernel_lut_of(multipliers.mbm(8))] * 2))
+    with pytest.raises(Exception, match=pattern) as info:  # noqa: PT011 - XLA's error type
+        jax.block_until_ready(ffi.gemm_call(a, b, klut, 8, lut_facts=jnp.asarray(facts)))
+    assert not isinstance(info.value, AssertionError)
+
+
+def test_lut_facts_target_rejects_bad_operands():
+    klut = jnp.asarray(ops.kernel_lut_of(multipliers.mbm(8)))
+    for lut, mbits, shape, pattern in (
+        (klut, 9, (1,), "entries"),
+        (klut.astype(jnp.uint16), 8, (1,), "uint32"),
+        (klut[0], 8, (1,), "rank"),
+        (klut, 8, (2,), "one per LUT"),
+        (klut, 0, (1,), "mbits"),
+    ):
+        call = jax.ffi.ffi_call(ffi.LUT_FACTS_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32))
+        with pytest.raises(Exception, match=pattern) as info:  # noqa: PT011
+            jax.block_until_ready(call(lut, mbits=np.int32(mbits)))
+        assert not isinstance(info.value, AssertionError)
+
+
+def _compiled_targets(fn, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [
+        ln.split('custom_call_target="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if "custom-call(" in ln
+    ]
+
+
+def test_lut_facts_found_once_per_step():
+    # A traced LUT at M >= 8 (a vmapped stack, a multiplier passed to the
+    # jitted function) gets one facts call, shared by every GEMM of the step
+    # (XLA's CSE merges the identical calls); a closed-over design (its
+    # family told by the attribute) or M <= 7 gets none.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 16), np.float32))
+    w1 = jnp.asarray(rng.standard_normal((16, 12), np.float32))
+    w2 = jnp.asarray(rng.standard_normal((12, 5), np.float32))
+
+    def loss(ws, m):
+        h = jnp.tanh(approx_jax.approx_matmul(x, ws[0], m))
+        return approx_jax.approx_matmul(h, ws[1], m).sum()
+
+    step = jax.vmap(jax.grad(loss), in_axes=(None, 0))
+    for M, facts_calls in ((7, 0), (9, 1)):
+        stack = multipliers.stack([multipliers.mbm(M), random_multiplier(M, 1)])
+        targets = _compiled_targets(step, (w1, w2), stack)
+        assert targets.count("approx_jax_lut_facts") == facts_calls, targets
+        assert targets.count("approx_jax_gemm") >= 3
+        got = step((w1, w2), stack)
+        for d in range(2):
+            one = jax.grad(loss)((w1, w2), multipliers.unstack(stack)[d])
+            for g, o in zip(got, one, strict=True):
+                _assert_bits_equal(g[d], o)
+    mbm9 = multipliers.mbm(9)
+    assert "approx_jax_lut_facts" not in _compiled_targets(lambda ws: loss(ws, mbm9), (w1, w2))
+    traced = _compiled_targets(jax.grad(loss), (w1, w2), mbm9)
+    assert traced.count("approx_jax_lut_facts") == 1
+
+
 @pytest.mark.parametrize("M", [8, 9, 10, 11])
 @pytest.mark.parametrize("shape", [(3, 50, 10), (5, 300, 100), (40, 70, 17), (6, 5000, 3)])
 def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):

@@ -446,8 +446,9 @@ def _raw_gemm(a, b, klut, mbits):
         return ffi.gemm_call(a, b, klut, mbits)
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     shape = (designs, 1, a.shape[-2], b.shape[-1])
+    facts = jnp.full(klut.shape[:1], ffi.LUT_FACTS_UNKNOWN, jnp.int32)
     return jax.ffi.ffi_call(ffi.GEMM_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
-        a, b, klut, mbits=np.int32(mbits), family=np.int32(ffi.FAMILY_UNKNOWN)
+        a, b, klut, facts, mbits=np.int32(mbits), family=np.int32(ffi.FAMILY_UNKNOWN)
     )
 
 

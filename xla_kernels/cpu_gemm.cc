@@ -217,6 +217,18 @@ constexpr int64_t kSplitScratchFloats = int64_t{16} << 20;  // 64 MiB
 // Distinct LUTs of a problem (a zero design stride shares one).
 int64_t DistinctLuts(const GemmProblem& p) { return p.lut_design_stride == 0 ? 1 : p.designs; }
 
+// GemmProblem::lut_facts of distinct LUT d, or kLutFactsUnknown.
+int32_t LutFactsAt(const GemmProblem& p, int64_t d) {
+  return p.lut_facts == nullptr ? kLutFactsUnknown : p.lut_facts[p.lut_design_stride == 0 ? 0 : d];
+}
+
+// Whether every distinct LUT of p has known facts.
+bool AllLutFactsKnown(const GemmProblem& p) {
+  for (int64_t d = 0; d < DistinctLuts(p); ++d)
+    if (LutFactsAt(p, d) == kLutFactsUnknown) return false;
+  return true;
+}
+
 // Products a problem computes: the measure of work the size rules compare.
 double ProductCount(const GemmProblem& p) {
   return static_cast<double>(p.designs * p.batch) * p.m * p.n * p.k;
@@ -345,6 +357,20 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
     if (p.family_hint == kFamilyNone || (mode != 2 && !gathers)) return false;
     families->assign(static_cast<size_t>(p.designs), p.family_hint);
     return true;
+  }
+  if (p.family_hint < 0 && AllLutFactsKnown(p)) {
+    // Checked once for the whole step (GemmProblem::lut_facts): as a hint,
+    // the closed form pays whatever the work.
+    if (mode != 2 && !gathers) return false;
+    families->assign(static_cast<size_t>(p.designs), kFamilyNone);
+    bool any = false;
+    for (int64_t d = 0; d < p.designs; ++d) {
+      int f = LutFactsAt(p, d) & kLutFactsFamilyMask;
+      if (f == kFamilyMbm && p.mbits < kMbmMinBits) f = kFamilyNone;
+      (*families)[static_cast<size_t>(d)] = f;
+      any = any || f != kFamilyNone;
+    }
+    return any;
   }
   const double work = ProductCount(p);
   if (mode != 2 && (!gathers || !WorkPaysForLutPass(work, luts, p.mbits))) {
@@ -694,6 +720,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
         run.a = p.a + d0 * p.a_design_stride;
         run.b = p.b + d0 * p.b_design_stride;
         run.lut = p.lut + d0 * p.lut_design_stride;
+        if (p.lut_facts != nullptr && p.lut_design_stride != 0) run.lut_facts = p.lut_facts + d0;
         run.out = p.out + d0 * p.batch * p.m * p.n;
         std::string err = GemmDirect(run, parallel_for, may_transpose);
         if (!err.empty()) return err;
@@ -758,6 +785,37 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
 }
 
 }  // namespace
+
+void LutFactsCpu(const uint32_t* lut, int64_t luts, int mbits, int32_t* facts,
+                 const ParallelFor& parallel_for) {
+  const int64_t entries = int64_t{1} << (2 * mbits);
+  const uint32_t low_mask = (1u << (23 - mbits)) - 1u;
+  for (int64_t d = 0; d < luts; ++d) {
+    const uint32_t* l = lut + d * entries;
+    const int family = LutFamilyBy(
+        mbits, [&](auto f) { return LutIsParallel<decltype(f)::value>(l, mbits, parallel_for); });
+    int32_t v = family;
+    if (family != kFamilyNone) {
+      // A family's entries are in kernel format with clear low bits.
+      v |= kLutFactsKernelFormat | kLutFactsLowBitsClear;
+    } else {
+      constexpr int64_t kBlock = int64_t{1} << 16;
+      const int64_t blocks = (entries + kBlock - 1) / kBlock;
+      std::vector<uint32_t> acc(static_cast<size_t>(blocks), 0);
+      parallel_for(blocks, [&](int64_t t) {
+        const int64_t e0 = t * kBlock, e1 = std::min(entries, e0 + kBlock);
+        uint32_t a = 0;
+        for (int64_t e = e0; e < e1; ++e) a |= l[e];
+        acc[static_cast<size_t>(t)] = a;
+      });
+      uint32_t all = 0;
+      for (uint32_t a : acc) all |= a;
+      if ((all >> 24) == 0) v |= kLutFactsKernelFormat;
+      if ((all & low_mask) == 0) v |= kLutFactsLowBitsClear;
+    }
+    facts[d] = v;
+  }
+}
 
 std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for) {
   if (p.designs * p.batch * p.m == 0 || p.n == 0) return {};

@@ -33,6 +33,12 @@ struct GemmProblem {
   // the concrete LUT at trace time (ops.closed_form_family). Every family is
   // symmetric, so it holds for the transposed LUT too.
   int family_hint = -1;
+  // Optional, one int32 per distinct LUT (indexed like the LUTs: by design,
+  // or entry 0 when lut_design_stride is 0): lut_family.h's LUT facts, from
+  // the `approx_jax_lut_facts` target; kLutFactsUnknown entries (or null)
+  // leave the checks to the kernel. They hold for the transposed LUT too.
+  // Used when family_hint is -1.
+  const int32_t* lut_facts = nullptr;
   // When set, a is a convolution's patch matrix read in place (implicit_a.h):
   // `a` and its design/batch strides address the padded channels-last input,
   // and a[i, k] is the patch element, never stored.
@@ -47,6 +53,11 @@ using ParallelFor = std::function<void(int64_t num_tasks, const std::function<vo
 // a scratch allocation fails). Summation order is fixed by the shapes alone,
 // so results do not depend on the number of threads.
 std::string ApproxGemmCpu(const GemmProblem& p, const ParallelFor& parallel_for);
+
+// The LUT facts (lut_family.h) of `luts` width-mbits kernel-format LUTs laid
+// out one after another, one int32 each into `facts`.
+void LutFactsCpu(const uint32_t* lut, int64_t luts, int mbits, int32_t* facts,
+                 const ParallelFor& parallel_for);
 
 }  // namespace approx_jax
 

@@ -1008,6 +1008,13 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     const int64_t entries = int64_t{1} << (2 * p.mbits);
     const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
     for (int64_t d = 0; d < luts; ++d) {
+      // Known for the whole step (GemmProblem::lut_facts).
+      const int32_t facts = p.lut_facts == nullptr ? kLutFactsUnknown : p.lut_facts[d];
+      if (facts != kLutFactsUnknown) {
+        if ((facts & kLutFactsKernelFormat) == 0) return kSimdDeclined;
+        if ((facts & kLutFactsLowBitsClear) == 0) lut_low_bits_clear = false;
+        continue;
+      }
       // Already read entry by entry (both imply kernel format with clear low
       // bits): a closed-form family's LUT, a 16-bit copy's source. (Half a
       // millisecond per call at M = 11.)

@@ -126,16 +126,54 @@ ffi::Error CheckFamily(const std::string& target, int32_t family) {
   return ffi::Error::Success();
 }
 
-// a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits]
-// out: f32[D, B, M, N] with each G in {1, D} and each B in {1, B}.
-// family: GemmProblem::family_hint (-1 = unknown).
+// The `lut_facts` operand of the GEMM and conv targets: s32[Gl], one entry
+// per LUT (GemmProblem::lut_facts), each kLutFactsUnknown or facts.
+ffi::Error CheckLutFacts(const std::string& target, const ffi::AnyBuffer& facts,
+                         const ffi::AnyBuffer& lut, const int32_t** out) {
+  auto fd = facts.dimensions();
+  if (facts.element_type() != ffi::DataType::S32 || fd.size() != 1 ||
+      lut.dimensions().size() != 2 || fd[0] != lut.dimensions()[0]) {
+    return ffi::Error::InvalidArgument(target + "lut_facts must be int32 [Gl], one per LUT");
+  }
+  const int32_t* v = facts.typed_data<int32_t>();
+  for (int64_t d = 0; d < fd[0]; ++d) {
+    if (v[d] < kLutFactsUnknown ||
+        v[d] > (kLutFactsFamilyMask | kLutFactsKernelFormat | kLutFactsLowBitsClear)) {
+      return ffi::Error::InvalidArgument(target +
+                                         "lut_facts entry out of range: " + std::to_string(v[d]));
+    }
+  }
+  *out = v;
+  return ffi::Error::Success();
+}
+
+// a: f32[Ga, Ba, M, K], b: f32[Gb, Bb, K, N], lut: u32[Gl, 4^mbits],
+// lut_facts: s32[Gl] -> out: f32[D, B, M, N] with each G in {1, D} and each
+// B in {1, B}. family: GemmProblem::family_hint (-1 = unknown).
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer lut,
-                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family) {
+                    ffi::AnyBuffer lut_facts, ffi::Result<ffi::AnyBuffer> out, int32_t mbits,
+                    int32_t family) {
   GemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
   if (auto err = CheckFamily("approx_jax_gemm: ", family); !err.success()) return err;
+  if (auto err = CheckLutFacts("approx_jax_gemm: ", lut_facts, lut, &p.lut_facts); !err.success())
+    return err;
   p.family_hint = family;
   return RunGemm(pool, p);
+}
+
+// lut: u32[G, 4^mbits] -> out: s32[G], each LUT's facts (lut_family.h).
+ffi::Error LutFactsImpl(ffi::ThreadPool pool, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
+                        int32_t mbits) {
+  int64_t lut_size = 0;
+  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
+  auto od = out->dimensions();
+  if (out->element_type() != ffi::DataType::S32 || od.size() != 1 || od[0] != lut.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("approx_jax_lut_facts: out must be int32 [G], one per LUT");
+  }
+  LutFactsCpu(lut.typed_data<uint32_t>(), od[0], mbits, out->typed_data<int32_t>(),
+              MakeParallelFor(&pool));
+  return ffi::Error::Success();
 }
 
 // The patch-matrix geometry of a convolution input with spatial extents
@@ -191,15 +229,18 @@ std::string ConvGeometry(const int64_t* spatial, int64_t channels, int64_t sampl
 // The G groups are the GEMM's batch axis. CPU only: elsewhere approx_jax
 // builds the patch matrix and calls the GEMM.
 ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& b,
-                    const ffi::AnyBuffer& lut, ffi::AnyBuffer& out, int32_t mbits, int32_t family,
-                    ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
-                    ffi::Span<const int64_t> dilation, bool transposed) {
+                    const ffi::AnyBuffer& lut, const ffi::AnyBuffer& lut_facts, ffi::AnyBuffer& out,
+                    int32_t mbits, int32_t family, ffi::Span<const int64_t> window,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
+                    bool transposed) {
   const std::string target = transposed ? "approx_jax_conv_wgrad: " : "approx_jax_conv: ";
   auto bad = [&](const std::string& what) { return ffi::Error::InvalidArgument(target + what); };
   if (!AllF32(x, b, out)) return bad("float32 operands only");
   if (auto err = CheckFamily(target, family); !err.success()) return err;
   int64_t lut_size = 0;
   if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
+  const int32_t* facts = nullptr;
+  if (auto err = CheckLutFacts(target, lut_facts, lut, &facts); !err.success()) return err;
   const int nd = static_cast<int>(window.size());
   auto xd = x.dimensions(), bd = b.dimensions(), od = out.dimensions();
   if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || bd.size() != (transposed ? 5u : 4u) ||
@@ -224,6 +265,7 @@ ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::A
   p.n = od[od.size() - 1];
   p.mbits = mbits;
   p.family_hint = family;
+  p.lut_facts = facts;
   const bool shapes_ok =
       xd[1] == p.batch && bd[1] == p.batch &&
       (transposed ? od[2] == p.m && bd[2] == samples && bd[3] == g.pixels && bd[4] == p.n
@@ -246,17 +288,20 @@ ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::A
 }
 
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer lut,
-                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family,
-                    ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
-                    ffi::Span<const int64_t> dilation) {
-  return ConvGemm(pool, x, w, lut, *out, mbits, family, window, strides, dilation, false);
+                    ffi::AnyBuffer lut_facts, ffi::Result<ffi::AnyBuffer> out, int32_t mbits,
+                    int32_t family, ffi::Span<const int64_t> window,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
+  return ConvGemm(pool, x, w, lut, lut_facts, *out, mbits, family, window, strides, dilation,
+                  false);
 }
 
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                         ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out, int32_t mbits,
-                         int32_t family, ffi::Span<const int64_t> window,
-                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation) {
-  return ConvGemm(pool, x, dy, lut, *out, mbits, family, window, strides, dilation, true);
+                         ffi::AnyBuffer lut, ffi::AnyBuffer lut_facts,
+                         ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family,
+                         ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> dilation) {
+  return ConvGemm(pool, x, dy, lut, lut_facts, *out, mbits, family, window, strides, dilation,
+                  true);
 }
 
 // a: f32[Ga, n], b: f32[Gb, n], lut: u32[Gl, 4^mbits] -> out: f32[D, n].
@@ -287,16 +332,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemm, GemmImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("mbits")
                                   .Attr<int32_t>("family"));
 
 namespace {
-// The binding of both conv targets: (x, b, lut) -> out, mbits, the LUT's
-// family (as the GEMM's) and the window geometry.
+// The binding of both conv targets: (x, b, lut, lut_facts) -> out, mbits,
+// the LUT's family (as the GEMM's) and the window geometry.
 auto ConvBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
@@ -311,6 +358,13 @@ auto ConvBinding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConv, ConvImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxConvWgrad, ConvWgradImpl, ConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxLutFacts, LutFactsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mbits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMultiply, MultiplyImpl,
                               ffi::Ffi::Bind()
@@ -331,6 +385,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
     d["approx_jax_multiply"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxMultiply));
     d["approx_jax_conv"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxConv));
     d["approx_jax_conv_wgrad"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxConvWgrad));
+    d["approx_jax_lut_facts"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxLutFacts));
     return d;
   });
 }

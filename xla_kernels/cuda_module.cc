@@ -28,13 +28,15 @@ namespace {
 // The plan's scratch (PlanApproxGemm: split-K partial sums, the per-design
 // LUT family flags) lives in XLA scratch memory, released by the allocator
 // when the handler returns (stream-ordered for XLA).
-// family: the CPU kernel's LUT family hint (cpu_gemm.h GemmProblem::family_hint),
-// bound because the op sends it to every platform; the CUDA GEMM checks its
-// LUTs on the device itself (cuda_gemm_internal.h), so it is not used here.
+// family and lut_facts: the CPU kernel's LUT hints (cpu_gemm.h
+// GemmProblem::family_hint and lut_facts), bound because the op sends them to
+// every platform; the CUDA GEMM checks its LUTs on the device itself
+// (cuda_gemm_internal.h), so they are not used here.
 ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer a,
-                    ffi::AnyBuffer b, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
-                    int32_t mbits, int32_t family) {
+                    ffi::AnyBuffer b, ffi::AnyBuffer lut, ffi::AnyBuffer lut_facts,
+                    ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family) {
   (void)family;
+  (void)lut_facts;
   CudaGemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
   CudaGemmPlan plan;
@@ -52,6 +54,26 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   }
   err = LaunchApproxGemm(p, plan, partials, stream);
   if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, err);
+  return ffi::Error::Success();
+}
+
+// lut: u32[G, 4^mbits] -> out: s32[G]. The `approx_jax_lut_facts` target on
+// the GPU: every entry "unknown" (-1), since the CUDA GEMM does not read the
+// facts; bound so that the op lowers the same on every platform.
+ffi::Error LutFactsImpl(cudaStream_t stream, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
+                        int32_t mbits) {
+  int64_t lut_size = 0;
+  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
+  auto od = out->dimensions();
+  if (out->element_type() != ffi::DataType::S32 || od.size() != 1 || od[0] != lut.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("approx_jax_lut_facts: out must be int32 [G], one per LUT");
+  }
+  // 0xff bytes: int32 -1 (kLutFactsUnknown) in every entry.
+  cudaError_t status = cudaMemsetAsync(out->untyped_data(), 0xff, out->size_bytes(), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("approx_jax_lut_facts: ") + cudaGetErrorString(status));
+  }
   return ffi::Error::Success();
 }
 
@@ -74,9 +96,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxGemmCuda, GemmImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("mbits")
                                   .Attr<int32_t>("family"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxLutFactsCuda, LutFactsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mbits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMultiplyCuda, MultiplyImpl,
                               ffi::Ffi::Bind()
@@ -95,6 +125,8 @@ PYBIND11_MODULE(_cuda_kernels, m) {
     py::dict d;
     d["approx_jax_gemm"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxGemmCuda));
     d["approx_jax_multiply"] = py::capsule(reinterpret_cast<void*>(approx_jax::ApproxMultiplyCuda));
+    d["approx_jax_lut_facts"] =
+        py::capsule(reinterpret_cast<void*>(approx_jax::ApproxLutFactsCuda));
     return d;
   });
 }

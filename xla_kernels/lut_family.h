@@ -123,6 +123,20 @@ inline int LutFamilyOf(const uint32_t* lut, int m) {
   return LutFamilyBy(m, [&](auto family) { return LutIs<decltype(family)::value>(lut, m); });
 }
 
+// What a GEMM may trust about one kernel-format LUT without reading it (the
+// `lut_facts` operand of the CPU GEMM and conv targets, one int32 per LUT,
+// made by the `approx_jax_lut_facts` target): kLutFactsUnknown, or the
+// LutFamily in the low two bits plus the two flags below. A traced LUT (a
+// vmapped design stack, a multiplier passed to a jitted step) gets its facts
+// once per step and every GEMM of the step reads them, instead of each GEMM
+// checking 4^M entries per design (16 MiB at M = 11).
+constexpr int32_t kLutFactsUnknown = -1;
+constexpr int32_t kLutFactsFamilyMask = 3;
+// Every entry is below 2^24 (c <= 1: kernel format).
+constexpr int32_t kLutFactsKernelFormat = 1 << 2;
+// Every entry's bits below the M mantissa bits are zero.
+constexpr int32_t kLutFactsLowBitsClear = 1 << 3;
+
 }  // namespace approx_jax
 
 #endif  // APPROX_JAX_XLA_KERNELS_LUT_FAMILY_H_

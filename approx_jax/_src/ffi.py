@@ -26,6 +26,16 @@ CONV_WGRAD_TARGET = "approx_jax_conv_wgrad"
 # (0 none, 1 Mitchell, 2 truncate, 3 MBM) that the LUT is known to equal, or
 # -1 when not known (the CPU kernel then checks the LUT itself).
 FAMILY_UNKNOWN = -1
+# Per-LUT facts (xla_kernels/lut_family.h): a traced LUT's family and format,
+# found once per compiled step by this target and read by every GEMM and conv
+# target of the step (their ``lut_facts`` operand, -1 = unknown), so that
+# they need not check 4^M entries per design and call. (CPU; on a GPU the
+# target answers "unknown".)
+LUT_FACTS_TARGET = "approx_jax_lut_facts"
+LUT_FACTS_UNKNOWN = -1
+# From this M on a LUT is large enough (64K entries and more) for the
+# per-call checks to matter; below it the kernels check it themselves.
+LUT_FACTS_MIN_BITS = 8
 
 _load_error: Exception | None = None
 _registered_platforms: list[str] = []
@@ -92,7 +102,7 @@ def export_disabled_checks() -> list:
       >>> exported = jax.export.export(
       ...     jax.jit(f), disabled_checks=approx_jax.export_disabled_checks())(x)
     """
-    targets = (GEMM_TARGET, MULTIPLY_TARGET, CONV_TARGET, CONV_WGRAD_TARGET)
+    targets = (GEMM_TARGET, MULTIPLY_TARGET, CONV_TARGET, CONV_WGRAD_TARGET, LUT_FACTS_TARGET)
     return [export.DisabledSafetyCheck.custom_call(name) for name in targets]
 
 
@@ -128,34 +138,31 @@ def _require_kernels() -> None:
         )
 
 
-def _result_type(shape, like) -> jax.ShapeDtypeStruct:
+def _result_type(shape, like, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
     # Inside shard_map the operand types carry manual mesh axes; the result
     # type must carry the same ones or the custom_vjp backward pass rejects it.
     try:
         sharding = jax.typeof(like).sharding
-        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+        if len(sharding.spec) > len(shape):
+            sharding = sharding.update(spec=sharding.spec[: len(shape)])
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     except Exception:  # noqa: BLE001 - older jax or concrete arrays
-        return jax.ShapeDtypeStruct(shape, jnp.float32)
+        return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def call_target(
-    target: str,
-    result: jax.ShapeDtypeStruct,
-    a: jax.Array,
-    b: jax.Array,
-    klut: jax.Array,
-    mbits: int,
-    **attrs,
+    target: str, result: jax.ShapeDtypeStruct, *operands: jax.Array, mbits: int, **attrs
 ) -> jax.Array:
     """Calls one of the approx_jax FFI targets (the only place that does).
 
     Args:
-      target: ``GEMM_TARGET``, ``MULTIPLY_TARGET``, ``CONV_TARGET`` or
-        ``CONV_WGRAD_TARGET``.
-      result: Result type (shape, float32, and sharding where it matters).
-      a: First operands (float32, canonical layout of the target).
-      b: Second operands.
-      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
+      target: ``GEMM_TARGET``, ``MULTIPLY_TARGET``, ``CONV_TARGET``,
+        ``CONV_WGRAD_TARGET`` or ``LUT_FACTS_TARGET``.
+      result: Result type (shape, dtype, and sharding where it matters).
+      *operands: The target's operands in its canonical layout: ``a``, ``b``
+        (float32), ``klut`` (uint32 kernel-format LUTs ``[Gl, 4**mbits]``) and,
+        for the GEMM and conv targets, ``lut_facts`` (int32 ``[Gl]``); the
+        LUT facts target takes ``klut`` alone.
       mbits: Mantissa width M.
       **attrs: The target's other attributes (the GEMM and conv targets:
         ``family`` as int32; the conv targets also ``window``, ``strides``,
@@ -165,11 +172,36 @@ def call_target(
       The custom call's result.
     """
     _require_kernels()
-    return jax.ffi.ffi_call(target, result)(a, b, klut, mbits=np.int32(mbits), **attrs)
+    return jax.ffi.ffi_call(target, result)(*operands, mbits=np.int32(mbits), **attrs)
+
+
+def unknown_lut_facts(klut: jax.Array) -> jax.Array:
+    """int32 ``[Gl]`` of ``LUT_FACTS_UNKNOWN``: the kernels check ``klut`` themselves."""
+    return jnp.full((klut.shape[0],), LUT_FACTS_UNKNOWN, jnp.int32)
+
+
+def lut_facts_call(klut: jax.Array, mbits: int) -> jax.Array:
+    """Calls the ``approx_jax_lut_facts`` custom call.
+
+    Args:
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
+      mbits: mantissa width M.
+
+    Returns:
+      int32 ``[Gl]``: each LUT's facts (xla_kernels/lut_family.h) on the CPU,
+      ``LUT_FACTS_UNKNOWN`` on a GPU.
+    """
+    result = _result_type((klut.shape[0],), klut, jnp.int32)
+    return call_target(LUT_FACTS_TARGET, result, klut, mbits=mbits)
 
 
 def gemm_call(
-    a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int, family: int = FAMILY_UNKNOWN
+    a: jax.Array,
+    b: jax.Array,
+    klut: jax.Array,
+    mbits: int,
+    family: int = FAMILY_UNKNOWN,
+    lut_facts: jax.Array | None = None,
 ) -> jax.Array:
     """Calls the ``approx_jax_gemm`` custom call (canonical rank-4 layout).
 
@@ -180,6 +212,8 @@ def gemm_call(
       mbits: mantissa width M.
       family: the closed-form family ``klut`` is known to equal
         (``ops.closed_form_family``), or ``FAMILY_UNKNOWN``.
+      lut_facts: int32 ``[Gl]`` from ``lut_facts_call(klut, mbits)``, or
+        None (unknown: the kernel checks the LUTs).
 
     Returns:
       float32 ``[D, B, M, N]`` with ``D = max(Ga, Gb, Gl)``, ``B = max(Ba, Bb)``.
@@ -187,8 +221,17 @@ def gemm_call(
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     batch = max(a.shape[1], b.shape[1])
     shape = (designs, batch, a.shape[2], b.shape[3])
+    if lut_facts is None:
+        lut_facts = unknown_lut_facts(klut)
     return call_target(
-        GEMM_TARGET, _result_type(shape, a), a, b, klut, mbits, family=np.int32(family)
+        GEMM_TARGET,
+        _result_type(shape, a),
+        a,
+        b,
+        klut,
+        lut_facts,
+        mbits=mbits,
+        family=np.int32(family),
     )
 
 
@@ -206,4 +249,4 @@ def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> ja
     """
     designs = max(a.shape[0], b.shape[0], klut.shape[0])
     shape = (designs, a.shape[1])
-    return call_target(MULTIPLY_TARGET, _result_type(shape, a), a, b, klut, mbits)
+    return call_target(MULTIPLY_TARGET, _result_type(shape, a), a, b, klut, mbits=mbits)

@@ -7,7 +7,8 @@ replicated. This module wraps ``ffi.gemm_call`` / ``ffi.multiply_call`` in
 sharded and each device runs the kernel on its own shard.
 
 Canonical gemm (docs/DESIGN.md): ``a f32[Ga, Ba, M, K]``, ``b f32[Gb, Bb, K,
-N]``, ``lut u32[Gl, L]`` -> ``out f32[D, B, M, N]``. Its factors are
+N]``, ``lut u32[Gl, L]``, ``lut_facts s32[Gl]`` -> ``out f32[D, B, M, N]``. Its
+factors are
 
 * ``d`` (design axis), ``t`` (batch axis), ``m`` (rows), ``n`` (columns):
   pass-through; a shard of the output needs the matching shards only;
@@ -19,7 +20,8 @@ N]``, ``lut u32[Gl, L]`` -> ``out f32[D, B, M, N]``. Its factors are
   they do not tie a size-1 axis to a size-D one.
 
 The elementwise multiply ``a f32[Ga, n]``, ``b f32[Gb, n]``, ``lut u32[Gl,
-L]`` -> ``f32[D, n]`` has pass-through factors ``d`` and ``n``.
+L]`` -> ``f32[D, n]`` has pass-through factors ``d`` and ``n``; the LUT facts
+``lut u32[G, L]`` -> ``s32[G]``, ``d``.
 
 Whatever sharding the partitioner proposes, ``partition`` keeps the sharding
 of each factor that is consistent (same mesh axes on every operand that has
@@ -53,10 +55,12 @@ from jax.sharding import PartitionSpec as P
 from approx_jax._src import ffi
 
 # Factor names per canonical operand dimension (see module docstring).
-_GEMM_DIMS = (("d", "t", "m", "k"), ("d", "t", "k", "n"), ("d", "l"))
+_GEMM_DIMS = (("d", "t", "m", "k"), ("d", "t", "k", "n"), ("d", "l"), ("d",))
 _GEMM_OUT = ("d", "t", "m", "n")
 _MUL_DIMS = (("d", "n"), ("d", "n"), ("d", "l"))
 _MUL_OUT = ("d", "n")
+_FACTS_DIMS = (("d", "l"),)
+_FACTS_OUT = ("d",)
 # Operand dimensions that may be size-1 broadcasts of a larger output axis.
 _BROADCASTABLE = ("d", "t")
 
@@ -200,7 +204,9 @@ def _named(mesh, factors, chosen) -> NamedSharding:
     return NamedSharding(mesh, _named_spec(factors, chosen))
 
 
-def _result_type(dims, out_dims, reduction, operands, fixed=None) -> jax.ShapeDtypeStruct:
+def _result_type(
+    dims, out_dims, reduction, operands, fixed=None, dtype=jnp.float32
+) -> jax.ShapeDtypeStruct:
     """Result type of the op for the given (traced) operands.
 
     * Under ``jit`` with Explicit mesh axes operand types carry their
@@ -221,16 +227,16 @@ def _result_type(dims, out_dims, reduction, operands, fixed=None) -> jax.ShapeDt
         sharding = next((t.sharding for t in types if not t.sharding.mesh.empty), types[0].sharding)
         mesh = sharding.mesh
     except Exception:  # noqa: BLE001 - concrete arrays without a mesh type
-        return jax.ShapeDtypeStruct(shape, jnp.float32)
+        return jax.ShapeDtypeStruct(shape, dtype)
     if mesh.empty:
         if len(sharding.spec) > len(shape):  # a result of lower rank than `a` (conv)
             sharding = sharding.update(spec=P())
-        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     chosen, _ = _assign_factors(mesh, dims, out_dims, reduction, types, fixed)
     sharding = sharding.update(spec=_named_spec(out_dims, chosen))
     varying = frozenset().union(*(_varying(t) for t in types))
     mat = jax.sharding.ManualAxisType(varying=varying) if varying else None
-    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding, manual_axis_type=mat)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=mat)
 
 
 def _varying(aval) -> frozenset:
@@ -239,22 +245,31 @@ def _varying(aval) -> frozenset:
 
 
 def _make_partitioned(
-    target, dims, out_dims, reduction, mbits: int, replicated=("l",), fixed=None, attrs=None
+    target,
+    dims,
+    out_dims,
+    reduction,
+    mbits: int,
+    replicated=("l",),
+    fixed=None,
+    attrs=None,
+    dtype=jnp.float32,
 ):
     """custom_partitioning wrapper of the FFI target with the given factors.
 
-    ``replicated``: factors never split; ``fixed``: sizes of result-only
-    factors; ``attrs``: the target's other attributes.
+    ``dims``: factor names per operand; ``replicated``: factors never split;
+    ``fixed``: sizes of result-only factors; ``attrs``: the target's other
+    attributes; ``dtype``: the result's.
     """
     attrs = dict(attrs or {})
 
-    def call(a, b, lut):
-        result = _result_type(dims, out_dims, reduction, (a, b, lut), fixed)
-        return ffi.call_target(target, result, a, b, lut, mbits, **attrs)
+    def call(*operands):
+        result = _result_type(dims, out_dims, reduction, operands, fixed, dtype)
+        return ffi.call_target(target, result, *operands, mbits=mbits, **attrs)
 
     @custom_partitioning
-    def op(a, b, lut):
-        return call(a, b, lut)
+    def op(*operands):
+        return call(*operands)
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
@@ -268,13 +283,13 @@ def _make_partitioned(
         out_sharding = _named(mesh, out_dims, chosen)
         reduce_axes = tuple(a for f in reduction for a in chosen.get(f, ()))
 
-        def lower(a, b, lut):
+        def lower(*operands):
             if not reduce_axes:
-                return call(a, b, lut)
+                return call(*operands)
             with _auto_typed(mesh):
-                shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in (a, b, lut)], fixed)
-                result = jax.ShapeDtypeStruct(shape, jnp.float32)
-                out = ffi.call_target(target, result, a, b, lut, mbits, **attrs)
+                shape = _out_shape(dims, out_dims, [tuple(x.shape) for x in operands], fixed)
+                result = jax.ShapeDtypeStruct(shape, dtype)
+                out = ffi.call_target(target, result, *operands, mbits=mbits, **attrs)
                 return jax.lax.psum(out, reduce_axes)
 
         return mesh, lower, out_sharding, arg_shardings
@@ -304,6 +319,35 @@ def _multiply_op(mbits: int):
     return _make_partitioned(ffi.MULTIPLY_TARGET, _MUL_DIMS, _MUL_OUT, (), mbits)
 
 
+@functools.cache
+def _lut_facts_op(mbits: int):
+    return _make_partitioned(
+        ffi.LUT_FACTS_TARGET, _FACTS_DIMS, _FACTS_OUT, (), mbits, dtype=jnp.int32
+    )
+
+
+def lut_facts(klut: jax.Array, mbits: int, family: int) -> jax.Array:
+    """The ``lut_facts`` operand of a GEMM or conv call on ``klut``.
+
+    The LUT facts target's answer when the kernels would otherwise check a
+    large LUT per call (``family`` unknown: a traced LUT, a stack; M >=
+    ``ffi.LUT_FACTS_MIN_BITS``), else "unknown" (a constant). Every call
+    of a step on the same LUT makes the same custom call, which XLA's
+    common-subexpression elimination runs once.
+
+    Args:
+      klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
+      mbits: mantissa width M.
+      family: the ``family`` attribute of the call.
+
+    Returns:
+      int32 ``[Gl]``.
+    """
+    if family != ffi.FAMILY_UNKNOWN or mbits < ffi.LUT_FACTS_MIN_BITS or klut.shape[0] == 0:
+        return ffi.unknown_lut_facts(klut)
+    return _lut_facts_op(int(mbits))(klut)
+
+
 def gemm_call(
     a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int, family: int = ffi.FAMILY_UNKNOWN
 ) -> jax.Array:
@@ -319,7 +363,8 @@ def gemm_call(
     Returns:
       float32 ``[D, B, M, N]``.
     """
-    return _gemm_op(int(mbits), int(family))(a, b, klut)
+    facts = lut_facts(klut, mbits, family)
+    return _gemm_op(int(mbits), int(family))(a, b, klut, facts)
 
 
 @functools.cache
@@ -336,14 +381,14 @@ def _conv_op(mbits: int, window, strides, dilation, size: int, wgrad: bool, fami
         # samples (n) are the contraction (a sharded batch gives local partial
         # gradients and a psum, as the GEMM's k); k (taps * C) is result-only.
         target, reduction, fixed = ffi.CONV_WGRAD_TARGET, ("n",), {"k": size}
-        dims = (("d", "t", "c", "n", *spatial), ("d", "t", "n", "p", "o"), ("d", "l"))
+        dims = (("d", "t", "c", "n", *spatial), ("d", "t", "n", "p", "o"), ("d", "l"), ("d",))
         out_dims = ("d", "t", "k", "o")
     else:
         # x [d, t, n, *s, c], w [d, t, k, o], lut [d, l] -> [d, t, n, p, o]:
         # samples (n), groups (t), designs (d) and output channels (o) may
         # stay sharded; p (output pixels) is result-only.
         target, reduction, fixed = ffi.CONV_TARGET, (), {"p": size}
-        dims = (("d", "t", "n", *spatial, "c"), ("d", "t", "k", "o"), ("d", "l"))
+        dims = (("d", "t", "n", *spatial, "c"), ("d", "t", "k", "o"), ("d", "l"), ("d",))
         out_dims = ("d", "t", "n", "p", "o")
     # The spatial, channel, K and pixel factors are never split.
     replicated = ("l", "c", *spatial, "p", "k")
@@ -382,8 +427,9 @@ def conv_call(
       bits as building it.
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
+    facts = lut_facts(klut, mbits, family)
     return _conv_op(int(mbits), window, strides, dilation, int(pixels), False, int(family))(
-        x, w, klut
+        x, w, klut, facts
     )
 
 
@@ -411,7 +457,10 @@ def conv_wgrad_call(
     """
     window, strides, dilation = (tuple(int(v) for v in t) for t in (window, strides, dilation))
     rows = math.prod(window) * x.shape[2]
-    return _conv_op(int(mbits), window, strides, dilation, rows, True, int(family))(x, dy, klut)
+    facts = lut_facts(klut, mbits, family)
+    return _conv_op(int(mbits), window, strides, dilation, rows, True, int(family))(
+        x, dy, klut, facts
+    )
 
 
 def multiply_call(a: jax.Array, b: jax.Array, klut: jax.Array, mbits: int) -> jax.Array:
