@@ -535,12 +535,18 @@ def cmd_sweep(args) -> int:
     )
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
-        if res["stack_mbits"] >= 8 and jax.default_backend() == "cpu":
+        widened = [
+            r["name"]
+            for r in res["results"]
+            if r["vmapped"] and r["mbits"] is not None and r["mbits"] < res["stack_mbits"]
+        ]
+        if res["stack_mbits"] >= 8 and widened and jax.default_backend() == "cpu":
             console.print(
-                "[yellow]note[/yellow]: at M >= 8 the CPU kernels check each design's LUT in "
-                "every GEMM of a vmapped step (a single design's step is told its LUT's family "
-                "once): --sequential (one design after another; a few seconds more per design "
-                "to compile) is faster here from a few epochs on (README: Speed on CPU)."
+                f"[yellow]note[/yellow]: at M >= 8 a design narrower than the stack "
+                f"({', '.join(widened)}) gathers every product from its widened LUT in a "
+                "vmapped step, where alone its closed form (or a smaller LUT) runs: "
+                "--sequential (one design after another; a few seconds more per design to "
+                "compile) is faster here from about 4 epochs on (README: Speed on CPU)."
             )
     table = Table(title=f"{args.model} sweep: {args.epochs} epoch(s), backward={args.backward}")
     for col, just in (
@@ -922,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential",
         action="store_true",
         help="train the designs one after another instead of in one vmapped step (faster "
-        "on a CPU at M >= 8 from a few epochs on; the same init and batches)",
+        "on a CPU for long runs of M >= 8 stacks mixing widths; the same init and batches)",
     )
     _add_init_params(p)
     _add_common(p, epochs=3)

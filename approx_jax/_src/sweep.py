@@ -235,8 +235,9 @@ def sweep(
         with ``seed``.
       vmapped: train the LUT designs together in one vmapped step (default);
         False trains them one after another, each with its multiplier closed
-        over, which is faster on a CPU at M >= 8 (the kernel is told each
-        LUT's closed form once instead of checking it in every GEMM).
+        over, which is faster on a CPU for long runs of an M >= 8 stack that
+        widens narrower designs (widened, a built-in gathers every product
+        from its LUT; alone, its closed form runs).
 
     Returns:
       A dict with ``results`` (one entry per design in the given order:
