@@ -709,33 +709,55 @@ def test_family_attribute_in_the_lowered_gemm():
 
 # LUT facts (xla_kernels/lut_family.h): the family code in the low two bits,
 # then "every entry below 2^24" and "every entry's bits below the M mantissa
-# bits clear".
-_FACTS_FORMAT, _FACTS_LOW_CLEAR = 4, 8
+# bits clear", then (bits 4-7) s when the family holds at width M - s only.
+_FACTS_FORMAT, _FACTS_LOW_CLEAR, _FACTS_NARROWING = 4, 8, 16
+
+
+def _narrowed(row: np.ndarray, M: int, s: int) -> np.ndarray | None:
+    """The width M - s LUT whose widening is ``row`` (a kernel LUT), else None."""
+    grid = row.reshape(2**M, 2**M)
+    narrow = grid[:: 2**s, :: 2**s]
+    wide = np.repeat(np.repeat(narrow, 2**s, axis=0), 2**s, axis=1)
+    return narrow.reshape(1, -1) if np.array_equal(wide, grid) else None
 
 
 def _expected_facts(klut: np.ndarray, M: int) -> list[int]:
     """The facts of each row of ``klut``, from SPEC's family LUTs and NumPy."""
     out = []
     for row in klut:
-        row = np.array(row[None])
-        row.setflags(write=False)
-        facts = ops._family_by_comparison(row, M, None)
+        facts = ops._family_by_comparison(row[None], M, None)
         if np.all(row < (1 << 24)):
             facts |= _FACTS_FORMAT
         if np.all(row & ((1 << (23 - M)) - 1) == 0):
             facts |= _FACTS_LOW_CLEAR
+        if facts == _FACTS_FORMAT | _FACTS_LOW_CLEAR:  # no family at M: a narrower one?
+            for s in range(1, M):
+                narrow = _narrowed(row, M, s)
+                if narrow is None:
+                    break
+                family = ops._family_by_comparison(narrow, M - s, None)
+                if family:
+                    facts |= family | s * _FACTS_NARROWING
+                    break
         out.append(int(facts))
     return out
 
 
 @pytest.mark.parametrize("M", [2, 7, 8, 11])
 def test_lut_facts_target_answers_from_the_lut(M):
-    # Each family, a random LUT, a narrower MBM widened to M (whose entries
-    # are no family's at width M), and two raw kernel LUTs: one entry with a
-    # carry bit above kernel format, one with a bit below the M mantissa bits.
+    # Each family, a random LUT, narrower designs widened to M (whose entries
+    # are no family's at width M, but are at their own width), and two raw
+    # kernel LUTs: one entry with a carry bit above kernel format, one with a
+    # bit below the M mantissa bits.
     designs = [multipliers.mitchell(M), multipliers.truncate(M), random_multiplier(M, 3)]
     if M >= 8:
-        designs += [multipliers.mbm(M), multipliers.mbm(M - 1)]
+        designs += [
+            multipliers.mbm(M),
+            multipliers.mbm(M - 1),
+            multipliers.mitchell(M - 3),
+            multipliers.truncate(M - 2),
+            random_multiplier(M - 2, 4),
+        ]
     klut = np.array(ops.kernel_lut_of(multipliers.stack(designs)))
     high, low = klut[0].copy(), klut[2].copy()
     high[5] |= 1 << 25
@@ -748,8 +770,12 @@ def test_lut_facts_target_answers_from_the_lut(M):
     assert [v & 3 for v in want[:2]] == [1, 2 if M > 2 else 1]  # (truncate = Mitchell at M <= 2)
     assert want[-2] & _FACTS_FORMAT == 0 and want[-1] & _FACTS_LOW_CLEAR == 0
     if M >= 8:
-        assert want[3] == 3 | _FACTS_FORMAT | _FACTS_LOW_CLEAR
-        assert want[4] == _FACTS_FORMAT | _FACTS_LOW_CLEAR  # widened: no family at M
+        flags = _FACTS_FORMAT | _FACTS_LOW_CLEAR
+        assert want[3] == 3 | flags
+        # Widened: MBM at width M - 1 (not M - 2, where MBM's LUT is widened
+        # again but no family's), Mitchell at M - 3, truncate at M - 2, and
+        # no family for a random LUT at any width.
+        assert want[4:8] == [3 | flags | 16, 1 | flags | 48, 2 | flags | 32, flags]
 
 
 @pytest.mark.parametrize("M", [3, 9, 11])
@@ -769,6 +795,10 @@ def test_gemm_lut_facts_reach_the_kernel(M, monkeypatch):
     flags = _FACTS_FORMAT | _FACTS_LOW_CLEAR
     mitchell = reference.product(x, w, multipliers.mitchell(M).lut, M)
     own = reference.product(x, w, rnd.lut, M)
+
+    def narrow_product(stored_lut):
+        return reference.product(x, w, stored_lut, M)
+
     cases = [
         ((-1, -1), (own, own)),
         ((flags, flags), (own, own)),
@@ -777,6 +807,10 @@ def test_gemm_lut_facts_reach_the_kernel(M, monkeypatch):
     ]
     if M >= 8:  # (M <= 7: a stack mixing families runs on the tiles, which read the LUT)
         cases += [((1 | flags, flags), (mitchell, own)), ((flags, 1 | flags), (own, mitchell))]
+        # Told "Mitchell at width M - 2": Mitchell's products of the operands
+        # truncated to M - 2 mantissa bits (the widened mitchell(M - 2)).
+        narrow = multipliers.stack([multipliers.mitchell(M - 2), rnd]).lut[0]
+        cases.append(((flags, 1 | flags | 2 * _FACTS_NARROWING), (own, narrow_product(narrow))))
     for facts, want in cases:
         got = ffi.gemm_call(a4, b4, klut, M, lut_facts=jnp.asarray(facts, jnp.int32))
         for d in range(2):
@@ -791,6 +825,9 @@ def test_gemm_lut_facts_reach_the_kernel(M, monkeypatch):
         (np.zeros((2, 1), np.int32), "lut_facts"),
         (np.array([0, 16], np.int32), "lut_facts entry"),
         (np.array([-2, 0], np.int32), "lut_facts entry"),
+        (np.array([0, 256], np.int32), "lut_facts entry"),
+        (np.array([0, 12 | 16], np.int32), "lut_facts entry"),  # a narrowing needs a family
+        (np.array([0, 1 | 8 * 16], np.int32), "lut_facts entry"),  # width 0
     ],
 )
 def test_gemm_and_facts_targets_reject_bad_facts(facts, pattern):
@@ -854,6 +891,45 @@ def test_lut_facts_found_once_per_step():
     assert "approx_jax_lut_facts" not in _compiled_targets(lambda ws: loss(ws, mbm9), (w1, w2))
     traced = _compiled_targets(jax.grad(loss), (w1, w2), mbm9)
     assert traced.count("approx_jax_lut_facts") == 1
+
+
+@pytest.mark.parametrize("shape", [(5, 300, 100), (40, 70, 17)])
+def test_widened_families_run_their_closed_form_at_their_width(shape):
+    # A stack pads narrower designs to the widest M; the facts name the
+    # family of each at its own width (mbm10 at 10 in a stack of 11), and the
+    # kernel runs that closed form on operands decomposed at that width:
+    # the same bits as each design alone, forward and both gradients, with
+    # special values in some k-blocks (rows == 5).
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N)
+    designs = [
+        multipliers.mbm(10),
+        multipliers.mitchell(11),
+        multipliers.mitchell(8),
+        multipliers.truncate(9),
+        random_multiplier(9, 2),
+    ]
+    stack = multipliers.stack(designs)
+    facts = np.asarray(jax.jit(lambda k: ffi.lut_facts_call(k, 11))(ops.kernel_lut_of(stack)))
+    flags = _FACTS_FORMAT | _FACTS_LOW_CLEAR
+    np.testing.assert_array_equal(
+        facts, [3 | flags | 16, 1 | flags, 1 | flags | 48, 2 | flags | 32, flags]
+    )
+
+    def f(x, w, m):
+        return approx_jax.approx_matmul(x, w, m)
+
+    def loss(x, w, m):
+        return jnp.sum(jnp.sin(f(x, w, m)))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    got = jax.jit(jax.vmap(f, in_axes=(None, None, 0)))(x, w, stack)
+    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
+    for d, m in enumerate(designs):
+        _assert_bits_equal(got[d], f(x, w, m))
+        if rows != 5:  # (inf and nan operands make the gradients nan)
+            for g, one in zip(got_g, grad(x, w, m), strict=True):
+                _assert_bits_equal(g[d], one)
 
 
 @pytest.mark.parametrize("M", [8, 9, 10, 11])

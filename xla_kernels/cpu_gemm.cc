@@ -342,7 +342,8 @@ bool LutIsParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) 
 // path is likely and the work pays for the entry-by-entry check
 // (WorkPaysForLutPass). Returns false when no design has one.
 bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
-                    std::vector<int>* families) {
+                    std::vector<int>* families, std::vector<int>* widths) {
+  widths->clear();
   const int mode = EnvMode("APPROX_JAX_CPU_FORMULA");
   if (mode == 0) return false;
   // The closed form is used on the gather path, or instead of the tiles when
@@ -363,13 +364,19 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
     // the closed form pays whatever the work.
     if (mode != 2 && !gathers) return false;
     families->assign(static_cast<size_t>(p.designs), kFamilyNone);
-    bool any = false;
+    std::vector<int> width(static_cast<size_t>(p.designs), p.mbits);
+    bool any = false, narrowed = false;
     for (int64_t d = 0; d < p.designs; ++d) {
-      int f = LutFactsAt(p, d) & kLutFactsFamilyMask;
-      if (f == kFamilyMbm && p.mbits < kMbmMinBits) f = kFamilyNone;
+      const int32_t facts = LutFactsAt(p, d);
+      const int w = p.mbits - ((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask);
+      int f = facts & kLutFactsFamilyMask;
+      if (w < kMinMantissaBits || (f == kFamilyMbm && w < kMbmMinBits)) f = kFamilyNone;
       (*families)[static_cast<size_t>(d)] = f;
+      width[static_cast<size_t>(d)] = f == kFamilyNone ? p.mbits : w;
       any = any || f != kFamilyNone;
+      narrowed = narrowed || width[static_cast<size_t>(d)] != p.mbits;
     }
+    if (narrowed) *widths = std::move(width);
     return any;
   }
   const double work = ProductCount(p);
@@ -694,9 +701,13 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
       !direct && gemm_internal::g_no_design_sharing == 0 && ComputeEffectiveWidths(p, &ew);
   const int* eff_bits = narrow ? ew.bits.data() : nullptr;
   const uint32_t* const* eff_lut = narrow ? ew.luts.data() : nullptr;
-  std::vector<int> family_store;
+  std::vector<int> family_store, family_width_store;
   const int* families =
-      !direct && DesignFamilies(p, parallel_for, &family_store) ? family_store.data() : nullptr;
+      !direct && DesignFamilies(p, parallel_for, &family_store, &family_width_store)
+          ? family_store.data()
+          : nullptr;
+  const int* family_bits =
+      families != nullptr && !family_width_store.empty() ? family_width_store.data() : nullptr;
   // A stack whose designs differ in whether their cheap closed form beats
   // the tiles (a Mitchell or truncate design next to an MBM or a random
   // LUT, few rows) runs as consecutive runs of like designs, so that each
@@ -751,8 +762,9 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
     const int64_t whole = std::max<int64_t>(p.k, 1);
-    const gemm_internal::KSplit ks{whole,   1,        0,     problems,    nullptr,   eff_bits,
-                                   eff_lut, families, lut16, stream_mode, byte_tiles};
+    gemm_internal::KSplit ks{whole,   1,        0,     problems,    nullptr,   eff_bits,
+                             eff_lut, families, lut16, stream_mode, byte_tiles};
+    ks.family_bits = family_bits;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -764,8 +776,9 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   std::vector<float> part(static_cast<size_t>(group * chunks * mn));
   for (int64_t p0 = 0; p0 < problems; p0 += group) {
     const int64_t g = std::min(group, problems - p0);
-    const gemm_internal::KSplit ks{chunk,   chunks,   p0,    g,           part.data(), eff_bits,
-                                   eff_lut, families, lut16, stream_mode, byte_tiles};
+    gemm_internal::KSplit ks{chunk,   chunks,   p0,    g,           part.data(), eff_bits,
+                             eff_lut, families, lut16, stream_mode, byte_tiles};
+    ks.family_bits = family_bits;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;
@@ -782,6 +795,56 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     });
   }
   return {};
+}
+
+// WidenedBy with the rows split over the threads.
+bool WidenedByParallel(const uint32_t* lut, int m, int s, const ParallelFor& parallel_for) {
+  const uint32_t n = 1u << m, low = (1u << s) - 1u;
+  // Row 0 first (a LUT that is not widened differs there, mostly).
+  {
+    uint32_t diff = 0;
+    for (uint32_t v = 1; v < n; ++v) diff |= (lut[v] ^ lut[v - 1]) & (0u - ((v & low) != 0));
+    if (diff != 0) return false;
+  }
+  const uint32_t rows_per = std::max(1u, n / 16);
+  std::atomic<bool> ok{true};
+  parallel_for((n + rows_per - 1) / rows_per, [&](int64_t t) {
+    const uint32_t u0 = static_cast<uint32_t>(t) * rows_per, u1 = std::min(n, u0 + rows_per);
+    for (uint32_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u) {
+      const uint32_t* row = lut + (size_t{u} << m);
+      uint32_t diff = 0;
+      if (u & low) {
+        const uint32_t* base = lut + (size_t{u & ~low} << m);
+        for (uint32_t v = 0; v < n; ++v) diff |= row[v] ^ base[v];
+      } else {
+        for (uint32_t v = 1; v < n; ++v) diff |= (row[v] ^ row[v - 1]) & (0u - ((v & low) != 0));
+      }
+      if (diff != 0) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
+// The narrowing facts (lut_family.h) of a kernel-format width-m LUT that is
+// no family's at width m: for the smallest s whose widening it is and whose
+// width m - s LUT is a family's, that family | s << kLutFactsNarrowingShift;
+// else 0. (mbm10 widened to 11 is MBM's at width 10; MBM ignores each
+// index's lowest bit, so it is also widened from width 9, where it is no
+// family's.)
+int32_t NarrowFamily(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
+  std::vector<uint32_t> narrow;
+  for (int s = 1; m - s >= kMinMantissaBits && WidenedByParallel(lut, m, s, parallel_for); ++s) {
+    const int w = m - s;
+    narrow.resize(size_t{1} << (2 * w));
+    for (uint32_t u = 0; u < (1u << w); ++u) {
+      const uint32_t* src = lut + ((size_t{u} << s) << m);
+      uint32_t* dst = narrow.data() + (size_t{u} << w);
+      for (uint32_t v = 0; v < (1u << w); ++v) dst[v] = src[size_t{v} << s];
+    }
+    const int family = LutFamilyOf(narrow.data(), w);
+    if (family != kFamilyNone) return family | (s << kLutFactsNarrowingShift);
+  }
+  return 0;
 }
 
 }  // namespace
@@ -812,6 +875,8 @@ void LutFactsCpu(const uint32_t* lut, int64_t luts, int mbits, int32_t* facts,
       for (uint32_t a : acc) all |= a;
       if ((all >> 24) == 0) v |= kLutFactsKernelFormat;
       if ((all & low_mask) == 0) v |= kLutFactsLowBitsClear;
+      if ((v & kLutFactsKernelFormat) && (v & kLutFactsLowBitsClear))
+        v |= NarrowFamily(l, mbits, parallel_for);
     }
     facts[d] = v;
   }

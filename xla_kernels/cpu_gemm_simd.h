@@ -102,6 +102,11 @@ struct KSplit {
   // cpu_gemm.cc ByteTiles (env APPROX_JAX_CPU_VBMI=0 or the harness's
   // g_force_permute_tiles turn it off). Same tile bits either way.
   bool byte_tiles = true;
+  // Optional, one entry per design: the width its family's closed form holds
+  // at (families), when below M for some design (lut_family.h: a narrower
+  // family's LUT widened to M). The gather path decomposes and packs that
+  // design's operands at that width for the closed form; null: M.
+  const int* family_bits = nullptr;
 };
 
 // The automatic strategy (before g_force_strategy): expanded tiles pay 2^M

@@ -546,11 +546,14 @@ void RunTask(void* arg, int64_t task) {
   const int64_t kstride = RoundUp(KB, kVL);
   const int64_t npanels = CeilDiv(r1 - r0, mr);
   // Per-design width of the tile and permute paths (KSplit::eff_bits) and the
-  // LUT they use. (Closed-form designs keep M: their LUTs are never narrower.)
+  // LUT they use; a closed-form design's is its family's width
+  // (KSplit::family_bits, else M: a family LUT checked at M is never narrower).
   const bool narrow = ks.eff_bits != nullptr;
   auto bits_of = [&](int64_t dd) {
     const bool formula = ks.families != nullptr && ks.families[d0 + dd] != kFamilyNone;
-    return narrow && !(pl.strategy == kGather && formula) ? ks.eff_bits[d0 + dd] : mbits;
+    if (pl.strategy == kGather && formula)
+      return ks.family_bits != nullptr ? ks.family_bits[d0 + dd] : mbits;
+    return narrow ? ks.eff_bits[d0 + dd] : mbits;
   };
   // A shared a is packed once per distinct width (slot_of[width]).
   int slot_of[kMaxMantissaBits + 1];
@@ -706,7 +709,7 @@ void RunTask(void* arg, int64_t task) {
         const float* B = b_of(dd);
         const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
         // The LUT at width mb (the narrow one when bits_of narrowed it).
-        const uint32_t* lut_mb = mb == mbits ? lut : ks.eff_lut[d0 + dd];
+        const uint32_t* lut_mb = mb == mbits || !narrow ? lut : ks.eff_lut[d0 + dd];
         const int family = ks.families != nullptr ? ks.families[d0 + dd] : kFamilyNone;
         const int64_t i0 = r0 + pi * mr;
         const int rows = static_cast<int>(MinI(mr, r1 - i0));
@@ -747,11 +750,11 @@ void RunTask(void* arg, int64_t task) {
         } else if (pl.strategy == kTiles) {
           MicroTile<kMR, false>(pk, kb, tiles, ct, ldt);
         } else if (family == kFamilyMitchell) {
-          MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mbits, ibv, sbv, ct, ldt);
+          MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mb, ibv, sbv, ct, ldt);
         } else if (family == kFamilyTruncate) {
-          MicroFormula<kMRG, kFamilyTruncate>(pk, kb, mbits, ibv, sbv, ct, ldt);
+          MicroFormula<kMRG, kFamilyTruncate>(pk, kb, mb, ibv, sbv, ct, ldt);
         } else if (family == kFamilyMbm) {
-          MicroFormula<kMRG, kFamilyMbm>(pk, kb, mbits, ibv, sbv, ct, ldt);
+          MicroFormula<kMRG, kFamilyMbm>(pk, kb, mb, ibv, sbv, ct, ldt);
         } else if (kIsaPermuteLookup && mb <= 6) {
           MicroPermuteM<kMRG>(mb, pk, kb, lut_mb, ibv, sbv, ct, ldt);
         } else if (ks.lut16 != nullptr && ks.lut16[d0 + dd] != nullptr) {
@@ -825,7 +828,7 @@ void RunTask(void* arg, int64_t task) {
           if (!in_pass(dd)) continue;
           const int mb = bits_of(dd);
           const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
-          const uint32_t* lut_mb = mb == mbits ? lut : ks.eff_lut[d0 + dd];
+          const uint32_t* lut_mb = mb == mbits || !narrow ? lut : ks.eff_lut[d0 + dd];
           if (dd == 0 || !share_b || mb != dec_bits)
             DecomposeB(b_of(dd), ldb, k0, kb, j0, cols, mb, ibv, sbv);
           if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {

@@ -129,7 +129,7 @@ ffi::Error CheckFamily(const std::string& target, int32_t family) {
 // The `lut_facts` operand of the GEMM and conv targets: s32[Gl], one entry
 // per LUT (GemmProblem::lut_facts), each kLutFactsUnknown or facts.
 ffi::Error CheckLutFacts(const std::string& target, const ffi::AnyBuffer& facts,
-                         const ffi::AnyBuffer& lut, const int32_t** out) {
+                         const ffi::AnyBuffer& lut, int32_t mbits, const int32_t** out) {
   auto fd = facts.dimensions();
   if (facts.element_type() != ffi::DataType::S32 || fd.size() != 1 ||
       lut.dimensions().size() != 2 || fd[0] != lut.dimensions()[0]) {
@@ -137,8 +137,10 @@ ffi::Error CheckLutFacts(const std::string& target, const ffi::AnyBuffer& facts,
   }
   const int32_t* v = facts.typed_data<int32_t>();
   for (int64_t d = 0; d < fd[0]; ++d) {
-    if (v[d] < kLutFactsUnknown ||
-        v[d] > (kLutFactsFamilyMask | kLutFactsKernelFormat | kLutFactsLowBitsClear)) {
+    // A narrowing s needs a family, at a width of at least one bit.
+    const int32_t s = (v[d] >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask;
+    if (v[d] < kLutFactsUnknown || (v[d] >= 0 && (v[d] >> 8) != 0) ||
+        (v[d] >= 0 && s > 0 && ((v[d] & kLutFactsFamilyMask) == kFamilyNone || s >= mbits))) {
       return ffi::Error::InvalidArgument(target +
                                          "lut_facts entry out of range: " + std::to_string(v[d]));
     }
@@ -156,7 +158,8 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   GemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
   if (auto err = CheckFamily("approx_jax_gemm: ", family); !err.success()) return err;
-  if (auto err = CheckLutFacts("approx_jax_gemm: ", lut_facts, lut, &p.lut_facts); !err.success())
+  if (auto err = CheckLutFacts("approx_jax_gemm: ", lut_facts, lut, mbits, &p.lut_facts);
+      !err.success())
     return err;
   p.family_hint = family;
   return RunGemm(pool, p);
@@ -240,7 +243,7 @@ ffi::Error ConvGemm(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::A
   int64_t lut_size = 0;
   if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
   const int32_t* facts = nullptr;
-  if (auto err = CheckLutFacts(target, lut_facts, lut, &facts); !err.success()) return err;
+  if (auto err = CheckLutFacts(target, lut_facts, lut, mbits, &facts); !err.success()) return err;
   const int nd = static_cast<int>(window.size());
   auto xd = x.dimensions(), bd = b.dimensions(), od = out.dimensions();
   if (nd < 1 || static_cast<int>(xd.size()) != 4 + nd || bd.size() != (transposed ? 5u : 4u) ||

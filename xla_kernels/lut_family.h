@@ -136,6 +136,12 @@ constexpr int32_t kLutFactsFamilyMask = 3;
 constexpr int32_t kLutFactsKernelFormat = 1 << 2;
 // Every entry's bits below the M mantissa bits are zero.
 constexpr int32_t kLutFactsLowBitsClear = 1 << 3;
+// Bits 4-7: s > 0 when the family holds at width M - s only: the LUT is a
+// narrower one widened (its entry depends on the top M - s bits of each
+// index alone, WidenedBy) and that narrower LUT is the family's. (A stack
+// pads its designs to the widest one's M: mbm10 in a stack of M = 11.)
+constexpr int kLutFactsNarrowingShift = 4;
+constexpr int32_t kLutFactsNarrowingMask = 15;
 
 }  // namespace approx_jax
 
