@@ -807,6 +807,38 @@ def test_in_place_forward_under_vmap_over_designs(monkeypatch):
         np.testing.assert_array_equal(_bits(got[d]), _bits(want))
 
 
+def test_widened_families_in_a_vmapped_conv_step(monkeypatch):
+    # A mixed-width M >= 8 stack (mbm10 and mitchell8 padded to 11) runs each
+    # design's closed form at its own width in the conv targets too (LUT
+    # facts): forward and both gradients bit-equal to each design alone.
+    if jax.default_backend() != "cpu":
+        pytest.skip("the conv targets are CPU only")
+    monkeypatch.setattr(conv_lib, "IMPLICIT_MIN_CHANNELS", 1)
+    designs = [
+        mult_lib.mbm(10),
+        mult_lib.mitchell(8),
+        mult_lib.mitchell(11),
+        random_multiplier(9, 3),
+    ]
+    stack = mult_lib.stack(designs)
+    x = _data((2, 7, 7, 8), 31)
+    w = _data((3, 3, 8, 5), 32)
+
+    def f(x, w, m):
+        return approx_conv(x, w, m, padding="SAME")
+
+    def loss(x, w, m):  # (the cotangent cos(y) is elementwise: same bits)
+        return jnp.sum(jnp.sin(f(x, w, m)))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    got_v = jax.jit(jax.vmap(f, in_axes=(None, None, 0)))(x, w, stack)
+    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
+    for d, m in enumerate(designs):
+        np.testing.assert_array_equal(_bits(got_v[d]), _bits(f(x, w, m)))
+        for g, one in zip(got_g, grad(x, w, m), strict=True):
+            np.testing.assert_array_equal(_bits(g[d]), _bits(one))
+
+
 def _reference_conv(x, w, m, kwargs):
     nd = x.ndim - 2
 
