@@ -153,11 +153,18 @@ def test_sweep_end_to_end(tmp_path, capsys):
 
 
 def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
-    # In a vmapped stack at M >= 8 a narrower design gathers from its widened
-    # LUT (alone, its closed form runs): the command names it and says that
-    # separate runs are faster; a stack of one width gets no note.
-    for designs, widened in (("mbm9,mitchell8", "mitchell8"), ("mbm8,mitchell8", None)):
-        out = tmp_path / designs.replace(",", "-")
+    # In a vmapped stack at M >= 8 a narrower design without a closed form
+    # gathers from its widened LUT (alone, from a smaller one): the command
+    # names it and points to --sequential; a widened built-in (its closed
+    # form runs at its own width) or a stack of one width gets no note.
+    narrow = str(tmp_path / "narrow.c") + ":approx_mul@8"
+    pathlib.Path(narrow.split(":")[0]).write_text(
+        "float approx_mul(float a, float b) { return a * b * 1.0001f; }\n"
+    )
+    for i, (designs, widened) in enumerate(
+        ((f"mbm9,{narrow}", "approx_mul"), ("mbm9,mitchell8", None), ("mbm8,mitchell8", None))
+    ):
+        out = tmp_path / f"sweep{i}"
         rc = cli.main(
             ["sweep", "--model", "lenet300", "--multipliers", designs, "--out", str(out)] + FAST
         )
@@ -167,7 +174,7 @@ def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
         if widened is None or jax.default_backend() != "cpu":
             assert "--sequential" not in text
         else:
-            assert f"({widened})" in text and "--sequential" in text
+            assert widened in text and "--sequential" in text
     # --sequential trains each design alone, as `train` would (the same bits).
     seq = tmp_path / "seq"
     rc = cli.main(

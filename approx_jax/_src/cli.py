@@ -493,6 +493,29 @@ def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _widened_gathering(designs, stack_mbits: int) -> list[str]:
+    """Names of the LUT designs narrower than ``stack_mbits`` that have no closed form.
+
+    (A built-in family widened into the stack runs its closed form at its own
+    width; any other LUT is gathered from, widened: 4x the LUT per bit.)
+    """
+    from approx_jax._src import multipliers as mult_lib
+    from approx_jax._src import ops
+
+    out = []
+    for design in designs:
+        if mult_lib.is_exact_name(design):
+            continue
+        m = mult_lib.get(design)
+        for member in mult_lib.unstack(m) if m.is_stack else [m]:
+            if (
+                member.mbits < stack_mbits
+                and ops._family_of(member, ops.kernel_lut_of(member)) <= 0
+            ):
+                out.append(str(member.name))
+    return out
+
+
 def cmd_sweep(args) -> int:
     import jax
     from rich.table import Table
@@ -535,18 +558,14 @@ def cmd_sweep(args) -> int:
     )
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
-        widened = [
-            r["name"]
-            for r in res["results"]
-            if r["vmapped"] and r["mbits"] is not None and r["mbits"] < res["stack_mbits"]
-        ]
+        widened = _widened_gathering(designs, res["stack_mbits"])
         if res["stack_mbits"] >= 8 and widened and jax.default_backend() == "cpu":
             console.print(
-                f"[yellow]note[/yellow]: at M >= 8 a design narrower than the stack "
-                f"({', '.join(widened)}) gathers every product from its widened LUT in a "
-                "vmapped step, where alone its closed form (or a smaller LUT) runs: "
+                f"[yellow]note[/yellow]: at M >= 8 a design without a closed form that is "
+                f"narrower than the stack ({', '.join(widened)}) gathers every product from "
+                "its widened LUT in a vmapped step (alone, from its own, smaller LUT): "
                 "--sequential (one design after another; a few seconds more per design to "
-                "compile) is faster here from about 4 epochs on (README: Speed on CPU)."
+                "compile) may be faster here for long runs (README: Speed on CPU)."
             )
     table = Table(title=f"{args.model} sweep: {args.epochs} epoch(s), backward={args.backward}")
     for col, just in (
@@ -927,8 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sequential",
         action="store_true",
-        help="train the designs one after another instead of in one vmapped step (faster "
-        "on a CPU for long runs of M >= 8 stacks mixing widths; the same init and batches)",
+        help="train the designs one after another instead of in one vmapped step (may be "
+        "faster on a CPU for long runs of an M >= 8 stack that widens a design without a "
+        "closed form; the same init and batches)",
     )
     _add_init_params(p)
     _add_common(p, epochs=3)
