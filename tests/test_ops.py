@@ -1343,6 +1343,12 @@ def test_jax_export_with_disabled_checks():
     conv = jax.jit(lambda a: approx_jax.approx_conv(a, np.ones((3, 3, 4, 2), np.float32), "mbm7"))
     xc = _values(rng, (2, 6, 6, 4))
     _assert_bits_equal(jax.export.export(conv, disabled_checks=checks)(xc).call(xc), conv(xc))
+    # A traced M >= 8 multiplier adds the LUT facts call.
+    g = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
+    m9 = multipliers.mbm(9)
+    exported = jax.export.export(g, disabled_checks=checks)(x, w, m9)
+    assert ffi.LUT_FACTS_TARGET in exported.mlir_module()
+    _assert_bits_equal(exported.call(x, w, m9), g(x, w, m9))
 
 
 def test_jax_export_serialises_multiplier_arguments():
