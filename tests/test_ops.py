@@ -827,7 +827,9 @@ def test_gemm_lut_facts_reach_the_kernel(M, monkeypatch):
         (np.array([-2, 0], np.int32), "lut_facts entry"),
         (np.array([0, 256], np.int32), "lut_facts entry"),
         (np.array([0, 12 | 16], np.int32), "lut_facts entry"),  # a narrowing needs a family
-        (np.array([0, 1 | 8 * 16], np.int32), "lut_facts entry"),  # width 0
+        (np.array([0, 13 | 8 * 16], np.int32), "lut_facts entry"),  # width 0
+        (np.array([0, 1], np.int32), "lut_facts entry"),  # a family without its flags
+        (np.array([0, 15 | 16 * 2], np.int32), "lut_facts entry"),  # MBM at width 6
     ],
 )
 def test_gemm_and_facts_targets_reject_bad_facts(facts, pattern):
@@ -893,13 +895,14 @@ def test_lut_facts_found_once_per_step():
     assert traced.count("approx_jax_lut_facts") == 1
 
 
-@pytest.mark.parametrize("shape", [(5, 300, 100), (40, 70, 17)])
+@pytest.mark.parametrize("shape", [(5, 300, 100), (40, 70, 17), (6, 5000, 3), (300, 40, 3)])
 def test_widened_families_run_their_closed_form_at_their_width(shape):
     # A stack pads narrower designs to the widest M; the facts name the
     # family of each at its own width (mbm10 at 10 in a stack of 11), and the
     # kernel runs that closed form on operands decomposed at that width:
     # the same bits as each design alone, forward and both gradients, with
-    # special values in some k-blocks (rows == 5).
+    # special values in some k-blocks (rows == 5), split-K (K = 5000) and
+    # few columns (300x40x3).
     rows, K, N = shape
     x, w = _wide_range_operands(rows, K, N, seed=rows + K + N)
     designs = [

@@ -136,11 +136,17 @@ ffi::Error CheckLutFacts(const std::string& target, const ffi::AnyBuffer& facts,
     return ffi::Error::InvalidArgument(target + "lut_facts must be int32 [Gl], one per LUT");
   }
   const int32_t* v = facts.typed_data<int32_t>();
+  constexpr int32_t kFlags = kLutFactsKernelFormat | kLutFactsLowBitsClear;
   for (int64_t d = 0; d < fd[0]; ++d) {
-    // A narrowing s needs a family, at a width of at least one bit.
+    if (v[d] == kLutFactsUnknown) continue;
+    // A family implies both flags (its entries are in kernel format); a
+    // narrowing s needs a family, at a width of at least one bit (MBM's
+    // closed form: kMbmMinBits).
+    const int32_t family = v[d] & kLutFactsFamilyMask;
     const int32_t s = (v[d] >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask;
-    if (v[d] < kLutFactsUnknown || (v[d] >= 0 && (v[d] >> 8) != 0) ||
-        (v[d] >= 0 && s > 0 && ((v[d] & kLutFactsFamilyMask) == kFamilyNone || s >= mbits))) {
+    if (v[d] < 0 || (v[d] >> 8) != 0 || (family != kFamilyNone && (v[d] & kFlags) != kFlags) ||
+        (s > 0 && (family == kFamilyNone || s >= mbits)) ||
+        (family == kFamilyMbm && mbits - s < kMbmMinBits)) {
       return ffi::Error::InvalidArgument(target +
                                          "lut_facts entry out of range: " + std::to_string(v[d]));
     }

@@ -36,9 +36,14 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     ffi::AnyBuffer b, ffi::AnyBuffer lut, ffi::AnyBuffer lut_facts,
                     ffi::Result<ffi::AnyBuffer> out, int32_t mbits, int32_t family) {
   (void)family;
-  (void)lut_facts;
   CudaGemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
+  auto fd = lut_facts.dimensions();
+  if (lut_facts.element_type() != ffi::DataType::S32 || fd.size() != 1 ||
+      fd[0] != lut.dimensions()[0]) {
+    return ffi::Error::InvalidArgument(
+        "approx_jax_gemm: lut_facts must be int32 [Gl], one per LUT");
+  }
   CudaGemmPlan plan;
   std::string err = PlanApproxGemm(p, &plan);
   if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, err);

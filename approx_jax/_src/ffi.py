@@ -33,6 +33,10 @@ FAMILY_UNKNOWN = -1
 # target answers "unknown".)
 LUT_FACTS_TARGET = "approx_jax_lut_facts"
 LUT_FACTS_UNKNOWN = -1
+# The facts' flags "every entry in kernel format" and "bits below the M
+# mantissa bits clear" (lut_family.h), which every LUT made by
+# ``ops.kernel_lut_of`` has.
+LUT_FACTS_FLAGS = 4 | 8
 # From this M on a LUT is large enough (64K entries and more) for the
 # per-call checks to matter; below it the kernels check it themselves.
 LUT_FACTS_MIN_BITS = 8

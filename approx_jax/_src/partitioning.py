@@ -331,9 +331,11 @@ def lut_facts(klut: jax.Array, mbits: int, family: int) -> jax.Array:
 
     The LUT facts target's answer when the kernels would otherwise check a
     large LUT per call (``family`` unknown: a traced LUT, a stack; M >=
-    ``ffi.LUT_FACTS_MIN_BITS``), else "unknown" (a constant). Every call
-    of a step on the same LUT makes the same custom call, which XLA's
-    common-subexpression elimination runs once.
+    ``ffi.LUT_FACTS_MIN_BITS``), a constant otherwise: ``family`` and the
+    kernel-format flags when the family is known (``klut`` then comes from
+    ``ops.kernel_lut_of``), else "unknown". Every call of a step on the same
+    LUT makes the same custom call, which XLA's common-subexpression
+    elimination runs once.
 
     Args:
       klut: uint32 kernel-format LUTs ``[Gl, 4**mbits]``.
@@ -343,7 +345,11 @@ def lut_facts(klut: jax.Array, mbits: int, family: int) -> jax.Array:
     Returns:
       int32 ``[Gl]``.
     """
-    if family != ffi.FAMILY_UNKNOWN or mbits < ffi.LUT_FACTS_MIN_BITS or klut.shape[0] == 0:
+    if family != ffi.FAMILY_UNKNOWN:
+        # ops.kernel_lut_of's LUTs are in kernel format with clear low bits
+        # by construction: the flags spare the kernel its scan of them.
+        return jnp.full((klut.shape[0],), family | ffi.LUT_FACTS_FLAGS, jnp.int32)
+    if mbits < ffi.LUT_FACTS_MIN_BITS or klut.shape[0] == 0:
         return ffi.unknown_lut_facts(klut)
     return _lut_facts_op(int(mbits))(klut)
 

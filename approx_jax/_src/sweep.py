@@ -235,9 +235,10 @@ def sweep(
         with ``seed``.
       vmapped: train the LUT designs together in one vmapped step (default);
         False trains them one after another, each with its multiplier closed
-        over, which is faster on a CPU for long runs of an M >= 8 stack that
-        widens narrower designs (widened, a built-in gathers every product
-        from its LUT; alone, its closed form runs).
+        over, which may be faster on a CPU for long runs of an M >= 8 stack
+        that widens a design without a closed form (widened, it gathers
+        every product from a LUT 4x larger per bit; a built-in runs its
+        closed form at its own width either way).
 
     Returns:
       A dict with ``results`` (one entry per design in the given order:
