@@ -865,10 +865,11 @@ def _compiled_targets(fn, *args) -> list[str]:
 
 
 def test_lut_facts_found_once_per_step():
-    # A traced LUT at M >= 8 (a vmapped stack, a multiplier passed to the
-    # jitted function) gets one facts call, shared by every GEMM of the step
-    # (XLA's CSE merges the identical calls); a closed-over design (its
-    # family told by the attribute) or M <= 7 gets none.
+    # A traced LUT at M >= ffi.LUT_FACTS_MIN_BITS (a vmapped stack, a
+    # multiplier passed to the jitted function) gets one facts call, shared
+    # by every GEMM of the step (XLA's CSE merges the identical calls); a
+    # closed-over design (its family told by the attribute) or a narrower M
+    # gets none.
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((6, 16), np.float32))
     w1 = jnp.asarray(rng.standard_normal((16, 12), np.float32))
@@ -879,7 +880,8 @@ def test_lut_facts_found_once_per_step():
         return approx_jax.approx_matmul(h, ws[1], m).sum()
 
     step = jax.vmap(jax.grad(loss), in_axes=(None, 0))
-    for M, facts_calls in ((7, 0), (9, 1)):
+    assert ffi.LUT_FACTS_MIN_BITS == 10
+    for M, facts_calls in ((9, 0), (10, 1)):
         stack = multipliers.stack([multipliers.mbm(M), random_multiplier(M, 1)])
         targets = _compiled_targets(step, (w1, w2), stack)
         assert targets.count("approx_jax_lut_facts") == facts_calls, targets
@@ -889,9 +891,9 @@ def test_lut_facts_found_once_per_step():
             one = jax.grad(loss)((w1, w2), multipliers.unstack(stack)[d])
             for g, o in zip(got, one, strict=True):
                 _assert_bits_equal(g[d], o)
-    mbm9 = multipliers.mbm(9)
-    assert "approx_jax_lut_facts" not in _compiled_targets(lambda ws: loss(ws, mbm9), (w1, w2))
-    traced = _compiled_targets(jax.grad(loss), (w1, w2), mbm9)
+    mbm10 = multipliers.mbm(10)
+    assert "approx_jax_lut_facts" not in _compiled_targets(lambda ws: loss(ws, mbm10), (w1, w2))
+    traced = _compiled_targets(jax.grad(loss), (w1, w2), mbm10)
     assert traced.count("approx_jax_lut_facts") == 1
 
 
@@ -1346,12 +1348,12 @@ def test_jax_export_with_disabled_checks():
     conv = jax.jit(lambda a: approx_jax.approx_conv(a, np.ones((3, 3, 4, 2), np.float32), "mbm7"))
     xc = _values(rng, (2, 6, 6, 4))
     _assert_bits_equal(jax.export.export(conv, disabled_checks=checks)(xc).call(xc), conv(xc))
-    # A traced M >= 8 multiplier adds the LUT facts call.
+    # A traced M >= 10 multiplier adds the LUT facts call.
     g = jax.jit(lambda a, b, m: approx_jax.approx_dot(a, b, m))
-    m9 = multipliers.mbm(9)
-    exported = jax.export.export(g, disabled_checks=checks)(x, w, m9)
+    m10 = multipliers.mbm(10)
+    exported = jax.export.export(g, disabled_checks=checks)(x, w, m10)
     assert ffi.LUT_FACTS_TARGET in exported.mlir_module()
-    _assert_bits_equal(exported.call(x, w, m9), g(x, w, m9))
+    _assert_bits_equal(exported.call(x, w, m10), g(x, w, m10))
 
 
 def test_jax_export_serialises_multiplier_arguments():

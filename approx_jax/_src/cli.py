@@ -494,13 +494,16 @@ def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
 
 
 def _widened_gathering(designs, stack_mbits: int) -> list[str]:
-    """Names of the LUT designs narrower than ``stack_mbits`` that have no closed form.
+    """Names of the LUT designs narrower than ``stack_mbits`` that gather from their widened LUT.
 
-    (A built-in family widened into the stack runs its closed form at its own
-    width; any other LUT is gathered from, widened: 4x the LUT per bit.)
+    (From ``ffi.LUT_FACTS_MIN_BITS`` on, a built-in family widened into the
+    stack runs its closed form at its own width; any other LUT is gathered
+    from, widened: 4x the LUT per bit.)
     """
+    from approx_jax._src import ffi, ops
     from approx_jax._src import multipliers as mult_lib
-    from approx_jax._src import ops
+
+    facts = stack_mbits >= ffi.LUT_FACTS_MIN_BITS
 
     out = []
     for design in designs:
@@ -508,9 +511,8 @@ def _widened_gathering(designs, stack_mbits: int) -> list[str]:
             continue
         m = mult_lib.get(design)
         for member in mult_lib.unstack(m) if m.is_stack else [m]:
-            if (
-                member.mbits < stack_mbits
-                and ops._family_of(member, ops.kernel_lut_of(member)) <= 0
+            if member.mbits < stack_mbits and (
+                not facts or ops._family_of(member, ops.kernel_lut_of(member)) <= 0
             ):
                 out.append(str(member.name))
     return out
@@ -561,9 +563,9 @@ def cmd_sweep(args) -> int:
         widened = _widened_gathering(designs, res["stack_mbits"])
         if res["stack_mbits"] >= 8 and widened and jax.default_backend() == "cpu":
             console.print(
-                f"[yellow]note[/yellow]: at M >= 8 a design without a closed form that is "
-                f"narrower than the stack ({', '.join(widened)}) gathers every product from "
-                "its widened LUT in a vmapped step (alone, from its own, smaller LUT): "
+                f"[yellow]note[/yellow]: at M >= 8 a design narrower than the stack "
+                f"({', '.join(widened)}) gathers every product from its widened LUT in a "
+                "vmapped step (alone, its closed form or its own, smaller LUT): "
                 "--sequential (one design after another; a few seconds more per design to "
                 "compile) may be faster here for long runs (README: Speed on CPU)."
             )
