@@ -408,6 +408,34 @@ def test_shard_map_forward_and_grad(kind):
     assert r["inv_dx"] and r["inv_dw"] < 1e-4, r
 
 
+def test_shard_map_with_a_traced_wide_multiplier():
+    """A multiplier passed into shard_map at M >= 10: its LUT facts call runs
+    on each device's (replicated) LUT inside the manual region."""
+    r = _run(
+        """
+        mesh = mesh_of("auto")
+        x, w = randn(32, 16), randn(16, 8)
+        m = ml.mitchell(10)
+
+        def loss(w, x, m):
+            return jnp.sum(jnp.tanh(ops.approx_dot(x, w, m)))
+
+        def body(w, x, m):
+            return ops.approx_dot(x, w, m), jax.grad(loss, argnums=1)(w, x, m)
+
+        fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data"), P()),
+                                   out_specs=(P("data"), P("data"))))
+        y, dx = fn(w, x, m)
+        txt = fn.lower(w, x, m).compile().as_text()
+        R.update(y=same(y, ops.approx_dot(x, w, m)),
+                 dx=same(dx, jax.jit(jax.grad(loss, argnums=1))(w, x, m)),
+                 facts=txt.count('custom_call_target="approx_jax_lut_facts"'))
+        """
+    )
+    assert r["y"] and r["dx"], r
+    assert r["facts"] == 1, r
+
+
 @pytest.mark.parametrize("batch", [64, 20, 28])
 def test_conv_batch_sharded_chunked_backward_gathers_nothing(batch):
     """A batch large enough for the input gradient's chunks (LeNet-5's conv 2 on
@@ -472,13 +500,20 @@ def test_shard_map_conv_grad(channels):
     assert r["dk"] < 1e-4, r
 
 
+@pytest.mark.parametrize("mbits", [7, 11])
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
-def test_vmap_over_designs_with_sharded_stack(kind):
-    """A stack of designs sharded over devices: one design per device, no gather."""
+def test_vmap_over_designs_with_sharded_stack(kind, mbits):
+    """A stack of designs sharded over devices: one design per device, no gather.
+
+    At M = 11 the traced stack's LUT facts (one custom call, partitioned over
+    the designs like the GEMMs) come with it, mbm10 widened among them.
+    """
     r = _run(
         f"""
         kind = {kind!r}
-        st = ml.stack([ml.mbm(7), ml.mitchell(7), ml.truncate(7), ml.mbm(7)])
+        W = {mbits}
+        last = ml.mbm(10) if W == 11 else ml.mbm(W)
+        st = ml.stack([ml.mbm(W), ml.mitchell(W), ml.truncate(W), last])
         x, w = randn(32, 16), randn(16, 8)
 
         def loss(w, x, m):
@@ -499,12 +534,17 @@ def test_vmap_over_designs_with_sharded_stack(kind):
         g = jax.jit(jax.vmap(lambda m: ops.approx_dot(x, w, m)))
         with jax.set_mesh(mesh):
             yv = g(sst)
+        singles = ml.unstack(st)
         R.update(colls=collectives(txt), shapes=gemm_shapes(txt),
                  y=same(out[0], ref[0]), dx=same(out[1][1], ref[1][1]),
                  dw=maxdiff(out[1][0], ref[1][0]), spec=str(out[0].sharding.spec),
-                 vmap=same(yv, ref[0]))
+                 vmap=same(yv, ref[0]),
+                 alone=all(same(ref[0][d], ops.approx_dot(x, w, m)) for d, m in enumerate(singles)),
+                 facts=txt.count('custom_call_target="approx_jax_lut_facts"'))
         """
     )
+    assert r["alone"], r
+    assert r["facts"] == (1 if mbits >= 10 else 0), r
     assert "all-gather" not in r["colls"], r
     # One design per device: the kernels see a design axis of size 1.
     assert r["shapes"] == ["f32[1,1,16,8]", "f32[1,1,32,16]", "f32[1,1,32,8]"], r
