@@ -255,20 +255,25 @@ struct EffectiveWidths {
 // entries. Checked that way, row by row, with plain loops the compiler
 // vectorises (the entry-by-entry form, a dependent load per entry, was 14% of
 // a stack of 8 designs' 64x100x10 GEMM, run once per call and width).
-bool WidenedBy(const uint32_t* lut, int m, int s) {
-  const uint32_t n = 1u << m, low = (1u << s) - 1u;
-  for (uint32_t u = 0; u < n; ++u) {
-    const uint32_t* row = lut + (size_t{u} << m);
-    uint32_t diff = 0;
-    if (u & low) {
-      const uint32_t* base = lut + (size_t{u & ~low} << m);
-      for (uint32_t v = 0; v < n; ++v) diff |= row[v] ^ base[v];
-    } else {
-      // (A mask rather than a branch, so that this loop vectorises too.)
-      for (uint32_t v = 1; v < n; ++v) diff |= (row[v] ^ row[v - 1]) & (0u - ((v & low) != 0));
-    }
-    if (diff != 0) return false;
+// WidenedRowDiff is row u's part (nonzero where it fails; low = 2^s - 1).
+uint32_t WidenedRowDiff(const uint32_t* lut, int m, uint32_t u, uint32_t low) {
+  const uint32_t n = 1u << m;
+  const uint32_t* row = lut + (size_t{u} << m);
+  uint32_t diff = 0;
+  if (u & low) {
+    const uint32_t* base = lut + (size_t{u & ~low} << m);
+    for (uint32_t v = 0; v < n; ++v) diff |= row[v] ^ base[v];
+  } else {
+    // (A mask rather than a branch, so that this loop vectorises too.)
+    for (uint32_t v = 1; v < n; ++v) diff |= (row[v] ^ row[v - 1]) & (0u - ((v & low) != 0));
   }
+  return diff;
+}
+
+bool WidenedBy(const uint32_t* lut, int m, int s) {
+  const uint32_t low = (1u << s) - 1u;
+  for (uint32_t u = 0; u < (1u << m); ++u)
+    if (WidenedRowDiff(lut, m, u, low) != 0) return false;
   return true;
 }
 
@@ -801,26 +806,13 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
 bool WidenedByParallel(const uint32_t* lut, int m, int s, const ParallelFor& parallel_for) {
   const uint32_t n = 1u << m, low = (1u << s) - 1u;
   // Row 0 first (a LUT that is not widened differs there, mostly).
-  {
-    uint32_t diff = 0;
-    for (uint32_t v = 1; v < n; ++v) diff |= (lut[v] ^ lut[v - 1]) & (0u - ((v & low) != 0));
-    if (diff != 0) return false;
-  }
+  if (WidenedRowDiff(lut, m, 0, low) != 0) return false;
   const uint32_t rows_per = std::max(1u, n / 16);
   std::atomic<bool> ok{true};
   parallel_for((n + rows_per - 1) / rows_per, [&](int64_t t) {
     const uint32_t u0 = static_cast<uint32_t>(t) * rows_per, u1 = std::min(n, u0 + rows_per);
-    for (uint32_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u) {
-      const uint32_t* row = lut + (size_t{u} << m);
-      uint32_t diff = 0;
-      if (u & low) {
-        const uint32_t* base = lut + (size_t{u & ~low} << m);
-        for (uint32_t v = 0; v < n; ++v) diff |= row[v] ^ base[v];
-      } else {
-        for (uint32_t v = 1; v < n; ++v) diff |= (row[v] ^ row[v - 1]) & (0u - ((v & low) != 0));
-      }
-      if (diff != 0) ok.store(false, std::memory_order_relaxed);
-    }
+    for (uint32_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u)
+      if (WidenedRowDiff(lut, m, u, low) != 0) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }

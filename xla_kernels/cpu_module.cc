@@ -130,11 +130,8 @@ ffi::Error CheckFamily(const std::string& target, int32_t family) {
 // per LUT (GemmProblem::lut_facts), each kLutFactsUnknown or facts.
 ffi::Error CheckLutFacts(const std::string& target, const ffi::AnyBuffer& facts,
                          const ffi::AnyBuffer& lut, int32_t mbits, const int32_t** out) {
+  if (auto err = CheckLutFactsShape(target, facts, lut); !err.success()) return err;
   auto fd = facts.dimensions();
-  if (facts.element_type() != ffi::DataType::S32 || fd.size() != 1 ||
-      lut.dimensions().size() != 2 || fd[0] != lut.dimensions()[0]) {
-    return ffi::Error::InvalidArgument(target + "lut_facts must be int32 [Gl], one per LUT");
-  }
   const int32_t* v = facts.typed_data<int32_t>();
   constexpr int32_t kFlags = kLutFactsKernelFormat | kLutFactsLowBitsClear;
   for (int64_t d = 0; d < fd[0]; ++d) {
@@ -174,13 +171,8 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
 // lut: u32[G, 4^mbits] -> out: s32[G], each LUT's facts (lut_family.h).
 ffi::Error LutFactsImpl(ffi::ThreadPool pool, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
                         int32_t mbits) {
-  int64_t lut_size = 0;
-  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
-  auto od = out->dimensions();
-  if (out->element_type() != ffi::DataType::S32 || od.size() != 1 || od[0] != lut.dimensions()[0]) {
-    return ffi::Error::InvalidArgument("approx_jax_lut_facts: out must be int32 [G], one per LUT");
-  }
-  LutFactsCpu(lut.typed_data<uint32_t>(), od[0], mbits, out->typed_data<int32_t>(),
+  if (auto err = CheckLutFactsCall(lut, mbits, *out); !err.success()) return err;
+  LutFactsCpu(lut.typed_data<uint32_t>(), lut.dimensions()[0], mbits, out->typed_data<int32_t>(),
               MakeParallelFor(&pool));
   return ffi::Error::Success();
 }

@@ -38,12 +38,8 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   (void)family;
   CudaGemmProblem p;
   if (auto err = MakeGemmProblem(a, b, lut, *out, mbits, &p); !err.success()) return err;
-  auto fd = lut_facts.dimensions();
-  if (lut_facts.element_type() != ffi::DataType::S32 || fd.size() != 1 ||
-      fd[0] != lut.dimensions()[0]) {
-    return ffi::Error::InvalidArgument(
-        "approx_jax_gemm: lut_facts must be int32 [Gl], one per LUT");
-  }
+  if (auto err = CheckLutFactsShape("approx_jax_gemm: ", lut_facts, lut); !err.success())
+    return err;
   CudaGemmPlan plan;
   std::string err = PlanApproxGemm(p, &plan);
   if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, err);
@@ -67,12 +63,7 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
 // facts; bound so that the op lowers the same on every platform.
 ffi::Error LutFactsImpl(cudaStream_t stream, ffi::AnyBuffer lut, ffi::Result<ffi::AnyBuffer> out,
                         int32_t mbits) {
-  int64_t lut_size = 0;
-  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
-  auto od = out->dimensions();
-  if (out->element_type() != ffi::DataType::S32 || od.size() != 1 || od[0] != lut.dimensions()[0]) {
-    return ffi::Error::InvalidArgument("approx_jax_lut_facts: out must be int32 [G], one per LUT");
-  }
+  if (auto err = CheckLutFactsCall(lut, mbits, *out); !err.success()) return err;
   // 0xff bytes: int32 -1 (kLutFactsUnknown) in every entry.
   cudaError_t status = cudaMemsetAsync(out->untyped_data(), 0xff, out->size_bytes(), stream);
   if (status != cudaSuccess) {

@@ -31,6 +31,31 @@ inline ffi::Error CheckLut(const ffi::AnyBuffer& lut, int32_t mbits, int64_t* lu
   return ffi::Error::Success();
 }
 
+// The `lut_facts` operand of the GEMM and conv targets: s32[Gl], one entry
+// per LUT (its values are checked by the CPU handlers, which read them).
+inline ffi::Error CheckLutFactsShape(const std::string& target, const ffi::AnyBuffer& facts,
+                                     const ffi::AnyBuffer& lut) {
+  auto fd = facts.dimensions();
+  if (facts.element_type() != ffi::DataType::S32 || fd.size() != 1 ||
+      lut.dimensions().size() != 2 || fd[0] != lut.dimensions()[0]) {
+    return ffi::Error::InvalidArgument(target + "lut_facts must be int32 [Gl], one per LUT");
+  }
+  return ffi::Error::Success();
+}
+
+// The `approx_jax_lut_facts` target's operands: lut u32[G, 4^mbits] -> out
+// s32[G].
+inline ffi::Error CheckLutFactsCall(const ffi::AnyBuffer& lut, int32_t mbits,
+                                    const ffi::AnyBuffer& out) {
+  int64_t lut_size = 0;
+  if (auto err = CheckLut(lut, mbits, &lut_size); !err.success()) return err;
+  auto od = out.dimensions();
+  if (out.element_type() != ffi::DataType::S32 || od.size() != 1 || od[0] != lut.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("approx_jax_lut_facts: out must be int32 [G], one per LUT");
+  }
+  return ffi::Error::Success();
+}
+
 // Broadcast stride of an axis of size `size` that must be 1 or `full`.
 inline bool BroadcastStride(int64_t size, int64_t full, int64_t stride, int64_t* out) {
   if (size == full) {
