@@ -157,7 +157,7 @@ def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
     # gathers from its widened LUT (alone, from a smaller one): the command
     # names it and points to --sequential; from M = 10 (LUT facts) a widened
     # built-in runs its closed form at its own width (no note), below it
-    # gathers too; a stack of one width gets no note.
+    # gathers too. (Below M = 8: no note, test_sweep_end_to_end.)
     narrow = str(tmp_path / "narrow.c") + ":approx_mul@9"
     pathlib.Path(narrow.split(":")[0]).write_text(
         "float approx_mul(float a, float b) { return a * b * 1.0001f; }\n"
@@ -167,7 +167,6 @@ def test_sweep_of_wide_designs_notes_their_cost(tmp_path, capsys):
             (f"mbm10,{narrow}", "approx_mul"),
             ("mbm10,mitchell9", None),
             ("mbm9,mitchell8", "mitchell8"),
-            ("mbm8,mitchell8", None),
         )
     ):
         out = tmp_path / f"sweep{i}"
