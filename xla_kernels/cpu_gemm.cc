@@ -217,11 +217,6 @@ constexpr int64_t kSplitScratchFloats = int64_t{16} << 20;  // 64 MiB
 // Distinct LUTs of a problem (a zero design stride shares one).
 int64_t DistinctLuts(const GemmProblem& p) { return p.lut_design_stride == 0 ? 1 : p.designs; }
 
-// GemmProblem::lut_facts of distinct LUT d, or kLutFactsUnknown.
-int32_t LutFactsAt(const GemmProblem& p, int64_t d) {
-  return p.lut_facts == nullptr ? kLutFactsUnknown : p.lut_facts[p.lut_design_stride == 0 ? 0 : d];
-}
-
 // Whether every distinct LUT of p has known facts.
 bool AllLutFactsKnown(const GemmProblem& p) {
   for (int64_t d = 0; d < DistinctLuts(p); ++d)
@@ -295,15 +290,9 @@ bool ComputeEffectiveWidths(const GemmProblem& p, EffectiveWidths* ew) {
   ew->storage.resize(luts);
   for (int64_t d = 0; d < luts; ++d) {
     const uint32_t* l = p.lut + d * p.lut_design_stride;
-    const int mb = bits[d], s = p.mbits - bits[d];
     std::vector<uint32_t>& narrow = ew->storage[d];
-    narrow.resize(size_t{1} << (2 * mb));
-    const size_t stride = size_t{1} << s;
-    for (uint32_t u = 0; u < (1u << mb); ++u) {
-      const uint32_t* src = l + ((size_t{u} << s) << p.mbits);
-      uint32_t* dst = narrow.data() + (size_t{u} << mb);
-      for (uint32_t v = 0; v < (1u << mb); ++v) dst[v] = src[v * stride];
-    }
+    narrow.resize(size_t{1} << (2 * bits[d]));
+    NarrowLut(l, p.mbits, p.mbits - bits[d], narrow.data());
   }
   for (int64_t d = 0; d < p.designs; ++d) {
     const int64_t src = p.lut_design_stride == 0 ? 0 : d;
@@ -828,11 +817,7 @@ int32_t NarrowFamily(const uint32_t* lut, int m, const ParallelFor& parallel_for
   for (int s = 1; m - s >= kMinMantissaBits && WidenedByParallel(lut, m, s, parallel_for); ++s) {
     const int w = m - s;
     narrow.resize(size_t{1} << (2 * w));
-    for (uint32_t u = 0; u < (1u << w); ++u) {
-      const uint32_t* src = lut + ((size_t{u} << s) << m);
-      uint32_t* dst = narrow.data() + (size_t{u} << w);
-      for (uint32_t v = 0; v < (1u << w); ++v) dst[v] = src[size_t{v} << s];
-    }
+    NarrowLut(lut, m, s, narrow.data());
     const int family = LutFamilyOf(narrow.data(), w);
     if (family != kFamilyNone) return family | (s << kLutFactsNarrowingShift);
   }

@@ -13,6 +13,24 @@
 #include "lut_family.h"
 
 namespace approx_jax {
+
+// GemmProblem::lut_facts of distinct LUT d (0 when the LUT is shared), or
+// kLutFactsUnknown.
+inline int32_t LutFactsAt(const GemmProblem& p, int64_t d) {
+  return p.lut_facts == nullptr ? kLutFactsUnknown : p.lut_facts[p.lut_design_stride == 0 ? 0 : d];
+}
+
+// Width-(m - s) LUT `narrow` whose widening to m is `lut` (entry (u, v) of
+// the narrow LUT: the wide one's at (u << s, v << s)).
+inline void NarrowLut(const uint32_t* lut, int m, int s, uint32_t* narrow) {
+  const int w = m - s;
+  for (uint32_t u = 0; u < (1u << w); ++u) {
+    const uint32_t* src = lut + ((size_t{u} << s) << m);
+    uint32_t* dst = narrow + (size_t{u} << w);
+    for (uint32_t v = 0; v < (1u << w); ++v) dst[v] = src[size_t{v} << s];
+  }
+}
+
 namespace gemm_internal {
 
 using TaskFn = void (*)(void* arg, int64_t task);

@@ -1012,7 +1012,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
     for (int64_t d = 0; d < luts; ++d) {
       // Known for the whole step (GemmProblem::lut_facts).
-      const int32_t facts = p.lut_facts == nullptr ? kLutFactsUnknown : p.lut_facts[d];
+      const int32_t facts = LutFactsAt(p, d);
       if (facts != kLutFactsUnknown) {
         if ((facts & kLutFactsKernelFormat) == 0) return kSimdDeclined;
         if ((facts & kLutFactsLowBitsClear) == 0) lut_low_bits_clear = false;
