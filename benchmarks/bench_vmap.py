@@ -1,12 +1,13 @@
-"""A sweep of 8 multiplier designs: one vmapped step vs 8 separate steps.
+"""A sweep of multiplier designs (8 by default): one vmapped step vs separate steps.
 
 Measures, in the same run and alternately, (a) an approximate GEMM and (b) a
 LeNet-5 train step (params and optimizer state stacked along the design axis)
-for 8 designs in one jit-compiled vmapped call, against 8 calls of the
-single-design jitted function. Prints the time ratio.
+for the designs in one jit-compiled vmapped call, against one call of the
+single-design jitted function per design. Prints the time ratio.
 
 Usage:
   python benchmarks/bench_vmap.py [--reps 5] [--batch 64] [--models lenet5,lenet300]
+      [--designs mbm11,mitchell11,...]
 """
 
 from __future__ import annotations

@@ -504,7 +504,6 @@ def _widened_gathering(designs, stack_mbits: int) -> list[str]:
     from approx_jax._src import multipliers as mult_lib
 
     facts = stack_mbits >= ffi.LUT_FACTS_MIN_BITS
-
     out = []
     for design in designs:
         if mult_lib.is_exact_name(design):
@@ -560,8 +559,9 @@ def cmd_sweep(args) -> int:
     )
     if res["stack_mbits"] is not None:
         console.print(f"stack padded to common M = {res['stack_mbits']}")
-        widened = _widened_gathering(designs, res["stack_mbits"])
-        if res["stack_mbits"] >= 8 and widened and jax.default_backend() == "cpu":
+        wide_on_cpu = res["stack_mbits"] >= 8 and jax.default_backend() == "cpu"
+        widened = _widened_gathering(designs, res["stack_mbits"]) if wide_on_cpu else []
+        if widened:
             console.print(
                 f"[yellow]note[/yellow]: at M >= 8 a design narrower than the stack "
                 f"({', '.join(widened)}) gathers every product from its widened LUT in a "
