@@ -36,6 +36,8 @@ def _rewriter():
 def _run(build: Path, kernels: Path = ROOT / "xla_kernels", mode: str = "quick"):
     """Builds and runs the emulation harness on the kernels in ``kernels``."""
     env = dict(os.environ, CUDA_EMULATION_BUILD=str(build), PYTHON=sys.executable)
+    if kernels != ROOT / "xla_kernels":  # a broken kernel: its first failure is enough
+        env["CUDA_EMULATION_STOP_AT_FAILURE"] = "1"
     if kernels != ROOT / "xla_kernels":  # a modified copy: same tool, other sources
         tree = build / "tree"
         shutil.copytree(ROOT / "tools", tree / "tools")
