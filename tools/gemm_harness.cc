@@ -177,6 +177,32 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
     ++g_failures;
   }
   const ParallelFor fors[3] = {SerialFor(), ReverseFor(), PoolFor(pool)};
+  // One forced run, compared bit for bit with the naive kernel.
+  auto run = [&](int isa, int strat, int width, int f, const char* told) {
+    std::vector<float> out(out_size, std::nanf("1"));
+    p.out = out.data();
+    const std::string err = RunForced(p, isa, strat, width, fors[f], auto_streams);
+    int64_t diff = 0, first = -1;
+    for (size_t i = 0; i < out_size; ++i) {
+      // NaN sign/payload of a sum is not meaningful: x86 keeps the first
+      // operand's NaN and compilers commute additions freely.
+      const bool same =
+          FloatBits(out[i]) == FloatBits(ref[i]) || (std::isnan(out[i]) && std::isnan(ref[i]));
+      if (!same) {
+        if (first < 0) first = i;
+        ++diff;
+      }
+    }
+    if (!err.empty() || diff) {
+      std::printf("FAIL %s%s isa=%d strat=%d width=%d for=%d err='%s' diffs=%lld", desc, told, isa,
+                  strat, width, f, err.c_str(), (long long)diff);
+      if (first >= 0)
+        std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(out[first]),
+                    FloatBits(ref[first]));
+      std::printf("\n");
+      ++g_failures;
+    }
+  };
   for (int isa = 1; isa <= 3; ++isa)
     for (int strat = 0; strat <= 5; ++strat) {  // 3: gathers, LUT rows streamed
       if ((isa == 1 && strat > 0) || (isa != 3 && strat == 4) || (strat == 4 && c.mbits > 7))
@@ -188,31 +214,22 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
       for (int wi = 0; wi < nwidths; ++wi)
         for (int f = 0; f < 3; ++f) {
           if (wi > 0 && f == 1) continue;
-          std::vector<float> out(out_size, std::nanf("1"));
-          p.out = out.data();
-          const std::string err = RunForced(p, isa, strat, widths[wi], fors[f], auto_streams);
-          int64_t diff = 0, first = -1;
-          for (size_t i = 0; i < out_size; ++i) {
-            // NaN sign/payload of a sum is not meaningful: x86 keeps the first
-            // operand's NaN and compilers commute additions freely.
-            const bool same = FloatBits(out[i]) == FloatBits(ref[i]) ||
-                              (std::isnan(out[i]) && std::isnan(ref[i]));
-            if (!same) {
-              if (first < 0) first = i;
-              ++diff;
-            }
-          }
-          if (!err.empty() || diff) {
-            std::printf("FAIL %s isa=%d strat=%d width=%d for=%d err='%s' diffs=%lld", desc, isa,
-                        strat, widths[wi], f, err.c_str(), (long long)diff);
-            if (first >= 0)
-              std::printf(" first@%lld got=%08x ref=%08x", (long long)first, FloatBits(out[first]),
-                          FloatBits(ref[first]));
-            std::printf("\n");
-            ++g_failures;
-          }
+          run(isa, strat, widths[wi], f, "");
         }
     }
+  // Told its LUTs' facts (GemmProblem::lut_facts, as the approx_jax_lut_facts
+  // target computes them once per step), the kernel skips its own family,
+  // format and width checks and runs a widened family's closed form at the
+  // narrow width: the same bits on every path. (Tiles, gathers, streamed
+  // rows; the direct kernel reads no LUT facts.)
+  const int64_t luts = p.lut_design_stride == 0 ? 1 : p.designs;
+  std::vector<int32_t> facts(static_cast<size_t>(luts));
+  LutFactsCpu(p.lut, luts, p.mbits, facts.data(), SerialFor());
+  p.lut_facts = facts.data();
+  for (int isa = 1; isa <= 3; ++isa)
+    for (int strat = 0; strat <= 3; ++strat)
+      if (isa != 1 || strat == 0) run(isa, strat, 0, 2, " facts");
+  p.lut_facts = nullptr;
 }
 
 // An implicit patch matrix (GemmProblem::implicit_a): every kernel path on it
@@ -705,7 +722,57 @@ int Test() {
       }
     }
   }
+  // Built-ins widened to a stack's width (kind 7: truncate, Mitchell, MBM
+  // at a narrower width): told their facts, the gathers run the narrow
+  // closed form (cpu_gemm.cc DesignFamilies); alone, in stacks with a shared
+  // operand and beside random LUTs (kind 6's MBM). The facts must find the
+  // narrowing, else the told runs above would test the gathers only.
+  for (int m : {5, 8, 10, 11}) {
+    const auto probe = MakeLut(m, 7, rng);
+    int32_t facts = 0;
+    LutFactsCpu(probe.data(), 1, m, &facts, SerialFor());
+    if (((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask) == 0 ||
+        (facts & kLutFactsFamilyMask) == kFamilyNone) {
+      std::printf("FAIL widened family not narrowed: M=%d facts=%#x\n", m, facts);
+      ++g_failures;
+    }
+    for (int v = 0; v < 3; ++v) {
+      Case c{};
+      c.designs = v == 0 ? 1 : 4;
+      c.batch = 1;
+      const int64_t shapes3[][3] = {{3, 70, 40}, {9, 33, 130}, {40, 300, 17}};
+      c.m = shapes3[v][0];
+      c.k = shapes3[v][1];
+      c.n = shapes3[v][2];
+      c.a_bcast_d = v == 1;
+      c.b_bcast_d = v == 2;
+      c.mbits = m;
+      c.special = v == 1 ? 0.02 : 0.0;
+      c.exp_lo = 100;
+      c.exp_hi = 150;
+      c.lut_kind = 7;
+      RunCase(c, rng, &pool);
+      ++cases;
+    }
+  }
   unsetenv("APPROX_JAX_CPU_FORMULA");
+  // The same without forcing the closed form (the automatic choice by shape).
+  for (int m : {8, 11}) {
+    Case c{};
+    c.designs = 3;
+    c.batch = 2;
+    c.m = 64;
+    c.k = 200;
+    c.n = 96;
+    c.b_bcast_d = true;
+    c.mbits = m;
+    c.special = 0.001;
+    c.exp_lo = 100;
+    c.exp_hi = 150;
+    c.lut_kind = 7;
+    RunCase(c, rng, &pool);
+    ++cases;
+  }
   cases += TestConv(&pool, rng);
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);

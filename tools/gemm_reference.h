@@ -107,17 +107,24 @@ inline int64_t CheckBound(const GemmProblem& p, const float* got) {
 
 // ---------------------------------------------------------------- data
 inline std::vector<uint32_t> MakeLut(int m, int kind, std::mt19937& rng) {
-  if (kind == 3 && m >= 2) {  // random LUT of width m' < m, widened exactly to m
-    const int mn = 1 + static_cast<int>(rng() % static_cast<unsigned>(m - 1));
+  // 3: a random (or truncate) LUT of width m' < m, widened exactly to m;
+  // 7: a family's (truncate, Mitchell, MBM at m' >= 7) widened the same way,
+  // what multipliers.stack makes of a narrower built-in.
+  if ((kind == 3 || kind == 7) && m >= 2) {
+    const int mn = kind == 7 && m >= 8 && rng() % 2
+                       ? 7 + static_cast<int>(rng() % static_cast<unsigned>(m - 7))
+                       : 1 + static_cast<int>(rng() % static_cast<unsigned>(m - 1));
     const int sh = m - mn;
-    const auto narrow = MakeLut(mn, rng() % 2 ? 0 : 2, rng);
+    const int narrow_kind =
+        kind == 3 ? (rng() % 2 ? 0 : 2) : (mn >= 7 ? 5 : (rng() % 2 ? 4 : 2));
+    const auto narrow = MakeLut(mn, narrow_kind, rng);
     std::vector<uint32_t> lut(size_t{1} << (2 * m));
     for (uint32_t i = 0; i < (1u << m); ++i)
       for (uint32_t j = 0; j < (1u << m); ++j)
         lut[(size_t(i) << m) | j] = narrow[(size_t(i >> sh) << mn) | (j >> sh)];
     return lut;
   }
-  if (kind == 3) kind = 0;
+  if (kind == 3 || kind == 7) kind = 0;
   const int n = 1 << m;
   std::vector<uint32_t> lut(static_cast<size_t>(n) * n);
   for (int i = 0; i < n; ++i)
@@ -197,7 +204,7 @@ struct Case {
   int mbits;
   double special;
   int exp_lo, exp_hi;
-  int lut_kind;  // MakeLut's kind (0-2: per design kind + d; 4, 5: all; 6: see CaseData)
+  int lut_kind;  // MakeLut's kind (0-2: per design kind + d; 4, 5, 7: all; 6: see CaseData)
   bool widened;  // designs' LUT kinds also include kind 3 (widened narrow LUTs)
 };
 
