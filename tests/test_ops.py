@@ -937,6 +937,45 @@ def test_widened_families_run_their_closed_form_at_their_width(shape):
                 _assert_bits_equal(g[d], one)
 
 
+@pytest.mark.parametrize("shape", [(64, 300, 64), (6, 5000, 3)])
+def test_widened_families_below_the_facts_width_run_their_closed_form(shape):
+    # At M = 8 and 9 no LUT facts are computed (ffi.LUT_FACTS_MIN_BITS); the
+    # kernel finds a widened built-in's family and width itself
+    # (cpu_gemm.cc DesignFamilies: mbm8 at 8 in a stack of 9) and runs that
+    # closed form at that width: the same bits as each design alone,
+    # forward and both gradients, beside a widened random LUT (widened, but
+    # no family's: it gathers) and designs at the stack's width. The
+    # harness's kind-7 cases fail under a mutant that keeps the full width.
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 9)
+    designs = [
+        multipliers.mbm(8),
+        multipliers.mitchell(9),
+        multipliers.mitchell(5),
+        multipliers.truncate(7),
+        random_multiplier(7, 3),
+        random_multiplier(9, 4),
+    ]
+    stack = multipliers.stack(designs)
+    assert stack.mbits == 9 < ffi.LUT_FACTS_MIN_BITS
+
+    def f(x, w, m):
+        return approx_jax.approx_matmul(x, w, m)
+
+    def loss(x, w, m):
+        return jnp.sum(jnp.sin(f(x, w, m)))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    vf = jax.vmap(f, in_axes=(None, None, 0))
+    assert "approx_jax_lut_facts" not in _compiled_targets(vf, x, w, stack)
+    got = jax.jit(vf)(x, w, stack)
+    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
+    for d, m in enumerate(designs):
+        _assert_bits_equal(got[d], f(x, w, m))
+        for g, one in zip(got_g, grad(x, w, m), strict=True):
+            _assert_bits_equal(g[d], one)
+
+
 @pytest.mark.parametrize("M", [8, 9, 10, 11])
 @pytest.mark.parametrize("shape", [(3, 50, 10), (5, 300, 100), (40, 70, 17), (6, 5000, 3)])
 def test_cpu_16bit_lut_gathers_are_bit_exact(M, shape, monkeypatch):

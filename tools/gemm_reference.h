@@ -115,8 +115,7 @@ inline std::vector<uint32_t> MakeLut(int m, int kind, std::mt19937& rng) {
                        ? 7 + static_cast<int>(rng() % static_cast<unsigned>(m - 7))
                        : 1 + static_cast<int>(rng() % static_cast<unsigned>(m - 1));
     const int sh = m - mn;
-    const int narrow_kind =
-        kind == 3 ? (rng() % 2 ? 0 : 2) : (mn >= 7 ? 5 : (rng() % 2 ? 4 : 2));
+    const int narrow_kind = kind == 3 ? (rng() % 2 ? 0 : 2) : (mn >= 7 ? 5 : (rng() % 2 ? 4 : 2));
     const auto narrow = MakeLut(mn, narrow_kind, rng);
     std::vector<uint32_t> lut(size_t{1} << (2 * m));
     for (uint32_t i = 0; i < (1u << m); ++i)

@@ -330,6 +330,39 @@ bool LutIsParallel(const uint32_t* lut, int m, const ParallelFor& parallel_for) 
   return ok.load();
 }
 
+// WidenedBy with the rows split over the threads.
+bool WidenedByParallel(const uint32_t* lut, int m, int s, const ParallelFor& parallel_for) {
+  const uint32_t n = 1u << m, low = (1u << s) - 1u;
+  // Row 0 first (a LUT that is not widened differs there, mostly).
+  if (WidenedRowDiff(lut, m, 0, low) != 0) return false;
+  const uint32_t rows_per = std::max(1u, n / 16);
+  std::atomic<bool> ok{true};
+  parallel_for((n + rows_per - 1) / rows_per, [&](int64_t t) {
+    const uint32_t u0 = static_cast<uint32_t>(t) * rows_per, u1 = std::min(n, u0 + rows_per);
+    for (uint32_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u)
+      if (WidenedRowDiff(lut, m, u, low) != 0) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+// The narrowing facts (lut_family.h) of a kernel-format width-m LUT that is
+// no family's at width m: for the smallest s whose widening it is and whose
+// width m - s LUT is a family's, that family | s << kLutFactsNarrowingShift;
+// else 0. (mbm10 widened to 11 is MBM's at width 10; MBM ignores each
+// index's lowest bit, so it is also widened from width 9, where it is no
+// family's.)
+int32_t NarrowFamily(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
+  std::vector<uint32_t> narrow;
+  for (int s = 1; m - s >= kMinMantissaBits && WidenedByParallel(lut, m, s, parallel_for); ++s) {
+    const int w = m - s;
+    narrow.resize(size_t{1} << (2 * w));
+    NarrowLut(lut, m, s, narrow.data());
+    const int family = LutFamilyOf(narrow.data(), w);
+    if (family != kFamilyNone) return family | (s << kLutFactsNarrowingShift);
+  }
+  return 0;
+}
+
 // Closed-form LUT families (lut_family.h) for the gather path, per design
 // (a stack may mix families). Env knob APPROX_JAX_CPU_FORMULA: 0 = never,
 // 2 = whenever a LUT matches (tests), otherwise (default) when the gather
@@ -378,22 +411,42 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
     return false;
   }
   families->assign(static_cast<size_t>(p.designs), kFamilyNone);
-  bool any = false;
+  std::vector<int> width(static_cast<size_t>(p.designs), p.mbits);
+  bool any = false, narrowed = false;
   for (int64_t d = 0; d < luts; ++d) {
     // Measured (2 cores, ms, gathers vs MBM's four-operation closed form):
     // 25x50176x32 M = 7 3.0 vs 2.5, M = 8 7.5 vs 2.4; 16x1024x1024 M = 7
     // 1.17 vs 0.99; 1024^3 M = 11 ~1400 vs 42.
     const uint32_t* lut = p.lut + d * p.lut_design_stride;
-    const int f = LutFamilyBy(p.mbits, [&](auto family) {
+    int f = LutFamilyBy(p.mbits, [&](auto family) {
       return LutIsParallel<decltype(family)::value>(lut, p.mbits, parallel_for);
     });
+    int w = p.mbits;
+    if (f == kFamilyNone && p.mbits >= 8) {
+      // A built-in that a stack widened (mbm8 in a stack of 9): its closed
+      // form at its own width, as the LUT facts give it from M = 10 on
+      // (ffi.LUT_FACTS_MIN_BITS); below M = 8 the effective widths narrow
+      // it. A family's narrow entries are exactly in kernel format, so a
+      // match needs no format check first.
+      const int32_t narrow = NarrowFamily(lut, p.mbits, parallel_for);
+      const int nw = p.mbits - ((narrow >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask);
+      const int nf = narrow & kLutFactsFamilyMask;
+      if (narrow != 0 && nf != kFamilyNone && (nf != kFamilyMbm || nw >= kMbmMinBits)) {
+        f = nf;
+        w = nw;
+      }
+    }
     if (luts == 1) {
       families->assign(static_cast<size_t>(p.designs), f);
+      width.assign(static_cast<size_t>(p.designs), w);
     } else {
       (*families)[static_cast<size_t>(d)] = f;
+      width[static_cast<size_t>(d)] = w;
     }
     any = any || f != kFamilyNone;
+    narrowed = narrowed || w != p.mbits;
   }
+  if (narrowed) *widths = std::move(width);
   return any;
 }
 
@@ -789,39 +842,6 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     });
   }
   return {};
-}
-
-// WidenedBy with the rows split over the threads.
-bool WidenedByParallel(const uint32_t* lut, int m, int s, const ParallelFor& parallel_for) {
-  const uint32_t n = 1u << m, low = (1u << s) - 1u;
-  // Row 0 first (a LUT that is not widened differs there, mostly).
-  if (WidenedRowDiff(lut, m, 0, low) != 0) return false;
-  const uint32_t rows_per = std::max(1u, n / 16);
-  std::atomic<bool> ok{true};
-  parallel_for((n + rows_per - 1) / rows_per, [&](int64_t t) {
-    const uint32_t u0 = static_cast<uint32_t>(t) * rows_per, u1 = std::min(n, u0 + rows_per);
-    for (uint32_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u)
-      if (WidenedRowDiff(lut, m, u, low) != 0) ok.store(false, std::memory_order_relaxed);
-  });
-  return ok.load();
-}
-
-// The narrowing facts (lut_family.h) of a kernel-format width-m LUT that is
-// no family's at width m: for the smallest s whose widening it is and whose
-// width m - s LUT is a family's, that family | s << kLutFactsNarrowingShift;
-// else 0. (mbm10 widened to 11 is MBM's at width 10; MBM ignores each
-// index's lowest bit, so it is also widened from width 9, where it is no
-// family's.)
-int32_t NarrowFamily(const uint32_t* lut, int m, const ParallelFor& parallel_for) {
-  std::vector<uint32_t> narrow;
-  for (int s = 1; m - s >= kMinMantissaBits && WidenedByParallel(lut, m, s, parallel_for); ++s) {
-    const int w = m - s;
-    narrow.resize(size_t{1} << (2 * w));
-    NarrowLut(lut, m, s, narrow.data());
-    const int family = LutFamilyOf(narrow.data(), w);
-    if (family != kFamilyNone) return family | (s << kLutFactsNarrowingShift);
-  }
-  return 0;
 }
 
 }  // namespace

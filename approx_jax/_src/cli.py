@@ -494,25 +494,23 @@ def _plot_sweep(results: list[dict], path: Path, title: str) -> None:
 
 
 def _widened_gathering(designs, stack_mbits: int) -> list[str]:
-    """Names of the LUT designs narrower than ``stack_mbits`` that gather from their widened LUT.
+    """Names of the designs narrower than ``stack_mbits`` (>= 8) that gather, widened.
 
-    (From ``ffi.LUT_FACTS_MIN_BITS`` on, a built-in family widened into the
-    stack runs its closed form at its own width; any other LUT is gathered
-    from, widened: 4x the LUT per bit.)
+    (A built-in family widened into the stack runs its closed form at its own
+    width; any other LUT is gathered from, widened: 4x the LUT per bit.)
     """
-    from approx_jax._src import ffi, ops
     from approx_jax._src import multipliers as mult_lib
+    from approx_jax._src import ops
 
-    facts = stack_mbits >= ffi.LUT_FACTS_MIN_BITS
     out = []
     for design in designs:
         if mult_lib.is_exact_name(design):
             continue
         m = mult_lib.get(design)
         for member in mult_lib.unstack(m) if m.is_stack else [m]:
-            if member.mbits < stack_mbits and (
-                not facts or ops._family_of(member, ops.kernel_lut_of(member)) <= 0
-            ):
+            if member.mbits >= stack_mbits:
+                continue
+            if ops._family_of(member, ops.kernel_lut_of(member)) <= 0:
                 out.append(str(member.name))
     return out
 
