@@ -736,20 +736,12 @@ int Test() {
       std::printf("FAIL widened family not narrowed: M=%d facts=%#x\n", m, facts);
       ++g_failures;
     }
+    const int64_t shapes3[][5] = {{1, 1, 3, 70, 40}, {4, 1, 9, 33, 130}, {4, 1, 40, 300, 17}};
     for (int v = 0; v < 3; ++v) {
-      Case c{};
-      c.designs = v == 0 ? 1 : 4;
-      c.batch = 1;
-      const int64_t shapes3[][3] = {{3, 70, 40}, {9, 33, 130}, {40, 300, 17}};
-      c.m = shapes3[v][0];
-      c.k = shapes3[v][1];
-      c.n = shapes3[v][2];
+      Case c = ShapeCase(shapes3[v], m);
       c.a_bcast_d = v == 1;
       c.b_bcast_d = v == 2;
-      c.mbits = m;
       c.special = v == 1 ? 0.02 : 0.0;
-      c.exp_lo = 100;
-      c.exp_hi = 150;
       c.lut_kind = 7;
       RunCase(c, rng, &pool);
       ++cases;
@@ -758,17 +750,9 @@ int Test() {
   unsetenv("APPROX_JAX_CPU_FORMULA");
   // The same without forcing the closed form (the automatic choice by shape).
   for (int m : {8, 11}) {
-    Case c{};
-    c.designs = 3;
-    c.batch = 2;
-    c.m = 64;
-    c.k = 200;
-    c.n = 96;
+    Case c = ShapeCase({3, 2, 64, 200, 96}, m);
     c.b_bcast_d = true;
-    c.mbits = m;
     c.special = 0.001;
-    c.exp_lo = 100;
-    c.exp_hi = 150;
     c.lut_kind = 7;
     RunCase(c, rng, &pool);
     ++cases;
