@@ -363,6 +363,28 @@ int32_t NarrowFamily(const uint32_t* lut, int m, const ParallelFor& parallel_for
   return 0;
 }
 
+// Each design's family and width from its facts word (lut_family.h: the
+// family, at width M - s for a narrowing s; none where that width is below
+// the family's). Widths only when some design is narrowed. Returns false
+// when no design has a family.
+bool FamiliesFromFacts(const std::vector<int32_t>& facts, int mbits, std::vector<int>* families,
+                       std::vector<int>* widths) {
+  families->assign(facts.size(), kFamilyNone);
+  std::vector<int> width(facts.size(), mbits);
+  bool any = false, narrowed = false;
+  for (size_t d = 0; d < facts.size(); ++d) {
+    const int w = mbits - ((facts[d] >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask);
+    int f = facts[d] & kLutFactsFamilyMask;
+    if (w < kMinMantissaBits || (f == kFamilyMbm && w < kMbmMinBits)) f = kFamilyNone;
+    (*families)[d] = f;
+    width[d] = f == kFamilyNone ? mbits : w;
+    any = any || f != kFamilyNone;
+    narrowed = narrowed || width[d] != mbits;
+  }
+  if (narrowed) *widths = std::move(width);
+  return any;
+}
+
 // Closed-form LUT families (lut_family.h) for the gather path, per design
 // (a stack may mix families). Env knob APPROX_JAX_CPU_FORMULA: 0 = never,
 // 2 = whenever a LUT matches (tests), otherwise (default) when the gather
@@ -386,68 +408,43 @@ bool DesignFamilies(const GemmProblem& p, const ParallelFor& parallel_for,
     families->assign(static_cast<size_t>(p.designs), p.family_hint);
     return true;
   }
+  // Per design a facts word (lut_family.h): the step's LUT facts, or the
+  // kernel's own check below.
+  std::vector<int32_t> facts(static_cast<size_t>(p.designs), 0);
   if (p.family_hint < 0 && AllLutFactsKnown(p)) {
     // Checked once for the whole step (GemmProblem::lut_facts): as a hint,
     // the closed form pays whatever the work.
     if (mode != 2 && !gathers) return false;
-    families->assign(static_cast<size_t>(p.designs), kFamilyNone);
-    std::vector<int> width(static_cast<size_t>(p.designs), p.mbits);
-    bool any = false, narrowed = false;
-    for (int64_t d = 0; d < p.designs; ++d) {
-      const int32_t facts = LutFactsAt(p, d);
-      const int w = p.mbits - ((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask);
-      int f = facts & kLutFactsFamilyMask;
-      if (w < kMinMantissaBits || (f == kFamilyMbm && w < kMbmMinBits)) f = kFamilyNone;
-      (*families)[static_cast<size_t>(d)] = f;
-      width[static_cast<size_t>(d)] = f == kFamilyNone ? p.mbits : w;
-      any = any || f != kFamilyNone;
-      narrowed = narrowed || width[static_cast<size_t>(d)] != p.mbits;
-    }
-    if (narrowed) *widths = std::move(width);
-    return any;
+    for (int64_t d = 0; d < p.designs; ++d) facts[static_cast<size_t>(d)] = LutFactsAt(p, d);
+    return FamiliesFromFacts(facts, p.mbits, families, widths);
   }
   const double work = ProductCount(p);
   if (mode != 2 && (!gathers || !WorkPaysForLutPass(work, luts, p.mbits))) {
     return false;
   }
-  families->assign(static_cast<size_t>(p.designs), kFamilyNone);
-  std::vector<int> width(static_cast<size_t>(p.designs), p.mbits);
-  bool any = false, narrowed = false;
   for (int64_t d = 0; d < luts; ++d) {
     // Measured (2 cores, ms, gathers vs MBM's four-operation closed form):
     // 25x50176x32 M = 7 3.0 vs 2.5, M = 8 7.5 vs 2.4; 16x1024x1024 M = 7
     // 1.17 vs 0.99; 1024^3 M = 11 ~1400 vs 42.
     const uint32_t* lut = p.lut + d * p.lut_design_stride;
-    int f = LutFamilyBy(p.mbits, [&](auto family) {
+    int32_t word = LutFamilyBy(p.mbits, [&](auto family) {
       return LutIsParallel<decltype(family)::value>(lut, p.mbits, parallel_for);
     });
-    int w = p.mbits;
-    if (f == kFamilyNone && p.mbits >= 8) {
+    if (word == kFamilyNone && p.mbits >= 8) {
       // A built-in that a stack widened (mbm8 in a stack of 9): its closed
       // form at its own width, as the LUT facts give it from M = 10 on
       // (ffi.LUT_FACTS_MIN_BITS); below M = 8 the effective widths narrow
       // it. A family's narrow entries are exactly in kernel format, so a
       // match needs no format check first.
-      const int32_t narrow = NarrowFamily(lut, p.mbits, parallel_for);
-      const int nw = p.mbits - ((narrow >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask);
-      const int nf = narrow & kLutFactsFamilyMask;
-      if (narrow != 0 && nf != kFamilyNone && (nf != kFamilyMbm || nw >= kMbmMinBits)) {
-        f = nf;
-        w = nw;
-      }
+      word = NarrowFamily(lut, p.mbits, parallel_for);
     }
     if (luts == 1) {
-      families->assign(static_cast<size_t>(p.designs), f);
-      width.assign(static_cast<size_t>(p.designs), w);
+      facts.assign(static_cast<size_t>(p.designs), word);
     } else {
-      (*families)[static_cast<size_t>(d)] = f;
-      width[static_cast<size_t>(d)] = w;
+      facts[static_cast<size_t>(d)] = word;
     }
-    any = any || f != kFamilyNone;
-    narrowed = narrowed || w != p.mbits;
   }
-  if (narrowed) *widths = std::move(width);
-  return any;
+  return FamiliesFromFacts(facts, p.mbits, families, widths);
 }
 
 // 16-bit copies of the LUTs that the gather kernel reads (KSplit::lut16).
