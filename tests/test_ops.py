@@ -1016,6 +1016,26 @@ def test_cpu_bfloat16_tiles_by_byte_lookup_are_bit_exact(M, shape, monkeypatch):
             _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
 
 
+@pytest.mark.parametrize("M", [1, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(64, 100, 70), (5, 300, 100), (200, 40, 33)])
+def test_cpu_bfloat16_tiles_are_bit_exact(M, shape, monkeypatch):
+    # The tile path (M <= 7) stores its expanded tiles as bfloat16 pairs
+    # (exact: a tile value has at most 7 mantissa bits) on AVX-512 and on
+    # AVX2 (cpu_gemm_avx2.cc BuildTilesBf16); APPROX_JAX_CPU_BF16_TILES=0
+    # keeps float32 tiles. Both must give the same bits, equal to the NumPy
+    # sequential order: random LUTs and MBM (effective width M - 1 in a
+    # stack), zeros, special values (rows = 5), a partial column block.
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 11 * M)
+    designs = [random_multiplier(M, 5), multipliers.mbm(M), random_multiplier(M, 6)]
+    got = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_BF16_TILES", "1", x, w, designs, "bfloat16 vs float32 tiles"
+    )
+    if rows != 5:
+        for d, m in enumerate(designs):
+            _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
+
+
 @pytest.mark.parametrize(
     "u,v,rows_changed",
     [

@@ -152,7 +152,8 @@ int BestIsa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
       return 3;
-    if (__builtin_cpu_supports("avx2")) return 2;
+    // (The AVX2 unit also uses FMA: cpu_gemm_avx2.cc.)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
     return 1;
   }();
   return isa;
@@ -622,6 +623,13 @@ bool ByteTiles() {
   return EnvMode("APPROX_JAX_CPU_VBMI") != 0;
 }
 
+// Whether the tile path may use bfloat16 tiles (KSplit::bf16_tiles): not
+// with APPROX_JAX_CPU_BF16_TILES=0 or the harness's g_force_f32_tiles.
+bool Bf16Tiles() {
+  if (gemm_internal::g_force_f32_tiles != 0) return false;
+  return EnvMode("APPROX_JAX_CPU_BF16_TILES") != 0;
+}
+
 // The gathers from a LUT beyond L2 (M >= g_stream_min_bits, a design with no
 // closed form) stream each (row, k) pair's LUT row across the columns of a
 // task (cpu_gemm_simd_impl.h, Plan::stream), so they want many columns: with
@@ -786,6 +794,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   }
   const int stream_mode = StreamMode();
   const bool byte_tiles = ByteTiles();
+  const bool bf16_tiles = Bf16Tiles();
   if (may_transpose && !direct && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
@@ -809,6 +818,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     gemm_internal::KSplit ks{whole,   1,        0,     problems,    nullptr,   eff_bits,
                              eff_lut, families, lut16, stream_mode, byte_tiles};
     ks.family_bits = family_bits;
+    ks.bf16_tiles = bf16_tiles;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -823,6 +833,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     gemm_internal::KSplit ks{chunk,   chunks,   p0,    g,           part.data(), eff_bits,
                              eff_lut, families, lut16, stream_mode, byte_tiles};
     ks.family_bits = family_bits;
+    ks.bf16_tiles = bf16_tiles;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

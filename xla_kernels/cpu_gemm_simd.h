@@ -67,7 +67,8 @@ extern int g_no_design_sharing;
 // Harness override of the AVX-512 column-block width: 0 = chosen by n
 // (16 for n <= 16, 32 for n <= 32, else 64), or 16 / 32 / 64.
 extern int g_force_width;
-// Harness override: 1 = float32 tiles even where bfloat16 tiles would do.
+// Harness override: 1 = float32 tiles even where bfloat16 tiles would do
+// (as env APPROX_JAX_CPU_BF16_TILES=0).
 extern int g_force_f32_tiles;
 // Harness override of the gather path's LUT-row streaming (Plan::stream):
 // 0 = automatic, 1 = never, 2 = always.
@@ -120,6 +121,10 @@ struct KSplit {
   // cpu_gemm.cc ByteTiles (env APPROX_JAX_CPU_VBMI=0 or the harness's
   // g_force_permute_tiles turn it off). Same tile bits either way.
   bool byte_tiles = true;
+  // bfloat16 tiles wherever they are exact (M <= 7, LUT low bits clear):
+  // cpu_gemm.cc Bf16Tiles (env APPROX_JAX_CPU_BF16_TILES=0 or the harness's
+  // g_force_f32_tiles keep float32 tiles). Same products either way.
+  bool bf16_tiles = true;
   // Optional, one entry per design: the width its family's closed form holds
   // at (families), when below M for some design (lut_family.h: a narrower
   // family's LUT widened to M). The gather path decomposes and packs that

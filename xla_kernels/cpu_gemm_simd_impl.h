@@ -255,8 +255,9 @@ __attribute__((always_inline)) inline void StoreAcc(VF (&acc)[MR][kNV], float* c
 // acc == -0 gives -0 both ways.) Never use FMA where a product may be inexact.
 //
 // BF16 = true reads bfloat16 tiles (kBf16Tiles, M <= 7; layout in the ISA's
-// BuildTilesM<MB, true>): one 16-word vector holds 32 columns, columns
-// 32h + l in the low halves and 32h + 16 + l in the high halves. Shifting a
+// BuildTilesM<MB, true> / BuildTilesBf16): one kVL-word vector holds 2 kVL
+// columns, columns 2 kVL h + l in the low halves and 2 kVL h + kVL + l in the
+// high halves. Shifting a
 // word left by 16 / masking its low half gives the float32 tile values
 // exactly (they are exact bfloat16 values), so the FMAs, and the sums, are
 // the same as with float32 tiles; the tiles take half the cache and the
@@ -1045,7 +1046,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   pl.strategy = strategy;
   if (strategy == kTiles) {
     pl.mr = kMR;
-    pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear && !g_force_f32_tiles;
+    pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear && ks.bf16_tiles;
     const int64_t entry_bytes = pl.bf16 ? 2 : 4;
     // 2^M * KB * kNB tile entries within the budget.
     int64_t kb = 2;

@@ -63,6 +63,14 @@ class IeeeSubnormals {
 // counter; the caller then waits only for indices that were already claimed
 // (whose tasks are running), so a pool of one thread, or tasks run inline,
 // cannot deadlock.
+//
+// The caller counts as one of the pool's threads: num_threads() - 1 pool
+// tasks join it. (XLA's intra-op pool has a thread per core and the caller,
+// XLA's executing thread, is one more: with num_threads() pool tasks a 2-core
+// machine ran 3 threads, and the 4 tasks of a 1024^3 GEMM ran 3 at a time
+// and then 1 alone. Measured in-process, alternated, 15 rounds of 3 calls,
+// ms, before vs after: 1024^3 mbm3 44.4 vs 38.4, mbm7 67.3 vs 63.7;
+// 8192x576x64 mbm7 19.3 vs 16.6, mbm3 13.7 vs 14.0.)
 struct SharedWork {
   std::function<void(int64_t)> fn;
   int64_t num_tasks = 0;
@@ -81,7 +89,7 @@ ParallelFor MakeParallelFor(ffi::ThreadPool* pool) {
   return [pool](int64_t num_tasks, const std::function<void(int64_t)>& fn) {
     if (num_tasks <= 0) return;
     const int64_t workers =
-        pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads(), num_tasks - 1);
+        pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads() - 1, num_tasks - 1);
     if (workers <= 0) {
       for (int64_t t = 0; t < num_tasks; ++t) fn(t);
       return;
