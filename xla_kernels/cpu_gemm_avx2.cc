@@ -159,10 +159,10 @@ inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
 // those are the whole value (+-1.r * 2^e with r of at most 7 bits, or a
 // signed zero; the plan takes only LUTs whose bits below the M mantissa bits
 // are clear): exact. Half the bytes of float32 tiles to write and to read.
-// Measured (2 cores, AMD EPYC without AVX-512, ms, float32 vs bfloat16
-// tiles, medians of 6 alternated runs): 8192x576x64 M = 3 17.6 vs 14.2,
-// M = 5 19.2 vs 16.4, M = 7 23.3 vs 18.5; 1024^3 M = 5 55.2 vs 54.5, M = 7
-// 84.4 vs 78.1, M = 3 49.5 vs 54.4 (noisy machine).
+// Measured in one process, alternated (2 cores, AMD EPYC without AVX-512,
+// 12 rounds of 3 calls, ms, float32 vs bfloat16 tiles): 1024^3 mbm3 37.1 vs
+// 30.8, mbm7 58.0 vs 47.8; 8192x576x64 mbm3 12.1 vs 9.2, mbm7 14.1 vs 10.8;
+// 512^3 mbm7 9.4 vs 8.1.
 void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
                     int32_t* tiles, int ustride, bool /*byte_tiles: AVX-512 VBMI only*/) {
   const VI one_exp = Set1I(127 << 23);
