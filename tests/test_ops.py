@@ -1016,20 +1016,68 @@ def test_cpu_bfloat16_tiles_by_byte_lookup_are_bit_exact(M, shape, monkeypatch):
             _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
 
 
+@pytest.mark.parametrize("isa", ["2", "3"])
 @pytest.mark.parametrize("M", [1, 3, 5, 7])
 @pytest.mark.parametrize("shape", [(64, 100, 70), (5, 300, 100), (200, 40, 33)])
-def test_cpu_bfloat16_tiles_are_bit_exact(M, shape, monkeypatch):
+def test_cpu_bfloat16_tiles_are_bit_exact(M, shape, isa, monkeypatch):
     # The tile path (M <= 7) stores its expanded tiles as bfloat16 pairs
     # (exact: a tile value has at most 7 mantissa bits) on AVX-512 and on
     # AVX2 (cpu_gemm_avx2.cc BuildTilesBf16); APPROX_JAX_CPU_BF16_TILES=0
     # keeps float32 tiles. Both must give the same bits, equal to the NumPy
     # sequential order: random LUTs and MBM (effective width M - 1 in a
     # stack), zeros, special values (rows = 5), a partial column block.
+    # APPROX_JAX_CPU_ISA=2 runs the AVX2 unit on an AVX-512 machine too.
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
     rows, K, N = shape
     x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 11 * M)
     designs = [random_multiplier(M, 5), multipliers.mbm(M), random_multiplier(M, 6)]
     got = _knob_on_equals_off(
         monkeypatch, "APPROX_JAX_CPU_BF16_TILES", "1", x, w, designs, "bfloat16 vs float32 tiles"
+    )
+    if rows != 5:
+        for d, m in enumerate(designs):
+            _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
+
+
+@pytest.mark.parametrize("M", [4, 5, 6, 7])
+@pytest.mark.parametrize("shape", [(64, 100, 70), (5, 300, 100), (200, 40, 33)])
+def test_cpu_pair_table_tiles_are_bit_exact(M, shape, monkeypatch):
+    # AVX2 builds the bfloat16 tiles of 4 <= M <= 7 from a pair table (two
+    # mantissa values per gathered word, the scale added to the exponent
+    # field: cpu_gemm_avx2.cc BuildTilesBf16Pairs); APPROX_JAX_CPU_PAIR_TILES=0
+    # gathers one value at a time and multiplies by the scale. Same bits,
+    # equal to the NumPy sequential order: zero columns, a partial column
+    # block, special values (rows = 5). (Exponents at the fast path's bounds:
+    # tools/gemm_harness.cc test, strategies 1 and 4.)
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", "2")  # the AVX2 unit, on any x86-64 CPU
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 13 * M)
+    # Whole columns of zeros: every product exactly a signed zero (a wrong
+    # tile value for a zero b would show as a tiny nonzero sum).
+    w[:, 1], w[:, 3] = 0.0, -0.0
+    designs = [random_multiplier(M, 7), multipliers.mitchell(M), random_multiplier(M, 8)]
+    got = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_PAIR_TILES", "1", x, w, designs, "pair-table vs gathered tiles"
+    )
+    if rows != 5:
+        for d, m in enumerate(designs):
+            _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(64, 100, 70), (5, 300, 100), (203, 40, 33)])
+def test_cpu_permute_tiles_are_bit_exact(M, shape, monkeypatch):
+    # Opt-in AVX2 kernel for M <= 3 (APPROX_JAX_CPU_PERM_TILES=1:
+    # cpu_gemm_avx2.cc MicroPermTile): panels of 8 rows, one permute of a b
+    # element's 2^M tile values per 8 products, c transposed in and out. Same
+    # bits as the tile kernel and the NumPy sequential order: row counts that
+    # are not multiples of 8, a partial column block, special values (rows = 5).
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", "2")  # the AVX2 unit, on any x86-64 CPU
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 17 * M)
+    designs = [random_multiplier(M, 9), multipliers.mbm(M), random_multiplier(M, 10)]
+    got = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_PERM_TILES", "1", x, w, designs, "permute vs tile kernel"
     )
     if rows != 5:
         for d, m in enumerate(designs):

@@ -136,16 +136,21 @@ Case ShapeCase(const int64_t (&shape)[5], int mbits) {
 
 // ApproxGemmCpu(p) with the kernel overrides set for the call: isa, strategy
 // (0 automatic, 1 tiles, 2 gathers, 3 gathers with LUT rows streamed, 4 tiles
-// with bfloat16 tiles built by permutes rather than byte lookups, 5 the
+// with bfloat16 tiles built one value at a time (permutes or gathers) rather
+// than by byte lookups (AVX-512 VBMI) or pair tables (AVX2), 6 tiles with
+// the AVX2 permute tiles at M <= 3 (opt in otherwise), 5 the
 // direct kernel that one- and two-row problems take, at any row count) and
 // column-block width (0 automatic). auto_streams (optional) counts the plans
 // that streamed in an automatic-strategy run.
 std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
                       const ParallelFor& parallel_for, int64_t* auto_streams) {
   gemm_internal::g_force_isa = isa;
-  gemm_internal::g_force_strategy = strat == 3 ? 2 : (strat == 4 ? 1 : (strat == 5 ? 3 : strat));
+  gemm_internal::g_force_strategy =
+      strat == 3 ? 2 : (strat == 4 || strat == 6 ? 1 : (strat == 5 ? 3 : strat));
+  gemm_internal::g_force_perm_tiles = strat == 6 ? 1 : 0;
   gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
   gemm_internal::g_force_permute_tiles = strat == 4 ? 1 : 0;
+  gemm_internal::g_force_gather_tiles = strat == 4 ? 1 : 0;
   gemm_internal::g_force_width = width;
   const int64_t streams_before = gemm_internal::g_stream_plans;
   std::string err = ApproxGemmCpu(p, parallel_for);
@@ -155,6 +160,8 @@ std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
   gemm_internal::g_force_strategy = 0;
   gemm_internal::g_force_stream = 0;
   gemm_internal::g_force_permute_tiles = 0;
+  gemm_internal::g_force_gather_tiles = 0;
+  gemm_internal::g_force_perm_tiles = 0;
   gemm_internal::g_force_width = 0;
   return err;
 }
@@ -204,8 +211,9 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
     }
   };
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 5; ++strat) {  // 3: gathers, LUT rows streamed
-      if ((isa == 1 && strat > 0) || (isa != 3 && strat == 4) || (strat == 4 && c.mbits > 7))
+    for (int strat = 0; strat <= 6; ++strat) {  // 3: gathers, LUT rows streamed
+      if ((isa == 1 && strat > 0) || (strat == 4 && c.mbits > 7) ||
+          (strat == 6 && (isa != 2 || c.mbits > 3)))
         continue;  // 4: AVX-512 bfloat16 tiles by permutes; 5: the direct kernel
       // AVX-512: also every column-block width (16 / 32 / 64) forced, for
       // narrow outputs (the automatic choice is tested with width 0).
@@ -347,9 +355,11 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
                 (long long)m, (long long)k, (long long)n, cc.mbits, cc.special);
   const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 4; ++strat) {  // 3: gathers, LUT rows streamed
-      if ((isa == 1 && strat > 0) || (isa != 3 && strat == 4) || (strat == 4 && cc.mbits > 7))
-        continue;  // 4: AVX-512 bfloat16 tiles by permutes
+    for (int strat = 0; strat <= 6; ++strat) {  // 3: gathers, LUT rows streamed
+      // 4: bfloat16 tiles built one value at a time; 6: AVX2 permute tiles.
+      if ((isa == 1 && strat > 0) || strat == 5 || (strat == 4 && cc.mbits > 7) ||
+          (strat == 6 && (isa != 2 || cc.mbits > 3)))
+        continue;
       for (int f = 0; f < 2; ++f) {
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();
@@ -811,6 +821,10 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_STREAM")) gemm_internal::g_force_stream = std::atoi(e);
   if (const char* e = std::getenv("GEMM_PERMUTE_TILES"))
     gemm_internal::g_force_permute_tiles = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_GATHER_TILES"))
+    gemm_internal::g_force_gather_tiles = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_PERM_TILES"))
+    gemm_internal::g_force_perm_tiles = std::atoi(e);
   if (const char* e = std::getenv("GEMM_STREAM_MIN_BITS"))
     gemm_internal::g_stream_min_bits = std::atoi(e);
   if (const char* e = std::getenv("GEMM_SHAPES")) {  // e.g. "1024,1024,1024;8192,576,64"

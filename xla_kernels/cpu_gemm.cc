@@ -35,6 +35,8 @@ int g_force_width = 0;
 int g_force_f32_tiles = 0;
 int g_force_stream = 0;
 int g_force_permute_tiles = 0;
+int g_force_gather_tiles = 0;
+int g_force_perm_tiles = 0;
 int64_t g_stream_plans = 0;
 int g_stream_min_bits = 10;
 int g_min_rows_mul = 4;
@@ -186,10 +188,14 @@ GemmProblem WithMaterialisedA(const GemmProblem& p, std::vector<float>* store,
   return q;
 }
 
-// Runs the best kernel on the part of the problem `ks` names.
+// Runs the best kernel on the part of the problem `ks` names. Env
+// APPROX_JAX_CPU_ISA (1 scalar, 2 AVX2, 3 AVX-512) caps the instruction set,
+// so that an AVX-512 machine can run (and its tests check) the AVX2 unit.
 int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
             const ParallelFor& parallel_for) {
   int isa = BestIsa();
+  if (const char* e = std::getenv("APPROX_JAX_CPU_ISA"))
+    if (std::atoi(e) >= 1) isa = std::min(isa, std::atoi(e));
   if (gemm_internal::g_force_isa > 0) isa = std::min(isa, gemm_internal::g_force_isa);
   RunnerCtx rctx{&parallel_for};
   const gemm_internal::Runner runner{&rctx, &RunViaParallelFor};
@@ -623,6 +629,22 @@ bool ByteTiles() {
   return EnvMode("APPROX_JAX_CPU_VBMI") != 0;
 }
 
+// Whether the AVX2 bfloat16 tiles are built from pair tables
+// (KSplit::pair_tiles): not with APPROX_JAX_CPU_PAIR_TILES=0 or the
+// harness's g_force_gather_tiles.
+bool PairTiles() {
+  if (gemm_internal::g_force_gather_tiles != 0) return false;
+  return EnvMode("APPROX_JAX_CPU_PAIR_TILES") != 0;
+}
+
+// Whether M <= 3 runs the AVX2 permute tiles (KSplit::perm_tiles): opt in,
+// with APPROX_JAX_CPU_PERM_TILES=1 or the harness's g_force_perm_tiles.
+bool PermTiles() {
+  if (gemm_internal::g_force_perm_tiles != 0) return true;
+  const char* e = std::getenv("APPROX_JAX_CPU_PERM_TILES");
+  return e != nullptr && std::atoi(e) == 1;
+}
+
 // Whether the tile path may use bfloat16 tiles (KSplit::bf16_tiles): not
 // with APPROX_JAX_CPU_BF16_TILES=0 or the harness's g_force_f32_tiles.
 bool Bf16Tiles() {
@@ -795,6 +817,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const int stream_mode = StreamMode();
   const bool byte_tiles = ByteTiles();
   const bool bf16_tiles = Bf16Tiles();
+  const bool pair_tiles = PairTiles();
+  const bool perm_tiles = PermTiles();
   if (may_transpose && !direct && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
@@ -819,6 +843,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
                              eff_lut, families, lut16, stream_mode, byte_tiles};
     ks.family_bits = family_bits;
     ks.bf16_tiles = bf16_tiles;
+    ks.pair_tiles = pair_tiles;
+    ks.perm_tiles = perm_tiles;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -834,6 +860,8 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
                              eff_lut, families, lut16, stream_mode, byte_tiles};
     ks.family_bits = family_bits;
     ks.bf16_tiles = bf16_tiles;
+    ks.pair_tiles = pair_tiles;
+    ks.perm_tiles = perm_tiles;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

@@ -163,8 +163,61 @@ inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
 // 12 rounds of 3 calls, ms, float32 vs bfloat16 tiles): 1024^3 mbm3 37.1 vs
 // 30.8, mbm7 58.0 vs 47.8; 8192x576x64 mbm3 12.1 vs 9.2, mbm7 14.1 vs 10.8;
 // 512^3 mbm7 9.4 vs 8.1.
+//
+// 4 <= M <= 7 with a pair table (BuildPairLut): one gather fetches the
+// bfloat16 values of two mantissa values u = 2q, 2q + 1 at once (half the
+// gathers of one float per lane), and the scale is applied as an integer add
+// to the exponent field: for a normal power-of-two scale 2^(eb - 127), the
+// product's top 16 bits are Lf16 + ((eb - 127) << 7), exact while eb + c
+// <= 254 (the fast path's bound; tiles past it are never read); a zero
+// scale gives its signed zero. The same bits as the float multiply.
+void BuildTilesBf16Pairs(const int32_t* pairs, int mbits, int n, const int32_t* ibv,
+                         const float* sbv, int32_t* tiles, int ustride) {
+  // Per 16 x, in the tile word layout (x + l low, x + 8 + l high): the
+  // pair-table indices of both halves' b, and the scale's add, mask, sign.
+  const int groups = n / (2 * kVL);
+  alignas(32) int32_t pre[5 * 8 * 32];
+  const int half = 1 << (mbits - 1);
+  const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
+  const VI exp16 = Set1I(0x7f807f80), sign16 = Set1I(static_cast<int32_t>(0x80008000u));
+  const VI bias16 = Set1I(0x3f803f80), zero = Set1I(0);
+  for (int g0 = 0; g0 < groups; g0 += 32) {
+    const int gn = groups - g0 < 32 ? groups - g0 : 32;
+    for (int g = 0; g < gn; ++g) {
+      const int x = (g0 + g) * 2 * kVL;
+      int32_t* q = pre + g * 5 * kVL;
+      StoreI(q, SllI(LoadI(ibv + x), mbits - 1));
+      StoreI(q + kVL, SllI(LoadI(ibv + x + kVL), mbits - 1));
+      const VI sbp = OrI(_mm256_srli_epi32(CastI(LoadF(sbv + x)), 16),
+                         AndI(CastI(LoadF(sbv + x + kVL)), high_half));
+      const VI e = AndI(sbp, exp16);
+      StoreI(q + 2 * kVL, _mm256_sub_epi16(e, bias16));
+      StoreI(q + 3 * kVL, XorI(_mm256_cmpeq_epi16(e, zero), Set1I(-1)));
+      StoreI(q + 4 * kVL, AndI(sbp, sign16));
+    }
+    for (int pq = 0; pq < half; ++pq) {
+      const int32_t* base = pairs + pq;
+      int32_t* out0 = tiles + static_cast<int64_t>(2 * pq) * ustride + g0 * kVL;
+      int32_t* out1 = out0 + ustride;
+      for (int g = 0; g < gn; ++g) {
+        const int32_t* q = pre + g * 5 * kVL;
+        const VI lo = _mm256_i32gather_epi32(base, LoadI(q), 4);
+        const VI hi = _mm256_i32gather_epi32(base, LoadI(q + kVL), 4);
+        const VI add = LoadI(q + 2 * kVL), keep = LoadI(q + 3 * kVL), sgn = LoadI(q + 4 * kVL);
+        const VI t0 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xaa);
+        const VI t1 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xaa);
+        StoreI(out0 + g * kVL, OrI(AndI(_mm256_add_epi16(t0, add), keep), sgn));
+        StoreI(out1 + g * kVL, OrI(AndI(_mm256_add_epi16(t1, add), keep), sgn));
+      }
+    }
+  }
+}
+
 void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
-                    int32_t* tiles, int ustride, bool /*byte_tiles: AVX-512 VBMI only*/) {
+                    int32_t* tiles, int ustride, bool /*byte_tiles: AVX-512 VBMI only*/,
+                    const int32_t* pairs) {
+  if (pairs != nullptr && mbits >= 4 && mbits <= 7)
+    return BuildTilesBf16Pairs(pairs, mbits, n, ibv, sbv, tiles, ustride);
   const VI one_exp = Set1I(127 << 23);
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   auto pair = [&](VF lo, VF hi) {
@@ -191,6 +244,67 @@ void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, c
   }
 }
 
+// The pair table of a LUT at 4 <= M <= 7 for BuildTilesBf16:
+// pairs[(v << (M - 1)) + q] holds the bfloat16 bits (top 16 bits of
+// Lf[u][v] = float with bits (127 << 23) + lut[(u << M) | v]) of u = 2q in its
+// low half and of u = 2q + 1 in its high half. 2^(2M) * 2 bytes (32 KB at M = 7).
+constexpr bool kIsaPairLut = true;
+void BuildPairLut(const uint32_t* lut, int mbits, int32_t* pairs) {
+  const int size = 1 << mbits, half = size >> 1;
+  for (int v = 0; v < size; ++v)
+    for (int q = 0; q < half; ++q) {
+      const uint32_t lo = (lut[((2 * q) << mbits) | v] + (127u << 23)) >> 16;
+      const uint32_t hi = (lut[((2 * q + 1) << mbits) | v] + (127u << 23)) >> 16;
+      pairs[(v << (mbits - 1)) + q] = static_cast<int32_t>(lo | (hi << 16));
+    }
+}
+
+// Permute tiles (M <= 3; MicroPermTile in cpu_gemm_simd_impl.h): the 2^M
+// <= 8 tile values of one b element, Lf[u][ib] * sb for every u, as one
+// vector, perm[(kk * kNB + j) * 8 + u]; a panel of 8 rows of a then picks
+// its products with one permute per 8 products (lane r: row r's mantissa
+// index), no tile load per row. (Lanes u >= 2^M hold +0 and are never
+// picked.) Exact as the tiles are: the same values, the same FMAs.
+constexpr bool kIsaPermTiles = true;
+constexpr int kPermRows = 8;  // panel rows of MicroPermTile
+// Bytes of one column block's permute tiles (kb = 128: L2-resident).
+// Harness, Intel Xeon with the AVX2 unit forced, 1024^3 M = 3: 29.3-30.2 ms
+// at 128 KB, 31.6-41.8 at 64 KB, 33.0-34.0 at 32 KB.
+constexpr int64_t kPermTileBytes = 128 << 10;
+void BuildPermTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
+                    float* perm) {
+  alignas(32) float col[8][8];  // col[v][u] = Lf[u][v]
+  const int size = 1 << mbits;
+  for (int v = 0; v < 8; ++v)
+    for (int u = 0; u < 8; ++u)
+      col[v][u] = u < size && v < size ? BitsFloat(lut[(u << mbits) | v] + (127u << 23)) : 0.0f;
+  for (int x = 0; x < n; ++x)
+    StoreF(perm + static_cast<int64_t>(x) * 8, MulF(LoadF(col[ibv[x]]), Set1F(sbv[x])));
+}
+
+// 8 x 8 transpose of r[0..7] (row i lane j -> row j lane i).
+inline void Transpose8(VF (&r)[8]) {
+  const VF t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const VF t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const VF t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const VF t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const VF s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const VF s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const VF s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const VF s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+// Defined after cpu_gemm_simd_impl.h (they read its pack layout).
+void TransposePermPack(int32_t* pk, int kb);
+void MicroPermTile(const int32_t* pk, int kb, const float* perm, float* c, int64_t ldc);
+
 // DirectProduct (cpu_gemm_simd_impl.h) with comparison results as vectors.
 inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mbits,
                         bool* special) {
@@ -210,6 +324,52 @@ inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mb
 }
 
 #include "cpu_gemm_simd_impl.h"
+
+// A panel's pack (PackPanelIL with unit stride: mantissa indices, scales)
+// turned for MicroPermTile: per block of kVL k, the 8 x 8 blocks of indices
+// and of scales transposed, so that word (kk % 8) * 8 + r holds row r's index
+// at kk (scales 64 words on): one vector per k over the panel's 8 rows.
+void TransposePermPack(int32_t* pk, int kb) {
+  for (int kk = 0; kk < kb; kk += kVL) {
+    int32_t* blk = pk + kk * kPackW;
+    for (int h = 0; h < 2; ++h) {
+      VF r[8];
+      for (int i = 0; i < 8; ++i) r[i] = CastF(LoadI(blk + (8 * h + i) * kVL));
+      Transpose8(r);
+      for (int i = 0; i < 8; ++i) StoreI(blk + (8 * h + i) * kVL, CastI(r[i]));
+    }
+  }
+}
+
+// Permute-tile micro-kernel (M <= 3): c[r][j] += sa[r][kk] * Lf[ia[r][kk]][ib[kk][j]]
+// * sb[kk][j] for the panel's 8 rows and kNB columns, 8 columns at a time:
+// the accumulators hold one column each, a vector over the 8 rows (c is
+// transposed in and out), and the 8 products of column j at kk are one
+// permute of its perm-tile vector by the rows' mantissa indices. Each output
+// is still summed over kk in order with the same exact FMAs as MicroTile.
+// Measured alone (one core, tiles in L1): 29 GMAC/s (MicroTile: 18-21).
+void MicroPermTile(const int32_t* pk, int kb, const float* perm, float* c, int64_t ldc) {
+  for (int g = 0; g < kNB; g += 8) {
+    VF acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = LoadF(c + i * ldc + g);
+    Transpose8(acc);
+    const float* t = perm + g * 8;
+    for (int kk0 = 0; kk0 < kb; kk0 += kVL) {
+      const int32_t* blk = pk + kk0 * kPackW;
+      const int n = kb - kk0 < kVL ? kb - kk0 : kVL;
+      for (int kk = 0; kk < n; ++kk) {
+        const VI u = LoadI(blk + kk * 8);
+        const VF sa = CastF(LoadI(blk + 64 + kk * 8));
+        const float* tk = t + static_cast<int64_t>(kk0 + kk) * kNB * 8;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j)
+          acc[j] = FmaF(sa, _mm256_permutevar8x32_ps(LoadF(tk + j * 8), u), acc[j]);
+      }
+    }
+    Transpose8(acc);
+    for (int i = 0; i < 8; ++i) StoreF(c + i * ldc + g, acc[i]);
+  }
+}
 
 }  // namespace avx2
 

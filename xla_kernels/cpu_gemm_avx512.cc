@@ -299,8 +299,19 @@ void BuildTilesBf16Bytes(const uint32_t* lut, int mbits, int n, const int32_t* i
 // a multiple of 32 and ustride counts 32-bit words. byte_lookup: by
 // BuildTilesBf16Bytes where the CPU has AVX-512 VBMI (same tiles).
 constexpr bool kIsaBf16Tiles = true;
+// (The permute tiles of the AVX2 unit: never chosen here.)
+constexpr bool kIsaPermTiles = false;
+constexpr int kPermRows = 1;  // panel rows of MicroPermTile
+// Bytes of one column block's permute tiles (L2-resident; tuned below).
+constexpr int64_t kPermTileBytes = 64 << 10;
+inline void BuildPermTiles(const uint32_t*, int, int, const int32_t*, const float*, float*) {}
+inline void TransposePermPack(int32_t*, int) {}
+inline void MicroPermTile(const int32_t*, int, const float*, float*, int64_t) {}
+// (The pair table of the AVX2 unit: AVX-512 looks tiles up with permutes.)
+constexpr bool kIsaPairLut = false;
+inline void BuildPairLut(const uint32_t*, int, int32_t*) {}
 void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
-                    int32_t* tiles, int ustride, bool byte_lookup) {
+                    int32_t* tiles, int ustride, bool byte_lookup, const int32_t* /*pairs*/) {
   static const bool has_vbmi = __builtin_cpu_supports("avx512vbmi");
   if (byte_lookup && has_vbmi) return BuildTilesBf16Bytes(lut, mbits, n, ibv, sbv, tiles, ustride);
   BuildTilesNarrow<true>(lut, mbits, n, ibv, sbv, tiles, ustride);

@@ -76,6 +76,11 @@ extern int g_force_stream;
 // Harness override of the bfloat16 tile builder: 0 = automatic (the byte
 // lookup wherever the CPU has AVX-512 VBMI), 1 = the permute builder.
 extern int g_force_permute_tiles;
+// Harness override of the AVX2 bfloat16 tile builder: 0 = automatic (pair
+// table gathers at 4 <= M <= 7), 1 = one gather per tile value.
+extern int g_force_gather_tiles;
+// Harness override: 1 = permute tiles at M <= 3 on AVX2 (KSplit::perm_tiles).
+extern int g_force_perm_tiles;
 // Plans that streamed LUT rows so far (a counter for the harness).
 extern int64_t g_stream_plans;
 // Smallest M whose gathers stream LUT rows (automatic mode; a tuning knob).
@@ -125,6 +130,15 @@ struct KSplit {
   // cpu_gemm.cc Bf16Tiles (env APPROX_JAX_CPU_BF16_TILES=0 or the harness's
   // g_force_f32_tiles keep float32 tiles). Same products either way.
   bool bf16_tiles = true;
+  // bfloat16 tiles at 4 <= M <= 7 built from a pair table, two mantissa
+  // values per gathered word (AVX2; BuildTilesBf16Pairs): cpu_gemm.cc
+  // PairTiles (env APPROX_JAX_CPU_PAIR_TILES=0 or the harness's
+  // g_force_gather_tiles turn it off). Same tile bits either way.
+  bool pair_tiles = true;
+  // Permute tiles at M <= 3 (AVX2; MicroPermTile), opt in: cpu_gemm.cc
+  // PermTiles (env APPROX_JAX_CPU_PERM_TILES=1 or the harness's
+  // g_force_perm_tiles). Same sums either way.
+  bool perm_tiles = false;
   // Optional, one entry per design: the width its family's closed form holds
   // at (families), when below M for some design (lut_family.h: a narrower
   // family's LUT widened to M). The gather path decomposes and packs that

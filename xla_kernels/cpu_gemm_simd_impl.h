@@ -490,6 +490,7 @@ struct Plan {
   int mr;            // rows per micro-kernel panel
   int kb_max;        // k block
   bool bf16;         // bfloat16 tiles (kBf16Tiles and M <= 7)
+  bool perm;         // permute tiles (kIsaPermTiles and M <= 3; mr = 8)
   int ustride;       // floats (bf16: words) between the tiles of consecutive mantissa values
   int64_t nrc, ncc;  // row / column chunks per problem
   int64_t rows_per, cols_per;
@@ -508,7 +509,20 @@ struct Plan {
 };
 
 // Scratch slots.
-enum { kSlotTiles = 0, kSlotPack = 1, kSlotStats = 2, kSlotB = 3, kSlotC = 4, kSlotA = 5 };
+enum {
+  kSlotTiles = 0,
+  kSlotPack = 1,
+  kSlotStats = 2,
+  kSlotB = 3,
+  kSlotC = 4,
+  kSlotA = 5,
+  kSlotPairs = 6
+};
+
+// Designs per task whose pair tables (kIsaPairLut) a task keeps.
+constexpr int64_t kMaxPairDesigns = 64;
+// int32 words of one pair table (M <= 7).
+constexpr int64_t kPairWords = int64_t{1} << 13;
 
 void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
@@ -582,8 +596,9 @@ void RunTask(void* arg, int64_t task) {
   const int64_t panel_words = PanelPackWords(KB);
   const int64_t pack_words = (pack_slot_reused ? 1 : npanels) * panel_words;
 
-  const size_t tiles_bytes =
-      pl.strategy == kTiles ? (size_t{4} << mbits) * static_cast<size_t>(pl.ustride) : 64;
+  const size_t tiles_bytes = pl.strategy != kTiles ? 64
+                             : pl.perm ? size_t{32} * static_cast<size_t>(KB) * kNB
+                                       : (size_t{4} << mbits) * static_cast<size_t>(pl.ustride);
   float* tiles = static_cast<float*>(ThreadScratch(kSlotTiles, tiles_bytes));
   char* pack = static_cast<char*>(
       ThreadScratch(kSlotPack, static_cast<size_t>(npacks * pack_words * 4 + nd * npanels)));
@@ -591,18 +606,37 @@ void RunTask(void* arg, int64_t task) {
   // b decomposed: one column block, or (stream) every column block of the task.
   const int64_t dec_blocks = pl.stream ? CeilDiv(pl.cols_per, kNB) : 1;
   char* bdec = static_cast<char*>(ThreadScratch(kSlotB, dec_blocks * kstride * kNB * 8));
-  float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, kMR * kNB * 4 + kMRG * kNB * 4));
+  const int64_t max_mr = MaxI(MaxI(kMR, kMRG), kPermRows);
+  float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, (max_mr + kMRG) * kNB * 4));
   // An implicit patch matrix: the rows x k-block strip being packed, copied
   // out of the convolution's input.
   const ImplicitA* const implicit = p.implicit_a;
-  float* strip =
-      implicit != nullptr
-          ? static_cast<float*>(ThreadScratch(kSlotA, (MaxI(kMR, kMRG) * kstride + kVL) * 4))
-          : nullptr;
+  float* strip = implicit != nullptr
+                     ? static_cast<float*>(ThreadScratch(kSlotA, (max_mr * kstride + kVL) * 4))
+                     : nullptr;
   if (!tiles || !pack || !stats || !bdec || !ctmp || (implicit != nullptr && !strip)) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }
+  // Pair tables (kIsaPairLut, bfloat16 tiles at 4 <= M <= 7), made for each
+  // design on its first tile build in this task: 2^(2M) * 2 bytes against
+  // 2^M * kb * kNB * 2 per tile build. Without scratch for them the tiles are
+  // built one value at a time (same bits).
+  const bool pairs_wanted =
+      kIsaPairLut && pl.strategy == kTiles && pl.bf16 && ks.pair_tiles && nd <= kMaxPairDesigns;
+  int32_t* pair_tabs = pairs_wanted
+                           ? static_cast<int32_t*>(ThreadScratch(kSlotPairs, nd * kPairWords * 4))
+                           : nullptr;
+  bool pair_built[kMaxPairDesigns] = {};
+  auto pairs_of = [&](int64_t dd, const uint32_t* lut_mb, int mb) -> const int32_t* {
+    if (pair_tabs == nullptr || mb < 4 || mb > 7) return nullptr;
+    int32_t* t = pair_tabs + dd * kPairWords;
+    if (!pair_built[dd]) {
+      BuildPairLut(lut_mb, mb, t);
+      pair_built[dd] = true;
+    }
+    return t;
+  };
   int32_t* pk_base = reinterpret_cast<int32_t*>(pack);
   char* panel_ok = pack + npacks * pack_words * 4;  // [nd][npanels]
   // Column block jb's decomposition (jb = 0 unless streaming).
@@ -637,7 +671,9 @@ void RunTask(void* arg, int64_t task) {
                               : ks.part + (chunk * ks.probs + (prob - ks.prob_begin)) * p.m * p.n;
   };
 
-  const int kkmul = pl.strategy == kTiles ? (pl.bf16 ? kNB / 2 : kNB) : 0;
+  // (Permute tiles: the pack holds bare mantissa indices.)
+  const int kkmul = pl.strategy == kTiles && !pl.perm ? (pl.bf16 ? kNB / 2 : kNB) : 0;
+  const int pack_ustride = pl.strategy == kTiles && !pl.perm ? pl.ustride : 0;
   auto pack_of = [&](int64_t dd, int64_t pi) {
     return pk_base + (share_a ? 0 : dd) * pack_words + (pack_slot_reused ? 0 : pi) * panel_words;
   };
@@ -652,10 +688,12 @@ void RunTask(void* arg, int64_t task) {
         implicit != nullptr ? 0 : static_cast<int>(MaxI(0, MinI(mr, r1 - i_ahead)));
     int64_t ld = 0;
     const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
-    panel_ok[dd * npanels + pi] = PackPanelIL(
-        ablk, ld, rows, kb, bits_of(dd), pl.strategy == kTiles ? pl.ustride : (1 << bits_of(dd)),
-        kkmul, st, st + kstride, st + 2 * kstride, pack_of(dd, pi),
-        ahead_rows > 0 ? a_of(dd) + i_ahead * lda + k0 : nullptr, ahead_rows);
+    panel_ok[dd * npanels + pi] =
+        PackPanelIL(ablk, ld, rows, kb, bits_of(dd),
+                    pack_ustride > 0 ? pack_ustride : (pl.perm ? 1 : (1 << bits_of(dd))), kkmul, st,
+                    st + kstride, st + 2 * kstride, pack_of(dd, pi),
+                    ahead_rows > 0 ? a_of(dd) + i_ahead * lda + k0 : nullptr, ahead_rows);
+    if (pl.perm) TransposePermPack(pack_of(dd, pi), kb);
   };
   // Acceptance of panel pi for design dd, whose a is the shared pack of design first.
   auto share_panel = [&](int64_t dd, int64_t first, int64_t k0, int kb, int64_t pi) {
@@ -746,7 +784,9 @@ void RunTask(void* arg, int64_t task) {
               ctmp[r * kNB + j] = (r < rows && j < cols) ? cblk[r * ldc + j] : 0.0f;
         }
         const int32_t* pk = pack_of(dd, pi);
-        if (pl.strategy == kTiles && pl.bf16) {
+        if (pl.strategy == kTiles && pl.perm) {
+          MicroPermTile(pk, kb, tiles, ct, ldt);
+        } else if (pl.strategy == kTiles && pl.bf16) {
           MicroTile<kMR, true>(pk, kb, tiles, ct, ldt);
         } else if (pl.strategy == kTiles) {
           MicroTile<kMR, false>(pk, kb, tiles, ct, ldt);
@@ -833,9 +873,11 @@ void RunTask(void* arg, int64_t task) {
           if (dd == 0 || !share_b || mb != dec_bits)
             DecomposeB(b_of(dd), ldb, k0, kb, j0, cols, mb, ibv, sbv);
           if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {
-            if (pl.bf16)
+            if (pl.perm)
+              BuildPermTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles);
+            else if (pl.bf16)
               BuildTilesBf16(lut_mb, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
-                             pl.ustride, ks.byte_tiles);
+                             pl.ustride, ks.byte_tiles, pairs_of(dd, lut_mb, mb));
             else
               BuildTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
           }
@@ -1061,6 +1103,17 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     pl.kb_max = static_cast<int>(kb);
     // Unpadded stride (padding by a cache line measured 10-15% slower).
     pl.ustride = static_cast<int>(pl.bf16 ? kb * kNB / 2 : kb * kNB);
+    // M <= 3: permute tiles (8 floats per b element, panels of 8 rows).
+    if (kIsaPermTiles && p.mbits <= 3 && ks.perm_tiles) {
+      pl.perm = true;
+      pl.bf16 = false;
+      pl.mr = kPermRows;
+      const int64_t perm_budget = g_tile_budget > 0 ? g_tile_budget : kPermTileBytes;
+      int64_t pkb = 8;
+      while (pkb < 256 && pkb * 2 * kNB * 32 <= perm_budget && pkb < RoundUp(klen, 16)) pkb *= 2;
+      pl.kb_max = static_cast<int>(pkb);
+      pl.ustride = static_cast<int>(pkb * kNB);
+    }
   } else {
     pl.mr = kMRG;
     pl.stream = ks.stream_mode == 2 || (ks.stream_mode == 1 && StreamsLutRows(p, ks));
