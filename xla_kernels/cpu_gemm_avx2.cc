@@ -86,6 +86,14 @@ inline VI LoadPartialI(const uint32_t* p, int n) {
   return _mm256_maskload_epi32(reinterpret_cast<const int*>(p), mask);
 }
 
+// A LUT row of 2^mbits <= 8 entries as one vector (zeros past its end), for
+// lookups by permutes.
+inline VI ShortLutRow(const uint32_t* row, int mbits) {
+  alignas(32) int32_t tab[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int q = 0; q < (1 << mbits); ++q) tab[q] = static_cast<int32_t>(row[q]);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tab));
+}
+
 // tiles[u * ustride + kk * kNB + j] = Lf[u][ib[kk][j]] * sb[kk][j] for all u.
 // n = kb * kNB floats per u.
 void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const float* sbv,
@@ -95,9 +103,7 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
     const uint32_t* row = lut + (static_cast<int64_t>(u) << mbits);
     float* out = tiles + static_cast<int64_t>(u) * ustride;
     if (mbits <= 3) {
-      alignas(32) int32_t tab[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int q = 0; q < (1 << mbits); ++q) tab[q] = static_cast<int32_t>(row[q]);
-      const VI t = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab));
+      const VI t = ShortLutRow(row, mbits);
       for (int x = 0; x < n; x += kVL) {
         const VI v = _mm256_permutevar8x32_epi32(t, LoadI(ibv + x));
         StoreF(out + x, MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x)));
@@ -227,9 +233,7 @@ void BuildTilesBf16(const uint32_t* lut, int mbits, int n, const int32_t* ibv, c
     const uint32_t* row = lut + (static_cast<int64_t>(u) << mbits);
     int32_t* out = tiles + static_cast<int64_t>(u) * ustride;
     if (mbits <= 3) {
-      alignas(32) int32_t tab[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int q = 0; q < (1 << mbits); ++q) tab[q] = static_cast<int32_t>(row[q]);
-      const VI t = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab));
+      const VI t = ShortLutRow(row, mbits);
       auto value = [&](int x) {
         const VI v = _mm256_permutevar8x32_epi32(t, LoadI(ibv + x));
         return MulF(CastF(AddI(v, one_exp)), LoadF(sbv + x));
