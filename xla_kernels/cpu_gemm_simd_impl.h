@@ -1094,8 +1094,18 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     int64_t kb = 2;
     // Measured with the FMA kernel (2 MB L2): M = 7 best at L2/2 (longer k
     // blocks: fewer C reloads, longer a strips), M = 3 at L2/8..L2/4.
-    const int64_t auto_budget =
+    int64_t auto_budget =
         static_cast<int64_t>(p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
+    // AVX-512, some design at the full M = 7 (a random LUT: 128 tiles, where
+    // mbm7 runs at width 6): L2/4, the 256 KB of tiles mbm7 gets at L2/2.
+    // Harness, 2 MB L2, random M = 7, ms, L2/4 vs L2/2 (two runs): 1024^3
+    // 29.5, 31.0 vs 31.9, 32.2; 8192x576x64 6.9, 6.8 vs 7.2, 7.2. (Random
+    // M = 6 flat from L2/8 to L2/2; AVX2 not measured.)
+    if (kVL == 16 && p.mbits == 7) {
+      bool full_width = ks.eff_bits == nullptr;
+      for (int64_t d = 0; !full_width && d < p.designs; ++d) full_width = ks.eff_bits[d] == p.mbits;
+      if (full_width) auto_budget = static_cast<int64_t>(l2 / 4);
+    }
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     const int64_t klen = MinI(p.k, ks.chunk);
     while (kb < 256 && (usize * kb * 2 * kNB * entry_bytes) <= budget && kb < RoundUp(klen, 16))
