@@ -1093,6 +1093,24 @@ def test_cpu_permute_tiles_are_bit_exact(M, shape, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("isa", ["2", "3"])
+@pytest.mark.parametrize("M", [3, 5])
+def test_cpu_rows_first_split_is_bit_exact(M, isa, monkeypatch):
+    # At widths <= 6 the tile path splits the rows before the columns
+    # (cpu_gemm_simd_impl.h RunGemm); APPROX_JAX_CPU_ROWS_FIRST=0 splits the
+    # columns first. A shape that both split differently (several column
+    # blocks, enough rows for several row chunks): the same bits, equal to the
+    # NumPy sequential order.
+    if isa == "3" and not _cpu_has_avx512():
+        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
+    x, w = _wide_range_operands(300, 100, 200, seed=19 * M)
+    designs = [random_multiplier(M, 11), multipliers.mbm(M), random_multiplier(M, 12)]
+    _knob_keeps_reference_bits(
+        monkeypatch, "APPROX_JAX_CPU_ROWS_FIRST", x, w, designs, "rows vs columns first"
+    )
+
+
 @pytest.mark.parametrize(
     "u,v,rows_changed",
     [

@@ -819,6 +819,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const bool bf16_tiles = Bf16Tiles();
   const bool pair_tiles = PairTiles();
   const bool perm_tiles = PermTiles();
+  const bool rows_first = EnvMode("APPROX_JAX_CPU_ROWS_FIRST") != 0;
   if (may_transpose && !direct && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
@@ -845,6 +846,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     ks.bf16_tiles = bf16_tiles;
     ks.pair_tiles = pair_tiles;
     ks.perm_tiles = perm_tiles;
+    ks.rows_first = rows_first;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
@@ -862,6 +864,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     ks.bf16_tiles = bf16_tiles;
     ks.pair_tiles = pair_tiles;
     ks.perm_tiles = perm_tiles;
+    ks.rows_first = rows_first;
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

@@ -139,6 +139,10 @@ struct KSplit {
   // PermTiles (env APPROX_JAX_CPU_PERM_TILES=1 or the harness's
   // g_force_perm_tiles). Same sums either way.
   bool perm_tiles = false;
+  // Tile path at width <= 6: split the rows before the columns
+  // (cpu_gemm_simd_impl.h RunGemm); env APPROX_JAX_CPU_ROWS_FIRST=0 splits
+  // the columns first, as at width 7. Same sums either way.
+  bool rows_first = true;
   // Optional, one entry per design: the width its family's closed form holds
   // at (families), when below M for some design (lut_family.h: a narrower
   // family's LUT widened to M). The gather path decomposes and packs that

@@ -1086,6 +1086,13 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   if (strategy == kTiles && CheapClosedFormWins(p, ks.families)) strategy = kGather;
   if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
   pl.strategy = strategy;
+  // The widest width any design's tiles are built at (KSplit::eff_bits).
+  int widest_tiles = p.mbits;
+  if (ks.eff_bits != nullptr) {
+    widest_tiles = 0;
+    for (int64_t d = 0; d < p.designs; ++d)
+      widest_tiles = widest_tiles > ks.eff_bits[d] ? widest_tiles : ks.eff_bits[d];
+  }
   if (strategy == kTiles) {
     pl.mr = kMR;
     pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear && ks.bf16_tiles;
@@ -1101,11 +1108,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     // Harness, 2 MB L2, random M = 7, ms, L2/4 vs L2/2 (two runs): 1024^3
     // 29.5, 31.0 vs 31.9, 32.2; 8192x576x64 6.9, 6.8 vs 7.2, 7.2. (Random
     // M = 6 flat from L2/8 to L2/2; AVX2 not measured.)
-    if (kVL == 16 && p.mbits == 7) {
-      bool full_width = ks.eff_bits == nullptr;
-      for (int64_t d = 0; !full_width && d < p.designs; ++d) full_width = ks.eff_bits[d] == p.mbits;
-      if (full_width) auto_budget = static_cast<int64_t>(l2 / 4);
-    }
+    if (kVL == 16 && p.mbits == 7 && widest_tiles == 7) auto_budget = static_cast<int64_t>(l2 / 4);
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     const int64_t klen = MinI(p.k, ks.chunk);
     while (kb < 256 && (usize * kb * 2 * kNB * entry_bytes) <= budget && kb < RoundUp(klen, 16))
@@ -1150,8 +1153,24 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   const int64_t nbk = CeilDiv(p.n, kNB);
   const int64_t min_rows = strategy == kTiles ? MaxI(pl.mr, usize * g_min_rows_mul) : pl.mr * 4;
   int64_t ncc = 0, nrc = 0;
+  // At most 64 tiles (width <= 6): rows first. Each row chunk builds its own
+  // tiles, cheap at these widths, and a is packed once per column chunk, so
+  // fewer column chunks pack it fewer times. Harness, 2 threads, ms, columns
+  // vs rows first (three / two runs): random M = 3 1024^3 17.6-18.1 vs
+  // 16.7-16.8, 512^3 2.53-2.65 vs 2.20; mbm-like M = 3 1024^3 17.1-17.6 vs
+  // 15.9-16.4; random M = 5 1024^3 20.8-21.0 vs 19.1-19.4; random M = 6
+  // 512^3 3.66-3.81 vs 3.32-3.58; AVX2 unit M = 3 512^3 4.0-4.2 vs 3.2-3.5.
+  // At width 7 (128 tiles) rows first was slower: 1024^3 27.3-27.9 vs 28.6-28.9.
+  const bool rows_first = strategy == kTiles && widest_tiles <= 6 && ks.rows_first;
   auto split_for = [&](int64_t target) {
     const int64_t split = CeilDiv(target, units0 * ks.chunks);
+    if (rows_first) {
+      nrc = MinI(split, MaxI(1, p.m / min_rows));
+      ncc = MinI(CeilDiv(split, nrc), nbk);
+      pl.cols_per = CeilDiv(nbk, ncc) * kNB;
+      ncc = CeilDiv(p.n, pl.cols_per);
+      return;
+    }
     ncc = MinI(split, nbk);
     pl.cols_per = CeilDiv(nbk, ncc) * kNB;
     ncc = CeilDiv(p.n, pl.cols_per);
