@@ -547,13 +547,32 @@ def _cpu_has_avx512() -> bool:
         return False
 
 
-def _knob_keeps_reference_bits(monkeypatch, knob, x, w, designs, what):
-    """_knob_on_equals_off with the knob at "1", then (unless x has the five
-    rows of _wide_range_operands' special values, whose NaN signs the
-    reference does not model) each design's result against the NumPy
-    sequential order."""
+def _use_cpu_isa(monkeypatch, isa):
+    """Caps the CPU kernel at instruction set `isa` (APPROX_JAX_CPU_ISA: "2"
+    AVX2, "3" AVX-512); skips "3" where the CPU has no AVX-512 (it would
+    repeat the "2" case)."""
+    if isa == "3" and not _cpu_has_avx512():
+        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
+
+
+def _knob_keeps_reference_bits(
+    monkeypatch, knob, what, shape, M, seed, family=multipliers.mbm, zero_w_columns=False
+):
+    """approx_dot over _wide_range_operands of `shape` under a random LUT,
+    family(M) and another random LUT (alone and stacked), with the kernel's
+    env knob at "1" and at "0": the bits must agree and, unless the operands
+    hold the five rows' special values (whose NaN signs the reference does
+    not model), equal the NumPy sequential order. zero_w_columns: w's columns
+    1 and 3 all +0 / -0 (every product a signed zero: a wrong tile value for
+    a zero b shows as a tiny nonzero sum)."""
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + seed * M)
+    if zero_w_columns:
+        w[:, 1], w[:, 3] = 0.0, -0.0
+    designs = [random_multiplier(M, seed), family(M), random_multiplier(M, seed + 1)]
     got = _knob_on_equals_off(monkeypatch, knob, "1", x, w, designs, what)
-    if x.shape[0] != 5:
+    if rows != 5:
         for d, m in enumerate(designs):
             _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
 
@@ -1024,11 +1043,8 @@ def test_cpu_bfloat16_tiles_by_byte_lookup_are_bit_exact(M, shape, monkeypatch):
     # (effective width M - 1 in a stack), zeros, special values (rows = 5),
     # one and two LUT registers (M <= 6, M = 7). Without VBMI both runs take
     # the permute builder.
-    rows, K, N = shape
-    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 7 * M)
-    designs = [random_multiplier(M, 3), multipliers.mbm(M), random_multiplier(M, 4)]
     _knob_keeps_reference_bits(
-        monkeypatch, "APPROX_JAX_CPU_VBMI", x, w, designs, "byte-lookup vs permute tiles"
+        monkeypatch, "APPROX_JAX_CPU_VBMI", "byte-lookup vs permute tiles", shape, M, seed=3
     )
 
 
@@ -1043,14 +1059,9 @@ def test_cpu_bfloat16_tiles_are_bit_exact(M, shape, isa, monkeypatch):
     # sequential order: random LUTs and MBM (effective width M - 1 in a
     # stack), zeros, special values (rows = 5), a partial column block.
     # APPROX_JAX_CPU_ISA=2 runs the AVX2 unit on an AVX-512 machine too.
-    if isa == "3" and not _cpu_has_avx512():
-        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
-    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
-    rows, K, N = shape
-    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 11 * M)
-    designs = [random_multiplier(M, 5), multipliers.mbm(M), random_multiplier(M, 6)]
+    _use_cpu_isa(monkeypatch, isa)
     _knob_keeps_reference_bits(
-        monkeypatch, "APPROX_JAX_CPU_BF16_TILES", x, w, designs, "bfloat16 vs float32 tiles"
+        monkeypatch, "APPROX_JAX_CPU_BF16_TILES", "bfloat16 vs float32 tiles", shape, M, seed=5
     )
 
 
@@ -1064,15 +1075,16 @@ def test_cpu_pair_table_tiles_are_bit_exact(M, shape, monkeypatch):
     # equal to the NumPy sequential order: zero columns, a partial column
     # block, special values (rows = 5). (Exponents at the fast path's bounds:
     # tools/gemm_harness.cc test, strategies 1 and 4.)
-    monkeypatch.setenv("APPROX_JAX_CPU_ISA", "2")  # the AVX2 unit, on any x86-64 CPU
-    rows, K, N = shape
-    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 13 * M)
-    # Whole columns of zeros: every product exactly a signed zero (a wrong
-    # tile value for a zero b would show as a tiny nonzero sum).
-    w[:, 1], w[:, 3] = 0.0, -0.0
-    designs = [random_multiplier(M, 7), multipliers.mitchell(M), random_multiplier(M, 8)]
+    _use_cpu_isa(monkeypatch, "2")  # the AVX2 unit, on any x86-64 CPU
     _knob_keeps_reference_bits(
-        monkeypatch, "APPROX_JAX_CPU_PAIR_TILES", x, w, designs, "pair-table vs gathered tiles"
+        monkeypatch,
+        "APPROX_JAX_CPU_PAIR_TILES",
+        "pair-table vs gathered tiles",
+        shape,
+        M,
+        seed=7,
+        family=multipliers.mitchell,
+        zero_w_columns=True,
     )
 
 
@@ -1084,12 +1096,9 @@ def test_cpu_permute_tiles_are_bit_exact(M, shape, monkeypatch):
     # element's 2^M tile values per 8 products, c transposed in and out. Same
     # bits as the tile kernel and the NumPy sequential order: row counts that
     # are not multiples of 8, a partial column block, special values (rows = 5).
-    monkeypatch.setenv("APPROX_JAX_CPU_ISA", "2")  # the AVX2 unit, on any x86-64 CPU
-    rows, K, N = shape
-    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 17 * M)
-    designs = [random_multiplier(M, 9), multipliers.mbm(M), random_multiplier(M, 10)]
+    _use_cpu_isa(monkeypatch, "2")  # the AVX2 unit, on any x86-64 CPU
     _knob_keeps_reference_bits(
-        monkeypatch, "APPROX_JAX_CPU_PERM_TILES", x, w, designs, "permute vs tile kernel"
+        monkeypatch, "APPROX_JAX_CPU_PERM_TILES", "permute vs tile kernel", shape, M, seed=9
     )
 
 
@@ -1101,13 +1110,9 @@ def test_cpu_rows_first_split_is_bit_exact(M, isa, monkeypatch):
     # columns first. A shape that both split differently (several column
     # blocks, enough rows for several row chunks): the same bits, equal to the
     # NumPy sequential order.
-    if isa == "3" and not _cpu_has_avx512():
-        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
-    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
-    x, w = _wide_range_operands(300, 100, 200, seed=19 * M)
-    designs = [random_multiplier(M, 11), multipliers.mbm(M), random_multiplier(M, 12)]
+    _use_cpu_isa(monkeypatch, isa)
     _knob_keeps_reference_bits(
-        monkeypatch, "APPROX_JAX_CPU_ROWS_FIRST", x, w, designs, "rows vs columns first"
+        monkeypatch, "APPROX_JAX_CPU_ROWS_FIRST", "rows vs columns first", (300, 100, 200), M, 11
     )
 
 
