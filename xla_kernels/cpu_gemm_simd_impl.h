@@ -1164,8 +1164,16 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   const bool rows_first = strategy == kTiles && widest_tiles <= 6 && ks.rows_first;
   auto split_for = [&](int64_t target) {
     const int64_t split = CeilDiv(target, units0 * ks.chunks);
-    if (rows_first) {
-      nrc = MinI(split, MaxI(1, p.m / min_rows));
+    // (Not where the columns alone give every task one column block and
+    // rows first would give tasks a pack of a beyond L2/4: a one-block
+    // task packs each panel just before its kernel and reads it back from
+    // L1. AVX2, 32-column blocks, in one process, ms, columns vs rows first
+    // for all: 8192x576x64 mbm3 9.0 vs 10.8, 6400x150x64 mbm5 2.0 vs 3.3,
+    // tasks of 2048 and 1600 rows, 5.5 KB of pack per row.)
+    const int64_t rows_nrc = MinI(split, MaxI(1, p.m / min_rows));
+    const int64_t rows_pack = CeilDiv(p.m, rows_nrc) * (PanelPackWords(pl.kb_max) * 4 / pl.mr);
+    if (rows_first && (nbk > split || rows_pack <= static_cast<int64_t>(l2 / 4))) {
+      nrc = rows_nrc;
       ncc = MinI(CeilDiv(split, nrc), nbk);
       pl.cols_per = CeilDiv(nbk, ncc) * kNB;
       ncc = CeilDiv(p.n, pl.cols_per);
