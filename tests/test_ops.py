@@ -539,6 +539,7 @@ def _knob_on_equals_off(monkeypatch, knob, on, x, w, designs, what, stacked=True
     return got
 
 
+@functools.cache
 def _cpu_has_avx512() -> bool:
     """Whether the CPU kernel's AVX-512 unit can run here (Linux flags)."""
     try:

@@ -166,6 +166,14 @@ std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
   return err;
 }
 
+// Whether RunForced's strategy `strat` means something distinct on `isa` at
+// M = mbits: the scalar unit has one path; strategy 4 needs bfloat16 tiles
+// (M <= 7); strategy 6 is the AVX2 unit's permute tiles (M <= 3).
+bool ForcedRunApplies(int isa, int strat, int mbits) {
+  return !((isa == 1 && strat > 0) || (strat == 4 && mbits > 7) ||
+           (strat == 6 && (isa != 2 || mbits > 3)));
+}
+
 // auto_streams (optional): plans that streamed LUT rows in the automatic runs.
 void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams = nullptr) {
   CaseData data(c, rng);
@@ -211,10 +219,8 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
     }
   };
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 6; ++strat) {  // 3: gathers, LUT rows streamed
-      if ((isa == 1 && strat > 0) || (strat == 4 && c.mbits > 7) ||
-          (strat == 6 && (isa != 2 || c.mbits > 3)))
-        continue;  // 4: AVX-512 bfloat16 tiles by permutes; 5: the direct kernel
+    for (int strat = 0; strat <= 6; ++strat) {  // RunForced's strategies
+      if (!ForcedRunApplies(isa, strat, c.mbits)) continue;
       // AVX-512: also every column-block width (16 / 32 / 64) forced, for
       // narrow outputs (the automatic choice is tested with width 0).
       const int widths[4] = {0, 16, 32, 64};
@@ -355,11 +361,9 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
                 (long long)m, (long long)k, (long long)n, cc.mbits, cc.special);
   const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 6; ++strat) {  // 3: gathers, LUT rows streamed
-      // 4: bfloat16 tiles built one value at a time; 6: AVX2 permute tiles.
-      if ((isa == 1 && strat > 0) || strat == 5 || (strat == 4 && cc.mbits > 7) ||
-          (strat == 6 && (isa != 2 || cc.mbits > 3)))
-        continue;
+    for (int strat = 0; strat <= 6; ++strat) {  // RunForced's strategies
+      // (5, the direct kernel forced: the GEMM cases cover it, as before.)
+      if (strat == 5 || !ForcedRunApplies(isa, strat, cc.mbits)) continue;
       for (int f = 0; f < 2; ++f) {
         std::vector<float> out(out_size, std::nanf("1"));
         p.out = out.data();

@@ -815,11 +815,6 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     }
   }
   const int stream_mode = StreamMode();
-  const bool byte_tiles = ByteTiles();
-  const bool bf16_tiles = Bf16Tiles();
-  const bool pair_tiles = PairTiles();
-  const bool perm_tiles = PermTiles();
-  const bool rows_first = EnvMode("APPROX_JAX_CPU_ROWS_FIRST") != 0;
   if (may_transpose && !direct && gemm_internal::g_force_strategy == 0) {
     int widest = narrow ? 0 : p.mbits;
     for (int64_t d = 0; narrow && d < p.designs; ++d) widest = std::max(widest, eff_bits[d]);
@@ -837,17 +832,28 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   const uint16_t* const* lut16 = !direct && MakeCompactLuts(p, families, parallel_for, &compact)
                                      ? compact.per_design.data()
                                      : nullptr;
+  // The whole problem as one part (k summed in one chunk), with the
+  // per-design facts and the kernel's knobs; split-K copies it per group of
+  // problems with its own k chunks.
+  gemm_internal::KSplit base{std::max<int64_t>(p.k, 1),
+                             1,
+                             0,
+                             problems,
+                             nullptr,
+                             eff_bits,
+                             eff_lut,
+                             families,
+                             lut16,
+                             stream_mode,
+                             ByteTiles()};
+  base.family_bits = family_bits;
+  base.bf16_tiles = Bf16Tiles();
+  base.pair_tiles = PairTiles();
+  base.perm_tiles = PermTiles();
+  base.rows_first = EnvMode("APPROX_JAX_CPU_ROWS_FIRST") != 0;
   const int64_t chunk = SplitKChunk(p);
   if (chunk >= p.k) {
-    const int64_t whole = std::max<int64_t>(p.k, 1);
-    gemm_internal::KSplit ks{whole,   1,        0,     problems,    nullptr,   eff_bits,
-                             eff_lut, families, lut16, stream_mode, byte_tiles};
-    ks.family_bits = family_bits;
-    ks.bf16_tiles = bf16_tiles;
-    ks.pair_tiles = pair_tiles;
-    ks.perm_tiles = perm_tiles;
-    ks.rows_first = rows_first;
-    if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
+    if (RunPart(p, base, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     return {};
   }
   // Split-K (cpu_gemm_split.h): chunk partials, then an ordered reduction.
@@ -858,13 +864,12 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   std::vector<float> part(static_cast<size_t>(group * chunks * mn));
   for (int64_t p0 = 0; p0 < problems; p0 += group) {
     const int64_t g = std::min(group, problems - p0);
-    gemm_internal::KSplit ks{chunk,   chunks,   p0,    g,           part.data(), eff_bits,
-                             eff_lut, families, lut16, stream_mode, byte_tiles};
-    ks.family_bits = family_bits;
-    ks.bf16_tiles = bf16_tiles;
-    ks.pair_tiles = pair_tiles;
-    ks.perm_tiles = perm_tiles;
-    ks.rows_first = rows_first;
+    gemm_internal::KSplit ks = base;
+    ks.chunk = chunk;
+    ks.chunks = chunks;
+    ks.prob_begin = p0;
+    ks.probs = g;
+    ks.part = part.data();
     if (RunPart(p, ks, parallel_for) == gemm_internal::kSimdNoMemory) return kNoScratch;
     // out = ((P_0 + P_1) + ...) + P_{S-1}, element by element.
     const int64_t total = g * mn;

@@ -671,9 +671,13 @@ void RunTask(void* arg, int64_t task) {
                               : ks.part + (chunk * ks.probs + (prob - ks.prob_begin)) * p.m * p.n;
   };
 
-  // (Permute tiles: the pack holds bare mantissa indices.)
-  const int kkmul = pl.strategy == kTiles && !pl.perm ? (pl.bf16 ? kNB / 2 : kNB) : 0;
-  const int pack_ustride = pl.strategy == kTiles && !pl.perm ? pl.ustride : 0;
+  // The pack's offsets: into the tiles (u * ustride + kk * kkmul), bare
+  // mantissa indices (permute tiles) or LUT rows (gathers: u << M).
+  const bool tile_offsets = pl.strategy == kTiles && !pl.perm;
+  const int kkmul = tile_offsets ? (pl.bf16 ? kNB / 2 : kNB) : 0;
+  auto pack_stride = [&](int64_t dd) {
+    return tile_offsets ? pl.ustride : (pl.perm ? 1 : 1 << bits_of(dd));
+  };
   auto pack_of = [&](int64_t dd, int64_t pi) {
     return pk_base + (share_a ? 0 : dd) * pack_words + (pack_slot_reused ? 0 : pi) * panel_words;
   };
@@ -688,11 +692,9 @@ void RunTask(void* arg, int64_t task) {
         implicit != nullptr ? 0 : static_cast<int>(MaxI(0, MinI(mr, r1 - i_ahead)));
     int64_t ld = 0;
     const float* ablk = a_block(dd, i0, rows, k0, kb, &ld);
-    panel_ok[dd * npanels + pi] =
-        PackPanelIL(ablk, ld, rows, kb, bits_of(dd),
-                    pack_ustride > 0 ? pack_ustride : (pl.perm ? 1 : (1 << bits_of(dd))), kkmul, st,
-                    st + kstride, st + 2 * kstride, pack_of(dd, pi),
-                    ahead_rows > 0 ? a_of(dd) + i_ahead * lda + k0 : nullptr, ahead_rows);
+    panel_ok[dd * npanels + pi] = PackPanelIL(
+        ablk, ld, rows, kb, bits_of(dd), pack_stride(dd), kkmul, st, st + kstride, st + 2 * kstride,
+        pack_of(dd, pi), ahead_rows > 0 ? a_of(dd) + i_ahead * lda + k0 : nullptr, ahead_rows);
     if (pl.perm) TransposePermPack(pack_of(dd, pi), kb);
   };
   // Acceptance of panel pi for design dd, whose a is the shared pack of design first.
