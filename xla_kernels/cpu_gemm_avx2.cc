@@ -351,7 +351,9 @@ void TransposePermPack(int32_t* pk, int kb) {
 // transposed in and out), and the 8 products of column j at kk are one
 // permute of its perm-tile vector by the rows' mantissa indices. Each output
 // is still summed over kk in order with the same exact FMAs as MicroTile.
-// Measured alone (one core, tiles in L1): 29 GMAC/s (MicroTile: 18-21).
+// Stand-alone on an Intel Xeon (one core, tiles in L1, 8 columns per k):
+// 17.7-24 G products/s; in GEMMs no faster than MicroTile there
+// (benchmarks/bench_cpu_gemm_kernel.md, round 18), hence opt in.
 void MicroPermTile(const int32_t* pk, int kb, const float* perm, float* c, int64_t ldc) {
   for (int g = 0; g < kNB; g += 8) {
     VF acc[8];

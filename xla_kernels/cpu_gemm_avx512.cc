@@ -301,9 +301,8 @@ void BuildTilesBf16Bytes(const uint32_t* lut, int mbits, int n, const int32_t* i
 constexpr bool kIsaBf16Tiles = true;
 // (The permute tiles of the AVX2 unit: never chosen here.)
 constexpr bool kIsaPermTiles = false;
-constexpr int kPermRows = 1;  // panel rows of MicroPermTile
-// Bytes of one column block's permute tiles (L2-resident; tuned below).
-constexpr int64_t kPermTileBytes = 64 << 10;
+constexpr int kPermRows = 1;           // (sizes no scratch here)
+constexpr int64_t kPermTileBytes = 0;  // (unused: kIsaPermTiles is false)
 inline void BuildPermTiles(const uint32_t*, int, int, const int32_t*, const float*, float*) {}
 inline void TransposePermPack(int32_t*, int) {}
 inline void MicroPermTile(const int32_t*, int, const float*, float*, int64_t) {}
