@@ -1117,6 +1117,32 @@ def test_cpu_rows_first_split_is_bit_exact(M, isa, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("isa", ["1", "2", "3"])
+@pytest.mark.parametrize("specials", [False, True])
+def test_cpu_transposed_problem_reads_b_in_place_bit_exact(specials, isa, monkeypatch):
+    # Few rows and many columns at M = 7 run as the transposed problem
+    # (cpu_gemm.cc GemmTransposed), whose a = b^T is copied, or read in place
+    # strip by strip (ImplicitA::plain_ld) where b is beyond L2.
+    # APPROX_JAX_CPU_PLAIN_T=2 reads it in place for any size, =0 copies:
+    # the same bits, equal to the NumPy sequential order (the scalar unit,
+    # isa 1, materialises the strips). With special values in both operands
+    # the two must still agree (the reference does not model NaN signs).
+    if isa == "3" and not _cpu_has_avx512():
+        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
+    M, rows, K, N = 7, 40, 150, 170
+    x, w = _wide_range_operands(rows, K, N, seed=rows + 3)
+    if specials:
+        x[0, 3], x[17, 5], x[39, 149], w[7, 2], w[9, 169], w[0, 0] = np.inf, 3e38, -0.0, np.nan, -0.0, 1e-39
+    designs = [random_multiplier(M, 5), multipliers.mbm(M), random_multiplier(M, 6)]
+    got = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_PLAIN_T", "2", x, w, designs, "b^T in place vs copied"
+    )
+    if not specials:
+        for d, m in enumerate(designs):
+            _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
+
+
 @pytest.mark.parametrize(
     "u,v,rows_changed",
     [

@@ -139,16 +139,18 @@ Case ShapeCase(const int64_t (&shape)[5], int mbits) {
 // with bfloat16 tiles built one value at a time (permutes or gathers) rather
 // than by byte lookups (AVX-512 VBMI) or pair tables (AVX2), 6 tiles with
 // the AVX2 permute tiles at M <= 3 (opt in otherwise), 5 the
-// direct kernel that one- and two-row problems take, at any row count) and
+// direct kernel that one- and two-row problems take, at any row count, 7
+// automatic with a transposed problem's b^T read in place) and
 // column-block width (0 automatic). auto_streams (optional) counts the plans
 // that streamed in an automatic-strategy run.
 std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
                       const ParallelFor& parallel_for, int64_t* auto_streams) {
   gemm_internal::g_force_isa = isa;
   gemm_internal::g_force_strategy =
-      strat == 3 ? 2 : (strat == 4 || strat == 6 ? 1 : (strat == 5 ? 3 : strat));
+      strat == 3 ? 2 : (strat == 4 || strat == 6 ? 1 : (strat == 5 ? 3 : (strat == 7 ? 0 : strat)));
   gemm_internal::g_force_perm_tiles = strat == 6 ? 1 : 0;
   gemm_internal::g_force_stream = strat == 3 ? 2 : 0;
+  gemm_internal::g_force_plain_t = strat == 7 ? 2 : 0;
   gemm_internal::g_force_permute_tiles = strat == 4 ? 1 : 0;
   gemm_internal::g_force_gather_tiles = strat == 4 ? 1 : 0;
   gemm_internal::g_force_width = width;
@@ -159,6 +161,7 @@ std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
   gemm_internal::g_force_isa = 0;
   gemm_internal::g_force_strategy = 0;
   gemm_internal::g_force_stream = 0;
+  gemm_internal::g_force_plain_t = 0;
   gemm_internal::g_force_permute_tiles = 0;
   gemm_internal::g_force_gather_tiles = 0;
   gemm_internal::g_force_perm_tiles = 0;
@@ -167,10 +170,11 @@ std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
 }
 
 // Whether RunForced's strategy `strat` means something distinct on `isa` at
-// M = mbits: the scalar unit has one path; strategy 4 needs bfloat16 tiles
-// (M <= 7); strategy 6 is the AVX2 unit's permute tiles (M <= 3).
+// M = mbits: the scalar unit has one path (and strategy 7's in-place b^T,
+// materialised for it); strategy 4 needs bfloat16 tiles (M <= 7); strategy
+// 6 is the AVX2 unit's permute tiles (M <= 3).
 bool ForcedRunApplies(int isa, int strat, int mbits) {
-  return !((isa == 1 && strat > 0) || (strat == 4 && mbits > 7) ||
+  return !((isa == 1 && strat > 0 && strat != 7) || (strat == 4 && mbits > 7) ||
            (strat == 6 && (isa != 2 || mbits > 3)));
 }
 
@@ -219,7 +223,7 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
     }
   };
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 6; ++strat) {  // RunForced's strategies
+    for (int strat = 0; strat <= 7; ++strat) {  // RunForced's strategies
       if (!ForcedRunApplies(isa, strat, c.mbits)) continue;
       // AVX-512: also every column-block width (16 / 32 / 64) forced, for
       // narrow outputs (the automatic choice is tested with width 0).
@@ -361,7 +365,7 @@ void RunConvCase(const ConvCase& cc, std::mt19937& rng, Pool* pool, bool transpo
                 (long long)m, (long long)k, (long long)n, cc.mbits, cc.special);
   const ParallelFor fors[2] = {ReverseFor(), PoolFor(pool)};
   for (int isa = 1; isa <= 3; ++isa)
-    for (int strat = 0; strat <= 6; ++strat) {  // RunForced's strategies
+    for (int strat = 0; strat <= 7; ++strat) {  // RunForced's strategies
       // (5, the direct kernel forced: the GEMM cases cover it, as before.)
       if (strat == 5 || !ForcedRunApplies(isa, strat, cc.mbits)) continue;
       for (int f = 0; f < 2; ++f) {
@@ -771,6 +775,31 @@ int Test() {
     RunCase(c, rng, &pool);
     ++cases;
   }
+  // Few rows, many columns (M = 6, 7, no cheap closed form): the automatic
+  // path runs the transposed problem, and strategy 7 reads its a = b^T in
+  // place; the last shape's b (2.9 MB) is beyond L2, where the automatic
+  // choice reads it in place too. Designs sharing a or b, specials.
+  {
+    const int64_t before = gemm_internal::g_plain_t_runs;
+    const int64_t shapes[][5] = {
+        {1, 1, 32, 300, 200}, {3, 2, 20, 130, 100}, {2, 1, 7, 65, 61}, {1, 1, 48, 600, 1200}};
+    int v = 0;
+    for (const auto& s : shapes)
+      for (int m : {6, 7}) {
+        Case c = ShapeCase(s, m);
+        c.lut_kind = v % 2 ? 5 : 0;
+        c.a_bcast_d = v % 3 == 1;
+        c.b_bcast_d = v % 3 == 2;
+        c.special = v % 2 ? 0.002 : 0.0;
+        ++v;
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+    if (gemm_internal::g_plain_t_runs == before) {
+      std::printf("FAIL no transposed problem read b^T in place\n");
+      ++g_failures;
+    }
+  }
   cases += TestConv(&pool, rng);
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);
@@ -823,6 +852,7 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_F32_TILES"))
     gemm_internal::g_force_f32_tiles = std::atoi(e);
   if (const char* e = std::getenv("GEMM_STREAM")) gemm_internal::g_force_stream = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_PLAIN_T")) gemm_internal::g_force_plain_t = std::atoi(e);
   if (const char* e = std::getenv("GEMM_PERMUTE_TILES"))
     gemm_internal::g_force_permute_tiles = std::atoi(e);
   if (const char* e = std::getenv("GEMM_GATHER_TILES"))

@@ -34,10 +34,12 @@ int g_no_design_sharing = 0;
 int g_force_width = 0;
 int g_force_f32_tiles = 0;
 int g_force_stream = 0;
+int g_force_plain_t = 0;
 int g_force_permute_tiles = 0;
 int g_force_gather_tiles = 0;
 int g_force_perm_tiles = 0;
 int64_t g_stream_plans = 0;
+int64_t g_plain_t_runs = 0;
 int g_stream_min_bits = 10;
 int g_min_rows_mul = 4;
 
@@ -621,6 +623,15 @@ int StreamMode() {
   return EnvMode("APPROX_JAX_CPU_STREAM");
 }
 
+// How GemmTransposed reads b^T (0 a transposed copy, 1 automatic, 2 in
+// place): the harness override g_force_plain_t (0 none, 1 copy, 2 in place),
+// else APPROX_JAX_CPU_PLAIN_T.
+int PlainTransposeMode() {
+  if (gemm_internal::g_force_plain_t == 1) return 0;
+  if (gemm_internal::g_force_plain_t == 2) return 2;
+  return EnvMode("APPROX_JAX_CPU_PLAIN_T");
+}
+
 // Whether the bfloat16 tiles are built by byte lookups (KSplit::byte_tiles;
 // the ISA unit also needs AVX-512 VBMI): not with APPROX_JAX_CPU_VBMI=0 or
 // the harness's g_force_permute_tiles.
@@ -721,7 +732,20 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   // transposed into storage freed after the call rather than kept per thread.
   std::vector<uint32_t> lt_local;
   std::vector<float> at_local, bt_local, ot_local;
-  const int64_t a_floats = nad * nab * k * m, b_floats = nbd * nbb * n * k;
+  // A b beyond L2, b^T being the transposed problem's a, is read in place
+  // (ImplicitA::plain_ld): its strips are copied as they are packed, which
+  // saves writing a copy and reading it back (a 768x3072 b took 2.5-3.4 ms
+  // to transpose on one core). Zen 4, mbm7, in one process, copy vs in
+  // place, ms: 32x768x3072 5.4 vs 4.2, 64x1568x1024 5.8 vs 4.7, 100x512x2048
+  // 7.8 vs 6.7, 64x1024x512 1.75 vs 1.59; with b within L2, 64x784x300 0.80
+  // vs 0.81-0.85, 64x512x512 0.78 vs 0.81. An implicit patch matrix a is
+  // gathered transposed as before.
+  const int plain_mode = PlainTransposeMode();
+  const bool b_in_place =
+      plain_mode == 2 ||
+      (plain_mode == 1 &&
+       4.0 * static_cast<double>(n) * k > static_cast<double>(gemm_internal::L2CacheBytes()));
+  const int64_t a_floats = nad * nab * k * m, b_floats = b_in_place ? 0 : nbd * nbb * n * k;
   const int64_t o_floats = p.designs * p.batch * n * m;
   const bool keep = TransposedCopyBytes(p) <= kTransposedBytesMax;
   float* at = ReusedBuffer(keep ? at_store : at_local, a_floats);
@@ -737,23 +761,32 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
       else
         Transpose(a, m, k, k, dst, parallel_for);
     }
-  for (int64_t d = 0; d < nbd; ++d)
+  for (int64_t d = 0; d < nbd && !b_in_place; ++d)
     for (int64_t b = 0; b < nbb; ++b)
       Transpose(p.b + d * p.b_design_stride + b * p.b_batch_stride, k, n, n,
                 bt + (d * nbb + b) * n * k, parallel_for);
   const int64_t usize = int64_t{1} << p.mbits;
   for (int64_t d = 0; d < nl; ++d)
     Transpose(p.lut + d * p.lut_design_stride, usize, usize, usize, lt + d * entries, parallel_for);
+  ImplicitA b_transposed;
+  b_transposed.plain_ld = n;
+  if (b_in_place) __atomic_fetch_add(&gemm_internal::g_plain_t_runs, 1, __ATOMIC_RELAXED);
   GemmProblem q = p;
-  q.a = bt;
+  q.a = b_in_place ? p.b : bt;
   q.b = at;
   q.lut = lt;
   q.out = ot;
-  q.implicit_a = nullptr;  // (p's implicit patch matrix is b^T = at now)
+  // (p's implicit patch matrix is b^T = at now.)
+  q.implicit_a = b_in_place ? &b_transposed : nullptr;
   q.m = n;
   q.n = m;
-  q.a_design_stride = p.b_design_stride != 0 ? nbb * n * k : 0;
-  q.a_batch_stride = p.b_batch_stride != 0 ? n * k : 0;
+  if (b_in_place) {
+    q.a_design_stride = p.b_design_stride;
+    q.a_batch_stride = p.b_batch_stride;
+  } else {
+    q.a_design_stride = p.b_design_stride != 0 ? nbb * n * k : 0;
+    q.a_batch_stride = p.b_batch_stride != 0 ? n * k : 0;
+  }
   q.b_design_stride = p.a_design_stride != 0 ? nab * k * m : 0;
   q.b_batch_stride = p.a_batch_stride != 0 ? k * m : 0;
   q.lut_design_stride = p.lut_design_stride != 0 ? entries : 0;

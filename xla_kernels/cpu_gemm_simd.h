@@ -73,6 +73,9 @@ extern int g_force_f32_tiles;
 // Harness override of the gather path's LUT-row streaming (Plan::stream):
 // 0 = automatic, 1 = never, 2 = always.
 extern int g_force_stream;
+// Harness override of how a transposed problem (cpu_gemm.cc GemmTransposed)
+// reads b^T: 0 = automatic, 1 = a transposed copy, 2 = in place.
+extern int g_force_plain_t;
 // Harness override of the bfloat16 tile builder: 0 = automatic (the byte
 // lookup wherever the CPU has AVX-512 VBMI), 1 = the permute builder.
 extern int g_force_permute_tiles;
@@ -83,6 +86,8 @@ extern int g_force_gather_tiles;
 extern int g_force_perm_tiles;
 // Plans that streamed LUT rows so far (a counter for the harness).
 extern int64_t g_stream_plans;
+// Transposed problems that read b^T in place so far (a counter for the harness).
+extern int64_t g_plain_t_runs;
 // Smallest M whose gathers stream LUT rows (automatic mode; a tuning knob).
 extern int g_stream_min_bits;
 // Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each

@@ -41,6 +41,10 @@ struct ImplicitA {
   const int64_t* tap_offset = nullptr;
   bool transposed = false;
   int64_t samples = 1;  // N (transposed: a channel's plane holds N * prod(in) floats)
+  // Not a patch matrix: when > 0, a plain matrix read transposed, a[i, kk] =
+  // x[kk * plain_ld + i] (the transposed problem's a is the original b,
+  // cpu_gemm.cc GemmTransposed, read in place instead of copied).
+  int64_t plain_ld = 0;
 };
 
 // Offset in floats of row i's first element (tap 0, channel 0) in x.
@@ -128,13 +132,26 @@ __attribute__((always_inline)) inline void GatherPatchRowsT(const ImplicitA& g, 
   }
 }
 
-// The rows x k-block strip of either form.
+// Plain (plain_ld > 0): dst[r * ld + kk] = x[(k0 + kk) * plain_ld + i0 + r],
+// a rows-wide run of each of the kb rows of x.
+__attribute__((always_inline)) inline void GatherPlainRowsT(const ImplicitA& g, const float* x,
+                                                            int64_t i0, int rows, int64_t k0,
+                                                            int kb, float* dst, int64_t ld) {
+  for (int kk = 0; kk < kb; ++kk) {
+    const float* src = x + (k0 + kk) * g.plain_ld + i0;
+    for (int r = 0; r < rows; ++r) dst[r * ld + kk] = src[r];
+  }
+}
+
+// The rows x k-block strip of any form.
 template <class Copy = ScalarRunCopy>
 __attribute__((always_inline)) inline void GatherImplicitA(const ImplicitA& g, const float* x,
                                                            int64_t i0, int rows, int64_t k0, int kb,
                                                            float* dst, int64_t ld,
                                                            const Copy& copy = Copy()) {
-  if (g.transposed)
+  if (g.plain_ld > 0)
+    GatherPlainRowsT(g, x, i0, rows, k0, kb, dst, ld);
+  else if (g.transposed)
     GatherPatchRowsT(g, x, i0, rows, k0, kb, dst, ld, copy);
   else
     GatherPatchRows(g, x, i0, rows, k0, kb, dst, ld, copy);
