@@ -1133,7 +1133,8 @@ def test_cpu_transposed_problem_reads_b_in_place_bit_exact(specials, isa, monkey
     M, rows, K, N = 7, 40, 150, 170
     x, w = _wide_range_operands(rows, K, N, seed=rows + 3)
     if specials:
-        x[0, 3], x[17, 5], x[39, 149], w[7, 2], w[9, 169], w[0, 0] = np.inf, 3e38, -0.0, np.nan, -0.0, 1e-39
+        x[0, 3], x[17, 5], x[39, 149] = np.inf, 3e38, -0.0
+        w[7, 2], w[9, 169], w[0, 0] = np.nan, -0.0, 1e-39
     designs = [random_multiplier(M, 5), multipliers.mbm(M), random_multiplier(M, 6)]
     got = _knob_on_equals_off(
         monkeypatch, "APPROX_JAX_CPU_PLAIN_T", "2", x, w, designs, "b^T in place vs copied"
