@@ -1144,6 +1144,29 @@ def test_cpu_transposed_problem_reads_b_in_place_bit_exact(specials, isa, monkey
             _assert_bits_equal(got[d], reference.sequential_dot(x, w, m.lut, m.mbits))
 
 
+@pytest.mark.parametrize("isa", ["1", "2", "3"])
+@pytest.mark.parametrize("M,cols,K", [(6, 1, 150), (7, 2, 150), (8, 1, 4500)])
+def test_cpu_matrix_vector_product_transposed_bit_exact(M, cols, K, isa, monkeypatch):
+    # One or two columns and many rows at 6 <= M <= 8 run as the transposed
+    # problem on the direct kernel, which reads the matrix in place
+    # (cpu_gemm.cc PrefersTransposedDirect, GemmProblem::b_plain_ld; K = 4500
+    # splits k). APPROX_JAX_CPU_MATVEC=0 keeps the tile / gather paths: the
+    # same bits, equal to the NumPy sequential order; with special values
+    # in both operands the two must still agree.
+    if isa == "3" and not _cpu_has_avx512():
+        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
+    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
+    rows = 300
+    x, w = _wide_range_operands(rows, K, cols, seed=M + cols)
+    designs = [random_multiplier(M, 7), multipliers.mbm(M), random_multiplier(M, 8)]
+    got = _knob_on_equals_off(monkeypatch, "APPROX_JAX_CPU_MATVEC", "1", x, w, designs, "matvec")
+    for d, m in enumerate(designs):
+        _assert_bits_equal(got[d], _chunked_sequential_dot(x, w, m))
+    x[0, 3], x[17, 5], x[299, K - 1] = np.inf, 3e38, -0.0
+    w[7, 0], w[9, cols - 1], w[0, 0] = np.nan, -0.0, 1e-39
+    _knob_on_equals_off(monkeypatch, "APPROX_JAX_CPU_MATVEC", "1", x, w, designs, "matvec specials")
+
+
 @pytest.mark.parametrize(
     "u,v,rows_changed",
     [

@@ -800,6 +800,31 @@ int Test() {
       ++g_failures;
     }
   }
+  // Matrix-vector products (one or two columns, M = 6-8): the automatic
+  // path runs the transposed problem on the direct kernel, reading a in
+  // place (GemmProblem::b_plain_ld); with split-K (k >= 4096), designs
+  // sharing a or b, specials, a random LUT and an MBM-like one.
+  {
+    const int64_t before = gemm_internal::g_matvec_runs;
+    const int64_t shapes[][5] = {
+        {1, 1, 300, 200, 1}, {3, 2, 40, 130, 2}, {2, 1, 100, 5000, 1}, {1, 3, 17, 64, 2}};
+    int v = 0;
+    for (const auto& s : shapes)
+      for (int m : {6, 7, 8}) {
+        Case c = ShapeCase(s, m);
+        c.lut_kind = v % 2 ? 5 : 0;
+        c.a_bcast_d = v % 3 == 1;
+        c.b_bcast_d = v % 3 == 2;
+        c.special = v % 2 ? 0.002 : 0.0;
+        ++v;
+        RunCase(c, rng, &pool);
+        ++cases;
+      }
+    if (gemm_internal::g_matvec_runs == before) {
+      std::printf("FAIL no matrix-vector product ran as its transposed problem\n");
+      ++g_failures;
+    }
+  }
   cases += TestConv(&pool, rng);
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);

@@ -40,6 +40,7 @@ int g_force_gather_tiles = 0;
 int g_force_perm_tiles = 0;
 int64_t g_stream_plans = 0;
 int64_t g_plain_t_runs = 0;
+int64_t g_matvec_runs = 0;
 int g_stream_min_bits = 10;
 int g_min_rows_mul = 4;
 
@@ -131,6 +132,11 @@ void ScalarGemm(const GemmProblem& p, const gemm_internal::KSplit& ks,
       std::fill(out_row, out_row + p.n, 0.0f);
       for (int64_t kk = kbeg; kk < kend; ++kk) {
         const uint32_t av = a_row[kk];
+        if (p.b_plain_ld > 0) {  // b stored transposed (GemmProblem::b_plain_ld)
+          for (int64_t j = 0; j < p.n; ++j)
+            out_row[j] += BitsFloat(ApproxMulBits(av, b_mat[j * p.b_plain_ld + kk], lut, p.mbits));
+          continue;
+        }
         const uint32_t* b_row = b_mat + kk * p.n;
         for (int64_t j = 0; j < p.n; ++j) {
           out_row[j] += BitsFloat(ApproxMulBits(av, b_row[j], lut, p.mbits));
@@ -688,6 +694,25 @@ bool PrefersTransposedStream(const GemmProblem& p, const int* families, const in
   return TransposedCopyBytes(p) <= kTransposedStreamBytesMax;
 }
 
+// A matrix-vector product (one or two columns, many rows): the tile and
+// gather paths fill one or two of a vector's lanes, while its transposed
+// problem has one or two rows, which the direct kernel runs with the
+// matrix's rows in the lanes, reading the matrix in place
+// (GemmProblem::b_plain_ld). For 6 <= M <= 8: below, the tiles are cheap
+// (mbm3 ran 1.3-1.5x slower this way); above, the LUT (transposed per call)
+// is 1-16 MB. Zen 4, in one process, 9 rounds, ms, before vs after: mbm7
+// 1024x1024x1 1.24 vs 0.90, 4096x1024x1 5.3 vs 4.6, 64x6000x1 1.04 vs 0.51;
+// random8 1024x1024x1 5.9 vs 1.6, 4096x1024x1 22.8 vs 4.6.
+// APPROX_JAX_CPU_MATVEC=0 turns it off.
+bool PrefersTransposedDirect(const GemmProblem& p) {
+  if (gemm_internal::g_force_strategy != 0 || p.implicit_a != nullptr || p.b_plain_ld != 0)
+    return false;
+  if (p.n > gemm_internal::kDirectMaxRows || p.m <= 8 * gemm_internal::kDirectMaxRows || p.k == 0 ||
+      p.mbits < 6 || p.mbits > 8)
+    return false;
+  return EnvMode("APPROX_JAX_CPU_MATVEC") != 0;
+}
+
 bool PrefersTransposed(const GemmProblem& p, int eff_bits, bool cheap_closed_form) {
   if (p.mbits > 7 || eff_bits < 6 || cheap_closed_form || p.k == 0) return false;
   if (gemm_internal::PrefersGathers(p.m, p.mbits)) return false;
@@ -717,7 +742,7 @@ void TransposedImplicitA(const ImplicitA& g, const float* x, int64_t rows, int64
 // Runs p as its transposed problem (see PrefersTransposed): transposes the
 // distinct a and b blocks (zero strides stay shared) and the LUTs, computes
 // out^T, and transposes it into p.out.
-std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for) {
+std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for, bool a_in_place) {
   const int64_t m = p.m, n = p.n, k = p.k;
   const int64_t nad = DistinctBlocks(p, p.a_design_stride, 0);
   const int64_t nab = DistinctBlocks(p, 0, p.a_batch_stride);
@@ -740,19 +765,22 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   // 7.8 vs 6.7, 64x1024x512 1.75 vs 1.59; with b within L2, 64x784x300 0.80
   // vs 0.81-0.85, 64x512x512 0.78 vs 0.81. An implicit patch matrix a is
   // gathered transposed as before.
-  const int plain_mode = PlainTransposeMode();
+  // (a_in_place: a matrix-vector product, PrefersTransposedDirect, whose
+  // b^T is the direct kernel's one or two rows, copied.)
+  const int plain_mode = a_in_place ? 0 : PlainTransposeMode();
   const bool b_in_place =
       plain_mode == 2 ||
       (plain_mode == 1 &&
        4.0 * static_cast<double>(n) * k > static_cast<double>(gemm_internal::L2CacheBytes()));
-  const int64_t a_floats = nad * nab * k * m, b_floats = b_in_place ? 0 : nbd * nbb * n * k;
+  const int64_t a_floats = a_in_place ? 0 : nad * nab * k * m;
+  const int64_t b_floats = b_in_place ? 0 : nbd * nbb * n * k;
   const int64_t o_floats = p.designs * p.batch * n * m;
   const bool keep = TransposedCopyBytes(p) <= kTransposedBytesMax;
   float* at = ReusedBuffer(keep ? at_store : at_local, a_floats);
   float* bt = ReusedBuffer(keep ? bt_store : bt_local, b_floats);
   uint32_t* lt = ReusedBuffer(p.mbits >= 8 ? lt_local : lt_store, nl * entries);
   float* ot = ReusedBuffer(keep ? ot_store : ot_local, o_floats);
-  for (int64_t d = 0; d < nad; ++d)
+  for (int64_t d = 0; d < nad && !a_in_place; ++d)
     for (int64_t b = 0; b < nab; ++b) {
       const float* a = p.a + d * p.a_design_stride + b * p.a_batch_stride;
       float* dst = at + (d * nab + b) * k * m;
@@ -773,7 +801,8 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   if (b_in_place) __atomic_fetch_add(&gemm_internal::g_plain_t_runs, 1, __ATOMIC_RELAXED);
   GemmProblem q = p;
   q.a = b_in_place ? p.b : bt;
-  q.b = at;
+  q.b = a_in_place ? p.a : at;
+  q.b_plain_ld = a_in_place ? k : 0;
   q.lut = lt;
   q.out = ot;
   // (p's implicit patch matrix is b^T = at now.)
@@ -787,8 +816,8 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
     q.a_design_stride = p.b_design_stride != 0 ? nbb * n * k : 0;
     q.a_batch_stride = p.b_batch_stride != 0 ? n * k : 0;
   }
-  q.b_design_stride = p.a_design_stride != 0 ? nab * k * m : 0;
-  q.b_batch_stride = p.a_batch_stride != 0 ? k * m : 0;
+  q.b_design_stride = a_in_place ? p.a_design_stride : p.a_design_stride != 0 ? nab * k * m : 0;
+  q.b_batch_stride = a_in_place ? p.a_batch_stride : p.a_batch_stride != 0 ? k * m : 0;
   q.lut_design_stride = p.lut_design_stride != 0 ? entries : 0;
   std::string err = GemmDirect(q, parallel_for, /*may_transpose=*/false);
   if (!err.empty()) return err;
@@ -800,6 +829,10 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose) {
   const int64_t problems = p.designs * p.batch;
   const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
+  if (may_transpose && PrefersTransposedDirect(p)) {
+    __atomic_fetch_add(&gemm_internal::g_matvec_runs, 1, __ATOMIC_RELAXED);
+    return GemmTransposed(p, parallel_for, /*a_in_place=*/true);
+  }
   // The direct kernel (few rows) reads the LUT as it is: no pass over the
   // LUTs for effective widths, closed forms or 16-bit copies, no transposes.
   const bool direct = gemm_internal::PrefersDirect(p);
@@ -855,9 +888,9 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     // tiles; for streaming, where it pays 3-5x, it is gathered transposed.)
     if (p.implicit_a == nullptr &&
         PrefersTransposed(p, widest, gemm_internal::CheapClosedFormWins(p, families)))
-      return GemmTransposed(p, parallel_for);
+      return GemmTransposed(p, parallel_for, /*a_in_place=*/false);
     if (PrefersTransposedStream(p, families, eff_bits, stream_mode))
-      return GemmTransposed(p, parallel_for);
+      return GemmTransposed(p, parallel_for, /*a_in_place=*/false);
   }
   // (Made here, after any recursion above: the copies live in per-thread
   // storage reused by the next call.)

@@ -43,6 +43,11 @@ struct GemmProblem {
   // `a` and its design/batch strides address the padded channels-last input,
   // and a[i, k] is the patch element, never stored.
   const ImplicitA* implicit_a = nullptr;
+  // When > 0, b is stored transposed: b[k, j] = b[j * b_plain_ld + k] (a
+  // matrix-vector product's matrix, read in place as the right operand of
+  // its transposed problem; cpu_gemm.cc). Only the direct and the scalar
+  // kernels take such a problem.
+  int64_t b_plain_ld = 0;
 };
 
 // Runs fn(0) ... fn(num_tasks - 1), possibly concurrently; returns when all

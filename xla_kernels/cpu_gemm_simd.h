@@ -88,6 +88,9 @@ extern int g_force_perm_tiles;
 extern int64_t g_stream_plans;
 // Transposed problems that read b^T in place so far (a counter for the harness).
 extern int64_t g_plain_t_runs;
+// Matrix-vector products run as their transposed problem so far (a counter
+// for the harness).
+extern int64_t g_matvec_runs;
 // Smallest M whose gathers stream LUT rows (automatic mode; a tuning knob).
 extern int g_stream_min_bits;
 // Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each
