@@ -250,6 +250,32 @@ void RunCase(const Case& c, std::mt19937& rng, Pool* pool, int64_t* auto_streams
   p.lut_facts = nullptr;
 }
 
+// Cases of `shapes` ({designs, batch, m, k, n}) at each width, cycling
+// through a random and an MBM-like LUT, designs sharing a or b and special
+// values, that the automatic plan should send down one route: fails with
+// `what` unless `counter` (the route's counter) moved. Returns the count.
+int RunRoutedCases(std::initializer_list<std::array<int64_t, 5>> shapes,
+                   std::initializer_list<int> widths, const int64_t* counter, const char* what,
+                   Pool* pool, std::mt19937& rng) {
+  const int64_t before = *counter;
+  int v = 0;
+  for (const auto& s : shapes)
+    for (int m : widths) {
+      Case c = ShapeCase({s[0], s[1], s[2], s[3], s[4]}, m);
+      c.lut_kind = v % 2 ? 5 : 0;
+      c.a_bcast_d = v % 3 == 1;
+      c.b_bcast_d = v % 3 == 2;
+      c.special = v % 2 ? 0.002 : 0.0;
+      ++v;
+      RunCase(c, rng, pool);
+    }
+  if (*counter == before) {
+    std::printf("FAIL %s\n", what);
+    ++g_failures;
+  }
+  return v;
+}
+
 // An implicit patch matrix (GemmProblem::implicit_a): every kernel path on it
 // must give the naive kernel's bits on the materialised matrix, built here by
 // a plain im2col loop. Groups are the batch axis; x and w broadcast over the
@@ -778,53 +804,18 @@ int Test() {
   // Few rows, many columns (M = 6, 7, no cheap closed form): the automatic
   // path runs the transposed problem, and strategy 7 reads its a = b^T in
   // place; the last shape's b (2.9 MB) is beyond L2, where the automatic
-  // choice reads it in place too. Designs sharing a or b, specials.
-  {
-    const int64_t before = gemm_internal::g_plain_t_runs;
-    const int64_t shapes[][5] = {
-        {1, 1, 32, 300, 200}, {3, 2, 20, 130, 100}, {2, 1, 7, 65, 61}, {1, 1, 48, 600, 1200}};
-    int v = 0;
-    for (const auto& s : shapes)
-      for (int m : {6, 7}) {
-        Case c = ShapeCase(s, m);
-        c.lut_kind = v % 2 ? 5 : 0;
-        c.a_bcast_d = v % 3 == 1;
-        c.b_bcast_d = v % 3 == 2;
-        c.special = v % 2 ? 0.002 : 0.0;
-        ++v;
-        RunCase(c, rng, &pool);
-        ++cases;
-      }
-    if (gemm_internal::g_plain_t_runs == before) {
-      std::printf("FAIL no transposed problem read b^T in place\n");
-      ++g_failures;
-    }
-  }
+  // choice reads it in place too.
+  cases += RunRoutedCases(
+      {{1, 1, 32, 300, 200}, {3, 2, 20, 130, 100}, {2, 1, 7, 65, 61}, {1, 1, 48, 600, 1200}},
+      {6, 7}, &gemm_internal::g_plain_t_runs, "no transposed problem read b^T in place", &pool,
+      rng);
   // Matrix-vector products (one or two columns, M = 6-8): the automatic
   // path runs the transposed problem on the direct kernel, reading a in
-  // place (GemmProblem::b_plain_ld); with split-K (k >= 4096), designs
-  // sharing a or b, specials, a random LUT and an MBM-like one.
-  {
-    const int64_t before = gemm_internal::g_matvec_runs;
-    const int64_t shapes[][5] = {
-        {1, 1, 300, 200, 1}, {3, 2, 40, 130, 2}, {2, 1, 100, 5000, 1}, {1, 3, 17, 64, 2}};
-    int v = 0;
-    for (const auto& s : shapes)
-      for (int m : {6, 7, 8}) {
-        Case c = ShapeCase(s, m);
-        c.lut_kind = v % 2 ? 5 : 0;
-        c.a_bcast_d = v % 3 == 1;
-        c.b_bcast_d = v % 3 == 2;
-        c.special = v % 2 ? 0.002 : 0.0;
-        ++v;
-        RunCase(c, rng, &pool);
-        ++cases;
-      }
-    if (gemm_internal::g_matvec_runs == before) {
-      std::printf("FAIL no matrix-vector product ran as its transposed problem\n");
-      ++g_failures;
-    }
-  }
+  // place (GemmProblem::b_plain_ld); one shape splits k (k >= 4096).
+  cases += RunRoutedCases(
+      {{1, 1, 300, 200, 1}, {3, 2, 40, 130, 2}, {2, 1, 100, 5000, 1}, {1, 3, 17, 64, 2}}, {6, 7, 8},
+      &gemm_internal::g_matvec_runs, "no matrix-vector product ran as its transposed problem",
+      &pool, rng);
   cases += TestConv(&pool, rng);
   // Out-of-format LUT (carry field > 1) must still match (scalar path).
   std::printf("%d cases, %d failures\n", cases, g_failures);
