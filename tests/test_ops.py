@@ -549,9 +549,9 @@ def _cpu_has_avx512() -> bool:
 
 
 def _use_cpu_isa(monkeypatch, isa):
-    """Caps the CPU kernel at instruction set `isa` (APPROX_JAX_CPU_ISA: "2"
-    AVX2, "3" AVX-512); skips "3" where the CPU has no AVX-512 (it would
-    repeat the "2" case)."""
+    """Caps the CPU kernel at instruction set `isa` (APPROX_JAX_CPU_ISA: "1"
+    scalar, "2" AVX2, "3" AVX-512); skips "3" where the CPU has no AVX-512
+    (it would repeat the "2" case)."""
     if isa == "3" and not _cpu_has_avx512():
         pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
     monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
@@ -1127,9 +1127,7 @@ def test_cpu_transposed_problem_reads_b_in_place_bit_exact(specials, isa, monkey
     # the same bits, equal to the NumPy sequential order (the scalar unit,
     # isa 1, materialises the strips). With special values in both operands
     # the two must still agree (the reference does not model NaN signs).
-    if isa == "3" and not _cpu_has_avx512():
-        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
-    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
+    _use_cpu_isa(monkeypatch, isa)
     M, rows, K, N = 7, 40, 150, 170
     x, w = _wide_range_operands(rows, K, N, seed=rows + 3)
     if specials:
@@ -1153,9 +1151,7 @@ def test_cpu_matrix_vector_product_transposed_bit_exact(M, cols, K, isa, monkeyp
     # splits k). APPROX_JAX_CPU_MATVEC=0 keeps the tile / gather paths: the
     # same bits, equal to the NumPy sequential order; with special values
     # in both operands the two must still agree.
-    if isa == "3" and not _cpu_has_avx512():
-        pytest.skip("no AVX-512 here: isa 3 would run the AVX2 unit of the isa 2 case")
-    monkeypatch.setenv("APPROX_JAX_CPU_ISA", isa)
+    _use_cpu_isa(monkeypatch, isa)
     rows = 300
     x, w = _wide_range_operands(rows, K, cols, seed=M + cols)
     designs = [random_multiplier(M, 7), multipliers.mbm(M), random_multiplier(M, 8)]

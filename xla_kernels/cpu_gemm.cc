@@ -805,17 +805,13 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   q.b_plain_ld = a_in_place ? k : 0;
   q.lut = lt;
   q.out = ot;
-  // (p's implicit patch matrix is b^T = at now.)
+  // (q's a is b^T, in place or the copy bt; p's implicit patch matrix, if
+  // any, was gathered transposed into q's b = at.)
   q.implicit_a = b_in_place ? &b_transposed : nullptr;
   q.m = n;
   q.n = m;
-  if (b_in_place) {
-    q.a_design_stride = p.b_design_stride;
-    q.a_batch_stride = p.b_batch_stride;
-  } else {
-    q.a_design_stride = p.b_design_stride != 0 ? nbb * n * k : 0;
-    q.a_batch_stride = p.b_batch_stride != 0 ? n * k : 0;
-  }
+  q.a_design_stride = b_in_place ? p.b_design_stride : p.b_design_stride != 0 ? nbb * n * k : 0;
+  q.a_batch_stride = b_in_place ? p.b_batch_stride : p.b_batch_stride != 0 ? n * k : 0;
   q.b_design_stride = a_in_place ? p.a_design_stride : p.a_design_stride != 0 ? nab * k * m : 0;
   q.b_batch_stride = a_in_place ? p.a_batch_stride : p.a_batch_stride != 0 ? k * m : 0;
   q.lut_design_stride = p.lut_design_stride != 0 ? entries : 0;

@@ -928,6 +928,7 @@ struct DirectPlan {
   const GemmProblem* p;
   const KSplit* ks;
   int64_t cols_per, ncc;  // column chunks
+  int failed = 0;         // a task found no scratch (set atomically)
 };
 
 // The ISA file's DirectProduct(lanes, one, voff, row, mbits, &special):
@@ -963,8 +964,9 @@ DirectTask DirectTaskOf(const GemmProblem& p, const KSplit& ks, int64_t unit, in
 }
 
 // Every row of the problem, columns [c0, c1) (b's columns in the lanes), the
-// sums in memory (the block stays in L1: RunDirect).
-void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64_t c1) {
+// sums in memory (the block stays in L1: RunDirect). False when b is stored
+// transposed and there was no scratch for its buffer.
+bool RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64_t c1) {
   const int mbits = p.mbits;
   const int64_t vec_end = c0 + (c1 - c0) / kVL * kVL;
   for (int64_t r = 0; r < p.m; ++r)
@@ -972,16 +974,15 @@ void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64
   // b stored transposed (GemmProblem::b_plain_ld): each block of kPlainKb k
   // is first copied into rows of a per-thread buffer (c1 - c0 floats per k),
   // row k's column j at j - c0; else b's row k, column j at j.
-  // (Without scratch for the buffer, each vector of b is copied as it is
-  // used: same values.)
   constexpr int64_t kPlainKb = 64;
   const int64_t ldt = p.b_plain_ld;
   const int64_t pitch = RoundUp(c1 - c0, 16) + 16;
   float* const plain_buf =
       ldt > 0 ? static_cast<float*>(ThreadScratch(kSlotB, kPlainKb * pitch * 4)) : nullptr;
-  const int64_t boff = plain_buf != nullptr ? c0 : 0;
+  if (ldt > 0 && plain_buf == nullptr) return false;
+  const int64_t boff = ldt > 0 ? c0 : 0;
   for (int64_t k = t.k0; k < t.k1; ++k) {
-    if (plain_buf != nullptr && (k - t.k0) % kPlainKb == 0) {
+    if (ldt > 0 && (k - t.k0) % kPlainKb == 0) {
       // Column by column (a contiguous run of the matrix's row), into buffer
       // rows padded off multiples of 4 KB: unpadded, 1024 columns put a
       // column's 64 writes in one L1 set (4096x1024x1 took 10.5 ms, 4.0 ms
@@ -992,11 +993,8 @@ void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64
         for (int64_t kk = 0; kk < kb; ++kk) plain_buf[kk * pitch + (j - c0)] = src[kk];
       }
     }
-    const float* brow = plain_buf != nullptr ? plain_buf + ((k - t.k0) % kPlainKb) * pitch
-                        : ldt > 0            ? nullptr
-                                             : t.b + k * p.n;
-    // Element j of b's row k.
-    auto b_at = [&](int64_t j) { return brow != nullptr ? brow[j - boff] : t.b[j * ldt + k]; };
+    // b's row k; its column j at brow[j - boff].
+    const float* brow = ldt > 0 ? plain_buf + ((k - t.k0) % kPlainKb) * pitch : t.b + k * p.n;
     for (int64_t r = 0; r < p.m; ++r) {
       const uint32_t ab = FloatBits(t.a[r * p.k + k]);
       const uint32_t ea = (ab >> 23) & 0xffu;
@@ -1010,10 +1008,7 @@ void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64
         // the lanes past cols are not products); lanes holding an Inf or NaN
         // b send the vector to the scalar path.
         auto products = [&](int64_t j0, int cols) {
-          alignas(64) float copied[kVL];
-          if (brow == nullptr)
-            for (int l = 0; l < cols; ++l) copied[l] = b_at(j0 + l);
-          const float* bj = brow != nullptr ? brow + (j0 - boff) : copied;
+          const float* bj = brow + (j0 - boff);
           bool special;
           const VI prod =
               DirectProduct(cols == kVL ? LoadI(reinterpret_cast<const int32_t*>(bj))
@@ -1035,19 +1030,21 @@ void RunDirectBlock(const GemmProblem& p, const DirectTask& t, int64_t c0, int64
           j = c1;
         }
       }
-      for (; j < c1; ++j) crow[j] += BitsFloat(ApproxMulBits(ab, FloatBits(b_at(j)), t.lut, mbits));
+      for (; j < c1; ++j)
+        crow[j] += BitsFloat(ApproxMulBits(ab, FloatBits(brow[j - boff]), t.lut, mbits));
     }
   }
+  return true;
 }
 
 void RunDirectTask(void* arg, int64_t task) {
-  const DirectPlan& dp = *static_cast<const DirectPlan*>(arg);
+  DirectPlan& dp = *static_cast<DirectPlan*>(arg);
   const GemmProblem& p = *dp.p;
   const int64_t cc = task % dp.ncc;
   const DirectTask t =
       DirectTaskOf(p, *dp.ks, (task / dp.ncc) % dp.ks->probs, task / dp.ncc / dp.ks->probs);
   const int64_t c0 = cc * dp.cols_per, c1 = MinI(p.n, c0 + dp.cols_per);
-  if (c0 < c1) RunDirectBlock(p, t, c0, c1);
+  if (c0 < c1 && !RunDirectBlock(p, t, c0, c1)) __atomic_store_n(&dp.failed, 1, __ATOMIC_RELAXED);
 }
 
 // Tasks: (k chunk, problem, column chunk), every row in each.
@@ -1061,7 +1058,7 @@ int RunDirect(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   dp.cols_per = MinI(max_cols, MaxI(MinI(p.n, kDirectMinCols), want));
   dp.ncc = CeilDiv(p.n, dp.cols_per);
   runner.run(runner.ctx, units * dp.ncc, &RunDirectTask, &dp);
-  return kSimdOk;
+  return __atomic_load_n(&dp.failed, __ATOMIC_RELAXED) ? kSimdNoMemory : kSimdOk;
 }
 
 int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
