@@ -444,7 +444,11 @@ def _with_lut(m: mult_lib.Multiplier, lut) -> mult_lib.Multiplier:
 
 
 def names() -> tuple[str, ...]:
-    """Names accepted by :func:`create`."""
+    """Names accepted by :func:`create`.
+
+    Returns:
+      The registered model names, e.g. ``("lenet300", "lenet5", ...)``.
+    """
     return tuple(_REGISTRY)
 
 

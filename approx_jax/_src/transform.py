@@ -1564,6 +1564,10 @@ class EinsumOp(hooks.Hook):
 
     Built by :func:`approx_jax.nn.einsum`; for ``einsum_op`` of
     ``flax.nnx.Einsum`` (``approx_jax.nn.Einsum`` is that layer with it).
+
+    Example:
+      >>> layer = nnx.Einsum("ab,bc->ac", (784, 10), rngs=nnx.Rngs(0),
+      ...                    einsum_op=approx_jax.nn.einsum("mbm7"))
     """
 
     def __call__(self, *operands, **kwargs):

@@ -417,6 +417,11 @@ class AttentionFn:
     ``approx_jax.nn.linen.dot_product_attention`` (``flavor="linen"``). Its
     ``__signature__`` is that of the underlying function minus the keyword-only
     multiplier arguments, because linen filters keyword arguments by signature.
+
+    Example:
+      >>> attn = nnx.MultiHeadAttention(
+      ...     num_heads=4, in_features=64, decode=False, rngs=nnx.Rngs(0),
+      ...     attention_fn=approx_jax.nn.AttentionFn("mbm7"))
     """
 
     def __init__(self, multiplier="fp32", backward: str = "approx", flavor: str = "nnx"):

@@ -173,6 +173,9 @@ class DotGeneral(Hook):
     """A ``lax.dot_general``-compatible callable simulating a multiplier.
 
     Built by :func:`dot_general`.
+
+    Example:
+      >>> dense = nn.Dense(10, dot_general=approx_jax.nn.dot_general("mbm7"))
     """
 
     def __call__(
@@ -205,6 +208,10 @@ class ConvGeneralDilated(Hook):
     Built by :func:`conv_general_dilated`. ``dimension_numbers=None`` keeps
     lax's meaning (NCHW/OIHW), unlike :func:`approx_conv`'s channels-last
     default.
+
+    Example:
+      >>> conv = nn.Conv(32, (5, 5),
+      ...                conv_general_dilated=approx_jax.nn.conv_general_dilated("mbm7"))
     """
 
     def __call__(
