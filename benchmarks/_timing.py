@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 
@@ -67,5 +68,31 @@ def alternating_medians(fns: dict, reps: int = 7, warmup: int = 3) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and vector width, e.g. "Intel(R) Xeon(R) Processor, AVX-512".
+
+    Results from different VMs differ mostly by these (a Xeon does two 512-bit
+    FMAs per cycle for the native op, a Zen 4 one; an AVX2-only CPU runs the
+    kernels' 8-lane unit), so the tables name them.
+    """
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    name = name or platform.processor() or "unknown CPU"
+    if {"avx512f", "avx512bw"} <= flags:
+        return f"{name}, AVX-512"
+    if {"avx2", "fma"} <= flags:
+        return f"{name}, AVX2"
+    return name
+
+
 def thread_note() -> str:
-    return f"{os.cpu_count()} CPU cores visible; XLA intra-op pool uses all of them"
+    return f"{os.cpu_count()} CPU cores visible ({cpu_model()}); XLA intra-op pool uses all of them"
