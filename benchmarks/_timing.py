@@ -87,7 +87,8 @@ def cpu_model() -> str:
     except OSError:  # not Linux
         pass
     name = name or platform.processor() or "unknown CPU"
-    if {"avx512f", "avx512bw"} <= flags:
+    # The kernels' own choice (cpu_gemm.cc BestIsa).
+    if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags:
         return f"{name}, AVX-512"
     if {"avx2", "fma"} <= flags:
         return f"{name}, AVX2"
