@@ -1227,6 +1227,33 @@ def test_cpu_lut_row_streaming_is_bit_exact(M, shape, monkeypatch):
         _assert_bits_equal(streamed[0], reference.sequential_dot(x, w, designs[0].lut, M))
 
 
+@pytest.mark.parametrize("M", [10, 11])
+@pytest.mark.parametrize("shape", [(13, 70, 150), (8, 33, 1100), (4, 9, 65)])
+def test_cpu_four_row_gathers_are_bit_exact(M, shape, monkeypatch):
+    # The streamed kernel gathers four rows' LUT entries per 64-bit lane
+    # (AVX-512: QuadStep on a per-k interleaved table of the 16-bit LUT copy;
+    # rows beyond a multiple of four, other ISAs, a 32-bit LUT and
+    # APPROX_JAX_CPU_QUAD=0 gather one row at a time).
+    # Same products, same order: bit-equal either way and to the NumPy
+    # sequential order; column tails (150, 1100 and 65 are no multiple of 16),
+    # special values (the exact scalar path of their panels) and a stack with
+    # a closed-form design included.
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows * K + N + M)
+    x[min(5, rows - 1), K // 2] = np.nan
+    monkeypatch.setenv("APPROX_JAX_CPU_STREAM", "2")
+    # (The four-row tables are made from the 16-bit LUT copy, which problems
+    # this small would not pay for on their own.)
+    monkeypatch.setenv("APPROX_JAX_CPU_LUT16", "2")
+    designs = [random_multiplier(M, 11), multipliers.mitchell(M)]
+    quads = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_QUAD", "1", x, w, designs, "four-row vs one-row gathers"
+    )
+    _assert_bits_equal_nan_aside(
+        quads[0], reference.sequential_dot(x, w, designs[0].lut, M), "four-row gathers vs NumPy"
+    )
+
+
 def test_cpu_lut_row_streaming_transposed_is_bit_exact(monkeypatch):
     # Few columns, many rows, M = 10, a random LUT: the automatic mode runs
     # the transposed problem so that the LUT rows stream across the rows

@@ -868,6 +868,8 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_F32_TILES"))
     gemm_internal::g_force_f32_tiles = std::atoi(e);
   if (const char* e = std::getenv("GEMM_STREAM")) gemm_internal::g_force_stream = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_QUAD"))
+    gemm_internal::g_force_row_gathers = std::atoi(e) == 0;
   if (const char* e = std::getenv("GEMM_PLAIN_T")) gemm_internal::g_force_plain_t = std::atoi(e);
   if (const char* e = std::getenv("GEMM_PERMUTE_TILES"))
     gemm_internal::g_force_permute_tiles = std::atoi(e);
@@ -898,6 +900,18 @@ int Bench(int reps, int argc, char** argv) {
     std::normal_distribution<float> N(0, 1);
     for (auto& x : a) x = N(rng);
     for (auto& x : b) x = N(rng);
+    // GEMM_A_DISTINCT=d: a's top 11 mantissa bits take only d values, so that
+    // a gathering kernel touches only d LUT rows (their cost in cache, not in
+    // memory: the bound of any fix to LUT-row traffic).
+    if (const char* e = std::getenv("GEMM_A_DISTINCT")) {
+      const uint32_t d = static_cast<uint32_t>(std::max(1, std::atoi(e)));
+      for (auto& x : a) {
+        uint32_t u;
+        std::memcpy(&u, &x, 4);
+        u = (u & 0xFF800000u) | ((((u >> 12) & 0x7FFu) % d) << 12);
+        std::memcpy(&x, &u, 4);
+      }
+    }
     // GEMM_LUT_KIND: MakeLut kind (default 2; 4 = Mitchell, 5 = MBM: closed forms).
     const int lut_kind = std::getenv("GEMM_LUT_KIND") ? std::atoi(std::getenv("GEMM_LUT_KIND")) : 2;
     for (int m : ms) {

@@ -36,6 +36,7 @@ int g_force_f32_tiles = 0;
 int g_force_stream = 0;
 int g_force_plain_t = 0;
 int g_force_permute_tiles = 0;
+int g_force_row_gathers = 0;
 int g_force_gather_tiles = 0;
 int g_force_perm_tiles = 0;
 int64_t g_stream_plans = 0;
@@ -196,15 +197,21 @@ GemmProblem WithMaterialisedA(const GemmProblem& p, std::vector<float>* store,
   return q;
 }
 
-// Runs the best kernel on the part of the problem `ks` names. Env
-// APPROX_JAX_CPU_ISA (1 scalar, 2 AVX2, 3 AVX-512) caps the instruction set,
-// so that an AVX-512 machine can run (and its tests check) the AVX2 unit.
-int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
-            const ParallelFor& parallel_for) {
+// The instruction set the kernels run: the best this CPU has, capped by env
+// APPROX_JAX_CPU_ISA (1 scalar, 2 AVX2, 3 AVX-512), so that an AVX-512
+// machine can run (and its tests check) the AVX2 unit, or by the harness.
+int ChosenIsa() {
   int isa = BestIsa();
   if (const char* e = std::getenv("APPROX_JAX_CPU_ISA"))
     if (std::atoi(e) >= 1) isa = std::min(isa, std::atoi(e));
   if (gemm_internal::g_force_isa > 0) isa = std::min(isa, gemm_internal::g_force_isa);
+  return isa;
+}
+
+// Runs the best kernel on the part of the problem `ks` names.
+int RunPart(const GemmProblem& p, const gemm_internal::KSplit& ks,
+            const ParallelFor& parallel_for) {
+  const int isa = ChosenIsa();
   RunnerCtx rctx{&parallel_for};
   const gemm_internal::Runner runner{&rctx, &RunViaParallelFor};
   int status = gemm_internal::kSimdDeclined;
@@ -646,6 +653,14 @@ bool ByteTiles() {
   return EnvMode("APPROX_JAX_CPU_VBMI") != 0;
 }
 
+// Whether the streamed gathers read four rows' LUT entries per 64-bit lane
+// (KSplit::quad_gathers): not with APPROX_JAX_CPU_QUAD=0 or the harness's
+// g_force_row_gathers.
+bool QuadGathers() {
+  if (gemm_internal::g_force_row_gathers != 0) return false;
+  return EnvMode("APPROX_JAX_CPU_QUAD") != 0;
+}
+
 // Whether the AVX2 bfloat16 tiles are built from pair tables
 // (KSplit::pair_tiles): not with APPROX_JAX_CPU_PAIR_TILES=0 or the
 // harness's g_force_gather_tiles.
@@ -682,12 +697,17 @@ bool Bf16Tiles() {
 bool PrefersTransposedStream(const GemmProblem& p, const int* families, const int* eff_bits,
                              int stream_mode) {
   if (stream_mode != 1) return false;
-  if (p.mbits < gemm_internal::g_stream_min_bits || p.k == 0 || p.n > 2 * 64 || p.m < 8 * p.n)
-    return false;
+  // (From M = 8 where the four-row gathers will stream: StreamsLutRows. The
+  // work bound below is also the one that pays for their 16-bit LUT copy.)
+  const int min_bits =
+      ChosenIsa() >= 3 && QuadGathers()
+          ? std::min(gemm_internal::kQuadStreamMinBits, gemm_internal::g_stream_min_bits)
+          : gemm_internal::g_stream_min_bits;
+  if (p.mbits < min_bits || p.k == 0 || p.n > 2 * 64 || p.m < 8 * p.n) return false;
   bool gathers = false;
   for (int64_t d = 0; d < p.designs; ++d)
     gathers = gathers || ((families == nullptr || families[d] == kFamilyNone) &&
-                          (eff_bits == nullptr || eff_bits[d] >= gemm_internal::g_stream_min_bits));
+                          (eff_bits == nullptr || eff_bits[d] >= min_bits));
   const int64_t luts = DistinctLuts(p);
   if (!gathers || ProductCount(p) < 4.0 * luts * static_cast<double>(int64_t{1} << (2 * p.mbits)))
     return false;
@@ -911,6 +931,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
   base.family_bits = family_bits;
   base.bf16_tiles = Bf16Tiles();
   base.pair_tiles = PairTiles();
+  base.quad_gathers = QuadGathers();
   base.perm_tiles = PermTiles();
   base.rows_first = EnvMode("APPROX_JAX_CPU_ROWS_FIRST") != 0;
   const int64_t chunk = SplitKChunk(p);

@@ -124,6 +124,15 @@ void BuildTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, const
   }
 }
 
+// Four-row LUT gathers need 64-bit gathers of 8 lanes and a two-table word
+// permute: AVX-512 only (kIsaQuadGather is false, these are never called).
+constexpr bool kIsaQuadGather = false;
+inline void BuildQuadTable(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, int,
+                           uint64_t*) {}
+inline VI QuadPosI(VI v) { return v; }
+inline void QuadStep(const uint64_t*, const int32_t*, const float*, const float*, float*, int64_t,
+                     int, int) {}
+
 // LUT rows are looked up with gathers here (AVX2 has no two-table permute):
 // kIsaPermuteLookup is false, so MicroPermuteM is never chosen on this ISA.
 constexpr bool kIsaPermuteLookup = false;

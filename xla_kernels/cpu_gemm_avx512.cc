@@ -87,6 +87,73 @@ inline VI GatherLowHalfI(const uint16_t* base, VI idx) {
                           Set1I(0xffff));
 }
 
+// Four-row LUT gathers (Plan::stream): one 64-bit gather lane reads the
+// entries of four panel rows for one column. Per k, BuildQuadTable
+// interleaves the four rows' 16-bit LUT rows (n = 2^M >= 32 entries each)
+// into `quad`, entry v's four words in one 64-bit word at QuadPos(v) (the
+// order the unpack instructions leave them in, within each 32 entries:
+// 32 * (v / 32) + 8 * (w / 2) + 2 * (v % 32 / 8) + w % 2 with w = v % 8).
+// Vector gathers are the streamed kernel's bottleneck; a 64-bit gather of
+// 8 lanes costs about half a 32-bit gather of 16 on AMD Zen 5 and Intel
+// Sapphire Rapids and brings 32 products' entries instead of 16.
+constexpr bool kIsaQuadGather = true;
+inline void BuildQuadTable(const uint16_t* r0, const uint16_t* r1, const uint16_t* r2,
+                           const uint16_t* r3, int n, uint64_t* quad) {
+  for (int v = 0; v < n; v += 32) {
+    const __m512i a0 = _mm512_loadu_si512(r0 + v), a1 = _mm512_loadu_si512(r1 + v);
+    const __m512i a2 = _mm512_loadu_si512(r2 + v), a3 = _mm512_loadu_si512(r3 + v);
+    const __m512i lo01 = _mm512_unpacklo_epi16(a0, a1), hi01 = _mm512_unpackhi_epi16(a0, a1);
+    const __m512i lo23 = _mm512_unpacklo_epi16(a2, a3), hi23 = _mm512_unpackhi_epi16(a2, a3);
+    _mm512_storeu_si512(quad + v, _mm512_unpacklo_epi32(lo01, lo23));
+    _mm512_storeu_si512(quad + v + 8, _mm512_unpackhi_epi32(lo01, lo23));
+    _mm512_storeu_si512(quad + v + 16, _mm512_unpacklo_epi32(hi01, hi23));
+    _mm512_storeu_si512(quad + v + 24, _mm512_unpackhi_epi32(hi01, hi23));
+  }
+}
+// QuadPos of 16 entry indices.
+inline VI QuadPosI(VI v) {
+  const VI hi = _mm512_and_si512(v, Set1I(~31));
+  const VI w_pair = _mm512_slli_epi32(_mm512_and_si512(v, Set1I(6)), 2);
+  const VI lane = _mm512_and_si512(_mm512_srli_epi32(v, 2), Set1I(6));
+  const VI odd = _mm512_and_si512(v, Set1I(1));
+  return _mm512_or_si512(_mm512_or_si512(hi, w_pair), _mm512_or_si512(lane, odd));
+}
+// c[t * ldc + j] += (Lf[u_t][ib[j]] * sb[j]) * s[t] for the four rows t and
+// columns j < cols (one k): the same expression, hence the same bits, as
+// MicroLookup. qpos = QuadPos(ib); lanes past cols hold index 0 and scale +0
+// (DecomposeB) and are not stored.
+inline void QuadStep(const uint64_t* quad, const int32_t* qpos, const float* sb, const float* s,
+                     float* c, int64_t ldc, int cols, int entry_shift) {
+  const VI one_exp = Set1I(127 << 23);
+  const VI low = Set1I(0xffff);
+  const __m128i sh = _mm_cvtsi32_si128(entry_shift);
+  // Dword lane j of x01 = (row 0's word, row 1's word) of column j: words
+  // 4j, 4j + 1 of the 64 gathered (the second gather's from 32 on).
+  const VI four_j = _mm512_slli_epi32(LaneIota(), 2);
+  const VI idx01 = _mm512_or_si512(four_j, _mm512_slli_epi32(AddI(four_j, Set1I(1)), 16));
+  const VI idx23 = _mm512_add_epi16(idx01, _mm512_set1_epi16(2));
+  const VF s0 = Set1F(s[0]), s1 = Set1F(s[1]), s2 = Set1F(s[2]), s3 = Set1F(s[3]);
+  for (int j = 0; j < cols; j += 16) {
+    const int left = cols - j;
+    const __mmask16 m = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1u);
+    const VI pos = _mm512_loadu_si512(qpos + j);
+    const VF b = _mm512_loadu_ps(sb + j);
+    const VI g0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(pos), quad, 8);
+    const VI g1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(pos, 1), quad, 8);
+    const VI x01 = _mm512_permutex2var_epi16(g0, idx01, g1);
+    const VI x23 = _mm512_permutex2var_epi16(g0, idx23, g1);
+    const VI e[4] = {_mm512_and_si512(x01, low), _mm512_srli_epi32(x01, 16),
+                     _mm512_and_si512(x23, low), _mm512_srli_epi32(x23, 16)};
+    const VF st[4] = {s0, s1, s2, s3};
+    for (int t = 0; t < 4; ++t) {
+      float* ct = c + t * ldc + j;
+      const VF lf = CastF(AddI(_mm512_sll_epi32(e[t], sh), one_exp));
+      const VF acc = _mm512_maskz_loadu_ps(m, ct);
+      _mm512_mask_storeu_ps(ct, m, FmaF(MulF(lf, b), st[t], acc));
+    }
+  }
+}
+
 // Loads the first n (<= kVL) words of p, zeros in the other lanes.
 inline VI LoadPartialI(const uint32_t* p, int n) {
   return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1u), p);

@@ -79,6 +79,7 @@ extern int g_force_plain_t;
 // Harness override of the bfloat16 tile builder: 0 = automatic (the byte
 // lookup wherever the CPU has AVX-512 VBMI), 1 = the permute builder.
 extern int g_force_permute_tiles;
+extern int g_force_row_gathers;
 // Harness override of the AVX2 bfloat16 tile builder: 0 = automatic (pair
 // table gathers at 4 <= M <= 7), 1 = one gather per tile value.
 extern int g_force_gather_tiles;
@@ -93,6 +94,8 @@ extern int64_t g_plain_t_runs;
 extern int64_t g_matvec_runs;
 // Smallest M whose gathers stream LUT rows (automatic mode; a tuning knob).
 extern int g_stream_min_bits;
+// ... where the four-row gathers run (KSplit::quad_gathers, AVX-512).
+constexpr int kQuadStreamMinBits = 8;
 // Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each
 // task builds the tiles of its columns, so fewer, taller row chunks build less;
 // 1024x1568x64 M=7 measured 6.8 ms with 2, 4.5 ms with 4). Harness knob.
@@ -134,6 +137,10 @@ struct KSplit {
   // cpu_gemm.cc ByteTiles (env APPROX_JAX_CPU_VBMI=0 or the harness's
   // g_force_permute_tiles turn it off). Same tile bits either way.
   bool byte_tiles = true;
+  // Four-row 64-bit gathers on the streamed path (kIsaQuadGather; QuadStep):
+  // cpu_gemm.cc QuadGathers (env APPROX_JAX_CPU_QUAD=0 or the harness's
+  // g_force_row_gathers keep one row per gather). Same products either way.
+  bool quad_gathers = true;
   // bfloat16 tiles wherever they are exact (M <= 7, LUT low bits clear):
   // cpu_gemm.cc Bf16Tiles (env APPROX_JAX_CPU_BF16_TILES=0 or the harness's
   // g_force_f32_tiles keep float32 tiles). Same products either way.

@@ -516,7 +516,8 @@ enum {
   kSlotB = 3,
   kSlotC = 4,
   kSlotA = 5,
-  kSlotPairs = 6
+  kSlotPairs = 6,
+  kSlotQuad = 7
 };
 
 // Designs per task whose pair tables (kIsaPairLut) a task keeps.
@@ -614,7 +615,22 @@ void RunTask(void* arg, int64_t task) {
   float* strip = implicit != nullptr
                      ? static_cast<float*>(ThreadScratch(kSlotA, (max_mr * kstride + kVL) * 4))
                      : nullptr;
-  if (!tiles || !pack || !stats || !bdec || !ctmp || (implicit != nullptr && !strip)) {
+  // Four-row gathers (streaming, AVX-512): one interleaved table of 2^M
+  // 64-bit words, and b's indices in its order (QuadPos) for every column
+  // block of the task.
+  const bool quad_wanted = kIsaQuadGather && pl.stream && ks.quad_gathers && ks.lut16 != nullptr;
+  const size_t quad_words = size_t{1} << mbits;
+  char* quad_scratch =
+      quad_wanted
+          ? static_cast<char*>(ThreadScratch(
+                kSlotQuad, quad_words * 8 + static_cast<size_t>(dec_blocks * kstride * kNB * 4)))
+          : nullptr;
+  uint64_t* quad = reinterpret_cast<uint64_t*>(quad_scratch);
+  auto qpos_of = [&](int64_t jb) {
+    return reinterpret_cast<int32_t*>(quad_scratch + quad_words * 8) + jb * kstride * kNB;
+  };
+  if (!tiles || !pack || !stats || !bdec || !ctmp || (implicit != nullptr && !strip) ||
+      (quad_wanted && !quad)) {
     __atomic_store_n(&pl.failed, 1, __ATOMIC_RELAXED);
     return;
   }
@@ -821,12 +837,17 @@ void RunTask(void* arg, int64_t task) {
         // run as usual, a panel per column block.
         for (int64_t dd = 0; dd < nd; ++dd) {
           if (!in_pass(dd)) continue;
-          for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
-            DecomposeB(b_of(dd), ldb, k0, kb, j0, static_cast<int>(MinI(kNB, c1 - j0)), bits_of(dd),
-                       ibv_of(jb), sbv_of(jb));
           const bool gathers = (ks.families == nullptr || ks.families[d0 + dd] == kFamilyNone) &&
                                bits_of(dd) == mbits;
           const uint16_t* lut16 = ks.lut16 != nullptr ? ks.lut16[d0 + dd] : nullptr;
+          const bool quads = quad_wanted && gathers && lut16 != nullptr;
+          for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb) {
+            DecomposeB(b_of(dd), ldb, k0, kb, j0, static_cast<int>(MinI(kNB, c1 - j0)), bits_of(dd),
+                       ibv_of(jb), sbv_of(jb));
+            if (quads)
+              for (int64_t x = 0; x < kb * kNB; x += kVL)
+                StoreI(qpos_of(jb) + x, QuadPosI(LoadI(ibv_of(jb) + x)));
+          }
           const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
           float* C = c_of(dd);
           for (int64_t pi = 0; pi < npanels; ++pi) {
@@ -838,7 +859,41 @@ void RunTask(void* arg, int64_t task) {
             }
             const int64_t i0 = r0 + pi * mr;
             const int rows = static_cast<int>(MinI(mr, r1 - i0));
-            for (int r = 0; r < rows; ++r) {
+            int r = 0;
+            // Four rows at a time: per k, their LUT rows interleaved, then
+            // every column of the task (each output still gets its k in
+            // ascending order). The rows left over run one at a time below.
+            for (; quads && r + 4 <= rows; r += 4) {
+              float* c4 = C + (i0 + r) * ldc;
+              if (k0 == kbeg)
+                for (int t = 0; t < 4; ++t)
+                  for (int64_t j = c0; j < c1; ++j) c4[t * ldc + j] = 0.0f;
+              for (int kk = 0; kk < kb; ++kk) {
+                const int32_t* q = PackAt(pack_of(dd, pi), kk) + r * kVL;
+                const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
+                BuildQuadTable(lut16 + q[0], lut16 + q[kVL], lut16 + q[2 * kVL], lut16 + q[3 * kVL],
+                               1 << mbits, quad);
+                const float s4[4] = {qs[0], qs[kVL], qs[2 * kVL], qs[3 * kVL]};
+                // The next table's four LUT rows (the next k, else the next
+                // four rows' first), fetched into L2 a slice per column
+                // block: their loads were a quarter of the time, waiting on
+                // memory, without.
+                const int32_t* qn = kk + 1 < kb     ? PackAt(pack_of(dd, pi), kk + 1) + r * kVL
+                                    : r + 8 <= rows ? PackAt(pack_of(dd, pi), 0) + (r + 4) * kVL
+                                                    : nullptr;
+                const int64_t row_lines = (int64_t{2} << mbits) / 64;
+                const int64_t per_block = CeilDiv(row_lines, CeilDiv(c1 - c0, kNB));
+                for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb) {
+                  QuadStep(quad, qpos_of(jb) + kk * kNB, sbv_of(jb) + kk * kNB, s4, c4 + j0, ldc,
+                           static_cast<int>(MinI(kNB, c1 - j0)), 23 - mbits);
+                  if (qn == nullptr) continue;
+                  for (int64_t l = jb * per_block; l < MinI(row_lines, (jb + 1) * per_block); ++l)
+                    for (int t = 0; t < 4; ++t)
+                      __builtin_prefetch(lut16 + qn[t * kVL] + l * 32, 0, 2);
+                }
+              }
+            }
+            for (; r < rows; ++r) {
               float* crow = C + (i0 + r) * ldc;
               if (k0 == kbeg)
                 for (int64_t j = c0; j < c1; ++j) crow[j] = 0.0f;
@@ -903,13 +958,21 @@ constexpr int64_t kStreamCols = 1024;
 // (no closed form) from a LUT too big for L2 next to everything else, and the
 // columns span several blocks, so that a (row, k) pair's LUT row serves more
 // than one. (Measured in benchmarks/bench_cpu_gemm_kernel.md, round 12.)
+// With four-row gathers (kIsaQuadGather, a 16-bit LUT copy) streaming pays
+// from M = 8 (kQuadStreamMinBits), where the LUT is still within L2: the
+// gathers, not the memory, were the cost there (random LUT, harness, Zen 5,
+// 2 threads, ms: 1024^3 M = 8 271-322 -> 103-110, M = 9 275-306 -> 113-117;
+// 8192x576x64 M = 8 67-68 -> 36).
 bool StreamsLutRows(const GemmProblem& p, const KSplit& ks) {
-  if (p.mbits < g_stream_min_bits || p.n <= kNB) return false;
+  if (p.n <= kNB) return false;
   for (int64_t d = 0; d < ks.probs; ++d) {
     const int64_t design = (ks.prob_begin + d) / p.batch;
     const bool formula = ks.families != nullptr && ks.families[design] != kFamilyNone;
-    const bool narrow = ks.eff_bits != nullptr && ks.eff_bits[design] < g_stream_min_bits;
-    if (!formula && !narrow) return true;
+    const bool quads =
+        kIsaQuadGather && ks.quad_gathers && ks.lut16 != nullptr && ks.lut16[design] != nullptr;
+    const int min_bits = quads ? MinI(kQuadStreamMinBits, g_stream_min_bits) : g_stream_min_bits;
+    const bool narrow = ks.eff_bits != nullptr && ks.eff_bits[design] < min_bits;
+    if (p.mbits >= min_bits && !formula && !narrow) return true;
   }
   return false;
 }
