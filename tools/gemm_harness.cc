@@ -155,7 +155,12 @@ std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
   gemm_internal::g_force_gather_tiles = strat == 4 ? 1 : 0;
   gemm_internal::g_force_width = width;
   const int64_t streams_before = gemm_internal::g_stream_plans;
+  // Forced streaming also forces the 16-bit LUT copy (which the automatic
+  // mode makes only where the work pays for it), so that small cases reach
+  // the four-row gathers (AVX-512) that stream from it.
+  if (strat == 3) setenv("APPROX_JAX_CPU_LUT16", "2", 1);
   std::string err = ApproxGemmCpu(p, parallel_for);
+  if (strat == 3) unsetenv("APPROX_JAX_CPU_LUT16");
   if (strat == 0 && auto_streams != nullptr)
     *auto_streams += gemm_internal::g_stream_plans - streams_before;
   gemm_internal::g_force_isa = 0;
