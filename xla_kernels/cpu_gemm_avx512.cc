@@ -93,9 +93,10 @@ inline VI GatherLowHalfI(const uint16_t* base, VI idx) {
 // into `quad`, entry v's four words in one 64-bit word at QuadPos(v) (the
 // order the unpack instructions leave them in, within each 32 entries:
 // 32 * (v / 32) + 8 * (w / 2) + 2 * (v % 32 / 8) + w % 2 with w = v % 8).
-// Vector gathers are the streamed kernel's bottleneck; a 64-bit gather of
-// 8 lanes costs about half a 32-bit gather of 16 on AMD Zen 5 and Intel
-// Sapphire Rapids and brings 32 products' entries instead of 16.
+// Vector gathers were the streamed kernel's bottleneck on AMD Zen 5, where a
+// 64-bit gather of 8 lanes costs about half a 32-bit gather of 16 and here
+// brings 32 products' entries instead of 16 (kernel notes, round 21; not
+// measured on an Intel core, whose gathers also cost by the lane).
 constexpr bool kIsaQuadGather = true;
 inline void BuildQuadTable(const uint16_t* r0, const uint16_t* r1, const uint16_t* r2,
                            const uint16_t* r3, int n, uint64_t* quad) {

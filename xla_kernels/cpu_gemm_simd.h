@@ -79,6 +79,8 @@ extern int g_force_plain_t;
 // Harness override of the bfloat16 tile builder: 0 = automatic (the byte
 // lookup wherever the CPU has AVX-512 VBMI), 1 = the permute builder.
 extern int g_force_permute_tiles;
+// Harness override of the streamed kernel's four-row gathers
+// (KSplit::quad_gathers): 0 = automatic, 1 = one row per gather.
 extern int g_force_row_gathers;
 // Harness override of the AVX2 bfloat16 tile builder: 0 = automatic (pair
 // table gathers at 4 <= M <= 7), 1 = one gather per tile value.
