@@ -699,10 +699,7 @@ bool PrefersTransposedStream(const GemmProblem& p, const int* families, const in
   if (stream_mode != 1) return false;
   // (From M = 8 where the four-row gathers will stream: StreamsLutRows. The
   // work bound below is also the one that pays for their 16-bit LUT copy.)
-  const int min_bits =
-      ChosenIsa() >= 3 && QuadGathers()
-          ? std::min(gemm_internal::kQuadStreamMinBits, gemm_internal::g_stream_min_bits)
-          : gemm_internal::g_stream_min_bits;
+  const int min_bits = gemm_internal::StreamMinBits(ChosenIsa() >= 3 && QuadGathers());
   if (p.mbits < min_bits || p.k == 0 || p.n > 2 * 64 || p.m < 8 * p.n) return false;
   bool gathers = false;
   for (int64_t d = 0; d < p.designs; ++d)

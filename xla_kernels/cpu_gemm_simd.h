@@ -98,6 +98,12 @@ extern int64_t g_matvec_runs;
 extern int g_stream_min_bits;
 // ... where the four-row gathers run (KSplit::quad_gathers, AVX-512).
 constexpr int kQuadStreamMinBits = 8;
+// The smallest M that streams, with or without the four-row gathers (the
+// one bound of StreamsLutRows and cpu_gemm.cc PrefersTransposedStream).
+inline int StreamMinBits(bool four_row_gathers) {
+  return four_row_gathers && kQuadStreamMinBits < g_stream_min_bits ? kQuadStreamMinBits
+                                                                    : g_stream_min_bits;
+}
 // Tile path: a row chunk of a task has at least g_min_rows_mul * 2^M rows (each
 // task builds the tiles of its columns, so fewer, taller row chunks build less;
 // 1024x1568x64 M=7 measured 6.8 ms with 2, 4.5 ms with 4). Harness knob.

@@ -868,6 +868,8 @@ void RunTask(void* arg, int64_t task) {
               if (k0 == kbeg)
                 for (int t = 0; t < 4; ++t)
                   for (int64_t j = c0; j < c1; ++j) c4[t * ldc + j] = 0.0f;
+              const int64_t row_lines = (int64_t{2} << mbits) / 64;
+              const int64_t per_block = CeilDiv(row_lines, CeilDiv(c1 - c0, kNB));
               for (int kk = 0; kk < kb; ++kk) {
                 const int32_t* q = PackAt(pack_of(dd, pi), kk) + r * kVL;
                 const float* qs = reinterpret_cast<const float*>(q + 8 * kVL);
@@ -881,8 +883,6 @@ void RunTask(void* arg, int64_t task) {
                 const int32_t* qn = kk + 1 < kb     ? PackAt(pack_of(dd, pi), kk + 1) + r * kVL
                                     : r + 8 <= rows ? PackAt(pack_of(dd, pi), 0) + (r + 4) * kVL
                                                     : nullptr;
-                const int64_t row_lines = (int64_t{2} << mbits) / 64;
-                const int64_t per_block = CeilDiv(row_lines, CeilDiv(c1 - c0, kNB));
                 for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb) {
                   QuadStep(quad, qpos_of(jb) + kk * kNB, sbv_of(jb) + kk * kNB, s4, c4 + j0, ldc,
                            static_cast<int>(MinI(kNB, c1 - j0)), 23 - mbits);
@@ -970,7 +970,7 @@ bool StreamsLutRows(const GemmProblem& p, const KSplit& ks) {
     const bool formula = ks.families != nullptr && ks.families[design] != kFamilyNone;
     const bool quads =
         kIsaQuadGather && ks.quad_gathers && ks.lut16 != nullptr && ks.lut16[design] != nullptr;
-    const int min_bits = quads ? MinI(kQuadStreamMinBits, g_stream_min_bits) : g_stream_min_bits;
+    const int min_bits = StreamMinBits(quads);
     const bool narrow = ks.eff_bits != nullptr && ks.eff_bits[design] < min_bits;
     if (p.mbits >= min_bits && !formula && !narrow) return true;
   }
