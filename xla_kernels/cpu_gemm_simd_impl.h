@@ -1202,7 +1202,21 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     if (kVL == 16 && p.mbits == 7 && widest_tiles == 7) auto_budget = static_cast<int64_t>(l2 / 4);
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     const int64_t klen = MinI(p.k, ks.chunk);
-    while (kb < 256 && (usize * kb * 2 * kNB * entry_bytes) <= budget && kb < RoundUp(klen, 16))
+    // AVX-512, M >= 6: the tiles actually built (2^widest_tiles per k) up to
+    // 0.4 of L2. The rules above count 2^M tiles against a power-of-two
+    // fraction of L2, which lands on these same 512 KB of tiles on a 2 MB L2
+    // (mbm7: 64 tiles, kb 64; random7: 128 tiles, kb 32) and on the same
+    // 256 KB on a 1 MB L2, but on half of it on a 1.25 MB L2 (Ice Lake).
+    // There, one thread, one process, alternated, minimum of 6-8, ms, kb
+    // chosen by the rules above vs doubled: mbm7 1024^3 47.3-47.8 vs
+    // 44.7-45.9, 8192x576x64 14.5-14.9 vs 12.4-12.6; random7 1024^3 68.3 vs
+    // 58.6, 8192x576x64 23.0 vs 15.3 (doubled once more: slower again).
+    const bool wide_avx512 = kVL == 16 && p.mbits >= 6 && g_tile_budget <= 0;
+    const int64_t built_per_k = (int64_t{1} << widest_tiles) * kNB * entry_bytes;
+    const int64_t built_cap = static_cast<int64_t>(l2) * 2 / 5;
+    while (kb < 256 && kb < RoundUp(klen, 16) &&
+           (wide_avx512 ? built_per_k * kb * 2 <= built_cap
+                        : usize * kb * 2 * kNB * entry_bytes <= budget))
       kb *= 2;
     pl.kb_max = static_cast<int>(kb);
     // Unpadded stride (padding by a cache line measured 10-15% slower).
