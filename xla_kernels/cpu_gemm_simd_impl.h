@@ -1192,25 +1192,23 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     int64_t kb = 2;
     // Measured with the FMA kernel (2 MB L2): M = 7 best at L2/2 (longer k
     // blocks: fewer C reloads, longer a strips), M = 3 at L2/8..L2/4.
-    int64_t auto_budget =
+    const int64_t auto_budget =
         static_cast<int64_t>(p.mbits >= 6 ? l2 / 2 : (p.mbits == 5 ? l2 / 4 : l2 / 8));
-    // AVX-512, some design at the full M = 7 (a random LUT: 128 tiles, where
-    // mbm7 runs at width 6): L2/4, the 256 KB of tiles mbm7 gets at L2/2.
-    // Harness, 2 MB L2, random M = 7, ms, L2/4 vs L2/2 (two runs): 1024^3
-    // 29.5, 31.0 vs 31.9, 32.2; 8192x576x64 6.9, 6.8 vs 7.2, 7.2. (Random
-    // M = 6 flat from L2/8 to L2/2; AVX2 not measured.)
-    if (kVL == 16 && p.mbits == 7 && widest_tiles == 7) auto_budget = static_cast<int64_t>(l2 / 4);
     const int64_t budget = g_tile_budget > 0 ? g_tile_budget : auto_budget;
     const int64_t klen = MinI(p.k, ks.chunk);
     // AVX-512, M >= 6: the tiles actually built (2^widest_tiles per k) up to
-    // 0.4 of L2. The rules above count 2^M tiles against a power-of-two
-    // fraction of L2, which lands on these same 512 KB of tiles on a 2 MB L2
-    // (mbm7: 64 tiles, kb 64; random7: 128 tiles, kb 32) and on the same
-    // 256 KB on a 1 MB L2, but on half of it on a 1.25 MB L2 (Ice Lake).
-    // There, one thread, one process, alternated, minimum of 6-8, ms, kb
-    // chosen by the rules above vs doubled: mbm7 1024^3 47.3-47.8 vs
-    // 44.7-45.9, 8192x576x64 14.5-14.9 vs 12.4-12.6; random7 1024^3 68.3 vs
-    // 58.6, 8192x576x64 23.0 vs 15.3 (doubled once more: slower again).
+    // 0.4 of L2: 512 KB on a 2 MB L2 (mbm7: 64 tiles, kb 64; random7: 128
+    // tiles, kb 32), the best measured there (harness, random M = 7, ms,
+    // 512 vs 1024 KB of tiles, two runs: 1024^3 29.5, 31.0 vs 31.9, 32.2;
+    // 8192x576x64 6.9, 6.8 vs 7.2, 7.2; random M = 6 flat from L2/8 to L2/2).
+    // Counting 2^M tiles against L2/2 (as AVX2 still does, and against
+    // GEMM_TILE_BYTES when the harness sets it), with L2/4 for a design at
+    // the full M = 7, gave the same on a 2 MB L2 but half of it on Ice
+    // Lake's 1.25 MB L2. There, one thread, one process,
+    // alternated, minimum of 6-8, ms, that count vs this one: mbm7 1024^3
+    // 47.3-47.8 vs 44.7-45.9, 8192x576x64 14.5-14.9 vs 12.4-12.6; random7
+    // 1024^3 68.3 vs 58.6, 8192x576x64 23.0 vs 15.3 (twice these tiles:
+    // slower again).
     const bool wide_avx512 = kVL == 16 && p.mbits >= 6 && g_tile_budget <= 0;
     const int64_t built_per_k = (int64_t{1} << widest_tiles) * kNB * entry_bytes;
     const int64_t built_cap = static_cast<int64_t>(l2) * 2 / 5;
