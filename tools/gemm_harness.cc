@@ -24,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -104,6 +105,32 @@ class Pool {
   bool stop_ = false;
 };
 
+// Sets an environment variable for its lifetime and then restores what the
+// caller had (a knob the user set for the whole run keeps holding for the
+// cases after).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_, old_.c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
 ParallelFor SerialFor() {
   return [](int64_t n, const std::function<void(int64_t)>& fn) {
     for (int64_t t = 0; t < n; ++t) fn(t);
@@ -158,9 +185,10 @@ std::string RunForced(const GemmProblem& p, int isa, int strat, int width,
   // Forced streaming also forces the 16-bit LUT copy (which the automatic
   // mode makes only where the work pays for it), so that small cases reach
   // the four-row gathers (AVX-512) that stream from it.
-  if (strat == 3) setenv("APPROX_JAX_CPU_LUT16", "2", 1);
+  std::optional<ScopedEnv> lut16;
+  if (strat == 3) lut16.emplace("APPROX_JAX_CPU_LUT16", "2");
   std::string err = ApproxGemmCpu(p, parallel_for);
-  if (strat == 3) unsetenv("APPROX_JAX_CPU_LUT16");
+  lut16.reset();
   if (strat == 0 && auto_streams != nullptr)
     *auto_streams += gemm_internal::g_stream_plans - streams_before;
   gemm_internal::g_force_isa = 0;
@@ -742,61 +770,62 @@ int Test() {
   // Closed-form families on the gather path (lut_family.h; forced on with
   // APPROX_JAX_CPU_FORMULA=2 so small shapes use it): truncate (kind 2),
   // Mitchell (4), MBM (5, M >= 7), LUTs built here from SPEC's definitions.
-  setenv("APPROX_JAX_CPU_FORMULA", "2", 1);
-  for (int m : {1, 3, 7, 8, 11}) {
-    for (int kind : {2, 4, 5}) {
-      if (kind == 5 && m < 7) continue;
-      // The LUT must be recognised, else these cases would silently test the
-      // gathers only.
-      const auto probe = MakeLut(m, kind, rng);
-      if (LutFamilyOf(probe.data(), m) == kFamilyNone) {
-        std::printf("FAIL closed form not recognised: M=%d kind=%d\n", m, kind);
+  {
+    const ScopedEnv formula("APPROX_JAX_CPU_FORMULA", "2");
+    for (int m : {1, 3, 7, 8, 11}) {
+      for (int kind : {2, 4, 5}) {
+        if (kind == 5 && m < 7) continue;
+        // The LUT must be recognised, else these cases would silently test the
+        // gathers only.
+        const auto probe = MakeLut(m, kind, rng);
+        if (LutFamilyOf(probe.data(), m) == kFamilyNone) {
+          std::printf("FAIL closed form not recognised: M=%d kind=%d\n", m, kind);
+          ++g_failures;
+        }
+        for (auto& s : {std::array<int64_t, 3>{3, 70, 40}, std::array<int64_t, 3>{9, 33, 130},
+                        std::array<int64_t, 3>{2, 300, 17}}) {
+          Case c{};
+          c.designs = 1;
+          c.batch = 1;
+          c.m = s[0];
+          c.k = s[1];
+          c.n = s[2];
+          c.mbits = m;
+          c.special = s[0] == 9 ? 0.02 : 0.0;
+          c.exp_lo = 100;
+          c.exp_hi = 150;
+          c.lut_kind = kind;
+          RunCase(c, rng, &pool);
+          ++cases;
+        }
+      }
+    }
+    // Built-ins widened to a stack's width (kind 7: truncate, Mitchell, MBM
+    // at a narrower width): told their facts, the gathers run the narrow
+    // closed form (cpu_gemm.cc DesignFamilies); alone, in stacks with a shared
+    // operand and beside random LUTs (kind 6's MBM). The facts must find the
+    // narrowing, else the told runs above would test the gathers only.
+    for (int m : {5, 8, 10, 11}) {
+      const auto probe = MakeLut(m, 7, rng);
+      int32_t facts = 0;
+      LutFactsCpu(probe.data(), 1, m, &facts, SerialFor());
+      if (((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask) == 0 ||
+          (facts & kLutFactsFamilyMask) == kFamilyNone) {
+        std::printf("FAIL widened family not narrowed: M=%d facts=%#x\n", m, facts);
         ++g_failures;
       }
-      for (auto& s : {std::array<int64_t, 3>{3, 70, 40}, std::array<int64_t, 3>{9, 33, 130},
-                      std::array<int64_t, 3>{2, 300, 17}}) {
-        Case c{};
-        c.designs = 1;
-        c.batch = 1;
-        c.m = s[0];
-        c.k = s[1];
-        c.n = s[2];
-        c.mbits = m;
-        c.special = s[0] == 9 ? 0.02 : 0.0;
-        c.exp_lo = 100;
-        c.exp_hi = 150;
-        c.lut_kind = kind;
+      const int64_t shapes3[][5] = {{1, 1, 3, 70, 40}, {4, 1, 9, 33, 130}, {4, 1, 40, 300, 17}};
+      for (int v = 0; v < 3; ++v) {
+        Case c = ShapeCase(shapes3[v], m);
+        c.a_bcast_d = v == 1;
+        c.b_bcast_d = v == 2;
+        c.special = v == 1 ? 0.02 : 0.0;
+        c.lut_kind = 7;
         RunCase(c, rng, &pool);
         ++cases;
       }
     }
   }
-  // Built-ins widened to a stack's width (kind 7: truncate, Mitchell, MBM
-  // at a narrower width): told their facts, the gathers run the narrow
-  // closed form (cpu_gemm.cc DesignFamilies); alone, in stacks with a shared
-  // operand and beside random LUTs (kind 6's MBM). The facts must find the
-  // narrowing, else the told runs above would test the gathers only.
-  for (int m : {5, 8, 10, 11}) {
-    const auto probe = MakeLut(m, 7, rng);
-    int32_t facts = 0;
-    LutFactsCpu(probe.data(), 1, m, &facts, SerialFor());
-    if (((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask) == 0 ||
-        (facts & kLutFactsFamilyMask) == kFamilyNone) {
-      std::printf("FAIL widened family not narrowed: M=%d facts=%#x\n", m, facts);
-      ++g_failures;
-    }
-    const int64_t shapes3[][5] = {{1, 1, 3, 70, 40}, {4, 1, 9, 33, 130}, {4, 1, 40, 300, 17}};
-    for (int v = 0; v < 3; ++v) {
-      Case c = ShapeCase(shapes3[v], m);
-      c.a_bcast_d = v == 1;
-      c.b_bcast_d = v == 2;
-      c.special = v == 1 ? 0.02 : 0.0;
-      c.lut_kind = 7;
-      RunCase(c, rng, &pool);
-      ++cases;
-    }
-  }
-  unsetenv("APPROX_JAX_CPU_FORMULA");
   // The same without forcing the closed form (the automatic choice by shape).
   for (int m : {8, 11}) {
     Case c = ShapeCase({3, 2, 64, 200, 96}, m);
