@@ -1188,7 +1188,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     pl.mr = kMR;
     pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear && ks.bf16_tiles;
     const int64_t entry_bytes = pl.bf16 ? 2 : 4;
-    // 2^M * KB * kNB tile entries within the budget.
+    // The longest power-of-two k block whose tiles fit the cap below.
     int64_t kb = 2;
     // Measured with the FMA kernel (2 MB L2): M = 7 best at L2/2 (longer k
     // blocks: fewer C reloads, longer a strips), M = 3 at L2/8..L2/4.
@@ -1204,18 +1204,15 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     // Counting 2^M tiles against L2/2 (as AVX2 still does, and against
     // GEMM_TILE_BYTES when the harness sets it), with L2/4 for a design at
     // the full M = 7, gave the same on a 2 MB L2 but half of it on Ice
-    // Lake's 1.25 MB L2. There, one thread, one process,
-    // alternated, minimum of 6-8, ms, that count vs this one: mbm7 1024^3
-    // 47.3-47.8 vs 44.7-45.9, 8192x576x64 14.5-14.9 vs 12.4-12.6; random7
-    // 1024^3 68.3 vs 58.6, 8192x576x64 23.0 vs 15.3 (twice these tiles:
-    // slower again).
+    // Lake's 1.25 MB L2. There, one thread, one process, alternated,
+    // minimum of 6-8, ms, that count vs this one: mbm7 1024^3 47.3-47.8 vs
+    // 44.7-45.9, 8192x576x64 14.5-14.9 vs 12.4-12.6; random7 1024^3 68.3 vs
+    // 58.6, 8192x576x64 23.0 vs 15.3 (twice these tiles: slower again).
     const bool wide_avx512 = kVL == 16 && p.mbits >= 6 && g_tile_budget <= 0;
-    const int64_t built_per_k = (int64_t{1} << widest_tiles) * kNB * entry_bytes;
-    const int64_t built_cap = static_cast<int64_t>(l2) * 2 / 5;
-    while (kb < 256 && kb < RoundUp(klen, 16) &&
-           (wide_avx512 ? built_per_k * kb * 2 <= built_cap
-                        : usize * kb * 2 * kNB * entry_bytes <= budget))
-      kb *= 2;
+    const int64_t tile_bytes_per_k =
+        (wide_avx512 ? int64_t{1} << widest_tiles : usize) * kNB * entry_bytes;
+    const int64_t tile_cap = wide_avx512 ? static_cast<int64_t>(l2) * 2 / 5 : budget;
+    while (kb < 256 && kb < RoundUp(klen, 16) && tile_bytes_per_k * kb * 2 <= tile_cap) kb *= 2;
     pl.kb_max = static_cast<int>(kb);
     // Unpadded stride (padding by a cache line measured 10-15% slower).
     pl.ustride = static_cast<int>(pl.bf16 ? kb * kNB / 2 : kb * kNB);
