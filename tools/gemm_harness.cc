@@ -770,62 +770,61 @@ int Test() {
   // Closed-form families on the gather path (lut_family.h; forced on with
   // APPROX_JAX_CPU_FORMULA=2 so small shapes use it): truncate (kind 2),
   // Mitchell (4), MBM (5, M >= 7), LUTs built here from SPEC's definitions.
-  {
-    const ScopedEnv formula("APPROX_JAX_CPU_FORMULA", "2");
-    for (int m : {1, 3, 7, 8, 11}) {
-      for (int kind : {2, 4, 5}) {
-        if (kind == 5 && m < 7) continue;
-        // The LUT must be recognised, else these cases would silently test the
-        // gathers only.
-        const auto probe = MakeLut(m, kind, rng);
-        if (LutFamilyOf(probe.data(), m) == kFamilyNone) {
-          std::printf("FAIL closed form not recognised: M=%d kind=%d\n", m, kind);
-          ++g_failures;
-        }
-        for (auto& s : {std::array<int64_t, 3>{3, 70, 40}, std::array<int64_t, 3>{9, 33, 130},
-                        std::array<int64_t, 3>{2, 300, 17}}) {
-          Case c{};
-          c.designs = 1;
-          c.batch = 1;
-          c.m = s[0];
-          c.k = s[1];
-          c.n = s[2];
-          c.mbits = m;
-          c.special = s[0] == 9 ? 0.02 : 0.0;
-          c.exp_lo = 100;
-          c.exp_hi = 150;
-          c.lut_kind = kind;
-          RunCase(c, rng, &pool);
-          ++cases;
-        }
-      }
-    }
-    // Built-ins widened to a stack's width (kind 7: truncate, Mitchell, MBM
-    // at a narrower width): told their facts, the gathers run the narrow
-    // closed form (cpu_gemm.cc DesignFamilies); alone, in stacks with a shared
-    // operand and beside random LUTs (kind 6's MBM). The facts must find the
-    // narrowing, else the told runs above would test the gathers only.
-    for (int m : {5, 8, 10, 11}) {
-      const auto probe = MakeLut(m, 7, rng);
-      int32_t facts = 0;
-      LutFactsCpu(probe.data(), 1, m, &facts, SerialFor());
-      if (((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask) == 0 ||
-          (facts & kLutFactsFamilyMask) == kFamilyNone) {
-        std::printf("FAIL widened family not narrowed: M=%d facts=%#x\n", m, facts);
+  std::optional<ScopedEnv> formula(std::in_place, "APPROX_JAX_CPU_FORMULA", "2");
+  for (int m : {1, 3, 7, 8, 11}) {
+    for (int kind : {2, 4, 5}) {
+      if (kind == 5 && m < 7) continue;
+      // The LUT must be recognised, else these cases would silently test the
+      // gathers only.
+      const auto probe = MakeLut(m, kind, rng);
+      if (LutFamilyOf(probe.data(), m) == kFamilyNone) {
+        std::printf("FAIL closed form not recognised: M=%d kind=%d\n", m, kind);
         ++g_failures;
       }
-      const int64_t shapes3[][5] = {{1, 1, 3, 70, 40}, {4, 1, 9, 33, 130}, {4, 1, 40, 300, 17}};
-      for (int v = 0; v < 3; ++v) {
-        Case c = ShapeCase(shapes3[v], m);
-        c.a_bcast_d = v == 1;
-        c.b_bcast_d = v == 2;
-        c.special = v == 1 ? 0.02 : 0.0;
-        c.lut_kind = 7;
+      for (auto& s : {std::array<int64_t, 3>{3, 70, 40}, std::array<int64_t, 3>{9, 33, 130},
+                      std::array<int64_t, 3>{2, 300, 17}}) {
+        Case c{};
+        c.designs = 1;
+        c.batch = 1;
+        c.m = s[0];
+        c.k = s[1];
+        c.n = s[2];
+        c.mbits = m;
+        c.special = s[0] == 9 ? 0.02 : 0.0;
+        c.exp_lo = 100;
+        c.exp_hi = 150;
+        c.lut_kind = kind;
         RunCase(c, rng, &pool);
         ++cases;
       }
     }
   }
+  // Built-ins widened to a stack's width (kind 7: truncate, Mitchell, MBM
+  // at a narrower width): told their facts, the gathers run the narrow
+  // closed form (cpu_gemm.cc DesignFamilies); alone, in stacks with a shared
+  // operand and beside random LUTs (kind 6's MBM). The facts must find the
+  // narrowing, else the told runs above would test the gathers only.
+  for (int m : {5, 8, 10, 11}) {
+    const auto probe = MakeLut(m, 7, rng);
+    int32_t facts = 0;
+    LutFactsCpu(probe.data(), 1, m, &facts, SerialFor());
+    if (((facts >> kLutFactsNarrowingShift) & kLutFactsNarrowingMask) == 0 ||
+        (facts & kLutFactsFamilyMask) == kFamilyNone) {
+      std::printf("FAIL widened family not narrowed: M=%d facts=%#x\n", m, facts);
+      ++g_failures;
+    }
+    const int64_t shapes3[][5] = {{1, 1, 3, 70, 40}, {4, 1, 9, 33, 130}, {4, 1, 40, 300, 17}};
+    for (int v = 0; v < 3; ++v) {
+      Case c = ShapeCase(shapes3[v], m);
+      c.a_bcast_d = v == 1;
+      c.b_bcast_d = v == 2;
+      c.special = v == 1 ? 0.02 : 0.0;
+      c.lut_kind = 7;
+      RunCase(c, rng, &pool);
+      ++cases;
+    }
+  }
+  formula.reset();
   // The same without forcing the closed form (the automatic choice by shape).
   for (int m : {8, 11}) {
     Case c = ShapeCase({3, 2, 64, 200, 96}, m);
