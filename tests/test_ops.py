@@ -1072,8 +1072,8 @@ def test_cpu_bfloat16_tiles_are_bit_exact(M, shape, isa, monkeypatch):
 @pytest.mark.parametrize("shape", [(64, 100, 70), (5, 300, 100), (200, 40, 33)])
 def test_cpu_pair_table_tiles_are_bit_exact(M, shape, monkeypatch):
     # AVX2 builds the bfloat16 tiles of 4 <= M <= 7 from a pair table (two
-    # mantissa values per gathered word, the scale added to the exponent
-    # field: cpu_gemm_avx2.cc BuildTilesBf16Pairs); APPROX_JAX_CPU_PAIR_TILES=0
+    # mantissa values per word, rows transposed 8 x 8, the scale added to the
+    # exponent field: cpu_gemm_avx2.cc BuildTilesBf16Pairs); APPROX_JAX_CPU_PAIR_TILES=0
     # gathers one value at a time and multiplies by the scale. Same bits,
     # equal to the NumPy sequential order: zero columns, a partial column
     # block, special values (rows = 5). (Exponents at the fast path's bounds:
@@ -1105,14 +1105,14 @@ def test_cpu_permute_tiles_are_bit_exact(M, shape, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("isa", ["2", "3"])
-@pytest.mark.parametrize("M", [3, 5])
+@pytest.mark.parametrize(("isa", "M"), [("2", 2), ("2", 3), ("3", 3), ("3", 5)])
 def test_cpu_rows_first_split_is_bit_exact(M, isa, monkeypatch):
-    # At widths <= 6 the tile path splits the rows before the columns
-    # (cpu_gemm_simd_impl.h RunGemm); APPROX_JAX_CPU_ROWS_FIRST=0 splits the
-    # columns first. A shape that both split differently (more column blocks
-    # than tasks on both units, enough rows for two row chunks): the same
-    # bits, equal to the NumPy sequential order.
+    # At widths <= 6 (AVX-512) or <= 3 (AVX2) the tile path splits the rows
+    # before the columns (cpu_gemm_simd_impl.h RunGemm);
+    # APPROX_JAX_CPU_ROWS_FIRST=0 splits the columns first. A shape that both
+    # split differently (more column blocks than tasks on both units, enough
+    # rows for two row chunks): the same bits, equal to the NumPy sequential
+    # order.
     _use_cpu_isa(monkeypatch, isa)
     _knob_keeps_reference_bits(
         monkeypatch, "APPROX_JAX_CPU_ROWS_FIRST", "rows vs columns first", (260, 50, 520), M, 11

@@ -33,6 +33,7 @@ int64_t g_pack_budget = 0;
 int g_no_design_sharing = 0;
 int g_force_width = 0;
 int g_force_f32_tiles = 0;
+int g_no_c_prefetch = 0;
 int g_force_stream = 0;
 int g_force_plain_t = 0;
 int g_force_permute_tiles = 0;

@@ -17,7 +17,12 @@ namespace avx2 {
 constexpr int kVL = 8;
 constexpr int kNV = 4;  // 32 columns per tile block
 constexpr int kNB = kVL * kNV;
-constexpr int kMR = 3;   // 12 accumulators
+constexpr int kMR = 3;  // 12 accumulators
+// Rows per tile panel: one pack record's 8 rows, run as 3 + 3 + 2 by the
+// 3-row kernel (TilePanel), so that the pack holds no unused rows (a 3-row
+// panel left 5 of its record's 8 rows empty: 64 bytes per k per 3 rows, more
+// than L2 holds for a 512-row task at kb = 64 on Zen 3).
+constexpr int kTilePanelRows = 8;
 constexpr int kMRG = 2;  // gather kernel rows
 
 using VF = __m256;
@@ -167,6 +172,25 @@ inline int32_t ReduceMaxI32(VI a) {
   return m;
 }
 inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
+// 8 x 8 transpose of r[0..7] (row i lane j -> row j lane i).
+inline void Transpose8(VF (&r)[8]) {
+  const VF t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const VF t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const VF t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const VF t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const VF s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const VF s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const VF s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const VF s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
 // The bfloat16 tile layout (MicroTile<MR, true> in cpu_gemm_simd_impl.h):
 // per 16 consecutive x, one vector of 8 words whose word l holds x + l in its
 // low half and x + 8 + l in its high half, each the top 16 bits of its
@@ -179,50 +203,54 @@ inline VI ShlI16(VI a) { return _mm256_slli_epi32(a, 16); }
 // 30.8, mbm7 58.0 vs 47.8; 8192x576x64 mbm3 12.1 vs 9.2, mbm7 14.1 vs 10.8;
 // 512^3 mbm7 9.4 vs 8.1.
 //
-// 4 <= M <= 7 with a pair table (BuildPairLut): one gather fetches the
-// bfloat16 values of two mantissa values u = 2q, 2q + 1 at once (half the
-// gathers of one float per lane), and the scale is applied as an integer add
-// to the exponent field: for a normal power-of-two scale 2^(eb - 127), the
-// product's top 16 bits are Lf16 + ((eb - 127) << 7), exact while eb + c
-// <= 254 (the fast path's bound; tiles past it are never read); a zero
-// scale gives its signed zero. The same bits as the float multiply.
+// 4 <= M <= 7 with a pair table (BuildPairLut): word q of the table's row
+// for a b mantissa v holds the bfloat16 values of u = 2q (low half) and
+// u = 2q + 1 (high half). For 16 consecutive x, 8 words of each element's row
+// are loaded at a time and two 8 x 8 transposes give, per q, the words of
+// x + l (lo) and x + 8 + l (hi) in lane l: split into the tile words of 2q
+// and 2q + 1. The scale is applied as an integer add to the exponent field:
+// for a normal power-of-two scale 2^(eb - 127), the product's top 16 bits
+// are Lf16 + ((eb - 127) << 7), exact while eb + c <= 254 (the fast path's
+// bound; tiles past it are never read); a zero scale gives its signed zero.
+// The same bits as the float multiply. Loads and shuffles rather than one
+// gather per q and 8 x (the previous build): Zen 3's gathers are slow. Zen 3,
+// 2 threads, one process, alternated, minimum of 6-8, ms, gathers vs
+// transposes: 1024^3 mbm7 62.1 vs 57.5, random M = 7 94.9 vs 82.4; 512^3
+// random M = 5 7.2 vs 6.7, M = 4 6.2 vs 6.1; 8192x576x64 random M = 7 23.1
+// vs 21.9 (bench_cpu_gemm_kernel.md, round 23).
 void BuildTilesBf16Pairs(const int32_t* pairs, int mbits, int n, const int32_t* ibv,
                          const float* sbv, int32_t* tiles, int ustride) {
-  // Per 16 x, in the tile word layout (x + l low, x + 8 + l high): the
-  // pair-table indices of both halves' b, and the scale's add, mask, sign.
-  const int groups = n / (2 * kVL);
-  alignas(32) int32_t pre[5 * 8 * 32];
-  const int half = 1 << (mbits - 1);
+  const int half = 1 << (mbits - 1);  // >= kVL words per row (M >= 4)
   const VI high_half = Set1I(static_cast<int32_t>(0xffff0000u));
   const VI exp16 = Set1I(0x7f807f80), sign16 = Set1I(static_cast<int32_t>(0x80008000u));
   const VI bias16 = Set1I(0x3f803f80), zero = Set1I(0);
-  for (int g0 = 0; g0 < groups; g0 += 32) {
-    const int gn = groups - g0 < 32 ? groups - g0 : 32;
-    for (int g = 0; g < gn; ++g) {
-      const int x = (g0 + g) * 2 * kVL;
-      int32_t* q = pre + g * 5 * kVL;
-      StoreI(q, SllI(LoadI(ibv + x), mbits - 1));
-      StoreI(q + kVL, SllI(LoadI(ibv + x + kVL), mbits - 1));
-      const VI sbp = OrI(_mm256_srli_epi32(CastI(LoadF(sbv + x)), 16),
-                         AndI(CastI(LoadF(sbv + x + kVL)), high_half));
-      const VI e = AndI(sbp, exp16);
-      StoreI(q + 2 * kVL, _mm256_sub_epi16(e, bias16));
-      StoreI(q + 3 * kVL, XorI(_mm256_cmpeq_epi16(e, zero), Set1I(-1)));
-      StoreI(q + 4 * kVL, AndI(sbp, sign16));
-    }
-    for (int pq = 0; pq < half; ++pq) {
-      const int32_t* base = pairs + pq;
-      int32_t* out0 = tiles + static_cast<int64_t>(2 * pq) * ustride + g0 * kVL;
-      int32_t* out1 = out0 + ustride;
-      for (int g = 0; g < gn; ++g) {
-        const int32_t* q = pre + g * 5 * kVL;
-        const VI lo = _mm256_i32gather_epi32(base, LoadI(q), 4);
-        const VI hi = _mm256_i32gather_epi32(base, LoadI(q + kVL), 4);
-        const VI add = LoadI(q + 2 * kVL), keep = LoadI(q + 3 * kVL), sgn = LoadI(q + 4 * kVL);
-        const VI t0 = _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xaa);
-        const VI t1 = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xaa);
-        StoreI(out0 + g * kVL, OrI(AndI(_mm256_add_epi16(t0, add), keep), sgn));
-        StoreI(out1 + g * kVL, OrI(AndI(_mm256_add_epi16(t1, add), keep), sgn));
+  for (int x = 0; x < n; x += 2 * kVL) {
+    // The scales of x + l (low halves) and x + 8 + l (high halves): their
+    // exponent add, zero mask and sign, in the tile word layout.
+    const VI sbp = OrI(_mm256_srli_epi32(CastI(LoadF(sbv + x)), 16),
+                       AndI(CastI(LoadF(sbv + x + kVL)), high_half));
+    const VI e = AndI(sbp, exp16);
+    const VI add = _mm256_sub_epi16(e, bias16);
+    const VI keep = XorI(_mm256_cmpeq_epi16(e, zero), Set1I(-1));
+    const VI sgn = AndI(sbp, sign16);
+    const int32_t* rows[2 * kVL];
+    for (int l = 0; l < 2 * kVL; ++l) rows[l] = pairs + (ibv[x + l] << (mbits - 1));
+    int32_t* out = tiles + x / 2;
+    for (int q0 = 0; q0 < half; q0 += kVL) {
+      VF lo[kVL], hi[kVL];
+      for (int l = 0; l < kVL; ++l) {
+        lo[l] = CastF(LoadI(rows[l] + q0));
+        hi[l] = CastF(LoadI(rows[kVL + l] + q0));
+      }
+      Transpose8(lo);
+      Transpose8(hi);
+      for (int i = 0; i < kVL; ++i) {
+        const VI wl = CastI(lo[i]), wh = CastI(hi[i]);
+        const VI t0 = _mm256_blend_epi16(wl, _mm256_slli_epi32(wh, 16), 0xaa);
+        const VI t1 = _mm256_blend_epi16(_mm256_srli_epi32(wl, 16), wh, 0xaa);
+        int32_t* out0 = out + static_cast<int64_t>(2 * (q0 + i)) * ustride;
+        StoreI(out0, OrI(AndI(_mm256_add_epi16(t0, add), keep), sgn));
+        StoreI(out0 + ustride, OrI(AndI(_mm256_add_epi16(t1, add), keep), sgn));
       }
     }
   }
@@ -295,25 +323,6 @@ void BuildPermTiles(const uint32_t* lut, int mbits, int n, const int32_t* ibv, c
     StoreF(perm + static_cast<int64_t>(x) * 8, MulF(LoadF(col[ibv[x]]), Set1F(sbv[x])));
 }
 
-// 8 x 8 transpose of r[0..7] (row i lane j -> row j lane i).
-inline void Transpose8(VF (&r)[8]) {
-  const VF t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const VF t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const VF t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const VF t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const VF s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
-  const VF s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
-  const VF s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
-  const VF s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
 // Defined after cpu_gemm_simd_impl.h (they read its pack layout).
 void TransposePermPack(int32_t* pk, int kb);
 void MicroPermTile(const int32_t* pk, int kb, const float* perm, float* c, int64_t ldc);

@@ -418,15 +418,17 @@ inline VI DirectProduct(VI lanes, VI one, VI voff, const uint32_t* table, int mb
 namespace w64 {
 constexpr int kNV = 4;  // 64 columns per tile block
 constexpr int kNB = kVL * kNV;
-constexpr int kMR = 6;   // 24 accumulators
-constexpr int kMRG = 4;  // gather kernel rows
+constexpr int kMR = 6;               // 24 accumulators
+constexpr int kTilePanelRows = kMR;  // rows per tile panel (TilePanel)
+constexpr int kMRG = 4;              // gather kernel rows
 #include "cpu_gemm_simd_impl.h"
 }  // namespace w64
 
 namespace w32 {
 constexpr int kNV = 2;  // 32 columns per tile block (17 <= n <= 32)
 constexpr int kNB = kVL * kNV;
-constexpr int kMR = 8;  // 16 accumulators (8 = the rows of one pack record)
+constexpr int kMR = 8;               // 16 accumulators (8 = the rows of one pack record)
+constexpr int kTilePanelRows = kMR;  // rows per tile panel (TilePanel)
 constexpr int kMRG = 8;
 #include "cpu_gemm_simd_impl.h"
 }  // namespace w32
@@ -434,7 +436,8 @@ constexpr int kMRG = 8;
 namespace w16 {
 constexpr int kNV = 1;  // 16 columns per tile block (n <= 16)
 constexpr int kNB = kVL * kNV;
-constexpr int kMR = 8;  // 8 accumulators
+constexpr int kMR = 8;               // 8 accumulators
+constexpr int kTilePanelRows = kMR;  // rows per tile panel (TilePanel)
 constexpr int kMRG = 8;
 #include "cpu_gemm_simd_impl.h"
 }  // namespace w16

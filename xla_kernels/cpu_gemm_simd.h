@@ -83,10 +83,13 @@ extern int g_force_permute_tiles;
 // (KSplit::quad_gathers): 0 = automatic, 1 = one row per gather.
 extern int g_force_row_gathers;
 // Harness override of the AVX2 bfloat16 tile builder: 0 = automatic (pair
-// table gathers at 4 <= M <= 7), 1 = one gather per tile value.
+// table rows at 4 <= M <= 7), 1 = one gather per tile value.
 extern int g_force_gather_tiles;
 // Harness override: 1 = permute tiles at M <= 3 on AVX2 (KSplit::perm_tiles).
 extern int g_force_perm_tiles;
+// Harness override: 1 = no prefetch of the next panel's output block in the
+// tile and gather kernels' panel loop (to measure it).
+extern int g_no_c_prefetch;
 // Plans that streamed LUT rows so far (a counter for the harness).
 extern int64_t g_stream_plans;
 // Transposed problems that read b^T in place so far (a counter for the harness).

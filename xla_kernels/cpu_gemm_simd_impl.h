@@ -301,6 +301,23 @@ inline void MicroTile(const int32_t* pk, int kb, const void* tiles, float* c, in
   StoreAcc<MR>(acc, c, ldc);
 }
 
+// A tile panel of kTilePanelRows rows (the ISA's choice: one pack record of
+// 8 rows where the kernel's accumulators hold fewer), kMR rows at a time; the
+// rows from `rows` on are skipped (a partial panel runs in zero-padded
+// scratch, whose extra rows are never written back). Each output's sum is the
+// same MicroTile loop as with kMR-row panels: the same bits.
+template <bool BF16>
+inline void TilePanel(const int32_t* pk, int kb, const void* tiles, float* c, int64_t ldc,
+                      int rows) {
+  constexpr int kRest = kTilePanelRows % kMR;
+  int r = 0;
+  for (; r + kMR <= kTilePanelRows && r < rows; r += kMR)
+    MicroTile<kMR, BF16>(pk + r * kVL, kb, tiles, c + r * ldc, ldc);
+  if constexpr (kRest > 0) {
+    if (r < rows) MicroTile<kRest, BF16>(pk + r * kVL, kb, tiles, c + r * ldc, ldc);
+  }
+}
+
 // LUT-lookup micro-kernel: c[r][j] += (Lf[ia][ib[j]] * sb[j]) * sa[r] per
 // product, the entry looked up by `Row`, which is made once per (row, k)
 // from the LUT row of a's mantissa (gather packs hold ia << M):
@@ -607,7 +624,7 @@ void RunTask(void* arg, int64_t task) {
   // b decomposed: one column block, or (stream) every column block of the task.
   const int64_t dec_blocks = pl.stream ? CeilDiv(pl.cols_per, kNB) : 1;
   char* bdec = static_cast<char*>(ThreadScratch(kSlotB, dec_blocks * kstride * kNB * 8));
-  const int64_t max_mr = MaxI(MaxI(kMR, kMRG), kPermRows);
+  const int64_t max_mr = MaxI(MaxI(kTilePanelRows, kMRG), kPermRows);
   float* ctmp = static_cast<float*>(ThreadScratch(kSlotC, (max_mr + kMRG) * kNB * 4));
   // An implicit patch matrix: the rows x k-block strip being packed, copied
   // out of the convolution's input.
@@ -805,9 +822,9 @@ void RunTask(void* arg, int64_t task) {
         if (pl.strategy == kTiles && pl.perm) {
           MicroPermTile(pk, kb, tiles, ct, ldt);
         } else if (pl.strategy == kTiles && pl.bf16) {
-          MicroTile<kMR, true>(pk, kb, tiles, ct, ldt);
+          TilePanel<true>(pk, kb, tiles, ct, ldt, rows);
         } else if (pl.strategy == kTiles) {
-          MicroTile<kMR, false>(pk, kb, tiles, ct, ldt);
+          TilePanel<false>(pk, kb, tiles, ct, ldt, rows);
         } else if (family == kFamilyMitchell) {
           MicroFormula<kMRG, kFamilyMitchell>(pk, kb, mb, ibv, sbv, ct, ldt);
         } else if (family == kFamilyTruncate) {
@@ -939,8 +956,22 @@ void RunTask(void* arg, int64_t task) {
               BuildTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
           }
           dec_bits = mb;
-          for (int64_t pi = 0; pi < npanels; ++pi)
+          float* C = c_of(dd);
+          for (int64_t pi = 0; pi < npanels; ++pi) {
+            if (pi + 1 < npanels && g_no_c_prefetch == 0) {
+              // The next panel's block of C, a row per ldc apart: from L3 at
+              // every k block of a task whose C outgrows L2, which the
+              // hardware prefetchers do not foresee. A few percent on Zen 3
+              // (one process, alternated, minimum, ms, with vs without: one
+              // thread 1024^3 mbm3 71.2 vs 74.6, two mbm7 90.6 vs 96.7).
+              const int64_t i1 = r0 + (pi + 1) * mr;
+              const int64_t rows1 = MinI(mr, r1 - i1);
+              for (int64_t r = 0; r < rows1; ++r)
+                for (int j = 0; j < cols; j += 16)
+                  __builtin_prefetch(C + (i1 + r) * ldc + j0 + j, 1, 3);
+            }
             run_block(dd, first, k0, kb, pi, j0, cols, ibv, sbv);
+          }
         }
       }
     }
@@ -1185,7 +1216,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
       widest_tiles = widest_tiles > ks.eff_bits[d] ? widest_tiles : ks.eff_bits[d];
   }
   if (strategy == kTiles) {
-    pl.mr = kMR;
+    pl.mr = kTilePanelRows;
     pl.bf16 = kBf16Tiles && p.mbits <= 7 && lut_low_bits_clear && ks.bf16_tiles;
     const int64_t entry_bytes = pl.bf16 ? 2 : 4;
     // The longest power-of-two k block whose tiles fit the cap below.
@@ -1261,7 +1292,19 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   // 15.9-16.4; random M = 5 1024^3 20.8-21.0 vs 19.1-19.4; random M = 6
   // 512^3 3.66-3.81 vs 3.32-3.58; AVX2 unit M = 3 512^3 4.0-4.2 vs 3.2-3.5.
   // At width 7 (128 tiles) rows first was slower: 1024^3 27.3-27.9 vs 28.6-28.9.
-  const bool rows_first = strategy == kTiles && widest_tiles <= 6 && ks.rows_first;
+  // The AVX2 unit's tiles of width >= 4 (built from pair-table rows, at the
+  // time of this measurement with gathers, slow on Zen 3) cost more: rows
+  // first (every row chunk building the tiles of all its columns) only up to
+  // width 3 (permute builds) there. Zen 3, 2 threads, 8-row panels, one
+  // process, alternated, minimum of 6, ms, rows vs columns first: 1024^3
+  // random M = 6 98.2 vs 76.4, mbm7 61.5 vs 42.6, random M = 5 74.2 vs
+  // 59.2, mbm6 53.9 vs 48.1, random M = 4 64.0 vs 55.2, mbm5 48.0 vs 44.6;
+  // 512^3 random M = 6 14.3 vs 11.5, mbm7 9.5 vs 8.2; at width <= 3 rows
+  // first stays ahead below 1024^3 (512^3 mbm3 4.8 vs 5.4, 256^3 1.07 vs
+  // 1.32) and even there (mbm3 1024^3 41.0 vs 41.9).
+  const int rows_first_max_width = kVL == 8 ? 3 : 6;
+  const bool rows_first =
+      strategy == kTiles && widest_tiles <= rows_first_max_width && ks.rows_first;
   auto split_for = [&](int64_t target) {
     const int64_t split = CeilDiv(target, units0 * ks.chunks);
     // (Not where the columns alone give every task one column block and
