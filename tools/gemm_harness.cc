@@ -900,6 +900,8 @@ int Bench(int reps, int argc, char** argv) {
   if (const char* e = std::getenv("GEMM_WIDTH")) gemm_internal::g_force_width = std::atoi(e);
   if (const char* e = std::getenv("GEMM_F32_TILES"))
     gemm_internal::g_force_f32_tiles = std::atoi(e);
+  if (const char* e = std::getenv("GEMM_NO_C_PREFETCH"))
+    gemm_internal::g_no_c_prefetch = std::atoi(e);
   if (const char* e = std::getenv("GEMM_STREAM")) gemm_internal::g_force_stream = std::atoi(e);
   if (const char* e = std::getenv("GEMM_QUAD"))
     gemm_internal::g_force_row_gathers = std::atoi(e) == 0;

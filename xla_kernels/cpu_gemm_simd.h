@@ -87,8 +87,9 @@ extern int g_force_row_gathers;
 extern int g_force_gather_tiles;
 // Harness override: 1 = permute tiles at M <= 3 on AVX2 (KSplit::perm_tiles).
 extern int g_force_perm_tiles;
-// Harness override: 1 = no prefetch of the next panel's output block in the
-// tile and gather kernels' panel loop (to measure it).
+// Harness override (GEMM_NO_C_PREFETCH): 1 = no prefetch of the next
+// panel's output block in the tile and gather kernels' panel loop (to
+// measure it).
 extern int g_no_c_prefetch;
 // Plans that streamed LUT rows so far (a counter for the harness).
 extern int64_t g_stream_plans;
