@@ -545,6 +545,17 @@ constexpr int64_t kMaxPairDesigns = 64;
 // int32 words of one pair table (M <= 7).
 constexpr int64_t kPairWords = int64_t{1} << 13;
 
+// Whether a task of `designs` designs with `blocks` column blocks runs each
+// packed panel over all of them (RunTask fuse_blocks; the plan splits such
+// problems rows first): the AVX2 unit's tile path, one design, 2 to
+// kFuseMaxBlocks blocks whose tiles fit L2/4.
+bool FusesBlocks(const Plan& pl, int mbits, int64_t designs, int64_t blocks) {
+  const int64_t block_tiles_bytes = (int64_t{4} << mbits) * pl.ustride;
+  return kVL == 8 && pl.strategy == kTiles && !pl.perm && !pl.stream && designs == 1 &&
+         blocks >= 2 && blocks <= kFuseMaxBlocks &&
+         blocks * block_tiles_bytes <= static_cast<int64_t>(L2CacheBytes() / 4);
+}
+
 void RunTask(void* arg, int64_t task) {
   Plan& pl = *static_cast<Plan*>(arg);
   const GemmProblem& p = *pl.p;
@@ -619,11 +630,8 @@ void RunTask(void* arg, int64_t task) {
   // vs fused: 8192x576x64 mbm3 14.1 vs 10.8, random M = 3 16.1 vs 12.9;
   // 12544x800x64 random M = 3 40.4 vs 37.2; 256^3 mbm3 0.70 vs 0.62;
   // 4096x288x128 equal.
-  const size_t block_tiles_bytes = (size_t{4} << mbits) * static_cast<size_t>(pl.ustride);
   const int64_t task_blocks = CeilDiv(c1 - c0, kNB);
-  const bool fuse_blocks = kVL == 8 && pl.strategy == kTiles && !pl.perm && !pl.stream && nd == 1 &&
-                           task_blocks >= 2 && task_blocks <= kFuseMaxBlocks &&
-                           task_blocks * block_tiles_bytes <= L2CacheBytes() / 4;
+  const bool fuse_blocks = FusesBlocks(pl, mbits, nd, task_blocks);
   const bool fuse_pack = !pl.stream && (c1 - c0 <= kNB || fuse_blocks);
   // ... and when no other design reads the pack later, every panel reuses one
   // pack slot, which then stays in L1.
@@ -632,8 +640,8 @@ void RunTask(void* arg, int64_t task) {
   const int64_t pack_words = (pack_slot_reused ? 1 : npanels) * panel_words;
 
   const size_t tiles_bytes = pl.strategy != kTiles ? 64
-                             : pl.perm             ? size_t{32} * static_cast<size_t>(KB) * kNB
-                                                   : block_tiles_bytes;
+                             : pl.perm ? size_t{32} * static_cast<size_t>(KB) * kNB
+                                       : (size_t{4} << mbits) * static_cast<size_t>(pl.ustride);
   float* tiles = static_cast<float*>(
       ThreadScratch(kSlotTiles, tiles_bytes * static_cast<size_t>(fuse_blocks ? task_blocks : 1)));
   // The tiles of the column block at j0 (its own set with fuse_blocks).
@@ -957,21 +965,27 @@ void RunTask(void* arg, int64_t task) {
         }
         continue;
       }
+      // Design dd's tiles at width mb for the decomposed block (ibv, sbv).
+      auto build_tiles = [&](int64_t dd, int mb, const int32_t* dibv, const float* dsbv,
+                             float* dst) {
+        const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
+        const uint32_t* lut_mb = mb == mbits || !narrow ? lut : ks.eff_lut[d0 + dd];
+        if (pl.perm)
+          BuildPermTiles(lut_mb, mb, kb * kNB, dibv, dsbv, dst);
+        else if (pl.bf16)
+          BuildTilesBf16(lut_mb, mb, kb * kNB, dibv, dsbv, reinterpret_cast<int32_t*>(dst),
+                         pl.ustride, ks.byte_tiles, pairs_of(dd, lut_mb, mb));
+        else
+          BuildTiles(lut_mb, mb, kb * kNB, dibv, dsbv, dst, pl.ustride);
+      };
       if (fuse_blocks) {
         // One design (nd == 1): each block's b decomposed and tiles built,
         // then per panel every block (the panel packed at the first).
         const int mb = bits_of(0);
-        const uint32_t* lut = p.lut + d0 * p.lut_design_stride;
-        const uint32_t* lut_mb = mb == mbits || !narrow ? lut : ks.eff_lut[d0];
         for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb) {
           DecomposeB(b_of(0), ldb, k0, kb, j0, static_cast<int>(MinI(kNB, c1 - j0)), mb, ibv_of(jb),
                      sbv_of(jb));
-          if (pl.bf16)
-            BuildTilesBf16(lut_mb, mb, kb * kNB, ibv_of(jb), sbv_of(jb),
-                           reinterpret_cast<int32_t*>(tiles_at(j0)), pl.ustride, ks.byte_tiles,
-                           pairs_of(0, lut_mb, mb));
-          else
-            BuildTiles(lut_mb, mb, kb * kNB, ibv_of(jb), sbv_of(jb), tiles_at(j0), pl.ustride);
+          build_tiles(0, mb, ibv_of(jb), sbv_of(jb), tiles_at(j0));
         }
         for (int64_t pi = 0; pi < npanels; ++pi)
           for (int64_t j0 = c0, jb = 0; j0 < c1; j0 += kNB, ++jb)
@@ -986,19 +1000,10 @@ void RunTask(void* arg, int64_t task) {
         for (int64_t dd = 0; dd < nd; ++dd) {
           if (!in_pass(dd)) continue;
           const int mb = bits_of(dd);
-          const uint32_t* lut = p.lut + (d0 + dd) * p.lut_design_stride;
-          const uint32_t* lut_mb = mb == mbits || !narrow ? lut : ks.eff_lut[d0 + dd];
           if (dd == 0 || !share_b || mb != dec_bits)
             DecomposeB(b_of(dd), ldb, k0, kb, j0, cols, mb, ibv, sbv);
-          if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits)) {
-            if (pl.perm)
-              BuildPermTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles);
-            else if (pl.bf16)
-              BuildTilesBf16(lut_mb, mb, kb * kNB, ibv, sbv, reinterpret_cast<int32_t*>(tiles),
-                             pl.ustride, ks.byte_tiles, pairs_of(dd, lut_mb, mb));
-            else
-              BuildTiles(lut_mb, mb, kb * kNB, ibv, sbv, tiles, pl.ustride);
-          }
+          if (pl.strategy == kTiles && (dd == 0 || !share_tiles || mb != dec_bits))
+            build_tiles(dd, mb, ibv, sbv, tiles);
           dec_bits = mb;
           float* C = c_of(dd);
           for (int64_t pi = 0; pi < npanels; ++pi) {
@@ -1361,9 +1366,8 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
     const int64_t rows_pack = CeilDiv(p.m, rows_nrc) * (PanelPackWords(pl.kb_max) * 4 / pl.mr);
     // (Or where a task's few column blocks run per packed panel: RunTask
     // fuse_blocks, the AVX2 unit.)
-    const bool fusable = kVL == 8 && p.designs == 1 && !pl.perm && nbk <= kFuseMaxBlocks &&
-                         nbk * (int64_t{4} << p.mbits) * pl.ustride <= static_cast<int64_t>(l2 / 4);
-    if (rows_first && (nbk > split || rows_pack <= static_cast<int64_t>(l2 / 4) || fusable)) {
+    if (rows_first && (nbk > split || rows_pack <= static_cast<int64_t>(l2 / 4) ||
+                       FusesBlocks(pl, p.mbits, p.designs, nbk))) {
       nrc = rows_nrc;
       ncc = MinI(CeilDiv(split, nrc), nbk);
       pl.cols_per = CeilDiv(nbk, ncc) * kNB;
