@@ -978,6 +978,46 @@ def test_widened_families_run_their_closed_form_at_their_width(shape):
                 _assert_bits_equal(g[d], one)
 
 
+@pytest.mark.parametrize("shape", [(25, 4100, 48), (200, 330, 72), (5, 9000, 100)])
+def test_stack_of_widths_runs_each_width_as_its_own_call(shape):
+    # Enough work per design (>= 2^22 products) that the kernel runs a stack
+    # whose designs narrow as runs of one width each, at that width
+    # (cpu_gemm.cc GemmDirect): runs of one design and of two, each family
+    # at its own width, random LUTs at their effective width, MBM's one bit
+    # narrower still. (A mutant that narrows each run's first LUT for all of
+    # its designs fails here.) The same bits as each design
+    # alone, forward and both gradients; special values in some k-blocks
+    # (rows == 5) and split-K (K = 9000).
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 11)
+    designs = [
+        multipliers.mbm(7),
+        multipliers.mitchell(3),
+        multipliers.truncate(3),
+        random_multiplier(5, 6),
+        random_multiplier(5, 8),
+        multipliers.mitchell(7),
+        random_multiplier(7, 7),
+        multipliers.mbm(3),
+    ]
+    stack = multipliers.stack(designs)
+
+    def f(x, w, m):
+        return approx_jax.approx_matmul(x, w, m)
+
+    def loss(x, w, m):
+        return jnp.sum(jnp.sin(f(x, w, m)))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    got = jax.jit(jax.vmap(f, in_axes=(None, None, 0)))(x, w, stack)
+    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
+    for d, m in enumerate(designs):
+        _assert_bits_equal(got[d], f(x, w, m))
+        if rows != 5:  # (inf and nan operands make the gradients nan)
+            for g, one in zip(got_g, grad(x, w, m), strict=True):
+                _assert_bits_equal(g[d], one)
+
+
 @pytest.mark.parametrize("shape", [(64, 300, 64), (6, 5000, 3)])
 def test_widened_families_below_the_facts_width_run_their_closed_form(shape):
     # At M = 8 and 9 no LUT facts are computed (ffi.LUT_FACTS_MIN_BITS); the
