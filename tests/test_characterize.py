@@ -290,6 +290,11 @@ def test_metrics_read_by_key_under_field_names_and_abbreviations():
         ("RMSRE", "rms"),
     ]:
         assert alias in result and result[alias] == getattr(result, field), alias
+    assert result.MRED == result.mred and result.WCRE == result.worst_case
+    assert result.error_rate == result.error_probability
+    with pytest.raises(AttributeError, match="no attribute 'loss'"):
+        _ = result.loss
+    assert not hasattr(result, "_private")
     assert dict(result)["mred"] == result.mred and set(dict(result)) == set(result.keys())
     assert "loss" not in result and result.get("loss", 7) == 7
     with pytest.raises(KeyError, match="not a metric.*mred"):

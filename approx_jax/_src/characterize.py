@@ -50,8 +50,9 @@ class ErrorMetrics:
         underestimates products whatever their sign (equal to ``bias`` over
         all mantissa pairs, whose operands are positive).
 
-    The metrics can also be read by key, under their field names or the usual
-    abbreviations (case-insensitive): ``metrics["mred"]``, ``metrics["MRED"]``,
+    The metrics can also be read by key or attribute, under their field names
+    or the usual abbreviations (case-insensitive): ``metrics["mred"]``,
+    ``metrics["MRED"]``, ``metrics.MRED``,
     ``metrics["WCRE"]`` (``worst_case``), ``metrics["EP"]``
     (``error_probability``), ``metrics["mean_relative_error"]`` (``bias``),
     ``metrics["RMSRE"]`` (``rms``); ``dict(metrics)`` gives every field.
@@ -87,6 +88,18 @@ class ErrorMetrics:
             raise KeyError(
                 f"{key!r} is not a metric; known: {', '.join(self.keys())} "
                 f"(aliases: {', '.join(aliases)})"
+            )
+        return getattr(self, field)
+
+    def __getattr__(self, name: str):
+        # Only reached for names that are not fields: lets ``metrics.MRED`` or
+        # ``metrics.wcre`` read a metric by alias, as ``metrics["MRED"]`` does.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        field = _METRIC_ALIASES.get(_normalise_key(name))
+        if field is None:
+            raise AttributeError(
+                f"'ErrorMetrics' has no attribute {name!r}; metrics: {', '.join(self.keys())}"
             )
         return getattr(self, field)
 
