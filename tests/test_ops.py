@@ -938,6 +938,30 @@ def test_lut_facts_found_once_per_step():
     assert traced.count("approx_jax_lut_facts") == 1
 
 
+def _stack_matmul(x, w, m):
+    return approx_jax.approx_matmul(x, w, m)
+
+
+def _assert_vmapped_stack_equals_each_design(x, w, designs, grads=True):
+    """vmap over ``stack(designs)`` gives each design's own bits.
+
+    Forward, and both gradients if ``grads``.
+    """
+    stack = multipliers.stack(designs)
+
+    def loss(x, w, m):
+        return jnp.sum(jnp.sin(_stack_matmul(x, w, m)))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    got = jax.jit(jax.vmap(_stack_matmul, in_axes=(None, None, 0)))(x, w, stack)
+    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack) if grads else None
+    for d, m in enumerate(designs):
+        _assert_bits_equal(got[d], _stack_matmul(x, w, m))
+        if grads:
+            for g, one in zip(got_g, grad(x, w, m), strict=True):
+                _assert_bits_equal(g[d], one)
+
+
 @pytest.mark.parametrize("shape", [(5, 300, 100), (40, 70, 17), (6, 5000, 3), (300, 40, 3)])
 def test_widened_families_run_their_closed_form_at_their_width(shape):
     # A stack pads narrower designs to the widest M; the facts name the
@@ -961,21 +985,8 @@ def test_widened_families_run_their_closed_form_at_their_width(shape):
     np.testing.assert_array_equal(
         facts, [3 | flags | 16, 1 | flags, 1 | flags | 48, 2 | flags | 32, flags]
     )
-
-    def f(x, w, m):
-        return approx_jax.approx_matmul(x, w, m)
-
-    def loss(x, w, m):
-        return jnp.sum(jnp.sin(f(x, w, m)))
-
-    grad = jax.grad(loss, argnums=(0, 1))
-    got = jax.jit(jax.vmap(f, in_axes=(None, None, 0)))(x, w, stack)
-    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
-    for d, m in enumerate(designs):
-        _assert_bits_equal(got[d], f(x, w, m))
-        if rows != 5:  # (inf and nan operands make the gradients nan)
-            for g, one in zip(got_g, grad(x, w, m), strict=True):
-                _assert_bits_equal(g[d], one)
+    # (inf and nan operands (rows == 5) make the gradients nan)
+    _assert_vmapped_stack_equals_each_design(x, w, designs, grads=rows != 5)
 
 
 @pytest.mark.parametrize("shape", [(25, 4100, 48), (200, 330, 72), (5, 9000, 100)])
@@ -1000,22 +1011,8 @@ def test_stack_of_widths_runs_each_width_as_its_own_call(shape):
         random_multiplier(7, 7),
         multipliers.mbm(3),
     ]
-    stack = multipliers.stack(designs)
-
-    def f(x, w, m):
-        return approx_jax.approx_matmul(x, w, m)
-
-    def loss(x, w, m):
-        return jnp.sum(jnp.sin(f(x, w, m)))
-
-    grad = jax.grad(loss, argnums=(0, 1))
-    got = jax.jit(jax.vmap(f, in_axes=(None, None, 0)))(x, w, stack)
-    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
-    for d, m in enumerate(designs):
-        _assert_bits_equal(got[d], f(x, w, m))
-        if rows != 5:  # (inf and nan operands make the gradients nan)
-            for g, one in zip(got_g, grad(x, w, m), strict=True):
-                _assert_bits_equal(g[d], one)
+    # (inf and nan operands (rows == 5) make the gradients nan)
+    _assert_vmapped_stack_equals_each_design(x, w, designs, grads=rows != 5)
 
 
 @pytest.mark.parametrize("shape", [(64, 300, 64), (6, 5000, 3)])
@@ -1039,22 +1036,9 @@ def test_widened_families_below_the_facts_width_run_their_closed_form(shape):
     ]
     stack = multipliers.stack(designs)
     assert stack.mbits == 9 < ffi.LUT_FACTS_MIN_BITS
-
-    def f(x, w, m):
-        return approx_jax.approx_matmul(x, w, m)
-
-    def loss(x, w, m):
-        return jnp.sum(jnp.sin(f(x, w, m)))
-
-    grad = jax.grad(loss, argnums=(0, 1))
-    vf = jax.vmap(f, in_axes=(None, None, 0))
+    vf = jax.vmap(_stack_matmul, in_axes=(None, None, 0))
     assert "approx_jax_lut_facts" not in _compiled_targets(vf, x, w, stack)
-    got = jax.jit(vf)(x, w, stack)
-    got_g = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(x, w, stack)
-    for d, m in enumerate(designs):
-        _assert_bits_equal(got[d], f(x, w, m))
-        for g, one in zip(got_g, grad(x, w, m), strict=True):
-            _assert_bits_equal(g[d], one)
+    _assert_vmapped_stack_equals_each_design(x, w, designs)
 
 
 @pytest.mark.parametrize("M", [8, 9, 10, 11])

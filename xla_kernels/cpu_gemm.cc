@@ -840,6 +840,19 @@ std::string GemmTransposed(const GemmProblem& p, const ParallelFor& parallel_for
   return {};
 }
 
+// Designs [d0, d1) of p as a problem of their own (operands, LUTs, facts
+// and output offset to those designs).
+GemmProblem DesignRun(const GemmProblem& p, int64_t d0, int64_t d1) {
+  GemmProblem run = p;
+  run.designs = d1 - d0;
+  run.a = p.a + d0 * p.a_design_stride;
+  run.b = p.b + d0 * p.b_design_stride;
+  run.lut = p.lut + d0 * p.lut_design_stride;
+  if (p.lut_facts != nullptr && p.lut_design_stride != 0) run.lut_facts = p.lut_facts + d0;
+  run.out = p.out + d0 * p.batch * p.m * p.n;
+  return run;
+}
+
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose) {
   const int64_t problems = p.designs * p.batch;
   const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
@@ -894,13 +907,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
       for (int64_t d0 = 0; d0 < p.designs;) {
         int64_t d1 = nwidth == 1 ? p.designs : d0 + 1;
         while (d1 < p.designs && width_of(d1) == width_of(d0)) ++d1;
-        GemmProblem run = p;
-        run.designs = d1 - d0;
-        run.a = p.a + d0 * p.a_design_stride;
-        run.b = p.b + d0 * p.b_design_stride;
-        run.lut = p.lut + d0 * p.lut_design_stride;
-        if (p.lut_facts != nullptr && p.lut_design_stride != 0) run.lut_facts = p.lut_facts + d0;
-        run.out = p.out + d0 * p.batch * p.m * p.n;
+        GemmProblem run = DesignRun(p, d0, d1);
         const int width = width_of(d0);
         if (width != p.mbits) {
           // (The facts and the family hint describe the width-M LUTs: the
@@ -942,13 +949,7 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
       for (int64_t d0 = 0; d0 < p.designs;) {
         int64_t d1 = d0 + 1;
         while (d1 < p.designs && cheap_at(d1) == cheap_at(d0)) ++d1;
-        GemmProblem run = p;
-        run.designs = d1 - d0;
-        run.a = p.a + d0 * p.a_design_stride;
-        run.b = p.b + d0 * p.b_design_stride;
-        run.lut = p.lut + d0 * p.lut_design_stride;
-        if (p.lut_facts != nullptr && p.lut_design_stride != 0) run.lut_facts = p.lut_facts + d0;
-        run.out = p.out + d0 * p.batch * p.m * p.n;
+        GemmProblem run = DesignRun(p, d0, d1);
         std::string err = GemmDirect(run, parallel_for, may_transpose);
         if (!err.empty()) return err;
         d0 = d1;
