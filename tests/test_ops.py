@@ -618,6 +618,25 @@ def test_cpu_closed_form_lut_path_is_bit_exact(family, M, shape, monkeypatch):
         _assert_bits_equal(closed_form, reference.sequential_dot(x, w, mult.lut, mult.mbits))
 
 
+@pytest.mark.parametrize("isa", ["2", "3"])
+@pytest.mark.parametrize("shape", [(64, 1024, 10), (100, 300, 70), (5, 300, 100), (127, 64, 64)])
+def test_closed_forms_at_m7_few_rows_equal_the_tiles(isa, shape, monkeypatch):
+    # The AVX2 unit runs M = 7 with fewer than 128 rows on the closed forms
+    # when every design has one, MBM included (cpu_gemm_simd.h
+    # Avx2ClosedFormsWin); APPROX_JAX_CPU_FORMULA=0 hides the families, so
+    # the tiles run. Same bits both ways, for mbm7 alone and for a stack of
+    # MBM, Mitchell and truncate, and the reference's for mbm7.
+    _use_cpu_isa(monkeypatch, isa)
+    rows, K, N = shape
+    x, w = _wide_range_operands(rows, K, N, seed=rows + K + N + 70)
+    designs = [multipliers.mbm(7), multipliers.mitchell(7), multipliers.truncate(7)]
+    got = _knob_on_equals_off(
+        monkeypatch, "APPROX_JAX_CPU_FORMULA", "1", x, w, designs, "closed forms vs tiles"
+    )
+    if rows != 5 and K <= 300:
+        _assert_bits_equal(got[0], reference.sequential_dot(x, w, designs[0].lut, 7))
+
+
 @pytest.mark.parametrize(
     "family,M",
     [("mbm", M) for M in range(7, 12)]

@@ -212,6 +212,24 @@ inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
   return true;
 }
 
+// On the AVX2 unit (8 lanes, a 3-row tile kernel), at M = 7 with fewer than
+// 2^M rows, the closed forms beat the tiles for MBM as well (which runs its
+// tiles one bit narrower, but builds 64 of them per b element for few rows
+// to share). Zen 3, harness, 2 threads, mbm7, ms, tiles vs closed form:
+// 64x1024x10 0.55 vs 0.21, 128x1024x10 0.57 vs 0.36, 64^3 0.050 vs 0.037,
+// 96^3 0.13 vs 0.09, 64x256x64 0.15 vs 0.10, 128^3 0.19 vs 0.18; from 256
+// rows even (256x1024x10 0.70 vs 0.68). A problem that runs transposed
+// (PrefersTransposed: many columns) is planned at its transposed rows,
+// where the tiles stay (64x1568x1024 transposed tiles 7.7-8.1 vs 9.5-10.6).
+// Every design must have a closed form (a stack may mix MBM with Mitchell
+// and truncate).
+inline bool Avx2ClosedFormsWin(const GemmProblem& p, const int* families) {
+  if (families == nullptr || p.mbits != 7 || p.m >= (int64_t{1} << p.mbits)) return false;
+  for (int64_t d = 0; d < p.designs; ++d)
+    if (families[d] != kFamilyMbm && !IsCheapFamily(families[d])) return false;
+  return true;
+}
+
 // The direct kernel (cpu_gemm_simd_impl.h RunDirect) computes each product
 // from the two operands' bits, with no per-element preparation of b to
 // amortise: it wins with one or two rows. Measured (harness, one thread, MBM

@@ -1255,6 +1255,7 @@ int RunGemm(const GemmProblem& p, const KSplit& ks, const Runner& runner) {
   // Every design a cheap closed-form family and few rows: the closed form
   // (on the gather path) beats the tiles.
   if (strategy == kTiles && CheapClosedFormWins(p, ks.families)) strategy = kGather;
+  if (strategy == kTiles && kVL == 8 && Avx2ClosedFormsWin(p, ks.families)) strategy = kGather;
   if (g_force_strategy == 1 || g_force_strategy == 2) strategy = g_force_strategy;
   pl.strategy = strategy;
   // The widest width any design's tiles are built at (KSplit::eff_bits).
