@@ -853,6 +853,21 @@ GemmProblem DesignRun(const GemmProblem& p, int64_t d0, int64_t d1) {
   return run;
 }
 
+// Runs p as consecutive runs of designs, a run extended while
+// same_run(d0, d) holds for its first design d0, each through
+// run_fn(d0, DesignRun(p, d0, d1)); returns the first error.
+template <class SameRun, class RunFn>
+std::string ForEachDesignRun(const GemmProblem& p, SameRun same_run, RunFn run_fn) {
+  for (int64_t d0 = 0; d0 < p.designs;) {
+    int64_t d1 = d0 + 1;
+    while (d1 < p.designs && same_run(d0, d1)) ++d1;
+    std::string err = run_fn(d0, DesignRun(p, d0, d1));
+    if (!err.empty()) return err;
+    d0 = d1;
+  }
+  return {};
+}
+
 std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bool may_transpose) {
   const int64_t problems = p.designs * p.batch;
   const char* kNoScratch = "approx_jax_gemm: out of memory for CPU GEMM scratch buffers";
@@ -894,41 +909,37 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
         return family_bits != nullptr ? family_bits[d] : p.mbits;
       return eff_bits[d];
     };
-    const int64_t nwidth = p.lut_design_stride == 0 ? 1 : p.designs;
+    // (Designs sharing one LUT have one width: they make one run.)
     int64_t nruns = 1;
     bool narrower = width_of(0) != p.mbits;
-    for (int64_t d = 1; d < nwidth; ++d) {
+    for (int64_t d = 1; d < p.designs; ++d) {
       nruns += width_of(d) != width_of(d - 1);
       narrower = narrower || width_of(d) != p.mbits;
     }
     const double work_per_design = static_cast<double>(p.batch) * p.m * p.n * p.k;
     if (narrower && (nruns == 1 || work_per_design >= double{1 << 22})) {
       std::vector<uint32_t> run_luts;
-      for (int64_t d0 = 0; d0 < p.designs;) {
-        int64_t d1 = nwidth == 1 ? p.designs : d0 + 1;
-        while (d1 < p.designs && width_of(d1) == width_of(d0)) ++d1;
-        GemmProblem run = DesignRun(p, d0, d1);
-        const int width = width_of(d0);
-        if (width != p.mbits) {
-          // (The facts and the family hint describe the width-M LUTs: the
-          // run checks its own, at most 4^7 entries a design.)
-          const int64_t entries = int64_t{1} << (2 * width);
-          const int64_t nluts = p.lut_design_stride == 0 ? 1 : run.designs;
-          run_luts.resize(static_cast<size_t>(nluts * entries));
-          for (int64_t dd = 0; dd < nluts; ++dd)
-            NarrowLut(run.lut + dd * p.lut_design_stride, p.mbits, p.mbits - width,
-                      run_luts.data() + dd * entries);
-          run.mbits = width;
-          run.lut = run_luts.data();
-          run.lut_design_stride = p.lut_design_stride == 0 ? 0 : entries;
-          run.lut_facts = nullptr;
-          run.family_hint = -1;
-        }
-        std::string err = GemmDirect(run, parallel_for, may_transpose);
-        if (!err.empty()) return err;
-        d0 = d1;
-      }
-      return {};
+      return ForEachDesignRun(
+          p, [&](int64_t d0, int64_t d) { return width_of(d) == width_of(d0); },
+          [&](int64_t d0, GemmProblem run) {
+            const int width = width_of(d0);
+            if (width != p.mbits) {
+              // (The facts and the family hint describe the width-M LUTs: the
+              // run checks its own, at most 4^7 entries a design.)
+              const int64_t entries = int64_t{1} << (2 * width);
+              const int64_t nluts = p.lut_design_stride == 0 ? 1 : run.designs;
+              run_luts.resize(static_cast<size_t>(nluts * entries));
+              for (int64_t dd = 0; dd < nluts; ++dd)
+                NarrowLut(run.lut + dd * p.lut_design_stride, p.mbits, p.mbits - width,
+                          run_luts.data() + dd * entries);
+              run.mbits = width;
+              run.lut = run_luts.data();
+              run.lut_design_stride = p.lut_design_stride == 0 ? 0 : entries;
+              run.lut_facts = nullptr;
+              run.family_hint = -1;
+            }
+            return GemmDirect(run, parallel_for, may_transpose);
+          });
     }
   }
   // A stack whose designs differ in whether their cheap closed form beats
@@ -945,17 +956,12 @@ std::string GemmDirect(const GemmProblem& p, const ParallelFor& parallel_for, bo
     auto cheap_at = [&](int64_t d) { return gemm_internal::IsCheapFamily(families[d]); };
     int64_t first_change = 1;
     while (first_change < p.designs && cheap_at(first_change) == cheap_at(0)) ++first_change;
-    if (first_change < p.designs) {
-      for (int64_t d0 = 0; d0 < p.designs;) {
-        int64_t d1 = d0 + 1;
-        while (d1 < p.designs && cheap_at(d1) == cheap_at(d0)) ++d1;
-        GemmProblem run = DesignRun(p, d0, d1);
-        std::string err = GemmDirect(run, parallel_for, may_transpose);
-        if (!err.empty()) return err;
-        d0 = d1;
-      }
-      return {};
-    }
+    if (first_change < p.designs)
+      return ForEachDesignRun(
+          p, [&](int64_t d0, int64_t d) { return cheap_at(d) == cheap_at(d0); },
+          [&](int64_t, const GemmProblem& run) {
+            return GemmDirect(run, parallel_for, may_transpose);
+          });
   }
   const int stream_mode = StreamMode();
   if (may_transpose && !direct && gemm_internal::g_force_strategy == 0) {

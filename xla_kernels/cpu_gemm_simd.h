@@ -203,13 +203,19 @@ inline int64_t CheapFamilyRows(int mbits) {
 inline bool IsCheapFamily(int family) {
   return family == kFamilyMitchell || family == kFamilyTruncate;
 }
-// Whether p runs the cheap closed forms instead of the tiles: every design a
-// cheap family (`families`: one entry per design, or nullptr) and few rows.
-inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
-  if (families == nullptr || p.m >= CheapFamilyRows(p.mbits)) return false;
+// Whether every design's family (`families`: one entry per design, or
+// nullptr for none) satisfies is_family.
+template <class IsFamily>
+inline bool EveryDesignFamily(const GemmProblem& p, const int* families, IsFamily is_family) {
+  if (families == nullptr) return false;
   for (int64_t d = 0; d < p.designs; ++d)
-    if (!IsCheapFamily(families[d])) return false;
+    if (!is_family(families[d])) return false;
   return true;
+}
+// Whether p runs the cheap closed forms instead of the tiles: every design a
+// cheap family and few rows.
+inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
+  return p.m < CheapFamilyRows(p.mbits) && EveryDesignFamily(p, families, IsCheapFamily);
 }
 
 // On the AVX2 unit (8 lanes, a 3-row tile kernel), at M = 7 with fewer than
@@ -224,10 +230,8 @@ inline bool CheapClosedFormWins(const GemmProblem& p, const int* families) {
 // Every design must have a closed form (a stack may mix MBM with Mitchell
 // and truncate).
 inline bool Avx2ClosedFormsWin(const GemmProblem& p, const int* families) {
-  if (families == nullptr || p.mbits != 7 || p.m >= (int64_t{1} << p.mbits)) return false;
-  for (int64_t d = 0; d < p.designs; ++d)
-    if (families[d] != kFamilyMbm && !IsCheapFamily(families[d])) return false;
-  return true;
+  return p.mbits == 7 && p.m < (int64_t{1} << p.mbits) &&
+         EveryDesignFamily(p, families, [](int f) { return f == kFamilyMbm || IsCheapFamily(f); });
 }
 
 // The direct kernel (cpu_gemm_simd_impl.h RunDirect) computes each product
