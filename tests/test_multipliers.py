@@ -101,6 +101,32 @@ def test_builtins_are_cached_and_read_only():
         mm.mbm(5).lut[0] = 1
 
 
+@pytest.mark.parametrize("read_only_view", [False, True])
+def test_multiplier_keeps_its_own_copy_of_a_numpy_lut(read_only_view):
+    # The ops cache per read-only LUT: a LUT that changed under the caller's
+    # array (writeable, or seen through a read-only view of one) must not
+    # change the Multiplier, nor leave a stale cached conversion behind.
+    base = np.array(mm.mbm(3).lut)
+    lut = base.view() if read_only_view else base
+    if read_only_view:
+        lut.setflags(write=False)
+    m = approx_jax.Multiplier(lut, "mine", 3)
+    assert not m.lut.flags.writeable and not np.shares_memory(m.lut, base)
+    a, b = np.float32([1.3, 1.7, 1.2]), np.float32([1.1, 1.9, 1.6])
+    want = reference.product(a, b, mm.mbm(3).lut, 3)
+    np.testing.assert_array_equal(_bits(approx_jax.multiply(a, b, m)), _bits(want))
+    base[:] = mm.mitchell(3).lut
+    np.testing.assert_array_equal(_bits(approx_jax.multiply(a, b, m)), _bits(want))
+    changed = approx_jax.multiply(a, b, approx_jax.Multiplier(lut, "mine", 3))
+    want_changed = reference.product(a, b, mm.mitchell(3).lut, 3)
+    np.testing.assert_array_equal(_bits(changed), _bits(want_changed))
+    assert not np.array_equal(_bits(want), _bits(want_changed))
+
+
+def _bits(x):
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
 def test_truncate11_is_near_exact():
     # truncate(M) products never exceed the exact product and are within 2^-M relative.
     a, b = reference.mantissa_grid(11)

@@ -478,6 +478,30 @@ def test_exact_dispatches_to_native():
     )
 
 
+@pytest.mark.parametrize("op", ["multiply", "approx_dot", "approx_matmul", "approx_conv"])
+def test_exact_under_x64_is_float32_like_every_design(op):
+    # SPEC section 1: float64 operands are cast to float32 first and the result
+    # back, for "fp32" as for a LUT design (with x64 on, exact() was native
+    # float64: 1e-300 * 1e300 gave 1 instead of 0 * inf = NaN).
+    a64 = np.float64([1e-300, 1.0 + 2.0**-30, 3.0, -2.5])
+    b64 = np.float64([1e300, 1.0 + 2.0**-30, 1e-320, 1.5e-5])
+    calls = {
+        "multiply": lambda a, b, m: approx_jax.multiply(a, b, m),
+        "approx_dot": lambda a, b, m: approx_jax.approx_dot(a[None], b[:, None], m),
+        "approx_matmul": lambda a, b, m: approx_jax.approx_matmul(a[None], b[:, None], m),
+        "approx_conv": lambda a, b, m: approx_jax.approx_conv(
+            a.reshape(1, 1, 1, 1), b.reshape(1, 1, 1, 1), m, (1, 1), "VALID"
+        ),
+    }
+    with jax.enable_x64(True):
+        for i in range(4):  # one product per call: sums of one term are the product
+            got = calls[op](jnp.asarray(a64[i : i + 1]), jnp.asarray(b64[i : i + 1]), "fp32")
+            assert got.dtype == jnp.float64
+            with np.errstate(over="ignore", invalid="ignore"):
+                want = np.float32(a64[i]) * np.float32(b64[i])
+            np.testing.assert_array_equal(np.asarray(got).ravel(), [np.float64(want)])
+
+
 def test_names_resolve():
     rng = np.random.default_rng(14)
     x = _values(rng, (3, 5))

@@ -985,13 +985,16 @@ def approx_conv(
     if m.is_exact:
         # Promoted as on the simulated path (lax refuses mixed dtypes), so that
         # switching a model between "fp32" and a LUT design never changes that.
-        lhs, rhs = lhs.astype(promoted), rhs.astype(promoted)
+        # Under x64, float32 products and sums cast back (SPEC section 1).
+        wide = ops.wider_than_float32(out_dtype)
+        compute = jnp.float32 if wide else promoted
+        lhs, rhs = lhs.astype(compute), rhs.astype(compute)
         if any(lo < 0 or hi < 0 for lo, hi in pads):
             # XLA:CPU's native convolution gives wrong values for negative low
             # padding (openxla/xla#48713): pad and dilate the input here instead.
             lhs = _pad_input(lhs, pads, lhs_dil, spatial_axes=lhs_perm[2:])
             pads, lhs_dil = ((0, 0),) * nd, (1,) * nd
-        return lax.conv_general_dilated(
+        out = lax.conv_general_dilated(
             lhs,
             rhs,
             strides,
@@ -1002,8 +1005,9 @@ def approx_conv(
             feature_group_count=groups,
             batch_group_count=batch_groups,
             precision=precision if precision is not None else lax.Precision.HIGHEST,
-            preferred_element_type=preferred_element_type,
+            preferred_element_type=jnp.float32 if wide else preferred_element_type,
         )
+        return out.astype(out_dtype) if wide else out
     if m.is_stack:
         return ops._over_stack(
             lambda one: approx_conv(

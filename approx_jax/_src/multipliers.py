@@ -193,8 +193,11 @@ class Multiplier:
         lut = _concrete_lut(self.lut)
         if lut is not None:
             stored = self._check_lut(lut)
-            if lut is not self.lut:
-                # A list leaf would flatten to one pytree leaf per entry.
+            if lut is not self.lut or isinstance(lut, np.ndarray):
+                # A list leaf would flatten to one pytree leaf per entry. A
+                # NumPy LUT is kept as the checked copy, read-only: the caller's
+                # array (or the writeable array a read-only view shows) may
+                # change later, and the ops cache per read-only LUT.
                 object.__setattr__(self, "lut", _readonly(stored))
 
     @classmethod

@@ -544,6 +544,16 @@ def _over_stack(fn, m: mult_lib.Multiplier):
     return jax.vmap(lambda one: fn(dataclasses.replace(m, lut=one)))(lut)
 
 
+def wider_than_float32(dtype) -> bool:
+    """Whether ``dtype`` (a result dtype) is wider than float32: float64 under x64.
+
+    SPEC section 1 casts such operands to float32 first and the result back.
+    The LUT paths compute in float32 anyway; ``exact()``'s native ops check
+    this so that "fp32" stays float32 products and sums under x64 too.
+    """
+    return jnp.finfo(dtype).bits > 32
+
+
 def output_dtype(promoted, preferred_element_type):
     """The result dtype: ``preferred_element_type`` if given, else ``promoted``.
 
@@ -610,6 +620,10 @@ def approx_dot(
     # (arrays, not dtypes: keeps weak types)
     out_dtype = output_dtype(jnp.result_type(x, w), preferred_element_type)
     if m.is_exact:
+        if wider_than_float32(out_dtype):
+            f32 = jnp.float32
+            out = approx_dot(x.astype(f32), w.astype(f32), m, backward, precision)
+            return out.astype(out_dtype)
         return jnp.dot(
             x,
             w,
@@ -713,6 +727,10 @@ def approx_matmul(
     # (arrays, not dtypes: keeps weak types)
     out_dtype = output_dtype(jnp.result_type(a, b), preferred_element_type)
     if m.is_exact:
+        if wider_than_float32(out_dtype):
+            f32 = jnp.float32
+            out = approx_matmul(a.astype(f32), b.astype(f32), m, backward, precision)
+            return out.astype(out_dtype)
         return jnp.matmul(
             a,
             b,
@@ -772,6 +790,8 @@ def multiply(a, b, multiplier, backward: str = "approx") -> jax.Array:
         raise ValueError(f"shapes {a.shape} and {b.shape} do not broadcast") from err
     out_dtype = jnp.result_type(a, b)  # arrays, not dtypes: keeps weak types
     if m.is_exact:
+        if wider_than_float32(out_dtype):
+            return (a.astype(jnp.float32) * b.astype(jnp.float32)).astype(out_dtype)
         return a * b
     if m.is_stack:
         return _over_stack(lambda one: multiply(a, b, one, backward), m)
