@@ -84,17 +84,22 @@ def test_damaged_cached_lut_is_rebuilt(require_c_compiler, isolated_cache):
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 3).lut, want)
 
 
-@pytest.mark.parametrize("damage", ["emptied", "halved"])
+@pytest.mark.parametrize("damage", ["emptied", "halved", "garbled"])
 def test_damaged_cache_entries_are_rebuilt(require_c_compiler, isolated_cache, damage):
-    """Every cached file of a model emptied or cut in half (a full disk): the
-    next call compiles and evaluates it again instead of failing (a halved
-    library, loaded as it is, crashed with SIGBUS, blamed on the model)."""
+    """Every cached file of a model emptied, cut in half (a full disk) or
+    overwritten with bytes that are not UTF-8: the next call compiles and
+    evaluates it again instead of failing (a halved library, loaded as it is,
+    crashed with SIGBUS, blamed on the model; a garbled digest raised
+    UnicodeDecodeError on every later call)."""
     want = mm.from_c(EXACT, "f", 5).lut
     files = [p for p in (isolated_cache / "lib").iterdir() if p.is_file()]
     assert any(p.suffix == ".so" for p in files), files
     for path in files:
         data = path.read_bytes()
-        path.write_bytes(b"" if damage == "emptied" else data[: len(data) // 2])
+        garbled = b"\xff\xfe garbage"
+        path.write_bytes(
+            {"emptied": b"", "halved": data[: len(data) // 2], "garbled": garbled}[damage]
+        )
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)  # the rebuilt entry
 
@@ -107,6 +112,14 @@ def test_model_named_like_a_library_function_or_wrapper_variable(
 ):
     source = f"float {name}(float x, float y) {{ return x * y; }}"
     np.testing.assert_array_equal(mm.from_c(source, name, 4).lut, mm.truncate(4).lut)
+
+
+def test_model_file_that_is_not_utf8_compiles(require_c_compiler, isolated_cache, tmp_path):
+    # cc compiles it (a Latin-1 comment): so must from_c, with the same LUT.
+    path = tmp_path / "latin1.c"
+    path.write_bytes(b"/* caf\xe9 model */\nfloat my_mul(float a, float b) { return a * b; }\n")
+    np.testing.assert_array_equal(mm.from_c(str(path), "my_mul", 4).lut, mm.truncate(4).lut)
+    np.testing.assert_array_equal(mm.from_c(str(path), "my_mul", 4).lut, mm.truncate(4).lut)
 
 
 def test_existing_path_with_parentheses_is_a_file(require_c_compiler, isolated_cache, tmp_path):

@@ -318,12 +318,18 @@ def source_path(source_or_path) -> pathlib.Path | None:
     raise TypeError(f"expected C/C++ source text or a path, got {type(source_or_path).__name__}")
 
 
+# A compiler reads bytes: a model whose comments are Latin-1 (or any other
+# non-UTF-8 bytes) compiles with `cc model.c`, so its bytes pass through the
+# source copy, the preprocessor's output and the cache key unchanged.
+_SOURCE_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
 def _read_source(source_or_path) -> tuple[str, pathlib.Path | None]:
     """Returns ``(source text, path or None)``."""
     path = source_path(source_or_path)
     if path is None:
         return source_or_path, None
-    return path.read_text(), path
+    return path.read_text(**_SOURCE_ENCODING), path
 
 
 def _is_cpp(path: pathlib.Path | None, language: str | None, cpp: bool | None) -> bool:
@@ -371,7 +377,7 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
 def _cache_key(source: str, function: str, M: int, flags, compiler: str, cpp: bool) -> str:
     h = hashlib.sha256()
     for part in (_WRAPPER_VERSION, source, function, str(M), shlex.join(flags), compiler, str(cpp)):
-        h.update(part.encode())
+        h.update(part.encode(**_SOURCE_ENCODING))
         h.update(b"\0")  # separator: ("ab", "c") and ("a", "bc") hash differently
     return h.hexdigest()
 
@@ -433,7 +439,7 @@ def compile_model(
     # process may read but not write still serves the libraries it holds.)
     with tempfile.TemporaryDirectory(prefix="approx_jax-src-") as src_dir:
         tmp_src = pathlib.Path(src_dir) / f"model{suffix}"
-        tmp_src.write_text(text)
+        tmp_src.write_text(text, **_SOURCE_ENCODING)
         # Keyed by the preprocessed translation unit, so editing a header the
         # model includes (or a -D flag) gives a new LUT, not a stale cached one.
         key = _cache_key(
@@ -543,7 +549,7 @@ def _library_intact(lib_path: pathlib.Path) -> bool:
     """
     try:
         return _digest_path(lib_path).read_text() == _file_digest(lib_path)
-    except OSError:
+    except (OSError, ValueError):  # (a digest file of non-UTF-8 bytes: damaged too)
         return False
 
 
@@ -555,7 +561,7 @@ def _preprocessed(compiler_cmd: str, cmd_flags, src: pathlib.Path) -> str | None
     flags = [f for f in cmd_flags if f not in ("-shared", "-fPIC")]
     cmd = [*shlex.split(compiler_cmd), *flags, "-E", "-P", str(src)]
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        result = subprocess.run(cmd, capture_output=True, check=False, **_SOURCE_ENCODING)
     except OSError:
         return None
     return result.stdout if result.returncode == 0 else None
