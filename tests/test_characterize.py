@@ -234,6 +234,17 @@ def test_sample_operands_broadcast_and_bad_dtypes_raise():
         ch.characterize("mbm3", samples=(np.array(["1.5"]), b))
     with pytest.raises(ValueError, match="do not broadcast"):
         ch.characterize("mbm3", samples=(np.ones(3), np.ones(4)))
+    # No pairs at all is an error (as samples=[] is); pairs that all fall out
+    # (zeros, NaN) give NaN metrics with a warning saying why.
+    with pytest.raises(ValueError, match="no operand pairs"):
+        ch.characterize("mbm3", samples=(np.array([]), np.array([])))
+    with pytest.raises(ValueError, match="no operand pairs"):
+        ch.characterize("mbm3", samples=np.zeros((0, 2), np.float32))
+    with pytest.warns(RuntimeWarning, match="none of the 3 sample pairs"):
+        skipped = ch.characterize(
+            "mbm3", samples=(np.float32([0, np.nan, 1]), np.float32([1, 2, 0]))
+        )
+    assert skipped.skipped == 3 and np.isnan(skipped.mred)
 
 
 def test_exact_multiplier_on_samples_scores_what_the_native_op_computes():

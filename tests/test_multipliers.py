@@ -427,6 +427,9 @@ def test_from_approxtrain_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot infer M"):
         mm.from_approxtrain(tmp_path / "noname.bin")
     assert mm.from_approxtrain(tmp_path / "noname.bin", M=2).mbits == 2
+    for missing in ("missing.bin", "MISSING_7.bin"):  # the missing file, not the name
+        with pytest.raises(FileNotFoundError, match="no such LUT file"):
+            mm.from_approxtrain(tmp_path / missing)
     with pytest.raises(ValueError, match="32-bit entries"):
         mm.from_approxtrain(tmp_path / "noname.bin", M=8)
     with pytest.raises(ValueError, match="M <= 7"):

@@ -108,6 +108,45 @@ def test_mixed_batching_parameters_per_design(stack):
     np.testing.assert_array_equal(_bits(nested_t), _bits(jnp.swapaxes(nested, 0, 1)))
 
 
+@pytest.mark.parametrize("order", ["designs_outside", "examples_outside"])
+def test_nested_vmap_copies_neither_luts_nor_shared_operands(order):
+    # Per-example gradients of a sweep: a vmap over examples that leaves the
+    # LUT alone goes to the GEMM's batch axis, not the design axis. On the
+    # design axis every design's LUT was copied once per example and the
+    # shared weights once per design: 512 MiB of temporaries here (M = 11).
+    names = ["mbm11", "mitchell11"]
+    rng = np.random.default_rng(9)
+    xs = rng.standard_normal((16, 4, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+
+    def loss(w, x, m):
+        return jnp.sum(jnp.tanh(approx_jax.approx_dot(x, w, m)))
+
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, None))
+    if order == "designs_outside":
+        fn = jax.jit(lambda xs: jax.vmap(lambda m: per_example(w, xs, m))(multipliers.stack(names)))
+    else:
+        fn = jax.jit(
+            lambda xs: jnp.swapaxes(
+                jax.vmap(
+                    lambda x: jax.vmap(lambda m: jax.grad(loss)(w, x, m))(multipliers.stack(names))
+                )(xs),
+                0,
+                1,
+            )
+        )
+    compiled = fn.lower(xs).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        assert analysis.temp_size_in_bytes < 4 << 20, analysis.temp_size_in_bytes
+    assert " while(" not in compiled.as_text()
+    got = fn(xs)
+    one = jax.jit(jax.grad(loss), static_argnums=2)
+    for d, name in enumerate(names):
+        for i in range(0, 16, 5):
+            np.testing.assert_array_equal(_bits(got[d, i]), _bits(one(w, xs[i], name)))
+
+
 def test_stack_pads_to_common_width(stack):
     assert stack.mbits == 7
     x, w = _data(3)

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import warnings
 
 import numpy as np
 
@@ -251,6 +252,10 @@ def _unpack_samples(samples):
         raise ValueError(
             f"samples operands do not broadcast: shapes {arrays[0].shape} and {arrays[1].shape}"
         ) from err
+    if a32.size == 0:
+        raise ValueError(
+            f"samples hold no operand pairs (shapes {arrays[0].shape} and {arrays[1].shape})"
+        )
     return a32.reshape(-1), b32.reshape(-1)
 
 
@@ -306,6 +311,14 @@ def _characterize_one(multiplier, samples) -> ErrorMetrics:
     with np.errstate(over="ignore"):
         fits_float32 = np.isfinite(exact_values.astype(np.float32))
     keep = np.isfinite(exact_values) & (exact_values != 0) & fits_float32
+    if not keep.any():
+        warnings.warn(
+            f"{name}: none of the {keep.size} sample pairs has a nonzero exact product "
+            "within float32's range (zeros, Inf, NaN or out-of-range products are "
+            "skipped): every sample metric is NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     simulated_kept, exact_kept = simulated[keep], exact_values[keep]
     heatmap = None
     if not multiplier.is_exact:

@@ -262,7 +262,8 @@ def _add_common(
     p.add_argument(
         "--out",
         default=None,
-        help="output folder (default: runs/<command>-<model>-<time>, with -2, -3, ... for "
+        help="output folder (default: runs/<command>-<model>-<time>, or "
+        "runs/<command>-<time> for commands without --model, with -2, -3, ... for "
         "runs started in the same second)",
     )
 

@@ -683,6 +683,8 @@ def from_approxtrain(path, M: int | None = None) -> Multiplier:
       TypeError: If ``path`` is not a str or path-like object.
     """
     path = _as_path(path)
+    if not path.exists():  # (before the name: a missing file is the first thing to say)
+        raise FileNotFoundError(f"no such LUT file: {str(path)!r}")
     if M is None:
         match = _APPROXTRAIN_NAME.search(path.name)
         if match is None:

@@ -361,8 +361,71 @@ def _design_count(args, in_batched) -> int:
     return max(x.shape[1] if b else x.shape[0] for x, b in zip(args, in_batched, strict=True))
 
 
-def _make_design_batched(call):
-    """Wraps ``call(*operands)`` (leading design axis on every operand) in custom_vmap."""
+def _fold_into_batch_axis(x, batched: bool, axis_size: int, batch: int):
+    """Merges a vmapped axis into the batch axis (axis 1) of a GEMM operand.
+
+    ``x`` is ``[axis_size, G, Bx, ...]`` when batched, else ``[G, Bx, ...]``,
+    with Bx in {1, ``batch``}. Returns ``[G, axis_size * batch, ...]``, or
+    ``x`` itself when unbatched with Bx = 1 (the kernel broadcasts it).
+    """
+    if not batched:
+        if x.shape[1] == 1:
+            return x
+        x = jnp.broadcast_to(x[:, None], (x.shape[0], axis_size) + x.shape[1:])
+        return x.reshape((x.shape[0], axis_size * batch) + x.shape[3:])
+    x = jnp.moveaxis(x, 0, 1)  # [G, axis_size, Bx, ...]
+    if x.shape[2] != batch:
+        x = jnp.broadcast_to(x, x.shape[:2] + (batch,) + x.shape[3:])
+    return x.reshape((x.shape[0], axis_size * batch) + x.shape[3:])
+
+
+def _examples_into_batch_axis(x, batched: bool, examples: int, batch: int):
+    """A GEMM operand whose design axis holds ``examples`` of one LUT, as a batch axis.
+
+    ``x`` is ``[axis_size, G, Bx, ...]`` when batched, else ``[G, Bx, ...]``,
+    with G in {1, ``examples``} and Bx in {1, ``batch``}. Returns
+    ``[axis_size, examples * batch, ...]`` (batched) or ``[1, examples *
+    batch, ...]``, or ``x`` itself when unbatched with G = Bx = 1 (the kernel
+    broadcasts it).
+    """
+    if not batched:
+        if x.shape[0] == 1 and x.shape[1] == 1:
+            return x
+        x = x[None]
+    full = (x.shape[0], examples, batch) + x.shape[3:]
+    if x.shape != full:
+        x = jnp.broadcast_to(x, full)
+    return x.reshape((x.shape[0], examples * batch) + x.shape[3:])
+
+
+def _design_fold_copies(operands, in_batched, designs: int) -> bool:
+    """Whether ``_fold_design_axis`` would copy an operand (tile it over an axis).
+
+    A batched operand shared by the designs (G = 1 < designs) is copied per
+    design, an unbatched one per design (G = designs > 1: a stack's LUT) per
+    vmapped example. Otherwise (a plain vmap over examples of one design) the
+    design fold copies nothing, and the kernel runs it as fast as any.
+    """
+    return any(
+        (x.shape[1] == 1 < designs) if b else (x.shape[0] == designs > 1)
+        for x, b in zip(operands, in_batched, strict=True)
+    )
+
+
+def _make_design_batched(call, batch_axis: bool = False):
+    """Wraps ``call(*operands)`` (leading design axis on every operand) in custom_vmap.
+
+    With ``batch_axis`` (the GEMM: ``a [Ga, Ba, M, K]``, ``b [Gb, Bb, K, N]``,
+    LUT last), a vmap that leaves the LUT alone folds into the operands'
+    batch axis instead of the design axis when the latter would copy an
+    operand: in a nested vmap (designs, then examples: per-example gradients
+    of a sweep) the design axis needs every design's LUT once per example
+    and a shared operand once per design (512 MiB for 2 designs x 16
+    examples at M = 11); the batch axis needs neither, and every (design,
+    example) product is the same GEMM. (Without copies the design fold
+    stays: the kernel ran some shapes' batch axis slower, e.g. a vmap of
+    32 examples of 16x784 @ 784x300 at 9.4 against 5.8 ms.)
+    """
 
     @jax.custom_batching.custom_vmap
     def raw(*operands):
@@ -371,6 +434,32 @@ def _make_design_batched(call):
     @raw.def_vmap
     def _rule(axis_size, in_batched, *operands):
         designs = _design_count(operands, in_batched)
+        if batch_axis and not in_batched[-1] and _design_fold_copies(operands, in_batched, designs):
+            a, b, lut = operands
+            batch = max(
+                x.shape[2] if t else x.shape[1] for x, t in zip((a, b), in_batched[:2], strict=True)
+            )
+            out = raw(
+                _fold_into_batch_axis(a, in_batched[0], axis_size, batch),
+                _fold_into_batch_axis(b, in_batched[1], axis_size, batch),
+                lut,
+            )
+            out = out.reshape((out.shape[0], axis_size, batch) + out.shape[2:])
+            return jnp.moveaxis(out, 1, 0), True
+        if batch_axis and in_batched[-1] and operands[-1].shape[1] == 1 and designs > 1:
+            # A vmap over designs above one over examples: the examples sit on
+            # the design axis (one shared LUT there), which would have to be
+            # tiled per design here. They are a batch axis: move them there.
+            a, b, lut = operands
+            batch = max(
+                x.shape[2] if t else x.shape[1] for x, t in zip((a, b), in_batched[:2], strict=True)
+            )
+            out = raw(
+                _examples_into_batch_axis(a, in_batched[0], designs, batch),
+                _examples_into_batch_axis(b, in_batched[1], designs, batch),
+                lut.reshape((axis_size,) + lut.shape[2:]),
+            )
+            return out.reshape((axis_size, designs, batch) + out.shape[2:]), True
         folded = [
             _fold_design_axis(x, b, axis_size, designs)
             for x, b in zip(operands, in_batched, strict=True)
@@ -383,7 +472,9 @@ def _make_design_batched(call):
 
 @functools.cache
 def _gemm_raw(mbits: int, family: int = ffi.FAMILY_UNKNOWN):
-    return _make_design_batched(lambda a, b, k: partitioning.gemm_call(a, b, k, mbits, family))
+    return _make_design_batched(
+        lambda a, b, k: partitioning.gemm_call(a, b, k, mbits, family), batch_axis=True
+    )
 
 
 @functools.cache
