@@ -412,6 +412,32 @@ def _design_fold_copies(operands, in_batched, designs: int) -> bool:
     )
 
 
+def _gemm_examples_on_batch_axis(raw, axis_size, in_batched, operands, designs):
+    """The GEMM's vmap with examples on the batch axis, or None (see _make_design_batched).
+
+    Two cases: a vmap over examples that leaves a stack's LUT alone (the
+    design fold would copy), and a vmap over designs above one over examples
+    (the operands' design axis holds examples of one shared LUT, which the
+    design fold would tile per design). Returns the batched ``raw`` result.
+    """
+    a, b, lut = operands
+    batch = max(
+        x.shape[2] if t else x.shape[1] for x, t in zip((a, b), in_batched[:2], strict=True)
+    )
+    if not in_batched[-1] and _design_fold_copies(operands, in_batched, designs):
+        a = _fold_into_batch_axis(a, in_batched[0], axis_size, batch)
+        b = _fold_into_batch_axis(b, in_batched[1], axis_size, batch)
+        out = raw(a, b, lut)
+        out = out.reshape((out.shape[0], axis_size, batch) + out.shape[2:])
+        return jnp.moveaxis(out, 1, 0)
+    if in_batched[-1] and lut.shape[1] == 1 and designs > 1:
+        a = _examples_into_batch_axis(a, in_batched[0], designs, batch)
+        b = _examples_into_batch_axis(b, in_batched[1], designs, batch)
+        out = raw(a, b, lut.reshape((axis_size,) + lut.shape[2:]))
+        return out.reshape((axis_size, designs, batch) + out.shape[2:])
+    return None
+
+
 def _make_design_batched(call, batch_axis: bool = False):
     """Wraps ``call(*operands)`` (leading design axis on every operand) in custom_vmap.
 
@@ -434,32 +460,10 @@ def _make_design_batched(call, batch_axis: bool = False):
     @raw.def_vmap
     def _rule(axis_size, in_batched, *operands):
         designs = _design_count(operands, in_batched)
-        if batch_axis and not in_batched[-1] and _design_fold_copies(operands, in_batched, designs):
-            a, b, lut = operands
-            batch = max(
-                x.shape[2] if t else x.shape[1] for x, t in zip((a, b), in_batched[:2], strict=True)
-            )
-            out = raw(
-                _fold_into_batch_axis(a, in_batched[0], axis_size, batch),
-                _fold_into_batch_axis(b, in_batched[1], axis_size, batch),
-                lut,
-            )
-            out = out.reshape((out.shape[0], axis_size, batch) + out.shape[2:])
-            return jnp.moveaxis(out, 1, 0), True
-        if batch_axis and in_batched[-1] and operands[-1].shape[1] == 1 and designs > 1:
-            # A vmap over designs above one over examples: the examples sit on
-            # the design axis (one shared LUT there), which would have to be
-            # tiled per design here. They are a batch axis: move them there.
-            a, b, lut = operands
-            batch = max(
-                x.shape[2] if t else x.shape[1] for x, t in zip((a, b), in_batched[:2], strict=True)
-            )
-            out = raw(
-                _examples_into_batch_axis(a, in_batched[0], designs, batch),
-                _examples_into_batch_axis(b, in_batched[1], designs, batch),
-                lut.reshape((axis_size,) + lut.shape[2:]),
-            )
-            return out.reshape((axis_size, designs, batch) + out.shape[2:]), True
+        if batch_axis:
+            out = _gemm_examples_on_batch_axis(raw, axis_size, in_batched, operands, designs)
+            if out is not None:
+                return out, True
         folded = [
             _fold_design_axis(x, b, axis_size, designs)
             for x, b in zip(operands, in_batched, strict=True)
