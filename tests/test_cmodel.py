@@ -96,10 +96,8 @@ def test_damaged_cache_entries_are_rebuilt(require_c_compiler, isolated_cache, d
     assert any(p.suffix == ".so" for p in files), files
     for path in files:
         data = path.read_bytes()
-        garbled = b"\xff\xfe garbage"
-        path.write_bytes(
-            {"emptied": b"", "halved": data[: len(data) // 2], "garbled": garbled}[damage]
-        )
+        damaged = {"emptied": b"", "halved": data[: len(data) // 2], "garbled": b"\xff\xfe garbage"}
+        path.write_bytes(damaged[damage])
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)
     np.testing.assert_array_equal(mm.from_c(EXACT, "f", 5).lut, want)  # the rebuilt entry
 

@@ -361,41 +361,16 @@ def _design_count(args, in_batched) -> int:
     return max(x.shape[1] if b else x.shape[0] for x, b in zip(args, in_batched, strict=True))
 
 
-def _fold_into_batch_axis(x, batched: bool, axis_size: int, batch: int):
-    """Merges a vmapped axis into the batch axis (axis 1) of a GEMM operand.
+def _merged_into_batch_axis(x, outer: int, batch: int):
+    """``x [L, G, Bx, ...]`` as ``[L, outer * batch, ...]``: G and Bx merged into one batch axis.
 
-    ``x`` is ``[axis_size, G, Bx, ...]`` when batched, else ``[G, Bx, ...]``,
-    with Bx in {1, ``batch``}. Returns ``[G, axis_size * batch, ...]``, or
-    ``x`` itself when unbatched with Bx = 1 (the kernel broadcasts it).
+    G is 1 or ``outer`` and Bx is 1 or ``batch``; an axis of size 1 that must
+    grow is broadcast (copied), nothing else is.
     """
-    if not batched:
-        if x.shape[1] == 1:
-            return x
-        x = jnp.broadcast_to(x[:, None], (x.shape[0], axis_size) + x.shape[1:])
-        return x.reshape((x.shape[0], axis_size * batch) + x.shape[3:])
-    x = jnp.moveaxis(x, 0, 1)  # [G, axis_size, Bx, ...]
-    if x.shape[2] != batch:
-        x = jnp.broadcast_to(x, x.shape[:2] + (batch,) + x.shape[3:])
-    return x.reshape((x.shape[0], axis_size * batch) + x.shape[3:])
-
-
-def _examples_into_batch_axis(x, batched: bool, examples: int, batch: int):
-    """A GEMM operand whose design axis holds ``examples`` of one LUT, as a batch axis.
-
-    ``x`` is ``[axis_size, G, Bx, ...]`` when batched, else ``[G, Bx, ...]``,
-    with G in {1, ``examples``} and Bx in {1, ``batch``}. Returns
-    ``[axis_size, examples * batch, ...]`` (batched) or ``[1, examples *
-    batch, ...]``, or ``x`` itself when unbatched with G = Bx = 1 (the kernel
-    broadcasts it).
-    """
-    if not batched:
-        if x.shape[0] == 1 and x.shape[1] == 1:
-            return x
-        x = x[None]
-    full = (x.shape[0], examples, batch) + x.shape[3:]
+    full = x.shape[:1] + (outer, batch) + x.shape[3:]
     if x.shape != full:
         x = jnp.broadcast_to(x, full)
-    return x.reshape((x.shape[0], examples * batch) + x.shape[3:])
+    return x.reshape(x.shape[:1] + (outer * batch,) + x.shape[3:])
 
 
 def _design_fold_copies(operands, in_batched, designs: int) -> bool:
@@ -420,20 +395,31 @@ def _gemm_examples_on_batch_axis(raw, axis_size, in_batched, operands, designs):
     (the operands' design axis holds examples of one shared LUT, which the
     design fold would tile per design). Returns the batched ``raw`` result.
     """
+    # Operands: [axis_size, G, Bx, ...] when batched, else [G, Bx, ...],
+    # with G in {1, designs} and Bx in {1, batch}.
     a, b, lut = operands
     batch = max(
         x.shape[2] if t else x.shape[1] for x, t in zip((a, b), in_batched[:2], strict=True)
     )
     if not in_batched[-1] and _design_fold_copies(operands, in_batched, designs):
-        a = _fold_into_batch_axis(a, in_batched[0], axis_size, batch)
-        b = _fold_into_batch_axis(b, in_batched[1], axis_size, batch)
-        out = raw(a, b, lut)
+        # The vmapped examples join each operand's batch axis: [G, axis_size * batch, ...].
+        def fold(x, batched):
+            if batched:
+                return _merged_into_batch_axis(jnp.moveaxis(x, 0, 1), axis_size, batch)
+            return x if x.shape[1] == 1 else _merged_into_batch_axis(x[:, None], axis_size, batch)
+
+        out = raw(fold(a, in_batched[0]), fold(b, in_batched[1]), lut)
         out = out.reshape((out.shape[0], axis_size, batch) + out.shape[2:])
         return jnp.moveaxis(out, 1, 0)
     if in_batched[-1] and lut.shape[1] == 1 and designs > 1:
-        a = _examples_into_batch_axis(a, in_batched[0], designs, batch)
-        b = _examples_into_batch_axis(b, in_batched[1], designs, batch)
-        out = raw(a, b, lut.reshape((axis_size,) + lut.shape[2:]))
+        # The design axis below held examples: it joins the batch axis, and
+        # the vmapped designs become the design axis: [axis_size, designs * batch, ...].
+        def fold(x, batched):
+            if batched:
+                return _merged_into_batch_axis(x, designs, batch)
+            return x if x.shape[:2] == (1, 1) else _merged_into_batch_axis(x[None], designs, batch)
+
+        out = raw(fold(a, in_batched[0]), fold(b, in_batched[1]), lut[:, 0])
         return out.reshape((axis_size, designs, batch) + out.shape[2:])
     return None
 
