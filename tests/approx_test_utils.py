@@ -70,3 +70,15 @@ def find_shared_reference_lut_dir() -> pathlib.Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def xla_flags(*extra: str) -> str:
+    """``XLA_FLAGS`` for a subprocess: this process's flags (the tests' LLVM
+    optimization level, see conftest.py) without a host device count, plus
+    ``extra``."""
+    kept = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    return " ".join(kept + list(extra))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from approx_test_utils import xla_flags
 
 import approx_jax
 from approx_jax._src import multipliers as mult
@@ -256,7 +257,8 @@ def test_same_bits_with_one_and_many_threads(thread_probe):
         pytest.skip("taskset not available")
     many = run_workload([], {}, thread_probe)
     one = run_workload([taskset, "-c", "0"], {}, thread_probe)
-    no_eigen = run_workload([], {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}, thread_probe)
+    no_eigen_flags = {"XLA_FLAGS": xla_flags("--xla_cpu_multi_thread_eigen=false")}
+    no_eigen = run_workload([], no_eigen_flags, thread_probe)
     if thread_probe is not None:
         # The comparison only means something if the pool sizes really differ.
         assert one["num_threads"] == 1, one["num_threads"]

@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 
 import pytest
+from approx_test_utils import xla_flags
 
 import approx_jax
 
@@ -29,7 +30,9 @@ PACKAGE_PARENT = str(pathlib.Path(approx_jax.__file__).resolve().parents[1])
 _PRELUDE = textwrap.dedent(
     """
     import json, os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+        os.environ["XLA_FLAGS"] = _flags + " --xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
     from approx_jax._src import ops, partitioning as pt, multipliers as ml, ffi
@@ -71,7 +74,7 @@ _PRELUDE = textwrap.dedent(
 def _run(body: str, timeout: int = 240, extra_env: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(extra_env or {})
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=4")
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
     code = _PRELUDE + textwrap.dedent(body) + "\nprint('RESULT ' + json.dumps(R))\n"
@@ -669,7 +672,7 @@ def test_data_parallel_example_matches_single_device():
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("XLA_FLAGS", None)  # the example sets the device count itself
+    env["XLA_FLAGS"] = xla_flags()  # the example sets the device count itself
     proc = subprocess.run(
         [
             sys.executable,

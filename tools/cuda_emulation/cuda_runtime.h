@@ -3,8 +3,9 @@
 // Not NVIDIA's header: a stand-in that tools/cuda_emulation/rewrite_cu.py's
 // output is compiled against with g++ (see run.sh). Device pointers are host
 // pointers; a kernel launch runs synchronously, one block after another, and
-// the threads of a block as coroutines (ucontext) on the calling thread, each
-// switched out at a barrier, so __syncthreads / __syncthreads_or have their
+// the threads of a block as coroutines on the calling thread (a stack each,
+// switched by a few instructions on x86-64, by ucontext elsewhere and under
+// AddressSanitizer), each switched out at a barrier, so __syncthreads / __syncthreads_or have their
 // CUDA meaning and every run is deterministic. Float arithmetic is the host's
 // IEEE float32 (compile with -ffp-contract=off, no FTZ), which is what the
 // kernels' explicit __fadd_rn / __fmaf_rn / mul.rn.ftz compute on a GPU; NaN
@@ -156,12 +157,62 @@ inline std::vector<size_t> g_launched_smem;  // their dynamic shared memory (byt
 constexpr size_t kStackBytes = 256 * 1024;
 inline std::vector<std::unique_ptr<unsigned char[]>> g_stacks;
 
+// Switching between a block's threads. ucontext's swapcontext saves and
+// restores the signal mask, a system call each way: that was half the run
+// time of the harness (perf, `smoke`). On x86-64 a switch saves the
+// callee-saved registers and the SSE/x87 control words on the old stack and
+// loads them from the new one, as the SysV ABI has a call preserve them.
+// AddressSanitizer builds keep ucontext, whose switches it knows about.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(CUDA_EMULATION_UCONTEXT)
+#define CUDA_EMULATION_FAST_SWITCH 1
+// void cuda_emulation_switch(void** save_sp, void* next_sp): saves the
+// caller's context on its stack, stores that stack pointer in *save_sp and
+// resumes the context saved at next_sp. Weak: every translation unit that
+// includes this header defines it.
+asm(R"(
+  .text
+  .weak cuda_emulation_switch
+  .type cuda_emulation_switch, @function
+cuda_emulation_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emulation_switch, .-cuda_emulation_switch
+)");
+extern "C" void cuda_emulation_switch(void** save_sp, void* next_sp);
+#endif
+
 struct BlockRun {
+#ifdef CUDA_EMULATION_FAST_SWITCH
+  std::vector<void*> sp;  // each thread's saved stack pointer
+  void* sched_sp = nullptr;
+#else
   std::vector<ucontext_t> ctx;
+#endif
   std::vector<int> state;  // 0 running/runnable, 1 at barrier, 2 returned
   std::vector<const char*> bar_file;
   std::vector<int> bar_line, bar_kind, bar_pred;
+#ifndef CUDA_EMULATION_FAST_SWITCH
   ucontext_t sched;
+#endif
   int current = -1;
   int or_result = 0;
   std::function<void()> body;
@@ -180,11 +231,54 @@ inline bool ShuffleThreads() {
 }
 inline std::mt19937 g_schedule_rng(7);
 
+#ifdef CUDA_EMULATION_FAST_SWITCH
+// Where a thread's stack starts: reached by the `ret` of its first switch,
+// never returns (a returned thread is not switched to again).
+[[noreturn]] inline void ThreadEntry() {
+  g_run->body();
+  g_run->state[g_run->current] = 2;
+  void* unused;
+  cuda_emulation_switch(&unused, g_run->sched_sp);
+  __builtin_unreachable();
+}
+
+// A fresh thread: a stack whose saved context resumes at ThreadEntry, as if
+// called (the stack pointer 8 past a 16-byte boundary at its first
+// instruction, the ABI's state after a call).
+inline void StartThread(BlockRun& r, int64_t t, unsigned char* stack) {
+  auto top = reinterpret_cast<uintptr_t>(stack + kStackBytes) & ~uintptr_t{15};
+  auto* frame = reinterpret_cast<uint64_t*>(top) - 9;
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  frame[0] = mxcsr | uint64_t{fpucw} << 32;  // the control words
+  for (int i = 1; i <= 6; ++i) frame[i] = 0;  // r15 r14 r13 r12 rbx rbp
+  frame[7] = reinterpret_cast<uint64_t>(&ThreadEntry);  // the switch's ret
+  frame[8] = 0;  // ThreadEntry's own return address (it never returns)
+  r.sp[t] = frame;
+}
+inline void SwitchToThread(BlockRun& r, int64_t t) { cuda_emulation_switch(&r.sched_sp, r.sp[t]); }
+inline void SwitchToScheduler(BlockRun& r, int64_t t) {
+  cuda_emulation_switch(&r.sp[t], r.sched_sp);
+}
+#else
 inline void ThreadEntry() {
   g_run->body();
   g_run->state[g_run->current] = 2;
   // uc_link returns to the scheduler.
 }
+
+inline void StartThread(BlockRun& r, int64_t t, unsigned char* stack) {
+  getcontext(&r.ctx[t]);
+  r.ctx[t].uc_stack.ss_sp = stack;
+  r.ctx[t].uc_stack.ss_size = kStackBytes;
+  r.ctx[t].uc_link = &r.sched;
+  makecontext(&r.ctx[t], ThreadEntry, 0);
+}
+inline void SwitchToThread(BlockRun& r, int64_t t) { swapcontext(&r.sched, &r.ctx[t]); }
+inline void SwitchToScheduler(BlockRun& r, int64_t t) { swapcontext(&r.ctx[t], &r.sched); }
+#endif
 
 // A barrier: kind 0 plain, 1 OR-reduction of pred.
 inline int Barrier(const char* file, int line, int kind, int pred) {
@@ -196,7 +290,7 @@ inline int Barrier(const char* file, int line, int kind, int pred) {
   r.bar_line[t] = line;
   r.bar_kind[t] = kind;
   r.bar_pred[t] = pred ? 1 : 0;
-  swapcontext(&r.ctx[t], &r.sched);
+  SwitchToScheduler(r, t);
   return r.or_result;
 }
 
@@ -220,7 +314,11 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
   g_launched.push_back(name);
   g_launched_smem.push_back(smem_bytes);
   BlockRun r;
+#ifdef CUDA_EMULATION_FAST_SWITCH
+  r.sp.resize(nthreads);
+#else
   r.ctx.resize(nthreads);
+#endif
   while (static_cast<int64_t>(g_stacks.size()) < nthreads)
     g_stacks.emplace_back(new unsigned char[kStackBytes]);
   r.state.resize(nthreads);
@@ -239,11 +337,7 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
         blockIdx = {bx, by, bz};
         r.smem.assign(smem_bytes, 0xff);
         for (int64_t t = 0; t < nthreads; ++t) {
-          getcontext(&r.ctx[t]);
-          r.ctx[t].uc_stack.ss_sp = g_stacks[t].get();
-          r.ctx[t].uc_stack.ss_size = kStackBytes;
-          r.ctx[t].uc_link = &r.sched;
-          makecontext(&r.ctx[t], ThreadEntry, 0);
+          StartThread(r, t, g_stacks[t].get());
           r.state[t] = 0;
         }
         std::vector<int64_t> order(nthreads);
@@ -258,7 +352,7 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
             threadIdx = {static_cast<unsigned>(t % block.x),
                          static_cast<unsigned>((t / block.x) % block.y),
                          static_cast<unsigned>(t / (int64_t{block.x} * block.y))};
-            swapcontext(&r.sched, &r.ctx[t]);
+            SwitchToThread(r, t);
           }
           r.current = -1;
           int waiting = -1, any_or = 0;
