@@ -252,8 +252,8 @@ inline void StartThread(BlockRun& r, int64_t t, unsigned char* stack) {
   uint16_t fpucw;
   asm volatile("stmxcsr %0" : "=m"(mxcsr));
   asm volatile("fnstcw %0" : "=m"(fpucw));
-  frame[0] = mxcsr | uint64_t{fpucw} << 32;  // the control words
-  for (int i = 1; i <= 6; ++i) frame[i] = 0;  // r15 r14 r13 r12 rbx rbp
+  frame[0] = mxcsr | uint64_t{fpucw} << 32;             // the control words
+  for (int i = 1; i <= 6; ++i) frame[i] = 0;            // r15 r14 r13 r12 rbx rbp
   frame[7] = reinterpret_cast<uint64_t>(&ThreadEntry);  // the switch's ret
   frame[8] = 0;  // ThreadEntry's own return address (it never returns)
   r.sp[t] = frame;
