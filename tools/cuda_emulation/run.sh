@@ -4,7 +4,7 @@
 # CUDA launchers with the reference every CPU kernel is held to.
 #
 #   tools/cuda_emulation/run.sh [quick|full|smoke|grid-limits]
-#   (runs take about 30 s / 3.5 min / 10 s / 7 min on one core)
+#   (runs take about 25 s / 3 min / 7 s / 6 min on one Zen 3 core)
 #   CUDA_EMULATION_CXXFLAGS="-O1 -g -fsanitize=address,undefined" tools/cuda_emulation/run.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
