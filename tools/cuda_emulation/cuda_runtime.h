@@ -169,8 +169,11 @@ inline std::vector<std::unique_ptr<unsigned char[]>> g_stacks;
 // caller's context on its stack, stores that stack pointer in *save_sp and
 // resumes the context saved at next_sp. Weak: every translation unit that
 // includes this header defines it.
+// (push/popsection: the compiler does not know that top-level asm switched
+// sections, and would go on emitting into .text what it meant for another.)
 asm(R"(
-  .text
+  .pushsection .text
+  .p2align 4
   .weak cuda_emulation_switch
   .type cuda_emulation_switch, @function
 cuda_emulation_switch:
@@ -196,8 +199,18 @@ cuda_emulation_switch:
   popq %rbp
   ret
   .size cuda_emulation_switch, .-cuda_emulation_switch
+  .popsection
 )");
 extern "C" void cuda_emulation_switch(void** save_sp, void* next_sp);
+
+// Whether CET shadow stacks are on for this process (rdsspq is a no-op that
+// leaves 0 where they are not). A switch of stacks without its shadow stack
+// would fault at the first return, so the fast switch refuses to run then.
+inline bool ShadowStackActive() {
+  uint64_t ssp = 0;
+  asm volatile("rdsspq %0" : "+r"(ssp));
+  return ssp != 0;
+}
 #endif
 
 struct BlockRun {
@@ -315,6 +328,8 @@ inline void RunBlocks(const void* fn, const char* name, dim3 grid, dim3 block, s
   g_launched_smem.push_back(smem_bytes);
   BlockRun r;
 #ifdef CUDA_EMULATION_FAST_SWITCH
+  static const bool shadow_stack = ShadowStackActive();
+  if (shadow_stack) Die("CET shadow stacks are on: build with -DCUDA_EMULATION_UCONTEXT");
   r.sp.resize(nthreads);
 #else
   r.ctx.resize(nthreads);
