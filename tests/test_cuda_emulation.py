@@ -33,9 +33,13 @@ def _rewriter():
     return module
 
 
-def _run(build: Path, kernels: Path = ROOT / "xla_kernels", mode: str = "quick"):
+def _run(
+    build: Path, kernels: Path = ROOT / "xla_kernels", mode: str = "quick", cxxflags: str = ""
+):
     """Builds and runs the emulation harness on the kernels in ``kernels``."""
     env = dict(os.environ, CUDA_EMULATION_BUILD=str(build), PYTHON=sys.executable)
+    if cxxflags:
+        env["CUDA_EMULATION_CXXFLAGS"] = cxxflags
     if kernels != ROOT / "xla_kernels":  # a broken kernel: its first failure is enough
         env["CUDA_EMULATION_STOP_AT_FAILURE"] = "1"
     if kernels != ROOT / "xla_kernels":  # a modified copy: same tool, other sources
@@ -89,6 +93,16 @@ def test_emulation_catches_a_broken_kernel(tmp_path, file, old, new):
     res = _run(tmp_path / "build", kernels, mode="smoke")
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert "FAIL" in res.stdout
+
+
+@pytest.mark.slow
+def test_ucontext_thread_switch_gives_the_reference_bits_too(tmp_path):
+    # x86-64 builds switch a block's threads with their own few instructions;
+    # sanitizer builds and other CPUs use ucontext, kept working here.
+    res = _run(tmp_path, mode="smoke", cxxflags="-O2 -DCUDA_EMULATION_UCONTEXT")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = res.stdout.strip().splitlines()[-1]
+    assert summary.endswith(" 0 failures") and int(summary.split()[0]) > 100, summary
 
 
 def test_rewrite_turns_launches_and_shared_memory_into_cpp():
