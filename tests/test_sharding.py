@@ -30,9 +30,6 @@ PACKAGE_PARENT = str(pathlib.Path(approx_jax.__file__).resolve().parents[1])
 _PRELUDE = textwrap.dedent(
     """
     import json, os, re
-    _flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in _flags:
-        os.environ["XLA_FLAGS"] = _flags + " --xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
     from approx_jax._src import ops, partitioning as pt, multipliers as ml, ffi

@@ -5,11 +5,12 @@
 // pointers; a kernel launch runs synchronously, one block after another, and
 // the threads of a block as coroutines on the calling thread (a stack each,
 // switched by a few instructions on x86-64, by ucontext elsewhere and under
-// AddressSanitizer), each switched out at a barrier, so __syncthreads / __syncthreads_or have their
-// CUDA meaning and every run is deterministic. Float arithmetic is the host's
-// IEEE float32 (compile with -ffp-contract=off, no FTZ), which is what the
-// kernels' explicit __fadd_rn / __fmaf_rn / mul.rn.ftz compute on a GPU; NaN
-// payloads are the one thing that differs (a GPU returns its canonical NaN).
+// AddressSanitizer), each switched out at a barrier, so __syncthreads /
+// __syncthreads_or have their CUDA meaning and every run is deterministic.
+// Float arithmetic is the host's IEEE float32 (compile with
+// -ffp-contract=off, no FTZ), which is what the kernels' explicit __fadd_rn /
+// __fmaf_rn / mul.rn.ftz compute on a GPU; NaN payloads are the one thing
+// that differs (a GPU returns its canonical NaN).
 //
 // Checked like the CUDA runtime checks them, reported by cudaGetLastError:
 // block size (1..1024), grid limits (x < 2^31, y and z <= 65535), dynamic
@@ -219,13 +220,11 @@ struct BlockRun {
   void* sched_sp = nullptr;
 #else
   std::vector<ucontext_t> ctx;
+  ucontext_t sched;
 #endif
   std::vector<int> state;  // 0 running/runnable, 1 at barrier, 2 returned
   std::vector<const char*> bar_file;
   std::vector<int> bar_line, bar_kind, bar_pred;
-#ifndef CUDA_EMULATION_FAST_SWITCH
-  ucontext_t sched;
-#endif
   int current = -1;
   int or_result = 0;
   std::function<void()> body;
