@@ -40,9 +40,10 @@ def _run(
     env = dict(os.environ, CUDA_EMULATION_BUILD=str(build), PYTHON=sys.executable)
     if cxxflags:
         env["CUDA_EMULATION_CXXFLAGS"] = cxxflags
-    if kernels != ROOT / "xla_kernels":  # a broken kernel: its first failure is enough
+    if kernels != ROOT / "xla_kernels":
+        # A modified copy (a broken kernel): its first failure is enough, and
+        # it runs the same tool on other sources.
         env["CUDA_EMULATION_STOP_AT_FAILURE"] = "1"
-    if kernels != ROOT / "xla_kernels":  # a modified copy: same tool, other sources
         tree = build / "tree"
         shutil.copytree(ROOT / "tools", tree / "tools")
         shutil.copytree(kernels, tree / "xla_kernels")
