@@ -556,14 +556,155 @@ def test_vmapped_sweep_keeps_the_chunk_budget(monkeypatch, per_call, conv_path):
         want = jax.jit(fwd_bwd)(xs[d], ws[d], m, dys[d])
         for g, w_ in zip(got, want, strict=True):
             np.testing.assert_array_equal(_bits(g[d]), _bits(w_))
-    # Each custom call holds `per_call` designs; fewer than all of them: a loop.
+    # Each GEMM on a patch matrix holds as many designs as the budget allows
+    # for its own `a` operand ([D, G, rows, K]; the input gradient's patches
+    # of dy have K = 9 * 5, the forward's 9 * 2): fewer than all: a loop.
     hlo = jax.jit(jax.vmap(fwd_bwd)).lower(xs, ws, stacked, dys).as_text()
+    budget = conv_lib.PATCH_CHUNK_BYTES
     gemm_lines = [ln for ln in hlo.splitlines() if "approx_jax_gemm" in ln and "call" in ln]
     assert gemm_lines
+    per_gemm = []
     for ln in gemm_lines:
+        operand = re.search(r":\s*\(tensor<(\d+)x(\d+)x(\d+)x(\d+)xf32>", ln)
         result = re.search(r"->\s*\(?tensor<(\d+)x", ln)
-        assert result and int(result.group(1)) == per_call, ln
-    assert ("while" in hlo) == (per_call < 4)
+        assert operand and result, ln
+        designs, rows_k = int(result.group(1)), int(operand.group(3)) * int(operand.group(4))
+        if rows_k in (3 * 36 * 18, 3 * 36 * 45):  # a patch matrix (not patches^T)
+            fit = max(d for d in (1, 2, 4) if d * 4 * rows_k <= budget or d == 1)
+            assert designs == fit, ln
+        per_gemm.append(designs)
+    assert ("while" in hlo) == (min(per_gemm) < 4)
+
+
+# Unit strides: the input gradient is a conv of dy (padded by the window)
+# with the flipped, I/O-swapped kernel, on the forward pass's targets.
+STRIDE_ONE_CASES = {
+    # name: (x shape, kernel shape, approx_conv kwargs)
+    "5x5_same": ((2, 7, 6, 4), (5, 5, 4, 6), dict(padding="SAME")),
+    "lhs_rhs_dilated_negative_pad": (
+        (2, 5, 6, 3),
+        (3, 2, 3, 4),
+        dict(padding=((2, -1), (-1, 2)), lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
+    ),
+    "1d_groups_two_out": ((3, 9, 4), (3, 2, 4), dict(padding="VALID", feature_group_count=2)),
+    "3d": ((1, 4, 5, 3, 3), (2, 3, 2, 3, 5), dict(padding="SAME", rhs_dilation=(2, 1, 1))),
+}
+
+
+def _input_grad_by_transposed_gemm(dy, w, m, kwargs):
+    """The stride-1 input gradient built here: dy padded, per-tap slices, approx_dot."""
+    nd = dy.ndim - 2
+    window, (cg, c_out) = w.shape[:nd], w.shape[nd:]
+    groups = kwargs.get("feature_group_count", 1)
+    og = c_out // groups
+    lhs = kwargs.get("lhs_dilation", (1,) * nd)
+    rhs = kwargs.get("rhs_dilation", (1,) * nd)
+    pads, in_spatial = kwargs["pads"], kwargs["in_spatial"]
+    taps = list(itertools.product(*(range(k) for k in window)))
+    result = []
+    for g in range(groups):
+        dyg = np.asarray(dy)[..., g * og : (g + 1) * og]
+        # Input position i gets dy[i * ld + lo - t * rd] * W[t]: dy padded by
+        # (k - 1) * rd - lo below, read at i * ld + (k - 1 - t) * rd (negative
+        # padding crops).
+        lows = [(k - 1) * rd - lo for k, rd, (lo, _) in zip(window, rhs, pads, strict=True)]
+        need = [
+            (s - 1) * ld + (k - 1) * rd + 1
+            for s, ld, k, rd in zip(in_spatial, lhs, window, rhs, strict=True)
+        ]
+        padded = dyg
+        for d in range(nd):
+            lo, hi = lows[d], need[d] - lows[d] - dyg.shape[1 + d]
+            padded = np.take(padded, range(max(0, -lo), padded.shape[1 + d]), axis=1 + d)
+            widths = [(0, 0)] * padded.ndim
+            widths[1 + d] = (max(lo, 0), 0)
+            padded = np.pad(padded, widths)
+            if hi < 0:
+                padded = np.take(padded, range(padded.shape[1 + d] + hi), axis=1 + d)
+            else:
+                widths[1 + d] = (0, hi)
+                padded = np.pad(padded, widths)
+        # Summed over the flipped window's taps f (row-major), then Og: tap
+        # f reads the padded dy at i * ld + f * rd and meets W[k - 1 - f].
+        cols, rows = [], []
+        wg = np.asarray(w)[..., g * og : (g + 1) * og]  # [*window, Cg, Og]
+        for f in taps:
+            index = tuple(
+                slice(fi * rd, fi * rd + (s - 1) * ld + 1, ld)
+                for fi, rd, s, ld in zip(f, rhs, in_spatial, lhs, strict=True)
+            )
+            cols.append(padded[(slice(None), *index)])
+            rows.append(wg[tuple(k - 1 - fi for k, fi in zip(window, f, strict=True))].T)
+        a = np.stack(cols, axis=-2).reshape(-1, len(taps) * og)  # [N * S, taps * Og]
+        b = np.stack(rows).reshape(len(taps) * og, cg)  # [taps * Og, Cg]
+        result.append(
+            np.asarray(approx_jax.approx_dot(a, b, m)).reshape(dy.shape[0], *in_spatial, cg)
+        )
+    return np.concatenate(result, axis=-1)
+
+
+@pytest.mark.parametrize("mult", ["mbm7", "random4"])
+@pytest.mark.parametrize("case", sorted(STRIDE_ONE_CASES))
+def test_stride_one_input_gradient_is_a_conv_of_dy(case, mult, conv_path):
+    x_shape, w_shape, kwargs = STRIDE_ONE_CASES[case]
+    nd = len(x_shape) - 2
+    m = MULTIPLIERS[mult]()
+    x, w = _data(x_shape, 71), _data(w_shape, 72)
+    y, vjp = jax.vjp(lambda x, w: approx_conv(x, w, m, **kwargs), x, w)
+    dy = _data(y.shape, 73)
+    dx, _ = vjp(jnp.asarray(dy))
+    # SPEC's bound against the reference's own index arithmetic.
+    pads = kwargs["padding"]
+    if pads == "SAME":
+        pads = [
+            ((k - 1) * r // 2, (k - 1) * r - (k - 1) * r // 2)
+            for k, r in zip(w_shape[:nd], kwargs.get("rhs_dilation", (1,) * nd), strict=True)
+        ]
+    elif pads == "VALID":
+        pads = [(0, 0)] * nd
+    (rx, ax), _ = reference.conv_vjp(
+        x,
+        w,
+        dy,
+        m.lut,
+        m.mbits,
+        "approx",
+        (1,) * nd,
+        pads,
+        kwargs.get("lhs_dilation"),
+        kwargs.get("rhs_dilation"),
+        kwargs.get("feature_group_count", 1),
+        CHANNELS_LAST[nd],
+        with_bound=True,
+    )
+    _check(dx, rx, ax, int(np.prod(w_shape[:nd])) * w_shape[-1])
+    # The same bits as the GEMM of that conv, built independently here.
+    want = _input_grad_by_transposed_gemm(
+        dy, w, m, dict(kwargs, pads=pads, in_spatial=x_shape[1:-1])
+    )
+    np.testing.assert_array_equal(_bits(dx), _bits(want))
+
+
+def test_vmapped_input_gradient_needs_no_design_groups(monkeypatch):
+    """A sweep's vmap(grad) of a conv whose patches exceed the budget: on CPU
+    one custom call per product (forward, input and kernel gradient), no loop."""
+    designs = [mult_lib.mbm(7), mult_lib.mitchell(5), mult_lib.truncate(3), random_multiplier(6, 5)]
+    stacked = mult_lib.stack(designs)
+    xs = np.stack([_data((3, 6, 6, 4), 80 + d) for d in range(4)])
+    ws = np.stack([_data((3, 3, 4, 5), 90 + d) for d in range(4)])
+    monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 4 * 3 * 36 * 36)  # one design's patches
+    loss = lambda x, w, m: jnp.sum(jnp.tanh(approx_conv(x, w, m, padding="SAME")))  # noqa: E731
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
+    got = grads(xs, ws, stacked)
+    for d, m in enumerate(mult_lib.unstack(stacked)):
+        want = jax.jit(jax.grad(loss, argnums=(0, 1)))(xs[d], ws[d], m)
+        for g, w_ in zip(got, want, strict=True):
+            np.testing.assert_array_equal(_bits(g[d]), _bits(w_))
+    hlo = grads.lower(xs, ws, stacked).as_text()
+    calls = re.findall(r"custom_call @(approx_jax_\w+)", hlo)
+    if jax.default_backend() == "cpu":
+        assert sorted(calls) == ["approx_jax_conv", "approx_jax_conv", "approx_jax_conv_wgrad"]
+        assert "while" not in hlo
 
 
 def test_dtype_and_preferred_element_type():
@@ -885,10 +1026,12 @@ def test_family_attribute_in_the_lowered_conv(channels, monkeypatch):
 
     attrs = _family_attributes(grads(mult_lib.mbm(9)), x, w)
     targets = {t for t, _ in attrs}
-    if channels >= 4 and jax.default_backend() == "cpu":  # the in-place targets
-        assert {"approx_jax_conv", "approx_jax_conv_wgrad"} <= targets
-    else:  # patch matrices and the GEMM
+    if jax.default_backend() != "cpu":  # patch matrices and the GEMM
         assert targets == {"approx_jax_gemm"}
+    elif channels >= 4:  # the in-place targets
+        assert {"approx_jax_conv", "approx_jax_conv_wgrad"} <= targets
+    else:  # patch GEMMs, but the input gradient reads dy's 4 channels in place
+        assert targets == {"approx_jax_gemm", "approx_jax_conv"}
     # Forward, input and kernel gradient: MBM's code on every target.
     assert {f for _, f in attrs} == {"3"}
     attrs = _family_attributes(grads(random_multiplier(9, 3)), x, w)

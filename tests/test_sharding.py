@@ -228,9 +228,10 @@ def test_conv_batch_sharded_in_place_forward(kind, partitioner):
         """,
     )
     assert r["colls"] == ["all-reduce"], r  # the kernel-gradient all-reduce only
-    # Per device: 2 of the 8 samples ([D, G, N, P, O]); the kernel gradient
-    # of each device's samples ([D, G, taps * C, O]), then the all-reduce.
-    assert r["conv_shapes"] == ["f32[1,1,2,28,12]", "f32[1,1,2,81,12]"], r
+    # Per device: 2 of the 8 samples ([D, G, N, P, O]), forward and the input
+    # gradient (a conv of dy back onto the 16 input channels); the kernel
+    # gradient of each device's samples ([D, G, taps * C, O]), then the all-reduce.
+    assert r["conv_shapes"] == ["f32[1,1,2,28,12]", "f32[1,1,2,81,12]", "f32[1,1,2,81,16]"], r
     assert r["wgrad_shapes"] == ["f32[1,1,144,12]"], r
     assert r["y"] and r["dx"], r
     assert r["dw"] < 1e-3, r

@@ -21,12 +21,15 @@ Lowering (``_conv_core``):
    one custom call, with the group axis as the canonical batch axis ``B``.
 
 Gradients (``_conv_core``'s custom VJP) are SPEC section 5's convolution
-backward pass, the products of ``ops._gemm``'s VJP: ``d_patches =
-approx(dy, W^T)`` (``a = dy``, ``b = kernel``), folded back onto the input by
-the transpose of the patch extraction (ordinary float32 additions), and ``dW
-= approx(patches^T, dy)`` (``a = input``, ``b = dy``), with ``patches^T``
-gathered directly in that layout from a channels-first copy of the input
-rather than transposed from the patch matrix.
+backward pass. The kernel gradient is ``dW = approx(patches^T, dy)`` (``a =
+input``, ``b = dy``), with ``patches^T`` gathered directly in that layout
+from a channels-first copy of the input rather than transposed from the
+patch matrix. The input gradient (``a = dy``, ``b = kernel``) of a
+convolution with unit strides is itself a convolution: of ``dy``, padded by
+the window, with the flipped, I/O-swapped kernel (:func:`_input_grad_conv`),
+run on the forward pass's own targets. With larger strides it is ``d_patches
+= approx(dy, W^T)`` folded back onto the input by the transpose of the patch
+extraction (ordinary float32 additions), the products of ``ops._gemm``'s VJP.
 
 On CPU the forward pass skips steps 3-4's patch matrix for inputs of at
 least ``IMPLICIT_MIN_CHANNELS`` channels per group: the padded input goes to
@@ -506,14 +509,89 @@ def _d_patches_shape(xg, geometry):
     return xg.shape[:2] + tuple(out_spatial) + (math.prod(window), xg.shape[-1])
 
 
+def _input_grad_is_a_conv(geometry, in_spatial) -> bool:
+    """Whether the input gradient runs as a forward convolution of ``dy`` (stride 1).
+
+    With unit strides every ``dy`` position meets every tap, so the input
+    gradient ``sum_{t, o} P(dy[q - t], W[t, c, o])`` is a convolution of the
+    padded ``dy`` with the flipped, I/O-swapped kernel (:func:`_transposed_geometry`):
+    one GEMM with ``K = taps * Og`` on the forward pass's targets, in place
+    on CPU. The ``d_patches`` path instead runs a GEMM with ``K = Og``
+    (LeNet-5's 5x5x32 conv: 1.5x the forward pass's time for as many
+    products), writes ``prod(window)`` times the input, folds it, and under
+    ``vmap`` over per-design inputs needs design groups (a ``while`` loop).
+    With strides > 1 ``dy`` would need dilating: ``stride**nd`` times the
+    products, most of them with zeros, so those keep ``d_patches``.
+    """
+    _, strides = geometry[:2]
+    return all(s == 1 for s in strides) and all(size >= 1 for size in in_spatial)
+
+
+def _transposed_geometry(geometry, in_spatial):
+    """The geometry of the input gradient of a stride-1 conv as a forward conv of ``dy``.
+
+    Input position ``i`` of the (lhs-dilated, padded) input is ``q = lo + i *
+    ld``; tap ``t`` of output ``p`` reads ``q = p + t * rd``. Padding ``dy``
+    by ``(k - 1) * rd - lo`` below puts ``dy[q - t * rd]`` at ``i * ld + (k - 1
+    - t) * rd``: a conv with stride ``ld`` (the lhs dilation's holes get no
+    gradient), kernel dilation ``rd`` and the window flipped, whose output is
+    the input's spatial shape. Negative padding crops ``dy`` positions whose
+    taps all fell in the forward padding.
+    """
+    window, _, pads, lhs_dil, rhs_dil, out_spatial = geometry
+    pads_t = []
+    for k, (lo, _), ld, rd, size, out in zip(
+        window, pads, lhs_dil, rhs_dil, in_spatial, out_spatial, strict=True
+    ):
+        lo_t = (k - 1) * rd - lo
+        extent = (size - 1) * ld + (k - 1) * rd + 1
+        pads_t.append((lo_t, extent - lo_t - out))
+    nd = len(window)
+    return (window, tuple(lhs_dil), tuple(pads_t), (1,) * nd, tuple(rhs_dil), tuple(in_spatial))
+
+
+def _transposed_kernel(w4, window, cg):
+    """``[1, G, taps * Cg, Og]`` -> ``[1, G, taps * Og, Cg]``: window flipped, I and O swapped."""
+    g, og = w4.shape[1], w4.shape[-1]
+    nd = len(window)
+    w = partitioning.reshape(w4, (g, *window, cg, og))
+    w = jnp.swapaxes(jnp.flip(w, axis=tuple(range(1, 1 + nd))), -1, -2)
+    return partitioning.reshape(w, (1, g, math.prod(window) * og, cg))
+
+
+def _input_grad_conv(mbits, family, geometry, budget, xg, w4, klut, ct):
+    """SPEC 5's input gradient (a = dy, b = kernel) as a forward conv of ``dy``.
+
+    ``ct`` ``[G, N, *out, Og]`` -> ``[G, N, *S, Cg]`` (``xg``'s shape). On CPU
+    (``Og >= IMPLICIT_MIN_CHANNELS``) the conv target reads the padded ``dy``
+    in place; elsewhere the patches of ``dy`` meet the GEMM (the same bits).
+    The zeros padded around ``dy`` go through the multiplier as the forward
+    pass's padding does (``P(0, w)`` is a signed zero; ``P(0, inf)`` is NaN,
+    as in XLA's own transposed convolution).
+    """
+    geometry_t = _transposed_geometry(geometry, xg.shape[2:-1])
+    w_t = _transposed_kernel(w4, geometry[0], xg.shape[-1])
+    implicit = _implicit_forward_applies(ct.shape[-1], geometry_t)
+    return _core_forward(mbits, family, geometry_t, budget, implicit)(ct, w_t, klut)
+
+
+def _input_grad_builds_no_patches(geometry, xg, ct) -> bool:
+    """Whether the input gradient reads ``dy`` in place (no patches: no batch chunks needed)."""
+    if not _input_grad_is_a_conv(geometry, xg.shape[2:-1]):
+        return False
+    return _implicit_forward_applies(ct.shape[-1], _transposed_geometry(geometry, xg.shape[2:-1]))
+
+
 @functools.cache
 def _core_backward(mbits, family, backward, geometry, budget):
     def backward_products(xg, w4, klut, ct):
         ct4 = _as_rows(ct)
+        patches_t = _patch_matrix_t(xg, geometry)
+        if backward == "approx" and _input_grad_is_a_conv(geometry, xg.shape[2:-1]):
+            d_w = ops._gemm(patches_t, ct4, klut, mbits, backward, family)
+            return _input_grad_conv(mbits, family, geometry, budget, xg, w4, klut, ct), d_w
         # SPEC 5: d_patches = approx(dy, W^T) (a = dy, b = W); dW = approx(patches^T, dy).
-        d_a, d_w = ops._backward_products(
-            mbits, backward, _patch_matrix_t(xg, geometry), w4, klut, ct4, family
-        )
+        d_a, d_w = ops._backward_products(mbits, backward, patches_t, w4, klut, ct4, family)
         d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
         return _fold(d_patches, xg, geometry), d_w
 
@@ -524,13 +602,21 @@ def _core_backward(mbits, family, backward, geometry, budget):
 def _core_input_grad(mbits, family, geometry, budget):
     """``_core_backward``'s input gradient alone (``backward="approx"``)."""
 
-    def input_grad(xg, w4, klut, ct):
+    def by_fold(xg, w4, klut, ct):
         ct4 = _as_rows(ct)
         d_a = ops._input_grad(mbits, ct4.shape[-2], w4, klut, ct4, family)
         d_patches = partitioning.reshape(d_a, _d_patches_shape(xg, geometry))
         return _fold(d_patches, xg, geometry)
 
-    return _designs_in_groups(input_grad, geometry, budget)
+    by_fold = _designs_in_groups(by_fold, geometry, budget)
+
+    def input_grad(xg, w4, klut, ct):
+        if _input_grad_is_a_conv(geometry, xg.shape[2:-1]):
+            # (Its own design groups, by the patches of dy, where it builds them.)
+            return _input_grad_conv(mbits, family, geometry, budget, xg, w4, klut, ct)
+        return by_fold(xg, w4, klut, ct)
+
+    return input_grad
 
 
 @functools.cache
@@ -567,7 +653,10 @@ def _reference_backward(mbits, family, backward, geometry):
     built only of pieces that can be differentiated again (``ops._gemm``'s
     custom VJP and XLA's per-tap patch extraction, whose transpose is the
     fast passes' fold), with no design groups, batch chunks or in-place
-    reads. Higher derivatives of the conv differentiate this function.
+    reads: the kernel gradient by autodiff, and the input gradient either so
+    or, where the fast passes run it as a conv of ``dy``
+    (:func:`_input_grad_is_a_conv`), as that conv's GEMM on the patches of
+    ``dy``. Higher derivatives of the conv differentiate this function.
     """
 
     def patch_forward(xg, w4, klut):
@@ -577,7 +666,18 @@ def _reference_backward(mbits, family, backward, geometry):
         out = ops._gemm(a, w4, klut, mbits, backward, family)
         return _as_output(out, xg, geometry)
 
+    def input_grad_conv(xg, w4, klut, ct):
+        # _input_grad_conv's GEMM on the per-tap patches of dy.
+        geometry_t = _transposed_geometry(geometry, xg.shape[2:-1])
+        patches = _patches_by_tap(ct, *geometry_t)
+        w_t = _transposed_kernel(w4, geometry[0], xg.shape[-1])
+        a = partitioning.reshape(patches, (1, ct.shape[0], -1, w_t.shape[-2]))
+        return _as_output(ops._gemm(a, w_t, klut, mbits, backward, family), ct, geometry_t)
+
     def reference(xg, w4, klut, ct):
+        if backward == "approx" and _input_grad_is_a_conv(geometry, xg.shape[2:-1]):
+            _, vjp_w = jax.vjp(lambda w: patch_forward(xg, w, klut), w4)
+            return input_grad_conv(xg, w4, klut, ct), vjp_w(ct)[0]
         _, vjp = jax.vjp(lambda x, w: patch_forward(x, w, klut), xg, w4)
         return vjp(ct)
 
@@ -721,12 +821,14 @@ def _conv_in_place(
     gradient reads ``patches^T`` in place, as one GEMM over the whole batch:
     the bits of the unchunked patch path (``_conv_core``) whatever ``chunk``
     is, every partial sum in the kernel (chunk partials added by XLA would be
-    flushed where they are subnormal); only the input gradient
-    (``d_patches`` and its fold) runs over the batch chunks, with the same
-    bits. (``backward="exact"`` runs ``_conv_core``'s backward over the
-    chunks, adding the kernel-gradient partials as ``_conv_chunked``'s
-    transpose does.) Arguments as ``_conv_core``, plus the batch chunk and
-    whether the forward pass reads its patches in place.
+    flushed where they are subnormal); the input gradient reads ``dy`` in
+    place too where it is a conv of ``dy`` (unit strides, 3 or more output
+    channels), else it (its patches, or ``d_patches`` and its fold) runs over
+    the batch chunks, with the same bits. (``backward="exact"`` runs
+    ``_conv_core``'s backward over the chunks, adding the kernel-gradient
+    partials as ``_conv_chunked``'s transpose does.) Arguments as
+    ``_conv_core``, plus the batch chunk and whether the forward pass reads
+    its patches in place.
     """
     del backward
     if forward_in_place:
@@ -767,7 +869,7 @@ def _in_place_backward_fast(mbits, family, backward, geometry, budget, chunk, xg
         # N * P pixels, the bits of the unchunked patch path (and of the GPU's).
         d_w = _core_wgrad_in_place(mbits, family, geometry)(xg, ct, klut)
         input_grad = _core_input_grad(mbits, family, geometry, budget)
-        if chunks is None:
+        if chunks is None or _input_grad_builds_no_patches(geometry, xg, ct):
             d_x = input_grad(xg, w4, klut, ct)
         else:
             d_x = _unchunk(lax.map(lambda c: input_grad(c[0], w4, klut, c[1]), chunks), n)
