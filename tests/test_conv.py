@@ -685,15 +685,108 @@ def test_stride_one_input_gradient_is_a_conv_of_dy(case, mult, conv_path):
     np.testing.assert_array_equal(_bits(dx), _bits(want))
 
 
-def test_vmapped_input_gradient_needs_no_design_groups(monkeypatch):
+STRIDED_CASES = {
+    "3x3_stride2_same": ((2, 7, 8, 4), (3, 3, 4, 6), dict(window_strides=2, padding="SAME")),
+    "1x1_stride2": ((2, 5, 6, 3), (1, 1, 3, 4), dict(window_strides=2, padding="VALID")),
+    "stride_2x3_rhs_dilated": (
+        (2, 9, 10, 3),
+        (3, 2, 3, 4),
+        dict(window_strides=(2, 3), rhs_dilation=(2, 1), padding=((1, 2), (0, 1))),
+    ),
+    "1d_stride3_groups": (
+        (3, 11, 4),
+        (5, 2, 6),
+        dict(window_strides=3, padding=((2, 1),), feature_group_count=2),
+    ),
+    "3d_stride_lhs_dilated": (
+        (1, 4, 5, 3, 3),
+        (2, 3, 2, 3, 4),
+        dict(window_strides=(2, 1, 1), lhs_dilation=(1, 2, 1), padding=((0, 1), (1, 0), (0, 0))),
+    ),
+}
+
+
+def _sequential_input_grad(x_shape, w, dy, m, strides, pads, lhs, rhs, groups):
+    """The input gradient as float32 sums, term by term, in the kernels' order.
+
+    Each entry is one sum from +0 over the taps that reach it, the window
+    walked backwards (last tap first, row-major over the dimensions), then
+    the output channels, of the SPEC products P(dy, w) (reference.product);
+    the padding's zero products add nothing and are skipped.
+    """
+    nd = len(x_shape) - 2
+    window, c_out = w.shape[:nd], w.shape[-1]
+    cg, og = x_shape[-1] // groups, c_out // groups
+    out = dy.shape[1:-1]
+    acc = np.zeros(x_shape, np.float32)
+    grids = np.meshgrid(*(np.arange(n) for n in x_shape[1:-1]), indexing="ij")
+    channel = np.arange(x_shape[-1])
+    for tap in reversed(list(itertools.product(*(range(k) for k in window)))):
+        # Output position p of each input position i: p * s + t * rd = i * ld + lo.
+        num = [
+            g * ld + lo - t * rd
+            for g, ld, (lo, _), t, rd in zip(grids, lhs, pads, tap, rhs, strict=True)
+        ]
+        ok = np.ones(grids[0].shape, bool) if nd else None
+        pos = []
+        for v, st, n in zip(num, strides, out, strict=True):
+            ok &= (v % st == 0) & (v >= 0) & (v // st < n)
+            pos.append(np.clip(v // st, 0, n - 1))
+        for o in range(og):
+            dy_o = np.asarray(dy)[(slice(None), *pos)][..., (channel // cg) * og + o]  # [N, *S, C]
+            w_o = np.asarray(w)[tap][channel % cg, (channel // cg) * og + o]  # [C]
+            term = reference.product(dy_o, w_o, m.lut, m.mbits)
+            acc = np.where(ok[None, ..., None], acc + term, acc).astype(np.float32)
+    return acc
+
+
+def _explicit_pads(padding, in_spatial, window, strides, rhs):
+    if isinstance(padding, str):  # lax's own rule (SAME depends on the stride)
+        dilated = [(k - 1) * r + 1 for k, r in zip(window, rhs, strict=True)]
+        return [tuple(p) for p in lax.padtype_to_pads(in_spatial, dilated, strides, padding)]
+    return list(padding)
+
+
+@pytest.mark.parametrize("mult", ["mbm7", "random4"])
+@pytest.mark.parametrize("case", sorted({**STRIDE_ONE_CASES, **STRIDED_CASES}))
+def test_input_gradient_sums_in_kernel_order(case, mult, conv_path):
+    """Strided or not, every input-gradient entry is one float32 sum in a fixed
+    order (the phases' convs of dy): the bits of that sum written out here."""
+    x_shape, w_shape, kwargs = {**STRIDE_ONE_CASES, **STRIDED_CASES}[case]
+    nd = len(x_shape) - 2
+    m = MULTIPLIERS[mult]()
+    x, w = _data(x_shape, 74), _data(w_shape, 75)
+    y, vjp = jax.vjp(lambda x, w: approx_conv(x, w, m, **kwargs), x, w)
+    dy = _data(y.shape, 76)
+    dx, _ = vjp(jnp.asarray(dy))
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+    strides = as_tuple(kwargs.get("window_strides", 1))
+    lhs, rhs = as_tuple(kwargs.get("lhs_dilation", 1)), as_tuple(kwargs.get("rhs_dilation", 1))
+    pads = _explicit_pads(kwargs["padding"], x_shape[1:-1], w_shape[:nd], strides, rhs)
+    groups = kwargs.get("feature_group_count", 1)
+    (rx, ax), _ = reference.conv_vjp(
+        x, w, dy, m.lut, m.mbits, "approx", strides, pads, lhs, rhs, groups,
+        CHANNELS_LAST[nd], with_bound=True,
+    )  # fmt: skip
+    _check(dx, rx, ax, int(np.prod(w_shape[:nd])) * w_shape[-1])
+    if all(st == 1 or ld == 1 for st, ld in zip(strides, lhs, strict=True)):
+        want = _sequential_input_grad(x_shape, w, dy, m, strides, pads, lhs, rhs, groups)
+        np.testing.assert_array_equal(_bits(dx), _bits(want))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_vmapped_input_gradient_needs_no_design_groups(monkeypatch, stride):
     """A sweep's vmap(grad) of a conv whose patches exceed the budget: on CPU
-    one custom call per product (forward, input and kernel gradient), no loop."""
+    one custom call per product (forward, kernel gradient, and input gradient:
+    one per phase, 4 for a 2-D stride of 2), no loop."""
     designs = [mult_lib.mbm(7), mult_lib.mitchell(5), mult_lib.truncate(3), random_multiplier(6, 5)]
     stacked = mult_lib.stack(designs)
     xs = np.stack([_data((3, 6, 6, 4), 80 + d) for d in range(4)])
     ws = np.stack([_data((3, 3, 4, 5), 90 + d) for d in range(4)])
     monkeypatch.setattr(conv_lib, "PATCH_CHUNK_BYTES", 4 * 3 * 36 * 36)  # one design's patches
-    loss = lambda x, w, m: jnp.sum(jnp.tanh(approx_conv(x, w, m, padding="SAME")))  # noqa: E731
+    loss = lambda x, w, m: jnp.sum(  # noqa: E731
+        jnp.tanh(approx_conv(x, w, m, window_strides=stride, padding="SAME"))
+    )
     grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
     got = grads(xs, ws, stacked)
     for d, m in enumerate(mult_lib.unstack(stacked)):
@@ -703,7 +796,8 @@ def test_vmapped_input_gradient_needs_no_design_groups(monkeypatch):
     hlo = grads.lower(xs, ws, stacked).as_text()
     calls = re.findall(r"custom_call @(approx_jax_\w+)", hlo)
     if jax.default_backend() == "cpu":
-        assert sorted(calls) == ["approx_jax_conv", "approx_jax_conv", "approx_jax_conv_wgrad"]
+        phases = 1 if stride == 1 else 4
+        assert sorted(calls) == ["approx_jax_conv"] * (1 + phases) + ["approx_jax_conv_wgrad"]
         assert "while" not in hlo
 
 

@@ -850,8 +850,9 @@ def test_conv_grad(data, m, backward):
     w = data.draw(f32_arrays(rhs_shape, moderate=True), label="rhs")
     if backward == "exact":
         x, w = ftz(x), ftz(w)
-    if backward == "approx" and all(st == 1 for st in params["window_strides"]):
-        # The input gradient is a conv of dy padded by the window: Inf/NaN
+    strides_or_holes = zip(params["window_strides"], params["lhs_dilation"], strict=True)
+    if backward == "approx" and all(st == 1 or ld == 1 for st, ld in strides_or_holes):
+        # The input gradient is convs of dy padded by the window: Inf/NaN
         # weights meet its padding (see test_conv_padding_contributes_no_product).
         w = finite_only(w)
     y, vjp = jax.vjp(lambda a, b: approx_conv(a, b, m, backward=backward, **params), x, w)
@@ -911,7 +912,7 @@ def test_matmul_kernel_tails(data, m, M, K, N, B):
     strict=True,
     reason="documented approx_conv semantics: padding and lhs-dilation holes are zero-valued "
     "inputs that go through the multiplier (as ApproxTrain's im2col), so P(0, inf) = NaN there; "
-    "a stride-1 input gradient is a conv of dy padded by the window (as XLA's)",
+    "the input gradient is convs of dy padded by the window (as XLA's transposed conv)",
 )
 @pytest.mark.parametrize(
     "case", ("same_padding_forward", "lhs_dilation_forward", "same_padding_dw", "valid_dx")

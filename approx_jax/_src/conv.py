@@ -24,12 +24,14 @@ Gradients (``_conv_core``'s custom VJP) are SPEC section 5's convolution
 backward pass. The kernel gradient is ``dW = approx(patches^T, dy)`` (``a =
 input``, ``b = dy``), with ``patches^T`` gathered directly in that layout
 from a channels-first copy of the input rather than transposed from the
-patch matrix. The input gradient (``a = dy``, ``b = kernel``) of a
-convolution with unit strides is itself a convolution: of ``dy``, padded by
-the window, with the flipped, I/O-swapped kernel (:func:`_input_grad_conv`),
-run on the forward pass's own targets. With larger strides it is ``d_patches
-= approx(dy, W^T)`` folded back onto the input by the transpose of the patch
-extraction (ordinary float32 additions), the products of ``ops._gemm``'s VJP.
+patch matrix. The input gradient (``a = dy``, ``b = kernel``) is itself
+made of convolutions: of ``dy``, padded by the window, with the flipped,
+I/O-swapped kernel, one per phase of the stride (the taps that reach every
+``s``-th input position; :func:`_input_grad_phases`), run on the forward
+pass's own targets. Only where a dimension has both a stride and an lhs
+dilation is it ``d_patches = approx(dy, W^T)`` folded back onto the input by
+the transpose of the patch extraction (ordinary float32 additions), the
+products of ``ops._gemm``'s VJP.
 
 On CPU the forward pass skips steps 3-4's patch matrix for inputs of at
 least ``IMPLICIT_MIN_CHANNELS`` channels per group: the padded input goes to
@@ -53,9 +55,10 @@ the designs run in groups that fit the same budget (:func:`_designs_in_groups`).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -510,57 +513,145 @@ def _d_patches_shape(xg, geometry):
 
 
 def _input_grad_is_a_conv(geometry, in_spatial) -> bool:
-    """Whether the input gradient runs as a forward convolution of ``dy`` (stride 1).
+    """Whether the input gradient runs as forward convs of ``dy`` (:func:`_input_grad_phases`).
 
-    With unit strides every ``dy`` position meets every tap, so the input
-    gradient ``sum_{t, o} P(dy[q - t], W[t, c, o])`` is a convolution of the
-    padded ``dy`` with the flipped, I/O-swapped kernel (:func:`_transposed_geometry`):
-    one GEMM with ``K = taps * Og`` on the forward pass's targets, in place
-    on CPU. The ``d_patches`` path instead runs a GEMM with ``K = Og``
-    (LeNet-5's 5x5x32 conv: 1.5x the forward pass's time for as many
-    products), writes ``prod(window)`` times the input, folds it, and under
-    ``vmap`` over per-design inputs needs design groups (a ``while`` loop).
-    With strides > 1 ``dy`` would need dilating: ``stride**nd`` times the
-    products, most of them with zeros, so those keep ``d_patches``.
+    The input gradient ``dx[i] = sum_{t, o} P(dy[p], W[t, c, o])`` over the
+    pairs with ``p * s + t * rd = i * ld + lo`` is, along a dimension of
+    stride 1, a convolution of ``dy`` (padded by the window) with the
+    flipped kernel and stride ``ld``; along a dimension of stride ``s > 1``
+    (and no lhs dilation), ``s`` such convolutions, one per phase ``(i +
+    lo) mod s``, each with the taps that reach that phase. Each is one GEMM
+    with ``K = taps * Og`` on the forward pass's targets (in place on CPU)
+    over exactly the products that exist, plus those with ``dy``'s padding.
+    The ``d_patches`` path instead runs a GEMM with ``K = Og`` (LeNet-5's
+    5x5x32 conv: 1.5x the forward pass's time for as many products), writes
+    ``prod(window)`` times the input, folds it, and under ``vmap`` over
+    per-design inputs needs design groups (a ``while`` loop). It stays for
+    dimensions with both a stride and an lhs dilation.
     """
-    _, strides = geometry[:2]
-    return all(s == 1 for s in strides) and all(size >= 1 for size in in_spatial)
+    _, strides, _, lhs_dil = geometry[:4]
+    return all(s == 1 or ld == 1 for s, ld in zip(strides, lhs_dil, strict=True)) and all(
+        size >= 1 for size in in_spatial
+    )
 
 
-def _transposed_geometry(geometry, in_spatial):
-    """The geometry of the input gradient of a stride-1 conv as a forward conv of ``dy``.
+class _Phase(NamedTuple):
+    """One phase of the input gradient along one dimension (:func:`_input_grad_phases`).
 
-    Input position ``i`` of the (lhs-dilated, padded) input is ``q = lo + i *
-    ld``; tap ``t`` of output ``p`` reads ``q = p + t * rd``. Padding ``dy``
-    by ``(k - 1) * rd - lo`` below puts ``dy[q - t * rd]`` at ``i * ld + (k - 1
-    - t) * rd``: a conv with stride ``ld`` (the lhs dilation's holes get no
-    gradient), kernel dilation ``rd`` and the window flipped, whose output is
-    the input's spatial shape. Negative padding crops ``dy`` positions whose
-    taps all fell in the forward padding.
+    Input positions ``first, first + step, ...`` (``count`` of them) are the
+    outputs of a forward conv of ``dy`` padded by ``pads``, with stride
+    ``stride`` and kernel dilation ``dilation``, whose window is the
+    kernel's taps ``tap0, tap0 + tap_step, ...`` (``taps`` of them) in
+    reverse order.
     """
-    window, _, pads, lhs_dil, rhs_dil, out_spatial = geometry
-    pads_t = []
-    for k, (lo, _), ld, rd, size, out in zip(
-        window, pads, lhs_dil, rhs_dil, in_spatial, out_spatial, strict=True
+
+    first: int
+    count: int
+    step: int
+    tap0: int
+    taps: int
+    tap_step: int
+    pads: tuple[int, int]
+    stride: int
+    dilation: int
+
+
+def _input_grad_phases(geometry, in_spatial) -> list[list[_Phase]]:
+    """Per spatial dimension, the phases of the input gradient as forward convs of ``dy``.
+
+    Input position ``i`` sits at ``q = lo + i * ld`` of the (dilated,
+    padded) input; tap ``t`` of output ``p`` reads ``q = p * s + t * rd``.
+
+    * Stride 1: one phase. Padding ``dy`` by ``(k - 1) * rd - lo`` below
+      puts ``dy[q - t * rd]`` at ``i * ld + (k - 1 - t) * rd``: a conv with
+      stride ``ld`` (the lhs dilation's holes get no gradient), dilation
+      ``rd`` and the window flipped.
+    * Stride ``s > 1`` (``ld = 1``): phase ``phi = q mod s`` gets the taps
+      with ``t * rd = phi (mod s)``, ``t = t0 + m * dt``, which read
+      ``dy[j - u0 - m * delta]`` at ``q = s * j + phi`` (``u0 = (t0 * rd -
+      phi) / s``, ``delta = dt * rd / s``): a stride-1 conv of ``dy`` with
+      dilation ``delta`` and those taps flipped. A phase that no tap reaches
+      (a 1x1 conv's odd positions) has no entry: its gradient is zero.
+
+    Negative padding crops ``dy`` positions whose taps all fell in the
+    forward padding.
+    """
+    window, strides, pads, lhs_dil, rhs_dil, out_spatial = geometry
+    dims = []
+    for k, s, (lo, _), ld, rd, size, out in zip(
+        window, strides, pads, lhs_dil, rhs_dil, in_spatial, out_spatial, strict=True
     ):
-        lo_t = (k - 1) * rd - lo
-        extent = (size - 1) * ld + (k - 1) * rd + 1
-        pads_t.append((lo_t, extent - lo_t - out))
-    nd = len(window)
-    return (window, tuple(lhs_dil), tuple(pads_t), (1,) * nd, tuple(rhs_dil), tuple(in_spatial))
+        if s == 1:
+            pad_lo = (k - 1) * rd - lo
+            extent = (size - 1) * ld + (k - 1) * rd + 1
+            dims.append([_Phase(0, size, 1, 0, k, 1, (pad_lo, extent - pad_lo - out), ld, rd)])
+            continue
+        phases = []
+        for phi in range(s):
+            taps = [t for t in range(k) if (t * rd - phi) % s == 0]
+            first = (phi - lo) % s
+            count = len(range(first, size, s))
+            if not taps or not count:
+                continue
+            # (One tap: any step and dilation; the conv targets want them >= 1.)
+            tap_step = taps[1] - taps[0] if len(taps) > 1 else 1
+            delta = tap_step * rd // s if len(taps) > 1 else 1
+            j0 = (first + lo - phi) // s
+            pad_lo = (taps[0] * rd - phi) // s + (len(taps) - 1) * delta - j0
+            extent = (count - 1) + (len(taps) - 1) * delta + 1
+            phases.append(
+                _Phase(
+                    first, count, s, taps[0], len(taps), tap_step,
+                    (pad_lo, extent - pad_lo - out), 1, delta,
+                )
+            )  # fmt: skip
+        dims.append(phases)
+    return dims
 
 
-def _transposed_kernel(w4, window, cg):
-    """``[1, G, taps * Cg, Og]`` -> ``[1, G, taps * Og, Cg]``: window flipped, I and O swapped."""
+def _input_grad_by_phases(xg, w4, ct, geometry, conv_of_dy):
+    """The input gradient ``[G, N, *S, Cg]`` as :func:`_input_grad_phases`' convs of ``dy``.
+
+    ``conv_of_dy(ct, kernel, geometry)`` runs one forward conv (``kernel``
+    ``[1, G, taps * Og, Cg]``). Every input position belongs to one phase,
+    whose conv sums all its products (one float32 sum over taps and
+    channels); the phases are interleaved by padding each onto the input's
+    shape and adding (the other phases add zeros: the same values).
+    """
+    window = geometry[0]
+    nd, cg = len(window), xg.shape[-1]
     g, og = w4.shape[1], w4.shape[-1]
-    nd = len(window)
     w = partitioning.reshape(w4, (g, *window, cg, og))
-    w = jnp.swapaxes(jnp.flip(w, axis=tuple(range(1, 1 + nd))), -1, -2)
-    return partitioning.reshape(w, (1, g, math.prod(window) * og, cg))
+    d_x = None
+    for phase in itertools.product(*_input_grad_phases(geometry, xg.shape[2:-1])):
+        kernel = w
+        for d, p in enumerate(phase):
+            limit = p.tap0 + (p.taps - 1) * p.tap_step + 1
+            kernel = lax.slice_in_dim(kernel, p.tap0, limit, p.tap_step, axis=1 + d)
+        kernel = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(1, 1 + nd))), -1, -2)
+        taps = tuple(p.taps for p in phase)
+        kernel = partitioning.reshape(kernel, (1, g, math.prod(taps) * og, cg))
+        geometry_p = (
+            taps,
+            tuple(p.stride for p in phase),
+            tuple(p.pads for p in phase),
+            (1,) * nd,
+            tuple(p.dilation for p in phase),
+            tuple(p.count for p in phase),
+        )
+        part = conv_of_dy(ct, kernel, geometry_p)
+        if any(p.step > 1 for p in phase):
+            config = [(0, 0, 0)] * 2 + [
+                (p.first, size - p.first - (p.count - 1) * p.step - 1, p.step - 1)
+                for p, size in zip(phase, xg.shape[2:-1], strict=True)
+            ]
+            part = lax.pad(part, jnp.zeros((), part.dtype), config + [(0, 0, 0)])
+        d_x = part if d_x is None else d_x + part
+    return jnp.zeros_like(xg) if d_x is None else d_x
 
 
 def _input_grad_conv(mbits, family, geometry, budget, xg, w4, klut, ct):
-    """SPEC 5's input gradient (a = dy, b = kernel) as a forward conv of ``dy``.
+    """SPEC 5's input gradient (a = dy, b = kernel) as forward convs of ``dy``.
 
     ``ct`` ``[G, N, *out, Og]`` -> ``[G, N, *S, Cg]`` (``xg``'s shape). On CPU
     (``Og >= IMPLICIT_MIN_CHANNELS``) the conv target reads the padded ``dy``
@@ -569,17 +660,19 @@ def _input_grad_conv(mbits, family, geometry, budget, xg, w4, klut, ct):
     pass's padding does (``P(0, w)`` is a signed zero; ``P(0, inf)`` is NaN,
     as in XLA's own transposed convolution).
     """
-    geometry_t = _transposed_geometry(geometry, xg.shape[2:-1])
-    w_t = _transposed_kernel(w4, geometry[0], xg.shape[-1])
-    implicit = _implicit_forward_applies(ct.shape[-1], geometry_t)
-    return _core_forward(mbits, family, geometry_t, budget, implicit)(ct, w_t, klut)
+
+    def conv_of_dy(ct, kernel, geometry_p):
+        implicit = _implicit_forward_applies(ct.shape[-1], geometry_p)
+        return _core_forward(mbits, family, geometry_p, budget, implicit)(ct, kernel, klut)
+
+    return _input_grad_by_phases(xg, w4, ct, geometry, conv_of_dy)
 
 
 def _input_grad_builds_no_patches(geometry, xg, ct) -> bool:
     """Whether the input gradient reads ``dy`` in place (no patches: no batch chunks needed)."""
-    if not _input_grad_is_a_conv(geometry, xg.shape[2:-1]):
-        return False
-    return _implicit_forward_applies(ct.shape[-1], _transposed_geometry(geometry, xg.shape[2:-1]))
+    return _input_grad_is_a_conv(geometry, xg.shape[2:-1]) and _implicit_forward_applies(
+        ct.shape[-1], geometry
+    )
 
 
 @functools.cache
@@ -667,12 +760,14 @@ def _reference_backward(mbits, family, backward, geometry):
         return _as_output(out, xg, geometry)
 
     def input_grad_conv(xg, w4, klut, ct):
-        # _input_grad_conv's GEMM on the per-tap patches of dy.
-        geometry_t = _transposed_geometry(geometry, xg.shape[2:-1])
-        patches = _patches_by_tap(ct, *geometry_t)
-        w_t = _transposed_kernel(w4, geometry[0], xg.shape[-1])
-        a = partitioning.reshape(patches, (1, ct.shape[0], -1, w_t.shape[-2]))
-        return _as_output(ops._gemm(a, w_t, klut, mbits, backward, family), ct, geometry_t)
+        # _input_grad_conv's GEMMs on the per-tap patches of dy.
+        def conv_of_dy(ct, kernel, geometry_p):
+            patches = _patches_by_tap(ct, *geometry_p)
+            a = partitioning.reshape(patches, (1, ct.shape[0], -1, kernel.shape[-2]))
+            out = ops._gemm(a, kernel, klut, mbits, backward, family)
+            return _as_output(out, ct, geometry_p)
+
+        return _input_grad_by_phases(xg, w4, ct, geometry, conv_of_dy)
 
     def reference(xg, w4, klut, ct):
         if backward == "approx" and _input_grad_is_a_conv(geometry, xg.shape[2:-1]):
@@ -822,7 +917,7 @@ def _conv_in_place(
     the bits of the unchunked patch path (``_conv_core``) whatever ``chunk``
     is, every partial sum in the kernel (chunk partials added by XLA would be
     flushed where they are subnormal); the input gradient reads ``dy`` in
-    place too where it is a conv of ``dy`` (unit strides, 3 or more output
+    place too where it is made of convs of ``dy`` (3 or more output
     channels), else it (its patches, or ``d_patches`` and its fold) runs over
     the batch chunks, with the same bits. (``backward="exact"`` runs
     ``_conv_core``'s backward over the chunks, adding the kernel-gradient
