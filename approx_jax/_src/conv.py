@@ -747,8 +747,8 @@ def _reference_backward(mbits, family, backward, geometry):
     custom VJP and XLA's per-tap patch extraction, whose transpose is the
     fast passes' fold), with no design groups, batch chunks or in-place
     reads: the kernel gradient by autodiff, and the input gradient either so
-    or, where the fast passes run it as a conv of ``dy``
-    (:func:`_input_grad_is_a_conv`), as that conv's GEMM on the patches of
+    or, where the fast passes run it as convs of ``dy``
+    (:func:`_input_grad_is_a_conv`), as those convs' GEMMs on the patches of
     ``dy``. Higher derivatives of the conv differentiate this function.
     """
 
