@@ -238,6 +238,39 @@ def test_conv_batch_sharded_in_place_forward(kind, partitioner):
     assert "data" in r["y_spec"]
 
 
+def test_strided_conv_input_gradient_batch_sharded():
+    """A stride-2 conv's input gradient (one conv of dy per phase) on a
+    batch-sharded input: each device's samples, no all-gather, same bits."""
+    r = _run(
+        """
+        from approx_jax._src import conv as conv_lib
+        x, w = randn(8, 9, 10, 8), randn(3, 3, 8, 6)
+
+        def grads(x, w):
+            loss = lambda x, w: jnp.sum(jnp.tanh(
+                conv_lib.approx_conv(x, w, M, window_strides=2, padding="SAME")))
+            return jax.grad(loss, argnums=(0, 1))(x, w)
+
+        ref = jax.jit(grads)(x, w)
+        mesh = mesh_of("auto")
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            c, txt = compiled(grads, xs, w)
+            dx, dw = c(xs, w)
+        pat = r'= (f32\\[[0-9,]*\\])[^=]*custom_call_target=\\"approx_jax_conv"'
+        R.update(colls=collectives(txt), shapes=sorted(set(re.findall(pat, txt))),
+                 dx=same(dx, ref[0]), dw=maxdiff(dw, ref[1]))
+        """
+    )
+    assert r["colls"] == ["all-reduce"], r  # the kernel-gradient all-reduce only
+    # Per device 2 samples: the forward [D, G, N, 5 * 5, O] and the 4 phases
+    # of the input gradient, [D, G, N, rows * cols of the phase, C]: rows 5
+    # or 4 of the 9, columns 5 of the 10.
+    assert r["shapes"] == ["f32[1,1,2,20,8]", "f32[1,1,2,25,6]", "f32[1,1,2,25,8]"], r
+    assert r["dx"], r
+    assert r["dw"] < 1e-3, r
+
+
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 def test_matmul_and_multiply_batch_sharded(kind):
     """Attention-style batched matmul and elementwise multiply."""
