@@ -608,45 +608,32 @@ INPUT_GRAD_CASES = {
 }
 
 
-def _sequential_input_grad(x_shape, w, dy, m, strides, pads, lhs, rhs, groups):
+def _sequential_input_grad(x_shape, w, dy, m, geo):
     """The input gradient as float32 sums, term by term, in the kernels' order.
 
     Each entry is one sum from +0 over the taps that reach it, the window
     walked backwards (last tap first, row-major over the dimensions), then
     the output channels, of the SPEC products P(dy, w) (reference.product);
-    the padding's zero products add nothing and are skipped.
+    the padding's zero products add nothing and are skipped. Which output
+    position a tap takes each input position from is the reference's
+    index arithmetic (``geo``: its ``_ConvGeometry``).
     """
-    nd = len(x_shape) - 2
-    window, c_out = w.shape[:nd], w.shape[-1]
-    cg, og = x_shape[-1] // groups, c_out // groups
-    out = dy.shape[1:-1]
-    acc = np.zeros(x_shape, np.float32)
-    grids = np.meshgrid(*(np.arange(n) for n in x_shape[1:-1]), indexing="ij")
+    cg, og = geo.group_features, geo.out_features // geo.groups
     channel = np.arange(x_shape[-1])
-    for tap in reversed(list(itertools.product(*(range(k) for k in window)))):
-        # Output position p of each input position i: p * s + t * rd = i * ld + lo.
-        num = [
-            g * ld + lo - t * rd
-            for g, ld, (lo, _), t, rd in zip(grids, lhs, pads, tap, rhs, strict=True)
-        ]
-        ok = np.ones(grids[0].shape, bool)
-        pos = []
-        for v, st, n in zip(num, strides, out, strict=True):
-            ok &= (v % st == 0) & (v >= 0) & (v // st < n)
-            pos.append(np.clip(v // st, 0, n - 1))
+    acc = np.zeros(x_shape, np.float32)
+    out_grid = np.meshgrid(*(np.arange(n) for n in geo.out_spatial), indexing="ij")
+    for tap in reversed(list(geo.taps())):
+        indices, valids = geo.input_positions(tap)  # per output position
+        valid = np.logical_and.reduce(np.meshgrid(*valids, indexing="ij"))
+        # One tap reaches an input position from at most one output position.
+        ins = tuple(g[valid] for g in np.meshgrid(*indices, indexing="ij"))
+        outs = tuple(g[valid] for g in out_grid)
         for o in range(og):
-            dy_o = np.asarray(dy)[(slice(None), *pos)][..., (channel // cg) * og + o]  # [N, *S, C]
+            dy_o = np.asarray(dy)[(slice(None), *outs)][..., (channel // cg) * og + o]  # [N, V, C]
             w_o = np.asarray(w)[tap][channel % cg, (channel // cg) * og + o]  # [C]
             term = reference.product(dy_o, w_o, m.lut, m.mbits)
-            acc = np.where(ok[None, ..., None], acc + term, acc).astype(np.float32)
+            acc[(slice(None), *ins)] = acc[(slice(None), *ins)] + term
     return acc
-
-
-def _explicit_pads(padding, in_spatial, window, strides, rhs):
-    if isinstance(padding, str):  # lax's own rule (SAME depends on the stride)
-        dilated = [(k - 1) * r + 1 for k, r in zip(window, rhs, strict=True)]
-        return [tuple(p) for p in lax.padtype_to_pads(in_spatial, dilated, strides, padding)]
-    return list(padding)
 
 
 @pytest.mark.parametrize("mult", ["mbm7", "random4"])
@@ -664,15 +651,14 @@ def test_input_gradient_sums_in_kernel_order(case, mult, conv_path):
     as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
     strides = as_tuple(kwargs.get("window_strides", 1))
     lhs, rhs = as_tuple(kwargs.get("lhs_dilation", 1)), as_tuple(kwargs.get("rhs_dilation", 1))
-    pads = _explicit_pads(kwargs["padding"], x_shape[1:-1], w_shape[:nd], strides, rhs)
-    groups = kwargs.get("feature_group_count", 1)
+    geometry = (strides, kwargs["padding"], lhs, rhs, kwargs.get("feature_group_count", 1))
     (rx, ax), _ = reference.conv_vjp(
-        x, w, dy, m.lut, m.mbits, "approx", strides, pads, lhs, rhs, groups,
-        CHANNELS_LAST[nd], with_bound=True,
-    )  # fmt: skip
+        x, w, dy, m.lut, m.mbits, "approx", *geometry, CHANNELS_LAST[nd], with_bound=True
+    )
     _check(dx, rx, ax, int(np.prod(w_shape[:nd])) * w_shape[-1])
     if all(st == 1 or ld == 1 for st, ld in zip(strides, lhs, strict=True)):
-        want = _sequential_input_grad(x_shape, w, dy, m, strides, pads, lhs, rhs, groups)
+        geo = reference._ConvGeometry(x_shape, w_shape, *geometry, CHANNELS_LAST[nd])
+        want = _sequential_input_grad(x_shape, w, dy, m, geo)
         np.testing.assert_array_equal(_bits(dx), _bits(want))
 
 

@@ -958,13 +958,15 @@ def _in_place_backward(mbits, family, backward, geometry, budget, chunk):
 
 def _in_place_backward_fast(mbits, family, backward, geometry, budget, chunk, xg, w4, klut, ct):
     n = xg.shape[1]
-    chunks = None if chunk >= n else (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
+    # An approximate input gradient that reads dy in place needs no chunks.
+    whole = chunk >= n or (backward == "approx" and _input_grad_builds_no_patches(geometry, xg, ct))
+    chunks = None if whole else (_chunks_of(xg, chunk), _chunks_of(ct, chunk))
     if backward == "approx":
         # The kernel gradient in place, whole batch at once: one GEMM over all
         # N * P pixels, the bits of the unchunked patch path (and of the GPU's).
         d_w = _core_wgrad_in_place(mbits, family, geometry)(xg, ct, klut)
         input_grad = _core_input_grad(mbits, family, geometry, budget)
-        if chunks is None or _input_grad_builds_no_patches(geometry, xg, ct):
+        if chunks is None:
             d_x = input_grad(xg, w4, klut, ct)
         else:
             d_x = _unchunk(lax.map(lambda c: input_grad(c[0], w4, klut, c[1]), chunks), n)
